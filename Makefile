@@ -1,0 +1,31 @@
+# The two entry points of the README: `make run` and `make test`. Both create .venv on first
+# use; torch is pinned by constraints.txt to the CPU build (a bare `torch` pulls CUDA).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PIP    := $(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt
+
+.PHONY: run test bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.run-deps: pyproject.toml constraints.txt | $(BIN)/python
+	$(PIP) -e .
+	touch $@
+
+$(VENV)/.test-deps: pyproject.toml constraints.txt | $(BIN)/python
+	$(PIP) -e '.[test]'
+	touch $@ $(VENV)/.run-deps
+
+run: $(VENV)/.run-deps
+	$(BIN)/emergence generate --temperature 0 --max-new-tokens 256
+
+test: $(VENV)/.test-deps
+	$(BIN)/python -m pytest -q
+
+bench: $(VENV)/.test-deps
+	$(BIN)/python bench/bench_decode.py
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache

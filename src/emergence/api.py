@@ -1,0 +1,114 @@
+"""`emergence.load(...)`: one call from a path or name to a ready model and tokenizer.
+
+Sources, recognised by their content, never by their file name:
+- nothing: the default model shipped inside the package (llama2.c's stories260K);
+- a name of a model shipped inside the package;
+- a Hugging Face layout folder (config.json + safetensors + tokenizer files);
+- a llama2.c v0 checkpoint file, with its tokenizer `.bin` passed as `tokenizer=`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import Config
+from .errors import CheckpointError, InvalidArgument
+from .generate import Completion, generate, stream
+from .model import Transformer
+from .sampling import SamplingParams
+from .tokenizer import Tokenizer
+from .weights.hf import is_hf_folder, load_hf
+from .weights.llama2c import load_llama2c
+
+PACKAGED_MODELS = Path(__file__).parent / "models"
+DEFAULT_MODEL = "stories260K"
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+def packaged_models() -> list[str]:
+    return sorted(p.name for p in PACKAGED_MODELS.iterdir() if is_hf_folder(p)) if PACKAGED_MODELS.is_dir() else []
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise InvalidArgument(f"unknown device {device!r} (use auto, cpu or cuda)")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InvalidArgument("device cuda was asked for, but no CUDA GPU is available")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise InvalidArgument(f"unknown dtype {dtype!r} (use fp32, bf16 or fp16)")
+    return DTYPES[dtype]
+
+
+@dataclass
+class LanguageModel:
+    """A model with its tokenizer: the object `emergence.load` returns."""
+
+    model: Transformer
+    tokenizer: Tokenizer
+    config: Config
+
+    def complete(self, prompt: str | Sequence[int], *, truncate: bool = False, **sampling) -> Completion:
+        """One completion with its token ids, finish reason and (if asked) logprobs."""
+        return generate(self.model, self.tokenizer, [prompt], SamplingParams(**sampling), truncate=truncate)[0]
+
+    def generate(self, prompt: str | Sequence[int], *, truncate: bool = False, **sampling) -> str:
+        """The completion text for a prompt; keyword arguments are `SamplingParams` fields."""
+        return self.complete(prompt, truncate=truncate, **sampling).text
+
+    def generate_batch(self, prompts: Sequence[str | Sequence[int]], **sampling) -> list[Completion]:
+        return generate(self.model, self.tokenizer, prompts, SamplingParams(**sampling))
+
+    def stream(self, prompt: str | Sequence[int], *, truncate: bool = False, **sampling) -> Iterator[str]:
+        """The completion text, piece by piece, as soon as each piece is final."""
+        for chunk in stream(self.model, self.tokenizer, prompt, SamplingParams(**sampling), truncate=truncate):
+            if chunk.text:
+                yield chunk.text
+
+
+def load(path_or_name: str | Path | None = None, *, tokenizer: str | Path | None = None,
+         device: str = "auto", dtype: str | torch.dtype | None = None) -> LanguageModel:
+    """Load a model and its tokenizer (see the module docstring for what `path_or_name` may be)."""
+    torch_dtype = resolve_dtype(dtype)
+    target = resolve_device(device)
+    path = _locate(path_or_name)
+    if path.is_dir():
+        model, config = load_hf(path, dtype=torch_dtype)
+        tok = Tokenizer.load(tokenizer if tokenizer is not None else path)
+    else:
+        if tokenizer is None:
+            raise InvalidArgument(f"{path} is a llama2.c checkpoint: pass its tokenizer .bin too (--tokenizer)")
+        model, config = load_llama2c(path)
+        tok = Tokenizer.from_llama2c(tokenizer)
+        if torch_dtype is not None:
+            model = model.to(torch_dtype)
+    if tok.vocab_size > config.vocab_size:
+        raise CheckpointError(f"tokenizer has {tok.vocab_size} tokens but the model only {config.vocab_size}")
+    return LanguageModel(model.to(target), tok, config)
+
+
+def _locate(path_or_name: str | Path | None) -> Path:
+    if path_or_name is None:
+        path_or_name = DEFAULT_MODEL
+    path = Path(path_or_name)
+    if path.exists():
+        if path.is_dir() and not is_hf_folder(path):
+            raise CheckpointError(f"{path} is not a model folder (no config.json; a partial copy?)")
+        return path
+    packaged = PACKAGED_MODELS / str(path_or_name)
+    if "/" not in str(path_or_name) and is_hf_folder(packaged):
+        return packaged
+    known = ", ".join(packaged_models()) or "none"
+    raise CheckpointError(f"no model at {path_or_name!r}: not a path, nor a packaged model ({known})")

@@ -1,0 +1,226 @@
+"""The `emergence` command line: a table of verbs, each a function of parsed arguments.
+
+Bad input (a missing model, an invalid sampling value, a corrupt file) ends with one line
+on stderr and exit status 1; Ctrl-C ends with status 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+
+from .api import LanguageModel, load, resolve_dtype
+from .errors import EmergenceError, InvalidArgument
+from .generate import Completion, TokenLogprob, generate, stream
+from .sampling import SamplingParams
+
+
+# ------------------------------------------------------------------------------ arguments
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", default=None,
+                   help="HF-layout folder, llama2.c .bin (with --tokenizer), or packaged model name; default: the shipped model")
+    p.add_argument("--tokenizer", default=None, help="tokenizer file or folder (required for llama2.c .bin checkpoints)")
+    p.add_argument("--device", default="auto", help="auto (GPU when present), cpu or cuda")
+    p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: as stored)")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    d = SamplingParams()
+    g = p.add_argument_group("sampling")
+    g.add_argument("--temperature", "-t", type=float, default=d.temperature, help="0 = greedy (default %(default)s)")
+    g.add_argument("--top-k", type=int, default=d.top_k, help="0 = off")
+    g.add_argument("--top-p", type=float, default=d.top_p)
+    g.add_argument("--min-p", type=float, default=d.min_p)
+    g.add_argument("--typical-p", type=float, default=d.typical_p)
+    g.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty)
+    g.add_argument("--presence-penalty", type=float, default=d.presence_penalty)
+    g.add_argument("--frequency-penalty", type=float, default=d.frequency_penalty)
+    g.add_argument("--logit-bias", action="append", default=[], metavar="ID=BIAS", help="add BIAS to token ID's logit")
+    g.add_argument("--max-new-tokens", "-n", type=int, default=d.max_new_tokens)
+    g.add_argument("--seed", type=int, default=None, help="same seed, same output")
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--stop-token-id", action="append", type=int, default=[], help="stop token id (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true", help="keep going past end-of-sequence tokens")
+    g.add_argument("--truncate", action="store_true", help="keep the end of a prompt longer than the context")
+
+
+def _sampling(args: argparse.Namespace, logprobs: int | None = None) -> SamplingParams:
+    bias = {}
+    for item in args.logit_bias:
+        token, sep, value = item.partition("=")
+        try:
+            bias[int(token)] = float(value)
+        except ValueError:
+            raise InvalidArgument(f"--logit-bias takes ID=BIAS, got {item!r}") from None
+    return SamplingParams(
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+        typical_p=args.typical_p, repetition_penalty=args.repetition_penalty,
+        presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty, logit_bias=bias,
+        max_new_tokens=args.max_new_tokens, stop=tuple(args.stop), stop_token_ids=tuple(args.stop_token_id),
+        ignore_eos=args.ignore_eos, seed=args.seed, logprobs=logprobs)
+
+
+def _load(args: argparse.Namespace) -> LanguageModel:
+    return load(args.model, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype)
+
+
+# --------------------------------------------------------------------------------- verbs
+def cmd_generate(args: argparse.Namespace) -> None:
+    logprobs = args.logprobs if args.logprobs is not None else (0 if args.json else None)
+    params = _sampling(args, logprobs)  # validate before the (slower) model load
+    lm = _load(args)
+    prompt = args.prompt if args.prompt is not None else ""
+    if args.stream:
+        for chunk in stream(lm.model, lm.tokenizer, prompt, params, truncate=args.truncate):
+            if args.json:
+                print(json.dumps({"text": chunk.text, "token_ids": chunk.token_ids,
+                                  "logprobs": [_logprob_json(lm, lp) for lp in chunk.logprobs],
+                                  "finish_reason": chunk.finish_reason}), flush=True)
+            else:
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+        if not args.json:
+            sys.stdout.write("\n")
+        return
+    completion = generate(lm.model, lm.tokenizer, [prompt], params, truncate=args.truncate)[0]
+    if args.json:
+        print(json.dumps(_completion_json(lm, completion), ensure_ascii=False))
+    else:
+        print(completion.text)
+
+
+def _logprob_json(lm: LanguageModel, lp: TokenLogprob) -> dict:
+    piece = lm.tokenizer.id_to_piece
+    return {"token_id": lp.token_id, "token": piece(lp.token_id), "logprob": lp.logprob,
+            "top": [{"token_id": t, "token": piece(t), "logprob": v} for t, v in lp.top]}
+
+
+def _completion_json(lm: LanguageModel, c: Completion) -> dict:
+    return {"text": c.text, "token_ids": c.token_ids,
+            "logprobs": [_logprob_json(lm, lp) for lp in (c.logprobs or [])],
+            "finish_reason": c.finish_reason, "prompt_tokens": c.prompt_tokens}
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    params = _sampling(args)
+    lm = _load(args)
+    print(f"chatting with {lm.config.name} as plain continuation (a base model: the conversation is "
+          "continued as text). Ctrl-D or /exit ends.", file=sys.stderr)
+    transcript = ""
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return
+        if line.strip() in ("/exit", "/quit"):
+            return
+        transcript += line
+        reply = ""
+        for piece in lm.stream(transcript, truncate=True, **_fields(params)):
+            reply += piece
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        transcript += reply + "\n"
+
+
+def _fields(params: SamplingParams) -> dict:
+    return {f: getattr(params, f) for f in params.__dataclass_fields__}
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    lm = load(args.model_path, tokenizer=args.tokenizer, device="cpu", dtype=args.dtype)
+    c = lm.config
+    weights = {id(p): p for p in lm.model.parameters()}.values()
+    info = {
+        "name": c.name, "architecture": c.family, "parameters": sum(p.numel() for p in weights),
+        "dtype": str(next(iter(weights)).dtype).removeprefix("torch."),
+        "bytes": sum(p.numel() * p.element_size() for p in weights), "context_length": c.block_size,
+        "layers": c.n_layer, "heads": c.n_head, "kv_heads": c.n_kv_head, "embedding": c.n_embd,
+        "mlp": f"{c.mlp} ({c.intermediate_size})", "norm": c.norm, "position": c.position,
+        "rope_theta": c.rope_theta if c.position == "rope" else None, "sliding_window": c.sliding_window,
+        "tied_embeddings": c.tie_embeddings, "vocab_size": c.vocab_size,
+    }
+    if args.json:
+        print(json.dumps(info))
+        return
+    for key, value in info.items():
+        if value is not None:
+            print(f"{key:16} {value:,}" if isinstance(value, int) and not isinstance(value, bool) else f"{key:16} {value}")
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .weights.hf import save_hf
+
+    dtype = resolve_dtype(args.dtype)
+    lm = load(args.src, tokenizer=args.tokenizer, device="cpu", dtype=dtype)
+    dst = Path(args.dst)
+    if dst.exists() and not dst.is_dir():
+        raise InvalidArgument(f"{dst} exists and is not a folder")
+    save_hf(lm.model, dst, max_shard_bytes=args.max_shard_mb * 2**20 if args.max_shard_mb else None)
+    lm.tokenizer.save(dst)
+    print(f"wrote {dst} ({lm.config.family}, {str(next(lm.model.parameters()).dtype).removeprefix('torch.')})")
+
+
+COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
+    "generate": (cmd_generate, "complete a prompt"),
+    "chat": (cmd_chat, "interactive conversation"),
+    "info": (cmd_info, "describe a model"),
+    "convert": (cmd_convert, "convert a checkpoint to the Hugging Face layout (llama2.c -> HF, dtype change)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="emergence", description="Run and study language models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    parsers = {name: sub.add_parser(name, help=help_) for name, (_, help_) in COMMANDS.items()}
+
+    g = parsers["generate"]
+    g.add_argument("prompt", nargs="?", default=None, help="text to continue (default: empty, i.e. BOS only)")
+    _add_model_args(g)
+    _add_sampling_args(g)
+    g.add_argument("--stream", action="store_true", help="print text as it is generated")
+    g.add_argument("--json", action="store_true", help='print {"text", "token_ids", "logprobs"}')
+    g.add_argument("--logprobs", type=int, default=None, metavar="N", help="include N top alternatives per token")
+
+    c = parsers["chat"]
+    _add_model_args(c)
+    _add_sampling_args(c)
+
+    i = parsers["info"]
+    i.add_argument("model_path", nargs="?", default=None, metavar="MODEL")
+    i.add_argument("--tokenizer", default=None)
+    i.add_argument("--dtype", default=None)
+    i.add_argument("--json", action="store_true")
+
+    v = parsers["convert"]
+    v.add_argument("src", metavar="SRC")
+    v.add_argument("dst", metavar="DST")
+    v.add_argument("--tokenizer", default=None, help="tokenizer .bin for a llama2.c SRC")
+    v.add_argument("--dtype", default=None, help="fp32, bf16 or fp16")
+    v.add_argument("--max-shard-mb", type=int, default=None, help="split the weights into shards of this size")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command][0](args)
+    except EmergenceError as e:
+        print(f"emergence: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,246 @@
+"""tokens -> logits: one decoder Transformer for the GPT-2 and LLaMA families.
+
+Every variant is a `Config` switch: learned positions or RoPE (with Llama-3 scaling),
+LayerNorm or RMSNorm, GELU MLP or SwiGLU, grouped-query attention, biases (all, or q/k/v
+only), tied embeddings, and a sliding attention window. Module and parameter names are the
+canonical checkpoint names that `weights/names.py` maps to and from other layouts.
+
+Shapes: B batch, T new tokens, S keys attended (cache length + T), D n_embd,
+H query heads, K key/value heads, hd head_dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import Config
+from .errors import InvalidArgument
+from .kv_cache import KVCache
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == self.weight.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused kernel
+        # Normalise in float32 and cast back before the gain, as the reference LLaMA code does.
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, None, self.eps).to(x.dtype)
+
+
+def make_norm(config: Config) -> nn.Module:
+    if config.norm == "layernorm":
+        return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+    return RMSNorm(config.n_embd, config.norm_eps)
+
+
+# --------------------------------------------------------------------------------- RoPE
+def rope_inv_freq(config: Config) -> torch.Tensor:
+    """(hd/2,) rotation frequencies, with Llama-3 long-context scaling when configured."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    s = config.rope_scaling
+    if s is None:
+        return inv_freq
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_len = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    # Long wavelengths are slowed down by `factor`, short ones kept, the band between interpolated.
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
+    """positions (B, T) -> cos, sin of shape (B, 1, T, hd), computed in float32."""
+    freqs = positions[..., None].float() * inv_freq  # (B, T, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (i, i + hd/2) of x (B, heads, T, hd): the Hugging Face "rotate half" layout."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+# ---------------------------------------------------------------------------- the blocks
+class Attention(nn.Module):
+    def __init__(self, config: Config, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        q_dim, kv_dim = config.n_head * config.head_dim, config.n_kv_head * config.head_dim
+        # q, k and v in one matrix: one matmul per token instead of three.
+        self.qkv_proj = nn.Linear(config.n_embd, q_dim + 2 * kv_dim, bias=config.bias or config.qkv_bias)
+        self.o_proj = nn.Linear(q_dim, config.n_embd, bias=config.bias)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        H, K = self.n_head, self.n_kv_head
+        qkv = self.qkv_proj(x).view(B, T, H + 2 * K, self.head_dim).transpose(1, 2)  # (B, H+2K, T, hd)
+        qk, v = qkv[:, :H + K], qkv[:, H + K:]
+        if rope is not None:
+            qk = apply_rope(qk, *rope)  # queries and keys rotated together
+        q, k = qk.split([H, K], dim=1)  # (B, H, T, hd), (B, K, T, hd)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)  # (B, K, S, hd)
+        # mask None means "every key is visible": a causal mask is only needed when T > 1.
+        causal = mask is None and T > 1
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=K != H)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, H * self.head_dim))  # y was (B, H, T, hd)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.swiglu = config.mlp == "swiglu"
+        d, f = config.n_embd, config.intermediate_size
+        if self.swiglu:  # gate and up projections in one matrix (B, T, 2f): one matmul instead of two
+            self.gate_up_proj = nn.Linear(d, 2 * f, bias=config.bias)
+        else:
+            self.up_proj = nn.Linear(d, f, bias=config.bias)
+        self.down_proj = nn.Linear(f, d, bias=config.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.swiglu:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: Config, layer: int) -> None:
+        super().__init__()
+        self.attn_norm = make_norm(config)
+        self.attn = Attention(config, layer)
+        self.mlp_norm = make_norm(config)
+        self.mlp = MLP(config)
+
+    def forward(self, x, rope, mask, cache):
+        x = x + self.attn(self.attn_norm(x), rope, mask, cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+# ----------------------------------------------------------------------------- the model
+class Transformer(nn.Module):
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.n_embd)
+        if config.position == "learned":
+            self.pos_embeddings = nn.Embedding(config.block_size, config.n_embd)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.norm = make_norm(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.tok_embeddings.weight
+        if config.position == "rope":
+            self.register_buffer("rope_inv_freq", rope_inv_freq(config), persistent=False)
+
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, *,
+                attention_mask: torch.Tensor | None = None, last_logits_only: bool = False) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, V), or (B, 1, V) with last_logits_only.
+
+        Without a cache, attention_mask (B, T) marks left padding (1 = token, 0 = pad).
+        With a cache, record padding once with `cache.set_padding(mask)` before the prefill.
+        """
+        h = self.hidden_states(input_ids, cache, attention_mask=attention_mask)
+        if last_logits_only:
+            h = h[:, -1:]
+        return self.lm_head(h)
+
+    def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None, *,
+                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids (B, T) -> final normalised hidden states (B, T, D)."""
+        B, T = input_ids.shape
+        start = cache.length if cache is not None else 0
+        if cache is None and attention_mask is not None:
+            pad = (attention_mask == 0).sum(dim=1)
+        else:
+            pad = cache.pad if cache is not None else None
+        padded = pad is not None and bool(pad.any())
+        if start + T > self.config.block_size:
+            raise InvalidArgument(f"{start + T} tokens exceed the context window of {self.config.block_size}")
+
+        # Position of each new token (B, T): its slot minus the row's left padding.
+        positions = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
+        if padded:
+            positions = (positions - pad[:, None]).clamp(min=0)
+        mask = self._attention_mask(start, T, pad if padded else None, input_ids.device)
+
+        x = self.tok_embeddings(input_ids)  # (B, T, D)
+        rope = None
+        if self.config.position == "learned":
+            x = x + self.pos_embeddings(positions)
+        else:
+            rope = rope_cos_sin(self.rope_inv_freq, positions, x.dtype)
+        for block in self.layers:
+            x = block(x, rope, mask, cache)
+        if cache is not None:
+            cache.advance(T)
+        return self.norm(x)
+
+    def _attention_mask(self, start: int, T: int, pad: torch.Tensor | None,
+                        device: torch.device) -> torch.Tensor | None:
+        """(B or 1, 1, T, S) boolean mask (True = may attend), or None for plain causal attention.
+
+        Query i sits in slot start + i; it sees key slot j when j <= start + i, the key is not
+        padding, and (with a sliding window) start + i - j < window. Padding queries see
+        themselves only, so no row is empty.
+        """
+        S = start + T
+        window = self.config.sliding_window
+        windowed = window is not None and S > window
+        if pad is None and not windowed and start == 0:
+            return None  # is_causal in SDPA
+        if pad is None and not windowed and T == 1:
+            return None  # one query that sees every cached key
+        q_slot = torch.arange(start, S, device=device)[:, None]  # (T, 1)
+        k_slot = torch.arange(S, device=device)[None, :]  # (1, S)
+        mask = k_slot <= q_slot
+        if windowed:
+            mask = mask & (q_slot - k_slot < window)
+        mask = mask[None]  # (1, T, S)
+        if pad is not None:
+            real_key = k_slot[None] >= pad[:, None, None]  # (B, 1, S)
+            mask = (mask & real_key) | (k_slot == q_slot)[None]
+        return mask[:, None]  # (B or 1, 1, T, S)
+
+    def init_weights(self, std: float = 0.02) -> None:
+        """GPT-2 style initialisation for training from scratch."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+        for block in self.layers:  # scaled residual projections (GPT-2 paper)
+            for proj in (block.attn.o_proj, block.mlp.down_proj):
+                nn.init.normal_(proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def finish_loading(model: Transformer, state: dict[str, torch.Tensor]) -> Transformer:
+    """Give a model built on the meta device its weights (canonical names) and real buffers."""
+    model.load_state_dict(state, strict=False, assign=True)
+    if model.config.tie_embeddings:
+        model.lm_head.weight = model.tok_embeddings.weight
+    if model.config.position == "rope":  # non-persistent buffer: recompute it on the weights' device
+        model.rope_inv_freq = rope_inv_freq(model.config).to(model.tok_embeddings.weight.device)
+    return model.eval()

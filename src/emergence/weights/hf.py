@@ -1,0 +1,156 @@
+"""Hugging Face checkpoint folders: config.json + model.safetensors (or shards + index).
+
+`load_hf` builds the model on the meta device (no memory), reads each tensor through the
+family's name table, checks its shape against the model and assigns it: peak memory is
+the weights themselves. `save_hf` writes the same layout, sharded on request, atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from ..config import Config, read_json
+from ..errors import CheckpointError, ConfigError
+from ..model import Transformer, finish_loading
+from .names import HF_RULES, IGNORED_SUFFIXES, canonical_names, expand
+from .safetensors_io import DTYPES, SafetensorsFile, save_safetensors
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def is_hf_folder(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").is_file()
+
+
+def _open_shards(folder: Path) -> dict[str, SafetensorsFile]:
+    """Checkpoint tensor name -> the file holding it."""
+    if (folder / SINGLE_FILE).is_file():
+        f = SafetensorsFile(folder / SINGLE_FILE)
+        return {name: f for name in f.keys()}
+    if not (folder / INDEX_FILE).is_file():
+        if (folder / "pytorch_model.bin").exists():
+            raise CheckpointError(f"{folder} holds only pytorch_model.bin (pickle), which emergence never loads; "
+                                  "convert it to safetensors first")
+        raise CheckpointError(f"no {SINGLE_FILE} or {INDEX_FILE} in {folder}")
+    try:
+        weight_map = read_json(folder / INDEX_FILE)["weight_map"]
+    except (ConfigError, KeyError) as e:
+        raise CheckpointError(f"bad {INDEX_FILE} in {folder}: {e}") from None
+    files: dict[str, SafetensorsFile] = {}
+    out = {}
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or "/" in shard or shard.startswith("."):
+            raise CheckpointError(f"bad shard name {shard!r} in {INDEX_FILE}")
+        if shard not in files:
+            files[shard] = SafetensorsFile(folder / shard)
+        if name not in files[shard].entries:
+            raise CheckpointError(f"{INDEX_FILE} says {name!r} is in {shard}, but it is not (partial checkpoint?)")
+        out[name] = files[shard]
+    return out
+
+
+def load_hf(folder: str | Path, *, dtype: torch.dtype | None = None) -> tuple[Transformer, Config]:
+    """Load a Hugging Face layout folder onto the CPU; dtype None keeps the stored dtype."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"model folder not found: {folder}")
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"no config.json in {folder} (not a model folder, or a partial copy)")
+    config = Config.from_hf(folder / "config.json")
+    config.name = folder.resolve().name
+    sources = _open_shards(folder)
+    if config.family == "gpt2" and "transformer.wte.weight" not in sources:
+        sources = {("transformer." + k if not k.startswith("lm_head") else k): v for k, v in sources.items()}
+
+    with torch.device("meta"):
+        model = Transformer(config)
+    wanted = canonical_names(model)
+    params = dict(model.named_parameters())
+    state: dict[str, torch.Tensor] = {}
+    used = set()
+    for rule in expand(HF_RULES[config.family], config, wanted):
+        missing = [name for name in rule.theirs if name not in sources]
+        if missing:
+            raise CheckpointError(f"checkpoint in {folder} lacks tensor {missing[0]!r} (partial or wrong architecture?)")
+        stored_dtypes = {DTYPES[sources[n].entries[n]["dtype"]] for n in rule.theirs}
+        needs_copy = not rule.is_identity or (dtype is not None and stored_dtypes != {dtype})
+        theirs = [sources[n].tensor(n, copy=needs_copy) for n in rule.theirs]
+        for name, t in zip(rule.ours, _convert(rule, theirs, config, folder)):
+            if t.shape != params[name].shape:
+                raise CheckpointError(f"tensor {', '.join(rule.theirs)} gives shape {tuple(t.shape)}, but config.json "
+                                      f"implies {tuple(params[name].shape)} for {name}")
+            state[name] = t if dtype is None else t.to(dtype)
+        used.update(rule.theirs)
+    unexpected = sorted(k for k in set(sources) - used
+                        if not k.endswith(IGNORED_SUFFIXES) and not (config.tie_embeddings and k == "lm_head.weight"))
+    if unexpected:
+        raise CheckpointError(f"checkpoint has tensors this {config.family} config does not use: "
+                              f"{', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''}")
+    missing = sorted(wanted - set(state))
+    if missing:
+        raise CheckpointError(f"no checkpoint tensor maps to {', '.join(missing[:3])}")
+    return finish_loading(model, state), config
+
+
+def _convert(rule, tensors: list[torch.Tensor], config: Config, folder: Path) -> list[torch.Tensor]:
+    try:
+        return rule.to_ours(tensors, config)
+    except RuntimeError as e:  # shapes that cannot be fused or split as the config implies
+        raise CheckpointError(f"tensors {', '.join(rule.theirs)} in {folder} do not match config.json: "
+                              f"{str(e).splitlines()[0]}") from None
+
+
+def save_hf(model: Transformer, folder: str | Path, *, max_shard_bytes: int | None = None) -> None:
+    """Write config.json and the weights (one file, or shards of at most max_shard_bytes + index)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    hf_config = config.to_hf()
+    params = dict(model.named_parameters())
+    tensors: dict[str, torch.Tensor] = {}
+    for rule in expand(HF_RULES[config.family], config, canonical_names(model)):
+        converted = rule.to_theirs([params[n].detach() for n in rule.ours], config)
+        tensors.update(zip(rule.theirs, converted))
+
+    shards = _plan_shards(tensors, max_shard_bytes)
+    for stale in list(folder.glob("model*.safetensors")) + [folder / INDEX_FILE]:
+        if stale.exists() and stale.name not in shards:
+            stale.unlink()
+    for file_name, names in shards.items():
+        save_safetensors({n: tensors[n] for n in names}, folder / file_name)
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+                 "weight_map": {n: f for f, names in shards.items() for n in names}}
+        _write_json_atomic(folder / INDEX_FILE, index)
+    hf_config["torch_dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+    _write_json_atomic(folder / "config.json", hf_config)
+
+
+def _plan_shards(tensors: dict[str, torch.Tensor], max_bytes: int | None) -> dict[str, list[str]]:
+    if max_bytes is None:
+        return {SINGLE_FILE: list(tensors)}
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if groups[-1] and size + nbytes > max_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += nbytes
+    n = len(groups)
+    if n == 1:
+        return {SINGLE_FILE: groups[0]}
+    return {f"model-{i + 1:05d}-of-{n:05d}.safetensors": g for i, g in enumerate(groups)}
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+

@@ -1,0 +1,124 @@
+"""Canonical parameter names <-> Hugging Face checkpoint names, one table per family.
+
+A `Rule` ties checkpoint tensors to canonical tensors, with two small functions converting
+between them: identity for most, a transpose for GPT-2's Conv1D layout, and a fusion for
+the projections emergence keeps in one matrix (q/k/v, gate/up). The
+reverse direction (saving) uses the same table, so the two can never drift apart.
+`{}` in a name stands for the layer index.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..config import Config
+
+Tensor = torch.Tensor
+Convert = Callable[[list[Tensor], Config], list[Tensor]]
+
+
+def _identity(ts: list[Tensor], c: Config) -> list[Tensor]:
+    return ts
+
+
+def _transpose(ts: list[Tensor], c: Config) -> list[Tensor]:
+    """GPT-2's Conv1D stores weights as (in, out); nn.Linear wants (out, in), and back."""
+    return [t.t().contiguous() for t in ts]
+
+
+def _fuse(ts: list[Tensor], c: Config) -> list[Tensor]:
+    """Stack separate projections (q, k, v or gate, up) into one matrix along the output dim."""
+    return [torch.cat(ts, dim=0)]
+
+
+def _split_qkv(ts: list[Tensor], c: Config) -> list[Tensor]:
+    q, kv = c.n_head * c.head_dim, c.n_kv_head * c.head_dim
+    return [part.contiguous() for part in ts[0].split([q, kv, kv], dim=0)]
+
+
+def _split_halves(ts: list[Tensor], c: Config) -> list[Tensor]:
+    return [part.contiguous() for part in ts[0].chunk(2, dim=0)]
+
+
+@dataclass(frozen=True)
+class Rule:
+    ours: tuple[str, ...]  # canonical names
+    theirs: tuple[str, ...]  # names in the checkpoint
+    to_ours: Convert = _identity  # checkpoint tensors (in `theirs` order) -> canonical tensors
+    to_theirs: Convert = _identity  # and back
+
+    @property
+    def is_identity(self) -> bool:
+        return self.to_ours is _identity
+
+
+def _same(ours: str, theirs: str) -> Rule:
+    return Rule((ours,), (theirs,))
+
+
+def _llama_rules() -> list[Rule]:
+    a, m = "model.layers.{}.self_attn", "model.layers.{}.mlp"
+    rules = [
+        _same("tok_embeddings.weight", "model.embed_tokens.weight"),
+        _same("layers.{}.attn_norm.weight", "model.layers.{}.input_layernorm.weight"),
+        _same("layers.{}.mlp_norm.weight", "model.layers.{}.post_attention_layernorm.weight"),
+        _same("layers.{}.attn.o_proj.weight", f"{a}.o_proj.weight"),
+        Rule(("layers.{}.mlp.gate_up_proj.weight",), (f"{m}.gate_proj.weight", f"{m}.up_proj.weight"),
+             _fuse, _split_halves),
+        _same("layers.{}.mlp.down_proj.weight", f"{m}.down_proj.weight"),
+        _same("norm.weight", "model.norm.weight"),
+        _same("lm_head.weight", "lm_head.weight"),
+    ]
+    for kind in ("weight", "bias"):
+        rules.append(Rule((f"layers.{{}}.attn.qkv_proj.{kind}",), tuple(f"{a}.{p}_proj.{kind}" for p in "qkv"),
+                          _fuse, _split_qkv))
+    return rules
+
+
+def _gpt2_rules() -> list[Rule]:
+    h = "transformer.h.{}"
+    rules = [
+        _same("tok_embeddings.weight", "transformer.wte.weight"),
+        _same("pos_embeddings.weight", "transformer.wpe.weight"),
+        _same("lm_head.weight", "lm_head.weight"),
+    ]
+    for ours, theirs in (("layers.{}.attn_norm", f"{h}.ln_1"), ("layers.{}.mlp_norm", f"{h}.ln_2"),
+                         ("norm", "transformer.ln_f")):
+        rules += [_same(f"{ours}.weight", f"{theirs}.weight"), _same(f"{ours}.bias", f"{theirs}.bias")]
+    for ours, theirs in (("layers.{}.attn.qkv_proj", f"{h}.attn.c_attn"), ("layers.{}.attn.o_proj", f"{h}.attn.c_proj"),
+                         ("layers.{}.mlp.up_proj", f"{h}.mlp.c_fc"), ("layers.{}.mlp.down_proj", f"{h}.mlp.c_proj")):
+        rules += [Rule((f"{ours}.weight",), (f"{theirs}.weight",), _transpose, _transpose),
+                  _same(f"{ours}.bias", f"{theirs}.bias")]
+    return rules
+
+
+HF_RULES: dict[str, list[Rule]] = {
+    "gpt2": _gpt2_rules(),
+    "llama": _llama_rules(),
+    "mistral": _llama_rules(),
+    "qwen2": _llama_rules(),
+}
+
+# Tensors some checkpoints carry that hold no weights (causal-mask buffers, RoPE tables).
+IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
+
+
+def expand(rules: list[Rule], config: Config, wanted: set[str]) -> list[Rule]:
+    """Rules with `{}` filled for every layer, keeping those whose canonical names the model has
+    (so biases, learned positions and an untied head are mapped only when the config has them)."""
+    out = []
+    for rule in rules:
+        layers = range(config.n_layer) if "{}" in rule.ours[0] else [None]
+        for i in layers:
+            ours = tuple(n.format(i) for n in rule.ours)
+            if all(n in wanted for n in ours):
+                out.append(Rule(ours, tuple(n.format(i) for n in rule.theirs), rule.to_ours, rule.to_theirs))
+    return out
+
+
+def canonical_names(model: torch.nn.Module) -> set[str]:
+    """Parameter names the model owns, counting a tied output head once (as its embedding)."""
+    return {name for name, _ in model.named_parameters(remove_duplicate=True)}

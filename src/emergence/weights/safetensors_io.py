@@ -1,0 +1,114 @@
+"""Reading and writing .safetensors files, memory-mapped and validated.
+
+Format: an 8-byte little-endian header length N, N bytes of JSON
+({name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}),
+then the raw tensor bytes. The header is checked against the file size before anything
+is allocated, so a truncated or corrupt file is reported, never half-loaded.
+
+Tensors used as stored are zero-copy views of a private (copy-on-write) memory map, so
+loading a model in its stored dtype costs about its weight bytes in RSS. Tensors that must
+be transformed are read with plain file reads instead, so their mapped pages are never
+touched and do not linger beside the transformed copy.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import os
+import struct
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from ..errors import CheckpointError
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the reference implementation's own limit
+
+
+class SafetensorsFile:
+    """A validated, memory-mapped .safetensors file."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        try:
+            self._file = open(self.path, "rb")
+        except FileNotFoundError:
+            raise CheckpointError(f"weights file not found: {self.path}") from None
+        except OSError as e:
+            raise CheckpointError(f"cannot open weights file {self.path}: {e.strerror}") from None
+        size = os.fstat(self._file.fileno()).st_size
+        self.entries, self.metadata, self._data_start = _parse_header(self._file, size, self.path)
+        self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.entries[name]["shape"])
+
+    def tensor(self, name: str, *, copy: bool = False) -> torch.Tensor:
+        """The named tensor: a view of the memory map, or (copy=True) a fresh tensor read from disk."""
+        entry = self.entries[name]
+        dtype, shape = DTYPES[entry["dtype"]], entry["shape"]
+        begin, end = entry["data_offsets"]
+        offset, count = self._data_start + begin, math.prod(shape)
+        if count == 0:
+            return torch.empty(shape, dtype=dtype)
+        if not copy and offset % dtype.itemsize == 0:
+            return torch.frombuffer(self._map, dtype=dtype, count=count, offset=offset).view(shape)
+        out = torch.empty(shape, dtype=dtype)
+        buffer = out.view(torch.uint8).numpy().reshape(-1)
+        if os.preadv(self._file.fileno(), [buffer], offset) != end - begin:
+            raise CheckpointError(f"{self.path} is truncated inside tensor {name!r}")
+        return out
+
+
+def _parse_header(f, size: int, path: Path) -> tuple[dict, dict, int]:
+    corrupt = f"{path} is not a valid safetensors file"
+    if size < 8:
+        raise CheckpointError(f"{corrupt}: only {size} bytes (truncated?)")
+    (n,) = struct.unpack("<Q", f.read(8))
+    if n > MAX_HEADER_BYTES or 8 + n > size:
+        raise CheckpointError(f"{corrupt}: header length {n} does not fit the {size}-byte file (truncated?)")
+    try:
+        header = json.loads(f.read(n))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise CheckpointError(f"{corrupt}: header is not JSON") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{corrupt}: header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    data_size = size - 8 - n
+    for name, e in header.items():
+        try:
+            dtype = DTYPES[e["dtype"]]
+            shape, (begin, end) = e["shape"], e["data_offsets"]
+            ok = (all(isinstance(d, int) and d >= 0 for d in shape) and 0 <= begin <= end
+                  and end - begin == math.prod(shape) * dtype.itemsize)
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise CheckpointError(f"{corrupt}: bad entry for tensor {name!r}")
+        if end > data_size:
+            raise CheckpointError(f"{path} is truncated: tensor {name!r} ends at byte {end} of {data_size}")
+    return header, metadata, 8 + n
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """Write atomically: a temporary file in the same folder, then rename over the target."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
+                  metadata={"format": "pt", **(metadata or {})})
+        os.chmod(tmp, 0o644)  # the writer creates files private to the user; checkpoints are shared
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,71 @@
+"""Shared fixtures: tiny random-weight transformers models saved in the HF layout, and a
+word-level tokenizer matching their vocabulary. Nothing is downloaded."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest
+import torch
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import models, pre_tokenizers
+
+from emergence.tokenizer import Tokenizer
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+VOCAB = 96
+
+
+def tiny_hf_configs() -> dict:
+    """One tiny config per family/feature the issue names. initializer_range is raised so that
+    logits are peaked and greedy decoding has clear winners (no float near-ties)."""
+    import transformers as tf
+
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=256, initializer_range=0.2,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return {
+        "gpt2": tf.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=256,
+                              initializer_range=0.2, bos_token_id=1, eos_token_id=2, pad_token_id=0),
+        "llama": tf.LlamaConfig(**common, num_key_value_heads=2, rope_theta=500000.0,
+                                rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                              "high_freq_factor": 4.0, "original_max_position_embeddings": 32}),
+        "mistral": tf.MistralConfig(**common, num_key_value_heads=2, sliding_window=8),
+        "qwen2": tf.Qwen2Config(**common, num_key_value_heads=1, tie_word_embeddings=True),
+    }
+
+
+_CACHE: dict[str, tuple] = {}
+
+
+def make_hf_model(family: str, folder: Path):
+    """A tiny random transformers model of `family`, saved to `folder`; returns the HF model."""
+    import transformers as tf
+
+    torch.manual_seed({"gpt2": 1, "llama": 2, "mistral": 3, "qwen2": 4}[family])
+    model = tf.AutoModelForCausalLM.from_config(tiny_hf_configs()[family]).eval()
+    model.save_pretrained(folder)
+    word_level_tokenizer().save(folder)
+    return model
+
+
+@pytest.fixture(scope="session", params=["gpt2", "llama", "mistral", "qwen2"])
+def hf_model(request, tmp_path_factory):
+    """(family, transformers model, folder with its HF-layout checkpoint and a tokenizer)."""
+    family = request.param
+    if family not in _CACHE:
+        folder = tmp_path_factory.mktemp(family)
+        _CACHE[family] = (family, make_hf_model(family, folder), folder)
+    return _CACHE[family]
+
+
+def word_level_tokenizer() -> Tokenizer:
+    """Tokens "t0".."t95", whitespace separated: ids map 1:1 to the tiny models' vocabulary."""
+    vocab = {f"t{i}": i for i in range(VOCAB)}
+    backend = HFTokenizer(models.WordLevel(vocab, unk_token="t3"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return Tokenizer(backend, bos_token="t1", eos_token="t2", pad_token="t0")
