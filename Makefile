@@ -10,12 +10,16 @@ PIP    := $(BIN)/python -m pip install --quiet --disable-pip-version-check -c co
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
+# Installing also builds the native decode kernels once (about a minute), so the first
+# `emergence` command does not pay for it.
 $(VENV)/.run-deps: pyproject.toml constraints.txt | $(BIN)/python
 	$(PIP) -e .
+	$(BIN)/python -m emergence.kernels
 	touch $@
 
 $(VENV)/.test-deps: pyproject.toml constraints.txt | $(BIN)/python
 	$(PIP) -e '.[test]'
+	$(BIN)/python -m emergence.kernels
 	touch $@ $(VENV)/.run-deps
 
 run: $(VENV)/.run-deps

@@ -26,9 +26,13 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch
 
+from tokenizers import Tokenizer as Backend
+from tokenizers import models
+
+import emergence
 from emergence import Config, SamplingParams, generate
+from emergence.kernels import DecodeLinear
 from emergence.tokenizer import Tokenizer
-from emergence.weights.hf import load_hf
 
 
 def measure_bandwidth(n_bytes: int = 1 << 30, repeats: int = 5) -> float:
@@ -50,41 +54,60 @@ def best_of(fn, repeats: int) -> float:
     return min(_timed(fn) for _ in range(repeats))
 
 
-def bench_dtype(folder: Path, dtype: torch.dtype, tokenizer: Tokenizer, prompt: list[int], new_tokens: int,
-                repeats: int) -> dict:
+def bench_dtype(folder: Path, dtype: torch.dtype, prompt: list[int], new_tokens: int, repeats: int) -> dict:
     import transformers
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
-    ours, _ = load_hf(folder, dtype=dtype)
     ids = torch.tensor([prompt])
     mask = torch.ones_like(ids)
+    result = {"transformers": measure_transformers(hf, ids, mask, new_tokens, repeats)}
+    del hf
+    for name, fast in (("emergence", True), ("emergence-torch-ops", False)):
+        lm = emergence.load(folder, device="cpu", dtype=dtype, fast_kernels=fast)
+        if fast and not any(isinstance(m, DecodeLinear) for m in lm.model.modules()):
+            print("  (native kernels unavailable: emergence uses torch ops only)")
+        result[name] = measure_emergence(lm, prompt, new_tokens, repeats)
+        print(f"  {name:20} decode {result[name]['decode_tok_s']:7.1f} tok/s   "
+              f"prefill {result[name]['prefill_tok_s']:8.1f} tok/s", flush=True)
+    model = lm.model
+    result["weight_bytes"] = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+    return result
 
-    def hf_generate(n: int):
+
+def measure_transformers(hf, ids, mask, new_tokens: int, repeats: int) -> dict:
+    def generate_n(n: int):
         with torch.inference_mode():
             hf.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
 
-    def our_generate(n: int):
-        generate(ours, tokenizer, [prompt], SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True))
-
-    def hf_prefill():
+    def prefill():
         with torch.inference_mode():
             hf(ids, attention_mask=mask)
 
-    def our_prefill():
-        with torch.inference_mode():
-            ours(ids, last_logits_only=True)
+    out = rates(generate_n, prefill, ids.shape[1], new_tokens, repeats)
+    print(f"  {'transformers':20} decode {out['decode_tok_s']:7.1f} tok/s   prefill {out['prefill_tok_s']:8.1f} tok/s",
+          flush=True)
+    return out
 
-    result = {}
-    for name, gen, prefill in (("transformers", hf_generate, hf_prefill), ("emergence", our_generate, our_prefill)):
-        t1 = best_of(lambda: gen(1), repeats)
-        tn = best_of(lambda: gen(new_tokens), repeats)
-        tp = best_of(prefill, repeats)
-        result[name] = {"decode_tok_s": (new_tokens - 1) / (tn - t1), "prefill_tok_s": len(prompt) / tp}
-        print(f"  {name:13} decode {result[name]['decode_tok_s']:7.1f} tok/s   "
-              f"prefill {result[name]['prefill_tok_s']:8.1f} tok/s", flush=True)
-    weight_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in ours.parameters()}.values())
-    result["weight_bytes"] = weight_bytes
-    return result
+
+def measure_emergence(lm, prompt: list[int], new_tokens: int, repeats: int) -> dict:
+    ids = torch.tensor([prompt])
+
+    def generate_n(n: int):
+        generate(lm.model, lm.tokenizer, [prompt], SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True))
+
+    def prefill():
+        with torch.inference_mode():
+            lm.model(ids, last_logits_only=True)
+
+    return rates(generate_n, prefill, len(prompt), new_tokens, repeats)
+
+
+def rates(generate_n, prefill, prompt_len: int, new_tokens: int, repeats: int) -> dict:
+    """Decode rate from the difference of an N-token and a 1-token generation; prefill from one forward."""
+    t1 = best_of(lambda: generate_n(1), repeats)
+    tn = best_of(lambda: generate_n(new_tokens), repeats)
+    tp = best_of(prefill, repeats)
+    return {"decode_tok_s": (new_tokens - 1) / (tn - t1), "prefill_tok_s": prompt_len / tp}
 
 
 def main() -> int:
@@ -105,9 +128,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         transformers.AutoModelForCausalLM.from_config(hf_config).save_pretrained(folder)
-        from tokenizers import Tokenizer as Backend, models
-
-        tokenizer = Tokenizer(Backend(models.WordLevel({f"t{i}": i for i in range(config.vocab_size)}, unk_token="t1")))
+        # A word-level tokenizer over the model's ids: the benchmark feeds token ids directly.
+        vocab = {f"t{i}": i for i in range(config.vocab_size)}
+        Tokenizer(Backend(models.WordLevel(vocab, unk_token="t1")), eos_token="t0").save(folder)
         prompt = torch.randint(1, config.vocab_size, (args.prompt,)).tolist()
         bandwidth = measure_bandwidth()
         print(f"smollm2-135m architecture, random weights; torch {torch.__version__}, transformers "
@@ -117,19 +140,20 @@ def main() -> int:
                    "torch": torch.__version__, "transformers": transformers.__version__}
         for name in args.dtypes.split(","):
             print(f"{name}:", flush=True)
-            results[name] = bench_dtype(folder, dtypes[name], tokenizer, prompt, args.new_tokens, args.repeats)
+            results[name] = bench_dtype(folder, dtypes[name], prompt, args.new_tokens, args.repeats)
 
-    print("\n| dtype | emergence decode tok/s | transformers decode tok/s | ratio | emergence prefill tok/s "
-          "| transformers prefill tok/s | ratio | decode GB/s (x weight bytes) | % of bandwidth |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| dtype | engine | decode tok/s | vs transformers | prefill tok/s | vs transformers "
+          "| decode GB/s (tok/s x weight bytes) | % of measured bandwidth |")
+    print("|---|---|---|---|---|---|---|---|")
     for name in args.dtypes.split(","):
         r = results[name]
-        ours, theirs = r["emergence"], r["transformers"]
-        gbs = ours["decode_tok_s"] * r["weight_bytes"] / 1e9
-        print(f"| {name} | {ours['decode_tok_s']:.1f} | {theirs['decode_tok_s']:.1f} | "
-              f"{ours['decode_tok_s'] / theirs['decode_tok_s']:.2f}x | {ours['prefill_tok_s']:.0f} | "
-              f"{theirs['prefill_tok_s']:.0f} | {ours['prefill_tok_s'] / theirs['prefill_tok_s']:.2f}x | "
-              f"{gbs:.1f} | {100 * gbs / bandwidth:.0f}% |")
+        theirs = r["transformers"]
+        for engine in ("transformers", "emergence-torch-ops", "emergence"):
+            e = r[engine]
+            gbs = e["decode_tok_s"] * r["weight_bytes"] / 1e9
+            print(f"| {name} | {engine} | {e['decode_tok_s']:.1f} | {e['decode_tok_s'] / theirs['decode_tok_s']:.2f}x "
+                  f"| {e['prefill_tok_s']:.0f} | {e['prefill_tok_s'] / theirs['prefill_tok_s']:.2f}x "
+                  f"| {gbs:.1f} | {100 * gbs / bandwidth:.0f}% |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))

@@ -18,6 +18,7 @@ import torch
 from .config import Config
 from .errors import CheckpointError, InvalidArgument
 from .generate import Completion, generate, stream
+from .kernels import use_decode_kernels
 from .model import Transformer
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
@@ -79,8 +80,12 @@ class LanguageModel:
 
 
 def load(path_or_name: str | Path | None = None, *, tokenizer: str | Path | None = None,
-         device: str = "auto", dtype: str | torch.dtype | None = None) -> LanguageModel:
-    """Load a model and its tokenizer (see the module docstring for what `path_or_name` may be)."""
+         device: str = "auto", dtype: str | torch.dtype | None = None, fast_kernels: bool = True) -> LanguageModel:
+    """Load a model and its tokenizer (see the module docstring for what `path_or_name` may be).
+
+    fast_kernels routes batch-1 decoding on the CPU through emergence's native GEMV kernels
+    (emergence.kernels), when they can be built here.
+    """
     torch_dtype = resolve_dtype(dtype)
     target = resolve_device(device)
     path = _locate(path_or_name)
@@ -96,7 +101,10 @@ def load(path_or_name: str | Path | None = None, *, tokenizer: str | Path | None
             model = model.to(torch_dtype)
     if tok.vocab_size > config.vocab_size:
         raise CheckpointError(f"tokenizer has {tok.vocab_size} tokens but the model only {config.vocab_size}")
-    return LanguageModel(model.to(target), tok, config)
+    model = model.to(target)
+    if target.type == "cpu" and fast_kernels:
+        use_decode_kernels(model)
+    return LanguageModel(model, tok, config)
 
 
 def _locate(path_or_name: str | Path | None) -> Path:
@@ -111,4 +119,4 @@ def _locate(path_or_name: str | Path | None) -> Path:
     if "/" not in str(path_or_name) and is_hf_folder(packaged):
         return packaged
     known = ", ".join(packaged_models()) or "none"
-    raise CheckpointError(f"no model at {path_or_name!r}: not a path, nor a packaged model ({known})")
+    raise CheckpointError(f"no model at '{path_or_name}': not a path, nor a packaged model ({known})")

@@ -1,0 +1,75 @@
+"""Native CPU kernels for batch-1 decoding, compiled on first use and cached.
+
+`gemv.cpp` streams each weight matrix once per token with AVX-512 loads and fp32
+accumulation; torch's bf16 GEMV reaches only about half the memory bandwidth. The
+extension is built with torch's cpp_extension (gcc + ninja) the first time it is needed,
+into torch's extension cache; `python -m emergence.kernels` builds it ahead of time (the
+Makefile does). Where it cannot be built or the CPU lacks AVX-512, everything falls back
+to torch.nn.functional.linear. EMERGENCE_NO_KERNELS=1 turns the kernels off.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SOURCE = Path(__file__).with_name("gemv.cpp")
+REQUIRED_CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "fma"}
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _cpu_supports() -> bool:
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return False
+    return REQUIRED_CPU_FLAGS <= set(flags)
+
+
+@functools.cache
+def gemv_extension():
+    """The compiled extension module, or None when unavailable (never raises)."""
+    if os.environ.get("EMERGENCE_NO_KERNELS") or not _cpu_supports():
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        return load(name="emergence_gemv", sources=[str(SOURCE)],
+                    extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma"], verbose=False)
+    except Exception as e:  # a missing compiler or ninja must not stop inference: fall back to torch
+        print(f"emergence: native decode kernels unavailable ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+              "using torch's", file=sys.stderr)
+        return None
+
+
+class DecodeLinear(nn.Linear):
+    """nn.Linear that sends a single activation vector (batch-1 decoding) to the GEMV kernel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.numel() == self.in_features and x.device.type == "cpu" and self.weight.dtype in KERNEL_DTYPES
+                and not torch.is_grad_enabled()):
+            return gemv_extension().gemv(x, self.weight, self.bias).view(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.weight, self.bias)
+
+
+def use_decode_kernels(model: nn.Module) -> bool:
+    """Route the model's CPU batch-1 linear layers through the native GEMV; False if unavailable."""
+    if gemv_extension() is None:
+        return False
+    for module in model.modules():
+        if type(module) is nn.Linear and module.weight.is_contiguous():
+            module.__class__ = DecodeLinear
+    return True
+
+
+if __name__ == "__main__":
+    print("emergence native decode kernels:", "ready" if gemv_extension() is not None else "unavailable")
