@@ -77,7 +77,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
             if args.json:
                 print(json.dumps({"text": chunk.text, "token_ids": chunk.token_ids,
                                   "logprobs": [_logprob_json(lm, lp) for lp in chunk.logprobs],
-                                  "finish_reason": chunk.finish_reason}), flush=True)
+                                  "finish_reason": chunk.finish_reason}, ensure_ascii=False), flush=True)
             else:
                 sys.stdout.write(chunk.text)
                 sys.stdout.flush()
@@ -158,6 +158,8 @@ def cmd_convert(args: argparse.Namespace) -> None:
     from .weights.hf import save_hf
 
     dtype = resolve_dtype(args.dtype)
+    if args.max_shard_mb is not None and args.max_shard_mb <= 0:
+        raise InvalidArgument(f"--max-shard-mb must be positive, got {args.max_shard_mb}")
     lm = load(args.src, tokenizer=args.tokenizer, device="cpu", dtype=dtype)
     dst = Path(args.dst)
     if dst.exists() and not dst.is_dir():
@@ -175,9 +177,17 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors end like every other bad input: one line on stderr, exit status 1."""
+
+    def error(self, message: str):
+        print(f"emergence: error: {message} (see: {self.prog} --help)", file=sys.stderr)
+        sys.exit(1)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="emergence", description="Run and study language models.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="emergence", description="Run and study language models.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     parsers = {name: sub.add_parser(name, help=help_) for name, (_, help_) in COMMANDS.items()}
 
     g = parsers["generate"]

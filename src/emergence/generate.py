@@ -9,6 +9,7 @@ as it becomes final (never half a UTF-8 character, never the start of a stop str
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -118,6 +119,18 @@ def _advance_text(row: _Row, piece: str) -> tuple[str, bool]:
     return out, False
 
 
+def _check_cache_fits(config, batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> None:
+    """Refuse a KV cache larger than the device's memory before trying to allocate it."""
+    need = 2 * config.n_layer * batch * config.n_kv_head * max_len * config.head_dim * dtype.itemsize
+    if device.type == "cuda":
+        available = torch.cuda.mem_get_info(device)[0]
+    else:
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > available:
+        raise InvalidArgument(f"a KV cache for {batch} x {max_len} tokens needs {need / 2**30:.1f} GiB, more than the "
+                              f"{available / 2**30:.1f} GiB available; lower max_new_tokens or the batch size")
+
+
 def decode_steps(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[list[int]],
                  params: Sequence[SamplingParams]) -> Iterator[tuple[int, Chunk]]:
     """Yield (prompt index, chunk) for every token generated, until every sequence has finished."""
@@ -148,8 +161,9 @@ def decode_steps(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[lis
     for b, r in enumerate(rows):
         input_ids[b, width - len(r.prompt):] = torch.tensor(r.prompt)
         mask[b, width - len(r.prompt):] = 1
-    max_len = min(config.block_size, width + max(r.max_new for r in rows))
+    max_len = width + max(r.max_new for r in rows)  # slots; each row's positions stay < block_size
     dtype = model.tok_embeddings.weight.dtype
+    _check_cache_fits(config, len(rows), max_len, dtype, device)
     cache = KVCache(config, len(rows), max_len, dtype=dtype, device=device)
     cache.set_padding(mask)
     V = config.vocab_size

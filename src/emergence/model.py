@@ -172,8 +172,10 @@ class Transformer(nn.Module):
         else:
             pad = cache.pad if cache is not None else None
         padded = pad is not None and bool(pad.any())
-        if start + T > self.config.block_size:
-            raise InvalidArgument(f"{start + T} tokens exceed the context window of {self.config.block_size}")
+        # Left padding shifts slots, not positions: the longest row is the one with least padding.
+        longest = start + T - (int(pad.min()) if padded else 0)
+        if longest > self.config.block_size:
+            raise InvalidArgument(f"{longest} tokens exceed the context window of {self.config.block_size}")
 
         # Position of each new token (B, T): its slot minus the row's left padding.
         positions = torch.arange(start, start + T, device=input_ids.device).expand(B, T)

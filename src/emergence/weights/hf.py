@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -41,6 +42,8 @@ def _open_shards(folder: Path) -> dict[str, SafetensorsFile]:
         weight_map = read_json(folder / INDEX_FILE)["weight_map"]
     except (ConfigError, KeyError) as e:
         raise CheckpointError(f"bad {INDEX_FILE} in {folder}: {e}") from None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"bad {INDEX_FILE} in {folder}: weight_map is not an object")
     files: dict[str, SafetensorsFile] = {}
     out = {}
     for name, shard in weight_map.items():
@@ -67,6 +70,7 @@ def load_hf(folder: str | Path, *, dtype: torch.dtype | None = None) -> tuple[Tr
     if config.family == "gpt2" and "transformer.wte.weight" not in sources:
         sources = {("transformer." + k if not k.startswith("lm_head") else k): v for k, v in sources.items()}
 
+    _check_layer_count(sources, config, folder)
     with torch.device("meta"):
         model = Transformer(config)
     wanted = canonical_names(model)
@@ -78,6 +82,8 @@ def load_hf(folder: str | Path, *, dtype: torch.dtype | None = None) -> tuple[Tr
         if missing:
             raise CheckpointError(f"checkpoint in {folder} lacks tensor {missing[0]!r} (partial or wrong architecture?)")
         stored_dtypes = {DTYPES[sources[n].entries[n]["dtype"]] for n in rule.theirs}
+        if not all(d.is_floating_point for d in stored_dtypes):
+            raise CheckpointError(f"tensor {rule.theirs[0]!r} in {folder} is not stored as floating point")
         needs_copy = not rule.is_identity or (dtype is not None and stored_dtypes != {dtype})
         theirs = [sources[n].tensor(n, copy=needs_copy) for n in rule.theirs]
         for name, t in zip(rule.ours, _convert(rule, theirs, config, folder)):
@@ -97,6 +103,18 @@ def load_hf(folder: str | Path, *, dtype: torch.dtype | None = None) -> tuple[Tr
     return finish_loading(model, state), config
 
 
+_LAYER_INDEX = re.compile(r"\.(?:h|layers)\.(\d+)\.")
+
+
+def _check_layer_count(sources: dict, config: Config, folder: Path) -> None:
+    """Compare config.json's layer count with the checkpoint's before building anything, so an
+    absurd count is refused instead of allocating (even meta) modules for it."""
+    indices = [int(m.group(1)) for name in sources if (m := _LAYER_INDEX.search(name))]
+    found = max(indices) + 1 if indices else 0
+    if found != config.n_layer:
+        raise CheckpointError(f"config.json says {config.n_layer} layers but the checkpoint in {folder} holds {found}")
+
+
 def _convert(rule, tensors: list[torch.Tensor], config: Config, folder: Path) -> list[torch.Tensor]:
     try:
         return rule.to_ours(tensors, config)
@@ -108,7 +126,10 @@ def _convert(rule, tensors: list[torch.Tensor], config: Config, folder: Path) ->
 def save_hf(model: Transformer, folder: str | Path, *, max_shard_bytes: int | None = None) -> None:
     """Write config.json and the weights (one file, or shards of at most max_shard_bytes + index)."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"cannot create {folder}: {e.strerror}") from None
     config = model.config
     hf_config = config.to_hf()
     params = dict(model.named_parameters())

@@ -23,6 +23,8 @@ def _require(hf: dict[str, Any], *keys: str) -> None:
 def _rope(hf: dict[str, Any]) -> tuple[float, dict[str, float] | None]:
     """(rope_theta, llama3 scaling or None) from either transformers spelling."""
     params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if not isinstance(params, dict):
+        raise ConfigError("rope_parameters / rope_scaling in config.json must be an object")
     theta = hf.get("rope_theta", params.get("rope_theta", 10000.0))
     kind = params.get("rope_type", params.get("type", "default"))
     if kind in (None, "default"):

@@ -80,24 +80,39 @@ def _parse_header(f, size: int, path: Path) -> tuple[dict, dict, int]:
         raise CheckpointError(f"{corrupt}: header length {n} does not fit the {size}-byte file (truncated?)")
     try:
         header = json.loads(f.read(n))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (ValueError, RecursionError):  # bad UTF-8 or JSON, absurd nesting or number literals
         raise CheckpointError(f"{corrupt}: header is not JSON") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{corrupt}: header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"{corrupt}: __metadata__ is not an object")
     data_size = size - 8 - n
+    spans = []
     for name, e in header.items():
         try:
             dtype = DTYPES[e["dtype"]]
-            shape, (begin, end) = e["shape"], e["data_offsets"]
-            ok = (all(isinstance(d, int) and d >= 0 for d in shape) and 0 <= begin <= end
-                  and end - begin == math.prod(shape) * dtype.itemsize)
-        except (KeyError, TypeError, ValueError):
+            shape, offsets = e["shape"], e["data_offsets"]
+            ok = (type(shape) is list and all(type(d) is int and d >= 0 for d in shape)
+                  and type(offsets) is list and len(offsets) == 2 and all(type(o) is int for o in offsets)
+                  and 0 <= offsets[0] <= offsets[1]
+                  and offsets[1] - offsets[0] == math.prod(shape) * dtype.itemsize)
+        except (KeyError, TypeError):
             ok = False
         if not ok:
             raise CheckpointError(f"{corrupt}: bad entry for tensor {name!r}")
-        if end > data_size:
-            raise CheckpointError(f"{path} is truncated: tensor {name!r} ends at byte {end} of {data_size}")
+        if offsets[1] > data_size:
+            raise CheckpointError(f"{path} is truncated: tensor {name!r} ends at byte {offsets[1]} of {data_size}")
+        spans.append(offsets)
+    # As the reference reader requires, the tensors tile the data section exactly: no gaps, no
+    # overlaps, nothing after. A wrong header length otherwise reads shifted garbage silently.
+    position = 0
+    for begin, end in sorted(spans):
+        if begin != position:
+            raise CheckpointError(f"{corrupt}: tensor data is not contiguous at byte {begin}")
+        position = end
+    if position != data_size:
+        raise CheckpointError(f"{corrupt}: {data_size - position} bytes after the last tensor (wrong header length?)")
     return header, metadata, 8 + n
 
 
