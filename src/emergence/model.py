@@ -16,6 +16,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from .config import Config
 from .errors import InvalidArgument
@@ -45,7 +46,9 @@ def make_norm(config: Config) -> nn.Module:
 def rope_inv_freq(config: Config) -> torch.Tensor:
     """(hd/2,) rotation frequencies, with Llama-3 long-context scaling when configured."""
     dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    # Always computed on the CPU (callers move it): under torch.device("meta") the arithmetic would
+    # run through torch._refs, whose first use imports torch._dynamo (seconds, ~70 MB).
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
     s = config.rope_scaling
     if s is None:
         return inv_freq
@@ -246,3 +249,19 @@ def finish_loading(model: Transformer, state: dict[str, torch.Tensor]) -> Transf
     if model.config.position == "rope":  # non-persistent buffer: recompute it on the weights' device
         model.rope_inv_freq = rope_inv_freq(model.config).to(model.tok_embeddings.weight.device)
     return model.eval()
+
+
+class _SkipInit(TorchFunctionMode):
+    """Turns torch.nn.init calls into no-ops (thread-local, unlike patching torch.nn.init)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            return args[0] if args else (kwargs or {}).get("tensor")
+        return func(*args, **(kwargs or {}))
+
+
+def empty_model(config: Config) -> Transformer:
+    """The model's skeleton on the meta device, no initialiser run (weights come from a checkpoint).
+    Meta-device random init runs through torch._refs, whose first use imports torch._dynamo."""
+    with torch.device("meta"), _SkipInit():
+        return Transformer(config)

@@ -16,7 +16,7 @@ import torch
 
 from ..config import Config, read_json
 from ..errors import CheckpointError, ConfigError
-from ..model import Transformer, finish_loading
+from ..model import Transformer, empty_model, finish_loading
 from .names import HF_RULES, IGNORED_SUFFIXES, canonical_names, expand
 from .safetensors_io import DTYPES, SafetensorsFile, save_safetensors
 
@@ -71,8 +71,7 @@ def load_hf(folder: str | Path, *, dtype: torch.dtype | None = None) -> tuple[Tr
         sources = {("transformer." + k if not k.startswith("lm_head") else k): v for k, v in sources.items()}
 
     _check_layer_count(sources, config, folder)
-    with torch.device("meta"):
-        model = Transformer(config)
+    model = empty_model(config)
     wanted = canonical_names(model)
     params = dict(model.named_parameters())
     state: dict[str, torch.Tensor] = {}
@@ -84,13 +83,22 @@ def load_hf(folder: str | Path, *, dtype: torch.dtype | None = None) -> tuple[Tr
         stored_dtypes = {DTYPES[sources[n].entries[n]["dtype"]] for n in rule.theirs}
         if not all(d.is_floating_point for d in stored_dtypes):
             raise CheckpointError(f"tensor {rule.theirs[0]!r} in {folder} is not stored as floating point")
-        needs_copy = not rule.is_identity or (dtype is not None and stored_dtypes != {dtype})
-        theirs = [sources[n].tensor(n, copy=needs_copy) for n in rule.theirs]
-        for name, t in zip(rule.ours, _convert(rule, theirs, config, folder)):
+        transformed = not rule.is_identity or (dtype is not None and stored_dtypes != {dtype})
+        # Views of the map in every case: a transformed tensor is built from them straight into
+        # its one new buffer (no intermediate copy the allocator would keep), then their pages go.
+        theirs = [sources[n].tensor(n) for n in rule.theirs]
+        converted = _convert(rule, theirs, config, folder)
+        if dtype is not None:
+            converted = [t.to(dtype) for t in converted]
+        if transformed:
+            del theirs
+            for n in rule.theirs:
+                sources[n].release(n)
+        for name, t in zip(rule.ours, converted):
             if t.shape != params[name].shape:
                 raise CheckpointError(f"tensor {', '.join(rule.theirs)} gives shape {tuple(t.shape)}, but config.json "
                                       f"implies {tuple(params[name].shape)} for {name}")
-            state[name] = t if dtype is None else t.to(dtype)
+            state[name] = t
         used.update(rule.theirs)
     unexpected = sorted(k for k in set(sources) - used
                         if not k.endswith(IGNORED_SUFFIXES) and not (config.tie_embeddings and k == "lm_head.weight"))

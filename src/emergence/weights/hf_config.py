@@ -78,8 +78,15 @@ def _llama_from_hf(hf: dict[str, Any], model_type: str) -> Config:
     if model_type == "llama" and hf.get("attention_bias"):
         raise ConfigError("unsupported option attention_bias=true")
     window = hf.get("sliding_window")
-    if model_type == "qwen2" and not hf.get("use_sliding_window", False):
-        window = None  # Qwen2 configs carry a window size that is off unless use_sliding_window
+    if model_type == "qwen2":
+        # Qwen2 configs carry a window size that is off unless use_sliding_window, and then
+        # transformers slides it only in layers i >= max_window_layers (default 28).
+        first = hf.get("max_window_layers", 28)
+        if not hf.get("use_sliding_window", False) or first >= hf["num_hidden_layers"]:
+            window = None
+        elif window is not None and first > 0:
+            raise ConfigError(f"unsupported Qwen2 option: a sliding window in layers {first} and up only "
+                              "(max_window_layers); emergence slides it in every layer or none")
     if model_type == "llama":
         window = None
     theta, scaling = _rope(hf)
@@ -105,7 +112,8 @@ def _check_expressible(c: Config) -> None:
     """Refuse configs whose switches the family's HF layout cannot record."""
     gpt2_like = (c.norm, c.mlp, c.position, c.bias) == ("layernorm", "gelu", "learned", True)
     llama_like = (c.norm, c.mlp, c.position, c.bias) == ("rmsnorm", "swiglu", "rope", False)
-    ok = {"gpt2": gpt2_like and not c.qkv_bias and c.sliding_window is None and c.rope_scaling is None,
+    gpt2_shapes = c.n_kv_head == c.n_head and c.n_head * c.head_dim == c.n_embd  # GPT-2 records neither
+    ok = {"gpt2": gpt2_like and gpt2_shapes and not c.qkv_bias and c.sliding_window is None and c.rope_scaling is None,
           "llama": llama_like and not c.qkv_bias and c.sliding_window is None,
           "mistral": llama_like and not c.qkv_bias,
           "qwen2": llama_like and c.qkv_bias}[c.family]
@@ -134,5 +142,5 @@ def config_to_hf(c: Config) -> dict[str, Any]:
         hf["sliding_window"] = c.sliding_window
     if c.family == "qwen2":
         hf.update(use_sliding_window=c.sliding_window is not None, sliding_window=c.sliding_window,
-                  max_window_layers=c.n_layer)
+                  max_window_layers=0)  # every layer slides, as in emergence
     return hf

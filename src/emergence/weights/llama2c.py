@@ -22,7 +22,7 @@ import torch
 
 from ..config import Config
 from ..errors import CheckpointError
-from ..model import Transformer, finish_loading
+from ..model import Transformer, empty_model, finish_loading
 
 HEADER = struct.Struct("<7i")
 V1_MAGIC = 0x616B3432  # "ak42": the newer llama2.c export versions, not the v0 layout
@@ -108,6 +108,5 @@ def load_llama2c(path: str | os.PathLike) -> tuple[Transformer, Config]:
             f"layers.{i}.mlp.gate_up_proj.weight": torch.cat([w1[i], w3[i]]),
             f"layers.{i}.mlp.down_proj.weight": w2[i],
         })
-    with torch.device("meta"):
-        model = Transformer(config)
+    model = empty_model(config)
     return finish_loading(model, state), config

@@ -5,10 +5,10 @@ Format: an 8-byte little-endian header length N, N bytes of JSON
 then the raw tensor bytes. The header is checked against the file size before anything
 is allocated, so a truncated or corrupt file is reported, never half-loaded.
 
-Tensors used as stored are zero-copy views of a private (copy-on-write) memory map, so
-loading a model in its stored dtype costs about its weight bytes in RSS. Tensors that must
-be transformed are read with plain file reads instead, so their mapped pages are never
-touched and do not linger beside the transformed copy.
+Tensors are zero-copy views of a private (copy-on-write) memory map, so loading a model in
+its stored dtype costs about its weight bytes in RSS. A tensor read only to be transformed
+(fused, transposed, cast) has its mapped pages dropped again with `release`, so they do not
+linger beside the transformed copy.
 """
 
 from __future__ import annotations
@@ -69,6 +69,15 @@ class SafetensorsFile:
         if os.preadv(self._file.fileno(), [buffer], offset) != end - begin:
             raise CheckpointError(f"{self.path} is truncated inside tensor {name!r}")
         return out
+
+    def release(self, name: str) -> None:
+        """Drop the mapped pages of a tensor read only to be transformed: its transformed copy
+        replaces them, and touched pages of the map would otherwise stay resident."""
+        begin, end = self.entries[name]["data_offsets"]
+        if self._map is None or end == begin:
+            return
+        start = (self._data_start + begin) // mmap.PAGESIZE * mmap.PAGESIZE
+        self._map.madvise(mmap.MADV_DONTNEED, start, self._data_start + end - start)
 
 
 def _parse_header(f, size: int, path: Path) -> tuple[dict, dict, int]:
