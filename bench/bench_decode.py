@@ -6,7 +6,10 @@ for both libraries, so prefill and set-up cancel out; prefill tokens/s is one fo
 a PROMPT-token prompt. The hardware limit: each decoded token reads every weight once, so
 tokens/s x weight bytes is compared with the machine's measured memory read bandwidth.
 
-    python bench/bench_decode.py [--new-tokens 64] [--prompt 128] [--repeats 3]
+    python bench/bench_decode.py [--new-tokens 64] [--prompt 128] [--rounds 7]
+
+Rates are medians over rounds; the machine's bandwidth drifts, so rounds interleave the
+engines and the table gives each engine's range.
 """
 
 from __future__ import annotations
@@ -49,32 +52,42 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def best_of(fn, repeats: int) -> float:
-    fn()  # warm-up
-    return min(_timed(fn) for _ in range(repeats))
-
-
-def bench_dtype(folder: Path, dtype: torch.dtype, prompt: list[int], new_tokens: int, repeats: int) -> dict:
+def bench_dtype(folder: Path, dtype: torch.dtype, prompt: list[int], new_tokens: int, rounds: int) -> dict:
+    """Median rates over `rounds`; each round measures every engine once, back to back, so a
+    shared machine's drifting memory bandwidth affects all engines alike."""
     import transformers
 
-    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
-    ids = torch.tensor([prompt])
-    mask = torch.ones_like(ids)
-    result = {"transformers": measure_transformers(hf, ids, mask, new_tokens, repeats)}
-    del hf
+    engines = {"transformers": transformers_engine(
+        transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval(), prompt)}
     for name, fast in (("emergence", True), ("emergence-torch-ops", False)):
         lm = emergence.load(folder, device="cpu", dtype=dtype, fast_kernels=fast)
         if fast and not any(isinstance(m, DecodeLinear) for m in lm.model.modules()):
             print("  (native kernels unavailable: emergence uses torch ops only)")
-        result[name] = measure_emergence(lm, prompt, new_tokens, repeats)
-        print(f"  {name:20} decode {result[name]['decode_tok_s']:7.1f} tok/s   "
-              f"prefill {result[name]['prefill_tok_s']:8.1f} tok/s", flush=True)
+        engines[name] = emergence_engine(lm, prompt)
+    samples: dict[str, dict[str, list[float]]] = {n: {"decode_tok_s": [], "prefill_tok_s": []} for n in engines}
+    for name, (generate_n, prefill) in engines.items():  # warm-up
+        generate_n(2), prefill()
+    for _ in range(rounds):
+        for name, (generate_n, prefill) in engines.items():
+            t1 = _timed(lambda: generate_n(1))
+            tn = _timed(lambda: generate_n(new_tokens))
+            samples[name]["decode_tok_s"].append((new_tokens - 1) / (tn - t1))
+            samples[name]["prefill_tok_s"].append(len(prompt) / _timed(prefill))
+    result = {}
+    for name, s in samples.items():
+        result[name] = {k: statistics.median(v) for k, v in s.items()}
+        result[name]["decode_range"] = [min(s["decode_tok_s"]), max(s["decode_tok_s"])]
+        print(f"  {name:20} decode {result[name]['decode_tok_s']:7.1f} tok/s (range {min(s['decode_tok_s']):.1f}-"
+              f"{max(s['decode_tok_s']):.1f})   prefill {result[name]['prefill_tok_s']:8.1f} tok/s", flush=True)
     model = lm.model
     result["weight_bytes"] = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
     return result
 
 
-def measure_transformers(hf, ids, mask, new_tokens: int, repeats: int) -> dict:
+def transformers_engine(hf, prompt: list[int]):
+    ids = torch.tensor([prompt])
+    mask = torch.ones_like(ids)
+
     def generate_n(n: int):
         with torch.inference_mode():
             hf.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
@@ -83,13 +96,10 @@ def measure_transformers(hf, ids, mask, new_tokens: int, repeats: int) -> dict:
         with torch.inference_mode():
             hf(ids, attention_mask=mask)
 
-    out = rates(generate_n, prefill, ids.shape[1], new_tokens, repeats)
-    print(f"  {'transformers':20} decode {out['decode_tok_s']:7.1f} tok/s   prefill {out['prefill_tok_s']:8.1f} tok/s",
-          flush=True)
-    return out
+    return generate_n, prefill
 
 
-def measure_emergence(lm, prompt: list[int], new_tokens: int, repeats: int) -> dict:
+def emergence_engine(lm, prompt: list[int]):
     ids = torch.tensor([prompt])
 
     def generate_n(n: int):
@@ -99,22 +109,14 @@ def measure_emergence(lm, prompt: list[int], new_tokens: int, repeats: int) -> d
         with torch.inference_mode():
             lm.model(ids, last_logits_only=True)
 
-    return rates(generate_n, prefill, len(prompt), new_tokens, repeats)
-
-
-def rates(generate_n, prefill, prompt_len: int, new_tokens: int, repeats: int) -> dict:
-    """Decode rate from the difference of an N-token and a 1-token generation; prefill from one forward."""
-    t1 = best_of(lambda: generate_n(1), repeats)
-    tn = best_of(lambda: generate_n(new_tokens), repeats)
-    tp = best_of(prefill, repeats)
-    return {"decode_tok_s": (new_tokens - 1) / (tn - t1), "prefill_tok_s": prompt_len / tp}
+    return generate_n, prefill
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prompt", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--dtypes", default="fp32,bf16")
     parser.add_argument("--out", default="bench/results/decode.json")
     args = parser.parse_args()
@@ -140,7 +142,7 @@ def main() -> int:
                    "torch": torch.__version__, "transformers": transformers.__version__}
         for name in args.dtypes.split(","):
             print(f"{name}:", flush=True)
-            results[name] = bench_dtype(folder, dtypes[name], prompt, args.new_tokens, args.repeats)
+            results[name] = bench_dtype(folder, dtypes[name], prompt, args.new_tokens, args.rounds)
 
     print("\n| dtype | engine | decode tok/s | vs transformers | prefill tok/s | vs transformers "
           "| decode GB/s (tok/s x weight bytes) | % of measured bandwidth |")

@@ -34,12 +34,13 @@ def test_fp32_gemv_matches_linear(shape, with_bias):
 
 
 @pytest.mark.parametrize("shape", [(5, 3), (173, 77), (3072, 576), (49152, 64)])
-def test_bf16_gemv_is_the_fp32_product_rounded_once(shape):
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32])  # dot-product path, widening path
+def test_bf16_gemv_is_the_fp32_product_rounded_once(shape, x_dtype):
     torch.manual_seed(shape[0])
     n, k = shape
     w, x = torch.randn(n, k).bfloat16(), torch.randn(1, k).bfloat16()
     exact = (w.double() @ x[0].double())
-    got = ext.gemv(x, w, None)
+    got = ext.gemv(x.to(x_dtype), w, None)
     assert got.dtype == torch.bfloat16
     # One rounding to bf16 (relative 2^-8) plus fp32 accumulation error.
     bound = exact.abs() * 2**-8 + k * 2**-23 * (w.double().abs() @ x[0].double().abs())

@@ -43,8 +43,10 @@ def gemv_extension():
     try:
         from torch.utils.cpp_extension import load
 
+        # -fopenmp: at::parallel_for is an OpenMP pragma in a header; without it the kernel runs on one thread.
         return load(name="emergence_gemv", sources=[str(SOURCE)],
-                    extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma"], verbose=False)
+                    extra_cflags=["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma"],
+                    extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # a missing compiler or ninja must not stop inference: fall back to torch
         print(f"emergence: native decode kernels unavailable ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
               "using torch's", file=sys.stderr)
@@ -69,7 +71,3 @@ def use_decode_kernels(model: nn.Module) -> bool:
         if type(module) is nn.Linear and module.weight.is_contiguous():
             module.__class__ = DecodeLinear
     return True
-
-
-if __name__ == "__main__":
-    print("emergence native decode kernels:", "ready" if gemv_extension() is not None else "unavailable")
