@@ -170,11 +170,13 @@ class Transformer(nn.Module):
         """input_ids (B, T) -> final normalised hidden states (B, T, D)."""
         B, T = input_ids.shape
         start = cache.length if cache is not None else 0
-        if cache is None and attention_mask is not None:
+        if cache is not None:
+            pad, padded = cache.pad, cache.has_padding  # (B,) leading pad slots per row
+        elif attention_mask is not None:
             pad = (attention_mask == 0).sum(dim=1)
+            padded = bool(pad.any())
         else:
-            pad = cache.pad if cache is not None else None
-        padded = pad is not None and bool(pad.any())
+            pad, padded = None, False
         # Left padding shifts slots, not positions: the longest row is the one with least padding.
         longest = start + T - (int(pad.min()) if padded else 0)
         if longest > self.config.block_size:

@@ -26,79 +26,45 @@ inline __m512 load_bf16_masked(const at::BFloat16* p, __mmask16 m) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
 
-// Four rows at a time share each load of x. K tail handled with masked loads.
+inline __m512 load_w(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load_w(const at::BFloat16* p) { return load_bf16(p); }
+inline __m512 load_w_masked(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load_w_masked(const at::BFloat16* p, __mmask16 m) { return load_bf16_masked(p, m); }
+
+// fp32 x against fp32 or bf16 (widened) weights. Four rows at a time share each load of x;
+// the K tail is handled with masked loads.
 template <typename T>
-void gemv_rows(const T* w, const float* x, float* y, int64_t row0, int64_t row1, int64_t K);
-
-template <>
-void gemv_rows<at::BFloat16>(const at::BFloat16* w, const float* x, float* y, int64_t row0, int64_t row1,
-                             int64_t K) {
+void gemv_rows(const T* w, const float* x, float* y, int64_t row0, int64_t row1, int64_t K) {
   const int64_t K16 = K & ~int64_t(15);
   const __mmask16 tail = static_cast<__mmask16>((1u << (K - K16)) - 1);
   int64_t r = row0;
   for (; r + 4 <= row1; r += 4) {
-    const at::BFloat16* w0 = w + r * K;
-    const at::BFloat16* w1 = w0 + K;
-    const at::BFloat16* w2 = w1 + K;
-    const at::BFloat16* w3 = w2 + K;
+    const T* w0 = w + r * K;
+    const T* w1 = w0 + K;
+    const T* w2 = w1 + K;
+    const T* w3 = w2 + K;
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     for (int64_t k = 0; k < K16; k += 16) {
       __m512 xv = _mm512_loadu_ps(x + k);
-      a0 = _mm512_fmadd_ps(load_bf16(w0 + k), xv, a0);
-      a1 = _mm512_fmadd_ps(load_bf16(w1 + k), xv, a1);
-      a2 = _mm512_fmadd_ps(load_bf16(w2 + k), xv, a2);
-      a3 = _mm512_fmadd_ps(load_bf16(w3 + k), xv, a3);
+      a0 = _mm512_fmadd_ps(load_w(w0 + k), xv, a0);
+      a1 = _mm512_fmadd_ps(load_w(w1 + k), xv, a1);
+      a2 = _mm512_fmadd_ps(load_w(w2 + k), xv, a2);
+      a3 = _mm512_fmadd_ps(load_w(w3 + k), xv, a3);
     }
     if (tail) {
       __m512 xv = _mm512_maskz_loadu_ps(tail, x + K16);
-      a0 = _mm512_fmadd_ps(load_bf16_masked(w0 + K16, tail), xv, a0);
-      a1 = _mm512_fmadd_ps(load_bf16_masked(w1 + K16, tail), xv, a1);
-      a2 = _mm512_fmadd_ps(load_bf16_masked(w2 + K16, tail), xv, a2);
-      a3 = _mm512_fmadd_ps(load_bf16_masked(w3 + K16, tail), xv, a3);
+      a0 = _mm512_fmadd_ps(load_w_masked(w0 + K16, tail), xv, a0);
+      a1 = _mm512_fmadd_ps(load_w_masked(w1 + K16, tail), xv, a1);
+      a2 = _mm512_fmadd_ps(load_w_masked(w2 + K16, tail), xv, a2);
+      a3 = _mm512_fmadd_ps(load_w_masked(w3 + K16, tail), xv, a3);
     }
     y[r] = hsum(a0); y[r + 1] = hsum(a1); y[r + 2] = hsum(a2); y[r + 3] = hsum(a3);
   }
   for (; r < row1; ++r) {
-    const at::BFloat16* w0 = w + r * K;
+    const T* w0 = w + r * K;
     __m512 a0 = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K16; k += 16) a0 = _mm512_fmadd_ps(load_bf16(w0 + k), _mm512_loadu_ps(x + k), a0);
-    if (tail) a0 = _mm512_fmadd_ps(load_bf16_masked(w0 + K16, tail), _mm512_maskz_loadu_ps(tail, x + K16), a0);
-    y[r] = hsum(a0);
-  }
-}
-
-template <>
-void gemv_rows<float>(const float* w, const float* x, float* y, int64_t row0, int64_t row1, int64_t K) {
-  const int64_t K16 = K & ~int64_t(15);
-  const __mmask16 tail = static_cast<__mmask16>((1u << (K - K16)) - 1);
-  int64_t r = row0;
-  for (; r + 4 <= row1; r += 4) {
-    const float* w0 = w + r * K;
-    const float* w1 = w0 + K;
-    const float* w2 = w1 + K;
-    const float* w3 = w2 + K;
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    for (int64_t k = 0; k < K16; k += 16) {
-      __m512 xv = _mm512_loadu_ps(x + k);
-      a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w0 + k), xv, a0);
-      a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w1 + k), xv, a1);
-      a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w2 + k), xv, a2);
-      a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w3 + k), xv, a3);
-    }
-    if (tail) {
-      __m512 xv = _mm512_maskz_loadu_ps(tail, x + K16);
-      a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, w0 + K16), xv, a0);
-      a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, w1 + K16), xv, a1);
-      a2 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, w2 + K16), xv, a2);
-      a3 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, w3 + K16), xv, a3);
-    }
-    y[r] = hsum(a0); y[r + 1] = hsum(a1); y[r + 2] = hsum(a2); y[r + 3] = hsum(a3);
-  }
-  for (; r < row1; ++r) {
-    const float* w0 = w + r * K;
-    __m512 a0 = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K16; k += 16) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w0 + k), _mm512_loadu_ps(x + k), a0);
-    if (tail) a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, w0 + K16), _mm512_maskz_loadu_ps(tail, x + K16), a0);
+    for (int64_t k = 0; k < K16; k += 16) a0 = _mm512_fmadd_ps(load_w(w0 + k), _mm512_loadu_ps(x + k), a0);
+    if (tail) a0 = _mm512_fmadd_ps(load_w_masked(w0 + K16, tail), _mm512_maskz_loadu_ps(tail, x + K16), a0);
     y[r] = hsum(a0);
   }
 }
