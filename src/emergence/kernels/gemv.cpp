@@ -87,6 +87,14 @@ void gemv_rows_dpbf16(const at::BFloat16* w, const at::BFloat16* x, float* y, in
     const at::BFloat16* w3 = w2 + K;
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     for (int64_t k = 0; k < K32; k += 32) {
+      // bf16 rows are short (a few cache lines): fetch the next four rows' same columns now,
+      // or the hardware prefetcher lags and the loop runs at ~2/3 of the memory bandwidth.
+      if (r + 8 <= row1) {
+        _mm_prefetch(reinterpret_cast<const char*>(w0 + 4 * K + k), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(w0 + 5 * K + k), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(w0 + 6 * K + k), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(w0 + 7 * K + k), _MM_HINT_T0);
+      }
       __m512bh xv = load(x + k);
       a0 = _mm512_dpbf16_ps(a0, load(w0 + k), xv);
       a1 = _mm512_dpbf16_ps(a1, load(w1 + k), xv);
