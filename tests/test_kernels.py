@@ -68,3 +68,21 @@ def test_training_mode_bypasses_the_kernel():
     x = torch.randn(1, 16, requires_grad=True)
     layer(x).sum().backward()  # the kernel has no backward; with grad enabled torch's linear is used
     assert torch.allclose(x.grad, layer.weight.sum(0, keepdim=True))
+
+
+def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatch):
+    # A build killed midway leaves torch's lock file; torch would wait on it forever.
+    import os
+    import time
+
+    from emergence.kernels import STALE_LOCK_SECONDS, _build_directory
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    folder = _build_directory()
+    lock = folder / "lock"
+    lock.write_text("")
+    assert _build_directory() == folder and lock.exists()  # a build may be running: wait for it
+    old = time.time() - STALE_LOCK_SECONDS - 1
+    os.utime(lock, (old, old))
+    _build_directory()
+    assert not lock.exists()

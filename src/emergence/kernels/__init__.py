@@ -14,6 +14,7 @@ import functools
 import os
 import platform
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ from torch import nn
 SOURCE = Path(__file__).with_name("gemv.cpp")
 REQUIRED_CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "fma"}
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+STALE_LOCK_SECONDS = 900  # a build takes about a minute on 2 cores
 
 
 def _cpu_supports() -> bool:
@@ -43,14 +45,31 @@ def gemv_extension():
     try:
         from torch.utils.cpp_extension import load
 
+        build_dir = _build_directory()
         # -fopenmp: at::parallel_for is an OpenMP pragma in a header; without it the kernel runs on one thread.
-        return load(name="emergence_gemv", sources=[str(SOURCE)],
+        return load(name="emergence_gemv", sources=[str(SOURCE)], build_directory=str(build_dir),
                     extra_cflags=["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma"],
                     extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # a missing compiler or ninja must not stop inference: fall back to torch
-        print(f"emergence: native decode kernels unavailable ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-              "using torch's", file=sys.stderr)
+        reason = (str(e).splitlines() or [""])[0][:200]
+        print(f"emergence: native decode kernels unavailable ({type(e).__name__}: {reason}); using torch's",
+              file=sys.stderr)
         return None
+
+
+def _build_directory() -> Path:
+    """One build folder per Python and torch version. A build killed midway leaves torch's lock
+    file behind, and torch would wait on it forever: a lock older than any real build is removed."""
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+    folder = root / f"emergence_gemv-py{sys.version_info[0]}{sys.version_info[1]}-torch{torch.__version__}"
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / "lock"
+    try:
+        if time.time() - lock.stat().st_mtime > STALE_LOCK_SECONDS:
+            lock.unlink()
+    except FileNotFoundError:
+        pass
+    return folder
 
 
 class DecodeLinear(nn.Linear):
