@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -49,7 +49,6 @@ class Config:
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
     pad_token_id: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)  # passthrough of unmapped HF fields
 
     def __post_init__(self) -> None:
         if self.n_kv_head is None:

@@ -25,10 +25,6 @@ class KVCache:
         self.pad = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,) leading pad slots
         self.has_padding = False
 
-    @property
-    def batch_size(self) -> int:
-        return self.pad.shape[0]
-
     def set_padding(self, attention_mask: torch.Tensor) -> None:
         """Record left padding from a (B, T) prompt mask (1 = token, 0 = pad) before prefill."""
         self.pad = (attention_mask == 0).sum(dim=1).to(self.pad.device)

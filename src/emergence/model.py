@@ -226,19 +226,6 @@ class Transformer(nn.Module):
             mask = (mask & real_key) | (k_slot == q_slot)[None]
         return mask[:, None]  # (B or 1, 1, T, S)
 
-    def init_weights(self, std: float = 0.02) -> None:
-        """GPT-2 style initialisation for training from scratch."""
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-        for block in self.layers:  # scaled residual projections (GPT-2 paper)
-            for proj in (block.attn.o_proj, block.mlp.down_proj):
-                nn.init.normal_(proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
-
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 

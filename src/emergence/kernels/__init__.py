@@ -72,20 +72,26 @@ def _build_directory() -> Path:
     return folder
 
 
+_gemv = None  # the extension's gemv, set by use_decode_kernels
+
+
 class DecodeLinear(nn.Linear):
     """nn.Linear that sends a single activation vector (batch-1 decoding) to the GEMV kernel."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (x.numel() == self.in_features and x.device.type == "cpu" and self.weight.dtype in KERNEL_DTYPES
                 and not torch.is_grad_enabled()):
-            return gemv_extension().gemv(x, self.weight, self.bias).view(*x.shape[:-1], self.out_features)
+            return _gemv(x, self.weight, self.bias).view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight, self.bias)
 
 
 def use_decode_kernels(model: nn.Module) -> bool:
     """Route the model's CPU batch-1 linear layers through the native GEMV; False if unavailable."""
-    if gemv_extension() is None:
+    global _gemv
+    extension = gemv_extension()
+    if extension is None:
         return False
+    _gemv = extension.gemv  # bound once: DecodeLinear.forward is on the per-token hot path
     for module in model.modules():
         if type(module) is nn.Linear and module.weight.is_contiguous():
             module.__class__ = DecodeLinear
