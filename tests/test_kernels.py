@@ -78,11 +78,102 @@ def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatc
     from emergence.kernels import STALE_LOCK_SECONDS, _build_directory
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    folder = _build_directory()
+    folder = _build_directory("emergence_kernels_test")
     lock = folder / "lock"
     lock.write_text("")
-    assert _build_directory() == folder and lock.exists()  # a build may be running: wait for it
+    assert _build_directory("emergence_kernels_test") == folder and lock.exists()  # a build may be running: wait for it
     old = time.time() - STALE_LOCK_SECONDS - 1
     os.utime(lock, (old, old))
-    _build_directory()
+    _build_directory("emergence_kernels_test")
     assert not lock.exists()
+
+
+# ------------------------------------------------------------------- the fused decode step
+def _decode_logits(model, ids: torch.Tensor, prefill: int, fused: bool):
+    """Prefill ids[:, :prefill], then feed the rest one token at a time; returns the per-step
+    logits (float32) and the KV cache."""
+    from emergence.kv_cache import KVCache
+
+    saved = model.fused_decoder
+    if not fused:
+        model.fused_decoder = None
+    try:
+        cache = KVCache(model.config, 1, ids.shape[1], dtype=model.tok_embeddings.weight.dtype)
+        with torch.inference_mode():
+            model(ids[:, :prefill], cache)
+            steps = [model(ids[:, t:t + 1], cache)[0, -1].float() for t in range(prefill, ids.shape[1])]
+    finally:
+        model.fused_decoder = saved
+    return torch.stack(steps), cache
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_step_equals_the_eager_forward(hf_model, dtype):
+    # Every family's layout: GPT-2 (LayerNorm, biases, learned positions, GELU), LLaMA (GQA,
+    # Llama-3 rope scaling), Mistral (a sliding window of 8, shorter than the 40 tokens), Qwen2
+    # (q/k/v bias, tied head).
+    family, _, folder = hf_model
+    lm = emergence.load(folder, device="cpu", dtype=dtype)
+    assert lm.model.fused_decoder is not None
+    torch.manual_seed(5)
+    ids = torch.randint(3, 96, (1, 40))
+    fused, fused_cache = _decode_logits(lm.model, ids, 5, fused=True)
+    eager, eager_cache = _decode_logits(lm.model, ids, 5, fused=False)
+    scale = eager.abs().max().item()
+    if dtype == torch.float32:
+        assert (fused - eager).abs().max().item() <= 1e-5
+        assert max((a - b).abs().max().item() for a, b in zip(fused_cache.k + fused_cache.v,
+                                                               eager_cache.k + eager_cache.v)) <= 1e-5
+    else:  # both round to bf16 at the same points; summation order differs, so a few ulps apart
+        assert (fused - eager).abs().max().item() <= 2 ** -5 * scale
+        assert (fused.argmax(-1) == eager.argmax(-1)).float().mean().item() >= 0.9
+    assert fused_cache.length == eager_cache.length == 40
+
+
+def test_fused_plan_follows_replaced_weights(hf_model):
+    family, _, folder = hf_model
+    lm = emergence.load(folder, device="cpu")
+    ids = torch.randint(3, 96, (1, 12))
+    before, _ = _decode_logits(lm.model, ids, 3, fused=True)
+    torch.manual_seed(9)
+    state = {k: v + 0.05 * torch.randn_like(v) for k, v in lm.model.state_dict().items()}
+    lm.model.load_state_dict(state, assign=True)  # new tensors: the plan must not use the old ones
+    if lm.config.tie_embeddings:
+        lm.model.lm_head.weight = lm.model.tok_embeddings.weight
+    after_fused, _ = _decode_logits(lm.model, ids, 3, fused=True)
+    after_eager, _ = _decode_logits(lm.model, ids, 3, fused=False)
+    assert (after_fused - before).abs().max().item() > 1e-2
+    assert (after_fused - after_eager).abs().max().item() <= 1e-5
+
+
+def test_fused_plan_steps_aside_for_modules_it_does_not_know(hf_model):
+    family, _, folder = hf_model
+    lm = emergence.load(folder, device="cpu")
+    ids = torch.randint(3, 96, (1, 10))
+    _decode_logits(lm.model, ids, 3, fused=True)  # the plan is built and checked once
+
+    class Halved(torch.nn.Module):  # e.g. a quantized or adapter layer swapped in after loading
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x) / 2
+
+    lm.model.layers[0].mlp.down_proj = Halved(lm.model.layers[0].mlp.down_proj)
+    fused, _ = _decode_logits(lm.model, ids, 3, fused=True)
+    eager, _ = _decode_logits(lm.model, ids, 3, fused=False)
+    assert torch.equal(fused, eager)
+
+
+def test_fused_step_refuses_to_run_past_the_context_window(hf_model):
+    from emergence.errors import InvalidArgument
+    from emergence.kv_cache import KVCache
+
+    _, _, folder = hf_model
+    lm = emergence.load(folder, device="cpu")
+    block = lm.config.block_size
+    cache = KVCache(lm.config, 1, block + 4)
+    cache.length = block
+    with torch.inference_mode(), pytest.raises(InvalidArgument, match="context window"):
+        lm.model(torch.tensor([[5]]), cache)

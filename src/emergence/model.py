@@ -152,6 +152,8 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.tok_embeddings.weight
         if config.position == "rope":
             self.register_buffer("rope_inv_freq", rope_inv_freq(config), persistent=False)
+        # Set by emergence.kernels.use_decode_kernels: runs a batch-1 decoding step in one native call.
+        self.fused_decoder = None
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, *,
                 attention_mask: torch.Tensor | None = None, last_logits_only: bool = False) -> torch.Tensor:
@@ -160,6 +162,11 @@ class Transformer(nn.Module):
         Without a cache, attention_mask (B, T) marks left padding (1 = token, 0 = pad).
         With a cache, record padding once with `cache.set_padding(mask)` before the prefill.
         """
+        if (self.fused_decoder is not None and cache is not None and input_ids.shape == (1, 1)
+                and not cache.has_padding and not torch.is_grad_enabled()):
+            logits = self.fused_decoder(self, input_ids, cache)
+            if logits is not None:
+                return logits
         h = self.hidden_states(input_ids, cache, attention_mask=attention_mask)
         if last_logits_only:
             h = h[:, -1:]

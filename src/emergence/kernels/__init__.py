@@ -1,8 +1,9 @@
 """Native CPU kernels for batch-1 decoding, compiled on first use and cached.
 
 `gemv.cpp` streams each weight matrix once per token with AVX-512 loads and fp32
-accumulation; torch's bf16 GEMV reaches only about half the memory bandwidth. The
-extension is built with torch's cpp_extension (gcc + ninja) the first time it is needed,
+accumulation; torch's bf16 GEMV reaches only about half the memory bandwidth.
+`decode.cpp` runs a whole decoding step (every layer) in one call, without the per-operator
+overhead of eager PyTorch (see fused_decode.py). The extension is built with torch's cpp_extension (gcc + ninja) the first time it is needed,
 into torch's extension cache; `python -m emergence.kernels` builds it ahead of time (the
 Makefile does). Where it cannot be built or the CPU lacks AVX-512, everything falls back
 to torch.nn.functional.linear. EMERGENCE_NO_KERNELS=1 turns the kernels off.
@@ -11,6 +12,7 @@ to torch.nn.functional.linear. EMERGENCE_NO_KERNELS=1 turns the kernels off.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import platform
 import sys
@@ -21,7 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SOURCE = Path(__file__).with_name("gemv.cpp")
+HERE = Path(__file__).parent
+SOURCES = [HERE / "gemv.cpp", HERE / "decode.cpp"]
+HEADERS = [HERE / "gemv_rows.h"]
 REQUIRED_CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "fma"}
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 STALE_LOCK_SECONDS = 900  # a build takes about a minute on 2 cores
@@ -45,9 +49,10 @@ def gemv_extension():
     try:
         from torch.utils.cpp_extension import load
 
-        build_dir = _build_directory()
+        name = f"emergence_kernels_{_source_digest()}"
+        build_dir = _build_directory(name)
         # -fopenmp: at::parallel_for is an OpenMP pragma in a header; without it the kernel runs on one thread.
-        return load(name="emergence_gemv", sources=[str(SOURCE)], build_directory=str(build_dir),
+        return load(name=name, sources=[str(s) for s in SOURCES], build_directory=str(build_dir),
                     extra_cflags=["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma"],
                     extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # a missing compiler or ninja must not stop inference: fall back to torch
@@ -57,11 +62,19 @@ def gemv_extension():
         return None
 
 
-def _build_directory() -> Path:
-    """One build folder per Python and torch version. A build killed midway leaves torch's lock
-    file behind, and torch would wait on it forever: a lock older than any real build is removed."""
+def _source_digest() -> str:
+    """Names the build after the sources and headers: torch only notices changes to the sources."""
+    digest = hashlib.sha256()
+    for path in SOURCES + HEADERS:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def _build_directory(name: str) -> Path:
+    """One build folder per source version, Python and torch. A build killed midway leaves torch's
+    lock file behind, and torch would wait on it forever: a lock older than any real build is removed."""
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
-    folder = root / f"emergence_gemv-py{sys.version_info[0]}{sys.version_info[1]}-torch{torch.__version__}"
+    folder = root / f"{name}-py{sys.version_info[0]}{sys.version_info[1]}-torch{torch.__version__}"
     folder.mkdir(parents=True, exist_ok=True)
     lock = folder / "lock"
     try:
@@ -86,7 +99,9 @@ class DecodeLinear(nn.Linear):
 
 
 def use_decode_kernels(model: nn.Module) -> bool:
-    """Route the model's CPU batch-1 linear layers through the native GEMV; False if unavailable."""
+    """Route the model's CPU batch-1 decoding through the native kernels: whole steps through a
+    fused DecodePlan where the model's layout allows, and every batch-1 linear layer through the
+    GEMV. False if the kernels are unavailable here."""
     global _gemv
     extension = gemv_extension()
     if extension is None:
@@ -95,4 +110,8 @@ def use_decode_kernels(model: nn.Module) -> bool:
     for module in model.modules():
         if type(module) is nn.Linear and module.weight.is_contiguous():
             module.__class__ = DecodeLinear
+    from .fused_decode import FusedDecoder
+
+    if FusedDecoder.supports(model):
+        model.fused_decoder = FusedDecoder(model, extension)
     return True

@@ -6,122 +6,9 @@
 // weight row once, in order, with wide loads and fp32 accumulation, split across threads
 // by rows (AVX512-BF16 dot products for bf16 weights where the CPU has them). Semantics match torch.nn.functional.linear: y = x @ W.T (+ bias),
 // accumulated in fp32, rounded once to the output dtype.
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
-#include <immintrin.h>
+#include "gemv_rows.h"
 
-namespace {
-
-// Horizontal sum of 16 fp32 lanes.
-inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
-
-// bf16 -> fp32 is a 16-bit left shift of the bit pattern.
-inline __m512 load_bf16(const at::BFloat16* p) {
-  __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
-
-inline __m512 load_bf16_masked(const at::BFloat16* p, __mmask16 m) {
-  __m256i raw = _mm256_maskz_loadu_epi16(m, p);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
-
-inline __m512 load_w(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load_w(const at::BFloat16* p) { return load_bf16(p); }
-inline __m512 load_w_masked(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-inline __m512 load_w_masked(const at::BFloat16* p, __mmask16 m) { return load_bf16_masked(p, m); }
-
-// fp32 x against fp32 or bf16 (widened) weights. Four rows at a time share each load of x;
-// the K tail is handled with masked loads.
-template <typename T>
-void gemv_rows(const T* w, const float* x, float* y, int64_t row0, int64_t row1, int64_t K) {
-  const int64_t K16 = K & ~int64_t(15);
-  const __mmask16 tail = static_cast<__mmask16>((1u << (K - K16)) - 1);
-  int64_t r = row0;
-  for (; r + 4 <= row1; r += 4) {
-    const T* w0 = w + r * K;
-    const T* w1 = w0 + K;
-    const T* w2 = w1 + K;
-    const T* w3 = w2 + K;
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    for (int64_t k = 0; k < K16; k += 16) {
-      __m512 xv = _mm512_loadu_ps(x + k);
-      a0 = _mm512_fmadd_ps(load_w(w0 + k), xv, a0);
-      a1 = _mm512_fmadd_ps(load_w(w1 + k), xv, a1);
-      a2 = _mm512_fmadd_ps(load_w(w2 + k), xv, a2);
-      a3 = _mm512_fmadd_ps(load_w(w3 + k), xv, a3);
-    }
-    if (tail) {
-      __m512 xv = _mm512_maskz_loadu_ps(tail, x + K16);
-      a0 = _mm512_fmadd_ps(load_w_masked(w0 + K16, tail), xv, a0);
-      a1 = _mm512_fmadd_ps(load_w_masked(w1 + K16, tail), xv, a1);
-      a2 = _mm512_fmadd_ps(load_w_masked(w2 + K16, tail), xv, a2);
-      a3 = _mm512_fmadd_ps(load_w_masked(w3 + K16, tail), xv, a3);
-    }
-    y[r] = hsum(a0); y[r + 1] = hsum(a1); y[r + 2] = hsum(a2); y[r + 3] = hsum(a3);
-  }
-  for (; r < row1; ++r) {
-    const T* w0 = w + r * K;
-    __m512 a0 = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K16; k += 16) a0 = _mm512_fmadd_ps(load_w(w0 + k), _mm512_loadu_ps(x + k), a0);
-    if (tail) a0 = _mm512_fmadd_ps(load_w_masked(w0 + K16, tail), _mm512_maskz_loadu_ps(tail, x + K16), a0);
-    y[r] = hsum(a0);
-  }
-}
-
-// bf16 weights times a bf16 vector with AVX512-BF16's dot-product instruction: 32 weights
-// per instruction, pairs multiplied exactly and summed into fp32 lanes. No widening of the
-// weights, so the loop is limited by memory rather than by conversion work.
-__attribute__((target("avx512f,avx512bw,avx512bf16")))
-void gemv_rows_dpbf16(const at::BFloat16* w, const at::BFloat16* x, float* y, int64_t row0, int64_t row1,
-                      int64_t K) {
-  const int64_t K32 = K & ~int64_t(31);
-  const __mmask32 tail = static_cast<__mmask32>((K - K32) == 0 ? 0 : ((1ull << (K - K32)) - 1));
-  auto load = [](const at::BFloat16* p) { return (__m512bh)_mm512_loadu_si512(p); };
-  auto load_tail = [tail](const at::BFloat16* p) { return (__m512bh)_mm512_maskz_loadu_epi16(tail, p); };
-  int64_t r = row0;
-  for (; r + 4 <= row1; r += 4) {
-    const at::BFloat16* w0 = w + r * K;
-    const at::BFloat16* w1 = w0 + K;
-    const at::BFloat16* w2 = w1 + K;
-    const at::BFloat16* w3 = w2 + K;
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    for (int64_t k = 0; k < K32; k += 32) {
-      // bf16 rows are short (a few cache lines): fetch the next four rows' same columns now,
-      // or the hardware prefetcher lags and the loop runs at ~2/3 of the memory bandwidth.
-      if (r + 8 <= row1) {
-        _mm_prefetch(reinterpret_cast<const char*>(w0 + 4 * K + k), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(w0 + 5 * K + k), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(w0 + 6 * K + k), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(w0 + 7 * K + k), _MM_HINT_T0);
-      }
-      __m512bh xv = load(x + k);
-      a0 = _mm512_dpbf16_ps(a0, load(w0 + k), xv);
-      a1 = _mm512_dpbf16_ps(a1, load(w1 + k), xv);
-      a2 = _mm512_dpbf16_ps(a2, load(w2 + k), xv);
-      a3 = _mm512_dpbf16_ps(a3, load(w3 + k), xv);
-    }
-    if (tail) {
-      __m512bh xv = load_tail(x + K32);
-      a0 = _mm512_dpbf16_ps(a0, load_tail(w0 + K32), xv);
-      a1 = _mm512_dpbf16_ps(a1, load_tail(w1 + K32), xv);
-      a2 = _mm512_dpbf16_ps(a2, load_tail(w2 + K32), xv);
-      a3 = _mm512_dpbf16_ps(a3, load_tail(w3 + K32), xv);
-    }
-    y[r] = hsum(a0); y[r + 1] = hsum(a1); y[r + 2] = hsum(a2); y[r + 3] = hsum(a3);
-  }
-  for (; r < row1; ++r) {
-    const at::BFloat16* w0 = w + r * K;
-    __m512 a0 = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K32; k += 32) a0 = _mm512_dpbf16_ps(a0, load(w0 + k), load(x + k));
-    if (tail) a0 = _mm512_dpbf16_ps(a0, load_tail(w0 + K32), load_tail(x + K32));
-    y[r] = hsum(a0);
-  }
-}
-
-const bool kHasAvx512Bf16 = __builtin_cpu_supports("avx512bf16");
-
-}  // namespace
+using namespace emergence;
 
 // x: (K,) any float dtype; weight: (N, K) contiguous bf16 or fp32; bias: (N,) or empty.
 // Returns (N,) in weight's dtype.
@@ -131,8 +18,7 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor weight, c10::optional<torch::T
   const int64_t N = weight.size(0), K = weight.size(1);
   auto y = torch::empty({N}, x.options().dtype(torch::kFloat32));
   float* yp = y.data_ptr<float>();
-  // Rows per task: a multiple of 4, large enough that thread start-up is amortised.
-  const int64_t grain = std::max<int64_t>(64, ((N / (4 * at::get_num_threads())) + 3) & ~int64_t(3));
+  const int64_t grain = gemv_grain(N);
   if (weight.scalar_type() == torch::kBFloat16 && kHasAvx512Bf16 && x.scalar_type() == torch::kBFloat16) {
     // The activations are already bf16 (a bf16 model): dot products straight on bf16 pairs.
     auto xb = x.reshape({K}).contiguous();
@@ -155,6 +41,9 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor weight, c10::optional<torch::T
   return y.to(weight.scalar_type());
 }
 
+void register_decode_plan(pybind11::module& m);  // decode.cpp
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv", &gemv, "y = W x (+ b) for one activation vector, fp32 accumulation");
+  register_decode_plan(m);
 }

@@ -1,0 +1,296 @@
+// One whole decoding step of a batch-1 sequence, from a token id to the next-token logits.
+//
+// In eager PyTorch a 30-layer model issues ~450 small operators per token, each paying
+// dispatch and thread start-up: on a 2-core CPU that costs as much time as streaming the
+// weights. A DecodePlan holds the model's weights once and runs every layer here, the
+// matrix-vector products split across threads by rows, everything else (norms, RoPE,
+// attention over the KV cache, activations, residuals) in plain loops.
+//
+// Numerics follow the model's eager forward pass (model.py): an fp32 model computes in fp32;
+// a bf16 model keeps its activations in bf16, rounding after the same operations eager bf16
+// does (each linear, norm, rotation, activation and residual add), with fp32 accumulation.
+//
+// Shapes: D n_embd, H query heads, KV key/value heads, hd head_dim, F intermediate size,
+// V vocabulary, S cached positions. KV cache per layer: (1, KV, max_len, hd), contiguous.
+#include "gemv_rows.h"
+
+#include <cmath>
+#include <vector>
+
+namespace {
+
+using emergence::gemv_grain;
+using emergence::gemv_rows;
+using emergence::gemv_rows_dpbf16;
+using emergence::kHasAvx512Bf16;
+
+struct Linear {
+  at::Tensor weight;  // (N, K) contiguous, fp32 or bf16
+  at::Tensor bias;    // (N,) or empty
+  int64_t N = 0, K = 0;
+};
+
+struct Layer {
+  at::Tensor attn_norm_w, attn_norm_b, mlp_norm_w, mlp_norm_b;  // (D,); biases empty for RMSNorm
+  Linear qkv, o, up, down;  // up is gate_up (2F rows: gate then up) for SwiGLU
+};
+
+inline bool present(const at::Tensor& t) { return t.defined() && t.numel() > 0; }
+
+inline float to_float(float v) { return v; }
+inline float to_float(at::BFloat16 v) { return static_cast<float>(v); }
+
+// dot(a, b) over n elements: a fp32, b fp32 or bf16 (a cached key).
+template <typename T>
+inline float dot(const float* a, const T* b, int64_t n) {
+  const int64_t n16 = n & ~int64_t(15);
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n16; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), emergence::load_w(b + i), acc);
+  if (n16 < n) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (n - n16)) - 1);
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + n16), emergence::load_w_masked(b + n16, m), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
+class DecodePlan {
+ public:
+  DecodePlan(std::vector<int64_t> dims, bool rms_norm, bool swiglu, double eps, at::Tensor tok_embeddings,
+             at::Tensor pos_embeddings, at::Tensor rope_inv_freq, at::Tensor norm_w, at::Tensor norm_b,
+             at::Tensor lm_head, std::vector<std::vector<at::Tensor>> layers)
+      : rms_norm_(rms_norm), swiglu_(swiglu), eps_(static_cast<float>(eps)), tok_(tok_embeddings),
+        pos_(pos_embeddings), inv_freq_(rope_inv_freq), norm_w_(norm_w), norm_b_(norm_b) {
+    TORCH_CHECK(dims.size() == 8, "dims: n_layer, n_head, n_kv_head, head_dim, n_embd, intermediate, vocab, window");
+    n_layer_ = dims[0], H_ = dims[1], KV_ = dims[2], hd_ = dims[3], D_ = dims[4], F_ = dims[5], V_ = dims[6];
+    window_ = dims[7];
+    TORCH_CHECK(H_ % KV_ == 0 && hd_ % 2 == 0, "bad head layout");
+    dtype_ = tok_.scalar_type();
+    TORCH_CHECK(dtype_ == at::kFloat || dtype_ == at::kBFloat16, "weights must be fp32 or bf16");
+    bf16_ = dtype_ == at::kBFloat16;
+    lm_head_ = make_linear(lm_head, at::Tensor(), V_, D_);
+    TORCH_CHECK(static_cast<int64_t>(layers.size()) == n_layer_, "one weight list per layer");
+    const int64_t qkv_rows = (H_ + 2 * KV_) * hd_;
+    for (auto& w : layers) {
+      TORCH_CHECK(w.size() == 12, "12 tensors per layer");
+      Layer l;
+      l.attn_norm_w = w[0], l.attn_norm_b = w[1];
+      l.qkv = make_linear(w[2], w[3], qkv_rows, D_);
+      l.o = make_linear(w[4], w[5], D_, H_ * hd_);
+      l.mlp_norm_w = w[6], l.mlp_norm_b = w[7];
+      l.up = make_linear(w[8], w[9], swiglu_ ? 2 * F_ : F_, D_);
+      l.down = make_linear(w[10], w[11], D_, F_);
+      layers_.push_back(std::move(l));
+    }
+    x_.resize(D_), xn_.resize(D_), tmp_.resize(D_);
+    qkv_.resize(qkv_rows), attn_.resize(H_ * hd_);
+    hidden_.resize(swiglu_ ? 2 * F_ : F_), act_.resize(F_);
+    xb_.resize(std::max({D_, H_ * hd_, F_}));
+    logits_.resize(V_);
+  }
+
+  // Run token `token` at position `pos` (also its cache slot); write its keys and values into
+  // the caches; return the logits (1, 1, V) in the model's dtype.
+  at::Tensor step(int64_t token, int64_t pos, const std::vector<at::Tensor>& k_cache,
+                  const std::vector<at::Tensor>& v_cache) {
+    TORCH_CHECK(token >= 0 && token < tok_.size(0), "token id out of range");
+    TORCH_CHECK(static_cast<int64_t>(k_cache.size()) == n_layer_ && static_cast<int64_t>(v_cache.size()) == n_layer_,
+                "one key and one value cache per layer");
+    for (int64_t i = 0; i < D_; ++i) x_[i] = element(tok_, token * D_ + i);
+    if (present(pos_)) {
+      TORCH_CHECK(pos < pos_.size(0), "position past the learned position table");
+      for (int64_t i = 0; i < D_; ++i) x_[i] = r(x_[i] + element(pos_, pos * D_ + i));
+    }
+    for (int64_t l = 0; l < n_layer_; ++l) {
+      const Layer& L = layers_[l];
+      const at::Tensor& kc = k_cache[l];
+      const at::Tensor& vc = v_cache[l];
+      TORCH_CHECK(kc.is_contiguous() && vc.is_contiguous() && kc.dim() == 4 && kc.size(0) == 1 &&
+                      kc.size(1) == KV_ && kc.size(3) == hd_ && kc.sizes() == vc.sizes() && kc.scalar_type() == dtype_ &&
+                      vc.scalar_type() == dtype_,
+                  "KV cache must be (1, n_kv_head, max_len, head_dim) in the model's dtype");
+      TORCH_CHECK(pos < kc.size(2), "KV cache is full");
+
+      norm(x_.data(), L.attn_norm_w, L.attn_norm_b, xn_.data());
+      linear(L.qkv, xn_.data(), qkv_.data());
+      if (present(inv_freq_)) rotate(qkv_.data(), H_ + KV_, pos);  // queries and keys
+      store_kv(kc, vc, pos);
+      attention(kc, vc, pos);
+      linear(L.o, attn_.data(), tmp_.data());
+      for (int64_t i = 0; i < D_; ++i) x_[i] = r(x_[i] + tmp_[i]);
+
+      norm(x_.data(), L.mlp_norm_w, L.mlp_norm_b, xn_.data());
+      linear(L.up, xn_.data(), hidden_.data());
+      if (swiglu_) {
+        for (int64_t i = 0; i < F_; ++i) {
+          const float g = hidden_[i];
+          act_[i] = r(r(g / (1.0f + std::exp(-g))) * hidden_[F_ + i]);
+        }
+      } else {
+        for (int64_t i = 0; i < F_; ++i) act_[i] = r(gelu_tanh(hidden_[i]));
+      }
+      linear(L.down, act_.data(), tmp_.data());
+      for (int64_t i = 0; i < D_; ++i) x_[i] = r(x_[i] + tmp_[i]);
+    }
+    norm(x_.data(), norm_w_, norm_b_, xn_.data());
+    linear(lm_head_, xn_.data(), logits_.data());
+    auto out = torch::from_blob(logits_.data(), {1, 1, V_}, at::kFloat);
+    return out.to(dtype_, /*non_blocking=*/false, /*copy=*/true);
+  }
+
+ private:
+  Linear make_linear(const at::Tensor& w, const at::Tensor& b, int64_t N, int64_t K) {
+    TORCH_CHECK(w.dim() == 2 && w.size(0) == N && w.size(1) == K && w.is_contiguous() && w.scalar_type() == dtype_,
+                "weight of unexpected shape, layout or dtype");
+    TORCH_CHECK(!present(b) || (b.numel() == N && b.scalar_type() == dtype_), "bias of unexpected shape or dtype");
+    return Linear{w, b, N, K};
+  }
+
+  // A bf16 model rounds each intermediate result to bf16, as its eager forward pass does.
+  inline float r(float v) const { return bf16_ ? static_cast<float>(c10::BFloat16(v)) : v; }
+
+  static float element(const at::Tensor& t, int64_t i) {
+    return t.scalar_type() == at::kFloat ? t.data_ptr<float>()[i] : static_cast<float>(t.data_ptr<at::BFloat16>()[i]);
+  }
+
+  static float gelu_tanh(float v) {
+    const float k = 0.7978845608028654f;  // sqrt(2 / pi)
+    return 0.5f * v * (1.0f + std::tanh(k * (v + 0.044715f * v * v * v)));
+  }
+
+  // RMSNorm (LLaMA) or LayerNorm (GPT-2) of x (D,) into out (D,), statistics in fp32.
+  void norm(const float* x, const at::Tensor& w, const at::Tensor& b, float* out) const {
+    if (rms_norm_) {
+      double ss = 0;
+      for (int64_t i = 0; i < D_; ++i) ss += static_cast<double>(x[i]) * x[i];
+      const float inv = 1.0f / std::sqrt(static_cast<float>(ss / D_) + eps_);
+      for (int64_t i = 0; i < D_; ++i) out[i] = r(element(w, i) * r(x[i] * inv));
+      return;
+    }
+    double sum = 0;
+    for (int64_t i = 0; i < D_; ++i) sum += x[i];
+    const float mean = static_cast<float>(sum / D_);
+    double var = 0;
+    for (int64_t i = 0; i < D_; ++i) var += static_cast<double>(x[i] - mean) * (x[i] - mean);
+    const float inv = 1.0f / std::sqrt(static_cast<float>(var / D_) + eps_);
+    for (int64_t i = 0; i < D_; ++i) {
+      const float y = (x[i] - mean) * inv * element(w, i);
+      out[i] = r(present(b) ? y + element(b, i) : y);
+    }
+  }
+
+  // y (N,) = W x (+ b); x (K,) holds values already representable in the model's dtype.
+  void linear(const Linear& L, const float* x, float* y) {
+    const int64_t N = L.N, K = L.K;
+    const int64_t grain = gemv_grain(N);
+    if (bf16_) {
+      const at::BFloat16* w = L.weight.data_ptr<at::BFloat16>();
+      if (kHasAvx512Bf16) {
+        for (int64_t i = 0; i < K; ++i) xb_[i] = c10::BFloat16(x[i]);  // exact: x is already bf16-valued
+        const at::BFloat16* xb = xb_.data();
+        at::parallel_for(0, N, grain, [&](int64_t r0, int64_t r1) { gemv_rows_dpbf16(w, xb, y, r0, r1, K); });
+      } else {
+        at::parallel_for(0, N, grain, [&](int64_t r0, int64_t r1) { gemv_rows(w, x, y, r0, r1, K); });
+      }
+    } else {
+      const float* w = L.weight.data_ptr<float>();
+      at::parallel_for(0, N, grain, [&](int64_t r0, int64_t r1) { gemv_rows(w, x, y, r0, r1, K); });
+    }
+    for (int64_t i = 0; i < N; ++i) y[i] = r(present(L.bias) ? y[i] + element(L.bias, i) : y[i]);
+  }
+
+  // RoPE, "rotate half" layout: pairs (i, i + hd/2) of each of the first `heads` heads of qkv_.
+  void rotate(float* v, int64_t heads, int64_t pos) const {
+    const int64_t half = hd_ / 2;
+    const float* inv_freq = inv_freq_.data_ptr<float>();
+    std::vector<float> c(half), s(half);
+    for (int64_t i = 0; i < half; ++i) {
+      const float angle = static_cast<float>(pos) * inv_freq[i];  // fp32, as rope_cos_sin computes it
+      c[i] = r(std::cos(angle)), s[i] = r(std::sin(angle));
+    }
+    for (int64_t h = 0; h < heads; ++h) {
+      float* x = v + h * hd_;
+      for (int64_t i = 0; i < half; ++i) {
+        const float x1 = x[i], x2 = x[i + half];
+        x[i] = r(r(x1 * c[i]) + r(-x2 * s[i]));
+        x[i + half] = r(r(x2 * c[i]) + r(x1 * s[i]));
+      }
+    }
+  }
+
+  void store_kv(const at::Tensor& kc, const at::Tensor& vc, int64_t pos) {
+    const int64_t max_len = kc.size(2);
+    const float* k = qkv_.data() + H_ * hd_;
+    const float* v = k + KV_ * hd_;
+    for (int64_t g = 0; g < KV_; ++g) {
+      const int64_t base = (g * max_len + pos) * hd_;
+      for (int64_t d = 0; d < hd_; ++d) {
+        if (bf16_) {
+          kc.data_ptr<at::BFloat16>()[base + d] = c10::BFloat16(k[g * hd_ + d]);
+          vc.data_ptr<at::BFloat16>()[base + d] = c10::BFloat16(v[g * hd_ + d]);
+        } else {
+          kc.data_ptr<float>()[base + d] = k[g * hd_ + d];
+          vc.data_ptr<float>()[base + d] = v[g * hd_ + d];
+        }
+      }
+    }
+  }
+
+  void attention(const at::Tensor& kc, const at::Tensor& vc, int64_t pos) {
+    if (bf16_) {
+      attention_typed(kc.data_ptr<at::BFloat16>(), vc.data_ptr<at::BFloat16>(), kc.size(2), pos);
+    } else {
+      attention_typed(kc.data_ptr<float>(), vc.data_ptr<float>(), kc.size(2), pos);
+    }
+  }
+
+  // Each query head attends over its key/value head's slots [first, pos] (a sliding window
+  // drops the oldest); softmax in fp32. Heads are split across threads.
+  template <typename T>
+  void attention_typed(const T* kc, const T* vc, int64_t max_len, int64_t pos) {
+    const int64_t first = window_ > 0 ? std::max<int64_t>(0, pos - window_ + 1) : 0;
+    const int64_t S = pos + 1 - first;
+    const float scale = 1.0f / std::sqrt(static_cast<float>(hd_));
+    const int64_t group = H_ / KV_;
+    at::parallel_for(0, H_, 1, [&](int64_t h0, int64_t h1) {
+      std::vector<float> p(S), acc(hd_);
+      for (int64_t h = h0; h < h1; ++h) {
+        const float* q = qkv_.data() + h * hd_;
+        const T* keys = kc + ((h / group) * max_len + first) * hd_;
+        const T* values = vc + ((h / group) * max_len + first) * hd_;
+        float top = -INFINITY;
+        for (int64_t j = 0; j < S; ++j) top = std::max(top, p[j] = dot(q, keys + j * hd_, hd_) * scale);
+        float total = 0;
+        for (int64_t j = 0; j < S; ++j) total += (p[j] = std::exp(p[j] - top));
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        for (int64_t j = 0; j < S; ++j) {
+          const T* vj = values + j * hd_;
+          const float pj = p[j] / total;
+          for (int64_t d = 0; d < hd_; ++d) acc[d] += pj * to_float(vj[d]);
+        }
+        for (int64_t d = 0; d < hd_; ++d) attn_[h * hd_ + d] = r(acc[d]);
+      }
+    });
+  }
+
+  int64_t n_layer_, H_, KV_, hd_, D_, F_, V_, window_;
+  bool rms_norm_, swiglu_, bf16_;
+  float eps_;
+  at::ScalarType dtype_;
+  at::Tensor tok_, pos_, inv_freq_, norm_w_, norm_b_;
+  Linear lm_head_;
+  std::vector<Layer> layers_;
+  // Scratch, fp32: residual stream, normed input, a D-sized result, q|k|v, attention output,
+  // the MLP's hidden and activated vectors, logits; xb_ a bf16 copy of a GEMV input.
+  std::vector<float> x_, xn_, tmp_, qkv_, attn_, hidden_, act_, logits_;
+  std::vector<at::BFloat16> xb_;
+};
+
+}  // namespace
+
+void register_decode_plan(pybind11::module& m) {
+  pybind11::class_<DecodePlan>(m, "DecodePlan")
+      .def(pybind11::init<std::vector<int64_t>, bool, bool, double, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                          at::Tensor, at::Tensor, std::vector<std::vector<at::Tensor>>>())
+      .def("step", &DecodePlan::step, "token id, position, key caches, value caches -> logits (1, 1, V)",
+           pybind11::call_guard<pybind11::gil_scoped_release>());
+}
