@@ -22,6 +22,7 @@ from .safetensors_io import DTYPES, SafetensorsFile, save_safetensors
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+QUANTIZATION_KEY = "emergence.quantization"  # safetensors metadata of a quantized checkpoint (emergence.quant)
 
 
 def is_hf_folder(path: Path) -> bool:
@@ -67,6 +68,10 @@ def load_hf(folder: str | Path, *, dtype: torch.dtype | None = None) -> tuple[Tr
     config = Config.from_hf(folder / "config.json")
     config.name = folder.resolve().name
     sources = _open_shards(folder)
+    if any(QUANTIZATION_KEY in f.metadata for f in set(sources.values())):
+        from ..quant.checkpoint import load_quantized  # imported here: quant depends on weights, not the reverse
+
+        return load_quantized(folder, config, sources, dtype=dtype), config
     if config.family == "gpt2" and "transformer.wte.weight" not in sources:
         sources = {("transformer." + k if not k.startswith("lm_head") else k): v for k, v in sources.items()}
 

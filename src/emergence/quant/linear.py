@@ -1,0 +1,451 @@
+"""Quantized linear layers and `quantize_model`, which swaps them in for nn.Linear.
+
+Each format is a `QuantizedLinear` subclass holding its packed data as buffers (they are what
+the checkpoint stores, bit for bit) and a `format` name. `dequantize()` gives the (N, K)
+float32 weight; `forward` is the reference path F.linear(x, W_deq in x.dtype, bias), any
+batch shape. N = out_features, K = in_features. Storage, exactly:
+
+    int8     qweight int8 (N, K); scales float32 (N,)
+             W[n, k] = qweight[n, k] * scales[n]
+    int4     qweight uint8 (N, K/2): byte j of row n holds column 2j in bits 0-3 (low nibble)
+             and column 2j+1 in bits 4-7 (high nibble); scales, offsets float32 (N, K/g)
+             W[n, k] = code[n, k] * scales[n, k // g] + offsets[n, k // g], code in 0..15,
+             g = group_size (32, 64 or 128; K % g == 0). RTN: offset = group min,
+             scale = (max - min) / 15. GPTQ fills the same layout.
+    nf4      the weight flattened row-major, n = N*K elements, blocks of 64 (last one partial)
+             qweight uint8 (ceil(n/2),): element 2i in the HIGH nibble, 2i+1 in the low one
+             (bitsandbytes' order; an odd n pads one code 0)
+             absmax_q uint8 (B,), B = ceil(n/64); absmax_scales float32 (ceil(B/256),);
+             absmax_mean float32 (1,)
+             absmax[b] = DYNAMIC_MAP[absmax_q[b]] * absmax_scales[b // 256] + absmax_mean
+             W.flat[i] = NF4_TABLE[code[i]] * absmax[i // 64]
+    ternary  qweight int8 (N, K) in {-1, 0, 1} (one byte per weight, unpacked); scale float32 (1,)
+             W[n, k] = qweight[n, k] * scale; with act_bits=8, x is quantized per token first
+    q8_0 ... blocks uint8 (N, K / block * type_size): each row is ggml's blocks of that type,
+             byte for byte (`emergence.gguf.quants`); K % 32 == 0 (256 for the K-quants)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import InvalidArgument
+from ..gguf import quants as ggml
+from . import methods as m
+
+# ------------------------------------------------------------------------------ the modules
+
+
+class QuantizedLinear(nn.Module):
+    """Base class: in_features, out_features, an optional float bias, packed buffers.
+
+    Subclasses define `format`, their buffers (allocated empty by `__init__`, on any device,
+    "meta" included, so a checkpoint can be assigned into them), `quantize_(weight, ...)`
+    which fills them, `dequantize()`, and `options()`: the keyword arguments that rebuild the
+    layout (recorded per module in checkpoints).
+
+    Moving the model to another dtype (model.to(torch.bfloat16)) converts the bias only: the
+    packed buffers and their scales keep their stored dtypes, so they stay bit-exact.
+    """
+
+    format: str = ""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 device: torch.device | str | None = None, bias_dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.method = "rtn"  # how the codes were chosen ("gptq" for calibrated int4)
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=bias_dtype), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def check(cls, in_features: int, out_features: int, what: str = "the layer", **options) -> None:
+        """Raise InvalidArgument when the shape does not suit the format (before any work)."""
+
+    def options(self) -> dict:
+        return {}
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **options) -> QuantizedLinear:
+        """A quantized copy of `linear` (on its device); `linear` itself is left as it was."""
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None, device=linear.weight.device,
+                     bias_dtype=linear.bias.dtype if linear.bias is not None else torch.float32, **options)
+        module.quantize_(linear.weight)
+        if linear.bias is not None:
+            module.bias.data.copy_(linear.bias.detach())
+        return module
+
+    def quantize_(self, weight: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def dequantize(self) -> torch.Tensor:
+        """(N, K) float32."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dequantize().to(x.dtype), bias)
+
+    def nbytes(self) -> int:
+        """Bytes of the stored buffers and bias."""
+        return sum(t.numel() * t.element_size() for t in list(self.buffers()) + list(self.parameters()))
+
+    def _apply(self, fn, recurse=True):
+        stored = dict(self._buffers)
+        super()._apply(fn, recurse)
+        for name, old in stored.items():
+            new = self._buffers[name]
+            if old is not None and new is not None and new.dtype != old.dtype:
+                self._buffers[name] = old.to(new.device)  # follow device moves, never dtype casts
+        return self
+
+    def extra_repr(self) -> str:
+        opts = "".join(f", {k}={v}" for k, v in self.options().items())
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"format={self.format}{opts}, method={self.method}")
+
+
+class Int8Linear(QuantizedLinear):
+    """Per-output-channel absmax int8: scale[n] = max|W[n, :]| / 127."""
+
+    format = "int8"
+
+    def __init__(self, in_features, out_features, bias=True, *, device=None, bias_dtype=torch.float32) -> None:
+        super().__init__(in_features, out_features, bias, device=device, bias_dtype=bias_dtype)
+        self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.empty(out_features, dtype=torch.float32, device=device))
+
+    def quantize_(self, weight):
+        self.qweight, self.scales = m.quantize_int8(weight)
+
+    def dequantize(self):
+        return m.dequantize_int8(self.qweight, self.scales)
+
+
+class Int4Linear(QuantizedLinear):
+    """Group-wise asymmetric 4-bit: W ~= code * scale + offset per group of `group_size` inputs.
+
+    `from_linear(linear)` rounds to nearest; `from_linear(linear, hessian=H)` runs GPTQ with
+    the layer's input Hessian H (K, K) into the same grid and layout.
+    """
+
+    format = "int4"
+    DEFAULT_GROUP_SIZE = 64
+
+    def __init__(self, in_features, out_features, bias=True, *, device=None, bias_dtype=torch.float32,
+                 group_size: int = DEFAULT_GROUP_SIZE) -> None:
+        self.check(in_features, out_features, group_size=group_size)
+        super().__init__(in_features, out_features, bias, device=device, bias_dtype=bias_dtype)
+        self.group_size = group_size
+        groups = in_features // group_size
+        self.register_buffer("qweight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.empty(out_features, groups, dtype=torch.float32, device=device))
+        self.register_buffer("offsets", torch.empty(out_features, groups, dtype=torch.float32, device=device))
+
+    @classmethod
+    def check(cls, in_features, out_features, what="the layer", group_size=DEFAULT_GROUP_SIZE, **_):
+        m.check_group_size(group_size, in_features, what)
+
+    def options(self):
+        return {"group_size": self.group_size}
+
+    @classmethod
+    def from_linear(cls, linear, hessian: torch.Tensor | None = None, **options):
+        module = super().from_linear(linear, **options)
+        if hessian is not None:  # replace the round-to-nearest codes with GPTQ's
+            codes, module.scales, module.offsets = m.gptq_int4(linear.weight, hessian.to(linear.weight.device),
+                                                               module.group_size)
+            module.qweight = m.pack_nibbles(codes)
+            module.method = "gptq"
+        return module
+
+    def quantize_(self, weight):
+        codes, self.scales, self.offsets = m.quantize_int4_rtn(weight, self.group_size)
+        self.qweight = m.pack_nibbles(codes)
+
+    def codes(self) -> torch.Tensor:
+        """(N, K) uint8 codes 0..15."""
+        return m.unpack_nibbles(self.qweight)
+
+    def dequantize(self):
+        return m.dequantize_int4(self.codes(), self.scales, self.offsets)
+
+
+class NF4Linear(QuantizedLinear):
+    """QLoRA's NF4 with double quantization, in bitsandbytes' layout (block size 64, second
+    level block size 256 over the mean-centred absmax values)."""
+
+    format = "nf4"
+
+    def __init__(self, in_features, out_features, bias=True, *, device=None, bias_dtype=torch.float32) -> None:
+        super().__init__(in_features, out_features, bias, device=device, bias_dtype=bias_dtype)
+        n = in_features * out_features
+        blocks = -(-n // m.NF4_BLOCK)
+        self.register_buffer("qweight", torch.empty((n + 1) // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("absmax_q", torch.empty(blocks, dtype=torch.uint8, device=device))
+        self.register_buffer("absmax_scales", torch.empty(-(-blocks // m.NF4_ABSMAX_BLOCK), dtype=torch.float32,
+                                                          device=device))
+        self.register_buffer("absmax_mean", torch.empty(1, dtype=torch.float32, device=device))
+
+    def quantize_(self, weight):
+        codes, absmax = m.nf4_quantize_blocks(weight)
+        self.qweight = m.pack_nf4(codes)
+        self.absmax_q, self.absmax_scales, self.absmax_mean = m.double_quantize(absmax)
+
+    def absmax(self) -> torch.Tensor:
+        """(B,) float32: the first-level block absmax values, as double quantization restores them."""
+        return m.double_dequantize(self.absmax_q, self.absmax_scales, self.absmax_mean)
+
+    def dequantize(self):
+        return m.dequantize_nf4(self.qweight, self.absmax(), (self.out_features, self.in_features))
+
+
+class TernaryLinear(QuantizedLinear):
+    """BitNet b1.58: W ~= values * scale, values in {-1, 0, 1}, scale = mean|W|.
+
+    act_bits=8 also quantizes the input per token (absmax to -128..127), as the paper's
+    BitLinear does; the matmul runs on the integer values and the result is rescaled by
+    scale / s afterwards.
+    """
+
+    format = "ternary"
+
+    def __init__(self, in_features, out_features, bias=True, *, device=None, bias_dtype=torch.float32,
+                 act_bits: int | None = None) -> None:
+        self.check(in_features, out_features, act_bits=act_bits)
+        super().__init__(in_features, out_features, bias, device=device, bias_dtype=bias_dtype)
+        self.act_bits = act_bits
+        self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scale", torch.empty(1, dtype=torch.float32, device=device))
+
+    @classmethod
+    def check(cls, in_features, out_features, what="the layer", act_bits=None, **_):
+        if act_bits not in (None, 8):
+            raise InvalidArgument(f"ternary act_bits must be 8 or None, got {act_bits}")
+
+    def options(self):
+        return {"act_bits": self.act_bits}
+
+    def quantize_(self, weight):
+        self.qweight, self.scale = m.quantize_ternary(weight)
+
+    def dequantize(self):
+        return self.qweight.float() * self.scale
+
+    def forward(self, x):
+        if self.act_bits is None:
+            return super().forward(x)
+        xq, s = m.quantize_activations_int8(x)  # (..., K) integers in float32, (..., 1)
+        # Integer-valued products summed in float32: exact while 127 * K < 2^24.
+        y = F.linear(xq, self.qweight.float()) * (self.scale / s)
+        y = y.to(x.dtype)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+
+# The ggml block formats the brief names, in ggml's own spelling.
+GGML_FORMATS: dict[str, ggml.GGMLType] = {
+    t.name.lower(): t for t in (ggml.GGMLType.Q8_0, ggml.GGMLType.Q4_0, ggml.GGMLType.Q4_1, ggml.GGMLType.Q5_0,
+                                ggml.GGMLType.Q5_1, ggml.GGMLType.Q4_K, ggml.GGMLType.Q5_K, ggml.GGMLType.Q6_K)
+}
+
+
+class GGMLLinear(QuantizedLinear):
+    """A weight stored as ggml blocks (q8_0, q4_0, ...), each row as llama.cpp stores it."""
+
+    def __init__(self, in_features, out_features, bias=True, *, device=None, bias_dtype=torch.float32,
+                 ggml_format: str = "q8_0") -> None:
+        self.check(in_features, out_features, ggml_format=ggml_format)
+        super().__init__(in_features, out_features, bias, device=device, bias_dtype=bias_dtype)
+        self.format = ggml_format
+        self.ggml_type = GGML_FORMATS[ggml_format]
+        row_bytes = ggml.nbytes(self.ggml_type, (in_features,))
+        self.register_buffer("blocks", torch.empty(out_features, row_bytes, dtype=torch.uint8, device=device))
+
+    @classmethod
+    def check(cls, in_features, out_features, what="the layer", ggml_format="q8_0", **_):
+        if ggml_format not in GGML_FORMATS:
+            raise InvalidArgument(f"unknown ggml format {ggml_format!r}")
+        block = ggml.BLOCK_SIZES[GGML_FORMATS[ggml_format]][0]
+        if in_features % block:
+            raise InvalidArgument(f"{what} has {in_features} input features, not a multiple of the "
+                                  f"{ggml_format} block size {block}")
+
+    def options(self):
+        return {"ggml_format": self.format}
+
+    def quantize_(self, weight):
+        if self.ggml_type not in ggml.QUANTIZE:
+            raise InvalidArgument(f"{self.format}: emergence.gguf has no quantizer for {self.ggml_type.name} "
+                                  f"(quantizable: {', '.join(quantizable_formats())})")
+        raw = ggml.quantize(weight.detach(), self.ggml_type)  # (N, row bytes) uint8
+        self.blocks = torch.from_numpy(raw).to(weight.device)
+
+    def dequantize(self):
+        w = ggml.dequantize(self.blocks.detach().cpu().numpy(), self.ggml_type, (self.out_features, self.in_features))
+        return w.to(self.blocks.device)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"format={self.format}")
+
+
+# Format name -> module class (the ggml names all map to GGMLLinear, told apart by ggml_format).
+FORMATS: dict[str, type[QuantizedLinear]] = {
+    "int8": Int8Linear, "int4": Int4Linear, "nf4": NF4Linear, "ternary": TernaryLinear,
+    **{name: GGMLLinear for name in GGML_FORMATS},
+}
+
+
+def quantizable_formats() -> list[str]:
+    """Format names `quantize_model` can produce here (ggml ones need a quantizer in emergence.gguf),
+    plus "int4-gptq"."""
+    names = [n for n in FORMATS if n not in GGML_FORMATS or GGML_FORMATS[n] in ggml.QUANTIZE]
+    return names[:2] + ["int4-gptq"] + names[2:]
+
+
+def make_module(fmt: str, in_features: int, out_features: int, bias: bool, *, device=None,
+                bias_dtype: torch.dtype = torch.float32, **options) -> QuantizedLinear:
+    """An empty (unfilled) module of format `fmt`, e.g. on the meta device to load a checkpoint into."""
+    if fmt not in FORMATS:
+        raise InvalidArgument(f"unknown quantization format {fmt!r}")
+    if fmt in GGML_FORMATS:
+        options = {**options, "ggml_format": fmt}
+    return FORMATS[fmt](in_features, out_features, bias, device=device, bias_dtype=bias_dtype, **options)
+
+
+# --------------------------------------------------------------------------- quantize_model
+def quantize_model(model: nn.Module, fmt: str, *, group_size: int | None = None,
+                   calibration: torch.Tensor | Sequence[torch.Tensor] | None = None, act_bits: int | None = None,
+                   skip: Sequence[str] = ("lm_head",)) -> nn.Module:
+    """Swap every nn.Linear of `model` (DecodeLinear included) for a quantized layer; in place.
+
+    fmt: "int8", "int4" (round to nearest), "int4-gptq" (GPTQ; needs `calibration`), "nf4",
+    "ternary", or a ggml block format ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1"; "q4_k", "q5_k",
+    "q6_k" once emergence.gguf can quantize them).
+    group_size: int4 only (32, 64 or 128; default 64).
+    calibration: int4-gptq only: token id tensors, each (T,) or (B, T); every row is one sequence.
+    act_bits: ternary only: 8 quantizes activations per token (BitNet b1.58), None keeps them.
+    skip: layers kept in full precision, by qualified name or by its last parts ("lm_head",
+    "down_proj", "layers.0.attn.qkv_proj"). Embeddings are never quantized, and neither is an
+    lm_head tied to them (it stays tied).
+
+    Every layer is checked before any is replaced: a shape the format cannot take (group size
+    not dividing in_features, ...) raises InvalidArgument naming the layer, and so does a model
+    that is already quantized. The fused decoding step (native kernels) is switched off, since
+    it knows only full-precision layers.
+    """
+    existing = next((mod for mod in model.modules() if isinstance(mod, QuantizedLinear)), None)
+    if existing is not None:
+        raise InvalidArgument(f"the model is already quantized ({existing.format}); quantize a full-precision model")
+    base, gptq = (fmt[:-len("-gptq")], True) if fmt.endswith("-gptq") else (fmt, False)
+    if base not in FORMATS or (gptq and base != "int4"):
+        raise InvalidArgument(f"unknown quantization format {fmt!r} (known: {', '.join(quantizable_formats())})")
+    if base in GGML_FORMATS and GGML_FORMATS[base] not in ggml.QUANTIZE:
+        raise InvalidArgument(f"{base}: emergence.gguf has no quantizer for {GGML_FORMATS[base].name} yet "
+                              f"(quantizable: {', '.join(quantizable_formats())})")
+    if group_size is not None and base != "int4":
+        raise InvalidArgument(f"group size applies to int4 only, not {fmt}")
+    if act_bits is not None and base != "ternary":
+        raise InvalidArgument(f"act_bits applies to ternary only, not {fmt}")
+    if calibration is not None and not gptq:
+        raise InvalidArgument(f"calibration data is used by int4-gptq only, not {fmt}")
+    if gptq and calibration is None:
+        raise InvalidArgument("int4-gptq needs calibration token ids")
+    options: dict = {}
+    if base == "int4":
+        options["group_size"] = Int4Linear.DEFAULT_GROUP_SIZE if group_size is None else group_size
+        if options["group_size"] not in m.INT4_GROUP_SIZES:
+            raise InvalidArgument(f"int4 group size must be one of {', '.join(map(str, m.INT4_GROUP_SIZES))}, "
+                                  f"got {group_size}")
+    elif base == "ternary":
+        TernaryLinear.check(0, 0, act_bits=act_bits)
+        options["act_bits"] = act_bits
+    elif base in GGML_FORMATS:
+        options["ggml_format"] = base
+
+    targets = _targets(model, skip)
+    if not targets:
+        raise InvalidArgument("no linear layer left to quantize (all skipped)")
+    cls = FORMATS[base]
+    for name, linear in targets.items():
+        try:
+            cls.check(linear.in_features, linear.out_features, what=name, **options)
+        except InvalidArgument as e:
+            raise InvalidArgument(f"{e} (or keep such layers in full precision: skip {name.rpartition('.')[2]!r})")
+
+    if gptq:
+        samples = _calibration_samples(calibration, model)
+        m.gptq_calibrate(model, targets, samples,
+                         lambda name, linear, H: cls.from_linear(linear, hessian=H, **options))
+    else:
+        for name, linear in targets.items():
+            _swap(model, name, cls.from_linear(linear, **options))
+    if hasattr(model, "fused_decoder"):
+        model.fused_decoder = None
+    return model
+
+
+def _targets(model: nn.Module, skip: Sequence[str]) -> dict[str, nn.Linear]:
+    if isinstance(skip, str):
+        skip = (skip,)
+    tied = {id(mod.weight) for mod in model.modules() if isinstance(mod, nn.Embedding)}
+    out = {}
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.Linear) or id(mod.weight) in tied:
+            continue
+        if any(name == s or name.endswith("." + s) for s in skip):
+            continue
+        out[name] = mod
+    return out
+
+
+def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, new)
+
+
+def _calibration_samples(calibration, model: nn.Module) -> list[torch.Tensor]:
+    """Token id tensors -> a list of (B, T) batches (a (T,) tensor is one sequence), checked
+    against the model's vocabulary and context window."""
+    items = [calibration] if isinstance(calibration, torch.Tensor) else list(calibration)
+    config = getattr(model, "config", None)
+    batches = []
+    for t in items:
+        t = torch.as_tensor(t)
+        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool or t.dim() not in (1, 2):
+            raise InvalidArgument("calibration must be integer token id tensors of shape (T,) or (B, T)")
+        if t.numel() == 0:
+            continue
+        if config is not None:
+            if int(t.min()) < 0 or int(t.max()) >= config.vocab_size:
+                raise InvalidArgument(f"calibration token ids must lie in [0, {config.vocab_size})")
+            if t.shape[-1] > config.block_size:
+                raise InvalidArgument(f"a calibration sequence of {t.shape[-1]} tokens exceeds the context "
+                                      f"window of {config.block_size}")
+        batches.append(t.long().reshape(-1, t.shape[-1]))
+    if not batches:
+        raise InvalidArgument("calibration holds no tokens")
+    return batches
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of the model's stored tensors (parameters and persistent buffers; tied ones once)."""
+    seen, total = set(), 0
+    for t in model.state_dict(keep_vars=True).values():
+        key = (t.data_ptr(), t.numel(), t.dtype) if t.device.type != "meta" else id(t)
+        if key in seen:
+            continue
+        seen.add(key)
+        total += t.numel() * t.element_size()
+    return total
+
+
+def quantized_modules(model: nn.Module) -> dict[str, QuantizedLinear]:
+    return {name: mod for name, mod in model.named_modules() if isinstance(mod, QuantizedLinear)}
+
