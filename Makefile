@@ -17,8 +17,14 @@ $(VENV)/.run-deps: pyproject.toml constraints.txt | $(BIN)/python
 	$(BIN)/python -m emergence.kernels
 	touch $@
 
+# llama-cpp-python builds llama.cpp from source (a few minutes on 2 cores): its CPU backend
+# only, for this machine's instruction set, without its AMX matmul (which faults with SIGILL
+# in OpenMP worker threads on the machines we run on).
+NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+LLAMA_CPP_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DCMAKE_C_FLAGS='$(NO_AMX)' -DCMAKE_CXX_FLAGS='$(NO_AMX)'
+
 $(VENV)/.test-deps: pyproject.toml constraints.txt | $(BIN)/python
-	$(PIP) -e '.[test]'
+	CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PIP) -e '.[test]'
 	$(BIN)/python -m emergence.kernels
 	touch $@ $(VENV)/.run-deps
 
@@ -30,6 +36,7 @@ test: $(VENV)/.test-deps
 
 bench: $(VENV)/.test-deps
 	$(BIN)/python bench/bench_decode.py
+	$(BIN)/python bench/bench_quant.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -4,6 +4,7 @@ Sources, recognised by their content, never by their file name:
 - nothing: the default model shipped inside the package (llama2.c's stories260K);
 - a name of a model shipped inside the package;
 - a Hugging Face layout folder (config.json + safetensors + tokenizer files);
+- a GGUF file (llama.cpp's format, tokenizer included);
 - a llama2.c v0 checkpoint file, with its tokenizer `.bin` passed as `tokenizer=`.
 """
 
@@ -23,6 +24,7 @@ from .model import Transformer
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 from .weights.hf import is_hf_folder, load_hf
+from .weights.gguf_model import is_gguf_file, load_gguf
 from .weights.llama2c import load_llama2c
 
 PACKAGED_MODELS = Path(__file__).parent / "models"
@@ -92,6 +94,10 @@ def load(path_or_name: str | Path | None = None, *, tokenizer: str | Path | None
     if path.is_dir():
         model, config = load_hf(path, dtype=torch_dtype)
         tok = Tokenizer.load(tokenizer if tokenizer is not None else path)
+    elif is_gguf_file(path):
+        model, config, tok = load_gguf(path, dtype=torch_dtype)
+        if tokenizer is not None:
+            tok = Tokenizer.load(tokenizer)
     else:
         if tokenizer is None:
             raise InvalidArgument(f"{path} is a llama2.c checkpoint: pass its tokenizer .bin too (--tokenizer)")

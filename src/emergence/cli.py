@@ -160,8 +160,25 @@ def cmd_convert(args: argparse.Namespace) -> None:
     dtype = resolve_dtype(args.dtype)
     if args.max_shard_mb is not None and args.max_shard_mb <= 0:
         raise InvalidArgument(f"--max-shard-mb must be positive, got {args.max_shard_mb}")
-    lm = load(args.src, tokenizer=args.tokenizer, device="cpu", dtype=dtype)
     dst = Path(args.dst)
+    if dst.suffix == ".gguf":
+        import torch
+
+        from .weights.gguf_model import FILE_TYPES, save_gguf
+
+        file_type = args.type or {None: "f32", torch.float32: "f32", torch.bfloat16: "bf16",
+                                  torch.float16: "f16"}[dtype]
+        if file_type not in FILE_TYPES:
+            raise InvalidArgument(f"unknown GGUF type {file_type!r} (one of {', '.join(FILE_TYPES)})")
+        if dst.is_dir():
+            raise InvalidArgument(f"{dst} is a folder; a GGUF output is a file")
+        lm = load(args.src, tokenizer=args.tokenizer, device="cpu", dtype=dtype)
+        save_gguf(lm.model, lm.tokenizer, dst, file_type)
+        print(f"wrote {dst} ({lm.config.family}, GGUF {file_type})")
+        return
+    if args.type is not None:
+        raise InvalidArgument("--type applies to a GGUF output (DST ending in .gguf)")
+    lm = load(args.src, tokenizer=args.tokenizer, device="cpu", dtype=dtype)
     if dst.exists() and not dst.is_dir():
         raise InvalidArgument(f"{dst} exists and is not a folder")
     save_hf(lm.model, dst, max_shard_bytes=args.max_shard_mb * 2**20 if args.max_shard_mb else None)
@@ -169,11 +186,64 @@ def cmd_convert(args: argparse.Namespace) -> None:
     print(f"wrote {dst} ({lm.config.family}, {str(next(lm.model.parameters()).dtype).removeprefix('torch.')})")
 
 
+def cmd_quantize(args: argparse.Namespace) -> None:
+    import os
+    from pathlib import Path
+
+    import torch
+
+    from .quant import model_bytes, quantizable_formats, quantize_model, quantized_modules, save_quantized
+
+    if args.to not in quantizable_formats():
+        raise InvalidArgument(f"unknown format {args.to!r} for --to (use {', '.join(quantizable_formats())})")
+    if args.calibration is not None and args.to != "int4-gptq":
+        raise InvalidArgument(f"--calibration is used by int4-gptq only, not {args.to}")
+    if args.to == "int4-gptq" and args.calibration is None:
+        raise InvalidArgument("int4-gptq needs --calibration TEXTFILE (text like the model's own)")
+    text = None
+    if args.calibration is not None:
+        try:
+            text = Path(args.calibration).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise InvalidArgument(f"cannot read --calibration {args.calibration}: "
+                                  f"{getattr(e, 'strerror', None) or e}") from None
+    out = Path(args.out)
+    existing_parent = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
+    if not existing_parent.is_dir():
+        raise InvalidArgument(f"--out {out}: {existing_parent} exists and is not a folder")
+    if not os.access(existing_parent, os.W_OK | os.X_OK):
+        raise InvalidArgument(f"--out {out}: {existing_parent} is not writable")
+
+    lm = load(args.model, tokenizer=args.tokenizer, device="cpu")
+    calibration = None
+    if text is not None:
+        # Sequences of at most 256 tokens (or the context window), each starting with BOS when there is one.
+        ids = lm.tokenizer.encode(text, add_bos=False)
+        bos = [lm.tokenizer.bos_id] if lm.tokenizer.bos_id is not None else []
+        step = min(256, lm.config.block_size) - len(bos)
+        calibration = [torch.tensor(bos + ids[i:i + step]) for i in range(0, len(ids), step)]
+        if not ids:
+            raise InvalidArgument(f"--calibration {args.calibration} holds no text")
+    existing = quantized_modules(lm.model)
+    if existing:
+        raise InvalidArgument(f"{args.model or 'the model'} is already quantized "
+                              f"({next(iter(existing.values())).format}); quantize a full-precision model")
+    before = model_bytes(lm.model)
+    quantize_model(lm.model, args.to, group_size=args.group_size, calibration=calibration, act_bits=args.act_bits,
+                   skip=("lm_head", *args.skip))
+    after = model_bytes(lm.model)
+    save_quantized(lm.model, lm.tokenizer, out)
+    layers = len(quantized_modules(lm.model))
+    print(f"{lm.config.name} -> {args.to}: {layers} linear layers, {before:,} -> {after:,} bytes "
+          f"({before / after:.2f}x smaller), wrote {out}")
+
+
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
     "generate": (cmd_generate, "complete a prompt"),
     "chat": (cmd_chat, "interactive conversation"),
     "info": (cmd_info, "describe a model"),
-    "convert": (cmd_convert, "convert a checkpoint to the Hugging Face layout (llama2.c -> HF, dtype change)"),
+    "convert": (cmd_convert, "convert a checkpoint: HF layout, GGUF or llama2.c -> HF layout or GGUF (DST.gguf)"),
+    "quantize": (cmd_quantize, "quantize a model's linear layers (int8, int4, GPTQ, nf4, ternary, ggml blocks)"),
 }
 
 
@@ -214,6 +284,21 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--tokenizer", default=None, help="tokenizer .bin for a llama2.c SRC")
     v.add_argument("--dtype", default=None, help="fp32, bf16 or fp16")
     v.add_argument("--max-shard-mb", type=int, default=None, help="split the weights into shards of this size")
+    v.add_argument("--type", default=None, help="GGUF tensor type: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0 or q5_1 "
+                   "(default: the model's dtype)")
+
+    q = parsers["quantize"]
+    q.add_argument("model", nargs="?", default=None, metavar="MODEL",
+                   help="HF-layout folder, llama2.c .bin (with --tokenizer), or packaged model name; default: the shipped model")
+    q.add_argument("--to", required=True, metavar="FORMAT",
+                   help="int8, int4, int4-gptq, nf4, ternary, q8_0, q4_0, q4_1, q5_0, q5_1")
+    q.add_argument("--out", required=True, metavar="PATH", help="folder to write the quantized checkpoint into")
+    q.add_argument("--group-size", type=int, default=None, help="int4 group size: 32, 64 (default) or 128")
+    q.add_argument("--calibration", default=None, metavar="TEXTFILE", help="calibration text for int4-gptq")
+    q.add_argument("--act-bits", type=int, default=None, help="ternary only: 8 quantizes activations per token")
+    q.add_argument("--skip", action="append", default=[], metavar="NAME",
+                   help="keep layers of this name in full precision (e.g. down_proj; repeatable; lm_head always)")
+    q.add_argument("--tokenizer", default=None, help="tokenizer .bin for a llama2.c MODEL")
     return parser
 
 

@@ -52,6 +52,8 @@ def rope_inv_freq(config: Config) -> torch.Tensor:
     s = config.rope_scaling
     if s is None:
         return inv_freq
+    if "factors" in s:  # explicit per-frequency divisors (llama.cpp's rope_freqs tensor)
+        return inv_freq / torch.tensor(s["factors"], dtype=torch.float32, device="cpu")
     factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
     old_len = s["original_max_position_embeddings"]
     wavelen = 2 * math.pi / inv_freq

@@ -135,6 +135,8 @@ def config_to_hf(c: Config) -> dict[str, Any]:
               num_key_value_heads=c.n_kv_head, head_dim=c.head_dim, intermediate_size=c.intermediate_size,
               max_position_embeddings=c.block_size, rms_norm_eps=c.norm_eps, hidden_act="silu",
               rope_theta=c.rope_theta)
+    if c.rope_scaling is not None and "factors" in c.rope_scaling:
+        raise ConfigError("per-frequency RoPE divisors (from a GGUF rope_freqs tensor) have no config.json form")
     if c.rope_scaling is not None:
         hf["rope_scaling"] = dict(c.rope_scaling, rope_type="llama3")
         hf["rope_scaling"]["original_max_position_embeddings"] = int(c.rope_scaling["original_max_position_embeddings"])
