@@ -25,7 +25,7 @@ from torch import nn
 
 HERE = Path(__file__).parent
 SOURCES = [HERE / "gemv.cpp", HERE / "decode.cpp"]
-HEADERS = [HERE / "gemv_rows.h"]
+HEADERS = [HERE / "gemv_rows.h", HERE / "quant_rows.h"]
 REQUIRED_CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "fma"}
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 STALE_LOCK_SECONDS = 900  # a build takes about a minute on 2 cores
@@ -53,7 +53,7 @@ def gemv_extension():
         build_dir = _build_directory(name)
         # -fopenmp: at::parallel_for is an OpenMP pragma in a header; without it the kernel runs on one thread.
         return load(name=name, sources=[str(s) for s in SOURCES], build_directory=str(build_dir),
-                    extra_cflags=["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma"],
+                    extra_cflags=["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-mf16c"],
                     extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # a missing compiler or ninja must not stop inference: fall back to torch
         reason = (str(e).splitlines() or [""])[0][:200]

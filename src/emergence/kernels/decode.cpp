@@ -13,7 +13,9 @@
 // Shapes: D n_embd, H query heads, KV key/value heads, hd head_dim, F intermediate size,
 // V vocabulary, S cached positions. KV cache per layer: (1, KV, max_len, hd), contiguous.
 #include "gemv_rows.h"
+#include "quant_rows.h"
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -25,9 +27,14 @@ using emergence::gemv_rows_dpbf16;
 using emergence::kHasAvx512Bf16;
 
 struct Linear {
-  at::Tensor weight;  // (N, K) contiguous, fp32 or bf16
+  at::Tensor weight;  // (N, K) contiguous, fp32 or bf16; empty when packed
   at::Tensor bias;    // (N,) or empty
   int64_t N = 0, K = 0;
+  // A quantized weight: the packed tensors (kept alive here) and the view the kernels read.
+  bool packed = false;
+  at::Tensor data, scales, offsets;
+  emergence::QuantMatrix q{};
+  int act_bits = 0;  // 8: quantize the input vector per token to 8 bits first (BitNet b1.58)
 };
 
 struct Layer {
@@ -88,6 +95,20 @@ class DecodePlan {
     logits_.resize(V_);
   }
 
+  // Replace linear `slot` (0 qkv, 1 o, 2 up/gate_up, 3 down) of `layer` (-1: the output head)
+  // with a packed quantized weight (layouts in quant_rows.h).
+  void set_quantized(int64_t layer, int64_t slot, int64_t kind, at::Tensor data, at::Tensor scales,
+                     at::Tensor offsets, int64_t group, double tensor_scale, int64_t act_bits) {
+    TORCH_CHECK(layer >= -1 && layer < n_layer_ && slot >= 0 && slot < 4, "no such linear layer");
+    Linear& L = layer < 0 ? lm_head_ : (slot == 0 ? layers_[layer].qkv : slot == 1 ? layers_[layer].o
+                                        : slot == 2 ? layers_[layer].up : layers_[layer].down);
+    L.q = emergence::quant_matrix(kind, data, scales, offsets, group, tensor_scale, L.N, L.K);
+    L.data = data, L.scales = scales, L.offsets = offsets;
+    L.packed = true;
+    L.act_bits = static_cast<int>(act_bits);
+    TORCH_CHECK(act_bits == 0 || act_bits == 8, "act_bits must be 0 or 8");
+  }
+
   // Run token `token` at position `pos` (also its cache slot); write its keys and values into
   // the caches; return the logits (1, 1, V) in the model's dtype.
   at::Tensor step(int64_t token, int64_t pos, const std::vector<at::Tensor>& k_cache,
@@ -139,9 +160,10 @@ class DecodePlan {
 
  private:
   Linear make_linear(const at::Tensor& w, const at::Tensor& b, int64_t N, int64_t K) {
+    TORCH_CHECK(!present(b) || (b.numel() == N && b.scalar_type() == dtype_), "bias of unexpected shape or dtype");
+    if (!present(w)) return Linear{w, b, N, K};  // a packed weight follows through set_quantized
     TORCH_CHECK(w.dim() == 2 && w.size(0) == N && w.size(1) == K && w.is_contiguous() && w.scalar_type() == dtype_,
                 "weight of unexpected shape, layout or dtype");
-    TORCH_CHECK(!present(b) || (b.numel() == N && b.scalar_type() == dtype_), "bias of unexpected shape or dtype");
     return Linear{w, b, N, K};
   }
 
@@ -182,7 +204,18 @@ class DecodePlan {
   void linear(const Linear& L, const float* x, float* y) {
     const int64_t N = L.N, K = L.K;
     const int64_t grain = gemv_grain(N);
-    if (bf16_) {
+    TORCH_CHECK(L.packed || present(L.weight), "a linear layer has no weight");
+    if (L.packed) {
+      if (L.act_bits == 8) {  // per-token absmax to int8 and back: x_q = RoundClip(x * 127 / max|x|, -128, 127)
+        float top = 0;
+        for (int64_t i = 0; i < K; ++i) top = std::max(top, std::fabs(x[i]));
+        const float scale = 127.0f / std::max(top, 1e-5f);
+        act_q_.resize(K);
+        for (int64_t i = 0; i < K; ++i) act_q_[i] = std::clamp(std::nearbyint(x[i] * scale), -128.0f, 127.0f) / scale;
+        x = act_q_.data();
+      }
+      emergence::quant_gemv(L.q, x, y, grain);
+    } else if (bf16_) {
       const at::BFloat16* w = L.weight.data_ptr<at::BFloat16>();
       if (kHasAvx512Bf16) {
         for (int64_t i = 0; i < K; ++i) xb_[i] = c10::BFloat16(x[i]);  // exact: x is already bf16-valued
@@ -281,7 +314,7 @@ class DecodePlan {
   std::vector<Layer> layers_;
   // Scratch, fp32: residual stream, normed input, a D-sized result, q|k|v, attention output,
   // the MLP's hidden and activated vectors, logits; xb_ a bf16 copy of a GEMV input.
-  std::vector<float> x_, xn_, tmp_, qkv_, attn_, hidden_, act_, logits_;
+  std::vector<float> x_, xn_, tmp_, qkv_, attn_, hidden_, act_, logits_, act_q_;
   std::vector<at::BFloat16> xb_;
 };
 
@@ -291,6 +324,9 @@ void register_decode_plan(pybind11::module& m) {
   pybind11::class_<DecodePlan>(m, "DecodePlan")
       .def(pybind11::init<std::vector<int64_t>, bool, bool, double, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                           at::Tensor, at::Tensor, std::vector<std::vector<at::Tensor>>>())
+      .def("set_quantized", &DecodePlan::set_quantized,
+           "layer (-1: output head), slot (0 qkv, 1 o, 2 up, 3 down), kind, data, scales, offsets, group, "
+           "tensor scale, act_bits")
       .def("step", &DecodePlan::step, "token id, position, key caches, value caches -> logits (1, 1, V)",
            pybind11::call_guard<pybind11::gil_scoped_release>());
 }

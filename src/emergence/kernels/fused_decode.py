@@ -16,6 +16,11 @@ from torch import nn
 
 from ..errors import InvalidArgument
 
+# Quantized formats (emergence.quant) with a native kernel -> decode.cpp's WeightKind.
+KERNEL_KINDS = {"q8_0": 2, "q4_0": 3, "int8": 4, "int4": 5, "ternary": 6}
+# The linear layers of a block, by decode.cpp's slot number.
+_LINEAR_SLOTS = ("attn.qkv_proj", "attn.o_proj", "mlp.up", "mlp.down_proj")
+
 # Tensor slots per layer in the order decode.cpp expects them.
 _LAYER_SLOTS = ("attn_norm.weight", "attn_norm.bias", "attn.qkv_proj.weight", "attn.qkv_proj.bias",
                 "attn.o_proj.weight", "attn.o_proj.bias", "mlp_norm.weight", "mlp_norm.bias",
@@ -32,20 +37,27 @@ class FusedDecoder:
 
     @staticmethod
     def supports(model: nn.Module) -> bool:
-        """CPU weights, all fp32 or all bf16, and only the modules model.py builds (no quantized or
-        adapter modules swapped in)."""
+        """CPU weights, all fp32 or all bf16, and only the modules model.py builds, or quantized
+        linear layers in a format with a kernel (no adapters or other modules swapped in)."""
         from ..model import MLP, Attention, Block, RMSNorm, Transformer
+        from ..quant.linear import QuantizedLinear
         from . import DecodeLinear
 
         if not isinstance(model, Transformer):
             return False
         dtypes = {p.dtype for p in model.parameters()}
-        devices = {p.device.type for p in model.parameters()}
+        devices = {t.device.type for t in list(model.parameters()) + list(model.buffers())}
         if devices != {"cpu"} or len(dtypes) != 1 or dtypes.pop() not in (torch.float32, torch.bfloat16):
             return False
         known = {Transformer, Block, Attention, MLP, nn.ModuleList, nn.Linear, DecodeLinear, nn.Embedding,
                  nn.LayerNorm, RMSNorm}
-        return all(type(m) in known for m in model.modules()) and all(p.is_contiguous() for p in model.parameters())
+        for m in model.modules():
+            if isinstance(m, QuantizedLinear):
+                if not _has_kernel(m):
+                    return False
+            elif type(m) not in known:
+                return False
+        return all(p.is_contiguous() for p in model.parameters())
 
     def __call__(self, model: nn.Module, input_ids: torch.Tensor, cache) -> torch.Tensor | None:
         """input_ids (1, 1) -> logits (1, 1, V), writing the token's keys and values into cache;
@@ -72,6 +84,7 @@ class FusedDecoder:
             module = stack.pop()
             out.append(type(module))
             out.extend((p.data_ptr(), p.dtype) for p in module._parameters.values() if p is not None)
+            out.extend((b.data_ptr(), b.dtype) for b in module._buffers.values() if b is not None)
             stack.extend(m for m in module._modules.values() if m is not None)
         return out
 
@@ -97,5 +110,51 @@ class FusedDecoder:
         self.plan = self.extension.DecodePlan(
             dims, c.norm == "rmsnorm", c.mlp == "swiglu", float(c.norm_eps), model.tok_embeddings.weight.detach(),
             pos, inv_freq, model.norm.weight.detach(), none if norm_bias is None else norm_bias.detach(),
-            model.lm_head.weight.detach(), layers)
+            model.lm_head.weight.detach() if hasattr(model.lm_head, "weight") else none, layers)
+        for i, block in enumerate(model.layers):
+            for slot, name in enumerate(_LINEAR_SLOTS):
+                module = _submodule(block, name, c.mlp)
+                if _has_kernel(module):
+                    self.plan.set_quantized(i, slot, *_kernel_operands(module))
+        if _has_kernel(model.lm_head):
+            self.plan.set_quantized(-1, 0, *_kernel_operands(model.lm_head))
         self.fingerprint = self._fingerprint(model)
+
+
+def _submodule(block: nn.Module, name: str, mlp: str) -> nn.Module:
+    if name == "mlp.up":  # SwiGLU's fused gate_up or the GELU MLP's up projection
+        name = "mlp.gate_up_proj" if mlp == "swiglu" else "mlp.up_proj"
+    for part in name.split("."):
+        block = getattr(block, part)
+    return block
+
+
+def _has_kernel(module: nn.Module) -> bool:
+    """A quantized linear layer whose format and shape a native kernel handles."""
+    fmt = getattr(module, "format", None)
+    if fmt not in KERNEL_KINDS or not hasattr(module, "dequantize"):
+        return False
+    return module.in_features % (64 if fmt == "ternary" else 32) == 0
+
+
+def pack_ternary(values: torch.Tensor) -> torch.Tensor:
+    """(N, K) int8 in {-1, 0, 1} -> (N, K / 4) uint8, the 2-bit layout of quant_rows.h: within each
+    64-column chunk, byte j holds columns j, j+16, j+32, j+48 (bits 0-1, 2-3, 4-5, 6-7) as value + 1."""
+    N, K = values.shape
+    codes = (values.to(torch.int32) + 1).view(N, K // 64, 4, 16)
+    packed = codes[:, :, 0] | (codes[:, :, 1] << 2) | (codes[:, :, 2] << 4) | (codes[:, :, 3] << 6)
+    return packed.to(torch.uint8).reshape(N, K // 4).contiguous()
+
+
+def _kernel_operands(m: nn.Module) -> tuple:
+    """(kind, data, scales, offsets, group, tensor scale, act_bits) for DecodePlan.set_quantized."""
+    none = torch.empty(0)
+    kind = KERNEL_KINDS[m.format]
+    if m.format in ("q8_0", "q4_0"):
+        return kind, m.blocks.contiguous(), none, none, 0, 0.0, 0
+    if m.format == "int8":
+        return kind, m.qweight.view(torch.uint8).contiguous(), m.scales.float().contiguous(), none, 0, 0.0, 0
+    if m.format == "int4":
+        group = m.in_features // m.scales.shape[1]
+        return kind, m.qweight.contiguous(), m.scales.float().contiguous(), m.offsets.float().contiguous(), group, 0.0, 0
+    return kind, pack_ternary(m.qweight), none, none, 0, float(m.scale), m.act_bits or 0

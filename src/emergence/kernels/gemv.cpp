@@ -7,6 +7,7 @@
 // by rows (AVX512-BF16 dot products for bf16 weights where the CPU has them). Semantics match torch.nn.functional.linear: y = x @ W.T (+ bias),
 // accumulated in fp32, rounded once to the output dtype.
 #include "gemv_rows.h"
+#include "quant_rows.h"
 
 using namespace emergence;
 
@@ -41,9 +42,22 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor weight, c10::optional<torch::T
   return y.to(weight.scalar_type());
 }
 
+// y (N,) fp32 = W x (+ bias) for a packed quantized W (layouts in quant_rows.h); x (K,).
+torch::Tensor qgemv(int64_t kind, torch::Tensor x, torch::Tensor data, torch::Tensor scales, torch::Tensor offsets,
+                    int64_t group, double tensor_scale, int64_t N, int64_t K, c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(x.numel() == K, "x must have K elements");
+  const QuantMatrix m = quant_matrix(kind, data, scales, offsets, group, tensor_scale, N, K);
+  auto xf = x.reshape({K}).to(torch::kFloat32).contiguous();
+  auto y = torch::empty({N}, xf.options());
+  quant_gemv(m, xf.data_ptr<float>(), y.data_ptr<float>(), gemv_grain(N));
+  if (bias.has_value() && bias->defined()) y.add_(bias->to(torch::kFloat32));
+  return y;
+}
+
 void register_decode_plan(pybind11::module& m);  // decode.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv", &gemv, "y = W x (+ b) for one activation vector, fp32 accumulation");
+  m.def("qgemv", &qgemv, "y = W x (+ b) for a packed quantized W, fp32 result");
   register_decode_plan(m);
 }
