@@ -2,7 +2,7 @@
 
 The smollm2-135m architecture (30 layers, 576 wide, GQA 9/3, vocab 49152, tied head) with
 random weights. emergence runs it in fp32, bf16, and quantized to int8, q8_0, int4 (group
-32), q4_0 and ternary (b1.58, with and without 8-bit activations), every linear layer
+32), q4_0, nf4 and ternary (b1.58, with and without 8-bit activations), every linear layer
 including the output head; llama.cpp (llama-cpp-python, 2 threads) runs the same weights
 exported with `emergence convert` to GGUF F32, F16, Q8_0 and Q4_0.
 
@@ -46,10 +46,11 @@ from emergence.weights.gguf_model import save_gguf
 OURS = {"fp32": (torch.float32, None, {}), "bf16": (torch.bfloat16, None, {}),
         "int8": (torch.float32, "int8", {}), "q8_0": (torch.float32, "q8_0", {}),
         "int4-g32": (torch.float32, "int4", {"group_size": 32}), "q4_0": (torch.float32, "q4_0", {}),
-        "ternary": (torch.float32, "ternary", {}), "ternary-a8": (torch.float32, "ternary", {"act_bits": 8})}
+        "nf4": (torch.float32, "nf4", {}), "ternary": (torch.float32, "ternary", {}),
+        "ternary-a8": (torch.float32, "ternary", {"act_bits": 8})}
 THEIRS = {"llama.cpp F32": "f32", "llama.cpp F16": "f16", "llama.cpp Q8_0": "q8_0", "llama.cpp Q4_0": "q4_0"}
 PEERS = {"fp32": "llama.cpp F32", "bf16": "llama.cpp F16", "int8": "llama.cpp Q8_0", "q8_0": "llama.cpp Q8_0",
-         "int4-g32": "llama.cpp Q4_0", "q4_0": "llama.cpp Q4_0"}
+         "int4-g32": "llama.cpp Q4_0", "q4_0": "llama.cpp Q4_0", "nf4": "llama.cpp Q4_0"}
 
 
 def measure_bandwidth(n_bytes: int = 1 << 30, repeats: int = 5) -> float:

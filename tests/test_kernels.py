@@ -177,3 +177,88 @@ def test_fused_step_refuses_to_run_past_the_context_window(hf_model):
     cache.length = block
     with torch.inference_mode(), pytest.raises(InvalidArgument, match="context window"):
         lm.model(torch.tensor([[5]]), cache)
+
+
+# ------------------------------------------------------------------ quantized weights
+QUANTIZED = [("q8_0", {}), ("q4_0", {}), ("int8", {}), ("int4", {"group_size": 32}), ("int4", {"group_size": 128}),
+             ("ternary", {}), ("ternary", {"act_bits": 8}), ("nf4", {})]
+
+
+def _quantized_model(fmt: str, options: dict, dtype: torch.dtype):
+    from emergence import Config
+    from emergence.model import Transformer
+    from emergence.quant.linear import quantize_model
+
+    config = Config(name="q", vocab_size=512, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=128,
+                    intermediate_size=256)
+    torch.manual_seed(3)
+    model = Transformer(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    model = model.to(dtype).eval()
+    quantize_model(model, fmt, skip=(), **options)  # every linear layer, the output head included
+    return model
+
+
+@pytest.mark.parametrize("fmt, options", QUANTIZED)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_step_with_quantized_weights_equals_the_eager_forward(fmt, options, dtype):
+    from emergence.kernels import use_decode_kernels
+
+    model = _quantized_model(fmt, options, dtype)
+    assert use_decode_kernels(model) and model.fused_decoder is not None
+    ids = torch.randint(3, 512, (1, 24))
+    fused, _ = _decode_logits(model, ids, 4, fused=True)
+    eager, _ = _decode_logits(model, ids, 4, fused=False)
+    scale = eager.abs().max().item()
+    # The eager path multiplies by the dequantized weight; the kernels widen the packed codes in
+    # registers: the same products, summed in another order.
+    bound = 1e-5 * max(scale, 1) if dtype == torch.float32 else 2 ** -5 * scale
+    assert (fused - eager).abs().max().item() <= bound
+
+
+def test_formats_without_a_kernel_decode_eagerly():
+    from emergence.kernels import use_decode_kernels
+    from emergence.kernels.fused_decode import FusedDecoder
+
+    model = _quantized_model("q5_1", {}, torch.float32)
+    use_decode_kernels(model)
+    assert not FusedDecoder.supports(model)
+    ids = torch.randint(3, 512, (1, 10))
+    assert torch.equal(_decode_logits(model, ids, 3, fused=True)[0], _decode_logits(model, ids, 3, fused=False)[0])
+
+
+@pytest.mark.parametrize("qtype_name, kind", [("Q8_0", 2), ("Q4_0", 3)])
+@pytest.mark.parametrize("shape", [(7, 32), (300, 576), (64, 1536)])
+def test_ggml_block_gemv_is_the_dequantized_product(qtype_name, kind, shape):
+    from emergence.gguf.quants import GGMLType, dequantize, quantize
+
+    qtype = GGMLType[qtype_name]
+    torch.manual_seed(shape[0])
+    n, k = shape
+    w, x = torch.randn(n, k), torch.randn(k)
+    raw = quantize(w, qtype)
+    exact = dequantize(raw, qtype, (n, k)).double() @ x.double()
+    none = torch.empty(0)
+    got = ext.qgemv(kind, x, torch.from_numpy(raw.reshape(-1).copy()), none, none, 0, 0.0, n, k, None)
+    bound = k * 2**-23 * (dequantize(raw, qtype, (n, k)).double().abs() @ x.double().abs())
+    assert ((got.double() - exact).abs() <= bound + 1e-9).all()
+
+
+def test_packed_ternary_layout_decodes_to_the_values():
+    from emergence.kernels.fused_decode import pack_ternary
+
+    values = torch.randint(-1, 2, (3, 128), dtype=torch.int8)
+    packed = pack_ternary(values)
+    assert packed.shape == (3, 32)
+    # byte j of each 64-column chunk: columns j, j+16, j+32, j+48 in bits 0-1, 2-3, 4-5, 6-7, as value + 1
+    for chunk in range(2):
+        for j in range(16):
+            byte = int(packed[1, chunk * 16 + j])
+            for part in range(4):
+                assert ((byte >> (2 * part)) & 3) - 1 == values[1, chunk * 64 + 16 * part + j]
+    x = torch.randn(128)
+    none = torch.empty(0)
+    got = ext.qgemv(6, x, packed, none, none, 0, 0.5, 3, 128, None)
+    assert torch.allclose(got, (values.float() * 0.5) @ x, atol=1e-5)

@@ -17,7 +17,7 @@ from torch import nn
 from ..errors import InvalidArgument
 
 # Quantized formats (emergence.quant) with a native kernel -> decode.cpp's WeightKind.
-KERNEL_KINDS = {"q8_0": 2, "q4_0": 3, "int8": 4, "int4": 5, "ternary": 6}
+KERNEL_KINDS = {"q8_0": 2, "q4_0": 3, "int8": 4, "int4": 5, "ternary": 6, "nf4": 7}
 # The linear layers of a block, by decode.cpp's slot number.
 _LINEAR_SLOTS = ("attn.qkv_proj", "attn.o_proj", "mlp.up", "mlp.down_proj")
 
@@ -134,7 +134,7 @@ def _has_kernel(module: nn.Module) -> bool:
     fmt = getattr(module, "format", None)
     if fmt not in KERNEL_KINDS or not hasattr(module, "dequantize"):
         return False
-    return module.in_features % (64 if fmt == "ternary" else 32) == 0
+    return module.in_features % (64 if fmt in ("ternary", "nf4") else 32) == 0
 
 
 def pack_ternary(values: torch.Tensor) -> torch.Tensor:
@@ -157,4 +157,9 @@ def _kernel_operands(m: nn.Module) -> tuple:
     if m.format == "int4":
         group = m.in_features // m.scales.shape[1]
         return kind, m.qweight.contiguous(), m.scales.float().contiguous(), m.offsets.float().contiguous(), group, 0.0, 0
+    if m.format == "nf4":
+        from ..quant.methods import NF4_TABLE
+
+        absmax = m.absmax().float().reshape(m.out_features, m.in_features // 64).contiguous()
+        return kind, m.qweight.contiguous(), absmax, NF4_TABLE.contiguous(), 64, 0.0, 0
     return kind, pack_ternary(m.qweight), none, none, 0, float(m.scale), m.act_bits or 0

@@ -13,6 +13,8 @@
 //   TERNARY  2-bit codes c in {0, 1, 2} for {-1, 0, +1}: within each 64-column chunk, byte j
 //            holds columns j, j + 16, j + 32, j + 48 in bits 0-1, 2-3, 4-5, 6-7; one fp32
 //            scale per tensor;                                       w = scale * (c - 1)
+//   NF4      two 4-bit codes per byte, column 2j high, 2j + 1 low (bitsandbytes' order); an
+//            fp32 absmax per 64 columns and a 16-value table;       w = table[code] * absmax
 #pragma once
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -22,14 +24,14 @@
 
 namespace emergence {
 
-enum class WeightKind : int { F32 = 0, BF16 = 1, Q8_0 = 2, Q4_0 = 3, INT8 = 4, INT4 = 5, TERNARY = 6 };
+enum class WeightKind : int { F32 = 0, BF16 = 1, Q8_0 = 2, Q4_0 = 3, INT8 = 4, INT4 = 5, TERNARY = 6, NF4 = 7 };
 
 struct QuantMatrix {
   WeightKind kind;
   const uint8_t* data;     // packed weights
   int64_t row_bytes;       // bytes per row
-  const float* scales;     // INT8: (N,); INT4: (N, K / group)
-  const float* offsets;    // INT4: (N, K / group)
+  const float* scales;     // INT8: (N,); INT4: (N, K / group); NF4: (N, K / 64) absmax
+  const float* offsets;    // INT4: (N, K / group); NF4: the 16-value code table
   int64_t group;           // INT4 group size (a multiple of 32)
   float tensor_scale;      // TERNARY
   int64_t N, K;
@@ -100,6 +102,22 @@ inline float row_int4(const uint8_t* row, const float* scales, const float* offs
   return _mm512_reduce_add_ps(acc) + offset_total;
 }
 
+// x_split as for INT4, but the high nibble holds the even column here.
+inline float row_nf4(const uint8_t* row, const float* absmax, const __m512 table, const float* x_split, int64_t K) {
+  const __m512i low4 = _mm512_set1_epi32(0xF);
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t b = 0; b < K / 64; ++b) {
+    __m512 s = _mm512_setzero_ps();
+    for (int64_t c = 64 * b; c < 64 * (b + 1); c += 32) {
+      const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c / 2)));
+      s = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table), _mm512_loadu_ps(x_split + c), s);
+      s = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_and_si512(v, low4), table), _mm512_loadu_ps(x_split + c + 16), s);
+    }
+    acc = _mm512_fmadd_ps(s, _mm512_set1_ps(absmax[b]), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
 inline float row_ternary(const uint8_t* row, const float* x, int64_t K) {
   const __m512i three = _mm512_set1_epi32(3), one = _mm512_set1_epi32(1);
   __m512 acc = _mm512_setzero_ps();
@@ -117,17 +135,21 @@ inline float row_ternary(const uint8_t* row, const float* x, int64_t K) {
 inline void quant_gemv(const QuantMatrix& m, const float* x, float* y, int64_t grain) {
   const int64_t K = m.K;
   std::vector<float> x_split, sums;
-  if (m.kind == WeightKind::INT4) {
-    x_split.resize(K), sums.resize(K / m.group);
+  if (m.kind == WeightKind::INT4 || m.kind == WeightKind::NF4) {
+    x_split.resize(K);
     for (int64_t c = 0; c < K; c += 32) {
       for (int j = 0; j < 16; ++j) x_split[c + j] = x[c + 2 * j], x_split[c + 16 + j] = x[c + 2 * j + 1];
     }
+  }
+  if (m.kind == WeightKind::INT4) {
+    sums.resize(K / m.group);
     for (int64_t g = 0; g < K / m.group; ++g) {
       float s = 0;
       for (int64_t k = g * m.group; k < (g + 1) * m.group; ++k) s += x[k];
       sums[g] = s;
     }
   }
+  const __m512 table = m.kind == WeightKind::NF4 ? _mm512_loadu_ps(m.offsets) : _mm512_setzero_ps();
   at::parallel_for(0, m.N, grain, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const uint8_t* row = m.data + r * m.row_bytes;
@@ -140,6 +162,7 @@ inline void quant_gemv(const QuantMatrix& m, const float* x, float* y, int64_t g
                           sums.data(), K);
           break;
         case WeightKind::TERNARY: y[r] = m.tensor_scale * row_ternary(row, x, K); break;
+        case WeightKind::NF4: y[r] = row_nf4(row, m.scales + r * (K / 64), table, x_split.data(), K); break;
         default: TORCH_CHECK(false, "not a quantized weight kind");
       }
     }
@@ -166,6 +189,12 @@ inline QuantMatrix quant_matrix(int64_t kind, const at::Tensor& data, const at::
       row_bytes = K / 2;
       break;
     case WeightKind::TERNARY: TORCH_CHECK(K % 64 == 0, "ternary needs K % 64 == 0"); row_bytes = K / 4; break;
+    case WeightKind::NF4:
+      TORCH_CHECK(K % 64 == 0, "NF4 needs K % 64 == 0");
+      TORCH_CHECK(scales.numel() == N * (K / 64) && scales.scalar_type() == at::kFloat, "NF4 needs (N, K / 64) absmax");
+      TORCH_CHECK(offsets.numel() == 16 && offsets.scalar_type() == at::kFloat, "NF4 needs its 16-value table");
+      row_bytes = K / 2;
+      break;
     default: TORCH_CHECK(false, "unknown quantized weight kind ", kind);
   }
   TORCH_CHECK(data.is_contiguous() && data.element_size() == 1 && data.numel() == N * row_bytes,
