@@ -212,6 +212,13 @@ def test_fused_step_with_quantized_weights_equals_the_eager_forward(fmt, options
     fused, _ = _decode_logits(model, ids, 4, fused=True)
     eager, _ = _decode_logits(model, ids, 4, fused=False)
     scale = eager.abs().max().item()
+    if fmt in ("q8_0", "q4_0"):
+        # Both paths quantize the activations to 8 bits per block of 32, as llama.cpp does; a
+        # last-bit difference in an activation (fp32 summation order) can move it across a
+        # rounding boundary, one quantization step, so agreement is to a fraction of a percent.
+        assert (fused - eager).abs().max().item() <= 2e-2 * scale
+        assert (fused.argmax(-1) == eager.argmax(-1)).float().mean().item() >= 0.9
+        return
     # The eager path multiplies by the dequantized weight; the kernels widen the packed codes in
     # registers: the same products, summed in another order.
     bound = 1e-5 * max(scale, 1) if dtype == torch.float32 else 2 ** -5 * scale
@@ -231,19 +238,25 @@ def test_formats_without_a_kernel_decode_eagerly():
 
 @pytest.mark.parametrize("qtype_name, kind", [("Q8_0", 2), ("Q4_0", 3)])
 @pytest.mark.parametrize("shape", [(7, 32), (300, 576), (64, 1536)])
-def test_ggml_block_gemv_is_the_dequantized_product(qtype_name, kind, shape):
+def test_ggml_block_gemv_is_llama_cpps_product(qtype_name, kind, shape):
+    # llama.cpp's numerics: the dequantized weight times x quantized to 8 bits per block of 32.
     from emergence.gguf.quants import GGMLType, dequantize, quantize
+    from emergence.quant.methods import quantize_activations_q8_0
 
     qtype = GGMLType[qtype_name]
     torch.manual_seed(shape[0])
     n, k = shape
     w, x = torch.randn(n, k), torch.randn(k)
+    if k > 32:
+        x[:32] *= 1e-3  # blocks of very different magnitudes
     raw = quantize(w, qtype)
-    exact = dequantize(raw, qtype, (n, k)).double() @ x.double()
+    weight = dequantize(raw, qtype, (n, k)).double()
+    xq = quantize_activations_q8_0(x).double()
     none = torch.empty(0)
     got = ext.qgemv(kind, x, torch.from_numpy(raw.reshape(-1).copy()), none, none, 0, 0.0, n, k, None)
-    bound = k * 2**-23 * (dequantize(raw, qtype, (n, k)).double().abs() @ x.double().abs())
-    assert ((got.double() - exact).abs() <= bound + 1e-9).all()
+    bound = 2**-20 * (weight.abs() @ xq.abs())  # integer dot products, fp32 scaling and sums
+    assert ((got.double() - weight @ xq).abs() <= bound + 1e-9).all()
+    assert ((got.double() - weight @ x.double()).abs() > bound).any()  # x really was quantized
 
 
 def test_packed_ternary_layout_decodes_to_the_values():

@@ -416,11 +416,28 @@ def test_forward_is_linear_with_the_dequantized_weight(cls, options):
     assert torch.equal(q.bias, layer.bias) and q.dequantize().shape == (48, 64)
     assert q.dequantize().dtype == torch.float32
     w = q.dequantize()
+    # ggml's 32-block formats see the activations as llama.cpp does: 8 bits per block of 32.
+    from emergence.quant.methods import GGML_Q8_ACTIVATIONS, quantize_activations_q8_0
+
+    ggml_activations = q.format in GGML_Q8_ACTIVATIONS
     for shape in [(64,), (5, 64), (2, 3, 64)]:
         x = torch.randn(shape)
-        assert torch.equal(q(x), F.linear(x, w, layer.bias))
+        expected = F.linear(quantize_activations_q8_0(x) if ggml_activations else x, w, layer.bias)
+        assert torch.allclose(q(x), expected, atol=1e-6) if ggml_activations else torch.equal(q(x), expected)
     x = torch.randn(2, 64, dtype=torch.bfloat16)
-    assert torch.equal(q(x), F.linear(x, w.bfloat16(), layer.bias.bfloat16()))
+    if not ggml_activations:
+        assert torch.equal(q(x), F.linear(x, w.bfloat16(), layer.bias.bfloat16()))
+
+
+def test_activations_are_quantized_like_llama_cpp():
+    from emergence.quant.methods import quantize_activations_q8_0
+
+    # a block with max |x| = 127 * 0.5: d = 0.5 (exact in fp16); 0.25 -> 0.5 (half away from zero), -0.75 -> -1.0
+    x = torch.zeros(32)
+    x[0], x[1], x[2], x[3] = 63.5, 0.25, -0.75, 1.1
+    got = quantize_activations_q8_0(x)
+    assert got[:4].tolist() == [63.5, 0.5, -1.0, 1.0]
+    assert torch.equal(quantize_activations_q8_0(torch.zeros(2, 64)), torch.zeros(2, 64))
 
 
 def test_dtype_moves_keep_packed_buffers():

@@ -290,6 +290,15 @@ class GGMLLinear(QuantizedLinear):
         w = ggml.dequantize(self.blocks.detach().cpu().numpy(), self.ggml_type, (self.out_features, self.in_features))
         return w.to(self.blocks.device)
 
+    def forward(self, x):
+        """llama.cpp's numerics: for the 32-blocks formats the activations are quantized to 8 bits
+        per block of 32 first, as its CPU dot products do (and the native decode kernels)."""
+        if self.format not in m.GGML_Q8_ACTIVATIONS:
+            return super().forward(x)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(m.quantize_activations_q8_0(x), self.dequantize(), None).to(x.dtype) + \
+            (0 if bias is None else bias)
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"format={self.format}")

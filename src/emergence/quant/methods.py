@@ -375,3 +375,21 @@ def quantize_activations_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     x = x.float()
     s = 127.0 / x.abs().amax(dim=-1, keepdim=True).clamp(min=TERNARY_EPS)
     return torch.round(x * s).clamp(-128, 127), s
+
+
+# ggml formats whose llama.cpp dot products quantize the activations to 8 bits in blocks of 32
+# (vec_dot_type Q8_0 or Q8_1; both hold the same values).
+GGML_Q8_ACTIVATIONS = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
+
+
+def quantize_activations_q8_0(x: torch.Tensor) -> torch.Tensor:
+    """x as llama.cpp's CPU kernels see it against Q8_0/Q4_x/Q5_x weights: each block of 32 along
+    the last dimension becomes round(x / d) * d, d = max|x| / 127 stored as fp16, the rounding
+    half away from zero (quantize_row_q8_0). Returns float32 values of x's shape."""
+    shape = x.shape
+    blocks = x.float().reshape(-1, shape[-1] // 32, 32)
+    d = blocks.abs().amax(dim=-1, keepdim=True) / 127
+    inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
+    v = blocks * inv
+    q = torch.sign(v) * torch.floor(v.abs() + 0.5)  # roundf: half away from zero
+    return (q * d.half().float()).reshape(shape)

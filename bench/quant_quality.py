@@ -1,0 +1,532 @@
+"""What quantization costs in quality: perplexity on held-out text at every format, and how well
+the token-embedding space (nearest neighbours by cosine similarity) survives each format.
+
+    .venv/bin/python bench/quant_quality.py                       # the built-in model (stories260K)
+    .venv/bin/python bench/quant_quality.py --model stories260K --model path/to/model   # several models
+
+1. Perplexity. The evaluation text is the start of the TinyStories validation split
+   (/work/shared/data/tinystories/valid), cut at a paragraph break after `--eval-chars`
+   characters and tokenized by each model's own tokenizer. It is split into non-overlapping
+   windows of the model's context; each window starts with BOS (or, for a tokenizer without
+   one, the token before the window) and every text token is predicted exactly once.
+   Perplexity = exp(mean next-token cross-entropy), computed from `model(input_ids)` logits
+   cast to fp32. fp32, bf16 and fp16 cast the whole model; the other formats swap the linear
+   layers with `emergence.quant.quantize_model` (embeddings, norms and a tied output head stay
+   fp32). A layer whose shape a format cannot take (in_features not a multiple of its group or
+   block) stays fp32 and is listed in the "kept fp32" column; so is an untied output head,
+   which `quantize_model` keeps by default. int4-gptq is calibrated on the start of the
+   TinyStories *train* split (whole stories, BOS before each, as llama2.c trains), never on
+   the evaluation text. Bytes are those of the linear layers' stored weight buffers (kept
+   layers at their float size); bits/weight = 8 x bytes / weights.
+
+2. Embedding space. The token-embedding matrix E (V x D) is quantized as if it were a linear
+   weight (rows = tokens, groups/blocks along D) with each format's own quantizer
+   (`FORMATS[fmt].from_linear(...).dequantize()`); for every token its 10 nearest neighbours
+   by cosine similarity (itself excluded) are found in E and in the dequantized E, and the
+   table gives the mean of |NN_before & NN_after| / 10 over all V tokens, and the relative
+   Frobenius error ||E - E_q|| / ||E||.
+
+Everything is deterministic (fixed slices, no sampling); torch runs on `--threads` CPU threads
+(default 1: the model is tiny, and on a shared 2-core machine a second thread mostly waits).
+Writes the tables to stdout and to docs/quantization.md (`--out ''` only prints); one progress
+line per format goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import math
+import os
+import re
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import emergence
+from emergence.errors import InvalidArgument
+from emergence.gguf import quants as ggml
+from emergence.quant import FORMATS, GGML_FORMATS, QuantizedLinear, quantize_model
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "tinystories"
+VALID_TEXT = DATA / "valid" / "hf_TinyStories_validation.head.txt"
+TRAIN_TEXT = DATA / "train" / "TinyStories-train.head2MiB.txt"
+DOC = ROOT / "docs" / "quantization.md"
+DEFAULT_MODEL = "stories260K"
+
+EVAL_CHARS = 100_000  # about 50k tokens with stories260K's 512-token vocabulary
+CALIB_SEQS = 32
+CALIB_LEN = 512
+NEIGHBOURS = 10
+DUPLICATE_COS = 0.999  # rows at least this similar to another row count as near-duplicates
+STORY_END = "<|endoftext|>"
+
+
+# ------------------------------------------------------------------------------- the formats
+@dataclass(frozen=True)
+class Spec:
+    """One row: a float dtype for the whole model, or a `quantize_model` format and options."""
+
+    name: str
+    dtype: torch.dtype | None = None  # fp32 / bf16 / fp16 rows: cast the whole model
+    fmt: str | None = None  # quantize_model's format name
+    options: dict = field(default_factory=dict)  # group_size, act_bits
+
+    @property
+    def base(self) -> str | None:
+        """The module format (int4-gptq -> int4)."""
+        return None if self.fmt is None else self.fmt.removesuffix("-gptq")
+
+    @property
+    def module_options(self) -> dict:
+        """Options of the module class (FORMATS[base]) for this spec."""
+        if self.base in GGML_FORMATS:
+            return {"ggml_format": self.base}
+        return {k: v for k, v in self.options.items() if k == "group_size"}
+
+    @property
+    def unit(self) -> int | None:
+        """The number in_features must be a multiple of (int4 group, ggml block), if any."""
+        if self.base == "int4":
+            return self.options["group_size"]
+        if self.base in GGML_FORMATS:
+            return ggml.BLOCK_SIZES[GGML_FORMATS[self.base]][0]
+        return None
+
+
+SPECS: list[Spec] = [
+    Spec("fp32", dtype=torch.float32),
+    Spec("bf16", dtype=torch.bfloat16),
+    Spec("fp16", dtype=torch.float16),
+    Spec("int8", fmt="int8"),
+    *(Spec(f"int4-g{g}", fmt="int4", options={"group_size": g}) for g in (32, 64, 128)),
+    *(Spec(f"int4-gptq-g{g}", fmt="int4-gptq", options={"group_size": g}) for g in (32, 64, 128)),
+    Spec("nf4", fmt="nf4"),
+    Spec("ternary", fmt="ternary"),
+    Spec("ternary-a8", fmt="ternary", options={"act_bits": 8}),
+    *(Spec(name, fmt=name) for name in ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")),
+]
+SPEC_BY_NAME = {s.name: s for s in SPECS}
+
+
+# ------------------------------------------------------------------------------------ data
+def eval_text(n_chars: int = EVAL_CHARS, path: Path = VALID_TEXT) -> str:
+    """The first `n_chars` characters of the validation text, cut back to the last paragraph
+    break (the file separates paragraphs and stories by blank lines)."""
+    text = path.read_text(encoding="utf-8")
+    if n_chars >= len(text):
+        return text.strip()
+    cut = text.rfind("\n\n", 0, n_chars)
+    return text[: cut if cut > 0 else n_chars].strip()
+
+
+def eval_tokens(tokenizer, text: str) -> torch.Tensor:
+    """(N,) token ids of the evaluation text, without BOS (windows add it)."""
+    return torch.tensor(tokenizer.encode(text, add_bos=False), dtype=torch.long)
+
+
+def train_stories(path: Path = TRAIN_TEXT) -> list[str]:
+    """Complete stories of the train file (the cut-off story after the last separator is dropped)."""
+    parts = path.read_text(encoding="utf-8").split(STORY_END)[:-1]
+    return [p.strip() for p in parts if p.strip()]
+
+
+def calibration_tokens(tokenizer, n_seqs: int = CALIB_SEQS, seq_len: int = CALIB_LEN,
+                       path: Path = TRAIN_TEXT) -> tuple[torch.Tensor, int]:
+    """(n_seqs, seq_len) token ids: train stories in file order, each with BOS first (when the
+    tokenizer has one), concatenated and cut into sequences. Also returns the stories used."""
+    need, ids, used = n_seqs * seq_len, [], 0
+    for story in train_stories(path):
+        ids.extend(tokenizer.encode(story, add_bos=tokenizer.bos_id is not None))
+        used += 1
+        if len(ids) >= need:
+            break
+    if len(ids) < need:
+        raise InvalidArgument(f"the train text holds {len(ids)} tokens, fewer than {need} asked for calibration")
+    return torch.tensor(ids[:need], dtype=torch.long).reshape(n_seqs, seq_len), used
+
+
+# ------------------------------------------------------------------------------ perplexity
+def windows(tokens: torch.Tensor, context: int, bos_id: int | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(input, target) pairs over non-overlapping windows of at most `context` positions.
+
+    With BOS: input = [BOS] + chunk[:-1], target = chunk, chunks of `context` tokens, so every
+    token is predicted once. Without: the first token is context only, and each later window's
+    first input is the token just before its chunk.
+    """
+    pairs, start = [], 0 if bos_id is not None else 1
+    while start < len(tokens):
+        chunk = tokens[start:start + context]
+        first = torch.tensor([bos_id]) if bos_id is not None else tokens[start - 1:start]
+        pairs.append((torch.cat([first, chunk[:-1]]), chunk))
+        start += context
+    return pairs
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, tokens: torch.Tensor, *, context: int, bos_id: int | None,
+               batch_size: int = 8) -> tuple[float, float, int]:
+    """(perplexity, mean cross-entropy in nats, predicted tokens) of `tokens` under `model`."""
+    pairs = windows(tokens, context, bos_id)
+    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    for i in range(0, len(pairs), batch_size):
+        group = pairs[i:i + batch_size]
+        by_len: dict[int, list] = {}
+        for inp, tgt in group:  # only the last window can be shorter: batch equal lengths together
+            by_len.setdefault(len(inp), []).append((inp, tgt))
+        for same in by_len.values():
+            inp = torch.stack([p[0] for p in same]).to(device)
+            tgt = torch.stack([p[1] for p in same]).to(device)
+            logits = model(inp).float()
+            total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="sum").item()
+            count += tgt.numel()
+    mean = total / count
+    return math.exp(mean), mean, count
+
+
+# ------------------------------------------------------------------------------ quantizing
+def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
+    """The linear layers quantize_model considers: all but those sharing an embedding's weight."""
+    tied = {id(mod.weight) for mod in model.modules() if isinstance(mod, nn.Embedding)}
+    return {name: mod for name, mod in model.named_modules()
+            if isinstance(mod, nn.Linear) and id(mod.weight) not in tied}
+
+
+def kept_layers(model: nn.Module, spec: Spec) -> dict[str, str]:
+    """Qualified name -> why the layer stays in full precision under `spec`."""
+    if spec.fmt is None:
+        return {}
+    kept = {}
+    cls = FORMATS[spec.base]
+    for name, linear in linear_layers(model).items():
+        if name == "lm_head" or name.endswith(".lm_head"):
+            kept[name] = "output head (quantize_model's default skip)"
+            continue
+        try:
+            cls.check(linear.in_features, linear.out_features, what=name, **spec.module_options)
+        except InvalidArgument as e:
+            kept[name] = (f"in_features {linear.in_features} not a multiple of {spec.unit}" if spec.unit
+                          else str(e))
+    return kept
+
+
+def build(model: nn.Module, spec: Spec, calibration: torch.Tensor | None = None) -> tuple[nn.Module | None, dict]:
+    """A copy of `model` in `spec`'s format and the layers it keeps; None when no layer fits."""
+    if spec.dtype is not None:
+        return copy.deepcopy(model).to(spec.dtype), {}
+    kept = kept_layers(model, spec)
+    if len(kept) == len(linear_layers(model)):
+        return None, kept
+    options = dict(spec.options)
+    if spec.fmt.endswith("-gptq"):
+        options["calibration"] = calibration
+    quantized = quantize_model(copy.deepcopy(model), spec.fmt, skip=tuple(kept), **options)
+    return quantized, kept
+
+
+def linear_bytes(model: nn.Module) -> tuple[int, int, int, int]:
+    """(bytes of all linear weights, their number, bytes of the quantized ones, their number).
+    Quantized layers count their stored buffers (codes, scales, ...), float layers their weight."""
+    total_b = total_n = q_b = q_n = 0
+    tied = {id(mod.weight) for mod in model.modules() if isinstance(mod, nn.Embedding)}
+    for mod in model.modules():
+        if isinstance(mod, QuantizedLinear):
+            b = sum(t.numel() * t.element_size() for t in mod.buffers())
+            n = mod.in_features * mod.out_features
+            q_b, q_n = q_b + b, q_n + n
+        elif isinstance(mod, nn.Linear) and id(mod.weight) not in tied:
+            b, n = mod.weight.numel() * mod.weight.element_size(), mod.weight.numel()
+        else:
+            continue
+        total_b, total_n = total_b + b, total_n + n
+    return total_b, total_n, q_b, q_n
+
+
+def layer_pattern(names) -> str:
+    """'layers.0.mlp.down_proj', 'layers.1.mlp.down_proj' -> 'layers.*.mlp.down_proj (x2)'."""
+    counts: dict[str, int] = {}
+    for name in names:
+        key = re.sub(r"\.\d+\.", ".*.", name)
+        counts[key] = counts.get(key, 0) + 1
+    return ", ".join(f"{k} (x{c})" if c > 1 else k for k, c in counts.items())
+
+
+def describe_kept(kept: dict[str, str]) -> str:
+    if not kept:
+        return "none"
+    by_reason: dict[str, list[str]] = {}
+    for name, reason in kept.items():
+        by_reason.setdefault(reason, []).append(name)
+    return "; ".join(f"{layer_pattern(names)}: {reason}" for reason, names in by_reason.items())
+
+
+# --------------------------------------------------------------------------- embedding space
+def quantize_matrix(w: torch.Tensor, spec: Spec) -> tuple[torch.Tensor | None, float | None, str]:
+    """(dequantized W (float32) or None, bits per weight, note) for W (V, D) under `spec`'s
+    tensor quantizer, W taken as a linear weight (rows = tokens, groups along D)."""
+    w = w.detach().float()
+    if spec.dtype is not None:
+        return w.to(spec.dtype).float(), torch.finfo(spec.dtype).bits, ""
+    if spec.fmt.endswith("-gptq"):
+        return None, None, "n/a: GPTQ needs the layer's input activations; an embedding lookup has none"
+    cls = FORMATS[spec.base]
+    try:
+        cls.check(w.shape[1], w.shape[0], what="the embedding", **spec.module_options)
+    except InvalidArgument:
+        return None, None, f"n/a: D = {w.shape[1]} is not a multiple of {spec.unit}"
+    linear = nn.Linear(w.shape[1], w.shape[0], bias=False)
+    linear.weight.data.copy_(w)
+    module = cls.from_linear(linear, **spec.module_options)
+    bits = 8 * sum(t.numel() * t.element_size() for t in module.buffers()) / w.numel()
+    note = "same matrix as ternary (8-bit activations do not change the weights)" if spec.options.get("act_bits") \
+        else ""
+    return module.dequantize().float(), bits, note
+
+
+def nearest_neighbours(w: torch.Tensor, k: int = NEIGHBOURS, chunk: int = 4096) -> torch.Tensor:
+    """(V, k) indices of each row's k nearest rows by cosine similarity, itself excluded."""
+    unit = F.normalize(w.float(), dim=1)
+    out = []
+    for s in range(0, len(unit), chunk):
+        sim = unit[s:s + chunk] @ unit.T
+        rows = torch.arange(s, s + len(sim))
+        sim[torch.arange(len(sim)), rows] = -math.inf
+        out.append(sim.topk(k, dim=1).indices)
+    return torch.cat(out)
+
+
+def distinct_rows(w: torch.Tensor, threshold: float = DUPLICATE_COS, chunk: int = 4096) -> torch.Tensor:
+    """(V,) bool: rows whose most similar other row has cosine similarity below `threshold`.
+
+    Tokens the training never used tend to collapse onto one shared vector (with a tied output
+    head, every never-seen token gets the same gradient there); among such near-duplicates the
+    nearest-neighbour order is decided by rounding noise, so the overlap is also reported over
+    the distinct rows only, neighbours searched among them.
+    """
+    unit = F.normalize(w.float(), dim=1)
+    best = []
+    for s in range(0, len(unit), chunk):
+        sim = unit[s:s + chunk] @ unit.T
+        sim[torch.arange(len(sim)), torch.arange(s, s + len(sim))] = -math.inf
+        best.append(sim.max(dim=1).values)
+    return torch.cat(best) < threshold
+
+
+def neighbour_overlap(before: torch.Tensor, after: torch.Tensor) -> float:
+    """Mean over rows of |before_i & after_i| / k for (V, k) neighbour index tensors."""
+    shared = (before[:, :, None] == after[:, None, :]).any(dim=2).sum(dim=1)
+    return (shared.double() / before.shape[1]).mean().item()
+
+
+def relative_error(w: torch.Tensor, wq: torch.Tensor) -> float:
+    return (torch.linalg.norm(w.double() - wq.double()) / torch.linalg.norm(w.double())).item()
+
+
+# ------------------------------------------------------------------------------- one model
+@dataclass
+class ModelReport:
+    name: str
+    description: str
+    vocab: int
+    distinct: int
+    duplicate_bytes: int
+    duplicate_unseen: int
+    eval_chars: int
+    eval_tokens: int
+    calib_tokens: int
+    calib_stories: int
+    ppl_rows: list[dict]
+    emb_rows: list[dict]
+    seconds: float
+
+
+def evaluate(lm, name: str, specs: list[Spec], *, eval_chars: int = EVAL_CHARS, calib_seqs: int = CALIB_SEQS,
+             progress=None) -> ModelReport:
+    started = time.perf_counter()
+    model, tok, cfg = lm.model.eval(), lm.tokenizer, lm.config
+    tokens = eval_tokens(tok, eval_text(eval_chars))
+    calib, stories = (None, 0)
+    if any(s.fmt and s.fmt.endswith("-gptq") for s in specs):
+        calib, stories = calibration_tokens(tok, calib_seqs, min(CALIB_LEN, cfg.block_size))
+    emb = model.tok_embeddings.weight.detach().float()
+    nn_ref = nearest_neighbours(emb)
+    distinct = distinct_rows(emb)
+    nn_ref_distinct = nearest_neighbours(emb[distinct])
+    ppl_rows, emb_rows, base_ppl = [], [], None
+    for i, spec in enumerate(specs):
+        t0 = time.perf_counter()
+        qmodel, kept = build(model, spec, calib)
+        row = {"format": spec.name, "kept": describe_kept(kept)}
+        if qmodel is None:
+            row.update(ppl=None, note="no layer fits: all kept fp32")
+        else:
+            ppl, nll, n = perplexity(qmodel, tokens, context=cfg.block_size, bos_id=tok.bos_id)
+            tb, tn, qb, qn = linear_bytes(qmodel)
+            row.update(ppl=ppl, nll=nll, tokens=n, bytes=tb, weights=tn, bpw=8 * tb / tn,
+                       qbpw=(8 * qb / qn if qn else (torch.finfo(spec.dtype).bits if spec.dtype else None)),
+                       qweights=qn if spec.fmt else None)
+            if spec.name == "fp32":
+                base_ppl = ppl
+        ppl_rows.append(row)
+        wq, bits, note = quantize_matrix(emb, spec)
+        erow = {"format": spec.name, "note": note, "bpw": bits}
+        if wq is not None:
+            erow.update(overlap=neighbour_overlap(nn_ref, nearest_neighbours(wq)), rel_err=relative_error(emb, wq),
+                        overlap_distinct=neighbour_overlap(nn_ref_distinct, nearest_neighbours(wq[distinct])))
+        emb_rows.append(erow)
+        if progress is not None:
+            done = time.perf_counter() - started
+            eta = done / (i + 1) * (len(specs) - i - 1)
+            ppl_s = f"ppl {row['ppl']:.4f}" if row["ppl"] is not None else "ppl n/a"
+            progress(f"[{name}] {i + 1}/{len(specs)} {spec.name:<14} {ppl_s}  "
+                     f"({time.perf_counter() - t0:.1f}s; elapsed {done:.0f}s, ETA {eta:.0f}s)")
+    for row in ppl_rows:
+        row["rel"] = None if row["ppl"] is None or base_ppl is None else row["ppl"] / base_ppl - 1
+    desc = (f"n_layer {cfg.n_layer}, d_model {cfg.n_embd}, vocab {cfg.vocab_size}, context {cfg.block_size}, "
+            f"{sum(p.numel() for p in model.parameters()):,} parameters")
+    duplicates = (~distinct).nonzero().flatten().tolist()
+    seen = set(tok.encode("\n".join(train_stories()), add_bos=False))
+    return ModelReport(name, desc, vocab=len(emb), distinct=int(distinct.sum()),
+                       duplicate_bytes=sum(bool(re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", tok.id_to_piece(i)))
+                                           for i in duplicates),
+                       duplicate_unseen=sum(i not in seen for i in duplicates), eval_chars=len(eval_text(eval_chars)), eval_tokens=len(tokens),
+                       calib_tokens=0 if calib is None else calib.numel(), calib_stories=stories,
+                       ppl_rows=ppl_rows, emb_rows=emb_rows, seconds=time.perf_counter() - started)
+
+
+# ------------------------------------------------------------------------------- rendering
+def _f(x, fmt: str, missing: str = "n/a") -> str:
+    return missing if x is None else format(x, fmt)
+
+
+def perplexity_table(report: ModelReport) -> str:
+    lines = ["| format | perplexity | vs fp32 | linear weight bytes | bits/weight (all linear) | "
+             "bits/weight (quantized layers) | weights quantized | kept fp32 |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in report.ppl_rows:
+        if r["ppl"] is None:
+            lines.append(f"| {r['format']} | n/a | n/a | n/a | n/a | n/a | 0% | {r['kept']} ({r['note']}) |")
+            continue
+        rel = "-" if r["format"] == "fp32" else f"{100 * r['rel']:+.3f}%"
+        quantized = "all (cast)" if r["qweights"] is None else f"{100 * r['qweights'] / r['weights']:.1f}%"
+        lines.append(f"| {r['format']} | {r['ppl']:.4f} | {rel} | {r['bytes']:,} | {r['bpw']:.2f} | "
+                     f"{_f(r['qbpw'], '.2f', '-')} | {quantized} | {r['kept']} |")
+    return "\n".join(lines)
+
+
+def embedding_table(report: ModelReport) -> str:
+    lines = [f"| format | NN@{NEIGHBOURS} overlap, all {report.vocab} tokens | NN@{NEIGHBOURS} overlap, "
+             f"{report.distinct} distinct tokens | relative Frobenius error | bits/weight | note |",
+             "|---|---|---|---|---|---|"]
+    for r in report.emb_rows:
+        lines.append(f"| {r['format']} | {_f(r.get('overlap'), '.4f')} | {_f(r.get('overlap_distinct'), '.4f')} | "
+                     f"{_f(r.get('rel_err'), '.5f')} | "
+                     f"{_f(r['bpw'], '.2f')} | {r['note']} |")
+    return "\n".join(lines)
+
+
+INTRO = """\
+# Quantization quality
+
+What each weight format of `emergence.quant` costs in model quality, measured two ways.
+**Perplexity**: exp(mean next-token cross-entropy, from `model(input_ids)` logits in fp32) on
+held-out text, the start of the TinyStories *validation* split
+(`/work/shared/data/tinystories/valid/hf_TinyStories_validation.head.txt`, cut at the last
+paragraph break before character {eval_chars_req:,}: {eval_chars:,} characters), tokenized by
+each model's tokenizer and split into non-overlapping windows of the model's context, each
+starting with BOS, so that every text token is predicted exactly once. fp32, bf16 and fp16 cast
+the whole model; the other formats replace the linear layers through `quantize_model` (token
+embeddings, norms and a tied output head stay fp32), and a layer whose shape a format cannot
+take stays fp32 and is named in the "kept fp32" column. `int4-gptq` is calibrated on
+{calib_seqs} sequences of up to {calib_len} tokens cut from the first whole stories of the
+TinyStories *train* split (BOS before each story), never on the evaluation text. Bytes are
+those of the linear layers' stored buffers (codes and scales, as checkpoints store them; kept
+layers at 4 bytes per weight; ternary codes are stored unpacked, one int8 per weight), and
+bits/weight = 8 x bytes / weights. **Embedding space** (do semantically similar tokens remain
+close?): the token-embedding matrix E (V x D) is quantized with each format's own quantizer as
+if it were a linear weight (rows = tokens, groups and blocks along D); for every token its {k}
+nearest neighbours by cosine similarity (itself excluded) are found before and after, and the
+table gives the mean overlap |NN_before & NN_after| / {k} over all V tokens and the relative
+error ||E - E_q||_F / ||E||_F. Tokens that training (almost) never saw end up with almost the same
+vector, and among such near-duplicates the neighbour order is decided by rounding noise, so the
+overlap is also given over the "distinct" tokens only (those whose most similar other token has
+cosine < {dup}), with neighbours searched among them. Everything is deterministic (fixed slices,
+no sampling, no random seed involved); torch ran on {threads} CPU thread{plural}."""
+
+
+def render(reports: list[ModelReport], *, eval_chars: int, calib_seqs: int, threads: int,
+           command: str, seconds: float) -> str:
+    parts = [INTRO.format(eval_chars_req=eval_chars, eval_chars=reports[0].eval_chars if reports else 0,
+                          calib_seqs=calib_seqs, calib_len=CALIB_LEN, k=NEIGHBOURS, dup=DUPLICATE_COS, threads=threads,
+                          plural="" if threads == 1 else "s")]
+    for rep in reports:
+        calib = (f"GPTQ calibration: {rep.calib_tokens:,} tokens from the first {rep.calib_stories} train stories"
+                 if rep.calib_tokens else "no GPTQ row")
+        parts.append(f"## {rep.name}\n\n{rep.description}. Evaluation: {rep.eval_tokens:,} tokens "
+                     f"({rep.eval_chars:,} characters); {calib}. {rep.vocab - rep.distinct} of the "
+                     f"{rep.vocab} token embeddings are near-duplicates (cosine >= {DUPLICATE_COS} to another "
+                     f"token)" + (f": {rep.duplicate_bytes} of them byte-fallback tokens (<0x..>), and "
+                                  f"{rep.duplicate_unseen} never occur in the tokenized train sample "
+                                  f"({TRAIN_TEXT.name})." if rep.distinct < rep.vocab else "."))
+        parts.append("### Perplexity on TinyStories validation text\n\n" + perplexity_table(rep))
+        parts.append("### Token-embedding space\n\n" + embedding_table(rep))
+    today = datetime.date.today().isoformat()
+    parts.append(f"How to reproduce: `{command}` ({seconds:.0f} s on {os.cpu_count()} CPU cores, {today}, "
+                 f"torch {torch.__version__}).")
+    return "\n\n".join(parts) + "\n"
+
+
+# -------------------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", action="append", metavar="PATH_OR_NAME",
+                    help=f"a model for emergence.load (repeatable; default: {DEFAULT_MODEL})")
+    ap.add_argument("--formats", default=",".join(SPEC_BY_NAME),
+                    help="comma-separated rows (default: all): " + ", ".join(SPEC_BY_NAME))
+    ap.add_argument("--eval-chars", type=int, default=EVAL_CHARS, help="validation characters (default %(default)s)")
+    ap.add_argument("--calib-seqs", type=int, default=CALIB_SEQS, help="GPTQ calibration sequences (default %(default)s)")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default %(default)s)")
+    ap.add_argument("--out", default=str(DOC), help="markdown file to write ('' to only print; default %(default)s)")
+    args = ap.parse_args(argv)
+    unknown = [f for f in args.formats.split(",") if f not in SPEC_BY_NAME]
+    if unknown:
+        ap.error(f"unknown format(s) {', '.join(unknown)} (known: {', '.join(SPEC_BY_NAME)})")
+    specs = [SPEC_BY_NAME[f] for f in args.formats.split(",")]
+    if specs[0].name != "fp32" and "fp32" not in args.formats.split(","):
+        specs.insert(0, SPEC_BY_NAME["fp32"])  # the reference every row is compared with
+    torch.set_num_threads(args.threads)
+
+    started = time.perf_counter()
+    reports = []
+    for name in args.model or [DEFAULT_MODEL]:
+        lm = emergence.load(name, device="cpu", dtype="fp32", fast_kernels=False)
+        label = Path(name).name if Path(name).exists() else name
+        reports.append(evaluate(lm, label, specs, eval_chars=args.eval_chars, calib_seqs=args.calib_seqs,
+                                progress=lambda line: print(line, file=sys.stderr, flush=True)))
+    seconds = time.perf_counter() - started
+
+    command = shlex.join([".venv/bin/python", "bench/quant_quality.py",
+                          *(argv if argv is not None else sys.argv[1:])])
+    text = render(reports, eval_chars=args.eval_chars, calib_seqs=args.calib_seqs, threads=args.threads,
+                  command=command, seconds=seconds)
+    print(text)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text, encoding="utf-8")
+        print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
