@@ -275,3 +275,12 @@ def test_packed_ternary_layout_decodes_to_the_values():
     none = torch.empty(0)
     got = ext.qgemv(6, x, packed, none, none, 0, 0.5, 3, 128, None)
     assert torch.allclose(got, (values.float() * 0.5) @ x, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt, options", [(f, o) for f, o in QUANTIZED if f != "ternary"])
+def test_native_dequantize_equals_the_formats_own(fmt, options):
+    from emergence.kernels import native_dequantize
+
+    model = _quantized_model(fmt, options, torch.float32)
+    for module in (model.layers[0].attn.qkv_proj, model.layers[1].mlp.down_proj, model.lm_head):
+        assert torch.equal(native_dequantize(module), module.dequantize())

@@ -54,10 +54,20 @@ torch::Tensor qgemv(int64_t kind, torch::Tensor x, torch::Tensor data, torch::Te
   return y;
 }
 
+// The packed weight as fp32 (N, K).
+torch::Tensor qdequantize(int64_t kind, torch::Tensor data, torch::Tensor scales, torch::Tensor offsets, int64_t group,
+                          double tensor_scale, int64_t N, int64_t K) {
+  const QuantMatrix m = quant_matrix(kind, data, scales, offsets, group, tensor_scale, N, K);
+  auto out = torch::empty({N, K}, torch::kFloat32);
+  dequantize_rows(m, out.data_ptr<float>(), std::max<int64_t>(16, N / (4 * at::get_num_threads())));
+  return out;
+}
+
 void register_decode_plan(pybind11::module& m);  // decode.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv", &gemv, "y = W x (+ b) for one activation vector, fp32 accumulation");
   m.def("qgemv", &qgemv, "y = W x (+ b) for a packed quantized W, fp32 result");
+  m.def("qdequantize", &qdequantize, "a packed quantized weight as fp32 (N, K)");
   register_decode_plan(m);
 }

@@ -172,22 +172,32 @@ void rows_ggml_vnni(const uint8_t* row, int64_t row_bytes, const QuantizedX& xq,
 
 // x_split: x re-ordered per 32-column chunk as its 16 even then 16 odd columns, matching the
 // low and high nibbles of 16 packed bytes; x_group_sums: sum of x over each group.
-inline float row_int4(const uint8_t* row, const float* scales, const float* offsets, int64_t group,
-                      const float* x_split, const float* x_group_sums, int64_t K) {
+template <int R>
+inline void rows_int4(const uint8_t* row, int64_t row_bytes, const float* scales, const float* offsets, int64_t group,
+                      const float* x_split, const float* x_group_sums, int64_t K, float* y) {
   const __m512i low4 = _mm512_set1_epi32(0xF);
-  __m512 acc = _mm512_setzero_ps();
-  float offset_total = 0;
-  for (int64_t g = 0; g < K / group; ++g) {
-    __m512 s = _mm512_setzero_ps();
+  const int64_t groups = K / group;
+  __m512 acc[R];
+  float offset_total[R];
+  for (int i = 0; i < R; ++i) acc[i] = _mm512_setzero_ps(), offset_total[i] = 0;
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512 s[R];
+    for (int i = 0; i < R; ++i) s[i] = _mm512_setzero_ps();
     for (int64_t c = g * group; c < (g + 1) * group; c += 32) {
-      const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c / 2)));
-      s = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, low4)), _mm512_loadu_ps(x_split + c), s);
-      s = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), _mm512_loadu_ps(x_split + c + 16), s);
+      const __m512 xe = _mm512_loadu_ps(x_split + c), xo = _mm512_loadu_ps(x_split + c + 16);
+      for (int i = 0; i < R; ++i) {
+        const __m512i v =
+            _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + i * row_bytes + c / 2)));
+        s[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, low4)), xe, s[i]);
+        s[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), xo, s[i]);
+      }
     }
-    acc = _mm512_fmadd_ps(s, _mm512_set1_ps(scales[g]), acc);
-    offset_total += offsets[g] * x_group_sums[g];
+    for (int i = 0; i < R; ++i) {
+      acc[i] = _mm512_fmadd_ps(s[i], _mm512_set1_ps(scales[i * groups + g]), acc[i]);
+      offset_total[i] += offsets[i * groups + g] * x_group_sums[g];
+    }
   }
-  return _mm512_reduce_add_ps(acc) + offset_total;
+  for (int i = 0; i < R; ++i) y[i] = _mm512_reduce_add_ps(acc[i]) + offset_total[i];
 }
 
 // x_split as for INT4, but the high nibble holds the even column here.
@@ -258,6 +268,16 @@ inline void quant_gemv(const QuantMatrix& m, const float* x, float* y, int64_t g
   }
   at::parallel_for(0, m.N, grain, [&](int64_t r0, int64_t r1) {
     int64_t r = r0;
+    if (m.kind == WeightKind::INT4) {  // 2 rows at a time share the x loads
+      for (; r + 2 <= r1; r += 2) {
+        if (r + PREFETCH_ROWS + 1 < r1) {
+          const uint8_t* ahead = m.data + (r + PREFETCH_ROWS) * m.row_bytes;
+          for (int64_t off = 0; off < 2 * m.row_bytes; off += 64) _mm_prefetch(reinterpret_cast<const char*>(ahead + off), _MM_HINT_T0);
+        }
+        rows_int4<2>(m.data + r * m.row_bytes, m.row_bytes, m.scales + r * (K / m.group), m.offsets + r * (K / m.group),
+                     m.group, x_split.data(), sums.data(), K, y + r);
+      }
+    }
     if (ggml) {  // no VNNI: widen the codes to fp32
       const bool q8 = m.kind == WeightKind::Q8_0;
       for (; r + 4 <= r1; r += 4) {
@@ -279,11 +299,72 @@ inline void quant_gemv(const QuantMatrix& m, const float* x, float* y, int64_t g
       switch (m.kind) {
         case WeightKind::INT8: y[r] = m.scales[r] * row_int8(reinterpret_cast<const int8_t*>(row), x, K); break;
         case WeightKind::INT4:
-          y[r] = row_int4(row, m.scales + r * (K / m.group), m.offsets + r * (K / m.group), m.group, x_split.data(),
-                          sums.data(), K);
+          rows_int4<1>(row, m.row_bytes, m.scales + r * (K / m.group), m.offsets + r * (K / m.group), m.group,
+                       x_split.data(), sums.data(), K, y + r);
           break;
         case WeightKind::TERNARY: y[r] = m.tensor_scale * row_ternary(row, x, K); break;
         case WeightKind::NF4: y[r] = row_nf4(row, m.scales + r * (K / 64), table, x_split.data(), K); break;
+        default: TORCH_CHECK(false, "not a quantized weight kind");
+      }
+    }
+  });
+}
+
+// The whole weight as fp32 (N, K) row-major, rows split across threads: the eager forward pass
+// (prefill, batches) multiplies by it. Same values as each format's dequantize() in Python.
+inline void dequantize_rows(const QuantMatrix& m, float* out, int64_t grain) {
+  const int64_t K = m.K;
+  at::parallel_for(0, m.N, grain, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint8_t* row = m.data + r * m.row_bytes;
+      float* w = out + r * K;
+      switch (m.kind) {
+        case WeightKind::Q8_0:
+          for (int64_t b = 0; b < K / 32; ++b) {
+            const uint8_t* blk = row + 34 * b;
+            const float d = f16_to_f32(blk);
+            for (int j = 0; j < 32; ++j) w[32 * b + j] = d * static_cast<int8_t>(blk[2 + j]);
+          }
+          break;
+        case WeightKind::Q4_0:
+          for (int64_t b = 0; b < K / 32; ++b) {
+            const uint8_t* blk = row + 18 * b;
+            const float d = f16_to_f32(blk);
+            for (int j = 0; j < 16; ++j) {
+              w[32 * b + j] = d * ((blk[2 + j] & 0xF) - 8);
+              w[32 * b + 16 + j] = d * ((blk[2 + j] >> 4) - 8);
+            }
+          }
+          break;
+        case WeightKind::INT8:
+          for (int64_t k = 0; k < K; ++k) w[k] = m.scales[r] * static_cast<int8_t>(row[k]);
+          break;
+        case WeightKind::INT4: {
+          const float* scales = m.scales + r * (K / m.group);
+          const float* offsets = m.offsets + r * (K / m.group);
+          for (int64_t k = 0; k < K; k += 2) {
+            const int64_t g = k / m.group;
+            w[k] = (row[k / 2] & 0xF) * scales[g] + offsets[g];
+            w[k + 1] = (row[k / 2] >> 4) * scales[g] + offsets[g];
+          }
+          break;
+        }
+        case WeightKind::NF4: {
+          const float* absmax = m.scales + r * (K / 64);
+          for (int64_t k = 0; k < K; k += 2) {
+            w[k] = m.offsets[row[k / 2] >> 4] * absmax[k / 64];
+            w[k + 1] = m.offsets[row[k / 2] & 0xF] * absmax[k / 64];
+          }
+          break;
+        }
+        case WeightKind::TERNARY:
+          for (int64_t c = 0; c < K; c += 64) {
+            for (int j = 0; j < 16; ++j) {
+              const uint8_t byte = row[c / 4 + j];
+              for (int part = 0; part < 4; ++part) w[c + 16 * part + j] = m.tensor_scale * (((byte >> (2 * part)) & 3) - 1);
+            }
+          }
+          break;
         default: TORCH_CHECK(false, "not a quantized weight kind");
       }
     }

@@ -90,7 +90,14 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.dequantize().to(x.dtype), bias)
+        return F.linear(x, self.unpacked_weight().to(x.dtype), bias)
+
+    def unpacked_weight(self) -> torch.Tensor:
+        """dequantize(), through the native kernels where they handle the format (same values)."""
+        from ..kernels import native_dequantize
+
+        w = native_dequantize(self)
+        return self.dequantize() if w is None else w
 
     def nbytes(self) -> int:
         """Bytes of the stored buffers and bias."""
@@ -296,7 +303,7 @@ class GGMLLinear(QuantizedLinear):
         if self.format not in m.GGML_Q8_ACTIVATIONS:
             return super().forward(x)
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(m.quantize_activations_q8_0(x), self.dequantize(), None).to(x.dtype) + \
+        return F.linear(m.quantize_activations_q8_0(x), self.unpacked_weight(), None).to(x.dtype) + \
             (0 if bias is None else bias)
 
     def extra_repr(self) -> str:
