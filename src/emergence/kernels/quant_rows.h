@@ -95,13 +95,17 @@ inline void rows_q4_0(const uint8_t* row, int64_t row_bytes, const float* x, int
   for (int i = 0; i < R; ++i) y[i] = _mm512_reduce_add_ps(acc[i]);
 }
 
+// Two accumulators: one FMA chain per row would be bound by the FMA's latency, not by memory.
 inline float row_int8(const int8_t* row, const float* x, int64_t K) {
-  const int64_t K16 = K & ~int64_t(15);
-  __m512 acc = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K16; k += 16) acc = _mm512_fmadd_ps(widen_i8(row + k), _mm512_loadu_ps(x + k), acc);
+  const int64_t K32 = K & ~int64_t(31);
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K32; k += 32) {
+    a0 = _mm512_fmadd_ps(widen_i8(row + k), _mm512_loadu_ps(x + k), a0);
+    a1 = _mm512_fmadd_ps(widen_i8(row + k + 16), _mm512_loadu_ps(x + k + 16), a1);
+  }
   float tail = 0;
-  for (int64_t k = K16; k < K; ++k) tail += row[k] * x[k];
-  return _mm512_reduce_add_ps(acc) + tail;
+  for (int64_t k = K32; k < K; ++k) tail += row[k] * x[k];
+  return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) + tail;
 }
 
 // ------------------------------------------------------- ggml Q8_0 / Q4_0 with VNNI
@@ -172,14 +176,24 @@ void rows_ggml_vnni(const uint8_t* row, int64_t row_bytes, const QuantizedX& xq,
 
 // x_split: x re-ordered per 32-column chunk as its 16 even then 16 odd columns, matching the
 // low and high nibbles of 16 packed bytes; x_group_sums: sum of x over each group.
+inline float dot_f32(const float* a, const float* b, int64_t n) {
+  __m512 acc = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= n; k += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + k), _mm512_loadu_ps(b + k), acc);
+  if (k < n) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (n - k)) - 1);
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + k), _mm512_maskz_loadu_ps(m, b + k), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
 template <int R>
 inline void rows_int4(const uint8_t* row, int64_t row_bytes, const float* scales, const float* offsets, int64_t group,
                       const float* x_split, const float* x_group_sums, int64_t K, float* y) {
   const __m512i low4 = _mm512_set1_epi32(0xF);
   const int64_t groups = K / group;
   __m512 acc[R];
-  float offset_total[R];
-  for (int i = 0; i < R; ++i) acc[i] = _mm512_setzero_ps(), offset_total[i] = 0;
+  for (int i = 0; i < R; ++i) acc[i] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
     __m512 s[R];
     for (int i = 0; i < R; ++i) s[i] = _mm512_setzero_ps();
@@ -192,12 +206,11 @@ inline void rows_int4(const uint8_t* row, int64_t row_bytes, const float* scales
         s[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), xo, s[i]);
       }
     }
-    for (int i = 0; i < R; ++i) {
-      acc[i] = _mm512_fmadd_ps(s[i], _mm512_set1_ps(scales[i * groups + g]), acc[i]);
-      offset_total[i] += offsets[i * groups + g] * x_group_sums[g];
-    }
+    for (int i = 0; i < R; ++i) acc[i] = _mm512_fmadd_ps(s[i], _mm512_set1_ps(scales[i * groups + g]), acc[i]);
   }
-  for (int i = 0; i < R; ++i) y[i] = _mm512_reduce_add_ps(acc[i]) + offset_total[i];
+  // The offsets' share, sum_g offset[g] * sum(x over group g), as one vector dot product (a
+  // scalar running sum here would be a latency chain of one FMA per group).
+  for (int i = 0; i < R; ++i) y[i] = _mm512_reduce_add_ps(acc[i]) + dot_f32(offsets + i * groups, x_group_sums, groups);
 }
 
 // x_split as for INT4, but the high nibble holds the even column here.
@@ -205,28 +218,29 @@ inline float row_nf4(const uint8_t* row, const float* absmax, const __m512 table
   const __m512i low4 = _mm512_set1_epi32(0xF);
   __m512 acc = _mm512_setzero_ps();
   for (int64_t b = 0; b < K / 64; ++b) {
-    __m512 s = _mm512_setzero_ps();
+    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();  // two chains, not one
     for (int64_t c = 64 * b; c < 64 * (b + 1); c += 32) {
       const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c / 2)));
-      s = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table), _mm512_loadu_ps(x_split + c), s);
-      s = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_and_si512(v, low4), table), _mm512_loadu_ps(x_split + c + 16), s);
+      s0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table), _mm512_loadu_ps(x_split + c), s0);
+      s1 = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_and_si512(v, low4), table), _mm512_loadu_ps(x_split + c + 16), s1);
     }
-    acc = _mm512_fmadd_ps(s, _mm512_set1_ps(absmax[b]), acc);
+    acc = _mm512_fmadd_ps(_mm512_add_ps(s0, s1), _mm512_set1_ps(absmax[b]), acc);
   }
   return _mm512_reduce_add_ps(acc);
 }
 
 inline float row_ternary(const uint8_t* row, const float* x, int64_t K) {
   const __m512i three = _mm512_set1_epi32(3), one = _mm512_set1_epi32(1);
-  __m512 acc = _mm512_setzero_ps();
+  __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
   for (int64_t c = 0; c < K; c += 64) {
     const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c / 4)));
-    for (int part = 0; part < 4; ++part) {
+    for (int part = 0; part < 4; ++part) {  // one accumulator per part: independent FMA chains
       const __m512i code = _mm512_and_si512(_mm512_srli_epi32(v, 2 * part), three);
-      acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(code, one)), _mm512_loadu_ps(x + c + 16 * part), acc);
+      acc[part] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(code, one)), _mm512_loadu_ps(x + c + 16 * part),
+                                  acc[part]);
     }
   }
-  return _mm512_reduce_add_ps(acc);
+  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
 }
 
 // y (N,) = W x for a quantized W; rows split across threads.
