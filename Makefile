@@ -37,6 +37,7 @@ test: $(VENV)/.test-deps
 bench: $(VENV)/.test-deps
 	$(BIN)/python bench/bench_decode.py
 	$(BIN)/python bench/bench_quant.py
+	$(BIN)/python bench/bench_qgemv.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

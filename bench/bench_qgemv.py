@@ -1,0 +1,76 @@
+"""Where quantized decoding spends its time: each format's GEMV, compute-bound and memory-bound.
+
+For every weight format with a native kernel, on the smollm2-135m matrix shapes:
+  - compute: one 576 x 1536 matrix that fits in L2, multiplied repeatedly on one thread
+    (Gweights/s: how fast the kernel unpacks and multiplies when memory is no limit);
+  - stream: every matrix of the model once per pass on all threads, from DRAM (effective
+    GB/s of packed bytes, and the token rate this alone would allow).
+A format whose stream rate sits well under the machine's read bandwidth while its compute
+rate x threads is near the weights-per-token rate is compute-bound, and the reverse.
+
+    python bench/bench_qgemv.py
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from emergence.kernels import gemv_extension
+from emergence.kernels.fused_decode import _kernel_operands
+from emergence.quant.linear import quantize_model
+
+FORMATS = [("int8", {}), ("q8_0", {}), ("int4", {"group_size": 32}), ("q4_0", {}), ("nf4", {}), ("ternary", {})]
+# smollm2-135m: 30 x (qkv 960x576, o 576x576, gate_up 3072x576, down 576x1536) + head 49152x576
+SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)] * 30 + [(49152, 576)]
+
+
+def operands(fmt: str, options: dict, shape: tuple[int, int]):
+    layer = torch.nn.Sequential(torch.nn.Linear(shape[1], shape[0], bias=False))
+    torch.nn.init.normal_(layer[0].weight, std=0.02)
+    quantize_model(layer, fmt, skip=(), **options)
+    return _kernel_operands(layer[0])
+
+
+def best_of(fn, repeats: int) -> float:
+    fn()
+    return min(_timed(fn) for _ in range(repeats))
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    ext = gemv_extension()
+    if ext is None:
+        raise SystemExit("native kernels unavailable")
+    x = torch.randn(49152)  # long enough for every K
+    threads = torch.get_num_threads()
+    print(f"{threads} threads\n")
+    print("| format | compute, 1 thread, L2-resident (Gweights/s) | stream, all threads (GB/s) | stream alone: tok/s |")
+    print("|---|---|---|---|")
+    for fmt, options in FORMATS:
+        kind, data, scales, offsets, group, scale, _ = operands(fmt, options, (576, 1536))
+        torch.set_num_threads(1)
+        run = lambda: [ext.qgemv(kind, x[:1536], data, scales, offsets, group, scale, 576, 1536, None)  # noqa: E731
+                       for _ in range(50)]
+        compute = 50 * 576 * 1536 / best_of(run, 5) / 1e9
+        torch.set_num_threads(threads)
+        mats = [(operands(fmt, options, s), s) for s in SHAPES]
+        nbytes = sum(op[1].numel() for op, _ in mats)
+
+        def stream():
+            for (k, d, sc, off, g, sca, _), (n, kk) in mats:
+                ext.qgemv(k, x[:kk], d, sc, off, g, sca, n, kk, None)
+
+        seconds = best_of(stream, 5)
+        label = fmt + (f"-g{options['group_size']}" if "group_size" in options else "")
+        print(f"| {label} | {compute:.1f} | {nbytes / seconds / 1e9:.1f} | {1 / seconds:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
