@@ -658,6 +658,10 @@ def test_cli_quantize_end_to_end(capsys, tmp_path):
     assert model_bytes(lm.model) == 536_288 and {m.format for m in quantized_modules(lm.model).values()} == {"q8_0"}
     code, out, err = run(capsys, "generate", "--model", str(tmp_path / "q"), "-t", "0", "-n", "12", "Once upon a time")
     assert code == 0 and "there was" in out
+    code, out, err = run(capsys, "info", str(tmp_path / "q"), "--json")
+    info = json.loads(out)
+    # 260,032 parameters whether packed or not; bytes are the packed buffers plus what stayed fp32
+    assert (info["parameters"], info["quantization"], info["bytes"]) == (260_032, "q8_0", 536_288)
 
 
 def test_cli_quantize_gptq_with_calibration_file(capsys, tmp_path):

@@ -132,13 +132,20 @@ def _fields(params: SamplingParams) -> dict:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
+    from .quant import quantized_modules
+
     lm = load(args.model_path, tokenizer=args.tokenizer, device="cpu", dtype=args.dtype)
     c = lm.config
     weights = {id(p): p for p in lm.model.parameters()}.values()
+    quantized = quantized_modules(lm.model)  # their weights are packed buffers, not parameters
     info = {
-        "name": c.name, "architecture": c.family, "parameters": sum(p.numel() for p in weights),
+        "name": c.name, "architecture": c.family,
+        "parameters": sum(p.numel() for p in weights) + sum(m.in_features * m.out_features for m in quantized.values()),
         "dtype": str(next(iter(weights)).dtype).removeprefix("torch."),
-        "bytes": sum(p.numel() * p.element_size() for p in weights), "context_length": c.block_size,
+        "quantization": ", ".join(sorted({m.format for m in quantized.values()})) or None,
+        "bytes": sum(p.numel() * p.element_size() for p in weights)
+        + sum(b.numel() * b.element_size() for m in quantized.values() for b in m.buffers()),
+        "context_length": c.block_size,
         "layers": c.n_layer, "heads": c.n_head, "kv_heads": c.n_kv_head, "embedding": c.n_embd,
         "mlp": f"{c.mlp} ({c.intermediate_size})", "norm": c.norm, "position": c.position,
         "rope_theta": c.rope_theta if c.position == "rope" else None, "sliding_window": c.sliding_window,
