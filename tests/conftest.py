@@ -3,7 +3,10 @@ word-level tokenizer matching their vocabulary. Nothing is downloaded."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import resource
+import signal
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -69,3 +72,28 @@ def word_level_tokenizer() -> Tokenizer:
     backend = HFTokenizer(models.WordLevel(vocab, unk_token="t3"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return Tokenizer(backend, bos_token="t1", eos_token="t2", pad_token="t0")
+
+
+# ------------------------------------------------------------ bad-input guards
+class TooSlow(BaseException):
+    """Raised from a timer signal: a BaseException so that no `except Exception` hides it."""
+
+
+@contextlib.contextmanager
+def bounded(seconds: float = 5.0, max_new_rss_mb: int = 512):
+    """Fail if the block runs longer than `seconds` or raises the process' peak RSS by more
+    than `max_new_rss_mb` (a huge allocation); a hang is interrupted by SIGALRM."""
+
+    def on_alarm(signum, frame):
+        raise TooSlow(f"took more than {seconds}s: a hang or an unbounded allocation")
+
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before) / 1024
+        assert grown_mb <= max_new_rss_mb, f"peak memory grew by {grown_mb:.0f} MiB"

@@ -40,7 +40,8 @@ from emergence.weights.hf import load_hf, save_hf
 from emergence.weights.llama2c import load_llama2c
 from emergence.weights.safetensors_io import DTYPES, SafetensorsFile
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"  # as in conftest
+from conftest import SHARED_DATA, bounded  # noqa: E402
+
 STORIES_BIN = SHARED_DATA / "llama2c" / "stories260K.bin"
 TOK512_BIN = SHARED_DATA / "llama2c" / "tok512.bin"
 GGUF_FILE = SHARED_DATA / "gguf_models" / "llama-2-tiny-random.gguf"
@@ -51,30 +52,6 @@ llama_only = pytest.mark.parametrize("hf_model", ["llama"], indirect=True)
 
 
 # ------------------------------------------------------------------------------ helpers
-class TooSlow(BaseException):
-    """Raised from a timer signal: a BaseException so that no `except Exception` hides it."""
-
-
-@contextlib.contextmanager
-def bounded(seconds: float = 5.0, max_new_rss_mb: int = 512):
-    """Fail if the block runs longer than `seconds` or raises the process' peak RSS by more
-    than `max_new_rss_mb` (a huge allocation); a hang is interrupted by SIGALRM."""
-
-    def on_alarm(signum, frame):
-        raise TooSlow(f"took more than {seconds}s: a hang or an unbounded allocation")
-
-    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-        grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before) / 1024
-        assert grown_mb <= max_new_rss_mb, f"peak memory grew by {grown_mb:.0f} MiB"
-
-
 def copy_model(folder: Path, dst: Path) -> Path:
     shutil.copytree(folder, dst)
     return dst

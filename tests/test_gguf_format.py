@@ -7,10 +7,8 @@ truncations)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
-import pickle
-import resource
-import signal
 import struct
 import subprocess
 import sys
@@ -28,7 +26,7 @@ from emergence.errors import CheckpointError, InvalidArgument
 from emergence.gguf import (BLOCK_SIZES, GGMLType, GGUFFile, GGUFValue, GGUFValueType, read_gguf, write_gguf)
 from emergence.gguf import quants
 
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, bounded
 
 V = GGUFValueType
 TINY_LLAMA = SHARED_DATA / "gguf_models" / "llama-2-tiny-random.gguf"
@@ -41,7 +39,7 @@ REAL_FILES = [TINY_LLAMA, *VOCABS]
 # rest of this module together. It runs in two child processes started when the module starts, so
 # the reference parse overlaps the other tests; the comparisons at the end of the module wait for it.
 REFERENCE_SCRIPT = r"""
-import pickle, sys, types
+import json, sys, types
 import numpy as np
 import gguf, gguf.gguf_reader
 
@@ -56,13 +54,14 @@ out, *paths = sys.argv[1:]
 results = {}
 for path in paths:
     r = gguf.GGUFReader(path)
-    results[path] = dict(
+    # Plain JSON values now, while this file's map is still open (later readers reuse the memory).
+    results[path] = json.loads(json.dumps(dict(
         fields={k: ([t.name for t in f.types], f.contents()) for k, f in r.fields.items()},
         tensors=[(t.name, int(t.tensor_type), [int(d) for d in t.shape], int(t.data_offset), int(t.n_bytes),
-                  t.data.tobytes()) for t in r.tensors],
-        alignment=int(r.alignment), data_offset=int(r.data_offset))
-with open(out, "wb") as f:
-    pickle.dump(results, f)
+                  t.data.tobytes().hex()) for t in r.tensors],
+        alignment=int(r.alignment), data_offset=int(r.data_offset)), default=lambda o: o.tolist()))
+with open(out, "w") as f:  # JSON, not pickle: nothing read back here can run code
+    json.dump(results, f)
 """
 
 
@@ -75,7 +74,7 @@ def reference(tmp_path_factory):
         min(groups, key=lambda g: sum(p.stat().st_size for p in g)).append(path)
     jobs = []
     for i, group in enumerate(groups):
-        out, err = folder / f"ref{i}.pkl", open(folder / f"ref{i}.err", "wb")
+        out, err = folder / f"ref{i}.json", open(folder / f"ref{i}.err", "wb")
         proc = subprocess.Popen([sys.executable, "-c", REFERENCE_SCRIPT, str(out), *map(str, group)],
                                 stdout=subprocess.DEVNULL, stderr=err)
         jobs.append((proc, out, err))
@@ -85,7 +84,10 @@ def reference(tmp_path_factory):
         if not results:
             for proc, out, err in jobs:
                 assert proc.wait() == 0, Path(err.name).read_text()
-                results.update(pickle.loads(out.read_bytes()))
+                for name, ref in json.loads(out.read_text()).items():
+                    for t in ref["tensors"]:
+                        t[5] = bytes.fromhex(t[5])
+                    results[name] = ref
         return results[str(path)]
 
     yield get
@@ -97,25 +99,6 @@ def reference(tmp_path_factory):
 
 
 # ----------------------------------------------------------------- helpers
-@contextlib.contextmanager
-def bounded(seconds: float = 5.0, max_new_rss_mb: int = 256):
-    """Fail on a hang (SIGALRM) or a large allocation (peak RSS growth)."""
-
-    def on_alarm(signum, frame):
-        raise TimeoutError(f"took more than {seconds}s")
-
-    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-        grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before) / 1024
-        assert grown_mb <= max_new_rss_mb, f"peak memory grew by {grown_mb:.0f} MiB"
-
-
 def types_of(v: GGUFValue) -> list[str]:
     """Our typed value in GGUFReader's `types` notation: ['ARRAY', 'STRING'], ['UINT32']..."""
     return [v.type.name] + ([v.sub_type.name] if v.type is V.ARRAY else [])
@@ -465,7 +448,7 @@ def test_each_validation_rule(tmp_path, case):
     raw, message = CASES[case]
     path = tmp_path / "bad.gguf"
     path.write_bytes(raw)
-    with bounded(), pytest.raises(CheckpointError) as e:
+    with bounded(max_new_rss_mb=256), pytest.raises(CheckpointError) as e:
         read_gguf(path)
     assert message in one_line(e, path)
 
@@ -544,7 +527,7 @@ def parse_or_refuse(raw: bytes, folder: Path) -> GGUFFile | None:
     path = fresh_path(folder)
     path.write_bytes(raw)
     try:
-        with bounded():
+        with bounded(max_new_rss_mb=256):
             f = read_gguf(path)
             for name, info in f.tensors.items():
                 assert f.raw(name).nbytes == info.nbytes

@@ -35,7 +35,6 @@ LLAMA3_DIR = DATA / "llama3_tokenizer"
 VOCABS = ["bert-bge", "falcon", "gpt-2", "llama-spm", "mpt", "refact"]
 N_VECTORS = 46
 
-pytestmark = pytest.mark.skipif(not VOCAB_DIR.is_dir(), reason="shared GGUF vocabulary data not present")
 
 
 # -- reading the reference data ---------------------------------------------------------------
@@ -118,8 +117,7 @@ def llama3_metadata() -> dict:
     }
 
 
-needs_llama3 = pytest.mark.skipif(not LLAMA3_DIR.is_dir(), reason="llama3_tokenizer data not present")
-ALL = [*VOCABS, pytest.param("llama-bpe", marks=needs_llama3)]
+ALL = [*VOCABS, "llama-bpe"]
 
 
 # -- llama.cpp's detokenizer (llama_vocab::impl::token_to_piece + detokenize), for reference ---
@@ -400,7 +398,6 @@ def test_metadata_must_be_a_mapping():
         tokenizer_from_gguf_metadata([("tokenizer.ggml.model", "gpt2")])
 
 
-@needs_llama3
 def test_llama3_builds_fast_and_adds_bos():
     meta = metadata_of("llama-bpe")
     start = time.perf_counter()
