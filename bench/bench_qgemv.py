@@ -7,6 +7,8 @@ For every weight format with a native kernel, on the smollm2-135m matrix shapes:
     GB/s of packed bytes, and the token rate this alone would allow).
 A format whose stream rate sits well under the machine's read bandwidth while its compute
 rate x threads is near the weights-per-token rate is compute-bound, and the reverse.
+Last, the fixed cost of one GEMV call (an 8 x 576 Q4_0 matrix) and a 576 x 576 Q4_0 GEMV on 1
+and on all threads: what splitting a small matrix across threads buys.
 
     python bench/bench_qgemv.py
 """
@@ -70,6 +72,20 @@ def main() -> None:
         seconds = best_of(stream, 5)
         label = fmt + (f"-g{options['group_size']}" if "group_size" in options else "")
         print(f"| {label} | {compute:.1f} | {nbytes / seconds / 1e9:.1f} | {1 / seconds:.0f} |", flush=True)
+    per_call(ext, x)
+
+
+def per_call(ext, x: torch.Tensor) -> None:
+    kind, data, scales, offsets, group, scale, _ = operands("q4_0", {}, (576, 576))
+    threads = torch.get_num_threads()
+    print("\n| Q4_0 GEMV call | threads | us per call |\n|---|---|---|")
+    for rows, n_threads in ((8, threads), (576, 1), (576, threads)):
+        torch.set_num_threads(n_threads)
+        part = data[:rows].contiguous()
+        run = lambda: [ext.qgemv(kind, x[:576], part, scales, offsets, group, scale, rows, 576, None)  # noqa: E731
+                       for _ in range(1000)]
+        print(f"| {rows} x 576 | {n_threads} | {best_of(run, 5) * 1e3:.1f} |", flush=True)
+    torch.set_num_threads(threads)
 
 
 if __name__ == "__main__":

@@ -121,6 +121,7 @@ class DecodePlan {
       TORCH_CHECK(pos < pos_.size(0), "position past the learned position table");
       for (int64_t i = 0; i < D_; ++i) x_[i] = r(x_[i] + element(pos_, pos * D_ + i));
     }
+    if (present(inv_freq_)) rope_angles(pos);  // the same rotation for every layer
     for (int64_t l = 0; l < n_layer_; ++l) {
       const Layer& L = layers_[l];
       const at::Tensor& kc = k_cache[l];
@@ -133,7 +134,7 @@ class DecodePlan {
 
       norm(x_.data(), L.attn_norm_w, L.attn_norm_b, xn_.data());
       linear(L.qkv, xn_.data(), qkv_.data());
-      if (present(inv_freq_)) rotate(qkv_.data(), H_ + KV_, pos);  // queries and keys
+      if (present(inv_freq_)) rotate(qkv_.data(), H_ + KV_);  // queries and keys
       store_kv(kc, vc, pos);
       attention(kc, vc, pos);
       linear(L.o, attn_.data(), tmp_.data());
@@ -231,21 +232,26 @@ class DecodePlan {
     for (int64_t i = 0; i < N; ++i) y[i] = r(present(L.bias) ? y[i] + element(L.bias, i) : y[i]);
   }
 
-  // RoPE, "rotate half" layout: pairs (i, i + hd/2) of each of the first `heads` heads of qkv_.
-  void rotate(float* v, int64_t heads, int64_t pos) const {
+  // cos and sin of position `pos` for each frequency, rounded like the eager bf16 path.
+  void rope_angles(int64_t pos) {
     const int64_t half = hd_ / 2;
     const float* inv_freq = inv_freq_.data_ptr<float>();
-    std::vector<float> c(half), s(half);
+    cos_.resize(half), sin_.resize(half);
     for (int64_t i = 0; i < half; ++i) {
       const float angle = static_cast<float>(pos) * inv_freq[i];  // fp32, as rope_cos_sin computes it
-      c[i] = r(std::cos(angle)), s[i] = r(std::sin(angle));
+      cos_[i] = r(std::cos(angle)), sin_[i] = r(std::sin(angle));
     }
+  }
+
+  // RoPE, "rotate half" layout: pairs (i, i + hd/2) of each of the first `heads` heads of v.
+  void rotate(float* v, int64_t heads) const {
+    const int64_t half = hd_ / 2;
     for (int64_t h = 0; h < heads; ++h) {
       float* x = v + h * hd_;
       for (int64_t i = 0; i < half; ++i) {
         const float x1 = x[i], x2 = x[i + half];
-        x[i] = r(r(x1 * c[i]) + r(-x2 * s[i]));
-        x[i + half] = r(r(x2 * c[i]) + r(x1 * s[i]));
+        x[i] = r(r(x1 * cos_[i]) + r(-x2 * sin_[i]));
+        x[i + half] = r(r(x2 * cos_[i]) + r(x1 * sin_[i]));
       }
     }
   }
@@ -314,7 +320,7 @@ class DecodePlan {
   std::vector<Layer> layers_;
   // Scratch, fp32: residual stream, normed input, a D-sized result, q|k|v, attention output,
   // the MLP's hidden and activated vectors, logits; xb_ a bf16 copy of a GEMV input.
-  std::vector<float> x_, xn_, tmp_, qkv_, attn_, hidden_, act_, logits_, act_q_;
+  std::vector<float> x_, xn_, tmp_, qkv_, attn_, hidden_, act_, logits_, act_q_, cos_, sin_;
   std::vector<at::BFloat16> xb_;
 };
 
