@@ -12,15 +12,12 @@ for the many flag-validation cases (same code path, no interpreter start-up cost
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import pickle
 import random
 import re
-import resource
 import shutil
-import signal
 import struct
 import subprocess
 import sys

@@ -6,7 +6,6 @@ truncations)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import struct

@@ -3,7 +3,8 @@
 GGUF files carry their tokenizer as metadata (`tokenizer.ggml.*`): the token strings, their
 types and scores, BPE merges, the special-token ids and the name of the pre-tokenizer.
 `tokenizer_from_gguf_metadata` rebuilds the same tokenizer on Hugging Face `tokenizers`, one
-pipeline per llama.cpp vocabulary type:
+pipeline per llama.cpp vocabulary type (`tokenizer_to_gguf_metadata`, at the end, goes the
+other way for our BPE tokenizers):
 
 * ``llama`` (SentencePiece BPE): "▁" for spaces and in front of the text, merges ranked by
   the merged piece's score (llama.cpp merges the highest-scoring adjacent pair), byte
@@ -34,13 +35,15 @@ be numpy arrays. Nothing here reads files.
 
 from __future__ import annotations
 
+import json
 import operator
 from collections.abc import Mapping, Sequence
 
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 
-from .errors import CheckpointError
+from .errors import CheckpointError, InvalidArgument
+from .gguf import GGUFValue, GGUFValueType
 from .tokenizer import SPIECE_SPACE, Tokenizer
 
 __all__ = ["tokenizer_from_gguf_metadata", "PRE_TOKENIZERS"]
@@ -351,14 +354,19 @@ def _add_special_tokens(
 # -- metadata -----------------------------------------------------------------------------------
 
 
-def _read_tokens(metadata: Mapping[str, object]) -> list[str]:
-    key = _KEY + "tokens"
+def _string_list(metadata: Mapping[str, object], key: str, missing: str) -> Sequence:
+    """The list stored under `key` (its items are checked by the caller)."""
     raw = metadata.get(key)
     if raw is None:
-        raise CheckpointError(f"GGUF metadata has no {key}")
+        raise CheckpointError(missing)
     if isinstance(raw, (str, bytes)) or not isinstance(raw, Sequence):
         raise CheckpointError(f"GGUF {key} must be a list of strings")
-    tokens = list(raw)
+    return raw
+
+
+def _read_tokens(metadata: Mapping[str, object]) -> list[str]:
+    key = _KEY + "tokens"
+    tokens = list(_string_list(metadata, key, f"GGUF metadata has no {key}"))
     if not tokens:
         raise CheckpointError(f"GGUF {key} is empty")
     seen: dict[str, int] = {}
@@ -397,11 +405,7 @@ def _read_numbers(metadata: Mapping[str, object], name: str, n: int, kind: type)
 
 def _read_merges(metadata: Mapping[str, object], tokens: list[str]) -> list[tuple[str, str]]:
     key = _KEY + "merges"
-    raw = metadata.get(key)
-    if raw is None:
-        raise CheckpointError(f"GGUF BPE vocabulary has no {key}")
-    if isinstance(raw, (str, bytes)) or not isinstance(raw, Sequence):
-        raise CheckpointError(f"GGUF {key} must be a list of strings")
+    raw = _string_list(metadata, key, f"GGUF BPE vocabulary has no {key}")
     vocab = set(tokens)
     merges = []
     for i, merge in enumerate(raw):
@@ -501,3 +505,66 @@ def _get_bool(metadata: Mapping[str, object], name: str, default: bool) -> bool:
 def _one_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+# -- our tokenizer as GGUF metadata (the way out) ------------------------------------------
+TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 5, 6
+
+
+def tokenizer_to_gguf_metadata(tokenizer: Tokenizer, config) -> dict:
+    """Our BPE tokenizer as llama.cpp vocabulary metadata: a byte-fallback BPE (SentencePiece
+    style) becomes a "llama" vocabulary whose scores rank tokens by the merge that makes them;
+    a byte-level BPE becomes a "gpt2" vocabulary with its merges and GPT-2's pre-tokenizer.
+    Rows of the embedding past the tokenizer's vocabulary get unused [PAD{i}] tokens."""
+    spec = json.loads(tokenizer.backend.to_str())
+    model = spec.get("model", {})
+    if model.get("type") != "BPE":
+        raise InvalidArgument(f"only BPE tokenizers can be written to GGUF (this one is {model.get('type')})")
+    pieces: dict[int, str] = {i: p for p, i in model["vocab"].items()}
+    special = {t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
+    for t in spec.get("added_tokens", []):
+        pieces[t["id"]] = t["content"]
+    size = max(config.vocab_size, max(pieces) + 1)
+    if size > config.vocab_size:
+        raise InvalidArgument(f"the tokenizer has {size} tokens but the model only {config.vocab_size}")
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
+    tokens, types = [], []
+    for i in range(size):
+        piece = pieces.get(i)
+        if piece is None:
+            tokens.append(f"[PAD{i}]"), types.append(TOKEN_UNUSED)
+            continue
+        tokens.append(piece)
+        if i in special:
+            types.append(TOKEN_UNKNOWN if piece == model.get("unk_token") else TOKEN_CONTROL)
+        elif model.get("byte_fallback") and len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            types.append(TOKEN_BYTE)
+        else:
+            types.append(TOKEN_NORMAL)
+    meta: dict = {}
+    if model.get("byte_fallback"):
+        rank = {}
+        for r, (a, b) in enumerate(merges):
+            rank.setdefault(a + b, r)
+        meta["tokenizer.ggml.model"] = "llama"
+        meta["tokenizer.ggml.tokens"] = tokens
+        meta["tokenizer.ggml.scores"] = GGUFValue([-float(rank.get(t, len(merges))) if ty == TOKEN_NORMAL else 0.0
+                                                   for t, ty in zip(tokens, types)],
+                                                  GGUFValueType.ARRAY, GGUFValueType.FLOAT32)
+        meta["tokenizer.ggml.add_space_prefix"] = True
+    else:
+        meta["tokenizer.ggml.model"] = "gpt2"
+        meta["tokenizer.ggml.pre"] = "gpt-2"
+        meta["tokenizer.ggml.tokens"] = tokens
+        meta["tokenizer.ggml.merges"] = [f"{a} {b}" for a, b in merges]
+    meta["tokenizer.ggml.token_type"] = GGUFValue(types, GGUFValueType.ARRAY, GGUFValueType.INT32)
+    for key, value in (("bos_token_id", tokenizer.bos_id), ("eos_token_id", tokenizer.eos_id),
+                       ("padding_token_id", tokenizer.pad_id)):
+        if value is not None:
+            meta[f"tokenizer.ggml.{key}"] = value
+    unk = model.get("unk_token")
+    if unk is not None and unk in model["vocab"]:
+        meta["tokenizer.ggml.unknown_token_id"] = model["vocab"][unk]
+    meta["tokenizer.ggml.add_bos_token"] = bool(tokenizer.add_bos)
+    meta["tokenizer.ggml.add_eos_token"] = False
+    return meta

@@ -14,7 +14,6 @@ ggml block format); a matrix whose rows do not fill whole blocks falls back to F
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,7 @@ from ..config import Config
 from ..errors import CheckpointError, InvalidArgument
 from ..gguf import GGMLType, GGUFValue, GGUFValueType, read_gguf, write_gguf
 from ..gguf.quants import BLOCK_SIZES, quantize
+from ..gguf_vocab import tokenizer_from_gguf_metadata, tokenizer_to_gguf_metadata
 from ..model import Transformer, empty_model, finish_loading, rope_inv_freq
 from ..tokenizer import Tokenizer
 
@@ -133,8 +133,6 @@ def _interleaved_rope(config: Config) -> bool:
 def load_gguf(path: str | Path, *, dtype: torch.dtype | None = None) -> tuple[Transformer, Config, Tokenizer]:
     """A GGUF model file -> (model, config, tokenizer). Every tensor is dequantized to float
     and cast to `dtype` (default: float32 for quantized files, else the file's float type)."""
-    from ..gguf_vocab import tokenizer_from_gguf_metadata
-
     path = Path(path)
     f = read_gguf(path)
     shapes = {name: info.torch_shape for name, info in f.tensors.items()}
@@ -266,66 +264,3 @@ def save_gguf(model: Transformer, tokenizer: Tokenizer, path: str | Path, file_t
         raise InvalidArgument(f"no GGUF architecture for family {config.family!r}")
     tensors = gguf_tensors(model, file_type)
     write_gguf(path, gguf_metadata(config, tokenizer, file_type), tensors)
-
-
-# ---------------------------------------------------------------------------- vocabulary
-TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 5, 6
-
-
-def tokenizer_to_gguf_metadata(tokenizer: Tokenizer, config: Config) -> dict:
-    """Our BPE tokenizer as llama.cpp vocabulary metadata: a byte-fallback BPE (SentencePiece
-    style) becomes a "llama" vocabulary whose scores rank tokens by the merge that makes them;
-    a byte-level BPE becomes a "gpt2" vocabulary with its merges and GPT-2's pre-tokenizer.
-    Rows of the embedding past the tokenizer's vocabulary get unused [PAD{i}] tokens."""
-    spec = json.loads(tokenizer.backend.to_str())
-    model = spec.get("model", {})
-    if model.get("type") != "BPE":
-        raise InvalidArgument(f"only BPE tokenizers can be written to GGUF (this one is {model.get('type')})")
-    pieces: dict[int, str] = {i: p for p, i in model["vocab"].items()}
-    special = {t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
-    for t in spec.get("added_tokens", []):
-        pieces[t["id"]] = t["content"]
-    size = max(config.vocab_size, max(pieces) + 1)
-    if size > config.vocab_size:
-        raise InvalidArgument(f"the tokenizer has {size} tokens but the model only {config.vocab_size}")
-    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
-    tokens, types = [], []
-    for i in range(size):
-        piece = pieces.get(i)
-        if piece is None:
-            tokens.append(f"[PAD{i}]"), types.append(TOKEN_UNUSED)
-            continue
-        tokens.append(piece)
-        if i in special:
-            types.append(TOKEN_UNKNOWN if piece == model.get("unk_token") else TOKEN_CONTROL)
-        elif model.get("byte_fallback") and len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
-            types.append(TOKEN_BYTE)
-        else:
-            types.append(TOKEN_NORMAL)
-    meta: dict = {}
-    if model.get("byte_fallback"):
-        rank = {}
-        for r, (a, b) in enumerate(merges):
-            rank.setdefault(a + b, r)
-        meta["tokenizer.ggml.model"] = "llama"
-        meta["tokenizer.ggml.tokens"] = tokens
-        meta["tokenizer.ggml.scores"] = GGUFValue([-float(rank.get(t, len(merges))) if ty == TOKEN_NORMAL else 0.0
-                                                   for t, ty in zip(tokens, types)],
-                                                  GGUFValueType.ARRAY, GGUFValueType.FLOAT32)
-        meta["tokenizer.ggml.add_space_prefix"] = True
-    else:
-        meta["tokenizer.ggml.model"] = "gpt2"
-        meta["tokenizer.ggml.pre"] = "gpt-2"
-        meta["tokenizer.ggml.tokens"] = tokens
-        meta["tokenizer.ggml.merges"] = [f"{a} {b}" for a, b in merges]
-    meta["tokenizer.ggml.token_type"] = GGUFValue(types, GGUFValueType.ARRAY, GGUFValueType.INT32)
-    for key, value in (("bos_token_id", tokenizer.bos_id), ("eos_token_id", tokenizer.eos_id),
-                       ("padding_token_id", tokenizer.pad_id)):
-        if value is not None:
-            meta[f"tokenizer.ggml.{key}"] = value
-    unk = model.get("unk_token")
-    if unk is not None and unk in model["vocab"]:
-        meta["tokenizer.ggml.unknown_token_id"] = model["vocab"][unk]
-    meta["tokenizer.ggml.add_bos_token"] = bool(tokenizer.add_bos)
-    meta["tokenizer.ggml.add_eos_token"] = False
-    return meta
