@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from .api import LanguageModel, load, resolve_dtype
 from .errors import EmergenceError, InvalidArgument
@@ -245,12 +246,94 @@ def cmd_quantize(args: argparse.Namespace) -> None:
           f"({before / after:.2f}x smaller), wrote {out}")
 
 
+def _tokenizer_for(spec: str) -> "Tokenizer":
+    """A tokenizer file or folder, or the tokenizer of a model (path or packaged name)."""
+    from .api import _locate
+    from .tokenizer import Tokenizer
+
+    path = Path(spec)
+    if path.exists():
+        return Tokenizer.load(path)
+    return Tokenizer.load(_locate(spec))
+
+
+def cmd_prepare(args: argparse.Namespace) -> None:
+    from .data.shards import prepare_corpus
+
+    tokenizer = _tokenizer_for(args.tokenizer)
+    m = prepare_corpus(args.inputs, tokenizer, args.out, val_fraction=args.val_fraction,
+                       invalid_utf8=args.invalid_utf8, shard_tokens=args.shard_tokens)
+    splits = m["splits"]
+    print(f"wrote {args.out}: {splits['train']['tokens']:,} train + {splits['val']['tokens']:,} val tokens "
+          f"({m['dtype']}) from {len(m['sources'])} file(s), "
+          f"{sum(s['documents'] for s in m['sources']):,} documents; tokenizer {m['tokenizer']['hash']}")
+
+
+def cmd_train_tokenizer(args: argparse.Namespace) -> None:
+    import time
+
+    from .data.shards import expand_inputs, read_documents
+    from .progress import human
+    from .tokenizer import GPT2_EOT, Tokenizer
+
+    start = time.perf_counter()
+    docs, size = [], 0
+    for path in expand_inputs(args.inputs):
+        file_docs, invalid = read_documents(path, GPT2_EOT, args.invalid_utf8)
+        if invalid:
+            print(f"{path}: {invalid} invalid UTF-8 sequence(s) "
+                  f"{'replaced by U+FFFD' if args.invalid_utf8 == 'replace' else 'skipped'}")
+        docs += file_docs
+        size += path.stat().st_size
+    if not docs:
+        raise InvalidArgument("the corpus is empty: no text to train a tokenizer on")
+    tok = Tokenizer.train_bpe_from_texts(docs, args.vocab_size, show_progress=sys.stderr.isatty())
+    tok.save(args.out)
+    elapsed = time.perf_counter() - start
+    print(f"trained a byte-level BPE of {tok.vocab_size:,} tokens on {len(docs):,} documents "
+          f"({human(size)}B, {human(size / elapsed)}B/s); wrote {args.out} (tokenizer {tok.fingerprint()})")
+
+
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    from .train.trainer import TrainConfig, load_train_config, train
+
+    settings = load_train_config(args.train_config) if args.train_config else {}
+    for name in (*_TRAIN_FLAGS, "compile", "fsdp", "save_best"):
+        value = getattr(args, name)
+        if value is not None:
+            settings[name] = value
+    settings.update(data=args.data, out=args.out)
+    if args.no_progress:
+        settings["progress"] = False
+    tc = TrainConfig(**settings)
+    train(args.config, tc, resume=args.resume)
+
+
+# TrainConfig fields settable by a flag of the same name (None: keep the file's or the default).
+_TRAIN_FLAGS = {
+    "objective": (str, "next-token or span-corruption"), "context": (int, "tokens per row (default: block_size)"),
+    "batch_size": (int, "rows per micro-batch per rank"), "grad_accum": (int, "micro-batches per step"),
+    "max_steps": (int, "optimizer steps"), "lr": (float, "peak learning rate"), "min_lr": (float, "final lr"),
+    "warmup_steps": (int, "linear warmup steps"), "schedule": (str, "cosine, wsd or constant"),
+    "decay_fraction": (float, "wsd: share of steps spent decaying"), "weight_decay": (float, "AdamW decay"),
+    "beta1": (float, None), "beta2": (float, None), "grad_clip": (float, "max grad norm, 0 = off"),
+    "dtype": (str, "auto, bf16 (autocast) or fp32"), "eval_every": (int, "steps between evaluations"),
+    "eval_batches": (int, "validation batches per evaluation"), "sample_every": (int, "steps between samples"),
+    "sample_tokens": (int, None), "checkpoint_every": (int, "steps between checkpoints"),
+    "log_every": (int, "steps between throughput measurements"), "seed": (int, None),
+    "device": (str, "auto, cpu or cuda"),
+}
+
+
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
     "generate": (cmd_generate, "complete a prompt"),
     "chat": (cmd_chat, "interactive conversation"),
     "info": (cmd_info, "describe a model"),
     "convert": (cmd_convert, "convert a checkpoint: HF layout, GGUF or llama2.c -> HF layout or GGUF (DST.gguf)"),
     "quantize": (cmd_quantize, "quantize a model's linear layers (int8, int4, GPTQ, nf4, ternary, ggml blocks)"),
+    "prepare": (cmd_prepare, "tokenize text files into memory-mapped token shards for pretraining"),
+    "train-tokenizer": (cmd_train_tokenizer, "train a byte-level BPE tokenizer on text files"),
+    "pretrain": (cmd_pretrain, "train a model from scratch on prepared token shards (torchrun for several processes)"),
 }
 
 
@@ -306,6 +389,34 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--skip", action="append", default=[], metavar="NAME",
                    help="keep layers of this name in full precision (e.g. down_proj; repeatable; lm_head always)")
     q.add_argument("--tokenizer", default=None, help="tokenizer .bin for a llama2.c MODEL")
+
+    p = parsers["prepare"]
+    p.add_argument("inputs", nargs="+", metavar="TEXT_OR_JSONL", help="files, folders or glob patterns")
+    p.add_argument("--tokenizer", required=True, metavar="TOK", help="tokenizer file/folder or a model's name or path")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--val-fraction", type=float, default=0.05, metavar="F",
+                   help="share of each file's tokens held out for validation (default %(default)s)")
+    p.add_argument("--invalid-utf8", choices=("replace", "skip"), default="replace")
+    p.add_argument("--shard-tokens", type=int, default=100_000_000, help="ids per shard file")
+
+    t = parsers["train-tokenizer"]
+    t.add_argument("inputs", nargs="+", metavar="FILES")
+    t.add_argument("--vocab-size", type=int, required=True, metavar="N")
+    t.add_argument("--out", required=True, metavar="DIR")
+    t.add_argument("--invalid-utf8", choices=("replace", "skip"), default="replace")
+
+    r = parsers["pretrain"]
+    r.add_argument("--config", required=True, metavar="PRESET_OR_JSON", help="model preset name or config JSON")
+    r.add_argument("--data", required=True, metavar="DIR", help="folder written by `emergence prepare`")
+    r.add_argument("--out", required=True, metavar="DIR", help="run folder: checkpoint, metrics, final model")
+    r.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    r.add_argument("--train-config", default=None, metavar="JSON", help="training settings file (flags override)")
+    r.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    r.add_argument("--fsdp", action="store_true", default=None, help="under torchrun: shard with FSDP2")
+    r.add_argument("--save-best", action="store_true", default=None, help="keep OUT/best at the lowest val loss")
+    r.add_argument("--no-progress", action="store_true", help="no live progress line")
+    for name, (kind, help_) in _TRAIN_FLAGS.items():
+        r.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=help_)
     return parser
 
 

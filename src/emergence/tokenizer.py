@@ -17,6 +17,7 @@ back bytes of a character that is still incomplete.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import operator
@@ -138,6 +139,15 @@ class Tokenizer:
         if isinstance(ids, (str, bytes)):
             raise InvalidArgument("decode() takes a sequence of token ids, not text")
         return [self._check_id(i) for i in ids]
+
+    def fingerprint(self) -> str:
+        """A short hash of everything that decides the ids: vocabulary, merges, normalizer,
+        pre-tokenizer and special tokens. Token shards record it, so that a model is never
+        trained on ids from another tokenizer."""
+        backend = json.loads(self.backend.to_str())
+        backend.pop("truncation", None), backend.pop("padding", None), backend.pop("post_processor", None)
+        state = json.dumps([backend, self.bos_token, self.eos_token, self.add_bos], sort_keys=True)
+        return hashlib.sha256(state.encode()).hexdigest()[:16]
 
     # -- saving and loading ---------------------------------------------------------------
 
@@ -316,20 +326,39 @@ class Tokenizer:
         for p in paths:
             if not os.path.isfile(p):
                 raise InvalidArgument(f"training file not found: {p}")
-        backend = tokenizers.Tokenizer(models.BPE())
-        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        backend.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size,
-            special_tokens=special_tokens,
-            initial_alphabet=alphabet,  # every byte is encodable, even ones absent from the text
-            show_progress=False,
-        )
+        backend, trainer = _bpe_trainer(vocab_size, special_tokens, show_progress=False)
         try:
             backend.train(paths, trainer)
         except Exception as e:  # e.g. a file that is not UTF-8 text
             raise InvalidArgument(f"cannot train on {paths}: {_one_line(e)}") from None
         return cls(backend, eos_token=special_tokens[0] if special_tokens else None)
+
+    @classmethod
+    def train_bpe_from_texts(cls, texts: Iterable[str], vocab_size: int, *,
+                             special_tokens: Sequence[str] = (GPT2_EOT,), show_progress: bool = False) -> Tokenizer:
+        """`train_bpe` over documents already in memory (each a separate text: no merge spans two)."""
+        special_tokens = list(special_tokens)
+        minimum = len(pre_tokenizers.ByteLevel.alphabet()) + len(special_tokens)
+        if not isinstance(vocab_size, int) or vocab_size < minimum:
+            raise InvalidArgument(f"vocab_size must be at least {minimum} "
+                                  f"(256 bytes + {len(special_tokens)} special tokens), got {vocab_size}")
+        backend, trainer = _bpe_trainer(vocab_size, special_tokens, show_progress=show_progress)
+        backend.train_from_iterator(texts, trainer)
+        return cls(backend, eos_token=special_tokens[0] if special_tokens else None)
+
+
+def _bpe_trainer(vocab_size: int, special_tokens: list[str], *, show_progress: bool):
+    """An empty byte-level BPE (GPT-2 style) and the trainer that fills it."""
+    backend = tokenizers.Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=special_tokens,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte is encodable, even unseen ones
+        show_progress=show_progress,
+    )
+    return backend, trainer
 
 
 class StreamDecoder:

@@ -1,0 +1,572 @@
+"""The one pretraining loop: token shards + a Config -> a trained model in the HF layout.
+
+    data (TokenShards) -> WindowSampler -> objective batch -> model -> loss -> AdamW step
+                                                       every N steps: eval, sample, checkpoint
+
+Exact resume: the data order is a function of (seed, samples consumed), the schedule a
+function of the step, and the checkpoint carries model, optimizer and RNG states, so a run
+resumed from step k repeats the uninterrupted run's losses from k on.
+
+Data parallelism: under `torchrun` (WORLD_SIZE > 1) each rank reads its own slice of every
+global micro-batch: rank r takes samples [c + r*B, c + (r+1)*B) of the B*world samples that
+start at cursor c, so N ranks with batch B see what one process with batch N*B sees, and
+DistributedDataParallel's gradient average equals that process's gradient. `fsdp=True`
+shards parameters, gradients and optimizer state instead (FSDP2, `fully_shard`).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..config import Config, read_json
+from ..errors import ConfigError, InvalidArgument
+from ..data.shards import TokenShards
+from ..model import Transformer
+from ..progress import Progress, duration, human
+from ..sampling import SamplingParams
+from . import objectives
+from .checkpoint import load_checkpoint, save_checkpoint
+from .optim import SCHEDULES, initialize_weights, learning_rate, make_optimizer
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides a run besides the model's shapes (all of it is checkpointed)."""
+
+    data: str
+    out: str
+    objective: str = "next-token"  # objectives.OBJECTIVES
+    context: int | None = None  # tokens per row seen by the model; None: the model's block_size
+    batch_size: int = 16  # rows per micro-batch on each rank
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_steps: int = 1000
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 100
+    schedule: str = "cosine"  # optim.SCHEDULES
+    decay_fraction: float = 0.2  # wsd: share of the steps spent decaying
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max global grad norm; 0 turns clipping off
+    dtype: str = "auto"  # auto (bf16 autocast on a GPU that supports it, else fp32), bf16, fp32
+    compile: bool = False
+    eval_every: int = 100
+    eval_batches: int = 10
+    sample_every: int = 0  # 0: only at the end
+    sample_tokens: int = 64
+    checkpoint_every: int = 100
+    log_every: int = 10
+    seed: int = 1337
+    device: str = "auto"
+    fsdp: bool = False
+    save_best: bool = False  # also keep OUT/best (HF layout) at the lowest validation loss
+    noise_density: float = 0.15  # span corruption
+    mean_noise_span_length: float = 3.0
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.objective not in objectives.OBJECTIVES:
+            raise InvalidArgument(f"unknown objective {self.objective!r}; known: {', '.join(objectives.OBJECTIVES)}")
+        if self.schedule not in SCHEDULES:
+            raise InvalidArgument(f"unknown schedule {self.schedule!r}; known: {', '.join(SCHEDULES)}")
+        if self.dtype not in ("auto", "bf16", "fp32"):
+            raise InvalidArgument(f"dtype must be auto, bf16 or fp32, got {self.dtype!r}")
+        for name in ("batch_size", "grad_accum", "max_steps", "eval_batches", "log_every"):
+            if getattr(self, name) <= 0:
+                raise InvalidArgument(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_every", "sample_every", "checkpoint_every", "grad_clip", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise InvalidArgument(f"{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
+        if not 0 < self.lr or not 0 <= self.min_lr <= self.lr:
+            raise InvalidArgument(f"need 0 < lr and 0 <= min-lr <= lr, got lr={self.lr}, min-lr={self.min_lr}")
+
+
+# ---------------------------------------------------------------------------------- data
+class WindowSampler:
+    """Fixed-length windows of a split's token stream, in a seeded order, epoch after epoch.
+
+    Window k of a shard covers tokens [k*stride, k*stride + length). Sample number i (counted
+    over the whole run) is window perm_e[i mod N] with e = i div N and perm_e a permutation
+    seeded by (seed, e): the order depends only on i, which is what makes resume exact.
+    """
+
+    def __init__(self, arrays: list[np.ndarray], length: int, stride: int, seed: int) -> None:
+        self.arrays, self.length, self.stride, self.seed = arrays, length, stride, seed
+        counts = [max(0, (len(a) - length) // stride + 1) for a in arrays]
+        self.offsets = np.cumsum([0] + counts)  # window index -> shard by searchsorted
+        self.num_windows = int(self.offsets[-1])
+        self._epoch, self._perm = -1, None
+
+    def window(self, k: int) -> np.ndarray:
+        shard = int(np.searchsorted(self.offsets, k, side="right") - 1)
+        start = (k - int(self.offsets[shard])) * self.stride
+        return self.arrays[shard][start:start + self.length]
+
+    def sample(self, i: int) -> np.ndarray:
+        epoch, pos = divmod(i, self.num_windows)
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.num_windows, generator=g).numpy()
+        return self.window(int(self._perm[pos]))
+
+    def batch(self, first: int, count: int) -> torch.Tensor:
+        """Samples first .. first+count-1 as a (count, length) int64 tensor."""
+        rows = [self.sample(i).astype(np.int64) for i in range(first, first + count)]
+        return torch.from_numpy(np.stack(rows))
+
+
+# ---------------------------------------------------------------------- the environment
+@dataclass
+class _Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _init_distributed(device: str) -> tuple[_Dist, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        return _Dist(), torch.device(device)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device in ("auto", "cuda") and torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return _Dist(rank, world, local_rank), torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+
+
+def _all_mean(value: float, env: _Dist, device: torch.device) -> float:
+    if env.world == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.item() / env.world
+
+
+def estimate_training_memory(config: Config, batch_size: int, context: int, bf16: bool) -> dict[str, int]:
+    """Bytes a training step needs: fp32 weights + grads + AdamW's two moments (16 per
+    parameter), and activations (Korthikanti et al. 2022: s*b*h*(34 + 5*a*s/h) bytes per
+    layer in 16-bit, doubled in fp32) plus the fp32 logits and their gradient."""
+    params = config.num_parameters()
+    s, b, h, a = context, batch_size, config.n_embd, config.n_head
+    per_layer = s * b * h * (34 + 5 * a * s / h) * (1 if bf16 else 2)
+    logits = 3 * b * s * config.vocab_size * 4
+    return {"parameters": params, "weights_and_optimizer": 16 * params,
+            "activations": int(config.n_layer * per_layer + logits)}
+
+
+def available_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def _check_memory(config: Config, tc: TrainConfig, context: int, bf16: bool, device: torch.device) -> None:
+    need = estimate_training_memory(config, tc.batch_size, context, bf16)
+    total, have = need["weights_and_optimizer"] + need["activations"], available_memory(device)
+    if total > have:
+        gb = 1 << 30
+        raise InvalidArgument(
+            f"this run needs about {total / gb:.1f} GiB on {device.type} ({need['parameters'] / 1e6:.1f}M parameters: "
+            f"{need['weights_and_optimizer'] / gb:.1f} GiB weights, gradients and AdamW state; "
+            f"{need['activations'] / gb:.1f} GiB activations at batch {tc.batch_size} x context {context}) "
+            f"but only {have / gb:.1f} GiB is available; use a smaller model, batch or context")
+
+
+def model_flops_per_token(config: Config, context: int) -> float:
+    """Training FLOPs per token: 6 per matmul weight (forward 2, backward 4) plus attention's
+    12 * n_layer * n_head * head_dim * context (PaLM, appendix B)."""
+    d, hd = config.n_embd, config.head_dim
+    q, kv = config.n_head * hd, config.n_kv_head * hd
+    n_mats = 3 if config.mlp == "swiglu" else 2
+    matmul = config.n_layer * (d * (q + 2 * kv) + q * d + n_mats * d * config.intermediate_size)
+    matmul += config.vocab_size * d  # the output head
+    return 6 * matmul + 12 * config.n_layer * config.n_head * hd * context
+
+
+# ------------------------------------------------------------------------------ the loop
+@dataclass
+class TrainResult:
+    step: int
+    tokens: int
+    train_loss: float
+    val_loss: float | None
+    elapsed_s: float
+    tokens_per_s: float
+    model_dir: Path | None
+    losses: list[float] = field(default_factory=list)  # train loss of every step this call ran
+
+
+def resolve_model_config(spec: str | Config, vocab_size: int, eos_id: int, objective: str) -> Config:
+    """A preset name, a JSON file (our Config fields or an HF config.json) or a Config, with
+    the vocabulary sized for the data's tokenizer (plus T5's 100 sentinel ids for span
+    corruption), rounded up to a multiple of 64 for efficient matmuls."""
+    if isinstance(spec, Config):
+        config = Config.from_dict(spec.to_dict())
+    elif Path(spec).is_file():
+        raw = read_json(Path(spec))
+        config = Config.from_hf(raw) if "model_type" in raw else Config.from_dict(raw)
+    else:
+        config = Config.from_name(spec)
+    needed = vocab_size + (100 if objective == "span-corruption" else 0)
+    config.vocab_size = max(64 * math.ceil(needed / 64), config.vocab_size if isinstance(spec, Config) else 0)
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = None, eos_id, None
+    config.validate()
+    return config
+
+
+def train(model_spec: str | Config, tc: TrainConfig, *, resume: bool = False) -> TrainResult:
+    """Run (or continue, with resume=True) the pretraining described by tc; see the module docstring."""
+    tc.validate()
+    env, device = _init_distributed(tc.device)
+    out = Path(tc.out)
+    data = TokenShards(tc.data)
+    tokenizer = data.tokenizer()
+    if tokenizer.fingerprint() != data.tokenizer_hash:
+        raise InvalidArgument(f"{tc.data}: the shards' manifest names tokenizer {data.tokenizer_hash} but the "
+                              f"tokenizer stored beside them hashes to {tokenizer.fingerprint()}")
+    state = None
+    if resume:
+        state = load_checkpoint(out)
+        config = Config.from_dict(state["model_config"])
+        if state["tokenizer_hash"] != data.tokenizer_hash:
+            raise InvalidArgument(f"the checkpoint in {out} was trained on tokenizer {state['tokenizer_hash']} but "
+                                  f"the shards in {tc.data} use tokenizer {data.tokenizer_hash}")
+        _check_same_run(TrainConfig(**state["train_config"]), tc)
+    else:
+        config = resolve_model_config(model_spec, data.vocab_size, tokenizer.eos_id, tc.objective)
+        if out.exists() and (out / "checkpoint.pt").exists():
+            raise InvalidArgument(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+
+    context = tc.context or config.block_size
+    if context > config.block_size:
+        raise InvalidArgument(f"context {context} exceeds the model's block_size {config.block_size}")
+    bf16 = tc.dtype == "bf16" or (tc.dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    _check_memory(config, tc, context, bf16, device)
+
+    window = objectives.window_length_for(tc.objective, context, tc.noise_density, tc.mean_noise_span_length)
+    stride = window - 1 if tc.objective == "next-token" else window
+    train_windows = WindowSampler(data.split("train"), window, stride, tc.seed)
+    val_arrays = data.split("val")
+    val_windows = WindowSampler(val_arrays, window, stride, tc.seed) if val_arrays else None
+    if train_windows.num_windows == 0:
+        raise InvalidArgument(f"the training split ({data.tokens('train')} tokens) is shorter than one "
+                              f"window of {window} tokens; use a smaller --context")
+    sentinels = objectives.t5_sentinel_ids(config.vocab_size)
+    if tc.objective == "span-corruption" and min(sentinels) < data.vocab_size:
+        raise InvalidArgument(f"span corruption needs vocab_size >= {data.vocab_size + 100} "
+                              f"(tokenizer + 100 sentinels), the model has {config.vocab_size}")
+
+    torch.manual_seed(tc.seed)
+    model = Transformer(config)
+    initialize_weights(model, generator=torch.Generator().manual_seed(tc.seed))
+    model.to(device)
+    train_model = _wrap_parallel(model, tc, env, device)
+    optimizer = make_optimizer(train_model, lr=tc.lr, weight_decay=tc.weight_decay, betas=(tc.beta1, tc.beta2))
+    step, cursor, best_val = 0, 0, math.inf
+    if state is not None:
+        _load_state(train_model, optimizer, state)
+        step, cursor, best_val = state["step"], state["cursor"], state.get("best_val", math.inf)
+        _restore_rng(state["rng"], device)
+    forward = torch.compile(train_model) if tc.compile else train_model
+    autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16 else nullcontext())
+
+    metrics = _Metrics(out, env.main, truncate_after=step if state is not None else None)
+    if env.main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_config.json").write_text(json.dumps(asdict(tc), indent=2) + "\n")
+        (out / "model_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        params = sum(p.numel() for p in model.parameters())
+        tokens_per_step = tc.batch_size * env.world * tc.grad_accum * context
+        print(f"pretrain: {params / 1e6:.2f}M parameters ({config.n_layer} layers x {config.n_embd} wide), "
+              f"{tokens_per_step:,} tokens per step, {data.tokens('train'):,} training tokens, "
+              f"{'bf16 autocast' if bf16 else 'fp32'} on {device}"
+              f"{f' x {env.world} ranks' if env.world > 1 else ''}"
+              f"{f', resuming at step {step}' if state is not None else ''}", flush=True)
+
+    def make_batch(first: int) -> objectives.Batch:
+        windows = train_windows.batch(first, tc.batch_size)
+        if tc.objective == "next-token":
+            return objectives.next_token_batch(windows)
+        # the span layout is drawn from a generator seeded by the sample number: resumable too
+        g = torch.Generator().manual_seed(tc.seed + first)
+        return objectives.span_corruption_batch(windows, sentinels, tokenizer.eos_id, generator=g,
+                                                noise_density=tc.noise_density,
+                                                mean_noise_span_length=tc.mean_noise_span_length)
+
+    tokens_per_step = tc.batch_size * env.world * tc.grad_accum * context
+    progress = Progress(tc.max_steps * tokens_per_step, "tok", desc="pretrain", enabled=tc.progress and env.main)
+    progress.done = step * tokens_per_step
+    losses: list[float] = []
+    val_loss = None
+    start = time.perf_counter()
+    window_start, window_tokens = start, 0
+    train_model.train()
+    while step < tc.max_steps:
+        lr = learning_rate(step, schedule=tc.schedule, lr=tc.lr, min_lr=tc.min_lr, warmup_steps=tc.warmup_steps,
+                           max_steps=tc.max_steps, decay_fraction=tc.decay_fraction)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        step_loss = 0.0
+        for micro in range(tc.grad_accum):
+            batch = make_batch(cursor + env.rank * tc.batch_size)
+            cursor += tc.batch_size * env.world
+            inputs, targets = batch.inputs.to(device), batch.targets.to(device)
+            sync = micro == tc.grad_accum - 1 or env.world == 1 or tc.fsdp
+            with (nullcontext() if sync else train_model.no_sync()), autocast:
+                loss = objectives.next_token_loss(forward(inputs), targets) / tc.grad_accum
+            loss.backward()
+            step_loss += loss.item()
+        grad_norm = (torch.nn.utils.clip_grad_norm_(train_model.parameters(), tc.grad_clip) if tc.grad_clip
+                     else _grad_norm(train_model))
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        step_loss = _all_mean(step_loss, env, device)
+        losses.append(step_loss)
+        if not math.isfinite(step_loss):
+            raise InvalidArgument(f"the loss became {step_loss} at step {step}; lower --lr or raise --warmup-steps")
+        window_tokens += tokens_per_step
+        progress.update(tokens_per_step, step=f"{step}/{tc.max_steps}", loss=step_loss, lr=f"{lr:.2e}")
+
+        row = {"step": step, "tokens": step * tokens_per_step, "train_loss": step_loss, "lr": lr,
+               "grad_norm": grad_norm}
+        if step % tc.log_every == 0 or step == tc.max_steps:
+            now = time.perf_counter()
+            row["tokens_per_s"] = window_tokens / (now - window_start)
+            row["elapsed_s"] = now - start
+            window_start, window_tokens = now, 0
+        last = step == tc.max_steps
+        if val_windows is not None and ((tc.eval_every and step % tc.eval_every == 0) or last):
+            val_loss = evaluate(forward, val_windows, tc, make_eval_batch(tc, sentinels, tokenizer.eos_id),
+                                env, device, autocast)
+            row["val_loss"], row["val_ppl"] = val_loss, math.exp(min(val_loss, 50))
+            if tc.save_best and val_loss < best_val:
+                _save_hf(train_model, config, tokenizer, out / "best", env)
+            best_val = min(best_val, val_loss)
+        metrics.write(row)
+        if (tc.sample_every and step % tc.sample_every == 0) or last:
+            text = sample_text(model, tokenizer, val_arrays or data.split("train"), tc, device)
+            metrics.sample(step, text)
+            if env.main and tc.progress:
+                print(f"\n[step {step}] {text!r}", flush=True)
+        if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or last:
+            state_now = _gather_state(train_model, optimizer)
+            if env.main:
+                save_checkpoint({"step": step, "cursor": cursor, "best_val": best_val, "model": state_now[0],
+                                 "optimizer": state_now[1], "rng": _rng_state(device),
+                                 "train_config": asdict(tc), "model_config": config.to_dict(),
+                                 "tokenizer_hash": data.tokenizer_hash}, out)
+            if env.world > 1:
+                dist.barrier()
+    progress.close()
+
+    elapsed = time.perf_counter() - start
+    model_dir = out / "model"
+    _save_hf(train_model, config, tokenizer, model_dir, env)
+    if env.main:
+        ran = len(losses) * tokens_per_step
+        print(f"done: step {step}, train loss {losses[-1] if losses else float('nan'):.4f}"
+              f"{f', val loss {val_loss:.4f} (ppl {math.exp(val_loss):.2f})' if val_loss is not None else ''}, "
+              f"{human(ran)} tokens in {duration(elapsed)} ({human(ran / max(elapsed, 1e-9))} tok/s); "
+              f"model saved to {model_dir}", flush=True)
+    return TrainResult(step, step * tokens_per_step, losses[-1] if losses else math.nan, val_loss, elapsed,
+                       len(losses) * tokens_per_step / max(elapsed, 1e-9), model_dir if env.main else None, losses)
+
+
+def _check_same_run(saved: TrainConfig, now: TrainConfig) -> None:
+    """Resuming may extend a run (max_steps) or change how it reports; not what it computes."""
+    may_differ = {"max_steps", "out", "data", "eval_every", "eval_batches", "sample_every", "sample_tokens",
+                  "checkpoint_every", "log_every", "progress", "device", "compile", "save_best"}
+    changed = [f.name for f in fields(TrainConfig)
+               if f.name not in may_differ and getattr(saved, f.name) != getattr(now, f.name)]
+    if changed:
+        raise InvalidArgument("cannot resume with different settings: " + ", ".join(
+            f"{n} was {getattr(saved, n)!r}, now {getattr(now, n)!r}" for n in changed))
+
+
+def _wrap_parallel(model: Transformer, tc: TrainConfig, env: _Dist, device: torch.device) -> torch.nn.Module:
+    if env.world == 1:
+        return model
+    if tc.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.layers:
+            fully_shard(block)
+        fully_shard(model)
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _gather_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Full (unsharded, CPU) model and optimizer state dicts keyed by parameter names, the
+    same whether the run is single-process, DDP or FSDP, so any of them can resume any other."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _load_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _restore_rng(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _grad_norm(model: torch.nn.Module) -> torch.Tensor:
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads) if grads else torch.tensor(0.0)
+
+
+def _save_hf(train_model: torch.nn.Module, config: Config, tokenizer, folder: Path, env: _Dist) -> None:
+    """Write the model in the Hugging Face layout from rank 0 (every rank must call this:
+    FSDP's shards are gathered collectively first)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from ..weights.hf import save_hf
+
+    weights = get_model_state_dict(train_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if env.main:
+        plain = Transformer(config)
+        plain.load_state_dict(weights)
+        save_hf(plain, folder)
+        tokenizer.save(folder)
+
+
+# ------------------------------------------------------------------ evaluation, samples
+def make_eval_batch(tc: TrainConfig, sentinels: list[int], eos_id: int):
+    def build(windows: torch.Tensor, first: int) -> objectives.Batch:
+        if tc.objective == "next-token":
+            return objectives.next_token_batch(windows)
+        g = torch.Generator().manual_seed(first)
+        return objectives.span_corruption_batch(windows, sentinels, eos_id, generator=g,
+                                                noise_density=tc.noise_density,
+                                                mean_noise_span_length=tc.mean_noise_span_length)
+    return build
+
+
+@torch.no_grad()
+def evaluate(forward, windows: WindowSampler, tc: TrainConfig, build, env: _Dist, device: torch.device,
+             autocast) -> float:
+    """Mean loss over the same evenly spread validation windows every time (split over ranks)."""
+    count = min(windows.num_windows, tc.eval_batches * tc.batch_size * env.world)
+    picks = np.linspace(0, windows.num_windows - 1, count).round().astype(int)[env.rank::env.world]
+    was_training = forward.training
+    forward.eval()
+    total, n = 0.0, 0
+    for i in range(0, len(picks), tc.batch_size):
+        chunk = picks[i:i + tc.batch_size]
+        batch = build(torch.from_numpy(np.stack([windows.window(int(k)).astype(np.int64) for k in chunk])), i)
+        with autocast:
+            loss = objectives.next_token_loss(forward(batch.inputs.to(device)), batch.targets.to(device))
+        total += loss.item() * len(chunk)
+        n += len(chunk)
+    forward.train(was_training)
+    if env.world > 1:
+        t = torch.tensor([total, n], dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        total, n = t.tolist()
+    return total / max(n, 1)
+
+
+def sample_text(model: Transformer, tokenizer, arrays: list[np.ndarray], tc: TrainConfig,
+                device: torch.device) -> str:
+    """A continuation of the first 8 validation tokens (fixed seed: comparable across steps)."""
+    from ..generate import generate
+
+    prompt = [int(t) for t in arrays[0][:8]]
+    was_training = model.training
+    model.eval()
+    completion = generate(model, tokenizer, [prompt], SamplingParams(
+        temperature=0.8, top_k=40, max_new_tokens=tc.sample_tokens, seed=tc.seed))[0]
+    model.train(was_training)
+    return tokenizer.decode(prompt) + completion.text
+
+
+# ------------------------------------------------------------------------------ metrics
+class _Metrics:
+    """metrics.jsonl (one object per step) and metrics.csv; samples.jsonl. On resume the rows
+    after the checkpoint's step (work the crash threw away) are dropped first."""
+
+    COLUMNS = ("step", "tokens", "train_loss", "val_loss", "val_ppl", "lr", "grad_norm", "tokens_per_s", "elapsed_s")
+
+    def __init__(self, out: Path, enabled: bool, truncate_after: int | None) -> None:
+        self.enabled = enabled
+        self.jsonl, self.csv, self.samples = out / "metrics.jsonl", out / "metrics.csv", out / "samples.jsonl"
+        if not enabled:
+            return
+        out.mkdir(parents=True, exist_ok=True)
+        rows = []
+        if truncate_after is not None and self.jsonl.exists():
+            rows = [r for r in map(json.loads, self.jsonl.read_text().splitlines()) if r["step"] <= truncate_after]
+        elif truncate_after is None:
+            self.samples.unlink(missing_ok=True)
+        self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        with open(self.csv, "w", newline="") as f:
+            writer = csv.DictWriter(f, self.COLUMNS)
+            writer.writeheader()
+            writer.writerows({k: r.get(k, "") for k in self.COLUMNS} for r in rows)
+
+    def write(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.jsonl, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        with open(self.csv, "a", newline="") as f:
+            csv.DictWriter(f, self.COLUMNS).writerow({k: row.get(k, "") for k in self.COLUMNS})
+
+    def sample(self, step: int, text: str) -> None:
+        if self.enabled:
+            with open(self.samples, "a") as f:
+                f.write(json.dumps({"step": step, "text": text}) + "\n")
+
+
+def load_train_config(path: str) -> dict:
+    """Settings from a JSON file (TrainConfig fields), for `emergence pretrain --train-config`."""
+    raw = read_json(Path(path))
+    unknown = set(raw) - {f.name for f in fields(TrainConfig)}
+    if unknown:
+        raise ConfigError(f"unknown training settings in {path}: {', '.join(sorted(unknown))}")
+    return raw
