@@ -48,7 +48,8 @@ def without_name(c: Config) -> Config:
 
 # ------------------------------------------------------------------------------- presets
 def test_every_real_preset_has_a_published_count():
-    real = {name for name in PRESETS if not name.startswith("tiny-")}
+    # tiny-* test shapes and our own training shapes (emergence-*, nanogpt-small) have no published count
+    real = {name for name in PRESETS if not name.startswith(("tiny-", "emergence-", "nanogpt-"))}
     assert real == set(PUBLISHED)
 
 

@@ -305,12 +305,15 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     settings.update(data=args.data, out=args.out)
     if args.no_progress:
         settings["progress"] = False
+    if args.config is None and settings.get("init") is None and not args.resume:
+        raise InvalidArgument("pretrain needs --config PRESET_OR_JSON (or --init MODEL, or --resume)")
     tc = TrainConfig(**settings)
     train(args.config, tc, resume=args.resume)
 
 
 # TrainConfig fields settable by a flag of the same name (None: keep the file's or the default).
 _TRAIN_FLAGS = {
+    "init": (str, "continue pretraining this model (folder or packaged name) instead of a random init"),
     "objective": (str, "next-token or span-corruption"), "context": (int, "tokens per row (default: block_size)"),
     "batch_size": (int, "rows per micro-batch per rank"), "grad_accum": (int, "micro-batches per step"),
     "max_steps": (int, "optimizer steps"), "lr": (float, "peak learning rate"), "min_lr": (float, "final lr"),
@@ -406,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--invalid-utf8", choices=("replace", "skip"), default="replace")
 
     r = parsers["pretrain"]
-    r.add_argument("--config", required=True, metavar="PRESET_OR_JSON", help="model preset name or config JSON")
+    r.add_argument("--config", default=None, metavar="PRESET_OR_JSON", help="model preset name or config JSON")
     r.add_argument("--data", required=True, metavar="DIR", help="folder written by `emergence prepare`")
     r.add_argument("--out", required=True, metavar="DIR", help="run folder: checkpoint, metrics, final model")
     r.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")

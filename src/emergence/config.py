@@ -189,6 +189,16 @@ PRESETS: dict[str, dict[str, Any]] = {
     "qwen2.5-0.5b": dict(_LLAMA, family="qwen2", vocab_size=151936, block_size=32768, n_layer=24, n_head=14,
                          n_kv_head=2, n_embd=896, intermediate_size=4864, norm_eps=1e-6, rope_theta=1000000.0,
                          qkv_bias=True, tie_embeddings=True, bos_token_id=151643, eos_token_id=151643),
+    # Small LLaMA-architecture models trained from scratch by bench/train_models.py (4,096-token
+    # BPE, context 512); emergence-6m ships inside the package. nanogpt-small is nanoGPT's
+    # Shakespeare config (GPT-2 shapes, 6 x 6 heads x 384, context 256) for the training benchmark.
+    "emergence-1m": dict(_LLAMA, vocab_size=4096, block_size=512, n_layer=4, n_head=4, n_embd=128,
+                         intermediate_size=352, tie_embeddings=True, bos_token_id=None, eos_token_id=0),
+    "emergence-6m": dict(_LLAMA, vocab_size=4096, block_size=512, n_layer=6, n_head=4, n_embd=256,
+                         intermediate_size=704, tie_embeddings=True, bos_token_id=None, eos_token_id=0),
+    "emergence-16m": dict(_LLAMA, vocab_size=4096, block_size=512, n_layer=8, n_head=6, n_embd=384,
+                          intermediate_size=1024, tie_embeddings=True, bos_token_id=None, eos_token_id=0),
+    "nanogpt-small": dict(_GPT2, vocab_size=50304, block_size=256, n_layer=6, n_head=6, n_embd=384),
     # Tiny configs: fast tests of every code path.
     "tiny-gpt2": dict(_GPT2, vocab_size=256, block_size=128, n_layer=2, n_head=4, n_embd=64),
     "tiny-llama": dict(_LLAMA, vocab_size=256, block_size=256, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,

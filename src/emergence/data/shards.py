@@ -9,7 +9,8 @@ over every core), and writes the ids as flat binary shards that training memory-
     DIR/train-00000.bin ...    uint16 ids when the vocabulary fits in 16 bits, else uint32
     DIR/val-00000.bin ...
 
-Documents are joined with the EOS token after each one, so a model learns where a text ends.
+Documents are joined with the EOS token after each one, so a model learns where a text ends
+(and start with BOS when the tokenizer adds one to its inputs, as llama2.c's does).
 A `.txt` file holds one document, or several separated by the tokenizer's EOS string (as
 TinyStories separates stories with `<|endoftext|>`).
 
@@ -95,7 +96,8 @@ def read_documents(path: Path, eos_text: str | None, invalid_utf8: str = "replac
     text, invalid = decode_text(data, invalid_utf8)
     if path.suffix == ".jsonl":
         docs = []
-        for n, line in enumerate(text.splitlines(), 1):
+        # split("\n"), not splitlines(): the latter also breaks on U+2028, U+0085... inside a string.
+        for n, line in enumerate(text.split("\n"), 1):
             if not line.strip():
                 continue
             try:
@@ -159,8 +161,8 @@ def _split_point(doc_tokens: list[int], val_fraction: float) -> tuple[int, int]:
     want = round(total * val_fraction)
     if want == 0:
         return len(doc_tokens), 0
-    if len(doc_tokens) == 1:
-        return 0, total - want  # document 0: its first total-want tokens train, the rest validate
+    if len(doc_tokens) == 1:  # document 0: its first total-want tokens train (at least one), the rest validate
+        return 0, total - min(want, total - 1)
     held, i = 0, len(doc_tokens)
     while i > 1 and held < want:  # keep at least one training document
         i -= 1
@@ -182,7 +184,10 @@ def prepare_corpus(inputs: Sequence[str], tokenizer: Tokenizer, out: str | Path,
     out = Path(out)
     if (out / MANIFEST).exists() or any(out.glob("*.bin")):
         raise InvalidArgument(f"{out} already holds token shards; choose an empty folder")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InvalidArgument(f"cannot create the folder {out}: {e.strerror}") from None
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32)
     writers = {s: _ShardWriter(out, s, dtype, shard_tokens) for s in SPLITS}
     total_bytes = sum(f.stat().st_size for f in files)
@@ -200,10 +205,11 @@ def prepare_corpus(inputs: Sequence[str], tokenizer: Tokenizer, out: str | Path,
                 ids_per_doc += [e.ids for e in encoded]
                 tokens_done += sum(len(e.ids) + 1 for e in encoded)
                 progress.update(sum(len(d) for d in batch) * bytes_per_char, tokens=human(tokens_done))
-            lengths = [len(ids) + 1 for ids in ids_per_doc]  # + EOS
+            bos = [tokenizer.bos_id] if tokenizer.add_bos else []  # e.g. llama2.c: BOS starts every story
+            lengths = [len(bos) + len(ids) + 1 for ids in ids_per_doc]  # + EOS
             first_val, cut = _split_point(lengths, val_fraction)
             for i, ids in enumerate(ids_per_doc):
-                doc = np.asarray(ids + [eos], dtype=np.int64)
+                doc = np.asarray(bos + ids + [eos], dtype=np.int64)
                 if cut and i == 0:
                     writers["train"].write(doc[:cut])
                     writers["val"].write(doc[cut:])
@@ -215,15 +221,21 @@ def prepare_corpus(inputs: Sequence[str], tokenizer: Tokenizer, out: str | Path,
             sources.append({"path": str(path), "bytes": path.stat().st_size, "sha256": _sha256(path),
                             "documents": len(docs), "tokens": sum(lengths), "invalid_utf8": invalid,
                             "val_documents": (len(docs) - first_val) if not cut else 1})
+        if writers["train"].tokens == 0:
+            raise InvalidArgument(f"the corpus is empty: {len(files)} file(s) hold no text")
+    except BaseException:
+        # A failed prepare leaves no partial shards (a rerun into `out` would be refused), and
+        # prints no progress line: the error is the one line to report.
+        progress.enabled = False
+        for w in writers.values():
+            w.close()
+            for s in w.shards:
+                (out / s["file"]).unlink(missing_ok=True)
+        raise
     finally:
         for w in writers.values():
             w.close()
         progress.close()
-    if writers["train"].tokens == 0:
-        for w in writers.values():
-            for s in w.shards:
-                (out / s["file"]).unlink(missing_ok=True)
-        raise InvalidArgument(f"the corpus is empty: {len(files)} file(s) hold no text")
     tokenizer.save(out / TOKENIZER_DIR)
     manifest = {
         "format": FORMAT, "version": VERSION,

@@ -20,6 +20,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from ..errors import InvalidArgument
+
 IGNORE_INDEX = -100  # targets with this id add nothing to the loss
 
 
@@ -100,12 +102,18 @@ def t5_sentinel_ids(vocab_size: int, count: int = 100) -> list[int]:
 
 
 def span_corruption_batch(windows: torch.Tensor, sentinel_ids: Sequence[int], eos_id: int, *,
-                          generator: torch.Generator, noise_density: float = 0.15,
+                          generator: torch.Generator | Sequence[torch.Generator], noise_density: float = 0.15,
                           mean_noise_span_length: float = 3.0, pad_id: int = 0) -> Batch:
     """windows (B, L) -> a prefix-LM batch for a decoder: each row is [inputs, EOS, targets, EOS]
-    (padded to one length), and only the target part (after the first EOS) is scored."""
+    (padded to one length), and only the target part (after the first EOS) is scored.
+
+    `generator` draws the masks: one for the whole batch, or one per row (so that a row's
+    mask does not depend on which batch, or which data-parallel rank, it lands in)."""
+    generators = [generator] * len(windows) if isinstance(generator, torch.Generator) else list(generator)
+    if len(generators) != len(windows):
+        raise ValueError(f"{len(windows)} rows but {len(generators)} generators")
     rows, scored = [], []
-    for window in windows.tolist():
+    for window, generator in zip(windows.tolist(), generators):
         mask = random_spans_noise_mask(len(window), noise_density, mean_noise_span_length, generator=generator)
         inp, tgt = span_corruption(window, mask.tolist(), sentinel_ids)
         rows.append(inp + [eos_id] + tgt + [eos_id])
@@ -138,4 +146,7 @@ def window_length_for(objective: str, block_size: int, noise_density: float = 0.
     length = block_size
     while span_corruption_length(length, noise_density, mean_noise_span_length) - 1 > block_size:
         length -= 1
+    if length < 2:  # random_spans_noise_mask needs two tokens: one kept, one noise
+        shortest = span_corruption_length(2, noise_density, mean_noise_span_length) - 1
+        raise InvalidArgument(f"span corruption needs a context of at least {shortest} tokens, got {block_size}")
     return length

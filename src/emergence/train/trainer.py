@@ -46,6 +46,7 @@ class TrainConfig:
 
     data: str
     out: str
+    init: str | None = None  # start from this model (HF-layout folder or packaged name) instead of random weights
     objective: str = "next-token"  # objectives.OBJECTIVES
     context: int | None = None  # tokens per row seen by the model; None: the model's block_size
     batch_size: int = 16  # rows per micro-batch on each rank
@@ -154,14 +155,6 @@ def _init_distributed(device: str) -> tuple[_Dist, torch.device]:
     return _Dist(rank, world, local_rank), torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
 
 
-def _all_mean(value: float, env: _Dist, device: torch.device) -> float:
-    if env.world == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.item() / env.world
-
-
 def estimate_training_memory(config: Config, batch_size: int, context: int, bf16: bool) -> dict[str, int]:
     """Bytes a training step needs: fp32 weights + grads + AdamW's two moments (16 per
     parameter), and activations (Korthikanti et al. 2022: s*b*h*(34 + 5*a*s/h) bytes per
@@ -259,10 +252,17 @@ def train(model_spec: str | Config, tc: TrainConfig, *, resume: bool = False) ->
             raise InvalidArgument(f"the checkpoint in {out} was trained on tokenizer {state['tokenizer_hash']} but "
                                   f"the shards in {tc.data} use tokenizer {data.tokenizer_hash}")
         _check_same_run(TrainConfig(**state["train_config"]), tc)
+        saved_world = state.get("world", 1)
+        if saved_world * state["train_config"]["batch_size"] != env.world * tc.batch_size:
+            raise InvalidArgument(
+                f"cannot resume with a different global batch: the run used {saved_world} process(es) x batch "
+                f"{state['train_config']['batch_size']}, now {env.world} x {tc.batch_size}")
+    elif tc.init is not None:
+        config, init_weights = _initial_model(tc.init, data)
     else:
         config = resolve_model_config(model_spec, data.vocab_size, tokenizer.eos_id, tc.objective)
-        if out.exists() and (out / "checkpoint.pt").exists():
-            raise InvalidArgument(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    if state is None and out.exists() and (out / "checkpoint.pt").exists():
+        raise InvalidArgument(f"{out} already holds a run; pass --resume to continue it or choose another --out")
 
     context = tc.context or config.block_size
     if context > config.block_size:
@@ -286,6 +286,8 @@ def train(model_spec: str | Config, tc: TrainConfig, *, resume: bool = False) ->
     torch.manual_seed(tc.seed)
     model = Transformer(config)
     initialize_weights(model, generator=torch.Generator().manual_seed(tc.seed))
+    if state is None and tc.init is not None:
+        model.load_state_dict(init_weights)
     model.to(device)
     train_model = _wrap_parallel(model, tc, env, device)
     optimizer = make_optimizer(train_model, lr=tc.lr, weight_decay=tc.weight_decay, betas=(tc.beta1, tc.beta2))
@@ -314,8 +316,9 @@ def train(model_spec: str | Config, tc: TrainConfig, *, resume: bool = False) ->
         windows = train_windows.batch(first, tc.batch_size)
         if tc.objective == "next-token":
             return objectives.next_token_batch(windows)
-        # the span layout is drawn from a generator seeded by the sample number: resumable too
-        g = torch.Generator().manual_seed(tc.seed + first)
+        # each row's spans come from a generator seeded by its sample number: the same after a
+        # resume, and the same whichever rank the sample falls to
+        g = [torch.Generator().manual_seed(tc.seed * 1_000_003 + first + i) for i in range(len(windows))]
         return objectives.span_corruption_batch(windows, sentinels, tokenizer.eos_id, generator=g,
                                                 noise_density=tc.noise_density,
                                                 mean_noise_span_length=tc.mean_noise_span_length)
@@ -325,67 +328,92 @@ def train(model_spec: str | Config, tc: TrainConfig, *, resume: bool = False) ->
     progress.done = step * tokens_per_step
     losses: list[float] = []
     val_loss = None
+    # Steps whose loss and grad norm are still on the device: reading them back is a host
+    # sync that would stall a GPU every step, so they are read in one go at log points.
+    pending: list[tuple[int, float, torch.Tensor, torch.Tensor]] = []
     start = time.perf_counter()
     window_start, window_tokens = start, 0
+
+    def flush() -> dict:
+        """Write the pending steps' rows; returns the last one (the current step's)."""
+        nonlocal window_start, window_tokens
+        values = torch.stack([torch.stack([loss, norm]) for _, _, loss, norm in pending]).double()
+        if env.world > 1:
+            dist.all_reduce(values)  # the loss mean over ranks (grad norms are already global)
+            values /= env.world
+        values = values.cpu().tolist()
+        now = time.perf_counter()
+        rows = []
+        for (n, lr, _, _), (loss, norm) in zip(pending, values):
+            if not math.isfinite(loss):
+                raise InvalidArgument(f"the loss became {loss} at step {n}; lower --lr or raise --warmup-steps")
+            losses.append(loss)
+            rows.append({"step": n, "tokens": n * tokens_per_step, "train_loss": loss, "lr": lr, "grad_norm": norm})
+        rows[-1]["tokens_per_s"] = window_tokens / max(now - window_start, 1e-9)
+        rows[-1]["elapsed_s"] = now - start
+        progress.update(len(rows) * tokens_per_step, step=f"{rows[-1]['step']}/{tc.max_steps}",
+                        loss=rows[-1]["train_loss"], lr=f"{rows[-1]['lr']:.2e}")
+        pending.clear()
+        window_tokens = 0
+        return rows
+
     train_model.train()
     while step < tc.max_steps:
         lr = learning_rate(step, schedule=tc.schedule, lr=tc.lr, min_lr=tc.min_lr, warmup_steps=tc.warmup_steps,
                            max_steps=tc.max_steps, decay_fraction=tc.decay_fraction)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        step_loss = 0.0
+        step_loss = torch.zeros((), device=device)
         for micro in range(tc.grad_accum):
             batch = make_batch(cursor + env.rank * tc.batch_size)
             cursor += tc.batch_size * env.world
-            inputs, targets = batch.inputs.to(device), batch.targets.to(device)
+            inputs, targets = _to_device(batch.inputs, device), _to_device(batch.targets, device)
             sync = micro == tc.grad_accum - 1 or env.world == 1 or tc.fsdp
             with (nullcontext() if sync else train_model.no_sync()), autocast:
                 loss = objectives.next_token_loss(forward(inputs), targets) / tc.grad_accum
             loss.backward()
-            step_loss += loss.item()
+            step_loss += loss.detach()
         grad_norm = (torch.nn.utils.clip_grad_norm_(train_model.parameters(), tc.grad_clip) if tc.grad_clip
                      else _grad_norm(train_model))
-        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
+            grad_norm = grad_norm.full_tensor()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        step_loss = _all_mean(step_loss, env, device)
-        losses.append(step_loss)
-        if not math.isfinite(step_loss):
-            raise InvalidArgument(f"the loss became {step_loss} at step {step}; lower --lr or raise --warmup-steps")
         window_tokens += tokens_per_step
-        progress.update(tokens_per_step, step=f"{step}/{tc.max_steps}", loss=step_loss, lr=f"{lr:.2e}")
+        pending.append((step, lr, step_loss, grad_norm.detach().float().to(step_loss.device)))
 
-        row = {"step": step, "tokens": step * tokens_per_step, "train_loss": step_loss, "lr": lr,
-               "grad_norm": grad_norm}
-        if step % tc.log_every == 0 or step == tc.max_steps:
-            now = time.perf_counter()
-            row["tokens_per_s"] = window_tokens / (now - window_start)
-            row["elapsed_s"] = now - start
-            window_start, window_tokens = now, 0
         last = step == tc.max_steps
-        if val_windows is not None and ((tc.eval_every and step % tc.eval_every == 0) or last):
+        evaluate_now = val_windows is not None and ((tc.eval_every and step % tc.eval_every == 0) or last)
+        sample_now = (tc.sample_every and step % tc.sample_every == 0) or last
+        checkpoint_now = (tc.checkpoint_every and step % tc.checkpoint_every == 0) or last
+        if not (step % tc.log_every == 0 or evaluate_now or sample_now or checkpoint_now):
+            continue
+        rows = flush()
+        if evaluate_now:
             val_loss = evaluate(forward, val_windows, tc, make_eval_batch(tc, sentinels, tokenizer.eos_id),
                                 env, device, autocast)
-            row["val_loss"], row["val_ppl"] = val_loss, math.exp(min(val_loss, 50))
+            rows[-1]["val_loss"], rows[-1]["val_ppl"] = val_loss, math.exp(min(val_loss, 50))
             if tc.save_best and val_loss < best_val:
                 _save_hf(train_model, config, tokenizer, out / "best", env)
             best_val = min(best_val, val_loss)
-        metrics.write(row)
-        if (tc.sample_every and step % tc.sample_every == 0) or last:
+        for row in rows:
+            metrics.write(row)
+        if sample_now:
             text = sample_text(model, tokenizer, val_arrays or data.split("train"), tc, device)
             metrics.sample(step, text)
             if env.main and tc.progress:
                 print(f"\n[step {step}] {text!r}", flush=True)
-        if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or last:
+        if checkpoint_now:
             state_now = _gather_state(train_model, optimizer)
             if env.main:
                 save_checkpoint({"step": step, "cursor": cursor, "best_val": best_val, "model": state_now[0],
-                                 "optimizer": state_now[1], "rng": _rng_state(device),
+                                 "optimizer": state_now[1], "rng": _rng_state(device), "world": env.world,
                                  "train_config": asdict(tc), "model_config": config.to_dict(),
                                  "tokenizer_hash": data.tokenizer_hash}, out)
             if env.world > 1:
                 dist.barrier()
+        window_start = time.perf_counter()  # evaluation, samples and checkpoints are not training time
     progress.close()
 
     elapsed = time.perf_counter() - start
@@ -401,9 +429,34 @@ def train(model_spec: str | Config, tc: TrainConfig, *, resume: bool = False) ->
                        len(losses) * tokens_per_step / max(elapsed, 1e-9), model_dir if env.main else None, losses)
 
 
+def _initial_model(spec: str, data: TokenShards) -> tuple[Config, dict[str, torch.Tensor]]:
+    """Config and fp32 weights of an existing model to continue pretraining from; its tokenizer
+    must be the one the shards were made with."""
+    from ..api import _locate
+    from ..tokenizer import Tokenizer
+    from ..weights.hf import load_hf
+
+    folder = _locate(spec)
+    if not folder.is_dir():
+        raise InvalidArgument(f"--init takes a Hugging Face layout folder or a packaged model name, got {spec}")
+    model_hash = Tokenizer.load(folder).fingerprint()
+    if model_hash != data.tokenizer_hash:
+        raise InvalidArgument(f"the model {spec} uses tokenizer {model_hash} but the shards in {data.folder} were "
+                              f"made with tokenizer {data.tokenizer_hash}; prepare them with --tokenizer {spec}")
+    model, config = load_hf(folder, dtype=torch.float32)
+    return config, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host -> device without blocking the host: pinned memory and an asynchronous copy on CUDA."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def _check_same_run(saved: TrainConfig, now: TrainConfig) -> None:
     """Resuming may extend a run (max_steps) or change how it reports; not what it computes."""
-    may_differ = {"max_steps", "out", "data", "eval_every", "eval_batches", "sample_every", "sample_tokens",
+    may_differ = {"max_steps", "out", "data", "batch_size", "eval_every", "eval_batches", "sample_every", "sample_tokens",
                   "checkpoint_every", "log_every", "progress", "device", "compile", "save_best"}
     changed = [f.name for f in fields(TrainConfig)
                if f.name not in may_differ and getattr(saved, f.name) != getattr(now, f.name)]
@@ -477,10 +530,10 @@ def _save_hf(train_model: torch.nn.Module, config: Config, tokenizer, folder: Pa
 
 # ------------------------------------------------------------------ evaluation, samples
 def make_eval_batch(tc: TrainConfig, sentinels: list[int], eos_id: int):
-    def build(windows: torch.Tensor, first: int) -> objectives.Batch:
+    def build(windows: torch.Tensor, window_ids) -> objectives.Batch:
         if tc.objective == "next-token":
             return objectives.next_token_batch(windows)
-        g = torch.Generator().manual_seed(first)
+        g = [torch.Generator().manual_seed(int(k)) for k in window_ids]  # the same spans at every evaluation
         return objectives.span_corruption_batch(windows, sentinels, eos_id, generator=g,
                                                 noise_density=tc.noise_density,
                                                 mean_noise_span_length=tc.mean_noise_span_length)
@@ -498,7 +551,7 @@ def evaluate(forward, windows: WindowSampler, tc: TrainConfig, build, env: _Dist
     total, n = 0.0, 0
     for i in range(0, len(picks), tc.batch_size):
         chunk = picks[i:i + tc.batch_size]
-        batch = build(torch.from_numpy(np.stack([windows.window(int(k)).astype(np.int64) for k in chunk])), i)
+        batch = build(torch.from_numpy(np.stack([windows.window(int(k)).astype(np.int64) for k in chunk])), chunk)
         with autocast:
             loss = objectives.next_token_loss(forward(batch.inputs.to(device)), batch.targets.to(device))
         total += loss.item() * len(chunk)
@@ -538,12 +591,10 @@ class _Metrics:
         if not enabled:
             return
         out.mkdir(parents=True, exist_ok=True)
-        rows = []
-        if truncate_after is not None and self.jsonl.exists():
-            rows = [r for r in map(json.loads, self.jsonl.read_text().splitlines()) if r["step"] <= truncate_after]
-        elif truncate_after is None:
-            self.samples.unlink(missing_ok=True)
+        rows = _rows_up_to(self.jsonl, truncate_after) if truncate_after is not None else []
+        samples = _rows_up_to(self.samples, truncate_after) if truncate_after is not None else []
         self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        self.samples.write_text("".join(json.dumps(r) + "\n" for r in samples))
         with open(self.csv, "w", newline="") as f:
             writer = csv.DictWriter(f, self.COLUMNS)
             writer.writeheader()
@@ -561,6 +612,20 @@ class _Metrics:
         if self.enabled:
             with open(self.samples, "a") as f:
                 f.write(json.dumps({"step": step, "text": text}) + "\n")
+
+
+def _rows_up_to(path: Path, step: int) -> list[dict]:
+    """The JSON lines of `path` with step <= `step` (a line cut short by a crash is dropped)."""
+    rows = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and row.get("step", math.inf) <= step:
+                rows.append(row)
+    return rows
 
 
 def load_train_config(path: str) -> dict:

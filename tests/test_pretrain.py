@@ -1,0 +1,466 @@
+"""Pretraining end to end on a tiny byte-level BPE + TinyStories slice: exact resume after a
+SIGKILL (between checkpoints and in the middle of one), a full disk during a checkpoint, DDP
+and FSDP2 matching a single process, real learning (below the unigram entropy) with a saved
+model transformers can read, bad input refused in one line, and the span-corruption objective.
+
+Runs go through the real command line (`python -m emergence pretrain`, `torchrun`) where a
+process has to die or several have to cooperate, and through `train()` in this process
+otherwise. Every subprocess gets OMP_NUM_THREADS=1: the machine is small and shared.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from emergence.cli import main
+from emergence.config import Config
+from emergence.data.shards import TokenShards, prepare_corpus
+from emergence.errors import CheckpointError
+from emergence.tokenizer import Tokenizer
+from emergence.train import TrainConfig, objectives, train
+from emergence.train import checkpoint as ckpt
+from emergence.train.checkpoint import KILL_DURING_CHECKPOINT_ENV, load_checkpoint
+
+from conftest import SHARED_DATA, bounded
+
+STORIES = SHARED_DATA / "tinystories" / "train" / "TinyStories-train.head2MiB.txt"
+
+ENV = {k: v for k, v in os.environ.items() if k not in (KILL_DURING_CHECKPOINT_ENV, "WORLD_SIZE", "RANK")}
+ENV.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", EMERGENCE_NO_KERNELS="1", TRANSFORMERS_VERBOSITY="error")
+
+# The resume runs: 60 steps, a checkpoint every 10, an evaluation every 20.
+STEPS = 60
+RUN_ARGS = ("--config", "tiny-llama", "--max-steps", str(STEPS), "--batch-size", "8", "--context", "128",
+            "--eval-every", "20", "--checkpoint-every", "10", "--warmup-steps", "10", "--lr", "3e-3", "--no-progress")
+
+
+# ------------------------------------------------------------------------------- helpers
+def pretrain_cmd(data: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "emergence", "pretrain", "--data", str(data), "--out", str(out), *extra]
+
+
+def run(cmd: list[str], env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env or ENV)
+
+
+def metrics(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def complete_rows(path: Path) -> int:
+    try:
+        return path.read_bytes().count(b"\n")
+    except FileNotFoundError:
+        return 0
+
+
+def compare_losses(reference: list[dict], rows: list[dict], tol: float) -> float:
+    """Same steps, same train (and validation) losses within tol; returns the largest difference."""
+    assert [r["step"] for r in rows] == [r["step"] for r in reference]
+    worst = 0.0
+    for ref, row in zip(reference, rows):
+        assert ("val_loss" in ref) == ("val_loss" in row), (ref, row)
+        for key in ("train_loss", "val_loss"):
+            if key in ref:
+                diff = abs(ref[key] - row[key])
+                assert diff <= tol, f"step {ref['step']}: {key} {row[key]} vs reference {ref[key]}"
+                worst = max(worst, diff)
+    return worst
+
+
+def max_weight_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+def cli_main(capsys, *argv) -> tuple[int, str, str]:
+    capsys.readouterr()
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code: int, err: str, *patterns: str) -> str:
+    assert "Traceback" not in err, err
+    assert code == 1, f"exit status {code}, stderr {err!r}"
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("emergence: error: "), err
+    for pattern in patterns:
+        assert re.search(pattern, lines[0]), f"{pattern!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ------------------------------------------------------------------------------ fixtures
+def _make_shards(folder: Path, text_bytes: int, vocab_size: int) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    text = STORIES.read_bytes()[:text_bytes].decode("utf-8", errors="ignore")
+    corpus = folder / "corpus.txt"
+    corpus.write_text(text, encoding="utf-8")
+    tokenizer = Tokenizer.train_bpe([corpus], vocab_size)
+    prepare_corpus([str(corpus)], tokenizer, folder / "shards", val_fraction=0.1, show_progress=False)
+    return folder / "shards"
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    """A 512-token byte-level BPE trained on the first 300 KB of TinyStories, and its shards."""
+    return _make_shards(tmp_path_factory.mktemp("stories"), 300_000, 512)
+
+
+@pytest.fixture(scope="module")
+def other_shards(tmp_path_factory) -> Path:
+    """The same kind of corpus prepared with another tokenizer (a 400-token BPE)."""
+    return _make_shards(tmp_path_factory.mktemp("other"), 60_000, 400)
+
+
+@pytest.fixture(scope="module")
+def reference(shards, tmp_path_factory) -> Path:
+    """The uninterrupted 60-step run every resumed run must repeat."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    proc = run(pretrain_cmd(shards, out, *RUN_ARGS))
+    assert proc.returncode == 0, proc.stderr
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    assert [r["step"] for r in rows if "val_loss" in r] == [20, 40, 60]
+    assert load_checkpoint(out)["step"] == STEPS
+    return out
+
+
+def test_shards_are_what_training_reads(shards):
+    data = TokenShards(shards)
+    train_ids = np.concatenate([np.asarray(a) for a in data.split("train")])
+    val_ids = np.concatenate([np.asarray(a) for a in data.split("val")])
+    assert data.vocab_size == 512 and data.dtype == np.uint16
+    assert len(train_ids) == data.tokens("train") > 100_000
+    assert 0.08 < len(val_ids) / (len(train_ids) + len(val_ids)) < 0.12
+    tok = data.tokenizer()
+    assert tok.fingerprint() == data.tokenizer_hash
+    assert int(train_ids.max()) < 512
+    # the stream starts with the corpus' first story, then the EOS that ends it
+    first_story = (shards.parent / "corpus.txt").read_text().split(tok.eos_token)[0].strip()
+    end = int(np.flatnonzero(train_ids == tok.eos_id)[0])
+    assert tok.decode([int(t) for t in train_ids[:end]]) == first_story
+
+
+# --------------------------------------------------------------------- 1. exact resume
+def test_resume_after_sigkill_repeats_the_uninterrupted_run(shards, reference, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(pretrain_cmd(shards, out, *RUN_ARGS), env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    try:
+        while complete_rows(out / "metrics.jsonl") < 35:
+            assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read()!r}"
+            assert time.monotonic() < deadline, "the run never reached step 35"
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    rows_at_kill = complete_rows(out / "metrics.jsonl")
+    assert 35 <= rows_at_kill < STEPS
+
+    state = load_checkpoint(out)
+    assert state["step"] in (30, 40, 50) and state["step"] <= rows_at_kill
+    assert state["cursor"] == state["step"] * 8
+    print(f"\nkilled after {rows_at_kill} logged steps; checkpoint at step {state['step']}")
+
+    resumed = run(pretrain_cmd(shards, out, *RUN_ARGS, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming at step {state['step']}" in resumed.stdout
+    worst = compare_losses(metrics(reference), metrics(out), tol=1e-6)
+    csv_steps = [line.split(",")[0] for line in (out / "metrics.csv").read_text().splitlines()[1:]]
+    assert csv_steps == [str(s) for s in range(1, STEPS + 1)]  # the csv dropped the lost steps too
+    final_diff = max_weight_diff(load_checkpoint(reference)["model"], load_checkpoint(out)["model"])
+    print(f"resume after SIGKILL: max loss diff {worst:.3g}, max final weight diff {final_diff:.3g}")
+    assert final_diff <= 1e-6
+
+
+def test_sigkill_in_the_middle_of_a_checkpoint_write(shards, reference, tmp_path):
+    out = tmp_path / "run"
+    # the 3rd save (step 30) dies after 4 KB of checkpoint.pt.tmp
+    killed = run(pretrain_cmd(shards, out, *RUN_ARGS), env={**ENV, KILL_DURING_CHECKPOINT_ENV: "3"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    tmp = out / "checkpoint.pt.tmp"
+    assert tmp.is_file() and 4096 <= tmp.stat().st_size < (out / "checkpoint.pt").stat().st_size
+    state = load_checkpoint(out)
+    assert state["step"] == 20 and state["cursor"] == 160
+    assert [r["step"] for r in metrics(out)] == list(range(1, 31))  # step 30 logged before its save
+    with pytest.raises(Exception):  # the partial file really is unreadable
+        torch.load(tmp, weights_only=True)
+
+    resumed = run(pretrain_cmd(shards, out, *RUN_ARGS, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming at step 20" in resumed.stdout
+    worst = compare_losses(metrics(reference), metrics(out), tol=1e-6)
+    print(f"\nresume after a kill mid-checkpoint: max loss diff {worst:.3g}")
+    assert not tmp.exists()
+    assert load_checkpoint(out)["step"] == STEPS
+
+
+# ------------------------------------------------------------------- 3. disk full
+class _FullDisk:
+    """A file whose every write fails like a full disk does."""
+
+    def __init__(self, f) -> None:
+        self.f = f
+
+    def write(self, data) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.f.close()
+
+
+def test_disk_full_during_a_checkpoint_keeps_the_previous_one(shards, tmp_path, monkeypatch, one_thread):
+    monkeypatch.delenv(KILL_DURING_CHECKPOINT_ENV, raising=False)
+    opened: list[Path] = []
+    real_open = ckpt._open_for_write
+
+    def open_for_write(path):
+        opened.append(Path(path))
+        f = real_open(path)
+        return _FullDisk(f) if len(opened) == 2 else f
+
+    monkeypatch.setattr(ckpt, "_open_for_write", open_for_write)
+    out = tmp_path / "run"
+    tc = TrainConfig(data=str(shards), out=str(out), context=64, batch_size=4, max_steps=30, checkpoint_every=10,
+                     eval_every=0, warmup_steps=5, lr=3e-3, progress=False)
+    with pytest.raises(CheckpointError) as info:
+        train("tiny-llama", tc)
+    message = str(info.value)
+    assert len(opened) == 2 and opened[1] == out / "checkpoint.pt.tmp"
+    assert "No space left on device" in message, message
+    assert "previous checkpoint (step 10) is intact" in message, message
+    assert "\n" not in message
+    assert load_checkpoint(out)["step"] == 10
+    assert not (out / "checkpoint.pt.tmp").exists()
+    assert [r["step"] for r in metrics(out)] == list(range(1, 21))
+
+
+# ----------------------------------------------------------------------- 4. DDP, FSDP2
+DP_ARGS = ("--config", "tiny-llama", "--max-steps", "8", "--context", "128", "--eval-every", "4",
+           "--checkpoint-every", "8", "--warmup-steps", "3", "--lr", "3e-3", "--no-progress")
+
+
+def torchrun_cmd(data: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+            "-m", "emergence", "pretrain", "--data", str(data), "--out", str(out), *extra]
+
+
+def test_ddp_and_fsdp_match_one_process(shards, tmp_path):
+    single = tmp_path / "single"
+    proc = run(pretrain_cmd(shards, single, *DP_ARGS, "--batch-size", "4"))
+    assert proc.returncode == 0, proc.stderr
+    reference = metrics(single)
+    assert [r["step"] for r in reference] == list(range(1, 9))
+    reference_weights = load_checkpoint(single)["model"]
+
+    figures = []
+    for name, extra in (("ddp", ()), ("fsdp", ("--fsdp",))):
+        out = tmp_path / name
+        proc = run(torchrun_cmd(shards, out, *DP_ARGS, "--batch-size", "2", *extra), timeout=180)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+        assert "x 2 ranks" in proc.stdout
+        worst = compare_losses(reference, metrics(out), tol=1e-5)
+        state = load_checkpoint(out)
+        assert state["step"] == 8 and state["cursor"] == 8 * 4
+        weights = max_weight_diff(reference_weights, state["model"])
+        assert weights <= 1e-5
+        figures.append(f"{name}: max loss diff {worst:.3g}, final weights {weights:.3g}")
+    print("\n" + "; ".join(figures))
+
+
+# --------------------------------------------------------------------------- 5. learning
+def unigram_entropy(data: TokenShards) -> float:
+    counts = np.zeros(data.vocab_size, dtype=np.int64)
+    for array in data.split("train"):
+        counts += np.bincount(np.asarray(array, dtype=np.int64), minlength=data.vocab_size)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def test_tiny_model_learns_and_saves_a_transformers_model(shards, tmp_path, one_thread):
+    import transformers
+
+    import emergence
+
+    data = TokenShards(shards)
+    entropy = unigram_entropy(data)
+    assert 4.5 < entropy < 6.0  # nats; a uniform 512-token distribution would be 6.24
+
+    out = tmp_path / "run"
+    tc = TrainConfig(data=str(shards), out=str(out), context=64, batch_size=8, max_steps=300, lr=3e-3,
+                     warmup_steps=20, eval_every=100, checkpoint_every=0, progress=False)
+    result = train("tiny-llama", tc)
+    rows = metrics(out)
+    vals = [r["val_loss"] for r in rows if "val_loss" in r]
+    assert [r["step"] for r in rows if "val_loss" in r] == [100, 200, 300]
+    assert result.val_loss == vals[-1]
+    assert vals[0] > vals[-1]
+    print(f"\nunigram entropy {entropy:.3f} nats; val loss {vals} after 300 steps")
+    assert result.val_loss < entropy - 1.0
+
+    lm = emergence.load(out / "model", device="cpu", fast_kernels=False)
+    assert lm.tokenizer.fingerprint() == data.tokenizer_hash
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out / "model").eval()
+    assert type(hf).__name__ == "LlamaForCausalLM"
+    val = np.asarray(data.split("val")[0][:65], dtype=np.int64)
+    ids = torch.from_numpy(val).unsqueeze(0)
+    with torch.no_grad():
+        ours = lm.model(ids[:, :-1])
+        theirs = hf(ids[:, :-1]).logits
+    diff = float((ours - theirs).abs().max())
+    print(f"saved model: max |logits - transformers logits| = {diff:.3g}")
+    assert ours.shape == theirs.shape == (1, 64, 512)
+    assert diff < 1e-4
+    # the model transformers loaded predicts validation text better than the unigram distribution
+    hf_loss = float(torch.nn.functional.cross_entropy(theirs[0], ids[0, 1:]))
+    assert hf_loss < entropy - 0.5
+
+
+# -------------------------------------------------------------------------- 6. bad input
+def test_resume_without_a_checkpoint_exits_1_in_one_line(shards, tmp_path):
+    proc = run(pretrain_cmd(shards, tmp_path / "nothing", *RUN_ARGS, "--resume"), timeout=60)
+    assert_one_line_error(proc.returncode, proc.stderr, "no checkpoint to resume from", "checkpoint.pt missing")
+    assert not (tmp_path / "nothing").exists()
+
+
+def test_refusals_leave_the_run_untouched(shards, other_shards, reference, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+
+    code, _, err = cli_main(capsys, "pretrain", "--data", shards, "--out", out, *RUN_ARGS)
+    assert_one_line_error(code, err, "already holds a run", "--resume")
+
+    changed = [a if a != "3e-3" else "1e-3" for a in RUN_ARGS]
+    code, _, err = cli_main(capsys, "pretrain", "--data", shards, "--out", out, *changed, "--resume")
+    assert_one_line_error(code, err, "cannot resume with different settings", r"lr was 0\.003, now 0\.001")
+
+    mine, theirs = TokenShards(shards).tokenizer_hash, TokenShards(other_shards).tokenizer_hash
+    assert mine != theirs
+    code, _, err = cli_main(capsys, "pretrain", "--data", other_shards, "--out", out, *RUN_ARGS, "--resume")
+    assert_one_line_error(code, err, f"tokenizer {mine}", f"tokenizer {theirs}")
+
+    after = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert after == before
+
+
+def test_a_run_too_large_for_memory_is_refused_before_allocating(shards, tmp_path, capsys):
+    out = tmp_path / "big"
+    with bounded(seconds=20, max_new_rss_mb=300):
+        code, _, err = cli_main(capsys, "pretrain", "--config", "llama-2-7b", "--data", shards, "--out", out,
+                                "--batch-size", "64", "--context", "4096", "--no-progress")
+    line = assert_one_line_error(code, err, r"needs about [\d.]+ GiB", r"\d+\.\dM parameters",
+                                 r"only [\d.]+ GiB is available")
+    params = float(re.search(r"([\d.]+)M parameters", line).group(1))
+    # llama-2-7b's shapes with the vocabulary sized to the data's 512 tokens (6.48B, not 6.74B)
+    assert params == round(Config.from_name("llama-2-7b", vocab_size=512).num_parameters() / 1e6, 1)
+    need = float(re.search(r"needs about ([\d.]+) GiB", line).group(1))
+    assert need > 1000  # 7B parameters x 16 bytes alone is ~100 GiB; batch 64 x 4096 activations dwarf it
+    assert not out.exists()
+
+
+def test_corrupt_checkpoint_is_one_line(shards, reference, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    data = (out / "checkpoint.pt").read_bytes()
+    (out / "checkpoint.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="cannot read checkpoint") as info:
+        load_checkpoint(out)
+    assert "\n" not in str(info.value)
+    code, _, err = cli_main(capsys, "pretrain", "--data", shards, "--out", out, *RUN_ARGS, "--resume")
+    assert_one_line_error(code, err, "cannot read checkpoint", re.escape(str(out / "checkpoint.pt")))
+
+
+# ----------------------------------------------------------------- 7. span corruption
+def check_span_row(window: list[int], inputs: list[int], targets: list[int], sentinels: list[int], eos: int,
+                   noise_density: float) -> None:
+    """The row is [window's kept tokens with sentinels, EOS, sentinels + hidden spans, EOS, pad...]
+    and only the part after the first EOS is scored."""
+    scored = [p for p, t in enumerate(targets) if t != objectives.IGNORE_INDEX]
+    s0, last = scored[0], scored[-1]
+    assert scored == list(range(s0, last + 1))  # one contiguous block: nothing before it, no holes
+    corrupted = inputs[:s0]  # the input half
+    assert inputs[s0] == eos  # the separator predicts the first target token
+    answer = targets[s0:last + 1]
+    assert answer[0] == sentinels[0] and answer[-1] == eos
+    assert inputs[s0 + 1:last + 1] == answer[:-1]  # teacher forcing: the target half is shifted by one
+    # put the hidden spans back: the window comes out
+    spans, current = {}, None
+    for t in answer[:-1]:
+        if t in sentinels:
+            current = spans.setdefault(t, [])
+        else:
+            current.append(t)
+    rebuilt = []
+    for t in corrupted:
+        rebuilt += spans.pop(t) if t in sentinels else [t]
+    assert not spans and rebuilt == window
+    noise = len(answer) - 1 - sum(t in sentinels for t in answer)
+    assert noise == round(len(window) * noise_density)
+
+
+def test_span_corruption_trains_and_scores_only_the_targets(shards, tmp_path, monkeypatch, one_thread):
+    seen = []
+    real = objectives.span_corruption_batch
+
+    def spy(windows, sentinel_ids, eos_id, **kwargs):
+        batch = real(windows, sentinel_ids, eos_id, **kwargs)
+        seen.append((windows.clone(), batch, list(sentinel_ids), eos_id, kwargs["noise_density"]))
+        return batch
+
+    monkeypatch.setattr(objectives, "span_corruption_batch", spy)
+    out = tmp_path / "run"
+    tc = TrainConfig(data=str(shards), out=str(out), objective="span-corruption", context=64, batch_size=8,
+                     max_steps=20, lr=3e-3, warmup_steps=5, eval_every=0, checkpoint_every=0, progress=False)
+    result = train("tiny-llama", tc)
+    assert load_checkpoint(out)["model_config"]["vocab_size"] == 640  # 512 + 100 sentinels, rounded to 64
+
+    losses = result.losses
+    assert len(losses) == 20 and all(math.isfinite(x) for x in losses)
+    first, last = np.mean(losses[:5]), np.mean(losses[-5:])
+    print(f"\nspan corruption: first-5 mean loss {first:.3f}, last-5 {last:.3f}")
+    assert first > last + 0.3
+
+    assert len(seen) >= 20  # 20 training batches (+ the final evaluation's)
+    for windows, batch, sentinels, eos, density in seen:
+        assert sentinels[0] == 639 and min(sentinels) >= 512
+        assert batch.inputs.shape[1] <= 64
+        for r in range(len(windows)):
+            check_span_row(windows[r].tolist(), batch.inputs[r].tolist(), batch.targets[r].tolist(),
+                           sentinels, eos, density)
