@@ -62,11 +62,13 @@ def main() -> None:
     ap.add_argument("--text", type=Path, help="shared/data folder (builds tokenizer and shards)")
     ap.add_argument("--shards", type=Path, help="prepared shards (skips --text)")
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--sizes", default="s,m,l")
+    ap.add_argument("--sizes", default="m,s,l")
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--export", type=Path, help="after each size, copy results and a tar of its run here")
+    ap.add_argument("--export-models", default="s,m", help="sizes whose best weights go into their tar")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     shards = args.shards or build_shards(args.text, args.out)
@@ -100,8 +102,32 @@ def main() -> None:
             "sample": sample, "curve": [(r["step"], r["val_loss"]) for r in evals],
         })
         print(json.dumps({k: v for k, v in results[-1].items() if k not in ("config", "curve")}), flush=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    _plot(results, args.out / "val_loss.png")
+        (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        _plot(results, args.out / "val_loss.png")
+        if args.export:
+            _export(args, size, Path(tc.out))
+
+
+def _export(args, size: str, run: Path, part_bytes: int = 15 << 20) -> None:
+    """results.json, the plot, and run-SIZE.tar.NN (metrics, samples, best weights) in parts
+    of at most part_bytes, for transports that limit file sizes."""
+    import io
+    import shutil
+    import tarfile
+
+    args.export.mkdir(parents=True, exist_ok=True)
+    for name in ("results.json", "val_loss.png"):
+        if (args.out / name).exists():
+            shutil.copy(args.out / name, args.export / name)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name in ("metrics.jsonl", "samples.jsonl", "train_config.json"):
+            tar.add(run / name, arcname=f"run-{size}/{name}")
+        if size in args.export_models.split(","):
+            tar.add(run / "best", arcname=f"run-{size}/best")
+    data = buffer.getvalue()
+    for i in range(0, len(data), part_bytes):
+        (args.export / f"run-{size}.tar.{i // part_bytes:02d}").write_bytes(data[i:i + part_bytes])
 
 
 def _sample(model_dir: Path) -> str:

@@ -66,7 +66,7 @@ def rope_inv_freq(config: Config) -> torch.Tensor:
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
-    """positions (B, T) -> cos, sin of shape (B, 1, T, hd), computed in float32."""
+    """positions (B or 1, T) -> cos, sin of shape (B or 1, 1, T, hd), computed in float32."""
     freqs = positions[..., None].float() * inv_freq  # (B, T, hd/2)
     emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -191,8 +191,10 @@ class Transformer(nn.Module):
         if longest > self.config.block_size:
             raise InvalidArgument(f"{longest} tokens exceed the context window of {self.config.block_size}")
 
-        # Position of each new token (B, T): its slot minus the row's left padding.
-        positions = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
+        # Position of each new token: its slot minus the row's left padding, (B, T); without
+        # padding every row has the same positions, (1, T), broadcast (a (B, T) index would
+        # make the position embedding's backward a scatter over B times as many rows).
+        positions = torch.arange(start, start + T, device=input_ids.device)[None]
         if padded:
             positions = (positions - pad[:, None]).clamp(min=0)
         mask = self._attention_mask(start, T, pad if padded else None, input_ids.device)

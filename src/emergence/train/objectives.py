@@ -39,10 +39,14 @@ def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     """Mean cross-entropy of logits (B, T, V) against targets (B, T), skipping IGNORE_INDEX.
 
     Computed in fp32 whatever the logits' dtype: a bf16 log-softmax over a large vocabulary
-    loses the small probabilities the loss is made of.
+    loses the small probabilities the loss is made of. Under autocast, cross_entropy is one of
+    the ops autocast itself runs in fp32, so no copy of the logits is made here (on a GPU
+    that copy of a (B, T, V) tensor costs as much as the softmax).
     """
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                           ignore_index=IGNORE_INDEX)
+    flat = logits.reshape(-1, logits.shape[-1])
+    if not torch.is_autocast_enabled(flat.device.type):
+        flat = flat.float()
+    return F.cross_entropy(flat, targets.reshape(-1), ignore_index=IGNORE_INDEX).float()
 
 
 # ------------------------------------------------------------------- T5 span corruption

@@ -296,7 +296,11 @@ def train(model_spec: str | Config, tc: TrainConfig, *, resume: bool = False) ->
         _load_state(train_model, optimizer, state)
         step, cursor, best_val = state["step"], state["cursor"], state.get("best_val", math.inf)
         _restore_rng(state["rng"], device)
-    forward = torch.compile(train_model) if tc.compile else train_model
+    def batch_loss(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return objectives.next_token_loss(train_model(inputs), targets)
+
+    # torch.compile takes model and loss together, so the head's logits and the softmax fuse.
+    compute_loss = torch.compile(batch_loss) if tc.compile else batch_loss
     autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16 else nullcontext())
 
     metrics = _Metrics(out, env.main, truncate_after=step if state is not None else None)
@@ -370,7 +374,7 @@ def train(model_spec: str | Config, tc: TrainConfig, *, resume: bool = False) ->
             inputs, targets = _to_device(batch.inputs, device), _to_device(batch.targets, device)
             sync = micro == tc.grad_accum - 1 or env.world == 1 or tc.fsdp
             with (nullcontext() if sync else train_model.no_sync()), autocast:
-                loss = objectives.next_token_loss(forward(inputs), targets) / tc.grad_accum
+                loss = compute_loss(inputs, targets) / tc.grad_accum
             loss.backward()
             step_loss += loss.detach()
         grad_norm = (torch.nn.utils.clip_grad_norm_(train_model.parameters(), tc.grad_clip) if tc.grad_clip
@@ -391,7 +395,7 @@ def train(model_spec: str | Config, tc: TrainConfig, *, resume: bool = False) ->
             continue
         rows = flush()
         if evaluate_now:
-            val_loss = evaluate(forward, val_windows, tc, make_eval_batch(tc, sentinels, tokenizer.eos_id),
+            val_loss = evaluate(train_model, compute_loss, val_windows, tc, make_eval_batch(tc, sentinels, tokenizer.eos_id),
                                 env, device, autocast)
             rows[-1]["val_loss"], rows[-1]["val_ppl"] = val_loss, math.exp(min(val_loss, 50))
             if tc.save_best and val_loss < best_val:
@@ -541,22 +545,22 @@ def make_eval_batch(tc: TrainConfig, sentinels: list[int], eos_id: int):
 
 
 @torch.no_grad()
-def evaluate(forward, windows: WindowSampler, tc: TrainConfig, build, env: _Dist, device: torch.device,
+def evaluate(model: torch.nn.Module, compute_loss, windows: WindowSampler, tc: TrainConfig, build, env: _Dist, device: torch.device,
              autocast) -> float:
     """Mean loss over the same evenly spread validation windows every time (split over ranks)."""
     count = min(windows.num_windows, tc.eval_batches * tc.batch_size * env.world)
     picks = np.linspace(0, windows.num_windows - 1, count).round().astype(int)[env.rank::env.world]
-    was_training = forward.training
-    forward.eval()
+    was_training = model.training
+    model.eval()
     total, n = 0.0, 0
     for i in range(0, len(picks), tc.batch_size):
         chunk = picks[i:i + tc.batch_size]
         batch = build(torch.from_numpy(np.stack([windows.window(int(k)).astype(np.int64) for k in chunk])), chunk)
         with autocast:
-            loss = objectives.next_token_loss(forward(batch.inputs.to(device)), batch.targets.to(device))
+            loss = compute_loss(batch.inputs.to(device), batch.targets.to(device))
         total += loss.item() * len(chunk)
         n += len(chunk)
-    forward.train(was_training)
+    model.train(was_training)
     if env.world > 1:
         t = torch.tensor([total, n], dtype=torch.float64, device=device)
         dist.all_reduce(t)
