@@ -38,6 +38,7 @@ bench: $(VENV)/.test-deps
 	$(BIN)/python bench/bench_decode.py
 	$(BIN)/python bench/bench_quant.py
 	$(BIN)/python bench/bench_qgemv.py
+	$(BIN)/python bench/bench_train.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -10,13 +10,13 @@ clipping at 1.0 and bf16 autocast (or fp32), in this process, round after round:
 - emergence: `emergence.train.trainer.train()` itself, the real loop with its data loader
   (memory-mapped shards -> WindowSampler -> next_token_batch -> .to(device)), on shards this
   script writes in the manifest format TokenShards reads. Each round is one fresh train() call
-  of warmup + steps steps with log_every=1; the rate is tokens / time over the steps after the
-  warm-up, from metrics.jsonl's tokens_per_s column (each row's window is one step, so that is
-  the wall time from the end of the warm-up to the end of the last step; evaluation, samples
-  and checkpoints are switched off until the final step, which does them after its timing).
-  So it includes everything the loop does per step: the schedule, the batch assembly, the
-  host read-back of loss and grad norm (batched at log points; log_every=1 here makes it one
-  per step, the worst case), the metrics.jsonl/csv writes.
+  of W + steps steps with log_every=steps, W being the warm-up rounded up to a multiple of
+  steps; the rate is metrics.jsonl's tokens_per_s of the last row, whose window is exactly
+  the timed steps (from the log point at the end of the warm-up to the end of the last step;
+  evaluation, samples and checkpoints are switched off until the final step, which does them
+  after its timing). So it includes everything the loop does per step: the schedule, the
+  batch assembly and host-to-device copy, the losses and grad norms kept on the device and
+  read back once per log point, the metrics.jsonl/csv writes.
 - emergence + compile: the same with TrainConfig(compile=True) (the trainer compiles the
   model's forward; the loss stays eager). Dynamo reuses its graph for each round's fresh model.
 - nanoGPT: a self-contained copy of nanoGPT's model (below: c_attn/c_proj attention through
@@ -145,10 +145,10 @@ class EmergenceEngine:
         out = self.work / f"{'compiled' if self.compile else 'eager'}-{self.calls}"
         a = self.args
         tc = TrainConfig(data=str(self.shards), out=str(out), context=a.context, batch_size=a.batch,
-                         max_steps=warmup + steps, lr=LR, min_lr=LR / 10, warmup_steps=0, schedule="constant",
+                         max_steps=self.warmup_steps(warmup, steps) + steps, lr=LR, min_lr=LR / 10, warmup_steps=0, schedule="constant",
                          weight_decay=WEIGHT_DECAY, beta1=BETAS[0], beta2=BETAS[1], grad_clip=GRAD_CLIP,
                          dtype=a.dtype, compile=self.compile, eval_every=0, eval_batches=1, sample_every=0,
-                         sample_tokens=1, checkpoint_every=0, log_every=1, seed=SEED, device=a.device,
+                         sample_tokens=1, checkpoint_every=0, log_every=steps, seed=SEED, device=a.device,
                          progress=False)
         printed = io.StringIO()
         try:
@@ -163,12 +163,15 @@ class EmergenceEngine:
             shutil.rmtree(out, ignore_errors=True)
         if self.calls == 1:
             log("  " + printed.getvalue().splitlines()[0])  # the trainer's "pretrain: ..." line
-        timed = [r for r in rows if r["step"] > warmup]
-        assert len(timed) == steps and all("tokens_per_s" in r for r in timed), "log_every=1 rows missing"
-        tokens_per_step = a.batch * a.context
-        seconds = sum(tokens_per_step / r["tokens_per_s"] for r in timed)
+        last = rows[-1]
+        assert last["step"] == self.warmup_steps(warmup, steps) + steps and "tokens_per_s" in last, "no timed row"
         self.last_loss = result.train_loss
-        return steps * tokens_per_step / seconds
+        return last["tokens_per_s"]
+
+    @staticmethod
+    def warmup_steps(warmup: int, steps: int) -> int:
+        """The warm-up rounded up to a multiple of steps, so a log point falls at its end."""
+        return -(-warmup // steps) * steps
 
 
 # ------------------------------------------------------------------- nanoGPT, in brief

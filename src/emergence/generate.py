@@ -70,9 +70,11 @@ def prepare_prompt(tokenizer: Tokenizer, prompt: str | Sequence[int], block_size
                    truncate: bool = False) -> list[int]:
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
     if not ids:
-        if tokenizer.bos_id is None:
-            raise InvalidArgument("empty prompt and the tokenizer has no BOS token to start from")
-        ids = [tokenizer.bos_id]
+        # Start a document: with BOS, or (GPT-2 style, where EOS separates documents) after EOS.
+        start = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
+        if start is None:
+            raise InvalidArgument("empty prompt and the tokenizer has neither BOS nor EOS to start from")
+        ids = [start]
     if len(ids) >= block_size:
         if not truncate:
             raise InvalidArgument(f"prompt of {len(ids)} tokens does not fit the context window of {block_size} "
