@@ -23,6 +23,7 @@ import os
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -126,6 +127,46 @@ class WindowSampler:
         """Samples first .. first+count-1 as a (count, length) int64 tensor."""
         rows = [self.sample(i).astype(np.int64) for i in range(first, first + count)]
         return torch.from_numpy(np.stack(rows))
+
+
+class Batches:
+    """The objective's rows from the shards: training batches by sample number (any rank, any
+    resume: the same rows), validation batches by window number."""
+
+    def __init__(self, data: TokenShards, tc: TrainConfig, context: int, vocab_size: int, eos_id: int) -> None:
+        self.tc, self.eos_id = tc, eos_id
+        window = objectives.window_length_for(tc.objective, context, tc.noise_density, tc.mean_noise_span_length)
+        stride = window - 1 if tc.objective == "next-token" else window  # next-token windows share one token
+        self.train = WindowSampler(data.split("train"), window, stride, tc.seed)
+        val_arrays = data.split("val")
+        self.val = WindowSampler(val_arrays, window, stride, tc.seed) if val_arrays else None
+        self.prompt_source = val_arrays or data.split("train")  # where sample_text takes its prompt
+        if self.train.num_windows == 0:
+            raise InvalidArgument(f"the training split ({data.tokens('train')} tokens) is shorter than one "
+                                  f"window of {window} tokens; use a smaller --context")
+        self.sentinels = objectives.t5_sentinel_ids(vocab_size)
+        if tc.objective == "span-corruption" and min(self.sentinels) < data.vocab_size:
+            raise InvalidArgument(f"span corruption needs vocab_size >= {data.vocab_size + 100} "
+                                  f"(tokenizer + 100 sentinels), the model has {vocab_size}")
+
+    def train_batch(self, first: int) -> objectives.Batch:
+        """Samples first .. first + batch_size - 1."""
+        count = self.tc.batch_size
+        # span corruption: each row's spans are seeded by its sample number
+        seeds = [self.tc.seed * 1_000_003 + first + i for i in range(count)]
+        return self._objective(self.train.batch(first, count), seeds)
+
+    def eval_batch(self, window_ids: Sequence[int]) -> objectives.Batch:
+        rows = np.stack([self.val.window(int(k)).astype(np.int64) for k in window_ids])
+        return self._objective(torch.from_numpy(rows), [int(k) for k in window_ids])  # same spans every time
+
+    def _objective(self, windows: torch.Tensor, seeds: list[int]) -> objectives.Batch:
+        if self.tc.objective == "next-token":
+            return objectives.next_token_batch(windows)
+        generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+        return objectives.span_corruption_batch(windows, self.sentinels, self.eos_id, generator=generators,
+                                                noise_density=self.tc.noise_density,
+                                                mean_noise_span_length=self.tc.mean_noise_span_length)
 
 
 # ---------------------------------------------------------------------- the environment
@@ -244,25 +285,7 @@ def train(model_spec: str | Config, tc: TrainConfig, *, resume: bool = False) ->
     if tokenizer.fingerprint() != data.tokenizer_hash:
         raise InvalidArgument(f"{tc.data}: the shards' manifest names tokenizer {data.tokenizer_hash} but the "
                               f"tokenizer stored beside them hashes to {tokenizer.fingerprint()}")
-    state = None
-    if resume:
-        state = load_checkpoint(out)
-        config = Config.from_dict(state["model_config"])
-        if state["tokenizer_hash"] != data.tokenizer_hash:
-            raise InvalidArgument(f"the checkpoint in {out} was trained on tokenizer {state['tokenizer_hash']} but "
-                                  f"the shards in {tc.data} use tokenizer {data.tokenizer_hash}")
-        _check_same_run(TrainConfig(**state["train_config"]), tc)
-        saved_world = state.get("world", 1)
-        if saved_world * state["train_config"]["batch_size"] != env.world * tc.batch_size:
-            raise InvalidArgument(
-                f"cannot resume with a different global batch: the run used {saved_world} process(es) x batch "
-                f"{state['train_config']['batch_size']}, now {env.world} x {tc.batch_size}")
-    elif tc.init is not None:
-        config, init_weights = _initial_model(tc.init, data)
-    else:
-        config = resolve_model_config(model_spec, data.vocab_size, tokenizer.eos_id, tc.objective)
-    if state is None and out.exists() and (out / "checkpoint.pt").exists():
-        raise InvalidArgument(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    config, state, init_weights = _run_start(model_spec, tc, env, data, resume)
 
     context = tc.context or config.block_size
     if context > config.block_size:
@@ -270,23 +293,12 @@ def train(model_spec: str | Config, tc: TrainConfig, *, resume: bool = False) ->
     bf16 = tc.dtype == "bf16" or (tc.dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
     _check_memory(config, tc, context, bf16, device)
 
-    window = objectives.window_length_for(tc.objective, context, tc.noise_density, tc.mean_noise_span_length)
-    stride = window - 1 if tc.objective == "next-token" else window
-    train_windows = WindowSampler(data.split("train"), window, stride, tc.seed)
-    val_arrays = data.split("val")
-    val_windows = WindowSampler(val_arrays, window, stride, tc.seed) if val_arrays else None
-    if train_windows.num_windows == 0:
-        raise InvalidArgument(f"the training split ({data.tokens('train')} tokens) is shorter than one "
-                              f"window of {window} tokens; use a smaller --context")
-    sentinels = objectives.t5_sentinel_ids(config.vocab_size)
-    if tc.objective == "span-corruption" and min(sentinels) < data.vocab_size:
-        raise InvalidArgument(f"span corruption needs vocab_size >= {data.vocab_size + 100} "
-                              f"(tokenizer + 100 sentinels), the model has {config.vocab_size}")
+    batches = Batches(data, tc, context, config.vocab_size, tokenizer.eos_id)
 
     torch.manual_seed(tc.seed)
     model = Transformer(config)
     initialize_weights(model, generator=torch.Generator().manual_seed(tc.seed))
-    if state is None and tc.init is not None:
+    if init_weights is not None:
         model.load_state_dict(init_weights)
     model.to(device)
     train_model = _wrap_parallel(model, tc, env, device)
@@ -296,6 +308,7 @@ def train(model_spec: str | Config, tc: TrainConfig, *, resume: bool = False) ->
         _load_state(train_model, optimizer, state)
         step, cursor, best_val = state["step"], state["cursor"], state.get("best_val", math.inf)
         _restore_rng(state["rng"], device)
+
     def batch_loss(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return objectives.next_token_loss(train_model(inputs), targets)
 
@@ -303,31 +316,19 @@ def train(model_spec: str | Config, tc: TrainConfig, *, resume: bool = False) ->
     compute_loss = torch.compile(batch_loss) if tc.compile else batch_loss
     autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16 else nullcontext())
 
+    tokens_per_step = tc.batch_size * env.world * tc.grad_accum * context
     metrics = _Metrics(out, env.main, truncate_after=step if state is not None else None)
     if env.main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(json.dumps(asdict(tc), indent=2) + "\n")
         (out / "model_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
         params = sum(p.numel() for p in model.parameters())
-        tokens_per_step = tc.batch_size * env.world * tc.grad_accum * context
         print(f"pretrain: {params / 1e6:.2f}M parameters ({config.n_layer} layers x {config.n_embd} wide), "
               f"{tokens_per_step:,} tokens per step, {data.tokens('train'):,} training tokens, "
               f"{'bf16 autocast' if bf16 else 'fp32'} on {device}"
               f"{f' x {env.world} ranks' if env.world > 1 else ''}"
               f"{f', resuming at step {step}' if state is not None else ''}", flush=True)
 
-    def make_batch(first: int) -> objectives.Batch:
-        windows = train_windows.batch(first, tc.batch_size)
-        if tc.objective == "next-token":
-            return objectives.next_token_batch(windows)
-        # each row's spans come from a generator seeded by its sample number: the same after a
-        # resume, and the same whichever rank the sample falls to
-        g = [torch.Generator().manual_seed(tc.seed * 1_000_003 + first + i) for i in range(len(windows))]
-        return objectives.span_corruption_batch(windows, sentinels, tokenizer.eos_id, generator=g,
-                                                noise_density=tc.noise_density,
-                                                mean_noise_span_length=tc.mean_noise_span_length)
-
-    tokens_per_step = tc.batch_size * env.world * tc.grad_accum * context
     progress = Progress(tc.max_steps * tokens_per_step, "tok", desc="pretrain", enabled=tc.progress and env.main)
     progress.done = step * tokens_per_step
     losses: list[float] = []
@@ -338,9 +339,10 @@ def train(model_spec: str | Config, tc: TrainConfig, *, resume: bool = False) ->
     start = time.perf_counter()
     window_start, window_tokens = start, 0
 
-    def flush() -> dict:
-        """Write the pending steps' rows; returns the last one (the current step's)."""
-        nonlocal window_start, window_tokens
+    def flush() -> list[dict]:
+        """The pending steps' metrics rows, read back from the device in one go; the last row
+        (the current step) carries the throughput since the previous flush."""
+        nonlocal window_tokens
         values = torch.stack([torch.stack([loss, norm]) for _, _, loss, norm in pending]).double()
         if env.world > 1:
             dist.all_reduce(values)  # the loss mean over ranks (grad norms are already global)
@@ -369,7 +371,7 @@ def train(model_spec: str | Config, tc: TrainConfig, *, resume: bool = False) ->
             group["lr"] = lr
         step_loss = torch.zeros((), device=device)
         for micro in range(tc.grad_accum):
-            batch = make_batch(cursor + env.rank * tc.batch_size)
+            batch = batches.train_batch(cursor + env.rank * tc.batch_size)
             cursor += tc.batch_size * env.world
             inputs, targets = _to_device(batch.inputs, device), _to_device(batch.targets, device)
             sync = micro == tc.grad_accum - 1 or env.world == 1 or tc.fsdp
@@ -388,15 +390,14 @@ def train(model_spec: str | Config, tc: TrainConfig, *, resume: bool = False) ->
         pending.append((step, lr, step_loss, grad_norm.detach().float().to(step_loss.device)))
 
         last = step == tc.max_steps
-        evaluate_now = val_windows is not None and ((tc.eval_every and step % tc.eval_every == 0) or last)
+        evaluate_now = batches.val is not None and ((tc.eval_every and step % tc.eval_every == 0) or last)
         sample_now = (tc.sample_every and step % tc.sample_every == 0) or last
         checkpoint_now = (tc.checkpoint_every and step % tc.checkpoint_every == 0) or last
         if not (step % tc.log_every == 0 or evaluate_now or sample_now or checkpoint_now):
             continue
         rows = flush()
         if evaluate_now:
-            val_loss = evaluate(train_model, compute_loss, val_windows, tc, make_eval_batch(tc, sentinels, tokenizer.eos_id),
-                                env, device, autocast)
+            val_loss = evaluate(train_model, compute_loss, batches, env, device, autocast)
             rows[-1]["val_loss"], rows[-1]["val_ppl"] = val_loss, math.exp(min(val_loss, 50))
             if tc.save_best and val_loss < best_val:
                 _save_hf(train_model, config, tokenizer, out / "best", env)
@@ -404,7 +405,7 @@ def train(model_spec: str | Config, tc: TrainConfig, *, resume: bool = False) ->
         for row in rows:
             metrics.write(row)
         if sample_now:
-            text = sample_text(model, tokenizer, val_arrays or data.split("train"), tc, device)
+            text = sample_text(model, tokenizer, batches.prompt_source, tc)
             metrics.sample(step, text)
             if env.main and tc.progress:
                 print(f"\n[step {step}] {text!r}", flush=True)
@@ -431,6 +432,32 @@ def train(model_spec: str | Config, tc: TrainConfig, *, resume: bool = False) ->
               f"model saved to {model_dir}", flush=True)
     return TrainResult(step, step * tokens_per_step, losses[-1] if losses else math.nan, val_loss, elapsed,
                        len(losses) * tokens_per_step / max(elapsed, 1e-9), model_dir if env.main else None, losses)
+
+
+def _run_start(model_spec: str | Config, tc: TrainConfig, env: _Dist, data: TokenShards, resume: bool
+               ) -> tuple[Config, dict | None, dict[str, torch.Tensor] | None]:
+    """(config, checkpoint state or None, initial weights or None) for a resumed run, a run
+    continuing an existing model (--init), or a new one; refuses mismatched tokenizers,
+    changed settings and a new run over an existing one."""
+    out = Path(tc.out)
+    if resume:
+        state = load_checkpoint(out)
+        if state["tokenizer_hash"] != data.tokenizer_hash:
+            raise InvalidArgument(f"the checkpoint in {out} was trained on tokenizer {state['tokenizer_hash']} but "
+                                  f"the shards in {tc.data} use tokenizer {data.tokenizer_hash}")
+        _check_same_run(TrainConfig(**state["train_config"]), tc)
+        saved_world, saved_batch = state.get("world", 1), state["train_config"]["batch_size"]
+        if saved_world * saved_batch != env.world * tc.batch_size:
+            raise InvalidArgument(f"cannot resume with a different global batch: the run used {saved_world} "
+                                  f"process(es) x batch {saved_batch}, now {env.world} x {tc.batch_size}")
+        return Config.from_dict(state["model_config"]), state, None
+    if (out / "checkpoint.pt").exists():
+        raise InvalidArgument(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    if tc.init is not None:
+        config, weights = _initial_model(tc.init, data)
+        return config, None, weights
+    tokenizer_eos = data.manifest["tokenizer"]["eos_id"]
+    return resolve_model_config(model_spec, data.vocab_size, tokenizer_eos, tc.objective), None, None
 
 
 def _initial_model(spec: str, data: TokenShards) -> tuple[Config, dict[str, torch.Tensor]]:
@@ -533,21 +560,11 @@ def _save_hf(train_model: torch.nn.Module, config: Config, tokenizer, folder: Pa
 
 
 # ------------------------------------------------------------------ evaluation, samples
-def make_eval_batch(tc: TrainConfig, sentinels: list[int], eos_id: int):
-    def build(windows: torch.Tensor, window_ids) -> objectives.Batch:
-        if tc.objective == "next-token":
-            return objectives.next_token_batch(windows)
-        g = [torch.Generator().manual_seed(int(k)) for k in window_ids]  # the same spans at every evaluation
-        return objectives.span_corruption_batch(windows, sentinels, eos_id, generator=g,
-                                                noise_density=tc.noise_density,
-                                                mean_noise_span_length=tc.mean_noise_span_length)
-    return build
-
-
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, compute_loss, windows: WindowSampler, tc: TrainConfig, build, env: _Dist, device: torch.device,
+def evaluate(model: torch.nn.Module, compute_loss, batches: Batches, env: _Dist, device: torch.device,
              autocast) -> float:
     """Mean loss over the same evenly spread validation windows every time (split over ranks)."""
+    tc, windows = batches.tc, batches.val
     count = min(windows.num_windows, tc.eval_batches * tc.batch_size * env.world)
     picks = np.linspace(0, windows.num_windows - 1, count).round().astype(int)[env.rank::env.world]
     was_training = model.training
@@ -555,7 +572,7 @@ def evaluate(model: torch.nn.Module, compute_loss, windows: WindowSampler, tc: T
     total, n = 0.0, 0
     for i in range(0, len(picks), tc.batch_size):
         chunk = picks[i:i + tc.batch_size]
-        batch = build(torch.from_numpy(np.stack([windows.window(int(k)).astype(np.int64) for k in chunk])), chunk)
+        batch = batches.eval_batch(chunk)
         with autocast:
             loss = compute_loss(batch.inputs.to(device), batch.targets.to(device))
         total += loss.item() * len(chunk)
@@ -568,8 +585,7 @@ def evaluate(model: torch.nn.Module, compute_loss, windows: WindowSampler, tc: T
     return total / max(n, 1)
 
 
-def sample_text(model: Transformer, tokenizer, arrays: list[np.ndarray], tc: TrainConfig,
-                device: torch.device) -> str:
+def sample_text(model: Transformer, tokenizer, arrays: list[np.ndarray], tc: TrainConfig) -> str:
     """A continuation of the first 8 validation tokens (fixed seed: comparable across steps)."""
     from ..generate import generate
 
