@@ -5,7 +5,10 @@ Sources, recognised by their content, never by their file name:
 - a name of a model shipped inside the package;
 - a Hugging Face layout folder (config.json + safetensors + tokenizer files);
 - a GGUF file (llama.cpp's format, tokenizer included);
-- a llama2.c v0 checkpoint file, with its tokenizer `.bin` passed as `tokenizer=`.
+- a llama2.c v0 checkpoint file, with its tokenizer `.bin` passed as `tokenizer=`;
+- a name in the local model store (`emergence.store`: `emergence import / create`).
+
+A name is looked up as an existing path first, then in the store, then among the packaged models.
 """
 
 from __future__ import annotations
@@ -114,6 +117,10 @@ def load(path_or_name: str | Path | None = None, *, tokenizer: str | Path | None
 
 
 def _locate(path_or_name: str | Path | None) -> Path:
+    """What `path_or_name` names, in this order: an existing path, a model in the local store
+    (emergence.store; an HF folder or the GGUF file inside the entry), a packaged model."""
+    from .store import Store, short_list  # here: the store imports this module
+
     if path_or_name is None:
         path_or_name = DEFAULT_MODEL
     path = Path(path_or_name)
@@ -121,8 +128,13 @@ def _locate(path_or_name: str | Path | None) -> Path:
         if path.is_dir() and not is_hf_folder(path):
             raise CheckpointError(f"{path} is not a model folder (no config.json; a partial copy?)")
         return path
+    store = Store()
+    entry = store.find(str(path_or_name))
+    if entry is not None:
+        return entry.model_path
     packaged = PACKAGED_MODELS / str(path_or_name)
     if "/" not in str(path_or_name) and is_hf_folder(packaged):
         return packaged
     known = ", ".join(packaged_models()) or "none"
-    raise CheckpointError(f"no model at '{path_or_name}': not a path, nor a packaged model ({known})")
+    raise CheckpointError(f"no model at '{path_or_name}': not a path, nor a model in the store {store.root} "
+                          f"({short_list(store.names())}), nor a packaged model ({known})")

@@ -107,9 +107,13 @@ def _completion_json(lm: LanguageModel, c: Completion) -> dict:
 def cmd_chat(args: argparse.Namespace) -> None:
     params = _sampling(args)
     lm = _load(args)
+    _chat(lm, params)
+
+
+def _chat(lm: LanguageModel, params: SamplingParams, transcript: str = "") -> None:
+    """Read lines from stdin and continue `transcript` + each line, printing the replies."""
     print(f"chatting with {lm.config.name} as plain continuation (a base model: the conversation is "
           "continued as text). Ctrl-D or /exit ends.", file=sys.stderr)
-    transcript = ""
     while True:
         try:
             line = input("> ")
@@ -311,6 +315,126 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     train(args.config, tc, resume=args.resume)
 
 
+# ------------------------------------------------------------------------- the model store
+def cmd_list(args: argparse.Namespace) -> None:
+    from .store import Store, ago, human_bytes, human_count
+
+    rows = [(e, e.size()) for e in Store().entries()]
+    if args.json:
+        print(json.dumps([{"name": str(e.name), "architecture": e.manifest.details.architecture,
+                           "parameter_count": e.manifest.details.parameter_count,
+                           "format": e.manifest.details.format, "size": size, "modified": e.manifest.created}
+                          for e, size in rows]))
+        return
+    table = [("NAME", "ARCHITECTURE", "PARAMETERS", "FORMAT", "SIZE", "MODIFIED")]
+    table += [(str(e.name), e.manifest.details.architecture, human_count(e.manifest.details.parameter_count),
+               e.manifest.details.format, human_bytes(size), ago(e.modified())) for e, size in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        print("    ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+
+
+def cmd_show(args: argparse.Namespace) -> None:
+    from .store import Modelfile, Store
+
+    entry = Store().get(args.name)
+    m, d = entry.manifest, entry.manifest.details
+    if args.modelfile:
+        print(Modelfile(str(entry.model_path), m.parameters, m.system, m.template).to_text(), end="")
+        return
+    if args.json:
+        print(json.dumps({**m.to_json(), "path": str(entry.model_path), "size": entry.size()}, ensure_ascii=False))
+        return
+    print("  Model")
+    for key, value in (("name", str(entry.name)), ("architecture", d.architecture),
+                       ("parameters", f"{d.parameter_count:,}"), ("context length", f"{d.context_length:,}"),
+                       ("format", d.format), ("layout", d.layout), ("source", m.source), ("created", m.created),
+                       ("path", str(entry.model_path))):
+        print(f"    {key:16}{value}")
+    if m.parameters:
+        print("\n  Parameters")
+        for key, value in m.parameters.items():
+            for v in (value if key == "stop" else [value]):
+                print(f"    {key:20}{json.dumps(v, ensure_ascii=False) if isinstance(v, str) else v}")
+    for title, text in (("System", m.system), ("Template", m.template)):
+        if text is not None:
+            print(f"\n  {title}")
+            for line in text.splitlines() or [""]:
+                print(f"    {line}")
+
+
+def cmd_create(args: argparse.Namespace) -> None:
+    from .store import ModelName, Store, read_modelfile
+
+    ModelName.parse(args.name)  # a bad name is reported before the Modelfile
+    entry = Store().create(args.name, read_modelfile(args.file))
+    _report("created", entry)
+
+
+def cmd_import(args: argparse.Namespace) -> None:
+    from .store import Store
+
+    _report("imported", Store().import_model(args.path, args.name))
+
+
+def cmd_cp(args: argparse.Namespace) -> None:
+    from .store import ModelName, Store
+
+    entry = Store().copy(args.src, args.dst)
+    print(f"copied {ModelName.parse(args.src)} to {entry.name}")
+
+
+def cmd_rm(args: argparse.Namespace) -> None:
+    from .store import Store
+
+    store = Store()
+    for name in args.names:  # every name must exist before anything is removed
+        store.entry_folder(name)
+    for name in args.names:
+        print(f"deleted {store.remove(name)}")
+
+
+def _report(verb: str, entry: "Entry") -> None:
+    from .store import human_bytes, human_count
+
+    d = entry.manifest.details
+    print(f"{verb} {entry.name} from {entry.manifest.source} ({d.architecture}, "
+          f"{human_count(d.parameter_count)} parameters, {d.format}, {human_bytes(entry.size())})")
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from .store import Store, sampling_defaults, with_system
+
+    entry = None if Path(args.name).exists() else Store().find(args.name)  # a path wins, as in load()
+    settings = _run_settings(args, sampling_defaults(entry) if entry is not None else {})
+    params = _sampling(settings)
+    system = entry.manifest.system if entry is not None else None
+    lm = load(args.name, device=args.device, dtype=args.dtype)
+    if args.prompt is None:
+        _chat(lm, params, with_system(system, ""))
+        return
+    for piece in lm.stream(with_system(system, args.prompt), truncate=settings.truncate, **_fields(params)):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def _sampling_flag_defaults() -> dict:
+    """The sampling flags' destinations and their defaults (as `generate` has them)."""
+    p = argparse.ArgumentParser(add_help=False)
+    _add_sampling_args(p)
+    return vars(p.parse_args([]))
+
+
+def _run_settings(args: argparse.Namespace, stored: dict) -> argparse.Namespace:
+    """Sampling flags for `run`: the generate defaults, then the entry's stored defaults, then
+    the flags given on this command line (a given --stop replaces the stored stop list)."""
+    values = _sampling_flag_defaults()
+    values.update({k: list(v) if k == "stop" else v for k, v in stored.items()})
+    values.update({k: v for k, v in vars(args).items() if k in values and v is not None})
+    return argparse.Namespace(**values)
+
+
 # TrainConfig fields settable by a flag of the same name (None: keep the file's or the default).
 _TRAIN_FLAGS = {
     "init": (str, "continue pretraining this model (folder or packaged name) instead of a random init"),
@@ -328,6 +452,16 @@ _TRAIN_FLAGS = {
 }
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from .serve.app import run_server
+
+    if not 0 <= args.port <= 65535:
+        raise InvalidArgument(f"--port must be in [0, 65535], got {args.port}")
+    run_server(args.model, host=args.host, port=args.port, api_key=args.api_key, slots=args.slots,
+               max_queue=args.max_queue, context_policy=args.context_policy, chat_template=args.chat_template,
+               device=args.device, dtype=args.dtype)
+
+
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
     "generate": (cmd_generate, "complete a prompt"),
     "chat": (cmd_chat, "interactive conversation"),
@@ -337,7 +471,16 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
     "prepare": (cmd_prepare, "tokenize text files into memory-mapped token shards for pretraining"),
     "train-tokenizer": (cmd_train_tokenizer, "train a byte-level BPE tokenizer on text files"),
     "pretrain": (cmd_pretrain, "train a model from scratch on prepared token shards (torchrun for several processes)"),
+    "list": (cmd_list, "list the models in the local store ($EMERGENCE_HOME, default ~/.emergence)"),
+    "show": (cmd_show, "describe a model of the store: details, default parameters, system prompt, template"),
+    "create": (cmd_create, "create a store model from a Modelfile (FROM, PARAMETER, SYSTEM, TEMPLATE)"),
+    "import": (cmd_import, "copy an HF-layout folder or a GGUF file into the store under a name"),
+    "cp": (cmd_cp, "copy a store model to a new name"),
+    "rm": (cmd_rm, "remove models from the store"),
+    "run": (cmd_run, "answer a prompt (or chat) with a store model, its default parameters and system prompt"),
+    "serve": (cmd_serve, "serve a model over an OpenAI-compatible HTTP API with continuous batching"),
 }
+
 
 
 class _Parser(argparse.ArgumentParser):
@@ -377,14 +520,14 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--tokenizer", default=None, help="tokenizer .bin for a llama2.c SRC")
     v.add_argument("--dtype", default=None, help="fp32, bf16 or fp16")
     v.add_argument("--max-shard-mb", type=int, default=None, help="split the weights into shards of this size")
-    v.add_argument("--type", default=None, help="GGUF tensor type: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0 or q5_1 "
-                   "(default: the model's dtype)")
+    v.add_argument("--type", default=None, help="GGUF tensor type: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, "
+                   "q4_k, q5_k or q6_k (default: the model's dtype)")
 
     q = parsers["quantize"]
     q.add_argument("model", nargs="?", default=None, metavar="MODEL",
                    help="HF-layout folder, llama2.c .bin (with --tokenizer), or packaged model name; default: the shipped model")
     q.add_argument("--to", required=True, metavar="FORMAT",
-                   help="int8, int4, int4-gptq, nf4, ternary, q8_0, q4_0, q4_1, q5_0, q5_1")
+                   help="int8, int4, int4-gptq, nf4, ternary, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k")
     q.add_argument("--out", required=True, metavar="PATH", help="folder to write the quantized checkpoint into")
     q.add_argument("--group-size", type=int, default=None, help="int4 group size: 32, 64 (default) or 128")
     q.add_argument("--calibration", default=None, metavar="TEXTFILE", help="calibration text for int4-gptq")
@@ -408,6 +551,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, metavar="DIR")
     t.add_argument("--invalid-utf8", choices=("replace", "skip"), default="replace")
 
+    _add_serve_args(parsers["serve"])
+
     r = parsers["pretrain"]
     r.add_argument("--config", default=None, metavar="PRESET_OR_JSON", help="model preset name or config JSON")
     r.add_argument("--data", required=True, metavar="DIR", help="folder written by `emergence prepare`")
@@ -420,7 +565,54 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-progress", action="store_true", help="no live progress line")
     for name, (kind, help_) in _TRAIN_FLAGS.items():
         r.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=help_)
+    _add_store_args(parsers)
     return parser
+
+
+def _add_serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=None, metavar="MODEL",
+                   help="store name, packaged model, HF folder or GGUF file (default: the shipped model)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every request")
+    p.add_argument("--slots", type=int, default=8, help="requests decoded together (default %(default)s)")
+    p.add_argument("--max-queue", type=int, default=256, help="requests that may wait for a slot")
+    p.add_argument("--context-policy", default="drop-oldest", choices=("drop-oldest", "condense", "error"),
+                   help="what a chat longer than the context loses")
+    p.add_argument("--chat-template", default=None,
+                   help="built-in name (chatml, llama2, llama3, mistral, phi3, vicuna, plain) or Jinja text")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default=None)
+
+
+def _add_store_args(parsers: dict[str, argparse.ArgumentParser]) -> None:
+    parsers["list"].add_argument("--json", action="store_true", help="one JSON array")
+    s = parsers["show"]
+    s.add_argument("name", metavar="NAME")
+    fmt = s.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="the manifest, with the path and size")
+    fmt.add_argument("--modelfile", action="store_true", help="a Modelfile that recreates the model")
+    c = parsers["create"]
+    c.add_argument("name", metavar="NAME", help="name[:tag] (tag: latest by default)")
+    c.add_argument("--file", "-f", default="Modelfile", help="the Modelfile (default: ./Modelfile)")
+    i = parsers["import"]
+    i.add_argument("path", metavar="PATH", help="HF-layout folder or GGUF file")
+    i.add_argument("name", metavar="NAME", help="name[:tag]")
+    cp = parsers["cp"]
+    cp.add_argument("src", metavar="SRC")
+    cp.add_argument("dst", metavar="DST")
+    parsers["rm"].add_argument("names", nargs="+", metavar="NAME")
+    run = parsers["run"]
+    run.description = ("Answer PROMPT once, or chat when there is none, with the model's stored default "
+                       "parameters and its system prompt as a text prefix; sampling flags override the stored "
+                       "values (a flag's default is the stored value, else generate's default).")
+    run.add_argument("name", metavar="NAME", help="a store model (or any model --model takes)")
+    run.add_argument("prompt", nargs="?", default=None, help="answer this once (default: interactive chat)")
+    run.add_argument("--device", default="auto", help="auto (GPU when present), cpu or cuda")
+    run.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: as stored)")
+    _add_sampling_args(run)
+    # Unset flags are None, so that the model's stored defaults apply (see _run_settings).
+    run.set_defaults(**{k: None for k in _sampling_flag_defaults()})
 
 
 def main(argv: list[str] | None = None) -> int:

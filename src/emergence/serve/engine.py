@@ -1,0 +1,234 @@
+"""Continuous batching: requests join and leave one shared decode batch, step by step.
+
+One worker thread owns the model. Each loop it admits waiting requests into free slots
+(each prompt is prefilled alone, then its keys and values are placed in the shared KV
+cache), runs ONE decoding step for every active row together, hands each row its token,
+and drops the rows that finished or whose client went away. A request never waits for
+another to finish: it waits at most for a free slot and one step.
+
+The shared cache is the left-padded `KVCache` of batched generation: every row's latest
+token sits in the same slot, a row that joined with a shorter history has more padding in
+front. A row joining with a longer prompt than the batch's history shifts the others right;
+when the cache is full, the slots no row uses any more are cut from the front. Positions
+and masks come from each row's padding, so a row computes what it would compute alone.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import InvalidArgument
+from ..generate import Chunk, _emit, _Row
+from ..kv_cache import KVCache
+from ..model import Transformer
+from ..sampling import SamplingParams, choose, process_logits
+from ..tokenizer import Tokenizer
+
+@dataclass
+class Request:
+    """A submitted completion. Its `sink` receives (tag, Chunk) items, then (tag, None) at the
+    end, or (tag, exception) if the engine failed; several requests may share one sink (the
+    choices of one HTTP response). Iterating a request with its own sink yields its chunks."""
+
+    prompt: list[int]
+    params: SamplingParams
+    sink: queue.Queue = field(default_factory=queue.Queue)
+    tag: int = 0
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def __iter__(self):
+        while True:
+            _, item = self.sink.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def cancel(self) -> None:
+        """The client is gone: free its slot at the next step."""
+        self.cancelled.set()
+
+    def _put(self, chunk: Chunk) -> None:
+        self.sink.put((self.tag, chunk))
+
+    def _end(self, error: BaseException | None = None) -> None:
+        self.sink.put((self.tag, error))
+
+
+class BatchEngine:
+    """`submit()` from any thread; the engine's own thread decodes every active request together."""
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, *, slots: int = 8, max_queue: int = 256) -> None:
+        if slots < 1:
+            raise InvalidArgument(f"slots must be at least 1, got {slots}")
+        self.model, self.tokenizer = model, tokenizer
+        self.slots, self.max_queue = slots, max_queue
+        self.device = model.tok_embeddings.weight.device
+        self.dtype = model.tok_embeddings.weight.dtype
+        config = model.config
+        self.eos = set(config.eos_token_ids) | ({tokenizer.eos_id} if tokenizer.eos_id is not None else set())
+        # ids past the tokenizer's vocabulary (padded embedding rows) are never sampled
+        self.unused = slice(tokenizer.vocab_size, None) if tokenizer.vocab_size < config.vocab_size else None
+        self._waiting: deque[Request] = deque()
+        self._lock = threading.Condition()
+        self._rows: list[_Row] = []  # active rows, in cache-row order
+        self._requests: list[Request] = []  # the request of each active row
+        self._cache: KVCache | None = None
+        self._logits: torch.Tensor | None = None  # (B, V) next-token logits of the active rows
+        self._stopping = False
+        self.steps = 0  # decoding steps run (each serves every active row)
+        self._thread = threading.Thread(target=self._run, name="emergence-batch-engine", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------------ client side
+    def submit(self, prompt: list[int], params: SamplingParams, *, sink: queue.Queue | None = None,
+               tag: int = 0) -> Request:
+        """Queue a completion of `prompt` (token ids, already checked to fit the context)."""
+        params.check_vocabulary(self.model.config.vocab_size)
+        request = Request(list(prompt), params, sink if sink is not None else queue.Queue(), tag)
+        with self._lock:
+            if len(self._waiting) >= self.max_queue:
+                raise InvalidArgument(f"the server is busy: {self.max_queue} requests are already waiting")
+            self._waiting.append(request)
+            self._lock.notify()
+        return request
+
+    @property
+    def active(self) -> int:
+        return len(self._rows)
+
+    def close(self) -> None:
+        with self._lock:
+            self._stopping = True
+            self._lock.notify()
+        self._thread.join(timeout=10)
+
+    # ------------------------------------------------------------------------ engine side
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stopping and not self._waiting and not self._rows:
+                    self._lock.wait()
+                if self._stopping:
+                    break
+                joining = []
+                while self._waiting and len(self._rows) + len(joining) < self.slots:
+                    joining.append(self._waiting.popleft())
+            try:
+                with torch.inference_mode():
+                    for request in joining:
+                        self._admit(request)
+                    if self._rows:
+                        self._step()
+            except Exception as e:  # a bug, or memory: fail the requests in flight, keep serving
+                for request in self._requests:
+                    request._end(e)
+                self._rows, self._requests, self._cache, self._logits = [], [], None, None
+        for request in self._requests + list(self._waiting):
+            request._end()
+
+    def _admit(self, request: Request) -> None:
+        """Prefill one prompt alone and add it as a row of the shared batch."""
+        if request.cancelled.is_set():
+            request._end()
+            return
+        p, config = request.params, self.model.config
+        generator = None
+        if p.seed is not None and not p.greedy:
+            generator = torch.Generator(device=self.device).manual_seed(p.seed)
+        row = _Row(0, p, request.prompt, min(p.max_new_tokens, config.block_size - len(request.prompt)),
+                   self.tokenizer.stream_decoder(), generator,
+                   set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos))
+        if row.max_new <= 0:
+            request._put(Chunk("", [], [], "length"))
+            request._end()
+            return
+        if p.needs_history:
+            V = config.vocab_size
+            row.seen = torch.zeros(1, V, dtype=torch.bool, device=self.device)
+            row.seen[0, torch.tensor(request.prompt, device=self.device)] = True
+            row.counts = torch.zeros(1, V, dtype=torch.float32, device=self.device)
+        P = len(request.prompt)
+        alone = KVCache(config, 1, P, dtype=self.dtype, device=self.device)
+        ids = torch.tensor([request.prompt], device=self.device)
+        logits = self.model(ids, alone, last_logits_only=True)[:, -1].float()  # (1, V)
+        self._join(alone, P)
+        self._rows.append(row)
+        self._requests.append(request)
+        self._logits = logits if self._logits is None else torch.cat([self._logits, logits])
+
+    def _join(self, alone: KVCache, P: int) -> None:
+        """Append a prefilled row (P slots) to the shared cache, aligned at its end."""
+        config, capacity = self.model.config, self.model.config.block_size
+        if self._cache is None:
+            self._cache = KVCache(config, 0, capacity, dtype=self.dtype, device=self.device)
+        cache = self._cache
+        if P > cache.length:  # everyone else moves right: their history now starts later
+            shift = P - cache.length
+            for layer in range(config.n_layer):
+                for t in (cache.k, cache.v):
+                    t[layer][:, :, shift:P] = t[layer][:, :, :cache.length].clone()
+                    t[layer][:, :, :shift] = 0
+            cache.pad = cache.pad + shift
+            cache.length = P
+        L = cache.length
+        for layer in range(config.n_layer):
+            for shared, own in ((cache.k, alone.k), (cache.v, alone.v)):
+                row = torch.zeros((1, *shared[layer].shape[1:]), dtype=self.dtype, device=self.device)
+                row[:, :, L - P:L] = own[layer][:, :, :P]
+                shared[layer] = torch.cat([shared[layer], row])
+        cache.pad = torch.cat([cache.pad, torch.tensor([L - P], device=self.device)])
+        cache.has_padding = bool(cache.pad.any())
+
+    def _compact(self) -> None:
+        """Cut the leading slots that every row has as padding (the cache is full)."""
+        cache = self._cache
+        cut = int(cache.pad.min())
+        if cut == 0:
+            raise RuntimeError("KV cache full with a row at the context limit")  # rows stop before this
+        for layer in range(self.model.config.n_layer):
+            for t in (cache.k, cache.v):
+                t[layer][:, :, :cache.length - cut] = t[layer][:, :, cut:cache.length].clone()
+        cache.pad = cache.pad - cut
+        cache.length -= cut
+        cache.has_padding = bool(cache.pad.any())
+
+    def _step(self) -> None:
+        """Sample one token for every active row, emit it, then advance the survivors one step."""
+        logits = self._logits
+        if self.unused is not None:
+            logits[:, self.unused] = float("-inf")
+        next_tokens, keep = [], []
+        for b, (row, request) in enumerate(zip(self._rows, self._requests)):
+            if request.cancelled.is_set():
+                request._end()
+                continue
+            raw = logits[b:b + 1]
+            token = int(choose(process_logits(raw, row.params, row.seen, row.counts), row.params.greedy,
+                               row.generator))
+            chunk, finished = _emit(row, token, raw[0])
+            request._put(chunk)
+            if finished:
+                request._end()
+            else:
+                next_tokens.append(token)
+                keep.append(b)
+        if len(keep) < len(self._rows):
+            self._rows = [self._rows[b] for b in keep]
+            self._requests = [self._requests[b] for b in keep]
+            if not keep:
+                self._cache, self._logits = None, None
+                return
+            self._cache.reorder(torch.tensor(keep, device=self.device))
+        if self._cache.length >= self._cache.max_len:
+            self._compact()
+        step = torch.tensor(next_tokens, device=self.device)[:, None]  # (B, 1)
+        self._logits = self.model(step, self._cache)[:, -1].float()
+        self.steps += 1
+
