@@ -41,8 +41,12 @@ class Server:
 
     def __init__(self, lm: LanguageModel, name: str, *, slots: int = 8, max_queue: int = 256,
                  api_key: str | None = None, max_body_bytes: int = 1 << 20, context_policy: str = "drop-oldest",
-                 chat_template: ChatTemplate | None = None) -> None:
+                 chat_template: ChatTemplate | None = None, defaults: dict | None = None,
+                 system: str | None = None) -> None:
+        """defaults: request fields (OpenAI names) used when a request leaves them out, e.g. a
+        store model's PARAMETERs; system: a system message for chats that bring none."""
         self.lm, self.name, self.api_key = lm, name, api_key
+        self.defaults, self.system = dict(defaults or {}), system
         self.max_body_bytes, self.context_policy = max_body_bytes, context_policy
         self.context = lm.config.block_size
         self.engine = BatchEngine(lm.model, lm.tokenizer, slots=slots, max_queue=max_queue)
@@ -63,12 +67,13 @@ class Server:
         model = body.get("model")
         if not isinstance(model, str):
             raise ApiError(400, "'model' is required and must be a string", "model")
-        if model != self.name:
+        if model != self.name and model != f"{self.name}:latest":  # Ollama's default tag
             raise ApiError(404, f"the model '{model}' does not exist; this server serves '{self.name}'", "model",
                            "model_not_found")
 
     def completions(self, body: dict) -> tuple[dict | None, Iterator[dict] | None]:
         self._check_model(body)
+        body = {**self.defaults, **body}
         sampling = parse_sampling(body, chat=False, default_max_tokens=DEFAULT_COMPLETION_TOKENS)
         prompts = self._prompts(body.get("prompt"))
         jobs = []
@@ -111,10 +116,13 @@ class Server:
 
     def chat_completions(self, body: dict) -> tuple[dict | None, Iterator[dict] | None]:
         self._check_model(body)
+        body = {**self.defaults, **body}
         sampling = parse_sampling(body, chat=True, default_max_tokens=None)
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise ApiError(400, "'messages' must be a non-empty list of {role, content} objects", "messages")
+        if self.system is not None and not any(isinstance(m, dict) and m.get("role") == "system" for m in messages):
+            messages = [{"role": "system", "content": self.system}, *messages]
         reserve = sampling.max_tokens or min(DEFAULT_CHAT_RESERVE, self.context // 4)
         if reserve >= self.context:
             raise ApiError(400, f"max_tokens {reserve} leaves no room for a prompt in the context of {self.context}",
@@ -411,8 +419,17 @@ def run_server(model: str | None, *, host: str = "127.0.0.1", port: int = 8000, 
 
     from ..api import DEFAULT_MODEL, _locate, load
 
+    from ..store import Store
+
     path = _locate(model)
     lm = load(model, device=device, dtype=dtype)
+    entry = Store().find(str(model)) if model is not None and not Path(model).exists() else None
+    defaults, system = {}, None
+    if entry is not None:  # a store model: its PARAMETERs, SYSTEM and TEMPLATE apply
+        renames = {"max_new_tokens": "max_tokens"}
+        defaults = {renames.get(k, k): v for k, v in entry.manifest.parameters.items() if k != "typical_p"}
+        system = entry.manifest.system
+        chat_template = chat_template or entry.manifest.template
     # the id clients send as "model": the store or packaged name, else the file or folder name
     if model is None:
         name = DEFAULT_MODEL
@@ -421,7 +438,7 @@ def run_server(model: str | None, *, host: str = "127.0.0.1", port: int = 8000, 
     else:
         name = str(model)
     app = Server(lm, name, slots=slots, max_queue=max_queue, api_key=api_key, context_policy=context_policy,
-                 chat_template=model_chat_template(path, chat_template))
+                 chat_template=model_chat_template(path, chat_template), defaults=defaults, system=system)
     try:
         server = make_http_server(app, host, port)
     except OSError as e:
