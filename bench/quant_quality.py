@@ -3,21 +3,41 @@ the token-embedding space (nearest neighbours by cosine similarity) survives eac
 
     .venv/bin/python bench/quant_quality.py                       # the built-in model (stories260K)
     .venv/bin/python bench/quant_quality.py --model stories260K --model path/to/model   # several models
+    .venv/bin/emergence prepare /work/shared/data/tinystories/train /work/shared/data/tinystories/valid \
+        /work/shared/data/tinyshakespeare /work/shared/data/text --tokenizer emergence-6m \
+        --out /tmp/e6m_shards --val-fraction 0.05               # emergence-6m's own train/val split
+    .venv/bin/python bench/quant_quality.py --model stories260K --model emergence-6m \
+        --eval-shards emergence-6m=/tmp/e6m_shards              # ... evaluated on its val split
 
-1. Perplexity. The evaluation text is the start of the TinyStories validation split
-   (/work/shared/data/tinystories/valid), cut at a paragraph break after `--eval-chars`
-   characters and tokenized by each model's own tokenizer. It is split into non-overlapping
-   windows of the model's context; each window starts with BOS (or, for a tokenizer without
-   one, the token before the window) and every text token is predicted exactly once.
+1. Perplexity, on text the model was not trained on. Each model is evaluated on one of:
+
+   a. TinyStories text (the default, for a model trained on the TinyStories train split, as
+      stories260K was by llama2.c): the start of the TinyStories validation split
+      (/work/shared/data/tinystories/valid), cut at a paragraph break after `--eval-chars`
+      characters and tokenized by each model's own tokenizer. It is split into non-overlapping
+      windows of the model's context; each window starts with BOS (or, for a tokenizer without
+      one, the token before the window) and every text token is predicted exactly once.
+      int4-gptq is calibrated on the start of the TinyStories *train* split (whole stories, BOS
+      before each, as llama2.c trains), never on the evaluation text.
+   b. Its own held-out split (`--eval-shards MODEL=DIR`, for a model trained with `emergence
+      train`): the `val` split of the token shards `emergence prepare` wrote to DIR, the ids
+      exactly as training saw them (documents joined by EOS, BOS only where the tokenizer adds
+      one). The shards' tokenizer hash must equal the model tokenizer's fingerprint, else the
+      script refuses. The stream is read as training reads it: non-overlapping windows of
+      context + 1 tokens with stride context, the first token of the split context only, so
+      every later token (EOS included) is predicted exactly once (the fp32 loss over the full
+      windows alone, as training evaluates, is given too). int4-gptq is calibrated on
+      the start of the same shards' *train* split, cut into sequences. A model whose training
+      corpus holds the TinyStories validation text (TRAINED_ON_VALID_TEXT: emergence-6m) is
+      refused without --eval-shards: that text is not held out for it.
+
    Perplexity = exp(mean next-token cross-entropy), computed from `model(input_ids)` logits
    cast to fp32. fp32, bf16 and fp16 cast the whole model; the other formats swap the linear
    layers with `emergence.quant.quantize_model` (embeddings, norms and a tied output head stay
    fp32). A layer whose shape a format cannot take (in_features not a multiple of its group or
    block) stays fp32 and is listed in the "kept fp32" column; so is an untied output head,
-   which `quantize_model` keeps by default. int4-gptq is calibrated on the start of the
-   TinyStories *train* split (whole stories, BOS before each, as llama2.c trains), never on
-   the evaluation text. Bytes are those of the linear layers' stored weight buffers (kept
-   layers at their float size); bits/weight = 8 x bytes / weights.
+   which `quantize_model` keeps by default. Bytes are those of the linear layers' stored weight
+   buffers (kept layers at their float size); bits/weight = 8 x bytes / weights.
 
 2. Embedding space. The token-embedding matrix E (V x D) is quantized as if it were a linear
    weight (rows = tokens, groups/blocks along D) with each format's own quantizer
@@ -46,17 +66,21 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import emergence
-from emergence.errors import InvalidArgument
+from emergence.data import TokenShards
+from emergence.data.shards import expand_inputs
+from emergence.errors import CheckpointError, InvalidArgument
 from emergence.gguf import quants as ggml
 from emergence.quant import FORMATS, GGML_FORMATS, QuantizedLinear, quantize_model
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "tinystories"
+SHARED = ROOT.parent / "shared" / "data"
+DATA = SHARED / "tinystories"
 VALID_TEXT = DATA / "valid" / "hf_TinyStories_validation.head.txt"
 TRAIN_TEXT = DATA / "train" / "TinyStories-train.head2MiB.txt"
 DOC = ROOT / "docs" / "quantization.md"
@@ -68,6 +92,20 @@ CALIB_LEN = 512
 NEIGHBOURS = 10
 DUPLICATE_COS = 0.999  # rows at least this similar to another row count as near-duplicates
 STORY_END = "<|endoftext|>"
+# Models whose training corpus holds the TinyStories validation text: for them it is not held
+# out, so they are evaluated on their own validation split only (--eval-shards), the one
+# `emergence prepare` makes of these inputs with this fraction (bench/train_models.py's CORPUS).
+TRAINED_ON_VALID_TEXT = {
+    "emergence-6m": {"inputs": [str(SHARED / d) for d in ("tinystories/train", "tinystories/valid",
+                                                          "tinyshakespeare", "text")], "val_fraction": 0.05},
+}
+
+
+def training_prepare(name: str) -> list[str]:
+    """The `emergence prepare` command that remakes the train/val split a model above was trained on."""
+    corpus = TRAINED_ON_VALID_TEXT[name]
+    return ["emergence", "prepare", *corpus["inputs"], "--tokenizer", name, "--out", "DIR",
+            "--val-fraction", str(corpus["val_fraction"])]
 
 
 # ------------------------------------------------------------------------------- the formats
@@ -152,6 +190,62 @@ def calibration_tokens(tokenizer, n_seqs: int = CALIB_SEQS, seq_len: int = CALIB
     if len(ids) < need:
         raise InvalidArgument(f"the train text holds {len(ids)} tokens, fewer than {need} asked for calibration")
     return torch.tensor(ids[:need], dtype=torch.long).reshape(n_seqs, seq_len), used
+
+
+def open_shards(folder: str | Path, tokenizer) -> TokenShards:
+    """The token shards `emergence prepare` wrote to `folder`, refused unless their ids come from
+    `tokenizer` (the manifest's tokenizer hash must equal the tokenizer's fingerprint)."""
+    shards = TokenShards(folder)
+    if shards.tokenizer_hash != tokenizer.fingerprint():
+        raise InvalidArgument(f"{folder}: the shards were made with tokenizer {shards.tokenizer_hash}, but the "
+                              f"model's tokenizer has fingerprint {tokenizer.fingerprint()}: their ids are not the "
+                              f"model's (prepare them with `emergence prepare ... --tokenizer MODEL`)")
+    return shards
+
+
+def shard_tokens(shards: TokenShards, split: str, limit: int | None = None) -> torch.Tensor:
+    """(N,) ids of a split (at most its first `limit`), its shards in order: documents joined by
+    EOS (and started by BOS when the tokenizer adds one), as training reads them."""
+    parts, need = [], limit
+    for array in shards.split(split):
+        parts.append(np.asarray(array if need is None else array[:need], dtype=np.int64))
+        if need is not None:
+            need -= len(parts[-1])
+            if need == 0:
+                break
+    return torch.from_numpy(np.concatenate(parts)) if parts else torch.zeros(0, dtype=torch.long)
+
+
+def shard_calibration_tokens(shards: TokenShards, n_seqs: int = CALIB_SEQS,
+                             seq_len: int = CALIB_LEN) -> tuple[torch.Tensor, int]:
+    """(n_seqs, seq_len) token ids: the start of the shards' *train* split, cut into sequences.
+    Also returns the number of documents those tokens reach into."""
+    need = n_seqs * seq_len
+    ids = shard_tokens(shards, "train", need)
+    if len(ids) < need:
+        raise InvalidArgument(f"the train split of {shards.folder} holds {len(ids)} tokens, fewer than {need} "
+                              f"asked for calibration")
+    eos = shards.manifest["tokenizer"]["eos_id"]
+    return ids.reshape(n_seqs, seq_len), int((ids[:-1] == eos).sum()) + 1
+
+
+def shard_sources(shards: TokenShards, val: torch.Tensor) -> list[dict] | None:
+    """What each source file of the shards gave to the splits, in their order: {path, documents,
+    cut (one document, cut in two), val_documents, val_tokens, train_tokens}. Every held-out
+    document (or the held-out tail of a cut one) ends with EOS in the val split, which is how
+    its tokens are counted; None when the counts do not add up."""
+    ends = (val == shards.manifest["tokenizer"]["eos_id"]).nonzero().flatten().tolist()
+    rows, done, start = [], 0, 0
+    for src in shards.manifest["sources"]:
+        n = src["val_documents"]
+        if done + n > len(ends):
+            return None
+        end = ends[done + n - 1] + 1 if n else start
+        rows.append({"path": src["path"], "documents": src["documents"],
+                     "cut": src["documents"] == 1 and n == 1, "val_documents": n,
+                     "val_tokens": end - start, "train_tokens": src["tokens"] - (end - start)})
+        done, start = done + n, end
+    return rows if start == len(val) and done == len(ends) else None
 
 
 # ------------------------------------------------------------------------------ perplexity
@@ -335,6 +429,7 @@ def relative_error(w: torch.Tensor, wq: torch.Tensor) -> float:
 @dataclass
 class ModelReport:
     name: str
+    source: str  # the name or path given to emergence.load
     description: str
     vocab: int
     distinct: int
@@ -343,20 +438,32 @@ class ModelReport:
     eval_chars: int
     eval_tokens: int
     calib_tokens: int
-    calib_stories: int
+    calib_stories: int  # stories (text) or documents (shards) the calibration tokens reach into
     ppl_rows: list[dict]
     emb_rows: list[dict]
     seconds: float
+    context: int = 0  # the model's block size: the evaluation windows' length
+    shards: dict | None = None  # evaluated on a prepared val split: folder, hash, splits, sources
+    bos_id: int | None = None  # the tokenizer's BOS (text windows start with it)
 
 
 def evaluate(lm, name: str, specs: list[Spec], *, eval_chars: int = EVAL_CHARS, calib_seqs: int = CALIB_SEQS,
-             progress=None) -> ModelReport:
+             shards: TokenShards | None = None, source: str | None = None, progress=None) -> ModelReport:
+    """The tables for one model: on the TinyStories validation text, or with `shards` (opened
+    by `open_shards`) on their val split, GPTQ calibrated on their train split."""
     started = time.perf_counter()
     model, tok, cfg = lm.model.eval(), lm.tokenizer, lm.config
-    tokens = eval_tokens(tok, eval_text(eval_chars))
+    if shards is None:
+        tokens, bos = eval_tokens(tok, eval_text(eval_chars)), tok.bos_id
+    else:
+        tokens, bos = shard_tokens(shards, "val"), None  # the stream as it is: BOS only where the shards hold one
+        if len(tokens) < 2:
+            raise InvalidArgument(f"the val split of {shards.folder} holds {len(tokens)} tokens: nothing to predict")
     calib, stories = (None, 0)
     if any(s.fmt and s.fmt.endswith("-gptq") for s in specs):
-        calib, stories = calibration_tokens(tok, calib_seqs, min(CALIB_LEN, cfg.block_size))
+        seq_len = min(CALIB_LEN, cfg.block_size)
+        calib, stories = (calibration_tokens(tok, calib_seqs, seq_len) if shards is None
+                          else shard_calibration_tokens(shards, calib_seqs, seq_len))
     emb = model.tok_embeddings.weight.detach().float()
     nn_ref = nearest_neighbours(emb)
     distinct = distinct_rows(emb)
@@ -369,13 +476,19 @@ def evaluate(lm, name: str, specs: list[Spec], *, eval_chars: int = EVAL_CHARS, 
         if qmodel is None:
             row.update(ppl=None, note="no layer fits: all kept fp32")
         else:
-            ppl, nll, n = perplexity(qmodel, tokens, context=cfg.block_size, bos_id=tok.bos_id)
+            ppl, nll, n = perplexity(qmodel, tokens, context=cfg.block_size, bos_id=bos)
             tb, tn, qb, qn = linear_bytes(qmodel)
             row.update(ppl=ppl, nll=nll, tokens=n, bytes=tb, weights=tn, bpw=8 * tb / tn,
                        qbpw=(8 * qb / qn if qn else (torch.finfo(spec.dtype).bits if spec.dtype else None)),
                        qweights=qn if spec.fmt else None)
             if spec.name == "fp32":
                 base_ppl = ppl
+                rest = (len(tokens) - 1) % cfg.block_size
+                if shards is not None and rest and len(tokens) > cfg.block_size + 1:
+                    # Training's evaluation reads full windows only: the mean without the last, partial one.
+                    last = perplexity(qmodel, tokens[len(tokens) - 1 - rest:], context=cfg.block_size, bos_id=None)
+                    full = (nll * n - last[1] * last[2]) / (n - last[2])
+                    row["full_windows"] = (full, math.exp(full), (n - last[2]) // cfg.block_size)
         ppl_rows.append(row)
         wq, bits, note = quantize_matrix(emb, spec)
         erow = {"format": spec.name, "note": note, "bpw": bits}
@@ -394,13 +507,28 @@ def evaluate(lm, name: str, specs: list[Spec], *, eval_chars: int = EVAL_CHARS, 
     desc = (f"n_layer {cfg.n_layer}, d_model {cfg.n_embd}, vocab {cfg.vocab_size}, context {cfg.block_size}, "
             f"{sum(p.numel() for p in model.parameters()):,} parameters")
     duplicates = (~distinct).nonzero().flatten().tolist()
-    seen = set(tok.encode("\n".join(train_stories()), add_bos=False))
-    return ModelReport(name, desc, vocab=len(emb), distinct=int(distinct.sum()),
+    if shards is None:
+        seen = set(tok.encode("\n".join(train_stories()), add_bos=False))
+        shard_info = None
+    else:
+        train = shard_tokens(shards, "train")
+        seen = set(torch.unique(train).tolist())
+        shard_info = {"folder": str(shards.folder), "hash": shards.tokenizer_hash,
+                      "val_fraction": shards.manifest["val_fraction"], "train_tokens": len(train),
+                      "eos_id": shards.manifest["tokenizer"]["eos_id"], "bos_id": tok.bos_id if tok.add_bos else None,
+                      "sources": shard_sources(shards, tokens),
+                      "source_paths": [src["path"] for src in shards.manifest["sources"]]}
+        corpus = TRAINED_ON_VALID_TEXT.get(name)  # the same files and fraction as the model's training run?
+        shard_info["training_split"] = corpus is not None and corpus["val_fraction"] == shard_info["val_fraction"] \
+            and [str(f) for f in expand_inputs(corpus["inputs"])] == shard_info["source_paths"]
+    return ModelReport(name, source or name, desc, vocab=len(emb), distinct=int(distinct.sum()),
                        duplicate_bytes=sum(bool(re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", tok.id_to_piece(i)))
                                            for i in duplicates),
-                       duplicate_unseen=sum(i not in seen for i in duplicates), eval_chars=len(eval_text(eval_chars)), eval_tokens=len(tokens),
+                       duplicate_unseen=sum(i not in seen for i in duplicates),
+                       eval_chars=len(eval_text(eval_chars)) if shards is None else 0, eval_tokens=len(tokens),
                        calib_tokens=0 if calib is None else calib.numel(), calib_stories=stories,
-                       ppl_rows=ppl_rows, emb_rows=emb_rows, seconds=time.perf_counter() - started)
+                       ppl_rows=ppl_rows, emb_rows=emb_rows, seconds=time.perf_counter() - started,
+                       context=cfg.block_size, shards=shard_info, bos_id=tok.bos_id)
 
 
 # ------------------------------------------------------------------------------- rendering
@@ -439,16 +567,16 @@ INTRO = """\
 
 What each weight format of `emergence.quant` costs in model quality, measured two ways.
 **Perplexity**: exp(mean next-token cross-entropy, from `model(input_ids)` logits in fp32) on
-held-out text, the start of the TinyStories *validation* split
-(`/work/shared/data/tinystories/valid/hf_TinyStories_validation.head.txt`, cut at the last
-paragraph break before character {eval_chars_req:,}: {eval_chars:,} characters), tokenized by
-each model's tokenizer and split into non-overlapping windows of the model's context, each
-starting with BOS, so that every text token is predicted exactly once. fp32, bf16 and fp16 cast
+held-out text, text the model was not trained on; each model's section says exactly which: for
+a model trained on the TinyStories train split, the start of the TinyStories *validation*
+split; for a model trained with `emergence train` on token shards, the validation split that
+`emergence prepare` held out of those shards. The tokens are read in non-overlapping windows of
+the model's context, so that every token is predicted exactly once. fp32, bf16 and fp16 cast
 the whole model; the other formats replace the linear layers through `quantize_model` (token
 embeddings, norms and a tied output head stay fp32), and a layer whose shape a format cannot
 take stays fp32 and is named in the "kept fp32" column. `int4-gptq` is calibrated on
-{calib_seqs} sequences of up to {calib_len} tokens cut from the first whole stories of the
-TinyStories *train* split (BOS before each story), never on the evaluation text. Bytes are
+{calib_seqs} sequences of up to {calib_len} tokens from the start of the model's *train* text
+(its section says which), never on the evaluation text. Bytes are
 those of the linear layers' stored buffers (codes and scales, as checkpoints store them; kept
 layers at 4 bytes per weight; ternary codes are stored unpacked, one int8 per weight), and
 bits/weight = 8 x bytes / weights. **Embedding space** (do semantically similar tokens remain
@@ -463,25 +591,113 @@ cosine < {dup}), with neighbours searched among them. Everything is deterministi
 no sampling, no random seed involved); torch ran on {threads} CPU thread{plural}."""
 
 
+def fp32_row(rep: ModelReport) -> dict:
+    return next((r for r in rep.ppl_rows if r["format"] == "fp32"), {})
+
+
+def prepare_command(rep: ModelReport) -> list[str]:
+    """The `emergence prepare` command that makes a shards-evaluated model's shards again."""
+    sh = rep.shards
+    return [".venv/bin/emergence", "prepare", *sh["source_paths"], "--tokenizer", rep.source,
+            "--out", sh["folder"], "--val-fraction", str(sh["val_fraction"])]
+
+
+def text_evaluation(rep: ModelReport, eval_chars: int, calib_seqs: int) -> str:
+    """What a model evaluated on the TinyStories validation text is measured on and calibrated with."""
+    first = ("each starting with BOS" if rep.bos_id is not None
+             else "each starting with the token before it (the text's first token is context only)")
+    text = (f"**Evaluation text**: the start of the TinyStories *validation* split (`{VALID_TEXT}`, cut at the last "
+            f"paragraph break before character {eval_chars:,}: {rep.eval_chars:,} characters), tokenized by the "
+            f"model's tokenizer: {rep.eval_tokens:,} tokens, in non-overlapping windows of {rep.context} tokens "
+            f"{first}, so that every text token is predicted exactly once ({fp32_row(rep).get('tokens', 0):,} "
+            f"predictions).")
+    if rep.calib_tokens:
+        text += (f" **GPTQ calibration**: {rep.calib_tokens:,} tokens ({calib_seqs} sequences of "
+                 f"{rep.calib_tokens // calib_seqs}) cut from the first {rep.calib_stories} whole stories of the "
+                 f"TinyStories *train* split (`{TRAIN_TEXT}`, BOS before each story, as llama2.c trains).")
+    return text
+
+
+def shards_evaluation(rep: ModelReport, calib_seqs: int) -> str:
+    """What a model evaluated on its prepared val split is measured on and calibrated with."""
+    sh, ctx, n = rep.shards, rep.context, rep.eval_tokens
+    predicted = fp32_row(rep).get("tokens", n - 1)
+    full, rest = divmod(n - 1, ctx)
+    text = (f"**Evaluation text**: the model's own held-out validation split, the `val` split of the token shards "
+            f"in `{sh['folder']}`, prepared by `emergence {shlex.join(prepare_command(rep)[1:])}` (tokenizer hash "
+            f"{sh['hash']}, checked equal to the model tokenizer's fingerprint)"
+            + (": the same files, tokenizer and fraction as the model's training run, so this is the split it "
+               "was validated on while training and never trained on" if sh["training_split"] else "")
+            + f". Its {n:,} tokens are the held-out end of each source file, in this order: ")
+    if sh["sources"] is None:
+        text += f"the last {sh['val_fraction']:.0%} or so of the tokens of each of " + \
+                ", ".join(f"`{p}`" for p in sh["source_paths"]) + ". "
+    else:
+        parts = []
+        for src in sh["sources"]:
+            total = src["val_tokens"] + src["train_tokens"]
+            if src["cut"]:
+                parts.append(f"the last {src['val_tokens']:,} tokens of `{src['path']}` (one document, cut at "
+                             f"{src['train_tokens'] / total:.0%} of its {total:,} tokens)")
+            else:
+                parts.append(f"the last {src['val_documents']:,} of the {src['documents']:,} documents of "
+                             f"`{src['path']}` ({src['val_tokens']:,} tokens)")
+        text += "; ".join(parts) + ". "
+    text += (f"Every held-out document (or held-out tail of a cut one) ends with EOS (id {sh['eos_id']}), which is "
+             f"predicted like any other token; "
+             + ("the tokenizer adds no BOS, and none is added here. " if sh["bos_id"] is None
+                else f"BOS (id {sh['bos_id']}) starts every document, as the tokenizer adds it. ")
+             + f"The stream is read as training reads it: non-overlapping windows of {ctx + 1} tokens with stride "
+               f"{ctx}, the split's first token context only, so {predicted:,} tokens are predicted exactly once "
+               f"({full} full windows" + (f" and a last one of {rest}" if rest else "") + ").")
+    if "full_windows" in fp32_row(rep):
+        loss, ppl, count = fp32_row(rep)["full_windows"]
+        text += (f" Over the {count} full windows alone, as `emergence train` evaluates, fp32 gives mean loss "
+                 f"{loss:.4f}, perplexity {ppl:.2f}.")
+    valid = [src for src in (sh["sources"] or []) if Path(src["path"]).resolve() == VALID_TEXT.resolve()]
+    if valid:
+        text += (f" The TinyStories validation text that a TinyStories-trained model is evaluated on (`{VALID_TEXT.name}`) "
+                 f"is one of this model's training files: its first {valid[0]['train_tokens']:,} tokens were "
+                 f"training data, so that text is not held out for this model, and only its last "
+                 f"{valid[0]['val_tokens']:,} tokens (in the split above) are used.")
+    if rep.calib_tokens:
+        reached, start, names = rep.calib_tokens, 0, []
+        for src in sh["sources"] or []:
+            if start < reached and src["train_tokens"]:
+                names.append(f"`{src['path']}`")
+            start += src["train_tokens"]
+        text += (f" **GPTQ calibration**: the first {rep.calib_tokens:,} tokens of the same shards' *train* split "
+                 f"({sh['train_tokens']:,} tokens), cut into {calib_seqs} sequences of "
+                 f"{rep.calib_tokens // calib_seqs}: they reach into its first {rep.calib_stories} documents"
+                 + (f", from {' and '.join(names)}" if names else "") + ", with the EOS after each, as trained.")
+    return text
+
+
 def render(reports: list[ModelReport], *, eval_chars: int, calib_seqs: int, threads: int,
            command: str, seconds: float) -> str:
-    parts = [INTRO.format(eval_chars_req=eval_chars, eval_chars=reports[0].eval_chars if reports else 0,
-                          calib_seqs=calib_seqs, calib_len=CALIB_LEN, k=NEIGHBOURS, dup=DUPLICATE_COS, threads=threads,
-                          plural="" if threads == 1 else "s")]
+    parts = [INTRO.format(calib_seqs=calib_seqs, calib_len=CALIB_LEN, k=NEIGHBOURS, dup=DUPLICATE_COS,
+                          threads=threads, plural="" if threads == 1 else "s")]
     for rep in reports:
-        calib = (f"GPTQ calibration: {rep.calib_tokens:,} tokens from the first {rep.calib_stories} train stories"
-                 if rep.calib_tokens else "no GPTQ row")
-        parts.append(f"## {rep.name}\n\n{rep.description}. Evaluation: {rep.eval_tokens:,} tokens "
-                     f"({rep.eval_chars:,} characters); {calib}. {rep.vocab - rep.distinct} of the "
-                     f"{rep.vocab} token embeddings are near-duplicates (cosine >= {DUPLICATE_COS} to another "
-                     f"token)" + (f": {rep.duplicate_bytes} of them byte-fallback tokens (<0x..>), and "
-                                  f"{rep.duplicate_unseen} never occur in the tokenized train sample "
-                                  f"({TRAIN_TEXT.name})." if rep.distinct < rep.vocab else "."))
-        parts.append("### Perplexity on TinyStories validation text\n\n" + perplexity_table(rep))
+        seen_in = (f"the tokenized train sample ({TRAIN_TEXT.name})" if rep.shards is None
+                   else f"the train split ({rep.shards['train_tokens']:,} tokens)")
+        dup = (f"{rep.vocab - rep.distinct} of the {rep.vocab} token embeddings are near-duplicates (cosine >= "
+               f"{DUPLICATE_COS} to another token)"
+               + ((f": {rep.duplicate_bytes} of them byte-fallback tokens (<0x..>), and " if rep.duplicate_bytes
+                   else ": ") + f"{rep.duplicate_unseen} never occur in {seen_in}." if rep.distinct < rep.vocab
+                  else "."))
+        evaluation = (text_evaluation(rep, eval_chars, calib_seqs) if rep.shards is None
+                      else shards_evaluation(rep, calib_seqs))
+        if not rep.calib_tokens:
+            evaluation += " No GPTQ row."
+        parts.append(f"## {rep.name}\n\n{rep.description}.\n\n{evaluation}\n\n{dup}")
+        heading = "TinyStories validation text" if rep.shards is None else "its held-out validation split"
+        parts.append(f"### Perplexity on {heading}\n\n" + perplexity_table(rep))
         parts.append("### Token-embedding space\n\n" + embedding_table(rep))
     today = datetime.date.today().isoformat()
-    parts.append(f"How to reproduce: `{command}` ({seconds:.0f} s on {os.cpu_count()} CPU cores, {today}, "
-                 f"torch {torch.__version__}).")
+    prepare = "".join(f"`{shlex.join(prepare_command(rep))}`, then " for rep in reports if rep.shards)
+    each = "".join(f"{rep.name} {rep.seconds:.0f} s, " for rep in reports) if len(reports) > 1 else ""
+    parts.append(f"How to reproduce: {prepare}`{command}` ({seconds:.0f} s{': ' + each if each else ' '}on "
+                 f"{os.cpu_count()} CPU cores, {today}, torch {torch.__version__}).")
     return "\n\n".join(parts) + "\n"
 
 
@@ -491,6 +707,10 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", action="append", metavar="PATH_OR_NAME",
                     help=f"a model for emergence.load (repeatable; default: {DEFAULT_MODEL})")
+    ap.add_argument("--eval-shards", action="append", default=[], metavar="MODEL=DIR",
+                    help="evaluate MODEL (as given to --model) on the val split of the token shards `emergence "
+                         "prepare` wrote to DIR, and calibrate its GPTQ rows on their train split (repeatable; "
+                         "the shards' tokenizer must be the model's)")
     ap.add_argument("--formats", default=",".join(SPEC_BY_NAME),
                     help="comma-separated rows (default: all): " + ", ".join(SPEC_BY_NAME))
     ap.add_argument("--eval-chars", type=int, default=EVAL_CHARS, help="validation characters (default %(default)s)")
@@ -504,14 +724,36 @@ def main(argv: list[str] | None = None) -> int:
     specs = [SPEC_BY_NAME[f] for f in args.formats.split(",")]
     if specs[0].name != "fp32" and "fp32" not in args.formats.split(","):
         specs.insert(0, SPEC_BY_NAME["fp32"])  # the reference every row is compared with
+    models = args.model or [DEFAULT_MODEL]
+    labels = {name: Path(name).name if Path(name).exists() else name for name in models}
+    shard_dirs = {}
+    for pair in args.eval_shards:
+        model, sep, folder = pair.partition("=")
+        if not sep or not model or not folder:
+            ap.error(f"--eval-shards takes MODEL=DIR, got {pair!r}")
+        if model not in models:
+            ap.error(f"--eval-shards names {model!r}, which is not a --model ({', '.join(models)})")
+        shard_dirs[model] = folder
+    for name in models:
+        if labels[name] in TRAINED_ON_VALID_TEXT and name not in shard_dirs:
+            ap.error(f"{name} was trained on the TinyStories validation text, so it is not held out for it; evaluate it "
+                     f"on its own validation split: {shlex.join(training_prepare(labels[name]))}, then "
+                     f"--eval-shards {name}=DIR")
     torch.set_num_threads(args.threads)
 
     started = time.perf_counter()
+    lms, shards = {}, {}
+    for name in models:  # every model and its shards checked before the first long evaluation
+        lms[name] = emergence.load(name, device="cpu", dtype="fp32", fast_kernels=False)
+        if name in shard_dirs:
+            try:
+                shards[name] = open_shards(shard_dirs[name], lms[name].tokenizer)
+            except (InvalidArgument, CheckpointError) as e:
+                ap.error(f"--eval-shards {name}={shard_dirs[name]}: {e}")
     reports = []
-    for name in args.model or [DEFAULT_MODEL]:
-        lm = emergence.load(name, device="cpu", dtype="fp32", fast_kernels=False)
-        label = Path(name).name if Path(name).exists() else name
-        reports.append(evaluate(lm, label, specs, eval_chars=args.eval_chars, calib_seqs=args.calib_seqs,
+    for name in models:
+        reports.append(evaluate(lms[name], labels[name], specs, eval_chars=args.eval_chars,
+                                calib_seqs=args.calib_seqs, shards=shards.get(name), source=name,
                                 progress=lambda line: print(line, file=sys.stderr, flush=True)))
     seconds = time.perf_counter() - started
 

@@ -1,5 +1,8 @@
 """bench/quant_quality.py on a small slice of the TinyStories validation text: its perplexity
-equals an independent computation, and the quality figures order the formats as they must."""
+equals an independent computation, and the quality figures order the formats as they must. And
+on a model's own held-out split from prepared token shards (emergence-6m on a small corpus):
+refused unless the shards' tokenizer is the model's, read as training reads it, calibrated on
+the train split."""
 
 from __future__ import annotations
 
@@ -8,10 +11,13 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 import emergence
+from emergence.data import prepare_corpus
+from emergence.errors import InvalidArgument
 
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "quant_quality.py"
 
@@ -164,3 +170,111 @@ def test_script_writes_the_tables(tmp_path, capsys):
     assert sum(line.startswith("| int8 |") for line in text.splitlines()) == 2
     progress = [line for line in captured.err.splitlines() if line.startswith("[stories260K]")]
     assert len(progress) == 4 and all("elapsed" in line and "ETA" in line for line in progress)
+
+
+# ------------------------------------------------------------- a model's own held-out split
+@pytest.fixture(scope="module")
+def lm6():
+    return emergence.load("emergence-6m", device="cpu", dtype="fp32", fast_kernels=False)
+
+
+@pytest.fixture(scope="module")
+def shards_dir(lm6, tmp_path_factory):
+    """A small corpus in the layout emergence-6m was prepared from: a file of stories separated
+    by EOS (the last ones held out) and a single-document file (cut near its end)."""
+    root = tmp_path_factory.mktemp("qq_shards")
+    (root / "stories.txt").write_text(qq.STORY_END.join(qq.train_stories()[:40]), encoding="utf-8")
+    (root / "play.txt").write_text((qq.SHARED / "tinyshakespeare" / "input.txt").read_text()[:12_000],
+                                   encoding="utf-8")
+    prepare_corpus([str(root / "stories.txt"), str(root / "play.txt")], lm6.tokenizer, root / "shards",
+                   val_fraction=0.2, show_progress=False)
+    return root / "shards"
+
+
+def test_shards_are_refused_unless_made_with_the_models_tokenizer(lm, lm6, shards_dir, capsys):
+    shards = qq.open_shards(shards_dir, lm6.tokenizer)
+    assert shards.tokenizer_hash == lm6.tokenizer.fingerprint()
+    with pytest.raises(InvalidArgument, match=f"tokenizer {shards.tokenizer_hash}.*{lm.tokenizer.fingerprint()}"):
+        qq.open_shards(shards_dir, lm.tokenizer)
+    with pytest.raises(SystemExit):  # the script says so before evaluating anything
+        qq.main(["--eval-shards", f"stories260K={shards_dir}", "--formats", "fp32", "--out", ""])
+    assert "fingerprint" in capsys.readouterr().err
+
+
+def test_a_model_trained_on_the_validation_text_needs_its_own_split(capsys):
+    with pytest.raises(SystemExit):
+        qq.main(["--model", "emergence-6m", "--formats", "fp32", "--out", ""])
+    err = capsys.readouterr().err
+    assert "not held out" in err and "emergence prepare" in err and "--val-fraction 0.05" in err
+    with pytest.raises(SystemExit):  # shards for a model that is not evaluated
+        qq.main(["--eval-shards", "emergence-6m=DIR", "--formats", "fp32", "--out", ""])
+    assert "not a --model" in capsys.readouterr().err
+
+
+def test_val_split_is_read_as_training_reads_it(lm6, shards_dir):
+    shards = qq.open_shards(shards_dir, lm6.tokenizer)
+    val = qq.shard_tokens(shards, "val")
+    assert torch.equal(val, torch.from_numpy(np.concatenate(shards.split("val")).astype(np.int64)))
+    ppl, nll, count = qq.perplexity(lm6.model, val, context=512, bos_id=None)
+    assert count == len(val) - 1 and len(val) > 1024 and (len(val) - 1) % 512  # a last, partial window
+    # Windows of 513 tokens, stride 512, each predicting its last 512 (the last one fewer).
+    total = 0.0
+    with torch.no_grad():
+        for start in range(0, len(val) - 1, 512):
+            window = val[start:start + 513]
+            logits = lm6.model(window[None, :-1])[0].double()
+            total += torch.nn.functional.cross_entropy(logits, window[1:], reduction="sum").item()
+    assert nll == pytest.approx(total / count, rel=1e-5) and ppl == pytest.approx(math.exp(nll), rel=1e-12)
+    assert ppl < 200  # a trained model on text of its own domain (uniform would be 4096)
+
+
+def test_every_val_token_is_attributed_to_its_source(lm6, shards_dir):
+    shards = qq.open_shards(shards_dir, lm6.tokenizer)
+    val = qq.shard_tokens(shards, "val")
+    stories, play = qq.shard_sources(shards, val)
+    assert stories["val_tokens"] + play["val_tokens"] == len(val)
+    assert not stories["cut"] and play["cut"] and play["val_documents"] == 1
+    assert stories["val_tokens"] + stories["train_tokens"] == shards.manifest["sources"][0]["tokens"]
+    held = val[:stories["val_tokens"]].tolist()  # the last stories of the file, EOS after each
+    assert held.count(lm6.tokenizer.eos_id) == stories["val_documents"] and held[-1] == lm6.tokenizer.eos_id
+    last = qq.train_stories()[39]
+    assert lm6.tokenizer.decode(held[:-1]).endswith(last)
+
+
+def test_gptq_calibrates_on_the_start_of_the_train_split(lm6, shards_dir):
+    shards = qq.open_shards(shards_dir, lm6.tokenizer)
+    calib, docs = qq.shard_calibration_tokens(shards, n_seqs=2, seq_len=512)
+    train = qq.shard_tokens(shards, "train")
+    assert calib.shape == (2, 512) and torch.equal(calib.flatten(), train[:1024])
+    assert docs == int((train[:1023] == lm6.tokenizer.eos_id).sum()) + 1 > 1
+    first_story = qq.train_stories()[0]
+    assert lm6.tokenizer.decode(calib[0].tolist()).startswith(first_story)
+    with pytest.raises(InvalidArgument, match="fewer than"):
+        qq.shard_calibration_tokens(shards, n_seqs=10_000, seq_len=512)
+
+
+def test_script_writes_the_held_out_split_section(lm6, shards_dir, tmp_path, capsys):
+    out = tmp_path / "quantization.md"
+    assert qq.main(["--model", "emergence-6m", "--eval-shards", f"emergence-6m={shards_dir}",
+                    "--formats", "fp32,int8,int4-gptq-g64", "--calib-seqs", "2", "--out", str(out)]) == 0
+    text, captured = out.read_text(), capsys.readouterr()
+    assert text == captured.out.rstrip("\n") + "\n"
+    shards = qq.open_shards(shards_dir, lm6.tokenizer)
+    val = qq.shard_tokens(shards, "val")
+    assert "### Perplexity on its held-out validation split" in text
+    assert "TinyStories validation text\n" not in text
+    assert "validated on while training" not in text  # not emergence-6m's training files: no such claim
+    assert f"tokenizer hash {lm6.tokenizer.fingerprint()}" in text and f"Its {len(val):,} tokens" in text
+    assert f"{len(val) - 1:,} tokens are predicted exactly once" in text
+    assert "the first 1,024 tokens of the same shards' *train* split" in text
+    assert f"emergence prepare {shards_dir.parent / 'stories.txt'}" in text and "--val-fraction 0.2" in text
+    fp32 = qq.perplexity(lm6.model, val, context=512, bos_id=None)[0]
+    assert f"| fp32 | {fp32:.4f} | - |" in text
+    full = (len(val) - 1) // 512  # training's evaluation: full windows only, also given
+    _, loss, _ = qq.perplexity(lm6.model, val[:full * 512 + 1], context=512, bos_id=None)
+    assert f"Over the {full} full windows alone, as `emergence train` evaluates, fp32 gives mean loss {loss:.4f}" in text
+    for name in ("int8", "int4-gptq-g64"):  # d_model 256 and d_ff 704 are multiples of 64: every layer fits
+        row = next(line for line in text.splitlines() if line.startswith(f"| {name} |"))
+        assert row.endswith("| 100.0% | none |")
+    progress = [line for line in captured.err.splitlines() if line.startswith("[emergence-6m]")]
+    assert len(progress) == 3
