@@ -23,7 +23,13 @@ $(VENV)/.run-deps: pyproject.toml constraints.txt | $(BIN)/python
 NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
 LLAMA_CPP_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DCMAKE_C_FLAGS='$(NO_AMX)' -DCMAKE_CXX_FLAGS='$(NO_AMX)'
 
+# The web page's test drives Debian's chromium (through Playwright); installed when missing.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+CHROMIUM := command -v chromium >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends chromium; }
+
 $(VENV)/.test-deps: pyproject.toml constraints.txt | $(BIN)/python
+	$(CHROMIUM)
 	CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PIP) -e '.[test]'
 	$(BIN)/python -m emergence.kernels
 	touch $@ $(VENV)/.run-deps

@@ -1,5 +1,6 @@
 """`emergence serve`: an OpenAI-compatible HTTP server over the continuous-batching engine.
 
+    GET  /                          a chat page: streamed replies, each token's top alternatives
     GET  /v1/models                 the served model
     POST /v1/completions            prompt -> text (stream, n, stop, seed, logprobs, penalties...)
     POST /v1/chat/completions       messages -> chat template -> text (same options; top_logprobs)
@@ -20,7 +21,9 @@ import json
 import queue
 import struct
 import threading
+import urllib.parse
 from collections.abc import Iterator
+from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
@@ -32,6 +35,7 @@ from ..generate import prepare_prompt
 from .engine import BatchEngine, Request
 from .schema import (ApiError, chat_logprobs, completion_logprobs, new_id, now, parse_sampling, usage)
 
+PAGE = Path(__file__).with_name("page.html")  # the chat page served at /
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
 DEFAULT_CHAT_RESERVE = 256  # tokens kept free for a chat reply when max_tokens is not given
 
@@ -299,8 +303,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self, method: str) -> None:
         try:
+            path, _, query = self.path.partition("?")
+            path = path.rstrip("/")
+            if method == "GET" and path == "":  # the chat page; a browser sends the key as ?key=
+                self._authorize(query_key=urllib.parse.parse_qs(query).get("key", [None])[0])
+                return self._page()
             self._authorize()
-            path = self.path.split("?", 1)[0].rstrip("/")
             if method == "GET" and path == "/v1/models":
                 return self._json(200, self.app.models())
             routes = {"/v1/completions": self.app.completions, "/v1/chat/completions": self.app.chat_completions,
@@ -324,11 +332,11 @@ class _Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             pass
 
-    def _authorize(self) -> None:
+    def _authorize(self, query_key: str | None = None) -> None:
         key = self.app.api_key
         if key is None:
             return
-        given = self.headers.get("Authorization", "")
+        given = self.headers.get("Authorization", "") if query_key is None else f"Bearer {query_key}"
         if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
             raise ApiError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')", code="invalid_api_key")
 
@@ -349,6 +357,14 @@ class _Handler(BaseHTTPRequestHandler):
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object")
         return body
+
+    def _page(self) -> None:
+        data = PAGE.read_bytes()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
 
     def _json(self, status: int, body: dict) -> None:
         data = json.dumps(body, ensure_ascii=False).encode("utf-8")
