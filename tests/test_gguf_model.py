@@ -3,6 +3,9 @@ from source as a test dependency) as the judge of the files we write and read.""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -11,7 +14,7 @@ import emergence
 from emergence import Config
 from emergence.cli import main as cli
 from emergence.gguf import GGMLType, read_gguf
-from emergence.gguf.quants import dequantize, quantize
+from emergence.gguf.quants import BLOCK_SIZES, dequantize, quantize
 from emergence.model import Transformer
 from emergence.tokenizer import Tokenizer
 from emergence.weights.gguf_model import load_gguf, save_gguf, to_interleaved
@@ -52,9 +55,11 @@ def tokenizer_for(family: str) -> Tokenizer:
     return Tokenizer.load(GPT2_TOKENIZER if family == "gpt2" else STORIES_TOKENIZER)
 
 
-def llama_cpp_model(path, n_ctx: int = 256):
-    # fp32 KV cache: llama.cpp's default f16 cache alone moves logits by ~1e-2.
-    return llama_cpp.Llama(str(path), n_ctx=n_ctx, n_threads=2, logits_all=True, verbose=False, type_k=0, type_v=0)
+def llama_cpp_model(path, n_ctx: int = 256, n_threads: int = 2):
+    # fp32 KV cache: llama.cpp's default f16 cache alone moves logits by ~1e-2. One thread is
+    # steadier on a loaded machine (two spin at their barriers: 0.1 to 15 s for the same decode).
+    return llama_cpp.Llama(str(path), n_ctx=n_ctx, n_threads=n_threads, logits_all=True, verbose=False, type_k=0,
+                           type_v=0)
 
 
 def llama_cpp_greedy(llm, prompt: list[int], n: int) -> tuple[list[int], np.ndarray]:
@@ -137,6 +142,109 @@ def test_llama_cpp_runs_our_f32_llama_export_token_for_token(tmp_path):
     assert ours == theirs
     logits = our_logits(model, PROMPT + ours[:-1])
     assert np.abs(logits - their_logits[:len(logits)]).max() <= 1e-3
+
+
+def llama_cpp_quantize_file(src, dst, ftype: int, pure: bool) -> None:
+    """llama.cpp's `llama-quantize` (no importance matrix), in a subprocess: it prints a lot."""
+    code = ("import sys, llama_cpp\n"
+            "p = llama_cpp.llama_model_quantize_default_params()\n"
+            f"p.ftype, p.nthread, p.pure = {ftype}, 1, {pure}\n"
+            f"sys.exit(llama_cpp.llama_model_quantize({str(src).encode()!r}, {str(dst).encode()!r}, p))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+
+
+K_TYPES = (GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K)
+
+
+def test_llama_cpp_quantizes_our_f32_export_into_our_k_quant_bytes(tmp_path):
+    """llama.cpp's quantizer as the judge of ours. Its "pure" Q4_K_S / Q5_K_S / Q6_K quantization
+    of our F32 export is our q4_k / q5_k / q6_k export, tensor for tensor: types and bytes. The
+    shapes include llama.cpp's fallbacks: attn_output rows of 192 (4 heads of 48) become
+    Q5_0 / Q5_1 / Q8_0, ffn_down rows of 300 (not a multiple of 32) F16. Its Q4_K_M and Q5_K_M
+    mixes (Q6_K output and attn_v, ...) are compared by the type each tensor got: our quantizer,
+    given the same F32 values, writes the same bytes. In all: 12 tensors of 2,992 super-blocks
+    per type in the pure files, then 10 Q4_K (2,384), 10 Q5_K (2,384) and 4 Q6_K (1,216) in the
+    mixes."""
+    model = random_model("llama", n_embd=256, intermediate_size=300, head_dim=48)
+    save_gguf(model, tokenizer_for("llama"), tmp_path / "f32.gguf", "f32")
+    source = read_gguf(tmp_path / "f32.gguf")
+    for file_type, ftype in [("q4_k", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_S),
+                             ("q5_k", llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_K_S), ("q6_k", llama_cpp.LLAMA_FTYPE_MOSTLY_Q6_K)]:
+        llama_cpp_quantize_file(tmp_path / "f32.gguf", tmp_path / "theirs.gguf", ftype, pure=True)
+        save_gguf(model, tokenizer_for("llama"), tmp_path / "ours.gguf", file_type)
+        theirs, ours = read_gguf(tmp_path / "theirs.gguf"), read_gguf(tmp_path / "ours.gguf")
+        assert ours.tensors.keys() == theirs.tensors.keys()
+        for name, info in theirs.tensors.items():
+            assert ours.tensors[name].type == info.type, (file_type, name)
+            assert np.array_equal(ours.raw(name), theirs.raw(name)), (file_type, name)
+        fallback = {"q4_k": GGMLType.Q5_0, "q5_k": GGMLType.Q5_1, "q6_k": GGMLType.Q8_0}[file_type]
+        assert theirs.tensors["blk.0.attn_q.weight"].type == GGMLType[file_type.upper()]
+        assert theirs.tensors["blk.0.attn_output.weight"].type == fallback
+        assert theirs.tensors["blk.1.ffn_down.weight"].type == GGMLType.F16
+        k_quantized = [info for info in theirs.tensors.values() if info.type in K_TYPES]
+        assert len(k_quantized) == 12 and sum(info.nbytes // BLOCK_SIZES[info.type][1] for info in k_quantized) == 2992
+    compared = {t: [0, 0] for t in K_TYPES}
+    for ftype in (llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M, llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_K_M):
+        llama_cpp_quantize_file(tmp_path / "f32.gguf", tmp_path / "mix.gguf", ftype, pure=False)
+        mix = read_gguf(tmp_path / "mix.gguf")
+        for name, info in mix.tensors.items():
+            if info.type in K_TYPES:
+                raw = quantize(source.tensor(name), info.type)
+                assert np.array_equal(raw, mix.raw(name)), (name, info.type.name)
+                compared[info.type][0] += 1
+                compared[info.type][1] += raw.size // BLOCK_SIZES[info.type][1]
+    assert {t.name: c for t, c in compared.items()} == {"Q4_K": [10, 2384], "Q5_K": [10, 2384], "Q6_K": [4, 1216]}
+
+
+@pytest.mark.parametrize("file_type", ["q4_k", "q5_k", "q6_k"])
+def test_llama_cpp_runs_our_k_quant_exports(file_type, tmp_path):
+    """A K-quant export, run by llama.cpp, against our model with the same weights. Our GGMLLinear
+    layers (Q8_K activations, as llama.cpp's K-quant dot products quantize them) choose the same
+    32 greedy tokens and stay within 0.1 of its logits (measured: q4_k 3e-6, q5_k 0.039, q6_k 0.035:
+    float sums in another order move an activation across a rounding boundary now and then, and
+    the KV cache carries it on). Our float forward of the dequantized file (what load_gguf gives)
+    stays within 0.15 (measured 0.07-0.09; max |logit| ~2.8) but may pick other tokens."""
+    qtype = GGMLType[file_type.upper()]
+    model = random_model("llama", n_embd=256, intermediate_size=512)
+    save_gguf(model, tokenizer_for("llama"), tmp_path / "m.gguf", file_type)
+    f = read_gguf(tmp_path / "m.gguf")
+    assert {info.type for info in f.tensors.values() if len(info.shape) == 2} == {qtype}
+    assert f.metadata["general.file_type"] == {"q4_k": 14, "q5_k": 16, "q6_k": 18}[file_type]
+    theirs, their_logits = llama_cpp_greedy(llama_cpp_model(tmp_path / "m.gguf", n_threads=1), PROMPT, 32)
+
+    back, _, _ = load_gguf(tmp_path / "m.gguf")
+    embedding = model.tok_embeddings.weight.detach()
+    assert torch.equal(back.tok_embeddings.weight, dequantize(quantize(embedding, qtype), qtype, embedding.shape))
+    logits = our_logits(back, PROMPT + theirs[:-1])
+    assert np.abs(logits - their_logits[:len(logits)]).max() <= 0.15
+
+    from emergence.quant import quantize_model
+
+    quantize_model(model, file_type, skip=())  # row by row the same blocks as the export's
+    assert np.array_equal(model.layers[1].mlp.down_proj.blocks.numpy(), f.raw("blk.1.ffn_down.weight"))
+    assert np.array_equal(model.lm_head.blocks.numpy(), f.raw("output.weight"))
+    with torch.no_grad():
+        model.tok_embeddings.weight.copy_(back.tok_embeddings.weight)
+    logits = our_logits(model, PROMPT + theirs[:-1])
+    assert logits[len(PROMPT) - 1:].argmax(-1).tolist() == theirs  # (KV-cache decoding: test_quant.py)
+    assert np.abs(logits - their_logits[:len(logits)]).max() <= 0.1
+
+
+def test_k_quant_conversion_falls_back_like_llama_cpp(tmp_path):
+    """stories260K (rows of 64 and 172) through `emergence convert --type q4_k`: no 256-blocks, so
+    rows of 64 fall back to Q5_0 and ffn_down's rows of 172 to F16, as llama.cpp does; llama.cpp
+    runs the file and agrees with our reading of it."""
+    assert cli(["convert", "stories260K", str(tmp_path / "s.gguf"), "--type", "q4_k"]) == 0
+    f = read_gguf(tmp_path / "s.gguf")
+    kinds = {name: info.type for name, info in f.tensors.items() if len(info.shape) == 2}
+    assert kinds["token_embd.weight"] == kinds["blk.0.attn_q.weight"] == kinds["blk.0.ffn_up.weight"] == GGMLType.Q5_0
+    assert kinds["blk.0.ffn_down.weight"] == GGMLType.F16 and set(kinds.values()) == {GGMLType.Q5_0, GGMLType.F16}
+    lm = emergence.load(tmp_path / "s.gguf", device="cpu")
+    prompt = PROMPT[:4]
+    theirs, _ = llama_cpp_greedy(llama_cpp_model(tmp_path / "s.gguf", n_threads=1), prompt, 16)
+    logits = our_logits(lm.model, prompt + theirs[:-1])
+    assert logits[len(prompt) - 1:].argmax(-1).tolist() == theirs
 
 
 @pytest.mark.parametrize("family", ["qwen2", "gpt2"])

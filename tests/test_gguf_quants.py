@@ -1,16 +1,23 @@
 """ggml block formats: quantize and dequantize bit-exact with llama.cpp's `gguf.quants` (bytes
 equal, float32 values equal) on varied data, hypothesis-drawn blocks and random raw bytes;
-round-trip error bounds; speed; bad arguments."""
+the K-quant quantizers (Q4_K, Q5_K, Q6_K), which `gguf.quants` lacks, bit-exact with llama.cpp's
+own library (`ggml_quantize_chunk`, as `llama-quantize` calls it without an importance matrix;
+whole models through `llama_model_quantize` are in test_gguf_model.py); hand-worked K-quant
+blocks; round-trip error bounds; speed; bad arguments."""
 
 from __future__ import annotations
 
+import ctypes
 import time
+from pathlib import Path
 
 import gguf
 import gguf.quants as ref
+import llama_cpp
 import numpy as np
 import pytest
 import torch
+from llama_cpp._ctypes_extensions import load_shared_library
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -26,6 +33,8 @@ F16_SCALES = {GGMLType.Q4_0: [0], GGMLType.Q4_1: [0, 2], GGMLType.Q5_0: [0], GGM
               GGMLType.Q8_0: [0], GGMLType.Q2_K: [80, 82], GGMLType.Q3_K: [108], GGMLType.Q4_K: [0, 2],
               GGMLType.Q5_K: [0, 2], GGMLType.Q6_K: [208]}
 REFERENCE_DEQUANTIZED = [GGMLType.F32, GGMLType.F16, GGMLType.BF16, *F16_SCALES]
+K_QUANTIZED = [GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K]  # quantized here; gguf.quants cannot
+GGUF_QUANTIZED = [t for t in QUANTIZE if t not in K_QUANTIZED]
 
 
 def ref_quantize(x: np.ndarray, qtype: GGMLType) -> np.ndarray:
@@ -41,6 +50,58 @@ def ref_dequantize(raw: np.ndarray, qtype: GGMLType, shape: tuple[int, ...]) -> 
         raw = raw.view(np.float16)
     with np.errstate(invalid="ignore", over="ignore"):  # random bytes: NaN and inf scales
         return ref.dequantize(raw, REF_TYPE[qtype]).reshape(shape)
+
+
+_GGML = load_shared_library("ggml-base", Path(llama_cpp.__file__).parent / "lib")
+_GGML.ggml_quantize_chunk.restype = ctypes.c_size_t
+_GGML.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                                      ctypes.c_int64, ctypes.c_void_p]
+
+
+def llama_cpp_quantize(x: np.ndarray, qtype: GGMLType) -> np.ndarray:
+    """llama.cpp's quantizer (ggml_quantize_chunk, no importance matrix: the *_ref functions)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    rows = x.reshape(-1, x.shape[-1])
+    out = np.zeros((len(rows), quants.nbytes(qtype, (x.shape[-1],))), np.uint8)
+    written = _GGML.ggml_quantize_chunk(int(qtype), rows.ctypes.data, out.ctypes.data, 0, len(rows), x.shape[-1], None)
+    assert written == out.size
+    return out.reshape(*x.shape[:-1], -1)
+
+
+def k_blocks(seed: int, n: int) -> np.ndarray:
+    """(n, 256) super-blocks drawn from kinds that exercise the K-quant searches: sub-blocks at
+    scales from 1e-4 to 1e2, values on a coarse grid (ties), small integers, mostly zeros,
+    positive only with an offset (a zero min), tiny negatives only, a few repeated values with
+    both signs, one large outlier; then fixed blocks: all zero, constants of both signs, tiny
+    (subnormal-free) values, a dynamic range of 1e-20 to 1e4 across the sub-blocks."""
+    rng = np.random.default_rng(seed)
+    out = np.empty((n + 6, 256), np.float32)
+    for i in range(n):
+        kind = i % 8
+        b = rng.standard_normal((16, 16))
+        if kind == 0:
+            b *= 10.0 ** rng.uniform(-4, 2, (16, 1))
+        elif kind == 1:
+            b = np.round(b * 4) / 4
+        elif kind == 2:
+            b = rng.integers(-3, 4, (16, 16)).astype(float)
+        elif kind == 3:
+            b[rng.random((16, 16)) < 0.7] = 0
+        elif kind == 4:
+            b = np.abs(b) + rng.uniform(0, 5)
+        elif kind == 5:
+            b = -np.abs(b) * 1e-12
+        elif kind == 6:
+            b = rng.choice([-1.0, 0.5, 2.0, 0.0], (16, 16)) * 10.0 ** rng.uniform(-3, 3)
+        else:
+            b[rng.integers(0, 16), rng.integers(0, 16)] = 1e4
+        out[i] = b.reshape(256)
+    out[n] = 0
+    out[n + 1], out[n + 2] = 0.3, -0.3
+    out[n + 3] = rng.standard_normal(256) * 1e-19
+    out[n + 4] = rng.standard_normal(256) * np.repeat(10.0 ** np.linspace(-20, 4, 16), 16)
+    out[n + 5] = np.where(np.arange(256) % 2, 2.5, -2.5)
+    return out
 
 
 def varied(seed: int, shape: tuple[int, ...]) -> np.ndarray:
@@ -71,7 +132,7 @@ def varied(seed: int, shape: tuple[int, ...]) -> np.ndarray:
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-@pytest.mark.parametrize("qtype", list(QUANTIZE), ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", GGUF_QUANTIZED, ids=lambda t: t.name)
 def test_quantize_and_dequantize_match_the_reference(qtype, seed):
     shape = [(1, 512), (7, 512), (3, 2, 768)][seed]
     x = varied(seed, shape)
@@ -102,12 +163,111 @@ FINITE = st.one_of(st.just(0.0), st.floats(TINY, 1e4, width=32), st.floats(-1e4,
 
 
 @settings(max_examples=200, deadline=None, derandomize=True, database=None)
-@given(qtype=st.sampled_from(list(QUANTIZE)), x=hnp.arrays(np.float32, st.sampled_from([(32,), (2, 64), (3, 32)]),
+@given(qtype=st.sampled_from(GGUF_QUANTIZED), x=hnp.arrays(np.float32, st.sampled_from([(32,), (2, 64), (3, 32)]),
                                                             elements=FINITE))
 def test_hypothesis_blocks_match_the_reference(qtype, x):
     got = quantize(x, qtype)
     assert np.array_equal(got, ref_quantize(x, qtype))
     assert np.array_equal(dequantize(got, qtype, x.shape).numpy(), ref_dequantize(got, qtype, x.shape))
+
+
+# ------------------------------------------------------------- K-quants against llama.cpp
+@pytest.mark.parametrize("qtype", K_QUANTIZED, ids=lambda t: t.name)
+def test_k_quants_match_llama_cpp(qtype):
+    """Bytes equal to llama.cpp's on 4,000 super-blocks of edge-case kinds, gaussian rows at
+    scales from 1e-6 to 1e3 (with `varied`'s 32-element edge blocks inside), and a row of 256
+    whose row count is odd; the dequantized values follow (the dequantizer is checked above)."""
+    cases = [k_blocks(int(qtype), 4000), varied(int(qtype), (24, 1024)), varied(1, (3, 256))]
+    for x in cases:
+        got = quantize(x, qtype)
+        assert got.shape == (*x.shape[:-1], x.shape[-1] // 256 * BLOCK_SIZES[qtype][1])
+        expected = llama_cpp_quantize(x, qtype)
+        same = (got == expected).reshape(-1, BLOCK_SIZES[qtype][1]).all(axis=1)
+        assert same.all(), f"{(~same).sum()} of {same.size} super-blocks differ"
+
+
+@settings(max_examples=150, deadline=None, derandomize=True, database=None)
+@given(qtype=st.sampled_from(K_QUANTIZED), x=hnp.arrays(np.float32, st.sampled_from([(256,), (2, 256), (1, 512)]),
+                                                         elements=FINITE))
+def test_hypothesis_k_blocks_match_llama_cpp(qtype, x):
+    assert np.array_equal(quantize(x, qtype), llama_cpp_quantize(x, qtype))
+
+
+def test_k_quant_all_zero_and_constant_blocks():
+    """All zeros: every byte 0 (scale and min 0, codes 0). A constant c > 0: Q4_K/Q5_K put it at
+    the top of the grid (min 0, code 15 or 31); c < 0 is all min (scale 0, codes 0, min 63 * dmin);
+    Q6_K puts it at the bottom (code 0, i.e. -32, scale -128). Each comes back within float16's
+    rounding of the stored scales."""
+    for qtype in K_QUANTIZED:
+        raw = quantize(np.zeros((2, 256), np.float32), qtype)
+        assert not raw.any(), qtype.name
+        assert not dequantize(raw, qtype, (2, 256)).any()
+        for c in (0.3, -0.3, 1000.0):
+            x = np.full((1, 256), c, np.float32)
+            raw = quantize(x, qtype)
+            assert np.array_equal(raw, llama_cpp_quantize(x, qtype)), (qtype.name, c)
+            back = dequantize(raw, qtype, x.shape).numpy()
+            assert np.all(back == back[0, 0]), (qtype.name, c)
+            assert abs(back[0, 0] - c) <= abs(c) * 2.0 ** -10, (qtype.name, c, back[0, 0])
+    q4 = quantize(np.full((1, 256), 0.3, np.float32), GGMLType.Q4_K)[0]
+    assert q4[2:4].tolist() == [0, 0] and set(q4[16:].tolist()) == {0xFF}  # dmin 0, every code 15
+    q4 = quantize(np.full((1, 256), -0.3, np.float32), GGMLType.Q4_K)[0]
+    assert q4[0:2].tolist() == [0, 0] and not q4[16:].any()  # d 0, every code 0
+    assert q4[4:16].tolist() == [0] * 4 + [0xFF] * 4 + [0xF0] * 4  # scales 0, mins 63 (see the Q4_K layout below)
+    q6 = quantize(np.full((1, 256), 0.3, np.float32), GGMLType.Q6_K)[0]
+    assert not q6[:192].any() and q6[192:208].view(np.int8).tolist() == [-128] * 16
+
+
+def test_q4_k_hand_worked_block():
+    """Integer values 0..15 with 0 and 15 in every sub-block of 32: min 0 and scale 1 fit exactly,
+    so every code is its value; d = fp16(1/63) with 6-bit scales 63, dmin 0 with mins 0. Layout:
+    bytes 0-3 scale j | top bits of scale j+4 (63 -> 0xFF), 4-7 min j | top bits of min j+4 (0),
+    8-11 the low nibbles of scale | min j+4 (0x0F); qs byte 32c + l holds sub-block 2c's value l
+    in the low nibble and sub-block 2c+1's in the high one."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 16, (8, 32))
+    x[:, 0], x[:, 1] = 0, 15
+    raw = quantize(x.astype(np.float32).reshape(1, 256), GGMLType.Q4_K)[0]
+    assert raw[0:2].tolist() == list(np.float16(1 / 63).tobytes()) and raw[2:4].tolist() == [0, 0]
+    assert raw[4:16].tolist() == [0xFF] * 4 + [0] * 4 + [0x0F] * 4
+    assert raw[16:].tolist() == (x[0::2] | (x[1::2] << 4)).reshape(-1).tolist()
+    back = dequantize(raw, GGMLType.Q4_K, (256,)).numpy()
+    assert np.array_equal(back, (np.float32(np.float16(1 / 63)) * np.float32(63)) * x.reshape(-1).astype(np.float32))
+
+
+def test_q6_k_hand_worked_block():
+    """Integers in -32..31 with -32 in every sub-block of 16: scale 1 per sub-block, d = -1/128,
+    every int8 scale -128, codes value + 32; the block comes back exactly. Layout: ql byte
+    64h + l holds the low nibbles of values 128h + l and 128h + 64 + l, byte 64h + 32 + l those of
+    128h + 32 + l and 128h + 96 + l; qh byte 32h + l the top two bits of 128h + l + 32i at bits 2i."""
+    rng = np.random.default_rng(1)
+    x = rng.integers(-31, 32, (16, 16))
+    x[:, 3] = -32
+    raw = quantize(x.astype(np.float32).reshape(1, 256), GGMLType.Q6_K)[0]
+    assert np.array_equal(raw, llama_cpp_quantize(x.astype(np.float32).reshape(1, 256), GGMLType.Q6_K)[0])
+    assert raw[208:210].view(np.float16)[0] == -1 / 128 and raw[192:208].view(np.int8).tolist() == [-128] * 16
+    codes = (x.reshape(2, 4, 32) + 32).astype(np.uint8)  # halves of 128, quarters of 32
+    low, high = codes & 0x0F, codes >> 4
+    assert raw[:128].tolist() == np.concatenate([low[:, 0] | (low[:, 2] << 4), low[:, 1] | (low[:, 3] << 4)],
+                                                axis=1).reshape(-1).tolist()
+    assert raw[128:192].tolist() == (high[:, 0] | (high[:, 1] << 2) | (high[:, 2] << 4) |
+                                     (high[:, 3] << 6)).reshape(-1).tolist()
+    assert np.array_equal(dequantize(raw, GGMLType.Q6_K, (256,)).numpy(), x.reshape(-1).astype(np.float32))
+
+
+def test_k_quants_beat_the_32_block_formats_of_their_width():
+    """On gaussian weights the scale searches pay: relative RMS error (measured: Q4_K 0.0715 vs Q4_1
+    0.0783 and Q4_0 0.0861; Q5_K 0.0362 vs Q5_1 0.0379; Q6_K 0.0178) at 4.5, 5.5 and 6.56 bits."""
+    x = np.random.default_rng(0).standard_normal((64, 1024)).astype(np.float32)
+
+    def rel_rms(qtype):
+        back = dequantize(quantize(x, qtype), qtype, x.shape).numpy()
+        return float(np.sqrt(((back - x) ** 2).mean() / (x ** 2).mean()))
+
+    assert rel_rms(GGMLType.Q4_K) < min(rel_rms(GGMLType.Q4_1), rel_rms(GGMLType.Q4_0))
+    assert rel_rms(GGMLType.Q4_K) < 0.075
+    assert rel_rms(GGMLType.Q5_K) < rel_rms(GGMLType.Q5_1) and rel_rms(GGMLType.Q5_K) < 0.038
+    assert rel_rms(GGMLType.Q6_K) < 0.019
 
 
 @pytest.mark.parametrize("sane_scales", [False, True])
@@ -148,7 +308,7 @@ def test_types_without_a_reference_dequantizer():
     assert np.array_equal(dequantize(raw, GGMLType.Q8_K, (2, 256)).numpy(), qs.astype(np.float32) * d[:, None])
 
 
-@pytest.mark.parametrize("qtype", list(QUANTIZE), ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", GGUF_QUANTIZED, ids=lambda t: t.name)
 def test_round_trip_error_bounds(qtype):
     """Per block, the error of quantize -> dequantize is within the format's step."""
     x = varied(7, (16, 512))
@@ -200,10 +360,12 @@ def test_chunked_passes_equal_one_pass(monkeypatch):
     raw = rng.integers(0, 256, (9, 5 * 210), dtype=np.uint8)
     raw.reshape(-1, 210)[:, 208:210] = np.full((45, 1), 0.01, np.float16).view(np.uint8)
     x = varied(11, (9, 1024))
-    whole_d, whole_q = dequantize(raw, GGMLType.Q6_K, (9, 1280)), quantize(x, GGMLType.Q4_1)
+    whole_d, whole_q, whole_k = dequantize(raw, GGMLType.Q6_K, (9, 1280)), quantize(x, GGMLType.Q4_1), \
+        quantize(x, GGMLType.Q4_K)
     monkeypatch.setattr(quants, "_CHUNK_ELEMENTS", 1000)  # 3 blocks of 256, 31 of 32 per pass
     assert torch.equal(dequantize(raw, GGMLType.Q6_K, (9, 1280)), whole_d)
     assert np.array_equal(quantize(x, GGMLType.Q4_1), whole_q)
+    assert np.array_equal(quantize(x, GGMLType.Q4_K), whole_k)
 
 
 def test_q4_k_dequantize_takes_milliseconds():
@@ -219,8 +381,8 @@ def test_q4_k_dequantize_takes_milliseconds():
 
 
 def test_supported_types_cover_the_reference():
-    """Every type the gguf package can (de)quantize, among the types we read, we can too; and
-    it has no quantizer for the K-quants (the reason they are dequantize-only)."""
+    """Every type the gguf package can (de)quantize, among the types we read, we can too; it has
+    no quantizer for the K-quants, of which we write Q4_K, Q5_K and Q6_K (judged by llama.cpp)."""
     x = np.ones((1, 256), np.float32)
     for qtype in BLOCK_SIZES:
         try:
@@ -228,9 +390,10 @@ def test_supported_types_cover_the_reference():
             can = True
         except NotImplementedError:
             can = False
-        assert can == (qtype in QUANTIZE), qtype.name
+        assert can == (qtype in GGUF_QUANTIZED), qtype.name
+    assert set(QUANTIZE) == set(GGUF_QUANTIZED) | set(K_QUANTIZED)
     for qtype in K_QUANTS:
-        assert qtype in DEQUANTIZE and qtype not in QUANTIZE
+        assert qtype in DEQUANTIZE and (qtype in QUANTIZE) == (qtype in K_QUANTIZED)
     assert set(DEQUANTIZE) == set(BLOCK_SIZES)
 
 
@@ -241,7 +404,8 @@ def test_supported_types_cover_the_reference():
     (lambda: dequantize(np.zeros(66, np.uint8), GGMLType.IQ2_XXS, (256,)), "cannot dequantize ggml type IQ2_XXS"),
     (lambda: dequantize(np.zeros(4, np.uint8), 5, (1,)), "unknown ggml type 5"),
     (lambda: dequantize(np.zeros(4, np.uint8), GGMLType.F32, (-1,)), "bad tensor shape"),
-    (lambda: quantize(torch.zeros(256), GGMLType.Q4_K), "cannot quantize ggml type Q4_K"),
+    (lambda: quantize(torch.zeros(256), GGMLType.Q3_K), "cannot quantize ggml type Q3_K"),
+    (lambda: quantize(torch.zeros(2, 128), GGMLType.Q4_K), "multiple of 256"),
     (lambda: quantize(torch.zeros(48), GGMLType.Q4_0), "multiple of 32"),
 ])
 def test_bad_arguments(call, message):

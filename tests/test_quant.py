@@ -389,6 +389,92 @@ def test_ggml_formats_store_ggml_bytes(fmt):
     assert (err <= amax * step * 1.05).all()
 
 
+@pytest.mark.parametrize("fmt", ["q4_k", "q5_k", "q6_k"])
+def test_k_quant_formats_store_ggml_bytes_and_see_q8_k_activations(fmt):
+    """The K-quants in GGMLLinear: llama.cpp's bytes (emergence.gguf.quants, judged against
+    llama.cpp in test_gguf_quants.py), in_features in 256-blocks, and a forward pass on Q8_K
+    activations (blocks of 256), as llama.cpp's K-quant dot products take them."""
+    from emergence.quant.methods import quantize_activations_q8_k
+
+    layer = linear(24, 512, bias=True, seed=8)
+    q = GGMLLinear.from_linear(layer, ggml_format=fmt)
+    qtype = ggml.GGMLType[fmt.upper()]
+    assert q.ggml_type == qtype and q.blocks.shape == (24, 2 * ggml.BLOCK_SIZES[qtype][1])
+    assert np.array_equal(q.blocks.numpy(), ggml.quantize(layer.weight.detach(), qtype))
+    w = q.dequantize()
+    # measured relative RMS error on these gaussian weights ~0.07 / 0.036 / 0.018
+    rel = ((w - layer.weight).pow(2).mean() / layer.weight.pow(2).mean()).sqrt()
+    assert rel < {"q4_k": 0.08, "q5_k": 0.04, "q6_k": 0.02}[fmt]
+    for shape in [(512,), (5, 512), (2, 3, 512)]:
+        x = torch.randn(shape)
+        assert torch.allclose(q(x), F.linear(quantize_activations_q8_k(x), w, layer.bias), atol=1e-6)
+    with pytest.raises(InvalidArgument, match=f"not a multiple of the {fmt} block size 256"):
+        GGMLLinear(128, 4, ggml_format=fmt)
+
+
+def test_q8_k_activations_match_llama_cpp():
+    """quantize_row_q8_K_ref: per 256, s = -127 / (the largest-magnitude value, signed), codes
+    min(127, round(x * s)) rounded to nearest even (0.25 -> 0 here, where Q8_0 rounds half away
+    from zero), scale 1 / s in float32. Bit-exact with llama.cpp's own function."""
+    import ctypes
+    from pathlib import Path
+
+    import llama_cpp
+    from llama_cpp._ctypes_extensions import load_shared_library
+
+    from emergence.quant.methods import quantize_activations_q8_k
+
+    x = torch.zeros(256)
+    x[0], x[1], x[2], x[3], x[4] = 63.5, 0.25, -0.75, 1.1, 0.75  # s = -2, d = -0.5
+    assert quantize_activations_q8_k(x)[:5].tolist() == [63.5, 0.0, -1.0, 1.0, 1.0]
+    assert torch.equal(quantize_activations_q8_k(torch.zeros(2, 512)), torch.zeros(2, 512))
+    lib = load_shared_library("ggml-base", Path(llama_cpp.__file__).parent / "lib")
+    lib.quantize_row_q8_K_ref.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((32, 512)) * 10.0 ** rng.uniform(-3, 3, (32, 1))).astype(np.float32)
+    x[0], x[1, :256], x[2, 5] = 0, np.round(x[1, :256]), -1e4
+    raw = np.zeros((64, 292), np.uint8)  # block_q8_K: f32 d, int8 qs[256], int16 bsums[16]
+    lib.quantize_row_q8_K_ref(x.ctypes.data, raw.ctypes.data, x.size)
+    expected = ggml.dequantize(raw, ggml.GGMLType.Q8_K, x.shape)
+    assert torch.equal(quantize_activations_q8_k(torch.from_numpy(x)), expected)
+
+
+def test_k_quantized_model_decodes_eagerly_and_round_trips(capsys, tmp_path):
+    """A 256-wide model through `emergence quantize --to q4_k`: no native kernel takes Q4_K, so no
+    fused decoding step is planned (after quantize_model or loading) and generation runs the eager
+    path, token for token the greedy choice of the full forward; the checkpoint keeps the bytes."""
+    from emergence.kernels.fused_decode import FusedDecoder
+    from emergence.tokenizer import Tokenizer
+    from emergence.weights.hf import save_hf
+
+    config = Config(name="tiny-k", family="llama", vocab_size=512, block_size=128, n_layer=2, n_head=4, n_kv_head=2,
+                    n_embd=256, intermediate_size=512)
+    torch.manual_seed(0)
+    model = Transformer(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    save_hf(model, tmp_path / "fp32")
+    tokenizer = Tokenizer.load(emergence.api.PACKAGED_MODELS / "stories260K")
+    tokenizer.save(tmp_path / "fp32")
+    code, out, err = run(capsys, "quantize", str(tmp_path / "fp32"), "--to", "q4_k", "--out", str(tmp_path / "q"))
+    assert code == 0, err
+    assert out.startswith("fp32 -> q4_k: 8 linear layers, ")  # (named after its folder) lm_head kept full
+
+    reference = emergence.load(tmp_path / "fp32", device="cpu")
+    in_memory = quantize_model(reference.model, "q4_k")
+    assert in_memory.fused_decoder is None and not FusedDecoder.supports(in_memory)
+    lm = emergence.load(tmp_path / "q", device="cpu")
+    assert lm.model.fused_decoder is None
+    mods, expected = quantized_modules(lm.model), quantized_modules(in_memory)
+    assert len(mods) == 8 and {m.format for m in mods.values()} == {"q4_k"}
+    assert all(torch.equal(mods[name].blocks, expected[name].blocks) for name in expected)
+    c = lm.complete("Once upon a time", temperature=0, max_new_tokens=12, ignore_eos=True)
+    ids = torch.tensor([lm.tokenizer.encode("Once upon a time", add_bos=True) + c.token_ids])
+    with torch.no_grad():
+        assert lm.model(ids)[0, -13:-1].argmax(-1).tolist() == c.token_ids
+
+
 def test_ggml_block_size_must_divide():
     with pytest.raises(InvalidArgument, match="not a multiple of the q4_0 block size 32"):
         GGMLLinear(172, 4, ggml_format="q4_0")
@@ -683,6 +769,7 @@ def test_cli_quantize_gptq_with_calibration_file(capsys, tmp_path):
     (["--to", "int8", "--calibration", "x.txt"], "--calibration is used by int4-gptq only"),
     (["--to", "int4-gptq", "--skip", "down_proj", "--calibration", "/nonexistent.txt"], "cannot read --calibration"),
     (["--to", "ternary", "--act-bits", "4"], "ternary act_bits must be 8 or None"),
+    (["--to", "q4_k"], "layers.0.attn.qkv_proj has 64 input features, not a multiple of the q4_k block size 256"),
     (["/nonexistent-model", "--to", "int8"], "no model at '/nonexistent-model'"),
 ])
 def test_cli_quantize_bad_input(capsys, tmp_path, args, message):

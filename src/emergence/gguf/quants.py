@@ -6,18 +6,33 @@ once: `dequantize_blocks(n_blocks, type_size) uint8 -> (n_blocks, block_size) fl
 it exists, `quantize_blocks` the other way. Plain types (F32, F16, ...) are blocks of one element.
 
 Results are bit-exact with the reference implementation in llama.cpp's `gguf` Python package
-(`gguf.quants`), which follows ggml's C reference code: the same float32 operations in the same
-order, round-half-away-from-zero where ggml uses `roundf`, float16 scales rounded to nearest even.
+(`gguf.quants`) where it has one, and with ggml's C reference code (which it follows) for the
+K-quants: the same float32 operations in the same order, round-half-away-from-zero where ggml
+uses `roundf`, float16 scales rounded to nearest even.
 
     dequantize: F32 F16 BF16 F64 I8 I16 I32 I64 Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q2_K Q3_K Q4_K Q5_K Q6_K Q8_K
-    quantize:   F32 F16 BF16 Q4_0 Q4_1 Q5_0 Q5_1 Q8_0
+    quantize:   F32 F16 BF16 Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q4_K Q5_K Q6_K
 
-The K-quants (Q2_K..Q6_K) are dequantize-only: their quantizers search scales iteratively
-(`make_qx_quants`, `make_qkx2_quants` in ggml-quants.c) and the `gguf` package has no reference
-quantizer to be bit-exact against. Q8_K, ggml's intermediate dot-product format, is read (a
-float32 scale times int8 values) but never written. Q8_1 (whose block size the `gguf` package
-and ggml disagree on: 40 and 36 bytes), the IQ*, TQ*, MXFP4, NVFP4 and Q1_0 families are known by
-name and id but not supported.
+Q4_K, Q5_K and Q6_K are quantized as ggml's reference quantizers do without an importance
+matrix (`quantize_row_q4_K_ref` / `_q5_K_ref` / `_q6_K_ref` in ggml-quants.c, what llama.cpp's
+`llama-quantize` runs when given no imatrix): a search for each sub-block's scale (and min) with
+`make_qkx2_quants` (Q4_K, Q5_K: weighted least squares over 21 / 16 candidate grids) or
+`make_qx_quants` (Q6_K: 19 candidate scales, weights x^2), 6-bit (or int8) sub-block scales
+relative to a float16 super-block scale, then every value re-rounded against the stored scales.
+The `gguf` package has no quantizer for them, so llama.cpp's own library is the reference here:
+the tests compare bytes with `ggml_quantize_chunk` and with `llama_model_quantize` output. To be
+bit-exact, the searches run the reference's float32 operations in its order, sums included
+(accumulated sequentially, never pairwise), each product and sum rounded on its own (as
+ggml-base is compiled for x86-64; a build whose compiler fuses a * b + c into one FMA, clang's
+default on ARM64 for one, may make llama.cpp itself write other bytes now and then), and round
+with its `nearest_int` bit trick. They are vectorised across sub-blocks but still iterate, so
+they are slower than the other formats: per 16M values on one core about 3.7 s for Q4_K, 3.3 s
+for Q5_K, 2.4 s for Q6_K (llama.cpp's scalar reference: 2.7, 1.9, 0.7 s). Q2_K and Q3_K are
+read only.
+
+Q8_K, ggml's intermediate dot-product format, is read (a float32 scale times int8 values) but
+never written. Q8_1 (whose block size the `gguf` package and ggml disagree on: 40 and 36 bytes),
+the IQ*, TQ*, MXFP4, NVFP4 and Q1_0 families are known by name and id but not supported.
 
 The block quantizers expect finite inputs (as ggml does): a block whose scale is subnormal in
 float32 gives the same undefined integer casts as the reference. F32/F16/BF16 keep inf and NaN.
@@ -28,6 +43,7 @@ the block formats, never the other way round.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from enum import IntEnum
@@ -345,6 +361,181 @@ def _dequantize_q8_k(blocks: np.ndarray) -> np.ndarray:
     return d * blocks[:, 4:260].view(np.int8).astype(np.float32)
 
 
+# --- K-quant quantizers: ggml's reference searches, vectorised across sub-blocks --------------
+# The searches work on "element-major" (k, m) arrays: column i is sub-block i, so that a sum over
+# a sub-block is k - 1 additions of contiguous rows, in the reference's order.
+
+_F = np.float32
+GROUP_MAX_EPS = _F(1e-15)  # ggml-quants.c: a sub-block below this magnitude counts as all zero
+
+
+def _nearest_int(v: np.ndarray) -> np.ndarray:
+    """ggml's nearest_int: adding 1.5 * 2^23 rounds to nearest (ties to even) and leaves the
+    integer in the low mantissa bits; taken the same way here, it agrees for any input."""
+    bits = (v.astype(_F, copy=False) + _F(12582912.0)).view(np.int32)
+    return (bits & 0x007FFFFF) - 0x00400000
+
+
+def _sum(terms: np.ndarray, *, start_with_first: bool = False) -> np.ndarray:
+    """(k, m) -> (m,): the k terms of each column added one after the other in float32, as a C
+    loop does (`s = 0; s += t[i]`, or `s = t[0]` when `start_with_first`)."""
+    total = terms[0].copy() if start_with_first else terms[0] + _F(0)
+    for t in terms[1:]:
+        total += t
+    return total
+
+
+def _safe(d: np.ndarray, usable: np.ndarray) -> np.ndarray:
+    """d where `usable`, else 1: a divisor for lanes whose result is discarded anyway."""
+    return np.where(usable, d, _F(1))
+
+
+def _make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float,
+                      nstep: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """make_qkx2_quants (use_mad false): x, weights w (k, m) -> codes L (k, m) in 0..nmax,
+    scale (m,) and min (m,), x ~= scale * L - min.
+
+    Start from the min-max grid (min clipped to <= 0), then for each candidate
+    iscale = (nmax + rmin + rdelta * step) / (max - min) fit scale and min by weighted least
+    squares to the codes it rounds to, keeping the fit with the smallest weighted squared
+    error. As in the reference, `min` in the candidate grid is the best fit so far.
+    """
+    lo, hi = x.min(axis=0), x.max(axis=0)
+    lo = np.where(lo > 0, _F(0), lo)
+    flat = hi == lo  # all values equal (or all zero): codes 0, scale 0, min -lo
+    sum_w = _sum(w, start_with_first=True)
+    sum_x = _sum(w * x, start_with_first=True)
+    iscale = _F(nmax) / _safe(hi - lo, ~flat)
+    scale = _F(1) / iscale
+    L = np.clip(_nearest_int(iscale * (x - lo)), 0, nmax)
+    diff = scale * L.astype(_F) + lo - x
+    best = _sum(w * (diff * diff))
+    for step in range(nstep + 1):
+        iscale = (_F(rmin) + _F(rdelta) * _F(step) + _F(nmax)) / _safe(hi - lo, ~flat)
+        la = np.clip(_nearest_int(iscale * (x - lo)), 0, nmax)
+        lf = la.astype(_F)
+        wl = w * lf
+        sum_l, sum_l2, sum_xl = _sum(wl), _sum(wl * lf), _sum(wl * x)
+        det = sum_w * sum_l2 - sum_l * sum_l
+        solvable = det > 0
+        this_scale = (sum_w * sum_xl - sum_x * sum_l) / _safe(det, solvable)
+        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / _safe(det, solvable)
+        positive = this_min > 0  # a positive min is not representable: refit the scale alone
+        this_scale = np.where(positive, sum_xl / _safe(sum_l2, positive), this_scale)
+        this_min = np.where(positive, _F(0), this_min)
+        diff = this_scale * lf + this_min - x
+        error = _sum(w * (diff * diff))
+        better = solvable & (error < best) & ~flat
+        L = np.where(better, la, L)
+        best = np.where(better, error, best)
+        scale = np.where(better, this_scale, scale)
+        lo = np.where(better, this_min, lo)
+    return np.where(flat, 0, L), np.where(flat, _F(0), scale), -lo
+
+
+def _quantize_k_sub_blocks(blocks: np.ndarray, nmax: int, rmin: float, rdelta: float,
+                           nstep: int) -> tuple[np.ndarray, ...]:
+    """The part Q4_K and Q5_K share (quantize_row_q4_K_ref / q5_K_ref): (n, 256) -> f16 d (n, 2),
+    f16 dmin (n, 2), the packed 6-bit scales and mins (n, 12), codes (n, 8, 32) in 0..nmax."""
+    n = len(blocks)
+    x = np.ascontiguousarray(blocks.reshape(n * 8, 32).T)  # (32, 8n)
+    weights = np.sqrt(_sum(x * x) / _F(32)) + np.abs(x)  # av_x + |x|
+    L, scales, mins = _make_qkx2_quants(x, weights, nmax, rmin, rdelta, nstep)
+    scales, mins = scales.reshape(n, 8), mins.reshape(n, 8)
+    max_scale, max_min = scales.max(axis=1), mins.max(axis=1)
+    max_scale = np.where(max_scale > 0, max_scale, _F(0))
+    max_min = np.where(max_min > 0, max_min, _F(0))
+    inv_scale = np.where(max_scale > 0, _F(63) / _safe(max_scale, max_scale > 0), _F(0))
+    inv_min = np.where(max_min > 0, _F(63) / _safe(max_min, max_min > 0), _F(0))
+    # uint8_t ls = nearest_int(...): the int is truncated to a byte, then capped at 63
+    ls = np.minimum(_nearest_int(inv_scale[:, None] * scales) & 0xFF, 63).astype(np.uint8)
+    lm = np.minimum(_nearest_int(inv_min[:, None] * mins) & 0xFF, 63).astype(np.uint8)
+    # get_scale_min_k4's layout: bytes 0-3 scales 0-3, bytes 4-7 mins 0-3 (each with the top two
+    # bits of scale / min j + 4 in bits 6-7), bytes 8-11 the low nibbles of scale | min j + 4
+    packed = np.concatenate([ls[:, :4] | ((ls[:, 4:] >> 4) << 6), lm[:, :4] | ((lm[:, 4:] >> 4) << 6),
+                             (ls[:, 4:] & 0x0F) | ((lm[:, 4:] & 0x0F) << 4)], axis=1)
+    d, dmin = _to_f16((max_scale / _F(63))[:, None]), _to_f16((max_min / _F(63))[:, None])
+    # Re-round every value against the stored scales; a sub-block whose scale is 0 keeps its codes.
+    sub_d = (_f16(d) * ls.astype(_F)).reshape(1, n * 8)
+    sub_m = (_f16(dmin) * lm.astype(_F)).reshape(1, n * 8)
+    live = sub_d != 0
+    q = np.clip(_nearest_int((x + sub_m) / _safe(sub_d, live)), 0, nmax)
+    codes = np.where(live, q, L).T.reshape(n, 8, 32).astype(np.uint8)
+    return d, dmin, packed, codes
+
+
+def _quantize_q4_k(blocks: np.ndarray) -> np.ndarray:
+    n = len(blocks)
+    d, dmin, scales, L = _quantize_k_sub_blocks(blocks, 15, -1.0, 0.1, 20)
+    qs = (L[:, 0::2] | (L[:, 1::2] << np.uint8(4))).reshape(n, 128)  # sub-blocks 2i low, 2i+1 high
+    return np.concatenate([d, dmin, scales, qs], axis=1)
+
+
+def _quantize_q5_k(blocks: np.ndarray) -> np.ndarray:
+    n = len(blocks)
+    d, dmin, scales, L = _quantize_k_sub_blocks(blocks, 31, -0.5, 0.1, 15)
+    qs = ((L[:, 0::2] & np.uint8(0x0F)) | ((L[:, 1::2] & np.uint8(0x0F)) << np.uint8(4))).reshape(n, 128)
+    qh = np.packbits((L >> np.uint8(4)).transpose(0, 2, 1), axis=-1, bitorder="little").reshape(n, 32)
+    return np.concatenate([d, dmin, scales, qh, qs], axis=1)
+
+
+def _make_qx_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """make_qx_quants with rmse_type 1 and no importance weights (weights x^2): x (k, m) ->
+    codes (k, m) in 0..2 nmax - 1 (offset by nmax) and the scale (m,), x ~= scale * (L - nmax).
+
+    The grid is anchored at the value of largest magnitude (-nmax there), then 18 more
+    candidates -(nmax + 0.1 step) / max are tried; each gets its least-squares scale, and the
+    one that explains the most weighted energy (sumlx^2 / suml2) wins."""
+    imax = np.abs(x).argmax(axis=0)  # the first of equal magnitudes, as `ax > amax` keeps it
+    signed_max = np.take_along_axis(x, imax[None], axis=0)[0]
+    zero = np.abs(signed_max) < GROUP_MAX_EPS
+    signed_max = _safe(signed_max, ~zero)
+    w = x * x
+    wx = w * x
+
+    def fit(iscale):
+        l = np.clip(_nearest_int(iscale * x), -nmax, nmax - 1)
+        lf = l.astype(_F)
+        return l, _sum(wx * lf), _sum(w * lf * lf)
+
+    L, sumlx, suml2 = fit(_F(-nmax) / signed_max)
+    scale = np.where(suml2 != 0, sumlx / _safe(suml2, suml2 != 0), _F(0))
+    best = scale * sumlx
+    for step in (*range(-9, 0), *range(1, 10)):
+        l, sumlx, suml2 = fit(-(_F(nmax) + _F(0.1) * _F(step)) / signed_max)
+        better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+        L = np.where(better, l, L)
+        scale = np.where(better, sumlx / _safe(suml2, better), scale)
+        best = np.where(better, scale * sumlx, best)
+    return np.where(zero, 0, L + nmax), np.where(zero, _F(0), scale)
+
+
+def _quantize_q6_k(blocks: np.ndarray) -> np.ndarray:
+    # quantize_row_q6_K_ref: 16 sub-blocks of 16, int8 scales relative to d = max scale / -128
+    n = len(blocks)
+    x = np.ascontiguousarray(blocks.reshape(n * 16, 16).T)  # (16, 16n)
+    L, scales = _make_qx_quants(x, 32)
+    scales = scales.reshape(n, 16)
+    max_scale = _signed_max(scales)
+    empty = np.abs(max_scale) < GROUP_MAX_EPS  # the whole block is stored as zero bytes
+    iscale = _F(-128) / _safe(max_scale, ~empty)
+    d = _to_f16(_F(1) / iscale)
+    sc = np.minimum(127, _nearest_int(iscale * scales)).astype(np.int8)
+    sub_d = (_f16(d) * sc.astype(_F)).reshape(1, n * 16)
+    live = sub_d != 0
+    q = np.clip(_nearest_int(x / _safe(sub_d, live)), -32, 31) + 32
+    # Each 128-value half as four quarters a, b, c, e of 32: ql holds a | c << 4 then b | e << 4,
+    # qh the top two bits of a, b, c, e at bits 0, 2, 4, 6.
+    L = np.where(live, q, L).T.reshape(n, 2, 4, 32).astype(np.uint8)
+    low, high = L & np.uint8(0x0F), L >> np.uint8(4)
+    four = np.uint8(4)
+    ql = np.concatenate([low[:, :, 0] | (low[:, :, 2] << four), low[:, :, 1] | (low[:, :, 3] << four)], axis=2)
+    qh = high[:, :, 0] | (high[:, :, 1] << np.uint8(2)) | (high[:, :, 2] << four) | (high[:, :, 3] << np.uint8(6))
+    out = np.concatenate([ql.reshape(n, 128), qh.reshape(n, 64), sc.view(np.uint8), d], axis=1)
+    out[empty[:, 0]] = 0
+    return out
+
+
 DEQUANTIZE: dict[GGMLType, Callable[[np.ndarray], np.ndarray]] = {
     GGMLType.F32: _plain("<f4"), GGMLType.F16: _plain("<f2"), GGMLType.BF16: _dequantize_bf16,
     GGMLType.F64: _plain("<f8"), GGMLType.I8: _plain("i1"), GGMLType.I16: _plain("<i2"),
@@ -360,7 +551,13 @@ QUANTIZE: dict[GGMLType, Callable[[np.ndarray], np.ndarray]] = {
     GGMLType.F32: _quantize_f32, GGMLType.F16: _quantize_f16, GGMLType.BF16: _quantize_bf16,
     GGMLType.Q4_0: _quantize_q4_0, GGMLType.Q4_1: _quantize_q4_1,
     GGMLType.Q5_0: _quantize_q5_0, GGMLType.Q5_1: _quantize_q5_1, GGMLType.Q8_0: _quantize_q8_0,
+    GGMLType.Q4_K: _quantize_q4_k, GGMLType.Q5_K: _quantize_q5_k, GGMLType.Q6_K: _quantize_q6_k,
 }
+
+# Quantizers that search (the K-quants): their many passes over a chunk run fastest when it
+# stays in cache, so they take smaller chunks.
+_SEARCH_CHUNK_ELEMENTS = 1 << 18
+_SEARCHING = (GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K)
 
 
 def _type(qtype: GGMLType | int, table: dict, verb: str) -> GGMLType:
@@ -425,9 +622,13 @@ def quantize(t: torch.Tensor | np.ndarray, qtype: GGMLType | int) -> np.ndarray:
     n_blocks = x.size // block
     blocks = x.reshape(n_blocks, block)
     out = np.empty((n_blocks, size), dtype=np.uint8)
-    step = max(1, _CHUNK_ELEMENTS // block)
+    searching = qtype in _SEARCHING
+    step = max(1, (min(_CHUNK_ELEMENTS, _SEARCH_CHUNK_ELEMENTS) if searching else _CHUNK_ELEMENTS) // block)
     fn = QUANTIZE[qtype]
-    for start in range(0, n_blocks, step):
-        out[start:start + step] = fn(blocks[start:start + step])
+    # The searches compute every candidate in every lane and discard some (a division by the
+    # range of a constant sub-block, ...): those lanes may overflow or divide by zero harmlessly.
+    with np.errstate(all="ignore") if searching else contextlib.nullcontext():
+        for start in range(0, n_blocks, step):
+            out[start:start + step] = fn(blocks[start:start + step])
     row = (shape[-1] if shape else 1) // block * size
     return out.reshape(*shape[:-1], row)

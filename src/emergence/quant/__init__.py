@@ -9,9 +9,9 @@
 
 Formats (storage layouts in `linear.py`, quantizers in `methods.py`): int8, int4 (RTN or
 GPTQ: "int4-gptq" with calibration token ids), nf4 (QLoRA), ternary (BitNet b1.58, optional
-8-bit activations), and ggml's block formats (q8_0, q4_0, q4_1, q5_0, q5_1; the K-quants
-once emergence.gguf can quantize them). Checkpoints record the format of each module in
-their own metadata (`checkpoint.py`).
+8-bit activations), and ggml's block formats (q8_0, q4_0, q4_1, q5_0, q5_1 and the K-quants
+q4_k, q5_k, q6_k, byte for byte as llama.cpp quantizes them). Checkpoints record the format of
+each module in their own metadata (`checkpoint.py`).
 """
 
 from .checkpoint import load_quantized, quantization_record, save_quantized

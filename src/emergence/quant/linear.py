@@ -22,7 +22,10 @@ batch shape. N = out_features, K = in_features. Storage, exactly:
     ternary  qweight int8 (N, K) in {-1, 0, 1} (one byte per weight, unpacked); scale float32 (1,)
              W[n, k] = qweight[n, k] * scale; with act_bits=8, x is quantized per token first
     q8_0 ... blocks uint8 (N, K / block * type_size): each row is ggml's blocks of that type,
-             byte for byte (`emergence.gguf.quants`); K % 32 == 0 (256 for the K-quants)
+             byte for byte (`emergence.gguf.quants`); K % 32 == 0 (256 for the K-quants
+             q4_k, q5_k, q6_k). The forward pass quantizes the activations as llama.cpp's
+             CPU dot products do (Q8_0 blocks of 32, Q8_K blocks of 256 for the K-quants);
+             the K-quants have no native kernel: their decoding steps run the eager path.
 """
 
 from __future__ import annotations
@@ -298,13 +301,17 @@ class GGMLLinear(QuantizedLinear):
         return w.to(self.blocks.device)
 
     def forward(self, x):
-        """llama.cpp's numerics: for the 32-blocks formats the activations are quantized to 8 bits
-        per block of 32 first, as its CPU dot products do (and the native decode kernels)."""
-        if self.format not in m.GGML_Q8_ACTIVATIONS:
+        """llama.cpp's numerics: the activations are quantized to 8 bits first, as its CPU dot
+        products do: per block of 32 for the 32-block formats (as the native decode kernels do
+        too), per block of 256 (Q8_K) for the K-quants."""
+        if self.format in m.GGML_Q8_ACTIVATIONS:
+            xq = m.quantize_activations_q8_0(x)
+        elif self.format in m.GGML_Q8_K_ACTIVATIONS:
+            xq = m.quantize_activations_q8_k(x)
+        else:
             return super().forward(x)
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(m.quantize_activations_q8_0(x), self.unpacked_weight(), None).to(x.dtype) + \
-            (0 if bias is None else bias)
+        return F.linear(xq, self.unpacked_weight(), None).to(x.dtype) + (0 if bias is None else bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
@@ -342,8 +349,8 @@ def quantize_model(model: nn.Module, fmt: str, *, group_size: int | None = None,
     """Swap every nn.Linear of `model` (DecodeLinear included) for a quantized layer; in place.
 
     fmt: "int8", "int4" (round to nearest), "int4-gptq" (GPTQ; needs `calibration`), "nf4",
-    "ternary", or a ggml block format ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1"; "q4_k", "q5_k",
-    "q6_k" once emergence.gguf can quantize them).
+    "ternary", or a ggml block format ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k",
+    "q6_k"; the K-quants need in_features in multiples of 256).
     group_size: int4 only (32, 64 or 128; default 64).
     calibration: int4-gptq only: token id tensors, each (T,) or (B, T); every row is one sequence.
     act_bits: ternary only: 8 quantizes activations per token (BitNet b1.58), None keeps them.

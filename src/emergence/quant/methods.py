@@ -380,6 +380,8 @@ def quantize_activations_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 # ggml formats whose llama.cpp dot products quantize the activations to 8 bits in blocks of 32
 # (vec_dot_type Q8_0 or Q8_1; both hold the same values).
 GGML_Q8_ACTIVATIONS = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
+# The K-quants' dot products take the activations as Q8_K: 8 bits per block of 256.
+GGML_Q8_K_ACTIVATIONS = ("q4_k", "q5_k", "q6_k")
 
 
 def quantize_activations_q8_0(x: torch.Tensor) -> torch.Tensor:
@@ -393,3 +395,18 @@ def quantize_activations_q8_0(x: torch.Tensor) -> torch.Tensor:
     v = blocks * inv
     q = torch.sign(v) * torch.floor(v.abs() + 0.5)  # roundf: half away from zero
     return (q * d.half().float()).reshape(shape)
+
+
+def quantize_activations_q8_k(x: torch.Tensor) -> torch.Tensor:
+    """x as llama.cpp's CPU kernels see it against Q4_K/Q5_K/Q6_K weights (quantize_row_q8_K_ref):
+    each block of 256 along the last dimension becomes min(127, round(x * s)) / s with
+    s = -127 / m, m the block's value of largest magnitude (the first one, with its sign), the
+    rounding to nearest even and the scale 1 / s kept in float32. Returns float32 values of x's shape."""
+    shape = x.shape
+    blocks = x.float().reshape(-1, shape[-1] // 256, 256)
+    m = torch.gather(blocks, -1, blocks.abs().argmax(dim=-1, keepdim=True))
+    # tensor / tensor: a correctly rounded division (number / tensor multiplies by a reciprocal)
+    iscale = torch.where(m != 0, m.new_tensor(-127.0) / m, torch.zeros_like(m))
+    q = torch.round(blocks * iscale).clamp(max=127)
+    d = torch.where(m != 0, m.new_tensor(1.0) / iscale, torch.zeros_like(m))
+    return (q * d).reshape(shape)

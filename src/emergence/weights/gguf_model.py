@@ -9,7 +9,9 @@ Qwen2 ("neox" RoPE) and GPT-2 (no RoPE) need no permutation. Llama-3 rope scalin
 llama.cpp's `rope_freqs.weight` tensor of per-frequency divisors.
 
 Norm weights are written as F32 and every matrix in the requested type (F32, F16, BF16 or a
-ggml block format); a matrix whose rows do not fill whole blocks falls back to F16.
+ggml block format). A matrix whose rows do not fill whole blocks falls back as llama.cpp's
+quantizer does: Q4_K to Q5_0, Q5_K to Q5_1, Q6_K to Q8_0 (rows of 32-multiples), and to F16
+when its rows do not fill blocks of 32 either (every 32-block type goes straight to F16).
 """
 
 from __future__ import annotations
@@ -28,12 +30,17 @@ from ..model import Transformer, empty_model, finish_loading, rope_inv_freq
 from ..tokenizer import Tokenizer
 
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gpt2": "gpt2"}  # our family -> GGUF arch
-# The types we write: those our block quantizers produce (K-quants are read, not written).
+# The types we write: those our block quantizers produce (Q2_K and Q3_K are read, not written).
 FILE_TYPES = {t.name.lower(): t for t in (GGMLType.F32, GGMLType.F16, GGMLType.BF16, GGMLType.Q8_0, GGMLType.Q4_0,
-                                          GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1)}
-# llama.cpp's `general.file_type` (enum llama_ftype) for each file type we write.
+                                          GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q4_K,
+                                          GGMLType.Q5_K, GGMLType.Q6_K)}
+# llama.cpp's `general.file_type` (enum llama_ftype) for each file type we write. Our K-quant
+# files hold one type throughout (no llama.cpp mix of Q6_K output and attn_v): Q4_K and Q5_K
+# are named as llama.cpp's "small" variants (Q4_K_S, Q5_K_S), the mostly-uniform ones.
 LLAMA_FTYPE = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "q2_k": 10, "q3_k": 12,
-               "q4_k": 15, "q5_k": 17, "q6_k": 18, "bf16": 32}
+               "q4_k": 14, "q5_k": 16, "q6_k": 18, "bf16": 32}
+# llama.cpp's replacement for a K-quant whose rows do not fill 256-blocks (llama_tensor_get_type).
+K_FALLBACK = {GGMLType.Q4_K: GGMLType.Q5_0, GGMLType.Q5_K: GGMLType.Q5_1, GGMLType.Q6_K: GGMLType.Q8_0}
 
 
 # ------------------------------------------------------------------------ RoPE layouts
@@ -184,8 +191,10 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype | None = None) -> tuple[Tr
 
 # ------------------------------------------------------------------------------ writing
 def _matrix_type(requested: GGMLType, shape: tuple[int, ...]) -> GGMLType:
-    block = BLOCK_SIZES[requested][0]
-    return requested if shape[-1] % block == 0 else GGMLType.F16
+    if shape[-1] % BLOCK_SIZES[requested][0] == 0:
+        return requested
+    fallback = K_FALLBACK.get(requested, GGMLType.F16)
+    return fallback if shape[-1] % BLOCK_SIZES[fallback][0] == 0 else GGMLType.F16
 
 
 def _encode(tensor: torch.Tensor, qtype: GGMLType) -> np.ndarray | torch.Tensor:
