@@ -338,3 +338,25 @@ def test_help_lists_the_verbs():
     assert r.returncode == 0
     for verb in ("generate", "chat", "info", "convert"):
         assert verb in r.stdout
+
+
+def test_chat_with_a_template_keeps_the_conversation_within_the_context(capsys, monkeypatch):
+    import io
+
+    from emergence.chat import ChatTemplate, fit_context
+
+    line = "the cat sat on the mat and looked at the dog " * 12  # about 130 tokens a message
+    monkeypatch.setattr(sys, "stdin", io.StringIO((line + "\n") * 4))
+    code, out, err = run_main(capsys, "chat", "--model", "emergence-6m", "--chat-template", "chatml",
+                              "-t", "0", "-n", "8")
+    assert code == 0
+    replies = out.split("> ")[1:-1]
+    assert len(replies) == 4
+    # the first reply is the model's greedy answer to the rendered one-message conversation
+    lm = emergence.load("emergence-6m")
+    template = ChatTemplate.builtin("chatml")
+    first = fit_context([{"role": "user", "content": line}], lm.tokenizer, template, context_window=512, reserve=8)
+    expected = lm.generate(first.token_ids, temperature=0, max_new_tokens=8, stop=template.stop)
+    assert replies[0] == expected + "\n"
+    # four 130-token messages and their replies outgrow 512 tokens: the oldest turns are dropped, said on stderr
+    assert "dropped the 2 oldest messages" in err

@@ -107,7 +107,57 @@ def _completion_json(lm: LanguageModel, c: Completion) -> dict:
 def cmd_chat(args: argparse.Namespace) -> None:
     params = _sampling(args)
     lm = _load(args)
-    _chat(lm, params)
+    template = _chat_template(args.model, args.chat_template)
+    if template is None:
+        _chat(lm, params)
+    else:
+        _chat_with_template(lm, params, template, policy=args.context_policy)
+
+
+def _chat_template(model: str | None, override: str | None):
+    """The model's own chat template (HF folder or GGUF metadata) or the override; None for
+    a base model without one (it chats by plain continuation)."""
+    from .api import _locate
+    from .chat import resolve_chat_template
+    from .serve.app import model_template
+
+    found = model_template(_locate(model))
+    if override is None and found is None:
+        return None
+    return resolve_chat_template(found, override=override)
+
+
+def _chat_with_template(lm: LanguageModel, params: SamplingParams, template, *, policy: str,
+                        system: str | None = None) -> None:
+    """A conversation rendered by the chat template; when it outgrows the context, `policy`
+    drops or condenses the oldest turns (said on stderr), never the latest message."""
+    from .chat import fit_context
+
+    print(f"chatting with {lm.config.name} ({template.name} template; context policy {policy}). "
+          "Ctrl-D or /exit ends.", file=sys.stderr)
+    messages = [{"role": "system", "content": system}] if system else []
+    stop = tuple(dict.fromkeys((*params.stop, *template.stop)))
+    reserve = min(params.max_new_tokens, lm.config.block_size // 2)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return
+        if line.strip() in ("/exit", "/quit"):
+            return
+        messages.append({"role": "user", "content": line})
+        fit = fit_context(messages, lm.tokenizer, template, context_window=lm.config.block_size, reserve=reserve,
+                          policy=policy)
+        if fit.dropped:
+            print(f"({fit.describe()})", file=sys.stderr)
+        reply = ""
+        for piece in lm.stream(fit.token_ids, **{**_fields(params), "stop": stop}):
+            reply += piece
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": reply})
 
 
 def _chat(lm: LanguageModel, params: SamplingParams, transcript: str = "") -> None:
@@ -411,7 +461,11 @@ def cmd_run(args: argparse.Namespace) -> None:
     system = entry.manifest.system if entry is not None else None
     lm = load(args.name, device=args.device, dtype=args.dtype)
     if args.prompt is None:
-        _chat(lm, params, with_system(system, ""))
+        template = _chat_template(args.name, entry.manifest.template if entry is not None else None)
+        if template is None:
+            _chat(lm, params, with_system(system, ""))
+        else:
+            _chat_with_template(lm, params, template, policy="drop-oldest", system=system)
         return
     for piece in lm.stream(with_system(system, args.prompt), truncate=settings.truncate, **_fields(params)):
         sys.stdout.write(piece)
@@ -507,6 +561,11 @@ def build_parser() -> argparse.ArgumentParser:
     c = parsers["chat"]
     _add_model_args(c)
     _add_sampling_args(c)
+    c.add_argument("--chat-template", default=None,
+                   help="built-in name (chatml, llama2, llama3, mistral, phi3, vicuna, plain) or Jinja text "
+                        "(default: the model's own; a base model without one continues plain text)")
+    c.add_argument("--context-policy", default="drop-oldest", choices=("drop-oldest", "condense", "error"),
+                   help="what a conversation longer than the context loses (default %(default)s)")
 
     i = parsers["info"]
     i.add_argument("model_path", nargs="?", default=None, metavar="MODEL")

@@ -410,21 +410,22 @@ def serve_in_thread(app: Server, host: str = "127.0.0.1", port: int = 0) -> tupl
     return server, thread
 
 
-def model_chat_template(path, override: str | None) -> ChatTemplate:
-    """The served model's own template (HF folder files or GGUF metadata), the override when
-    given, or the plain transcript for a base model that has none."""
-    from pathlib import Path
-
+def model_template(path: Path) -> ChatTemplate | None:
+    """A model's own chat template: from its HF folder's files or its GGUF metadata."""
     from ..gguf.format import read_gguf
     from ..weights.gguf_model import is_gguf_file
 
-    found = None
-    path = Path(path)
     if path.is_dir():
-        found = ChatTemplate.from_folder(path)
-    elif is_gguf_file(path):
-        found = ChatTemplate.from_gguf_metadata(read_gguf(path).metadata)
-    return resolve_chat_template(found, override=override, missing="plain")
+        return ChatTemplate.from_folder(path)
+    if is_gguf_file(path):
+        return ChatTemplate.from_gguf_metadata(read_gguf(path).metadata)
+    return None
+
+
+def model_chat_template(path: Path, override: str | None) -> ChatTemplate:
+    """The served model's own template, the override when given, or the plain transcript for
+    a base model that has none."""
+    return resolve_chat_template(model_template(Path(path)), override=override, missing="plain")
 
 
 def run_server(model: str | None, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
