@@ -138,14 +138,7 @@ def _chat_with_template(lm: LanguageModel, params: SamplingParams, template, *, 
     messages = [{"role": "system", "content": system}] if system else []
     stop = tuple(dict.fromkeys((*params.stop, *template.stop)))
     reserve = min(params.max_new_tokens, lm.config.block_size // 2)
-    while True:
-        try:
-            line = input("> ")
-        except EOFError:
-            print(file=sys.stderr)
-            return
-        if line.strip() in ("/exit", "/quit"):
-            return
+    while (line := _read_line()) is not None:
         messages.append({"role": "user", "content": line})
         fit = fit_context(messages, lm.tokenizer, template, context_window=lm.config.block_size, reserve=reserve,
                           policy=policy)
@@ -160,18 +153,21 @@ def _chat_with_template(lm: LanguageModel, params: SamplingParams, template, *, 
         messages.append({"role": "assistant", "content": reply})
 
 
+def _read_line() -> str | None:
+    """The user's next line, or None at end of input or /exit."""
+    try:
+        line = input("> ")
+    except EOFError:
+        print(file=sys.stderr)
+        return None
+    return None if line.strip() in ("/exit", "/quit") else line
+
+
 def _chat(lm: LanguageModel, params: SamplingParams, transcript: str = "") -> None:
     """Read lines from stdin and continue `transcript` + each line, printing the replies."""
     print(f"chatting with {lm.config.name} as plain continuation (a base model: the conversation is "
           "continued as text). Ctrl-D or /exit ends.", file=sys.stderr)
-    while True:
-        try:
-            line = input("> ")
-        except EOFError:
-            print(file=sys.stderr)
-            return
-        if line.strip() in ("/exit", "/quit"):
-            return
+    while (line := _read_line()) is not None:
         transcript += line
         reply = ""
         for piece in lm.stream(transcript, truncate=True, **_fields(params)):

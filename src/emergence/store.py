@@ -62,6 +62,7 @@ from pathlib import Path
 
 from .config import Config
 from .errors import CheckpointError, InvalidArgument
+from .files import fsync_folder
 
 HOME_ENV = "EMERGENCE_HOME"
 DEFAULT_TAG = "latest"
@@ -539,19 +540,6 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 # ------------------------------------------------------------------------------------ store
 class Store:
     """The model store at `root` (default: `store_root()`). Reading never creates anything."""
@@ -714,7 +702,7 @@ class Store:
             if not _exchange(staged, dest):
                 os.rename(dest, work / "old")
                 os.rename(staged, dest)
-        _fsync_dir(self.models)
+        fsync_folder(self.models)
 
     def _new_tmp(self) -> Path:
         self.tmp.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
+from ..files import fsync_folder
 
 CHECKPOINT = "checkpoint.pt"
 # Tests set this to N to SIGKILL the process in the middle of writing its N-th checkpoint.
@@ -62,7 +63,7 @@ def save_checkpoint(state: dict, folder: Path) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_folder(folder)
+        fsync_folder(folder)
     except (OSError, RuntimeError) as e:
         tmp.unlink(missing_ok=True)
         reason = os.strerror(e.errno) if isinstance(e, OSError) and e.errno else _disk_reason(e)
@@ -84,19 +85,6 @@ def _describe_previous(path: Path) -> str:
         return f"the previous checkpoint (step {step}) is intact"
     except CheckpointError:
         return "the previous checkpoint could not be read back either"
-
-
-def _fsync_folder(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def load_checkpoint(folder: Path, map_location: str | torch.device = "cpu") -> dict:
