@@ -178,7 +178,7 @@ class Server:
                             "logprobs": chat_logprobs(self.lm.tokenizer, items) if sampling.logprobs is not None
                             else None, "finish_reason": finish})
         out = {"id": cid, "object": "chat.completion", "created": created, "model": self.name,
-               "choices": choices, "usage": usage(len(ids) * sampling.n, generated)}
+               "choices": choices, "usage": usage(len(ids), generated)}
         if context_note:
             out["context"] = context_note
         return out, None
@@ -234,6 +234,9 @@ class Server:
         out = []
         for item in items:
             ids = self._ids(item, "prompt")
+            if len(ids) >= self.context:  # as for_prompt says it, with OpenAI's code
+                raise ApiError(400, f"the prompt has {len(ids)} tokens; the model's context is {self.context}",
+                               "prompt", "context_length_exceeded")
             try:  # an empty prompt starts from BOS (or after EOS), as `emergence generate` does
                 ids = prepare_prompt(self.lm.tokenizer, ids, self.context + 1, 0)
             except EmergenceError as e:
@@ -302,6 +305,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._dispatch("POST")
 
     def _dispatch(self, method: str) -> None:
+        self._body_read = False
         try:
             path, _, query = self.path.partition("?")
             path = path.rstrip("/")
@@ -326,6 +330,8 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._json(200, whole)
             self._stream(events)
         except ApiError as e:
+            if not self._body_read:
+                self._skip_body()
             self._json(e.status, e.body())
         except EmergenceError as e:
             self._json(400, ApiError(400, str(e)).body())
@@ -348,12 +354,19 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True  # the body stays unread
             raise ApiError(413, f"the request body is {length} bytes; the limit is {self.app.max_body_bytes}")
         raw = self.rfile.read(int(length))
+        self._body_read = True
         try:
             body = json.loads(raw.decode("utf-8"))
+            # "\ud800" escapes decode to lone surrogates, which are not text: the tokenizer refuses them
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
         except UnicodeDecodeError:
             raise ApiError(400, "the request body is not valid UTF-8") from None
+        except UnicodeEncodeError:
+            raise ApiError(400, "the request body holds a lone UTF-16 surrogate escape (\\ud800-\\udfff)") from None
         except json.JSONDecodeError as e:
             raise ApiError(400, f"the request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+        except RecursionError:
+            raise ApiError(400, "the request body is nested too deeply") from None
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object")
         return body
@@ -365,6 +378,16 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
+
+    def _skip_body(self) -> None:
+        """An error answered before the body was read: read the body off, so that the next request
+        on this kept-alive connection starts where it should, or close the connection when the body
+        is over the limit or of unknown length."""
+        length = self.headers.get("Content-Length", "" if "Transfer-Encoding" in self.headers else "0")
+        if length.isdigit() and int(length) <= self.app.max_body_bytes:
+            self.rfile.read(int(length))
+        else:
+            self.close_connection = True
 
     def _json(self, status: int, body: dict) -> None:
         data = json.dumps(body, ensure_ascii=False).encode("utf-8")
@@ -397,9 +420,15 @@ class _Handler(BaseHTTPRequestHandler):
 
 def make_http_server(app: Server, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
     handler = type("Handler", (_Handler,), {"app": app})
-    server = ThreadingHTTPServer((host, port), handler)
+    server = _HTTPServer((host, port), handler)
     server.daemon_threads = True
     return server
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    # socketserver listens with a backlog of 5: a burst of clients connecting at once overflows
+    # it and some connections are reset. Many clients at once is what the server is for.
+    request_queue_size = 1024
 
 
 def serve_in_thread(app: Server, host: str = "127.0.0.1", port: int = 0) -> tuple[ThreadingHTTPServer, threading.Thread]:
