@@ -45,6 +45,7 @@ bench: $(VENV)/.test-deps
 	$(BIN)/python bench/bench_quant.py
 	$(BIN)/python bench/bench_qgemv.py
 	$(BIN)/python bench/bench_train.py
+	$(BIN)/python bench/bench_serve.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache
