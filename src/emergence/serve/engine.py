@@ -79,7 +79,9 @@ class BatchEngine:
         self._lock = threading.Condition()
         self._rows: list[_Row] = []  # active rows, in cache-row order
         self._requests: list[Request] = []  # the request of each active row
-        self._cache: KVCache | None = None
+        self._cache: KVCache | None = None  # views of the first B rows of _k / _v
+        self._k: list[torch.Tensor] | None = None  # per layer (slots, n_kv_head, block_size, head_dim)
+        self._v: list[torch.Tensor] | None = None
         self._logits: torch.Tensor | None = None  # (B, V) next-token logits of the active rows
         self._stopping = False
         self.steps = 0  # decoding steps run (each serves every active row)
@@ -129,7 +131,8 @@ class BatchEngine:
             except Exception as e:  # a bug, or memory: fail the requests in flight, keep serving
                 for request in self._requests:
                     request._end(e)
-                self._rows, self._requests, self._cache, self._logits = [], [], None, None
+                self._rows, self._requests, self._logits = [], [], None
+                self._cache = self._k = self._v = None
         for request in self._requests + list(self._waiting):
             request._end()
 
@@ -164,37 +167,61 @@ class BatchEngine:
         self._logits = logits if self._logits is None else torch.cat([self._logits, logits])
 
     def _join(self, alone: KVCache, P: int) -> None:
-        """Append a prefilled row (P slots) to the shared cache, aligned at its end."""
-        config, capacity = self.model.config, self.model.config.block_size
-        if self._cache is None:
-            self._cache = KVCache(config, 0, capacity, dtype=self.dtype, device=self.device)
-        cache = self._cache
+        """Put a prefilled row (P slots) into the next free cache row, aligned at the end."""
+        config = self.model.config
+        if self._k is None:  # every slot's rows, allocated once: (slots, n_kv_head, block_size, head_dim)
+            shape = (self.slots, config.n_kv_head, config.block_size, config.head_dim)
+            self._k = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(config.n_layer)]
+            self._v = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(config.n_layer)]
+            self._cache = KVCache(config, 0, config.block_size, dtype=self.dtype, device=self.device)
+        cache, B = self._cache, len(self._rows)
         if P > cache.length:  # everyone else moves right: their history now starts later
-            shift = P - cache.length
-            for layer in range(config.n_layer):
-                for t in (cache.k, cache.v):
-                    t[layer][:, :, shift:P] = t[layer][:, :, :cache.length].clone()
-                    t[layer][:, :, :shift] = 0
+            shift, L = P - cache.length, cache.length
+            for full in (*self._k, *self._v):
+                full[:B, :, shift:P] = full[:B, :, :L].clone()  # slots before `shift` become padding
             cache.pad = cache.pad + shift
             cache.length = P
         L = cache.length
-        for layer in range(config.n_layer):
-            for shared, own in ((cache.k, alone.k), (cache.v, alone.v)):
-                row = torch.zeros((1, *shared[layer].shape[1:]), dtype=self.dtype, device=self.device)
-                row[:, :, L - P:L] = own[layer][:, :, :P]
-                shared[layer] = torch.cat([shared[layer], row])
+        for full, own in ((self._k, alone.k), (self._v, alone.v)):
+            for layer in range(config.n_layer):
+                full[layer][B, :, L - P:L] = own[layer][0, :, :P]  # slots before L - P: padding, never read
         cache.pad = torch.cat([cache.pad, torch.tensor([L - P], device=self.device)])
+        self._use_rows(B + 1)
+
+    def _use_rows(self, B: int) -> None:
+        """Point the shared KVCache at the first B rows (views: no copy)."""
+        cache = self._cache
+        cache.k = [full[:B] for full in self._k]
+        cache.v = [full[:B] for full in self._v]
         cache.has_padding = bool(cache.pad.any())
+
+    def _remove(self, rows: list[int]) -> list[int]:
+        """Drop finished rows: the last active row moves into each freed one (one row's copy
+        each). Returns the new order: row j now holds what row order[j] held."""
+        cache = self._cache
+        order = list(range(len(self._rows)))
+        for i in sorted(rows, reverse=True):
+            last = len(self._rows) - 1
+            if i != last:
+                for full in (*self._k, *self._v):
+                    full[i, :, :cache.length] = full[last, :, :cache.length]
+                for items in (self._rows, self._requests, order):
+                    items[i] = items[last]
+                cache.pad[i] = cache.pad[last]
+            for items in (self._rows, self._requests, order):
+                items.pop()
+            cache.pad = cache.pad[:last]
+        self._use_rows(len(self._rows))
+        return order
 
     def _compact(self) -> None:
         """Cut the leading slots that every row has as padding (the cache is full)."""
-        cache = self._cache
+        cache, B = self._cache, len(self._rows)
         cut = int(cache.pad.min())
         if cut == 0:
             raise RuntimeError("KV cache full with a row at the context limit")  # rows stop before this
-        for layer in range(self.model.config.n_layer):
-            for t in (cache.k, cache.v):
-                t[layer][:, :, :cache.length - cut] = t[layer][:, :, cut:cache.length].clone()
+        for full in (*self._k, *self._v):
+            full[:B, :, :cache.length - cut] = full[:B, :, cut:cache.length].clone()
         cache.pad = cache.pad - cut
         cache.length -= cut
         cache.has_padding = bool(cache.pad.any())
@@ -204,10 +231,12 @@ class BatchEngine:
         logits = self._logits
         if self.unused is not None:
             logits[:, self.unused] = float("-inf")
-        next_tokens, keep = [], []
+        tokens, done = [], []  # tokens[b]: row b's new token (0 for a row that is leaving)
         for b, (row, request) in enumerate(zip(self._rows, self._requests)):
             if request.cancelled.is_set():
                 request._end()
+                done.append(b)
+                tokens.append(0)
                 continue
             raw = logits[b:b + 1]
             token = int(choose(process_logits(raw, row.params, row.seen, row.counts), row.params.greedy,
@@ -216,19 +245,17 @@ class BatchEngine:
             request._put(chunk)
             if finished:
                 request._end()
-            else:
-                next_tokens.append(token)
-                keep.append(b)
-        if len(keep) < len(self._rows):
-            self._rows = [self._rows[b] for b in keep]
-            self._requests = [self._requests[b] for b in keep]
-            if not keep:
-                self._cache, self._logits = None, None
+                done.append(b)
+            tokens.append(token)
+        if done:
+            order = self._remove(done)
+            if not self._rows:
+                self._cache.length, self._logits = 0, None  # an empty batch starts over
                 return
-            self._cache.reorder(torch.tensor(keep, device=self.device))
+            tokens = [tokens[j] for j in order]
         if self._cache.length >= self._cache.max_len:
             self._compact()
-        step = torch.tensor(next_tokens, device=self.device)[:, None]  # (B, 1)
+        step = torch.tensor(tokens, device=self.device)[:, None]  # (B, 1)
         self._logits = self.model(step, self._cache)[:, -1].float()
         self.steps += 1
 
