@@ -8,7 +8,9 @@ another to finish: it waits at most for a free slot and one step.
 
 The shared cache is the left-padded `KVCache` of batched generation: every row's latest
 token sits in the same slot, a row that joined with a shorter history has more padding in
-front. A row joining with a longer prompt than the batch's history shifts the others right;
+front. Its tensors are views of the first B rows of per-slot buffers allocated once, so a
+joining request writes one row and a finishing one is replaced by the last row: no step
+copies the whole cache. A row joining with a longer prompt than the batch's history shifts the others right;
 when the cache is full, the slots no row uses any more are cut from the front. Positions
 and masks come from each row's padding, so a row computes what it would compute alone.
 """
@@ -23,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import InvalidArgument
-from ..generate import Chunk, _emit, _Row
+from ..generate import Chunk, _check_cache_fits, _emit, _Row
 from ..kv_cache import KVCache
 from ..model import Transformer
 from ..sampling import SamplingParams, choose, process_logits
@@ -72,6 +74,8 @@ class BatchEngine:
         self.device = model.tok_embeddings.weight.device
         self.dtype = model.tok_embeddings.weight.dtype
         config = model.config
+        # the per-slot KV buffers, allocated at the first request: refuse now if they cannot fit
+        _check_cache_fits(config, slots, config.block_size, self.dtype, self.device)
         self.eos = set(config.eos_token_ids) | ({tokenizer.eos_id} if tokenizer.eos_id is not None else set())
         # ids past the tokenizer's vocabulary (padded embedding rows) are never sampled
         self.unused = slice(tokenizer.vocab_size, None) if tokenizer.vocab_size < config.vocab_size else None
@@ -131,6 +135,9 @@ class BatchEngine:
             except Exception as e:  # a bug, or memory: fail the requests in flight, keep serving
                 for request in self._requests:
                     request._end(e)
+                for request in joining:  # the ones not admitted yet: they would wait forever
+                    if not any(request is r for r in self._requests):
+                        request._end(e)
                 self._rows, self._requests, self._logits = [], [], None
                 self._cache = self._k = self._v = None
         for request in self._requests + list(self._waiting):
