@@ -202,14 +202,15 @@ def prepare_corpus(inputs: Sequence[str], tokenizer: Tokenizer, out: str | Path,
             bytes_per_char = path.stat().st_size / max(1, sum(len(d) for d in docs))
             for batch in _batches(docs):
                 encoded = tokenizer.backend.encode_batch(batch, add_special_tokens=False)
-                ids_per_doc += [e.ids for e in encoded]
+                ids_per_doc += [np.asarray(e.ids, dtype=np.uint32) for e in encoded]  # 4 bytes a token
                 tokens_done += sum(len(e.ids) + 1 for e in encoded)
                 progress.update(sum(len(d) for d in batch) * bytes_per_char, tokens=human(tokens_done))
-            bos = [tokenizer.bos_id] if tokenizer.add_bos else []  # e.g. llama2.c: BOS starts every story
+            bos = np.asarray([tokenizer.bos_id] if tokenizer.add_bos else [], dtype=np.uint32)  # llama2.c: BOS first
+            end = np.asarray([eos], dtype=np.uint32)
             lengths = [len(bos) + len(ids) + 1 for ids in ids_per_doc]  # + EOS
             first_val, cut = _split_point(lengths, val_fraction)
             for i, ids in enumerate(ids_per_doc):
-                doc = np.asarray(bos + ids + [eos], dtype=np.int64)
+                doc = np.concatenate([bos, ids, end])
                 if cut and i == 0:
                     writers["train"].write(doc[:cut])
                     writers["val"].write(doc[cut:])

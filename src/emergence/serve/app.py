@@ -87,7 +87,7 @@ class Server:
                 jobs.append((p * sampling.n + j, ids, params))
         cid, created = new_id("cmpl"), now()
         requests = self._submit(jobs)
-        prompt_tokens = sum(len(ids) for ids in prompts) * 1
+        prompt_tokens = sum(len(ids) for ids in prompts)  # each prompt counted once, whatever n
 
         def chunk_body(index: int, text: str, logprobs, finish: str | None) -> dict:
             return {"id": cid, "object": "text_completion", "created": created, "model": self.name,
@@ -146,9 +146,8 @@ class Server:
                         if fit.dropped else None)
 
         def frame(choices: list, **extra) -> dict:
-            out = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": self.name,
-                   "choices": choices, **extra}
-            return out
+            return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": self.name,
+                    "choices": choices, **extra}
 
         if sampling.stream:
             def events() -> Iterator[dict]:
