@@ -97,3 +97,12 @@ def bounded(seconds: float = 5.0, max_new_rss_mb: int = 512):
         signal.signal(signal.SIGALRM, previous)
         grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before) / 1024
         assert grown_mb <= max_new_rss_mb, f"peak memory grew by {grown_mb:.0f} MiB"
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread: small models run fastest so, and immune to a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

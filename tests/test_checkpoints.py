@@ -263,15 +263,6 @@ def stories():
     return load_llama2c(STORIES_BIN)
 
 
-@pytest.fixture
-def one_thread():
-    """Decode loops of a 260K-parameter model run fastest, and immune to a busy machine, on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_llama2c_config(stories):
     model, c = stories
     assert (c.n_embd, c.n_layer, c.n_head, c.n_kv_head, c.head_dim) == (64, 5, 8, 4, 8)

@@ -107,14 +107,6 @@ def assert_one_line_error(code: int, err: str, *patterns: str) -> str:
     return lines[0]
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ------------------------------------------------------------------------------ fixtures
 def _make_shards(folder: Path, text_bytes: int, vocab_size: int) -> Path:
     folder.mkdir(parents=True, exist_ok=True)

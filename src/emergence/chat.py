@@ -533,6 +533,20 @@ def _markers_in(source: str) -> tuple[str, ...]:
     return tuple(m for m in _TURN_MARKERS if m in source)
 
 
+def find_model_template(path: str | os.PathLike) -> ChatTemplate | None:
+    """A model's own chat template: from its Hugging Face folder's files or its GGUF metadata
+    (None when it has none, or `path` is neither)."""
+    from .gguf.format import read_gguf
+    from .weights.gguf_model import is_gguf_file
+
+    path = Path(path)
+    if path.is_dir():
+        return ChatTemplate.from_folder(path)
+    if is_gguf_file(path):
+        return ChatTemplate.from_gguf_metadata(read_gguf(path).metadata)
+    return None
+
+
 def resolve_chat_template(found: ChatTemplate | None, *, override: str | ChatTemplate | None = None,
                           missing: str = "error") -> ChatTemplate:
     """The template to chat with.

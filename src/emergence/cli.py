@@ -118,10 +118,9 @@ def _chat_template(model: str | None, override: str | None):
     """The model's own chat template (HF folder or GGUF metadata) or the override; None for
     a base model without one (it chats by plain continuation)."""
     from .api import _locate
-    from .chat import resolve_chat_template
-    from .serve.app import model_template
+    from .chat import find_model_template, resolve_chat_template
 
-    found = model_template(_locate(model))
+    found = find_model_template(_locate(model))
     if override is None and found is None:
         return None
     return resolve_chat_template(found, override=override)

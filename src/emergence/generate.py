@@ -133,21 +133,35 @@ def _check_cache_fits(config, batch: int, max_len: int, dtype: torch.dtype, devi
                               f"{available / 2**30:.1f} GiB available; lower max_new_tokens or the batch size")
 
 
+def end_ids(config, tokenizer: Tokenizer) -> set[int]:
+    """The ids that end a sequence: the model's EOS ids and the tokenizer's."""
+    return set(config.eos_token_ids) | ({tokenizer.eos_id} if tokenizer.eos_id is not None else set())
+
+
+def new_row(index: int, prompt: list[int], p: SamplingParams, config, tokenizer: Tokenizer, eos: set[int],
+            device: torch.device) -> _Row:
+    """The decoding state of one sequence: its budget, random generator, stop ids, detokenizer,
+    and (for penalties) the tokens seen so far. Used by `decode_steps` and the serving engine."""
+    p.check_vocabulary(config.vocab_size)
+    generator = None
+    if p.seed is not None and not p.greedy:
+        generator = torch.Generator(device=device).manual_seed(p.seed)
+    row = _Row(index, p, prompt, min(p.max_new_tokens, config.block_size - len(prompt)), tokenizer.stream_decoder(),
+               generator, set(p.stop_token_ids) | (set() if p.ignore_eos else eos))
+    if p.needs_history and row.max_new > 0:
+        row.seen = torch.zeros(1, config.vocab_size, dtype=torch.bool, device=device)
+        row.seen[0, torch.tensor(prompt, device=device)] = True
+        row.counts = torch.zeros(1, config.vocab_size, dtype=torch.float32, device=device)
+    return row
+
+
 def decode_steps(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[list[int]],
                  params: Sequence[SamplingParams]) -> Iterator[tuple[int, Chunk]]:
     """Yield (prompt index, chunk) for every token generated, until every sequence has finished."""
     config = model.config
     device = model.tok_embeddings.weight.device
-    eos = set(config.eos_token_ids) | ({tokenizer.eos_id} if tokenizer.eos_id is not None else set())
-    rows = []
-    for i, (prompt, p) in enumerate(zip(prompts, params)):
-        p.check_vocabulary(config.vocab_size)
-        generator = None
-        if p.seed is not None and not p.greedy:
-            generator = torch.Generator(device=device).manual_seed(p.seed)
-        rows.append(_Row(i, p, prompt, min(p.max_new_tokens, config.block_size - len(prompt)),
-                         tokenizer.stream_decoder(), generator,
-                         set(p.stop_token_ids) | (set() if p.ignore_eos else eos)))
+    eos = end_ids(config, tokenizer)
+    rows = [new_row(i, prompt, p, config, tokenizer, eos, device) for i, (prompt, p) in enumerate(zip(prompts, params))]
     for row in rows:
         if row.max_new <= 0:
             yield row.index, Chunk("", [], [], "length")
@@ -168,15 +182,9 @@ def decode_steps(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[lis
     _check_cache_fits(config, len(rows), max_len, dtype, device)
     cache = KVCache(config, len(rows), max_len, dtype=dtype, device=device)
     cache.set_padding(mask)
-    V = config.vocab_size
-    for r in rows:
-        if r.params.needs_history:
-            r.seen = torch.zeros(1, V, dtype=torch.bool, device=device)
-            r.seen[0, torch.tensor(r.prompt, device=device)] = True
-            r.counts = torch.zeros(1, V, dtype=torch.float32, device=device)
 
     # Ids past the tokenizer's vocabulary (a model's padded embedding rows) can never be chosen.
-    unused = slice(tokenizer.vocab_size, None) if tokenizer.vocab_size < V else None
+    unused = slice(tokenizer.vocab_size, None) if tokenizer.vocab_size < config.vocab_size else None
     with torch.inference_mode():
         logits = model(input_ids.to(device), cache, last_logits_only=True)[:, -1].float()  # (B, V)
         while rows:

@@ -29,7 +29,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import torch
 
 from ..api import LanguageModel
-from ..chat import ChatTemplate, fit_context, resolve_chat_template
+from ..chat import ChatTemplate, find_model_template, fit_context, resolve_chat_template
 from ..errors import EmergenceError
 from ..generate import prepare_prompt
 from .engine import BatchEngine, Request
@@ -438,30 +438,16 @@ def serve_in_thread(app: Server, host: str = "127.0.0.1", port: int = 0) -> tupl
     return server, thread
 
 
-def model_template(path: Path) -> ChatTemplate | None:
-    """A model's own chat template: from its HF folder's files or its GGUF metadata."""
-    from ..gguf.format import read_gguf
-    from ..weights.gguf_model import is_gguf_file
-
-    if path.is_dir():
-        return ChatTemplate.from_folder(path)
-    if is_gguf_file(path):
-        return ChatTemplate.from_gguf_metadata(read_gguf(path).metadata)
-    return None
-
-
 def model_chat_template(path: Path, override: str | None) -> ChatTemplate:
     """The served model's own template, the override when given, or the plain transcript for
     a base model that has none."""
-    return resolve_chat_template(model_template(Path(path)), override=override, missing="plain")
+    return resolve_chat_template(find_model_template(Path(path)), override=override, missing="plain")
 
 
 def run_server(model: str | None, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
                slots: int = 8, max_queue: int = 256, context_policy: str = "drop-oldest",
                chat_template: str | None = None, device: str = "auto", dtype: str | None = None) -> None:
     """`emergence serve`: load the model, serve until Ctrl-C."""
-    from pathlib import Path
-
     from ..api import DEFAULT_MODEL, _locate, load
 
     from ..store import Store

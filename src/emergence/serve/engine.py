@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import InvalidArgument
-from ..generate import Chunk, _check_cache_fits, _emit, _Row
+from ..generate import Chunk, _check_cache_fits, _emit, _Row, end_ids, new_row
 from ..kv_cache import KVCache
 from ..model import Transformer
 from ..sampling import SamplingParams, choose, process_logits
@@ -76,7 +76,7 @@ class BatchEngine:
         config = model.config
         # the per-slot KV buffers, allocated at the first request: refuse now if they cannot fit
         _check_cache_fits(config, slots, config.block_size, self.dtype, self.device)
-        self.eos = set(config.eos_token_ids) | ({tokenizer.eos_id} if tokenizer.eos_id is not None else set())
+        self.eos = end_ids(config, tokenizer)
         # ids past the tokenizer's vocabulary (padded embedding rows) are never sampled
         self.unused = slice(tokenizer.vocab_size, None) if tokenizer.vocab_size < config.vocab_size else None
         self._waiting: deque[Request] = deque()
@@ -148,22 +148,12 @@ class BatchEngine:
         if request.cancelled.is_set():
             request._end()
             return
-        p, config = request.params, self.model.config
-        generator = None
-        if p.seed is not None and not p.greedy:
-            generator = torch.Generator(device=self.device).manual_seed(p.seed)
-        row = _Row(0, p, request.prompt, min(p.max_new_tokens, config.block_size - len(request.prompt)),
-                   self.tokenizer.stream_decoder(), generator,
-                   set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos))
+        config = self.model.config
+        row = new_row(0, request.prompt, request.params, config, self.tokenizer, self.eos, self.device)
         if row.max_new <= 0:
             request._put(Chunk("", [], [], "length"))
             request._end()
             return
-        if p.needs_history:
-            V = config.vocab_size
-            row.seen = torch.zeros(1, V, dtype=torch.bool, device=self.device)
-            row.seen[0, torch.tensor(request.prompt, device=self.device)] = True
-            row.counts = torch.zeros(1, V, dtype=torch.float32, device=self.device)
         P = len(request.prompt)
         alone = KVCache(config, 1, P, dtype=self.dtype, device=self.device)
         ids = torch.tensor([request.prompt], device=self.device)

@@ -152,9 +152,11 @@ class Batches:
     def train_batch(self, first: int) -> objectives.Batch:
         """Samples first .. first + batch_size - 1."""
         count = self.tc.batch_size
+        windows = self.train.batch(first, count)
+        if self.tc.objective == "next-token":
+            return objectives.next_token_batch(windows)
         # span corruption: each row's spans are seeded by its sample number
-        seeds = [self.tc.seed * 1_000_003 + first + i for i in range(count)]
-        return self._objective(self.train.batch(first, count), seeds)
+        return self._objective(windows, [self.tc.seed * 1_000_003 + first + i for i in range(count)])
 
     def eval_batch(self, window_ids: Sequence[int]) -> objectives.Batch:
         rows = np.stack([self.val.window(int(k)).astype(np.int64) for k in window_ids])
