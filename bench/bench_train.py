@@ -17,8 +17,8 @@ clipping at 1.0 and bf16 autocast (or fp32), in this process, round after round:
   after its timing). So it includes everything the loop does per step: the schedule, the
   batch assembly and host-to-device copy, the losses and grad norms kept on the device and
   read back once per log point, the metrics.jsonl/csv writes.
-- emergence + compile: the same with TrainConfig(compile=True) (the trainer compiles the
-  model's forward; the loss stays eager). Dynamo reuses its graph for each round's fresh model.
+- emergence + compile: the same with TrainConfig(compile=True) (the trainer compiles model and
+  loss together). Dynamo reuses its graph for each round's fresh model.
 - nanoGPT: a self-contained copy of nanoGPT's model (below: c_attn/c_proj attention through
   F.scaled_dot_product_attention(is_causal=True), GELU(tanh) MLP, LayerNorm with bias, learned
   positions, tied head, std-0.02 init with 0.02/sqrt(2L) on the residual projections, no
@@ -29,9 +29,9 @@ clipping at 1.0 and bf16 autocast (or fp32), in this process, round after round:
   then `steps` steps between two device synchronisations.
 - nanoGPT + compile: the same model under torch.compile (which, as in nanoGPT, covers the loss).
 
-Under bf16 autocast nanoGPT's F.cross_entropy reads the bf16 logits directly (its softmax
-kernels accumulate in fp32), while emergence's next_token_loss casts the (B, T, V) logits to
-fp32 first; with a 50k vocabulary that is a large share of a step, and part of what is measured.
+Under bf16 autocast both losses are F.cross_entropy on the bf16 logits, which autocast runs
+in fp32; emergence's next_token_loss adds no copy of its own (a (B, T, V) fp32 copy with a 50k
+vocabulary would be a large share of a step).
 
 The data is --data random (ids from a seeded generator) or shakespeare (the bytes of
 tinyshakespeare's input.txt mod V). The trainer rounds the vocabulary up to a multiple of 64

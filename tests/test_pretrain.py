@@ -456,3 +456,19 @@ def test_span_corruption_trains_and_scores_only_the_targets(shards, tmp_path, mo
         for r in range(len(windows)):
             check_span_row(windows[r].tolist(), batch.inputs[r].tolist(), batch.targets[r].tolist(),
                            sentinels, eos, density)
+
+
+def test_a_context_shorter_than_the_sample_prompt_still_samples(shards, tmp_path, one_thread):
+    # The end-of-run sample takes 8 prompt tokens: with a context of 6 and 4 sample tokens the
+    # prompt shrinks to 2 tokens, so prompt + continuation fit (the run used to fail at the end).
+    from emergence.data.shards import TokenShards
+
+    out = tmp_path / "run"
+    tc = TrainConfig(data=str(shards), out=str(out), context=6, batch_size=2, max_steps=2, eval_every=0,
+                     sample_tokens=4, checkpoint_every=0, warmup_steps=0, progress=False)
+    result = train("tiny-llama", tc)
+    assert result.step == 2
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    data = TokenShards(shards)
+    prompt = data.tokenizer().decode([int(t) for t in data.split("val")[0][:2]])
+    assert samples[-1]["text"].startswith(prompt) and len(samples[-1]["text"]) > len(prompt)

@@ -93,11 +93,17 @@ class Attention(nn.Module):
                 mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
         B, T, _ = x.shape
         H, K = self.n_head, self.n_kv_head
-        qkv = self.qkv_proj(x).view(B, T, H + 2 * K, self.head_dim).transpose(1, 2)  # (B, H+2K, T, hd)
-        qk, v = qkv[:, :H + K], qkv[:, H + K:]
-        if rope is not None:
-            qk = apply_rope(qk, *rope)  # queries and keys rotated together
-        q, k = qk.split([H, K], dim=1)  # (B, H, T, hd), (B, K, T, hd)
+        hd = self.head_dim
+        qkv = self.qkv_proj(x)  # (B, T, (H+2K) hd)
+        # Split the last dimension before the head transpose, and split rather than slice: in
+        # training the backward is then one contiguous cat straight into qkv's gradient, where
+        # slices would each build a zero-filled full-size buffer and heads a strided copy.
+        if rope is None:
+            q, k, v = (t.view(B, T, -1, hd).transpose(1, 2) for t in qkv.split([H * hd, K * hd, K * hd], dim=-1))
+        else:
+            qk, v = (t.view(B, T, -1, hd).transpose(1, 2) for t in qkv.split([(H + K) * hd, K * hd], dim=-1))
+            q, k = apply_rope(qk, *rope).split([H, K], dim=1)  # queries and keys rotated together
+        # q (B, H, T, hd), k and v (B, K, T, hd)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, K, S, hd)
         # mask None means "every key is visible": a causal mask is only needed when T > 1.
@@ -154,7 +160,8 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.tok_embeddings.weight
         if config.position == "rope":
             self.register_buffer("rope_inv_freq", rope_inv_freq(config), persistent=False)
-        # Set by emergence.kernels.use_decode_kernels: runs a batch-1 decoding step in one native call.
+        # Set by emergence.kernels.use_decode_kernels: runs a one-token decoding step (one row or
+        # several left-padded rows) in one native call.
         self.fused_decoder = None
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, *,
@@ -164,8 +171,8 @@ class Transformer(nn.Module):
         Without a cache, attention_mask (B, T) marks left padding (1 = token, 0 = pad).
         With a cache, record padding once with `cache.set_padding(mask)` before the prefill.
         """
-        if (self.fused_decoder is not None and cache is not None and input_ids.shape == (1, 1)
-                and not cache.has_padding and not torch.is_grad_enabled()):
+        if (self.fused_decoder is not None and cache is not None and input_ids.shape[1] == 1
+                and not torch.is_grad_enabled()):
             logits = self.fused_decoder(self, input_ids, cache)
             if logits is not None:
                 return logits

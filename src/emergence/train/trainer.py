@@ -371,16 +371,18 @@ def train(model_spec: str | Config, tc: TrainConfig, *, resume: bool = False) ->
                            max_steps=tc.max_steps, decay_fraction=tc.decay_fraction)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        step_loss = torch.zeros((), device=device)
+        step_loss = None  # the mean of the micro-batches' losses, kept on the device
         for micro in range(tc.grad_accum):
             batch = batches.train_batch(cursor + env.rank * tc.batch_size)
             cursor += tc.batch_size * env.world
             inputs, targets = _to_device(batch.inputs, device), _to_device(batch.targets, device)
             sync = micro == tc.grad_accum - 1 or env.world == 1 or tc.fsdp
             with (nullcontext() if sync else train_model.no_sync()), autocast:
-                loss = compute_loss(inputs, targets) / tc.grad_accum
+                loss = compute_loss(inputs, targets)
+                if tc.grad_accum > 1:  # (one kernel launch less per step without accumulation)
+                    loss = loss / tc.grad_accum
             loss.backward()
-            step_loss += loss.detach()
+            step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
         grad_norm = (torch.nn.utils.clip_grad_norm_(train_model.parameters(), tc.grad_clip) if tc.grad_clip
                      else _grad_norm(train_model))
         if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
@@ -588,14 +590,17 @@ def evaluate(model: torch.nn.Module, compute_loss, batches: Batches, env: _Dist,
 
 
 def sample_text(model: Transformer, tokenizer, arrays: list[np.ndarray], tc: TrainConfig) -> str:
-    """A continuation of the first 8 validation tokens (fixed seed: comparable across steps)."""
+    """A continuation of the first 8 validation tokens (fixed seed: comparable across steps);
+    prompt and continuation are shortened to fit a small context."""
     from ..generate import generate
 
-    prompt = [int(t) for t in arrays[0][:8]]
+    context = model.config.block_size
+    new_tokens = max(1, min(tc.sample_tokens, context - 1))
+    prompt = [int(t) for t in arrays[0][:max(1, min(8, context - new_tokens))]]
     was_training = model.training
     model.eval()
     completion = generate(model, tokenizer, [prompt], SamplingParams(
-        temperature=0.8, top_k=40, max_new_tokens=tc.sample_tokens, seed=tc.seed))[0]
+        temperature=0.8, top_k=40, max_new_tokens=new_tokens, seed=tc.seed))[0]
     model.train(was_training)
     return tokenizer.decode(prompt) + completion.text
 
