@@ -130,6 +130,58 @@ def test_fused_step_equals_the_eager_forward(hf_model, dtype):
     assert fused_cache.length == eager_cache.length == 40
 
 
+def _batched_decode_logits(model, prompts: list[torch.Tensor], steps: torch.Tensor, fused: bool):
+    """Left-pad `prompts` (1-D id tensors of different lengths) into one batch, prefill it, then
+    feed steps[:, t] to every row at once; returns the per-step logits (B, steps, V) in
+    float32 and the KV cache."""
+    from emergence.kv_cache import KVCache
+
+    B, longest = len(prompts), max(len(p) for p in prompts)
+    ids = torch.zeros(B, longest, dtype=torch.long)
+    mask = torch.zeros(B, longest, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, longest - len(p):], mask[b, longest - len(p):] = p, 1
+    saved = model.fused_decoder
+    if not fused:
+        model.fused_decoder = None
+    try:
+        cache = KVCache(model.config, B, longest + steps.shape[1], dtype=model.tok_embeddings.weight.dtype)
+        cache.set_padding(mask)
+        with torch.inference_mode():
+            model(ids, cache)
+            out = [model(steps[:, t:t + 1], cache)[:, -1].float() for t in range(steps.shape[1])]
+    finally:
+        model.fused_decoder = saved
+    return torch.stack(out, dim=1), cache
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_batched_step_equals_the_eager_forward(hf_model, dtype):
+    # Five left-padded rows (pads 0..29) decoded together, every family: positions, masks and
+    # the sliding window (Mistral's 8) come from each row's padding, as in the eager forward.
+    family, _, folder = hf_model
+    lm = emergence.load(folder, device="cpu", dtype=dtype)
+    torch.manual_seed(6)
+    prompts = [torch.randint(3, 96, (n,)) for n in (30, 1, 17, 4, 30)]
+    steps = torch.randint(3, 96, (5, 24))
+    fused, fused_cache = _batched_decode_logits(lm.model, prompts, steps, fused=True)
+    eager, eager_cache = _batched_decode_logits(lm.model, prompts, steps, fused=False)
+    assert fused_cache.length == eager_cache.length == 54
+    scale = eager.abs().max().item()
+    real = [(b, slice(int(eager_cache.pad[b]), 54)) for b in range(5)]  # padding slots are never read
+    if dtype == torch.float32:  # fp32 rounding, summed in another order over 24 steps
+        assert (fused - eager).abs().max().item() <= 1e-5 * max(scale, 1)
+        assert max((a[b, :, s] - e[b, :, s]).abs().max().item()
+                   for a, e in zip(fused_cache.k + fused_cache.v, eager_cache.k + eager_cache.v) for b, s in real) <= 2e-5
+    else:  # the same GEMM calls, the same bf16 rounding points; attention sums in another order
+        assert (fused - eager).abs().max().item() <= 2 ** -5 * scale
+        assert (fused.argmax(-1) == eager.argmax(-1)).float().mean().item() >= 0.9
+    # and each row equals that row decoded alone (the one-row kernel, no padding)
+    for b, prompt in enumerate(prompts):
+        alone, _ = _decode_logits(lm.model, torch.cat([prompt, steps[b]])[None], len(prompt), fused=True)
+        assert (alone - fused[b]).abs().max().item() <= (1e-4 if dtype == torch.float32 else 2 ** -5 * scale)
+
+
 def test_fused_plan_follows_replaced_weights(hf_model):
     family, _, folder = hf_model
     lm = emergence.load(folder, device="cpu")
@@ -223,6 +275,23 @@ def test_fused_step_with_quantized_weights_equals_the_eager_forward(fmt, options
     # registers: the same products, summed in another order.
     bound = 1e-5 * max(scale, 1) if dtype == torch.float32 else 2 ** -5 * scale
     assert (fused - eager).abs().max().item() <= bound
+
+
+@pytest.mark.parametrize("fmt, options", QUANTIZED)
+def test_fused_batched_step_with_quantized_weights_equals_the_eager_forward(fmt, options):
+    from emergence.kernels import use_decode_kernels
+
+    model = _quantized_model(fmt, options, torch.float32)
+    assert use_decode_kernels(model)
+    torch.manual_seed(4)
+    prompts = [torch.randint(3, 512, (n,)) for n in (9, 2, 6)]
+    steps = torch.randint(3, 512, (3, 12))
+    fused, _ = _batched_decode_logits(model, prompts, steps, fused=True)
+    eager, _ = _batched_decode_logits(model, prompts, steps, fused=False)
+    scale = eager.abs().max().item()
+    bound = 2e-2 * scale if fmt in ("q8_0", "q4_0") else 1e-5 * max(scale, 1)  # as for one row, above
+    assert (fused - eager).abs().max().item() <= bound
+    assert (fused.argmax(-1) == eager.argmax(-1)).float().mean().item() >= 0.9
 
 
 def test_formats_without_a_kernel_decode_eagerly():

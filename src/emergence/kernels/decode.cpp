@@ -1,17 +1,24 @@
-// One whole decoding step of a batch-1 sequence, from a token id to the next-token logits.
+// Whole decoding steps, from the new token ids to the next-token logits, in one native call.
 //
 // In eager PyTorch a 30-layer model issues ~450 small operators per token, each paying
 // dispatch and thread start-up: on a 2-core CPU that costs as much time as streaming the
-// weights. A DecodePlan holds the model's weights once and runs every layer here, the
-// matrix-vector products split across threads by rows, everything else (norms, RoPE,
-// attention over the KV cache, activations, residuals) in plain loops.
+// weights. A DecodePlan holds the model's weights once and runs every layer here.
+//
+// - One row (batch-1 decoding): the matrix-vector products are split across threads by rows
+//   (gemv_rows.h, quant_rows.h).
+// - B rows (batched decoding, the serving engine's shared batch): each linear layer is one
+//   matrix product over the B rows (ATen's GEMM, as the eager forward), so the weights are
+//   read once per step instead of once per row. Rows are left-padded as in KVCache: every row
+//   writes its new key and value at the same slot; row b's position is slot - pad[b] and it
+//   attends to slots [pad[b], slot].
+// Norms, RoPE, attention over the KV cache, activations and residuals run in plain loops.
 //
 // Numerics follow the model's eager forward pass (model.py): an fp32 model computes in fp32;
 // a bf16 model keeps its activations in bf16, rounding after the same operations eager bf16
 // does (each linear, norm, rotation, activation and residual add), with fp32 accumulation.
 //
-// Shapes: D n_embd, H query heads, KV key/value heads, hd head_dim, F intermediate size,
-// V vocabulary, S cached positions. KV cache per layer: (1, KV, max_len, hd), contiguous.
+// Shapes: B rows, D n_embd, H query heads, KV key/value heads, hd head_dim, F intermediate
+// size, V vocabulary. KV cache per layer: (B, KV, max_len, hd), contiguous.
 #include "gemv_rows.h"
 #include "quant_rows.h"
 
@@ -43,6 +50,20 @@ struct Layer {
 };
 
 inline bool present(const at::Tensor& t) { return t.defined() && t.numel() > 0; }
+
+// Read access to an fp32 or bf16 tensor's elements without data_ptr's checks on every read;
+// false when the tensor is absent (an empty bias).
+struct Vec {
+  const float* f = nullptr;
+  const at::BFloat16* h = nullptr;
+  explicit Vec(const at::Tensor& t) {
+    if (!present(t)) return;
+    if (t.scalar_type() == at::kFloat) f = t.data_ptr<float>();
+    else h = t.data_ptr<at::BFloat16>();
+  }
+  float operator[](int64_t i) const { return f ? f[i] : static_cast<float>(h[i]); }
+  explicit operator bool() const { return f || h; }
+};
 
 inline float to_float(float v) { return v; }
 inline float to_float(at::BFloat16 v) { return static_cast<float>(v); }
@@ -88,11 +109,6 @@ class DecodePlan {
       l.down = make_linear(w[10], w[11], D_, F_);
       layers_.push_back(std::move(l));
     }
-    x_.resize(D_), xn_.resize(D_), tmp_.resize(D_);
-    qkv_.resize(qkv_rows), attn_.resize(H_ * hd_);
-    hidden_.resize(swiglu_ ? 2 * F_ : F_), act_.resize(F_);
-    xb_.resize(std::max({D_, H_ * hd_, F_}));
-    logits_.resize(V_);
   }
 
   // Replace linear `slot` (0 qkv, 1 o, 2 up/gate_up, 3 down) of `layer` (-1: the output head)
@@ -109,57 +125,91 @@ class DecodePlan {
     TORCH_CHECK(act_bits == 0 || act_bits == 8, "act_bits must be 0 or 8");
   }
 
-  // Run token `token` at position `pos` (also its cache slot); write its keys and values into
-  // the caches; return the logits (1, 1, V) in the model's dtype.
+  // Run token `token` at position `pos` (also its cache slot) of a one-row cache; write its
+  // keys and values into the caches; return the logits (1, 1, V) in the model's dtype.
   at::Tensor step(int64_t token, int64_t pos, const std::vector<at::Tensor>& k_cache,
                   const std::vector<at::Tensor>& v_cache) {
-    TORCH_CHECK(token >= 0 && token < tok_.size(0), "token id out of range");
+    const int64_t pad = 0;
+    return run(1, &token, &pad, pos, k_cache, v_cache);
+  }
+
+  // One step of B left-padded rows: tokens (B,) and pads (B,) int64, every row writing at cache
+  // slot `slot`; returns the logits (B, 1, V) in the model's dtype.
+  at::Tensor step_batch(const at::Tensor& tokens, const at::Tensor& pads, int64_t slot,
+                        const std::vector<at::Tensor>& k_cache, const std::vector<at::Tensor>& v_cache) {
+    TORCH_CHECK(tokens.dim() == 1 && pads.dim() == 1 && tokens.size(0) == pads.size(0) && tokens.size(0) > 0,
+                "tokens and pads must be (B,) with B >= 1");
+    TORCH_CHECK(tokens.scalar_type() == at::kLong && pads.scalar_type() == at::kLong && tokens.is_contiguous() &&
+                    pads.is_contiguous() && tokens.device().is_cpu() && pads.device().is_cpu(),
+                "tokens and pads must be contiguous int64 CPU tensors");
+    return run(tokens.size(0), tokens.data_ptr<int64_t>(), pads.data_ptr<int64_t>(), slot, k_cache, v_cache);
+  }
+
+ private:
+  // The step of B rows behind step() and step_batch(); pads == 0 and B == 1 for step().
+  at::Tensor run(int64_t B, const int64_t* tokens, const int64_t* pads, int64_t slot,
+                 const std::vector<at::Tensor>& k_cache, const std::vector<at::Tensor>& v_cache) {
     TORCH_CHECK(static_cast<int64_t>(k_cache.size()) == n_layer_ && static_cast<int64_t>(v_cache.size()) == n_layer_,
                 "one key and one value cache per layer");
-    for (int64_t i = 0; i < D_; ++i) x_[i] = element(tok_, token * D_ + i);
-    if (present(pos_)) {
-      TORCH_CHECK(pos < pos_.size(0), "position past the learned position table");
-      for (int64_t i = 0; i < D_; ++i) x_[i] = r(x_[i] + element(pos_, pos * D_ + i));
+    TORCH_CHECK(slot >= 0, "negative cache slot");
+    const int64_t qkv_rows = (H_ + 2 * KV_) * hd_, half = hd_ / 2, hidden = swiglu_ ? 2 * F_ : F_;
+    x_.resize(B * D_), xn_.resize(B * D_), tmp_.resize(B * D_), qkv_.resize(B * qkv_rows);
+    attn_.resize(B * H_ * hd_), hidden_.resize(B * hidden), act_.resize(B * F_), logits_.resize(B * V_);
+    cos_.resize(B * half), sin_.resize(B * half);
+    for (int64_t b = 0; b < B; ++b) {
+      TORCH_CHECK(tokens[b] >= 0 && tokens[b] < tok_.size(0), "token id out of range");
+      TORCH_CHECK(pads[b] >= 0 && pads[b] <= slot, "a row's padding must not reach its new token's slot");
+      const int64_t pos = slot - pads[b];
+      float* x = x_.data() + b * D_;
+      const Vec tok(tok_), learned(pos_);
+      for (int64_t i = 0; i < D_; ++i) x[i] = tok[tokens[b] * D_ + i];
+      if (learned) {
+        TORCH_CHECK(pos < pos_.size(0), "position past the learned position table");
+        for (int64_t i = 0; i < D_; ++i) x[i] = r(x[i] + learned[pos * D_ + i]);
+      }
+      if (present(inv_freq_)) rope_angles(pos, cos_.data() + b * half, sin_.data() + b * half);  // every layer's
     }
-    if (present(inv_freq_)) rope_angles(pos);  // the same rotation for every layer
     for (int64_t l = 0; l < n_layer_; ++l) {
       const Layer& L = layers_[l];
       const at::Tensor& kc = k_cache[l];
       const at::Tensor& vc = v_cache[l];
-      TORCH_CHECK(kc.is_contiguous() && vc.is_contiguous() && kc.dim() == 4 && kc.size(0) == 1 &&
+      TORCH_CHECK(kc.is_contiguous() && vc.is_contiguous() && kc.dim() == 4 && kc.size(0) == B &&
                       kc.size(1) == KV_ && kc.size(3) == hd_ && kc.sizes() == vc.sizes() && kc.scalar_type() == dtype_ &&
                       vc.scalar_type() == dtype_,
-                  "KV cache must be (1, n_kv_head, max_len, head_dim) in the model's dtype");
-      TORCH_CHECK(pos < kc.size(2), "KV cache is full");
+                  "KV cache must be (B, n_kv_head, max_len, head_dim), contiguous, in the model's dtype");
+      TORCH_CHECK(slot < kc.size(2), "KV cache is full");
 
-      norm(x_.data(), L.attn_norm_w, L.attn_norm_b, xn_.data());
-      linear(L.qkv, xn_.data(), qkv_.data());
-      if (present(inv_freq_)) rotate(qkv_.data(), H_ + KV_);  // queries and keys
-      store_kv(kc, vc, pos);
-      attention(kc, vc, pos);
-      linear(L.o, attn_.data(), tmp_.data());
-      for (int64_t i = 0; i < D_; ++i) x_[i] = r(x_[i] + tmp_[i]);
-
-      norm(x_.data(), L.mlp_norm_w, L.mlp_norm_b, xn_.data());
-      linear(L.up, xn_.data(), hidden_.data());
-      if (swiglu_) {
-        for (int64_t i = 0; i < F_; ++i) {
-          const float g = hidden_[i];
-          act_[i] = r(r(g / (1.0f + std::exp(-g))) * hidden_[F_ + i]);
-        }
-      } else {
-        for (int64_t i = 0; i < F_; ++i) act_[i] = r(gelu_tanh(hidden_[i]));
+      for (int64_t b = 0; b < B; ++b) norm(x_.data() + b * D_, L.attn_norm_w, L.attn_norm_b, xn_.data() + b * D_);
+      linear(L.qkv, xn_.data(), B, qkv_.data());
+      for (int64_t b = 0; b < B; ++b) {
+        float* q = qkv_.data() + b * qkv_rows;
+        if (present(inv_freq_)) rotate(q, H_ + KV_, cos_.data() + b * half, sin_.data() + b * half);  // q and k
+        store_kv(kc, vc, b, slot, q + H_ * hd_);
       }
-      linear(L.down, act_.data(), tmp_.data());
-      for (int64_t i = 0; i < D_; ++i) x_[i] = r(x_[i] + tmp_[i]);
+      attention(kc, vc, B, slot, pads);
+      linear(L.o, attn_.data(), B, tmp_.data());
+      for (int64_t i = 0; i < B * D_; ++i) x_[i] = r(x_[i] + tmp_[i]);
+
+      for (int64_t b = 0; b < B; ++b) norm(x_.data() + b * D_, L.mlp_norm_w, L.mlp_norm_b, xn_.data() + b * D_);
+      linear(L.up, xn_.data(), B, hidden_.data());
+      for (int64_t b = 0; b < B; ++b) {
+        const float* h = hidden_.data() + b * hidden;
+        float* a = act_.data() + b * F_;
+        if (swiglu_) {
+          for (int64_t i = 0; i < F_; ++i) a[i] = r(r(h[i] / (1.0f + std::exp(-h[i]))) * h[F_ + i]);
+        } else {
+          for (int64_t i = 0; i < F_; ++i) a[i] = r(gelu_tanh(h[i]));
+        }
+      }
+      linear(L.down, act_.data(), B, tmp_.data());
+      for (int64_t i = 0; i < B * D_; ++i) x_[i] = r(x_[i] + tmp_[i]);
     }
-    norm(x_.data(), norm_w_, norm_b_, xn_.data());
-    linear(lm_head_, xn_.data(), logits_.data());
-    auto out = torch::from_blob(logits_.data(), {1, 1, V_}, at::kFloat);
+    for (int64_t b = 0; b < B; ++b) norm(x_.data() + b * D_, norm_w_, norm_b_, xn_.data() + b * D_);
+    linear(lm_head_, xn_.data(), B, logits_.data());
+    auto out = torch::from_blob(logits_.data(), {B, 1, V_}, at::kFloat);
     return out.to(dtype_, /*non_blocking=*/false, /*copy=*/true);
   }
 
- private:
   Linear make_linear(const at::Tensor& w, const at::Tensor& b, int64_t N, int64_t K) {
     TORCH_CHECK(!present(b) || (b.numel() == N && b.scalar_type() == dtype_), "bias of unexpected shape or dtype");
     if (!present(w)) return Linear{w, b, N, K};  // a packed weight follows through set_quantized
@@ -171,22 +221,19 @@ class DecodePlan {
   // A bf16 model rounds each intermediate result to bf16, as its eager forward pass does.
   inline float r(float v) const { return bf16_ ? static_cast<float>(c10::BFloat16(v)) : v; }
 
-  static float element(const at::Tensor& t, int64_t i) {
-    return t.scalar_type() == at::kFloat ? t.data_ptr<float>()[i] : static_cast<float>(t.data_ptr<at::BFloat16>()[i]);
-  }
-
   static float gelu_tanh(float v) {
     const float k = 0.7978845608028654f;  // sqrt(2 / pi)
     return 0.5f * v * (1.0f + std::tanh(k * (v + 0.044715f * v * v * v)));
   }
 
   // RMSNorm (LLaMA) or LayerNorm (GPT-2) of x (D,) into out (D,), statistics in fp32.
-  void norm(const float* x, const at::Tensor& w, const at::Tensor& b, float* out) const {
+  void norm(const float* x, const at::Tensor& weight, const at::Tensor& bias, float* out) const {
+    const Vec w(weight), b(bias);
     if (rms_norm_) {
       double ss = 0;
       for (int64_t i = 0; i < D_; ++i) ss += static_cast<double>(x[i]) * x[i];
       const float inv = 1.0f / std::sqrt(static_cast<float>(ss / D_) + eps_);
-      for (int64_t i = 0; i < D_; ++i) out[i] = r(element(w, i) * r(x[i] * inv));
+      for (int64_t i = 0; i < D_; ++i) out[i] = r(w[i] * r(x[i] * inv));
       return;
     }
     double sum = 0;
@@ -196,16 +243,41 @@ class DecodePlan {
     for (int64_t i = 0; i < D_; ++i) var += static_cast<double>(x[i] - mean) * (x[i] - mean);
     const float inv = 1.0f / std::sqrt(static_cast<float>(var / D_) + eps_);
     for (int64_t i = 0; i < D_; ++i) {
-      const float y = (x[i] - mean) * inv * element(w, i);
-      out[i] = r(present(b) ? y + element(b, i) : y);
+      const float y = (x[i] - mean) * inv * w[i];
+      out[i] = r(b ? y + b[i] : y);
     }
   }
 
-  // y (N,) = W x (+ b); x (K,) holds values already representable in the model's dtype.
-  void linear(const Linear& L, const float* x, float* y) {
+  // y (B, N) = x (B, K) W^T (+ b); x holds values already representable in the model's dtype.
+  // One row: a GEMV (the weights stream once, split across threads by output rows). Several
+  // rows: gemm_rows reads each weight row once for all of them. Packed quantized weights run
+  // their GEMV row by row.
+  void linear(const Linear& L, const float* x, int64_t B, float* y) {
+    TORCH_CHECK(L.packed || present(L.weight), "a linear layer has no weight");
+    if (B == 1 || L.packed) {
+      for (int64_t b = 0; b < B; ++b) linear_row(L, x + b * L.K, y + b * L.N);
+      return;
+    }
     const int64_t N = L.N, K = L.K;
     const int64_t grain = gemv_grain(N);
-    TORCH_CHECK(L.packed || present(L.weight), "a linear layer has no weight");
+    if (bf16_) {
+      const at::BFloat16* w = L.weight.data_ptr<at::BFloat16>();
+      at::parallel_for(0, N, grain, [&](int64_t r0, int64_t r1) { emergence::gemm_rows(w, x, B, y, N, r0, r1, K); });
+    } else {
+      const float* w = L.weight.data_ptr<float>();
+      at::parallel_for(0, N, grain, [&](int64_t r0, int64_t r1) { emergence::gemm_rows(w, x, B, y, N, r0, r1, K); });
+    }
+    const Vec bias(L.bias);
+    for (int64_t b = 0; b < B; ++b) {
+      float* yb = y + b * N;
+      for (int64_t i = 0; i < N; ++i) yb[i] = r(bias ? yb[i] + bias[i] : yb[i]);
+    }
+  }
+
+  // y (N,) = W x (+ b) for one row.
+  void linear_row(const Linear& L, const float* x, float* y) {
+    const int64_t N = L.N, K = L.K;
+    const int64_t grain = gemv_grain(N);
     if (L.packed) {
       if (L.act_bits == 8) {  // per-token absmax to int8 and back: x_q = RoundClip(x * 127 / max|x|, -128, 127)
         float top = 0;
@@ -219,6 +291,7 @@ class DecodePlan {
     } else if (bf16_) {
       const at::BFloat16* w = L.weight.data_ptr<at::BFloat16>();
       if (kHasAvx512Bf16) {
+        xb_.resize(K);
         for (int64_t i = 0; i < K; ++i) xb_[i] = c10::BFloat16(x[i]);  // exact: x is already bf16-valued
         const at::BFloat16* xb = xb_.data();
         at::parallel_for(0, N, grain, [&](int64_t r0, int64_t r1) { gemv_rows_dpbf16(w, xb, y, r0, r1, K); });
@@ -229,73 +302,73 @@ class DecodePlan {
       const float* w = L.weight.data_ptr<float>();
       at::parallel_for(0, N, grain, [&](int64_t r0, int64_t r1) { gemv_rows(w, x, y, r0, r1, K); });
     }
-    for (int64_t i = 0; i < N; ++i) y[i] = r(present(L.bias) ? y[i] + element(L.bias, i) : y[i]);
+    const Vec bias(L.bias);
+    for (int64_t i = 0; i < N; ++i) y[i] = r(bias ? y[i] + bias[i] : y[i]);
   }
 
-  // cos and sin of position `pos` for each frequency, rounded like the eager bf16 path.
-  void rope_angles(int64_t pos) {
-    const int64_t half = hd_ / 2;
+  // cos and sin (hd/2,) of position `pos` for each frequency, rounded like the eager bf16 path.
+  void rope_angles(int64_t pos, float* cos_out, float* sin_out) const {
     const float* inv_freq = inv_freq_.data_ptr<float>();
-    cos_.resize(half), sin_.resize(half);
-    for (int64_t i = 0; i < half; ++i) {
+    for (int64_t i = 0; i < hd_ / 2; ++i) {
       const float angle = static_cast<float>(pos) * inv_freq[i];  // fp32, as rope_cos_sin computes it
-      cos_[i] = r(std::cos(angle)), sin_[i] = r(std::sin(angle));
+      cos_out[i] = r(std::cos(angle)), sin_out[i] = r(std::sin(angle));
     }
   }
 
   // RoPE, "rotate half" layout: pairs (i, i + hd/2) of each of the first `heads` heads of v.
-  void rotate(float* v, int64_t heads) const {
+  void rotate(float* v, int64_t heads, const float* cos, const float* sin) const {
     const int64_t half = hd_ / 2;
     for (int64_t h = 0; h < heads; ++h) {
       float* x = v + h * hd_;
       for (int64_t i = 0; i < half; ++i) {
         const float x1 = x[i], x2 = x[i + half];
-        x[i] = r(r(x1 * cos_[i]) + r(-x2 * sin_[i]));
-        x[i + half] = r(r(x2 * cos_[i]) + r(x1 * sin_[i]));
+        x[i] = r(r(x1 * cos[i]) + r(-x2 * sin[i]));
+        x[i + half] = r(r(x2 * cos[i]) + r(x1 * sin[i]));
       }
     }
   }
 
-  void store_kv(const at::Tensor& kc, const at::Tensor& vc, int64_t pos) {
+  // Row b's new keys k (KV * hd) and values (the next KV * hd) into cache slot `slot`.
+  void store_kv(const at::Tensor& kc, const at::Tensor& vc, int64_t b, int64_t slot, const float* k) const {
     const int64_t max_len = kc.size(2);
-    const float* k = qkv_.data() + H_ * hd_;
     const float* v = k + KV_ * hd_;
     for (int64_t g = 0; g < KV_; ++g) {
-      const int64_t base = (g * max_len + pos) * hd_;
-      for (int64_t d = 0; d < hd_; ++d) {
-        if (bf16_) {
-          kc.data_ptr<at::BFloat16>()[base + d] = c10::BFloat16(k[g * hd_ + d]);
-          vc.data_ptr<at::BFloat16>()[base + d] = c10::BFloat16(v[g * hd_ + d]);
-        } else {
-          kc.data_ptr<float>()[base + d] = k[g * hd_ + d];
-          vc.data_ptr<float>()[base + d] = v[g * hd_ + d];
-        }
+      const int64_t base = ((b * KV_ + g) * max_len + slot) * hd_;
+      if (bf16_) {
+        at::BFloat16* kd = kc.data_ptr<at::BFloat16>() + base;
+        at::BFloat16* vd = vc.data_ptr<at::BFloat16>() + base;
+        for (int64_t d = 0; d < hd_; ++d) kd[d] = c10::BFloat16(k[g * hd_ + d]), vd[d] = c10::BFloat16(v[g * hd_ + d]);
+      } else {
+        std::copy_n(k + g * hd_, hd_, kc.data_ptr<float>() + base);
+        std::copy_n(v + g * hd_, hd_, vc.data_ptr<float>() + base);
       }
     }
   }
 
-  void attention(const at::Tensor& kc, const at::Tensor& vc, int64_t pos) {
+  void attention(const at::Tensor& kc, const at::Tensor& vc, int64_t B, int64_t slot, const int64_t* pads) {
     if (bf16_) {
-      attention_typed(kc.data_ptr<at::BFloat16>(), vc.data_ptr<at::BFloat16>(), kc.size(2), pos);
+      attention_typed(kc.data_ptr<at::BFloat16>(), vc.data_ptr<at::BFloat16>(), B, kc.size(2), slot, pads);
     } else {
-      attention_typed(kc.data_ptr<float>(), vc.data_ptr<float>(), kc.size(2), pos);
+      attention_typed(kc.data_ptr<float>(), vc.data_ptr<float>(), B, kc.size(2), slot, pads);
     }
   }
 
-  // Each query head attends over its key/value head's slots [first, pos] (a sliding window
-  // drops the oldest); softmax in fp32. Heads are split across threads.
+  // Each row's query heads attend over their key/value head's slots [pad, slot] (a sliding
+  // window drops the oldest); softmax in fp32. (row, head) pairs are split across threads.
   template <typename T>
-  void attention_typed(const T* kc, const T* vc, int64_t max_len, int64_t pos) {
-    const int64_t first = window_ > 0 ? std::max<int64_t>(0, pos - window_ + 1) : 0;
-    const int64_t S = pos + 1 - first;
+  void attention_typed(const T* kc, const T* vc, int64_t B, int64_t max_len, int64_t slot, const int64_t* pads) {
     const float scale = 1.0f / std::sqrt(static_cast<float>(hd_));
-    const int64_t group = H_ / KV_;
-    at::parallel_for(0, H_, 1, [&](int64_t h0, int64_t h1) {
-      std::vector<float> p(S), acc(hd_);
-      for (int64_t h = h0; h < h1; ++h) {
-        const float* q = qkv_.data() + h * hd_;
-        const T* keys = kc + ((h / group) * max_len + first) * hd_;
-        const T* values = vc + ((h / group) * max_len + first) * hd_;
+    const int64_t group = H_ / KV_, qkv_rows = (H_ + 2 * KV_) * hd_;
+    at::parallel_for(0, B * H_, 1, [&](int64_t i0, int64_t i1) {
+      std::vector<float> p(slot + 1), acc(hd_);
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t b = i / H_, h = i % H_;
+        const int64_t first = window_ > 0 ? std::max<int64_t>(pads[b], slot - window_ + 1) : pads[b];
+        const int64_t S = slot + 1 - first;
+        const float* q = qkv_.data() + b * qkv_rows + h * hd_;
+        const int64_t head = (b * KV_ + h / group) * max_len + first;
+        const T* keys = kc + head * hd_;
+        const T* values = vc + head * hd_;
         float top = -INFINITY;
         for (int64_t j = 0; j < S; ++j) top = std::max(top, p[j] = dot(q, keys + j * hd_, hd_) * scale);
         float total = 0;
@@ -306,7 +379,8 @@ class DecodePlan {
           const float pj = p[j] / total;
           for (int64_t d = 0; d < hd_; ++d) acc[d] += pj * to_float(vj[d]);
         }
-        for (int64_t d = 0; d < hd_; ++d) attn_[h * hd_ + d] = r(acc[d]);
+        float* out = attn_.data() + (b * H_ + h) * hd_;
+        for (int64_t d = 0; d < hd_; ++d) out[d] = r(acc[d]);
       }
     });
   }
@@ -318,9 +392,10 @@ class DecodePlan {
   at::Tensor tok_, pos_, inv_freq_, norm_w_, norm_b_;
   Linear lm_head_;
   std::vector<Layer> layers_;
-  // Scratch, fp32: residual stream, normed input, a D-sized result, q|k|v, attention output,
-  // the MLP's hidden and activated vectors, logits; xb_ a bf16 copy of a GEMV input.
-  std::vector<float> x_, xn_, tmp_, qkv_, attn_, hidden_, act_, logits_, act_q_, cos_, sin_;
+  // Scratch, fp32, row after row (B rows): residual stream, normed input, a D-sized result,
+  // q|k|v, attention output, the MLP's hidden and activated vectors, logits, each row's RoPE
+  // cos and sin; act_q_ a quantized GEMV input, xb_ a bf16 copy of one.
+  std::vector<float> x_, xn_, tmp_, qkv_, attn_, hidden_, act_, logits_, cos_, sin_, act_q_;
   std::vector<at::BFloat16> xb_;
 };
 
@@ -334,5 +409,8 @@ void register_decode_plan(pybind11::module& m) {
            "layer (-1: output head), slot (0 qkv, 1 o, 2 up, 3 down), kind, data, scales, offsets, group, "
            "tensor scale, act_bits")
       .def("step", &DecodePlan::step, "token id, position, key caches, value caches -> logits (1, 1, V)",
+           pybind11::call_guard<pybind11::gil_scoped_release>())
+      .def("step_batch", &DecodePlan::step_batch,
+           "tokens (B,), pads (B,), cache slot, key caches, value caches -> logits (B, 1, V)",
            pybind11::call_guard<pybind11::gil_scoped_release>());
 }

@@ -1,7 +1,9 @@
-"""Whole decoding steps in one native call, for batch-1 decoding on the CPU.
+"""Whole decoding steps in one native call, for decoding on the CPU.
 
-`Transformer.forward` hands a step here when it is batch-1, one new token, with a KV cache
-and no padding, and no gradient is needed. The native `DecodePlan` (decode.cpp) keeps
+`Transformer.forward` hands a step here when every row brings one new token, with a KV cache,
+and no gradient is needed: one row without padding runs `DecodePlan.step` (GEMVs), several
+left-padded rows (batched generation, the serving engine) run `step_batch` (one GEMM per
+linear layer over the rows). The native `DecodePlan` (decode.cpp) keeps
 references to the model's weight tensors; when any parameter is replaced (a new state dict,
 a dtype change, swapped modules) the plan is rebuilt at the next generation (the first step
 with a new KV cache), so it never computes with stale weights.
@@ -60,18 +62,28 @@ class FusedDecoder:
         return all(p.is_contiguous() for p in model.parameters())
 
     def __call__(self, model: nn.Module, input_ids: torch.Tensor, cache) -> torch.Tensor | None:
-        """input_ids (1, 1) -> logits (1, 1, V), writing the token's keys and values into cache;
-        None when the model no longer suits the plan (the caller then runs the eager forward)."""
-        position = cache.length
-        if position + 1 > model.config.block_size:
-            raise InvalidArgument(f"{position + 1} tokens exceed the context window of {model.config.block_size}")
+        """input_ids (B, 1) -> logits (B, 1, V), writing the tokens' keys and values into cache;
+        None when the model or the cache no longer suits the plan (the caller then runs the
+        eager forward)."""
+        slot, B = cache.length, input_ids.shape[0]
+        # the longest row (least padding) must fit the context, as in the eager forward
+        longest = slot + 1 - (int(cache.pad.min()) if cache.has_padding else 0)
+        if longest > model.config.block_size:
+            raise InvalidArgument(f"{longest} tokens exceed the context window of {model.config.block_size}")
+        if any(not (k.is_contiguous() and v.is_contiguous()) for k, v in zip(cache.k, cache.v)):
+            return None
         if self.checked_cache is None or self.checked_cache() is not cache:
             if self._fingerprint(model) != self.fingerprint:
                 if not self.supports(model):
                     return None
                 self._build(model)
             self.checked_cache = weakref.ref(cache)
-        logits = self.plan.step(int(input_ids[0, 0]), position, cache.k, cache.v)
+        if B == 1 and not cache.has_padding:
+            logits = self.plan.step(int(input_ids[0, 0]), slot, cache.k, cache.v)
+        else:
+            tokens = input_ids[:, 0].to(device="cpu", dtype=torch.long).contiguous()
+            pads = cache.pad.to(device="cpu", dtype=torch.long).contiguous()
+            logits = self.plan.step_batch(tokens, pads, slot, cache.k, cache.v)
         cache.advance(1)
         return logits
 

@@ -42,6 +42,28 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor weight, c10::optional<torch::T
   return y.to(weight.scalar_type());
 }
 
+// x: (B, K) fp32; weight: (N, K) contiguous bf16 or fp32. Returns x W^T, (B, N) fp32: the
+// batched decoding step's product (gemm_rows), exposed for tests and benchmarks.
+torch::Tensor gemm(torch::Tensor x, torch::Tensor weight) {
+  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "weight must be a contiguous matrix");
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == weight.size(1) && x.scalar_type() == torch::kFloat32,
+              "x must be fp32 (B, K) with K = weight.size(1)");
+  const int64_t B = x.size(0), N = weight.size(0), K = weight.size(1);
+  auto xc = x.contiguous();
+  auto y = torch::empty({B, N}, xc.options());
+  const float* xp = xc.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  if (weight.scalar_type() == torch::kBFloat16) {
+    const at::BFloat16* wp = weight.data_ptr<at::BFloat16>();
+    at::parallel_for(0, N, gemv_grain(N), [&](int64_t r0, int64_t r1) { gemm_rows(wp, xp, B, yp, N, r0, r1, K); });
+  } else {
+    TORCH_CHECK(weight.scalar_type() == torch::kFloat32, "weight must be bf16 or fp32");
+    const float* wp = weight.data_ptr<float>();
+    at::parallel_for(0, N, gemv_grain(N), [&](int64_t r0, int64_t r1) { gemm_rows(wp, xp, B, yp, N, r0, r1, K); });
+  }
+  return y;
+}
+
 // y (N,) fp32 = W x (+ bias) for a packed quantized W (layouts in quant_rows.h); x (K,).
 torch::Tensor qgemv(int64_t kind, torch::Tensor x, torch::Tensor data, torch::Tensor scales, torch::Tensor offsets,
                     int64_t group, double tensor_scale, int64_t N, int64_t K, c10::optional<torch::Tensor> bias) {
@@ -67,6 +89,7 @@ void register_decode_plan(pybind11::module& m);  // decode.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv", &gemv, "y = W x (+ b) for one activation vector, fp32 accumulation");
+  m.def("gemm", &gemm, "y = x W^T for a few fp32 rows x (B, K), fp32 accumulation");
   m.def("qgemv", &qgemv, "y = W x (+ b) for a packed quantized W, fp32 result");
   m.def("qdequantize", &qdequantize, "a packed quantized weight as fp32 (N, K)");
   register_decode_plan(m);

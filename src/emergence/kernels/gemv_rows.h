@@ -1,6 +1,6 @@
 // Row kernels shared by the GEMV op (gemv.cpp) and the fused decode step (decode.cpp):
-// y[r] = dot(W[r, :], x) for rows [row0, row1) of a contiguous (N, K) weight matrix,
-// accumulated in fp32 with AVX-512.
+// y[r] = dot(W[r, :], x) for rows [row0, row1) of a contiguous (N, K) weight matrix, and the
+// same for several vectors x at once (gemm_rows), accumulated in fp32 with AVX-512.
 #pragma once
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -113,6 +113,63 @@ inline void gemv_rows_dpbf16(const at::BFloat16* w, const at::BFloat16* x, float
     for (int64_t k = 0; k < K32; k += 32) a0 = _mm512_dpbf16_ps(a0, load(w0 + k), load(x + k));
     if (tail) a0 = _mm512_dpbf16_ps(a0, load_tail(w0 + K32), load_tail(x + K32));
     y[r] = hsum(a0);
+  }
+}
+
+// A tile of the batched product: Y[c, r] = dot(W[r, :], X[c, :]) for R weight rows and C rows
+// of X (C, K), fp32 accumulation. Each weight load feeds C FMAs and each X load R, so the
+// loop runs on the FMA units rather than on loads; R x C accumulators stay in registers.
+// `next`, when given, is the next R weight rows: fetched into cache while this tile computes,
+// so memory keeps streaming during the passes that reuse rows already in L1.
+template <typename T, int R, int C>
+inline void gemm_tile(const T* w, const float* x, float* y, int64_t ldy, int64_t K, const T* next = nullptr) {
+  const int64_t K16 = K & ~int64_t(15);
+  const __mmask16 tail = static_cast<__mmask16>((1u << (K - K16)) - 1);
+  __m512 acc[R][C];
+  for (int i = 0; i < R; ++i)
+    for (int c = 0; c < C; ++c) acc[i][c] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K16; k += 16) {
+    if (next && (k * sizeof(T)) % 64 == 0) {
+      for (int i = 0; i < R; ++i) _mm_prefetch(reinterpret_cast<const char*>(next + i * K + k), _MM_HINT_T0);
+    }
+    __m512 xv[C];
+    for (int c = 0; c < C; ++c) xv[c] = _mm512_loadu_ps(x + c * K + k);
+    for (int i = 0; i < R; ++i) {
+      const __m512 wv = load_w(w + i * K + k);
+      for (int c = 0; c < C; ++c) acc[i][c] = _mm512_fmadd_ps(wv, xv[c], acc[i][c]);
+    }
+  }
+  if (tail) {
+    __m512 xv[C];
+    for (int c = 0; c < C; ++c) xv[c] = _mm512_maskz_loadu_ps(tail, x + c * K + K16);
+    for (int i = 0; i < R; ++i) {
+      const __m512 wv = load_w_masked(w + i * K + K16, tail);
+      for (int c = 0; c < C; ++c) acc[i][c] = _mm512_fmadd_ps(wv, xv[c], acc[i][c]);
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int c = 0; c < C; ++c) y[c * ldy + i] = hsum(acc[i][c]);
+}
+
+// Y (B, N) = X (B, K) W^T for weight rows [row0, row1) of a contiguous (N, K) matrix: the
+// batched decoding step's linear layers, each weight row read from memory once for all B
+// rows of X (which stay in L1), in tiles of 4 weight rows x 4 rows of X.
+template <typename T>
+inline void gemm_rows(const T* w, const float* x, int64_t B, float* y, int64_t N, int64_t row0, int64_t row1,
+                      int64_t K) {
+  int64_t r = row0;
+  for (; r + 4 <= row1; r += 4) {
+    const T* next = r + 8 <= row1 ? w + (r + 4) * K : nullptr;  // prefetched by the last tile
+    int64_t b = 0;
+    for (; b + 4 <= B; b += 4) {
+      gemm_tile<T, 4, 4>(w + r * K, x + b * K, y + b * N + r, N, K, b + 4 >= B ? next : nullptr);
+    }
+    for (; b < B; ++b) gemm_tile<T, 4, 1>(w + r * K, x + b * K, y + b * N + r, N, K, b + 1 == B ? next : nullptr);
+  }
+  for (; r < row1; ++r) {
+    int64_t b = 0;
+    for (; b + 4 <= B; b += 4) gemm_tile<T, 1, 4>(w + r * K, x + b * K, y + b * N + r, N, K);
+    for (; b < B; ++b) gemm_tile<T, 1, 1>(w + r * K, x + b * K, y + b * N + r, N, K);
   }
 }
 
