@@ -182,6 +182,52 @@ def test_fused_batched_step_equals_the_eager_forward(hf_model, dtype):
         assert (alone - fused[b]).abs().max().item() <= (1e-4 if dtype == torch.float32 else 2 ** -5 * scale)
 
 
+def _prefill(model, chunks: list[torch.Tensor], fused: bool):
+    """Prefill one row chunk after chunk (last logits only, as generation and the serving
+    engine ask); returns each chunk's last logits (float32) and the KV cache."""
+    from emergence.kv_cache import KVCache
+
+    saved = model.fused_decoder
+    if not fused:
+        model.fused_decoder = None
+    try:
+        cache = KVCache(model.config, 1, sum(len(c) for c in chunks), dtype=model.tok_embeddings.weight.dtype)
+        with torch.inference_mode():
+            out = [model(c[None], cache, last_logits_only=True)[0, -1].float() for c in chunks]
+    finally:
+        model.fused_decoder = saved
+    return torch.stack(out), cache
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_prefill_equals_the_eager_forward(hf_model, dtype, monkeypatch):
+    # Prompts of 2 to 32 tokens run natively (their tokens as the GEMM's rows, causal attention
+    # among them), also as a second chunk after cached tokens; Mistral's window of 8 applies.
+    from emergence.kernels import fused_decode
+
+    family, _, folder = hf_model
+    lm = emergence.load(folder, device="cpu", dtype=dtype)
+    calls = []
+    plan_prefill = type(lm.model.fused_decoder.plan).prefill
+    monkeypatch.setattr(type(lm.model.fused_decoder.plan), "prefill",
+                        lambda plan, *a: calls.append(len(a[0])) or plan_prefill(plan, *a))
+    torch.manual_seed(7)
+    chunks = [torch.randint(3, 96, (n,)) for n in (2, 7, 32, 33)]
+    fused, fused_cache = _prefill(lm.model, chunks, fused=True)
+    eager, eager_cache = _prefill(lm.model, chunks, fused=False)
+    assert calls == [2, 7, 32]  # 33 > MAX_NATIVE_PREFILL: the eager forward
+    assert fused_decode.MAX_NATIVE_PREFILL == 32
+    scale = eager.abs().max().item()
+    if dtype == torch.float32:
+        assert (fused - eager).abs().max().item() <= 1e-5 * max(scale, 1)
+        assert max((a - b).abs().max().item() for a, b in zip(fused_cache.k + fused_cache.v,
+                                                               eager_cache.k + eager_cache.v)) <= 2e-5
+    else:
+        assert (fused - eager).abs().max().item() <= 2 ** -5 * scale
+        assert (fused.argmax(-1) == eager.argmax(-1)).all()
+    assert fused_cache.length == eager_cache.length == 74
+
+
 def test_fused_plan_follows_replaced_weights(hf_model):
     family, _, folder = hf_model
     lm = emergence.load(folder, device="cpu")
@@ -292,6 +338,22 @@ def test_fused_batched_step_with_quantized_weights_equals_the_eager_forward(fmt,
     bound = 2e-2 * scale if fmt in ("q8_0", "q4_0") else 1e-5 * max(scale, 1)  # as for one row, above
     assert (fused - eager).abs().max().item() <= bound
     assert (fused.argmax(-1) == eager.argmax(-1)).float().mean().item() >= 0.9
+
+
+@pytest.mark.parametrize("fmt, options", QUANTIZED)
+def test_fused_prefill_with_quantized_weights_equals_the_eager_forward(fmt, options):
+    from emergence.kernels import use_decode_kernels
+
+    model = _quantized_model(fmt, options, torch.float32)
+    assert use_decode_kernels(model)
+    torch.manual_seed(8)
+    chunks = [torch.randint(3, 512, (n,)) for n in (4, 3, 5)]  # 5 > MAX_NATIVE_PREFILL_PACKED: eager
+    fused, _ = _prefill(model, chunks, fused=True)
+    eager, _ = _prefill(model, chunks, fused=False)
+    scale = eager.abs().max().item()
+    bound = 2e-2 * scale if fmt in ("q8_0", "q4_0") else 1e-5 * max(scale, 1)
+    assert (fused - eager).abs().max().item() <= bound
+    assert (fused.argmax(-1) == eager.argmax(-1)).all()
 
 
 def test_formats_without_a_kernel_decode_eagerly():

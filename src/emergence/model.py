@@ -171,8 +171,8 @@ class Transformer(nn.Module):
         Without a cache, attention_mask (B, T) marks left padding (1 = token, 0 = pad).
         With a cache, record padding once with `cache.set_padding(mask)` before the prefill.
         """
-        if (self.fused_decoder is not None and cache is not None and input_ids.shape[1] == 1
-                and not torch.is_grad_enabled()):
+        if (self.fused_decoder is not None and cache is not None and not torch.is_grad_enabled()
+                and (input_ids.shape[1] == 1 or last_logits_only)):
             logits = self.fused_decoder(self, input_ids, cache)
             if logits is not None:
                 return logits

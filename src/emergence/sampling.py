@@ -84,6 +84,12 @@ class SamplingParams:
         return self.temperature == 0
 
     @property
+    def plain_greedy(self) -> bool:
+        """Greedy with no processor that changes the logits: the token is the raw argmax."""
+        return (self.greedy and not self.logit_bias and self.repetition_penalty == 1
+                and not self.presence_penalty and not self.frequency_penalty)
+
+    @property
     def needs_history(self) -> bool:
         return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
 

@@ -11,6 +11,8 @@
 //   read once per step instead of once per row. Rows are left-padded as in KVCache: every row
 //   writes its new key and value at the same slot; row b's position is slot - pad[b] and it
 //   attends to slots [pad[b], slot].
+// - A short prompt of T tokens (prefill): the T tokens are T rows of one cache row, at slots
+//   start .. start + T - 1, each attending causally; only the last row's logits are computed.
 // Norms, RoPE, attention over the KV cache, activations and residuals run in plain loops.
 //
 // Numerics follow the model's eager forward pass (model.py): an fp32 model computes in fp32;
@@ -68,19 +70,6 @@ struct Vec {
 inline float to_float(float v) { return v; }
 inline float to_float(at::BFloat16 v) { return static_cast<float>(v); }
 
-// dot(a, b) over n elements: a fp32, b fp32 or bf16 (a cached key).
-template <typename T>
-inline float dot(const float* a, const T* b, int64_t n) {
-  const int64_t n16 = n & ~int64_t(15);
-  __m512 acc = _mm512_setzero_ps();
-  for (int64_t i = 0; i < n16; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), emergence::load_w(b + i), acc);
-  if (n16 < n) {
-    const __mmask16 m = static_cast<__mmask16>((1u << (n - n16)) - 1);
-    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + n16), emergence::load_w_masked(b + n16, m), acc);
-  }
-  return _mm512_reduce_add_ps(acc);
-}
-
 class DecodePlan {
  public:
   DecodePlan(std::vector<int64_t> dims, bool rms_norm, bool swiglu, double eps, at::Tensor tok_embeddings,
@@ -129,8 +118,8 @@ class DecodePlan {
   // keys and values into the caches; return the logits (1, 1, V) in the model's dtype.
   at::Tensor step(int64_t token, int64_t pos, const std::vector<at::Tensor>& k_cache,
                   const std::vector<at::Tensor>& v_cache) {
-    const int64_t pad = 0;
-    return run(1, &token, &pad, pos, k_cache, v_cache);
+    rows_.assign(1, Row{0, pos, 0, pos});
+    return run(&token, k_cache, v_cache, /*last_only=*/false);
   }
 
   // One step of B left-padded rows: tokens (B,) and pads (B,) int64, every row writing at cache
@@ -139,54 +128,85 @@ class DecodePlan {
                         const std::vector<at::Tensor>& k_cache, const std::vector<at::Tensor>& v_cache) {
     TORCH_CHECK(tokens.dim() == 1 && pads.dim() == 1 && tokens.size(0) == pads.size(0) && tokens.size(0) > 0,
                 "tokens and pads must be (B,) with B >= 1");
-    TORCH_CHECK(tokens.scalar_type() == at::kLong && pads.scalar_type() == at::kLong && tokens.is_contiguous() &&
-                    pads.is_contiguous() && tokens.device().is_cpu() && pads.device().is_cpu(),
-                "tokens and pads must be contiguous int64 CPU tensors");
-    return run(tokens.size(0), tokens.data_ptr<int64_t>(), pads.data_ptr<int64_t>(), slot, k_cache, v_cache);
+    check_ids(tokens), check_ids(pads);
+    const int64_t B = tokens.size(0);
+    const int64_t* pad = pads.data_ptr<int64_t>();
+    rows_.resize(B);
+    for (int64_t b = 0; b < B; ++b) {
+      TORCH_CHECK(pad[b] >= 0 && pad[b] <= slot, "a row's padding must not reach its new token's slot");
+      rows_[b] = Row{b, slot, pad[b], slot - pad[b]};
+    }
+    return run(tokens.data_ptr<int64_t>(), k_cache, v_cache, /*last_only=*/false);
+  }
+
+  // Prefill a one-row cache with tokens (T,) at slots start .. start + T - 1 (no padding);
+  // returns the last token's logits (1, 1, V).
+  at::Tensor prefill(const at::Tensor& tokens, int64_t start, const std::vector<at::Tensor>& k_cache,
+                     const std::vector<at::Tensor>& v_cache) {
+    TORCH_CHECK(tokens.dim() == 1 && tokens.size(0) > 0, "tokens must be (T,) with T >= 1");
+    check_ids(tokens);
+    const int64_t T = tokens.size(0);
+    rows_.resize(T);
+    for (int64_t t = 0; t < T; ++t) rows_[t] = Row{0, start + t, 0, start + t};
+    return run(tokens.data_ptr<int64_t>(), k_cache, v_cache, /*last_only=*/true);
   }
 
  private:
-  // The step of B rows behind step() and step_batch(); pads == 0 and B == 1 for step().
-  at::Tensor run(int64_t B, const int64_t* tokens, const int64_t* pads, int64_t slot,
-                 const std::vector<at::Tensor>& k_cache, const std::vector<at::Tensor>& v_cache) {
+  // One row of a step: the cache row it reads and writes, its slot there, the first slot it
+  // may attend to (its padding), and its position (for RoPE or the learned table).
+  struct Row {
+    int64_t cache_row, slot, first, pos;
+  };
+
+  static void check_ids(const at::Tensor& t) {
+    TORCH_CHECK(t.scalar_type() == at::kLong && t.is_contiguous() && t.device().is_cpu(),
+                "token ids and pads must be contiguous int64 CPU tensors");
+  }
+
+  // The step of rows_ (one token each) behind step(), step_batch() and prefill(): every row's
+  // keys and values are stored before any row attends, so prefill rows see their predecessors.
+  at::Tensor run(const int64_t* tokens, const std::vector<at::Tensor>& k_cache, const std::vector<at::Tensor>& v_cache,
+                 bool last_only) {
     TORCH_CHECK(static_cast<int64_t>(k_cache.size()) == n_layer_ && static_cast<int64_t>(v_cache.size()) == n_layer_,
                 "one key and one value cache per layer");
-    TORCH_CHECK(slot >= 0, "negative cache slot");
+    const int64_t B = static_cast<int64_t>(rows_.size());
     const int64_t qkv_rows = (H_ + 2 * KV_) * hd_, half = hd_ / 2, hidden = swiglu_ ? 2 * F_ : F_;
     x_.resize(B * D_), xn_.resize(B * D_), tmp_.resize(B * D_), qkv_.resize(B * qkv_rows);
     attn_.resize(B * H_ * hd_), hidden_.resize(B * hidden), act_.resize(B * F_), logits_.resize(B * V_);
     cos_.resize(B * half), sin_.resize(B * half);
+    int64_t cache_rows = 0, last_slot = 0;
     for (int64_t b = 0; b < B; ++b) {
+      const Row& row = rows_[b];
       TORCH_CHECK(tokens[b] >= 0 && tokens[b] < tok_.size(0), "token id out of range");
-      TORCH_CHECK(pads[b] >= 0 && pads[b] <= slot, "a row's padding must not reach its new token's slot");
-      const int64_t pos = slot - pads[b];
+      TORCH_CHECK(row.slot >= 0 && row.pos >= 0, "negative cache slot or position");
+      cache_rows = std::max(cache_rows, row.cache_row + 1), last_slot = std::max(last_slot, row.slot);
       float* x = x_.data() + b * D_;
       const Vec tok(tok_), learned(pos_);
       for (int64_t i = 0; i < D_; ++i) x[i] = tok[tokens[b] * D_ + i];
       if (learned) {
-        TORCH_CHECK(pos < pos_.size(0), "position past the learned position table");
-        for (int64_t i = 0; i < D_; ++i) x[i] = r(x[i] + learned[pos * D_ + i]);
+        TORCH_CHECK(row.pos < pos_.size(0), "position past the learned position table");
+        for (int64_t i = 0; i < D_; ++i) x[i] = r(x[i] + learned[row.pos * D_ + i]);
       }
-      if (present(inv_freq_)) rope_angles(pos, cos_.data() + b * half, sin_.data() + b * half);  // every layer's
+      if (present(inv_freq_)) rope_angles(row.pos, cos_.data() + b * half, sin_.data() + b * half);  // every layer's
     }
     for (int64_t l = 0; l < n_layer_; ++l) {
       const Layer& L = layers_[l];
       const at::Tensor& kc = k_cache[l];
       const at::Tensor& vc = v_cache[l];
-      TORCH_CHECK(kc.is_contiguous() && vc.is_contiguous() && kc.dim() == 4 && kc.size(0) == B &&
+      TORCH_CHECK(kc.is_contiguous() && vc.is_contiguous() && kc.dim() == 4 && kc.size(0) == cache_rows &&
                       kc.size(1) == KV_ && kc.size(3) == hd_ && kc.sizes() == vc.sizes() && kc.scalar_type() == dtype_ &&
                       vc.scalar_type() == dtype_,
                   "KV cache must be (B, n_kv_head, max_len, head_dim), contiguous, in the model's dtype");
-      TORCH_CHECK(slot < kc.size(2), "KV cache is full");
+      TORCH_CHECK(last_slot < kc.size(2), "KV cache is full");
 
       for (int64_t b = 0; b < B; ++b) norm(x_.data() + b * D_, L.attn_norm_w, L.attn_norm_b, xn_.data() + b * D_);
       linear(L.qkv, xn_.data(), B, qkv_.data());
       for (int64_t b = 0; b < B; ++b) {
         float* q = qkv_.data() + b * qkv_rows;
         if (present(inv_freq_)) rotate(q, H_ + KV_, cos_.data() + b * half, sin_.data() + b * half);  // q and k
-        store_kv(kc, vc, b, slot, q + H_ * hd_);
+        store_kv(kc, vc, rows_[b].cache_row, rows_[b].slot, q + H_ * hd_);
       }
-      attention(kc, vc, B, slot, pads);
+      attention(kc, vc);
       linear(L.o, attn_.data(), B, tmp_.data());
       for (int64_t i = 0; i < B * D_; ++i) x_[i] = r(x_[i] + tmp_[i]);
 
@@ -204,9 +224,10 @@ class DecodePlan {
       linear(L.down, act_.data(), B, tmp_.data());
       for (int64_t i = 0; i < B * D_; ++i) x_[i] = r(x_[i] + tmp_[i]);
     }
-    for (int64_t b = 0; b < B; ++b) norm(x_.data() + b * D_, norm_w_, norm_b_, xn_.data() + b * D_);
-    linear(lm_head_, xn_.data(), B, logits_.data());
-    auto out = torch::from_blob(logits_.data(), {B, 1, V_}, at::kFloat);
+    const int64_t first_out = last_only ? B - 1 : 0, n_out = B - first_out;
+    for (int64_t b = first_out; b < B; ++b) norm(x_.data() + b * D_, norm_w_, norm_b_, xn_.data() + b * D_);
+    linear(lm_head_, xn_.data() + first_out * D_, n_out, logits_.data());
+    auto out = torch::from_blob(logits_.data(), {n_out, 1, V_}, at::kFloat);
     return out.to(dtype_, /*non_blocking=*/false, /*copy=*/true);
   }
 
@@ -328,7 +349,7 @@ class DecodePlan {
     }
   }
 
-  // Row b's new keys k (KV * hd) and values (the next KV * hd) into cache slot `slot`.
+  // A row's new keys k (KV * hd) and values (the next KV * hd) into cache row b, slot `slot`.
   void store_kv(const at::Tensor& kc, const at::Tensor& vc, int64_t b, int64_t slot, const float* k) const {
     const int64_t max_len = kc.size(2);
     const float* v = k + KV_ * hd_;
@@ -345,44 +366,68 @@ class DecodePlan {
     }
   }
 
-  void attention(const at::Tensor& kc, const at::Tensor& vc, int64_t B, int64_t slot, const int64_t* pads) {
+  void attention(const at::Tensor& kc, const at::Tensor& vc) {
     if (bf16_) {
-      attention_typed(kc.data_ptr<at::BFloat16>(), vc.data_ptr<at::BFloat16>(), B, kc.size(2), slot, pads);
+      attention_typed(kc.data_ptr<at::BFloat16>(), vc.data_ptr<at::BFloat16>(), kc.size(2));
     } else {
-      attention_typed(kc.data_ptr<float>(), vc.data_ptr<float>(), B, kc.size(2), slot, pads);
+      attention_typed(kc.data_ptr<float>(), vc.data_ptr<float>(), kc.size(2));
     }
   }
 
-  // Each row's query heads attend over their key/value head's slots [pad, slot] (a sliding
-  // window drops the oldest); softmax in fp32. (row, head) pairs are split across threads.
+  // Each row's query heads attend over their key/value head's slots [first, slot] of the row's
+  // cache row (a sliding window drops the oldest); softmax in fp32. (row, head) pairs are split
+  // across threads.
   template <typename T>
-  void attention_typed(const T* kc, const T* vc, int64_t B, int64_t max_len, int64_t slot, const int64_t* pads) {
+  void attention_typed(const T* kc, const T* vc, int64_t max_len) {
     const float scale = 1.0f / std::sqrt(static_cast<float>(hd_));
+    const int64_t B = static_cast<int64_t>(rows_.size());
     const int64_t group = H_ / KV_, qkv_rows = (H_ + 2 * KV_) * hd_;
     at::parallel_for(0, B * H_, 1, [&](int64_t i0, int64_t i1) {
-      std::vector<float> p(slot + 1), acc(hd_);
+      std::vector<float> p, acc(hd_);
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t b = i / H_, h = i % H_;
-        const int64_t first = window_ > 0 ? std::max<int64_t>(pads[b], slot - window_ + 1) : pads[b];
-        const int64_t S = slot + 1 - first;
+        const Row& row = rows_[b];
+        const int64_t first = window_ > 0 ? std::max<int64_t>(row.first, row.slot - window_ + 1) : row.first;
+        const int64_t S = row.slot + 1 - first;
+        p.resize(S);
         const float* q = qkv_.data() + b * qkv_rows + h * hd_;
-        const int64_t head = (b * KV_ + h / group) * max_len + first;
+        const int64_t head = (row.cache_row * KV_ + h / group) * max_len + first;
         const T* keys = kc + head * hd_;
         const T* values = vc + head * hd_;
+        emergence::gemv_rows(keys, q, p.data(), 0, S, hd_);  // scores: the (S, hd) keys times q
         float top = -INFINITY;
-        for (int64_t j = 0; j < S; ++j) top = std::max(top, p[j] = dot(q, keys + j * hd_, hd_) * scale);
+        for (int64_t j = 0; j < S; ++j) top = std::max(top, p[j] *= scale);
         float total = 0;
         for (int64_t j = 0; j < S; ++j) total += (p[j] = std::exp(p[j] - top));
-        std::fill(acc.begin(), acc.end(), 0.0f);
-        for (int64_t j = 0; j < S; ++j) {
-          const T* vj = values + j * hd_;
-          const float pj = p[j] / total;
-          for (int64_t d = 0; d < hd_; ++d) acc[d] += pj * to_float(vj[d]);
-        }
+        weighted_values(values, p.data(), 1.0f / total, S, acc.data());
         float* out = attn_.data() + (b * H_ + h) * hd_;
         for (int64_t d = 0; d < hd_; ++d) out[d] = r(acc[d]);
       }
     });
+  }
+
+  // acc (hd,) = sum_j p[j] * norm * values[j] over S cached values (S, hd); sixteen lanes at a
+  // time where hd allows, each lane summing over j in order as the scalar loop would.
+  template <typename T>
+  void weighted_values(const T* values, const float* p, float norm, int64_t S, float* acc) const {
+    if (hd_ % 16 == 0 && hd_ <= 256) {
+      __m512 a[16];
+      const int64_t n = hd_ / 16;
+      for (int64_t u = 0; u < n; ++u) a[u] = _mm512_setzero_ps();
+      for (int64_t j = 0; j < S; ++j) {
+        const __m512 pj = _mm512_set1_ps(p[j] * norm);
+        const T* vj = values + j * hd_;
+        for (int64_t u = 0; u < n; ++u) a[u] = _mm512_fmadd_ps(pj, emergence::load_w(vj + 16 * u), a[u]);
+      }
+      for (int64_t u = 0; u < n; ++u) _mm512_storeu_ps(acc + 16 * u, a[u]);
+      return;
+    }
+    std::fill(acc, acc + hd_, 0.0f);
+    for (int64_t j = 0; j < S; ++j) {
+      const T* vj = values + j * hd_;
+      const float pj = p[j] * norm;
+      for (int64_t d = 0; d < hd_; ++d) acc[d] += pj * to_float(vj[d]);
+    }
   }
 
   int64_t n_layer_, H_, KV_, hd_, D_, F_, V_, window_;
@@ -397,6 +442,7 @@ class DecodePlan {
   // cos and sin; act_q_ a quantized GEMV input, xb_ a bf16 copy of one.
   std::vector<float> x_, xn_, tmp_, qkv_, attn_, hidden_, act_, logits_, cos_, sin_, act_q_;
   std::vector<at::BFloat16> xb_;
+  std::vector<Row> rows_;  // the rows of the step being run
 };
 
 }  // namespace
@@ -412,5 +458,8 @@ void register_decode_plan(pybind11::module& m) {
            pybind11::call_guard<pybind11::gil_scoped_release>())
       .def("step_batch", &DecodePlan::step_batch,
            "tokens (B,), pads (B,), cache slot, key caches, value caches -> logits (B, 1, V)",
+           pybind11::call_guard<pybind11::gil_scoped_release>())
+      .def("prefill", &DecodePlan::prefill,
+           "tokens (T,), first slot, key caches, value caches of one row -> last token's logits (1, 1, V)",
            pybind11::call_guard<pybind11::gil_scoped_release>());
 }

@@ -3,7 +3,9 @@
 `Transformer.forward` hands a step here when every row brings one new token, with a KV cache,
 and no gradient is needed: one row without padding runs `DecodePlan.step` (GEMVs), several
 left-padded rows (batched generation, the serving engine) run `step_batch` (one GEMM per
-linear layer over the rows). The native `DecodePlan` (decode.cpp) keeps
+linear layer over the rows). A short prompt of one row whose last logits alone are wanted
+runs `prefill` (its tokens as the GEMM's rows); longer prompts stay with the eager forward,
+whose large GEMMs and fused attention serve them better. The native `DecodePlan` (decode.cpp) keeps
 references to the model's weight tensors; when any parameter is replaced (a new state dict,
 a dtype change, swapped modules) the plan is rebuilt at the next generation (the first step
 with a new KV cache), so it never computes with stale weights.
@@ -20,6 +22,9 @@ from ..errors import InvalidArgument
 
 # Quantized formats (emergence.quant) with a native kernel -> decode.cpp's WeightKind.
 KERNEL_KINDS = {"q8_0": 2, "q4_0": 3, "int8": 4, "int4": 5, "ternary": 6, "nf4": 7}
+# The longest prompt prefilled natively: fp32/bf16 weights, or packed quantized ones (whose
+# kernels read the weights once per token, where the eager path dequantizes once per call).
+MAX_NATIVE_PREFILL, MAX_NATIVE_PREFILL_PACKED = 32, 4
 # The linear layers of a block, by decode.cpp's slot number.
 _LINEAR_SLOTS = ("attn.qkv_proj", "attn.o_proj", "mlp.up", "mlp.down_proj")
 
@@ -62,12 +67,16 @@ class FusedDecoder:
         return all(p.is_contiguous() for p in model.parameters())
 
     def __call__(self, model: nn.Module, input_ids: torch.Tensor, cache) -> torch.Tensor | None:
-        """input_ids (B, 1) -> logits (B, 1, V), writing the tokens' keys and values into cache;
-        None when the model or the cache no longer suits the plan (the caller then runs the
-        eager forward)."""
-        slot, B = cache.length, input_ids.shape[0]
+        """input_ids (B, 1) -> logits (B, 1, V), or a one-row prompt (1, T) -> its last token's
+        logits (1, 1, V), writing the keys and values into cache; None when the model, the
+        cache or the prompt's length does not suit the plan (the caller then runs the eager
+        forward)."""
+        slot, (B, T) = cache.length, input_ids.shape
+        if T > 1 and (B > 1 or cache.has_padding or T > (MAX_NATIVE_PREFILL_PACKED if self.packed
+                                                         else MAX_NATIVE_PREFILL)):
+            return None
         # the longest row (least padding) must fit the context, as in the eager forward
-        longest = slot + 1 - (int(cache.pad.min()) if cache.has_padding else 0)
+        longest = slot + T - (int(cache.pad.min()) if cache.has_padding else 0)
         if longest > model.config.block_size:
             raise InvalidArgument(f"{longest} tokens exceed the context window of {model.config.block_size}")
         if any(not (k.is_contiguous() and v.is_contiguous()) for k, v in zip(cache.k, cache.v)):
@@ -78,13 +87,16 @@ class FusedDecoder:
                     return None
                 self._build(model)
             self.checked_cache = weakref.ref(cache)
-        if B == 1 and not cache.has_padding:
+        if T > 1:
+            tokens = input_ids[0].to(device="cpu", dtype=torch.long).contiguous()
+            logits = self.plan.prefill(tokens, slot, cache.k, cache.v)
+        elif B == 1 and not cache.has_padding:
             logits = self.plan.step(int(input_ids[0, 0]), slot, cache.k, cache.v)
         else:
             tokens = input_ids[:, 0].to(device="cpu", dtype=torch.long).contiguous()
             pads = cache.pad.to(device="cpu", dtype=torch.long).contiguous()
             logits = self.plan.step_batch(tokens, pads, slot, cache.k, cache.v)
-        cache.advance(1)
+        cache.advance(T)
         return logits
 
     @staticmethod
@@ -123,13 +135,16 @@ class FusedDecoder:
             dims, c.norm == "rmsnorm", c.mlp == "swiglu", float(c.norm_eps), model.tok_embeddings.weight.detach(),
             pos, inv_freq, model.norm.weight.detach(), none if norm_bias is None else norm_bias.detach(),
             model.lm_head.weight.detach() if hasattr(model.lm_head, "weight") else none, layers)
+        self.packed = False  # any packed quantized weight
         for i, block in enumerate(model.layers):
             for slot, name in enumerate(_LINEAR_SLOTS):
                 module = _submodule(block, name, c.mlp)
                 if _has_kernel(module):
                     self.plan.set_quantized(i, slot, *_kernel_operands(module))
+                    self.packed = True
         if _has_kernel(model.lm_head):
             self.plan.set_quantized(-1, 0, *_kernel_operands(model.lm_head))
+            self.packed = True
         self.fingerprint = self._fingerprint(model)
 
 

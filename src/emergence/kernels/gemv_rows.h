@@ -12,6 +12,19 @@ namespace emergence {
 // Horizontal sum of 16 fp32 lanes.
 inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
 
+// [sum(v0), sum(v1), sum(v2), sum(v3)]: four horizontal sums in 14 instructions, against
+// about 9 for each one alone.
+inline __m128 hsum4(__m512 v0, __m512 v1, __m512 v2, __m512 v3) {
+  // halves of each vector added: s01 = [v0.q0+v0.q2, v0.q1+v0.q3, v1.q0+v1.q2, v1.q1+v1.q3] (q: 128-bit lanes)
+  const __m512 s01 = _mm512_add_ps(_mm512_shuffle_f32x4(v0, v1, 0x44), _mm512_shuffle_f32x4(v0, v1, 0xEE));
+  const __m512 s23 = _mm512_add_ps(_mm512_shuffle_f32x4(v2, v3, 0x44), _mm512_shuffle_f32x4(v2, v3, 0xEE));
+  // lane k: four partial sums of v_k
+  __m512 t = _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, 0x88), _mm512_shuffle_f32x4(s01, s23, 0xDD));
+  t = _mm512_add_ps(t, _mm512_permute_ps(t, 0x4E));  // within lanes: (e0+e2, e1+e3, ...)
+  t = _mm512_add_ps(t, _mm512_permute_ps(t, 0xB1));  // element 0 of lane k: sum(v_k)
+  return _mm512_castps512_ps128(_mm512_maskz_compress_ps(0x1111, t));
+}
+
 // bf16 -> fp32 is a 16-bit left shift of the bit pattern.
 inline __m512 load_bf16(const at::BFloat16* p) {
   __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
@@ -55,7 +68,7 @@ inline void gemv_rows(const T* w, const float* x, float* y, int64_t row0, int64_
       a2 = _mm512_fmadd_ps(load_w_masked(w2 + K16, tail), xv, a2);
       a3 = _mm512_fmadd_ps(load_w_masked(w3 + K16, tail), xv, a3);
     }
-    y[r] = hsum(a0); y[r + 1] = hsum(a1); y[r + 2] = hsum(a2); y[r + 3] = hsum(a3);
+    _mm_storeu_ps(y + r, hsum4(a0, a1, a2, a3));
   }
   for (; r < row1; ++r) {
     const T* w0 = w + r * K;
@@ -147,8 +160,12 @@ inline void gemm_tile(const T* w, const float* x, float* y, int64_t ldy, int64_t
       for (int c = 0; c < C; ++c) acc[i][c] = _mm512_fmadd_ps(wv, xv[c], acc[i][c]);
     }
   }
-  for (int i = 0; i < R; ++i)
-    for (int c = 0; c < C; ++c) y[c * ldy + i] = hsum(acc[i][c]);
+  if constexpr (R == 4) {
+    for (int c = 0; c < C; ++c) _mm_storeu_ps(y + c * ldy, hsum4(acc[0][c], acc[1][c], acc[2][c], acc[3][c]));
+  } else {
+    for (int i = 0; i < R; ++i)
+      for (int c = 0; c < C; ++c) y[c * ldy + i] = hsum(acc[i][c]);
+  }
 }
 
 // Y (B, N) = X (B, K) W^T for weight rows [row0, row1) of a contiguous (N, K) matrix: the

@@ -229,6 +229,8 @@ class BatchEngine:
         if self.unused is not None:
             logits[:, self.unused] = float("-inf")
         tokens, done = [], []  # tokens[b]: row b's new token (0 for a row that is leaving)
+        # plain greedy rows (the common case) take their tokens from one argmax over the batch
+        argmax = logits.argmax(dim=-1).tolist() if any(r.params.plain_greedy for r in self._rows) else None
         for b, (row, request) in enumerate(zip(self._rows, self._requests)):
             if request.cancelled.is_set():
                 request._end()
@@ -236,8 +238,11 @@ class BatchEngine:
                 tokens.append(0)
                 continue
             raw = logits[b:b + 1]
-            token = int(choose(process_logits(raw, row.params, row.seen, row.counts), row.params.greedy,
-                               row.generator))
+            if row.params.plain_greedy:
+                token = argmax[b]
+            else:
+                token = int(choose(process_logits(raw, row.params, row.seen, row.counts), row.params.greedy,
+                                   row.generator))
             chunk, finished = _emit(row, token, raw[0])
             request._put(chunk)
             if finished:
