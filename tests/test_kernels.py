@@ -228,6 +228,30 @@ def test_fused_prefill_equals_the_eager_forward(hf_model, dtype, monkeypatch):
     assert fused_cache.length == eager_cache.length == 74
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_prefill_of_several_prompts_equals_each_alone(hf_model, dtype):
+    # The serving engine prefills the prompts that join together in one call, each left-padded
+    # into its own cache row: logits and keys/values equal each prompt's own native prefill.
+    from emergence.kv_cache import KVCache
+
+    family, _, folder = hf_model
+    lm = emergence.load(folder, device="cpu", dtype=dtype)
+    fused = lm.model.fused_decoder
+    torch.manual_seed(9)
+    prompts = [torch.randint(3, 96, (n,)).tolist() for n in (5, 1, 12, 7)]
+    together = KVCache(lm.config, 4, 12, dtype=dtype)
+    with torch.inference_mode():
+        logits = fused.prefill_many(lm.model, prompts, together)[:, -1].float()
+        for j, p in enumerate(prompts):
+            alone, alone_cache = _prefill(lm.model, [torch.tensor(p)], fused=True)
+            tol = 1e-5 * max(alone.abs().max().item(), 1) if dtype == torch.float32 else 2 ** -5 * alone.abs().max().item()
+            assert (logits[j] - alone[0]).abs().max().item() <= tol
+            for a, b in zip(together.k + together.v, alone_cache.k + alone_cache.v):
+                assert (a[j, :, 12 - len(p):].float() - b[0].float()).abs().max().item() <= tol
+    with pytest.raises(emergence.errors.InvalidArgument):
+        fused.prefill_many(lm.model, [list(range(3, 40))], KVCache(lm.config, 1, 37))  # over the native limit
+
+
 def test_fused_plan_follows_replaced_weights(hf_model):
     family, _, folder = hf_model
     lm = emergence.load(folder, device="cpu")

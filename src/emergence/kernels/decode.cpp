@@ -119,7 +119,7 @@ class DecodePlan {
   at::Tensor step(int64_t token, int64_t pos, const std::vector<at::Tensor>& k_cache,
                   const std::vector<at::Tensor>& v_cache) {
     rows_.assign(1, Row{0, pos, 0, pos});
-    return run(&token, k_cache, v_cache, /*last_only=*/false);
+    return run(&token, k_cache, v_cache, {});
   }
 
   // One step of B left-padded rows: tokens (B,) and pads (B,) int64, every row writing at cache
@@ -136,7 +136,7 @@ class DecodePlan {
       TORCH_CHECK(pad[b] >= 0 && pad[b] <= slot, "a row's padding must not reach its new token's slot");
       rows_[b] = Row{b, slot, pad[b], slot - pad[b]};
     }
-    return run(tokens.data_ptr<int64_t>(), k_cache, v_cache, /*last_only=*/false);
+    return run(tokens.data_ptr<int64_t>(), k_cache, v_cache, {});
   }
 
   // Prefill a one-row cache with tokens (T,) at slots start .. start + T - 1 (no padding);
@@ -148,7 +148,30 @@ class DecodePlan {
     const int64_t T = tokens.size(0);
     rows_.resize(T);
     for (int64_t t = 0; t < T; ++t) rows_[t] = Row{0, start + t, 0, start + t};
-    return run(tokens.data_ptr<int64_t>(), k_cache, v_cache, /*last_only=*/true);
+    return run(tokens.data_ptr<int64_t>(), k_cache, v_cache, {T - 1});
+  }
+
+  // Prefill several left-padded prompts at once: token r goes to cache row cache_rows[r], slot
+  // slots[r], attends to slots [firsts[r], slots[r]] of that row and sits at position
+  // slots[r] - firsts[r]; returns the logits (len(out_rows), 1, V) of the rows out_rows (each
+  // prompt's last token).
+  at::Tensor prefill_rows(const at::Tensor& tokens, const at::Tensor& cache_rows, const at::Tensor& slots,
+                          const at::Tensor& firsts, const std::vector<int64_t>& out_rows,
+                          const std::vector<at::Tensor>& k_cache, const std::vector<at::Tensor>& v_cache) {
+    for (const at::Tensor* t : {&tokens, &cache_rows, &slots, &firsts}) {
+      check_ids(*t);
+      TORCH_CHECK(t->dim() == 1 && t->size(0) == tokens.size(0) && t->size(0) > 0, "one entry per token, at least one");
+    }
+    const int64_t R = tokens.size(0);
+    const int64_t *row = cache_rows.data_ptr<int64_t>(), *slot = slots.data_ptr<int64_t>();
+    const int64_t* first = firsts.data_ptr<int64_t>();
+    rows_.resize(R);
+    for (int64_t i = 0; i < R; ++i) {
+      TORCH_CHECK(row[i] >= 0 && first[i] >= 0 && first[i] <= slot[i], "bad cache row, slot or first slot");
+      rows_[i] = Row{row[i], slot[i], first[i], slot[i] - first[i]};
+    }
+    for (int64_t r : out_rows) TORCH_CHECK(r >= 0 && r < R, "an output row out of range");
+    return run(tokens.data_ptr<int64_t>(), k_cache, v_cache, out_rows);
   }
 
  private:
@@ -163,10 +186,11 @@ class DecodePlan {
                 "token ids and pads must be contiguous int64 CPU tensors");
   }
 
-  // The step of rows_ (one token each) behind step(), step_batch() and prefill(): every row's
-  // keys and values are stored before any row attends, so prefill rows see their predecessors.
+  // The step of rows_ (one token each) behind step(), step_batch() and the prefills: every
+  // row's keys and values are stored before any row attends, so prefill rows see their
+  // predecessors. Returns the logits of out_rows (all rows when empty).
   at::Tensor run(const int64_t* tokens, const std::vector<at::Tensor>& k_cache, const std::vector<at::Tensor>& v_cache,
-                 bool last_only) {
+                 const std::vector<int64_t>& out_rows) {
     TORCH_CHECK(static_cast<int64_t>(k_cache.size()) == n_layer_ && static_cast<int64_t>(v_cache.size()) == n_layer_,
                 "one key and one value cache per layer");
     const int64_t B = static_cast<int64_t>(rows_.size());
@@ -193,7 +217,7 @@ class DecodePlan {
       const Layer& L = layers_[l];
       const at::Tensor& kc = k_cache[l];
       const at::Tensor& vc = v_cache[l];
-      TORCH_CHECK(kc.is_contiguous() && vc.is_contiguous() && kc.dim() == 4 && kc.size(0) == cache_rows &&
+      TORCH_CHECK(kc.is_contiguous() && vc.is_contiguous() && kc.dim() == 4 && kc.size(0) >= cache_rows &&
                       kc.size(1) == KV_ && kc.size(3) == hd_ && kc.sizes() == vc.sizes() && kc.scalar_type() == dtype_ &&
                       vc.scalar_type() == dtype_,
                   "KV cache must be (B, n_kv_head, max_len, head_dim), contiguous, in the model's dtype");
@@ -224,9 +248,13 @@ class DecodePlan {
       linear(L.down, act_.data(), B, tmp_.data());
       for (int64_t i = 0; i < B * D_; ++i) x_[i] = r(x_[i] + tmp_[i]);
     }
-    const int64_t first_out = last_only ? B - 1 : 0, n_out = B - first_out;
-    for (int64_t b = first_out; b < B; ++b) norm(x_.data() + b * D_, norm_w_, norm_b_, xn_.data() + b * D_);
-    linear(lm_head_, xn_.data() + first_out * D_, n_out, logits_.data());
+    // the output rows' final norms, gathered so that the head is one product over them
+    const int64_t n_out = out_rows.empty() ? B : static_cast<int64_t>(out_rows.size());
+    for (int64_t o = 0; o < n_out; ++o) {
+      const int64_t b = out_rows.empty() ? o : out_rows[o];
+      norm(x_.data() + b * D_, norm_w_, norm_b_, tmp_.data() + o * D_);
+    }
+    linear(lm_head_, tmp_.data(), n_out, logits_.data());
     auto out = torch::from_blob(logits_.data(), {n_out, 1, V_}, at::kFloat);
     return out.to(dtype_, /*non_blocking=*/false, /*copy=*/true);
   }
@@ -461,5 +489,8 @@ void register_decode_plan(pybind11::module& m) {
            pybind11::call_guard<pybind11::gil_scoped_release>())
       .def("prefill", &DecodePlan::prefill,
            "tokens (T,), first slot, key caches, value caches of one row -> last token's logits (1, 1, V)",
+           pybind11::call_guard<pybind11::gil_scoped_release>())
+      .def("prefill_rows", &DecodePlan::prefill_rows,
+           "tokens, cache rows, slots, first slots (R,), output rows, key caches, value caches -> logits",
            pybind11::call_guard<pybind11::gil_scoped_release>());
 }

@@ -72,21 +72,14 @@ class FusedDecoder:
         cache or the prompt's length does not suit the plan (the caller then runs the eager
         forward)."""
         slot, (B, T) = cache.length, input_ids.shape
-        if T > 1 and (B > 1 or cache.has_padding or T > (MAX_NATIVE_PREFILL_PACKED if self.packed
-                                                         else MAX_NATIVE_PREFILL)):
+        if T > 1 and (B > 1 or cache.has_padding or T > self.max_prefill):
             return None
         # the longest row (least padding) must fit the context, as in the eager forward
         longest = slot + T - (int(cache.pad.min()) if cache.has_padding else 0)
         if longest > model.config.block_size:
             raise InvalidArgument(f"{longest} tokens exceed the context window of {model.config.block_size}")
-        if any(not (k.is_contiguous() and v.is_contiguous()) for k, v in zip(cache.k, cache.v)):
+        if not self._ready(model, cache):
             return None
-        if self.checked_cache is None or self.checked_cache() is not cache:
-            if self._fingerprint(model) != self.fingerprint:
-                if not self.supports(model):
-                    return None
-                self._build(model)
-            self.checked_cache = weakref.ref(cache)
         if T > 1:
             tokens = input_ids[0].to(device="cpu", dtype=torch.long).contiguous()
             logits = self.plan.prefill(tokens, slot, cache.k, cache.v)
@@ -98,6 +91,44 @@ class FusedDecoder:
             logits = self.plan.step_batch(tokens, pads, slot, cache.k, cache.v)
         cache.advance(T)
         return logits
+
+    @property
+    def max_prefill(self) -> int:
+        """The longest prompt prefilled natively."""
+        return MAX_NATIVE_PREFILL_PACKED if self.packed else MAX_NATIVE_PREFILL
+
+    def prefill_many(self, model: nn.Module, prompts: list[list[int]], cache) -> torch.Tensor | None:
+        """Prefill several prompts (each at most max_prefill tokens) in one call, prompt j
+        left-padded into row j of `cache` so that it ends at slot cache.max_len - 1 (which is
+        the longest prompt's length). Returns each prompt's last-token logits (J, 1, V), or None
+        when the model no longer suits the plan. cache.length is left untouched."""
+        width = cache.max_len
+        if any(not 0 < len(p) <= min(self.max_prefill, width) for p in prompts) or len(prompts) > cache.k[0].shape[0]:
+            raise InvalidArgument("prefill_many: every prompt must fit max_prefill and the cache's width")
+        if width > model.config.block_size:
+            raise InvalidArgument(f"{width} tokens exceed the context window of {model.config.block_size}")
+        if not self._ready(model, cache):
+            return None
+        rows = torch.tensor([j for j, p in enumerate(prompts) for _ in p])
+        slots = torch.tensor([width - len(p) + i for p in prompts for i in range(len(p))])
+        firsts = torch.tensor([width - len(p) for p in prompts for _ in p])
+        ends = torch.tensor([len(p) for p in prompts]).cumsum(0) - 1  # each prompt's last row
+        tokens = torch.tensor([t for p in prompts for t in p])
+        return self.plan.prefill_rows(tokens, rows, slots, firsts, ends.tolist(), cache.k, cache.v)
+
+    def _ready(self, model: nn.Module, cache) -> bool:
+        """Whether the plan can run on `cache`: contiguous tensors, and the model's weights
+        still those the plan holds (checked once per cache object: the first step of a new
+        generation rebuilds the plan if parameters were replaced)."""
+        if any(not (k.is_contiguous() and v.is_contiguous()) for k, v in zip(cache.k, cache.v)):
+            return False
+        if self.checked_cache is None or self.checked_cache() is not cache:
+            if self._fingerprint(model) != self.fingerprint:
+                if not self.supports(model):
+                    return False
+                self._build(model)
+            self.checked_cache = weakref.ref(cache)
+        return True
 
     @staticmethod
     def _fingerprint(model: nn.Module) -> list:

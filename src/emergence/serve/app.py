@@ -244,7 +244,7 @@ class Server:
         return out
 
     def _submit(self, jobs) -> list[tuple[int, Request]]:
-        sink: queue.Queue = queue.Queue()
+        sink: queue.SimpleQueue = queue.SimpleQueue()  # C-level: cheaper per token than Queue
         submitted = []
         try:
             for index, ids, params in jobs:

@@ -39,7 +39,7 @@ class Request:
 
     prompt: list[int]
     params: SamplingParams
-    sink: queue.Queue = field(default_factory=queue.Queue)
+    sink: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     tag: int = 0
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -87,17 +87,18 @@ class BatchEngine:
         self._k: list[torch.Tensor] | None = None  # per layer (slots, n_kv_head, block_size, head_dim)
         self._v: list[torch.Tensor] | None = None
         self._logits: torch.Tensor | None = None  # (B, V) next-token logits of the active rows
+        self._alone: KVCache | None = None  # where each prompt is prefilled before it joins
         self._stopping = False
         self.steps = 0  # decoding steps run (each serves every active row)
         self._thread = threading.Thread(target=self._run, name="emergence-batch-engine", daemon=True)
         self._thread.start()
 
     # ------------------------------------------------------------------------ client side
-    def submit(self, prompt: list[int], params: SamplingParams, *, sink: queue.Queue | None = None,
+    def submit(self, prompt: list[int], params: SamplingParams, *, sink: queue.SimpleQueue | None = None,
                tag: int = 0) -> Request:
         """Queue a completion of `prompt` (token ids, already checked to fit the context)."""
         params.check_vocabulary(self.model.config.vocab_size)
-        request = Request(list(prompt), params, sink if sink is not None else queue.Queue(), tag)
+        request = Request(list(prompt), params, sink if sink is not None else queue.SimpleQueue(), tag)
         with self._lock:
             if len(self._waiting) >= self.max_queue:
                 raise InvalidArgument(f"the server is busy: {self.max_queue} requests are already waiting")
@@ -128,8 +129,7 @@ class BatchEngine:
                     joining.append(self._waiting.popleft())
             try:
                 with torch.inference_mode():
-                    for request in joining:
-                        self._admit(request)
+                    self._admit(joining)
                     if self._rows:
                         self._step()
             except Exception as e:  # a bug, or memory: fail the requests in flight, keep serving
@@ -139,32 +139,57 @@ class BatchEngine:
                     if not any(request is r for r in self._requests):
                         request._end(e)
                 self._rows, self._requests, self._logits = [], [], None
-                self._cache = self._k = self._v = None
+                self._cache = self._k = self._v = self._alone = None
         for request in self._requests + list(self._waiting):
             request._end()
 
-    def _admit(self, request: Request) -> None:
-        """Prefill one prompt alone and add it as a row of the shared batch."""
-        if request.cancelled.is_set():
-            request._end()
-            return
+    def _admit(self, requests: list[Request]) -> None:
+        """Prefill the joining prompts and add each as a row of the shared batch: short prompts
+        all in one native call when the model has the fused decoder (each prefill alone would
+        read every weight once more), the others one by one."""
         config = self.model.config
-        row = new_row(0, request.prompt, request.params, config, self.tokenizer, self.eos, self.device)
-        if row.max_new <= 0:
-            request._put(Chunk("", [], [], "length"))
-            request._end()
-            return
-        P = len(request.prompt)
-        alone = KVCache(config, 1, P, dtype=self.dtype, device=self.device)
-        ids = torch.tensor([request.prompt], device=self.device)
-        logits = self.model(ids, alone, last_logits_only=True)[:, -1].float()  # (1, V)
-        self._join(alone, P)
+        ready: list[tuple[Request, _Row]] = []
+        for request in requests:
+            if request.cancelled.is_set():
+                request._end()
+                continue
+            row = new_row(0, request.prompt, request.params, config, self.tokenizer, self.eos, self.device)
+            if row.max_new <= 0:
+                request._put(Chunk("", [], [], "length"))
+                request._end()
+                continue
+            ready.append((request, row))
+        fused = getattr(self.model, "fused_decoder", None)  # None: eager, or a stand-in model
+        together = [(q, r) for q, r in ready if fused is not None and len(q.prompt) <= fused.max_prefill]
+        if len(together) > 1:
+            width = max(len(q.prompt) for q, _ in together)
+            prefill = KVCache(config, len(together), width, dtype=self.dtype, device=self.device)
+            logits = fused.prefill_many(self.model, [q.prompt for q, _ in together], prefill)  # (J, 1, V)
+            if logits is not None:
+                for j, (request, row) in enumerate(together):
+                    P = len(request.prompt)
+                    self._join(prefill, j, width - P, P)
+                    self._add(request, row, logits[j].float())
+                ready = [item for item in ready if not any(item[0] is q for q, _ in together)]
+        for request, row in ready:
+            if self._alone is None:  # one prefill cache for every lone prompt (a new cache object
+                # per prefill would also make the native decoder re-check the model's weights)
+                self._alone = KVCache(config, 1, config.block_size, dtype=self.dtype, device=self.device)
+            self._alone.length = 0
+            ids = torch.tensor([request.prompt], device=self.device)
+            logits = self.model(ids, self._alone, last_logits_only=True)[:, -1].float()  # (1, V)
+            self._join(self._alone, 0, 0, len(request.prompt))
+            self._add(request, row, logits)
+
+    def _add(self, request: Request, row: _Row, logits: torch.Tensor) -> None:
+        """A joined row's state; logits (1, V): its first token's."""
         self._rows.append(row)
         self._requests.append(request)
         self._logits = logits if self._logits is None else torch.cat([self._logits, logits])
 
-    def _join(self, alone: KVCache, P: int) -> None:
-        """Put a prefilled row (P slots) into the next free cache row, aligned at the end."""
+    def _join(self, source: KVCache, row: int, start: int, P: int) -> None:
+        """Put a prefilled prompt (slots start .. start + P - 1 of `source`'s row `row`) into the
+        next free cache row, aligned at the end."""
         config = self.model.config
         if self._k is None:  # every slot's rows, allocated once: (slots, n_kv_head, block_size, head_dim)
             shape = (self.slots, config.n_kv_head, config.block_size, config.head_dim)
@@ -179,9 +204,9 @@ class BatchEngine:
             cache.pad = cache.pad + shift
             cache.length = P
         L = cache.length
-        for full, own in ((self._k, alone.k), (self._v, alone.v)):
+        for full, own in ((self._k, source.k), (self._v, source.v)):
             for layer in range(config.n_layer):
-                full[layer][B, :, L - P:L] = own[layer][0, :, :P]  # slots before L - P: padding, never read
+                full[layer][B, :, L - P:L] = own[layer][row, :, start:start + P]  # slots before L - P: padding
         cache.pad = torch.cat([cache.pad, torch.tensor([L - P], device=self.device)])
         self._use_rows(B + 1)
 
