@@ -209,8 +209,9 @@ def decode_steps(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[lis
             logits = model(step, cache)[:, -1].float()
 
 
-def _emit(r: _Row, token: int, raw_logits: torch.Tensor) -> tuple[Chunk, bool]:
-    """Record one sampled token for a row; return its chunk and whether the row is done."""
+def _emit(r: _Row, token: int, raw_logits: torch.Tensor | None) -> tuple[Chunk, bool]:
+    """Record one sampled token for a row; return its chunk and whether the row is done.
+    raw_logits (V,) are read only when the row asked for logprobs."""
     if token in r.stop_ids:  # the end token itself is not part of the output
         return Chunk(_flush(r), [], [], "stop"), True
     logprobs = [_logprobs(raw_logits, token, r.params.logprobs)] if r.params.logprobs is not None else []

@@ -262,13 +262,13 @@ class BatchEngine:
                 done.append(b)
                 tokens.append(0)
                 continue
-            raw = logits[b:b + 1]
+            # (no per-row tensor ops unless needed: under load each is a chance to lose the GIL)
             if row.params.plain_greedy:
                 token = argmax[b]
             else:
-                token = int(choose(process_logits(raw, row.params, row.seen, row.counts), row.params.greedy,
-                                   row.generator))
-            chunk, finished = _emit(row, token, raw[0])
+                token = int(choose(process_logits(logits[b:b + 1], row.params, row.seen, row.counts),
+                                   row.params.greedy, row.generator))
+            chunk, finished = _emit(row, token, logits[b] if row.params.logprobs is not None else None)
             request._put(chunk)
             if finished:
                 request._end()
