@@ -1,9 +1,10 @@
-"""Native CPU kernels for batch-1 decoding, compiled on first use and cached.
+"""Native CPU kernels for decoding, compiled on first use and cached.
 
 `gemv.cpp` streams each weight matrix once per token with AVX-512 loads and fp32
 accumulation; torch's bf16 GEMV reaches only about half the memory bandwidth.
 `decode.cpp` runs a whole decoding step (every layer) in one call, without the per-operator
-overhead of eager PyTorch (see fused_decode.py). The extension is built with torch's cpp_extension (gcc + ninja) the first time it is needed,
+overhead of eager PyTorch: for one row, for several left-padded rows with one pass over the
+weights (batched generation, serving), and for short prompts (see fused_decode.py). The extension is built with torch's cpp_extension (gcc + ninja) the first time it is needed,
 into torch's extension cache; `python -m emergence.kernels` builds it ahead of time (the
 Makefile does). Where it cannot be built or the CPU lacks AVX-512, everything falls back
 to torch.nn.functional.linear. EMERGENCE_NO_KERNELS=1 turns the kernels off.
@@ -100,9 +101,9 @@ class DecodeLinear(nn.Linear):
 
 
 def use_decode_kernels(model: nn.Module) -> bool:
-    """Route the model's CPU batch-1 decoding through the native kernels: whole steps through a
-    fused DecodePlan where the model's layout allows, and every batch-1 linear layer through the
-    GEMV. False if the kernels are unavailable here."""
+    """Route the model's CPU decoding through the native kernels: whole steps (and short
+    prefills) through a fused DecodePlan where the model's layout allows, and every batch-1
+    linear layer through the GEMV. False if the kernels are unavailable here."""
     global _gemv
     extension = gemv_extension()
     if extension is None:
