@@ -632,6 +632,31 @@ def test_client_gone_mid_stream_frees_its_slot(served, lm):
     still_serving(port, lm)
 
 
+def test_a_body_shorter_than_announced_gets_408_and_frees_the_thread(served, lm, monkeypatch):
+    from emergence.serve.app import _Handler
+
+    port = served[1]
+    monkeypatch.setattr(_Handler, "timeout", 0.5)
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100\r\n\r\n{\"model\": ")  # 11 of the 100 bytes, then silence
+        started, received = time.monotonic(), b""
+        while True:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            received += chunk
+        assert time.monotonic() - started < 5
+    finally:
+        sock.close()
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408"), received
+    error = json.loads(body)["error"]
+    assert "100 bytes announced" in error["message"] and "0.5 s" in error["message"]
+    still_serving(port, lm)
+
+
 def test_binds_localhost_by_default(served):
     app = served[0]
     server = make_http_server(app, port=0)

@@ -293,6 +293,10 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "emergence"
     protocol_version = "HTTP/1.1"
     app: Server  # set on the subclass made by make_http_server
+    # Seconds any one socket read or write may wait: a client that announces more body than it
+    # sends gets a 408, an idle kept-alive connection or a client that stops reading its stream
+    # is closed, instead of holding a thread forever. (Waiting for tokens is not a socket wait.)
+    timeout = 60
 
     def log_message(self, format, *args) -> None:  # quiet: one line per request is too much for tests
         pass
@@ -352,8 +356,16 @@ class _Handler(BaseHTTPRequestHandler):
         if int(length) > self.app.max_body_bytes:
             self.close_connection = True  # the body stays unread
             raise ApiError(413, f"the request body is {length} bytes; the limit is {self.app.max_body_bytes}")
-        raw = self.rfile.read(int(length))
+        try:
+            raw = self.rfile.read(int(length))
+        except TimeoutError:
+            self._body_read, self.close_connection = True, True  # what is left of the body never came
+            raise ApiError(408, f"the request body ({length} bytes announced) did not arrive within "
+                                f"{self.timeout} s") from None
         self._body_read = True
+        if len(raw) < int(length):
+            self.close_connection = True
+            raise ApiError(400, f"the request body ended after {len(raw)} of the {length} bytes announced")
         try:
             body = json.loads(raw.decode("utf-8"))
             # "\ud800" escapes decode to lone surrogates, which are not text: the tokenizer refuses them
