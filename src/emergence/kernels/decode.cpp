@@ -7,12 +7,14 @@
 // - One row (batch-1 decoding): the matrix-vector products are split across threads by rows
 //   (gemv_rows.h, quant_rows.h).
 // - B rows (batched decoding, the serving engine's shared batch): each linear layer is one
-//   matrix product over the B rows (ATen's GEMM, as the eager forward), so the weights are
-//   read once per step instead of once per row. Rows are left-padded as in KVCache: every row
-//   writes its new key and value at the same slot; row b's position is slot - pad[b] and it
-//   attends to slots [pad[b], slot].
-// - A short prompt of T tokens (prefill): the T tokens are T rows of one cache row, at slots
-//   start .. start + T - 1, each attending causally; only the last row's logits are computed.
+//   matrix product over the B rows (gemm_rows: register tiles of 4 weight rows x 4 rows), so
+//   the weights are read once per step instead of once per row. Rows are left-padded as in
+//   KVCache: every row writes its new key and value at the same slot; row b's position is
+//   slot - pad[b] and it attends to slots [pad[b], slot].
+// - Short prompts (prefill): a prompt's T tokens are T rows of one cache row, at consecutive
+//   slots, each attending causally; several prompts go in one call, each in its own cache
+//   row; only each prompt's last logits are computed.
+// Packed quantized weights keep their GEMV, row after row.
 // Norms, RoPE, attention over the KV cache, activations and residuals run in plain loops.
 //
 // Numerics follow the model's eager forward pass (model.py): an fp32 model computes in fp32;

@@ -4,8 +4,9 @@
 and no gradient is needed: one row without padding runs `DecodePlan.step` (GEMVs), several
 left-padded rows (batched generation, the serving engine) run `step_batch` (one GEMM per
 linear layer over the rows). A short prompt of one row whose last logits alone are wanted
-runs `prefill` (its tokens as the GEMM's rows); longer prompts stay with the eager forward,
-whose large GEMMs and fused attention serve them better. The native `DecodePlan` (decode.cpp) keeps
+runs `prefill` (its tokens as the GEMM's rows), and the serving engine prefills the prompts
+that join together with `prefill_many`; longer prompts stay with the eager forward, whose
+large GEMMs and fused attention serve them better. The native `DecodePlan` (decode.cpp) keeps
 references to the model's weight tensors; when any parameter is replaced (a new state dict,
 a dtype change, swapped modules) the plan is rebuilt at the next generation (the first step
 with a new KV cache), so it never computes with stale weights.
