@@ -111,6 +111,14 @@ def parse_sampling(body: dict, *, chat: bool, default_max_tokens: int | None) ->
     else:
         logprobs = _integer(body, "logprobs", None, 0, 20)
         max_tokens = _integer(body, "max_tokens", default_max_tokens, 1, 1 << 30)
+        # legacy completion options this server does not implement: refused, not silently ignored
+        if body.get("echo") not in (None, False):
+            raise ApiError(400, "'echo' is not supported: the prompt is not repeated in the completion", "echo")
+        if body.get("suffix") not in (None, ""):
+            raise ApiError(400, "'suffix' (text insertion) is not supported", "suffix")
+        if body.get("best_of") not in (None, body.get("n", 1)):
+            raise ApiError(400, "'best_of' is not supported (candidates are not ranked on the server); use n",
+                           "best_of")
     seed = _integer(body, "seed", None, -(1 << 63), (1 << 63) - 1)
     bias = body.get("logit_bias") or {}
     if not isinstance(bias, dict):
