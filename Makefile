@@ -46,6 +46,7 @@ bench: $(VENV)/.test-deps
 	$(BIN)/python bench/bench_qgemv.py
 	$(BIN)/python bench/bench_train.py
 	$(BIN)/python bench/bench_serve.py
+	$(BIN)/python bench/bench_serve.py --model emergence-6m
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache
