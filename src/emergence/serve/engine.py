@@ -1,17 +1,20 @@
 """Continuous batching: requests join and leave one shared decode batch, step by step.
 
 One worker thread owns the model. Each loop it admits waiting requests into free slots
-(each prompt is prefilled alone, then its keys and values are placed in the shared KV
-cache), runs ONE decoding step for every active row together, hands each row its token,
-and drops the rows that finished or whose client went away. A request never waits for
-another to finish: it waits at most for a free slot and one step.
+(their prompts are prefilled apart from the batch: short ones all in one native call, each
+in its own cache row; then each prompt's keys and values are placed in the shared KV cache),
+runs ONE decoding step for every active row together (one native call on the CPU: each
+weight is read once for all rows), hands each row its token, and drops the rows that
+finished or whose client went away. A request never waits for another to finish: it waits
+at most for a free slot and one step.
 
 The shared cache is the left-padded `KVCache` of batched generation: every row's latest
 token sits in the same slot, a row that joined with a shorter history has more padding in
 front. Its tensors are views of the first B rows of per-slot buffers allocated once, so a
 joining request writes one row and a finishing one is replaced by the last row: no step
-copies the whole cache. A row joining with a longer prompt than the batch's history shifts the others right;
-when the cache is full, the slots no row uses any more are cut from the front. Positions
+copies the whole cache. A row joining with a longer prompt than the batch's history shifts
+the others right; when the cache is full, the slots no row uses any more are cut from the
+front. Positions
 and masks come from each row's padding, so a row computes what it would compute alone.
 """
 
