@@ -14,8 +14,8 @@ front. Its tensors are views of the first B rows of per-slot buffers allocated o
 joining request writes one row and a finishing one is replaced by the last row: no step
 copies the whole cache. A row joining with a longer prompt than the batch's history shifts
 the others right; when the cache is full, the slots no row uses any more are cut from the
-front. Positions
-and masks come from each row's padding, so a row computes what it would compute alone.
+front. Positions and masks come from each row's padding, so a row computes what it would
+compute alone.
 """
 
 from __future__ import annotations
