@@ -50,6 +50,22 @@ def test_bf16_gemv_is_the_fp32_product_rounded_once(shape, x_dtype):
     assert (got.double() - exact).abs().max() <= torch_err * 1.01 + 1e-12
 
 
+@pytest.mark.parametrize("rows", [2, 3, 4, 5, 9, 16])
+@pytest.mark.parametrize("shape", [(1, 1), (7, 16), (173, 77), (768, 256), (4099, 64)])
+@pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16])
+def test_batched_gemm_matches_the_exact_product(rows, shape, w_dtype):
+    # The batched step's product: tiles of 4 weight rows x 4 rows of x, with every remainder
+    # (N not a multiple of 4, rows not a multiple of 4, K not a multiple of 16) exercised.
+    torch.manual_seed(rows * 1000 + shape[0])
+    n, k = shape
+    w, x = torch.randn(n, k).to(w_dtype), torch.randn(rows, k)
+    exact = x.double() @ w.double().T
+    got = ext.gemm(x, w)
+    assert got.shape == (rows, n) and got.dtype == torch.float32
+    bound = k * 2**-23 * (x.double().abs() @ w.double().abs().T)  # fp32 accumulation, any order
+    assert ((got.double() - exact).abs() <= bound + 1e-12).all()
+
+
 def test_default_model_is_unchanged_by_the_kernels():
     fast = emergence.load(device="cpu")
     plain = emergence.load(device="cpu", fast_kernels=False)
