@@ -225,8 +225,8 @@ def test_fused_prefill_equals_the_eager_forward(hf_model, dtype, monkeypatch):
     family, _, folder = hf_model
     lm = emergence.load(folder, device="cpu", dtype=dtype)
     calls = []
-    plan_prefill = type(lm.model.fused_decoder.plan).prefill
-    monkeypatch.setattr(type(lm.model.fused_decoder.plan), "prefill",
+    plan_prefill = type(lm.model.fused_decoder.plan).prefill_rows
+    monkeypatch.setattr(type(lm.model.fused_decoder.plan), "prefill_rows",
                         lambda plan, *a: calls.append(len(a[0])) or plan_prefill(plan, *a))
     torch.manual_seed(7)
     limit = lm.model.fused_decoder.max_prefill

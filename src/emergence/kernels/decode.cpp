@@ -141,19 +141,7 @@ class DecodePlan {
     return run(tokens.data_ptr<int64_t>(), k_cache, v_cache, {});
   }
 
-  // Prefill a one-row cache with tokens (T,) at slots start .. start + T - 1 (no padding);
-  // returns the last token's logits (1, 1, V).
-  at::Tensor prefill(const at::Tensor& tokens, int64_t start, const std::vector<at::Tensor>& k_cache,
-                     const std::vector<at::Tensor>& v_cache) {
-    TORCH_CHECK(tokens.dim() == 1 && tokens.size(0) > 0, "tokens must be (T,) with T >= 1");
-    check_ids(tokens);
-    const int64_t T = tokens.size(0);
-    rows_.resize(T);
-    for (int64_t t = 0; t < T; ++t) rows_[t] = Row{0, start + t, 0, start + t};
-    return run(tokens.data_ptr<int64_t>(), k_cache, v_cache, {T - 1});
-  }
-
-  // Prefill several left-padded prompts at once: token r goes to cache row cache_rows[r], slot
+  // Prefill one or several left-padded prompts: token r goes to cache row cache_rows[r], slot
   // slots[r], attends to slots [firsts[r], slots[r]] of that row and sits at position
   // slots[r] - firsts[r]; returns the logits (len(out_rows), 1, V) of the rows out_rows (each
   // prompt's last token).
@@ -188,7 +176,7 @@ class DecodePlan {
                 "token ids and pads must be contiguous int64 CPU tensors");
   }
 
-  // The step of rows_ (one token each) behind step(), step_batch() and the prefills: every
+  // The step of rows_ (one token each) behind step(), step_batch() and prefill_rows(): every
   // row's keys and values are stored before any row attends, so prefill rows see their
   // predecessors. Returns the logits of out_rows (all rows when empty).
   at::Tensor run(const int64_t* tokens, const std::vector<at::Tensor>& k_cache, const std::vector<at::Tensor>& v_cache,
@@ -488,9 +476,6 @@ void register_decode_plan(pybind11::module& m) {
            pybind11::call_guard<pybind11::gil_scoped_release>())
       .def("step_batch", &DecodePlan::step_batch,
            "tokens (B,), pads (B,), cache slot, key caches, value caches -> logits (B, 1, V)",
-           pybind11::call_guard<pybind11::gil_scoped_release>())
-      .def("prefill", &DecodePlan::prefill,
-           "tokens (T,), first slot, key caches, value caches of one row -> last token's logits (1, 1, V)",
            pybind11::call_guard<pybind11::gil_scoped_release>())
       .def("prefill_rows", &DecodePlan::prefill_rows,
            "tokens, cache rows, slots, first slots (R,), output rows, key caches, value caches -> logits",

@@ -4,8 +4,8 @@
 and no gradient is needed: one row without padding runs `DecodePlan.step` (GEMVs), several
 left-padded rows (batched generation, the serving engine) run `step_batch` (one GEMM per
 linear layer over the rows). A short prompt of one row whose last logits alone are wanted
-runs `prefill` (its tokens as the GEMM's rows), and the serving engine prefills the prompts
-that join together with `prefill_many`; longer prompts stay with the eager forward, whose
+runs `prefill_rows` (its tokens as the GEMM's rows), and the serving engine prefills the
+prompts that join together with `prefill_many` (the same call, one cache row per prompt); longer prompts stay with the eager forward, whose
 large GEMMs and fused attention serve them better. The native `DecodePlan` (decode.cpp) keeps
 references to the model's weight tensors; when any parameter is replaced (a new state dict,
 a dtype change, swapped modules) the plan is rebuilt at the next generation (the first step
@@ -83,9 +83,11 @@ class FusedDecoder:
             raise InvalidArgument(f"{longest} tokens exceed the context window of {model.config.block_size}")
         if not self._ready(model, cache):
             return None
-        if T > 1:
+        if T > 1:  # one row's prompt, at slots slot .. slot + T - 1, no padding
             tokens = input_ids[0].to(device="cpu", dtype=torch.long).contiguous()
-            logits = self.plan.prefill(tokens, slot, cache.k, cache.v)
+            zeros = torch.zeros(T, dtype=torch.long)
+            logits = self.plan.prefill_rows(tokens, zeros, torch.arange(slot, slot + T), zeros, [T - 1],
+                                            cache.k, cache.v)
         elif B == 1 and not cache.has_padding:
             logits = self.plan.step(int(input_ids[0, 0]), slot, cache.k, cache.v)
         else:

@@ -164,6 +164,7 @@ class BatchEngine:
             ready.append((request, row))
         fused = getattr(self.model, "fused_decoder", None)  # None: eager, or a stand-in model
         together = [(q, r) for q, r in ready if fused is not None and len(q.prompt) <= fused.max_prefill]
+        alone = ready
         if len(together) > 1:
             width = max(len(q.prompt) for q, _ in together)
             prefill = KVCache(config, len(together), width, dtype=self.dtype, device=self.device)
@@ -173,8 +174,8 @@ class BatchEngine:
                     P = len(request.prompt)
                     self._join(prefill, j, width - P, P)
                     self._add(request, row, logits[j].float())
-                ready = [item for item in ready if not any(item[0] is q for q, _ in together)]
-        for request, row in ready:
+                alone = [(q, r) for q, r in ready if len(q.prompt) > fused.max_prefill]
+        for request, row in alone:
             if self._alone is None:  # one prefill cache for every lone prompt (a new cache object
                 # per prefill would also make the native decoder re-check the model's weights)
                 self._alone = KVCache(config, 1, config.block_size, dtype=self.dtype, device=self.device)
