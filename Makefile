@@ -44,6 +44,7 @@ bench: $(VENV)/.test-deps
 	$(BIN)/python bench/bench_decode.py
 	$(BIN)/python bench/bench_quant.py
 	$(BIN)/python bench/bench_qgemv.py
+	$(BIN)/python bench/bench_batched.py
 	$(BIN)/python bench/bench_train.py
 	$(BIN)/python bench/bench_serve.py
 	$(BIN)/python bench/bench_serve.py --model emergence-6m

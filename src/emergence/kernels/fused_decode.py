@@ -23,10 +23,10 @@ from ..errors import InvalidArgument
 
 # Quantized formats (emergence.quant) with a native kernel -> decode.cpp's WeightKind.
 KERNEL_KINDS = {"q8_0": 2, "q4_0": 3, "int8": 4, "int4": 5, "ternary": 6, "nf4": 7}
-# The longest prompt prefilled natively, where that beats the eager forward (measured on the
-# smollm2-135m shapes): fp32 weights up to 32 tokens; bf16 up to 16 (beyond, oneDNN's bf16
-# GEMM wins); packed quantized weights up to 4 (their kernels read the weights once per token,
-# where the eager path dequantizes once per call).
+# The longest prompt prefilled natively, where that is at least as fast as the eager forward
+# (bench/bench_batched.py, smollm2-135m shapes): fp32 weights up to 32 tokens; bf16 up to 16
+# (at 32, oneDNN's bf16 GEMM is level or ahead); packed quantized weights up to 4 (their kernels
+# read the weights once per token, where the eager path dequantizes once per call).
 MAX_NATIVE_PREFILL, MAX_NATIVE_PREFILL_BF16, MAX_NATIVE_PREFILL_PACKED = 32, 16, 4
 # The linear layers of a block, by decode.cpp's slot number.
 _LINEAR_SLOTS = ("attn.qkv_proj", "attn.o_proj", "mlp.up", "mlp.down_proj")

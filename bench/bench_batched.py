@@ -1,0 +1,132 @@
+"""The batched native paths against the eager forward, same run: decoding steps of 16 left-padded
+rows, their matrix products, and short-prompt prefill.
+
+- GEMM: every linear layer of emergence-6m (the shipped 5.9M-parameter model) for 16 rows,
+  the matrices cold as in a decoding step (23.5 MB, all of them in turn): the native
+  `gemm_rows` (kernels/gemv_rows.h) against torch.mm (MKL) on the same operands.
+- Step: one decoding step of emergence-6m for 16 rows (padding 0-2 slots, 60 cached slots):
+  the fused native step against the eager forward, and one row alone for reference.
+- Prefill: one prompt of 4-32 tokens on the smollm2-135m shapes (30 layers, 576 wide, random
+  weights), fp32 and bf16: the native prefill against the eager forward. This is what sets
+  MAX_NATIVE_PREFILL and MAX_NATIVE_PREFILL_BF16 in kernels/fused_decode.py.
+
+Every figure is the best of several repetitions (the machine is shared and noisy).
+
+    python bench/bench_batched.py [--reps 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import emergence
+from emergence.config import Config
+from emergence.kernels import gemv_extension, use_decode_kernels
+from emergence.kv_cache import KVCache
+from emergence.model import Transformer
+
+
+def best_ms(fn, reps: int, inner: int) -> float:
+    """Best over reps of the mean time of `inner` calls, in ms."""
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        best = min(best, (time.perf_counter() - start) / inner * 1e3)
+    return best
+
+
+def bench_gemm(model, reps: int, rows: int = 16) -> dict:
+    ext = gemv_extension()
+    weights = [m.weight.detach() for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    xs = {w.shape[1]: torch.randn(rows, w.shape[1]) for w in weights}
+    for w in weights:  # same product, to fp32 rounding
+        assert torch.allclose(ext.gemm(xs[w.shape[1]], w), xs[w.shape[1]] @ w.T, rtol=1e-4, atol=1e-4)
+    flops = sum(2 * rows * w.numel() for w in weights)
+    native = best_ms(lambda: [ext.gemm(xs[w.shape[1]], w) for w in weights], reps, 20)
+    mkl = best_ms(lambda: [torch.mm(xs[w.shape[1]], w.T) for w in weights], reps, 20)
+    return {"rows": rows, "matrices": len(weights), "native_ms": native, "torch_mm_ms": mkl,
+            "native_gflop_s": flops / native / 1e6, "torch_mm_gflop_s": flops / mkl / 1e6}
+
+
+def bench_step(model, reps: int, rows: int = 16, cached: int = 60) -> dict:
+    config, fused = model.config, model.fused_decoder
+    out = {}
+    with torch.inference_mode():
+        for name, B, decoder in (("native_1_row", 1, fused), ("native", rows, fused), ("eager", rows, None)):
+            cache = KVCache(config, B, config.block_size)
+            cache.pad, cache.has_padding = torch.arange(B) % 3, B > 1
+            ids = torch.ones(B, 1, dtype=torch.long)
+
+            def step():
+                cache.length = cached
+                model(ids, cache)
+
+            model.fused_decoder = decoder
+            out[f"{name}_ms"] = best_ms(step, reps, 20)
+    model.fused_decoder = fused
+    return out
+
+
+def bench_prefill(reps: int) -> list[dict]:
+    config = Config.from_name("smollm2-135m")
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        model = Transformer(config).to(dtype).eval()
+        use_decode_kernels(model)
+        fused = model.fused_decoder
+        for T in (4, 8, 16, 32):
+            ids = torch.randint(0, 1000, (1, T))
+            times = {}
+            with torch.inference_mode():
+                for name, decoder in (("native", fused), ("eager", None)):
+                    model.fused_decoder = decoder
+
+                    def prefill():
+                        model(ids, KVCache(config, 1, 64, dtype=dtype), last_logits_only=True)
+
+                    times[name] = best_ms(prefill, reps, 1)
+            model.fused_decoder = fused
+            rows.append({"dtype": str(dtype).removeprefix("torch."), "tokens": T,
+                         "native_tok_s": T / times["native"] * 1e3, "eager_tok_s": T / times["eager"] * 1e3,
+                         "native_used_by_default": T <= fused.max_prefill})
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--out", default="bench/results/batched.json")
+    args = parser.parse_args()
+    if gemv_extension() is None:
+        raise SystemExit("the native kernels are not available here")
+    model = emergence.load("emergence-6m").model
+    result = {"threads": torch.get_num_threads(), "torch": torch.__version__,
+              "gemm": bench_gemm(model, args.reps), "step": bench_step(model, args.reps),
+              "prefill": bench_prefill(args.reps)}
+    g, s = result["gemm"], result["step"]
+    print(f"emergence-6m, {g['rows']} rows x {g['matrices']} linear layers: native {g['native_ms']:.2f} ms "
+          f"({g['native_gflop_s']:.0f} GFLOP/s), torch.mm {g['torch_mm_ms']:.2f} ms ({g['torch_mm_gflop_s']:.0f})")
+    print(f"emergence-6m decoding step: 16 rows native {s['native_ms']:.2f} ms, eager {s['eager_ms']:.2f} ms; "
+          f"1 row native {s['native_1_row_ms']:.2f} ms")
+    print("\n| dtype | prompt tokens | native tok/s | eager tok/s | native by default |\n|---|---|---|---|---|")
+    for r in result["prefill"]:
+        print(f"| {r['dtype']} | {r['tokens']} | {r['native_tok_s']:.0f} | {r['eager_tok_s']:.0f} | "
+              f"{'yes' if r['native_used_by_default'] else 'no'} |")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print(f"results written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
