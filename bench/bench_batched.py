@@ -1,11 +1,11 @@
-"""The batched native paths against the eager forward, same run: decoding steps of 16 left-padded
-rows, their matrix products, and short-prompt prefill.
+"""The batched native paths against the eager forward, same run: decoding steps of 16 rows,
+their matrix products, and short-prompt prefill.
 
 - GEMM: every linear layer of emergence-6m (the shipped 5.9M-parameter model) for 16 rows,
   the matrices cold as in a decoding step (23.5 MB, all of them in turn): the native
   `gemm_rows` (kernels/gemv_rows.h) against torch.mm (MKL) on the same operands.
-- Step: one decoding step of emergence-6m for 16 rows (padding 0-2 slots, 60 cached slots):
-  the fused native step against the eager forward, and one row alone for reference.
+- Step: one decoding step of emergence-6m for 16 rows (58-60 cached tokens each, in the paged
+  KV cache): the native backend against the eager one, and one row alone for reference.
 - Prefill: one prompt of 4-32 tokens on the smollm2-135m shapes (30 layers, 576 wide, random
   weights), fp32 and bf16: the native prefill against the eager forward. This is what sets
   MAX_NATIVE_PREFILL and MAX_NATIVE_PREFILL_BF16 in kernels/fused_decode.py.
@@ -27,8 +27,9 @@ import torch
 
 import emergence
 from emergence.config import Config
-from emergence.kernels import gemv_extension, use_decode_kernels
-from emergence.kv_cache import KVCache
+from emergence.decode import make_backend
+from emergence.kernels import gemv_extension
+from emergence.kv_cache import PagedKVCache
 from emergence.model import Transformer
 
 
@@ -57,48 +58,44 @@ def bench_gemm(model, reps: int, rows: int = 16) -> dict:
             "native_gflop_s": flops / native / 1e6, "torch_mm_gflop_s": flops / mkl / 1e6}
 
 
+def paged(model, rows: int, tokens: list[int]) -> tuple[PagedKVCache, list[list[int]]]:
+    """A paged cache holding `rows` sequences of tokens[r] tokens each (their values unwritten)."""
+    cache = PagedKVCache(model.config, rows * (max(tokens) // 16 + 2), dtype=model.tok_embeddings.weight.dtype)
+    tables = [[] for _ in range(rows)]
+    for table, n in zip(tables, tokens):
+        cache.grow(table, 0, n + 1)
+    return cache, tables
+
+
 def bench_step(model, reps: int, rows: int = 16, cached: int = 60) -> dict:
-    config, fused = model.config, model.fused_decoder
     out = {}
     with torch.inference_mode():
-        for name, B, decoder in (("native_1_row", 1, fused), ("native", rows, fused), ("eager", rows, None)):
-            cache = KVCache(config, B, config.block_size)
-            cache.pad, cache.has_padding = torch.arange(B) % 3, B > 1
-            ids = torch.ones(B, 1, dtype=torch.long)
-
-            def step():
-                cache.length = cached
-                model(ids, cache)
-
-            model.fused_decoder = decoder
-            out[f"{name}_ms"] = best_ms(step, reps, 20)
-    model.fused_decoder = fused
+        for name, B, backend in (("native_1_row", 1, "native"), ("native", rows, "native"), ("eager", rows, "eager")):
+            lengths = [cached - b % 3 for b in range(B)]
+            cache, tables = paged(model, B, lengths)
+            runner = make_backend(model, cache, backend)
+            out[f"{name}_ms"] = best_ms(lambda: runner.forward([[1]] * B, lengths, tables), reps, 20)
     return out
 
 
 def bench_prefill(reps: int) -> list[dict]:
+    from emergence.kernels.fused_decode import NativeBackend
+
     config = Config.from_name("smollm2-135m")
     rows = []
     for dtype in (torch.float32, torch.bfloat16):
         torch.manual_seed(0)
         model = Transformer(config).to(dtype).eval()
-        use_decode_kernels(model)
-        fused = model.fused_decoder
         for T in (4, 8, 16, 32):
-            ids = torch.randint(0, 1000, (1, T))
-            times = {}
-            with torch.inference_mode():
-                for name, decoder in (("native", fused), ("eager", None)):
-                    model.fused_decoder = decoder
-
-                    def prefill():
-                        model(ids, KVCache(config, 1, 64, dtype=dtype), last_logits_only=True)
-
-                    times[name] = best_ms(prefill, reps, 1)
-            model.fused_decoder = fused
+            ids = torch.randint(0, 1000, (T,)).tolist()
+            cache, tables = paged(model, 1, [T])
+            native, eager = NativeBackend(model, cache), make_backend(model, cache, "eager")
+            times = {name: best_ms(lambda: runner._native([ids], [0], tables) if name == "native"
+                                   else runner.forward([ids], [0], tables), reps, 1)
+                     for name, runner in (("native", native), ("eager", eager))}
             rows.append({"dtype": str(dtype).removeprefix("torch."), "tokens": T,
                          "native_tok_s": T / times["native"] * 1e3, "eager_tok_s": T / times["eager"] * 1e3,
-                         "native_used_by_default": T <= fused.max_prefill})
+                         "native_used_by_default": T <= native.max_prefill})
     return rows
 
 

@@ -34,7 +34,7 @@ from tokenizers import models
 
 import emergence
 from emergence import Config, SamplingParams, generate
-from emergence.kernels import DecodeLinear
+from emergence.kernels.fused_decode import unsupported
 from emergence.tokenizer import Tokenizer
 
 
@@ -59,10 +59,10 @@ def bench_dtype(folder: Path, dtype: torch.dtype, prompt: list[int], new_tokens:
 
     engines = {"transformers": transformers_engine(
         transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval(), prompt)}
-    for name, fast in (("emergence", True), ("emergence-torch-ops", False)):
-        lm = emergence.load(folder, device="cpu", dtype=dtype, fast_kernels=fast)
-        if fast and not any(isinstance(m, DecodeLinear) for m in lm.model.modules()):
-            print("  (native kernels unavailable: emergence uses torch ops only)")
+    for name, backend in (("emergence", "auto"), ("emergence-torch-ops", "eager")):
+        lm = emergence.load(folder, device="cpu", dtype=dtype, backend=backend)
+        if backend == "auto" and unsupported(lm.model) is not None:
+            print(f"  (no native decode step: {unsupported(lm.model)}; emergence uses torch ops only)")
         engines[name] = emergence_engine(lm, prompt)
     samples: dict[str, dict[str, list[float]]] = {n: {"decode_tok_s": [], "prefill_tok_s": []} for n in engines}
     for name, (generate_n, prefill) in engines.items():  # warm-up
@@ -103,7 +103,8 @@ def emergence_engine(lm, prompt: list[int]):
     ids = torch.tensor([prompt])
 
     def generate_n(n: int):
-        generate(lm.model, lm.tokenizer, [prompt], SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True))
+        generate(lm.model, lm.tokenizer, [prompt], SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True),
+                 backend=lm.backend)
 
     def prefill():
         with torch.inference_mode():

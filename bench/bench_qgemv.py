@@ -20,7 +20,6 @@ import time
 import torch
 
 from emergence.kernels import gemv_extension
-from emergence.kernels.fused_decode import _kernel_operands
 from emergence.quant.linear import quantize_model
 
 FORMATS = [("int8", {}), ("q8_0", {}), ("int4", {"group_size": 32}), ("q4_0", {}), ("nf4", {}), ("ternary", {})]
@@ -32,7 +31,9 @@ def operands(fmt: str, options: dict, shape: tuple[int, int]):
     layer = torch.nn.Sequential(torch.nn.Linear(shape[1], shape[0], bias=False))
     torch.nn.init.normal_(layer[0].weight, std=0.02)
     quantize_model(layer, fmt, skip=(), **options)
-    return _kernel_operands(layer[0])
+    ops = layer[0].kernel_operands()
+    return (gemv_extension().weight_kinds[ops.format], ops.data, ops.scales, ops.offsets, ops.group, ops.tensor_scale,
+            ops.act_bits)
 
 
 def best_of(fn, repeats: int) -> float:

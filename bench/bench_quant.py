@@ -36,7 +36,7 @@ from tokenizers import models
 
 from emergence import Config, SamplingParams
 from emergence.generate import stream
-from emergence.kernels import use_decode_kernels
+from emergence.kernels.fused_decode import unsupported
 from emergence.model import Transformer
 from emergence.quant.linear import QuantizedLinear, quantize_model
 from emergence.tokenizer import Tokenizer
@@ -91,7 +91,6 @@ def our_engine(base: Transformer, tokenizer: Tokenizer, dtype, fmt, options, pro
         model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())  # untie: quantize it too
         model.config.tie_embeddings = False
         quantize_model(model, fmt, skip=(), **options)
-    use_decode_kernels(model)
     ids = torch.tensor([prompt])
 
     def decode(n: int) -> float:
@@ -107,7 +106,7 @@ def our_engine(base: Transformer, tokenizer: Tokenizer, dtype, fmt, options, pro
         with torch.inference_mode():
             model(ids, last_logits_only=True)
 
-    return decode, prefill, weight_bytes_per_token(model), model.fused_decoder is not None
+    return decode, prefill, weight_bytes_per_token(model), unsupported(model) is None
 
 
 def llama_cpp_engine(path: Path, prompt: list[int]):

@@ -133,7 +133,7 @@ def _export(args, size: str, run: Path, part_bytes: int = 15 << 20) -> None:
 def _sample(model_dir: Path) -> str:
     import emergence
 
-    lm = emergence.load(model_dir, fast_kernels=False)
+    lm = emergence.load(model_dir, backend="eager")
     prompt = "Once upon a time"
     return prompt + lm.generate(prompt, temperature=0.8, top_k=40, max_new_tokens=60, seed=1)
 

@@ -1,10 +1,29 @@
-"""A preallocated key/value cache for incremental decoding.
+"""The paged KV cache: every sequence's keys and values in fixed-size blocks of one pool.
 
-Keys and values for every layer live in tensors allocated once, of shape
-(batch, n_kv_head, max_len, head_dim); each forward pass writes its new positions at
-`length` and attends over slots [0, length + T). Prompts of different lengths are
-left-padded, so every row shares one write position; `pad` records how many leading slots
-of each row are padding, which gives both the attention mask and the position ids.
+vLLM's PagedAttention layout. The pool holds, for every layer, `num_blocks` blocks of
+`block_size` token slots:
+
+    k, v: (n_layer, num_blocks, n_kv_head, block_size, head_dim)
+
+A sequence owns a block table, the list of its blocks in order: its token t sits in block
+table[t // block_size] at offset t % block_size. Memory therefore follows the tokens held, not
+rows x context. Sequences forked from one another (n samples of one prompt, beams) share
+blocks through reference counts; a shared block is copied before it is written (copy on
+write), which only ever happens to a sequence's last, partly filled block, because full
+blocks are never written again.
+
+A block is zeroed when it is handed out, so that its slots not yet written hold zeros rather
+than uninitialised memory: the eager attention multiplies masked values by a zero weight, and
+0 * NaN would be NaN. (For the same reason a batch's shorter tables are padded with the row's
+own first block, whose masked slots hold finite values.)
+
+On the CPU the pool is one untouched allocation: the operating system gives it pages only
+as blocks are written, so even a large budget costs memory only for the blocks in use
+(blocks are handed out lowest id first and reused last-freed first).
+
+`CacheView` is what one eager forward pass over several cached sequences sees: it writes the
+new tokens' keys and values into their blocks and returns, per row, every slot the row may
+attend to, with the mask that says which.
 """
 
 from __future__ import annotations
@@ -12,37 +31,158 @@ from __future__ import annotations
 import torch
 
 from .config import Config
+from .errors import InvalidArgument
+
+DEFAULT_BLOCK_SIZE = 16  # tokens per block (vLLM's default)
 
 
-class KVCache:
-    def __init__(self, config: Config, batch_size: int, max_len: int, *,
+class OutOfBlocks(RuntimeError):
+    """The pool has fewer free blocks than a step needs (the caller preempts a sequence)."""
+
+
+class PagedKVCache:
+    def __init__(self, config: Config, num_blocks: int, *, block_size: int = DEFAULT_BLOCK_SIZE,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
-        shape = (batch_size, config.n_kv_head, max_len, config.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
-        self.max_len = max_len
-        self.length = 0  # slots filled so far (the same for every row)
-        self.pad = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,) leading pad slots
-        self.has_padding = False
+        if block_size < 1:
+            raise InvalidArgument(f"the KV block size must be at least 1, got {block_size}")
+        if num_blocks < 1:
+            raise InvalidArgument(f"a KV cache needs at least one block, got {num_blocks}")
+        shape = (config.n_layer, num_blocks, config.n_kv_head, block_size, config.head_dim)
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.block_size, self.num_blocks = block_size, num_blocks
+        self.dtype, self.device = dtype, self.k.device
+        self._refs = [0] * num_blocks  # sequences holding each block
+        self._free = list(range(num_blocks - 1, -1, -1))  # a stack: the lowest ids are handed out first
 
-    def set_padding(self, attention_mask: torch.Tensor) -> None:
-        """Record left padding from a (B, T) prompt mask (1 = token, 0 = pad) before prefill."""
-        self.pad = (attention_mask == 0).sum(dim=1).to(self.pad.device)
-        self.has_padding = bool(self.pad.any())
+    # ------------------------------------------------------------------------ sizing
+    @staticmethod
+    def block_bytes(config: Config, block_size: int = DEFAULT_BLOCK_SIZE, dtype: torch.dtype = torch.float32) -> int:
+        """Bytes of one block: keys and values of block_size tokens in every layer."""
+        return 2 * config.n_layer * config.n_kv_head * block_size * config.head_dim * dtype.itemsize
+
+    @classmethod
+    def blocks_in(cls, budget_bytes: int, config: Config, block_size: int = DEFAULT_BLOCK_SIZE,
+                  dtype: torch.dtype = torch.float32) -> int:
+        """How many blocks a memory budget holds."""
+        return budget_bytes // cls.block_bytes(config, block_size, dtype)
+
+    def blocks_for(self, tokens: int) -> int:
+        """Blocks that hold `tokens` tokens of one sequence."""
+        return -(-tokens // self.block_size)
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used(self) -> int:
+        """Blocks held by sequences."""
+        return self.num_blocks - len(self._free)
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    # -------------------------------------------------------------- block tables
+    def blocks_needed(self, table: list[int], length: int, new: int) -> int:
+        """Free blocks that `grow(table, length, new)` would take."""
+        copy = 1 if length % self.block_size and self._refs[table[-1]] > 1 else 0
+        return max(self.blocks_for(length + new) - len(table), 0) + copy
+
+    def grow(self, table: list[int], length: int, new: int) -> None:
+        """Make room for `new` tokens after the `length` already held by the sequence whose
+        blocks are `table` (changed in place): a shared last block that is partly filled is
+        copied first, then new blocks are appended. Raises OutOfBlocks, changing nothing, when
+        the pool has too few free blocks."""
+        if len(table) != self.blocks_for(length):
+            raise ValueError(f"a table of {len(table)} blocks for {length} tokens")
+        if self.blocks_needed(table, length, new) > len(self._free):
+            raise OutOfBlocks(f"{self.blocks_needed(table, length, new)} blocks needed, {len(self._free)} free")
+        if length % self.block_size and self._refs[table[-1]] > 1:  # copy on write
+            shared, own = table[-1], self._take()
+            self.k[:, own] = self.k[:, shared]
+            self.v[:, own] = self.v[:, shared]
+            self._refs[shared] -= 1
+            table[-1] = own
+        while len(table) < self.blocks_for(length + new):
+            table.append(self._take())
+
+    def fork(self, table: list[int]) -> list[int]:
+        """A table for a new sequence that shares every block of `table`."""
+        for block in table:
+            self._refs[block] += 1
+        return list(table)
+
+    def release(self, table: list[int]) -> None:
+        """The sequence whose blocks are `table` is gone: blocks no other sequence holds are freed."""
+        for block in reversed(table):  # the last-freed block is reused first: keep early blocks early
+            self._refs[block] -= 1
+            if self._refs[block] == 0:
+                self._free.append(block)
+        table.clear()
+
+    def tables(self, tables: list[list[int]]) -> torch.Tensor:
+        """(B, longest table) int64 on the cache's device; a shorter table is padded with its own
+        first block (those slots are masked: any written block will do)."""
+        width = max(len(t) for t in tables)
+        return torch.tensor([t + t[:1] * (width - len(t)) for t in tables], dtype=torch.long, device=self.device)
+
+    def _take(self) -> int:
+        block = self._free.pop()
+        self._refs[block] = 1
+        self.k[:, block].zero_()
+        self.v[:, block].zero_()
+        return block
+
+
+class CacheView:
+    """B cached sequences extended by one forward pass: row b already holds starts[b] tokens
+    and brings counts[b] new ones, right-padded to T = max(counts) in the model's input.
+
+    The model asks for `positions(T)` (B, T), `attention_mask(T, window)` (B, 1, T, S), and
+    per layer `update(layer, k, v)`, which stores the new tokens' keys and values (padding
+    excluded) and returns every slot of each row's blocks, (B, n_kv_head, S, head_dim) with
+    S = blocks per row x block_size. Query i of row b sits at position starts[b] + i and sees
+    slot j when j <= starts[b] + i (and, with a sliding window, starts[b] + i - j < window).
+    """
+
+    def __init__(self, cache: PagedKVCache, tables: torch.Tensor, starts: torch.Tensor, counts: torch.Tensor) -> None:
+        self.cache, self.tables = cache, tables  # (B, nb)
+        self.starts, self.counts = starts, counts  # (B,) int64 on the cache's device
+        self._slots = None  # (block ids, offsets, batch rows, token columns) of the new tokens
+
+    @property
+    def longest(self) -> int:
+        """The longest row after this pass (its length must fit the model's context)."""
+        return int((self.starts + self.counts).max())
+
+    def positions(self, T: int) -> torch.Tensor:
+        return self.starts[:, None] + torch.arange(T, device=self.starts.device)  # (B, T)
+
+    def attention_mask(self, T: int, window: int | None) -> torch.Tensor:
+        S = self.tables.shape[1] * self.cache.block_size
+        query = self.positions(T)[:, None, :, None]  # (B, 1, T, 1)
+        key = torch.arange(S, device=query.device)  # (S,)
+        mask = key <= query
+        if window is not None:
+            mask = mask & (query - key < window)
+        return mask  # (B, 1, T, S)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, n_kv_head, T, head_dim) at the current slots; return all keys and values so far."""
-        start, end = self.length, self.length + k.shape[2]
-        self.k[layer][:, :, start:end] = k
-        self.v[layer][:, :, start:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
-
-    def advance(self, n: int) -> None:
-        self.length += n
-
-    def reorder(self, rows: torch.Tensor) -> None:
-        """Keep only (or reorder to) the given batch rows, e.g. to drop finished sequences."""
-        self.k = [t.index_select(0, rows) for t in self.k]
-        self.v = [t.index_select(0, rows) for t in self.v]
-        self.pad = self.pad.index_select(0, rows)
-        self.has_padding = bool(self.pad.any())
+        """k, v (B, n_kv_head, T, head_dim) of the new tokens -> all slots (B, n_kv_head, S, head_dim)."""
+        B, K, T, hd = k.shape
+        if self._slots is None:
+            real = torch.arange(T, device=k.device) < self.counts[:, None]  # (B, T)
+            rows, cols = real.nonzero(as_tuple=True)
+            pos = self.starts[rows] + cols
+            bs = self.cache.block_size
+            self._slots = (self.tables[rows, pos // bs], pos % bs, rows, cols)
+        blocks, offsets, rows, cols = self._slots
+        pool_k, pool_v = self.cache.k[layer], self.cache.v[layer]  # (num_blocks, K, bs, hd)
+        pool_k[blocks, :, offsets] = k[rows, :, cols]  # (N, K, hd) for the N real new tokens
+        pool_v[blocks, :, offsets] = v[rows, :, cols]
+        nb = self.tables.shape[1]
+        all_k = pool_k[self.tables].transpose(1, 2).reshape(B, K, nb * self.cache.block_size, hd)
+        all_v = pool_v[self.tables].transpose(1, 2).reshape(B, K, nb * self.cache.block_size, hd)
+        return all_k, all_v

@@ -5,13 +5,14 @@ LayerNorm or RMSNorm, GELU MLP or SwiGLU, grouped-query attention, biases (all, 
 only), tied embeddings, and a sliding attention window. Module and parameter names are the
 canonical checkpoint names that `weights/names.py` maps to and from other layouts.
 
-Shapes: B batch, T new tokens, S keys attended (cache length + T), D n_embd,
+Shapes: B batch, T new tokens, S keys attended (T, or the slots of a cached row's blocks), D n_embd,
 H query heads, K key/value heads, hd head_dim, V vocabulary.
 """
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +21,9 @@ from torch.overrides import TorchFunctionMode
 
 from .config import Config
 from .errors import InvalidArgument
-from .kv_cache import KVCache
+
+if TYPE_CHECKING:  # the model only calls a cache view's methods
+    from .kv_cache import CacheView
 
 
 class RMSNorm(nn.Module):
@@ -90,7 +93,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(q_dim, config.n_embd, bias=config.bias)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
+                mask: torch.Tensor | None, cache: CacheView | None) -> torch.Tensor:
         B, T, _ = x.shape
         H, K = self.n_head, self.n_kv_head
         hd = self.head_dim
@@ -105,7 +108,7 @@ class Attention(nn.Module):
             q, k = apply_rope(qk, *rope).split([H, K], dim=1)  # queries and keys rotated together
         # q (B, H, T, hd), k and v (B, K, T, hd)
         if cache is not None:
-            k, v = cache.update(self.layer, k, v)  # (B, K, S, hd)
+            k, v = cache.update(self.layer, k, v)  # every slot of each row's blocks, (B, K, S, hd)
         # mask None means "every key is visible": a causal mask is only needed when T > 1.
         causal = mask is None and T > 1
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=K != H)
@@ -160,51 +163,45 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.tok_embeddings.weight
         if config.position == "rope":
             self.register_buffer("rope_inv_freq", rope_inv_freq(config), persistent=False)
-        # Set by emergence.kernels.use_decode_kernels: runs a one-token decoding step (one row or
-        # several left-padded rows) in one native call.
-        self.fused_decoder = None
 
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, *,
+    def forward(self, input_ids: torch.Tensor, cache: CacheView | None = None, *,
                 attention_mask: torch.Tensor | None = None, last_logits_only: bool = False) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, V), or (B, 1, V) with last_logits_only.
 
-        Without a cache, attention_mask (B, T) marks left padding (1 = token, 0 = pad).
-        With a cache, record padding once with `cache.set_padding(mask)` before the prefill.
+        Without a cache, attention_mask (B, T) marks left padding (1 = token, 0 = pad). With a
+        cache view (kv_cache.CacheView: rows of a decode batch, each extended by its new tokens,
+        right-padded) the view says where every row stands, so a mask is refused.
         """
-        if (self.fused_decoder is not None and cache is not None and not torch.is_grad_enabled()
-                and (input_ids.shape[1] == 1 or last_logits_only)):
-            logits = self.fused_decoder(self, input_ids, cache)
-            if logits is not None:
-                return logits
         h = self.hidden_states(input_ids, cache, attention_mask=attention_mask)
         if last_logits_only:
             h = h[:, -1:]
         return self.lm_head(h)
 
-    def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None, *,
+    def hidden_states(self, input_ids: torch.Tensor, cache: CacheView | None = None, *,
                       attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (B, T) -> final normalised hidden states (B, T, D)."""
         B, T = input_ids.shape
-        start = cache.length if cache is not None else 0
         if cache is not None:
-            pad, padded = cache.pad, cache.has_padding  # (B,) leading pad slots per row
-        elif attention_mask is not None:
-            pad = (attention_mask == 0).sum(dim=1)
-            padded = bool(pad.any())
+            if attention_mask is not None:
+                raise InvalidArgument("attention_mask applies to a batch without a KV cache: a cache view already "
+                                      "gives each row's length")
+            longest = cache.longest
+            positions = cache.positions(T)  # (B, T)
+            mask = cache.attention_mask(T, self.config.sliding_window)  # (B, 1, T, S)
         else:
-            pad, padded = None, False
-        # Left padding shifts slots, not positions: the longest row is the one with least padding.
-        longest = start + T - (int(pad.min()) if padded else 0)
+            pad = (attention_mask == 0).sum(dim=1) if attention_mask is not None else None
+            padded = pad is not None and bool(pad.any())
+            # Left padding shifts slots, not positions: the longest row is the one with least padding.
+            longest = T - (int(pad.min()) if padded else 0)
+            # Position of each token: its slot minus the row's left padding, (B, T); without
+            # padding every row has the same positions, (1, T), broadcast (a (B, T) index would
+            # make the position embedding's backward a scatter over B times as many rows).
+            positions = torch.arange(T, device=input_ids.device)[None]
+            if padded:
+                positions = (positions - pad[:, None]).clamp(min=0)
+            mask = self._attention_mask(T, pad if padded else None, input_ids.device)
         if longest > self.config.block_size:
             raise InvalidArgument(f"{longest} tokens exceed the context window of {self.config.block_size}")
-
-        # Position of each new token: its slot minus the row's left padding, (B, T); without
-        # padding every row has the same positions, (1, T), broadcast (a (B, T) index would
-        # make the position embedding's backward a scatter over B times as many rows).
-        positions = torch.arange(start, start + T, device=input_ids.device)[None]
-        if padded:
-            positions = (positions - pad[:, None]).clamp(min=0)
-        mask = self._attention_mask(start, T, pad if padded else None, input_ids.device)
 
         x = self.tok_embeddings(input_ids)  # (B, T, D)
         rope = None
@@ -214,35 +211,29 @@ class Transformer(nn.Module):
             rope = rope_cos_sin(self.rope_inv_freq, positions, x.dtype)
         for block in self.layers:
             x = block(x, rope, mask, cache)
-        if cache is not None:
-            cache.advance(T)
         return self.norm(x)
 
-    def _attention_mask(self, start: int, T: int, pad: torch.Tensor | None,
-                        device: torch.device) -> torch.Tensor | None:
-        """(B or 1, 1, T, S) boolean mask (True = may attend), or None for plain causal attention.
+    def _attention_mask(self, T: int, pad: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+        """(B or 1, 1, T, T) boolean mask (True = may attend) for a batch without a cache, or
+        None for plain causal attention.
 
-        Query i sits in slot start + i; it sees key slot j when j <= start + i, the key is not
-        padding, and (with a sliding window) start + i - j < window. Padding queries see
-        themselves only, so no row is empty.
+        Query i sees key j when j <= i, the key is not padding, and (with a sliding window)
+        i - j < window. Padding queries see themselves only, so no row is empty.
         """
-        S = start + T
         window = self.config.sliding_window
-        windowed = window is not None and S > window
-        if pad is None and not windowed and start == 0:
+        windowed = window is not None and T > window
+        if pad is None and not windowed:
             return None  # is_causal in SDPA
-        if pad is None and not windowed and T == 1:
-            return None  # one query that sees every cached key
-        q_slot = torch.arange(start, S, device=device)[:, None]  # (T, 1)
-        k_slot = torch.arange(S, device=device)[None, :]  # (1, S)
+        q_slot = torch.arange(T, device=device)[:, None]  # (T, 1)
+        k_slot = torch.arange(T, device=device)[None, :]  # (1, T)
         mask = k_slot <= q_slot
         if windowed:
             mask = mask & (q_slot - k_slot < window)
-        mask = mask[None]  # (1, T, S)
+        mask = mask[None]  # (1, T, T)
         if pad is not None:
-            real_key = k_slot[None] >= pad[:, None, None]  # (B, 1, S)
+            real_key = k_slot[None] >= pad[:, None, None]  # (B, 1, T)
             mask = (mask & real_key) | (k_slot == q_slot)[None]
-        return mask[:, None]  # (B or 1, 1, T, S)
+        return mask[:, None]  # (B or 1, 1, T, T)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

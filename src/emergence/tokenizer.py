@@ -390,6 +390,12 @@ class StreamDecoder:
             return ""
         return self._emit(text)
 
+    def copy(self) -> StreamDecoder:
+        """A decoder in the same state (for a sequence that forks)."""
+        other = StreamDecoder(self._tokenizer, skip_special_tokens=self._skip_special_tokens)
+        other._ids, other._read, other._prefix = list(self._ids), self._read, self._prefix
+        return other
+
     def flush(self) -> str:
         """End the sequence: return any text still held back (an unfinished character decodes
         to U+FFFD, as in `decode()`) and start afresh for a new sequence."""

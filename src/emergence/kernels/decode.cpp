@@ -4,16 +4,18 @@
 // dispatch and thread start-up: on a 2-core CPU that costs as much time as streaming the
 // weights. A DecodePlan holds the model's weights once and runs every layer here.
 //
+// One call runs R token rows through every layer. Each row belongs to a sequence of the paged
+// KV cache (kv_cache.py): row r extends sequence rows[r], sits at position positions[r] (also
+// its slot in the sequence), writes its key and value into the block tables[rows[r]][pos / bs]
+// at offset pos % bs, and attends causally to that sequence's slots [0, pos] (the last
+// `window` of them with a sliding window). Every row's key and value are stored before any
+// row attends, so the rows of one prompt see their predecessors.
 // - One row (batch-1 decoding): the matrix-vector products are split across threads by rows
 //   (gemv_rows.h, quant_rows.h).
-// - B rows (batched decoding, the serving engine's shared batch): each linear layer is one
-//   matrix product over the B rows (gemm_rows: register tiles of 4 weight rows x 4 rows), so
-//   the weights are read once per step instead of once per row. Rows are left-padded as in
-//   KVCache: every row writes its new key and value at the same slot; row b's position is
-//   slot - pad[b] and it attends to slots [pad[b], slot].
-// - Short prompts (prefill): a prompt's T tokens are T rows of one cache row, at consecutive
-//   slots, each attending causally; several prompts go in one call, each in its own cache
-//   row; only each prompt's last logits are computed.
+// - Several rows (a decode batch's step, or prompts prefilled together): each linear layer is
+//   one matrix product over the rows (gemm_rows: register tiles of 4 weight rows x 4 rows),
+//   so the weights are read once per call instead of once per row. Only the rows named in
+//   out_rows (each sequence's last token) go through the final norm and the output head.
 // Packed quantized weights keep their GEMV, row after row.
 // Norms, RoPE, attention over the KV cache, activations and residuals run in plain loops.
 //
@@ -22,7 +24,7 @@
 // does (each linear, norm, rotation, activation and residual add), with fp32 accumulation.
 //
 // Shapes: B rows, D n_embd, H query heads, KV key/value heads, hd head_dim, F intermediate
-// size, V vocabulary. KV cache per layer: (B, KV, max_len, hd), contiguous.
+// size, V vocabulary. KV pools: (n_layer, num_blocks, KV, block_size, hd), contiguous.
 #include "gemv_rows.h"
 #include "quant_rows.h"
 
@@ -116,84 +118,55 @@ class DecodePlan {
     TORCH_CHECK(act_bits == 0 || act_bits == 8, "act_bits must be 0 or 8");
   }
 
-  // Run token `token` at position `pos` (also its cache slot) of a one-row cache; write its
-  // keys and values into the caches; return the logits (1, 1, V) in the model's dtype.
-  at::Tensor step(int64_t token, int64_t pos, const std::vector<at::Tensor>& k_cache,
-                  const std::vector<at::Tensor>& v_cache) {
-    rows_.assign(1, Row{0, pos, 0, pos});
-    return run(&token, k_cache, v_cache, {});
-  }
-
-  // One step of B left-padded rows: tokens (B,) and pads (B,) int64, every row writing at cache
-  // slot `slot`; returns the logits (B, 1, V) in the model's dtype.
-  at::Tensor step_batch(const at::Tensor& tokens, const at::Tensor& pads, int64_t slot,
-                        const std::vector<at::Tensor>& k_cache, const std::vector<at::Tensor>& v_cache) {
-    TORCH_CHECK(tokens.dim() == 1 && pads.dim() == 1 && tokens.size(0) == pads.size(0) && tokens.size(0) > 0,
-                "tokens and pads must be (B,) with B >= 1");
-    check_ids(tokens), check_ids(pads);
-    const int64_t B = tokens.size(0);
-    const int64_t* pad = pads.data_ptr<int64_t>();
-    rows_.resize(B);
-    for (int64_t b = 0; b < B; ++b) {
-      TORCH_CHECK(pad[b] >= 0 && pad[b] <= slot, "a row's padding must not reach its new token's slot");
-      rows_[b] = Row{b, slot, pad[b], slot - pad[b]};
-    }
-    return run(tokens.data_ptr<int64_t>(), k_cache, v_cache, {});
-  }
-
-  // Prefill one or several left-padded prompts: token r goes to cache row cache_rows[r], slot
-  // slots[r], attends to slots [firsts[r], slots[r]] of that row and sits at position
-  // slots[r] - firsts[r]; returns the logits (len(out_rows), 1, V) of the rows out_rows (each
-  // prompt's last token).
-  at::Tensor prefill_rows(const at::Tensor& tokens, const at::Tensor& cache_rows, const at::Tensor& slots,
-                          const at::Tensor& firsts, const std::vector<int64_t>& out_rows,
-                          const std::vector<at::Tensor>& k_cache, const std::vector<at::Tensor>& v_cache) {
-    for (const at::Tensor* t : {&tokens, &cache_rows, &slots, &firsts}) {
-      check_ids(*t);
-      TORCH_CHECK(t->dim() == 1 && t->size(0) == tokens.size(0) && t->size(0) > 0, "one entry per token, at least one");
-    }
-    const int64_t R = tokens.size(0);
-    const int64_t *row = cache_rows.data_ptr<int64_t>(), *slot = slots.data_ptr<int64_t>();
-    const int64_t* first = firsts.data_ptr<int64_t>();
+  // Run tokens[r] at position positions[r] of sequence rows[r] (whose blocks are
+  // tables[rows[r]]), for every row r; store their keys and values in the pools k and v;
+  // return the logits (len(out_rows), V), fp32 holding values of the model's dtype, of the
+  // rows out_rows.
+  at::Tensor forward(const std::vector<int64_t>& tokens, const std::vector<int64_t>& rows,
+                     const std::vector<int64_t>& positions, const std::vector<int64_t>& out_rows,
+                     const std::vector<std::vector<int64_t>>& tables, const at::Tensor& k, const at::Tensor& v) {
+    const int64_t R = static_cast<int64_t>(tokens.size());
+    TORCH_CHECK(R > 0 && static_cast<int64_t>(rows.size()) == R && static_cast<int64_t>(positions.size()) == R,
+                "one row and one position per token, at least one token");
+    TORCH_CHECK(k.dim() == 5 && k.size(0) == n_layer_ && k.size(2) == KV_ && k.size(4) == hd_ && k.is_contiguous() &&
+                    v.is_contiguous() && k.sizes() == v.sizes() && k.scalar_type() == dtype_ &&
+                    v.scalar_type() == dtype_ && k.device().is_cpu() && v.device().is_cpu(),
+                "KV pools must be (n_layer, num_blocks, n_kv_head, block_size, head_dim), contiguous CPU tensors in "
+                "the model's dtype");
+    num_blocks_ = k.size(1), block_size_ = k.size(3);
+    tables_ = &tables;
     rows_.resize(R);
-    for (int64_t i = 0; i < R; ++i) {
-      TORCH_CHECK(row[i] >= 0 && first[i] >= 0 && first[i] <= slot[i], "bad cache row, slot or first slot");
-      rows_[i] = Row{row[i], slot[i], first[i], slot[i] - first[i]};
+    for (int64_t r = 0; r < R; ++r) {
+      TORCH_CHECK(rows[r] >= 0 && rows[r] < static_cast<int64_t>(tables.size()), "a row's sequence out of range");
+      TORCH_CHECK(tokens[r] >= 0 && tokens[r] < tok_.size(0), "token id out of range");
+      const auto& table = tables[rows[r]];
+      TORCH_CHECK(positions[r] >= 0 && positions[r] / block_size_ < static_cast<int64_t>(table.size()),
+                  "a position past its sequence's blocks");
+      rows_[r] = Row{rows[r], positions[r]};
     }
-    for (int64_t r : out_rows) TORCH_CHECK(r >= 0 && r < R, "an output row out of range");
-    return run(tokens.data_ptr<int64_t>(), k_cache, v_cache, out_rows);
+    for (const auto& table : tables)
+      for (int64_t block : table) TORCH_CHECK(block >= 0 && block < num_blocks_, "a block id out of range");
+    for (int64_t o : out_rows) TORCH_CHECK(o >= 0 && o < R, "an output row out of range");
+    return run(tokens.data(), k, v, out_rows);
   }
 
  private:
-  // One row of a step: the cache row it reads and writes, its slot there, the first slot it
-  // may attend to (its padding), and its position (for RoPE or the learned table).
+  // One row of a call: its sequence (an index into tables_) and its position there.
   struct Row {
-    int64_t cache_row, slot, first, pos;
+    int64_t seq, pos;
   };
 
-  static void check_ids(const at::Tensor& t) {
-    TORCH_CHECK(t.scalar_type() == at::kLong && t.is_contiguous() && t.device().is_cpu(),
-                "token ids and pads must be contiguous int64 CPU tensors");
-  }
-
-  // The step of rows_ (one token each) behind step(), step_batch() and prefill_rows(): every
-  // row's keys and values are stored before any row attends, so prefill rows see their
-  // predecessors. Returns the logits of out_rows (all rows when empty).
-  at::Tensor run(const int64_t* tokens, const std::vector<at::Tensor>& k_cache, const std::vector<at::Tensor>& v_cache,
-                 const std::vector<int64_t>& out_rows) {
-    TORCH_CHECK(static_cast<int64_t>(k_cache.size()) == n_layer_ && static_cast<int64_t>(v_cache.size()) == n_layer_,
-                "one key and one value cache per layer");
+  // The call behind forward(): rows_ (one token each) through every layer. Every row's key and
+  // value are stored before any row attends, so the rows of one prompt see their predecessors.
+  // Returns the logits of out_rows (all rows when empty).
+  at::Tensor run(const int64_t* tokens, const at::Tensor& k, const at::Tensor& v, const std::vector<int64_t>& out_rows) {
     const int64_t B = static_cast<int64_t>(rows_.size());
     const int64_t qkv_rows = (H_ + 2 * KV_) * hd_, half = hd_ / 2, hidden = swiglu_ ? 2 * F_ : F_;
     x_.resize(B * D_), xn_.resize(B * D_), tmp_.resize(B * D_), qkv_.resize(B * qkv_rows);
     attn_.resize(B * H_ * hd_), hidden_.resize(B * hidden), act_.resize(B * F_), logits_.resize(B * V_);
     cos_.resize(B * half), sin_.resize(B * half);
-    int64_t cache_rows = 0, last_slot = 0;
     for (int64_t b = 0; b < B; ++b) {
       const Row& row = rows_[b];
-      TORCH_CHECK(tokens[b] >= 0 && tokens[b] < tok_.size(0), "token id out of range");
-      TORCH_CHECK(row.slot >= 0 && row.pos >= 0, "negative cache slot or position");
-      cache_rows = std::max(cache_rows, row.cache_row + 1), last_slot = std::max(last_slot, row.slot);
       float* x = x_.data() + b * D_;
       const Vec tok(tok_), learned(pos_);
       for (int64_t i = 0; i < D_; ++i) x[i] = tok[tokens[b] * D_ + i];
@@ -205,22 +178,14 @@ class DecodePlan {
     }
     for (int64_t l = 0; l < n_layer_; ++l) {
       const Layer& L = layers_[l];
-      const at::Tensor& kc = k_cache[l];
-      const at::Tensor& vc = v_cache[l];
-      TORCH_CHECK(kc.is_contiguous() && vc.is_contiguous() && kc.dim() == 4 && kc.size(0) >= cache_rows &&
-                      kc.size(1) == KV_ && kc.size(3) == hd_ && kc.sizes() == vc.sizes() && kc.scalar_type() == dtype_ &&
-                      vc.scalar_type() == dtype_,
-                  "KV cache must be (B, n_kv_head, max_len, head_dim), contiguous, in the model's dtype");
-      TORCH_CHECK(last_slot < kc.size(2), "KV cache is full");
-
       for (int64_t b = 0; b < B; ++b) norm(x_.data() + b * D_, L.attn_norm_w, L.attn_norm_b, xn_.data() + b * D_);
       linear(L.qkv, xn_.data(), B, qkv_.data());
       for (int64_t b = 0; b < B; ++b) {
         float* q = qkv_.data() + b * qkv_rows;
         if (present(inv_freq_)) rotate(q, H_ + KV_, cos_.data() + b * half, sin_.data() + b * half);  // q and k
-        store_kv(kc, vc, rows_[b].cache_row, rows_[b].slot, q + H_ * hd_);
+        store_kv(k, v, l, rows_[b], q + H_ * hd_);
       }
-      attention(kc, vc);
+      attention(k, v, l);
       linear(L.o, attn_.data(), B, tmp_.data());
       for (int64_t i = 0; i < B * D_; ++i) x_[i] = r(x_[i] + tmp_[i]);
 
@@ -244,9 +209,8 @@ class DecodePlan {
       const int64_t b = out_rows.empty() ? o : out_rows[o];
       norm(x_.data() + b * D_, norm_w_, norm_b_, tmp_.data() + o * D_);
     }
-    linear(lm_head_, tmp_.data(), n_out, logits_.data());
-    auto out = torch::from_blob(logits_.data(), {n_out, 1, V_}, at::kFloat);
-    return out.to(dtype_, /*non_blocking=*/false, /*copy=*/true);
+    linear(lm_head_, tmp_.data(), n_out, logits_.data());  // rounded to the model's dtype, as eager
+    return torch::from_blob(logits_.data(), {n_out, V_}, at::kFloat).clone();
   }
 
   Linear make_linear(const at::Tensor& w, const at::Tensor& b, int64_t N, int64_t K) {
@@ -367,12 +331,17 @@ class DecodePlan {
     }
   }
 
-  // A row's new keys k (KV * hd) and values (the next KV * hd) into cache row b, slot `slot`.
-  void store_kv(const at::Tensor& kc, const at::Tensor& vc, int64_t b, int64_t slot, const float* k) const {
-    const int64_t max_len = kc.size(2);
+  // Offset (in elements) of the key/value head g of `row`'s slot `slot` in layer l's pool.
+  int64_t slot_offset(int64_t l, const Row& row, int64_t g, int64_t slot) const {
+    const int64_t block = (*tables_)[row.seq][slot / block_size_];
+    return (((l * num_blocks_ + block) * KV_ + g) * block_size_ + slot % block_size_) * hd_;
+  }
+
+  // A row's new keys k (KV * hd) and values (the next KV * hd) into its slot of layer l's pools.
+  void store_kv(const at::Tensor& kc, const at::Tensor& vc, int64_t l, const Row& row, const float* k) const {
     const float* v = k + KV_ * hd_;
     for (int64_t g = 0; g < KV_; ++g) {
-      const int64_t base = ((b * KV_ + g) * max_len + slot) * hd_;
+      const int64_t base = slot_offset(l, row, g, row.pos);
       if (bf16_) {
         at::BFloat16* kd = kc.data_ptr<at::BFloat16>() + base;
         at::BFloat16* vd = vc.data_ptr<at::BFloat16>() + base;
@@ -384,54 +353,62 @@ class DecodePlan {
     }
   }
 
-  void attention(const at::Tensor& kc, const at::Tensor& vc) {
+  void attention(const at::Tensor& kc, const at::Tensor& vc, int64_t l) {
     if (bf16_) {
-      attention_typed(kc.data_ptr<at::BFloat16>(), vc.data_ptr<at::BFloat16>(), kc.size(2));
+      attention_typed(kc.data_ptr<at::BFloat16>(), vc.data_ptr<at::BFloat16>(), l);
     } else {
-      attention_typed(kc.data_ptr<float>(), vc.data_ptr<float>(), kc.size(2));
+      attention_typed(kc.data_ptr<float>(), vc.data_ptr<float>(), l);
     }
   }
 
-  // Each row's query heads attend over their key/value head's slots [first, slot] of the row's
-  // cache row (a sliding window drops the oldest); softmax in fp32. (row, head) pairs are split
-  // across threads.
+  // Each row's query heads attend over their key/value head's slots [first, pos] of the row's
+  // sequence (first = 0, or the oldest slot inside a sliding window), block by block: within a
+  // block the slots are contiguous (block_size x hd). Softmax in fp32. (row, head) pairs are
+  // split across threads.
   template <typename T>
-  void attention_typed(const T* kc, const T* vc, int64_t max_len) {
+  void attention_typed(const T* kc, const T* vc, int64_t l) {
     const float scale = 1.0f / std::sqrt(static_cast<float>(hd_));
     const int64_t B = static_cast<int64_t>(rows_.size());
     const int64_t group = H_ / KV_, qkv_rows = (H_ + 2 * KV_) * hd_;
     at::parallel_for(0, B * H_, 1, [&](int64_t i0, int64_t i1) {
       std::vector<float> p, acc(hd_);
       for (int64_t i = i0; i < i1; ++i) {
-        const int64_t b = i / H_, h = i % H_;
+        const int64_t b = i / H_, h = i % H_, g = h / group;
         const Row& row = rows_[b];
-        const int64_t first = window_ > 0 ? std::max<int64_t>(row.first, row.slot - window_ + 1) : row.first;
-        const int64_t S = row.slot + 1 - first;
+        const int64_t first = window_ > 0 ? std::max<int64_t>(0, row.pos - window_ + 1) : 0;
+        const int64_t S = row.pos + 1 - first;
         p.resize(S);
         const float* q = qkv_.data() + b * qkv_rows + h * hd_;
-        const int64_t head = (row.cache_row * KV_ + h / group) * max_len + first;
-        const T* keys = kc + head * hd_;
-        const T* values = vc + head * hd_;
-        emergence::gemv_rows(keys, q, p.data(), 0, S, hd_);  // scores: the (S, hd) keys times q
+        // scores: each block's (n, hd) keys times q
+        for (int64_t s = first; s <= row.pos;) {
+          const int64_t n = std::min(block_size_ - s % block_size_, row.pos + 1 - s);
+          emergence::gemv_rows(kc + slot_offset(l, row, g, s), q, p.data() + (s - first), 0, n, hd_);
+          s += n;
+        }
         float top = -INFINITY;
         for (int64_t j = 0; j < S; ++j) top = std::max(top, p[j] *= scale);
         float total = 0;
         for (int64_t j = 0; j < S; ++j) total += (p[j] = std::exp(p[j] - top));
-        weighted_values(values, p.data(), 1.0f / total, S, acc.data());
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        for (int64_t s = first; s <= row.pos;) {
+          const int64_t n = std::min(block_size_ - s % block_size_, row.pos + 1 - s);
+          weighted_values(vc + slot_offset(l, row, g, s), p.data() + (s - first), 1.0f / total, n, acc.data());
+          s += n;
+        }
         float* out = attn_.data() + (b * H_ + h) * hd_;
         for (int64_t d = 0; d < hd_; ++d) out[d] = r(acc[d]);
       }
     });
   }
 
-  // acc (hd,) = sum_j p[j] * norm * values[j] over S cached values (S, hd); sixteen lanes at a
-  // time where hd allows, each lane summing over j in order as the scalar loop would.
+  // acc (hd,) += sum_j p[j] * norm * values[j] over S contiguous cached values (S, hd); sixteen
+  // lanes at a time where hd allows, each lane summing over j in order as the scalar loop would.
   template <typename T>
   void weighted_values(const T* values, const float* p, float norm, int64_t S, float* acc) const {
     if (hd_ % 16 == 0 && hd_ <= 256) {
       __m512 a[16];
       const int64_t n = hd_ / 16;
-      for (int64_t u = 0; u < n; ++u) a[u] = _mm512_setzero_ps();
+      for (int64_t u = 0; u < n; ++u) a[u] = _mm512_loadu_ps(acc + 16 * u);
       for (int64_t j = 0; j < S; ++j) {
         const __m512 pj = _mm512_set1_ps(p[j] * norm);
         const T* vj = values + j * hd_;
@@ -440,7 +417,6 @@ class DecodePlan {
       for (int64_t u = 0; u < n; ++u) _mm512_storeu_ps(acc + 16 * u, a[u]);
       return;
     }
-    std::fill(acc, acc + hd_, 0.0f);
     for (int64_t j = 0; j < S; ++j) {
       const T* vj = values + j * hd_;
       const float pj = p[j] * norm;
@@ -460,24 +436,30 @@ class DecodePlan {
   // cos and sin; act_q_ a quantized GEMV input, xb_ a bf16 copy of one.
   std::vector<float> x_, xn_, tmp_, qkv_, attn_, hidden_, act_, logits_, cos_, sin_, act_q_;
   std::vector<at::BFloat16> xb_;
-  std::vector<Row> rows_;  // the rows of the step being run
+  std::vector<Row> rows_;  // the rows of the call being run
+  const std::vector<std::vector<int64_t>>* tables_ = nullptr;  // their sequences' block tables
+  int64_t num_blocks_ = 0, block_size_ = 1;  // the KV pools' shape
 };
 
 }  // namespace
 
 void register_decode_plan(pybind11::module& m) {
+  // The packed weight formats the kernels read, by the name of emergence's quantized format
+  // (quant/linear.py): the one table of these ids, read by fused_decode.py.
+  using emergence::WeightKind;
+  pybind11::dict kinds;
+  kinds["q8_0"] = static_cast<int>(WeightKind::Q8_0), kinds["q4_0"] = static_cast<int>(WeightKind::Q4_0);
+  kinds["int8"] = static_cast<int>(WeightKind::INT8), kinds["int4"] = static_cast<int>(WeightKind::INT4);
+  kinds["ternary"] = static_cast<int>(WeightKind::TERNARY), kinds["nf4"] = static_cast<int>(WeightKind::NF4);
+  m.attr("weight_kinds") = kinds;
   pybind11::class_<DecodePlan>(m, "DecodePlan")
       .def(pybind11::init<std::vector<int64_t>, bool, bool, double, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                           at::Tensor, at::Tensor, std::vector<std::vector<at::Tensor>>>())
       .def("set_quantized", &DecodePlan::set_quantized,
            "layer (-1: output head), slot (0 qkv, 1 o, 2 up, 3 down), kind, data, scales, offsets, group, "
            "tensor scale, act_bits")
-      .def("step", &DecodePlan::step, "token id, position, key caches, value caches -> logits (1, 1, V)",
-           pybind11::call_guard<pybind11::gil_scoped_release>())
-      .def("step_batch", &DecodePlan::step_batch,
-           "tokens (B,), pads (B,), cache slot, key caches, value caches -> logits (B, 1, V)",
-           pybind11::call_guard<pybind11::gil_scoped_release>())
-      .def("prefill_rows", &DecodePlan::prefill_rows,
-           "tokens, cache rows, slots, first slots (R,), output rows, key caches, value caches -> logits",
+      .def("forward", &DecodePlan::forward,
+           "tokens, rows (their sequences), positions, output rows, block tables, key pool, value pool -> logits "
+           "(len(output rows), V) fp32",
            pybind11::call_guard<pybind11::gil_scoped_release>());
 }

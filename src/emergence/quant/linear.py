@@ -26,11 +26,16 @@ batch shape. N = out_features, K = in_features. Storage, exactly:
              q4_k, q5_k, q6_k). The forward pass quantizes the activations as llama.cpp's
              CPU dot products do (Q8_0 blocks of 32, Q8_K blocks of 256 for the K-quants);
              the K-quants have no native kernel: their decoding steps run the eager path.
+
+`kernel_operands()` gives what the native kernels read of a layer (kernels/quant_rows.h has
+the layouts), or None where no kernel handles its format or shape; the kernels never read
+the buffers by name.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +46,24 @@ from ..gguf import quants as ggml
 from . import methods as m
 
 # ------------------------------------------------------------------------------ the modules
+@dataclass(frozen=True)
+class KernelOperands:
+    """A packed weight as the native kernels read it (kernels/quant_rows.h): the format's name
+    (its kernel id comes from the extension's `weight_kinds` table), the packed data, per-row or
+    per-group scales and offsets (or NF4's code table), the group size, one scale for the whole
+    tensor (ternary) and the activation bits (8: quantize the input per token first)."""
+
+    format: str
+    data: torch.Tensor
+    scales: torch.Tensor
+    offsets: torch.Tensor
+    group: int = 0
+    tensor_scale: float = 0.0
+    act_bits: int = 0
+
+
+_NONE = torch.empty(0)
+
 
 
 class QuantizedLinear(nn.Module):
@@ -95,6 +118,28 @@ class QuantizedLinear(nn.Module):
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.unpacked_weight().to(x.dtype), bias)
 
+    # Input features must be a multiple of this for the format's native kernel (0: no kernel).
+    kernel_block: int = 0
+
+    def kernel_operands(self) -> KernelOperands | None:
+        """The operands of the native kernels, or None (no kernel for this format or shape, or
+        the layer is not on the CPU). Computed once per set of buffers: a repacking (ternary's
+        2-bit layout) or restored table (NF4's absmax) is not redone for every decode batch."""
+        if not self.kernel_block or self.in_features % self.kernel_block:
+            return None
+        buffers = [b for b in self.buffers() if b is not None]
+        if any(b.device.type != "cpu" for b in buffers):
+            return None
+        key = tuple((b.data_ptr(), b.dtype) for b in buffers)
+        cached = self.__dict__.get("_kernel_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, self._kernel_operands())
+            self.__dict__["_kernel_cache"] = cached
+        return cached[1]
+
+    def _kernel_operands(self) -> KernelOperands:
+        raise NotImplementedError
+
     def unpacked_weight(self) -> torch.Tensor:
         """dequantize(), through the native kernels where they handle the format (same values)."""
         from ..kernels import native_dequantize
@@ -131,11 +176,17 @@ class Int8Linear(QuantizedLinear):
         self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.empty(out_features, dtype=torch.float32, device=device))
 
+    kernel_block = 1  # any width: the kernel sums the tail past the last 32 columns on its own
+
     def quantize_(self, weight):
         self.qweight, self.scales = m.quantize_int8(weight)
 
     def dequantize(self):
         return m.dequantize_int8(self.qweight, self.scales)
+
+    def _kernel_operands(self):
+        return KernelOperands("int8", self.qweight.view(torch.uint8).contiguous(), self.scales.float().contiguous(),
+                              _NONE)
 
 
 class Int4Linear(QuantizedLinear):
@@ -186,6 +237,12 @@ class Int4Linear(QuantizedLinear):
     def dequantize(self):
         return m.dequantize_int4(self.codes(), self.scales, self.offsets)
 
+    kernel_block = 32
+
+    def _kernel_operands(self):
+        return KernelOperands("int4", self.qweight.contiguous(), self.scales.float().contiguous(),
+                              self.offsets.float().contiguous(), self.group_size)
+
 
 class NF4Linear(QuantizedLinear):
     """QLoRA's NF4 with double quantization, in bitsandbytes' layout (block size 64, second
@@ -214,6 +271,12 @@ class NF4Linear(QuantizedLinear):
 
     def dequantize(self):
         return m.dequantize_nf4(self.qweight, self.absmax(), (self.out_features, self.in_features))
+
+    kernel_block = 64  # one absmax per 64 weights of a row
+
+    def _kernel_operands(self):
+        absmax = self.absmax().float().reshape(self.out_features, self.in_features // 64).contiguous()
+        return KernelOperands("nf4", self.qweight.contiguous(), absmax, m.NF4_TABLE.contiguous(), 64)
 
 
 class TernaryLinear(QuantizedLinear):
@@ -247,6 +310,12 @@ class TernaryLinear(QuantizedLinear):
 
     def dequantize(self):
         return self.qweight.float() * self.scale
+
+    kernel_block = 64  # the 2-bit layout packs chunks of 64 columns
+
+    def _kernel_operands(self):
+        return KernelOperands("ternary", m.pack_ternary_2bit(self.qweight), _NONE, _NONE, 0, float(self.scale),
+                              self.act_bits or 0)
 
     def forward(self, x):
         if self.act_bits is None:
@@ -288,6 +357,13 @@ class GGMLLinear(QuantizedLinear):
 
     def options(self):
         return {"ggml_format": self.format}
+
+    @property
+    def kernel_block(self) -> int:
+        return 32 if self.format in ("q8_0", "q4_0") else 0  # the other ggml formats have no kernel
+
+    def _kernel_operands(self):
+        return KernelOperands(self.format, self.blocks.contiguous(), _NONE, _NONE)
 
     def quantize_(self, weight):
         if self.ggml_type not in ggml.QUANTIZE:
@@ -346,7 +422,7 @@ def make_module(fmt: str, in_features: int, out_features: int, bias: bool, *, de
 def quantize_model(model: nn.Module, fmt: str, *, group_size: int | None = None,
                    calibration: torch.Tensor | Sequence[torch.Tensor] | None = None, act_bits: int | None = None,
                    skip: Sequence[str] = ("lm_head",)) -> nn.Module:
-    """Swap every nn.Linear of `model` (DecodeLinear included) for a quantized layer; in place.
+    """Swap every nn.Linear of `model` for a quantized layer; in place.
 
     fmt: "int8", "int4" (round to nearest), "int4-gptq" (GPTQ; needs `calibration`), "nf4",
     "ternary", or a ggml block format ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k",
@@ -360,8 +436,8 @@ def quantize_model(model: nn.Module, fmt: str, *, group_size: int | None = None,
 
     Every layer is checked before any is replaced: a shape the format cannot take (group size
     not dividing in_features, ...) raises InvalidArgument naming the layer, and so does a model
-    that is already quantized. The fused decoding step (native kernels) is switched off, since
-    it knows only full-precision layers.
+    that is already quantized. The next decode batch builds its native plan over the new layers
+    (the formats with a kernel decode natively; the others eagerly).
     """
     existing = next((mod for mod in model.modules() if isinstance(mod, QuantizedLinear)), None)
     if existing is not None:
@@ -409,8 +485,6 @@ def quantize_model(model: nn.Module, fmt: str, *, group_size: int | None = None,
     else:
         for name, linear in targets.items():
             _swap(model, name, cls.from_linear(linear, **options))
-    if hasattr(model, "fused_decoder"):
-        model.fused_decoder = None
     return model
 
 
@@ -467,6 +541,25 @@ def model_bytes(model: nn.Module) -> int:
         seen.add(key)
         total += t.numel() * t.element_size()
     return total
+
+
+def linear_weight_bytes(model: nn.Module) -> tuple[int, int, int, int]:
+    """(bytes of all linear weights, their number, bytes of the quantized ones, their number).
+    Quantized layers count their stored buffers (codes, scales, ...), float layers their weight;
+    an output head tied to the embedding is not a linear weight of its own."""
+    total_b = total_n = q_b = q_n = 0
+    tied = {id(mod.weight) for mod in model.modules() if isinstance(mod, nn.Embedding)}
+    for mod in model.modules():
+        if isinstance(mod, QuantizedLinear):
+            b = sum(t.numel() * t.element_size() for t in mod.buffers())
+            n = mod.in_features * mod.out_features
+            q_b, q_n = q_b + b, q_n + n
+        elif isinstance(mod, nn.Linear) and id(mod.weight) not in tied:
+            b, n = mod.weight.numel() * mod.weight.element_size(), mod.weight.numel()
+        else:
+            continue
+        total_b, total_n = total_b + b, total_n + n
+    return total_b, total_n, q_b, q_n
 
 
 def quantized_modules(model: nn.Module) -> dict[str, QuantizedLinear]:

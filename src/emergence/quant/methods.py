@@ -410,3 +410,13 @@ def quantize_activations_q8_k(x: torch.Tensor) -> torch.Tensor:
     q = torch.round(blocks * iscale).clamp(max=127)
     d = torch.where(m != 0, m.new_tensor(1.0) / iscale, torch.zeros_like(m))
     return (q * d).reshape(shape)
+
+
+def pack_ternary_2bit(values: torch.Tensor) -> torch.Tensor:
+    """(N, K) int8 in {-1, 0, 1} -> (N, K / 4) uint8, the native kernel's 2-bit layout
+    (kernels/quant_rows.h): within each 64-column chunk, byte j holds columns j, j+16, j+32,
+    j+48 (bits 0-1, 2-3, 4-5, 6-7) as value + 1."""
+    N, K = values.shape
+    codes = (values.to(torch.int32) + 1).view(N, K // 64, 4, 16)
+    packed = codes[:, :, 0] | (codes[:, :, 1] << 2) | (codes[:, :, 2] << 4) | (codes[:, :, 3] << 6)
+    return packed.to(torch.uint8).reshape(N, K // 4).contiguous()

@@ -1,21 +1,19 @@
-"""Continuous batching: requests join and leave one shared decode batch, step by step.
+"""Continuous batching: requests join and leave one decode batch, step by step.
 
-One worker thread owns the model. Each loop it admits waiting requests into free slots
-(their prompts are prefilled apart from the batch: short ones all in one native call, each
-in its own cache row; then each prompt's keys and values are placed in the shared KV cache),
-runs ONE decoding step for every active row together (one native call on the CPU: each
-weight is read once for all rows), hands each row its token, and drops the rows that
+One worker thread owns a `DecodeBatch` (decode.py) over a paged KV cache of a fixed memory
+budget. Each loop it admits waiting requests into free slots (their prompts prefilled
+together in one forward pass; the n choices of one prompt prefill it once and fork, sharing
+its blocks), runs ONE step for every active row together (on the CPU one native call: each
+weight is read once for all rows), hands each request its chunk, and drops the rows that
 finished or whose client went away. A request never waits for another to finish: it waits
-at most for a free slot and one step.
+at most for a free slot, free blocks and one step.
 
-The shared cache is the left-padded `KVCache` of batched generation: every row's latest
-token sits in the same slot, a row that joined with a shorter history has more padding in
-front. Its tensors are views of the first B rows of per-slot buffers allocated once, so a
-joining request writes one row and a finishing one is replaced by the last row: no step
-copies the whole cache. A row joining with a longer prompt than the batch's history shifts
-the others right; when the cache is full, the slots no row uses any more are cut from the
-front. Positions and masks come from each row's padding, so a row computes what it would
-compute alone.
+Memory follows the tokens held: blocks are taken as rows grow and freed when they leave. A
+request is admitted when the cache has blocks for its prompt with one block to spare for
+every row's next step; when a step still finds too few, the most recently admitted rows are
+preempted (their blocks freed) and wait at the front of the queue, to be prefilled again
+with the tokens they generated; what they already sent stands. A request that could not
+finish even alone in the cache is refused when it is submitted.
 """
 
 from __future__ import annotations
@@ -27,14 +25,15 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..decode import Chunk, DecodeBatch, Row, check_memory
 from ..errors import InvalidArgument
-from ..generate import Chunk, _check_cache_fits, _emit, _Row, end_ids, new_row
-from ..kv_cache import KVCache
+from ..kv_cache import DEFAULT_BLOCK_SIZE, PagedKVCache
 from ..model import Transformer
-from ..sampling import SamplingParams, choose, process_logits
+from ..sampling import SamplingParams
 from ..tokenizer import Tokenizer
 
-@dataclass
+
+@dataclass(eq=False)
 class Request:
     """A submitted completion. Its `sink` receives (tag, Chunk) items, then (tag, None) at the
     end, or (tag, exception) if the engine failed; several requests may share one sink (the
@@ -66,52 +65,100 @@ class Request:
         self.sink.put((self.tag, error))
 
 
-class BatchEngine:
-    """`submit()` from any thread; the engine's own thread decodes every active request together."""
+@dataclass(eq=False)
+class _Waiting:
+    """Requests for one prompt that join together (they share its prefill), or one preempted row."""
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, *, slots: int = 8, max_queue: int = 256) -> None:
+    requests: list[Request]
+    row: Row | None = None  # a preempted row: it resumes with its history
+
+    @property
+    def tokens(self) -> int:
+        return len(self.row.history) if self.row is not None else len(self.requests[0].prompt)
+
+
+class BatchEngine:
+    """`submit()` from any thread; the engine's own thread decodes every active request together.
+
+    context: the longest sequence (prompt and completion) a request may have, at most the
+    model's window. kv_memory: the KV cache's budget in bytes (default: room for every slot to
+    hold a full context).
+    """
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, *, slots: int = 8, max_queue: int = 256,
+                 context: int | None = None, kv_memory: int | None = None, block_size: int = DEFAULT_BLOCK_SIZE,
+                 backend: str = "auto") -> None:
+        config = model.config
         if slots < 1:
             raise InvalidArgument(f"slots must be at least 1, got {slots}")
+        self.context = config.block_size if context is None else context
+        if not 1 < self.context <= config.block_size:
+            raise InvalidArgument(f"the context must be in [2, {config.block_size}] (the model's window), "
+                                  f"got {self.context}")
+        dtype, device = model.tok_embeddings.weight.dtype, model.tok_embeddings.weight.device
+        per_block = PagedKVCache.block_bytes(config, block_size, dtype)
+        per_context = -(-self.context // block_size)
+        if kv_memory is None:
+            kv_memory = slots * per_context * per_block
+        blocks = kv_memory // per_block
+        if blocks < per_context:
+            raise InvalidArgument(f"a KV budget of {kv_memory / 2**20:.1f} MiB holds {blocks * block_size} tokens, "
+                                  f"less than one context of {self.context} ({per_block * per_context / 2**20:.1f} "
+                                  f"MiB at {PagedKVCache.block_bytes(config, 1, dtype) // 1024} KiB a token); raise "
+                                  "the KV memory or lower the context")
+        check_memory(blocks * per_block, device, f"a KV cache of {blocks * block_size} tokens",
+                     "lower the KV memory, the context or the slots")
         self.model, self.tokenizer = model, tokenizer
         self.slots, self.max_queue = slots, max_queue
-        self.device = model.tok_embeddings.weight.device
-        self.dtype = model.tok_embeddings.weight.dtype
-        config = model.config
-        # the per-slot KV buffers, allocated at the first request: refuse now if they cannot fit
-        _check_cache_fits(config, slots, config.block_size, self.dtype, self.device)
-        self.eos = end_ids(config, tokenizer)
-        # ids past the tokenizer's vocabulary (padded embedding rows) are never sampled
-        self.unused = slice(tokenizer.vocab_size, None) if tokenizer.vocab_size < config.vocab_size else None
-        self._waiting: deque[Request] = deque()
+        self.cache = PagedKVCache(config, blocks, block_size=block_size, dtype=dtype, device=device)
+        self.backend = backend
+        self.batch = DecodeBatch(model, tokenizer, self.cache, backend=backend)
+        self._waiting: deque[_Waiting] = deque()
         self._lock = threading.Condition()
-        self._rows: list[_Row] = []  # active rows, in cache-row order
-        self._requests: list[Request] = []  # the request of each active row
-        self._cache: KVCache | None = None  # views of the first B rows of _k / _v
-        self._k: list[torch.Tensor] | None = None  # per layer (slots, n_kv_head, block_size, head_dim)
-        self._v: list[torch.Tensor] | None = None
-        self._logits: torch.Tensor | None = None  # (B, V) next-token logits of the active rows
-        self._alone: KVCache | None = None  # where each prompt is prefilled before it joins
         self._stopping = False
-        self.steps = 0  # decoding steps run (each serves every active row)
+        self.preemptions = 0  # rows pushed out for lack of blocks
         self._thread = threading.Thread(target=self._run, name="emergence-batch-engine", daemon=True)
         self._thread.start()
 
     # ------------------------------------------------------------------------ client side
     def submit(self, prompt: list[int], params: SamplingParams, *, sink: queue.SimpleQueue | None = None,
                tag: int = 0) -> Request:
-        """Queue a completion of `prompt` (token ids, already checked to fit the context)."""
-        params.check_vocabulary(self.model.config.vocab_size)
-        request = Request(list(prompt), params, sink if sink is not None else queue.SimpleQueue(), tag)
+        """Queue a completion of `prompt` (token ids)."""
+        return self.submit_choices(prompt, [params], sink=sink, tags=[tag])[0]
+
+    def submit_choices(self, prompt: list[int], params: list[SamplingParams], *,
+                       sink: queue.SimpleQueue | None = None, tags: list[int] | None = None) -> list[Request]:
+        """Queue several completions of one prompt (the n choices of a request): they share its
+        prefill and its KV blocks. All share `sink`; tags name them there."""
+        sink = sink if sink is not None else queue.SimpleQueue()
+        tags = tags if tags is not None else list(range(len(params)))
+        for p in params:
+            self._check(prompt, p)
+        requests = [Request(list(prompt), p, sink, t) for p, t in zip(params, tags)]
         with self._lock:
             if len(self._waiting) >= self.max_queue:
                 raise InvalidArgument(f"the server is busy: {self.max_queue} requests are already waiting")
-            self._waiting.append(request)
+            for i in range(0, len(requests), self.slots):  # more choices than slots: several groups
+                self._waiting.append(_Waiting(requests[i:i + self.slots]))
             self._lock.notify()
-        return request
+        return requests
+
+    def _check(self, prompt: list[int], params: SamplingParams) -> None:
+        params.check_vocabulary(self.model.config.vocab_size)
+        if not prompt:
+            raise InvalidArgument("the prompt is empty")
+        total = len(prompt) + params.max_new_tokens
+        if len(prompt) >= self.context or total > self.context:
+            raise InvalidArgument(f"{len(prompt)} prompt tokens + max_tokens {params.max_new_tokens} exceed the "
+                                  f"context of {self.context}")
 
     @property
     def active(self) -> int:
-        return len(self._rows)
+        return len(self.batch.rows)
+
+    @property
+    def steps(self) -> int:
+        return self.batch.steps
 
     def close(self) -> None:
         with self._lock:
@@ -123,170 +170,99 @@ class BatchEngine:
     def _run(self) -> None:
         while True:
             with self._lock:
-                while not self._stopping and not self._waiting and not self._rows:
+                while not self._stopping and not self._waiting and not self.batch.rows:
                     self._lock.wait()
                 if self._stopping:
                     break
-                joining = []
-                while self._waiting and len(self._rows) + len(joining) < self.slots:
-                    joining.append(self._waiting.popleft())
             try:
                 with torch.inference_mode():
-                    self._admit(joining)
-                    if self._rows:
-                        self._step()
+                    self._admit()
+                    self._step()
             except Exception as e:  # a bug, or memory: fail the requests in flight, keep serving
-                for request in self._requests:
-                    request._end(e)
-                for request in joining:  # the ones not admitted yet: they would wait forever
-                    if not any(request is r for r in self._requests):
-                        request._end(e)
-                self._rows, self._requests, self._logits = [], [], None
-                self._cache = self._k = self._v = self._alone = None
-        for request in self._requests + list(self._waiting):
-            request._end()
-
-    def _admit(self, requests: list[Request]) -> None:
-        """Prefill the joining prompts and add each as a row of the shared batch: short prompts
-        all in one native call when the model has the fused decoder (each prefill alone would
-        read every weight once more), the others one by one."""
-        config = self.model.config
-        ready: list[tuple[Request, _Row]] = []
-        for request in requests:
-            if request.cancelled.is_set():
+                with self._lock:
+                    waiting, self._waiting = list(self._waiting), deque()
+                for row in self.batch.rows + self.batch.preempted + [w.row for w in waiting if w.row is not None]:
+                    row.tag._end(e)
+                for w in waiting:  # queued requests are failed too: the cache they would use is gone
+                    if w.row is None:
+                        for request in w.requests:
+                            request._end(e)
+                self.batch = DecodeBatch(self.model, self.tokenizer,
+                                         PagedKVCache(self.model.config, self.cache.num_blocks,
+                                                      block_size=self.cache.block_size, dtype=self.cache.dtype,
+                                                      device=self.cache.device), backend=self.backend)
+                self.cache = self.batch.cache
+        for row in self.batch.rows:
+            row.tag._end()
+        for w in self._waiting:
+            for request in ([w.row.tag] if w.row is not None else w.requests):
                 request._end()
-                continue
-            row = new_row(0, request.prompt, request.params, config, self.tokenizer, self.eos, self.device)
-            if row.max_new <= 0:
-                request._put(Chunk("", [], [], "length"))
-                request._end()
-                continue
-            ready.append((request, row))
-        fused = getattr(self.model, "fused_decoder", None)  # None: eager, or a stand-in model
-        together = [(q, r) for q, r in ready if fused is not None and len(q.prompt) <= fused.max_prefill]
-        alone = ready
-        if len(together) > 1:
-            width = max(len(q.prompt) for q, _ in together)
-            prefill = KVCache(config, len(together), width, dtype=self.dtype, device=self.device)
-            logits = fused.prefill_many(self.model, [q.prompt for q, _ in together], prefill)  # (J, 1, V)
-            if logits is not None:
-                for j, (request, row) in enumerate(together):
-                    P = len(request.prompt)
-                    self._join(prefill, j, width - P, P)
-                    self._add(request, row, logits[j].float())
-                alone = [(q, r) for q, r in ready if len(q.prompt) > fused.max_prefill]
-        for request, row in alone:
-            if self._alone is None:  # one prefill cache for every lone prompt (a new cache object
-                # per prefill would also make the native decoder re-check the model's weights)
-                self._alone = KVCache(config, 1, config.block_size, dtype=self.dtype, device=self.device)
-            self._alone.length = 0
-            ids = torch.tensor([request.prompt], device=self.device)
-            logits = self.model(ids, self._alone, last_logits_only=True)[:, -1].float()  # (1, V)
-            self._join(self._alone, 0, 0, len(request.prompt))
-            self._add(request, row, logits)
 
-    def _add(self, request: Request, row: _Row, logits: torch.Tensor) -> None:
-        """A joined row's state; logits (1, V): its first token's."""
-        self._rows.append(row)
-        self._requests.append(request)
-        self._logits = logits if self._logits is None else torch.cat([self._logits, logits])
-
-    def _join(self, source: KVCache, row: int, start: int, P: int) -> None:
-        """Put a prefilled prompt (slots start .. start + P - 1 of `source`'s row `row`) into the
-        next free cache row, aligned at the end."""
-        config = self.model.config
-        if self._k is None:  # every slot's rows, allocated once: (slots, n_kv_head, block_size, head_dim)
-            shape = (self.slots, config.n_kv_head, config.block_size, config.head_dim)
-            self._k = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(config.n_layer)]
-            self._v = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(config.n_layer)]
-            self._cache = KVCache(config, 0, config.block_size, dtype=self.dtype, device=self.device)
-        cache, B = self._cache, len(self._rows)
-        if P > cache.length:  # everyone else moves right: their history now starts later
-            shift, L = P - cache.length, cache.length
-            for full in (*self._k, *self._v):
-                full[:B, :, shift:P] = full[:B, :, :L].clone()  # slots before `shift` become padding
-            cache.pad = cache.pad + shift
-            cache.length = P
-        L = cache.length
-        for full, own in ((self._k, source.k), (self._v, source.v)):
-            for layer in range(config.n_layer):
-                full[layer][B, :, L - P:L] = own[layer][row, :, start:start + P]  # slots before L - P: padding
-        cache.pad = torch.cat([cache.pad, torch.tensor([L - P], device=self.device)])
-        self._use_rows(B + 1)
-
-    def _use_rows(self, B: int) -> None:
-        """Point the shared KVCache at the first B rows (views: no copy)."""
-        cache = self._cache
-        cache.k = [full[:B] for full in self._k]
-        cache.v = [full[:B] for full in self._v]
-        cache.has_padding = bool(cache.pad.any())
-
-    def _remove(self, rows: list[int]) -> list[int]:
-        """Drop finished rows: the last active row moves into each freed one (one row's copy
-        each). Returns the new order: row j now holds what row order[j] held."""
-        cache = self._cache
-        order = list(range(len(self._rows)))
-        for i in sorted(rows, reverse=True):
-            last = len(self._rows) - 1
-            if i != last:
-                for full in (*self._k, *self._v):
-                    full[i, :, :cache.length] = full[last, :, :cache.length]
-                for items in (self._rows, self._requests, order):
-                    items[i] = items[last]
-                cache.pad[i] = cache.pad[last]
-            for items in (self._rows, self._requests, order):
-                items.pop()
-            cache.pad = cache.pad[:last]
-        self._use_rows(len(self._rows))
-        return order
-
-    def _compact(self) -> None:
-        """Cut the leading slots that every row has as padding (the cache is full)."""
-        cache, B = self._cache, len(self._rows)
-        cut = int(cache.pad.min())
-        if cut == 0:
-            raise RuntimeError("KV cache full with a row at the context limit")  # rows stop before this
-        for full in (*self._k, *self._v):
-            full[:B, :, :cache.length - cut] = full[:B, :, cut:cache.length].clone()
-        cache.pad = cache.pad - cut
-        cache.length -= cut
-        cache.has_padding = bool(cache.pad.any())
+    def _admit(self) -> None:
+        """Take waiting requests into free slots while the cache has blocks for their prompts and
+        one to spare for every row's next step; prefill them together, then fork the choices."""
+        batch, cache = self.batch, self.cache
+        joining: list[tuple[Row, list[Row]]] = []  # (row to prefill, rows forked from it)
+        rows, free = len(batch.rows), cache.num_free
+        with self._lock:
+            while self._waiting and rows < self.slots:
+                waiting = self._waiting[0]
+                if waiting.row is None:
+                    for request in [r for r in waiting.requests if r.cancelled.is_set()]:
+                        request._end()
+                    waiting.requests = [r for r in waiting.requests if not r.cancelled.is_set()]
+                    if not waiting.requests:
+                        self._waiting.popleft()
+                        continue
+                elif waiting.row.tag.cancelled.is_set():
+                    waiting.row.tag._end()
+                    self._waiting.popleft()
+                    continue
+                take = 1 if waiting.row is not None else min(len(waiting.requests), self.slots - rows)
+                need = cache.blocks_for(waiting.tokens)
+                if need + (rows + take if rows or joining else 0) > free:
+                    break  # first come, first served: later requests wait too
+                free -= need
+                rows += take
+                if waiting.row is not None:
+                    self._waiting.popleft()
+                    joining.append((waiting.row, []))
+                    continue
+                members, waiting.requests = waiting.requests[:take], waiting.requests[take:]
+                if not waiting.requests:
+                    self._waiting.popleft()
+                new = [batch.new_row(r.prompt, r.params, r) for r in members]
+                for row in [r for r in new if r.max_new <= 0]:  # max_tokens 0: nothing to generate
+                    row.tag._put(Chunk("", [], [], "length"))
+                    row.tag._end()
+                    rows -= 1
+                new = [r for r in new if r.max_new > 0]
+                if new:
+                    joining.append((new[0], new[1:]))
+                else:
+                    free += need
+        if joining:
+            batch.admit([first for first, _ in joining])
+            for first, others in joining:
+                if others:
+                    batch.fork(first, others)
 
     def _step(self) -> None:
-        """Sample one token for every active row, emit it, then advance the survivors one step."""
-        logits = self._logits
-        if self.unused is not None:
-            logits[:, self.unused] = float("-inf")
-        tokens, done = [], []  # tokens[b]: row b's new token (0 for a row that is leaving)
-        # plain greedy rows (the common case) take their tokens from one argmax over the batch
-        argmax = logits.argmax(dim=-1).tolist() if any(r.params.plain_greedy for r in self._rows) else None
-        for b, (row, request) in enumerate(zip(self._rows, self._requests)):
-            if request.cancelled.is_set():
-                request._end()
-                done.append(b)
-                tokens.append(0)
-                continue
-            # (no per-row tensor ops unless needed: under load each is a chance to lose the GIL)
-            if row.params.plain_greedy:
-                token = argmax[b]
-            else:
-                token = int(choose(process_logits(logits[b:b + 1], row.params, row.seen, row.counts),
-                                   row.params.greedy, row.generator))
-            chunk, finished = _emit(row, token, logits[b] if row.params.logprobs is not None else None)
-            request._put(chunk)
-            if finished:
-                request._end()
-                done.append(b)
-            tokens.append(token)
-        if done:
-            order = self._remove(done)
-            if not self._rows:
-                self._cache.length, self._logits = 0, None  # an empty batch starts over
-                return
-            tokens = [tokens[j] for j in order]
-        if self._cache.length >= self._cache.max_len:
-            self._compact()
-        step = torch.tensor(tokens, device=self.device)[:, None]  # (B, 1)
-        self._logits = self.model(step, self._cache)[:, -1].float()
-        self.steps += 1
-
+        """One step of the batch: each request gets its chunk; cancelled and finished rows leave;
+        preempted rows queue again at the front."""
+        batch = self.batch
+        cancelled = [row for row in batch.rows if row.tag.cancelled.is_set()]
+        if cancelled:
+            batch.remove(cancelled)
+            for row in cancelled:
+                row.tag._end()
+        for row, chunk in batch.step():
+            row.tag._put(chunk)
+            if chunk.finish_reason:
+                row.tag._end()
+        if batch.preempted:
+            self.preemptions += len(batch.preempted)
+            with self._lock:
+                for row in batch.preempted:  # the earliest admitted of them ends up first
+                    self._waiting.appendleft(_Waiting([], row))
+            batch.preempted.clear()

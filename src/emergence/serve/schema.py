@@ -127,7 +127,10 @@ def parse_sampling(body: dict, *, chat: bool, default_max_tokens: int | None) ->
         bias = {int(k): v for k, v in bias.items()}
     except ValueError:
         raise ApiError(400, "'logit_bias' keys must be token ids", "logit_bias") from None
+    if not isinstance(body.get("ignore_eos", False), bool):  # vLLM's extra field
+        raise ApiError(400, "'ignore_eos' must be true or false", "ignore_eos")
     params = dict(
+        ignore_eos=body.get("ignore_eos", False),
         temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
         top_p=_number(body, "top_p", 1.0, 1e-9, 1.0),
         top_k=int(_integer(body, "top_k", 0, 0, 1 << 20)),

@@ -1,0 +1,379 @@
+"""One decode batch: the sequences being decoded, their paged KV cache, and one step for all.
+
+`generate()` drives a `DecodeBatch` synchronously; the serving engine drives one from its
+thread, letting requests join and leave between steps. A step:
+
+1. every row chooses its next token from its pending logits (penalties, logit bias,
+   temperature and the filters, its own random generator; plain greedy rows share one argmax);
+2. every row emits what became final: stop ids and strings, streamed text that never splits a
+   character or shows the start of a stop string, logprobs;
+3. finished rows leave and free their KV blocks;
+4. the others' tokens go through the model in one forward pass, which gives their next logits.
+
+Rows join with a prefill (several prompts in one pass), fork (n samples of one prompt share
+its blocks, copied on write), are reordered (beam search continues some rows under new rows
+without copying their caches) and leave. When the pool has too few blocks for a step, the
+most recently admitted rows are preempted: their blocks are freed and they wait in
+`preempted`, to be admitted again later with their prompt and generated tokens recomputed
+(vLLM's recompute preemption); what they already emitted stands.
+
+The forward pass runs on an explicit backend: `EagerBackend` (the model's own forward over a
+CacheView; any device, any model) or the native one (kernels/fused_decode.py: decode.cpp's
+one-call forward on the CPU). `make_backend` chooses; nothing in the model dispatches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .errors import InvalidArgument
+from .kv_cache import DEFAULT_BLOCK_SIZE, CacheView, OutOfBlocks, PagedKVCache
+from .model import Transformer
+from .sampling import SamplingParams, choose, process_logits
+from .tokenizer import StreamDecoder, Tokenizer
+
+BACKENDS = ("auto", "native", "eager")
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float  # log-probability under the model's raw distribution (before sampling filters)
+    top: list[tuple[int, float]]  # the most likely alternatives, (token_id, logprob), best first
+
+
+@dataclass
+class Chunk:
+    """What one step added to one sequence."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob]
+    finish_reason: str | None = None  # "stop" (end token or stop string) or "length"
+
+
+# ------------------------------------------------------------------------------ one row
+@dataclass(eq=False)
+class Row:
+    """One sequence: its decoding state (budget, random generator, stop rules, detokenizer,
+    penalty counts, what it emitted) and its place in the KV cache (blocks, length)."""
+
+    tag: Any  # the caller's handle (a prompt index, a request)
+    params: SamplingParams
+    prompt: list[int]
+    max_new: int  # tokens it may generate (its budget, within the context window)
+    decoder: StreamDecoder
+    generator: torch.Generator | None
+    stop_ids: set[int]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""  # decoded text of the generated tokens so far
+    emitted: int = 0  # characters of `text` already handed out
+    seen: torch.Tensor | None = None  # (1, V) bool: tokens in prompt or output (repetition penalty)
+    counts: torch.Tensor | None = None  # (1, V): generated-token counts (presence/frequency penalties)
+    blocks: list[int] = field(default_factory=list)  # its KV cache blocks, in order
+    length: int = 0  # tokens whose keys and values are in the cache
+
+    @property
+    def history(self) -> list[int]:
+        """Every token of the sequence: the prompt and what it generated."""
+        return self.prompt + self.token_ids
+
+    def choose(self, logits: torch.Tensor) -> int:
+        """logits (1, V) -> the next token under this row's sampling parameters."""
+        processed = process_logits(logits, self.params, self.seen, self.counts)
+        return int(choose(processed, self.params.greedy, self.generator))
+
+    def emit(self, token: int, raw_logits: torch.Tensor | None) -> tuple[Chunk, bool]:
+        """Record one chosen token; return its chunk and whether the row is done.
+        raw_logits (V,) are read only when the row asked for logprobs."""
+        if token in self.stop_ids:  # the end token itself is not part of the output
+            return Chunk(self._flush(), [], [], "stop"), True
+        logprobs = [_logprobs(raw_logits, token, self.params.logprobs)] if self.params.logprobs is not None else []
+        self.token_ids.append(token)
+        if self.seen is not None:
+            self.seen[0, token] = True
+            self.counts[0, token] += 1
+        text, stopped = self._advance_text(self.decoder.push(token))
+        if stopped:
+            return Chunk(text, [token], logprobs, "stop"), True
+        if len(self.token_ids) >= self.max_new:
+            return Chunk(text + self._flush(), [token], logprobs, "length"), True
+        return Chunk(text, [token], logprobs), False
+
+    def _advance_text(self, piece: str) -> tuple[str, bool]:
+        """Add decoded text; return (text now final, whether a stop string ended the sequence)."""
+        stops = self.params.stop
+        search_from = max(0, len(self.text) - max((len(s) for s in stops), default=0))
+        self.text += piece
+        hits = [i for i in (self.text.find(s, search_from) for s in stops) if i >= 0]
+        if hits:
+            self.text = self.text[:min(hits)]
+            out, self.emitted = self.text[self.emitted:], len(self.text)
+            return out, True
+        safe = len(self.text) - _held_back(self.text, stops)
+        out = self.text[self.emitted:safe] if safe > self.emitted else ""
+        self.emitted = max(self.emitted, safe)
+        return out, False
+
+    def _flush(self) -> str:
+        """Text still held back (an incomplete character, a possible stop-string start) at the end."""
+        text, stopped = self._advance_text(self.decoder.flush())
+        if stopped:
+            return text
+        rest = self.text[self.emitted:]
+        self.emitted = len(self.text)
+        return text + rest
+
+
+def _logprobs(logits: torch.Tensor, token: int, n: int) -> TokenLogprob:
+    """logits (V,) float32 raw model output."""
+    lp = logits.log_softmax(dim=-1)
+    top = torch.topk(lp, n) if n else None
+    pairs = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
+    return TokenLogprob(token, lp[token].item(), pairs)
+
+
+def _held_back(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest suffix of text that could still grow into a stop string."""
+    longest = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), longest, -1):
+            if text.endswith(s[:n]):
+                longest = n
+                break
+    return longest
+
+
+def end_ids(config, tokenizer: Tokenizer) -> set[int]:
+    """The ids that end a sequence: the model's EOS ids and the tokenizer's."""
+    return set(config.eos_token_ids) | ({tokenizer.eos_id} if tokenizer.eos_id is not None else set())
+
+
+def new_row(tag: Any, prompt: list[int], params: SamplingParams, config, tokenizer: Tokenizer, eos: set[int],
+            device: torch.device) -> Row:
+    """The decoding state of one sequence (not yet in a batch): its budget within the context
+    window, random generator, stop ids, detokenizer, and (for penalties) the tokens seen."""
+    params.check_vocabulary(config.vocab_size)
+    generator = None
+    if params.seed is not None and not params.greedy:
+        generator = torch.Generator(device=device).manual_seed(params.seed)
+    row = Row(tag, params, list(prompt), min(params.max_new_tokens, config.block_size - len(prompt)),
+              tokenizer.stream_decoder(), generator, set(params.stop_token_ids) | (set() if params.ignore_eos else eos))
+    if params.needs_history and row.max_new > 0:
+        row.seen = torch.zeros(1, config.vocab_size, dtype=torch.bool, device=device)
+        row.seen[0, torch.tensor(prompt, device=device)] = True
+        row.counts = torch.zeros(1, config.vocab_size, dtype=torch.float32, device=device)
+    return row
+
+
+# ------------------------------------------------------------------------------ backends
+class EagerBackend:
+    """The model's own forward pass over a CacheView: any device, dtype and module."""
+
+    name = "eager"
+
+    def __init__(self, model: Transformer, cache: PagedKVCache) -> None:
+        self.model, self.cache = model, cache
+
+    def forward(self, chunks: list[list[int]], starts: list[int], tables: list[list[int]]) -> torch.Tensor:
+        """Sequence j, holding starts[j] tokens in the blocks tables[j], is extended by
+        chunks[j]; returns each sequence's last-token logits (J, V) float32."""
+        device = self.cache.device
+        J, T = len(chunks), max(len(c) for c in chunks)
+        counts = torch.tensor([len(c) for c in chunks], device=device)
+        if all(len(c) == T for c in chunks):
+            ids = torch.tensor(chunks, device=device)
+        else:  # right-padded: the padding's keys and values are never stored
+            ids = torch.zeros(J, T, dtype=torch.long)
+            for j, c in enumerate(chunks):
+                ids[j, :len(c)] = torch.tensor(c)
+            ids = ids.to(device)
+        view = CacheView(self.cache, self.cache.tables(tables), torch.tensor(starts, device=device), counts)
+        with torch.inference_mode():
+            h = self.model.hidden_states(ids, view)  # (J, T, D)
+            last = h[torch.arange(J, device=device), counts - 1]  # (J, D): each row's last real token
+            return self.model.lm_head(last).float()
+
+
+def make_backend(model: Transformer, cache: PagedKVCache, choice: str = "auto"):
+    """The backend a decode batch runs on: "native" (decode.cpp; refused with the reason when it
+    cannot run this model), "eager", or "auto": native where it can run, else eager."""
+    if choice not in BACKENDS:
+        raise InvalidArgument(f"unknown decode backend {choice!r} (use {', '.join(BACKENDS)})")
+    if choice != "eager":
+        from .kernels.fused_decode import NativeBackend, unsupported
+
+        why = unsupported(model, cache)
+        if why is None:
+            return NativeBackend(model, cache)
+        if choice == "native":
+            raise InvalidArgument(f"the native decode step cannot run this model: {why}")
+    return EagerBackend(model, cache)
+
+
+# ---------------------------------------------------------------------------- the batch
+class DecodeBatch:
+    """The rows being decoded together, over one paged KV cache and one backend."""
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, cache: PagedKVCache, *, backend: str = "auto") -> None:
+        self.model, self.tokenizer, self.cache = model, tokenizer, cache
+        self.config = model.config
+        self.device = cache.device
+        self.backend = make_backend(model, cache, backend)
+        self.rows: list[Row] = []  # in admission order (the last admitted are preempted first)
+        self.logits: torch.Tensor | None = None  # (B, V) float32: row b's next-token logits
+        self.preempted: list[Row] = []  # rows pushed out for lack of blocks, to admit again
+        self.steps = 0  # forward passes of the decoding loop (each serves every row)
+        self.eos = end_ids(self.config, tokenizer)
+        # ids past the tokenizer's vocabulary (a model's padded embedding rows) are never chosen
+        self.unused = slice(tokenizer.vocab_size, None) if tokenizer.vocab_size < self.config.vocab_size else None
+
+    @classmethod
+    def for_rows(cls, model: Transformer, tokenizer: Tokenizer, rows: Sequence[Row], *, backend: str = "auto",
+                 block_size: int | None = None) -> DecodeBatch:
+        """A batch with a cache sized for `rows` to run to their budgets (no preemption)."""
+        block_size = block_size or DEFAULT_BLOCK_SIZE
+        weight = model.tok_embeddings.weight
+        blocks = sum(-(-(len(r.history) + r.max_new) // block_size) for r in rows)
+        check_memory(PagedKVCache.block_bytes(model.config, block_size, weight.dtype) * blocks, weight.device,
+                     f"a KV cache for {sum(len(r.history) + r.max_new for r in rows)} tokens",
+                     "lower max_new_tokens or the batch size")
+        cache = PagedKVCache(model.config, blocks, block_size=block_size, dtype=weight.dtype, device=weight.device)
+        return cls(model, tokenizer, cache, backend=backend)
+
+    def new_row(self, prompt: list[int], params: SamplingParams, tag: Any = None) -> Row:
+        return new_row(tag, prompt, params, self.config, self.tokenizer, self.eos, self.device)
+
+    def child(self, parent: Row, params: SamplingParams | None = None, tag: Any = None) -> Row:
+        """A new row continuing `parent`'s sequence (its history and the text it emitted) under
+        its own parameters and random generator; `fork` or `reorder` gives it the cache."""
+        row = self.new_row(parent.prompt, params or parent.params, tag)
+        row.token_ids, row.text, row.emitted = list(parent.token_ids), parent.text, parent.emitted
+        row.decoder = parent.decoder.copy()
+        if parent.seen is not None and row.seen is not None:
+            row.seen, row.counts = parent.seen.clone(), parent.counts.clone()
+        return row
+
+    # -------------------------------------------------------------------- joining
+    def admit(self, rows: Sequence[Row]) -> None:
+        """Prefill the rows' histories (the prompt; after a preemption, the prompt and the tokens
+        generated) in one forward pass; they join the batch with their next-token logits.
+        Raises OutOfBlocks, admitting none, when the cache cannot hold them."""
+        if not rows:
+            return
+        for row in rows:
+            if row.blocks or row.length:
+                raise ValueError("a row joins with no cache of its own")
+        histories = [r.history for r in rows]
+        need = sum(self.cache.blocks_for(len(h)) for h in histories)
+        if need > self.cache.num_free:
+            raise OutOfBlocks(f"{need} blocks needed, {self.cache.num_free} free")
+        logits = self._forward(rows, histories)
+        self.rows += rows
+        self.logits = logits if self.logits is None else torch.cat([self.logits, logits])
+
+    def fork(self, parent: Row, children: Sequence[Row]) -> None:
+        """Children continue `parent`'s sequence: they share its KV blocks (a block is copied
+        only when one of them writes into it) and its next-token logits."""
+        b = self._index(parent)
+        for child in children:
+            child.blocks, child.length = self.cache.fork(parent.blocks), parent.length
+        self.rows += children
+        self.logits = torch.cat([self.logits, self.logits[b:b + 1].expand(len(children), -1)])
+
+    def reorder(self, parents: Sequence[Row], children: Sequence[Row]) -> None:
+        """Beam search's step: the batch becomes `children`, child i continuing the sequence of
+        parents[i] (a row of the batch; one may be named several times, a row not named leaves).
+        Blocks are shared, never copied here; a shared, partly filled last block is copied when
+        a child first writes into it."""
+        index = [self._index(p) for p in parents]
+        for parent, child in zip(parents, children):
+            child.blocks, child.length = self.cache.fork(parent.blocks), parent.length
+        for row in self.rows:
+            self.cache.release(row.blocks)
+        self.rows = list(children)
+        self.logits = self.logits[torch.tensor(index, device=self.logits.device)]
+
+    def remove(self, rows: Sequence[Row]) -> None:
+        """Rows leave (finished, or their client went away): their blocks are freed."""
+        gone = {id(r) for r in rows}
+        keep = [b for b, r in enumerate(self.rows) if id(r) not in gone]
+        for row in rows:
+            self.cache.release(row.blocks)
+            row.length = 0
+        if len(keep) < len(self.rows):
+            self.rows = [self.rows[b] for b in keep]
+            self.logits = self.logits[torch.tensor(keep, device=self.logits.device)] if keep else None
+
+    # ----------------------------------------------------------------- stepping
+    def step(self) -> list[tuple[Row, Chunk]]:
+        """Choose every row's next token and emit it; finished rows leave; the others advance
+        one token. Returns each row's chunk, in row order."""
+        if not self.rows:
+            return []
+        logits = self.logits
+        if self.unused is not None:
+            logits[:, self.unused] = float("-inf")
+        # plain greedy rows (the common case) take their tokens from one argmax over the batch
+        argmax = logits.argmax(dim=-1).tolist() if any(r.params.plain_greedy for r in self.rows) else None
+        events, finished, tokens = [], [], []
+        for b, row in enumerate(self.rows):
+            # (no per-row tensor ops unless needed: under load each is a chance to lose the GIL)
+            token = argmax[b] if row.params.plain_greedy else row.choose(logits[b:b + 1])
+            chunk, done = row.emit(token, logits[b] if row.params.logprobs is not None else None)
+            events.append((row, chunk))
+            if done:
+                finished.append(row)
+            else:
+                tokens.append(token)
+        self.remove(finished)
+        self.advance(tokens)
+        return events
+
+    def advance(self, tokens: Sequence[int]) -> None:
+        """Feed token b to row b (every row of the batch) and compute the next logits; rows
+        that cannot get a block are preempted first (see the module docstring)."""
+        if not self.rows:
+            return
+        tokens = list(tokens)
+        while sum(self.cache.blocks_needed(r.blocks, r.length, 1) for r in self.rows) > self.cache.num_free:
+            if len(self.rows) == 1:
+                raise OutOfBlocks("the KV cache cannot hold one sequence of this length")
+            victim = self.rows[-1]
+            self.remove([victim])
+            self.preempted.append(victim)
+            tokens.pop()
+        self.logits = self._forward(self.rows, [[t] for t in tokens])
+        self.steps += 1
+
+    def _forward(self, rows: Sequence[Row], chunks: list[list[int]]) -> torch.Tensor:
+        """Extend each row's cache by its chunk; (J, V) float32 logits of the chunks' last tokens."""
+        for row, chunk in zip(rows, chunks):
+            self.cache.grow(row.blocks, row.length, len(chunk))
+        logits = self.backend.forward(chunks, [r.length for r in rows], [r.blocks for r in rows])
+        for row, chunk in zip(rows, chunks):
+            row.length += len(chunk)
+        return logits.to(self.device)
+
+    def _index(self, row: Row) -> int:
+        for b, r in enumerate(self.rows):
+            if r is row:
+                return b
+        raise ValueError("the row is not in this batch")
+
+
+def check_memory(need: int, device: torch.device, what: str, remedy: str) -> None:
+    """Refuse an allocation larger than the device's memory before trying it."""
+    import os
+
+    if device.type == "cuda":
+        available = torch.cuda.mem_get_info(device)[0]
+    else:
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > available:
+        raise InvalidArgument(f"{what} needs {need / 2**30:.1f} GiB, more than the {available / 2**30:.1f} GiB "
+                              f"available; {remedy}")
