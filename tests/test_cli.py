@@ -200,13 +200,21 @@ def test_generate_prompt_too_long(capsys, lm):
 
 
 # ---------------------------------------------------------------------------------- chat
+def plain_reply(lm, messages: list[dict], max_new_tokens: int, **sampling) -> str:
+    """What chat answers a base model: the plain User:/Assistant: transcript, greedy."""
+    from emergence.chat import encode_prompt, resolve_chat_template
+
+    template = resolve_chat_template(None, missing="plain")
+    ids = encode_prompt(lm.tokenizer, template.render(messages, add_generation_prompt=True))
+    return lm.generate(ids, max_new_tokens=max_new_tokens, stop=template.stop, **{"temperature": 0, **sampling})
+
+
 def test_chat_exit():
     r = emergence_cli("chat", "-t", "0", "-n", "20", input="Once upon a time\n/exit\n")
     assert r.returncode == 0, r.stderr
-    continuation = emergence.load().generate("Once upon a time", temperature=0, max_new_tokens=20)
-    assert continuation.startswith(", there was a little girl")
-    assert continuation + "\n" in r.stdout
-    assert r.stdout.startswith("> ")
+    reply = plain_reply(emergence.load(), [{"role": "user", "content": "Once upon a time"}], 20)
+    assert r.stdout == "> " + reply + "\n> "
+    assert "Type /? for help, /bye or Ctrl-D to leave." in r.stderr
 
 
 def test_chat_eof():
@@ -226,15 +234,57 @@ def test_chat_immediate_eof(capsys, monkeypatch):
     assert code == 0 and out == "> "
 
 
-def test_chat_in_process_keeps_the_transcript(capsys, monkeypatch, lm):
+def test_chat_separates_turns_and_keeps_the_conversation(capsys, monkeypatch, lm):
     import io
 
     monkeypatch.setattr(sys, "stdin", io.StringIO("Once upon a time\nThe end.\n"))
     code, out, _ = run_main(capsys, "chat", "-t", "0", "-n", "10")
     assert code == 0
-    first = lm.generate("Once upon a time", temperature=0, max_new_tokens=10)
-    second = lm.generate("Once upon a time" + first + "\n" + "The end.", temperature=0, max_new_tokens=10)
+    first = plain_reply(lm, [{"role": "user", "content": "Once upon a time"}], 10)
+    second = plain_reply(lm, [{"role": "user", "content": "Once upon a time"}, {"role": "assistant", "content": first},
+                              {"role": "user", "content": "The end."}], 10)
     assert out == "> " + first + "\n> " + second + "\n> "
+
+
+def test_plain_chat_honours_the_context_policy(capsys, monkeypatch):
+    import io
+
+    line = "Lily and Ben went to the park to play with a big red ball. " * 6  # ~90 tokens a message
+    monkeypatch.setattr(sys, "stdin", io.StringIO((line + "\n") * 6))
+    code, out, err = run_main(capsys, "chat", "-t", "0", "-n", "30", "--context-policy", "drop-oldest")
+    assert code == 0 and out.count("> ") == 7
+    assert "dropped the 2 oldest messages" in err  # 6 x (90 + 30) tokens outgrow 512
+    monkeypatch.setattr(sys, "stdin", io.StringIO((line + "\n") * 6))
+    code, out, err = run_main(capsys, "chat", "-t", "0", "-n", "30", "--context-policy", "error")
+    # the message that would not fit is refused, not answered, and the chat goes on
+    assert code == 0 and "context policy 'error'" in err
+    assert out.count("> ") == 7 and out.count("\n") == 2  # two turns fit, the next four are refused
+    assert err.count("(/clear starts afresh)") == 4
+
+
+def test_chat_commands(capsys, monkeypatch, lm):
+    # Ollama's in-chat commands: none of them reaches the model.
+    import io
+
+    commands = ["/?", "/set parameter temperature 0", "/set parameter num_predict 6", "/set system Be brief.",
+                "/show parameters", "/show system", "/show info", "/show template", "/show nonsense",
+                "/set parameter top_k many", "/frobnicate", "Once upon a time", "/clear", "Tom", "/bye",
+                "never read"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(commands) + "\n"))
+    code, out, err = run_main(capsys, "chat")
+    assert code == 0
+    system = {"role": "system", "content": "Be brief."}
+    first = plain_reply(lm, [system, {"role": "user", "content": "Once upon a time"}], 6)
+    second = plain_reply(lm, [system, {"role": "user", "content": "Tom"}], 6)  # /clear forgot the first turn
+    assert out == "> " * 12 + first + "\n> > " + second + "\n> "
+    assert "/set parameter NAME VALUE" in err and "/bye" in err  # the help
+    assert "Set parameter 'num_predict' to '6'" in err and "Set system message." in err
+    assert "  temperature          0.0\n  max_new_tokens       6\n" in err
+    assert "Be brief.\n" in err and "  parameters    260,032\n" in err and "  plain\n" in err
+    assert "usage: /show info|parameters|system|template" in err
+    assert "error: /set parameter: top_k takes an integer, got 'many'" in err
+    assert "Unknown command '/frobnicate'. Type /? for help" in err
+    assert "Cleared session context." in err
 
 
 # ---------------------------------------------------------------------------------- info

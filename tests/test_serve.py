@@ -22,6 +22,7 @@ import torch
 import emergence
 from emergence.api import LanguageModel
 from emergence.chat import encode_prompt, resolve_chat_template
+from emergence.kv_cache import PagedKVCache
 from emergence.serve.app import Server, make_http_server, serve_in_thread
 
 MODEL = "stories260K"
@@ -247,19 +248,28 @@ def test_chat_equals_plain_template_generation(client, lm):
     assert all(c.object == "chat.completion.chunk" and c.id == stream[0].id for c in stream)
 
 
-class _Scripted:
+class _Scripted(torch.nn.Module):
     """The real model, with each next token forced by the last one (`follow`: token -> next token):
-    a base model that "speaks" a script, to see what the server does with text it produces."""
+    a base model that "speaks" a script, to see what the server does with text it produces. It
+    offers what the eager decode backend calls: hidden_states (which notes each row's last
+    token: the last of the row's new tokens, from the cache view) and lm_head."""
 
     def __init__(self, model, follow: dict[int, int]) -> None:
+        super().__init__()
         self.inner, self.follow = model, follow
         self.config, self.tok_embeddings = model.config, model.tok_embeddings
+        self._last: list[int] = []
 
-    def __call__(self, input_ids, cache=None, **kwargs):
-        logits = self.inner(input_ids, cache, **kwargs).clone()
-        for b, last in enumerate(input_ids[:, -1].tolist()):
+    def hidden_states(self, input_ids, cache=None, **kwargs):
+        counts = cache.counts if cache is not None else torch.full((input_ids.shape[0],), input_ids.shape[1])
+        self._last = input_ids[torch.arange(input_ids.shape[0]), counts - 1].tolist()
+        return self.inner.hidden_states(input_ids, cache, **kwargs)
+
+    def lm_head(self, h):  # h (B, D): each row's last hidden state
+        logits = self.inner.lm_head(h).clone()
+        for b, last in enumerate(self._last):
             if last in self.follow:
-                logits[b, -1, self.follow[last]] += 1000.0
+                logits[b, self.follow[last]] += 1000.0
         return logits
 
 
@@ -385,9 +395,6 @@ def test_32_concurrent_streams_equal_single_user_generation(served, lm):
     app, port = served
     jobs = _load_prompts(lm)
     expected = [lm.complete(p, temperature=0, max_new_tokens=m) for p, m in jobs]
-    compactions = []
-    original = app.engine._compact
-    app.engine._compact = lambda: (compactions.append(1), original())[1]
     steps_before = app.engine.steps
     results: dict[int, tuple] = {}
     errors: list[BaseException] = []
@@ -409,7 +416,6 @@ def test_32_concurrent_streams_equal_single_user_generation(served, lm):
         t.start()
     for t in threads:
         t.join(timeout=120)
-    del app.engine._compact
     assert not errors, errors
     assert sorted(results) == list(range(len(jobs)))
     for j, (text, finish, done) in results.items():
@@ -419,8 +425,43 @@ def test_32_concurrent_streams_equal_single_user_generation(served, lm):
     generated = sum(len(e.token_ids) for e in expected)
     steps = app.engine.steps - steps_before
     assert steps < 0.5 * generated, (steps, generated)  # rows really decoded together
-    assert compactions, "the shared cache never filled up: the compaction path went untested"
-    assert app.engine.active == 0
+    assert app.engine.active == 0 and app.engine.cache.num_used == 0  # every block back in the pool
+
+
+def test_a_small_kv_budget_preempts_and_every_stream_still_equals_single_user_generation(lm):
+    """8 slots over a KV cache of 1.5 contexts (48 blocks of 16 tokens): rows that run out of
+    blocks are preempted and resumed later, their prompt and tokens recomputed; every client
+    still gets its single-user greedy text, and no block is left held."""
+    app = Server(lm, MODEL, slots=8, kv_memory=48 * PagedKVCache.block_bytes(lm.config))
+    server, thread = _start(app)
+    port = server.server_address[1]
+    jobs = [(f"{PROMPT} {word}", 150) for word in ("Lily", "Tom", "the cat", "a dog", "Sue", "Ben", "the sun", "Max")]
+    expected = [lm.complete(p, temperature=0, max_new_tokens=m, ignore_eos=True).text for p, m in jobs]
+    results, errors = {}, []
+
+    def client_thread(j: int) -> None:
+        try:
+            prompt, max_tokens = jobs[j]
+            status, body = request(port, "POST", "/v1/completions", {
+                "model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True})
+            results[j] = (status, body)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    try:
+        threads = [threading.Thread(target=client_thread, args=(j,)) for j in range(len(jobs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert not errors, errors
+        for j, (status, body) in results.items():
+            assert status == 200, body
+            assert body["choices"][0]["text"] == expected[j], j
+        assert app.engine.preemptions > 0, "the cache never ran short: preemption went untested"
+        assert app.engine.active == 0 and app.engine.cache.num_used == 0
+    finally:
+        _stop(app, server, thread)
 
 
 def test_a_burst_of_connections_is_not_reset(served, lm):
@@ -474,6 +515,8 @@ BAD = {  # name: (method, path, body, expected status, expected param or "any")
     "message not an object": ("POST", "/v1/chat/completions", {**CHAT_BODY, "messages": [5]}, 400, "messages"),
     "message without content": ("POST", "/v1/chat/completions", {**CHAT_BODY, "messages": [{"role": "user"}]},
                                 400, "messages"),
+    "message with an unknown role": ("POST", "/v1/chat/completions",
+                                     {**CHAT_BODY, "messages": [{"role": "wizard", "content": "Hi"}]}, 400, "messages"),
     "prompt missing": ("POST", "/v1/completions", {"model": MODEL}, 400, "prompt"),
     "prompt object": ("POST", "/v1/completions", {**OK_BODY, "prompt": {"text": "x"}}, 400, "prompt"),
     "prompt token out of vocabulary": ("POST", "/v1/completions", {**OK_BODY, "prompt": [1, 512]}, 400, "prompt"),
@@ -530,6 +573,8 @@ def test_bad_request_gets_openai_error_and_server_keeps_serving(served, lm, name
         assert error["code"] == "context_length_exceeded"
     if name == "chat message too long":
         assert "more than the context window of 512 tokens" in error["message"]
+    if name == "message with an unknown role":
+        assert error["message"] == "messages[0] has role 'wizard'; the roles are system, developer, user, assistant, tool"
     still_serving(served[1], lm)
 
 
@@ -658,6 +703,23 @@ def test_a_body_shorter_than_announced_gets_408_and_frees_the_thread(served, lm,
     error = json.loads(body)["error"]
     assert "100 bytes announced" in error["message"] and "0.5 s" in error["message"]
     still_serving(port, lm)
+
+
+def test_a_client_gone_before_its_error_reply_leaves_no_traceback(served, lm, capfd):
+    # It announces 500 bytes, sends 12 and disconnects: the 400 has nowhere to go. The server
+    # drops it quietly (a traceback used to be printed) and keeps serving.
+    port = served[1]
+    capfd.readouterr()
+    for _ in range(20):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 500\r\n\r\n{\"model\": 1}")
+        sock.shutdown(socket.SHUT_WR)
+        sock.close()
+    time.sleep(0.5)  # the handler threads answer after the client left
+    still_serving(port, lm)
+    _, err = capfd.readouterr()
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
 
 
 def test_binds_localhost_by_default(served):

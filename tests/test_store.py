@@ -153,7 +153,7 @@ System """
   You are Mario.
     # not a comment inside a block
 """
-TEMPLATE "{{ .System }} {{ .Prompt }}"
+TEMPLATE "{% for m in messages %}{{ m['content'] }}{% endfor %}"
 '''
     mf = parse_modelfile(text, base_dir=Path("/models"))
     assert mf.source == "./weights/model.gguf"
@@ -162,13 +162,13 @@ TEMPLATE "{{ .System }} {{ .Prompt }}"
                              "repetition_penalty": 1.1, "presence_penalty": 0.5, "frequency_penalty": -0.5,
                              "seed": 42, "max_new_tokens": 64, "stop": ["<|im_end|>", "\n\n", "END"]}
     assert mf.system == "\n  You are Mario.\n    # not a comment inside a block\n"
-    assert mf.template == "{{ .System }} {{ .Prompt }}"
+    assert mf.template == "{% for m in messages %}{{ m['content'] }}{% endfor %}"
 
 
 def test_modelfile_single_line_forms():
-    mf = parse_modelfile('FROM "a folder/with spaces"\nSYSTEM plain words\nTEMPLATE """one line"""\n')
+    mf = parse_modelfile('FROM "a folder/with spaces"\nSYSTEM plain words\nTEMPLATE """chatml"""\n')
     assert (mf.source, mf.system, mf.template, mf.parameters) == ("a folder/with spaces", "plain words",
-                                                                    "one line", {})
+                                                                    "chatml", {})
 
 
 @pytest.mark.parametrize("text, message", [
@@ -185,6 +185,9 @@ def test_modelfile_single_line_forms():
     ("FROM x\nSYTEM hi\n", "Modelfile line 2: unknown instruction 'SYTEM'"),
     ("FROM x\n# c\nSYSTEM \"\"\"never\nclosed\n", 'Modelfile line 3: the """ opened by SYSTEM is never closed'),
     ("FROM x\nTEMPLATE \"\"\"a\nb\"\"\" extra\n", 'Modelfile line 3: text after the closing """ of TEMPLATE'),
+    ("FROM x\nTEMPLATE \"{{ .System }} {{ .Prompt }}\"\n",  # Ollama's Go templates are not Jinja
+     "Modelfile line 2: TEMPLATE: chat template custom does not parse"),
+    ("FROM x\nTEMPLATE llama9\n", "Modelfile line 2: TEMPLATE: unknown chat template 'llama9'"),
     ("FROM x\nFROM y\n", "Modelfile line 2: FROM given twice (first on line 1)"),
     ("FROM\n", "Modelfile line 1: FROM needs an argument"),
     ("PARAMETER temperature 0\n", "Modelfile: no FROM line"),
@@ -210,7 +213,9 @@ _text = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters
 
 
 @settings(max_examples=150, deadline=None)
-@given(system=st.none() | _text, template=st.none() | _text,
+@given(system=st.none() | _text,  # a template: a built-in's name, or Jinja with any literal text
+       template=st.none() | st.sampled_from(["chatml", "llama3", "plain"])
+       | _text.filter(lambda t: not set(t) & set("{}%#")).map(lambda t: "{% for m in messages %}" + t + "{% endfor %}"),
        temperature=st.none() | st.floats(0, 5), top_k=st.none() | st.integers(0, 1000),
        stop=st.lists(st.text(min_size=1, max_size=8).filter(lambda s: s.strip() == s and s), max_size=3))
 def test_modelfile_round_trip(system, template, temperature, top_k, stop):
@@ -267,16 +272,52 @@ def test_run_answers_like_generate_with_the_stored_settings(capsys, story):
     # A flag overrides the stored value; the others still apply.
     assert ok(capsys, "run", "story", "Once upon a time", "-n", "5") == ok(
         capsys, "generate", SYSTEM_TEXT + "\nOnce upon a time", "--temperature", "0", "-n", "5")
-    # --model NAME (the store through _locate) is the same model: no defaults, no system prompt.
-    assert ok(capsys, "generate", "--model", "story", "Once", "-t", "0", "-n", "12") == ok(
-        capsys, "generate", "Once", "-t", "0", "-n", "12")
+    # generate --model NAME is run NAME: the stored parameters and system prompt apply there too,
+    # and so do they in chat (below) and serve (test_serve_applies_a_store_models_settings).
+    assert ok(capsys, "generate", "--model", "story", "Once upon a time") == expected
+    assert ok(capsys, "generate", "--model", "story", "Once", "-n", "12") == ok(
+        capsys, "generate", SYSTEM_TEXT + "\nOnce", "-t", "0", "-n", "12")
+
+
+def test_serve_applies_a_store_models_settings(story):
+    # The server of a store model: its name is the model id, its PARAMETERs (temperature 0,
+    # num_predict 24) the request defaults, its SYSTEM the system message of a chat without one.
+    import http.client
+
+    from emergence.chat import encode_prompt, resolve_chat_template
+    from emergence.serve.app import app_for, serve_in_thread
+
+    app = app_for("story")
+    server, thread = serve_in_thread(app)
+    try:
+        assert app.name == "story"
+        conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=60)
+        conn.request("POST", "/v1/chat/completions", json.dumps(
+            {"model": "story", "messages": [{"role": "user", "content": "Once upon a time"}]}),
+            {"Content-Type": "application/json"})
+        reply = json.loads(conn.getresponse().read())
+        lm = emergence.load()
+        messages = [{"role": "system", "content": SYSTEM_TEXT}, {"role": "user", "content": "Once upon a time"}]
+        template = resolve_chat_template(None, missing="plain")
+        ids = encode_prompt(lm.tokenizer, template.render(messages, add_generation_prompt=True))
+        expected = lm.complete(ids, temperature=0, max_new_tokens=24, stop=template.stop)
+        assert reply["choices"][0]["message"]["content"] == expected.text
+        assert reply["usage"]["completion_tokens"] == len(expected.token_ids)
+    finally:
+        server.shutdown()
+        server.server_close()
+        app.close()
 
 
 def test_run_without_prompt_chats_after_the_system_prompt(capsys, monkeypatch, story):
+    from emergence.chat import encode_prompt, resolve_chat_template
+
     monkeypatch.setattr(sys, "stdin", io.StringIO("Once upon a time\n"))
     out = ok(capsys, "run", "story")
-    reply = emergence.load().generate(SYSTEM_TEXT + "\nOnce upon a time", temperature=0, max_new_tokens=24,
-                                      truncate=True)
+    template = resolve_chat_template(None, missing="plain")  # a base model: the plain transcript
+    messages = [{"role": "system", "content": SYSTEM_TEXT}, {"role": "user", "content": "Once upon a time"}]
+    ids = encode_prompt(emergence.load().tokenizer, template.render(messages, add_generation_prompt=True))
+    reply = emergence.load().generate(ids, temperature=0, max_new_tokens=24, stop=template.stop)
     assert out == "> " + reply + "\n> "
 
 
@@ -303,8 +344,8 @@ def test_create_from_a_relative_path_and_a_missing_source(capsys, tiny_hf, tmp_p
     assert Store().get("rel").manifest.source == str(tiny_hf.resolve())
     write_modelfile(sub, "FROM nowhere-model\n")
     err = fails(capsys, "create", "x", "-f", str(sub / "Modelfile"))
-    assert "no model 'nowhere-model': not a path, nor a model in the store (rel:latest), nor a packaged model " \
-           "(emergence-6m, stories260K)" in err
+    assert "no model at 'nowhere-model': not a path, nor a model in the store " in err
+    assert " (rel:latest), nor a packaged model (emergence-6m, stories260K)" in err
 
 
 # ------------------------------------------------------------------------------- import
@@ -357,7 +398,7 @@ def test_import_refuses_what_is_no_model(capsys, tmp_path, home):
     save_hf(Transformer(Config.from_name("tiny-llama", vocab_size=VOCAB)), no_tok)
     assert "no tokenizer in" in fails(capsys, "import", str(no_tok), "x")
     assert ok(capsys, "list").splitlines()[1:] == []
-    assert not any((home / "tmp").iterdir())
+    assert not (home / "tmp").exists() or not any((home / "tmp").iterdir())  # refused before any copy
 
 
 # ------------------------------------------------------------------------ cp, rm, list
@@ -374,7 +415,7 @@ def test_cp_then_rm_leaves_the_source(capsys, story):
     assert "model 'copy:1' not found in the store" in fails(capsys, "rm", "copy:1")
     assert "model 'nope:latest' not found" in fails(capsys, "cp", "nope", "x")
     assert "same model" in fails(capsys, "cp", "story", "story:latest")
-    assert "model 'nope:latest' not found" in fails(capsys, "show", "nope")
+    assert "no model at 'nope': not a path, nor a model in the store" in fails(capsys, "show", "nope")
 
 
 def test_rm_checks_every_name_first(capsys, story):

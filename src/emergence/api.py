@@ -8,7 +8,8 @@ Sources, recognised by their content, never by their file name:
 - a llama2.c v0 checkpoint file, with its tokenizer `.bin` passed as `tokenizer=`;
 - a name in the local model store (`emergence.store`: `emergence import / create`).
 
-A name is looked up as an existing path first, then in the store, then among the packaged models.
+A name is looked up as an existing path first, then in the store, then among the packaged
+models (`store.resolve_model`, the one resolver every command uses).
 """
 
 from __future__ import annotations
@@ -16,19 +17,22 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .config import Config
 from .errors import CheckpointError, InvalidArgument
 from .generate import Completion, generate, stream
-from .kernels import use_decode_kernels
 from .model import Transformer
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 from .weights.hf import is_hf_folder, load_hf
 from .weights.gguf_model import is_gguf_file, load_gguf
-from .weights.llama2c import load_llama2c
+from .weights.llama2c import load_llama2c, looks_like_llama2c
+
+if TYPE_CHECKING:
+    from .store import Source
 
 PACKAGED_MODELS = Path(__file__).parent / "models"
 DEFAULT_MODEL = "stories260K"
@@ -65,35 +69,45 @@ class LanguageModel:
     model: Transformer
     tokenizer: Tokenizer
     config: Config
+    backend: str = "auto"  # how decoding runs: "native" (decode.cpp, CPU), "eager", or "auto" (native where it can)
 
     def complete(self, prompt: str | Sequence[int], *, truncate: bool = False, **sampling) -> Completion:
         """One completion with its token ids, finish reason and (if asked) logprobs."""
-        return generate(self.model, self.tokenizer, [prompt], SamplingParams(**sampling), truncate=truncate)[0]
+        return generate(self.model, self.tokenizer, [prompt], SamplingParams(**sampling), truncate=truncate,
+                        backend=self.backend)[0]
 
     def generate(self, prompt: str | Sequence[int], *, truncate: bool = False, **sampling) -> str:
         """The completion text for a prompt; keyword arguments are `SamplingParams` fields."""
         return self.complete(prompt, truncate=truncate, **sampling).text
 
     def generate_batch(self, prompts: Sequence[str | Sequence[int]], **sampling) -> list[Completion]:
-        return generate(self.model, self.tokenizer, prompts, SamplingParams(**sampling))
+        return generate(self.model, self.tokenizer, prompts, SamplingParams(**sampling), backend=self.backend)
 
     def stream(self, prompt: str | Sequence[int], *, truncate: bool = False, **sampling) -> Iterator[str]:
         """The completion text, piece by piece, as soon as each piece is final."""
-        for chunk in stream(self.model, self.tokenizer, prompt, SamplingParams(**sampling), truncate=truncate):
+        for chunk in stream(self.model, self.tokenizer, prompt, SamplingParams(**sampling), truncate=truncate,
+                            backend=self.backend):
             if chunk.text:
                 yield chunk.text
 
 
-def load(path_or_name: str | Path | None = None, *, tokenizer: str | Path | None = None,
-         device: str = "auto", dtype: str | torch.dtype | None = None, fast_kernels: bool = True) -> LanguageModel:
+def load(path_or_name: str | Path | Source | None = None, *, tokenizer: str | Path | None = None,
+         device: str = "auto", dtype: str | torch.dtype | None = None, backend: str = "auto") -> LanguageModel:
     """Load a model and its tokenizer (see the module docstring for what `path_or_name` may be).
 
-    fast_kernels routes batch-1 decoding on the CPU through emergence's native GEMV kernels
-    (emergence.kernels), when they can be built here.
+    backend: how decoding runs (decode.make_backend): "auto" takes the native CPU step
+    (emergence.kernels) where it can run this model, else the eager forward; "eager" always
+    the latter; "native" insists on the former.
     """
+    from .decode import BACKENDS
+
+    if backend not in BACKENDS:
+        raise InvalidArgument(f"unknown decode backend {backend!r} (use {', '.join(BACKENDS)})")
+    from .store import Source, resolve_model
+
     torch_dtype = resolve_dtype(dtype)
     target = resolve_device(device)
-    path = _locate(path_or_name)
+    path = (path_or_name if isinstance(path_or_name, Source) else resolve_model(path_or_name)).path
     if path.is_dir():
         model, config = load_hf(path, dtype=torch_dtype)
         tok = Tokenizer.load(tokenizer if tokenizer is not None else path)
@@ -102,6 +116,9 @@ def load(path_or_name: str | Path | None = None, *, tokenizer: str | Path | None
         if tokenizer is not None:
             tok = Tokenizer.load(tokenizer)
     else:
+        if not looks_like_llama2c(path):
+            raise CheckpointError(f"{path} is not a model emergence recognises (a Hugging Face layout folder, a "
+                                  "GGUF file, or a llama2.c .bin checkpoint with its tokenizer)")
         if tokenizer is None:
             raise InvalidArgument(f"{path} is a llama2.c checkpoint: pass its tokenizer .bin too (--tokenizer)")
         model, config = load_llama2c(path)
@@ -110,31 +127,4 @@ def load(path_or_name: str | Path | None = None, *, tokenizer: str | Path | None
             model = model.to(torch_dtype)
     if tok.vocab_size > config.vocab_size:
         raise CheckpointError(f"tokenizer has {tok.vocab_size} tokens but the model only {config.vocab_size}")
-    model = model.to(target)
-    if target.type == "cpu" and fast_kernels:
-        use_decode_kernels(model)
-    return LanguageModel(model, tok, config)
-
-
-def _locate(path_or_name: str | Path | None) -> Path:
-    """What `path_or_name` names, in this order: an existing path, a model in the local store
-    (emergence.store; an HF folder or the GGUF file inside the entry), a packaged model."""
-    from .store import Store, short_list  # here: the store imports this module
-
-    if path_or_name is None:
-        path_or_name = DEFAULT_MODEL
-    path = Path(path_or_name)
-    if path.exists():
-        if path.is_dir() and not is_hf_folder(path):
-            raise CheckpointError(f"{path} is not a model folder (no config.json; a partial copy?)")
-        return path
-    store = Store()
-    entry = store.find(str(path_or_name))
-    if entry is not None:
-        return entry.model_path
-    packaged = PACKAGED_MODELS / str(path_or_name)
-    if "/" not in str(path_or_name) and is_hf_folder(packaged):
-        return packaged
-    known = ", ".join(packaged_models()) or "none"
-    raise CheckpointError(f"no model at '{path_or_name}': not a path, nor a model in the store {store.root} "
-                          f"({short_list(store.names())}), nor a packaged model ({known})")
+    return LanguageModel(model.to(target), tok, config, backend)

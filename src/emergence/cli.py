@@ -11,70 +11,92 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .api import LanguageModel, load, resolve_dtype
 from .errors import EmergenceError, InvalidArgument
+from .files import check_output
 from .generate import Completion, TokenLogprob, generate, stream
 from .sampling import SamplingParams
 
+if TYPE_CHECKING:
+    from .store import Source
+
 
 # ------------------------------------------------------------------------------ arguments
+MODEL_HELP = ("a Hugging Face layout folder, a GGUF file, a llama2.c .bin (with --tokenizer), a model in the store "
+              "(emergence list) or a packaged model (stories260K, emergence-6m); default: the shipped model")
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", "-m", default=None,
-                   help="HF-layout folder, llama2.c .bin (with --tokenizer), or packaged model name; default: the shipped model")
+    p.add_argument("--model", "-m", default=None, help=MODEL_HELP)
     p.add_argument("--tokenizer", default=None, help="tokenizer file or folder (required for llama2.c .bin checkpoints)")
     p.add_argument("--device", default="auto", help="auto (GPU when present), cpu or cuda")
     p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: as stored)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    """Sampling flags. Unset ones are None: a store model's PARAMETERs apply, then these defaults."""
     d = SamplingParams()
-    g = p.add_argument_group("sampling")
-    g.add_argument("--temperature", "-t", type=float, default=d.temperature, help="0 = greedy (default %(default)s)")
-    g.add_argument("--top-k", type=int, default=d.top_k, help="0 = off")
-    g.add_argument("--top-p", type=float, default=d.top_p)
-    g.add_argument("--min-p", type=float, default=d.min_p)
-    g.add_argument("--typical-p", type=float, default=d.typical_p)
-    g.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty)
-    g.add_argument("--presence-penalty", type=float, default=d.presence_penalty)
-    g.add_argument("--frequency-penalty", type=float, default=d.frequency_penalty)
-    g.add_argument("--logit-bias", action="append", default=[], metavar="ID=BIAS", help="add BIAS to token ID's logit")
-    g.add_argument("--max-new-tokens", "-n", type=int, default=d.max_new_tokens)
-    g.add_argument("--seed", type=int, default=None, help="same seed, same output")
-    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    g.add_argument("--stop-token-id", action="append", type=int, default=[], help="stop token id (repeatable)")
-    g.add_argument("--ignore-eos", action="store_true", help="keep going past end-of-sequence tokens")
+    g = p.add_argument_group("sampling (a flag left out takes the store model's PARAMETER, else the default shown)")
+    g.add_argument("--temperature", "-t", type=float, help=f"0 = greedy (default {d.temperature})")
+    g.add_argument("--top-k", type=int, help="0 = off (default)")
+    g.add_argument("--top-p", type=float, help=f"(default {d.top_p})")
+    g.add_argument("--min-p", type=float, help=f"(default {d.min_p})")
+    g.add_argument("--typical-p", type=float, help=f"(default {d.typical_p})")
+    g.add_argument("--repetition-penalty", type=float, help=f"(default {d.repetition_penalty})")
+    g.add_argument("--presence-penalty", type=float, help=f"(default {d.presence_penalty})")
+    g.add_argument("--frequency-penalty", type=float, help=f"(default {d.frequency_penalty})")
+    g.add_argument("--logit-bias", action="append", metavar="ID=BIAS", help="add BIAS to token ID's logit")
+    g.add_argument("--max-new-tokens", "-n", type=int, help=f"(default {d.max_new_tokens})")
+    g.add_argument("--seed", type=int, help="same seed, same output")
+    g.add_argument("--stop", action="append", help="stop string (repeatable; replaces the model's stop list)")
+    g.add_argument("--stop-token-id", action="append", type=int, help="stop token id (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true", default=None, help="keep going past end-of-sequence tokens")
     g.add_argument("--truncate", action="store_true", help="keep the end of a prompt longer than the context")
 
 
-def _sampling(args: argparse.Namespace, logprobs: int | None = None) -> SamplingParams:
+# sampling flag -> SamplingParams field, where the names differ
+_FLAG_FIELDS = {"stop_token_id": "stop_token_ids"}
+
+
+def _sampling(args: argparse.Namespace, stored: dict | None = None, logprobs: int | None = None) -> SamplingParams:
+    """SamplingParams: the defaults, then a store model's PARAMETERs (`stored`), then the flags given."""
+    values = dict(stored or {})
+    for flag in ("temperature", "top_k", "top_p", "min_p", "typical_p", "repetition_penalty", "presence_penalty",
+                 "frequency_penalty", "max_new_tokens", "seed", "stop", "stop_token_id", "ignore_eos"):
+        value = getattr(args, flag)
+        if value is not None:
+            values[_FLAG_FIELDS.get(flag, flag)] = tuple(value) if isinstance(value, list) else value
     bias = {}
-    for item in args.logit_bias:
+    for item in args.logit_bias or []:
         token, sep, value = item.partition("=")
         try:
             bias[int(token)] = float(value)
         except ValueError:
             raise InvalidArgument(f"--logit-bias takes ID=BIAS, got {item!r}") from None
-    return SamplingParams(
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-        typical_p=args.typical_p, repetition_penalty=args.repetition_penalty,
-        presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty, logit_bias=bias,
-        max_new_tokens=args.max_new_tokens, stop=tuple(args.stop), stop_token_ids=tuple(args.stop_token_id),
-        ignore_eos=args.ignore_eos, seed=args.seed, logprobs=logprobs)
+    if bias:
+        values["logit_bias"] = bias
+    return SamplingParams(**values, logprobs=logprobs)
 
 
-def _load(args: argparse.Namespace) -> LanguageModel:
-    return load(args.model, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype)
+def _load(args: argparse.Namespace, source: Source) -> LanguageModel:
+    return load(source, tokenizer=getattr(args, "tokenizer", None), device=args.device, dtype=args.dtype)
 
 
 # --------------------------------------------------------------------------------- verbs
 def cmd_generate(args: argparse.Namespace) -> None:
+    """Complete a prompt; a store model's PARAMETERs are the defaults and its SYSTEM prefixes the
+    prompt (as `run` does)."""
+    from .store import resolve_model, with_system
+
+    source = resolve_model(args.model)  # a missing model is reported before the sampling values
     logprobs = args.logprobs if args.logprobs is not None else (0 if args.json else None)
-    params = _sampling(args, logprobs)  # validate before the (slower) model load
-    lm = _load(args)
-    prompt = args.prompt if args.prompt is not None else ""
+    params = _sampling(args, source.parameters, logprobs)
+    lm = _load(args, source)
+    prompt = with_system(source.system, args.prompt if args.prompt is not None else "")
     if args.stream:
-        for chunk in stream(lm.model, lm.tokenizer, prompt, params, truncate=args.truncate):
+        for chunk in stream(lm.model, lm.tokenizer, prompt, params, truncate=args.truncate, backend=lm.backend):
             if args.json:
                 print(json.dumps({"text": chunk.text, "token_ids": chunk.token_ids,
                                   "logprobs": [_logprob_json(lm, lp) for lp in chunk.logprobs],
@@ -85,7 +107,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         if not args.json:
             sys.stdout.write("\n")
         return
-    completion = generate(lm.model, lm.tokenizer, [prompt], params, truncate=args.truncate)[0]
+    completion = generate(lm.model, lm.tokenizer, [prompt], params, truncate=args.truncate, backend=lm.backend)[0]
     if args.json:
         print(json.dumps(_completion_json(lm, completion), ensure_ascii=False))
     else:
@@ -105,80 +127,18 @@ def _completion_json(lm: LanguageModel, c: Completion) -> dict:
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    params = _sampling(args)
-    lm = _load(args)
-    template = _chat_template(args.model, args.chat_template)
-    if template is None:
-        _chat(lm, params)
-    else:
-        _chat_with_template(lm, params, template, policy=args.context_policy)
-
-
-def _chat_template(model: str | None, override: str | None):
-    """The model's own chat template (HF folder or GGUF metadata) or the override; None for
-    a base model without one (it chats by plain continuation)."""
-    from .api import _locate
+    """An interactive conversation (repl.ChatSession): the model's chat template, --chat-template,
+    a store model's TEMPLATE, or the plain User:/Assistant: transcript for a base model."""
     from .chat import find_model_template, resolve_chat_template
+    from .repl import ChatSession
+    from .store import resolve_model
 
-    found = find_model_template(_locate(model))
-    if override is None and found is None:
-        return None
-    return resolve_chat_template(found, override=override)
-
-
-def _chat_with_template(lm: LanguageModel, params: SamplingParams, template, *, policy: str,
-                        system: str | None = None) -> None:
-    """A conversation rendered by the chat template; when it outgrows the context, `policy`
-    drops or condenses the oldest turns (said on stderr), never the latest message."""
-    from .chat import fit_context
-
-    print(f"chatting with {lm.config.name} ({template.name} template; context policy {policy}). "
-          "Ctrl-D or /exit ends.", file=sys.stderr)
-    messages = [{"role": "system", "content": system}] if system else []
-    stop = tuple(dict.fromkeys((*params.stop, *template.stop)))
-    reserve = min(params.max_new_tokens, lm.config.block_size // 2)
-    while (line := _read_line()) is not None:
-        messages.append({"role": "user", "content": line})
-        fit = fit_context(messages, lm.tokenizer, template, context_window=lm.config.block_size, reserve=reserve,
-                          policy=policy)
-        if fit.dropped:
-            print(f"({fit.describe()})", file=sys.stderr)
-        reply = ""
-        for piece in lm.stream(fit.token_ids, **{**_fields(params), "stop": stop}):
-            reply += piece
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
-        messages.append({"role": "assistant", "content": reply})
-
-
-def _read_line() -> str | None:
-    """The user's next line, or None at end of input or /exit."""
-    try:
-        line = input("> ")
-    except EOFError:
-        print(file=sys.stderr)
-        return None
-    return None if line.strip() in ("/exit", "/quit") else line
-
-
-def _chat(lm: LanguageModel, params: SamplingParams, transcript: str = "") -> None:
-    """Read lines from stdin and continue `transcript` + each line, printing the replies."""
-    print(f"chatting with {lm.config.name} as plain continuation (a base model: the conversation is "
-          "continued as text). Ctrl-D or /exit ends.", file=sys.stderr)
-    while (line := _read_line()) is not None:
-        transcript += line
-        reply = ""
-        for piece in lm.stream(transcript, truncate=True, **_fields(params)):
-            reply += piece
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
-        transcript += reply + "\n"
-
-
-def _fields(params: SamplingParams) -> dict:
-    return {f: getattr(params, f) for f in params.__dataclass_fields__}
+    source = resolve_model(args.model)
+    params = _sampling(args, source.parameters)
+    lm = _load(args, source)
+    template = resolve_chat_template(find_model_template(source.path), override=args.chat_template or source.template,
+                                     missing="plain")
+    ChatSession(lm, params, template, policy=args.context_policy, system=source.system).run()
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -227,24 +187,21 @@ def cmd_convert(args: argparse.Namespace) -> None:
                                   torch.float16: "f16"}[dtype]
         if file_type not in FILE_TYPES:
             raise InvalidArgument(f"unknown GGUF type {file_type!r} (one of {', '.join(FILE_TYPES)})")
-        if dst.is_dir():
-            raise InvalidArgument(f"{dst} is a folder; a GGUF output is a file")
+        check_output(dst, folder=False, force=args.force)
         lm = load(args.src, tokenizer=args.tokenizer, device="cpu", dtype=dtype)
         save_gguf(lm.model, lm.tokenizer, dst, file_type)
         print(f"wrote {dst} ({lm.config.family}, GGUF {file_type})")
         return
     if args.type is not None:
         raise InvalidArgument("--type applies to a GGUF output (DST ending in .gguf)")
+    check_output(dst, folder=True, force=args.force)
     lm = load(args.src, tokenizer=args.tokenizer, device="cpu", dtype=dtype)
-    if dst.exists() and not dst.is_dir():
-        raise InvalidArgument(f"{dst} exists and is not a folder")
     save_hf(lm.model, dst, max_shard_bytes=args.max_shard_mb * 2**20 if args.max_shard_mb else None)
     lm.tokenizer.save(dst)
     print(f"wrote {dst} ({lm.config.family}, {str(next(lm.model.parameters()).dtype).removeprefix('torch.')})")
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
-    import os
     from pathlib import Path
 
     import torch
@@ -264,12 +221,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         except (OSError, UnicodeDecodeError) as e:
             raise InvalidArgument(f"cannot read --calibration {args.calibration}: "
                                   f"{getattr(e, 'strerror', None) or e}") from None
-    out = Path(args.out)
-    existing_parent = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
-    if not existing_parent.is_dir():
-        raise InvalidArgument(f"--out {out}: {existing_parent} exists and is not a folder")
-    if not os.access(existing_parent, os.W_OK | os.X_OK):
-        raise InvalidArgument(f"--out {out}: {existing_parent} is not writable")
+    out = check_output(args.out, folder=True, force=args.force)
 
     lm = load(args.model, tokenizer=args.tokenizer, device="cpu")
     calibration = None
@@ -296,14 +248,14 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
 
 def _tokenizer_for(spec: str) -> "Tokenizer":
-    """A tokenizer file or folder, or the tokenizer of a model (path or packaged name)."""
-    from .api import _locate
+    """A tokenizer file or folder, or the tokenizer of a model (path, store or packaged name)."""
+    from .store import resolve_model
     from .tokenizer import Tokenizer
 
     path = Path(spec)
     if path.exists():
         return Tokenizer.load(path)
-    return Tokenizer.load(_locate(spec))
+    return Tokenizer.load(resolve_model(spec).path)
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
@@ -344,20 +296,26 @@ def cmd_train_tokenizer(args: argparse.Namespace) -> None:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
-    from .train.trainer import TrainConfig, load_train_config, train
+    """A new run from the flags (and --train-config); --resume continues the run in --out with
+    its saved settings, the flags given overriding only what may change (see trainer.resume)."""
+    from .train.trainer import TrainConfig, load_train_config, saved_settings, train
 
-    settings = load_train_config(args.train_config) if args.train_config else {}
-    for name in (*_TRAIN_FLAGS, "compile", "fsdp", "save_best"):
+    given = load_train_config(args.train_config) if args.train_config else {}
+    for name in (*_TRAIN_FLAGS, "compile", "fsdp", "save_best", "data"):
         value = getattr(args, name)
         if value is not None:
-            settings[name] = value
-    settings.update(data=args.data, out=args.out)
+            given[name] = value
     if args.no_progress:
-        settings["progress"] = False
-    if args.config is None and settings.get("init") is None and not args.resume:
-        raise InvalidArgument("pretrain needs --config PRESET_OR_JSON (or --init MODEL, or --resume)")
-    tc = TrainConfig(**settings)
-    train(args.config, tc, resume=args.resume)
+        given["progress"] = False
+    if args.resume:
+        settings = {**saved_settings(args.out), **given, "out": args.out}
+    else:
+        if args.data is None:
+            raise InvalidArgument("pretrain needs --data DIR (a folder written by `emergence prepare`)")
+        if args.config is None and given.get("init") is None:
+            raise InvalidArgument("pretrain needs --config PRESET_OR_JSON (or --init MODEL, or --resume)")
+        settings = {**given, "out": args.out}
+    train(args.config, TrainConfig(**settings), resume=args.resume)
 
 
 # ------------------------------------------------------------------------- the model store
@@ -380,9 +338,32 @@ def cmd_list(args: argparse.Namespace) -> None:
 
 
 def cmd_show(args: argparse.Namespace) -> None:
-    from .store import Modelfile, Store
+    """A store model's details, default parameters, system prompt and template; for any other
+    model (a packaged one, a path) its details as read from its files."""
+    from .store import Modelfile, inspect_model, resolve_model
 
-    entry = Store().get(args.name)
+    source = resolve_model(args.name)
+    entry = source.entry
+    if entry is None:
+        d = inspect_model(source.path)
+        if args.modelfile:
+            print(Modelfile(source.label).to_text(), end="")
+            return
+        if args.json:
+            print(json.dumps({"name": source.name, "source": "packaged" if source.packaged else source.label,
+                              "layout": d.layout, "format": d.format,
+                              "details": {"architecture": d.architecture, "parameter_count": d.parameter_count,
+                                          "context_length": d.context_length},
+                              "parameters": {}, "system": None, "template": None, "path": str(source.path)}))
+            return
+        rows = [("name", source.name), ("architecture", d.architecture), ("parameters", f"{d.parameter_count:,}"),
+                ("context length", f"{d.context_length:,}"), ("format", d.format), ("layout", d.layout),
+                ("source", "packaged with emergence" if source.packaged else "a path (not in the store)"),
+                ("path", str(source.path))]
+        print("  Model")
+        for key, value in rows:
+            print(f"    {key:16}{value}")
+        return
     m, d = entry.manifest, entry.manifest.details
     if args.modelfile:
         print(Modelfile(str(entry.model_path), m.parameters, m.system, m.template).to_text(), end="")
@@ -419,13 +400,13 @@ def cmd_create(args: argparse.Namespace) -> None:
 def cmd_import(args: argparse.Namespace) -> None:
     from .store import Store
 
-    _report("imported", Store().import_model(args.path, args.name))
+    _report("imported", Store().import_model(args.path, args.name, force=args.force))
 
 
 def cmd_cp(args: argparse.Namespace) -> None:
     from .store import ModelName, Store
 
-    entry = Store().copy(args.src, args.dst)
+    entry = Store().copy(args.src, args.dst, force=args.force)
     print(f"copied {ModelName.parse(args.src)} to {entry.name}")
 
 
@@ -448,40 +429,13 @@ def _report(verb: str, entry: "Entry") -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    from .store import Store, sampling_defaults, with_system
-
-    entry = None if Path(args.name).exists() else Store().find(args.name)  # a path wins, as in load()
-    settings = _run_settings(args, sampling_defaults(entry) if entry is not None else {})
-    params = _sampling(settings)
-    system = entry.manifest.system if entry is not None else None
-    lm = load(args.name, device=args.device, dtype=args.dtype)
+    """`run NAME PROMPT` is `generate --model NAME PROMPT --stream`; `run NAME` is `chat --model NAME`."""
+    args.model = args.name
     if args.prompt is None:
-        template = _chat_template(args.name, entry.manifest.template if entry is not None else None)
-        if template is None:
-            _chat(lm, params, with_system(system, ""))
-        else:
-            _chat_with_template(lm, params, template, policy="drop-oldest", system=system)
-        return
-    for piece in lm.stream(with_system(system, args.prompt), truncate=settings.truncate, **_fields(params)):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
-
-
-def _sampling_flag_defaults() -> dict:
-    """The sampling flags' destinations and their defaults (as `generate` has them)."""
-    p = argparse.ArgumentParser(add_help=False)
-    _add_sampling_args(p)
-    return vars(p.parse_args([]))
-
-
-def _run_settings(args: argparse.Namespace, stored: dict) -> argparse.Namespace:
-    """Sampling flags for `run`: the generate defaults, then the entry's stored defaults, then
-    the flags given on this command line (a given --stop replaces the stored stop list)."""
-    values = _sampling_flag_defaults()
-    values.update({k: list(v) if k == "stop" else v for k, v in stored.items()})
-    values.update({k: v for k, v in vars(args).items() if k in values and v is not None})
-    return argparse.Namespace(**values)
+        args.chat_template, args.context_policy = None, "drop-oldest"
+        return cmd_chat(args)
+    args.stream, args.json, args.logprobs = True, False, None
+    return cmd_generate(args)
 
 
 # TrainConfig fields settable by a flag of the same name (None: keep the file's or the default).
@@ -506,9 +460,28 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     if not 0 <= args.port <= 65535:
         raise InvalidArgument(f"--port must be in [0, 65535], got {args.port}")
+    kv_memory = parse_bytes(args.kv_memory, "--kv-memory") if args.kv_memory is not None else None
+    if args.context is not None and args.context < 2:
+        raise InvalidArgument(f"--context must be at least 2 tokens, got {args.context}")
     run_server(args.model, host=args.host, port=args.port, api_key=args.api_key, slots=args.slots,
                max_queue=args.max_queue, context_policy=args.context_policy, chat_template=args.chat_template,
-               device=args.device, dtype=args.dtype)
+               device=args.device, dtype=args.dtype, context=args.context, kv_memory=kv_memory)
+
+
+BYTE_UNITS = {"": 1, "b": 1, "k": 2**10, "kib": 2**10, "m": 2**20, "mib": 2**20, "g": 2**30, "gib": 2**30,
+              "kb": 10**3, "mb": 10**6, "gb": 10**9}
+
+
+def parse_bytes(text: str, flag: str) -> int:
+    """'2GiB', '512M', '1.5GB', '1000000' -> bytes (K, M, G and KiB, MiB, GiB are powers of 1024;
+    KB, MB, GB powers of 1000)."""
+    import re
+
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in BYTE_UNITS or float(match.group(1)) <= 0:
+        raise InvalidArgument(f"{flag} takes a positive size such as 2GiB, 512MiB or 1.5GB, got {text!r}")
+    return int(float(match.group(1)) * BYTE_UNITS[unit])
 
 
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
@@ -521,7 +494,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
     "train-tokenizer": (cmd_train_tokenizer, "train a byte-level BPE tokenizer on text files"),
     "pretrain": (cmd_pretrain, "train a model from scratch on prepared token shards (torchrun for several processes)"),
     "list": (cmd_list, "list the models in the local store ($EMERGENCE_HOME, default ~/.emergence)"),
-    "show": (cmd_show, "describe a model of the store: details, default parameters, system prompt, template"),
+    "show": (cmd_show, "describe a model: a store model's details, parameters, system prompt, template (or any model's details)"),
     "create": (cmd_create, "create a store model from a Modelfile (FROM, PARAMETER, SYSTEM, TEMPLATE)"),
     "import": (cmd_import, "copy an HF-layout folder or a GGUF file into the store under a name"),
     "cp": (cmd_cp, "copy a store model to a new name"),
@@ -574,6 +547,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--tokenizer", default=None, help="tokenizer .bin for a llama2.c SRC")
     v.add_argument("--dtype", default=None, help="fp32, bf16 or fp16")
     v.add_argument("--max-shard-mb", type=int, default=None, help="split the weights into shards of this size")
+    v.add_argument("--force", action="store_true", help="replace a model already at DST")
     v.add_argument("--type", default=None, help="GGUF tensor type: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, "
                    "q4_k, q5_k or q6_k (default: the model's dtype)")
 
@@ -589,6 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--skip", action="append", default=[], metavar="NAME",
                    help="keep layers of this name in full precision (e.g. down_proj; repeatable; lm_head always)")
     q.add_argument("--tokenizer", default=None, help="tokenizer .bin for a llama2.c MODEL")
+    q.add_argument("--force", action="store_true", help="replace a model already in --out")
 
     p = parsers["prepare"]
     p.add_argument("inputs", nargs="+", metavar="TEXT_OR_JSONL", help="files, folders or glob patterns")
@@ -608,10 +583,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve_args(parsers["serve"])
 
     r = parsers["pretrain"]
-    r.add_argument("--config", default=None, metavar="PRESET_OR_JSON", help="model preset name or config JSON")
-    r.add_argument("--data", required=True, metavar="DIR", help="folder written by `emergence prepare`")
+    from .config import PRESETS
+
+    r.description = ("Train a model from scratch (--config), or continue one (--init), on token shards; --resume "
+                     "continues the run in --out with its own settings (flags may change max-steps and how it "
+                     "reports: evaluation, samples, checkpoints, logging).")
+    r.add_argument("--config", default=None, metavar="PRESET_OR_JSON",
+                   help="a model config JSON, or a preset: " + ", ".join(sorted(PRESETS)))
+    r.add_argument("--data", default=None, metavar="DIR",
+                   help="folder written by `emergence prepare` (with --resume: the run's own, unless given)")
     r.add_argument("--out", required=True, metavar="DIR", help="run folder: checkpoint, metrics, final model")
-    r.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    r.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its checkpoint, with its saved settings")
     r.add_argument("--train-config", default=None, metavar="JSON", help="training settings file (flags override)")
     r.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     r.add_argument("--fsdp", action="store_true", default=None, help="under torchrun: shard with FSDP2")
@@ -630,6 +613,11 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every request")
     p.add_argument("--slots", type=int, default=8, help="requests decoded together (default %(default)s)")
+    p.add_argument("--context", type=int, default=None, metavar="TOKENS",
+                   help="longest prompt + completion a request may have (default: the model's context window)")
+    p.add_argument("--kv-memory", default=None, metavar="SIZE",
+                   help="KV cache budget, e.g. 2GiB (default: room for every slot to hold a full context); "
+                        "memory is taken as sequences grow, in blocks of 16 tokens")
     p.add_argument("--max-queue", type=int, default=256, help="requests that may wait for a slot")
     p.add_argument("--context-policy", default="drop-oldest", choices=("drop-oldest", "condense", "error"),
                    help="what a chat longer than the context loses")
@@ -652,21 +640,21 @@ def _add_store_args(parsers: dict[str, argparse.ArgumentParser]) -> None:
     i = parsers["import"]
     i.add_argument("path", metavar="PATH", help="HF-layout folder or GGUF file")
     i.add_argument("name", metavar="NAME", help="name[:tag]")
+    i.add_argument("--force", action="store_true", help="replace a model of that name")
     cp = parsers["cp"]
     cp.add_argument("src", metavar="SRC")
     cp.add_argument("dst", metavar="DST")
+    cp.add_argument("--force", action="store_true", help="replace a model named DST")
     parsers["rm"].add_argument("names", nargs="+", metavar="NAME")
     run = parsers["run"]
-    run.description = ("Answer PROMPT once, or chat when there is none, with the model's stored default "
-                       "parameters and its system prompt as a text prefix; sampling flags override the stored "
-                       "values (a flag's default is the stored value, else generate's default).")
+    run.description = ("Answer PROMPT once (as generate --stream), or chat when there is none (as chat), with the "
+                       "model's stored PARAMETERs as defaults and its SYSTEM prompt; sampling flags override them.")
     run.add_argument("name", metavar="NAME", help="a store model (or any model --model takes)")
     run.add_argument("prompt", nargs="?", default=None, help="answer this once (default: interactive chat)")
+    run.add_argument("--tokenizer", default=None, help="tokenizer .bin for a llama2.c checkpoint")
     run.add_argument("--device", default="auto", help="auto (GPU when present), cpu or cuda")
     run.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: as stored)")
     _add_sampling_args(run)
-    # Unset flags are None, so that the model's stored defaults apply (see _run_settings).
-    run.set_defaults(**{k: None for k in _sampling_flag_defaults()})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,8 +39,11 @@ A Modelfile's FROM may name another entry; the new entry then inherits its param
 system prompt and template, each overridden by the Modelfile's own (PARAMETER lines replace
 the same parameter; any PARAMETER stop replaces the inherited stop list).
 
-Resolution of a model argument (`emergence.load`, --model, FROM): an existing path first,
-then a store name, then a model packaged with emergence.
+Resolution of a model argument: `resolve_model` is the one function that turns what a user
+typed (`emergence.load`, --model, a command's MODEL, `serve`, `pretrain --init`, FROM) into a
+model: an existing path first, then a store name, then a model packaged with emergence. A
+store model brings its PARAMETERs, SYSTEM and TEMPLATE wherever its name is used (generate,
+chat, run, serve), as Ollama's do.
 """
 
 from __future__ import annotations
@@ -185,7 +188,7 @@ def parse_modelfile(text: str, *, origin: str = "Modelfile", base_dir: Path | No
     for lineno, keyword, argument in _instructions(lines, origin):
         where = f"{origin} line {lineno}"
         if keyword == "PARAMETER":
-            key, value = _parameter(argument, where)
+            key, value = parse_parameter(argument, where)
             if key == "stop":
                 parameters.setdefault("stop", []).append(value)
                 continue
@@ -202,6 +205,13 @@ def parse_modelfile(text: str, *, origin: str = "Modelfile", base_dir: Path | No
         texts[keyword], first_line[keyword] = argument, lineno
     if "FROM" not in texts:
         raise InvalidArgument(f"{origin}: no FROM line (FROM names the model to start from)")
+    if "TEMPLATE" in texts:  # compiled now: a broken one is refused by create, not at the first chat
+        from .chat import resolve_chat_template
+
+        try:
+            resolve_chat_template(None, override=texts["TEMPLATE"], missing="plain")
+        except InvalidArgument as e:
+            raise InvalidArgument(f"{origin} line {first_line['TEMPLATE']}: TEMPLATE: {e}") from None
     return Modelfile(texts["FROM"], parameters, texts.get("SYSTEM"), texts.get("TEMPLATE"), base_dir)
 
 
@@ -264,7 +274,7 @@ def _json_string(raw: str) -> str:
     return raw
 
 
-def _parameter(argument: str, where: str) -> tuple[str, object]:
+def parse_parameter(argument: str, where: str) -> tuple[str, object]:
     """(SamplingParams field, checked value) of a PARAMETER line's argument."""
     from .sampling import SamplingParams
 
@@ -369,11 +379,60 @@ class Entry:
 
 @dataclass(frozen=True)
 class Source:
-    """A resolved model argument: an HF folder or GGUF file, and the store entry it is, if any."""
+    """A resolved model argument: an HF folder or a model file, and the store entry it is, if any."""
 
     path: Path
-    label: str  # recorded as the new entry's "source"
+    label: str  # recorded as a new entry's "source": the store or packaged name, or the absolute path
     entry: Entry | None = None
+    packaged: bool = False
+
+    @property
+    def name(self) -> str:
+        """What the model is called (a server's model id): its store name (without the default
+        tag, ":latest") or packaged name, else the file's stem or the folder's name."""
+        if self.entry is not None:
+            return self.label.removesuffix(":latest")
+        if self.packaged:
+            return self.label
+        return self.path.stem if self.path.is_file() else self.path.name
+
+    @property
+    def parameters(self) -> dict[str, object]:
+        """A store model's default SamplingParams fields (stop as a tuple); {} otherwise."""
+        return sampling_defaults(self.entry) if self.entry is not None else {}
+
+    @property
+    def system(self) -> str | None:
+        return self.entry.manifest.system if self.entry is not None else None
+
+    @property
+    def template(self) -> str | None:
+        return self.entry.manifest.template if self.entry is not None else None
+
+
+def resolve_model(spec: str | os.PathLike | None, base_dir: Path | None = None, store: Store | None = None) -> Source:
+    """A model argument -> Source: an existing path (relative to `base_dir` when given), else a
+    store entry, else a packaged model (None: the default model); CheckpointError listing what
+    exists otherwise."""
+    from .api import DEFAULT_MODEL, PACKAGED_MODELS, packaged_models
+    from .weights.hf import is_hf_folder
+
+    spec = DEFAULT_MODEL if spec is None else str(spec)
+    path = Path(spec).expanduser()
+    if base_dir is not None and not path.is_absolute():
+        path = base_dir / path
+    if path.exists():
+        if path.is_dir() and not is_hf_folder(path):
+            raise CheckpointError(f"{path} is not a model folder (no config.json; a partial copy?)")
+        return Source(path.resolve(), str(path.resolve()))
+    store = store or Store()
+    entry = store.find(spec)
+    if entry is not None:
+        return Source(entry.model_path, str(entry.name), entry)
+    if "/" not in spec and spec in packaged_models():
+        return Source(PACKAGED_MODELS / spec, spec, packaged=True)
+    raise CheckpointError(f"no model at '{spec}': not a path, nor a model in the store {store.root} "
+                          f"({short_list(store.names())}), nor a packaged model ({', '.join(packaged_models()) or 'none'})")
 
 
 # ------------------------------------------------------------------------- reading models
@@ -401,7 +460,7 @@ def inspect_model(path: Path) -> ModelDetails:
 
 def _inspect_gguf(path: Path) -> ModelDetails:
     from .gguf import read_gguf
-    from .gguf_vocab import tokenizer_from_gguf_metadata
+    from .gguf.vocab import tokenizer_from_gguf_metadata
     from .weights.gguf_model import config_from_gguf
 
     f = read_gguf(path)
@@ -592,25 +651,6 @@ class Store:
                                   f"(models: {short_list(self.names())})")
         return folder
 
-    def resolve(self, spec: str, base_dir: Path | None = None) -> Source:
-        """A model argument -> Source: an existing path (relative to `base_dir` when given),
-        else a store entry, else a packaged model; CheckpointError listing what exists otherwise."""
-        from .api import PACKAGED_MODELS, packaged_models
-
-        path = Path(spec).expanduser()
-        if base_dir is not None and not path.is_absolute():
-            path = base_dir / path
-        if path.exists():
-            return Source(path.resolve(), str(path.resolve()))
-        entry = self.find(spec)
-        if entry is not None:
-            return Source(entry.model_path, str(entry.name), entry)
-        if "/" not in spec and spec in packaged_models():
-            return Source(PACKAGED_MODELS / spec, spec)
-        raise CheckpointError(f"no model '{spec}': not a path, nor a model in the store "
-                              f"({short_list(self.names())}), nor a packaged model "
-                              f"({', '.join(packaged_models()) or 'none'})")
-
     def _read(self, name: ModelName, folder: Path) -> Entry:
         try:
             manifest = Manifest.from_json(json.loads((folder / MANIFEST).read_text(encoding="utf-8")))
@@ -620,29 +660,34 @@ class Store:
         return Entry(name, folder, manifest)
 
     # -- writing ------------------------------------------------------------------------------
-    def import_model(self, path: str | Path, name: str) -> Entry:
-        """Copy the HF folder or GGUF file at `path` into the store as `name` (replacing it)."""
+    def import_model(self, path: str | Path, name: str, *, force: bool = False) -> Entry:
+        """Copy the HF folder or GGUF file at `path` into the store as `name` (an existing `name`
+        is replaced only with `force`)."""
         target = ModelName.parse(name)
         path = Path(path).expanduser()
         if not path.exists():
             raise InvalidArgument(f"nothing to import at {path}: no such file or folder")
+        self._check_free(target, force)
         return self._install(target, Source(path.resolve(), str(path.resolve())), {}, None, None)
 
     def create(self, name: str, modelfile: Modelfile) -> Entry:
-        """The entry `name` made from a Modelfile (see the module docstring for inheritance)."""
+        """The entry `name` made from a Modelfile (see the module docstring for inheritance); like
+        Ollama's create, it replaces an entry of that name."""
         target = ModelName.parse(name)
-        source = self.resolve(modelfile.source, modelfile.base_dir)
+        source = resolve_model(modelfile.source, modelfile.base_dir, store=self)
         base = source.entry.manifest if source.entry is not None else None
         parameters = {**(base.parameters if base else {}), **modelfile.parameters}
         system = modelfile.system if modelfile.system is not None else (base.system if base else None)
         template = modelfile.template if modelfile.template is not None else (base.template if base else None)
         return self._install(target, source, parameters, system, template)
 
-    def copy(self, src: str, dst: str) -> Entry:
-        """A copy of entry `src` under the name `dst` (files hard-linked where possible)."""
+    def copy(self, src: str, dst: str, *, force: bool = False) -> Entry:
+        """A copy of entry `src` under the name `dst` (files hard-linked where possible); an
+        existing `dst` is replaced only with `force`."""
         entry, target = self.get(src), ModelName.parse(dst)
         if target == entry.name:
             raise InvalidArgument(f"cp: source and destination are the same model ({target})")
+        self._check_free(target, force)
         m = entry.manifest
         return self._install(target, Source(entry.model_path, m.source, entry), m.parameters, m.system, m.template)
 
@@ -660,11 +705,19 @@ class Store:
             shutil.rmtree(trash, ignore_errors=True)
         return ModelName.parse(folder.name)
 
+    def _check_free(self, name: ModelName, force: bool) -> None:
+        existing = self.find(str(name))
+        if existing is not None and not force:
+            d = existing.manifest.details
+            raise InvalidArgument(f"{name} exists in the store ({d.architecture}, {human_count(d.parameter_count)} "
+                                  f"parameters, {d.format}, from {existing.manifest.source}); --force replaces it")
+
     def _install(self, name: ModelName, source: Source, parameters: dict, system: str | None,
                  template: str | None) -> Entry:
         """Build the entry in a temporary folder, then swap it into place (see the module docstring)."""
         if source.entry is None:
             model_layout(source.path)  # refuse what is no model before creating anything
+            inspect_model(source.path)  # and a corrupt one, naming the user's file, not the staged copy
         self._clean_tmp()
         work = self._new_tmp()
         staged = work / "entry"
@@ -768,7 +821,8 @@ def sampling_defaults(entry: Entry) -> dict[str, object]:
 
 
 def with_system(system: str | None, prompt: str) -> str:
-    """The prompt with the system prompt as a text prefix (its own line): until chat
-    templates are rendered, this is how a system prompt reaches a model."""
+    """The prompt with the system prompt as a text prefix (its own line): how a store model's
+    SYSTEM reaches a single prompt (`generate`, `run NAME PROMPT`); chats render it as the
+    system message of their template instead."""
     return f"{system}\n{prompt}" if system else prompt
 

@@ -21,7 +21,6 @@ import json
 import queue
 import struct
 import threading
-import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -38,6 +37,7 @@ from .schema import (ApiError, chat_logprobs, completion_logprobs, new_id, now, 
 PAGE = Path(__file__).with_name("page.html")  # the chat page served at /
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
 DEFAULT_CHAT_RESERVE = 256  # tokens kept free for a chat reply when max_tokens is not given
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")  # OpenAI's message roles
 
 
 class Server:
@@ -46,14 +46,17 @@ class Server:
     def __init__(self, lm: LanguageModel, name: str, *, slots: int = 8, max_queue: int = 256,
                  api_key: str | None = None, max_body_bytes: int = 1 << 20, context_policy: str = "drop-oldest",
                  chat_template: ChatTemplate | None = None, defaults: dict | None = None,
-                 system: str | None = None) -> None:
+                 system: str | None = None, context: int | None = None, kv_memory: int | None = None) -> None:
         """defaults: request fields (OpenAI names) used when a request leaves them out, e.g. a
-        store model's PARAMETERs; system: a system message for chats that bring none."""
+        store model's PARAMETERs; system: a system message for chats that bring none; context:
+        the longest sequence a request may have (default: the model's window); kv_memory: the
+        KV cache's budget in bytes (default: every slot can hold a full context)."""
         self.lm, self.name, self.api_key = lm, name, api_key
         self.defaults, self.system = dict(defaults or {}), system
         self.max_body_bytes, self.context_policy = max_body_bytes, context_policy
-        self.context = lm.config.block_size
-        self.engine = BatchEngine(lm.model, lm.tokenizer, slots=slots, max_queue=max_queue)
+        self.engine = BatchEngine(lm.model, lm.tokenizer, slots=slots, max_queue=max_queue, context=context,
+                                  kv_memory=kv_memory, backend=lm.backend)
+        self.context = self.engine.context
         self.template = chat_template or resolve_chat_template(None, missing="plain")
         self.created = now()
 
@@ -125,6 +128,10 @@ class Server:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise ApiError(400, "'messages' must be a non-empty list of {role, content} objects", "messages")
+        for i, m in enumerate(messages):
+            if isinstance(m, dict) and m.get("role") not in CHAT_ROLES:
+                raise ApiError(400, f"messages[{i}] has role {m.get('role')!r}; the roles are "
+                                    f"{', '.join(CHAT_ROLES)}", "messages")
         if self.system is not None and not any(isinstance(m, dict) and m.get("role") == "system" for m in messages):
             messages = [{"role": "system", "content": self.system}, *messages]
         reserve = sampling.max_tokens or min(DEFAULT_CHAT_RESERVE, self.context // 4)
@@ -244,11 +251,22 @@ class Server:
         return out
 
     def _submit(self, jobs) -> list[tuple[int, Request]]:
+        """Queue (choice index, prompt ids, params) jobs; the choices of one prompt (consecutive
+        jobs with the same ids) go together, sharing its prefill and KV blocks."""
         sink: queue.SimpleQueue = queue.SimpleQueue()  # C-level: cheaper per token than Queue
+        groups: list[list] = []
+        for job in jobs:
+            if groups and groups[-1][0][1] is job[1]:
+                groups[-1].append(job)
+            else:
+                groups.append([job])
         submitted = []
         try:
-            for index, ids, params in jobs:
-                submitted.append((index, self.engine.submit(ids, params, sink=sink, tag=index)))
+            for group in groups:
+                indices = [index for index, _, _ in group]
+                requests = self.engine.submit_choices(group[0][1], [params for _, _, params in group], sink=sink,
+                                                      tags=indices)
+                submitted += zip(indices, requests)
         except EmergenceError as e:
             for _, r in submitted:
                 r.cancel()
@@ -310,10 +328,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self, method: str) -> None:
         self._body_read = False
         try:
-            path, _, query = self.path.partition("?")
+            path = self.path.partition("?")[0]
             path = path.rstrip("/")
-            if method == "GET" and path == "":  # the chat page; a browser sends the key as ?key=
-                self._authorize(query_key=urllib.parse.parse_qs(query).get("key", [None])[0])
+            if method == "GET" and path == "":  # the chat page: static, no key needed (it asks for one)
                 return self._page()
             self._authorize()
             if method == "GET" and path == "/v1/models":
@@ -333,19 +350,27 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._json(200, whole)
             self._stream(events)
         except ApiError as e:
+            self._error(e)
+        except EmergenceError as e:
+            self._error(ApiError(400, str(e)))
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+
+    def _error(self, e: ApiError) -> None:
+        """Answer with an error; a client that already went away (it announced a body it never
+        sent, say) gets nothing, and the connection is closed."""
+        try:
             if not self._body_read:
                 self._skip_body()
             self._json(e.status, e.body())
-        except EmergenceError as e:
-            self._json(400, ApiError(400, str(e)).body())
-        except (BrokenPipeError, ConnectionResetError):
-            pass
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            self.close_connection = True
 
-    def _authorize(self, query_key: str | None = None) -> None:
+    def _authorize(self) -> None:
         key = self.app.api_key
         if key is None:
             return
-        given = self.headers.get("Authorization", "") if query_key is None else f"Bearer {query_key}"
+        given = self.headers.get("Authorization", "")
         if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
             raise ApiError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')", code="invalid_api_key")
 
@@ -456,39 +481,37 @@ def model_chat_template(path: Path, override: str | None) -> ChatTemplate:
     return resolve_chat_template(find_model_template(Path(path)), override=override, missing="plain")
 
 
-def run_server(model: str | None, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-               slots: int = 8, max_queue: int = 256, context_policy: str = "drop-oldest",
-               chat_template: str | None = None, device: str = "auto", dtype: str | None = None) -> None:
-    """`emergence serve`: load the model, serve until Ctrl-C."""
-    from ..api import DEFAULT_MODEL, _locate, load
+def app_for(model: str | None, *, slots: int = 8, max_queue: int = 256, api_key: str | None = None,
+            context_policy: str = "drop-oldest", chat_template: str | None = None, device: str = "auto",
+            dtype: str | None = None, context: int | None = None, kv_memory: int | None = None) -> Server:
+    """The server's routes for a model argument (store.resolve_model). A store model's
+    PARAMETERs are the request defaults, its SYSTEM the system message of chats that bring none,
+    its TEMPLATE the chat template (unless one is given)."""
+    from ..api import load
+    from ..store import resolve_model
 
-    from ..store import Store
+    source = resolve_model(model)
+    lm = load(source, device=device, dtype=dtype)
+    renames = {"max_new_tokens": "max_tokens"}
+    defaults = {renames.get(k, k): list(v) if k == "stop" else v for k, v in source.parameters.items()
+                if k != "typical_p"}
+    return Server(lm, source.name, slots=slots, max_queue=max_queue, api_key=api_key, context_policy=context_policy,
+                  chat_template=model_chat_template(source.path, chat_template or source.template),
+                  defaults=defaults, system=source.system, context=context, kv_memory=kv_memory)
 
-    path = _locate(model)
-    lm = load(model, device=device, dtype=dtype)
-    entry = Store().find(str(model)) if model is not None and not Path(model).exists() else None
-    defaults, system = {}, None
-    if entry is not None:  # a store model: its PARAMETERs, SYSTEM and TEMPLATE apply
-        renames = {"max_new_tokens": "max_tokens"}
-        defaults = {renames.get(k, k): v for k, v in entry.manifest.parameters.items() if k != "typical_p"}
-        system = entry.manifest.system
-        chat_template = chat_template or entry.manifest.template
-    # the id clients send as "model": the store or packaged name, else the file or folder name
-    if model is None:
-        name = DEFAULT_MODEL
-    elif Path(model).exists():
-        name = path.stem if path.is_file() else path.name
-    else:
-        name = str(model)
-    app = Server(lm, name, slots=slots, max_queue=max_queue, api_key=api_key, context_policy=context_policy,
-                 chat_template=model_chat_template(path, chat_template), defaults=defaults, system=system)
+
+def run_server(model: str | None, *, host: str = "127.0.0.1", port: int = 8000, **options) -> None:
+    """`emergence serve`: load the model, serve until Ctrl-C (options: those of `app_for`)."""
+    app = app_for(model, **options)
     try:
         server = make_http_server(app, host, port)
     except OSError as e:
         app.close()
         raise EmergenceError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
-    print(f"serving {name} ({app.template.name} chat template) on http://{host}:{server.server_address[1]}/v1 "
-          f"with {slots} decode slots{'; API key required' if api_key else ''}", flush=True)
+    cache = app.engine.cache
+    print(f"serving {app.name} ({app.template.name} chat template) on http://{host}:{server.server_address[1]}/v1 "
+          f"with {app.engine.slots} decode slots, context {app.context}, KV cache {cache.nbytes / 2**20:.0f} MiB "
+          f"({cache.num_blocks * cache.block_size:,} tokens){'; API key required' if app.api_key else ''}", flush=True)
     try:
         server.serve_forever()
     finally:

@@ -450,6 +450,15 @@ def _run_start(model_spec: str | Config, tc: TrainConfig, env: _Dist, data: Toke
             raise InvalidArgument(f"the checkpoint in {out} was trained on tokenizer {state['tokenizer_hash']} but "
                                   f"the shards in {tc.data} use tokenizer {data.tokenizer_hash}")
         _check_same_run(TrainConfig(**state["train_config"]), tc)
+        if state["step"] >= tc.max_steps:
+            raise InvalidArgument(f"the run in {out} is finished: it reached step {state['step']} of "
+                                  f"{tc.max_steps}; give a larger --max-steps to train it further")
+        if model_spec is not None:
+            tokenizer_eos = data.manifest["tokenizer"]["eos_id"]
+            spec = resolve_model_config(model_spec, data.vocab_size, tokenizer_eos, tc.objective)
+            if spec.to_dict() != state["model_config"]:
+                raise InvalidArgument(f"--config {model_spec} is not the model of the run in {out}; leave --config "
+                                      "out to resume it")
         saved_world, saved_batch = state.get("world", 1), state["train_config"]["batch_size"]
         if saved_world * saved_batch != env.world * tc.batch_size:
             raise InvalidArgument(f"cannot resume with a different global batch: the run used {saved_world} "
@@ -467,11 +476,11 @@ def _run_start(model_spec: str | Config, tc: TrainConfig, env: _Dist, data: Toke
 def _initial_model(spec: str, data: TokenShards) -> tuple[Config, dict[str, torch.Tensor]]:
     """Config and fp32 weights of an existing model to continue pretraining from; its tokenizer
     must be the one the shards were made with."""
-    from ..api import _locate
+    from ..store import resolve_model
     from ..tokenizer import Tokenizer
     from ..weights.hf import load_hf
 
-    folder = _locate(spec)
+    folder = resolve_model(spec).path
     if not folder.is_dir():
         raise InvalidArgument(f"--init takes a Hugging Face layout folder or a packaged model name, got {spec}")
     model_hash = Tokenizer.load(folder).fingerprint()
@@ -489,10 +498,25 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
+# What resuming may change: how far the run goes and how it reports, not what it computes. (The
+# global batch, batch_size x ranks, is checked on its own: the ranks may change, the product not.)
+RESUME_MAY_CHANGE = {"max_steps", "out", "data", "batch_size", "eval_every", "eval_batches", "sample_every",
+                     "sample_tokens", "checkpoint_every", "log_every", "progress", "device", "compile", "save_best"}
+
+
+def saved_settings(out: str | Path) -> dict:
+    """The settings of the run in `out` (its train_config.json, else its checkpoint's), for
+    `pretrain --resume`: what a resumed run starts from before the flags given apply."""
+    out = Path(out)
+    path = out / "train_config.json"
+    if path.is_file():
+        return load_train_config(str(path))
+    return dict(load_checkpoint(out)["train_config"])
+
+
 def _check_same_run(saved: TrainConfig, now: TrainConfig) -> None:
     """Resuming may extend a run (max_steps) or change how it reports; not what it computes."""
-    may_differ = {"max_steps", "out", "data", "batch_size", "eval_every", "eval_batches", "sample_every", "sample_tokens",
-                  "checkpoint_every", "log_every", "progress", "device", "compile", "save_best"}
+    may_differ = RESUME_MAY_CHANGE
     changed = [f.name for f in fields(TrainConfig)
                if f.name not in may_differ and getattr(saved, f.name) != getattr(now, f.name)]
     if changed:
