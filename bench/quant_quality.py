@@ -3,8 +3,8 @@ the token-embedding space (nearest neighbours by cosine similarity) survives eac
 
     .venv/bin/python bench/quant_quality.py                       # the built-in model (stories260K)
     .venv/bin/python bench/quant_quality.py --model stories260K --model path/to/model   # several models
-    .venv/bin/emergence prepare /work/shared/data/tinystories/train /work/shared/data/tinystories/valid \
-        /work/shared/data/tinyshakespeare /work/shared/data/text --tokenizer emergence-6m \
+    .venv/bin/emergence prepare ../shared/data/tinystories/train ../shared/data/tinystories/valid \
+        ../shared/data/tinyshakespeare ../shared/data/text --tokenizer emergence-6m \
         --out /tmp/e6m_shards --val-fraction 0.05               # emergence-6m's own train/val split
     .venv/bin/python bench/quant_quality.py --model stories260K --model emergence-6m \
         --eval-shards emergence-6m=/tmp/e6m_shards              # ... evaluated on its val split
@@ -13,7 +13,7 @@ the token-embedding space (nearest neighbours by cosine similarity) survives eac
 
    a. TinyStories text (the default, for a model trained on the TinyStories train split, as
       stories260K was by llama2.c): the start of the TinyStories validation split
-      (/work/shared/data/tinystories/valid), cut at a paragraph break after `--eval-chars`
+      (../shared/data/tinystories/valid), cut at a paragraph break after `--eval-chars`
       characters and tokenized by each model's own tokenizer. It is split into non-overlapping
       windows of the model's context; each window starts with BOS (or, for a tokenizer without
       one, the token before the window) and every text token is predicted exactly once.
@@ -66,17 +66,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import emergence
 from emergence.data import TokenShards
 from emergence.data.shards import expand_inputs
 from emergence.errors import CheckpointError, InvalidArgument
+from emergence.evaluate import distinct_rows, nearest_neighbours, neighbour_overlap, perplexity, relative_error
 from emergence.gguf import quants as ggml
-from emergence.quant import FORMATS, GGML_FORMATS, QuantizedLinear, quantize_model
+from emergence.quant import FORMATS, GGML_FORMATS, linear_weight_bytes, quantize_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -192,101 +191,6 @@ def calibration_tokens(tokenizer, n_seqs: int = CALIB_SEQS, seq_len: int = CALIB
     return torch.tensor(ids[:need], dtype=torch.long).reshape(n_seqs, seq_len), used
 
 
-def open_shards(folder: str | Path, tokenizer) -> TokenShards:
-    """The token shards `emergence prepare` wrote to `folder`, refused unless their ids come from
-    `tokenizer` (the manifest's tokenizer hash must equal the tokenizer's fingerprint)."""
-    shards = TokenShards(folder)
-    if shards.tokenizer_hash != tokenizer.fingerprint():
-        raise InvalidArgument(f"{folder}: the shards were made with tokenizer {shards.tokenizer_hash}, but the "
-                              f"model's tokenizer has fingerprint {tokenizer.fingerprint()}: their ids are not the "
-                              f"model's (prepare them with `emergence prepare ... --tokenizer MODEL`)")
-    return shards
-
-
-def shard_tokens(shards: TokenShards, split: str, limit: int | None = None) -> torch.Tensor:
-    """(N,) ids of a split (at most its first `limit`), its shards in order: documents joined by
-    EOS (and started by BOS when the tokenizer adds one), as training reads them."""
-    parts, need = [], limit
-    for array in shards.split(split):
-        parts.append(np.asarray(array if need is None else array[:need], dtype=np.int64))
-        if need is not None:
-            need -= len(parts[-1])
-            if need == 0:
-                break
-    return torch.from_numpy(np.concatenate(parts)) if parts else torch.zeros(0, dtype=torch.long)
-
-
-def shard_calibration_tokens(shards: TokenShards, n_seqs: int = CALIB_SEQS,
-                             seq_len: int = CALIB_LEN) -> tuple[torch.Tensor, int]:
-    """(n_seqs, seq_len) token ids: the start of the shards' *train* split, cut into sequences.
-    Also returns the number of documents those tokens reach into."""
-    need = n_seqs * seq_len
-    ids = shard_tokens(shards, "train", need)
-    if len(ids) < need:
-        raise InvalidArgument(f"the train split of {shards.folder} holds {len(ids)} tokens, fewer than {need} "
-                              f"asked for calibration")
-    eos = shards.manifest["tokenizer"]["eos_id"]
-    return ids.reshape(n_seqs, seq_len), int((ids[:-1] == eos).sum()) + 1
-
-
-def shard_sources(shards: TokenShards, val: torch.Tensor) -> list[dict] | None:
-    """What each source file of the shards gave to the splits, in their order: {path, documents,
-    cut (one document, cut in two), val_documents, val_tokens, train_tokens}. Every held-out
-    document (or the held-out tail of a cut one) ends with EOS in the val split, which is how
-    its tokens are counted; None when the counts do not add up."""
-    ends = (val == shards.manifest["tokenizer"]["eos_id"]).nonzero().flatten().tolist()
-    rows, done, start = [], 0, 0
-    for src in shards.manifest["sources"]:
-        n = src["val_documents"]
-        if done + n > len(ends):
-            return None
-        end = ends[done + n - 1] + 1 if n else start
-        rows.append({"path": src["path"], "documents": src["documents"],
-                     "cut": src["documents"] == 1 and n == 1, "val_documents": n,
-                     "val_tokens": end - start, "train_tokens": src["tokens"] - (end - start)})
-        done, start = done + n, end
-    return rows if start == len(val) and done == len(ends) else None
-
-
-# ------------------------------------------------------------------------------ perplexity
-def windows(tokens: torch.Tensor, context: int, bos_id: int | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(input, target) pairs over non-overlapping windows of at most `context` positions.
-
-    With BOS: input = [BOS] + chunk[:-1], target = chunk, chunks of `context` tokens, so every
-    token is predicted once. Without: the first token is context only, and each later window's
-    first input is the token just before its chunk.
-    """
-    pairs, start = [], 0 if bos_id is not None else 1
-    while start < len(tokens):
-        chunk = tokens[start:start + context]
-        first = torch.tensor([bos_id]) if bos_id is not None else tokens[start - 1:start]
-        pairs.append((torch.cat([first, chunk[:-1]]), chunk))
-        start += context
-    return pairs
-
-
-@torch.no_grad()
-def perplexity(model: nn.Module, tokens: torch.Tensor, *, context: int, bos_id: int | None,
-               batch_size: int = 8) -> tuple[float, float, int]:
-    """(perplexity, mean cross-entropy in nats, predicted tokens) of `tokens` under `model`."""
-    pairs = windows(tokens, context, bos_id)
-    total, count = 0.0, 0
-    device = next(model.parameters()).device
-    for i in range(0, len(pairs), batch_size):
-        group = pairs[i:i + batch_size]
-        by_len: dict[int, list] = {}
-        for inp, tgt in group:  # only the last window can be shorter: batch equal lengths together
-            by_len.setdefault(len(inp), []).append((inp, tgt))
-        for same in by_len.values():
-            inp = torch.stack([p[0] for p in same]).to(device)
-            tgt = torch.stack([p[1] for p in same]).to(device)
-            logits = model(inp).float()
-            total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="sum").item()
-            count += tgt.numel()
-    mean = total / count
-    return math.exp(mean), mean, count
-
-
 # ------------------------------------------------------------------------------ quantizing
 def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
     """The linear layers quantize_model considers: all but those sharing an embedding's weight."""
@@ -325,24 +229,6 @@ def build(model: nn.Module, spec: Spec, calibration: torch.Tensor | None = None)
         options["calibration"] = calibration
     quantized = quantize_model(copy.deepcopy(model), spec.fmt, skip=tuple(kept), **options)
     return quantized, kept
-
-
-def linear_bytes(model: nn.Module) -> tuple[int, int, int, int]:
-    """(bytes of all linear weights, their number, bytes of the quantized ones, their number).
-    Quantized layers count their stored buffers (codes, scales, ...), float layers their weight."""
-    total_b = total_n = q_b = q_n = 0
-    tied = {id(mod.weight) for mod in model.modules() if isinstance(mod, nn.Embedding)}
-    for mod in model.modules():
-        if isinstance(mod, QuantizedLinear):
-            b = sum(t.numel() * t.element_size() for t in mod.buffers())
-            n = mod.in_features * mod.out_features
-            q_b, q_n = q_b + b, q_n + n
-        elif isinstance(mod, nn.Linear) and id(mod.weight) not in tied:
-            b, n = mod.weight.numel() * mod.weight.element_size(), mod.weight.numel()
-        else:
-            continue
-        total_b, total_n = total_b + b, total_n + n
-    return total_b, total_n, q_b, q_n
 
 
 def layer_pattern(names) -> str:
@@ -386,45 +272,6 @@ def quantize_matrix(w: torch.Tensor, spec: Spec) -> tuple[torch.Tensor | None, f
     return module.dequantize().float(), bits, note
 
 
-def nearest_neighbours(w: torch.Tensor, k: int = NEIGHBOURS, chunk: int = 4096) -> torch.Tensor:
-    """(V, k) indices of each row's k nearest rows by cosine similarity, itself excluded."""
-    unit = F.normalize(w.float(), dim=1)
-    out = []
-    for s in range(0, len(unit), chunk):
-        sim = unit[s:s + chunk] @ unit.T
-        rows = torch.arange(s, s + len(sim))
-        sim[torch.arange(len(sim)), rows] = -math.inf
-        out.append(sim.topk(k, dim=1).indices)
-    return torch.cat(out)
-
-
-def distinct_rows(w: torch.Tensor, threshold: float = DUPLICATE_COS, chunk: int = 4096) -> torch.Tensor:
-    """(V,) bool: rows whose most similar other row has cosine similarity below `threshold`.
-
-    Tokens the training never used tend to collapse onto one shared vector (with a tied output
-    head, every never-seen token gets the same gradient there); among such near-duplicates the
-    nearest-neighbour order is decided by rounding noise, so the overlap is also reported over
-    the distinct rows only, neighbours searched among them.
-    """
-    unit = F.normalize(w.float(), dim=1)
-    best = []
-    for s in range(0, len(unit), chunk):
-        sim = unit[s:s + chunk] @ unit.T
-        sim[torch.arange(len(sim)), torch.arange(s, s + len(sim))] = -math.inf
-        best.append(sim.max(dim=1).values)
-    return torch.cat(best) < threshold
-
-
-def neighbour_overlap(before: torch.Tensor, after: torch.Tensor) -> float:
-    """Mean over rows of |before_i & after_i| / k for (V, k) neighbour index tensors."""
-    shared = (before[:, :, None] == after[:, None, :]).any(dim=2).sum(dim=1)
-    return (shared.double() / before.shape[1]).mean().item()
-
-
-def relative_error(w: torch.Tensor, wq: torch.Tensor) -> float:
-    return (torch.linalg.norm(w.double() - wq.double()) / torch.linalg.norm(w.double())).item()
-
-
 # ------------------------------------------------------------------------------- one model
 @dataclass
 class ModelReport:
@@ -449,25 +296,25 @@ class ModelReport:
 
 def evaluate(lm, name: str, specs: list[Spec], *, eval_chars: int = EVAL_CHARS, calib_seqs: int = CALIB_SEQS,
              shards: TokenShards | None = None, source: str | None = None, progress=None) -> ModelReport:
-    """The tables for one model: on the TinyStories validation text, or with `shards` (opened
-    by `open_shards`) on their val split, GPTQ calibrated on their train split."""
+    """The tables for one model: on the TinyStories validation text, or with `shards` (their
+    tokenizer checked to be the model's) on their val split, GPTQ calibrated on their train split."""
     started = time.perf_counter()
     model, tok, cfg = lm.model.eval(), lm.tokenizer, lm.config
     if shards is None:
         tokens, bos = eval_tokens(tok, eval_text(eval_chars)), tok.bos_id
     else:
-        tokens, bos = shard_tokens(shards, "val"), None  # the stream as it is: BOS only where the shards hold one
+        tokens, bos = shards.ids("val"), None  # the stream as it is: BOS only where the shards hold one
         if len(tokens) < 2:
             raise InvalidArgument(f"the val split of {shards.folder} holds {len(tokens)} tokens: nothing to predict")
     calib, stories = (None, 0)
     if any(s.fmt and s.fmt.endswith("-gptq") for s in specs):
         seq_len = min(CALIB_LEN, cfg.block_size)
         calib, stories = (calibration_tokens(tok, calib_seqs, seq_len) if shards is None
-                          else shard_calibration_tokens(shards, calib_seqs, seq_len))
+                          else shards.calibration(calib_seqs, seq_len))
     emb = model.tok_embeddings.weight.detach().float()
-    nn_ref = nearest_neighbours(emb)
-    distinct = distinct_rows(emb)
-    nn_ref_distinct = nearest_neighbours(emb[distinct])
+    nn_ref = nearest_neighbours(emb, NEIGHBOURS)
+    distinct = distinct_rows(emb, DUPLICATE_COS)
+    nn_ref_distinct = nearest_neighbours(emb[distinct], NEIGHBOURS)
     ppl_rows, emb_rows, base_ppl = [], [], None
     for i, spec in enumerate(specs):
         t0 = time.perf_counter()
@@ -477,7 +324,7 @@ def evaluate(lm, name: str, specs: list[Spec], *, eval_chars: int = EVAL_CHARS, 
             row.update(ppl=None, note="no layer fits: all kept fp32")
         else:
             ppl, nll, n = perplexity(qmodel, tokens, context=cfg.block_size, bos_id=bos)
-            tb, tn, qb, qn = linear_bytes(qmodel)
+            tb, tn, qb, qn = linear_weight_bytes(qmodel)
             row.update(ppl=ppl, nll=nll, tokens=n, bytes=tb, weights=tn, bpw=8 * tb / tn,
                        qbpw=(8 * qb / qn if qn else (torch.finfo(spec.dtype).bits if spec.dtype else None)),
                        qweights=qn if spec.fmt else None)
@@ -493,8 +340,9 @@ def evaluate(lm, name: str, specs: list[Spec], *, eval_chars: int = EVAL_CHARS, 
         wq, bits, note = quantize_matrix(emb, spec)
         erow = {"format": spec.name, "note": note, "bpw": bits}
         if wq is not None:
-            erow.update(overlap=neighbour_overlap(nn_ref, nearest_neighbours(wq)), rel_err=relative_error(emb, wq),
-                        overlap_distinct=neighbour_overlap(nn_ref_distinct, nearest_neighbours(wq[distinct])))
+            erow.update(overlap=neighbour_overlap(nn_ref, nearest_neighbours(wq, NEIGHBOURS)),
+                        rel_err=relative_error(emb, wq),
+                        overlap_distinct=neighbour_overlap(nn_ref_distinct, nearest_neighbours(wq[distinct], NEIGHBOURS)))
         emb_rows.append(erow)
         if progress is not None:
             done = time.perf_counter() - started
@@ -511,12 +359,12 @@ def evaluate(lm, name: str, specs: list[Spec], *, eval_chars: int = EVAL_CHARS, 
         seen = set(tok.encode("\n".join(train_stories()), add_bos=False))
         shard_info = None
     else:
-        train = shard_tokens(shards, "train")
+        train = shards.ids("train")
         seen = set(torch.unique(train).tolist())
         shard_info = {"folder": str(shards.folder), "hash": shards.tokenizer_hash,
                       "val_fraction": shards.manifest["val_fraction"], "train_tokens": len(train),
                       "eos_id": shards.manifest["tokenizer"]["eos_id"], "bos_id": tok.bos_id if tok.add_bos else None,
-                      "sources": shard_sources(shards, tokens),
+                      "sources": shards.val_sources(tokens),
                       "source_paths": [src["path"] for src in shards.manifest["sources"]]}
         corpus = TRAINED_ON_VALID_TEXT.get(name)  # the same files and fraction as the model's training run?
         shard_info["training_split"] = corpus is not None and corpus["val_fraction"] == shard_info["val_fraction"] \
@@ -744,10 +592,11 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     lms, shards = {}, {}
     for name in models:  # every model and its shards checked before the first long evaluation
-        lms[name] = emergence.load(name, device="cpu", dtype="fp32", fast_kernels=False)
+        lms[name] = emergence.load(name, device="cpu", dtype="fp32", backend="eager")
         if name in shard_dirs:
             try:
-                shards[name] = open_shards(shard_dirs[name], lms[name].tokenizer)
+                shards[name] = TokenShards(shard_dirs[name])
+                shards[name].check_tokenizer(lms[name].tokenizer)
             except (InvalidArgument, CheckpointError) as e:
                 ap.error(f"--eval-shards {name}={shard_dirs[name]}: {e}")
     reports = []

@@ -298,7 +298,7 @@ def test_files_from_the_gguf_package_writer_load(tmp_path):
     writer.add_layer_norm_rms_eps(c.norm_eps)
     writer.add_rope_freq_base(c.rope_theta)
     tok = tokenizer_for("llama")
-    from emergence.gguf_vocab import tokenizer_to_gguf_metadata
+    from emergence.gguf.vocab import tokenizer_to_gguf_metadata
 
     meta = tokenizer_to_gguf_metadata(tok, c)
     writer.add_tokenizer_model("llama")

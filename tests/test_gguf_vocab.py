@@ -23,11 +23,12 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
+from conftest import SHARED_DATA
 
 from emergence.errors import CheckpointError
-from emergence.gguf_vocab import tokenizer_from_gguf_metadata
+from emergence.gguf.vocab import tokenizer_from_gguf_metadata
 
-DATA = Path("/work/shared/data")
+DATA = SHARED_DATA
 VOCAB_DIR = DATA / "gguf_vocab"
 LLAMA3_DIR = DATA / "llama3_tokenizer"
 

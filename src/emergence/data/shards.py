@@ -29,12 +29,16 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import CheckpointError, InvalidArgument
 from ..progress import Progress, human
 from ..tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    import torch
 
 MANIFEST = "manifest.json"
 TOKENIZER_DIR = "tokenizer"
@@ -306,3 +310,53 @@ class TokenShards:
 
     def tokens(self, name: str) -> int:
         return self.manifest["splits"][name]["tokens"]
+
+    def check_tokenizer(self, tokenizer: Tokenizer) -> None:
+        """Refuse unless the ids come from `tokenizer` (the manifest's hash is its fingerprint)."""
+        if self.tokenizer_hash != tokenizer.fingerprint():
+            raise InvalidArgument(f"{self.folder}: the shards were made with tokenizer {self.tokenizer_hash}, but the "
+                                  f"model's tokenizer has fingerprint {tokenizer.fingerprint()}: their ids are not the "
+                                  f"model's (prepare them with `emergence prepare ... --tokenizer MODEL`)")
+
+    def ids(self, name: str, limit: int | None = None) -> torch.Tensor:
+        """(N,) int64 ids of a split (at most its first `limit`), its shards in order: documents
+        joined by EOS (and started by BOS when the tokenizer adds one), as training reads them."""
+        import torch
+
+        parts, need = [], limit
+        for array in self.split(name):
+            parts.append(np.asarray(array if need is None else array[:need], dtype=np.int64))
+            if need is not None:
+                need -= len(parts[-1])
+                if need == 0:
+                    break
+        return torch.from_numpy(np.concatenate(parts)) if parts else torch.zeros(0, dtype=torch.long)
+
+    def calibration(self, n_seqs: int, seq_len: int) -> tuple[torch.Tensor, int]:
+        """(n_seqs, seq_len) ids: the start of the *train* split, cut into sequences (for GPTQ);
+        also the number of documents those tokens reach into."""
+        need = n_seqs * seq_len
+        ids = self.ids("train", need)
+        if len(ids) < need:
+            raise InvalidArgument(f"the train split of {self.folder} holds {len(ids)} tokens, fewer than {need} "
+                                  f"asked for calibration")
+        eos = self.manifest["tokenizer"]["eos_id"]
+        return ids.reshape(n_seqs, seq_len), int((ids[:-1] == eos).sum()) + 1
+
+    def val_sources(self, val: torch.Tensor) -> list[dict] | None:
+        """What each source file gave to the splits, in order: {path, documents, cut (one
+        document, cut in two), val_documents, val_tokens, train_tokens}, `val` being the val
+        split's ids. Every held-out document (or the held-out tail of a cut one) ends with EOS,
+        which is how its tokens are counted; None when the counts do not add up."""
+        ends = (val == self.manifest["tokenizer"]["eos_id"]).nonzero().flatten().tolist()
+        rows, done, start = [], 0, 0
+        for src in self.manifest["sources"]:
+            n = src["val_documents"]
+            if done + n > len(ends):
+                return None
+            end = ends[done + n - 1] + 1 if n else start
+            rows.append({"path": src["path"], "documents": src["documents"],
+                         "cut": src["documents"] == 1 and n == 1, "val_documents": n,
+                         "val_tokens": end - start, "train_tokens": src["tokens"] - (end - start)})
+            done, start = done + n, end
+        return rows if start == len(val) and done == len(ends) else None

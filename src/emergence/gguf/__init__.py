@@ -1,5 +1,6 @@
-"""GGUF, llama.cpp's model file format: the container (`format`) and ggml's block
-quantization formats (`quants`), both our own code, bit-exact with llama.cpp's `gguf` package.
+"""GGUF, llama.cpp's model file format: the container (`format`), ggml's block quantization
+formats (`quants`), both our own code, bit-exact with llama.cpp's `gguf` package, and
+llama.cpp's vocabularies in GGUF metadata <-> emergence tokenizers (`vocab`).
 
     f = read_gguf("model.gguf")
     f.metadata["general.architecture"], f.tensors["token_embd.weight"].torch_shape

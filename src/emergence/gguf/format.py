@@ -412,7 +412,11 @@ def write_gguf(path: str | Path, metadata: Mapping[str, Any],
 
     header = MAGIC + struct.pack("<IQQ", 3, len(tensors), len(kv)) + b"".join(kv) + infos
     header += bytes(-len(header) % alignment)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    except OSError as e:
+        raise CheckpointError(f"cannot write {path}: {e.strerror} ({path.parent})") from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(header)

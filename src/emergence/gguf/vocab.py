@@ -42,9 +42,9 @@ from collections.abc import Mapping, Sequence
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 
-from .errors import CheckpointError, InvalidArgument
-from .gguf import GGUFValue, GGUFValueType
-from .tokenizer import SPIECE_SPACE, Tokenizer
+from ..errors import CheckpointError, InvalidArgument
+from .format import GGUFValue, GGUFValueType
+from ..tokenizer import SPIECE_SPACE, Tokenizer
 
 __all__ = ["tokenizer_from_gguf_metadata", "PRE_TOKENIZERS"]
 

@@ -24,6 +24,7 @@ from .linear import (
     NF4Linear,
     QuantizedLinear,
     TernaryLinear,
+    linear_weight_bytes,
     make_module,
     model_bytes,
     quantizable_formats,
@@ -33,6 +34,6 @@ from .linear import (
 
 __all__ = [
     "quantize_model", "save_quantized", "load_quantized", "quantization_record", "quantizable_formats",
-    "quantized_modules", "model_bytes", "make_module", "FORMATS", "GGML_FORMATS", "QuantizedLinear",
+    "quantized_modules", "model_bytes", "linear_weight_bytes", "make_module", "FORMATS", "GGML_FORMATS", "QuantizedLinear",
     "Int8Linear", "Int4Linear", "NF4Linear", "TernaryLinear", "GGMLLinear",
 ]

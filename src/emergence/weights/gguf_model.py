@@ -25,7 +25,7 @@ from ..config import Config
 from ..errors import CheckpointError, InvalidArgument
 from ..gguf import GGMLType, GGUFValue, GGUFValueType, read_gguf, write_gguf
 from ..gguf.quants import BLOCK_SIZES, quantize
-from ..gguf_vocab import tokenizer_from_gguf_metadata, tokenizer_to_gguf_metadata
+from ..gguf.vocab import tokenizer_from_gguf_metadata, tokenizer_to_gguf_metadata
 from ..model import Transformer, empty_model, finish_loading, rope_inv_freq
 from ..tokenizer import Tokenizer
 
