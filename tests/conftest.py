@@ -23,6 +23,14 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 VOCAB = 96
 
 
+def shared_files(subfolder: str, pattern: str) -> list[Path]:
+    """Files of the shared data set (../shared/data, beside the checkout), to parametrise a test
+    over. When none is found, one path that does not exist stands in, named for what is
+    missing: the test then fails, saying so, where an empty parametrisation would be skipped."""
+    found = sorted((SHARED_DATA / subfolder).glob(pattern))
+    return found or [SHARED_DATA / subfolder / f"MISSING-no-{pattern}-in-the-shared-data"]
+
+
 def tiny_hf_configs() -> dict:
     """One tiny config per family/feature the issue names. initializer_range is raised so that
     logits are peaked and greedy decoding has clear winners (no float near-ties)."""

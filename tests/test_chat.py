@@ -18,10 +18,10 @@ from emergence.errors import EmergenceError, InvalidArgument
 from emergence.gguf import read_gguf, write_gguf
 from emergence.tokenizer import Tokenizer
 
-from conftest import SHARED_DATA, bounded, word_level_tokenizer  # noqa: E402
+from conftest import SHARED_DATA, bounded, shared_files, word_level_tokenizer  # noqa: E402
 
 TEMPLATES = SHARED_DATA / "chat_templates"
-TEMPLATE_FILES = sorted(TEMPLATES.glob("*.json"))
+TEMPLATE_FILES = shared_files("chat_templates", "*.json")
 GPT2 = SHARED_DATA / "gpt2_tokenizer"
 
 # Exercises the environment transformers sets up: trim_blocks / lstrip_blocks around indented

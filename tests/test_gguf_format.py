@@ -25,11 +25,11 @@ from emergence.errors import CheckpointError, InvalidArgument
 from emergence.gguf import (BLOCK_SIZES, GGMLType, GGUFFile, GGUFValue, GGUFValueType, read_gguf, write_gguf)
 from emergence.gguf import quants
 
-from conftest import SHARED_DATA, bounded
+from conftest import SHARED_DATA, bounded, shared_files
 
 V = GGUFValueType
 TINY_LLAMA = SHARED_DATA / "gguf_models" / "llama-2-tiny-random.gguf"
-VOCABS = sorted((SHARED_DATA / "gguf_vocab").glob("*.gguf"))
+VOCABS = shared_files("gguf_vocab", "*.gguf")
 REAL_FILES = [TINY_LLAMA, *VOCABS]
 
 

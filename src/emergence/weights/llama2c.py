@@ -34,6 +34,26 @@ def interleaved_to_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.view(n_heads, out_dim // n_heads // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
 
 
+def _plausible(raw: bytes) -> bool:
+    """Whether 28 header bytes read as a v0 llama2.c header of sane sizes."""
+    dim, hidden, n_layers, n_heads, n_kv_heads, vocab, seq_len = HEADER.unpack(raw[:HEADER.size])
+    vocab = abs(vocab)
+    return (0 < dim <= 65536 and 0 < hidden <= 262144 and 0 < n_layers <= 1024 and 0 < n_heads <= dim
+            and 0 < n_kv_heads <= n_heads and 0 < vocab <= 1 << 20 and 0 < seq_len <= 1 << 20
+            and dim % n_heads == 0 and n_heads % n_kv_heads == 0 and (dim // n_heads) % 2 == 0)
+
+
+def looks_like_llama2c(path: Path) -> bool:
+    """A file whose header is a plausible v0 llama2.c header, or a newer llama2.c export's magic
+    (any other file is not one: a text file, an image, a pickle...)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(HEADER.size)
+    except OSError:
+        return False
+    return len(raw) == HEADER.size and (_plausible(raw) or HEADER.unpack(raw)[0] == V1_MAGIC)
+
+
 def read_header(path: Path) -> tuple[Config, bool, int]:
     """(config, shared classifier, expected file size) from a v0 header, validated against the file."""
     try:
@@ -47,16 +67,13 @@ def read_header(path: Path) -> tuple[Config, bool, int]:
     if len(raw) < HEADER.size:
         raise CheckpointError(f"{path} is too short to be a llama2.c checkpoint ({size} bytes)")
     if raw[:4] == b"GGUF":
-        raise CheckpointError(f"{path} is a GGUF file, which emergence cannot load yet")
+        raise CheckpointError(f"{path} is a GGUF file, not a llama2.c checkpoint")
     dim, hidden, n_layers, n_heads, n_kv_heads, vocab, seq_len = HEADER.unpack(raw)
     if dim == V1_MAGIC:
         raise CheckpointError(f"{path} is a newer llama2.c export (version header); only the v0 layout is supported")
     shared = vocab > 0
     vocab = abs(vocab)
-    sane = (0 < dim <= 65536 and 0 < hidden <= 262144 and 0 < n_layers <= 1024 and 0 < n_heads <= dim
-            and 0 < n_kv_heads <= n_heads and 0 < vocab <= 1 << 20 and 0 < seq_len <= 1 << 20
-            and dim % n_heads == 0 and n_heads % n_kv_heads == 0 and (dim // n_heads) % 2 == 0)
-    if not sane:
+    if not _plausible(raw):
         raise CheckpointError(f"{path} is not a llama2.c checkpoint (implausible header "
                               f"dim={dim} hidden={hidden} layers={n_layers} heads={n_heads}/{n_kv_heads} "
                               f"vocab={vocab} seq_len={seq_len})")
