@@ -82,6 +82,29 @@ def word_level_tokenizer() -> Tokenizer:
     return Tokenizer(backend, bos_token="t1", eos_token="t2", pad_token="t0")
 
 
+def in_threads(work, count: int, timeout: float = 120) -> None:
+    """Run work(k) for k in range(count), each in its own thread, at once; re-raise the first
+    exception any of them raised (an assertion in a thread would otherwise pass unseen)."""
+    import threading
+
+    errors: list[BaseException] = []
+
+    def run(k: int) -> None:
+        try:
+            work(k)
+        except BaseException as e:  # noqa: BLE001 - re-raised below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout)
+    assert not any(t.is_alive() for t in threads), f"a thread was still running after {timeout} s"
+    if errors:
+        raise errors[0]
+
+
 # ------------------------------------------------------------ bad-input guards
 class TooSlow(BaseException):
     """Raised from a timer signal: a BaseException so that no `except Exception` hides it."""

@@ -75,8 +75,8 @@ def test_a_block_handed_out_again_holds_zeros():
 
 def test_memory_budget_to_blocks():
     config = Config.from_name("tiny-llama")
-    per_block = PagedKVCache.block_bytes(config, 16)
-    assert per_block == 2 * config.n_layer * config.n_kv_head * 16 * config.head_dim * 4
+    per_block = PagedKVCache.block_bytes(config)
+    assert per_block == 2 * config.n_layer * config.n_kv_head * 64 * config.head_dim * 4
     assert PagedKVCache.blocks_in(10 * per_block + per_block - 1, config) == 10
     with pytest.raises(InvalidArgument, match="at least one block"):
         PagedKVCache(config, 0)
@@ -132,7 +132,7 @@ def test_forked_rows_share_the_prompt_and_sample_as_separate_rows(lm, backend):
     assert 16 < len(prompt) < 31  # a full block and a partly filled one
     params = [SamplingParams(temperature=0.9, top_p=0.95, seed=s, max_new_tokens=30, ignore_eos=True) for s in range(4)]
     expected = [lm.complete(prompt, **dataclasses.asdict(p)).token_ids for p in params]
-    cache = PagedKVCache(lm.config, 40)
+    cache = PagedKVCache(lm.config, 40, block_size=16)
     batch = DecodeBatch(lm.model, lm.tokenizer, cache, backend=backend)
     first = batch.new_row(prompt, params[0], 0)
     batch.admit([first])
@@ -185,7 +185,7 @@ def test_preempted_rows_resume_with_the_same_tokens(lm):
     params = SamplingParams(temperature=0, max_new_tokens=120, ignore_eos=True)
     expected = [lm.complete(p, **dataclasses.asdict(params)).token_ids for p in prompts]
     rows = _rows(lm, prompts, params)
-    cache = PagedKVCache(lm.config, 20)  # 320 slots; the four rows grow to 4 x ~125 tokens
+    cache = PagedKVCache(lm.config, 20, block_size=16)  # 320 slots; the four rows grow to 4 x ~125 tokens
     batch = DecodeBatch(lm.model, lm.tokenizer, cache)
     batch.admit(rows)
     waiting, preemptions = [], 0
@@ -220,15 +220,15 @@ def test_llama_3_2_1b_serves_8_slots_within_2_gib_of_kv_cache():
     tokenizer = emergence.load().tokenizer  # 512 tokens, as this vocabulary
     engine = BatchEngine(model, tokenizer, slots=8, context=4096, kv_memory=2 * 2**30)
     try:
-        assert engine.cache.nbytes == 2 * 2**30 and engine.cache.num_blocks == 2048 == 8 * 4096 // 16
+        assert engine.cache.nbytes == 2 * 2**30 and engine.cache.num_blocks * engine.cache.block_size == 8 * 4096
         prompt = list(range(3, 35))
         long = SamplingParams(temperature=0, max_new_tokens=4096 - len(prompt), ignore_eos=True)
         requests = [engine.submit(prompt, long) for _ in range(8)]
         chunks = [next(iter(r)) for r in requests]  # every request is decoding
         assert all(len(c.token_ids) == 1 for c in chunks)
         assert engine.active == 8
-        # memory follows the tokens held: 8 rows of ~33 tokens hold 8 x 3 blocks, not 8 contexts
-        assert engine.cache.num_used <= 8 * 3
+        # memory follows the tokens held: 8 rows of ~33 tokens hold one block each, not 8 contexts
+        assert engine.cache.num_used == 8
         with pytest.raises(InvalidArgument, match="exceed the context of 4096"):
             engine.submit(prompt, dataclasses.replace(long, max_new_tokens=4096))
     finally:

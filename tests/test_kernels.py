@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import emergence
+from conftest import in_threads
 from emergence.decode import DecodeBatch, end_ids, make_backend, new_row
 from emergence.errors import InvalidArgument
 from emergence.kernels import _cpu_supports, gemv_extension
@@ -353,28 +354,18 @@ def test_no_backend_runs_past_the_context_window(hf_model, backend):
 def test_two_threads_decoding_at_once_get_their_own_results(hf_model):
     # Each decode batch owns its native plan and its scratch memory: two threads generating
     # with the same model at once get what each gets alone.
-    import threading
-
     family, _, folder = hf_model
     lm = emergence.load(folder, device="cpu")
     prompts = ["t5 t9 t11", "t40 t41", "t7", "t80 t81 t82 t83"]
     expected = {p: lm.complete(p, temperature=0, max_new_tokens=40, ignore_eos=True).token_ids for p in prompts}
-    got, errors = {}, []
+    got: dict[str, list] = {}
 
     def work(k: int) -> None:
-        try:
-            for round_ in range(6):
-                p = prompts[(k + round_) % len(prompts)]
-                got.setdefault(p, []).append(lm.complete(p, temperature=0, max_new_tokens=40, ignore_eos=True).token_ids)
-        except BaseException as e:  # noqa: BLE001 - reported below
-            errors.append(e)
+        for round_ in range(6):
+            p = prompts[(k + round_) % len(prompts)]
+            got.setdefault(p, []).append(lm.complete(p, temperature=0, max_new_tokens=40, ignore_eos=True).token_ids)
 
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert not errors, errors
+    in_threads(work, 2)
     assert sum(len(v) for v in got.values()) == 12
     for p, results in got.items():
         assert all(r == expected[p] for r in results), p

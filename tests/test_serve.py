@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import emergence
+from conftest import in_threads
 from emergence.api import LanguageModel
 from emergence.chat import encode_prompt, resolve_chat_template
 from emergence.kv_cache import PagedKVCache
@@ -397,26 +398,17 @@ def test_32_concurrent_streams_equal_single_user_generation(served, lm):
     expected = [lm.complete(p, temperature=0, max_new_tokens=m) for p, m in jobs]
     steps_before = app.engine.steps
     results: dict[int, tuple] = {}
-    errors: list[BaseException] = []
 
     def client_thread(k: int) -> None:
-        try:
-            for j in range(k, len(jobs), 32):  # 3 requests each, one after the other
-                prompt, max_tokens = jobs[j]
-                events, done = sse(port, "/v1/completions", {
-                    "model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True})
-                text = "".join(e["choices"][0]["text"] for e in events)
-                finish = [e["choices"][0]["finish_reason"] for e in events if e["choices"][0]["finish_reason"]]
-                results[j] = (text, finish, done)
-        except BaseException as e:  # noqa: BLE001 - reported below
-            errors.append(e)
+        for j in range(k, len(jobs), 32):  # 3 requests each, one after the other
+            prompt, max_tokens = jobs[j]
+            events, done = sse(port, "/v1/completions", {
+                "model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True})
+            text = "".join(e["choices"][0]["text"] for e in events)
+            finish = [e["choices"][0]["finish_reason"] for e in events if e["choices"][0]["finish_reason"]]
+            results[j] = (text, finish, done)
 
-    threads = [threading.Thread(target=client_thread, args=(k,)) for k in range(32)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert not errors, errors
+    in_threads(client_thread, 32)
     assert sorted(results) == list(range(len(jobs)))
     for j, (text, finish, done) in results.items():
         assert done, f"request {j}: no [DONE]"
@@ -429,32 +421,23 @@ def test_32_concurrent_streams_equal_single_user_generation(served, lm):
 
 
 def test_a_small_kv_budget_preempts_and_every_stream_still_equals_single_user_generation(lm):
-    """8 slots over a KV cache of 1.5 contexts (48 blocks of 16 tokens): rows that run out of
+    """8 slots over a KV cache of 1.5 contexts (12 blocks of 64 tokens): rows that run out of
     blocks are preempted and resumed later, their prompt and tokens recomputed; every client
     still gets its single-user greedy text, and no block is left held."""
-    app = Server(lm, MODEL, slots=8, kv_memory=48 * PagedKVCache.block_bytes(lm.config))
+    app = Server(lm, MODEL, slots=8, kv_memory=12 * PagedKVCache.block_bytes(lm.config, 64))
     server, thread = _start(app)
     port = server.server_address[1]
     jobs = [(f"{PROMPT} {word}", 150) for word in ("Lily", "Tom", "the cat", "a dog", "Sue", "Ben", "the sun", "Max")]
     expected = [lm.complete(p, temperature=0, max_new_tokens=m, ignore_eos=True).text for p, m in jobs]
-    results, errors = {}, []
+    results = {}
 
     def client_thread(j: int) -> None:
-        try:
-            prompt, max_tokens = jobs[j]
-            status, body = request(port, "POST", "/v1/completions", {
-                "model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True})
-            results[j] = (status, body)
-        except BaseException as e:  # noqa: BLE001 - reported below
-            errors.append(e)
+        prompt, max_tokens = jobs[j]
+        results[j] = request(port, "POST", "/v1/completions", {
+            "model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True})
 
     try:
-        threads = [threading.Thread(target=client_thread, args=(j,)) for j in range(len(jobs))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=120)
-        assert not errors, errors
+        in_threads(client_thread, len(jobs))
         for j, (status, body) in results.items():
             assert status == 200, body
             assert body["choices"][0]["text"] == expected[j], j
@@ -471,24 +454,15 @@ def test_a_burst_of_connections_is_not_reset(served, lm):
     expected = lm.generate(PROMPT, temperature=0, max_new_tokens=8)
     barrier = threading.Barrier(64)
     texts: list[str] = []
-    errors: list[BaseException] = []
 
-    def one() -> None:
-        try:
-            barrier.wait(timeout=30)
-            status, body = request(port, "POST", "/v1/completions",
-                                   {"model": MODEL, "prompt": PROMPT, "max_tokens": 8, "temperature": 0})
-            assert status == 200, body
-            texts.append(body["choices"][0]["text"])
-        except BaseException as e:  # noqa: BLE001 - reported below
-            errors.append(e)
+    def one(k: int) -> None:
+        barrier.wait(timeout=30)
+        status, body = request(port, "POST", "/v1/completions",
+                               {"model": MODEL, "prompt": PROMPT, "max_tokens": 8, "temperature": 0})
+        assert status == 200, body
+        texts.append(body["choices"][0]["text"])
 
-    threads = [threading.Thread(target=one) for _ in range(64)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert not errors, errors[:3]
+    in_threads(one, 64, timeout=60)
     assert texts == [expected] * 64
 
 

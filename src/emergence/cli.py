@@ -617,7 +617,7 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="longest prompt + completion a request may have (default: the model's context window)")
     p.add_argument("--kv-memory", default=None, metavar="SIZE",
                    help="KV cache budget, e.g. 2GiB (default: room for every slot to hold a full context); "
-                        "memory is taken as sequences grow, in blocks of 16 tokens")
+                        "memory is taken as sequences grow, in blocks of 64 tokens")
     p.add_argument("--max-queue", type=int, default=256, help="requests that may wait for a slot")
     p.add_argument("--context-policy", default="drop-oldest", choices=("drop-oldest", "condense", "error"),
                    help="what a chat longer than the context loses")

@@ -105,13 +105,16 @@ class NativeBackend:
         longest = max(start + len(c) for start, c in zip(starts, chunks))
         if longest > self.context:  # as the eager forward checks it
             raise InvalidArgument(f"{longest} tokens exceed the context window of {self.context}")
+        self.native_calls += 1
+        if all(len(c) == 1 for c in chunks):  # a decoding step: one token per sequence
+            every = list(range(len(chunks)))
+            return self.plan.forward([c[0] for c in chunks], every, starts, every, tables, self.cache.k, self.cache.v)
         tokens, rows, positions, last = [], [], [], []
         for j, (chunk, start) in enumerate(zip(chunks, starts)):
             tokens += chunk
             rows += [j] * len(chunk)
             positions += range(start, start + len(chunk))
             last.append(len(tokens) - 1)
-        self.native_calls += 1
         return self.plan.forward(tokens, rows, positions, last, tables, self.cache.k, self.cache.v)
 
 
