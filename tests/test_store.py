@@ -535,3 +535,30 @@ def test_resolution_order_path_then_store_then_packaged(capsys, story, tiny_hf, 
     assert "not a path, nor a model in the store" in str(e.value)
     assert "(emergence-6m:latest, story:latest)" in str(e.value)
     assert "nor a packaged model (emergence-6m, stories260K)" in str(e.value)
+
+
+# ------------------------------------------------------------------------------- verify
+def test_a_damaged_or_replaced_file_is_refused_at_load_and_by_verify(capsys, story, home):
+    entry = Store().get("story")
+    weights = entry.folder / "model.safetensors"
+    assert ok(capsys, "verify", "story").startswith("story:latest: 4 files, ")
+    emergence.load("story")  # verified and stamped: the next loads only compare sizes and times
+    os.chmod(weights, 0o644)
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of one weight, same size
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="model.safetensors does not have the sha256 its manifest records"):
+        emergence.load("story")
+    assert "does not have the sha256" in fails(capsys, "verify", "story")
+    weights.write_bytes(bytes(data[:-10]))  # cut short: refused by its size, before any hashing
+    assert f"model.safetensors has {len(data) - 10} bytes, its manifest records {len(data)}" in fails(
+        capsys, "generate", "--model", "story", "-n", "2")
+
+
+def test_a_manifest_naming_a_file_outside_its_entry_is_refused(capsys, story, home):
+    entry = Store().get("story")
+    manifest = json.loads((entry.folder / "manifest.json").read_text())
+    manifest["files"]["../../escape"] = manifest["files"].pop("config.json")
+    os.chmod(entry.folder / "manifest.json", 0o644)
+    (entry.folder / "manifest.json").write_text(json.dumps(manifest))
+    assert "not a plain name of the entry: '../../escape'" in fails(capsys, "show", "story")

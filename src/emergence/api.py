@@ -107,7 +107,10 @@ def load(path_or_name: str | Path | Source | None = None, *, tokenizer: str | Pa
 
     torch_dtype = resolve_dtype(dtype)
     target = resolve_device(device)
-    path = (path_or_name if isinstance(path_or_name, Source) else resolve_model(path_or_name)).path
+    source = path_or_name if isinstance(path_or_name, Source) else resolve_model(path_or_name)
+    if source.entry is not None:  # a store model: its files as its manifest records them (store.Entry.verify)
+        source.entry.verify(full=False)
+    path = source.path
     if path.is_dir():
         model, config = load_hf(path, dtype=torch_dtype)
         tok = Tokenizer.load(tokenizer if tokenizer is not None else path)

@@ -410,6 +410,17 @@ def cmd_cp(args: argparse.Namespace) -> None:
     print(f"copied {ModelName.parse(args.src)} to {entry.name}")
 
 
+def cmd_verify(args: argparse.Namespace) -> None:
+    from .store import Store, human_bytes
+
+    store = Store()
+    for name in args.names:
+        entry = store.get(name)
+        checked = entry.verify(full=True)
+        print(f"{entry.name}: {len(entry.manifest.files)} files, {human_bytes(checked)} verified against the "
+              f"manifest's sha256")
+
+
 def cmd_rm(args: argparse.Namespace) -> None:
     from .store import Store
 
@@ -460,12 +471,26 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     if not 0 <= args.port <= 65535:
         raise InvalidArgument(f"--port must be in [0, 65535], got {args.port}")
+    import os
+
     kv_memory = parse_bytes(args.kv_memory, "--kv-memory") if args.kv_memory is not None else None
     if args.context is not None and args.context < 2:
         raise InvalidArgument(f"--context must be at least 2 tokens, got {args.context}")
-    run_server(args.model, host=args.host, port=args.port, api_key=args.api_key, slots=args.slots,
+    api_key = os.environ.get("EMERGENCE_API_KEY") or None
+    if args.api_key_file is not None:
+        try:
+            api_key = Path(args.api_key_file).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise InvalidArgument(f"cannot read --api-key-file {args.api_key_file}: "
+                                  f"{getattr(e, 'strerror', None) or e}") from None
+        if not api_key:
+            raise InvalidArgument(f"--api-key-file {args.api_key_file} is empty")
+    split = lambda text: tuple(t.strip() for t in (text or "").split(",") if t.strip())  # noqa: E731
+    run_server(args.model, host=args.host, port=args.port, api_key=api_key, slots=args.slots,
                max_queue=args.max_queue, context_policy=args.context_policy, chat_template=args.chat_template,
-               device=args.device, dtype=args.dtype, context=args.context, kv_memory=kv_memory)
+               device=args.device, dtype=args.dtype, context=args.context, kv_memory=kv_memory,
+               allowed_hosts=split(args.allowed_hosts), allowed_origins=split(args.allowed_origins),
+               insecure=args.insecure)
 
 
 BYTE_UNITS = {"": 1, "b": 1, "k": 2**10, "kib": 2**10, "m": 2**20, "mib": 2**20, "g": 2**30, "gib": 2**30,
@@ -499,6 +524,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
     "import": (cmd_import, "copy an HF-layout folder or a GGUF file into the store under a name"),
     "cp": (cmd_cp, "copy a store model to a new name"),
     "rm": (cmd_rm, "remove models from the store"),
+    "verify": (cmd_verify, "check store models' files against the sha256 their manifests record"),
     "run": (cmd_run, "answer a prompt (or chat) with a store model, its default parameters and system prompt"),
     "serve": (cmd_serve, "serve a model over an OpenAI-compatible HTTP API with continuous batching"),
 }
@@ -516,7 +542,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="emergence", description="Run and study language models.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    parsers = {name: sub.add_parser(name, help=help_) for name, (_, help_) in COMMANDS.items()}
+    # no abbreviated flags: `--api-key` must not quietly mean `--api-key-file`
+    parsers = {name: sub.add_parser(name, help=help_, allow_abbrev=False) for name, (_, help_) in COMMANDS.items()}
 
     g = parsers["generate"]
     g.add_argument("prompt", nargs="?", default=None, help="text to continue (default: empty, i.e. BOS only)")
@@ -611,7 +638,15 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="store name, packaged model, HF folder or GGUF file (default: the shipped model)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s: this machine only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every request")
+    p.add_argument("--api-key-file", default=None, metavar="FILE",
+                   help="require 'Authorization: Bearer KEY' on every API request, KEY read from FILE (or set "
+                        "EMERGENCE_API_KEY; never on the command line, where other users can read it)")
+    p.add_argument("--allowed-hosts", default=None, metavar="H1,H2",
+                   help="Host header names accepted besides the loopback names ('*': any)")
+    p.add_argument("--allowed-origins", default=None, metavar="O1,O2",
+                   help="browser origins allowed to call the API (CORS) besides the server's own ('*': any)")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow serving beyond this machine (a non-loopback --host) without an API key")
     p.add_argument("--slots", type=int, default=8, help="requests decoded together (default %(default)s)")
     p.add_argument("--context", type=int, default=None, metavar="TOKENS",
                    help="longest prompt + completion a request may have (default: the model's context window)")
@@ -646,6 +681,7 @@ def _add_store_args(parsers: dict[str, argparse.ArgumentParser]) -> None:
     cp.add_argument("dst", metavar="DST")
     cp.add_argument("--force", action="store_true", help="replace a model named DST")
     parsers["rm"].add_argument("names", nargs="+", metavar="NAME")
+    parsers["verify"].add_argument("names", nargs="+", metavar="NAME")
     run = parsers["run"]
     run.description = ("Answer PROMPT once (as generate --stream), or chat when there is none (as chat), with the "
                        "model's stored PARAMETERs as defaults and its SYSTEM prompt; sampling flags override them.")

@@ -71,6 +71,8 @@ HOME_ENV = "EMERGENCE_HOME"
 DEFAULT_TAG = "latest"
 MANIFEST = "manifest.json"
 GGUF_FILE = "model.gguf"
+VERIFIED = ".verified"  # the size, modification time and inode of each file when its sha256 last matched
+FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")  # what an entry's files may be called
 SCHEMA = 1
 _PART = r"[a-z0-9][a-z0-9._-]*"
 _NAME = re.compile(rf"({_PART})(?::({_PART}))?")
@@ -350,6 +352,9 @@ class Manifest:
         details = ModelDetails(str(data["layout"]), str(data["format"]), str(det["architecture"]),
                                int(det["parameter_count"]), int(det["context_length"]))
         files = {str(k): FileRecord(str(v["sha256"]), int(v["size"])) for k, v in data["files"].items()}
+        bad = [name for name in files if not FILE_NAME.fullmatch(name) or name in (MANIFEST, VERIFIED)]
+        if bad:  # a name like "../../x" would reach outside the entry
+            raise ValueError(f"a file name that is not a plain name of the entry: {bad[0]!r}")
         if not isinstance(data["parameters"], dict):
             raise TypeError("parameters is not an object")
         return cls(str(data["name"]), str(data["source"]), details, dict(data["parameters"]), data["system"],
@@ -371,10 +376,49 @@ class Entry:
 
     def size(self) -> int:
         """Bytes on disk of the entry's files (hard-linked files count in every entry holding them)."""
-        return sum(p.stat().st_size for p in self.folder.iterdir() if p.is_file())
+        return sum(p.stat().st_size for p in self.folder.iterdir() if p.is_file() and p.name != VERIFIED)
 
     def modified(self) -> datetime:
         return datetime.fromisoformat(self.manifest.created)
+
+    def verify(self, *, full: bool = True) -> int:
+        """Check the entry's files against its manifest: each present, of its recorded size, and
+        (full, or when a file changed since its last check) of its recorded sha256. Raises
+        CheckpointError naming the first file that differs; returns the bytes checked."""
+        stamp_path = self.folder / VERIFIED
+        try:
+            stamps = json.loads(stamp_path.read_text()) if not full else {}
+        except (OSError, ValueError):
+            stamps = {}
+        checked, fresh = 0, {}
+        for name, record in self.manifest.files.items():
+            path = self.folder / name
+            try:
+                st = path.stat()
+            except OSError:
+                raise CheckpointError(f"store entry {self.name}: {name} is missing; remove it with: emergence rm "
+                                      f"{self.name}") from None
+            if st.st_size != record.size:
+                raise CheckpointError(f"store entry {self.name}: {name} has {st.st_size} bytes, its manifest "
+                                      f"records {record.size} (damaged or replaced)")
+            stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
+            if stamps.get(name) != stamp:
+                digest = hashlib.sha256()
+                with open(path, "rb") as f:
+                    while chunk := f.read(_CHUNK):
+                        digest.update(chunk)
+                if digest.hexdigest() != record.sha256:
+                    raise CheckpointError(f"store entry {self.name}: {name} does not have the sha256 its manifest "
+                                          "records (damaged or replaced)")
+                checked += st.st_size
+            fresh[name] = stamp
+        try:
+            tmp = self.folder / (VERIFIED + ".tmp")
+            tmp.write_text(json.dumps(fresh))
+            os.replace(tmp, stamp_path)
+        except OSError:  # a read-only store: checked again next time
+            pass
+        return checked
 
 
 @dataclass(frozen=True)

@@ -1,240 +1,329 @@
-"""`emergence serve`: an OpenAI-compatible HTTP server over the continuous-batching engine.
+"""`emergence serve`: OpenAI's and Ollama's HTTP APIs over the continuous-batching engine,
+on FastAPI (pydantic models of every request and response) and uvicorn.
 
-    GET  /                          a chat page: streamed replies, each token's top alternatives
+    GET  /                          the chat page (streamed replies, each token's alternatives)
+    GET  /health                    {"status": "ok", "model", "active", "waiting"}
+    GET  /metrics                   Prometheus text: requests, tokens, queue, KV blocks, latency
+    GET  /docs, /openapi.json       the API, from the pydantic models
     GET  /v1/models                 the served model
     POST /v1/completions            prompt -> text (stream, n, stop, seed, logprobs, penalties...)
-    POST /v1/chat/completions       messages -> chat template -> text (same options; top_logprobs)
+    POST /v1/chat/completions       messages -> chat template -> text (same; tools reach the template)
     POST /v1/embeddings             text -> mean of the final hidden states
+    GET  /api/tags, /api/version    Ollama's API (serve/ollama.py): the same model and engine
+    POST /api/show, /api/generate, /api/chat
 
-Standard library only (`ThreadingHTTPServer`): a thread per connection, each waiting on its
-own requests while the engine's single thread decodes every active request together.
-Streams are server-sent events ("data: {...}" lines, then "data: [DONE]"). A client that goes
-away mid-stream is noticed at the next write and its slot is freed at the next step.
-Every bad request gets a 4xx in OpenAI's error shape and the server keeps serving.
+Every request passes `Guard` first (one ASGI layer): a request id (X-Request-Id) and one JSON
+log line at its end; the Host header must name an allowed host (loopback by default: a web
+page cannot reach the server through DNS rebinding); a browser's Origin must be allowed (the
+server's own hosts by default, or --allowed-origins, which also get CORS headers); bodies are
+limited in size (413) and must arrive in time (408); uvicorn's connections must send their
+headers in time (slow-drip clients are closed). The API key (when set) is checked on every API
+route. An engine failure is logged with its request id and answered with a generic 500
+carrying that id. Streams are server-sent events ("data: {...}", then "data: [DONE]"); a client
+that goes away frees its slot at the next step.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hmac
 import json
-import queue
+import logging
 import struct
 import threading
-from collections.abc import Iterator
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import torch
+from fastapi import Depends, FastAPI
+from fastapi import Request as HttpRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..api import LanguageModel
 from ..chat import ChatTemplate, find_model_template, fit_context, resolve_chat_template
 from ..errors import EmergenceError
-from ..generate import prepare_prompt
+from ..generate import Chunk, prepare_prompt
 from .engine import BatchEngine, Request
-from .schema import (ApiError, chat_logprobs, completion_logprobs, new_id, now, parse_sampling, usage)
+from .metrics import Metrics
+from .schema import (
+    ApiError, ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest, EmbeddingList,
+    EmbeddingRequest, ErrorResponse, ModelList, NamedToolChoice, chat_logprobs, completion_logprobs, new_id, now, sampling,
+    usage, validation_error,
+)
 
 PAGE = Path(__file__).with_name("page.html")  # the chat page served at /
-DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
 DEFAULT_CHAT_RESERVE = 256  # tokens kept free for a chat reply when max_tokens is not given
-CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")  # OpenAI's message roles
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+log = logging.getLogger("emergence.serve")
 
 
+# ----------------------------------------------------------------------- the engine's sink
+class AsyncSink:
+    """Where the engine's thread puts a request's chunks, for the event loop to await: each item
+    crosses threads with call_soon_threadsafe."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop, self.queue = loop, asyncio.Queue()
+
+    def put(self, item) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the loop is closed: the server is gone, nobody waits
+            pass
+
+    async def get(self):
+        return await self.queue.get()
+
+
+@dataclass
+class RequestState:
+    """One HTTP request as the log line and the metrics see it."""
+
+    id: str
+    method: str
+    path: str
+    start: float = field(default_factory=time.perf_counter)
+    status: int = 0
+    model: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    first_token: float | None = None  # seconds after start
+
+    def token(self) -> None:
+        if self.first_token is None:
+            self.first_token = time.perf_counter() - self.start
+
+
+class ClientGone(Exception):
+    """The client of a non-streaming request disconnected while it was decoded."""
+
+
+# ---------------------------------------------------------------------------- the routes
 class Server:
-    """The routes, independent of the HTTP plumbing (the tests call them through HTTP anyway)."""
+    """The routes' logic over one model and its engine; `app` is the FastAPI application.
+
+    defaults: SamplingParams fields a request leaves out (a store model's PARAMETERs); system: a
+    system message for chats that bring none; context: the longest sequence a request may have
+    (default: the model's window); kv_memory: the KV cache's budget in bytes (default: every
+    slot can hold a full context); allowed_hosts / allowed_origins: besides the loopback names
+    and the server's own origins ("*" allows any); timeouts in seconds.
+    """
 
     def __init__(self, lm: LanguageModel, name: str, *, slots: int = 8, max_queue: int = 256,
                  api_key: str | None = None, max_body_bytes: int = 1 << 20, context_policy: str = "drop-oldest",
                  chat_template: ChatTemplate | None = None, defaults: dict | None = None,
-                 system: str | None = None, context: int | None = None, kv_memory: int | None = None) -> None:
-        """defaults: request fields (OpenAI names) used when a request leaves them out, e.g. a
-        store model's PARAMETERs; system: a system message for chats that bring none; context:
-        the longest sequence a request may have (default: the model's window); kv_memory: the
-        KV cache's budget in bytes (default: every slot can hold a full context)."""
-        self.lm, self.name, self.api_key = lm, name, api_key
+                 system: str | None = None, context: int | None = None, kv_memory: int | None = None,
+                 allowed_hosts: tuple[str, ...] = (), allowed_origins: tuple[str, ...] = (),
+                 body_timeout: float = 60.0, header_timeout: float = 10.0, template_timeout: float = 5.0,
+                 source=None) -> None:
+        self.lm, self.name, self.api_key, self.source = lm, name, api_key, source
         self.defaults, self.system = dict(defaults or {}), system
         self.max_body_bytes, self.context_policy = max_body_bytes, context_policy
+        self.allowed_hosts = {h.lower() for h in (*LOOPBACK_HOSTS, *allowed_hosts)}
+        self.allowed_origins = set(allowed_origins)
+        self.body_timeout, self.header_timeout, self.template_timeout = body_timeout, header_timeout, template_timeout
         self.engine = BatchEngine(lm.model, lm.tokenizer, slots=slots, max_queue=max_queue, context=context,
                                   kv_memory=kv_memory, backend=lm.backend)
         self.context = self.engine.context
         self.template = chat_template or resolve_chat_template(None, missing="plain")
         self.created = now()
+        self.metrics = Metrics(self)
+        self.app = create_app(self)
 
     def close(self) -> None:
         self.engine.close()
 
-    # ---------------------------------------------------------------------------- routes
+    # ------------------------------------------------------------------- security checks
+    def host_allowed(self, host: str | None) -> bool:
+        """A Host header (name, name:port, [v6]:port) naming an allowed host."""
+        if "*" in self.allowed_hosts:
+            return True
+        if not host:
+            return False
+        host = host.strip().lower()
+        if host.startswith("["):
+            name = host[1:].split("]", 1)[0]
+        else:
+            name = host.split(":", 1)[0] if host.count(":") == 1 else host
+        return name in self.allowed_hosts
+
+    def origin_allowed(self, origin: str) -> bool:
+        """A browser's Origin: one of --allowed-origins, or http(s) on an allowed host."""
+        if "*" in self.allowed_origins or origin in self.allowed_origins:
+            return True
+        scheme, sep, rest = origin.partition("://")
+        return bool(sep) and scheme in ("http", "https") and self.host_allowed(rest)
+
+    def authorize(self, request: HttpRequest) -> None:
+        if self.api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+            raise ApiError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')", code="invalid_api_key")
+
+    # -------------------------------------------------------------------- OpenAI routes
     def models(self) -> dict:
-        return {"object": "list", "data": [self._model_card()]}
+        return {"object": "list", "data": [{"id": self.name, "object": "model", "created": self.created,
+                                             "owned_by": "emergence"}]}
 
-    def _model_card(self) -> dict:
-        return {"id": self.name, "object": "model", "created": self.created, "owned_by": "emergence"}
-
-    def _check_model(self, body: dict) -> None:
-        model = body.get("model")
-        if not isinstance(model, str):
-            raise ApiError(400, "'model' is required and must be a string", "model")
+    def check_model(self, model: str) -> None:
         if model != self.name and model != f"{self.name}:latest":  # Ollama's default tag
             raise ApiError(404, f"the model '{model}' does not exist; this server serves '{self.name}'", "model",
                            "model_not_found")
 
-    def completions(self, body: dict) -> tuple[dict | None, Iterator[dict] | None]:
-        self._check_model(body)
-        body = {**self.defaults, **body}
-        sampling = parse_sampling(body, chat=False, default_max_tokens=DEFAULT_COMPLETION_TOKENS)
-        prompts = self._prompts(body.get("prompt"))
-        jobs = []
-        for p, ids in enumerate(prompts):
-            for j in range(sampling.n):
-                params = sampling.for_prompt(len(ids), self.context, j, "prompt")
-                jobs.append((p * sampling.n + j, ids, params))
+    async def completions(self, req: CompletionRequest, state: RequestState, http: HttpRequest):
+        self.check_model(req.model)
+        options = sampling(req, self.defaults)
+        prompts = await self._in_thread(self._prompts, req.prompt)
+        jobs = [(p * options.n + j, ids, options.for_prompt(len(ids), self.context, j, "prompt"))
+                for p, ids in enumerate(prompts) for j in range(options.n)]
+        state.prompt_tokens = sum(len(ids) for ids in prompts)  # each prompt counted once, whatever n
         cid, created = new_id("cmpl"), now()
-        requests = self._submit(jobs)
-        prompt_tokens = sum(len(ids) for ids in prompts)  # each prompt counted once, whatever n
+        requests, sink = self._submit(jobs)
+        tokenizer = self.lm.tokenizer
 
-        def chunk_body(index: int, text: str, logprobs, finish: str | None) -> dict:
-            return {"id": cid, "object": "text_completion", "created": created, "model": self.name,
-                    "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}]}
-
-        if sampling.stream:
-            def events() -> Iterator[dict]:
-                generated, offsets = 0, {}
-                for index, chunk in _merged(requests):
-                    generated += len(chunk.token_ids)
+        if options.stream:
+            async def events() -> AsyncIterator[dict]:
+                offsets: dict[int, int] = {}
+                async for index, chunk in self._merged(requests, sink, state):
                     logprobs = None
-                    if sampling.logprobs is not None:
-                        logprobs = completion_logprobs(self.lm.tokenizer, chunk.logprobs, offsets.get(index, 0))
+                    if options.logprobs is not None:
+                        logprobs = completion_logprobs(tokenizer, chunk.logprobs, offsets.get(index, 0))
                     offsets[index] = offsets.get(index, 0) + len(chunk.text)
                     if chunk.text or chunk.finish_reason or chunk.token_ids:
-                        yield chunk_body(index, chunk.text, logprobs, chunk.finish_reason)
-                if sampling.include_usage:
+                        yield {"id": cid, "object": "text_completion", "created": created, "model": self.name,
+                               "choices": [{"index": index, "text": chunk.text, "logprobs": logprobs,
+                                            "finish_reason": chunk.finish_reason}]}
+                if options.include_usage:
                     yield {"id": cid, "object": "text_completion", "created": created, "model": self.name,
-                           "choices": [], "usage": usage(prompt_tokens, generated)}
-            return None, events()
+                           "choices": [], "usage": usage(state.prompt_tokens, state.completion_tokens)}
+            return events()
 
-        results = _collect(requests)
-        choices, generated = [], 0
-        for index, (text, items, finish, n_tokens) in sorted(results.items()):
-            generated += n_tokens
-            logprobs = completion_logprobs(self.lm.tokenizer, items) if sampling.logprobs is not None else None
-            choices.append({"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish})
+        results = await self._collect(requests, sink, state, http)
+        choices = [{"index": index, "text": text, "finish_reason": finish,
+                    "logprobs": completion_logprobs(tokenizer, items) if options.logprobs is not None else None}
+                   for index, (text, items, finish, _) in sorted(results.items())]
         return {"id": cid, "object": "text_completion", "created": created, "model": self.name,
-                "choices": choices, "usage": usage(prompt_tokens, generated)}, None
+                "choices": choices, "usage": usage(state.prompt_tokens, state.completion_tokens)}
 
-    def chat_completions(self, body: dict) -> tuple[dict | None, Iterator[dict] | None]:
-        self._check_model(body)
-        body = {**self.defaults, **body}
-        sampling = parse_sampling(body, chat=True, default_max_tokens=None)
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise ApiError(400, "'messages' must be a non-empty list of {role, content} objects", "messages")
-        for i, m in enumerate(messages):
-            if isinstance(m, dict) and m.get("role") not in CHAT_ROLES:
-                raise ApiError(400, f"messages[{i}] has role {m.get('role')!r}; the roles are "
-                                    f"{', '.join(CHAT_ROLES)}", "messages")
-        if self.system is not None and not any(isinstance(m, dict) and m.get("role") == "system" for m in messages):
+    async def chat_completions(self, req: ChatCompletionRequest, state: RequestState, http: HttpRequest):
+        self.check_model(req.model)
+        options = sampling(req, self.defaults)
+        if req.response_format is not None and req.response_format.type != "text":
+            raise ApiError(400, f"response_format {req.response_format.type!r} (structured output) is not supported "
+                                "yet; only 'text'", "response_format")
+        if req.tool_choice == "required" or isinstance(req.tool_choice, NamedToolChoice):
+            raise ApiError(400, "a required or named tool_choice needs constrained decoding, not supported yet; "
+                                "'auto' and 'none' are", "tool_choice")
+        messages = [m.model_dump(exclude_none=True) for m in req.messages]
+        for m in messages:  # content parts -> one text
+            if isinstance(m.get("content"), list):
+                m["content"] = "".join(part["text"] for part in m["content"])
+        if self.system is not None and not any(m["role"] == "system" for m in messages):
             messages = [{"role": "system", "content": self.system}, *messages]
-        reserve = sampling.max_tokens or min(DEFAULT_CHAT_RESERVE, self.context // 4)
+        reserve = options.max_tokens or min(DEFAULT_CHAT_RESERVE, self.context // 4)
         if reserve >= self.context:
             raise ApiError(400, f"max_tokens {reserve} leaves no room for a prompt in the context of {self.context}",
                            "max_tokens", "context_length_exceeded")
-        try:
-            fit = fit_context(messages, self.lm.tokenizer, self.template, context_window=self.context,
-                              reserve=reserve, policy=self.context_policy)
-        except EmergenceError as e:
-            raise ApiError(400, str(e), "messages") from None
+        tools = None if req.tool_choice == "none" or not req.tools else [t.model_dump(exclude_none=True)
+                                                                          for t in req.tools]
+        fit = await self._in_thread(lambda: fit_context(messages, self.lm.tokenizer, self.template,
+                                                        context_window=self.context, reserve=reserve,
+                                                        policy=self.context_policy, tools=tools),
+                                    param="messages", timeout=self.template_timeout)
         ids = fit.token_ids
+        state.prompt_tokens = len(ids)
         if self.template.stop:
-            sampling.params["stop"] = tuple(dict.fromkeys((*sampling.params["stop"], *self.template.stop)))
-        jobs = [(j, ids, sampling.for_prompt(len(ids), self.context, j, "messages")) for j in range(sampling.n)]
+            options.params["stop"] = tuple(dict.fromkeys((*options.params["stop"], *self.template.stop)))
+        jobs = [(j, ids, options.for_prompt(len(ids), self.context, j, "messages")) for j in range(options.n)]
         cid, created = new_id("chatcmpl"), now()
-        requests = self._submit(jobs)
+        requests, sink = self._submit(jobs)
         context_note = ({"dropped_messages": list(fit.dropped), "note": fit.note, "policy": fit.policy}
                         if fit.dropped else None)
+        tokenizer = self.lm.tokenizer
 
         def frame(choices: list, **extra) -> dict:
             return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": self.name,
                     "choices": choices, **extra}
 
-        if sampling.stream:
-            def events() -> Iterator[dict]:
-                generated = 0
+        if options.stream:
+            async def events() -> AsyncIterator[dict]:
                 first = [frame([{"index": j, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                 "finish_reason": None}]) for j in range(sampling.n)]
+                                 "finish_reason": None}]) for j in range(options.n)]
                 if context_note:
                     first[0]["context"] = context_note
-                yield from first
-                for index, chunk in _merged(requests):
-                    generated += len(chunk.token_ids)
-                    logprobs = (chat_logprobs(self.lm.tokenizer, chunk.logprobs)
-                                if sampling.logprobs is not None and chunk.logprobs else None)
+                for event in first:
+                    yield event
+                async for index, chunk in self._merged(requests, sink, state):
+                    logprobs = (chat_logprobs(tokenizer, chunk.logprobs)
+                                if options.logprobs is not None and chunk.logprobs else None)
                     delta = {"content": chunk.text} if chunk.text else {}
                     if delta or chunk.finish_reason or logprobs:
                         yield frame([{"index": index, "delta": delta, "logprobs": logprobs,
                                       "finish_reason": chunk.finish_reason}])
-                if sampling.include_usage:
-                    yield frame([], usage=usage(len(ids), generated))
-            return None, events()
+                if options.include_usage:
+                    yield frame([], usage=usage(len(ids), state.completion_tokens))
+            return events()
 
-        results = _collect(requests)
-        choices, generated = [], 0
-        for index, (text, items, finish, n_tokens) in sorted(results.items()):
-            generated += n_tokens
-            choices.append({"index": index, "message": {"role": "assistant", "content": text},
-                            "logprobs": chat_logprobs(self.lm.tokenizer, items) if sampling.logprobs is not None
-                            else None, "finish_reason": finish})
+        results = await self._collect(requests, sink, state, http)
+        choices = [{"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
+                    "logprobs": chat_logprobs(tokenizer, items) if options.logprobs is not None else None}
+                   for index, (text, items, finish, _) in sorted(results.items())]
         out = {"id": cid, "object": "chat.completion", "created": created, "model": self.name,
-               "choices": choices, "usage": usage(len(ids), generated)}
+               "choices": choices, "usage": usage(len(ids), state.completion_tokens)}
         if context_note:
             out["context"] = context_note
-        return out, None
+        return out
 
-    def embeddings(self, body: dict) -> dict:
-        self._check_model(body)
-        inputs = body.get("input")
-        if isinstance(inputs, str) or (isinstance(inputs, list) and inputs and all(isinstance(t, int) for t in inputs)):
-            inputs = [inputs]
-        if not isinstance(inputs, list) or not inputs or len(inputs) > 256:
-            raise ApiError(400, "'input' must be a string, a list of strings or token-id lists (1 to 256)", "input")
-        fmt = body.get("encoding_format", "float")
-        if fmt not in ("float", "base64"):
-            raise ApiError(400, "'encoding_format' must be 'float' or 'base64'", "encoding_format")
-        data, total = [], 0
-        for index, item in enumerate(inputs):
+    async def embeddings(self, req: EmbeddingRequest, state: RequestState) -> dict:
+        """Through the engine's queue, as generation goes (the same limit on waiting work)."""
+        self.check_model(req.model)
+        if req.dimensions is not None:
+            raise ApiError(400, "'dimensions' is not supported: the embeddings are the model's width", "dimensions")
+        items = req.input
+        if isinstance(items, str) or (items and isinstance(items[0], int)) or not items:
+            items = [items]
+        inputs = []
+        for index, item in enumerate(items):
             ids = self._ids(item, "input")
             if not ids:
                 raise ApiError(400, f"input {index} is empty", "input")
             if len(ids) > self.context:
                 raise ApiError(400, f"input {index} has {len(ids)} tokens; the context is {self.context}", "input",
                                "context_length_exceeded")
-            total += len(ids)
-            model = self.lm.model
-            with torch.inference_mode():
-                hidden = model.hidden_states(torch.tensor([ids], device=model.tok_embeddings.weight.device))
-            vector = hidden[0].float().mean(dim=0).cpu()  # (D,): mean over the tokens
+            inputs.append(ids)
+        state.prompt_tokens = sum(map(len, inputs))
+        sink = AsyncSink(asyncio.get_running_loop())
+        try:
+            self.engine.submit_embedding(inputs, sink=sink)
+        except EmergenceError as e:
+            raise ApiError(429 if "busy" in str(e) else 400, str(e)) from None
+        _, vectors = await sink.get()
+        if isinstance(vectors, BaseException):
+            raise self._failure(vectors, state)
+        data = []
+        for index, vector in enumerate(vectors):
             embedding = (base64.b64encode(struct.pack(f"<{len(vector)}f", *vector.tolist())).decode()
-                         if fmt == "base64" else vector.tolist())
+                         if req.encoding_format == "base64" else vector.tolist())
             data.append({"object": "embedding", "index": index, "embedding": embedding})
         return {"object": "list", "data": data, "model": self.name,
-                "usage": {"prompt_tokens": total, "total_tokens": total}}
+                "usage": {"prompt_tokens": state.prompt_tokens, "total_tokens": state.prompt_tokens}}
 
     # --------------------------------------------------------------------------- helpers
     def _ids(self, item, param: str) -> list[int]:
         if isinstance(item, str):
             return self.lm.tokenizer.encode(item)
-        if isinstance(item, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in item):
-            if any(t < 0 or t >= self.lm.tokenizer.vocab_size for t in item):
-                raise ApiError(400, f"token ids in '{param}' must be in [0, {self.lm.tokenizer.vocab_size})", param)
-            return list(item)
-        raise ApiError(400, f"'{param}' must be a string or a list of token ids", param)
+        if any(t < 0 or t >= self.lm.tokenizer.vocab_size for t in item):
+            raise ApiError(400, f"token ids in '{param}' must be in [0, {self.lm.tokenizer.vocab_size})", param)
+        return list(item)
 
     def _prompts(self, prompt) -> list[list[int]]:
-        if prompt is None:
-            raise ApiError(400, "'prompt' is required", "prompt")
-        if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
-            items = prompt
-        else:
-            items = [prompt]
+        items = prompt if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else [prompt]
         if len(items) > 16:
             raise ApiError(400, "at most 16 prompts per request", "prompt")
         out = []
@@ -250,10 +339,25 @@ class Server:
             out.append(ids)
         return out
 
-    def _submit(self, jobs) -> list[tuple[int, Request]]:
+    async def _in_thread(self, fn, *args, param: str | None = None, timeout: float | None = None):
+        """fn(*args) in a worker thread (tokenizing or rendering a long prompt must not stall the
+        event loop); EmergenceError -> 400 on `param`; past `timeout`, a 400 (the thread is left to
+        finish on its own: Python cannot stop it)."""
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(None, fn, *args)
+        try:
+            return await asyncio.wait_for(future, timeout)
+        except asyncio.TimeoutError:
+            raise ApiError(400, f"rendering the chat template took more than {timeout:g} s", param) from None
+        except ApiError:
+            raise
+        except EmergenceError as e:
+            raise ApiError(400, str(e), param) from None
+
+    def _submit(self, jobs) -> tuple[list[tuple[int, Request]], AsyncSink]:
         """Queue (choice index, prompt ids, params) jobs; the choices of one prompt (consecutive
         jobs with the same ids) go together, sharing its prefill and KV blocks."""
-        sink: queue.SimpleQueue = queue.SimpleQueue()  # C-level: cheaper per token than Queue
+        sink = AsyncSink(asyncio.get_running_loop())
         groups: list[list] = []
         for job in jobs:
             if groups and groups[-1][0][1] is job[1]:
@@ -271,208 +375,313 @@ class Server:
             for _, r in submitted:
                 r.cancel()
             raise ApiError(429 if "busy" in str(e) else 400, str(e)) from None
-        return submitted
+        return submitted, sink
+
+    async def _merged(self, requests: list[tuple[int, Request]], sink: AsyncSink,
+                      state: RequestState) -> AsyncIterator[tuple[int, Chunk]]:
+        """(choice index, chunk) from all of a response's requests, as they come."""
+        open_ = len(requests)
+        try:
+            while open_:
+                tag, item = await sink.get()
+                if item is None:
+                    open_ -= 1
+                    continue
+                if isinstance(item, BaseException):
+                    raise self._failure(item, state)
+                if item.token_ids:
+                    state.token()
+                    state.completion_tokens += len(item.token_ids)
+                yield tag, item
+        finally:  # done, the client left (cancelled) or an error: free the slots
+            for _, r in requests:
+                r.cancel()
+
+    async def _collect(self, requests, sink: AsyncSink, state: RequestState,
+                       http: HttpRequest) -> dict[int, tuple[str, list, str, list[int]]]:
+        """Every choice's text, logprobs, finish reason and token ids; stops (and frees the slots)
+        when the client disconnects before the end."""
+        texts: dict[int, list] = {index: ["", [], "length", []] for index, _ in requests}
+
+        async def gather() -> None:
+            async for index, chunk in self._merged(requests, sink, state):
+                entry = texts[index]
+                entry[0] += chunk.text
+                entry[1] += chunk.logprobs
+                entry[3] += chunk.token_ids
+                if chunk.finish_reason:
+                    entry[2] = chunk.finish_reason
+
+        task = asyncio.ensure_future(gather())
+        try:
+            while not task.done():
+                await asyncio.wait({task}, timeout=1.0)
+                if not task.done() and await http.is_disconnected():
+                    raise ClientGone()
+        finally:
+            if not task.done():
+                task.cancel()
+        task.result()
+        return {k: tuple(v) for k, v in texts.items()}
+
+    def _failure(self, error: BaseException, state: RequestState) -> ApiError:
+        log.error("request %s: generation failed", state.id, exc_info=(type(error), error, error.__traceback__))
+        return ApiError(500, f"generation failed; the server's log has the details (request {state.id})",
+                        code="internal_error")
 
 
-def _merged(requests: list[tuple[int, Request]]):
-    """(choice index, chunk) from all of a response's requests, as they come."""
-    if not requests:
-        return
-    sink = requests[0][1].sink
-    open_ = len(requests)
-    try:
-        while open_:
-            tag, item = sink.get()
-            if item is None:
-                open_ -= 1
-                continue
-            if isinstance(item, BaseException):
-                raise ApiError(500, f"generation failed: {item}")
-            yield tag, item
-    finally:  # the client left (GeneratorExit) or an error: free the slots
-        for _, r in requests:
-            r.cancel()
+# ------------------------------------------------------------------------- the HTTP layer
+def _json(status: int, body: dict, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
-def _collect(requests) -> dict[int, tuple[str, list, str, int]]:
-    texts: dict[int, list] = {index: ["", [], "length", 0] for index, _ in requests}
-    for index, chunk in _merged(requests):
-        entry = texts[index]
-        entry[0] += chunk.text
-        entry[1] += chunk.logprobs
-        entry[3] += len(chunk.token_ids)
-        if chunk.finish_reason:
-            entry[2] = chunk.finish_reason
-    return {k: tuple(v) for k, v in texts.items()}
+def sse(events: AsyncIterator[dict]) -> StreamingResponse:
+    async def body():
+        try:
+            async for event in events:
+                yield b"data: " + json.dumps(event, ensure_ascii=False).encode("utf-8") + b"\n\n"
+            yield b"data: [DONE]\n\n"
+        except ApiError as e:  # failed mid-stream: the status is sent already, so say it in the stream
+            yield b"data: " + json.dumps(e.body()).encode("utf-8") + b"\n\n"
+    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-# ------------------------------------------------------------------------------ HTTP
-class _Handler(BaseHTTPRequestHandler):
-    server_version = "emergence"
-    protocol_version = "HTTP/1.1"
-    app: Server  # set on the subclass made by make_http_server
-    # Seconds any one socket read or write may wait: a client that announces more body than it
-    # sends gets a 408, an idle kept-alive connection or a client that stops reading its stream
-    # is closed, instead of holding a thread forever. (Waiting for tokens is not a socket wait.)
-    timeout = 60
+def create_app(server: Server) -> FastAPI:
+    app = FastAPI(title="emergence", summary=f"OpenAI- and Ollama-compatible API serving {server.name}",
+                  docs_url="/docs", redoc_url=None)
+    errors = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 500)}
 
-    def log_message(self, format, *args) -> None:  # quiet: one line per request is too much for tests
+    def state_of(request: HttpRequest) -> RequestState:
+        return request.scope["state"]["emergence"]
+
+    def authorized(request: HttpRequest) -> None:
+        server.authorize(request)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: HttpRequest, e: ApiError):
+        if request.url.path.startswith("/api/"):  # Ollama's error shape
+            return _json(e.status, {"error": e.message}, e.headers)
+        return _json(e.status, e.body(), e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: HttpRequest, e: RequestValidationError):
+        return await api_error(request, validation_error(list(e.errors()), prefix=("body",)))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: HttpRequest, e: StarletteHTTPException):
+        message = {404: f"no route {request.method} {request.url.path}",
+                   405: f"{request.url.path} does not take {request.method}"}.get(e.status_code, str(e.detail))
+        return await api_error(request, ApiError(e.status_code, message))
+
+    @app.exception_handler(ClientGone)
+    async def gone(request: HttpRequest, e: ClientGone):
+        return Response(status_code=499)  # nobody reads it
+
+    @app.exception_handler(Exception)
+    async def failure(request: HttpRequest, e: Exception):
+        state = state_of(request)
+        log.error("request %s failed", state.id, exc_info=e)
+        return await api_error(request, ApiError(500, f"internal error; the server's log has the details (request "
+                                                      f"{state.id})", code="internal_error"))
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
+
+    @app.get("/health", summary="liveness, and what the engine holds")
+    async def health():
+        return {"status": "ok", "model": server.name, "active": server.engine.active,
+                "waiting": server.engine.waiting}
+
+    @app.get("/metrics", summary="Prometheus metrics", dependencies=[Depends(authorized)],
+             response_class=Response)
+    async def metrics():
+        data, content_type = server.metrics.render()
+        return Response(data, media_type=content_type)
+
+    @app.get("/v1/models", response_model=ModelList, dependencies=[Depends(authorized)], responses=errors)
+    async def models():
+        return server.models()
+
+    @app.post("/v1/completions", response_model=Completion, dependencies=[Depends(authorized)], responses=errors,
+              summary="complete a prompt (stream: server-sent events)")
+    async def completions(body: CompletionRequest, request: HttpRequest):
+        state = state_of(request)
+        state.model = body.model
+        result = await server.completions(body, state, request)
+        return sse(result) if not isinstance(result, dict) else JSONResponse(result)
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletion, dependencies=[Depends(authorized)],
+              responses=errors, summary="answer a conversation (stream: server-sent events)")
+    async def chat_completions(body: ChatCompletionRequest, request: HttpRequest):
+        state = state_of(request)
+        state.model = body.model
+        result = await server.chat_completions(body, state, request)
+        return sse(result) if not isinstance(result, dict) else JSONResponse(result)
+
+    @app.post("/v1/embeddings", response_model=EmbeddingList, dependencies=[Depends(authorized)], responses=errors)
+    async def embeddings(body: EmbeddingRequest, request: HttpRequest):
+        state = state_of(request)
+        state.model = body.model
+        return JSONResponse(await server.embeddings(body, state))
+
+    from .ollama import add_ollama_routes
+
+    add_ollama_routes(app, server, authorized, state_of)
+    return Guard(app, server)
+
+
+class Guard:
+    """The outermost ASGI layer (see the module docstring): request ids and the log line, Host
+    and Origin checks, CORS, body size and arrival time."""
+
+    def __init__(self, app: FastAPI, server: Server) -> None:
+        self.app, self.server = app, server
+
+    def __getattr__(self, name):  # the FastAPI app's attributes (routes, openapi, ...)
+        return getattr(self.app, name)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        server = self.server
+        state = RequestState(uuid.uuid4().hex[:16], scope["method"], scope["path"])
+        scope.setdefault("state", {})["emergence"] = state
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        origin = headers.get("origin")
+        cors = origin is not None and server.origin_allowed(origin)
+        finished = False
+
+        async def send_logged(message) -> None:
+            nonlocal finished
+            if message["type"] == "http.response.start":
+                state.status = message["status"]
+                extra = [(b"x-request-id", state.id.encode())]
+                if cors:
+                    extra += [(b"access-control-allow-origin", origin.encode()), (b"vary", b"Origin")]
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body") and not finished:
+                finished = True
+                server.metrics.observe(state)
+                log.info(json.dumps({"id": state.id, "method": state.method, "path": state.path,
+                                     "status": state.status, "model": state.model,
+                                     "prompt_tokens": state.prompt_tokens,
+                                     "completion_tokens": state.completion_tokens,
+                                     "ttft_ms": None if state.first_token is None else round(1e3 * state.first_token, 1),
+                                     "duration_ms": round(1e3 * (time.perf_counter() - state.start), 1)}))
+
+        async def refuse(status: int, message: str, extra: tuple = ()) -> None:
+            error = ApiError(status, message, code={403: "forbidden"}.get(status))
+            body = json.dumps({"error": message} if state.path.startswith("/api/") else error.body()).encode()
+            await send_logged({"type": "http.response.start", "status": status,
+                               "headers": [(b"content-type", b"application/json"),
+                                           (b"content-length", str(len(body)).encode()), *extra]})
+            await send_logged({"type": "http.response.body", "body": body})
+
+        if not server.host_allowed(headers.get("host")):
+            return await refuse(403, f"the Host header {headers.get('host')!r} is not allowed (--allowed-hosts)")
+        if origin is not None and not cors:
+            return await refuse(403, f"the Origin {origin!r} is not allowed (--allowed-origins)")
+        if scope["method"] == "OPTIONS" and origin is not None:  # a CORS preflight
+            await send_logged({"type": "http.response.start", "status": 204,
+                               "headers": [(b"access-control-allow-methods", b"GET, POST, OPTIONS"),
+                                           (b"access-control-allow-headers", b"authorization, content-type"),
+                                           (b"access-control-max-age", b"600")]})
+            return await send_logged({"type": "http.response.body", "body": b""})
+        length = headers.get("content-length")
+        if scope["method"] in ("POST", "PUT", "PATCH"):
+            if length is None and "chunked" not in headers.get("transfer-encoding", ""):
+                return await refuse(411, "a JSON body with a Content-Length is required")
+            if length is not None and (not length.isdigit() or int(length) > server.max_body_bytes):
+                return await refuse(413, f"the request body is {length} bytes; the limit is {server.max_body_bytes}",
+                                    ((b"connection", b"close"),))
+        await self.app(scope, self._limited(receive, length, state), send_logged)
+
+    def _limited(self, receive, length: str | None, state: RequestState):
+        """receive(), with the body limited in size and each part of it in arrival time."""
+        server, received, body_done = self.server, 0, False
+
+        async def limited():
+            nonlocal received, body_done
+            if body_done:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), server.body_timeout)
+            except asyncio.TimeoutError:
+                raise ApiError(408, f"the request body ({length} bytes announced) did not arrive within "
+                                    f"{server.body_timeout:g} s", close=True) from None
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > server.max_body_bytes:
+                    raise ApiError(413, f"the request body is over the limit of {server.max_body_bytes} bytes",
+                                   close=True)
+                body_done = not message.get("more_body", False)
+            elif message["type"] == "http.disconnect":
+                body_done = True
+            return message
+
+        return limited
+
+
+# ------------------------------------------------------------------------------ uvicorn
+def _protocol(header_timeout: float):
+    """uvicorn's HTTP/1.1 protocol, closing a connection whose request headers take longer than
+    `header_timeout` seconds to arrive (uvicorn itself waits forever: slow-drip clients)."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class GuardedProtocol(H11Protocol):
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm()
+
+        def _arm(self) -> None:
+            self.loop.call_later(header_timeout, self._headers_due)
+
+        def _headers_due(self) -> None:
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self.transport.close()  # the headers of a request did not arrive in time
+
+    return GuardedProtocol
+
+
+class RunningServer:
+    """A server in a background thread (tests, embedding): `server_address`, `shutdown()`."""
+
+    def __init__(self, app: Server, host: str, port: int) -> None:
+        import uvicorn
+
+        self.app = app
+        config = uvicorn.Config(app.app, host=host, port=port, log_level="warning", access_log=False,
+                                http=_protocol(app.header_timeout), lifespan="off", timeout_keep_alive=5)
+        self._uvicorn = uvicorn.Server(config)
+        self._uvicorn.install_signal_handlers = lambda: None  # not the main thread
+        self._thread = threading.Thread(target=self._uvicorn.run, name="emergence-http", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self._uvicorn.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise EmergenceError(f"the HTTP server did not start on {host}:{port}")
+            time.sleep(0.01)
+        self.server_address = self._uvicorn.servers[0].sockets[0].getsockname()[:2]
+
+    def shutdown(self) -> None:
+        self._uvicorn.should_exit = True
+        self._thread.join(timeout=10)
+
+    def server_close(self) -> None:
         pass
 
-    def do_GET(self) -> None:
-        self._dispatch("GET")
 
-    def do_POST(self) -> None:
-        self._dispatch("POST")
-
-    def _dispatch(self, method: str) -> None:
-        self._body_read = False
-        try:
-            path = self.path.partition("?")[0]
-            path = path.rstrip("/")
-            if method == "GET" and path == "":  # the chat page: static, no key needed (it asks for one)
-                return self._page()
-            self._authorize()
-            if method == "GET" and path == "/v1/models":
-                return self._json(200, self.app.models())
-            routes = {"/v1/completions": self.app.completions, "/v1/chat/completions": self.app.chat_completions,
-                      "/v1/embeddings": self.app.embeddings}
-            if path not in routes:
-                raise ApiError(404, f"no route {method} {path}")
-            if method != "POST":
-                raise ApiError(405, f"{path} takes POST")
-            body = self._body()
-            result = routes[path](body)
-            if isinstance(result, dict):
-                return self._json(200, result)
-            whole, events = result
-            if events is None:
-                return self._json(200, whole)
-            self._stream(events)
-        except ApiError as e:
-            self._error(e)
-        except EmergenceError as e:
-            self._error(ApiError(400, str(e)))
-        except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True
-
-    def _error(self, e: ApiError) -> None:
-        """Answer with an error; a client that already went away (it announced a body it never
-        sent, say) gets nothing, and the connection is closed."""
-        try:
-            if not self._body_read:
-                self._skip_body()
-            self._json(e.status, e.body())
-        except (BrokenPipeError, ConnectionResetError, TimeoutError):
-            self.close_connection = True
-
-    def _authorize(self) -> None:
-        key = self.app.api_key
-        if key is None:
-            return
-        given = self.headers.get("Authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
-            raise ApiError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')", code="invalid_api_key")
-
-    def _body(self) -> dict:
-        length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
-            raise ApiError(411 if length is None else 400, "a JSON body with a Content-Length is required")
-        if int(length) > self.app.max_body_bytes:
-            self.close_connection = True  # the body stays unread
-            raise ApiError(413, f"the request body is {length} bytes; the limit is {self.app.max_body_bytes}")
-        try:
-            raw = self.rfile.read(int(length))
-        except TimeoutError:
-            self._body_read, self.close_connection = True, True  # what is left of the body never came
-            raise ApiError(408, f"the request body ({length} bytes announced) did not arrive within "
-                                f"{self.timeout} s") from None
-        self._body_read = True
-        if len(raw) < int(length):
-            self.close_connection = True
-            raise ApiError(400, f"the request body ended after {len(raw)} of the {length} bytes announced")
-        try:
-            body = json.loads(raw.decode("utf-8"))
-            # "\ud800" escapes decode to lone surrogates, which are not text: the tokenizer refuses them
-            json.dumps(body, ensure_ascii=False).encode("utf-8")
-        except UnicodeDecodeError:
-            raise ApiError(400, "the request body is not valid UTF-8") from None
-        except UnicodeEncodeError:
-            raise ApiError(400, "the request body holds a lone UTF-16 surrogate escape (\\ud800-\\udfff)") from None
-        except json.JSONDecodeError as e:
-            raise ApiError(400, f"the request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
-        except RecursionError:
-            raise ApiError(400, "the request body is nested too deeply") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "the request body must be a JSON object")
-        return body
-
-    def _page(self) -> None:
-        data = PAGE.read_bytes()
-        self.send_response(200)
-        self.send_header("Content-Type", "text/html; charset=utf-8")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _skip_body(self) -> None:
-        """An error answered before the body was read: read the body off, so that the next request
-        on this kept-alive connection starts where it should, or close the connection when the body
-        is over the limit or of unknown length."""
-        length = self.headers.get("Content-Length", "" if "Transfer-Encoding" in self.headers else "0")
-        if length.isdigit() and int(length) <= self.app.max_body_bytes:
-            self.rfile.read(int(length))
-        else:
-            self.close_connection = True
-
-    def _json(self, status: int, body: dict) -> None:
-        data = json.dumps(body, ensure_ascii=False).encode("utf-8")
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _stream(self, events: Iterator[dict]) -> None:
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Connection", "close")
-        self.end_headers()
-        self.close_connection = True
-        try:
-            for event in events:
-                self.wfile.write(b"data: " + json.dumps(event, ensure_ascii=False).encode("utf-8") + b"\n\n")
-                self.wfile.flush()
-            self.wfile.write(b"data: [DONE]\n\n")
-            self.wfile.flush()
-        except ApiError as e:  # failed mid-stream: the status is sent already, so say it in the stream
-            self.wfile.write(b"data: " + json.dumps(e.body()).encode("utf-8") + b"\n\n")
-        finally:
-            close = getattr(events, "close", None)
-            if close is not None:
-                close()  # frees the slots of a client that went away
-
-
-def make_http_server(app: Server, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
-    handler = type("Handler", (_Handler,), {"app": app})
-    server = _HTTPServer((host, port), handler)
-    server.daemon_threads = True
-    return server
-
-
-class _HTTPServer(ThreadingHTTPServer):
-    # socketserver listens with a backlog of 5: a burst of clients connecting at once overflows
-    # it and some connections are reset. Many clients at once is what the server is for.
-    request_queue_size = 1024
-
-
-def serve_in_thread(app: Server, host: str = "127.0.0.1", port: int = 0) -> tuple[ThreadingHTTPServer, threading.Thread]:
+def serve_in_thread(app: Server, host: str = "127.0.0.1", port: int = 0) -> tuple[RunningServer, threading.Thread]:
     """Start serving in a background thread (port 0: any free port); for tests and embedding."""
-    server = make_http_server(app, host, port)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    return server, thread
+    server = RunningServer(app, host, port)
+    return server, server._thread
 
 
 def model_chat_template(path: Path, override: str | None) -> ChatTemplate:
@@ -483,7 +692,8 @@ def model_chat_template(path: Path, override: str | None) -> ChatTemplate:
 
 def app_for(model: str | None, *, slots: int = 8, max_queue: int = 256, api_key: str | None = None,
             context_policy: str = "drop-oldest", chat_template: str | None = None, device: str = "auto",
-            dtype: str | None = None, context: int | None = None, kv_memory: int | None = None) -> Server:
+            dtype: str | None = None, context: int | None = None, kv_memory: int | None = None,
+            allowed_hosts: tuple[str, ...] = (), allowed_origins: tuple[str, ...] = ()) -> Server:
     """The server's routes for a model argument (store.resolve_model). A store model's
     PARAMETERs are the request defaults, its SYSTEM the system message of chats that bring none,
     its TEMPLATE the chat template (unless one is given)."""
@@ -492,28 +702,36 @@ def app_for(model: str | None, *, slots: int = 8, max_queue: int = 256, api_key:
 
     source = resolve_model(model)
     lm = load(source, device=device, dtype=dtype)
-    renames = {"max_new_tokens": "max_tokens"}
-    defaults = {renames.get(k, k): list(v) if k == "stop" else v for k, v in source.parameters.items()
-                if k != "typical_p"}
     return Server(lm, source.name, slots=slots, max_queue=max_queue, api_key=api_key, context_policy=context_policy,
                   chat_template=model_chat_template(source.path, chat_template or source.template),
-                  defaults=defaults, system=source.system, context=context, kv_memory=kv_memory)
+                  defaults=source.parameters, system=source.system, context=context, kv_memory=kv_memory,
+                  allowed_hosts=allowed_hosts, allowed_origins=allowed_origins, source=source)
 
 
-def run_server(model: str | None, *, host: str = "127.0.0.1", port: int = 8000, **options) -> None:
-    """`emergence serve`: load the model, serve until Ctrl-C (options: those of `app_for`)."""
-    app = app_for(model, **options)
-    try:
-        server = make_http_server(app, host, port)
-    except OSError as e:
-        app.close()
-        raise EmergenceError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+def run_server(model: str | None, *, host: str = "127.0.0.1", port: int = 8000, insecure: bool = False,
+               **options) -> None:
+    """`emergence serve`: load the model, serve until Ctrl-C (options: those of `app_for`). A
+    non-loopback address needs an API key, or `insecure`."""
+    import uvicorn
+
+    if host not in LOOPBACK_HOSTS and options.get("api_key") is None and not insecure:
+        raise EmergenceError(f"serving on {host}, beyond this machine, needs an API key (EMERGENCE_API_KEY or "
+                             "--api-key-file); --insecure serves without one")
+    hosts = tuple(options.pop("allowed_hosts", ()))
+    if host not in LOOPBACK_HOSTS and host not in ("0.0.0.0", "::"):
+        hosts += (host,)  # the address it is reached by
+    app = app_for(model, allowed_hosts=hosts, **options)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    config = uvicorn.Config(app.app, host=host, port=port, log_level="warning", access_log=False,
+                            http=_protocol(app.header_timeout), lifespan="off")
+    http = uvicorn.Server(config)
     cache = app.engine.cache
-    print(f"serving {app.name} ({app.template.name} chat template) on http://{host}:{server.server_address[1]}/v1 "
-          f"with {app.engine.slots} decode slots, context {app.context}, KV cache {cache.nbytes / 2**20:.0f} MiB "
+    print(f"serving {app.name} ({app.template.name} chat template) on http://{host}:{port}/v1 with "
+          f"{app.engine.slots} decode slots, context {app.context}, KV cache {cache.nbytes / 2**20:.0f} MiB "
           f"({cache.num_blocks * cache.block_size:,} tokens){'; API key required' if app.api_key else ''}", flush=True)
     try:
-        server.serve_forever()
+        http.run()
+    except OSError as e:
+        raise EmergenceError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     finally:
-        server.server_close()
         app.close()

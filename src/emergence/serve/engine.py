@@ -66,11 +66,22 @@ class Request:
 
 
 @dataclass(eq=False)
+class EmbeddingJob:
+    """Token id lists to embed (the mean of the final hidden states); the sink receives
+    (0, [vector (D,) per input]) then (0, None), or (0, exception)."""
+
+    inputs: list[list[int]]
+    sink: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+
+
+@dataclass(eq=False)
 class _Waiting:
-    """Requests for one prompt that join together (they share its prefill), or one preempted row."""
+    """Requests for one prompt that join together (they share its prefill), one preempted row,
+    or an embedding job."""
 
     requests: list[Request]
     row: Row | None = None  # a preempted row: it resumes with its history
+    embedding: EmbeddingJob | None = None
 
     @property
     def tokens(self) -> int:
@@ -117,6 +128,7 @@ class BatchEngine:
         self._lock = threading.Condition()
         self._stopping = False
         self.preemptions = 0  # rows pushed out for lack of blocks
+        self.generated = 0  # tokens generated since the start
         self._thread = threading.Thread(target=self._run, name="emergence-batch-engine", daemon=True)
         self._thread.start()
 
@@ -142,6 +154,24 @@ class BatchEngine:
                 self._waiting.append(_Waiting(requests[i:i + self.slots]))
             self._lock.notify()
         return requests
+
+    def submit_embedding(self, inputs: list[list[int]], *, sink=None) -> EmbeddingJob:
+        """Queue an embedding job: it waits in the same queue as completions (and counts against
+        max_queue), and runs in the engine's thread between two steps."""
+        for ids in inputs:
+            if not ids or len(ids) > self.model.config.block_size:
+                raise InvalidArgument(f"an input of {len(ids)} tokens (1 to {self.model.config.block_size})")
+        job = EmbeddingJob([list(ids) for ids in inputs], sink if sink is not None else queue.SimpleQueue())
+        with self._lock:
+            if len(self._waiting) >= self.max_queue:
+                raise InvalidArgument(f"the server is busy: {self.max_queue} requests are already waiting")
+            self._waiting.append(_Waiting([], embedding=job))
+            self._lock.notify()
+        return job
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
 
     def _check(self, prompt: list[int], params: SamplingParams) -> None:
         params.check_vocabulary(self.model.config.vocab_size)
@@ -184,7 +214,9 @@ class BatchEngine:
                 for row in self.batch.rows + self.batch.preempted + [w.row for w in waiting if w.row is not None]:
                     row.tag._end(e)
                 for w in waiting:  # queued requests are failed too: the cache they would use is gone
-                    if w.row is None:
+                    if w.embedding is not None:
+                        w.embedding.sink.put((0, e))
+                    elif w.row is None:
                         for request in w.requests:
                             request._end(e)
                 self.batch = DecodeBatch(self.model, self.tokenizer,
@@ -195,6 +227,8 @@ class BatchEngine:
         for row in self.batch.rows:
             row.tag._end()
         for w in self._waiting:
+            if w.embedding is not None:
+                w.embedding.sink.put((0, InvalidArgument("the server is shutting down")))
             for request in ([w.row.tag] if w.row is not None else w.requests):
                 request._end()
 
@@ -203,10 +237,14 @@ class BatchEngine:
         one to spare for every row's next step; prefill them together, then fork the choices."""
         batch, cache = self.batch, self.cache
         joining: list[tuple[Row, list[Row]]] = []  # (row to prefill, rows forked from it)
+        embeddings: list[EmbeddingJob] = []
         rows, free = len(batch.rows), cache.num_free
         with self._lock:
             while self._waiting and rows < self.slots:
                 waiting = self._waiting[0]
+                if waiting.embedding is not None:
+                    embeddings.append(self._waiting.popleft().embedding)
+                    continue
                 if waiting.row is None:
                     for request in [r for r in waiting.requests if r.cancelled.is_set()]:
                         request._end()
@@ -241,11 +279,25 @@ class BatchEngine:
                     joining.append((new[0], new[1:]))
                 else:
                     free += need
+        for job in embeddings:
+            self._embed(job)
         if joining:
             batch.admit([first for first, _ in joining])
             for first, others in joining:
                 if others:
                     batch.fork(first, others)
+
+    def _embed(self, job: EmbeddingJob) -> None:
+        model = self.model
+        try:
+            device = model.tok_embeddings.weight.device
+            vectors = [model.hidden_states(torch.tensor([ids], device=device))[0].float().mean(dim=0).cpu()
+                       for ids in job.inputs]  # (D,) each: the mean over the tokens
+        except Exception as e:  # noqa: BLE001 - the caller reports it
+            job.sink.put((0, e))
+            return
+        job.sink.put((0, vectors))
+        job.sink.put((0, None))
 
     def _step(self) -> None:
         """One step of the batch: each request gets its chunk; cancelled and finished rows leave;
@@ -257,6 +309,7 @@ class BatchEngine:
             for row in cancelled:
                 row.tag._end()
         for row, chunk in batch.step():
+            self.generated += len(chunk.token_ids)
             row.tag._put(chunk)
             if chunk.finish_reason:
                 row.tag._end()

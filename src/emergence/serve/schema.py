@@ -1,77 +1,260 @@
-"""OpenAI-compatible request bodies -> checked values, and the response shapes.
+"""The HTTP APIs' requests and responses as pydantic models: OpenAI's (completions, chat
+completions, embeddings, models) and Ollama's (generate, chat, tags, show).
 
-Every check fails with `ApiError(status, message, param)`, which the server sends in
-OpenAI's error shape: {"error": {"message", "type", "param", "code"}}.
+Requests are validated strictly (JSON types as the API documents them: "0.5" is not a number,
+4.0 is not an integer, NaN is not a temperature), then turned into SamplingParams. Every
+failure is an `ApiError(status, message, param)`, sent in OpenAI's error shape
+{"error": {"message", "type", "param", "code"}} (Ollama's routes send {"error": message}).
+Fields OpenAI defines that emergence does not implement are refused, never silently ignored;
+vLLM's extra sampling fields (top_k, min_p, repetition_penalty, ignore_eos) are accepted.
 """
 
 from __future__ import annotations
 
-import math
 import time
 import uuid
-from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from fastapi import HTTPException
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import EmergenceError
 from ..generate import TokenLogprob
 from ..sampling import SamplingParams
 from ..tokenizer import Tokenizer
 
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")  # OpenAI's message roles
+MAX_PROMPTS = 16  # prompts per completion request
+MAX_CHOICES = 16  # n
 
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
+
+class ApiError(HTTPException):
+    """A request the server refuses (4xx) or could not serve (5xx), in OpenAI's error shape."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 close: bool = False) -> None:
+        super().__init__(status_code=status, detail=message, headers={"Connection": "close"} if close else None)
         self.status, self.message, self.param, self.code = status, message, param, code
 
     def body(self) -> dict:
-        kind = {401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error",
+        kind = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
                 429: "rate_limit_error"}.get(self.status, "invalid_request_error" if self.status < 500 else "server_error")
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
 
-def _number(body: dict, name: str, default: float, low: float, high: float) -> float:
-    value = body.get(name, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ApiError(400, f"'{name}' must be a number, got {value!r}", name)
-    if not low <= value <= high:
-        raise ApiError(400, f"'{name}' must be in [{low}, {high}], got {value}", name)
-    return float(value)
+def validation_error(e: ValidationError | list[dict], prefix: tuple = ()) -> ApiError:
+    """The first problem pydantic found, as a 400 naming the top-level field (OpenAI's `param`)."""
+    errors = e.errors() if isinstance(e, ValidationError) else e
+    first = errors[0]
+    loc = [p for p in first.get("loc", ()) if p not in prefix]
+    param = str(loc[0]) if loc and isinstance(loc[0], str) else None
+    where = "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else str(p)) for i, p in enumerate(loc))
+    if first.get("type") == "missing":
+        return ApiError(400, f"'{where}' is required", param)
+    if first.get("type") == "json_invalid":
+        return ApiError(400, f"the request body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}")
+    if first.get("type") in ("model_type", "model_attributes_type", "dict_type") and not loc:
+        return ApiError(400, "the request body must be a JSON object")
+    message = first["msg"].removeprefix("Value error, ")
+    return ApiError(400, f"'{where}': {message}" if where else message, param)
 
 
-def _integer(body: dict, name: str, default: int | None, low: int, high: int) -> int | None:
-    value = body.get(name, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ApiError(400, f"'{name}' must be an integer, got {value!r}", name)
-    if not low <= value <= high:
-        raise ApiError(400, f"'{name}' must be in [{low}, {high}], got {value}", name)
-    return value
+def _check_text(value: Any) -> None:
+    """Refuse lone UTF-16 surrogates ("\\ud800" escapes), which are not text, anywhere in a body."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("the request holds a lone UTF-16 surrogate escape (\\ud800-\\udfff)") from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_text(k)
+            _check_text(v)
+    elif isinstance(value, list):
+        for v in value:
+            _check_text(v)
 
 
-def _stop(body: dict) -> tuple[str, ...]:
-    stop = body.get("stop")
-    if stop is None:
-        return ()
-    if isinstance(stop, str):
-        stop = [stop]
-    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 16:
-        raise ApiError(400, "'stop' must be a non-empty string or a list of at most 16 of them", "stop")
-    return tuple(stop)
+class Strict(BaseModel):
+    """JSON types as documented; unknown fields are tolerated (clients send their own extras)."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
 
 
-@dataclass
+class Request(Strict):
+    """A request body: its strings must be text."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text(cls, data: Any) -> Any:
+        _check_text(data)
+        return data
+
+
+# ------------------------------------------------------------------------------- OpenAI
+Probability = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
+Penalty = Annotated[float, Field(ge=-2, le=2, allow_inf_nan=False)]
+StopStrings = str | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=16)]
+
+
+class StreamOptions(Strict):
+    include_usage: bool = False
+
+
+class SamplingFields(Request):
+    """The fields completions and chat completions share."""
+
+    model: str
+    temperature: Annotated[float, Field(ge=0, le=2, allow_inf_nan=False)] | None = None
+    top_p: Probability | None = None
+    n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: StopStrings | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100, allow_inf_nan=False)]] | None = None
+    seed: int | None = None
+    user: str | None = None
+    # vLLM's extra sampling fields
+    top_k: Annotated[int, Field(ge=0)] | None = None
+    min_p: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0, le=100, allow_inf_nan=False)] | None = None
+    ignore_eos: bool = False
+
+    @model_validator(mode="after")
+    def _stop_text(self):
+        if self.stop == "":
+            raise ValueError("'stop' must be a non-empty string or a list of at most 16 of them")
+        return self
+
+
+class CompletionRequest(SamplingFields):
+    """POST /v1/completions."""
+
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: Annotated[int, Field(ge=1)] | None = 16  # OpenAI's default for completions
+    logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+
+class ContentPart(Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ToolCallFunction(Strict):
+    name: str
+    arguments: str
+
+
+class ToolCall(Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
+class ChatMessage(Strict):
+    role: str
+
+    @field_validator("role")
+    @classmethod
+    def _known_role(cls, role: str) -> str:
+        if role not in CHAT_ROLES:
+            raise ValueError(f"{role!r} is not a role ({', '.join(CHAT_ROLES)})")
+        return role
+
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+    @model_validator(mode="after")
+    def _shape(self):
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("a message needs its 'content' (only an assistant message with tool_calls may omit it)")
+        return self
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class FunctionDefinition(Strict):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(Strict):
+    name: str
+
+
+class NamedToolChoice(Strict):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JsonSchemaFormat(Strict):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type 'json_schema' needs its 'json_schema' object")
+        return self
+
+
+class ChatCompletionRequest(SamplingFields):
+    """POST /v1/chat/completions."""
+
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    logprobs: bool = False
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
+
+
+class EmbeddingRequest(Request):
+    """POST /v1/embeddings."""
+
+    model: str
+    input: str | Annotated[list[str], Field(min_length=1, max_length=256)] | list[int] | \
+        Annotated[list[list[int]], Field(min_length=1, max_length=256)]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+
+
 class Sampling:
     """What a request asks of the decoder, before the prompt's length is known."""
 
-    n: int
-    max_tokens: int | None
-    stream: bool
-    include_usage: bool
-    logprobs: int | None  # top alternatives per token, None: no logprobs
-    params: dict[str, Any]  # SamplingParams fields except max_new_tokens and logprobs
+    def __init__(self, n: int, max_tokens: int | None, stream: bool, include_usage: bool, logprobs: int | None,
+                 params: dict[str, Any]) -> None:
+        self.n, self.max_tokens, self.stream, self.include_usage = n, max_tokens, stream, include_usage
+        self.logprobs = logprobs  # top alternatives per token, None: no logprobs
+        self.params = params  # SamplingParams fields except max_new_tokens and logprobs
 
     def for_prompt(self, prompt_tokens: int, context: int, index: int, prompt_param: str) -> SamplingParams:
         """SamplingParams for choice `index` of a prompt of prompt_tokens tokens."""
@@ -92,59 +275,218 @@ class Sampling:
             raise ApiError(400, str(e)) from None
 
 
-def parse_sampling(body: dict, *, chat: bool, default_max_tokens: int | None) -> Sampling:
-    if not isinstance(body.get("stream", False), bool):
-        raise ApiError(400, "'stream' must be true or false", "stream")
-    options = body.get("stream_options") or {}
-    if not isinstance(options, dict):
-        raise ApiError(400, "'stream_options' must be an object", "stream_options")
-    if chat:
-        wants = body.get("logprobs", False)
-        if not isinstance(wants, bool):
-            raise ApiError(400, "'logprobs' must be true or false", "logprobs")
-        top = _integer(body, "top_logprobs", 0, 0, 20)
-        logprobs = top if wants else None
-        if top and not wants:
-            raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
-        max_tokens = _integer(body, "max_completion_tokens", None, 1, 1 << 30)
-        max_tokens = _integer(body, "max_tokens", max_tokens, 1, 1 << 30)
+# request field -> SamplingParams field, for the fields they share
+_SAMPLING_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                    "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
+                    "repetition_penalty": "repetition_penalty", "ignore_eos": "ignore_eos", "typical_p": "typical_p"}
+
+
+def sampling(request: CompletionRequest | ChatCompletionRequest, defaults: dict[str, Any]) -> Sampling:
+    """The request's sampling settings; `defaults` (SamplingParams fields, a store model's
+    PARAMETERs) stand in for the fields the request leaves out."""
+    given = request.model_fields_set
+    params: dict[str, Any] = {k: v for k, v in defaults.items() if k not in ("max_new_tokens", "logprobs")}
+    for name, field in _SAMPLING_FIELDS.items():
+        if name in given and getattr(request, name, None) is not None:
+            params[field] = getattr(request, name)
+    if params.get("top_k", 0) < 0:
+        params["top_k"] = 0
+    if request.stop is not None:
+        params["stop"] = (request.stop,) if isinstance(request.stop, str) else tuple(request.stop)
     else:
-        logprobs = _integer(body, "logprobs", None, 0, 20)
-        max_tokens = _integer(body, "max_tokens", default_max_tokens, 1, 1 << 30)
-        # legacy completion options this server does not implement: refused, not silently ignored
-        if body.get("echo") not in (None, False):
+        params["stop"] = tuple(params.get("stop", ()))
+    if request.seed is not None:
+        params["seed"] = request.seed % (1 << 63)
+    if request.logit_bias:
+        try:
+            params["logit_bias"] = {int(k): v for k, v in request.logit_bias.items()}
+        except ValueError:
+            raise ApiError(400, "'logit_bias' keys must be token ids", "logit_bias") from None
+    if isinstance(request, ChatCompletionRequest):
+        if request.top_logprobs and not request.logprobs:
+            raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
+        logprobs = (request.top_logprobs or 0) if request.logprobs else None
+        max_tokens = request.max_tokens or request.max_completion_tokens
+    else:
+        if request.echo:
             raise ApiError(400, "'echo' is not supported: the prompt is not repeated in the completion", "echo")
-        if body.get("suffix") not in (None, ""):
+        if request.suffix:
             raise ApiError(400, "'suffix' (text insertion) is not supported", "suffix")
-        if body.get("best_of") not in (None, body.get("n", 1)):
+        if request.best_of is not None and request.best_of != (request.n or 1):
             raise ApiError(400, "'best_of' is not supported (candidates are not ranked on the server); use n",
                            "best_of")
-    seed = _integer(body, "seed", None, -(1 << 63), (1 << 63) - 1)
-    bias = body.get("logit_bias") or {}
-    if not isinstance(bias, dict):
-        raise ApiError(400, "'logit_bias' must be an object of token id -> bias", "logit_bias")
-    try:
-        bias = {int(k): v for k, v in bias.items()}
-    except ValueError:
-        raise ApiError(400, "'logit_bias' keys must be token ids", "logit_bias") from None
-    if not isinstance(body.get("ignore_eos", False), bool):  # vLLM's extra field
-        raise ApiError(400, "'ignore_eos' must be true or false", "ignore_eos")
-    params = dict(
-        ignore_eos=body.get("ignore_eos", False),
-        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
-        top_p=_number(body, "top_p", 1.0, 1e-9, 1.0),
-        top_k=int(_integer(body, "top_k", 0, 0, 1 << 20)),
-        min_p=_number(body, "min_p", 0.0, 0.0, 1.0),
-        presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
-        frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
-        repetition_penalty=_number(body, "repetition_penalty", 1.0, 1e-6, 100.0),
-        stop=_stop(body), seed=None if seed is None else seed % (1 << 63), logit_bias=bias,
-    )
-    return Sampling(n=int(_integer(body, "n", 1, 1, 16)), max_tokens=max_tokens, stream=body.get("stream", False),
-                    include_usage=bool(options.get("include_usage", False)), logprobs=logprobs, params=params)
+        logprobs = request.logprobs
+        max_tokens = request.max_tokens
+    if "max_tokens" not in given and "max_completion_tokens" not in given and "max_new_tokens" in defaults:
+        max_tokens = defaults["max_new_tokens"]
+    options = request.stream_options
+    return Sampling(n=request.n or 1, max_tokens=max_tokens, stream=request.stream,
+                    include_usage=bool(options and options.include_usage), logprobs=logprobs, params=params)
+
+
+# ------------------------------------------------------------------------------- Ollama
+class OllamaOptions(Strict):
+    """Ollama's `options` (the Modelfile PARAMETER names); the ones emergence does not use
+    (num_ctx, num_gpu, ...) are ignored, as Ollama ignores unknown ones."""
+
+    model_config = ConfigDict(strict=False, extra="ignore")
+    temperature: Annotated[float, Field(ge=0, le=2, allow_inf_nan=False)] | None = None
+    top_k: Annotated[int, Field(ge=0)] | None = None
+    top_p: Probability | None = None
+    min_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    typical_p: Probability | None = None
+    repeat_penalty: Annotated[float, Field(gt=0, le=100)] | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    seed: int | None = None
+    num_predict: int | None = None  # -1: until the context is full
+    stop: list[Annotated[str, Field(min_length=1)]] | None = None
+
+    def sampling(self, defaults: dict[str, Any]) -> dict[str, Any]:
+        """SamplingParams fields: `defaults`, then these options."""
+        out = dict(defaults)
+        given = self.model_fields_set
+        for name, field in (("temperature", "temperature"), ("top_k", "top_k"), ("top_p", "top_p"),
+                            ("min_p", "min_p"), ("typical_p", "typical_p"), ("repeat_penalty", "repetition_penalty"),
+                            ("presence_penalty", "presence_penalty"), ("frequency_penalty", "frequency_penalty"),
+                            ("seed", "seed")):
+            if name in given and getattr(self, name) is not None:
+                out[field] = getattr(self, name)
+        if self.stop is not None:
+            out["stop"] = tuple(self.stop)
+        if self.num_predict is not None:
+            out["max_new_tokens"] = self.num_predict
+        return out
+
+
+class OllamaMessage(Strict):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str = ""
+    images: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _no_images(self):
+        if self.images:
+            raise ValueError("images are not supported: emergence's models read text")
+        return self
+
+
+class OllamaGenerate(Request):
+    """POST /api/generate."""
+
+    model: str
+    prompt: str = ""
+    system: str | None = None
+    template: str | None = None
+    raw: bool = False
+    stream: bool = True
+    context: list[int] | None = None
+    options: OllamaOptions | None = None
+    format: str | dict | None = None
+    images: list[str] | None = None
+    keep_alive: str | int | float | None = None
+
+
+class OllamaChat(Request):
+    """POST /api/chat."""
+
+    model: str
+    messages: list[OllamaMessage] = Field(default_factory=list)
+    stream: bool = True
+    options: OllamaOptions | None = None
+    format: str | dict | None = None
+    tools: list[Tool] | None = None
+    keep_alive: str | int | float | None = None
+
+
+class OllamaShow(Request):
+    """POST /api/show."""
+
+    model: str | None = None
+    name: str | None = None  # the older field
 
 
 # ------------------------------------------------------------------------------ responses
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: dict | None = None
+    finish_reason: str | None = None
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: dict | None = None
+    finish_reason: str
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    context: dict | None = Field(None, description="emergence: the messages dropped to fit the context window")
+
+
+class EmbeddingItem(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class EmbeddingList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingItem]
+    model: str
+    usage: dict
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
@@ -186,3 +528,5 @@ def completion_logprobs(tokenizer: Tokenizer, items: list[TokenLogprob], offset:
     return {"tokens": tokens, "token_logprobs": [i.logprob for i in items],
             "top_logprobs": [{_piece(tokenizer, t): lp for t, lp in i.top} for i in items],
             "text_offset": offsets}
+
+
