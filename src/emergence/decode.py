@@ -24,6 +24,7 @@ one-call forward on the CPU). `make_backend` chooses; nothing in the model dispa
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -228,6 +229,7 @@ class DecodeBatch:
         self.logits: torch.Tensor | None = None  # (B, V) float32: row b's next-token logits
         self.preempted: list[Row] = []  # rows pushed out for lack of blocks, to admit again
         self.steps = 0  # forward passes of the decoding loop (each serves every row)
+        self.forward_seconds = 0.0  # time spent in forward passes (prefills included)
         self.eos = end_ids(self.config, tokenizer)
         # ids past the tokenizer's vocabulary (a model's padded embedding rows) are never chosen
         self.unused = slice(tokenizer.vocab_size, None) if tokenizer.vocab_size < self.config.vocab_size else None
@@ -354,7 +356,9 @@ class DecodeBatch:
         """Extend each row's cache by its chunk; (J, V) float32 logits of the chunks' last tokens."""
         for row, chunk in zip(rows, chunks):
             self.cache.grow(row.blocks, row.length, len(chunk))
+        started = time.perf_counter()
         logits = self.backend.forward(chunks, [r.length for r in rows], [r.blocks for r in rows])
+        self.forward_seconds += time.perf_counter() - started
         for row, chunk in zip(rows, chunks):
             row.length += len(chunk)
         return logits.to(self.device)

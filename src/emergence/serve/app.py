@@ -34,6 +34,7 @@ import struct
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,18 +64,60 @@ log = logging.getLogger("emergence.serve")
 
 
 # ----------------------------------------------------------------------- the engine's sink
-class AsyncSink:
-    """Where the engine's thread puts a request's chunks, for the event loop to await: each item
-    crosses threads with call_soon_threadsafe."""
+class Courier:
+    """Carries items from the engine's thread to one event loop. Every item put since the loop
+    last ran is delivered in one wake-up, whatever the number of requests: one step of 16 rows
+    costs the loop one wake-up, not 16, and the engine's thread is not held up handing the GIL
+    back and forth with the loop between its steps."""
+
+    _of: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop, self.queue = loop, asyncio.Queue()
+        self.loop, self.lock, self.pending = loop, threading.Lock(), []
 
-    def put(self, item) -> None:
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> Courier:
+        courier = cls._of.get(loop)
+        if courier is None:
+            courier = cls._of[loop] = cls(loop)
+        return courier
+
+    def put(self, queue: asyncio.Queue, items: list) -> None:
+        with self.lock:
+            self.pending.append((queue, items))
+            if len(self.pending) > 1:  # a delivery is already on its way
+                return
         try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+            self.loop.call_soon_threadsafe(self._deliver)
         except RuntimeError:  # the loop is closed: the server is gone, nobody waits
             pass
+
+    def _deliver(self) -> None:
+        with self.lock:
+            pending, self.pending = self.pending, []
+        for queue, items in pending:
+            for item in items:
+                queue.put_nowait(item)
+
+
+class AsyncSink:
+    """Where the engine's thread puts a request's (tag, chunk) items, for the event loop to
+    await. A held sink (a response sent whole) keeps them until a request of it ends: the loop
+    is not woken at every step for text nobody reads before the end."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, *, hold: bool = False) -> None:
+        self.courier, self.queue, self.hold, self.held = Courier.of(loop), asyncio.Queue(), hold, []
+        self.first_token_at: float | None = None  # perf_counter() when the engine emitted the first token
+
+    def put(self, item) -> None:
+        chunk = item[1]
+        if self.first_token_at is None and getattr(chunk, "token_ids", None):
+            self.first_token_at = time.perf_counter()
+        if self.hold and isinstance(chunk, Chunk):
+            self.held.append(item)
+            return
+        items, self.held = self.held + [item], []
+        self.courier.put(self.queue, items)
 
     async def get(self):
         return await self.queue.get()
@@ -94,9 +137,10 @@ class RequestState:
     completion_tokens: int = 0
     first_token: float | None = None  # seconds after start
 
-    def token(self) -> None:
+    def token(self, at: float | None = None) -> None:
+        """A token was generated (at perf_counter() `at`, default now)."""
         if self.first_token is None:
-            self.first_token = time.perf_counter() - self.start
+            self.first_token = (at or time.perf_counter()) - self.start
 
 
 class ClientGone(Exception):
@@ -184,7 +228,7 @@ class Server:
                 for p, ids in enumerate(prompts) for j in range(options.n)]
         state.prompt_tokens = sum(len(ids) for ids in prompts)  # each prompt counted once, whatever n
         cid, created = new_id("cmpl"), now()
-        requests, sink = self._submit(jobs)
+        requests, sink = self._submit(jobs, options.stream)
         tokenizer = self.lm.tokenizer
 
         if options.stream:
@@ -242,7 +286,7 @@ class Server:
             options.params["stop"] = tuple(dict.fromkeys((*options.params["stop"], *self.template.stop)))
         jobs = [(j, ids, options.for_prompt(len(ids), self.context, j, "messages")) for j in range(options.n)]
         cid, created = new_id("chatcmpl"), now()
-        requests, sink = self._submit(jobs)
+        requests, sink = self._submit(jobs, options.stream)
         context_note = ({"dropped_messages": list(fit.dropped), "note": fit.note, "policy": fit.policy}
                         if fit.dropped else None)
         tokenizer = self.lm.tokenizer
@@ -354,10 +398,11 @@ class Server:
         except EmergenceError as e:
             raise ApiError(400, str(e), param) from None
 
-    def _submit(self, jobs) -> tuple[list[tuple[int, Request]], AsyncSink]:
+    def _submit(self, jobs, stream: bool) -> tuple[list[tuple[int, Request]], AsyncSink]:
         """Queue (choice index, prompt ids, params) jobs; the choices of one prompt (consecutive
-        jobs with the same ids) go together, sharing its prefill and KV blocks."""
-        sink = AsyncSink(asyncio.get_running_loop())
+        jobs with the same ids) go together, sharing its prefill and KV blocks. A response sent
+        whole (not `stream`) gets its chunks when its requests end."""
+        sink = AsyncSink(asyncio.get_running_loop(), hold=not stream)
         groups: list[list] = []
         for job in jobs:
             if groups and groups[-1][0][1] is job[1]:
@@ -390,7 +435,7 @@ class Server:
                 if isinstance(item, BaseException):
                     raise self._failure(item, state)
                 if item.token_ids:
-                    state.token()
+                    state.token(sink.first_token_at)
                     state.completion_tokens += len(item.token_ids)
                 yield tag, item
         finally:  # done, the client left (cancelled) or an error: free the slots

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -27,6 +28,7 @@ import torch
 
 from ..decode import Chunk, DecodeBatch, Row, check_memory
 from ..errors import InvalidArgument
+from ..kernels import release_thread_pool
 from ..kv_cache import DEFAULT_BLOCK_SIZE, PagedKVCache
 from ..model import Transformer
 from ..sampling import SamplingParams
@@ -129,6 +131,8 @@ class BatchEngine:
         self._stopping = False
         self.preemptions = 0  # rows pushed out for lack of blocks
         self.generated = 0  # tokens generated since the start
+        self.busy_seconds = 0.0  # time admitting and stepping (prefills, forward passes, sampling, emission)
+        release_thread_pool()  # the engine's thread does the parallel work from now on
         self._thread = threading.Thread(target=self._run, name="emergence-batch-engine", daemon=True)
         self._thread.start()
 
@@ -204,6 +208,7 @@ class BatchEngine:
                     self._lock.wait()
                 if self._stopping:
                     break
+            started = time.perf_counter()
             try:
                 with torch.inference_mode():
                     self._admit()
@@ -224,6 +229,7 @@ class BatchEngine:
                                                       block_size=self.cache.block_size, dtype=self.cache.dtype,
                                                       device=self.cache.device), backend=self.backend)
                 self.cache = self.batch.cache
+            self.busy_seconds += time.perf_counter() - started
         for row in self.batch.rows:
             row.tag._end()
         for w in self._waiting:

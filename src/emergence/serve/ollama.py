@@ -42,6 +42,15 @@ def _timestamp() -> str:
 def add_ollama_routes(app: FastAPI, server, authorized, state_of) -> None:
     info = _ModelInfo(server)
 
+    def begin(body: OllamaGenerate | OllamaChat, request: HttpRequest):
+        """A generating request's state, once its model is the served one and it asks for no 'format'."""
+        state = state_of(request)
+        state.model = body.model
+        _check(server, body.model)
+        if body.format:
+            raise ApiError(400, "'format' (structured output) is not supported yet")
+        return state
+
     @app.get("/api/version", summary="Ollama: the API version")
     async def version():
         return {"version": VERSION}
@@ -60,13 +69,9 @@ def add_ollama_routes(app: FastAPI, server, authorized, state_of) -> None:
 
     @app.post("/api/generate", dependencies=[Depends(authorized)], summary="Ollama: complete a prompt")
     async def generate(body: OllamaGenerate, request: HttpRequest):
-        state = state_of(request)
-        state.model = body.model
-        _check(server, body.model)
+        state = begin(body, request)
         if body.images:
             raise ApiError(400, "images are not supported: emergence's models read text")
-        if body.format:
-            raise ApiError(400, "'format' (structured output) is not supported yet")
         if body.template:
             raise ApiError(400, "a per-request template is not supported (emergence's templates are Jinja: put one "
                                 "in the model's Modelfile)")
@@ -91,11 +96,7 @@ def add_ollama_routes(app: FastAPI, server, authorized, state_of) -> None:
 
     @app.post("/api/chat", dependencies=[Depends(authorized)], summary="Ollama: answer a conversation")
     async def chat(body: OllamaChat, request: HttpRequest):
-        state = state_of(request)
-        state.model = body.model
-        _check(server, body.model)
-        if body.format:
-            raise ApiError(400, "'format' (structured output) is not supported yet")
+        state = begin(body, request)
         if not body.messages:
             raise ApiError(400, "'messages' must hold at least one message", "messages")
         options = (body.options or OllamaOptions()).sampling(server.defaults)
@@ -137,7 +138,7 @@ async def _reply(server, state, request: HttpRequest, ids: list[int], params: Sa
                  *, chat: bool):
     """Ollama's reply: NDJSON chunks then a final object with the counts, or that object whole."""
     state.prompt_tokens = len(ids)
-    requests, sink = server._submit([(0, ids, params)])
+    requests, sink = server._submit([(0, ids, params)], stream)
     generated: list[int] = []
 
     def part(text: str) -> dict:
