@@ -354,3 +354,21 @@ def test_embeddings_wait_in_the_engines_queue(lm):
     finally:
         server.shutdown()
         app.close()
+
+
+def test_the_soak_script_at_smoke_size(tmp_path):
+    # bench/soak_serve.py for 8 seconds with 8 clients: every check holds, every kind of request ran.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "soak.json"
+    proc = subprocess.run([sys.executable, str(root / "bench" / "soak_serve.py"), "--clients", "8", "--seconds", "8",
+                           "--slots", "4", "--model", "stories260K", "--out", str(out)], capture_output=True,
+                          text=True, timeout=300, cwd=root)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert all(result["checks"].values()) and result["server_5xx"] == 0 and result["failures"] == []
+    assert all(n > 0 for n in result["counts"].values()), result["counts"]
+    assert result["generated_tokens"] > 0
