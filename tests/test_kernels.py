@@ -548,3 +548,30 @@ def test_native_dequantize_equals_the_formats_own(fmt, options, ext):
     model = _quantized_model(fmt, options, torch.float32)
     for module in (model.layers[0].attn.qkv_proj, model.layers[1].mlp.down_proj, model.lm_head):
         assert torch.equal(native_dequantize(module), module.dequantize())
+
+
+def test_releasing_the_thread_pool_ends_this_threads_openmp_workers():
+    # A server's engine decodes in its own thread; the loading thread's OpenMP team is handed
+    # back so the engine's is the only one (kernels.release_thread_pool). In a fresh process:
+    # the workers of the main thread's team end, and torch computes as before afterwards.
+    import subprocess
+    import sys
+
+    script = """
+import os, time, torch
+from emergence.kernels import release_thread_pool
+a = torch.randn(512, 512)
+for _ in range(3):
+    expected = torch.mm(a, a)
+tasks = lambda: len(os.listdir('/proc/self/task'))
+before = tasks()
+release_thread_pool()
+time.sleep(0.1)
+after = tasks()
+gomp = any('/libgomp' in line for line in open('/proc/self/maps'))
+print(before - after, torch.get_num_threads() - 1 if gomp else 0, torch.equal(torch.mm(a, a), expected))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    ended, workers, same = out.stdout.split()
+    assert int(ended) == int(workers) and same == "True"
