@@ -92,8 +92,12 @@ class LanguageModel:
 
 
 def load(path_or_name: str | Path | Source | None = None, *, tokenizer: str | Path | None = None,
-         device: str = "auto", dtype: str | torch.dtype | None = None, backend: str = "auto") -> LanguageModel:
+         device: str = "auto", dtype: str | torch.dtype | None = None, backend: str = "auto",
+         adapter: str | Path | None = None) -> LanguageModel:
     """Load a model and its tokenizer (see the module docstring for what `path_or_name` may be).
+
+    adapter: a PEFT LoRA/DoRA folder to apply (not merged: the logits are peft's; decoding
+    then runs eagerly, and `emergence merge` makes a plain checkpoint that decodes natively).
 
     backend: how decoding runs (decode.make_backend): "auto" takes the native CPU step
     (emergence.kernels) where it can run this model, else the eager forward; "eager" always
@@ -130,4 +134,8 @@ def load(path_or_name: str | Path | Source | None = None, *, tokenizer: str | Pa
             model = model.to(torch_dtype)
     if tok.vocab_size > config.vocab_size:
         raise CheckpointError(f"tokenizer has {tok.vocab_size} tokens but the model only {config.vocab_size}")
+    if adapter is not None:
+        from .adapters.peft_format import load_adapter
+
+        load_adapter(model, adapter)
     return LanguageModel(model.to(target), tok, config, backend)

@@ -33,6 +33,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", default=None, help="tokenizer file or folder (required for llama2.c .bin checkpoints)")
     p.add_argument("--device", default="auto", help="auto (GPU when present), cpu or cuda")
     p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: as stored)")
+    p.add_argument("--adapter", default=None, metavar="DIR", help="apply a LoRA/DoRA adapter folder (PEFT format)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -81,7 +82,8 @@ def _sampling(args: argparse.Namespace, stored: dict | None = None, logprobs: in
 
 
 def _load(args: argparse.Namespace, source: Source) -> LanguageModel:
-    return load(source, tokenizer=getattr(args, "tokenizer", None), device=args.device, dtype=args.dtype)
+    return load(source, tokenizer=getattr(args, "tokenizer", None), device=args.device, dtype=args.dtype,
+                adapter=getattr(args, "adapter", None))
 
 
 # --------------------------------------------------------------------------------- verbs
@@ -136,7 +138,9 @@ def cmd_chat(args: argparse.Namespace) -> None:
     source = resolve_model(args.model)
     params = _sampling(args, source.parameters)
     lm = _load(args, source)
-    template = resolve_chat_template(find_model_template(source.path), override=args.chat_template or source.template,
+    own = find_model_template(args.adapter) if args.adapter else None  # what the adapter was tuned with
+    template = resolve_chat_template(own or find_model_template(source.path),
+                                     override=args.chat_template or source.template,
                                      missing="plain")
     ChatSession(lm, params, template, policy=args.context_policy, system=source.system).run()
 
@@ -466,6 +470,48 @@ _TRAIN_FLAGS = {
 }
 
 
+def cmd_finetune(args: argparse.Namespace) -> None:
+    """Instruction-tune MODEL on JSONL rows (finetune/run.py); --resume continues the run in --out."""
+    from .finetune.run import FinetuneConfig, finetune
+    from .train.trainer import TrainConfig, load_train_config, saved_settings
+
+    method = "full" if args.full else "dora" if args.dora else "lora"
+    targets = args.target  # None (the default), "all-linear", "re:REGEX", or a comma-separated list
+    if targets is not None and targets != "all-linear":
+        targets = targets[3:] if targets.startswith("re:") else [t.strip() for t in targets.split(",") if t.strip()]
+    fc = FinetuneConfig(model=args.model, data=args.data or [], method=method, quantize=args.quantize,
+                        chat_template=args.chat_template, pack=args.pack, truncate=args.truncate,
+                        val_fraction=args.val_fraction, **{k: v for k, v in (
+                            ("r", args.r), ("alpha", args.alpha), ("dropout", args.lora_dropout), ("targets", targets),
+                            ("rslora", args.rslora or None), ("epochs", args.epochs)) if v is not None})
+    given = load_train_config(args.train_config) if args.train_config else {}
+    for name in (*_TRAIN_FLAGS, "compile", "fsdp", "save_best"):
+        if name not in ("init", "objective") and getattr(args, name) is not None:
+            given[name] = getattr(args, name)
+    if args.no_progress:
+        given["progress"] = False
+    defaults = {"lr": 2e-5 if method == "full" else 2e-4, "min_lr": 0.0, "warmup_steps": 10, "weight_decay": 0.0,
+                "max_steps": 0, "batch_size": 8, "eval_every": 50, "checkpoint_every": 50}
+    settings = {**defaults, **(saved_settings(args.out) if args.resume else {}), **given, "out": args.out,
+                "data": ",".join(fc.data), "init": args.model}
+    result = finetune(fc, TrainConfig(**settings), resume=args.resume)
+    print(f"{'model' if method == 'full' else 'adapter'}: {result.model_dir}")
+
+
+def cmd_merge(args: argparse.Namespace) -> None:
+    """Fold an adapter into its base and write the result (finetune/merge.py)."""
+    from .finetune.merge import merge_adapter
+
+    result = merge_adapter(args.base, args.adapter, args.out, requantize=args.requantize, eval_file=args.eval,
+                           force=args.force)
+    if "ppl_merged" in result:
+        change = 100 * (result["ppl_merged"] / result["ppl_adapter"] - 1)
+        print(f"held-out perplexity: {result['ppl_adapter']:.3f} with the adapter unmerged, "
+              f"{result['ppl_merged']:.3f} merged{f' and requantized to {args.requantize}' if args.requantize else ''} "
+              f"({change:+.2f}%)")
+    print(f"merged model written to {args.out}")
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     from .serve.app import run_server
 
@@ -518,6 +564,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
     "prepare": (cmd_prepare, "tokenize text files into memory-mapped token shards for pretraining"),
     "train-tokenizer": (cmd_train_tokenizer, "train a byte-level BPE tokenizer on text files"),
     "pretrain": (cmd_pretrain, "train a model from scratch on prepared token shards (torchrun for several processes)"),
+    "finetune": (cmd_finetune, "instruction-tune a model on JSONL rows: LoRA, DoRA, QLoRA or full fine-tuning"),
+    "merge": (cmd_merge, "fold a LoRA/DoRA adapter into its base model and write the result"),
     "list": (cmd_list, "list the models in the local store ($EMERGENCE_HOME, default ~/.emergence)"),
     "show": (cmd_show, "describe a model: a store model's details, parameters, system prompt, template (or any model's details)"),
     "create": (cmd_create, "create a store model from a Modelfile (FROM, PARAMETER, SYSTEM, TEMPLATE)"),
@@ -629,8 +677,51 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-progress", action="store_true", help="no live progress line")
     for name, (kind, help_) in _TRAIN_FLAGS.items():
         r.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=help_)
+    _add_finetune_args(parsers["finetune"], parsers["merge"])
     _add_store_args(parsers)
     return parser
+
+
+def _add_finetune_args(f: argparse.ArgumentParser, m: argparse.ArgumentParser) -> None:
+    f.description = ("Fine-tune MODEL on JSONL rows: Alpaca {instruction, input, output}, chat {messages}, "
+                     "ShareGPT {conversations} or {prompt, completion}. Chat-shaped rows are rendered with the "
+                     "model's chat template (or --chat-template); the loss covers assistant tokens only.")
+    f.add_argument("model", metavar="MODEL", help="folder, GGUF file, store name or packaged model")
+    f.add_argument("--data", nargs="+", default=None, metavar="FILE.jsonl", help="training rows (several files allowed)")
+    f.add_argument("--out", required=True, metavar="DIR", help="run folder: checkpoint, metrics, OUT/adapter or OUT/model")
+    how = f.add_mutually_exclusive_group()
+    how.add_argument("--lora", action="store_true", help="train a LoRA adapter (the default)")
+    how.add_argument("--dora", action="store_true", help="train a DoRA adapter (magnitude + direction)")
+    how.add_argument("--full", action="store_true", help="train every weight")
+    f.add_argument("--quantize", default=None, choices=("nf4", "int4", "int8", "q4_0"),
+                   help="QLoRA: keep the frozen base in this format")
+    f.add_argument("--r", type=int, default=None, help="adapter rank (default 8)")
+    f.add_argument("--alpha", type=float, default=None, help="adapter alpha (default 16): scaling alpha/r")
+    f.add_argument("--lora-dropout", type=float, default=None, help="dropout on the adapter's input (default 0.05)")
+    f.add_argument("--target", default=None, metavar="NAMES",
+                   help="q,k,v,o,gate,up,down (default: all of them), HF names (c_attn), all-linear, or re:REGEX")
+    f.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) (rank-stabilised LoRA)")
+    f.add_argument("--chat-template", default=None, help="built-in name, Jinja file or text (default: the model's)")
+    f.add_argument("--pack", action="store_true", help="pack several rows into each context (no attention across)")
+    f.add_argument("--truncate", action="store_true", help="cut rows longer than the context (default: drop them)")
+    f.add_argument("--val-fraction", type=float, default=0.05, help="rows held out for eval loss and samples")
+    f.add_argument("--epochs", type=float, default=None, help="passes over the rows when --max-steps is not given (1)")
+    f.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    f.add_argument("--train-config", default=None, metavar="JSON", help="training settings file (flags override)")
+    f.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    f.add_argument("--fsdp", action="store_true", default=None, help="under torchrun: shard with FSDP2")
+    f.add_argument("--save-best", action="store_true", default=None, help="keep OUT/best at the lowest val loss")
+    f.add_argument("--no-progress", action="store_true", help="no live progress line")
+    for name, (kind, help_) in _TRAIN_FLAGS.items():
+        if name not in ("init", "objective"):
+            f.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=help_)
+    m.add_argument("base", metavar="BASE", help="the base model the adapter was trained on")
+    m.add_argument("--adapter", required=True, metavar="DIR", help="PEFT adapter folder")
+    m.add_argument("--out", required=True, metavar="DIR", help="where to write the merged model")
+    m.add_argument("--requantize", default=None, metavar="FORMAT",
+                   help="a quantized base: dequantize, merge, and quantize again to FORMAT (e.g. nf4)")
+    m.add_argument("--eval", default=None, metavar="TEXTFILE", help="held-out text: perplexity before and after")
+    m.add_argument("--force", action="store_true", help="replace a model already in --out")
 
 
 def _add_serve_args(p: argparse.ArgumentParser) -> None:

@@ -165,23 +165,38 @@ class Transformer(nn.Module):
             self.register_buffer("rope_inv_freq", rope_inv_freq(config), persistent=False)
 
     def forward(self, input_ids: torch.Tensor, cache: CacheView | None = None, *,
-                attention_mask: torch.Tensor | None = None, last_logits_only: bool = False) -> torch.Tensor:
+                attention_mask: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
+                last_logits_only: bool = False) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, V), or (B, 1, V) with last_logits_only.
 
-        Without a cache, attention_mask (B, T) marks left padding (1 = token, 0 = pad). With a
-        cache view (kv_cache.CacheView: rows of a decode batch, each extended by its new tokens,
-        right-padded) the view says where every row stands, so a mask is refused.
+        Without a cache, attention_mask (B, T) marks left padding (1 = token, 0 = pad), and
+        segment_ids (B, T) packed rows: which example each token belongs to; positions restart
+        at each example and attention never crosses one (a block-diagonal causal mask, as TRL
+        and torchtune pack). With a cache view (kv_cache.CacheView: rows of a decode batch, each
+        extended by its new tokens, right-padded) the view says where every row stands, so
+        neither is accepted.
         """
-        h = self.hidden_states(input_ids, cache, attention_mask=attention_mask)
+        h = self.hidden_states(input_ids, cache, attention_mask=attention_mask, segment_ids=segment_ids)
         if last_logits_only:
             h = h[:, -1:]
         return self.lm_head(h)
 
     def hidden_states(self, input_ids: torch.Tensor, cache: CacheView | None = None, *,
-                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                      attention_mask: torch.Tensor | None = None,
+                      segment_ids: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (B, T) -> final normalised hidden states (B, T, D)."""
         B, T = input_ids.shape
-        if cache is not None:
+        if segment_ids is not None:
+            if cache is not None or attention_mask is not None:
+                raise InvalidArgument("segment_ids (packed rows) take neither a KV cache nor an attention_mask")
+            slot = torch.arange(T, device=input_ids.device)[None]  # (1, T)
+            starts = torch.ones_like(segment_ids, dtype=torch.bool)
+            starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+            positions = slot - torch.where(starts, slot, 0).cummax(dim=1).values  # (B, T): slot - its example's start
+            longest = int(positions.max()) + 1
+            same = segment_ids[:, :, None] == segment_ids[:, None, :]  # (B, T, T)
+            mask = (same & (slot <= slot.T) & self._window(T, input_ids.device))[:, None]  # (B, 1, T, T)
+        elif cache is not None:
             if attention_mask is not None:
                 raise InvalidArgument("attention_mask applies to a batch without a KV cache: a cache view already "
                                       "gives each row's length")
@@ -221,19 +236,22 @@ class Transformer(nn.Module):
         i - j < window. Padding queries see themselves only, so no row is empty.
         """
         window = self.config.sliding_window
-        windowed = window is not None and T > window
-        if pad is None and not windowed:
+        if pad is None and (window is None or T <= window):
             return None  # is_causal in SDPA
         q_slot = torch.arange(T, device=device)[:, None]  # (T, 1)
         k_slot = torch.arange(T, device=device)[None, :]  # (1, T)
-        mask = k_slot <= q_slot
-        if windowed:
-            mask = mask & (q_slot - k_slot < window)
-        mask = mask[None]  # (1, T, T)
+        mask = ((k_slot <= q_slot) & self._window(T, device))[None]  # (1, T, T)
         if pad is not None:
             real_key = k_slot[None] >= pad[:, None, None]  # (B, 1, T)
             mask = (mask & real_key) | (k_slot == q_slot)[None]
         return mask[:, None]  # (B or 1, 1, T, T)
+
+    def _window(self, T: int, device: torch.device) -> torch.Tensor | bool:
+        """(T, T) True where query i may see key j under the sliding window (i - j < window)."""
+        window = self.config.sliding_window
+        if window is None or T <= window:
+            return True
+        return torch.arange(T, device=device)[:, None] - torch.arange(T, device=device)[None, :] < window
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

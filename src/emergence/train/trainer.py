@@ -96,6 +96,22 @@ class TrainConfig:
 
 
 # ---------------------------------------------------------------------------------- data
+class SeededOrder:
+    """Item i of a run (counted over the whole run) is perm_e[i mod N], e = i div N, with perm_e
+    a permutation seeded by (seed, e): the order depends only on i, which makes resume exact."""
+
+    def __init__(self, count: int, seed: int) -> None:
+        self.count, self.seed = count, seed
+        self._epoch, self._perm = -1, None
+
+    def __getitem__(self, i: int) -> int:
+        epoch, pos = divmod(i, self.count)
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.count, generator=g).numpy()
+        return int(self._perm[pos])
+
+
 class WindowSampler:
     """Fixed-length windows of a split's token stream, in a seeded order, epoch after epoch.
 
@@ -109,7 +125,7 @@ class WindowSampler:
         counts = [max(0, (len(a) - length) // stride + 1) for a in arrays]
         self.offsets = np.cumsum([0] + counts)  # window index -> shard by searchsorted
         self.num_windows = int(self.offsets[-1])
-        self._epoch, self._perm = -1, None
+        self.order = SeededOrder(self.num_windows, seed)
 
     def window(self, k: int) -> np.ndarray:
         shard = int(np.searchsorted(self.offsets, k, side="right") - 1)
@@ -117,11 +133,7 @@ class WindowSampler:
         return self.arrays[shard][start:start + self.length]
 
     def sample(self, i: int) -> np.ndarray:
-        epoch, pos = divmod(i, self.num_windows)
-        if epoch != self._epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._epoch, self._perm = epoch, torch.randperm(self.num_windows, generator=g).numpy()
-        return self.window(int(self._perm[pos]))
+        return self.window(self.order[i])
 
     def batch(self, first: int, count: int) -> torch.Tensor:
         """Samples first .. first+count-1 as a (count, length) int64 tensor."""
@@ -277,32 +289,74 @@ def resolve_model_config(spec: str | Config, vocab_size: int, eos_id: int, objec
     return config
 
 
+class PretrainRun:
+    """What pretraining puts into the loop: token shards, a new model (or --init's), an HF folder.
+
+    The loop (`run_loop`) asks a run for: `config`, `tokenizer`, `fingerprint` (of what the data
+    was made with, checked on resume), `state` (a checkpoint to resume, or None), `context`,
+    `batches` (train_batch(first), val, eval_batch(ids)), `build_model(device)`, `describe()`,
+    `sample(model)`, `checkpoint_state(state)` (what of the model a checkpoint keeps) and
+    `save(state, folder)`. Fine-tuning (finetune/run.py) is the other kind of run.
+    """
+
+    kind = "pretrain"
+
+    def __init__(self, model_spec: str | Config | None, tc: TrainConfig, env: _Dist, resume: bool) -> None:
+        self.tc = tc
+        data = TokenShards(tc.data)
+        self.tokenizer = data.tokenizer()
+        if self.tokenizer.fingerprint() != data.tokenizer_hash:
+            raise InvalidArgument(f"{tc.data}: the shards' manifest names tokenizer {data.tokenizer_hash} but the "
+                                  f"tokenizer stored beside them hashes to {self.tokenizer.fingerprint()}")
+        self.data, self.fingerprint = data, data.tokenizer_hash
+        self.config, self.state, self.init_weights = _run_start(model_spec, tc, env, data, resume)
+        self.context = tc.context or self.config.block_size
+        if self.context > self.config.block_size:
+            raise InvalidArgument(f"context {self.context} exceeds the model's block_size {self.config.block_size}")
+        self.batches = Batches(data, tc, self.context, self.config.vocab_size, self.tokenizer.eos_id)
+
+    def build_model(self, device: torch.device, bf16: bool) -> Transformer:
+        _check_memory(self.config, self.tc, self.context, bf16, device)
+        torch.manual_seed(self.tc.seed)
+        model = Transformer(self.config)
+        initialize_weights(model, generator=torch.Generator().manual_seed(self.tc.seed))
+        if self.init_weights is not None:
+            model.load_state_dict(self.init_weights)
+        return model.to(device)
+
+    def describe(self, model: torch.nn.Module) -> str:
+        params = sum(p.numel() for p in model.parameters())
+        return (f"pretrain: {params / 1e6:.2f}M parameters ({self.config.n_layer} layers x {self.config.n_embd} "
+                f"wide), {self.data.tokens('train'):,} training tokens")
+
+    def sample(self, model: Transformer) -> str:
+        return sample_text(model, self.tokenizer, self.batches.prompt_source, self.tc)
+
+    def checkpoint_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return state
+
+    def save(self, state: dict[str, torch.Tensor], folder: Path) -> None:
+        from ..weights.hf import save_hf
+
+        plain = Transformer(self.config)
+        plain.load_state_dict(state)
+        save_hf(plain, folder)
+        self.tokenizer.save(folder)
+
+
 def train(model_spec: str | Config, tc: TrainConfig, *, resume: bool = False) -> TrainResult:
     """Run (or continue, with resume=True) the pretraining described by tc; see the module docstring."""
     tc.validate()
     env, device = _init_distributed(tc.device)
+    return run_loop(PretrainRun(model_spec, tc, env, resume), tc, env, device)
+
+
+def run_loop(run, tc: TrainConfig, env: _Dist, device: torch.device) -> TrainResult:
+    """The training loop of every kind of run (see PretrainRun for what a run provides)."""
     out = Path(tc.out)
-    data = TokenShards(tc.data)
-    tokenizer = data.tokenizer()
-    if tokenizer.fingerprint() != data.tokenizer_hash:
-        raise InvalidArgument(f"{tc.data}: the shards' manifest names tokenizer {data.tokenizer_hash} but the "
-                              f"tokenizer stored beside them hashes to {tokenizer.fingerprint()}")
-    config, state, init_weights = _run_start(model_spec, tc, env, data, resume)
-
-    context = tc.context or config.block_size
-    if context > config.block_size:
-        raise InvalidArgument(f"context {context} exceeds the model's block_size {config.block_size}")
+    config, state, batches, context = run.config, run.state, run.batches, run.context
     bf16 = tc.dtype == "bf16" or (tc.dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
-    _check_memory(config, tc, context, bf16, device)
-
-    batches = Batches(data, tc, context, config.vocab_size, tokenizer.eos_id)
-
-    torch.manual_seed(tc.seed)
-    model = Transformer(config)
-    initialize_weights(model, generator=torch.Generator().manual_seed(tc.seed))
-    if init_weights is not None:
-        model.load_state_dict(init_weights)
-    model.to(device)
+    model = run.build_model(device, bf16)
     train_model = _wrap_parallel(model, tc, env, device)
     optimizer = make_optimizer(train_model, lr=tc.lr, weight_decay=tc.weight_decay, betas=(tc.beta1, tc.beta2))
     step, cursor, best_val = 0, 0, math.inf
@@ -311,8 +365,8 @@ def train(model_spec: str | Config, tc: TrainConfig, *, resume: bool = False) ->
         step, cursor, best_val = state["step"], state["cursor"], state.get("best_val", math.inf)
         _restore_rng(state["rng"], device)
 
-    def batch_loss(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return objectives.next_token_loss(train_model(inputs), targets)
+    def batch_loss(inputs: torch.Tensor, targets: torch.Tensor, segments: torch.Tensor | None = None) -> torch.Tensor:
+        return objectives.next_token_loss(train_model(inputs, segment_ids=segments), targets)
 
     # torch.compile takes model and loss together, so the head's logits and the softmax fuse.
     compute_loss = torch.compile(batch_loss) if tc.compile else batch_loss
@@ -324,14 +378,12 @@ def train(model_spec: str | Config, tc: TrainConfig, *, resume: bool = False) ->
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(json.dumps(asdict(tc), indent=2) + "\n")
         (out / "model_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-        params = sum(p.numel() for p in model.parameters())
-        print(f"pretrain: {params / 1e6:.2f}M parameters ({config.n_layer} layers x {config.n_embd} wide), "
-              f"{tokens_per_step:,} tokens per step, {data.tokens('train'):,} training tokens, "
+        print(f"{run.describe(model)}, {tokens_per_step:,} tokens per step, "
               f"{'bf16 autocast' if bf16 else 'fp32'} on {device}"
               f"{f' x {env.world} ranks' if env.world > 1 else ''}"
               f"{f', resuming at step {step}' if state is not None else ''}", flush=True)
 
-    progress = Progress(tc.max_steps * tokens_per_step, "tok", desc="pretrain", enabled=tc.progress and env.main)
+    progress = Progress(tc.max_steps * tokens_per_step, "tok", desc=run.kind, enabled=tc.progress and env.main)
     progress.done = step * tokens_per_step
     losses: list[float] = []
     val_loss = None
@@ -365,6 +417,14 @@ def train(model_spec: str | Config, tc: TrainConfig, *, resume: bool = False) ->
         window_tokens = 0
         return rows
 
+    def save(folder: Path) -> None:
+        """The model as the run writes it, from rank 0 (every rank calls this: FSDP gathers first)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        weights = get_model_state_dict(train_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if env.main:
+            run.save(weights, folder)
+
     train_model.train()
     while step < tc.max_steps:
         lr = learning_rate(step, schedule=tc.schedule, lr=tc.lr, min_lr=tc.min_lr, warmup_steps=tc.warmup_steps,
@@ -376,14 +436,16 @@ def train(model_spec: str | Config, tc: TrainConfig, *, resume: bool = False) ->
             batch = batches.train_batch(cursor + env.rank * tc.batch_size)
             cursor += tc.batch_size * env.world
             inputs, targets = _to_device(batch.inputs, device), _to_device(batch.targets, device)
+            segments = getattr(batch, "segments", None)
+            segments = None if segments is None else _to_device(segments, device)
             sync = micro == tc.grad_accum - 1 or env.world == 1 or tc.fsdp
             with (nullcontext() if sync else train_model.no_sync()), autocast:
-                loss = compute_loss(inputs, targets)
+                loss = compute_loss(inputs, targets, segments)
                 if tc.grad_accum > 1:  # (one kernel launch less per step without accumulation)
                     loss = loss / tc.grad_accum
             loss.backward()
             step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
-        grad_norm = (torch.nn.utils.clip_grad_norm_(train_model.parameters(), tc.grad_clip) if tc.grad_clip
+        grad_norm = (torch.nn.utils.clip_grad_norm_(_trainable(train_model), tc.grad_clip) if tc.grad_clip
                      else _grad_norm(train_model))
         if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
             grad_norm = grad_norm.full_tensor()
@@ -404,36 +466,37 @@ def train(model_spec: str | Config, tc: TrainConfig, *, resume: bool = False) ->
             val_loss = evaluate(train_model, compute_loss, batches, env, device, autocast)
             rows[-1]["val_loss"], rows[-1]["val_ppl"] = val_loss, math.exp(min(val_loss, 50))
             if tc.save_best and val_loss < best_val:
-                _save_hf(train_model, config, tokenizer, out / "best", env)
+                save(out / "best")
             best_val = min(best_val, val_loss)
         for row in rows:
             metrics.write(row)
         if sample_now:
-            text = sample_text(model, tokenizer, batches.prompt_source, tc)
+            text = run.sample(model)
             metrics.sample(step, text)
             if env.main and tc.progress:
                 print(f"\n[step {step}] {text!r}", flush=True)
         if checkpoint_now:
-            state_now = _gather_state(train_model, optimizer)
+            model_state, optimizer_state = _gather_state(train_model, optimizer)
             if env.main:
-                save_checkpoint({"step": step, "cursor": cursor, "best_val": best_val, "model": state_now[0],
-                                 "optimizer": state_now[1], "rng": _rng_state(device), "world": env.world,
-                                 "train_config": asdict(tc), "model_config": config.to_dict(),
-                                 "tokenizer_hash": data.tokenizer_hash}, out)
+                save_checkpoint({"step": step, "cursor": cursor, "best_val": best_val,
+                                 "model": run.checkpoint_state(model_state), "optimizer": optimizer_state,
+                                 "rng": _rng_state(device), "world": env.world, "train_config": asdict(tc),
+                                 "model_config": config.to_dict(), "tokenizer_hash": run.fingerprint,
+                                 **getattr(run, "checkpoint_extra", {})}, out)
             if env.world > 1:
                 dist.barrier()
         window_start = time.perf_counter()  # evaluation, samples and checkpoints are not training time
     progress.close()
 
     elapsed = time.perf_counter() - start
-    model_dir = out / "model"
-    _save_hf(train_model, config, tokenizer, model_dir, env)
+    model_dir = out / getattr(run, "result_folder", "model")
+    save(model_dir)
     if env.main:
         ran = len(losses) * tokens_per_step
         print(f"done: step {step}, train loss {losses[-1] if losses else float('nan'):.4f}"
               f"{f', val loss {val_loss:.4f} (ppl {math.exp(val_loss):.2f})' if val_loss is not None else ''}, "
               f"{human(ran)} tokens in {duration(elapsed)} ({human(ran / max(elapsed, 1e-9))} tok/s); "
-              f"model saved to {model_dir}", flush=True)
+              f"{'model' if run.kind == 'pretrain' else run.kind + ' result'} saved to {model_dir}", flush=True)
     return TrainResult(step, step * tokens_per_step, losses[-1] if losses else math.nan, val_loss, elapsed,
                        len(losses) * tokens_per_step / max(elapsed, 1e-9), model_dir if env.main else None, losses)
 
@@ -550,8 +613,10 @@ def _gather_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> t
 def _load_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
+    # A fine-tuning checkpoint keeps only the trained tensors (the frozen base is loaded again).
+    partial = len(state["model"]) < len(model.state_dict())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
-                   options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
+                   options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False, strict=not partial))
 
 
 def _rng_state(device: torch.device) -> dict:
@@ -567,24 +632,13 @@ def _restore_rng(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def _trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 def _grad_norm(model: torch.nn.Module) -> torch.Tensor:
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     return torch.nn.utils.get_total_norm(grads) if grads else torch.tensor(0.0)
-
-
-def _save_hf(train_model: torch.nn.Module, config: Config, tokenizer, folder: Path, env: _Dist) -> None:
-    """Write the model in the Hugging Face layout from rank 0 (every rank must call this:
-    FSDP's shards are gathered collectively first)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    from ..weights.hf import save_hf
-
-    weights = get_model_state_dict(train_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if env.main:
-        plain = Transformer(config)
-        plain.load_state_dict(weights)
-        save_hf(plain, folder)
-        tokenizer.save(folder)
 
 
 # ------------------------------------------------------------------ evaluation, samples
@@ -602,7 +656,9 @@ def evaluate(model: torch.nn.Module, compute_loss, batches: Batches, env: _Dist,
         chunk = picks[i:i + tc.batch_size]
         batch = batches.eval_batch(chunk)
         with autocast:
-            loss = compute_loss(batch.inputs.to(device), batch.targets.to(device))
+            segments = getattr(batch, "segments", None)
+            loss = compute_loss(batch.inputs.to(device), batch.targets.to(device),
+                                None if segments is None else segments.to(device))
         total += loss.item() * len(chunk)
         n += len(chunk)
     model.train(was_training)

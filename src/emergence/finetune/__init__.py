@@ -1,0 +1,1 @@
+"""Fine-tuning: instruction-tuning (SFT) data, masks, packing and batches."""
