@@ -134,6 +134,7 @@ def load(path_or_name: str | Path | Source | None = None, *, tokenizer: str | Pa
             model = model.to(torch_dtype)
     if tok.vocab_size > config.vocab_size:
         raise CheckpointError(f"tokenizer has {tok.vocab_size} tokens but the model only {config.vocab_size}")
+    adapter = adapter if adapter is not None else source.adapter  # a store model made with an ADAPTER
     if adapter is not None:
         from .adapters.peft_format import load_adapter
 

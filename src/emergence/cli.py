@@ -138,7 +138,8 @@ def cmd_chat(args: argparse.Namespace) -> None:
     source = resolve_model(args.model)
     params = _sampling(args, source.parameters)
     lm = _load(args, source)
-    own = find_model_template(args.adapter) if args.adapter else None  # what the adapter was tuned with
+    adapter = getattr(args, "adapter", None)
+    own = find_model_template(adapter) if adapter else None  # what the adapter was tuned with
     template = resolve_chat_template(own or find_model_template(source.path),
                                      override=args.chat_template or source.template,
                                      missing="plain")
@@ -532,7 +533,15 @@ def cmd_serve(args: argparse.Namespace) -> None:
         if not api_key:
             raise InvalidArgument(f"--api-key-file {args.api_key_file} is empty")
     split = lambda text: tuple(t.strip() for t in (text or "").split(",") if t.strip())  # noqa: E731
-    run_server(args.model, host=args.host, port=args.port, api_key=api_key, slots=args.slots,
+    adapters = {}
+    for item in args.adapter or []:
+        name, sep, folder = item.partition("=")
+        if not sep or not name or not folder:
+            raise InvalidArgument(f"--adapter takes NAME=DIR (a served model name and a PEFT adapter folder), got {item!r}")
+        if name in adapters:
+            raise InvalidArgument(f"--adapter {name} is given twice")
+        adapters[name] = folder
+    run_server(args.model, adapters=adapters, host=args.host, port=args.port, api_key=api_key, slots=args.slots,
                max_queue=args.max_queue, context_policy=args.context_policy, chat_template=args.chat_template,
                device=args.device, dtype=args.dtype, context=args.context, kv_memory=kv_memory,
                allowed_hosts=split(args.allowed_hosts), allowed_origins=split(args.allowed_origins),
@@ -751,6 +760,9 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="built-in name (chatml, llama2, llama3, mistral, phi3, vicuna, plain) or Jinja text")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default=None)
+    p.add_argument("--adapter", action="append", default=None, metavar="NAME=DIR",
+                   help="also serve MODEL with this LoRA/DoRA adapter as model NAME (repeatable; all share the "
+                        "base weights, and one batch mixes them)")
 
 
 def _add_store_args(parsers: dict[str, argparse.ArgumentParser]) -> None:

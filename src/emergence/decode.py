@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,6 +78,7 @@ class Row:
     counts: torch.Tensor | None = None  # (1, V): generated-token counts (presence/frequency penalties)
     blocks: list[int] = field(default_factory=list)  # its KV cache blocks, in order
     length: int = 0  # tokens whose keys and values are in the cache
+    adapter: str | None = None  # the model's adapter this row runs through (None: the active one)
 
     @property
     def history(self) -> list[int]:
@@ -352,12 +354,22 @@ class DecodeBatch:
         self.logits = self._forward(self.rows, [[t] for t in tokens])
         self.steps += 1
 
+    def _adapters(self, rows: Sequence[Row]):
+        """Each row through its own adapter (PEFT's mixed batch) when any row names one."""
+        if all(r.adapter is None for r in rows):
+            return nullcontext()
+        from .adapters.lora import per_row, routing
+
+        active = routing(self.model).active
+        return per_row(self.model, [active if r.adapter is None else r.adapter for r in rows])
+
     def _forward(self, rows: Sequence[Row], chunks: list[list[int]]) -> torch.Tensor:
         """Extend each row's cache by its chunk; (J, V) float32 logits of the chunks' last tokens."""
         for row, chunk in zip(rows, chunks):
             self.cache.grow(row.blocks, row.length, len(chunk))
         started = time.perf_counter()
-        logits = self.backend.forward(chunks, [r.length for r in rows], [r.blocks for r in rows])
+        with self._adapters(rows):
+            logits = self.backend.forward(chunks, [r.length for r in rows], [r.blocks for r in rows])
         self.forward_seconds += time.perf_counter() - started
         for row, chunk in zip(rows, chunks):
             row.length += len(chunk)

@@ -128,7 +128,9 @@ PARAMETERS: dict[str, tuple[str, type]] = {
     "stop": ("stop", str),
 }
 _OLLAMA_NAME = {"repetition_penalty": "repeat_penalty", "max_new_tokens": "num_predict"}
-_INSTRUCTIONS = ("FROM", "PARAMETER", "SYSTEM", "TEMPLATE")
+_INSTRUCTIONS = ("FROM", "ADAPTER", "PARAMETER", "SYSTEM", "TEMPLATE")
+# An ADAPTER's files, kept in the entry beside the base's (chat_template.jinja: what it was tuned with).
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 @dataclass
@@ -141,10 +143,13 @@ class Modelfile:
     system: str | None = None
     template: str | None = None
     base_dir: Path | None = None
+    adapter: str | None = None  # a PEFT LoRA/DoRA folder applied to the FROM model
 
     def to_text(self) -> str:
         """The Modelfile text that parses back into this one (Ollama's parameter names)."""
         lines = [f"FROM {_quote_if_needed(self.source)}"]
+        if self.adapter is not None:
+            lines.append(f"ADAPTER {_quote_if_needed(self.adapter)}")
         for key, value in self.parameters.items():
             for v in (value if key == "stop" else [value]):
                 lines.append(f"PARAMETER {_OLLAMA_NAME.get(key, key)} {_format_value(v)}")
@@ -214,7 +219,8 @@ def parse_modelfile(text: str, *, origin: str = "Modelfile", base_dir: Path | No
             resolve_chat_template(None, override=texts["TEMPLATE"], missing="plain")
         except InvalidArgument as e:
             raise InvalidArgument(f"{origin} line {first_line['TEMPLATE']}: TEMPLATE: {e}") from None
-    return Modelfile(texts["FROM"], parameters, texts.get("SYSTEM"), texts.get("TEMPLATE"), base_dir)
+    adapter = _unquote(texts["ADAPTER"]) if "ADAPTER" in texts else None
+    return Modelfile(texts["FROM"], parameters, texts.get("SYSTEM"), texts.get("TEMPLATE"), base_dir, adapter)
 
 
 def _instructions(lines: list[str], origin: str) -> Iterator[tuple[int, str, str]]:
@@ -230,8 +236,8 @@ def _instructions(lines: list[str], origin: str) -> Iterator[tuple[int, str, str
         word, rest = (line.split(None, 1) + [""])[:2]
         keyword = word.upper()
         if keyword not in _INSTRUCTIONS:
-            hint = " (emergence supports FROM, PARAMETER, SYSTEM and TEMPLATE)" \
-                if keyword in ("ADAPTER", "LICENSE", "MESSAGE", "REQUIRES") else ""
+            hint = " (emergence supports FROM, ADAPTER, PARAMETER, SYSTEM and TEMPLATE)" \
+                if keyword in ("LICENSE", "MESSAGE", "REQUIRES") else ""
             raise InvalidArgument(f"{origin} line {lineno}: unknown instruction {word!r}{hint}")
         if keyword in ("SYSTEM", "TEMPLATE"):
             if rest.startswith('"""'):
@@ -452,6 +458,13 @@ class Source:
     @property
     def template(self) -> str | None:
         return self.entry.manifest.template if self.entry is not None else None
+
+    @property
+    def adapter(self) -> Path | None:
+        """A store model made with an ADAPTER: the entry folder holding its PEFT files."""
+        if self.entry is not None and ADAPTER_FILES[0] in self.entry.manifest.files:
+            return self.entry.folder
+        return None
 
 
 def resolve_model(spec: str | os.PathLike | None, base_dir: Path | None = None, store: Store | None = None) -> Source:
@@ -723,7 +736,13 @@ class Store:
         parameters = {**(base.parameters if base else {}), **modelfile.parameters}
         system = modelfile.system if modelfile.system is not None else (base.system if base else None)
         template = modelfile.template if modelfile.template is not None else (base.template if base else None)
-        return self._install(target, source, parameters, system, template)
+        adapter = None
+        if modelfile.adapter is not None:
+            adapter = _check_adapter(modelfile, source)
+            tuned_with = adapter / "chat_template.jinja"
+            if modelfile.template is None and tuned_with.is_file():
+                template = tuned_with.read_text(encoding="utf-8")
+        return self._install(target, source, parameters, system, template, adapter)
 
     def copy(self, src: str, dst: str, *, force: bool = False) -> Entry:
         """A copy of entry `src` under the name `dst` (files hard-linked where possible); an
@@ -757,7 +776,7 @@ class Store:
                                   f"parameters, {d.format}, from {existing.manifest.source}); --force replaces it")
 
     def _install(self, name: ModelName, source: Source, parameters: dict, system: str | None,
-                 template: str | None) -> Entry:
+                 template: str | None, adapter: Path | None = None) -> Entry:
         """Build the entry in a temporary folder, then swap it into place (see the module docstring)."""
         if source.entry is None:
             model_layout(source.path)  # refuse what is no model before creating anything
@@ -768,6 +787,8 @@ class Store:
         try:
             staged.mkdir()
             files = self._fill(staged, source)
+            if adapter is not None:
+                files.update({n: _copy_file(adapter / n, staged / n) for n in ADAPTER_FILES})
             details = inspect_model(staged / GGUF_FILE if (staged / GGUF_FILE).is_file() else staged)
             manifest = Manifest(str(name), source.label, details, parameters, system, template, _now(), files)
             _write_json(staged / MANIFEST, manifest.to_json())
@@ -819,6 +840,26 @@ class Store:
                 shutil.rmtree(item, ignore_errors=True)
             else:
                 item.unlink(missing_ok=True)
+
+
+def _check_adapter(modelfile: Modelfile, source: Source) -> Path:
+    """The ADAPTER folder, checked against the FROM model's shapes before anything is written."""
+    from .adapters.peft_format import load_adapter
+    from .config import Config, read_json
+    from .model import empty_model
+
+    path = Path(modelfile.adapter).expanduser()
+    if modelfile.base_dir is not None and not path.is_absolute():
+        path = modelfile.base_dir / path
+    if source.adapter is not None:
+        raise InvalidArgument(f"ADAPTER {modelfile.adapter}: the FROM model {source.label} already has an adapter")
+    if source.path.is_dir():  # the base's shapes on a weightless skeleton (a GGUF base is checked at load)
+        load_adapter(empty_model(Config.from_hf(read_json(source.path / "config.json"))), path)
+    else:
+        from .adapters.peft_format import read_adapter
+
+        read_adapter(path)
+    return path.resolve()
 
 
 def short_list(names: list[str], limit: int = 12) -> str:

@@ -163,6 +163,7 @@ class FinetuneRun:
         return digest.hexdigest()[:16]
 
     def build_model(self, device: torch.device, bf16: bool) -> Transformer:
+        torch.manual_seed(self.tc.seed)  # adapter dropout draws from the global RNG: seeded, as pretraining's
         model = self.lm.model.float()
         if self.fc.quantize is not None:
             from ..quant.linear import quantize_model

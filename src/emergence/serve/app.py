@@ -47,7 +47,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..api import LanguageModel
 from ..chat import ChatTemplate, find_model_template, fit_context, resolve_chat_template
-from ..errors import EmergenceError
+from ..errors import EmergenceError, InvalidArgument
 from ..generate import Chunk, prepare_prompt
 from .engine import BatchEngine, Request
 from .metrics import Metrics
@@ -164,8 +164,11 @@ class Server:
                  system: str | None = None, context: int | None = None, kv_memory: int | None = None,
                  allowed_hosts: tuple[str, ...] = (), allowed_origins: tuple[str, ...] = (),
                  body_timeout: float = 60.0, header_timeout: float = 10.0, template_timeout: float = 5.0,
-                 source=None) -> None:
+                 source=None, adapters: dict[str, str] | None = None) -> None:
         self.lm, self.name, self.api_key, self.source = lm, name, api_key, source
+        # Served model names -> the adapter each runs through (None: the model as loaded). Every
+        # adapter sits on the one base in memory; rows of a batch may each use another.
+        self.served: dict[str, str | None] = {name: None, **(adapters or {})}
         self.defaults, self.system = dict(defaults or {}), system
         self.max_body_bytes, self.context_policy = max_body_bytes, context_policy
         self.allowed_hosts = {h.lower() for h in (*LOOPBACK_HOSTS, *allowed_hosts)}
@@ -212,23 +215,26 @@ class Server:
 
     # -------------------------------------------------------------------- OpenAI routes
     def models(self) -> dict:
-        return {"object": "list", "data": [{"id": self.name, "object": "model", "created": self.created,
-                                             "owned_by": "emergence"}]}
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": self.created,
+                                             "owned_by": "emergence"} for name in self.served]}
 
-    def check_model(self, model: str) -> None:
-        if model != self.name and model != f"{self.name}:latest":  # Ollama's default tag
-            raise ApiError(404, f"the model '{model}' does not exist; this server serves '{self.name}'", "model",
-                           "model_not_found")
+    def check_model(self, model: str) -> str | None:
+        """The adapter a served model name runs through (None: the model as loaded); 404 otherwise."""
+        name = model.removesuffix(":latest")  # Ollama's default tag
+        if name not in self.served:
+            raise ApiError(404, f"the model '{model}' does not exist; this server serves "
+                                f"{', '.join(repr(n) for n in self.served)}", "model", "model_not_found")
+        return self.served[name]
 
     async def completions(self, req: CompletionRequest, state: RequestState, http: HttpRequest):
-        self.check_model(req.model)
+        adapter = self.check_model(req.model)
         options = sampling(req, self.defaults)
         prompts = await self._in_thread(self._prompts, req.prompt)
         jobs = [(p * options.n + j, ids, options.for_prompt(len(ids), self.context, j, "prompt"))
                 for p, ids in enumerate(prompts) for j in range(options.n)]
         state.prompt_tokens = sum(len(ids) for ids in prompts)  # each prompt counted once, whatever n
         cid, created = new_id("cmpl"), now()
-        requests, sink = self._submit(jobs, options.stream)
+        requests, sink = self._submit(jobs, options.stream, adapter)
         tokenizer = self.lm.tokenizer
 
         if options.stream:
@@ -240,11 +246,11 @@ class Server:
                         logprobs = completion_logprobs(tokenizer, chunk.logprobs, offsets.get(index, 0))
                     offsets[index] = offsets.get(index, 0) + len(chunk.text)
                     if chunk.text or chunk.finish_reason or chunk.token_ids:
-                        yield {"id": cid, "object": "text_completion", "created": created, "model": self.name,
+                        yield {"id": cid, "object": "text_completion", "created": created, "model": req.model,
                                "choices": [{"index": index, "text": chunk.text, "logprobs": logprobs,
                                             "finish_reason": chunk.finish_reason}]}
                 if options.include_usage:
-                    yield {"id": cid, "object": "text_completion", "created": created, "model": self.name,
+                    yield {"id": cid, "object": "text_completion", "created": created, "model": req.model,
                            "choices": [], "usage": usage(state.prompt_tokens, state.completion_tokens)}
             return events()
 
@@ -252,11 +258,11 @@ class Server:
         choices = [{"index": index, "text": text, "finish_reason": finish,
                     "logprobs": completion_logprobs(tokenizer, items) if options.logprobs is not None else None}
                    for index, (text, items, finish, _) in sorted(results.items())]
-        return {"id": cid, "object": "text_completion", "created": created, "model": self.name,
+        return {"id": cid, "object": "text_completion", "created": created, "model": req.model,
                 "choices": choices, "usage": usage(state.prompt_tokens, state.completion_tokens)}
 
     async def chat_completions(self, req: ChatCompletionRequest, state: RequestState, http: HttpRequest):
-        self.check_model(req.model)
+        adapter = self.check_model(req.model)
         options = sampling(req, self.defaults)
         if req.response_format is not None and req.response_format.type != "text":
             raise ApiError(400, f"response_format {req.response_format.type!r} (structured output) is not supported "
@@ -286,13 +292,13 @@ class Server:
             options.params["stop"] = tuple(dict.fromkeys((*options.params["stop"], *self.template.stop)))
         jobs = [(j, ids, options.for_prompt(len(ids), self.context, j, "messages")) for j in range(options.n)]
         cid, created = new_id("chatcmpl"), now()
-        requests, sink = self._submit(jobs, options.stream)
+        requests, sink = self._submit(jobs, options.stream, adapter)
         context_note = ({"dropped_messages": list(fit.dropped), "note": fit.note, "policy": fit.policy}
                         if fit.dropped else None)
         tokenizer = self.lm.tokenizer
 
         def frame(choices: list, **extra) -> dict:
-            return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": self.name,
+            return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": req.model,
                     "choices": choices, **extra}
 
         if options.stream:
@@ -318,7 +324,7 @@ class Server:
         choices = [{"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
                     "logprobs": chat_logprobs(tokenizer, items) if options.logprobs is not None else None}
                    for index, (text, items, finish, _) in sorted(results.items())]
-        out = {"id": cid, "object": "chat.completion", "created": created, "model": self.name,
+        out = {"id": cid, "object": "chat.completion", "created": created, "model": req.model,
                "choices": choices, "usage": usage(len(ids), state.completion_tokens)}
         if context_note:
             out["context"] = context_note
@@ -355,7 +361,7 @@ class Server:
             embedding = (base64.b64encode(struct.pack(f"<{len(vector)}f", *vector.tolist())).decode()
                          if req.encoding_format == "base64" else vector.tolist())
             data.append({"object": "embedding", "index": index, "embedding": embedding})
-        return {"object": "list", "data": data, "model": self.name,
+        return {"object": "list", "data": data, "model": req.model,
                 "usage": {"prompt_tokens": state.prompt_tokens, "total_tokens": state.prompt_tokens}}
 
     # --------------------------------------------------------------------------- helpers
@@ -398,7 +404,7 @@ class Server:
         except EmergenceError as e:
             raise ApiError(400, str(e), param) from None
 
-    def _submit(self, jobs, stream: bool) -> tuple[list[tuple[int, Request]], AsyncSink]:
+    def _submit(self, jobs, stream: bool, adapter: str | None = None) -> tuple[list[tuple[int, Request]], AsyncSink]:
         """Queue (choice index, prompt ids, params) jobs; the choices of one prompt (consecutive
         jobs with the same ids) go together, sharing its prefill and KV blocks. A response sent
         whole (not `stream`) gets its chunks when its requests end."""
@@ -414,7 +420,7 @@ class Server:
             for group in groups:
                 indices = [index for index, _, _ in group]
                 requests = self.engine.submit_choices(group[0][1], [params for _, _, params in group], sink=sink,
-                                                      tags=indices)
+                                                      tags=indices, adapter=adapter)
                 submitted += zip(indices, requests)
         except EmergenceError as e:
             for _, r in submitted:
@@ -738,19 +744,32 @@ def model_chat_template(path: Path, override: str | None) -> ChatTemplate:
 def app_for(model: str | None, *, slots: int = 8, max_queue: int = 256, api_key: str | None = None,
             context_policy: str = "drop-oldest", chat_template: str | None = None, device: str = "auto",
             dtype: str | None = None, context: int | None = None, kv_memory: int | None = None,
-            allowed_hosts: tuple[str, ...] = (), allowed_origins: tuple[str, ...] = ()) -> Server:
+            allowed_hosts: tuple[str, ...] = (), allowed_origins: tuple[str, ...] = (),
+            adapters: dict[str, str] | None = None) -> Server:
     """The server's routes for a model argument (store.resolve_model). A store model's
     PARAMETERs are the request defaults, its SYSTEM the system message of chats that bring none,
-    its TEMPLATE the chat template (unless one is given)."""
+    its TEMPLATE the chat template (unless one is given). adapters: served name -> PEFT adapter
+    folder, each loaded once onto the one base and chosen per request by that model name."""
+    from ..adapters.lora import routing
+    from ..adapters.peft_format import load_adapter
     from ..api import load
     from ..store import resolve_model
 
     source = resolve_model(model)
     lm = load(source, device=device, dtype=dtype)
+    served = {}
+    if adapters:
+        active = routing(lm.model).active  # the loaded model's own (a store entry's ADAPTER), or None
+        for served_name, folder in adapters.items():
+            if served_name.removesuffix(":latest") == source.name:
+                raise InvalidArgument(f"adapter name {served_name!r} is the served model's own name")
+            load_adapter(lm.model, folder, served_name)
+            served[served_name] = served_name
+        routing(lm.model).active = active
     return Server(lm, source.name, slots=slots, max_queue=max_queue, api_key=api_key, context_policy=context_policy,
                   chat_template=model_chat_template(source.path, chat_template or source.template),
                   defaults=source.parameters, system=source.system, context=context, kv_memory=kv_memory,
-                  allowed_hosts=allowed_hosts, allowed_origins=allowed_origins, source=source)
+                  allowed_hosts=allowed_hosts, allowed_origins=allowed_origins, source=source, adapters=served)
 
 
 def run_server(model: str | None, *, host: str = "127.0.0.1", port: int = 8000, insecure: bool = False,

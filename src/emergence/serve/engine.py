@@ -45,6 +45,7 @@ class Request:
     params: SamplingParams
     sink: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     tag: int = 0
+    adapter: str | None = None  # the model's adapter to run through (None: the active one)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
     def __iter__(self):
@@ -138,19 +139,21 @@ class BatchEngine:
 
     # ------------------------------------------------------------------------ client side
     def submit(self, prompt: list[int], params: SamplingParams, *, sink: queue.SimpleQueue | None = None,
-               tag: int = 0) -> Request:
+               tag: int = 0, adapter: str | None = None) -> Request:
         """Queue a completion of `prompt` (token ids)."""
-        return self.submit_choices(prompt, [params], sink=sink, tags=[tag])[0]
+        return self.submit_choices(prompt, [params], sink=sink, tags=[tag], adapter=adapter)[0]
 
     def submit_choices(self, prompt: list[int], params: list[SamplingParams], *,
-                       sink: queue.SimpleQueue | None = None, tags: list[int] | None = None) -> list[Request]:
+                       sink: queue.SimpleQueue | None = None, tags: list[int] | None = None,
+                       adapter: str | None = None) -> list[Request]:
         """Queue several completions of one prompt (the n choices of a request): they share its
-        prefill and its KV blocks. All share `sink`; tags name them there."""
+        prefill and its KV blocks. All share `sink`; tags name them there. `adapter`: one of the
+        model's adapters (rows of one batch may each use another, sharing the base weights)."""
         sink = sink if sink is not None else queue.SimpleQueue()
         tags = tags if tags is not None else list(range(len(params)))
         for p in params:
             self._check(prompt, p)
-        requests = [Request(list(prompt), p, sink, t) for p, t in zip(params, tags)]
+        requests = [Request(list(prompt), p, sink, t, adapter=adapter) for p, t in zip(params, tags)]
         with self._lock:
             if len(self._waiting) >= self.max_queue:
                 raise InvalidArgument(f"the server is busy: {self.max_queue} requests are already waiting")
@@ -276,6 +279,8 @@ class BatchEngine:
                 if not waiting.requests:
                     self._waiting.popleft()
                 new = [batch.new_row(r.prompt, r.params, r) for r in members]
+                for row in new:
+                    row.adapter = row.tag.adapter
                 for row in [r for r in new if r.max_new <= 0]:  # max_tokens 0: nothing to generate
                     row.tag._put(Chunk("", [], [], "length"))
                     row.tag._end()
