@@ -137,3 +137,30 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# ------------------------------------------------------------ the command line, in-process
+def cli_main(capsys, *argv) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of `emergence ARGV` run in this process."""
+    from emergence.cli import main
+
+    capsys.readouterr()
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code: int, err: str, *patterns: str) -> str:
+    """Bad input's contract: exit status 1, one 'emergence: error:' line matching the patterns."""
+    import re
+
+    assert "Traceback" not in err, err
+    assert code == 1, f"exit status {code}, stderr {err!r}"
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("emergence: error: "), err
+    for pattern in patterns:
+        assert re.search(pattern, lines[0]), f"{pattern!r} not in {lines[0]!r}"
+    return lines[0]

@@ -26,7 +26,6 @@ import numpy as np
 import pytest
 import torch
 
-from emergence.cli import main
 from emergence.config import Config
 from emergence.data.shards import TokenShards, prepare_corpus
 from emergence.errors import CheckpointError
@@ -35,7 +34,7 @@ from emergence.train import TrainConfig, objectives, train
 from emergence.train import checkpoint as ckpt
 from emergence.train.checkpoint import INTERRUPT_DURING_CHECKPOINT_ENV, KILL_DURING_CHECKPOINT_ENV, load_checkpoint
 
-from conftest import SHARED_DATA, bounded
+from conftest import SHARED_DATA, assert_one_line_error, bounded, cli_main
 
 STORIES = SHARED_DATA / "tinystories" / "train" / "TinyStories-train.head2MiB.txt"
 
@@ -86,26 +85,6 @@ def compare_losses(reference: list[dict], rows: list[dict], tol: float) -> float
 def max_weight_diff(a: dict, b: dict) -> float:
     assert a.keys() == b.keys()
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
-
-
-def cli_main(capsys, *argv) -> tuple[int, str, str]:
-    capsys.readouterr()
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code: int, err: str, *patterns: str) -> str:
-    assert "Traceback" not in err, err
-    assert code == 1, f"exit status {code}, stderr {err!r}"
-    lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("emergence: error: "), err
-    for pattern in patterns:
-        assert re.search(pattern, lines[0]), f"{pattern!r} not in {lines[0]!r}"
-    return lines[0]
 
 
 # ------------------------------------------------------------------------------ fixtures

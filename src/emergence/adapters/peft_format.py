@@ -38,9 +38,12 @@ def _short_names(targets: list[Target]) -> list[str]:
 
 
 def peft_config(spec: LoraSpec, targets: list[Target], family: str, base: str | None) -> dict:
-    """PEFT's LoraConfig fields for this adapter (target_modules: the short names it covers)."""
+    """PEFT's LoraConfig fields for this adapter. target_modules: a regular expression as given
+    (PEFT full-matches it too), else the short names it covers (in every layer)."""
+    regex = isinstance(spec.targets, str) and spec.targets != "all-linear"
     return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base, "r": spec.r,
-            "lora_alpha": spec.alpha, "lora_dropout": spec.dropout, "target_modules": _short_names(targets),
+            "lora_alpha": spec.alpha, "lora_dropout": spec.dropout,
+            "target_modules": spec.targets if regex else _short_names(targets),
             "use_rslora": spec.rslora, "use_dora": spec.dora, "bias": "none", "fan_in_fan_out": family == "gpt2",
             "init_lora_weights": True, "inference_mode": True, **_UNSUPPORTED}
 
@@ -123,7 +126,8 @@ def read_adapter(folder: str | Path) -> tuple[LoraSpec, dict, dict[str, torch.Te
 def load_adapter(model: nn.Module, folder: str | Path, name: str = "default") -> LoraSpec:
     """Add the PEFT adapter in `folder` to `model` as `name` (active), after checking that every
     tensor names a projection of this model with the shape it has here."""
-    spec, _, tensors = read_adapter(folder)
+    spec, raw, tensors = read_adapter(folder)
+    made_for = f" (it names base {raw['base_model_name_or_path']})" if raw.get("base_model_name_or_path") else ""
     by_hf = {t.hf_name: t for t in all_targets(model.config)}
     found: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
@@ -133,7 +137,7 @@ def load_adapter(model: nn.Module, folder: str | Path, name: str = "default") ->
                 module, kind = key[len(PEFT_PREFIX):-len(suffix) - 1], what
         if module is None or module not in by_hf:
             raise InvalidArgument(f"adapter {folder}: tensor {key} names no projection of this {model.config.family} "
-                                  f"model ({model.config.n_layer} layers): an adapter made for another base?")
+                                  f"model ({model.config.n_layer} layers): an adapter made for another base?{made_for}")
         found.setdefault(module, {})[kind] = value
     problems = []
     for module, parts in found.items():
@@ -150,7 +154,7 @@ def load_adapter(model: nn.Module, folder: str | Path, name: str = "default") ->
             elif tuple(got.shape) != shape:
                 problems.append(f"{module}.{kind}: adapter {tuple(got.shape)}, this model needs {shape}")
     if problems:
-        raise InvalidArgument(f"adapter {folder} does not fit this model (made for another base?): "
+        raise InvalidArgument(f"adapter {folder} does not fit this model (made for another base?{made_for}): "
                               + "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else ""))
     spec.targets = sorted(found)  # exactly the modules the file covers
     add_adapter(model, spec, name, init=False)

@@ -68,6 +68,8 @@ class FinetuneConfig:
             raise InvalidArgument(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         if self.method != "full":
             self.spec().validate()
+            if not self.alpha > 0:  # (scaling alpha/r: 0 trains nothing, NaN everything into NaN)
+                raise InvalidArgument(f"--alpha must be positive, got {self.alpha}")
 
     def spec(self) -> LoraSpec:
         return LoraSpec(r=self.r, alpha=self.alpha, dropout=self.dropout, targets=self.targets, rslora=self.rslora,
@@ -118,9 +120,12 @@ class FinetuneRun:
         self.state = None
         if resume:
             self.state = load_checkpoint(out)
-            saved = self.state.get("finetune_config")
-            if saved is None or saved != asdict(fc):
-                raise InvalidArgument(f"{out} holds another run: its fine-tuning settings differ from these")
+            saved, now = self.state.get("finetune_config"), asdict(fc)
+            if saved is None:
+                raise InvalidArgument(f"{out} holds a pretraining run, not a fine-tuning one")
+            if saved != now:
+                changed = ", ".join(f"{k} was {saved.get(k)!r}, now {v!r}" for k, v in now.items() if saved.get(k) != v)
+                raise InvalidArgument(f"cannot resume the run in {out} with different fine-tuning settings: {changed}")
         elif (out / "checkpoint.pt").exists():
             raise InvalidArgument(f"{out} already holds a run; pass --resume to continue it or choose another --out")
         source = resolve_model(fc.model)
