@@ -496,7 +496,8 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     settings = {**defaults, **(saved_settings(args.out) if args.resume else {}), **given, "out": args.out,
                 "data": ",".join(fc.data), "init": args.model}
     result = finetune(fc, TrainConfig(**settings), resume=args.resume)
-    print(f"{'model' if method == 'full' else 'adapter'}: {result.model_dir}")
+    if result.model_dir is not None:  # (rank 0 only)
+        print(f"{'model' if method == 'full' else 'adapter'}: {result.model_dir}")
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
