@@ -340,3 +340,31 @@ def test_files_from_the_gguf_package_writer_load(tmp_path):
     assert torch.equal(back.layers[0].mlp.gate_up_proj.weight[96:], expected_up)
     for name in ("tok_embeddings.weight", "layers.1.attn.qkv_proj.weight", "lm_head.weight", "norm.weight"):
         assert torch.equal(back.state_dict()[name], expected[name]), name
+
+
+def test_an_adapter_merged_and_converted_runs_in_llama_cpp_as_it_runs_unmerged(tmp_path, capsys):
+    """emergence merge -> a plain HF folder -> emergence convert -> a GGUF llama.cpp decodes with
+    the adapted model's greedy tokens (the adapter applied unmerged, as peft applies it)."""
+    from emergence.adapters import LoraSpec, add_adapter, save_adapter
+    from emergence.cli import main as cli
+    from emergence.weights.hf import save_hf
+
+    model = random_model("llama")
+    save_hf(model, tmp_path / "base")
+    tokenizer_for("llama").save(tmp_path / "base")
+    add_adapter(model, LoraSpec(r=4, alpha=8, targets="all-linear", dora=True), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_B." in name:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+    save_adapter(model, tmp_path / "adapter")
+    assert cli(["merge", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"), "--out",
+                str(tmp_path / "merged")]) == 0
+    assert cli(["convert", str(tmp_path / "merged"), str(tmp_path / "m.gguf")]) == 0
+    adapted = emergence.load(tmp_path / "base", device="cpu", adapter=tmp_path / "adapter")
+    ours = adapted.complete(PROMPT, temperature=0, max_new_tokens=32, ignore_eos=True).token_ids
+    plain = emergence.load(tmp_path / "base", device="cpu").complete(PROMPT, temperature=0, max_new_tokens=32,
+                                                                       ignore_eos=True).token_ids
+    theirs, _ = llama_cpp_greedy(llama_cpp_model(tmp_path / "m.gguf", n_threads=1), PROMPT, 32)
+    assert ours != plain  # the adapter changes what the model says
+    assert theirs == ours
