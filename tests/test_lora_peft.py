@@ -172,3 +172,45 @@ def test_bad_adapters_and_targets_are_refused_clearly(hf_model, tmp_path):
     other_model, _ = load_hf(other_folder)
     with pytest.raises(InvalidArgument, match="another base"):
         load_adapter(other_model, tmp_path / "a")
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "int4", "int8", "q4_0"])
+def test_qlora_backward_keeps_no_float_weight_and_gives_the_float_gradients(fmt):
+    """A frozen quantized base: autograd saves no dequantized (out, in) weight between forward
+    and backward (each layer is dequantized again in the backward), and the adapter's gradients
+    equal those of LoRA on a float base holding the same dequantized weights."""
+    from emergence.adapters import mark_only_adapters_trainable
+    from emergence.config import Config
+    from emergence.model import Transformer
+    from emergence.quant.linear import quantize_model, quantized_modules
+
+    config = Config(vocab_size=200, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, intermediate_size=128)
+    torch.manual_seed(0)
+    quantized = Transformer(config)
+    quantize_model(quantized, fmt)
+    shapes = {(m.out_features, m.in_features) for m in quantized_modules(quantized).values()}
+    reference = Transformer(config)  # the same weights, dequantized, in float layers
+    reference.load_state_dict(quantized.state_dict(), strict=False)
+    for name, layer in quantized_modules(quantized).items():
+        reference.get_submodule(name).weight.data = layer.dequantize().float()
+    models = {}
+    for key, model in (("quantized", quantized), ("float", reference)):
+        add_adapter(model, LoraSpec(r=4, alpha=8, targets="all-linear", dora=True),
+                    generator=torch.Generator().manual_seed(1))
+        mark_only_adapters_trainable(model)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if ".lora_B." in name:
+                    p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+        models[key] = model
+    ids = torch.randint(0, 200, (3, 17), generator=torch.Generator().manual_seed(2))
+    saved: list[tuple[int, ...]] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        loss = models["quantized"](ids).logsumexp(-1).mean()
+    assert saved and not any(s in shapes or s[::-1] in shapes for s in saved)
+    loss.backward()
+    models["float"](ids).logsumexp(-1).mean().backward()
+    grads = {n: p.grad for n, p in models["float"].named_parameters() if p.grad is not None}
+    for name, p in models["quantized"].named_parameters():
+        if p.requires_grad:
+            assert (p.grad - grads[name]).abs().max() <= 1e-5 * max(1.0, grads[name].abs().max()), name
