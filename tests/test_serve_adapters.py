@@ -117,3 +117,17 @@ def test_a_modelfile_adapter_for_another_base_is_refused_before_anything_is_writ
     with pytest.raises(InvalidArgument, match="another base"):
         Store().create("wrong", modelfile)
     assert Store().names() == []
+
+
+def test_show_modelfile_of_an_entry_with_an_adapter_recreates_it(base_and_adapters, tmp_path, monkeypatch, capsys):
+    from conftest import cli_main
+
+    base, a, _ = base_and_adapters
+    monkeypatch.setenv("EMERGENCE_HOME", str(tmp_path / "home"))
+    Store().create("tuned", parse_modelfile(f"FROM {base}\nADAPTER {a}\n"))
+    code, text, _ = cli_main(capsys, "show", "tuned", "--modelfile")
+    assert code == 0 and "\nADAPTER " in text
+    Store().create("again", parse_modelfile(text))
+    prompt = "t5 t9 t11"
+    assert emergence.load("again", device="cpu").complete(prompt, temperature=0, max_new_tokens=16).token_ids == \
+        emergence.load(base, device="cpu", adapter=a).complete(prompt, temperature=0, max_new_tokens=16).token_ids

@@ -371,7 +371,8 @@ def cmd_show(args: argparse.Namespace) -> None:
         return
     m, d = entry.manifest, entry.manifest.details
     if args.modelfile:
-        print(Modelfile(str(entry.model_path), m.parameters, m.system, m.template).to_text(), end="")
+        adapter = str(source.adapter) if source.adapter is not None else None  # its PEFT files sit in the entry
+        print(Modelfile(str(entry.model_path), m.parameters, m.system, m.template, adapter=adapter).to_text(), end="")
         return
     if args.json:
         print(json.dumps({**m.to_json(), "path": str(entry.model_path), "size": entry.size()}, ensure_ascii=False))
