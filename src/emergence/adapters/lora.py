@@ -193,25 +193,38 @@ class LoraUpdate(nn.Module):
         return self.magnitude[part] / norm.detach()
 
     def apply(self, x: torch.Tensor, y: torch.Tensor, base: nn.Module) -> torch.Tensor:
-        """y (..., out): the base's output for x (..., in) -> with this adapter's updates."""
+        """y (..., out): the base's output for x (..., in) -> with this adapter's updates.
+
+        Each part through its own A and B (PEFT's arithmetic, rounding included); the parts' outputs
+        are laid side by side over the output rows and added to y whole. No slice of y is taken,
+        so the backward builds no zero-filled full-size gradient per part.
+        """
         dropped = self.dropout(x)
-        weight = base_weight(base) if self.dora else None
+        parts = list(self.ranges)
+        h = [F.linear(dropped, self.lora_A[p].to(x.dtype)) for p in parts]
+        delta = self._rows(y.shape[-1], None, [F.linear(hp, self.lora_B[p].to(x.dtype)) for hp, p in zip(h, parts)])
+        delta = delta * self.scaling  # (..., out)
+        if not self.dora:
+            return y + delta
+        weight = base_weight(base)
+        scale = self._rows(y.shape[-1], 1.0, [self.row_scale(p, weight) for p in parts]).to(x.dtype)  # 1 elsewhere
+        if dropped is x:  # the base's output without its bias
+            plain = y if base.bias is None else y - base.bias.to(y.dtype)
+        else:  # PEFT recomputes it on the dropped-out input
+            plain = F.linear(dropped, weight.to(x.dtype))
+        return y + (scale - 1) * plain + scale * delta
+
+    def _rows(self, out: int, fill: float | None, values: list[torch.Tensor]) -> torch.Tensor:
+        """values[p] (..., part rows) laid over `out` output rows along the last dimension, each
+        in its part's rows; rows between parts are `fill` (ones for DoRA's scales), or zeros."""
         pieces, at = [], 0
-        for part, (s, e) in self.ranges.items():
-            pieces.append(y[..., at:s])
-            lora = F.linear(F.linear(dropped, self.lora_A[part].to(x.dtype)), self.lora_B[part].to(x.dtype))
-            if not self.dora:
-                pieces.append(y[..., s:e] + self.scaling * lora)
-            else:
-                scale = self.row_scale(part, weight).to(x.dtype)
-                if dropped is x:  # the base's output without its bias
-                    plain = y[..., s:e] if base.bias is None else y[..., s:e] - base.bias[s:e].to(y.dtype)
-                else:  # PEFT recomputes it on the dropped-out input
-                    plain = F.linear(dropped, weight[s:e].to(x.dtype))
-                pieces.append(y[..., s:e] + (scale - 1) * plain + scale * self.scaling * lora)
+        for value, (s, e) in zip(values, self.ranges.values()):
+            if s > at:
+                pieces.append(value.new_full((*value.shape[:-1], s - at), fill or 0.0))
+            pieces.append(value)
             at = e
-        pieces.append(y[..., at:])
-        pieces = [p for p in pieces if p.shape[-1]]
+        if out > at:
+            pieces.append(values[-1].new_full((*values[-1].shape[:-1], out - at), fill or 0.0))
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)
 
 
