@@ -131,3 +131,21 @@ def test_show_modelfile_of_an_entry_with_an_adapter_recreates_it(base_and_adapte
     prompt = "t5 t9 t11"
     assert emergence.load("again", device="cpu").complete(prompt, temperature=0, max_new_tokens=16).token_ids == \
         emergence.load(base, device="cpu", adapter=a).complete(prompt, temperature=0, max_new_tokens=16).token_ids
+
+
+def test_an_imported_fine_tune_keeps_the_chat_template_it_was_tuned_with(base_and_adapters, tmp_path, monkeypatch):
+    """emergence merge writes the adapter's chat_template.jinja beside the weights; import keeps it."""
+    from emergence.chat import ChatTemplate, find_model_template
+    from emergence.finetune.merge import merge_adapter
+
+    base, a, _ = base_and_adapters
+    monkeypatch.setenv("EMERGENCE_HOME", str(tmp_path / "home"))
+    tuned = tmp_path / "with-template"
+    tuned.mkdir()
+    for f in a.iterdir():
+        (tuned / f.name).write_bytes(f.read_bytes())
+    (tuned / "chat_template.jinja").write_text(ChatTemplate.builtin("chatml").source)
+    merge_adapter(str(base), tuned, tmp_path / "merged")
+    entry = Store().import_model(tmp_path / "merged", "instruct")
+    assert "chat_template.jinja" in entry.manifest.files
+    assert find_model_template(entry.model_path).source == ChatTemplate.builtin("chatml").source

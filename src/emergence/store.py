@@ -80,7 +80,7 @@ _MAX_NAME = 200
 _CHUNK = 4 << 20
 # Files of a Hugging Face folder that emergence reads besides config.json and the weights.
 _HF_OPTIONAL = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "tokenizer.bin",
-                "special_tokens_map.json", "generation_config.json")
+                "special_tokens_map.json", "generation_config.json", "chat_template.jinja", "chat_template.json")
 
 
 def store_root() -> Path:
