@@ -46,6 +46,7 @@ bench: $(VENV)/.test-deps
 	$(BIN)/python bench/bench_qgemv.py
 	$(BIN)/python bench/bench_batched.py
 	$(BIN)/python bench/bench_train.py
+	$(BIN)/python bench/bench_finetune.py
 	$(BIN)/python bench/bench_serve.py
 	$(BIN)/python bench/bench_serve.py --model emergence-6m
 	$(PIP) sse-starlette starlette-context pydantic-settings  # llama-cpp-python's server, a peer below
