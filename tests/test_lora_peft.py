@@ -214,3 +214,26 @@ def test_qlora_backward_keeps_no_float_weight_and_gives_the_float_gradients(fmt)
     for name, p in models["quantized"].named_parameters():
         if p.requires_grad:
             assert (p.grad - grads[name]).abs().max() <= 1e-5 * max(1.0, grads[name].abs().max()), name
+
+
+def test_doras_row_norms_kept_between_decode_steps_follow_every_weight_change(hf_model, tmp_path):
+    """Without gradients DoRA's ||W + s B A|| is computed once and kept; an in-place change of B or
+    of the base weight is seen at the next forward (equal to the freshly computed logits)."""
+    family, _, folder = hf_model
+    _peft_model(family, folder, "dora").save_pretrained(tmp_path / "a")
+    model, _ = load_hf(folder)
+    load_adapter(model, tmp_path / "a")
+    ids = _ids()
+    with torch.no_grad():
+        model(ids)  # fills the kept norms
+        layer = next(m for m in model.modules() if hasattr(m, "adapters"))
+        next(iter(layer.adapters["default"].lora_B.values())).mul_(3.0)
+        after_b = model(ids)
+    assert (after_b - model(ids).detach()).abs().max() == 0
+    fresh = model(ids).detach()  # gradients on: nothing kept
+    assert (after_b - fresh).abs().max().item() <= 1e-6
+    with torch.no_grad():
+        layer.base.weight.mul_(0.5)
+        after_w = model(ids)
+    assert (after_w - model(ids).detach()).abs().max().item() <= 1e-6
+    assert (after_w - after_b).abs().max() > 1e-3

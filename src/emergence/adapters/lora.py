@@ -164,6 +164,18 @@ class Routing:
     def __init__(self) -> None:
         self.active: str | None = None
         self.rows: list[str | None] | None = None
+        self._groups: dict[str, torch.Tensor] | None = None  # rows' indices by adapter, built once per `rows`
+
+    def set_rows(self, rows: list[str | None] | None) -> None:
+        self.rows, self._groups = rows, None
+
+    def groups(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """{adapter: (n,) indices of its rows}, computed once for every projection of a forward."""
+        if self._groups is None or any(t.device != device for t in self._groups.values()):
+            names = sorted({n for n in self.rows if n is not None})
+            self._groups = {name: torch.tensor([i for i, n in enumerate(self.rows) if n == name], device=device)
+                            for name in names}
+        return self._groups
 
 
 class LoraUpdate(nn.Module):
@@ -186,11 +198,26 @@ class LoraUpdate(nn.Module):
         """scaling * B A, (part_out, in)."""
         return self.scaling * (self.lora_B[part] @ self.lora_A[part])
 
-    def row_scale(self, part: str, weight: torch.Tensor) -> torch.Tensor:
+    def row_scale(self, part: str, base: nn.Module | torch.Tensor) -> torch.Tensor:
         """DoRA's m / ||W + scaling B A|| per output row of the part, the norm detached."""
+        if isinstance(base, torch.Tensor):  # a weight given as is (merging)
+            return self.magnitude[part] / self._row_norm(part, base)
+        if not torch.is_grad_enabled():  # decoding: the norm changes with the weights, not per step
+            stored = list(base.parameters(recurse=False)) + list(base.buffers(recurse=False))
+            key = tuple((t.data_ptr(), t._version) for t in stored) + tuple(
+                (t[part].data_ptr(), t[part]._version) for t in (self.lora_A, self.lora_B))
+            cached = self.__dict__.setdefault("_norms", {}).get(part)
+            if cached is None or cached[0] != key:
+                cached = (key, self._row_norm(part, base_weight(base)))
+                self._norms[part] = cached
+            return self.magnitude[part] / cached[1]
+        return self.magnitude[part] / self._row_norm(part, base_weight(base))
+
+    def _row_norm(self, part: str, weight: torch.Tensor) -> torch.Tensor:
+        """||W + scaling B A|| per output row of the part, detached (DoRA, section 4.3)."""
         s, e = self.ranges[part]
-        norm = (weight[s:e].to(self.lora_A[part].dtype) + self.delta_weight(part).detach()).norm(dim=1)
-        return self.magnitude[part] / norm.detach()
+        with torch.no_grad():
+            return (weight[s:e].to(self.lora_A[part].dtype) + self.delta_weight(part)).norm(dim=1)
 
     def apply(self, x: torch.Tensor, y: torch.Tensor, base: nn.Module) -> torch.Tensor:
         """y (..., out): the base's output for x (..., in) -> with this adapter's updates.
@@ -206,12 +233,11 @@ class LoraUpdate(nn.Module):
         delta = delta * self.scaling  # (..., out)
         if not self.dora:
             return y + delta
-        weight = base_weight(base)
-        scale = self._rows(y.shape[-1], 1.0, [self.row_scale(p, weight) for p in parts]).to(x.dtype)  # 1 elsewhere
+        scale = self._rows(y.shape[-1], 1.0, [self.row_scale(p, base) for p in parts]).to(x.dtype)  # 1 elsewhere
         if dropped is x:  # the base's output without its bias
             plain = y if base.bias is None else y - base.bias.to(y.dtype)
         else:  # PEFT recomputes it on the dropped-out input
-            plain = F.linear(dropped, weight.to(x.dtype))
+            plain = F.linear(dropped, base_weight(base).to(x.dtype))
         return y + (scale - 1) * plain + scale * delta
 
     def _rows(self, out: int, fill: float | None, values: list[torch.Tensor]) -> torch.Tensor:
@@ -257,9 +283,9 @@ class LoraLinear(nn.Module):
             return self.adapters[name].apply(x, y, self.base)
         if len(rows) != x.shape[0]:
             raise InvalidArgument(f"{len(rows)} adapter names for a batch of {x.shape[0]} rows")
-        for name in sorted({n for n in rows if n is not None and n in self.adapters and n != self.merged}):
-            idx = torch.tensor([i for i, n in enumerate(rows) if n == name], device=x.device)
-            y = y.index_copy(0, idx, self.adapters[name].apply(x[idx], y[idx], self.base))
+        for name, idx in self.routing.groups(x.device).items():
+            if name in self.adapters and name != self.merged:
+                y = y.index_copy(0, idx, self.adapters[name].apply(x[idx], y[idx], self.base))
         return y
 
     @torch.no_grad()
@@ -355,11 +381,12 @@ def set_active(model: nn.Module, name: str | None) -> None:
 def per_row(model: nn.Module, names: Sequence[str | None]) -> Iterator[None]:
     """Run forwards with one adapter (or None, the base) per batch row."""
     route = routing(model)
-    saved, route.rows = route.rows, list(names)
+    saved = route.rows
+    route.set_rows(list(names))
     try:
         yield
     finally:
-        route.rows = saved
+        route.set_rows(saved)
 
 
 def mark_only_adapters_trainable(model: nn.Module) -> tuple[int, int]:
