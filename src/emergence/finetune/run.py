@@ -26,7 +26,8 @@ from ..chat import ChatTemplate, find_model_template, resolve_chat_template
 from ..errors import InvalidArgument
 from ..model import Transformer, empty_model
 from ..sampling import SamplingParams
-from ..train.trainer import SeededOrder, TrainConfig, TrainResult, _check_same_run, _Dist, _init_distributed, run_loop
+from ..train.trainer import (SeededOrder, TrainConfig, TrainResult, _check_same_run, _Dist, _end_distributed,
+                             _init_distributed, run_loop)
 from . import data as sft
 
 METHODS = ("lora", "dora", "full")
@@ -242,8 +243,10 @@ def finetune(fc: FinetuneConfig, tc: TrainConfig, *, resume: bool = False) -> Tr
     tc.validate()
     tc.max_steps = steps_given
     env, device = _init_distributed(tc.device)
-    run = FinetuneRun(fc, tc, env, resume)
-    return run_loop(run, tc, env, device)
+    try:
+        return run_loop(FinetuneRun(fc, tc, env, resume), tc, env, device)
+    finally:
+        _end_distributed(env)
 
 
 def finetune_settings() -> set[str]:

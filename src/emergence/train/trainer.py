@@ -189,6 +189,7 @@ class _Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    owns_group: bool = False  # this run initialised the process group (and destroys it)
 
     @property
     def main(self) -> bool:
@@ -205,9 +206,17 @@ def _init_distributed(device: str) -> tuple[_Dist, torch.device]:
     use_cuda = device in ("auto", "cuda") and torch.cuda.is_available()
     if use_cuda:
         torch.cuda.set_device(local_rank)
-    if not dist.is_initialized():
+    owns = not dist.is_initialized()
+    if owns:
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return _Dist(rank, world, local_rank), torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    return _Dist(rank, world, local_rank, owns), torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+
+
+def _end_distributed(env: _Dist) -> None:
+    """Destroy the process group this run created: left to interpreter exit, gloo's threads can
+    abort a rank ("terminate called without an active exception") after its work is done."""
+    if env.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def estimate_training_memory(config: Config, batch_size: int, context: int, bf16: bool) -> dict[str, int]:
@@ -348,7 +357,10 @@ def train(model_spec: str | Config, tc: TrainConfig, *, resume: bool = False) ->
     """Run (or continue, with resume=True) the pretraining described by tc; see the module docstring."""
     tc.validate()
     env, device = _init_distributed(tc.device)
-    return run_loop(PretrainRun(model_spec, tc, env, resume), tc, env, device)
+    try:
+        return run_loop(PretrainRun(model_spec, tc, env, resume), tc, env, device)
+    finally:
+        _end_distributed(env)
 
 
 def run_loop(run, tc: TrainConfig, env: _Dist, device: torch.device) -> TrainResult:
