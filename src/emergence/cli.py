@@ -55,6 +55,14 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--stop-token-id", action="append", type=int, help="stop token id (repeatable)")
     g.add_argument("--ignore-eos", action="store_true", default=None, help="keep going past end-of-sequence tokens")
     g.add_argument("--truncate", action="store_true", help="keep the end of a prompt longer than the context")
+    g.add_argument("--no-repeat-ngram-size", type=int, help="ban repeating any n-gram of this size (0 = off)")
+    b = p.add_argument_group("beam search (transformers' meanings)")
+    b.add_argument("--num-beams", type=int, help="beams per prompt (default 1: no beam search)")
+    b.add_argument("--length-penalty", type=float, help="score = log-prob sum / length ** this (default 1.0)")
+    b.add_argument("--early-stopping", choices=("true", "false", "never"),
+                   help="stop when num_beams hypotheses are done (true), when none can improve (false, default), "
+                        "or by the canonical bound (never)")
+    b.add_argument("--num-return-sequences", type=int, help="best hypotheses to print (<= --num-beams)")
 
 
 # sampling flag -> SamplingParams field, where the names differ
@@ -65,10 +73,13 @@ def _sampling(args: argparse.Namespace, stored: dict | None = None, logprobs: in
     """SamplingParams: the defaults, then a store model's PARAMETERs (`stored`), then the flags given."""
     values = dict(stored or {})
     for flag in ("temperature", "top_k", "top_p", "min_p", "typical_p", "repetition_penalty", "presence_penalty",
-                 "frequency_penalty", "max_new_tokens", "seed", "stop", "stop_token_id", "ignore_eos"):
+                 "frequency_penalty", "max_new_tokens", "seed", "stop", "stop_token_id", "ignore_eos",
+                 "no_repeat_ngram_size", "num_beams", "length_penalty", "num_return_sequences"):
         value = getattr(args, flag)
         if value is not None:
             values[_FLAG_FIELDS.get(flag, flag)] = tuple(value) if isinstance(value, list) else value
+    if getattr(args, "early_stopping", None) is not None:
+        values["early_stopping"] = {"true": True, "false": False}.get(args.early_stopping, args.early_stopping)
     bias = {}
     for item in args.logit_bias or []:
         token, sep, value = item.partition("=")
@@ -93,7 +104,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from .store import resolve_model, with_system
 
     source = resolve_model(args.model)  # a missing model is reported before the sampling values
-    logprobs = args.logprobs if args.logprobs is not None else (0 if args.json else None)
+    beams = (args.num_beams or 1) > 1  # a beam search reports each hypothesis' score, not per-token logprobs
+    logprobs = args.logprobs if args.logprobs is not None else (0 if args.json and not beams else None)
     params = _sampling(args, source.parameters, logprobs)
     lm = _load(args, source)
     prompt = with_system(source.system, args.prompt if args.prompt is not None else "")
@@ -109,11 +121,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
         if not args.json:
             sys.stdout.write("\n")
         return
-    completion = generate(lm.model, lm.tokenizer, [prompt], params, truncate=args.truncate, backend=lm.backend)[0]
-    if args.json:
-        print(json.dumps(_completion_json(lm, completion), ensure_ascii=False))
-    else:
-        print(completion.text)
+    # one completion, or a beam search's num_return_sequences best, best first
+    for completion in generate(lm.model, lm.tokenizer, [prompt], params, truncate=args.truncate, backend=lm.backend):
+        if args.json:
+            print(json.dumps(_completion_json(lm, completion), ensure_ascii=False))
+        else:
+            print(completion.text)
 
 
 def _logprob_json(lm: LanguageModel, lp: TokenLogprob) -> dict:
@@ -125,7 +138,8 @@ def _logprob_json(lm: LanguageModel, lp: TokenLogprob) -> dict:
 def _completion_json(lm: LanguageModel, c: Completion) -> dict:
     return {"text": c.text, "token_ids": c.token_ids,
             "logprobs": [_logprob_json(lm, lp) for lp in (c.logprobs or [])],
-            "finish_reason": c.finish_reason, "prompt_tokens": c.prompt_tokens}
+            "finish_reason": c.finish_reason, "prompt_tokens": c.prompt_tokens,
+            **({"score": c.score} if c.score is not None else {})}
 
 
 def cmd_chat(args: argparse.Namespace) -> None:

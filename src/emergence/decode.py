@@ -35,7 +35,7 @@ import torch
 from .errors import InvalidArgument
 from .kv_cache import DEFAULT_BLOCK_SIZE, CacheView, OutOfBlocks, PagedKVCache
 from .model import Transformer
-from .sampling import SamplingParams, choose, process_logits
+from .sampling import SamplingParams, banned_ngram_tokens, choose, process_logits
 from .tokenizer import StreamDecoder, Tokenizer
 
 BACKENDS = ("auto", "native", "eager")
@@ -88,6 +88,10 @@ class Row:
     def choose(self, logits: torch.Tensor) -> int:
         """logits (1, V) -> the next token under this row's sampling parameters."""
         processed = process_logits(logits, self.params, self.seen, self.counts)
+        if self.params.no_repeat_ngram_size:
+            banned = banned_ngram_tokens(self.history, self.params.no_repeat_ngram_size)
+            processed = processed.clone()  # (may be the batch's own logits)
+            processed[0, banned] = float("-inf")
         return int(choose(processed, self.params.greedy, self.generator))
 
     def emit(self, token: int, raw_logits: torch.Tensor | None) -> tuple[Chunk, bool]:
@@ -300,7 +304,7 @@ class DecodeBatch:
         for row in self.rows:
             self.cache.release(row.blocks)
         self.rows = list(children)
-        self.logits = self.logits[torch.tensor(index, device=self.logits.device)]
+        self.logits = self.logits[torch.tensor(index, dtype=torch.long, device=self.logits.device)] if index else None
 
     def remove(self, rows: Sequence[Row]) -> None:
         """Rows leave (finished, or their client went away): their blocks are freed."""
@@ -344,7 +348,8 @@ class DecodeBatch:
         if not self.rows:
             return
         tokens = list(tokens)
-        while sum(self.cache.blocks_needed(r.blocks, r.length, 1) for r in self.rows) > self.cache.num_free:
+        while (self.cache.blocks_needed_all([r.blocks for r in self.rows], [r.length for r in self.rows], 1)
+               > self.cache.num_free):
             if len(self.rows) == 1:
                 raise OutOfBlocks("the KV cache cannot hold one sequence of this length")
             victim = self.rows[-1]

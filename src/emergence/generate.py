@@ -5,7 +5,9 @@ The prompts are prefilled together and decoded as the rows of one `DecodeBatch`
 parameters, random generator, stop rules and incremental detokenizer, so a prompt gets the
 same tokens in a batch as alone. Finished rows leave the batch at once. `generate` returns
 whole completions; `stream` yields text as it becomes final (never half a UTF-8 character,
-never the start of a stop string).
+never the start of a stop string). Prompts whose parameters ask for `num_beams` > 1 run a
+beam search (beam.py) over a decode batch of their own and return `num_return_sequences`
+completions each, best first.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+from .beam import BeamGroup, Hypothesis, beam_search, check_beam_params
 from .decode import Chunk, DecodeBatch, TokenLogprob, end_ids, new_row
 from .errors import InvalidArgument
 from .model import Transformer
@@ -29,6 +32,7 @@ class Completion:
     finish_reason: str
     prompt_tokens: int
     logprobs: list[TokenLogprob] | None = None
+    score: float | None = None  # beam search: sum of log-probs / generated length ** length_penalty
 
 
 def prepare_prompt(tokenizer: Tokenizer, prompt: str | Sequence[int], block_size: int, max_new_tokens: int,
@@ -75,28 +79,82 @@ def decode_steps(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[lis
 def generate(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[str | Sequence[int]],
              params: SamplingParams | Sequence[SamplingParams] = SamplingParams(), *,
              truncate: bool = False, backend: str = "auto") -> list[Completion]:
-    """Complete every prompt (batched); the result for each equals what it gets alone."""
+    """Complete every prompt (batched); the result for each equals what it gets alone.
+
+    One completion per prompt, in order; a prompt searched with beams gives its
+    `num_return_sequences` best, best first (transformers' prompt-major order)."""
     if isinstance(params, SamplingParams):
         params = [params] * len(prompts)
+    for sp in params:
+        check_beam_params(sp)
     ids = [prepare_prompt(tokenizer, p, model.config.block_size, sp.max_new_tokens, truncate)
            for p, sp in zip(prompts, params)]
-    out = [Completion("", [], "length", len(i), [] if sp.logprobs is not None else None)
-           for i, sp in zip(ids, params)]
-    for index, chunk in decode_steps(model, tokenizer, ids, params, backend=backend):
-        c = out[index]
+    out: list[Completion | list[Completion]] = [Completion("", [], "length", len(i), [] if sp.logprobs is not None
+                                                           else None) for i, sp in zip(ids, params)]
+    searched = [i for i, sp in enumerate(params) if sp.num_beams > 1]
+    if searched:
+        found = beam_generate(model, tokenizer, [ids[i] for i in searched], [params[i] for i in searched],
+                              backend=backend)
+        for i, completions in zip(searched, found):
+            out[i] = completions
+    sampled = [i for i, sp in enumerate(params) if sp.num_beams == 1]
+    steps = decode_steps(model, tokenizer, [ids[i] for i in sampled], [params[i] for i in sampled], backend=backend)
+    for j, chunk in steps:
+        c = out[sampled[j]]
         c.text += chunk.text
         c.token_ids += chunk.token_ids
         if c.logprobs is not None:
             c.logprobs += chunk.logprobs
         if chunk.finish_reason:
             c.finish_reason = chunk.finish_reason
-    return out
+    return [c for item in out for c in (item if isinstance(item, list) else [item])]
+
+
+def beam_generate(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[list[int]],
+                  params: Sequence[SamplingParams], *, backend: str = "auto") -> list[list[Completion]]:
+    """Beam search for every prompt in one decode batch: each prompt's best
+    `num_return_sequences` completions, best first."""
+    config = model.config
+    device = model.tok_embeddings.weight.device
+    eos = end_ids(config, tokenizer)
+    groups, first_rows = [], []
+    for i, (prompt, p) in enumerate(zip(prompts, params)):
+        row = new_row(i, prompt, p, config, tokenizer, eos, device)
+        groups.append(BeamGroup(i, p, [row], [0.0], done=row.max_new <= 0))
+        if row.max_new > 0:
+            first_rows.append(row)
+    if first_rows:
+        # room for every beam of every prompt to reach its budget
+        sized = [r for r in first_rows for _ in range(r.params.num_beams)]
+        batch = DecodeBatch.for_rows(model, tokenizer, sized, backend=backend)
+        batch.admit(first_rows)
+        beam_search(batch, [g for g in groups if not g.done], tokenizer)
+    results = []
+    for group, prompt in zip(groups, prompts):
+        hypotheses = group.finished[:group.params.num_return_sequences]
+        results.append([_completion(h, group, len(prompt), tokenizer) for h in hypotheses]
+                       or [Completion("", [], "length", len(prompt))])
+    return results
+
+
+def _completion(h: Hypothesis, group: BeamGroup, prompt_tokens: int, tokenizer: Tokenizer) -> Completion:
+    """A finished hypothesis as a completion (without its end token), the text cut at a stop string."""
+    ids = h.token_ids
+    text = tokenizer.decode(ids)
+    cuts = [i for i in (text.find(s) for s in group.params.stop) if i >= 0]
+    if cuts:
+        text = text[:min(cuts)]
+    return Completion(text, ids, h.finish_reason, prompt_tokens, None, h.score)
 
 
 def stream(model: Transformer, tokenizer: Tokenizer, prompt: str | Sequence[int],
            params: SamplingParams = SamplingParams(), *, truncate: bool = False,
            backend: str = "auto") -> Iterator[Chunk]:
     """Yield chunks of one completion as they become final."""
+    if params.num_beams > 1:  # a beam search knows its result only at the end
+        c = generate(model, tokenizer, [prompt], params, truncate=truncate, backend=backend)[0]
+        yield Chunk(c.text, c.token_ids, [], c.finish_reason)
+        return
     ids = prepare_prompt(tokenizer, prompt, model.config.block_size, params.max_new_tokens, truncate)
     for _, chunk in decode_steps(model, tokenizer, [ids], [params], backend=backend):
         yield chunk

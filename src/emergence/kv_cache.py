@@ -58,6 +58,7 @@ class PagedKVCache:
         self.dtype, self.device = dtype, self.k.device
         self._refs = [0] * num_blocks  # sequences holding each block
         self._free = list(range(num_blocks - 1, -1, -1))  # a stack: the lowest ids are handed out first
+        self.copies = 0  # blocks copied on write (a shared, partly filled last block written to)
 
     # ------------------------------------------------------------------------ sizing
     @staticmethod
@@ -95,6 +96,16 @@ class PagedKVCache:
             return self.blocks_for(length + new) - len(table) + 1
         return self.blocks_for(length + new) - len(table)
 
+    def blocks_needed_all(self, tables: list[list[int]], lengths: list[int], new: int) -> int:
+        """Free blocks that growing every sequence by `new` tokens takes. Sequences sharing a
+        partly filled last block copy it in turn, and the last holder of it writes in place."""
+        total, holders = 0, {}
+        for table, length in zip(tables, lengths):
+            total += self.blocks_for(length + new) - len(table)
+            if length % self.block_size and self._refs[table[-1]] > 1:
+                holders[table[-1]] = holders.get(table[-1], 0) + 1
+        return total + sum(n if self._refs[block] > n else n - 1 for block, n in holders.items())
+
     def grow(self, table: list[int], length: int, new: int) -> None:
         """Make room for `new` tokens after the `length` already held by the sequence whose
         blocks are `table` (changed in place): a shared last block that is partly filled is
@@ -111,6 +122,7 @@ class PagedKVCache:
             shared, own = table[-1], self._take()
             self.k[:, own] = self.k[:, shared]
             self.v[:, own] = self.v[:, shared]
+            self.copies += 1
             self._refs[shared] -= 1
             table[-1] = own
         while len(table) < self.blocks_for(length + new):

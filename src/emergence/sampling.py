@@ -40,14 +40,22 @@ class SamplingParams:
     ignore_eos: bool = False
     seed: int | None = None
     logprobs: int | None = None  # report the chosen token's logprob and this many top alternatives
+    no_repeat_ngram_size: int = 0  # ban tokens that would repeat an n-gram of the sequence (0: off)
+    # Beam search (beam.py), with transformers' meanings: beams kept per prompt; the length
+    # exponent of a finished hypothesis' score; when to stop (True, False or "never"); how
+    # many of the best hypotheses each prompt returns.
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+    num_return_sequences: int = 1
 
     def __post_init__(self) -> None:
         for name in ("temperature", "top_p", "min_p", "typical_p", "repetition_penalty",
-                     "presence_penalty", "frequency_penalty"):
+                     "presence_penalty", "frequency_penalty", "length_penalty"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise InvalidArgument(f"{name} must be a finite number, got {value!r}")
-        for name in ("top_k", "max_new_tokens"):
+        for name in ("top_k", "max_new_tokens", "no_repeat_ngram_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise InvalidArgument(f"{name} must be an integer >= 0, got {value!r}")
@@ -63,6 +71,16 @@ class SamplingParams:
              f"logprobs must be an integer in [0, 20], got {self.logprobs}"),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
             (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids must be integers >= 0"),
+            (isinstance(self.num_beams, int) and not isinstance(self.num_beams, bool) and self.num_beams >= 1,
+             f"num_beams must be an integer >= 1, got {self.num_beams!r}"),
+            (isinstance(self.num_return_sequences, int) and not isinstance(self.num_return_sequences, bool)
+             and 1 <= self.num_return_sequences, f"num_return_sequences must be an integer >= 1, got "
+             f"{self.num_return_sequences!r}"),
+            (self.num_return_sequences <= self.num_beams if isinstance(self.num_return_sequences, int) else True,
+             f"num_return_sequences ({self.num_return_sequences}) must be <= num_beams ({self.num_beams}): "
+             "each returned sequence is one beam"),
+            (self.early_stopping in (True, False, "never"),
+             f"early_stopping must be true, false or \"never\", got {self.early_stopping!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -87,7 +105,7 @@ class SamplingParams:
     def plain_greedy(self) -> bool:
         """Greedy with no processor that changes the logits: the token is the raw argmax."""
         return (self.greedy and not self.logit_bias and self.repetition_penalty == 1
-                and not self.presence_penalty and not self.frequency_penalty)
+                and not self.presence_penalty and not self.frequency_penalty and not self.no_repeat_ngram_size)
 
     @property
     def needs_history(self) -> bool:
@@ -113,6 +131,15 @@ def apply_presence_frequency(logits: torch.Tensor, counts: torch.Tensor, presenc
                              frequency: float) -> torch.Tensor:
     """counts (B, V): how often each token was generated. logit -= frequency * count + presence * [count > 0]."""
     return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
+
+
+def banned_ngram_tokens(history: Sequence[int], n: int) -> list[int]:
+    """Tokens that would repeat an n-gram of `history` (transformers' NoRepeatNGramLogitsProcessor):
+    those that followed an earlier occurrence of the sequence's last n - 1 tokens."""
+    if n <= 0 or len(history) + 1 < n:
+        return []
+    prefix = tuple(history[len(history) - n + 1:])
+    return [history[i + n - 1] for i in range(len(history) - n + 1) if tuple(history[i:i + n - 1]) == prefix]
 
 
 def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
