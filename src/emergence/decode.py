@@ -79,6 +79,11 @@ class Row:
     blocks: list[int] = field(default_factory=list)  # its KV cache blocks, in order
     length: int = 0  # tokens whose keys and values are in the cache
     adapter: str | None = None  # the model's adapter this row runs through (None: the active one)
+    # An encoder-decoder's row: `prompt` is the decoder's start token, `source` the encoder's
+    # input, `cross` its cross-attention states (t5.CrossStates), computed once when the row
+    # joins and shared by its forks.
+    source: list[int] | None = None
+    cross: Any = None
 
     @property
     def history(self) -> list[int]:
@@ -165,11 +170,15 @@ def new_row(tag: Any, prompt: list[int], params: SamplingParams, config, tokeniz
     """The decoding state of one sequence (not yet in a batch): its budget within the context
     window, random generator, stop ids, detokenizer, and (for penalties) the tokens seen."""
     params.check_vocabulary(config.vocab_size)
+    source = None
+    if getattr(config, "is_encoder_decoder", False):  # the prompt goes to the encoder
+        source, prompt = list(prompt), [config.decoder_start_token_id]
     generator = None
     if params.seed is not None and not params.greedy:
         generator = torch.Generator(device=device).manual_seed(params.seed)
     row = Row(tag, params, list(prompt), min(params.max_new_tokens, config.block_size - len(prompt)),
-              tokenizer.stream_decoder(), generator, set(params.stop_token_ids) | (set() if params.ignore_eos else eos))
+              tokenizer.stream_decoder(), generator, set(params.stop_token_ids) | (set() if params.ignore_eos else eos),
+              source=source)
     if params.needs_history and row.max_new > 0:
         row.seen = torch.zeros(1, config.vocab_size, dtype=torch.bool, device=device)
         row.seen[0, torch.tensor(prompt, device=device)] = True
@@ -186,9 +195,11 @@ class EagerBackend:
     def __init__(self, model: Transformer, cache: PagedKVCache) -> None:
         self.model, self.cache = model, cache
 
-    def forward(self, chunks: list[list[int]], starts: list[int], tables: list[list[int]]) -> torch.Tensor:
+    def forward(self, chunks: list[list[int]], starts: list[int], tables: list[list[int]],
+                cross: list | None = None) -> torch.Tensor:
         """Sequence j, holding starts[j] tokens in the blocks tables[j], is extended by
-        chunks[j]; returns each sequence's last-token logits (J, V) float32."""
+        chunks[j]; returns each sequence's last-token logits (J, V) float32. An
+        encoder-decoder's rows bring their cross-attention states (`cross`)."""
         device = self.cache.device
         J, T = len(chunks), max(len(c) for c in chunks)
         counts = torch.tensor([len(c) for c in chunks], device=device)
@@ -201,7 +212,12 @@ class EagerBackend:
             ids = ids.to(device)
         view = CacheView(self.cache, self.cache.tables(tables), torch.tensor(starts, device=device), counts)
         with torch.inference_mode():
-            h = self.model.hidden_states(ids, view)  # (J, T, D)
+            if cross is not None:
+                from .t5 import batch_cross_states
+
+                h = self.model.decoder_states(ids, *batch_cross_states(cross), view)  # (J, T, D)
+            else:
+                h = self.model.hidden_states(ids, view)  # (J, T, D)
             last = h[torch.arange(J, device=device), counts - 1]  # (J, D): each row's last real token
             return self.model.lm_head(last).float()
 
@@ -237,6 +253,7 @@ class DecodeBatch:
         self.steps = 0  # forward passes of the decoding loop (each serves every row)
         self.forward_seconds = 0.0  # time spent in forward passes (prefills included)
         self.eos = end_ids(self.config, tokenizer)
+        self.encoder_decoder = getattr(self.config, "is_encoder_decoder", False)
         # ids past the tokenizer's vocabulary (a model's padded embedding rows) are never chosen
         self.unused = slice(tokenizer.vocab_size, None) if tokenizer.vocab_size < self.config.vocab_size else None
 
@@ -261,6 +278,7 @@ class DecodeBatch:
         its own parameters and random generator; `fork` or `reorder` gives it the cache."""
         row = self.new_row(parent.prompt, params or parent.params, tag)
         row.token_ids, row.text, row.emitted = list(parent.token_ids), parent.text, parent.emitted
+        row.prompt, row.source, row.cross, row.max_new = parent.prompt, parent.source, parent.cross, parent.max_new
         row.decoder = parent.decoder.copy()
         if parent.seen is not None and row.seen is not None:
             row.seen, row.counts = parent.seen.clone(), parent.counts.clone()
@@ -280,6 +298,8 @@ class DecodeBatch:
         need = sum(self.cache.blocks_for(len(h)) for h in histories)
         if need > self.cache.num_free:
             raise OutOfBlocks(f"{need} blocks needed, {self.cache.num_free} free")
+        if self.encoder_decoder:
+            self._encode([r for r in rows if r.cross is None])
         logits = self._forward(rows, histories)
         self.rows += rows
         self.logits = logits if self.logits is None else torch.cat([self.logits, logits])
@@ -290,6 +310,7 @@ class DecodeBatch:
         b = self._index(parent)
         for child in children:
             child.blocks, child.length = self.cache.fork(parent.blocks), parent.length
+            child.cross = parent.cross
         self.rows += children
         self.logits = torch.cat([self.logits, self.logits[b:b + 1].expand(len(children), -1)])
 
@@ -301,6 +322,7 @@ class DecodeBatch:
         index = [self._index(p) for p in parents]
         for parent, child in zip(parents, children):
             child.blocks, child.length = self.cache.fork(parent.blocks), parent.length
+            child.cross = parent.cross
         for row in self.rows:
             self.cache.release(row.blocks)
         self.rows = list(children)
@@ -373,12 +395,31 @@ class DecodeBatch:
         for row, chunk in zip(rows, chunks):
             self.cache.grow(row.blocks, row.length, len(chunk))
         started = time.perf_counter()
+        cross = {"cross": [r.cross for r in rows]} if self.encoder_decoder else {}
         with self._adapters(rows):
-            logits = self.backend.forward(chunks, [r.length for r in rows], [r.blocks for r in rows])
+            logits = self.backend.forward(chunks, [r.length for r in rows], [r.blocks for r in rows], **cross)
         self.forward_seconds += time.perf_counter() - started
         for row, chunk in zip(rows, chunks):
             row.length += len(chunk)
         return logits.to(self.device)
+
+    def _encode(self, rows: Sequence[Row]) -> None:
+        """An encoder-decoder's joining rows: their sources through the encoder in one pass
+        (right-padded), and each row's cross-attention keys and values kept on it."""
+        if not rows:
+            return
+        S = max(len(r.source) for r in rows)
+        ids = torch.full((len(rows), S), self.config.pad_token_id, dtype=torch.long)
+        mask = torch.zeros(len(rows), S, dtype=torch.long)
+        for b, r in enumerate(rows):
+            ids[b, :len(r.source)], mask[b, :len(r.source)] = torch.tensor(r.source), 1
+        started = time.perf_counter()
+        with torch.inference_mode():
+            encoded = self.model.encode(ids.to(self.device), mask.to(self.device))
+            for r, states in zip(rows, self.model.cross_states(encoded)):
+                n = len(r.source)  # a padded row keeps only its own slots (a copy: the batch's tensor goes)
+                r.cross = states if n == S else type(states)(states.k[:, :, :n].clone(), states.v[:, :, :n].clone())
+        self.forward_seconds += time.perf_counter() - started
 
     def _index(self, row: Row) -> int:
         for b, r in enumerate(self.rows):

@@ -91,6 +91,8 @@ class Attention(nn.Module):
         # q, k and v in one matrix: one matmul per token instead of three.
         self.qkv_proj = nn.Linear(config.n_embd, q_dim + 2 * kv_dim, bias=config.bias or config.qkv_bias)
         self.o_proj = nn.Linear(q_dim, config.n_embd, bias=config.bias)
+        # None: SDPA's 1/sqrt(head_dim). T5 sets 1.0 (its initialisation folds the scaling into the weights).
+        self.scale = getattr(config, "attention_scale", None)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 mask: torch.Tensor | None, cache: CacheView | None) -> torch.Tensor:
@@ -109,28 +111,36 @@ class Attention(nn.Module):
         # q (B, H, T, hd), k and v (B, K, T, hd)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # every slot of each row's blocks, (B, K, S, hd)
-        # mask None means "every key is visible": a causal mask is only needed when T > 1.
+        # mask None means "every key is visible": a causal mask is only needed when T > 1. A float
+        # mask is added to the scores (T5's relative position bias, -inf where a key is hidden).
         causal = mask is None and T > 1
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=K != H)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=K != H,
+                                           scale=self.scale)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * self.head_dim))  # y was (B, H, T, hd)
+
+
+# MLP kinds: (gated, activation). Gated ones multiply act(gate) by a second projection.
+# gelu is the tanh approximation (GPT-2's, and T5 v1.1's gated "gelu_new"); relu is T5 v1.0's.
+MLP_KINDS = {"swiglu": (True, F.silu), "geglu": (True, lambda x: F.gelu(x, approximate="tanh")),
+             "gelu": (False, lambda x: F.gelu(x, approximate="tanh")), "relu": (False, F.relu)}
 
 
 class MLP(nn.Module):
     def __init__(self, config: Config) -> None:
         super().__init__()
-        self.swiglu = config.mlp == "swiglu"
+        self.gated, self.act = MLP_KINDS[config.mlp]
         d, f = config.n_embd, config.intermediate_size
-        if self.swiglu:  # gate and up projections in one matrix (B, T, 2f): one matmul instead of two
+        if self.gated:  # gate and up projections in one matrix (B, T, 2f): one matmul instead of two
             self.gate_up_proj = nn.Linear(d, 2 * f, bias=config.bias)
         else:
             self.up_proj = nn.Linear(d, f, bias=config.bias)
         self.down_proj = nn.Linear(f, d, bias=config.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.swiglu:
+        if self.gated:
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-            return self.down_proj(F.silu(gate) * up)
-        return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
+            return self.down_proj(self.act(gate) * up)
+        return self.down_proj(self.act(self.up_proj(x)))
 
 
 class Block(nn.Module):

@@ -65,7 +65,10 @@ def load_hf(folder: str | Path, *, dtype: torch.dtype | None = None) -> tuple[Tr
         raise CheckpointError(f"model folder not found: {folder}")
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"no config.json in {folder} (not a model folder, or a partial copy)")
-    config = Config.from_hf(folder / "config.json")
+    hf = read_json(folder / "config.json")
+    if hf.get("model_type") == "t5":
+        return _load_t5(folder, hf, dtype)
+    config = Config.from_hf(hf)
     config.name = folder.resolve().name
     sources = _open_shards(folder)
     if any(QUANTIZATION_KEY in f.metadata for f in set(sources.values())):
@@ -78,10 +81,26 @@ def load_hf(folder: str | Path, *, dtype: torch.dtype | None = None) -> tuple[Tr
     _check_layer_count(sources, config, folder)
     model = empty_model(config)
     wanted = canonical_names(model)
+    state, used = _read_state(expand(HF_RULES[config.family], config, wanted), sources, model, config, folder, dtype)
+    unexpected = sorted(k for k in set(sources) - used
+                        if not k.endswith(IGNORED_SUFFIXES) and not (config.tie_embeddings and k == "lm_head.weight"))
+    if unexpected:
+        raise CheckpointError(f"checkpoint has tensors this {config.family} config does not use: "
+                              f"{', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''}")
+    missing = sorted(wanted - set(state))
+    if missing:
+        raise CheckpointError(f"no checkpoint tensor maps to {', '.join(missing[:3])}")
+    return finish_loading(model, state), config
+
+
+def _read_state(rules, sources: dict, model: torch.nn.Module, config, folder: Path,
+                dtype: torch.dtype | None) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """Canonical tensors from the checkpoint through the name table's rules, shapes checked
+    against the model's; also returns the checkpoint names used."""
     params = dict(model.named_parameters())
     state: dict[str, torch.Tensor] = {}
     used = set()
-    for rule in expand(HF_RULES[config.family], config, wanted):
+    for rule in rules:
         missing = [name for name in rule.theirs if name not in sources]
         if missing:
             raise CheckpointError(f"checkpoint in {folder} lacks tensor {missing[0]!r} (partial or wrong architecture?)")
@@ -105,15 +124,38 @@ def load_hf(folder: str | Path, *, dtype: torch.dtype | None = None) -> tuple[Tr
                                       f"implies {tuple(params[name].shape)} for {name}")
             state[name] = t
         used.update(rule.theirs)
-    unexpected = sorted(k for k in set(sources) - used
-                        if not k.endswith(IGNORED_SUFFIXES) and not (config.tie_embeddings and k == "lm_head.weight"))
+    return state, used
+
+
+def _load_t5(folder: Path, hf: dict, dtype: torch.dtype | None):
+    """A T5ForConditionalGeneration folder -> (T5, T5Config)."""
+    from ..t5 import empty_t5
+    from .hf_config import t5_config_from_hf
+    from .names import T5_DUPLICATES, t5_rules
+
+    sources = _open_shards(folder)
+    config = t5_config_from_hf(hf, tied="lm_head.weight" not in sources)
+    config.name = folder.resolve().name
+    for stack, layers in (("encoder", config.n_encoder_layer), ("decoder", config.n_layer)):
+        found = {int(m.group(1)) for name in sources if (m := re.match(rf"{stack}\.block\.(\d+)\.", name))}
+        if not found:
+            raise CheckpointError(f"the T5 checkpoint in {folder} has no {stack} layers (a partial checkpoint, or "
+                                  f"an encoder-only one): an encoder-decoder needs both stacks")
+        if max(found) + 1 != layers:
+            raise CheckpointError(f"config.json says {layers} {stack} layers but the checkpoint in {folder} holds "
+                                  f"{max(found) + 1}")
+    model = empty_t5(config)
+    state, used = _read_state(t5_rules(config), sources, model, config, folder, dtype)
+    unexpected = sorted(set(sources) - used - set(T5_DUPLICATES))
     if unexpected:
-        raise CheckpointError(f"checkpoint has tensors this {config.family} config does not use: "
-                              f"{', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''}")
-    missing = sorted(wanted - set(state))
+        raise CheckpointError(f"checkpoint has tensors this T5 config does not use: {', '.join(unexpected[:3])}")
+    missing = sorted(canonical_names(model) - set(state))
     if missing:
         raise CheckpointError(f"no checkpoint tensor maps to {', '.join(missing[:3])}")
-    return finish_loading(model, state), config
+    model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_embeddings:
+        model.lm_head.weight = model.tok_embeddings.weight
+    return model.eval(), config
 
 
 _LAYER_INDEX = re.compile(r"\.(?:h|layers)\.(\d+)\.")
@@ -144,10 +186,16 @@ def save_hf(model: Transformer, folder: str | Path, *, max_shard_bytes: int | No
     except OSError as e:
         raise CheckpointError(f"cannot create {folder}: {e.strerror}") from None
     config = model.config
-    hf_config = config.to_hf()
     params = dict(model.named_parameters())
     tensors: dict[str, torch.Tensor] = {}
-    for rule in expand(HF_RULES[config.family], config, canonical_names(model)):
+    if getattr(config, "is_encoder_decoder", False):
+        from .hf_config import t5_config_to_hf
+        from .names import t5_rules
+
+        hf_config, rules = t5_config_to_hf(config), t5_rules(config)
+    else:
+        hf_config, rules = config.to_hf(), expand(HF_RULES[config.family], config, canonical_names(model))
+    for rule in rules:
         converted = rule.to_theirs([params[n].detach() for n in rule.ours], config)
         tensors.update(zip(rule.theirs, converted))
 

@@ -146,3 +146,38 @@ def config_to_hf(c: Config) -> dict[str, Any]:
         hf.update(use_sliding_window=c.sliding_window is not None, sliding_window=c.sliding_window,
                   max_window_layers=0)  # every layer slides, as in emergence
     return hf
+
+
+# ------------------------------------------------------------------------------------- T5
+def t5_config_from_hf(hf: dict[str, Any], tied: bool):
+    """T5ForConditionalGeneration's config.json -> T5Config. `tied`: the checkpoint has no
+    separate lm_head tensor. The head is scaled by d_model ** -0.5 when transformers 5's
+    `scale_decoder_outputs` says so, else (older configs) when it is tied (v1.0 is, v1.1 not)."""
+    from ..t5 import T5Config
+
+    _require(hf, "vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads")
+    proj = hf.get("feed_forward_proj", "relu")
+    mlp = {"relu": "relu", "gated-gelu": "geglu", "gated-gelu_new": "geglu"}.get(proj)
+    if mlp is None:
+        raise ConfigError(f"unsupported T5 feed_forward_proj {proj!r} (supported: relu, gated-gelu)")
+    scale = hf.get("scale_decoder_outputs", hf.get("tie_word_embeddings", True))
+    return T5Config(
+        name=hf.get("_name_or_path") or "t5", vocab_size=hf["vocab_size"], n_embd=hf["d_model"], head_dim=hf["d_kv"],
+        intermediate_size=hf["d_ff"], n_encoder_layer=hf["num_layers"],
+        n_layer=hf.get("num_decoder_layers") or hf["num_layers"], n_head=hf["num_heads"],
+        num_buckets=hf.get("relative_attention_num_buckets", 32),
+        max_distance=hf.get("relative_attention_max_distance", 128), mlp=mlp,
+        norm_eps=hf.get("layer_norm_epsilon", 1e-6), tie_embeddings=tied, scale_head=bool(scale),
+        block_size=hf.get("n_positions", 512), pad_token_id=hf.get("pad_token_id", 0),
+        eos_token_id=hf.get("eos_token_id", 1), decoder_start_token_id=hf.get("decoder_start_token_id", 0))
+
+
+def t5_config_to_hf(c) -> dict[str, Any]:
+    return dict(architectures=["T5ForConditionalGeneration"], model_type="t5", vocab_size=c.vocab_size,
+                d_model=c.n_embd, d_kv=c.head_dim, d_ff=c.intermediate_size, num_layers=c.n_encoder_layer,
+                num_decoder_layers=c.n_layer, num_heads=c.n_head, relative_attention_num_buckets=c.num_buckets,
+                relative_attention_max_distance=c.max_distance,
+                feed_forward_proj="relu" if c.mlp == "relu" else "gated-gelu", layer_norm_epsilon=c.norm_eps,
+                tie_word_embeddings=c.tie_embeddings, scale_decoder_outputs=c.scale_head, n_positions=c.block_size,
+                is_encoder_decoder=True, pad_token_id=c.pad_token_id, eos_token_id=c.eos_token_id,
+                decoder_start_token_id=c.decoder_start_token_id)

@@ -95,6 +95,51 @@ def _gpt2_rules() -> list[Rule]:
     return rules
 
 
+def t5_rules(c) -> list[Rule]:
+    """T5ForConditionalGeneration's names, every layer spelled out (the two stacks differ in depth)."""
+    def mlp(ours: str, theirs: str) -> list[Rule]:
+        if c.mlp == "geglu":  # wi_0 is the gated (GELU) half, wi_1 the linear one
+            up = Rule((f"{ours}.gate_up_proj.weight",), (f"{theirs}.wi_0.weight", f"{theirs}.wi_1.weight"),
+                      _fuse, _split_halves)
+        else:
+            up = _same(f"{ours}.up_proj.weight", f"{theirs}.wi.weight")
+        return [up, _same(f"{ours}.down_proj.weight", f"{theirs}.wo.weight")]
+
+    def self_attention(ours: str, theirs: str) -> list[Rule]:
+        return [Rule((f"{ours}.qkv_proj.weight",), tuple(f"{theirs}.{p}.weight" for p in "qkv"), _fuse, _split_qkv),
+                _same(f"{ours}.o_proj.weight", f"{theirs}.o.weight")]
+
+    rules = [_same("tok_embeddings.weight", "shared.weight"),
+             _same("encoder_bias.weight", "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"),
+             _same("encoder_norm.weight", "encoder.final_layer_norm.weight"),
+             _same("decoder_bias.weight", "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"),
+             _same("norm.weight", "decoder.final_layer_norm.weight")]
+    if not c.tie_embeddings:
+        rules.append(_same("lm_head.weight", "lm_head.weight"))
+    for i in range(c.n_encoder_layer):
+        e = f"encoder.block.{i}.layer"
+        rules += [_same(f"encoder_layers.{i}.attn_norm.weight", f"{e}.0.layer_norm.weight"),
+                  *self_attention(f"encoder_layers.{i}.attn", f"{e}.0.SelfAttention"),
+                  _same(f"encoder_layers.{i}.mlp_norm.weight", f"{e}.1.layer_norm.weight"),
+                  *mlp(f"encoder_layers.{i}.mlp", f"{e}.1.DenseReluDense")]
+    for i in range(c.n_layer):
+        d = f"decoder.block.{i}.layer"
+        rules += [_same(f"layers.{i}.attn_norm.weight", f"{d}.0.layer_norm.weight"),
+                  *self_attention(f"layers.{i}.attn", f"{d}.0.SelfAttention"),
+                  _same(f"layers.{i}.cross_norm.weight", f"{d}.1.layer_norm.weight"),
+                  _same(f"layers.{i}.cross_attn.q_proj.weight", f"{d}.1.EncDecAttention.q.weight"),
+                  Rule((f"layers.{i}.cross_attn.kv_proj.weight",),
+                       (f"{d}.1.EncDecAttention.k.weight", f"{d}.1.EncDecAttention.v.weight"), _fuse, _split_halves),
+                  _same(f"layers.{i}.cross_attn.o_proj.weight", f"{d}.1.EncDecAttention.o.weight"),
+                  _same(f"layers.{i}.mlp_norm.weight", f"{d}.2.layer_norm.weight"),
+                  *mlp(f"layers.{i}.mlp", f"{d}.2.DenseReluDense")]
+    return rules
+
+
+# Copies of the shared embedding some T5 checkpoints also store under each stack's name.
+T5_DUPLICATES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
+
+
 HF_RULES: dict[str, list[Rule]] = {
     "gpt2": _gpt2_rules(),
     "llama": _llama_rules(),
