@@ -149,3 +149,32 @@ def test_bad_beam_settings_are_one_clear_line(pair, kw, message):
     with pytest.raises(InvalidArgument) as e:
         lm.generate_batch([PROMPTS[0]], max_new_tokens=4, **kw)
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_server_beam_search_equals_generate():
+    """`num_beams` as an extra body field: the n best beams, whole, as the choices; settings
+    that do not combine are a 400 with one line."""
+    from emergence.serve.app import Server, serve_in_thread
+
+    from test_serve_http import post
+
+    lm = emergence.load()
+    app = Server(lm, "m", slots=2)
+    server, _ = serve_in_thread(app)
+    try:
+        port = server.server_address[1]
+        body = {"model": "m", "prompt": "Once upon a time", "max_tokens": 16, "num_beams": 3, "n": 2,
+                "length_penalty": 0.5, "early_stopping": "never"}
+        status, _, out = post(port, "/v1/completions", body)
+        assert status == 200, out
+        expected = lm.generate_batch(["Once upon a time"], max_new_tokens=16, num_beams=3, num_return_sequences=2,
+                                     length_penalty=0.5, early_stopping="never")
+        assert [c["text"] for c in out["choices"]] == [c.text for c in expected]
+        assert out["usage"]["completion_tokens"] == sum(len(c.token_ids) for c in expected)
+        for bad, message in (({"top_p": 0.5}, "top_p does not combine with beam search"),
+                             ({"n": 4}, "num_return_sequences (4) must be <= num_beams (3)")):
+            status, _, out = post(port, "/v1/completions", {**body, **bad})
+            assert status == 400 and message in out["error"]["message"], out
+    finally:
+        server.shutdown()
+        app.close()

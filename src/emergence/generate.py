@@ -36,19 +36,25 @@ class Completion:
 
 
 def prepare_prompt(tokenizer: Tokenizer, prompt: str | Sequence[int], block_size: int, max_new_tokens: int,
-                   truncate: bool = False) -> list[int]:
+                   truncate: bool = False, *, source: bool = False) -> list[int]:
+    """Token ids of a prompt, checked against the context. source: the prompt goes to an
+    encoder (T5), which reads all of its context and, like T5's tokenizer, ends text with EOS."""
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+    if source and isinstance(prompt, str) and tokenizer.eos_id is not None and ids[-1:] != [tokenizer.eos_id]:
+        ids.append(tokenizer.eos_id)
     if not ids:
         # Start a document: with BOS, or (GPT-2 style, where EOS separates documents) after EOS.
         start = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
         if start is None:
             raise InvalidArgument("empty prompt and the tokenizer has neither BOS nor EOS to start from")
         ids = [start]
-    if len(ids) >= block_size:
+    if len(ids) > block_size if source else len(ids) >= block_size:
         if not truncate:
-            raise InvalidArgument(f"prompt of {len(ids)} tokens does not fit the context window of {block_size} "
+            where = "the encoder's context of" if source else "the context window of"
+            raise InvalidArgument(f"prompt of {len(ids)} tokens does not fit {where} {block_size} "
                                   "(--truncate, or truncate=True, keeps its end)")
-        keep = max(block_size - max_new_tokens, 1) if max_new_tokens < block_size else block_size // 2
+        keep = block_size if source else (max(block_size - max_new_tokens, 1) if max_new_tokens < block_size
+                                          else block_size // 2)
         ids = ids[-keep:]
     vocab = tokenizer.vocab_size
     if any(t < 0 or t >= vocab for t in ids):
@@ -87,7 +93,8 @@ def generate(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[str | S
         params = [params] * len(prompts)
     for sp in params:
         check_beam_params(sp)
-    ids = [prepare_prompt(tokenizer, p, model.config.block_size, sp.max_new_tokens, truncate)
+    source = getattr(model.config, "is_encoder_decoder", False)
+    ids = [prepare_prompt(tokenizer, p, model.config.block_size, sp.max_new_tokens, truncate, source=source)
            for p, sp in zip(prompts, params)]
     out: list[Completion | list[Completion]] = [Completion("", [], "length", len(i), [] if sp.logprobs is not None
                                                            else None) for i, sp in zip(ids, params)]
@@ -155,6 +162,7 @@ def stream(model: Transformer, tokenizer: Tokenizer, prompt: str | Sequence[int]
         c = generate(model, tokenizer, [prompt], params, truncate=truncate, backend=backend)[0]
         yield Chunk(c.text, c.token_ids, [], c.finish_reason)
         return
-    ids = prepare_prompt(tokenizer, prompt, model.config.block_size, params.max_new_tokens, truncate)
+    ids = prepare_prompt(tokenizer, prompt, model.config.block_size, params.max_new_tokens, truncate,
+                         source=getattr(model.config, "is_encoder_decoder", False))
     for _, chunk in decode_steps(model, tokenizer, [ids], [params], backend=backend):
         yield chunk

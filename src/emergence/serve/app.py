@@ -177,6 +177,7 @@ class Server:
         self.engine = BatchEngine(lm.model, lm.tokenizer, slots=slots, max_queue=max_queue, context=context,
                                   kv_memory=kv_memory, backend=lm.backend)
         self.context = self.engine.context
+        self.encoder_decoder = getattr(lm.config, "is_encoder_decoder", False)
         self.template = chat_template or resolve_chat_template(None, missing="plain")
         self.created = now()
         self.metrics = Metrics(self)
@@ -230,7 +231,9 @@ class Server:
         adapter = self.check_model(req.model)
         options = sampling(req, self.defaults)
         prompts = await self._in_thread(self._prompts, req.prompt)
-        jobs = [(p * options.n + j, ids, options.for_prompt(len(ids), self.context, j, "prompt"))
+        # an encoder-decoder's decoder starts from one token, whatever the prompt's length
+        jobs = [(p * options.n + j, ids, options.for_prompt(1 if self.encoder_decoder else len(ids), self.context, j,
+                                                            "prompt"))
                 for p, ids in enumerate(prompts) for j in range(options.n)]
         state.prompt_tokens = sum(len(ids) for ids in prompts)  # each prompt counted once, whatever n
         cid, created = new_id("cmpl"), now()
@@ -378,6 +381,13 @@ class Server:
             raise ApiError(400, "at most 16 prompts per request", "prompt")
         out = []
         for item in items:
+            if self.encoder_decoder:  # the prompt is the encoder's: a text ends with EOS, as T5's tokenizer has it
+                try:
+                    out.append(prepare_prompt(self.lm.tokenizer, item if isinstance(item, str) else
+                                              self._ids(item, "prompt"), self.context, 0, source=True))
+                except EmergenceError as e:
+                    raise ApiError(400, str(e), "prompt", "context_length_exceeded") from None
+                continue
             ids = self._ids(item, "prompt")
             if len(ids) >= self.context:  # as for_prompt says it, with OpenAI's code
                 raise ApiError(400, f"the prompt has {len(ids)} tokens; the model's context is {self.context}",

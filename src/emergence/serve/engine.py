@@ -26,8 +26,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..beam import check_beam_params
 from ..decode import Chunk, DecodeBatch, Row, check_memory
 from ..errors import InvalidArgument
+from ..generate import beam_generate
 from ..kernels import release_thread_pool
 from ..kv_cache import DEFAULT_BLOCK_SIZE, PagedKVCache
 from ..model import Transformer
@@ -85,6 +87,7 @@ class _Waiting:
     requests: list[Request]
     row: Row | None = None  # a preempted row: it resumes with its history
     embedding: EmbeddingJob | None = None
+    beams: bool = False  # the requests are the returned beams of one beam search
 
     @property
     def tokens(self) -> int:
@@ -154,9 +157,16 @@ class BatchEngine:
         for p in params:
             self._check(prompt, p)
         requests = [Request(list(prompt), p, sink, t, adapter=adapter) for p, t in zip(params, tags)]
+        beams = params[0].num_beams > 1
+        if beams and (adapter is not None or len(params) != params[0].num_return_sequences):
+            raise InvalidArgument("a beam search runs on the base model and returns num_return_sequences choices")
         with self._lock:
             if len(self._waiting) >= self.max_queue:
                 raise InvalidArgument(f"the server is busy: {self.max_queue} requests are already waiting")
+            if beams:
+                self._waiting.append(_Waiting(requests, beams=True))
+                self._lock.notify()
+                return requests
             for i in range(0, len(requests), self.slots):  # more choices than slots: several groups
                 self._waiting.append(_Waiting(requests[i:i + self.slots]))
             self._lock.notify()
@@ -182,8 +192,14 @@ class BatchEngine:
 
     def _check(self, prompt: list[int], params: SamplingParams) -> None:
         params.check_vocabulary(self.model.config.vocab_size)
+        check_beam_params(params)
         if not prompt:
             raise InvalidArgument("the prompt is empty")
+        if getattr(self.model.config, "is_encoder_decoder", False):  # the prompt is the encoder's
+            if len(prompt) > self.context or params.max_new_tokens >= self.context:
+                raise InvalidArgument(f"a source of {len(prompt)} tokens and max_tokens {params.max_new_tokens} "
+                                      f"must each fit the context of {self.context}")
+            return
         total = len(prompt) + params.max_new_tokens
         if len(prompt) >= self.context or total > self.context:
             raise InvalidArgument(f"{len(prompt)} prompt tokens + max_tokens {params.max_new_tokens} exceed the "
@@ -247,12 +263,16 @@ class BatchEngine:
         batch, cache = self.batch, self.cache
         joining: list[tuple[Row, list[Row]]] = []  # (row to prefill, rows forked from it)
         embeddings: list[EmbeddingJob] = []
+        searches: list[list[Request]] = []
         rows, free = len(batch.rows), cache.num_free
         with self._lock:
             while self._waiting and rows < self.slots:
                 waiting = self._waiting[0]
                 if waiting.embedding is not None:
                     embeddings.append(self._waiting.popleft().embedding)
+                    continue
+                if waiting.beams:
+                    searches.append(self._waiting.popleft().requests)
                     continue
                 if waiting.row is None:
                     for request in [r for r in waiting.requests if r.cancelled.is_set()]:
@@ -292,11 +312,34 @@ class BatchEngine:
                     free += need
         for job in embeddings:
             self._embed(job)
+        for requests in searches:
+            self._search(requests)
         if joining:
             batch.admit([first for first, _ in joining])
             for first, others in joining:
                 if others:
                     batch.fork(first, others)
+
+    def _search(self, requests: list[Request]) -> None:
+        """A beam search, run whole between two steps of the batch on a KV cache of its own
+        (sized for its beams): the requests get the best beams, best first, one chunk each."""
+        if all(r.cancelled.is_set() for r in requests):
+            for r in requests:
+                r._end()
+            return
+        try:
+            found = beam_generate(self.model, self.tokenizer, [requests[0].prompt], [requests[0].params],
+                                  backend=self.backend)[0]
+        except Exception as e:  # noqa: BLE001 - the client hears of it
+            for r in requests:
+                r._end(e)
+            return
+        for request, c in zip(requests, found):
+            self.generated += len(c.token_ids)
+            request._put(Chunk(c.text, c.token_ids, [], c.finish_reason))
+            request._end()
+        for request in requests[len(found):]:
+            request._end()
 
     def _embed(self, job: EmbeddingJob) -> None:
         model = self.model

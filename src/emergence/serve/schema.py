@@ -121,6 +121,15 @@ class SamplingFields(Request):
     min_p: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] | None = None
     repetition_penalty: Annotated[float, Field(gt=0, le=100, allow_inf_nan=False)] | None = None
     ignore_eos: bool = False
+    # beam search (emergence's extra fields, transformers' meanings): n is the number of beams
+    # returned, at most num_beams; the response comes whole (a stream sends it as one chunk)
+    num_beams: Annotated[int, Field(ge=1, le=MAX_CHOICES, description=(
+        "emergence extra: beam search with this many beams; `n` (at most num_beams) best beams are returned, "
+        "each choice whole"))] | None = None
+    length_penalty: Annotated[float, Field(ge=-10, le=10, allow_inf_nan=False, description=(
+        "emergence extra, with num_beams: a beam's score is its log-probability / length ** length_penalty"))] | None = None
+    early_stopping: bool | Literal["never"] | None = None
+    no_repeat_ngram_size: Annotated[int, Field(ge=0, le=64)] | None = None
 
     @model_validator(mode="after")
     def _stop_text(self):
@@ -278,7 +287,9 @@ class Sampling:
 # request field -> SamplingParams field, for the fields they share
 _SAMPLING_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
                     "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
-                    "repetition_penalty": "repetition_penalty", "ignore_eos": "ignore_eos", "typical_p": "typical_p"}
+                    "repetition_penalty": "repetition_penalty", "ignore_eos": "ignore_eos", "typical_p": "typical_p",
+                    "num_beams": "num_beams", "length_penalty": "length_penalty", "early_stopping": "early_stopping",
+                    "no_repeat_ngram_size": "no_repeat_ngram_size"}
 
 
 def sampling(request: CompletionRequest | ChatCompletionRequest, defaults: dict[str, Any]) -> Sampling:
@@ -319,6 +330,8 @@ def sampling(request: CompletionRequest | ChatCompletionRequest, defaults: dict[
         max_tokens = request.max_tokens
     if "max_tokens" not in given and "max_completion_tokens" not in given and "max_new_tokens" in defaults:
         max_tokens = defaults["max_new_tokens"]
+    if params.get("num_beams", 1) > 1:  # the n choices are the best n beams of one search
+        params["num_return_sequences"] = request.n or 1
     options = request.stream_options
     return Sampling(n=request.n or 1, max_tokens=max_tokens, stream=request.stream,
                     include_usage=bool(options and options.include_usage), logprobs=logprobs, params=params)

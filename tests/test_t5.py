@@ -1,0 +1,290 @@
+"""T5 against transformers' T5ForConditionalGeneration: logits, greedy and beam outputs,
+checkpoints both ways, the SentencePiece tokenizer's sentinels, presets, serving, bad input.
+
+Tiny random v1.0 (ReLU MLP, tied head scaled by d_model ** -0.5) and v1.1 (gated GELU,
+unscaled head) configs; initializer_factor is raised so that greedy choices have clear
+winners (no float near-ties).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import emergence
+from emergence.errors import CheckpointError, InvalidArgument
+from emergence.t5 import T5Config, init_t5, relative_bucket
+from emergence.weights.hf import load_hf, save_hf
+
+from conftest import SHARED_DATA, VOCAB, word_level_tokenizer
+
+VERSIONS = {"v1.0": dict(feed_forward_proj="relu", tie_word_embeddings=True),
+            "v1.1": dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False)}
+
+
+def hf_t5(version: str, decoder_layers: int = 2, seed: int = 0, init: float = 2.0):
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    config = tf.T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=decoder_layers,
+                         num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=20,
+                         decoder_start_token_id=0, eos_token_id=2, pad_token_id=0, initializer_factor=init,
+                         **VERSIONS[version])
+    return tf.T5ForConditionalGeneration(config).eval()
+
+
+@pytest.fixture(scope="module", params=list(VERSIONS))
+def pair(request, tmp_path_factory):
+    """(transformers model, our LanguageModel) over one checkpoint folder."""
+    folder = tmp_path_factory.mktemp(f"t5-{request.param}")
+    hf = hf_t5(request.param)
+    hf.save_pretrained(folder)
+    word_level_tokenizer().save(folder)
+    return hf, emergence.load(str(folder), device="cpu")
+
+
+SOURCES = [[5, 9, 17, 33, 2], [40, 3, 3, 71, 22, 8, 61, 12, 2]]
+
+
+@pytest.mark.parametrize("version", list(VERSIONS))
+def test_logits_equal_transformers(version, tmp_path):
+    """Three decoder layers over two encoder layers, a padded source batch, 30 target tokens:
+    distances past max_distance and every bucket kind are exercised. T5's own initialisation
+    (logits of order 1; the generation tests' peaked weights give logits in the hundreds)."""
+    hf = hf_t5(version, decoder_layers=3, init=1.0)
+    hf.save_pretrained(tmp_path)
+    ours, config = load_hf(tmp_path)
+    assert (config.mlp, config.scale_head) == {"v1.0": ("relu", True), "v1.1": ("geglu", False)}[version]
+    torch.manual_seed(1)
+    source = torch.randint(3, VOCAB, (2, 40))
+    mask = torch.ones(2, 40, dtype=torch.long)
+    mask[1, 25:] = 0
+    target = torch.randint(3, VOCAB, (2, 30))
+    with torch.no_grad():
+        expected = hf(input_ids=source, attention_mask=mask, decoder_input_ids=target).logits
+        got = ours(source, target, mask)
+    assert (got - expected).abs().max().item() <= 1e-4
+
+
+def test_relative_buckets_equal_transformers():
+    from transformers.models.t5.modeling_t5 import T5Attention
+
+    relative = torch.arange(-300, 300)[None, :]
+    for bidirectional, buckets, distance in itertools.product([True, False], [8, 32], [20, 128]):
+        expected = T5Attention._relative_position_bucket(relative, bidirectional, buckets, distance)
+        assert torch.equal(relative_bucket(relative, bidirectional, buckets, distance), expected)
+
+
+def test_greedy_64_tokens_identical(pair):
+    hf, lm = pair
+    ours = lm.generate_batch(SOURCES, temperature=0, max_new_tokens=64)
+    for source, c in zip(SOURCES, ours):
+        expected = hf.generate(torch.tensor([source]), do_sample=False, max_new_tokens=64)[0, 1:].tolist()
+        if 2 in expected:
+            expected = expected[:expected.index(2)]
+        assert c.token_ids == expected
+
+
+@pytest.mark.parametrize("num_beams,length_penalty,early_stopping",
+                         [(2, 1.0, False), (3, 0.0, True), (4, 2.0, "never"), (3, -0.5, False)])
+def test_beam_search_equals_transformers(pair, num_beams, length_penalty, early_stopping):
+    hf, lm = pair
+    kw = dict(num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping,
+              num_return_sequences=num_beams)
+    ours = lm.generate_batch(SOURCES, max_new_tokens=12, no_repeat_ngram_size=3, **kw)
+    for p, source in enumerate(SOURCES):
+        out = hf.generate(torch.tensor([source]), do_sample=False, max_new_tokens=12, no_repeat_ngram_size=3,
+                          output_scores=True, return_dict_in_generate=True, **kw)
+        expected = []
+        for k in range(num_beams):
+            steps = sum(i >= 0 for i in out.beam_indices[k].tolist())
+            ids = out.sequences[k, 1:1 + steps].tolist()  # after the decoder start token
+            expected.append((ids[:-1] if ids and ids[-1] == 2 else ids, out.sequences_scores[k].item()))
+        got = [(c.token_ids, c.score) for c in ours[p * num_beams:(p + 1) * num_beams]]
+        # the summed log-probabilities within 1e-4: a negative length_penalty multiplies them by up to 12 ** 0.5
+        assert_same_hypotheses(got, expected, tol=1e-4 * 12 ** max(0.0, -length_penalty))
+
+
+def assert_same_hypotheses(got, expected, tol=1e-4):
+    """Same hypotheses, same scores (within tol), best first; hypotheses whose scores tie
+    within tol may come in either order (fp32 rounding decides it, in either library)."""
+    assert len(got) == len(expected)
+    for (_, a), (_, b) in zip(got, expected):
+        assert a == pytest.approx(b, abs=tol)
+    i = 0
+    while i < len(expected):
+        j = i + 1
+        while j < len(expected) and abs(expected[j][1] - expected[j - 1][1]) < tol:
+            j += 1
+        assert sorted(ids for ids, _ in got[i:j]) == sorted(ids for ids, _ in expected[i:j])
+        i = j
+
+
+def test_sources_batched_equal_alone(pair):
+    _, lm = pair
+    both = lm.generate_batch(SOURCES, temperature=0, max_new_tokens=20)
+    alone = [lm.generate_batch([s], temperature=0, max_new_tokens=20)[0] for s in SOURCES]
+    assert [c.token_ids for c in both] == [c.token_ids for c in alone]
+
+
+def test_saved_checkpoint_loads_in_transformers(pair, tmp_path):
+    import transformers as tf
+
+    hf, lm = pair
+    save_hf(lm.model, tmp_path)
+    back = tf.T5ForConditionalGeneration.from_pretrained(tmp_path).eval()
+    source, target = torch.tensor([SOURCES[1]]), torch.tensor([[0, 7, 9, 11]])
+    with torch.no_grad():
+        assert torch.equal(back(input_ids=source, decoder_input_ids=target).logits,
+                           hf(input_ids=source, decoder_input_ids=target).logits)
+    ours, _ = load_hf(tmp_path)
+    for (name, a), (_, b) in zip(ours.state_dict().items(), lm.model.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_untied_head_roundtrips(tmp_path):
+    """An untied head (the original v1.1 checkpoints') is kept as lm_head.weight, unscaled."""
+    config = T5Config.from_name("tiny-t5", mlp="geglu", tie_embeddings=False, scale_head=False)
+    model = init_t5(config, seed=3).eval()
+    save_hf(model, tmp_path)
+    back, loaded = load_hf(tmp_path)
+    assert not loaded.tie_embeddings and back.lm_head.weight is not back.tok_embeddings.weight
+    source, target = torch.randint(3, 256, (1, 12)), torch.randint(3, 256, (1, 6))
+    with torch.no_grad():
+        assert torch.equal(back(source, target), model(source, target))
+
+
+@pytest.mark.parametrize("name,published", [("t5-small", 60_506_624), ("t5-base", 222_903_552),
+                                            ("flan-t5-base", 247_577_856)])
+def test_presets_have_the_published_parameter_counts(name, published):
+    config = T5Config.from_name(name)
+    assert config.num_parameters() == published
+    with torch.device("meta"):
+        from emergence.t5 import T5
+
+        assert T5(config).num_parameters() == published
+
+
+@pytest.fixture(scope="module")
+def t5_tokenizer_folder(tmp_path_factory):
+    """A T5-style SentencePiece unigram vocabulary trained on Tiny Shakespeare: <pad> 0, </s> 1,
+    <unk> 2, the pieces, then <extra_id_99> .. <extra_id_0> at the end, saved by transformers'
+    T5Tokenizer as tokenizer.json."""
+    import sentencepiece as spm
+    import transformers as tf
+
+    folder = tmp_path_factory.mktemp("t5-tokenizer")
+    text = (SHARED_DATA / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")[:200_000]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(text.splitlines()), model_prefix=str(folder / "sp"),
+                                   vocab_size=400, model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+                                   minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_file=str(folder / "sp.model"))
+    pieces = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(3, sp.get_piece_size())]
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), *pieces,
+             *[(f"<extra_id_{i}>", 0.0) for i in range(99, -1, -1)]]
+    tok = tf.T5Tokenizer(vocab=vocab, extra_ids=100)
+    tok.save_pretrained(folder / "hf")
+    return folder / "hf", tok
+
+
+def test_t5_tokenizer_sentinels_match_transformers(t5_tokenizer_folder):
+    from emergence.tokenizer import Tokenizer
+
+    folder, reference = t5_tokenizer_folder
+    ours = Tokenizer.load(folder)
+    assert ours.vocab_size == 500 and ours.eos_id == 1 and ours.pad_id == 0
+    text = "<extra_id_0> be, or not to be: <extra_id_1> is the question. <extra_id_99>"
+    expected = reference(text).input_ids
+    assert expected[-1] == 1  # T5's tokenizer ends the text with </s>
+    assert ours.encode(text) == expected[:-1]
+    assert ours.encode("<extra_id_0>") == [499] and ours.encode("<extra_id_99>") == [400]
+    assert ours.decode(ours.encode("To be, or not to be")) == reference.decode(expected[1:4], skip_special_tokens=True) \
+        or ours.decode(ours.encode("To be, or not to be")) == "To be, or not to be"
+
+
+def test_text_prompt_reaches_the_encoder_with_eos(t5_tokenizer_folder, tmp_path):
+    """A text prompt is encoded as T5's tokenizer does (ending in </s>): the same greedy
+    output as transformers given the tokenizer's input_ids."""
+    import shutil
+
+    import transformers as tf
+
+    folder, reference = t5_tokenizer_folder
+    torch.manual_seed(5)
+    hf = tf.T5ForConditionalGeneration(tf.T5Config(
+        vocab_size=500, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4, decoder_start_token_id=0,
+        eos_token_id=1, pad_token_id=0, initializer_factor=5.0)).eval()
+    hf.save_pretrained(tmp_path)
+    for f in folder.iterdir():
+        shutil.copy(f, tmp_path)
+    lm = emergence.load(str(tmp_path), device="cpu")
+    prompt = "summarize: The king is dead. <extra_id_0> live the king."
+    expected = hf.generate(**reference(prompt, return_tensors="pt"), do_sample=False, max_new_tokens=16)
+    c = lm.complete(prompt, temperature=0, max_new_tokens=16)
+    ids = expected[0, 1:].tolist()
+    assert c.token_ids == (ids[:ids.index(1)] if 1 in ids else ids)
+    assert c.prompt_tokens == len(reference(prompt).input_ids)
+
+
+def test_cli_generates_with_t5_and_beams(pair, tmp_path):
+    hf, lm = pair
+    save_hf(lm.model, tmp_path)
+    word_level_tokenizer().save(tmp_path)
+    prompt = " ".join(f"t{i}" for i in SOURCES[1])
+    out = subprocess.run([sys.executable, "-m", "emergence", "generate", "--model", str(tmp_path), prompt,
+                          "-t", "0", "-n", "10", "--num-beams", "3", "--num-return-sequences", "2", "--json"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = [json.loads(line) for line in out.stdout.splitlines()]
+    expected = lm.generate_batch([prompt], num_beams=3, num_return_sequences=2, max_new_tokens=10)
+    assert [(d["token_ids"], d["score"]) for d in lines] == [(c.token_ids, c.score) for c in expected]
+
+
+def test_server_completes_with_t5(pair):
+    from emergence.serve.app import Server, serve_in_thread
+
+    from test_serve_http import post
+
+    _, lm = pair
+    app = Server(lm, "t5", slots=2)
+    server, _ = serve_in_thread(app)
+    try:
+        port = server.server_address[1]
+        prompt = " ".join(f"t{i}" for i in SOURCES[0][:-1])  # the server ends a text source with </s>
+        status, _, body = post(port, "/v1/completions", {"model": "t5", "prompt": prompt, "temperature": 0,
+                                                        "max_tokens": 12})
+        assert status == 200, body
+        assert body["choices"][0]["text"] == lm.complete(SOURCES[0], temperature=0, max_new_tokens=12).text
+        status, _, body = post(port, "/v1/completions", {"model": "t5", "prompt": prompt, "max_tokens": 12,
+                                                        "num_beams": 3, "n": 2})
+        assert status == 200, body
+        beams = lm.generate_batch([SOURCES[0]], num_beams=3, num_return_sequences=2, max_new_tokens=12)
+        assert [c["text"] for c in body["choices"]] == [c.text for c in beams]
+    finally:
+        server.shutdown()
+        app.close()
+
+
+# ------------------------------------------------------------------------------ bad input
+def test_checkpoint_without_a_decoder_is_refused(pair, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    hf, _ = pair
+    hf.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    save_file({k: v for k, v in tensors.items() if not k.startswith("decoder.")}, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match="has no decoder layers"):
+        load_hf(tmp_path)
+
+
+def test_source_longer_than_the_encoder_context_is_refused(pair):
+    _, lm = pair
+    too_long = [5] * (lm.config.block_size + 1)
+    with pytest.raises(InvalidArgument) as e:
+        lm.generate_batch([too_long], max_new_tokens=4)
+    assert "does not fit the encoder's context of 512" in str(e.value) and "\n" not in str(e.value)
