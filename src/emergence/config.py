@@ -50,6 +50,8 @@ class Config:
     eos_token_id: int | list[int] | None = 2
     pad_token_id: int | None = None
 
+    is_encoder_decoder = False  # (a class constant: T5Config's is True)
+
     def __post_init__(self) -> None:
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head

@@ -219,7 +219,8 @@ class EagerBackend:
             else:
                 h = self.model.hidden_states(ids, view)  # (J, T, D)
             last = h[torch.arange(J, device=device), counts - 1]  # (J, D): each row's last real token
-            return self.model.lm_head(last).float()
+            logits = self.model.lm_head(last).float()
+        return logits.clone()  # a normal tensor: the batch masks unused ids in place
 
 
 def make_backend(model: Transformer, cache: PagedKVCache, choice: str = "auto"):

@@ -36,7 +36,7 @@ class Completion:
 
 
 def prepare_prompt(tokenizer: Tokenizer, prompt: str | Sequence[int], block_size: int, max_new_tokens: int,
-                   truncate: bool = False, *, source: bool = False) -> list[int]:
+                   truncate: bool = False, *, source: bool = False, source_vocab: int | None = None) -> list[int]:
     """Token ids of a prompt, checked against the context. source: the prompt goes to an
     encoder (T5), which reads all of its context and, like T5's tokenizer, ends text with EOS."""
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
@@ -56,7 +56,8 @@ def prepare_prompt(tokenizer: Tokenizer, prompt: str | Sequence[int], block_size
         keep = block_size if source else (max(block_size - max_new_tokens, 1) if max_new_tokens < block_size
                                           else block_size // 2)
         ids = ids[-keep:]
-    vocab = tokenizer.vocab_size
+    # an encoder's source may hold the model's sentinel ids, past the tokenizer's (T5's <extra_id_N>)
+    vocab = max(tokenizer.vocab_size, source_vocab or 0) if source else tokenizer.vocab_size
     if any(t < 0 or t >= vocab for t in ids):
         raise InvalidArgument(f"prompt token ids must be in [0, {vocab})")
     return ids
@@ -94,8 +95,8 @@ def generate(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[str | S
     for sp in params:
         check_beam_params(sp)
     source = getattr(model.config, "is_encoder_decoder", False)
-    ids = [prepare_prompt(tokenizer, p, model.config.block_size, sp.max_new_tokens, truncate, source=source)
-           for p, sp in zip(prompts, params)]
+    ids = [prepare_prompt(tokenizer, p, model.config.block_size, sp.max_new_tokens, truncate, source=source,
+                          source_vocab=model.config.vocab_size) for p, sp in zip(prompts, params)]
     out: list[Completion | list[Completion]] = [Completion("", [], "length", len(i), [] if sp.logprobs is not None
                                                            else None) for i, sp in zip(ids, params)]
     searched = [i for i, sp in enumerate(params) if sp.num_beams > 1]
@@ -163,6 +164,6 @@ def stream(model: Transformer, tokenizer: Tokenizer, prompt: str | Sequence[int]
         yield Chunk(c.text, c.token_ids, [], c.finish_reason)
         return
     ids = prepare_prompt(tokenizer, prompt, model.config.block_size, params.max_new_tokens, truncate,
-                         source=getattr(model.config, "is_encoder_decoder", False))
+                         source=model.config.is_encoder_decoder, source_vocab=model.config.vocab_size)
     for _, chunk in decode_steps(model, tokenizer, [ids], [params], backend=backend):
         yield chunk

@@ -313,30 +313,57 @@ def empty_t5(config: T5Config) -> T5:
 
 
 def init_t5(config: T5Config, seed: int = 0) -> T5:
-    """Random weights with T5's initialisation (Mesh TensorFlow's, as transformers' _init_weights)."""
-    torch.manual_seed(seed)
+    """A T5 with random weights (T5's initialisation)."""
     model = T5(config)
-    d, hd, H, f = config.n_embd, config.head_dim, config.n_head, config.intermediate_size
+    initialize_t5(model, generator=torch.Generator().manual_seed(seed))
+    return model
+
+
+def initialize_t5(model: T5, *, generator: torch.Generator | None = None) -> None:
+    """Mesh TensorFlow's initialisation, as transformers' T5 _init_weights: embeddings N(0, 1),
+    queries N(0, (d hd) ** -0.5) (the attention's missing 1/sqrt(hd)), keys and values
+    N(0, d ** -0.5), outputs by their fan-in, norms 1."""
+    c = model.config
+    d, hd, H, f = c.n_embd, c.head_dim, c.n_head, c.intermediate_size
+    std = {"q_proj": (d * hd) ** -0.5, "kv_proj": d ** -0.5, "o_proj": (H * hd) ** -0.5, "up_proj": d ** -0.5,
+           "gate_up_proj": d ** -0.5, "down_proj": f ** -0.5, "lm_head": d ** -0.5, "tok_embeddings": 1.0,
+           "encoder_bias": d ** -0.5, "decoder_bias": d ** -0.5}
     with torch.no_grad():
-        model.tok_embeddings.weight.normal_(0, 1.0)
-        if not config.tie_embeddings:
-            model.lm_head.weight.normal_(0, d ** -0.5)
-        for bias in (model.encoder_bias, model.decoder_bias):
-            bias.weight.normal_(0, d ** -0.5)
         for name, p in model.named_parameters():
+            kind = name.split(".")[-2]
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
-            elif "qkv_proj" in name:  # q (H hd rows) scaled as T5 does, k and v by d
-                p[:H * hd].normal_(0, (d * hd) ** -0.5)
-                p[H * hd:].normal_(0, d ** -0.5)
-            elif name.endswith(("q_proj.weight",)):
-                p.normal_(0, (d * hd) ** -0.5)
-            elif name.endswith("kv_proj.weight"):
-                p.normal_(0, d ** -0.5)
-            elif name.endswith("o_proj.weight"):
-                p.normal_(0, (H * hd) ** -0.5)
-            elif name.endswith(("up_proj.weight", "gate_up_proj.weight")):
-                p.normal_(0, d ** -0.5)
-            elif name.endswith("down_proj.weight"):
-                p.normal_(0, f ** -0.5)
-    return model
+            elif kind == "qkv_proj":  # q (the first H hd rows) as a query, k and v as keys
+                p[:H * hd].normal_(0, (d * hd) ** -0.5, generator=generator)
+                p[H * hd:].normal_(0, d ** -0.5, generator=generator)
+            else:
+                p.normal_(0, std[kind], generator=generator)
+
+
+def t5_config_of(spec: Any) -> T5Config | None:
+    """A T5Config from a T5Config, a T5 preset name, or a JSON file (T5Config fields, or a
+    transformers T5 config.json); None when `spec` is none of these."""
+    from pathlib import Path
+
+    from .config import read_json
+
+    if isinstance(spec, T5Config):
+        return T5Config(**spec.to_dict())
+    if isinstance(spec, str) and spec in T5_PRESETS:
+        return T5Config.from_name(spec)
+    if isinstance(spec, (str, Path)) and Path(spec).is_file() and str(spec).endswith(".json"):
+        raw = read_json(Path(spec))
+        if raw.get("model_type") == "t5":
+            from .weights.hf_config import t5_config_from_hf
+
+            return t5_config_from_hf(raw, tied=raw.get("tie_word_embeddings", True))
+        if raw.get("family") == "t5":
+            return T5Config(**raw)
+    return None
+
+
+def build_model(config) -> nn.Module:
+    """The model a config describes: a T5 for a T5Config, else the decoder-only Transformer."""
+    from .model import Transformer
+
+    return T5(config) if config.is_encoder_decoder else Transformer(config)

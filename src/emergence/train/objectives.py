@@ -7,7 +7,8 @@
   of the input by one sentinel id and makes the target the sentinels followed by the spans
   they hide, exactly as T5's `span_corruption` preprocessor does (Raffel et al. 2020, 3.1.4).
   A decoder-only model learns it as a prefix LM: `span_corruption_batch` concatenates input
-  and target and masks the loss on the input part.
+  and target and masks the loss on the input part; an encoder-decoder (T5) reads the inputs
+  with its encoder and predicts the targets with its decoder (`span_corruption_seq2seq_batch`).
 
 Everything here is deterministic given its arguments (randomness comes in as a Generator).
 """
@@ -130,6 +131,42 @@ def span_corruption_batch(windows: torch.Tensor, sentinel_ids: Sequence[int], eo
         # position p predicts token p + 1; score predictions of tokens start .. len(row)-1
         targets[r, start - 1:len(row) - 1] = seq[r, start:len(row)]
     return Batch(seq[:, :-1], targets)
+
+
+class Seq2SeqBatch(NamedTuple):
+    inputs: torch.Tensor  # (B, S) the encoder's source, right-padded
+    targets: torch.Tensor  # (B, T) what the decoder predicts; IGNORE_INDEX on padding
+    decoder_inputs: torch.Tensor  # (B, T) the targets shifted right behind the decoder's start token
+    source_mask: torch.Tensor  # (B, S) 1 = source token, 0 = padding
+
+
+def seq2seq_batch(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], start_id: int, pad_id: int = 0
+                  ) -> Seq2SeqBatch:
+    """(source, target) id lists -> a teacher-forcing batch: the decoder reads
+    [start, t0, .., t(n-2)] and predicts [t0, .., t(n-1)] (T5's shift_right)."""
+    S, T = max(len(s) for s, _ in pairs), max(len(t) for _, t in pairs)
+    inputs = torch.full((len(pairs), S), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(pairs), S, dtype=torch.long)
+    targets = torch.full((len(pairs), T), IGNORE_INDEX, dtype=torch.long)
+    decoder_inputs = torch.full((len(pairs), T), pad_id, dtype=torch.long)
+    for r, (source, target) in enumerate(pairs):
+        inputs[r, :len(source)], mask[r, :len(source)] = torch.tensor(source, dtype=torch.long), 1
+        targets[r, :len(target)] = torch.tensor(target, dtype=torch.long)
+        decoder_inputs[r, :len(target)] = torch.tensor([start_id, *target[:-1]], dtype=torch.long)
+    return Seq2SeqBatch(inputs, targets, decoder_inputs, mask)
+
+
+def span_corruption_seq2seq_batch(windows: torch.Tensor, sentinel_ids: Sequence[int], eos_id: int, start_id: int, *,
+                                  generator: Sequence[torch.Generator], noise_density: float = 0.15,
+                                  mean_noise_span_length: float = 3.0) -> Seq2SeqBatch:
+    """windows (B, L) -> T5's span corruption: the source is the corrupted window + EOS, the
+    target the sentinels and the spans they hide + EOS (one generator per row)."""
+    pairs = []
+    for window, g in zip(windows.tolist(), generator):
+        mask = random_spans_noise_mask(len(window), noise_density, mean_noise_span_length, generator=g)
+        inp, tgt = span_corruption(window, mask.tolist(), sentinel_ids)
+        pairs.append((inp + [eos_id], tgt + [eos_id]))
+    return seq2seq_batch(pairs, start_id, pad_id=eos_id)
 
 
 def span_corruption_length(length: int, noise_density: float = 0.15, mean_noise_span_length: float = 3.0) -> int:

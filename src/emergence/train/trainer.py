@@ -34,6 +34,7 @@ from ..config import Config, read_json
 from ..errors import ConfigError, InvalidArgument
 from ..data.shards import TokenShards
 from ..model import Transformer
+from ..t5 import T5Config, build_model, initialize_t5, t5_config_of
 from ..progress import Progress, duration, human
 from ..sampling import SamplingParams
 from . import objectives
@@ -145,8 +146,10 @@ class Batches:
     """The objective's rows from the shards: training batches by sample number (any rank, any
     resume: the same rows), validation batches by window number."""
 
-    def __init__(self, data: TokenShards, tc: TrainConfig, context: int, vocab_size: int, eos_id: int) -> None:
+    def __init__(self, data: TokenShards, tc: TrainConfig, context: int, vocab_size: int, eos_id: int,
+                 seq2seq_start: int | None = None) -> None:
         self.tc, self.eos_id = tc, eos_id
+        self.seq2seq_start = seq2seq_start  # an encoder-decoder's decoder start id (None: a decoder-only model)
         window = objectives.window_length_for(tc.objective, context, tc.noise_density, tc.mean_noise_span_length)
         stride = window - 1 if tc.objective == "next-token" else window  # next-token windows share one token
         self.train = WindowSampler(data.split("train"), window, stride, tc.seed)
@@ -178,6 +181,10 @@ class Batches:
         if self.tc.objective == "next-token":
             return objectives.next_token_batch(windows)
         generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+        if self.seq2seq_start is not None:
+            return objectives.span_corruption_seq2seq_batch(
+                windows, self.sentinels, self.eos_id, self.seq2seq_start, generator=generators,
+                noise_density=self.tc.noise_density, mean_noise_span_length=self.tc.mean_noise_span_length)
         return objectives.span_corruption_batch(windows, self.sentinels, self.eos_id, generator=generators,
                                                 noise_density=self.tc.noise_density,
                                                 mean_noise_span_length=self.tc.mean_noise_span_length)
@@ -283,7 +290,17 @@ class TrainResult:
 def resolve_model_config(spec: str | Config, vocab_size: int, eos_id: int, objective: str) -> Config:
     """A preset name, a JSON file (our Config fields or an HF config.json) or a Config, with
     the vocabulary sized for the data's tokenizer (plus T5's 100 sentinel ids for span
-    corruption), rounded up to a multiple of 64 for efficient matmuls."""
+    corruption), rounded up to a multiple of 64 for efficient matmuls. T5 presets and configs
+    give a T5Config (trained with span corruption)."""
+    t5 = t5_config_of(spec)
+    if t5 is not None:
+        if objective != "span-corruption":
+            raise InvalidArgument(f"a T5 model (encoder-decoder) trains with --objective span-corruption, not {objective}")
+        needed = vocab_size + 100
+        t5.vocab_size = max(64 * math.ceil(needed / 64), t5.vocab_size if isinstance(spec, T5Config) else 0)
+        # the data's tokenizer has no T5 <pad>: its EOS pads the source and starts the decoder
+        t5.eos_token_id = t5.pad_token_id = t5.decoder_start_token_id = eos_id
+        return t5
     if isinstance(spec, Config):
         config = Config.from_dict(spec.to_dict())
     elif Path(spec).is_file():
@@ -322,13 +339,17 @@ class PretrainRun:
         self.context = tc.context or self.config.block_size
         if self.context > self.config.block_size:
             raise InvalidArgument(f"context {self.context} exceeds the model's block_size {self.config.block_size}")
-        self.batches = Batches(data, tc, self.context, self.config.vocab_size, self.tokenizer.eos_id)
+        start = self.config.decoder_start_token_id if self.config.is_encoder_decoder else None
+        self.batches = Batches(data, tc, self.context, self.config.vocab_size, self.tokenizer.eos_id, start)
 
     def build_model(self, device: torch.device, bf16: bool) -> Transformer:
         _check_memory(self.config, self.tc, self.context, bf16, device)
         torch.manual_seed(self.tc.seed)
-        model = Transformer(self.config)
-        initialize_weights(model, generator=torch.Generator().manual_seed(self.tc.seed))
+        model = build_model(self.config)
+        if self.config.is_encoder_decoder:
+            initialize_t5(model, generator=torch.Generator().manual_seed(self.tc.seed))
+        else:
+            initialize_weights(model, generator=torch.Generator().manual_seed(self.tc.seed))
         if self.init_weights is not None:
             model.load_state_dict(self.init_weights)
         return model.to(device)
@@ -347,7 +368,7 @@ class PretrainRun:
     def save(self, state: dict[str, torch.Tensor], folder: Path) -> None:
         from ..weights.hf import save_hf
 
-        plain = Transformer(self.config)
+        plain = build_model(self.config)
         plain.load_state_dict(state)
         save_hf(plain, folder)
         self.tokenizer.save(folder)
@@ -377,8 +398,13 @@ def run_loop(run, tc: TrainConfig, env: _Dist, device: torch.device) -> TrainRes
         step, cursor, best_val = state["step"], state["cursor"], state.get("best_val", math.inf)
         _restore_rng(state["rng"], device)
 
-    def batch_loss(inputs: torch.Tensor, targets: torch.Tensor, segments: torch.Tensor | None = None) -> torch.Tensor:
-        return objectives.next_token_loss(train_model(inputs, segment_ids=segments), targets)
+    def batch_loss(inputs: torch.Tensor, targets: torch.Tensor, extras: dict[str, torch.Tensor]) -> torch.Tensor:
+        """extras: a packed batch's segment_ids, or an encoder-decoder's decoder inputs and source mask."""
+        if "decoder_inputs" in extras:
+            logits = train_model(inputs, extras["decoder_inputs"], extras["source_mask"])
+        else:
+            logits = train_model(inputs, segment_ids=extras.get("segments"))
+        return objectives.next_token_loss(logits, targets)
 
     # torch.compile takes model and loss together, so the head's logits and the softmax fuse.
     compute_loss = torch.compile(batch_loss) if tc.compile else batch_loss
@@ -448,11 +474,10 @@ def run_loop(run, tc: TrainConfig, env: _Dist, device: torch.device) -> TrainRes
             batch = batches.train_batch(cursor + env.rank * tc.batch_size)
             cursor += tc.batch_size * env.world
             inputs, targets = _to_device(batch.inputs, device), _to_device(batch.targets, device)
-            segments = getattr(batch, "segments", None)
-            segments = None if segments is None else _to_device(segments, device)
+            extras = {k: _to_device(v, device) for k, v in batch_extras(batch).items()}
             sync = micro == tc.grad_accum - 1 or env.world == 1 or tc.fsdp
             with (nullcontext() if sync else train_model.no_sync()), autocast:
-                loss = compute_loss(inputs, targets, segments)
+                loss = compute_loss(inputs, targets, extras)
                 if tc.grad_accum > 1:  # (one kernel launch less per step without accumulation)
                     loss = loss / tc.grad_accum
             loss.backward()
@@ -513,6 +538,11 @@ def run_loop(run, tc: TrainConfig, env: _Dist, device: torch.device) -> TrainRes
                        len(losses) * tokens_per_step / max(elapsed, 1e-9), model_dir if env.main else None, losses)
 
 
+def config_from_dict(d: dict) -> Config | T5Config:
+    """A run's model_config.json (Config.to_dict or T5Config.to_dict) back to its config."""
+    return T5Config(**d) if d.get("family") == "t5" else Config.from_dict(d)
+
+
 def _run_start(model_spec: str | Config, tc: TrainConfig, env: _Dist, data: TokenShards, resume: bool
                ) -> tuple[Config, dict | None, dict[str, torch.Tensor] | None]:
     """(config, checkpoint state or None, initial weights or None) for a resumed run, a run
@@ -538,7 +568,7 @@ def _run_start(model_spec: str | Config, tc: TrainConfig, env: _Dist, data: Toke
         if saved_world * saved_batch != env.world * tc.batch_size:
             raise InvalidArgument(f"cannot resume with a different global batch: the run used {saved_world} "
                                   f"process(es) x batch {saved_batch}, now {env.world} x {tc.batch_size}")
-        return Config.from_dict(state["model_config"]), state, None
+        return config_from_dict(state["model_config"]), state, None
     if (out / "checkpoint.pt").exists():
         raise InvalidArgument(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     if tc.init is not None:
@@ -655,6 +685,11 @@ def _grad_norm(model: torch.nn.Module) -> torch.Tensor:
 
 # ------------------------------------------------------------------ evaluation, samples
 @torch.no_grad()
+def batch_extras(batch) -> dict[str, torch.Tensor]:
+    """A batch's tensors besides inputs and targets (segments; decoder inputs, source mask)."""
+    return {k: v for k, v in batch._asdict().items() if k not in ("inputs", "targets") and v is not None}
+
+
 def evaluate(model: torch.nn.Module, compute_loss, batches: Batches, env: _Dist, device: torch.device,
              autocast) -> float:
     """Mean loss over the same evenly spread validation windows every time (split over ranks)."""
@@ -668,9 +703,8 @@ def evaluate(model: torch.nn.Module, compute_loss, batches: Batches, env: _Dist,
         chunk = picks[i:i + tc.batch_size]
         batch = batches.eval_batch(chunk)
         with autocast:
-            segments = getattr(batch, "segments", None)
             loss = compute_loss(batch.inputs.to(device), batch.targets.to(device),
-                                None if segments is None else segments.to(device))
+                                {k: v.to(device) for k, v in batch_extras(batch).items()})
         total += loss.item() * len(chunk)
         n += len(chunk)
     model.train(was_training)
