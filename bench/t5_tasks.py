@@ -140,7 +140,7 @@ def pretrain(work: Path, p: dict, threads: int) -> tuple[Path, dict]:
                      eval_batches=8, checkpoint_every=0, sample_every=0, progress=True, seed=0)
     torch.set_num_threads(threads)
     started = time.perf_counter()
-    result = train(T5Config(**MODEL), tc)
+    result = train(T5Config(**MODEL, vocab_size=VOCAB), tc)  # the loop adds the 100 sentinels
     rows = [json.loads(line) for line in (work / "pretrain" / "metrics.jsonl").read_text().splitlines()]
     val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
     return work / "pretrain" / "model", {"steps": p["pretrain_steps"], "first_train_loss": result.losses[0],

@@ -288,3 +288,79 @@ def test_source_longer_than_the_encoder_context_is_refused(pair):
     with pytest.raises(InvalidArgument) as e:
         lm.generate_batch([too_long], max_new_tokens=4)
     assert "does not fit the encoder's context of 512" in str(e.value) and "\n" not in str(e.value)
+
+
+# -------------------------------------------------------------------------- GGUF, llama.cpp
+def llama_cpp_t5_greedy(path, source: list[int], n: int, vocab: int):
+    """llama.cpp's encoder-decoder through llama-cpp-python's low-level calls: llama_encode the
+    source, then llama_decode from the decoder start token, greedily; tokens and logits rows."""
+    import llama_cpp
+    import numpy as np
+
+    llama_cpp.llama_backend_init()
+    model = llama_cpp.llama_model_load_from_file(str(path).encode(), llama_cpp.llama_model_default_params())
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx = params.n_batch = 256
+    params.n_threads = params.n_threads_batch = 1
+    params.type_k = params.type_v = 0  # an fp32 KV cache
+    ctx = llama_cpp.llama_init_from_model(model, params)
+    try:
+        ids = (llama_cpp.llama_token * len(source))(*source)
+        assert llama_cpp.llama_encode(ctx, llama_cpp.llama_batch_get_one(ids, len(source))) == 0
+        token, tokens, rows = llama_cpp.llama_model_decoder_start_token(model), [], []
+        for _ in range(n):
+            one = (llama_cpp.llama_token * 1)(token)
+            assert llama_cpp.llama_decode(ctx, llama_cpp.llama_batch_get_one(one, 1)) == 0
+            rows.append(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, -1), shape=(vocab,)).copy())
+            token = int(rows[-1].argmax())
+            tokens.append(token)
+        return tokens, np.array(rows)
+    finally:
+        llama_cpp.llama_free(ctx)
+        llama_cpp.llama_model_free(model)
+
+
+@pytest.mark.parametrize("version", ["v1.0", "v1.1"])
+def test_llama_cpp_runs_our_t5_export_token_for_token(version, tmp_path):
+    """A tiny random T5 (stories260K's vocabulary) written by `emergence convert`: llama.cpp's
+    t5 architecture gives our greedy 32 tokens, its logits within 5e-3 (ggml's GELU is an fp16
+    table: the gated model moves most)."""
+    from emergence.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.load(emergence.api.PACKAGED_MODELS / "stories260K")
+    shape = {"v1.0": dict(mlp="relu", tie_embeddings=True, scale_head=True),
+             "v1.1": dict(mlp="geglu", tie_embeddings=False, scale_head=False)}[version]
+    config = T5Config(vocab_size=512, n_embd=64, head_dim=16, intermediate_size=96, n_encoder_layer=2, n_layer=2,
+                      n_head=4, eos_token_id=2, block_size=256, **shape)
+    model = init_t5(config, seed=1).eval()
+    save_hf(model, tmp_path / "hf")
+    tokenizer.save(tmp_path / "hf")
+    out = subprocess.run([sys.executable, "-m", "emergence", "convert", str(tmp_path / "hf"), str(tmp_path / "m.gguf")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    source = [1, 403, 407, 261, 378, 300, 42, 17, 2]
+    ours = emergence.LanguageModel(model, tokenizer, config).complete(source, temperature=0, max_new_tokens=32,
+                                                                      ignore_eos=True)
+    theirs, rows = llama_cpp_t5_greedy(tmp_path / "m.gguf", source, 32, 512)
+    assert ours.token_ids == theirs
+    with torch.no_grad():
+        logits = model(torch.tensor([source]), torch.tensor([[0] + theirs[:-1]]))[0].numpy()
+    assert abs(logits - rows).max() <= 5e-3
+
+
+def test_llama_cpp_runs_our_q8_0_t5_export(tmp_path):
+    from emergence.tokenizer import Tokenizer
+    from emergence.weights.gguf_model import save_gguf
+
+    tokenizer = Tokenizer.load(emergence.api.PACKAGED_MODELS / "stories260K")
+    config = T5Config(vocab_size=512, n_embd=64, head_dim=16, intermediate_size=96, n_encoder_layer=2, n_layer=2,
+                      n_head=4, eos_token_id=2, block_size=256, mlp="geglu", tie_embeddings=False, scale_head=False)
+    model = init_t5(config, seed=2).eval()
+    save_gguf(model, tokenizer, tmp_path / "q8.gguf", "q8_0")
+    source = [1, 403, 407, 261, 378, 300, 2]
+    theirs, rows = llama_cpp_t5_greedy(tmp_path / "q8.gguf", source, 16, 512)
+    with torch.no_grad():
+        logits = model(torch.tensor([source]), torch.tensor([[0] + theirs[:-1]]))[0].numpy()
+    # Q8_0 weights: llama.cpp's logits stay near the fp32 model's (and its greedy path is a valid one)
+    assert abs(logits - rows).max() <= 0.1
+    assert (logits.argmax(-1)[:8] == rows.argmax(-1)[:8]).all()

@@ -266,9 +266,85 @@ def gguf_metadata(config: Config, tokenizer: Tokenizer, file_type: str) -> dict:
     return meta
 
 
+# --------------------------------------------------------------------------------- T5
+def t5_gguf_tensors(model, file_type: str) -> list[tuple[str, GGMLType, tuple[int, ...], object]]:
+    """A T5 in llama.cpp's `t5` names: enc.blk.N.* and dec.blk.N.* with separate q/k/v, the
+    relative bias tables in each stack's first layer. llama.cpp applies no scaling before a
+    tied head, so a v1.0 model (tied, scaled by d_model ** -0.5) gets an explicit output.weight
+    holding the scaled embedding: the same logits."""
+    if file_type not in FILE_TYPES:
+        raise InvalidArgument(f"unknown GGUF type {file_type!r} (one of {', '.join(FILE_TYPES)})")
+    c = model.config
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    inner, F = c.n_head * c.head_dim, c.intermediate_size
+
+    def mlp(blk: str, ours: str) -> list[tuple[str, torch.Tensor]]:
+        if c.mlp == "geglu":
+            gate, up = state[ours + "mlp.gate_up_proj.weight"].split([F, F])
+            named = [(blk + "ffn_gate.weight", gate), (blk + "ffn_up.weight", up)]
+        else:
+            named = [(blk + "ffn_up.weight", state[ours + "mlp.up_proj.weight"])]
+        return named + [(blk + "ffn_down.weight", state[ours + "mlp.down_proj.weight"]),
+                        (blk + "ffn_norm.weight", state[ours + "mlp_norm.weight"])]
+
+    def self_attention(blk: str, ours: str) -> list[tuple[str, torch.Tensor]]:
+        q, k, v = state[ours + "attn.qkv_proj.weight"].split([inner, inner, inner])
+        return [(blk + "attn_norm.weight", state[ours + "attn_norm.weight"]), (blk + "attn_q.weight", q),
+                (blk + "attn_k.weight", k), (blk + "attn_v.weight", v), (blk + "attn_o.weight", state[ours + "attn.o_proj.weight"])]
+
+    named = [("token_embd.weight", state["tok_embeddings.weight"]),
+             ("enc.output_norm.weight", state["encoder_norm.weight"]), ("dec.output_norm.weight", state["norm.weight"]),
+             ("enc.blk.0.attn_rel_b.weight", state["encoder_bias.weight"]),  # (buckets, heads): ggml's {heads, buckets}
+             ("dec.blk.0.attn_rel_b.weight", state["decoder_bias.weight"])]
+    if not c.tie_embeddings:
+        named.append(("output.weight", state["lm_head.weight"]))
+    elif c.scale_head:
+        named.append(("output.weight", state["tok_embeddings.weight"] * c.n_embd ** -0.5))
+    for i in range(c.n_encoder_layer):
+        blk, ours = f"enc.blk.{i}.", f"encoder_layers.{i}."
+        named += self_attention(blk, ours) + mlp(blk, ours)
+    for i in range(c.n_layer):
+        blk, ours = f"dec.blk.{i}.", f"layers.{i}."
+        k, v = state[ours + "cross_attn.kv_proj.weight"].split([inner, inner])
+        named += self_attention(blk, ours) + mlp(blk, ours) + [
+            (blk + "cross_attn_norm.weight", state[ours + "cross_norm.weight"]),
+            (blk + "cross_attn_q.weight", state[ours + "cross_attn.q_proj.weight"]),
+            (blk + "cross_attn_k.weight", k), (blk + "cross_attn_v.weight", v),
+            (blk + "cross_attn_o.weight", state[ours + "cross_attn.o_proj.weight"])]
+    requested = FILE_TYPES[file_type]
+    out = []
+    for name, tensor in named:
+        plain = tensor.dim() < 2 or "attn_rel_b" in name  # norms and bias tables stay F32, as llama.cpp's converter
+        qtype = GGMLType.F32 if plain else _matrix_type(requested, tuple(tensor.shape))
+        out.append((name, qtype, tuple(tensor.shape), _encode(tensor, qtype)))
+    return out
+
+
+def t5_gguf_metadata(config, tokenizer: Tokenizer, file_type: str) -> dict:
+    if config.max_distance != 128:
+        raise InvalidArgument(f"llama.cpp's T5 fixes the relative attention's max distance at 128; this model "
+                              f"uses {config.max_distance}")
+    eps = GGUFValue(float(config.norm_eps), GGUFValueType.FLOAT32)
+    meta = {"general.architecture": "t5", "general.name": config.name,
+            "general.file_type": GGUFValue(LLAMA_FTYPE[file_type], GGUFValueType.UINT32),
+            "t5.context_length": config.block_size, "t5.embedding_length": config.n_embd,
+            "t5.feed_forward_length": config.intermediate_size, "t5.block_count": config.n_encoder_layer,
+            "t5.decoder_block_count": config.n_layer, "t5.attention.head_count": config.n_head,
+            "t5.attention.key_length": config.head_dim, "t5.attention.value_length": config.head_dim,
+            "t5.attention.layer_norm_epsilon": eps, "t5.attention.layer_norm_rms_epsilon": eps,
+            "t5.attention.relative_buckets_count": config.num_buckets,
+            "t5.decoder_start_token_id": GGUFValue(config.decoder_start_token_id, GGUFValueType.UINT32)}
+    meta.update(tokenizer_to_gguf_metadata(tokenizer, config))
+    return meta
+
+
 def save_gguf(model: Transformer, tokenizer: Tokenizer, path: str | Path, file_type: str = "f32") -> None:
     """Write a model and its tokenizer as one GGUF v3 file (atomically) that llama.cpp loads."""
     config = model.config
+    if config.is_encoder_decoder:
+        tensors = t5_gguf_tensors(model, file_type)
+        write_gguf(path, t5_gguf_metadata(config, tokenizer, file_type), tensors)
+        return
     if config.family not in ARCHITECTURES:
         raise InvalidArgument(f"no GGUF architecture for family {config.family!r}")
     tensors = gguf_tensors(model, file_type)
