@@ -364,3 +364,30 @@ def test_llama_cpp_runs_our_q8_0_t5_export(tmp_path):
     # Q8_0 weights: llama.cpp's logits stay near the fp32 model's (and its greedy path is a valid one)
     assert abs(logits - rows).max() <= 0.1
     assert (logits.argmax(-1)[:8] == rows.argmax(-1)[:8]).all()
+
+
+# --------------------------------------------------------------------- the other commands
+def test_info_store_and_refusals(pair, tmp_path, capsys, monkeypatch):
+    """`info` describes a T5; the store imports and runs it by name; the tools made for
+    decoder-only models refuse it in one line."""
+    import json as json_
+
+    from conftest import assert_one_line_error, cli_main
+
+    _, lm = pair
+    folder = tmp_path / "t5"
+    save_hf(lm.model, folder)
+    word_level_tokenizer().save(folder)
+    code, out, _ = cli_main(capsys, "info", folder, "--json")
+    info = json_.loads(out)
+    assert code == 0 and info["encoder_layers"] == info["decoder_layers"] == 2
+    assert info["parameters"] == sum(p.numel() for p in lm.model.parameters())
+    monkeypatch.setenv("EMERGENCE_HOME", str(tmp_path / "home"))
+    assert cli_main(capsys, "import", folder, "t5tiny")[0] == 0
+    prompt = " ".join(f"t{i}" for i in SOURCES[0][:-1])
+    code, out, _ = cli_main(capsys, "run", "t5tiny", prompt, "-t", "0", "-n", "8")
+    assert code == 0 and out.strip() == lm.complete(prompt, temperature=0, max_new_tokens=8).text
+    code, _, err = cli_main(capsys, "quantize", folder, "--to", "int8", "--out", tmp_path / "q")
+    assert_one_line_error(code, err, "emergence quantize takes decoder-only models")
+    code, _, err = cli_main(capsys, "generate", "-m", folder, "--adapter", tmp_path, "t1")
+    assert_one_line_error(code, err, "an adapter takes decoder-only models")

@@ -91,6 +91,13 @@ class LanguageModel:
                 yield chunk.text
 
 
+def require_decoder_only(config, what: str) -> None:
+    """One line for the tools that handle decoder-only models only (quantization, adapters, fine-tuning)."""
+    if config.is_encoder_decoder:
+        raise InvalidArgument(f"{what} takes decoder-only models; {config.name} is an encoder-decoder (T5), "
+                              "which it does not support yet")
+
+
 def load(path_or_name: str | Path | Source | None = None, *, tokenizer: str | Path | None = None,
          device: str = "auto", dtype: str | torch.dtype | None = None, backend: str = "auto",
          adapter: str | Path | None = None) -> LanguageModel:
@@ -138,5 +145,6 @@ def load(path_or_name: str | Path | Source | None = None, *, tokenizer: str | Pa
     if adapter is not None:
         from .adapters.peft_format import load_adapter
 
+        require_decoder_only(config, "an adapter")
         load_adapter(model, adapter)
     return LanguageModel(model.to(target), tok, config, backend)

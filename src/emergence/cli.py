@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .api import LanguageModel, load, resolve_dtype
+from .api import LanguageModel, load, require_decoder_only, resolve_dtype
 from .errors import EmergenceError, InvalidArgument
 from .files import check_output
 from .generate import Completion, TokenLogprob, generate, stream
@@ -165,6 +165,16 @@ def cmd_info(args: argparse.Namespace) -> None:
 
     lm = load(args.model_path, tokenizer=args.tokenizer, device="cpu", dtype=args.dtype)
     c = lm.config
+    if c.is_encoder_decoder:
+        info = {"name": c.name, "architecture": "t5 (encoder-decoder)", "parameters": lm.model.num_parameters(),
+                "dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch."), "context_length": c.block_size,
+                "encoder_layers": c.n_encoder_layer, "decoder_layers": c.n_layer, "heads": c.n_head,
+                "embedding": c.n_embd, "head_dim": c.head_dim, "mlp": f"{c.mlp} ({c.intermediate_size})",
+                "relative_buckets": f"{c.num_buckets} (max distance {c.max_distance})",
+                "head": ("tied, scaled by d_model ** -0.5" if c.scale_head else "tied") if c.tie_embeddings else "untied",
+                "vocab_size": c.vocab_size}
+        _print_info(info, args.json)
+        return
     weights = {id(p): p for p in lm.model.parameters()}.values()
     quantized = quantized_modules(lm.model)  # their weights are packed buffers, not parameters
     info = {
@@ -180,7 +190,11 @@ def cmd_info(args: argparse.Namespace) -> None:
         "rope_theta": c.rope_theta if c.position == "rope" else None, "sliding_window": c.sliding_window,
         "tied_embeddings": c.tie_embeddings, "vocab_size": c.vocab_size,
     }
-    if args.json:
+    _print_info(info, args.json)
+
+
+def _print_info(info: dict, as_json: bool) -> None:
+    if as_json:
         print(json.dumps(info))
         return
     for key, value in info.items():
@@ -243,6 +257,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     out = check_output(args.out, folder=True, force=args.force)
 
     lm = load(args.model, tokenizer=args.tokenizer, device="cpu")
+    require_decoder_only(lm.config, "emergence quantize")
     calibration = None
     if text is not None:
         # Sequences of at most 256 tokens (or the context window), each starting with BOS when there is one.

@@ -534,12 +534,14 @@ def _inspect_gguf(path: Path) -> ModelDetails:
 
 
 def _inspect_hf(folder: Path) -> ModelDetails:
+    from .config import read_json
     from .model import empty_model
     from .tokenizer import Tokenizer
     from .weights.hf import QUANTIZATION_KEY
+    from .weights.hf_config import t5_config_from_hf
     from .weights.safetensors_io import SafetensorsFile
 
-    config = Config.from_hf(folder / "config.json")
+    raw = read_json(folder / "config.json")
     files = [SafetensorsFile(folder / name) for name in _weight_files(folder)]
     Tokenizer.load(folder)
     records = [f.metadata[QUANTIZATION_KEY] for f in files if QUANTIZATION_KEY in f.metadata]
@@ -552,6 +554,10 @@ def _inspect_hf(folder: Path) -> ModelDetails:
                 dtypes[entry["dtype"]] += math.prod(entry["shape"])
         stored = dtypes.most_common(1)[0][0] if dtypes else "F32"
         fmt = {"F32": "fp32", "BF16": "bf16", "F16": "fp16"}.get(stored, stored.lower())
+    if raw.get("model_type") == "t5":  # an encoder-decoder: its own config, counted from its shapes
+        config = t5_config_from_hf(raw, tied=not any("lm_head.weight" in f.entries for f in files))
+        return ModelDetails("hf", fmt, "t5", config.num_parameters(), config.block_size)
+    config = Config.from_hf(raw)
     count = sum(p.numel() for p in empty_model(config).parameters())
     return ModelDetails("hf", fmt, config.family, count, config.block_size)
 

@@ -111,7 +111,7 @@ class FinetuneRun:
     kind = "finetune"
 
     def __init__(self, fc: FinetuneConfig, tc: TrainConfig, env: _Dist, resume: bool) -> None:
-        from ..api import load
+        from ..api import load, require_decoder_only
         from ..store import resolve_model
         from ..train.checkpoint import load_checkpoint
 
@@ -131,6 +131,7 @@ class FinetuneRun:
             raise InvalidArgument(f"{out} already holds a run; pass --resume to continue it or choose another --out")
         source = resolve_model(fc.model)
         self.lm = load(source, device="cpu", dtype="fp32")
+        require_decoder_only(self.lm.config, "emergence finetune")
         self.config, self.tokenizer = self.lm.config, self.lm.tokenizer
         self.template = load_template(source.path, fc.chat_template)
         self.context = tc.context or self.config.block_size
