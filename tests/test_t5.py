@@ -391,3 +391,43 @@ def test_info_store_and_refusals(pair, tmp_path, capsys, monkeypatch):
     assert_one_line_error(code, err, "emergence quantize takes decoder-only models")
     code, _, err = cli_main(capsys, "generate", "-m", folder, "--adapter", tmp_path, "t1")
     assert_one_line_error(code, err, "an adapter takes decoder-only models")
+
+
+def test_pretrain_cli_trains_a_t5_with_span_corruption(tmp_path, capsys):
+    """`emergence pretrain --config tiny-t5 --objective span-corruption`: the loss falls, a
+    T5 folder comes out, and a run killed mid-way and resumed repeats the uninterrupted run."""
+    import signal
+    import time
+
+    from test_pretrain import ENV, _make_shards, complete_rows, metrics, pretrain_cmd
+
+    from conftest import cli_main
+
+    shards = _make_shards(tmp_path / "data", 60_000, 400)
+    args = ["--config", "tiny-t5", "--objective", "span-corruption", "--context", "64", "--batch-size", "8",
+            "--lr", "3e-3", "--warmup-steps", "3", "--eval-every", "0", "--max-steps", "40", "--checkpoint-every",
+            "10", "--no-progress"]
+    code, _, err = cli_main(capsys, *pretrain_cmd(shards, tmp_path / "a", *args)[3:])
+    assert code == 0, err
+    losses = [r["train_loss"] for r in metrics(tmp_path / "a")]
+    assert len(losses) == 40 and sum(losses[-5:]) < sum(losses[:5]) - 1.0
+    model, config = load_hf(tmp_path / "a" / "model")
+    assert config.is_encoder_decoder and config.vocab_size == 512  # 400 + 100 sentinels, rounded to 64
+
+    out = tmp_path / "b"
+    proc = subprocess.Popen(pretrain_cmd(shards, out, *args), env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    try:
+        while complete_rows(out / "metrics.jsonl") < 25:
+            assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    resumed = subprocess.run(pretrain_cmd(shards, out, *args, "--resume"), env=ENV, capture_output=True, text=True,
+                             timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming at step 20" in resumed.stdout or "resuming at step 30" in resumed.stdout
+    assert [r["train_loss"] for r in metrics(out)] == pytest.approx(losses, abs=1e-6)
