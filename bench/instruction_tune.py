@@ -64,7 +64,6 @@ import datetime
 import json
 import math
 import os
-import platform
 import random
 import re
 import resource
@@ -77,6 +76,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from provenance import commit, machine  # noqa: E402
 SHARED = ROOT.parent / "shared" / "data" / "tinystories"
 TRAIN_TEXT = SHARED / "train" / "TinyStories-train.head2MiB.txt"
 VALID_TEXT = SHARED / "valid" / "hf_TinyStories_validation.head.txt"
@@ -544,29 +545,6 @@ def verify_keep(entries: list[tuple[str, dict]], held: list[dict], template: str
 
 
 # ------------------------------------------------------------------ the run
-def machine() -> dict:
-    import torch
-
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((x.split(":", 1)[1].strip() for x in f if x.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "arch": platform.machine(), "torch": torch.__version__,
-            "python": platform.python_version()}
-
-
-def commit() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"],  # the library measured
-                               capture_output=True, text=True, cwd=ROOT).stdout.strip()
-        return head + ("+dirty" if dirty else "")
-    except OSError:
-        return "unknown"
-
-
 def make_data(p: dict, work: Path, tokenizer) -> tuple[list[dict], list[dict], Path, dict]:
     count = lambda text: len(tokenizer.encode(text, add_bos=False))  # noqa: E731
     stories = train_stories()

@@ -28,12 +28,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
-import os
-import platform
 import random
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,6 +39,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
 
 import emergence  # noqa: E402
 from emergence.data.shards import prepare_corpus  # noqa: E402
@@ -52,6 +49,7 @@ from emergence.t5 import T5Config, init_t5  # noqa: E402
 from emergence.tokenizer import Tokenizer  # noqa: E402
 from emergence.train import TrainConfig, objectives, train  # noqa: E402
 from emergence.train.optim import learning_rate, make_optimizer  # noqa: E402
+from provenance import commit, machine  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data" / "tinystories"
 TRAIN_TEXT = SHARED / "train" / "TinyStories-train.head2MiB.txt"
@@ -204,26 +202,6 @@ def examples(model, tokenizer: Tokenizer, held: list[dict]) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------- run
-def machine() -> dict:
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((x.split(":", 1)[1].strip() for x in f if x.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version()}
-
-
-def commit() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], capture_output=True, text=True,
-                               cwd=ROOT).stdout.strip()
-        return head + ("+dirty" if dirty else "")
-    except OSError:
-        return "unknown"
-
-
 def run(p: dict, threads: int, argv: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

@@ -73,8 +73,8 @@ def held_out_loss(model: torch.nn.Module, fc: FinetuneConfig, tc: TrainConfig) -
     run = FinetuneRun(replace(fc), probe, _Dist(), resume=False)
     model.eval()
 
-    def loss(inputs, targets, segments=None):
-        return next_token_loss(model(inputs, segment_ids=segments), targets)
+    def loss(inputs, targets, extras):  # the loop's batch_loss: extras hold a packed batch's segments
+        return next_token_loss(model(inputs, segment_ids=extras.get("segments")), targets)
 
     return trainer.evaluate(model, loss, run.batches, _Dist(), torch.device("cpu"), contextlib.nullcontext())
 

@@ -28,7 +28,6 @@ result per prompt is the best `num_return_sequences` finished hypotheses, best f
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch

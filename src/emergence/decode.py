@@ -171,7 +171,7 @@ def new_row(tag: Any, prompt: list[int], params: SamplingParams, config, tokeniz
     window, random generator, stop ids, detokenizer, and (for penalties) the tokens seen."""
     params.check_vocabulary(config.vocab_size)
     source = None
-    if getattr(config, "is_encoder_decoder", False):  # the prompt goes to the encoder
+    if config.is_encoder_decoder:  # the prompt goes to the encoder
         source, prompt = list(prompt), [config.decoder_start_token_id]
     generator = None
     if params.seed is not None and not params.greedy:
@@ -264,7 +264,7 @@ class DecodeBatch:
         self.steps = 0  # forward passes of the decoding loop (each serves every row)
         self.forward_seconds = 0.0  # time spent in forward passes (prefills included)
         self.eos = end_ids(self.config, tokenizer)
-        self.encoder_decoder = getattr(self.config, "is_encoder_decoder", False)
+        self.encoder_decoder = self.config.is_encoder_decoder
         # ids past the tokenizer's vocabulary (a model's padded embedding rows) are never chosen
         self.unused = slice(tokenizer.vocab_size, None) if tokenizer.vocab_size < self.config.vocab_size else None
 

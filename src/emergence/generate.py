@@ -94,7 +94,7 @@ def generate(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[str | S
         params = [params] * len(prompts)
     for sp in params:
         check_beam_params(sp)
-    source = getattr(model.config, "is_encoder_decoder", False)
+    source = model.config.is_encoder_decoder
     ids = [prepare_prompt(tokenizer, p, model.config.block_size, sp.max_new_tokens, truncate, source=source,
                           source_vocab=model.config.vocab_size) for p, sp in zip(prompts, params)]
     out: list[Completion | list[Completion]] = [Completion("", [], "length", len(i), [] if sp.logprobs is not None

@@ -32,8 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import Config
 from .errors import ConfigError, InvalidArgument
-from .model import MLP, Attention, Block, RMSNorm, _SkipInit
+from .model import Block, RMSNorm, _SkipInit
 
 
 @dataclass
@@ -78,11 +79,7 @@ class T5Config:
         if self.num_buckets < 4:
             raise ConfigError(f"num_buckets must be at least 4, got {self.num_buckets}")
 
-    @property
-    def eos_token_ids(self) -> list[int]:
-        if self.eos_token_id is None:
-            return []
-        return list(self.eos_token_id) if isinstance(self.eos_token_id, (list, tuple)) else [self.eos_token_id]
+    eos_token_ids = Config.eos_token_ids  # the same property: all end-of-sequence ids
 
     def num_parameters(self) -> int:
         d, inner, f = self.n_embd, self.n_head * self.head_dim, self.intermediate_size

@@ -177,7 +177,7 @@ class Server:
         self.engine = BatchEngine(lm.model, lm.tokenizer, slots=slots, max_queue=max_queue, context=context,
                                   kv_memory=kv_memory, backend=lm.backend)
         self.context = self.engine.context
-        self.encoder_decoder = getattr(lm.config, "is_encoder_decoder", False)
+        self.encoder_decoder = lm.config.is_encoder_decoder
         self.template = chat_template or resolve_chat_template(None, missing="plain")
         self.created = now()
         self.metrics = Metrics(self)

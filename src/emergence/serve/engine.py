@@ -195,7 +195,7 @@ class BatchEngine:
         check_beam_params(params)
         if not prompt:
             raise InvalidArgument("the prompt is empty")
-        if getattr(self.model.config, "is_encoder_decoder", False):  # the prompt is the encoder's
+        if self.model.config.is_encoder_decoder:  # the prompt is the encoder's
             if len(prompt) > self.context or params.max_new_tokens >= self.context:
                 raise InvalidArgument(f"a source of {len(prompt)} tokens and max_tokens {params.max_new_tokens} "
                                       f"must each fit the context of {self.context}")

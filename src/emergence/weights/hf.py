@@ -188,7 +188,7 @@ def save_hf(model: Transformer, folder: str | Path, *, max_shard_bytes: int | No
     config = model.config
     params = dict(model.named_parameters())
     tensors: dict[str, torch.Tensor] = {}
-    if getattr(config, "is_encoder_decoder", False):
+    if config.is_encoder_decoder:
         from .hf_config import t5_config_to_hf
         from .names import t5_rules
 
