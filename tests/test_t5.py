@@ -431,3 +431,41 @@ def test_pretrain_cli_trains_a_t5_with_span_corruption(tmp_path, capsys):
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming at step 20" in resumed.stdout or "resuming at step 30" in resumed.stdout
     assert [r["train_loss"] for r in metrics(out)] == pytest.approx(losses, abs=1e-6)
+
+
+def test_seq2seq_span_corruption_batch_by_hand():
+    """T5's example: tokens [a b c d e f], noise [0 1 1 0 0 1], sentinels [S0 S1] -> the
+    encoder reads [a S0 d e S1 EOS], the decoder reads [start S0 b c S1 f] and predicts
+    [S0 b c S1 f EOS]; a shorter row is padded (source mask 0, targets ignored)."""
+    from emergence.train import objectives
+
+    a, b, c, d, e, f, S0, S1, EOS, START = 10, 11, 12, 13, 14, 15, 99, 98, 2, 0
+    inputs, targets = objectives.span_corruption([a, b, c, d, e, f], [0, 1, 1, 0, 0, 1], [S0, S1])
+    assert (inputs, targets) == ([a, S0, d, e, S1], [S0, b, c, S1, f])
+    batch = objectives.seq2seq_batch([(inputs + [EOS], targets + [EOS]), ([a, S0, EOS], [S0, b, EOS])], START,
+                                     pad_id=EOS)
+    assert batch.inputs.tolist() == [[a, S0, d, e, S1, EOS], [a, S0, EOS, EOS, EOS, EOS]]
+    assert batch.source_mask.tolist() == [[1] * 6, [1, 1, 1, 0, 0, 0]]
+    assert batch.decoder_inputs.tolist() == [[START, S0, b, c, S1, f], [START, S0, b, EOS, EOS, EOS]]
+    assert batch.targets.tolist() == [[S0, b, c, S1, f, EOS], [S0, b, EOS, -100, -100, -100]]
+
+
+def test_small_batch_linears_equal_torch_and_keep_gradients():
+    """The decoder's layers are SmallBatchLinear: a decode step's few rows through the native
+    GEMM equal torch's product within fp32 rounding; training (a gradient) takes torch's path."""
+    from emergence.kernels import SmallBatchLinear, gemv_extension
+
+    model = init_t5(T5Config.from_name("tiny-t5"), seed=4)
+    linears = [m for m in model.layers.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(type(m) is SmallBatchLinear for m in linears)
+    assert not any(type(m) is SmallBatchLinear for m in model.encoder_layers.modules())
+    layer = model.layers[0].mlp.down_proj
+    x = torch.randn(4, 1, layer.in_features)
+    with torch.inference_mode():
+        fast = layer(x)
+    assert torch.allclose(fast, torch.nn.functional.linear(x, layer.weight.detach()), atol=1e-5)
+    if gemv_extension() is not None:  # the native path was taken: not bit-identical to torch's
+        assert not torch.equal(fast, torch.nn.functional.linear(x, layer.weight.detach()))
+    x.requires_grad_(True)
+    layer(x).sum().backward()
+    assert x.grad is not None and layer.weight.grad is not None

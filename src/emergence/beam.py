@@ -69,7 +69,6 @@ class Hypothesis:
 class BeamGroup:
     """One prompt's search: its running beams (rows of the batch) and finished hypotheses."""
 
-    index: int  # the prompt's position in the caller's list
     params: SamplingParams
     beams: list[Row]  # running, best first
     scores: list[float]  # their summed log-probabilities
@@ -96,22 +95,22 @@ def beam_search(batch: DecodeBatch, groups: list[BeamGroup], tokenizer) -> None:
             if group.done:
                 continue
             n = len(group.beams)
-            _step(group, logprobs[first:first + n], tokenizer)
+            pending = _step(group, logprobs[first:first + n], tokenizer)
             first += n
-            for parent, token in group.pending:
-                child = dataclasses.replace(parent, token_ids=parent.token_ids + [token], blocks=[], length=0)
-                parents.append(parent)
-                children.append(child)
-                tokens.append(token)
-            group.beams = children[len(children) - len(group.pending):]
-            del group.pending
+            # A child is its parent's row with one more token and no blocks yet (reorder shares
+            # the parent's); beam rows never emit, so their detokenizers are never used.
+            group.beams = [dataclasses.replace(parent, token_ids=parent.token_ids + [token], blocks=[], length=0)
+                           for parent, token in pending]
+            parents += [parent for parent, _ in pending]
+            children += group.beams
+            tokens += [token for _, token in pending]
         batch.reorder(parents, children)
         batch.advance(tokens)
 
 
-def _step(group: BeamGroup, logprobs: torch.Tensor, tokenizer) -> None:
-    """One step of one prompt: logprobs (n beams, V). Sets group.pending to the
-    (parent row, token) pairs that continue, best first (empty when the group is done)."""
+def _step(group: BeamGroup, logprobs: torch.Tensor, tokenizer) -> list[tuple[Row, int]]:
+    """One step of one prompt: logprobs (n beams, V). Returns the (parent row, token) pairs
+    that continue, best first (none when the group is done)."""
     p = group.params
     nb, V = p.num_beams, logprobs.shape[-1]
     first_beam = group.beams[0]
@@ -140,7 +139,6 @@ def _step(group: BeamGroup, logprobs: torch.Tensor, tokenizer) -> None:
             finished.append(Hypothesis(ids, score / generated ** p.length_penalty, reason, token if end else None))
     if finished:
         group.finished = sorted(group.finished + finished, key=lambda h: -h.score)[:nb]
-    group.pending = [(parent, token) for parent, token, _ in running]
     group.scores = [score for _, _, score in running]
     # Can a running beam still beat the worst finished hypothesis?
     if running and group.full:
@@ -149,8 +147,7 @@ def _step(group: BeamGroup, logprobs: torch.Tensor, tokenizer) -> None:
         group.improvable = group.improvable and best > group.finished[-1].score
     group.done = (not running or not group.improvable or (p.early_stopping is True and group.full)
                   or generated >= first_beam.max_new)
-    if group.done:
-        group.pending = []
+    return [] if group.done else [(parent, token) for parent, token, _ in running]
 
 
 def _hits_stop(parent: Row, token: int, generated: int, stop_ids: set[int], p: SamplingParams,

@@ -192,18 +192,8 @@ class EagerBackend:
 
     name = "eager"
 
-    def __init__(self, model: Transformer, cache: PagedKVCache, *, native_linears: bool = False) -> None:
+    def __init__(self, model: Transformer, cache: PagedKVCache) -> None:
         self.model, self.cache = model, cache
-        # native_linears: the matmuls of small steps through the native GEMM (kernels.NativeLinear),
-        # for the CPU models the one-call native step does not cover (T5)
-        self.native_linears = native_linears and cache.device.type == "cpu"
-
-    def linears(self):
-        if self.native_linears:
-            from .kernels import native_linear
-
-            return native_linear()
-        return nullcontext()
 
     def forward(self, chunks: list[list[int]], starts: list[int], tables: list[list[int]],
                 cross: list | None = None) -> torch.Tensor:
@@ -221,7 +211,7 @@ class EagerBackend:
                 ids[j, :len(c)] = torch.tensor(c)
             ids = ids.to(device)
         view = CacheView(self.cache, self.cache.tables(tables), torch.tensor(starts, device=device), counts)
-        with torch.inference_mode(), self.linears():
+        with torch.inference_mode():
             if cross is not None:
                 from .t5 import batch_cross_states
 
@@ -246,7 +236,7 @@ def make_backend(model: Transformer, cache: PagedKVCache, choice: str = "auto"):
             return NativeBackend(model, cache)
         if choice == "native":
             raise InvalidArgument(f"the native decode step cannot run this model: {why}")
-    return EagerBackend(model, cache, native_linears=choice == "auto" and model.config.is_encoder_decoder)
+    return EagerBackend(model, cache)
 
 
 # ---------------------------------------------------------------------------- the batch

@@ -128,7 +128,7 @@ def beam_generate(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[li
     groups, first_rows = [], []
     for i, (prompt, p) in enumerate(zip(prompts, params)):
         row = new_row(i, prompt, p, config, tokenizer, eos, device)
-        groups.append(BeamGroup(i, p, [row], [0.0], done=row.max_new <= 0))
+        groups.append(BeamGroup(p, [row], [0.0], done=row.max_new <= 0))
         if row.max_new > 0:
             first_rows.append(row)
     if first_rows:

@@ -34,6 +34,7 @@ from torch import nn
 
 from .config import Config
 from .errors import ConfigError, InvalidArgument
+from .kernels import use_small_batch_linears
 from .model import Block, RMSNorm, _SkipInit
 
 
@@ -223,6 +224,10 @@ class T5(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_embeddings.weight
+        # No one-call native decode step covers T5 (yet): its decoder's matmuls on a decode
+        # step's few rows take the native batched GEMM instead (kernels.SmallBatchLinear).
+        use_small_batch_linears(self.layers)
+        use_small_batch_linears(self.lm_head)
 
     # ---------------------------------------------------------------------- encoder
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -134,35 +134,31 @@ def release_thread_pool() -> None:
             pass
 
 
-class NativeLinear(torch.overrides.TorchFunctionMode):
-    """Inside this mode, `F.linear` over a few fp32 CPU rows (a decode step: one row per beam or
+class SmallBatchLinear(nn.Linear):
+    """nn.Linear whose inference on a few fp32 CPU rows (a decode step: one row per beam or
     sequence) runs through the native batched GEMM: one pass over the weight for all rows, at
-    3-4x torch's speed on small batches (bench/bench_gemv.py). Everything else, and anything
-    that needs a gradient, runs as usual. The eager decode of models the one-call native step
-    does not cover (T5) uses it."""
+    3-4x torch's speed on small batches (bench/bench_gemv.py). Anything else (more rows, a
+    gradient, another device or dtype, no kernels) is nn.Linear's own forward. Models the
+    one-call native step does not cover (T5) give their decoder's layers this class."""
 
-    def __init__(self, extension, max_rows: int = 16) -> None:
-        super().__init__()
-        self.extension, self.max_rows = extension, max_rows
+    MAX_ROWS = 16
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch.nn.functional.linear:
-            x, weight = args[0], args[1]
-            bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            rows = x.numel() // max(x.shape[-1], 1)
-            differentiable = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-            if (rows <= self.max_rows and x.dtype == torch.float32 and x.device.type == "cpu" and not differentiable
-                    and type(weight) in (torch.Tensor, nn.Parameter) and weight.dim() == 2 and weight.is_contiguous()
-                    and weight.dtype in (torch.float32, torch.bfloat16)):
-                y = self.extension.gemm(x.reshape(rows, x.shape[-1]), weight).reshape(*x.shape[:-1], weight.shape[0])
-                return y if bias is None else y + bias
-        return func(*args, **kwargs)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight
+        rows = x.numel() // max(x.shape[-1], 1)
+        if (rows <= self.MAX_ROWS and x.dtype == torch.float32 and x.device.type == "cpu"
+                and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+                and weight.dtype in (torch.float32, torch.bfloat16) and weight.is_contiguous()):
+            extension = gemv_extension()
+            if extension is not None:
+                y = extension.gemm(x.reshape(rows, x.shape[-1]), weight).reshape(*x.shape[:-1], weight.shape[0])
+                return y if self.bias is None else y + self.bias
+        return super().forward(x)
 
 
-def native_linear():
-    """A NativeLinear mode, or a no-op context when the kernels are unavailable."""
-    from contextlib import nullcontext
-
-    extension = gemv_extension()
-    return NativeLinear(extension) if extension is not None else nullcontext()
+def use_small_batch_linears(module: nn.Module) -> None:
+    """Give every plain nn.Linear below `module` SmallBatchLinear's forward (same parameters,
+    same state dict)."""
+    for m in module.modules():
+        if type(m) is nn.Linear:
+            m.__class__ = SmallBatchLinear
