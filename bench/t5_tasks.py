@@ -59,7 +59,7 @@ DOC = ROOT / "docs" / "t5.md"
 VOCAB = 2048
 MODEL = dict(n_embd=192, head_dim=32, intermediate_size=512, n_encoder_layer=3, n_layer=3, n_head=6, mlp="geglu",
              tie_embeddings=False, scale_head=False, block_size=256)
-FULL = dict(pretrain_steps=1200, finetune_steps=3000, rows_per_task=6000, held_per_task=100, batch=32, context=128)
+FULL = dict(pretrain_steps=1200, finetune_steps=3000, rows_per_task=4000, held_per_task=100, batch=32, context=128)
 SMOKE = dict(pretrain_steps=4, finetune_steps=4, rows_per_task=40, held_per_task=5, batch=8, context=64)
 TASKS = ("fill in", "reverse words", "count words", "last word")
 WORD = re.compile(r"[A-Za-z']+")
