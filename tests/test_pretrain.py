@@ -68,6 +68,24 @@ def complete_rows(path: Path) -> int:
         return 0
 
 
+def kill_after_rows(cmd: list[str], metrics_file: Path, rows: int) -> int:
+    """Start a run, SIGKILL it once `rows` steps are logged (polled every 2 ms: a step takes
+    tens of ms); returns the run's exit status."""
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    try:
+        while complete_rows(metrics_file) < rows:
+            assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read()!r}"
+            assert time.monotonic() < deadline, f"the run never reached step {rows}"
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+        proc.stderr.close()
+    return proc.returncode
+
+
 def compare_losses(reference: list[dict], rows: list[dict], tol: float) -> float:
     """Same steps, same train (and validation) losses within tol; returns the largest difference."""
     assert [r["step"] for r in rows] == [r["step"] for r in reference]
@@ -142,20 +160,7 @@ def test_shards_are_what_training_reads(shards):
 # --------------------------------------------------------------------- 1. exact resume
 def test_resume_after_sigkill_repeats_the_uninterrupted_run(shards, reference, tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.Popen(pretrain_cmd(shards, out, *RUN_ARGS), env=ENV, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    try:
-        while complete_rows(out / "metrics.jsonl") < 35:
-            assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read()!r}"
-            assert time.monotonic() < deadline, "the run never reached step 35"
-            time.sleep(0.002)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait(timeout=30)
-        proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
+    assert kill_after_rows(pretrain_cmd(shards, out, *RUN_ARGS), out / "metrics.jsonl", 35) == -signal.SIGKILL
     rows_at_kill = complete_rows(out / "metrics.jsonl")
     assert 35 <= rows_at_kill < STEPS
 

@@ -397,9 +397,8 @@ def test_pretrain_cli_trains_a_t5_with_span_corruption(tmp_path, capsys):
     """`emergence pretrain --config tiny-t5 --objective span-corruption`: the loss falls, a
     T5 folder comes out, and a run killed mid-way and resumed repeats the uninterrupted run."""
     import signal
-    import time
 
-    from test_pretrain import ENV, _make_shards, complete_rows, metrics, pretrain_cmd
+    from test_pretrain import ENV, _make_shards, kill_after_rows, metrics, pretrain_cmd
 
     from conftest import cli_main
 
@@ -415,17 +414,7 @@ def test_pretrain_cli_trains_a_t5_with_span_corruption(tmp_path, capsys):
     assert config.is_encoder_decoder and config.vocab_size == 512  # 400 + 100 sentinels, rounded to 64
 
     out = tmp_path / "b"
-    proc = subprocess.Popen(pretrain_cmd(shards, out, *args), env=ENV, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    try:
-        while complete_rows(out / "metrics.jsonl") < 25:
-            assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
-            time.sleep(0.002)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait(timeout=30)
+    assert kill_after_rows(pretrain_cmd(shards, out, *args), out / "metrics.jsonl", 25) == -signal.SIGKILL
     resumed = subprocess.run(pretrain_cmd(shards, out, *args, "--resume"), env=ENV, capture_output=True, text=True,
                              timeout=120)
     assert resumed.returncode == 0, resumed.stderr
@@ -451,13 +440,16 @@ def test_seq2seq_span_corruption_batch_by_hand():
 
 
 def test_small_batch_linears_equal_torch_and_keep_gradients():
-    """The decoder's layers are SmallBatchLinear: a decode step's few rows through the native
+    """The decoder's step projections are SmallBatchLinear: a decode step's few rows through the native
     GEMM equal torch's product within fp32 rounding; training (a gradient) takes torch's path."""
     from emergence.kernels import SmallBatchLinear, gemv_extension
 
     model = init_t5(T5Config.from_name("tiny-t5"), seed=4)
-    linears = [m for m in model.layers.modules() if isinstance(m, torch.nn.Linear)]
-    assert linears and all(type(m) is SmallBatchLinear for m in linears)
+    plain = {n for n, m in model.layers.named_modules() if type(m) is torch.nn.Linear}
+    assert plain == {f"{i}.cross_attn.kv_proj" for i in range(len(model.layers))}  # run once per source
+    assert type(model.lm_head) is SmallBatchLinear
+    # q/k/v and o, cross q and o, the ReLU MLP's up and down
+    assert sum(type(m) is SmallBatchLinear for m in model.layers.modules()) == 6 * len(model.layers)
     assert not any(type(m) is SmallBatchLinear for m in model.encoder_layers.modules())
     layer = model.layers[0].mlp.down_proj
     x = torch.randn(4, 1, layer.in_features)

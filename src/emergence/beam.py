@@ -62,7 +62,6 @@ class Hypothesis:
     token_ids: list[int]  # generated tokens, without the end token
     score: float  # sum of log-probs / length ** length_penalty (the end token counted)
     finish_reason: str  # "stop" (end id or stop string) or "length"
-    end_token: int | None = None  # the end id that finished it
 
 
 @dataclass(eq=False)
@@ -136,7 +135,7 @@ def _step(group: BeamGroup, logprobs: torch.Tensor, tokenizer) -> list[tuple[Row
         elif rank < nb and group.improvable and not (p.early_stopping is True and group.full):
             end = token in stop_ids
             ids = parent.token_ids + ([] if end else [token])
-            finished.append(Hypothesis(ids, score / generated ** p.length_penalty, reason, token if end else None))
+            finished.append(Hypothesis(ids, score / generated ** p.length_penalty, reason))
     if finished:
         group.finished = sorted(group.finished + finished, key=lambda h: -h.score)[:nb]
     group.scores = [score for _, _, score in running]

@@ -50,7 +50,9 @@ class Config:
     eos_token_id: int | list[int] | None = 2
     pad_token_id: int | None = None
 
-    is_encoder_decoder = False  # (a class constant: T5Config's is True)
+    # class constants (T5Config sets its own): not an encoder-decoder; SDPA's 1/sqrt(head_dim) scaling
+    is_encoder_decoder = False
+    attention_scale = None
 
     def __post_init__(self) -> None:
         if self.n_kv_head is None:

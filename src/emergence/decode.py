@@ -194,6 +194,7 @@ class EagerBackend:
 
     def __init__(self, model: Transformer, cache: PagedKVCache) -> None:
         self.model, self.cache = model, cache
+        self._cross: tuple[tuple, tuple] | None = None  # (the last rows' cross states, them batched)
 
     def forward(self, chunks: list[list[int]], starts: list[int], tables: list[list[int]],
                 cross: list | None = None) -> torch.Tensor:
@@ -213,14 +214,23 @@ class EagerBackend:
         view = CacheView(self.cache, self.cache.tables(tables), torch.tensor(starts, device=device), counts)
         with torch.inference_mode():
             if cross is not None:
-                from .t5 import batch_cross_states
-
-                h = self.model.decoder_states(ids, *batch_cross_states(cross), view)  # (J, T, D)
+                h = self.model.decoder_states(ids, *self._batched_cross(cross), view)  # (J, T, D)
             else:
                 h = self.model.hidden_states(ids, view)  # (J, T, D)
             last = h[torch.arange(J, device=device), counts - 1]  # (J, D): each row's last real token
             logits = self.model.lm_head(last).float()
         return logits.clone()  # a normal tensor: the batch masks unused ids in place
+
+
+    def _batched_cross(self, cross: list) -> tuple:
+        """The rows' cross states batched (t5.batch_cross_states), reused while the same sources
+        stand in the same order (step after step of a stable batch: no copy per step)."""
+        from .t5 import batch_cross_states
+
+        last = self._cross
+        if last is None or len(last[0]) != len(cross) or any(a is not b for a, b in zip(last[0], cross)):
+            self._cross = last = (tuple(cross), batch_cross_states(cross))  # holds the states: no id is reused
+        return last[1]
 
 
 def make_backend(model: Transformer, cache: PagedKVCache, choice: str = "auto"):

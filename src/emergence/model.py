@@ -83,16 +83,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 # ---------------------------------------------------------------------------- the blocks
 class Attention(nn.Module):
-    def __init__(self, config: Config, layer: int) -> None:
+    def __init__(self, config: Config, layer: int, linear: type[nn.Linear] = nn.Linear) -> None:
         super().__init__()
         self.layer = layer
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         q_dim, kv_dim = config.n_head * config.head_dim, config.n_kv_head * config.head_dim
         # q, k and v in one matrix: one matmul per token instead of three.
-        self.qkv_proj = nn.Linear(config.n_embd, q_dim + 2 * kv_dim, bias=config.bias or config.qkv_bias)
-        self.o_proj = nn.Linear(q_dim, config.n_embd, bias=config.bias)
+        self.qkv_proj = linear(config.n_embd, q_dim + 2 * kv_dim, bias=config.bias or config.qkv_bias)
+        self.o_proj = linear(q_dim, config.n_embd, bias=config.bias)
         # None: SDPA's 1/sqrt(head_dim). T5 sets 1.0 (its initialisation folds the scaling into the weights).
-        self.scale = getattr(config, "attention_scale", None)
+        self.scale = config.attention_scale
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 mask: torch.Tensor | None, cache: CacheView | None) -> torch.Tensor:
@@ -126,15 +126,15 @@ MLP_KINDS = {"swiglu": (True, F.silu), "geglu": (True, lambda x: F.gelu(x, appro
 
 
 class MLP(nn.Module):
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, linear: type[nn.Linear] = nn.Linear) -> None:
         super().__init__()
         self.gated, self.act = MLP_KINDS[config.mlp]
         d, f = config.n_embd, config.intermediate_size
         if self.gated:  # gate and up projections in one matrix (B, T, 2f): one matmul instead of two
-            self.gate_up_proj = nn.Linear(d, 2 * f, bias=config.bias)
+            self.gate_up_proj = linear(d, 2 * f, bias=config.bias)
         else:
-            self.up_proj = nn.Linear(d, f, bias=config.bias)
-        self.down_proj = nn.Linear(f, d, bias=config.bias)
+            self.up_proj = linear(d, f, bias=config.bias)
+        self.down_proj = linear(f, d, bias=config.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gated:
@@ -144,14 +144,15 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)). `linear`: the class
+    of its projections (nn.Linear; T5's decoder takes kernels.SmallBatchLinear)."""
 
-    def __init__(self, config: Config, layer: int) -> None:
+    def __init__(self, config: Config, layer: int, linear: type[nn.Linear] = nn.Linear) -> None:
         super().__init__()
         self.attn_norm = make_norm(config)
-        self.attn = Attention(config, layer)
+        self.attn = Attention(config, layer, linear)
         self.mlp_norm = make_norm(config)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config, linear)
 
     def forward(self, x, rope, mask, cache):
         x = x + self.attn(self.attn_norm(x), rope, mask, cache)

@@ -34,7 +34,7 @@ from torch import nn
 
 from .config import Config
 from .errors import ConfigError, InvalidArgument
-from .kernels import use_small_batch_linears
+from .kernels import SmallBatchLinear
 from .model import Block, RMSNorm, _SkipInit
 
 
@@ -161,9 +161,9 @@ class CrossAttention(nn.Module):
         super().__init__()
         self.n_head, self.head_dim = config.n_head, config.head_dim
         inner = config.n_head * config.head_dim
-        self.q_proj = nn.Linear(config.n_embd, inner, bias=False)
-        self.kv_proj = nn.Linear(config.n_embd, 2 * inner, bias=False)  # k and v in one matmul
-        self.o_proj = nn.Linear(inner, config.n_embd, bias=False)
+        self.q_proj = SmallBatchLinear(config.n_embd, inner, bias=False)
+        self.kv_proj = nn.Linear(config.n_embd, 2 * inner, bias=False)  # k and v in one matmul, once per source
+        self.o_proj = SmallBatchLinear(inner, config.n_embd, bias=False)
 
     def keys_values(self, encoded: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """encoded (B, S, D) -> k, v (B, H, S, hd)."""
@@ -180,10 +180,12 @@ class CrossAttention(nn.Module):
 
 
 class DecoderBlock(Block):
-    """model.Block with cross-attention between self-attention and the MLP."""
+    """model.Block with cross-attention between self-attention and the MLP. No one-call native
+    decode step covers T5 (yet): the projections a decode step runs on its few rows are
+    kernels.SmallBatchLinear (the native batched GEMM)."""
 
     def __init__(self, config: T5Config, layer: int) -> None:
-        super().__init__(config, layer)
+        super().__init__(config, layer, linear=SmallBatchLinear)
         self.cross_norm = RMSNorm(config.n_embd, config.norm_eps)
         self.cross_attn = CrossAttention(config)
 
@@ -221,13 +223,9 @@ class T5(nn.Module):
         self.layers = nn.ModuleList(DecoderBlock(config, i) for i in range(config.n_layer))
         self.decoder_bias = RelativeBias(config, bidirectional=False)
         self.norm = RMSNorm(config.n_embd, config.norm_eps)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = SmallBatchLinear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_embeddings.weight
-        # No one-call native decode step covers T5 (yet): its decoder's matmuls on a decode
-        # step's few rows take the native batched GEMM instead (kernels.SmallBatchLinear).
-        use_small_batch_linears(self.layers)
-        use_small_batch_linears(self.lm_head)
 
     # ---------------------------------------------------------------------- encoder
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -139,7 +139,7 @@ class SmallBatchLinear(nn.Linear):
     sequence) runs through the native batched GEMM: one pass over the weight for all rows, at
     3-4x torch's speed on small batches (bench/bench_gemv.py). Anything else (more rows, a
     gradient, another device or dtype, no kernels) is nn.Linear's own forward. Models the
-    one-call native step does not cover (T5) give their decoder's layers this class."""
+    one-call native step does not cover (T5's decoder) build their projections with it."""
 
     MAX_ROWS = 16
 
@@ -155,10 +155,3 @@ class SmallBatchLinear(nn.Linear):
                 return y if self.bias is None else y + self.bias
         return super().forward(x)
 
-
-def use_small_batch_linears(module: nn.Module) -> None:
-    """Give every plain nn.Linear below `module` SmallBatchLinear's forward (same parameters,
-    same state dict)."""
-    for m in module.modules():
-        if type(m) is nn.Linear:
-            m.__class__ = SmallBatchLinear
