@@ -1,8 +1,9 @@
 """emergence.chat: chat templates rendered exactly as transformers' apply_chat_template renders
-them (every template in shared/data/chat_templates, conversations with system prompts,
-unicode and Jinja-looking text), the sandbox, template sources (tokenizer_config.json,
-folders, GGUF, built-ins, the fallback for base models), and fitting a conversation into the
-context window with hand-counted tokens. Nothing is downloaded."""
+them (every template in shared/data/chat_templates and the model families' own templates in
+tests/data/chat_templates, conversations with system prompts, unicode and Jinja-looking text),
+the sandbox, template sources (tokenizer_config.json, folders, GGUF, built-ins, the fallback
+for base models), and fitting a conversation into the context window with hand-counted tokens.
+Nothing is downloaded."""
 
 from __future__ import annotations
 
@@ -111,20 +112,25 @@ def hf_tokenizer(template: str, tokens: dict[str, str]):
 
 
 def assert_same_render(ours: ChatTemplate, reference, messages: list[dict], add_generation_prompt: bool,
-                       **variables) -> None:
-    """Our render equals transformers', or both refuse with the same message."""
+                       template_kwargs: dict | None = None, **variables) -> bool:
+    """Our render equals transformers', or both refuse with the same message. `template_kwargs`
+    (enable_thinking=..., tools=...) go to both; `variables` (the special tokens, which the
+    reference tokenizer holds already) to ours only. True when both rendered, False when both
+    refused."""
     from jinja2.exceptions import TemplateError
 
+    kwargs = dict(template_kwargs or {})
     try:
         expected = reference.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                                 tokenize=False)
+                                                 tokenize=False, **kwargs)
     except TemplateError as e:  # raise_exception in the template
         with pytest.raises(InvalidArgument) as caught:
-            ours.render(messages, add_generation_prompt=add_generation_prompt, **variables)
+            ours.render(messages, add_generation_prompt=add_generation_prompt, **variables, **kwargs)
         assert str(e) in str(caught.value) and "\n" not in str(caught.value)
-        return
-    got = ours.render(messages, add_generation_prompt=add_generation_prompt, **variables)
+        return False
+    got = ours.render(messages, add_generation_prompt=add_generation_prompt, **variables, **kwargs)
     assert got == expected
+    return True
 
 
 # ------------------------------------------------------------------ parity with transformers
@@ -140,6 +146,83 @@ def test_every_shared_template_renders_as_transformers(path):
     for messages in CONVERSATIONS.values():
         for add_generation_prompt in (False, True):
             assert_same_render(ours, reference, messages, add_generation_prompt, **tokens)
+
+
+# ------------------------------------------------------------------ the model families' own templates
+# The published templates of the families emergence runs (Qwen3, Gemma 2 and 3, Phi-3 / 3.5,
+# OLMo 2, SmolLM3, Falcon 2), verbatim, one JSON file each with the special tokens the template
+# reads; SOURCES.md beside them says where each text was taken from.
+FAMILY_TEMPLATES = Path(__file__).resolve().parent / "data" / "chat_templates"
+
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city, now.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "The city's name"}},
+                   "required": ["city"]}}}]
+
+FAMILY_CONVERSATIONS = {
+    **CONVERSATIONS,
+    "reasoning": [  # Qwen3 splits the thinking out of earlier replies
+        {"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant", "content": "<think>\nTwo plus two.\n</think>\n\n4"},
+        {"role": "user", "content": "And 3+3?"},
+    ],
+    "tool-call": [
+        {"role": "system", "content": "Use the tools."},
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "content": '{"temp_c": 18}'},
+        {"role": "assistant", "content": "It is 18 °C."},
+        {"role": "user", "content": "Thanks"},
+    ],
+}
+
+# file stem -> (conversations the template refuses with raise_exception, in transformers as in
+# emergence, with and without the generation prompt; template arguments each also rendered with)
+FAMILIES: dict[str, tuple[tuple[str, ...], tuple[dict, ...]]] = {
+    "qwen3-0.6b": ((), ({"enable_thinking": False}, {"tools": TOOLS})),
+    # "System role not supported"; user/assistant must alternate (the tool message breaks it)
+    "gemma-2-2b-it": (("system-multi-turn", "unicode", "tool-call"), ()),
+    "gemma-3-it": (("tool-call",), ()),  # the system prompt joins the first user turn; roles alternate
+    "phi-3-mini-4k-instruct": ((), ()),
+    "phi-3-medium-4k-instruct": ((), ()),
+    "phi-3.5-mini-instruct": ((), ()),
+    "olmo-2-1124-instruct": ((), ()),
+    "smollm3-3b": ((), ({"enable_thinking": False}, {"tools": TOOLS})),
+    "falcon2-11b": ((), ()),
+}
+
+
+def test_family_template_files_are_all_listed_with_sources():
+    assert sorted(p.stem for p in FAMILY_TEMPLATES.glob("*.json")) == sorted(FAMILIES)
+    sources = (FAMILY_TEMPLATES / "SOURCES.md").read_text(encoding="utf-8")
+    for stem in FAMILIES:
+        assert f"`{stem}.json`" in sources
+
+
+@pytest.mark.parametrize("stem", sorted(FAMILIES))
+def test_model_family_templates_render_as_transformers(stem):
+    """Each family's template, read through from_tokenizer_config, on every conversation (the
+    shared ones, a reply with <think>, a tool call), with and without the generation prompt,
+    plain and with the template's own arguments: equal to transformers', or refused by both
+    with the same message, exactly where the template refuses."""
+    path = FAMILY_TEMPLATES / f"{stem}.json"
+    refuses, variants = FAMILIES[stem]
+    source = json.loads(path.read_text(encoding="utf-8"))["chat_template"]
+    tokens = config_tokens(path)
+    reference = hf_tokenizer(source, tokens)
+    ours = ChatTemplate.from_tokenizer_config(path)
+    assert ours.source == source and ours.special_tokens == tokens
+    plain = ours.render(CONVERSATIONS["single-user"], add_generation_prompt=True)
+    for extra in ({}, *variants):
+        refused = set()
+        for name, messages in FAMILY_CONVERSATIONS.items():
+            for add_generation_prompt in (False, True):
+                if not assert_same_render(ours, reference, messages, add_generation_prompt, extra, **tokens):
+                    refused.add((name, add_generation_prompt))
+        assert refused == {(name, agp) for name in refuses for agp in (False, True)}
+        if extra:  # the argument reaches the template (and changes what it writes)
+            assert ours.render(CONVERSATIONS["single-user"], add_generation_prompt=True, **extra) != plain
 
 
 @pytest.mark.parametrize("name", BUILTIN_NAMES)
