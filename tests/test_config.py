@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from emergence.config import FAMILIES, PRESETS, Config
+from emergence.weights.hf_config import SIGNATURES
 from emergence.errors import ConfigError, EmergenceError
 from emergence.model import Transformer
 
@@ -26,6 +27,15 @@ PUBLISHED = {
     "smollm2-360m": 361_821_120,
     "mistral-7b": 7_241_732_096,
     "qwen2.5-0.5b": 494_032_768,
+    "qwen3-0.6b": 596_049_920,
+    "gemma-2-2b": 2_614_341_888,
+    "gemma-3-1b": 999_885_952,
+    "phi-3-mini": 3_821_079_552,
+    "olmo-2-1b": 1_484_916_736,
+    "pythia-160m": 162_322_944,
+    "falcon-7b": 6_921_720_704,
+    "phi-2": 2_779_683_840,
+    "smollm3-3b": 3_075_098_624,
 }
 
 
@@ -281,14 +291,46 @@ def configs(draw) -> Config:
         return Config(**common, n_embd=n_head * head_dim, norm="layernorm", mlp="gelu", position="learned",
                       bias=True)
     n_kv_head = draw(st.sampled_from([d for d in range(1, n_head + 1) if n_head % d == 0]))
+    theta = draw(st.sampled_from([10000.0, 500000.0, 1e6, 1234.5]))
+    if family in ("gpt_neox", "falcon", "phi"):  # head_dim = n_embd / n_head, LayerNorm, GELU
+        switches = dict(SIGNATURES[family], n_embd=n_head * head_dim, head_dim=head_dim, rope_theta=theta)
+        if family == "gpt_neox":
+            switches.update(mlp=draw(st.sampled_from(["gelu_exact", "gelu"])), parallel=draw(st.sampled_from([None, "two-norms"])))
+        if family == "falcon":
+            parallel = draw(st.sampled_from([None, "shared-norm", "two-norms"]))  # grouped heads: parallel only
+            kv = n_kv_head if parallel else draw(st.sampled_from([1, n_head]))
+            switches.update(n_kv_head=kv, bias=draw(st.booleans()), parallel=parallel)
+        if family == "phi":
+            switches["n_kv_head"] = n_kv_head
+        if family != "falcon":
+            switches["rotary_dim"] = draw(st.none() | st.integers(1, head_dim // 2).map(lambda k: 2 * k))
+            if switches["rotary_dim"] == head_dim:
+                switches["rotary_dim"] = None
+        return Config(**common, **switches)
     scaling = draw(st.none() | st.fixed_dictionaries({
         "factor": st.sampled_from([2.0, 8.0, 32.0]), "low_freq_factor": st.sampled_from([1.0, 2.0]),
         "high_freq_factor": st.sampled_from([4.0, 8.0]),
         "original_max_position_embeddings": st.sampled_from([512.0, 8192.0])}))
-    window = draw(st.none() | st.integers(1, 8192)) if family in ("mistral", "qwen2") else None
+    if family in ("phi3", "olmo2", "gemma2", "gemma3_text"):
+        scaling = None
+    windowed = ("mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text")
+    window = draw(st.none() | st.integers(1, 8192)) if family in windowed else None
+    switches = dict(SIGNATURES[family])
+    if family in ("gemma2", "gemma3_text"):
+        switches.update(attention_scale=draw(st.integers(1, 512)) ** -0.5,
+                        attn_softcap=draw(st.none() | st.sampled_from([50.0, 3.5])),
+                        final_softcap=draw(st.none() | st.sampled_from([30.0, 0.25])))
+        if window is not None:
+            switches["global_every"] = draw(st.none() | st.integers(2, 7))
+            if family == "gemma3_text":
+                switches["rope_local_theta"] = draw(st.sampled_from([10000.0, 100.0]))
+    if family == "smollm3":
+        switches["nope_every"] = draw(st.none() | st.integers(1, 5))
+    if family == "phi3":
+        switches["rotary_dim"] = draw(st.none() | st.integers(1, head_dim // 2 - 1).map(lambda k: 2 * k)) \
+            if head_dim > 2 else None
     return Config(**common, n_embd=draw(st.integers(1, 256)) * 2, n_kv_head=n_kv_head, head_dim=head_dim,
-                  rope_theta=draw(st.sampled_from([10000.0, 500000.0, 1e6, 1234.5])), rope_scaling=scaling,
-                  qkv_bias=family == "qwen2", sliding_window=window)
+                  rope_theta=theta, rope_scaling=scaling, sliding_window=window, **switches)
 
 
 @settings(max_examples=300, deadline=None)
@@ -326,7 +368,7 @@ def test_to_hf_refuses_what_the_family_cannot_express(change):
     (dict(n_embd=100, n_head=12), "not divisible"),
     (dict(n_embd=768, n_head=12, n_kv_head=5), "not a multiple"),
     (dict(n_embd=768, n_head=12, n_kv_head=8), "not a multiple"),
-    (dict(family="falcon"), "unknown model family"),
+    (dict(family="bloom"), "unknown model family"),
     (dict(n_head=0), "not divisible"),
     (dict(vocab_size=0), "vocab_size"),
     (dict(n_layer=-1), "n_layer"),
@@ -356,7 +398,7 @@ LLAMA_SMALL = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2,
 
 
 @pytest.mark.parametrize("hf, match", [
-    (dict(LLAMA_SMALL, model_type="falcon"), "unknown architecture 'falcon'"),
+    (dict(LLAMA_SMALL, model_type="bert"), "unknown architecture 'bert'"),
     ({k: v for k, v in LLAMA_SMALL.items() if k != "model_type"}, "unknown architecture None"),
     (dict(LLAMA_SMALL, model_type="mamba"), "unknown architecture"),
     (dict(LLAMA_SMALL, rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}),

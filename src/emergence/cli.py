@@ -93,8 +93,11 @@ def _sampling(args: argparse.Namespace, stored: dict | None = None, logprobs: in
 
 
 def _load(args: argparse.Namespace, source: Source) -> LanguageModel:
-    return load(source, tokenizer=getattr(args, "tokenizer", None), device=args.device, dtype=args.dtype,
-                adapter=getattr(args, "adapter", None))
+    lm = load(source, tokenizer=getattr(args, "tokenizer", None), device=args.device, dtype=args.dtype,
+              adapter=getattr(args, "adapter", None))
+    if lm.decode_note:
+        print(f"note: {lm.decode_note}", file=sys.stderr)
+    return lm
 
 
 # --------------------------------------------------------------------------------- verbs
@@ -161,6 +164,8 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
+    from .config import SWITCH_FAMILIES, Config
+    from .kernels.fused_decode import unsupported
     from .quant import quantized_modules
 
     lm = load(args.model_path, tokenizer=args.tokenizer, device="cpu", dtype=args.dtype)
@@ -189,6 +194,9 @@ def cmd_info(args: argparse.Namespace) -> None:
         "mlp": f"{c.mlp} ({c.intermediate_size})", "norm": c.norm, "position": c.position,
         "rope_theta": c.rope_theta if c.position == "rope" else None, "sliding_window": c.sliding_window,
         "tied_embeddings": c.tie_embeddings, "vocab_size": c.vocab_size,
+        "family_switches": ", ".join(f"{k}={getattr(c, k)}" for k in SWITCH_FAMILIES
+                                     if getattr(c, k) != Config.__dataclass_fields__[k].default) or None,
+        "decode": "native" if (why := unsupported(lm.model)) is None else f"eager ({why})",
     }
     _print_info(info, args.json)
 

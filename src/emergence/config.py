@@ -2,7 +2,11 @@
 
 The GPT-2 and LLaMA families (Mistral, Qwen2, SmolLM, TinyLlama...) differ only in a handful
 of switches: how positions enter (learned table or RoPE), which norm, which MLP, where biases
-sit, whether the output head is tied to the embedding, and an optional sliding window.
+sit, whether the output head is tied to the embedding, and an optional sliding window. The
+families people run today add a few more (the "family switches" below): q/k norms (Qwen3,
+OLMo 2, Gemma 3), norms after each sublayer (OLMo 2, Gemma), soft-capped logits and
+alternating local/global layers (Gemma), parallel attention and MLP with partial rotary
+dimensions (GPT-NeoX, Falcon, Phi-2), layers without RoPE (SmolLM3).
 Those switches are fields here; `model.py` reads them and never looks at a model's name.
 
 `family` names the checkpoint naming scheme (Hugging Face `model_type`) used by the
@@ -19,7 +23,26 @@ from typing import Any, Literal
 
 from .errors import ConfigError
 
-FAMILIES = ("gpt2", "llama", "mistral", "qwen2")
+# Hugging Face model_type names: the checkpoint naming schemes emergence reads and writes.
+FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "olmo2", "gpt_neox",
+            "falcon", "phi", "smollm3")
+
+# The family switches, with the families whose checkpoints use each (a switch set on a model of
+# another family is a combination no family has: refused, with this table as the reason).
+SWITCH_FAMILIES: dict[str, tuple[str, ...]] = {
+    "qk_norm": ("qwen3", "olmo2", "gemma3_text"),
+    "norm_position": ("olmo2", "gemma2", "gemma3_text"),
+    "parallel": ("gpt_neox", "falcon", "phi"),
+    "rotary_dim": ("gpt_neox", "phi", "phi3"),
+    "scale_embeddings": ("gemma2", "gemma3_text"),
+    "attn_softcap": ("gemma2", "gemma3_text"),
+    "final_softcap": ("gemma2", "gemma3_text"),
+    "attention_scale": ("gemma2", "gemma3_text"),
+    "global_every": ("gemma2", "gemma3_text"),
+    "rope_local_theta": ("gemma3_text",),
+    "nope_every": ("smollm3",),
+    "head_bias": ("phi",),
+}
 
 
 @dataclass
@@ -34,25 +57,38 @@ class Config:
     n_kv_head: int | None = None  # grouped-query attention; None means n_head (plain MHA)
     head_dim: int | None = None  # None means n_embd // n_head
     intermediate_size: int | None = None  # MLP hidden width; None means 4 * n_embd
-    norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
+    norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"  # a LayerNorm always has a bias
     norm_eps: float = 1e-5
-    mlp: Literal["swiglu", "gelu"] = "swiglu"  # gelu = GPT-2's tanh approximation
+    # gelu: GPT-2's tanh approximation; gelu_exact: the erf GELU (GPT-NeoX, Falcon); geglu: gated
+    # tanh GELU (Gemma)
+    mlp: Literal["swiglu", "geglu", "gelu", "gelu_exact"] = "swiglu"
     position: Literal["rope", "learned"] = "rope"
     rope_theta: float = 10000.0
     # Llama-3 style frequency scaling: {"factor", "low_freq_factor", "high_freq_factor",
     # "original_max_position_embeddings"}; None for plain RoPE.
     rope_scaling: dict[str, float] | None = None
-    bias: bool = False  # biases on every linear layer and norm (GPT-2)
+    bias: bool = False  # biases on every linear layer of the blocks (GPT-2)
     qkv_bias: bool = False  # biases on the q/k/v projections only (Qwen2)
     tie_embeddings: bool = False  # output head shares the token embedding matrix
     sliding_window: int | None = None  # a query sees at most this many keys, itself included
+    # ---- family switches (SWITCH_FAMILIES); the defaults are the LLaMA block
+    qk_norm: Literal["head", "all"] | None = None  # RMSNorm on q and k: per head, or over all heads' width
+    norm_position: Literal["pre", "post", "sandwich"] = "pre"  # norm before a sublayer, after it, or both
+    parallel: Literal["shared-norm", "two-norms"] | None = None  # x + attn(n(x)) + mlp(n'(x)), one norm or two
+    rotary_dim: int | None = None  # RoPE on the first rotary_dim of each head's dimensions; None: all
+    scale_embeddings: bool = False  # token embeddings * sqrt(n_embd)
+    attn_softcap: float | None = None  # attention scores -> cap * tanh(scores / cap)
+    final_softcap: float | None = None  # logits -> cap * tanh(logits / cap)
+    attention_scale: float | None = None  # q.k scaling; None: 1/sqrt(head_dim)
+    global_every: int | None = None  # with a window, layers i with (i + 1) % global_every == 0 see everything
+    rope_local_theta: float | None = None  # RoPE base of the windowed layers (others use rope_theta)
+    nope_every: int | None = None  # layers i with (i + 1) % nope_every == 0 use no RoPE
+    head_bias: bool = False  # a bias on the output head
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
     pad_token_id: int | None = None
 
-    # class constants (T5Config sets its own): not an encoder-decoder; SDPA's 1/sqrt(head_dim) scaling
-    is_encoder_decoder = False
-    attention_scale = None
+    is_encoder_decoder = False  # a class constant (T5Config sets its own)
 
     def __post_init__(self) -> None:
         if self.n_kv_head is None:
@@ -63,6 +99,12 @@ class Config:
             self.head_dim = self.n_embd // self.n_head
         if self.intermediate_size is None:
             self.intermediate_size = 4 * self.n_embd
+        # canonical form: a layer pattern longer than the model marks no layer
+        for name in ("global_every", "nope_every"):
+            value = getattr(self, name)
+            if isinstance(value, int) and not isinstance(value, bool) and isinstance(self.n_layer, int) \
+                    and value > self.n_layer:
+                setattr(self, name, None)
         self.validate()
 
     def validate(self) -> None:
@@ -78,12 +120,57 @@ class Config:
             raise ConfigError(f"n_head={self.n_head} is not a multiple of n_kv_head={self.n_kv_head}")
         if self.position == "rope" and self.head_dim % 2:
             raise ConfigError(f"RoPE needs an even head_dim, got {self.head_dim}")
-        choices = {"norm": ("rmsnorm", "layernorm"), "mlp": ("swiglu", "gelu"), "position": ("rope", "learned")}
+        choices = {"norm": ("rmsnorm", "layernorm"), "mlp": ("swiglu", "geglu", "gelu", "gelu_exact"),
+                   "position": ("rope", "learned")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"config field {name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ConfigError(f"sliding_window must be positive, got {self.sliding_window}")
+        self._validate_switches()
+
+    def _validate_switches(self) -> None:
+        allowed = {"qk_norm": (None, "head", "all"), "norm_position": ("pre", "post", "sandwich"),
+                   "parallel": (None, "shared-norm", "two-norms")}
+        for name, values in allowed.items():
+            if getattr(self, name) not in values:
+                raise ConfigError(f"config field {name} must be one of {values}, got {getattr(self, name)!r}")
+        for name in ("rotary_dim", "global_every", "nope_every"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+                raise ConfigError(f"config field {name} must be a positive integer or null, got {value!r}")
+        defaults = {f.name: f.default for f in dataclasses.fields(Config)}
+        for name, families in SWITCH_FAMILIES.items():
+            if getattr(self, name) != defaults[name] and self.family not in families:
+                raise ConfigError(f"{name}={getattr(self, name)!r} is a switch of {', '.join(families)}; "
+                                  f"a {self.family!r} model has none (no family combines them)")
+        if self.rotary_dim is not None and (self.position != "rope" or self.rotary_dim % 2
+                                            or self.rotary_dim > self.head_dim):
+            raise ConfigError(f"rotary_dim={self.rotary_dim} must be even and at most head_dim={self.head_dim}, "
+                              "with RoPE positions")
+        if self.parallel and self.norm_position != "pre":
+            raise ConfigError("a parallel block normalises its input: norm_position must be 'pre'")
+        if self.global_every == 1:
+            raise ConfigError("global_every=1 makes every layer global: leave sliding_window unset instead")
+        if (self.global_every or self.rope_local_theta) and self.sliding_window is None:
+            raise ConfigError("global_every and rope_local_theta describe windowed layers: set sliding_window")
+        for name in ("attn_softcap", "final_softcap", "attention_scale"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ConfigError(f"config field {name} must be positive or null, got {value!r}")
+
+    # ------------------------------------------------------------------------- per layer
+    def layer_window(self, i: int) -> int | None:
+        """The window layer i attends within (None: every earlier key)."""
+        if self.sliding_window is None or (self.global_every and (i + 1) % self.global_every == 0):
+            return None
+        return self.sliding_window
+
+    def layer_rope(self, i: int) -> Literal["global", "local"] | None:
+        """Which RoPE table layer i uses: "local" (rope_local_theta, windowed layers), "global", or none."""
+        if self.position != "rope" or (self.nope_every and (i + 1) % self.nope_every == 0):
+            return None
+        return "local" if self.rope_local_theta is not None and self.layer_window(i) is not None else "global"
 
     # ----------------------------------------------------------------------------- derived
     @property
@@ -97,18 +184,20 @@ class Config:
         """Parameter count implied by the shapes (tied weights counted once)."""
         d, hd = self.n_embd, self.head_dim
         q, kv = self.n_head * hd, self.n_kv_head * hd
-        norm = d * (2 if self.norm == "layernorm" and self.bias else 1)
+        norm = d * (2 if self.norm == "layernorm" else 1)
         attn = d * (q + 2 * kv) + q * d
+        attn += {None: 0, "head": 2 * hd, "all": q + kv}[self.qk_norm]
         if self.bias:
             attn += q + 2 * kv + d
         elif self.qkv_bias:
             attn += q + 2 * kv
-        n_mats = 3 if self.mlp == "swiglu" else 2
+        n_mats = 3 if self.mlp in ("swiglu", "geglu") else 2
         mlp = n_mats * d * self.intermediate_size
         if self.bias:
             mlp += self.intermediate_size + d
-        per_layer = attn + mlp + 2 * norm
-        total = self.n_layer * per_layer + norm + self.vocab_size * d
+        norms = 1 if self.parallel == "shared-norm" else 4 if self.norm_position == "sandwich" else 2
+        per_layer = attn + mlp + norms * norm
+        total = self.n_layer * per_layer + norm + self.vocab_size * d + (self.vocab_size if self.head_bias else 0)
         if self.position == "learned":
             total += self.block_size * d
         if not self.tie_embeddings:
@@ -169,6 +258,8 @@ def read_json(path: Path) -> dict[str, Any]:
 _GPT2 = dict(family="gpt2", norm="layernorm", mlp="gelu", position="learned", bias=True,
              tie_embeddings=True, vocab_size=50257, block_size=1024, bos_token_id=50256, eos_token_id=50256)
 _LLAMA = dict(family="llama", norm="rmsnorm", mlp="swiglu", position="rope")
+_GEMMA = dict(norm="rmsnorm", mlp="geglu", position="rope", norm_position="sandwich", scale_embeddings=True,
+              tie_embeddings=True, norm_eps=1e-6, bos_token_id=2, eos_token_id=1, pad_token_id=0)
 
 PRESETS: dict[str, dict[str, Any]] = {
     "gpt2": dict(_GPT2, n_layer=12, n_head=12, n_embd=768),
@@ -193,6 +284,38 @@ PRESETS: dict[str, dict[str, Any]] = {
     "qwen2.5-0.5b": dict(_LLAMA, family="qwen2", vocab_size=151936, block_size=32768, n_layer=24, n_head=14,
                          n_kv_head=2, n_embd=896, intermediate_size=4864, norm_eps=1e-6, rope_theta=1000000.0,
                          qkv_bias=True, tie_embeddings=True, bos_token_id=151643, eos_token_id=151643),
+    # The families of issue 16 (shapes from each model's config.json; parameter counts checked
+    # against transformers and the published figures in tests/test_families.py).
+    "qwen3-0.6b": dict(_LLAMA, family="qwen3", vocab_size=151936, block_size=40960, n_layer=28, n_head=16,
+                       n_kv_head=8, head_dim=128, n_embd=1024, intermediate_size=3072, norm_eps=1e-6,
+                       rope_theta=1000000.0, qk_norm="head", tie_embeddings=True, bos_token_id=151643,
+                       eos_token_id=151645),
+    "gemma-2-2b": dict(_GEMMA, family="gemma2", vocab_size=256000, block_size=8192, n_layer=26, n_head=8,
+                       n_kv_head=4, head_dim=256, n_embd=2304, intermediate_size=9216, sliding_window=4096,
+                       global_every=2, attn_softcap=50.0, final_softcap=30.0, attention_scale=256 ** -0.5),
+    "gemma-3-1b": dict(_GEMMA, family="gemma3_text", vocab_size=262144, block_size=32768, n_layer=26, n_head=4,
+                       n_kv_head=1, head_dim=256, n_embd=1152, intermediate_size=6912, sliding_window=512,
+                       global_every=6, qk_norm="head", rope_theta=1000000.0, rope_local_theta=10000.0,
+                       attention_scale=256 ** -0.5, eos_token_id=[1, 106]),
+    "phi-3-mini": dict(_LLAMA, family="phi3", vocab_size=32064, block_size=4096, n_layer=32, n_head=32,
+                       n_embd=3072, intermediate_size=8192, sliding_window=2047, bos_token_id=1,
+                       eos_token_id=32000, pad_token_id=32000),
+    "olmo-2-1b": dict(_LLAMA, family="olmo2", vocab_size=100352, block_size=4096, n_layer=16, n_head=16,
+                      n_embd=2048, intermediate_size=8192, norm_eps=1e-6, rope_theta=500000.0, qk_norm="all",
+                      norm_position="post", bos_token_id=None, eos_token_id=100257, pad_token_id=100277),
+    "pythia-160m": dict(family="gpt_neox", norm="layernorm", mlp="gelu_exact", position="rope", bias=True,
+                        parallel="two-norms", vocab_size=50304, block_size=2048, n_layer=12, n_head=12, n_embd=768,
+                        intermediate_size=3072, rotary_dim=16, bos_token_id=0, eos_token_id=0),
+    "falcon-7b": dict(family="falcon", norm="layernorm", mlp="gelu_exact", position="rope", parallel="shared-norm",
+                      vocab_size=65024, block_size=2048, n_layer=32, n_head=71, n_kv_head=1, n_embd=4544,
+                      intermediate_size=18176, tie_embeddings=True, bos_token_id=11, eos_token_id=11),
+    "phi-2": dict(family="phi", norm="layernorm", mlp="gelu", position="rope", bias=True, parallel="shared-norm",
+                  head_bias=True, vocab_size=51200, block_size=2048, n_layer=32, n_head=32, n_embd=2560,
+                  intermediate_size=10240, rotary_dim=32, bos_token_id=50256, eos_token_id=50256),
+    "smollm3-3b": dict(_LLAMA, family="smollm3", vocab_size=128256, block_size=65536, n_layer=36, n_head=16,
+                       n_kv_head=4, n_embd=2048, intermediate_size=11008, norm_eps=1e-6, rope_theta=5000000.0,
+                       nope_every=4, tie_embeddings=True, bos_token_id=128000, eos_token_id=128012,
+                       pad_token_id=128004),
     # Small LLaMA-architecture models trained from scratch by bench/train_models.py (4,096-token
     # BPE, context 512); emergence-6m ships inside the package. nanogpt-small is nanoGPT's
     # Shakespeare config (GPT-2 shapes, 6 x 6 heads x 384, context 256) for the training benchmark.

@@ -1,9 +1,14 @@
-"""tokens -> logits: one decoder Transformer for the GPT-2 and LLaMA families.
+"""tokens -> logits: one decoder Transformer for the GPT-2, LLaMA, Qwen, Gemma, Phi, OLMo,
+GPT-NeoX and Falcon families.
 
-Every variant is a `Config` switch: learned positions or RoPE (with Llama-3 scaling),
-LayerNorm or RMSNorm, GELU MLP or SwiGLU, grouped-query attention, biases (all, or q/k/v
-only), tied embeddings, and a sliding attention window. Module and parameter names are the
-canonical checkpoint names that `weights/names.py` maps to and from other layouts.
+Every variant is a `Config` switch: learned positions or RoPE (with Llama-3 scaling, on all
+or the first `rotary_dim` dimensions of a head, or on no dimension in NoPE layers),
+LayerNorm or RMSNorm (before each sublayer, after it, or both), GELU, SwiGLU or GeGLU MLP,
+grouped-query attention with optional q/k norms and soft-capped scores, biases (all, or q/k/v
+only), tied embeddings, a sliding attention window (in every layer, or alternating with
+global layers), attention and MLP in sequence or in parallel, and soft-capped logits.
+Module and parameter names are the canonical checkpoint names that `weights/names.py` maps
+to and from other layouts.
 
 Shapes: B batch, T new tokens, S keys attended (T, or the slots of a cached row's blocks), D n_embd,
 H query heads, K key/value heads, hd head_dim, V vocabulary.
@@ -39,19 +44,23 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x.float(), self.weight.shape, None, self.eps).to(x.dtype)
 
 
-def make_norm(config: Config) -> nn.Module:
+def make_norm(config: Config, dim: int | None = None) -> nn.Module:
     if config.norm == "layernorm":
-        return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
-    return RMSNorm(config.n_embd, config.norm_eps)
+        return nn.LayerNorm(dim or config.n_embd, eps=config.norm_eps)
+    return RMSNorm(dim or config.n_embd, config.norm_eps)
 
 
 # --------------------------------------------------------------------------------- RoPE
-def rope_inv_freq(config: Config) -> torch.Tensor:
-    """(hd/2,) rotation frequencies, with Llama-3 long-context scaling when configured."""
-    dim = config.head_dim
+def rope_inv_freq(config: Config, theta: float | None = None) -> torch.Tensor:
+    """(rd/2,) rotation frequencies of the rd = rotary_dim (default head_dim) rotated dimensions,
+    with Llama-3 long-context scaling when configured. `theta`: another base (local layers)."""
+    dim = config.rotary_dim or config.head_dim
+    theta = config.rope_theta if theta is None else theta
     # Always computed on the CPU (callers move it): under torch.device("meta") the arithmetic would
     # run through torch._refs, whose first use imports torch._dynamo (seconds, ~70 MB).
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
+    if theta != config.rope_theta:
+        return inv_freq  # scaling applies to the global layers' table
     s = config.rope_scaling
     if s is None:
         return inv_freq
@@ -69,16 +78,26 @@ def rope_inv_freq(config: Config) -> torch.Tensor:
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
-    """positions (B or 1, T) -> cos, sin of shape (B or 1, 1, T, hd), computed in float32."""
-    freqs = positions[..., None].float() * inv_freq  # (B, T, hd/2)
-    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)
+    """positions (B or 1, T) -> cos, sin of shape (B or 1, 1, T, rd), computed in float32."""
+    freqs = positions[..., None].float() * inv_freq  # (B, T, rd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, rd)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (i, i + hd/2) of x (B, heads, T, hd): the Hugging Face "rotate half" layout."""
+    """Rotate pairs (i, i + rd/2) of x (B, heads, T, hd): the Hugging Face "rotate half" layout,
+    on the first rd dimensions of each head (all of them unless the rotary dimension is partial)."""
+    rd = cos.shape[-1]
+    if rd < x.shape[-1]:  # partial rotary (GPT-NeoX, Phi-2): the other dimensions pass through
+        rot, rest = x.split([rd, x.shape[-1] - rd], dim=-1)
+        return torch.cat((apply_rope(rot, cos, sin), rest), dim=-1)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """cap * tanh(x / cap): Gemma 2 bounds attention scores and logits smoothly."""
+    return x if cap is None else torch.tanh(x / cap) * cap
 
 
 # ---------------------------------------------------------------------------- the blocks
@@ -91,8 +110,17 @@ class Attention(nn.Module):
         # q, k and v in one matrix: one matmul per token instead of three.
         self.qkv_proj = linear(config.n_embd, q_dim + 2 * kv_dim, bias=config.bias or config.qkv_bias)
         self.o_proj = linear(q_dim, config.n_embd, bias=config.bias)
-        # None: SDPA's 1/sqrt(head_dim). T5 sets 1.0 (its initialisation folds the scaling into the weights).
+        # q/k norms after the projection: RMSNorm over each head (Qwen3, Gemma 3) or over all
+        # heads' width (OLMo 2); None without.
+        self.qk_norm = config.qk_norm
+        if self.qk_norm is not None:
+            per_head = self.qk_norm == "head"
+            self.q_norm = RMSNorm(config.head_dim if per_head else q_dim, config.norm_eps)
+            self.k_norm = RMSNorm(config.head_dim if per_head else kv_dim, config.norm_eps)
+        # None: SDPA's 1/sqrt(head_dim). T5 sets 1.0 (its initialisation folds the scaling into
+        # the weights), Gemma query_pre_attn_scalar ** -0.5.
         self.scale = config.attention_scale
+        self.softcap = config.attn_softcap
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 mask: torch.Tensor | None, cache: CacheView | None) -> torch.Tensor:
@@ -103,7 +131,16 @@ class Attention(nn.Module):
         # Split the last dimension before the head transpose, and split rather than slice: in
         # training the backward is then one contiguous cat straight into qkv's gradient, where
         # slices would each build a zero-filled full-size buffer and heads a strided copy.
-        if rope is None:
+        if self.qk_norm is not None:
+            q, k, v = qkv.split([H * hd, K * hd, K * hd], dim=-1)  # (B, T, H hd), (B, T, K hd) twice
+            if self.qk_norm == "all":
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k, v = (t.view(B, T, -1, hd).transpose(1, 2) for t in (q, k, v))
+            if self.qk_norm == "head":
+                q, k = self.q_norm(q), self.k_norm(k)
+            if rope is not None:
+                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        elif rope is None:
             q, k, v = (t.view(B, T, -1, hd).transpose(1, 2) for t in qkv.split([H * hd, K * hd, K * hd], dim=-1))
         else:
             qk, v = (t.view(B, T, -1, hd).transpose(1, 2) for t in qkv.split([(H + K) * hd, K * hd], dim=-1))
@@ -114,15 +151,33 @@ class Attention(nn.Module):
         # mask None means "every key is visible": a causal mask is only needed when T > 1. A float
         # mask is added to the scores (T5's relative position bias, -inf where a key is hidden).
         causal = mask is None and T > 1
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=K != H,
-                                           scale=self.scale)
+        if self.softcap is None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=K != H,
+                                               scale=self.scale)
+        else:  # SDPA has no hook between the scores and the softmax
+            y = self._softcapped(q, k, v, mask, causal)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * self.head_dim))  # y was (B, H, T, hd)
+
+    def _softcapped(self, q, k, v, mask, causal) -> torch.Tensor:
+        """Attention with scores cap * tanh(s / cap) (Gemma 2), written out: (B, H, T, hd)."""
+        group = self.n_head // self.n_kv_head
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (B, H, S, hd)
+        scale = self.scale if self.scale is not None else self.head_dim ** -0.5
+        scores = softcap(q @ k.transpose(-1, -2) * scale, self.softcap)  # (B, H, T, S)
+        if causal:
+            T, S = scores.shape[-2:]
+            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        return scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype) @ v
 
 
 # MLP kinds: (gated, activation). Gated ones multiply act(gate) by a second projection.
-# gelu is the tanh approximation (GPT-2's, and T5 v1.1's gated "gelu_new"); relu is T5 v1.0's.
+# gelu is the tanh approximation (GPT-2's, Phi-2's, and T5 v1.1's and Gemma's gated one);
+# gelu_exact the erf one (GPT-NeoX, Falcon); relu is T5 v1.0's.
 MLP_KINDS = {"swiglu": (True, F.silu), "geglu": (True, lambda x: F.gelu(x, approximate="tanh")),
-             "gelu": (False, lambda x: F.gelu(x, approximate="tanh")), "relu": (False, F.relu)}
+             "gelu": (False, lambda x: F.gelu(x, approximate="tanh")), "gelu_exact": (False, F.gelu),
+             "relu": (False, F.relu)}
 
 
 class MLP(nn.Module):
@@ -144,19 +199,35 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)). `linear`: the class
+    """Residual block. Pre-norm (LLaMA): x + attn(norm(x)), then x + mlp(norm(x)); post-norm
+    (OLMo 2) normalises each sublayer's output instead, sandwich (Gemma) does both; a parallel
+    block (GPT-NeoX, Falcon, Phi-2) adds attention and MLP of the same input, x + attn(n(x)) +
+    mlp(n'(x)), with n' = n for a shared norm. Absent norms are nn.Identity. `linear`: the class
     of its projections (nn.Linear; T5's decoder takes kernels.SmallBatchLinear)."""
 
     def __init__(self, config: Config, layer: int, linear: type[nn.Linear] = nn.Linear) -> None:
         super().__init__()
-        self.attn_norm = make_norm(config)
+        pre, post = config.norm_position in ("pre", "sandwich"), config.norm_position in ("post", "sandwich")
+        self.parallel = config.parallel is not None
+        self.attn_norm = make_norm(config) if pre else nn.Identity()
         self.attn = Attention(config, layer, linear)
-        self.mlp_norm = make_norm(config)
+        # a shared-norm parallel block feeds attn_norm's output to the MLP too
+        self.mlp_norm = None if config.parallel == "shared-norm" else make_norm(config) if pre else nn.Identity()
         self.mlp = MLP(config, linear)
+        if post:
+            self.attn_post_norm, self.mlp_post_norm = make_norm(config), make_norm(config)
+        self.post = post
+        # which of the model's masks (by window) and RoPE tables (global, local, or none) it uses
+        self.window, self.rope = config.layer_window(layer), config.layer_rope(layer)
 
     def forward(self, x, rope, mask, cache):
-        x = x + self.attn(self.attn_norm(x), rope, mask, cache)
-        return x + self.mlp(self.mlp_norm(x))
+        h = self.attn_norm(x)
+        if self.parallel:
+            return x + self.attn(h, rope, mask, cache) + self.mlp(h if self.mlp_norm is None else self.mlp_norm(x))
+        a = self.attn(h, rope, mask, cache)
+        x = x + (self.attn_post_norm(a) if self.post else a)
+        m = self.mlp(self.mlp_norm(x))
+        return x + (self.mlp_post_norm(m) if self.post else m)
 
 
 # ----------------------------------------------------------------------------- the model
@@ -169,11 +240,14 @@ class Transformer(nn.Module):
             self.pos_embeddings = nn.Embedding(config.block_size, config.n_embd)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.norm = make_norm(config)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=config.head_bias)
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_embeddings.weight
         if config.position == "rope":
             self.register_buffer("rope_inv_freq", rope_inv_freq(config), persistent=False)
+        if config.rope_local_theta is not None:  # the windowed layers' table (Gemma 3)
+            self.register_buffer("rope_local_inv_freq", rope_inv_freq(config, config.rope_local_theta),
+                                 persistent=False)
 
     def forward(self, input_ids: torch.Tensor, cache: CacheView | None = None, *,
                 attention_mask: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
@@ -190,13 +264,18 @@ class Transformer(nn.Module):
         h = self.hidden_states(input_ids, cache, attention_mask=attention_mask, segment_ids=segment_ids)
         if last_logits_only:
             h = h[:, -1:]
-        return self.lm_head(h)
+        return self.head(h)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Final hidden states (..., D) -> logits (..., V), soft-capped where the config says so."""
+        return softcap(self.lm_head(h), self.config.final_softcap)
 
     def hidden_states(self, input_ids: torch.Tensor, cache: CacheView | None = None, *,
                       attention_mask: torch.Tensor | None = None,
                       segment_ids: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (B, T) -> final normalised hidden states (B, T, D)."""
         B, T = input_ids.shape
+        windows = {block.window for block in self.layers}  # one mask per window the layers use
         if segment_ids is not None:
             if cache is not None or attention_mask is not None:
                 raise InvalidArgument("segment_ids (packed rows) take neither a KV cache nor an attention_mask")
@@ -205,15 +284,15 @@ class Transformer(nn.Module):
             starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
             positions = slot - torch.where(starts, slot, 0).cummax(dim=1).values  # (B, T): slot - its example's start
             longest = int(positions.max()) + 1
-            same = segment_ids[:, :, None] == segment_ids[:, None, :]  # (B, T, T)
-            mask = (same & (slot <= slot.T) & self._window(T, input_ids.device))[:, None]  # (B, 1, T, T)
+            same = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (slot <= slot.T)  # (B, T, T)
+            masks = {w: (same & self._window(T, input_ids.device, w))[:, None] for w in windows}  # (B, 1, T, T)
         elif cache is not None:
             if attention_mask is not None:
                 raise InvalidArgument("attention_mask applies to a batch without a KV cache: a cache view already "
                                       "gives each row's length")
             longest = cache.longest
             positions = cache.positions(T)  # (B, T)
-            mask = cache.attention_mask(T, self.config.sliding_window)  # (B, 1, T, S)
+            masks = {w: cache.attention_mask(T, w) for w in windows}  # (B, 1, T, S)
         else:
             pad = (attention_mask == 0).sum(dim=1) if attention_mask is not None else None
             padded = pad is not None and bool(pad.any())
@@ -225,41 +304,45 @@ class Transformer(nn.Module):
             positions = torch.arange(T, device=input_ids.device)[None]
             if padded:
                 positions = (positions - pad[:, None]).clamp(min=0)
-            mask = self._attention_mask(T, pad if padded else None, input_ids.device)
+            masks = {w: self._attention_mask(T, pad if padded else None, input_ids.device, w) for w in windows}
         if longest > self.config.block_size:
             raise InvalidArgument(f"{longest} tokens exceed the context window of {self.config.block_size}")
 
         x = self.tok_embeddings(input_ids)  # (B, T, D)
-        rope = None
+        if self.config.scale_embeddings:  # Gemma: by sqrt(D), rounded to the activations' dtype
+            x = x * torch.tensor(self.config.n_embd ** 0.5, dtype=x.dtype)
+        ropes = {None: None}  # RoPE tables by kind: "global", "local" (Gemma 3's windowed layers)
         if self.config.position == "learned":
             x = x + self.pos_embeddings(positions)
         else:
-            rope = rope_cos_sin(self.rope_inv_freq, positions, x.dtype)
+            ropes["global"] = rope_cos_sin(self.rope_inv_freq, positions, x.dtype)
+            if self.config.rope_local_theta is not None:
+                ropes["local"] = rope_cos_sin(self.rope_local_inv_freq, positions, x.dtype)
         for block in self.layers:
-            x = block(x, rope, mask, cache)
+            x = block(x, ropes[block.rope], masks[block.window], cache)
         return self.norm(x)
 
-    def _attention_mask(self, T: int, pad: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    def _attention_mask(self, T: int, pad: torch.Tensor | None, device: torch.device,
+                        window: int | None) -> torch.Tensor | None:
         """(B or 1, 1, T, T) boolean mask (True = may attend) for a batch without a cache, or
         None for plain causal attention.
 
         Query i sees key j when j <= i, the key is not padding, and (with a sliding window)
         i - j < window. Padding queries see themselves only, so no row is empty.
         """
-        window = self.config.sliding_window
         if pad is None and (window is None or T <= window):
             return None  # is_causal in SDPA
         q_slot = torch.arange(T, device=device)[:, None]  # (T, 1)
         k_slot = torch.arange(T, device=device)[None, :]  # (1, T)
-        mask = ((k_slot <= q_slot) & self._window(T, device))[None]  # (1, T, T)
+        mask = ((k_slot <= q_slot) & self._window(T, device, window))[None]  # (1, T, T)
         if pad is not None:
             real_key = k_slot[None] >= pad[:, None, None]  # (B, 1, T)
             mask = (mask & real_key) | (k_slot == q_slot)[None]
         return mask[:, None]  # (B or 1, 1, T, T)
 
-    def _window(self, T: int, device: torch.device) -> torch.Tensor | bool:
+    @staticmethod
+    def _window(T: int, device: torch.device, window: int | None) -> torch.Tensor | bool:
         """(T, T) True where query i may see key j under the sliding window (i - j < window)."""
-        window = self.config.sliding_window
         if window is None or T <= window:
             return True
         return torch.arange(T, device=device)[:, None] - torch.arange(T, device=device)[None, :] < window
@@ -273,8 +356,11 @@ def finish_loading(model: Transformer, state: dict[str, torch.Tensor]) -> Transf
     model.load_state_dict(state, strict=False, assign=True)
     if model.config.tie_embeddings:
         model.lm_head.weight = model.tok_embeddings.weight
-    if model.config.position == "rope":  # non-persistent buffer: recompute it on the weights' device
-        model.rope_inv_freq = rope_inv_freq(model.config).to(model.tok_embeddings.weight.device)
+    device = model.tok_embeddings.weight.device
+    if model.config.position == "rope":  # non-persistent buffers: recompute them on the weights' device
+        model.rope_inv_freq = rope_inv_freq(model.config).to(device)
+    if model.config.rope_local_theta is not None:
+        model.rope_local_inv_freq = rope_inv_freq(model.config, model.config.rope_local_theta).to(device)
     return model.eval()
 
 

@@ -68,6 +68,13 @@ class T5Config:
     is_encoder_decoder = True
     n_kv_head = property(lambda self: self.n_head)
     norm, bias, qkv_bias, sliding_window, attention_scale = "rmsnorm", False, False, None, 1.0
+    qk_norm, attn_softcap, norm_position, parallel = None, None, "pre", None  # none of the family switches
+
+    def layer_window(self, i: int) -> None:  # every layer sees its whole (masked) sequence
+        return None
+
+    def layer_rope(self, i: int) -> None:  # positions enter as the relative bias
+        return None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "n_embd", "head_dim", "intermediate_size", "n_encoder_layer", "n_layer", "n_head",

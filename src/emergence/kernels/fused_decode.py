@@ -35,6 +35,20 @@ LAYER_SLOTS = ("attn_norm.weight", "attn_norm.bias", "attn.qkv_proj.weight", "at
                "mlp.up.weight", "mlp.up.bias", "mlp.down_proj.weight", "mlp.down_proj.bias")
 
 
+def eager_switch(config) -> str | None:
+    """The first config switch decode.cpp does not implement (the LLaMA and GPT-2 blocks it
+    does: pre-norm, SwiGLU or tanh-GELU MLP, full RoPE or learned positions, one window)."""
+    from ..config import SWITCH_FAMILIES, Config
+
+    if config.mlp not in ("swiglu", "gelu"):
+        return f"mlp={config.mlp!r}"
+    defaults = {name: Config.__dataclass_fields__[name].default for name in SWITCH_FAMILIES}
+    for name, default in defaults.items():
+        if getattr(config, name) != default:
+            return f"{name}={getattr(config, name)!r}"
+    return None
+
+
 def unsupported(model: nn.Module, cache: PagedKVCache | None = None) -> str | None:
     """Why the native step cannot run `model` (on `cache`), or None when it can: CPU weights,
     all fp32 or all bf16, only the modules model.py builds, quantized linear layers in a
@@ -47,6 +61,9 @@ def unsupported(model: nn.Module, cache: PagedKVCache | None = None) -> str | No
         return "the native kernels are not available on this machine"
     if not isinstance(model, Transformer):
         return f"{type(model).__name__} is not emergence's Transformer"
+    switch = eager_switch(model.config)
+    if switch is not None:
+        return f"the config switch {switch} has no native step"
     dtypes = {p.dtype for p in model.parameters()}
     devices = {t.device.type for t in list(model.parameters()) + list(model.buffers())}
     if devices != {"cpu"}:

@@ -17,7 +17,7 @@ import torch
 from ..config import Config, read_json
 from ..errors import CheckpointError, ConfigError
 from ..model import Transformer, empty_model, finish_loading
-from .names import HF_RULES, IGNORED_SUFFIXES, canonical_names, expand
+from .names import IGNORED_SUFFIXES, canonical_names, expand, hf_rules
 from .safetensors_io import DTYPES, SafetensorsFile, save_safetensors
 
 SINGLE_FILE = "model.safetensors"
@@ -81,7 +81,7 @@ def load_hf(folder: str | Path, *, dtype: torch.dtype | None = None) -> tuple[Tr
     _check_layer_count(sources, config, folder)
     model = empty_model(config)
     wanted = canonical_names(model)
-    state, used = _read_state(expand(HF_RULES[config.family], config, wanted), sources, model, config, folder, dtype)
+    state, used = _read_state(expand(hf_rules(config), config, wanted), sources, model, config, folder, dtype)
     unexpected = sorted(k for k in set(sources) - used
                         if not k.endswith(IGNORED_SUFFIXES) and not (config.tie_embeddings and k == "lm_head.weight"))
     if unexpected:
@@ -194,7 +194,7 @@ def save_hf(model: Transformer, folder: str | Path, *, max_shard_bytes: int | No
 
         hf_config, rules = t5_config_to_hf(config), t5_rules(config)
     else:
-        hf_config, rules = config.to_hf(), expand(HF_RULES[config.family], config, canonical_names(model))
+        hf_config, rules = config.to_hf(), expand(hf_rules(config), config, canonical_names(model))
     for rule in rules:
         converted = rule.to_theirs([params[n].detach() for n in rule.ours], config)
         tensors.update(zip(rule.theirs, converted))

@@ -1,17 +1,51 @@
-"""Hugging Face config.json <-> `Config`, for the GPT-2, LLaMA, Mistral and Qwen2 families.
+"""Hugging Face config.json <-> `Config`, for every decoder family emergence reads (FAMILIES).
 
-Both transformers 4.x spellings (`rope_theta`, `rope_scaling`) and 5.x spellings
-(`rope_parameters`) are read; writing emits the 4.x keys, which 5.x still accepts.
+Both transformers 4.x spellings (`rope_theta`, `rope_scaling`, `rotary_pct`,
+`rope_local_base_freq`) and 5.x spellings (`rope_parameters`, per layer type for Gemma 3) are
+read; writing emits the 4.x keys, which 5.x still accepts, plus `layer_types` where layers differ.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from ..config import Config
+from ..config import FAMILIES, Config
 from ..errors import ConfigError
 
-LLAMA_LIKE = ("llama", "mistral", "qwen2")
+# The LLaMA-shaped config.json fields (hidden_size, num_hidden_layers, ...) and their families.
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "phi3", "olmo2", "gemma2", "gemma3_text")
+
+# What each family's config.json implies without recording it: the switch values its blocks have.
+_LLAMA_BLOCK = dict(norm="rmsnorm", mlp="swiglu", position="rope", bias=False, qk_norm=None,
+                    norm_position="pre", parallel=None, scale_embeddings=False, head_bias=False)
+_GEMMA_BLOCK = dict(_LLAMA_BLOCK, mlp="geglu", norm_position="sandwich", scale_embeddings=True)
+SIGNATURES: dict[str, dict[str, Any]] = {
+    "gpt2": dict(norm="layernorm", mlp="gelu", position="learned", bias=True, qkv_bias=False),
+    "llama": dict(_LLAMA_BLOCK, qkv_bias=False), "mistral": dict(_LLAMA_BLOCK, qkv_bias=False),
+    "qwen2": dict(_LLAMA_BLOCK, qkv_bias=True), "qwen3": dict(_LLAMA_BLOCK, qkv_bias=False, qk_norm="head"),
+    "smollm3": dict(_LLAMA_BLOCK, qkv_bias=False), "phi3": dict(_LLAMA_BLOCK, qkv_bias=False),
+    "olmo2": dict(_LLAMA_BLOCK, qkv_bias=False, qk_norm="all", norm_position="post"),
+    "gemma2": dict(_GEMMA_BLOCK, qkv_bias=False), "gemma3_text": dict(_GEMMA_BLOCK, qkv_bias=False, qk_norm="head"),
+    "gpt_neox": dict(norm="layernorm", position="rope", bias=True, qkv_bias=False, qk_norm=None,
+                     norm_position="pre", scale_embeddings=False, head_bias=False),
+    "falcon": dict(norm="layernorm", mlp="gelu_exact", position="rope", qkv_bias=False, qk_norm=None,
+                   norm_position="pre", scale_embeddings=False, head_bias=False),
+    "phi": dict(norm="layernorm", mlp="gelu", position="rope", bias=True, qkv_bias=False, qk_norm=None,
+                norm_position="pre", parallel="shared-norm", scale_embeddings=False, head_bias=True),
+}
+# A model_type emergence does not read, the nearest family it does and what that family lacks.
+NEAREST = {
+    "gemma": ("gemma2", "Gemma 1 has neither Gemma 2's post-norms nor its soft-capping"),
+    "gemma3": ("gemma3_text", "a multimodal Gemma 3 checkpoint: emergence reads the text-only gemma3_text"),
+    "olmo": ("olmo2", "OLMo 1 normalises without a gain and without q/k norms"),
+    "qwen2_moe": ("qwen2", "experts (a mixture-of-experts MLP)"), "mixtral": ("mistral", "experts (a mixture-of-experts MLP)"),
+    "qwen3_moe": ("qwen3", "experts (a mixture-of-experts MLP)"), "phimoe": ("phi3", "experts (a mixture-of-experts MLP)"),
+    "gptj": ("gpt_neox", "GPT-J's interleaved rotary pairs"), "stablelm": ("phi", "StableLM's separate per-head norms"),
+    "cohere": ("llama", "Cohere's parallel block with a logit scale"), "starcoder2": ("gpt2", "rotary positions"),
+    "gpt_bigcode": ("gpt2", "multi-query attention"), "bloom": ("falcon", "ALiBi positions"),
+    "mpt": ("falcon", "ALiBi positions"), "qwen": ("qwen2", "Qwen 1's fused c_attn layout"),
+    "granite": ("llama", "Granite's embedding, residual and logit multipliers"),
+}
 
 
 def _require(hf: dict[str, Any], *keys: str) -> None:
@@ -20,12 +54,29 @@ def _require(hf: dict[str, Any], *keys: str) -> None:
         raise ConfigError(f"config.json lacks required field(s): {', '.join(missing)}")
 
 
-def _rope(hf: dict[str, Any]) -> tuple[float, dict[str, float] | None]:
-    """(rope_theta, llama3 scaling or None) from either transformers spelling."""
+def _refuse(hf: dict[str, Any], model_type: str, **unsupported: Any) -> None:
+    """One line for the first option whose value emergence has no switch for."""
+    for key, bad in unsupported.items():
+        if key in hf and hf[key] is not None and (hf[key] == bad if not callable(bad) else bad(hf[key])):
+            raise ConfigError(f"unsupported {model_type} option {key}={hf[key]!r}")
+
+
+def _rope_params(hf: dict[str, Any], layer_type: str = "full_attention") -> dict[str, Any]:
     params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     if not isinstance(params, dict):
         raise ConfigError("rope_parameters / rope_scaling in config.json must be an object")
-    theta = hf.get("rope_theta", params.get("rope_theta", 10000.0))
+    if layer_type in params or "full_attention" in params:  # transformers 5: per layer type (Gemma 3)
+        params = params.get(layer_type) or {}
+    return params
+
+
+def _rope(hf: dict[str, Any], layer_type: str = "full_attention", default_theta: float = 10000.0
+          ) -> tuple[float, dict[str, float] | None]:
+    """(rope_theta, llama3 scaling or None) from either transformers spelling."""
+    params = _rope_params(hf, layer_type)
+    theta = hf.get("rope_theta", params.get("rope_theta", default_theta))
+    if layer_type == "sliding_attention":
+        theta = hf.get("rope_local_base_freq", params.get("rope_theta", default_theta))
     kind = params.get("rope_type", params.get("type", "default"))
     if kind in (None, "default"):
         return float(theta), None
@@ -36,13 +87,36 @@ def _rope(hf: dict[str, Any]) -> tuple[float, dict[str, float] | None]:
     return float(theta), {k: float(params[k]) for k in keys}
 
 
+def _rotary_dim(hf: dict[str, Any], head_dim: int, default: float = 1.0) -> int | None:
+    """Rotated dimensions per head from partial_rotary_factor / rotary_pct; None for all."""
+    factor = hf.get("partial_rotary_factor", hf.get("rotary_pct", _rope_params(hf).get("partial_rotary_factor", default)))
+    dim = int(head_dim * float(factor))
+    return None if dim == head_dim else dim
+
+
+def _pattern(flags: list[bool], what: str, model_type: str) -> int | None:
+    """k where flags[i] == ((i + 1) % k == 0) for every layer (None: no layer flagged)."""
+    if not any(flags):
+        return None
+    k = flags.index(True) + 1
+    if any(f != ((i + 1) % k == 0) for i, f in enumerate(flags)):
+        raise ConfigError(f"unsupported {model_type} layout: {what} must fall on every k-th layer, "
+                          f"got layers {[i for i, f in enumerate(flags) if f]}")
+    return k
+
+
 def config_from_hf(hf: dict[str, Any]) -> Config:
     model_type = hf.get("model_type")
-    if model_type == "gpt2":
-        return _gpt2_from_hf(hf)
+    readers = {"gpt2": _gpt2_from_hf, "gpt_neox": _gpt_neox_from_hf, "falcon": _falcon_from_hf, "phi": _phi_from_hf}
+    if model_type in readers:
+        return readers[model_type](hf)
     if model_type in LLAMA_LIKE:
         return _llama_from_hf(hf, model_type)
-    raise ConfigError(f"unknown architecture {model_type!r}; supported model_type: gpt2, {', '.join(LLAMA_LIKE)}")
+    if model_type in NEAREST:
+        family, missing = NEAREST[model_type]
+        raise ConfigError(f"unsupported architecture {model_type!r}: the nearest supported family is {family!r}, "
+                          f"which lacks {missing}")
+    raise ConfigError(f"unknown architecture {model_type!r}; supported model_type: {', '.join(FAMILIES)}")
 
 
 def _gpt2_from_hf(hf: dict[str, Any]) -> Config:
@@ -67,58 +141,155 @@ def _gpt2_from_hf(hf: dict[str, Any]) -> Config:
     )
 
 
+def _tokens(hf: dict[str, Any]) -> dict[str, Any]:
+    return dict(bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"),
+                pad_token_id=hf.get("pad_token_id"))
+
+
 def _llama_from_hf(hf: dict[str, Any], model_type: str) -> Config:
     _require(hf, "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
-    act = hf.get("hidden_act", "silu")
-    if act != "silu":
-        raise ConfigError(f"unsupported activation {act!r} for {model_type} (supported: silu)")
+    gemma = model_type in ("gemma2", "gemma3_text")
+    act = hf.get("hidden_activation" if gemma else "hidden_act", "gelu_pytorch_tanh" if gemma else "silu")
+    expected = ("gelu_pytorch_tanh", "gelu_new") if gemma else ("silu",)
+    if act not in expected or (gemma and hf.get("hidden_act", "gelu_pytorch_tanh") not in expected):
+        raise ConfigError(f"unsupported activation {act!r} for {model_type} (supported: {expected[0]})")
     if hf.get("mlp_bias"):
         raise ConfigError("unsupported option mlp_bias=true")
-    qkv_bias = model_type == "qwen2"  # Qwen2 always has q/k/v biases
-    if model_type == "llama" and hf.get("attention_bias"):
-        raise ConfigError("unsupported option attention_bias=true")
+    if model_type != "qwen2" and hf.get("attention_bias"):
+        raise ConfigError(f"unsupported option attention_bias=true for {model_type}")
+    n_layer = hf["num_hidden_layers"]
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
     window = hf.get("sliding_window")
-    if model_type == "qwen2":
-        # Qwen2 configs carry a window size that is off unless use_sliding_window, and then
+    switches: dict[str, Any] = dict(SIGNATURES[model_type])
+    if model_type in ("qwen2", "qwen3"):
+        # Qwen configs carry a window size that is off unless use_sliding_window, and then
         # transformers slides it only in layers i >= max_window_layers (default 28).
         first = hf.get("max_window_layers", 28)
-        if not hf.get("use_sliding_window", False) or first >= hf["num_hidden_layers"]:
+        if not hf.get("use_sliding_window", False) or first >= n_layer:
             window = None
         elif window is not None and first > 0:
-            raise ConfigError(f"unsupported Qwen2 option: a sliding window in layers {first} and up only "
+            raise ConfigError(f"unsupported {model_type} option: a sliding window in layers {first} and up only "
                               "(max_window_layers); emergence slides it in every layer or none")
-    if model_type == "llama":
+    if model_type in ("llama", "olmo2", "smollm3"):
+        _refuse(hf, model_type, use_sliding_window=True)
         window = None
+    if model_type == "smollm3":
+        no_rope = hf.get("no_rope_layers") or [1] * n_layer
+        if len(no_rope) != n_layer:
+            raise ConfigError(f"smollm3 no_rope_layers has {len(no_rope)} entries for {n_layer} layers")
+        switches["nope_every"] = _pattern([not use for use in no_rope], "layers without RoPE", model_type)
+    if gemma:
+        types = hf.get("layer_types")
+        if types is None:  # transformers 4.x: Gemma 2 alternates, Gemma 3 has sliding_window_pattern
+            k = 2 if model_type == "gemma2" else hf.get("sliding_window_pattern", 6)
+            types = ["full_attention" if (i + 1) % k == 0 else "sliding_attention" for i in range(n_layer)]
+        if len(types) != n_layer or set(types) - {"full_attention", "sliding_attention"}:
+            raise ConfigError(f"{model_type} layer_types must name full_attention or sliding_attention per layer")
+        if "sliding_attention" not in types:
+            window = None
+        if window is not None:
+            switches["global_every"] = _pattern([t == "full_attention" for t in types], "global layers", model_type)
+        switches.update(attention_scale=float(hf.get("query_pre_attn_scalar", head_dim)) ** -0.5,
+                        attn_softcap=hf.get("attn_logit_softcapping"), final_softcap=hf.get("final_logit_softcapping"))
+        if model_type == "gemma3_text" and window is not None:
+            switches["rope_local_theta"] = _rope(hf, "sliding_attention")[0]
+        _refuse(hf, model_type, use_bidirectional_attention=True)
+    if model_type == "phi3":
+        switches["rotary_dim"] = _rotary_dim(hf, head_dim)
     theta, scaling = _rope(hf)
     return Config(
         name=hf.get("_name_or_path") or model_type, family=model_type,
         vocab_size=hf["vocab_size"], block_size=hf.get("max_position_embeddings", 2048),
-        n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"], n_embd=hf["hidden_size"],
-        n_kv_head=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
-        intermediate_size=hf["intermediate_size"], norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6),
-        mlp="swiglu", position="rope", rope_theta=theta, rope_scaling=scaling, qkv_bias=qkv_bias,
-        tie_embeddings=hf.get("tie_word_embeddings", False), sliding_window=window,
-        bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"),
-        pad_token_id=hf.get("pad_token_id"),
-    )
+        n_layer=n_layer, n_head=hf["num_attention_heads"], n_embd=hf["hidden_size"],
+        n_kv_head=hf.get("num_key_value_heads") or hf["num_attention_heads"], head_dim=head_dim,
+        intermediate_size=hf["intermediate_size"], norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=theta,
+        rope_scaling=scaling, tie_embeddings=hf.get("tie_word_embeddings", gemma), sliding_window=window,
+        **switches, **_tokens(hf))
 
 
-_ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM",
-                  "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+def _gpt_neox_from_hf(hf: dict[str, Any]) -> Config:
+    _require(hf, "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+    act = hf.get("hidden_act", "gelu")
+    if act not in ("gelu", "gelu_new", "gelu_fast"):
+        raise ConfigError(f"unsupported activation {act!r} for gpt_neox (supported: gelu, gelu_new)")
+    _refuse(hf, "gpt_neox", attention_bias=False)
+    head_dim = hf["hidden_size"] // hf["num_attention_heads"]
+    theta = hf.get("rotary_emb_base", _rope(hf)[0])
+    return Config(
+        name=hf.get("_name_or_path") or "gpt_neox", family="gpt_neox", vocab_size=hf["vocab_size"],
+        block_size=hf.get("max_position_embeddings", 2048), n_layer=hf["num_hidden_layers"],
+        n_head=hf["num_attention_heads"], n_embd=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
+        **SIGNATURES["gpt_neox"], mlp="gelu_exact" if act == "gelu" else "gelu",
+        norm_eps=hf.get("layer_norm_eps", 1e-5), rope_theta=float(theta), rotary_dim=_rotary_dim(hf, head_dim, 0.25),
+        parallel="two-norms" if hf.get("use_parallel_residual", True) else None,
+        tie_embeddings=hf.get("tie_word_embeddings", False), **_tokens(hf))
+
+
+def _falcon_from_hf(hf: dict[str, Any]) -> Config:
+    _require(hf, "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+    _refuse(hf, "falcon", alibi=True)
+    act = hf.get("activation", "gelu")
+    if act != "gelu":
+        raise ConfigError(f"unsupported activation {act!r} for falcon (supported: gelu)")
+    n_head, new_arch = hf["num_attention_heads"], hf.get("new_decoder_architecture", False)
+    n_kv = hf.get("num_kv_heads") or n_head if new_arch else (1 if hf.get("multi_query", True) else n_head)
+    norms = hf.get("num_ln_in_parallel_attn") or 2 if new_arch else 1
+    parallel = ("two-norms" if norms == 2 else "shared-norm") if new_arch or hf.get("parallel_attn", True) else None
+    return Config(
+        name=hf.get("_name_or_path") or "falcon", family="falcon", vocab_size=hf["vocab_size"],
+        block_size=hf.get("max_position_embeddings", 2048), n_layer=hf["num_hidden_layers"], n_head=n_head,
+        n_kv_head=n_kv, n_embd=hf["hidden_size"], intermediate_size=hf.get("ffn_hidden_size") or 4 * hf["hidden_size"],
+        **SIGNATURES["falcon"], bias=bool(hf.get("bias", False)), parallel=parallel,
+        norm_eps=hf.get("layer_norm_epsilon", 1e-5), rope_theta=_rope(hf)[0],
+        tie_embeddings=hf.get("tie_word_embeddings", True), **_tokens(hf))
+
+
+def _phi_from_hf(hf: dict[str, Any]) -> Config:
+    _require(hf, "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+    _refuse(hf, "phi", qk_layernorm=True)
+    act = hf.get("hidden_act", "gelu_new")
+    if act not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise ConfigError(f"unsupported activation {act!r} for phi (supported: gelu_new)")
+    head_dim = hf["hidden_size"] // hf["num_attention_heads"]
+    return Config(
+        name=hf.get("_name_or_path") or "phi", family="phi", vocab_size=hf["vocab_size"],
+        block_size=hf.get("max_position_embeddings", 2048), n_layer=hf["num_hidden_layers"],
+        n_head=hf["num_attention_heads"], n_kv_head=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+        n_embd=hf["hidden_size"], intermediate_size=hf["intermediate_size"], **SIGNATURES["phi"],
+        norm_eps=hf.get("layer_norm_eps", 1e-5), rope_theta=_rope(hf)[0], rotary_dim=_rotary_dim(hf, head_dim, 0.5),
+        tie_embeddings=hf.get("tie_word_embeddings", False), **_tokens(hf))
+
+
+_ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                  "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "smollm3": "SmolLM3ForCausalLM",
+                  "phi3": "Phi3ForCausalLM", "olmo2": "Olmo2ForCausalLM", "gemma2": "Gemma2ForCausalLM",
+                  "gemma3_text": "Gemma3ForCausalLM", "gpt_neox": "GPTNeoXForCausalLM", "falcon": "FalconForCausalLM",
+                  "phi": "PhiForCausalLM"}
+# Families whose config.json records a window for every layer (Gemma's alternate; Qwen's is all or none).
+_WINDOWED = ("mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text")
 
 
 def _check_expressible(c: Config) -> None:
-    """Refuse configs whose switches the family's HF layout cannot record."""
-    gpt2_like = (c.norm, c.mlp, c.position, c.bias) == ("layernorm", "gelu", "learned", True)
-    llama_like = (c.norm, c.mlp, c.position, c.bias) == ("rmsnorm", "swiglu", "rope", False)
-    gpt2_shapes = c.n_kv_head == c.n_head and c.n_head * c.head_dim == c.n_embd  # GPT-2 records neither
-    ok = {"gpt2": gpt2_like and gpt2_shapes and not c.qkv_bias and c.sliding_window is None and c.rope_scaling is None,
-          "llama": llama_like and not c.qkv_bias and c.sliding_window is None,
-          "mistral": llama_like and not c.qkv_bias,
-          "qwen2": llama_like and c.qkv_bias}[c.family]
-    if not ok:
-        raise ConfigError(f"this config cannot be written as a Hugging Face {c.family!r} config.json")
+    """Refuse configs whose switches the family's HF layout cannot record, naming the first."""
+    wrong = [f"{k}={getattr(c, k)!r}" for k, v in SIGNATURES[c.family].items() if getattr(c, k) != v]
+    if c.family == "gpt2" and not (c.n_kv_head == c.n_head and c.n_head * c.head_dim == c.n_embd):
+        wrong.append("grouped-query or head_dim shapes")  # GPT-2's config.json records neither
+    if c.sliding_window is not None and c.family not in _WINDOWED:
+        wrong.append(f"sliding_window={c.sliding_window}")
+    if c.rope_scaling is not None and c.family not in ("llama", "mistral", "qwen2", "qwen3", "smollm3"):
+        wrong.append("rope_scaling")
+    if c.family in ("gpt_neox", "phi") and c.n_kv_head != c.n_head:
+        wrong.append(f"n_kv_head={c.n_kv_head}" if c.family == "gpt_neox" else "")
+    if c.family in ("gpt_neox", "falcon", "phi") and c.n_head * c.head_dim != c.n_embd:
+        wrong.append(f"head_dim={c.head_dim}")
+    if c.family == "falcon" and c.parallel is None and c.n_kv_head not in (1, c.n_head):
+        wrong.append(f"n_kv_head={c.n_kv_head} in a sequential block")  # grouped heads come with the parallel one
+    if c.family == "gpt_neox" and (c.parallel == "shared-norm" or c.mlp not in ("gelu_exact", "gelu")):
+        wrong.append(f"parallel={c.parallel!r}, mlp={c.mlp!r}")
+    wrong = [w for w in wrong if w]
+    if wrong:
+        raise ConfigError(f"this config cannot be written as a Hugging Face {c.family!r} config.json: "
+                          f"{', '.join(wrong)}")
 
 
 def config_to_hf(c: Config) -> dict[str, Any]:
@@ -127,24 +298,52 @@ def config_to_hf(c: Config) -> dict[str, Any]:
                   bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id, tie_word_embeddings=c.tie_embeddings)
     if c.pad_token_id is not None:
         common["pad_token_id"] = c.pad_token_id
+    if c.rope_scaling is not None and "factors" in c.rope_scaling:
+        raise ConfigError("per-frequency RoPE divisors (from a GGUF rope_freqs tensor) have no config.json form")
     if c.family == "gpt2":
         return dict(common, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head, n_positions=c.block_size,
                     n_ctx=c.block_size, n_inner=c.intermediate_size, layer_norm_epsilon=c.norm_eps,
                     activation_function="gelu_new")
-    hf = dict(common, hidden_size=c.n_embd, num_hidden_layers=c.n_layer, num_attention_heads=c.n_head,
-              num_key_value_heads=c.n_kv_head, head_dim=c.head_dim, intermediate_size=c.intermediate_size,
-              max_position_embeddings=c.block_size, rms_norm_eps=c.norm_eps, hidden_act="silu",
-              rope_theta=c.rope_theta)
-    if c.rope_scaling is not None and "factors" in c.rope_scaling:
-        raise ConfigError("per-frequency RoPE divisors (from a GGUF rope_freqs tensor) have no config.json form")
+    shapes = dict(common, hidden_size=c.n_embd, num_hidden_layers=c.n_layer, num_attention_heads=c.n_head,
+                  intermediate_size=c.intermediate_size, max_position_embeddings=c.block_size, rope_theta=c.rope_theta)
+    if c.rotary_dim is not None:
+        shapes["partial_rotary_factor"] = c.rotary_dim / c.head_dim
+    if c.family == "gpt_neox":
+        return dict(shapes, layer_norm_eps=c.norm_eps, hidden_act="gelu" if c.mlp == "gelu_exact" else "gelu_new",
+                    use_parallel_residual=c.parallel is not None, rotary_pct=(c.rotary_dim or c.head_dim) / c.head_dim,
+                    rotary_emb_base=c.rope_theta, attention_bias=True)
+    if c.family == "falcon":
+        new_arch = c.n_kv_head not in (1, c.n_head) or c.parallel == "two-norms"
+        return dict(shapes, ffn_hidden_size=c.intermediate_size, layer_norm_epsilon=c.norm_eps, bias=c.bias,
+                    alibi=False, activation="gelu", multi_query=c.n_kv_head == 1, num_kv_heads=c.n_kv_head,
+                    new_decoder_architecture=new_arch, parallel_attn=c.parallel is not None,
+                    num_ln_in_parallel_attn=2 if c.parallel == "two-norms" else 1)
+    if c.family == "phi":
+        return dict(shapes, num_key_value_heads=c.n_kv_head, layer_norm_eps=c.norm_eps, hidden_act="gelu_new",
+                    partial_rotary_factor=(c.rotary_dim or c.head_dim) / c.head_dim, qk_layernorm=False)
+    gemma = c.family in ("gemma2", "gemma3_text")
+    hf = dict(shapes, num_key_value_heads=c.n_kv_head, head_dim=c.head_dim, rms_norm_eps=c.norm_eps,
+              **({"hidden_activation": "gelu_pytorch_tanh"} if gemma else {"hidden_act": "silu"}))
     if c.rope_scaling is not None:
         hf["rope_scaling"] = dict(c.rope_scaling, rope_type="llama3")
         hf["rope_scaling"]["original_max_position_embeddings"] = int(c.rope_scaling["original_max_position_embeddings"])
-    if c.family == "mistral":
+    if c.family in ("mistral", "phi3"):
         hf["sliding_window"] = c.sliding_window
-    if c.family == "qwen2":
+    if c.family in ("qwen2", "qwen3"):
         hf.update(use_sliding_window=c.sliding_window is not None, sliding_window=c.sliding_window,
                   max_window_layers=0)  # every layer slides, as in emergence
+    if c.family == "smollm3":
+        hf.update(no_rope_layers=[int(c.layer_rope(i) is not None) for i in range(c.n_layer)],
+                  no_rope_layer_interval=c.nope_every or c.n_layer + 1, use_sliding_window=False)
+    if gemma:
+        types = ["sliding_attention" if c.layer_window(i) else "full_attention" for i in range(c.n_layer)]
+        scalar = (c.attention_scale or c.head_dim ** -0.5) ** -2  # scale = query_pre_attn_scalar ** -0.5
+        hf.update(query_pre_attn_scalar=round(scalar) if abs(scalar - round(scalar)) < 1e-6 else scalar,
+                  attn_logit_softcapping=c.attn_softcap, final_logit_softcapping=c.final_softcap,
+                  sliding_window=c.sliding_window or 4096, layer_types=types)
+        if c.family == "gemma3_text":
+            hf.update(rope_local_base_freq=c.rope_local_theta or c.rope_theta,
+                      sliding_window_pattern=c.global_every or c.n_layer + 1)
     return hf
 
 

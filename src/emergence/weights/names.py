@@ -43,6 +43,35 @@ def _split_halves(ts: list[Tensor], c: Config) -> list[Tensor]:
     return [part.contiguous() for part in ts[0].chunk(2, dim=0)]
 
 
+def _plus_one(ts: list[Tensor], c: Config) -> list[Tensor]:
+    """Gemma's RMSNorm multiplies by (1 + w): emergence keeps the gain itself, 1 + w."""
+    return [t + 1 for t in ts]
+
+
+def _minus_one(ts: list[Tensor], c: Config) -> list[Tensor]:
+    return [t - 1 for t in ts]
+
+
+def _grouped_qkv(ts: list[Tensor], c: Config) -> list[Tensor]:
+    """A q/k/v matrix laid out per key/value head, [q of the group's H/K heads, k, v] for each of
+    the K groups (GPT-NeoX: K = H, one [q, k, v] per head; Falcon) -> emergence's [q; k; v]."""
+    H, K, hd = c.n_head, c.n_kv_head, c.head_dim
+    t = ts[0]
+    g = t.reshape(K, H // K + 2, hd, *t.shape[1:])  # (K, H/K + 2, hd[, D])
+    q, k, v = g[:, :H // K], g[:, H // K], g[:, H // K + 1]
+    return [torch.cat([q.reshape(H * hd, *t.shape[1:]), k.reshape(K * hd, *t.shape[1:]),
+                       v.reshape(K * hd, *t.shape[1:])]).contiguous()]
+
+
+def _ungrouped_qkv(ts: list[Tensor], c: Config) -> list[Tensor]:
+    H, K, hd = c.n_head, c.n_kv_head, c.head_dim
+    t = ts[0]
+    q, k, v = t.split([H * hd, K * hd, K * hd])
+    g = torch.cat([q.reshape(K, H // K, hd, *t.shape[1:]), k.reshape(K, 1, hd, *t.shape[1:]),
+                   v.reshape(K, 1, hd, *t.shape[1:])], dim=1)
+    return [g.reshape(t.shape).contiguous()]
+
+
 @dataclass(frozen=True)
 class Rule:
     ours: tuple[str, ...]  # canonical names
@@ -59,21 +88,95 @@ def _same(ours: str, theirs: str) -> Rule:
     return Rule((ours,), (theirs,))
 
 
-def _llama_rules() -> list[Rule]:
+# Where each family's block norms sit: our name -> theirs (model.layers.{}.<theirs>). LLaMA's
+# post_attention_layernorm is the MLP's pre-norm; in OLMo 2 and Gemma it follows the attention.
+LLAMA_NORMS = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
+OLMO2_NORMS = {"attn_post_norm": "post_attention_layernorm", "mlp_post_norm": "post_feedforward_layernorm"}
+GEMMA_NORMS = {"attn_norm": "input_layernorm", "attn_post_norm": "post_attention_layernorm",
+               "mlp_norm": "pre_feedforward_layernorm", "mlp_post_norm": "post_feedforward_layernorm"}
+
+
+def _llama_rules(norms: dict[str, str] = LLAMA_NORMS, fused: bool = False, gemma: bool = False) -> list[Rule]:
+    """The LLaMA layout and its relatives (Qwen2/3, SmolLM3, OLMo 2, Gemma 2/3, Phi-3). `fused`:
+    q/k/v and gate/up stored fused as emergence keeps them (Phi-3); `gemma`: norms store w for (1 + w)."""
     a, m = "model.layers.{}.self_attn", "model.layers.{}.mlp"
+
+    def norm(ours: str, theirs: str) -> Rule:
+        return Rule((ours,), (theirs,), _plus_one, _minus_one) if gemma else _same(ours, theirs)
+
     rules = [
         _same("tok_embeddings.weight", "model.embed_tokens.weight"),
-        _same("layers.{}.attn_norm.weight", "model.layers.{}.input_layernorm.weight"),
-        _same("layers.{}.mlp_norm.weight", "model.layers.{}.post_attention_layernorm.weight"),
+        *(norm(f"layers.{{}}.{ours}.weight", f"model.layers.{{}}.{theirs}.weight") for ours, theirs in norms.items()),
+        norm("layers.{}.attn.q_norm.weight", f"{a}.q_norm.weight"),
+        norm("layers.{}.attn.k_norm.weight", f"{a}.k_norm.weight"),
         _same("layers.{}.attn.o_proj.weight", f"{a}.o_proj.weight"),
-        Rule(("layers.{}.mlp.gate_up_proj.weight",), (f"{m}.gate_proj.weight", f"{m}.up_proj.weight"),
-             _fuse, _split_halves),
         _same("layers.{}.mlp.down_proj.weight", f"{m}.down_proj.weight"),
-        _same("norm.weight", "model.norm.weight"),
+        norm("norm.weight", "model.norm.weight"),
         _same("lm_head.weight", "lm_head.weight"),
     ]
+    if fused:
+        return rules + [_same("layers.{}.attn.qkv_proj.weight", f"{a}.qkv_proj.weight"),
+                        _same("layers.{}.mlp.gate_up_proj.weight", f"{m}.gate_up_proj.weight")]
+    rules.append(Rule(("layers.{}.mlp.gate_up_proj.weight",), (f"{m}.gate_proj.weight", f"{m}.up_proj.weight"),
+                      _fuse, _split_halves))
     for kind in ("weight", "bias"):
         rules.append(Rule((f"layers.{{}}.attn.qkv_proj.{kind}",), tuple(f"{a}.{p}_proj.{kind}" for p in "qkv"),
+                          _fuse, _split_qkv))
+    return rules
+
+
+def _with_bias(ours: str, theirs: str, weight: Rule | None = None) -> list[Rule]:
+    """A linear layer or LayerNorm's weight and bias under one name each (weight rule optional)."""
+    weight = weight or _same(f"{ours}.weight", f"{theirs}.weight")
+    bias = Rule((f"{ours}.bias",), (f"{theirs}.bias",), weight.to_ours, weight.to_theirs)
+    return [weight, bias]
+
+
+def _gpt_neox_rules() -> list[Rule]:
+    h = "gpt_neox.layers.{}"
+    qkv = Rule(("layers.{}.attn.qkv_proj.weight",), (f"{h}.attention.query_key_value.weight",),
+               _grouped_qkv, _ungrouped_qkv)
+    return [_same("tok_embeddings.weight", "gpt_neox.embed_in.weight"), _same("lm_head.weight", "embed_out.weight"),
+            *_with_bias("norm", "gpt_neox.final_layer_norm"),
+            *_with_bias("layers.{}.attn_norm", f"{h}.input_layernorm"),
+            *_with_bias("layers.{}.mlp_norm", f"{h}.post_attention_layernorm"),
+            *_with_bias("layers.{}.attn.qkv_proj", f"{h}.attention.query_key_value", qkv),
+            *_with_bias("layers.{}.attn.o_proj", f"{h}.attention.dense"),
+            *_with_bias("layers.{}.mlp.up_proj", f"{h}.mlp.dense_h_to_4h"),
+            *_with_bias("layers.{}.mlp.down_proj", f"{h}.mlp.dense_4h_to_h")]
+
+
+def falcon_rules(two_norms: bool) -> list[Rule]:
+    """Falcon: q/k/v grouped by key/value head (multi-query 7B: [q, k, v]); ln_attn and ln_mlp
+    where the parallel block has two norms (new_decoder_architecture), else input_layernorm
+    (and post_attention_layernorm before a sequential MLP)."""
+    h = "transformer.h.{}"
+    qkv = Rule(("layers.{}.attn.qkv_proj.weight",), (f"{h}.self_attention.query_key_value.weight",),
+               _grouped_qkv, _ungrouped_qkv)
+    norms = (("attn_norm", "ln_attn"), ("mlp_norm", "ln_mlp")) if two_norms else \
+        (("attn_norm", "input_layernorm"), ("mlp_norm", "post_attention_layernorm"))
+    rules = [_same("tok_embeddings.weight", "transformer.word_embeddings.weight"), _same("lm_head.weight", "lm_head.weight"),
+             *_with_bias("norm", "transformer.ln_f"),
+             *_with_bias("layers.{}.attn.qkv_proj", f"{h}.self_attention.query_key_value", qkv),
+             *_with_bias("layers.{}.attn.o_proj", f"{h}.self_attention.dense"),
+             *_with_bias("layers.{}.mlp.up_proj", f"{h}.mlp.dense_h_to_4h"),
+             *_with_bias("layers.{}.mlp.down_proj", f"{h}.mlp.dense_4h_to_h")]
+    for ours, theirs in norms:
+        rules += _with_bias(f"layers.{{}}.{ours}", f"{h}.{theirs}")
+    return rules
+
+
+def _phi_rules() -> list[Rule]:
+    """Phi-2 (model_type "phi"): separate biased q/k/v, one LayerNorm per parallel block, a biased head."""
+    h = "model.layers.{}"
+    rules = [_same("tok_embeddings.weight", "model.embed_tokens.weight"),
+             *_with_bias("lm_head", "lm_head"), *_with_bias("norm", "model.final_layernorm"),
+             *_with_bias("layers.{}.attn_norm", f"{h}.input_layernorm"),
+             *_with_bias("layers.{}.attn.o_proj", f"{h}.self_attn.dense"),
+             *_with_bias("layers.{}.mlp.up_proj", f"{h}.mlp.fc1"),
+             *_with_bias("layers.{}.mlp.down_proj", f"{h}.mlp.fc2")]
+    for kind in ("weight", "bias"):
+        rules.append(Rule((f"layers.{{}}.attn.qkv_proj.{kind}",), tuple(f"{h}.self_attn.{p}_proj.{kind}" for p in "qkv"),
                           _fuse, _split_qkv))
     return rules
 
@@ -142,13 +245,26 @@ T5_DUPLICATES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
 
 HF_RULES: dict[str, list[Rule]] = {
     "gpt2": _gpt2_rules(),
-    "llama": _llama_rules(),
-    "mistral": _llama_rules(),
-    "qwen2": _llama_rules(),
+    **{family: _llama_rules() for family in ("llama", "mistral", "qwen2", "qwen3", "smollm3")},
+    "phi3": _llama_rules(fused=True),
+    "olmo2": _llama_rules(OLMO2_NORMS),
+    "gemma2": _llama_rules(GEMMA_NORMS, gemma=True),
+    "gemma3_text": _llama_rules(GEMMA_NORMS, gemma=True),
+    "gpt_neox": _gpt_neox_rules(),
+    "falcon": falcon_rules(two_norms=False),  # hf_rules() picks the two-norm table where it applies
+    "phi": _phi_rules(),
 }
 
+
+def hf_rules(config: Config) -> list[Rule]:
+    """The name table of a config's family (Falcon's norm names depend on its block)."""
+    if config.family == "falcon" and config.parallel == "two-norms":
+        return falcon_rules(two_norms=True)
+    return HF_RULES[config.family]
+
 # Tensors some checkpoints carry that hold no weights (causal-mask buffers, RoPE tables).
-IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
+IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq", ".attention.bias",
+                    ".attention.masked_bias")
 
 
 def expand(rules: list[Rule], config: Config, wanted: set[str]) -> list[Rule]:
