@@ -224,3 +224,51 @@ def test_switch_combinations_no_family_uses_are_refused(kwargs, match):
 def test_checkpoints_of_uncovered_families_name_the_nearest(hf, match):
     with pytest.raises(ConfigError, match=match):
         config_from_hf(hf)
+
+
+# ------------------------------------------------------------------------------ adapters
+PEFT_TARGETS = {"phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+                "phi": ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]}
+
+
+def test_peft_lora_adapters_both_ways(family_model, tmp_path):
+    """A LoRA made by peft loads here with peft's logits, and ours loads in peft with ours
+    (GPT-NeoX and Falcon fuse q/k/v in another row order: refused with the reason)."""
+    import peft
+    import transformers as tf
+
+    from emergence.adapters import LoraSpec, add_adapter, load_adapter, save_adapter
+    from emergence.errors import InvalidArgument
+
+    case, _, folder = family_model
+    family = case.split("-")[0]
+    model, _ = load_hf(folder)
+    if family in ("gpt_neox", "falcon"):
+        with pytest.raises(InvalidArgument, match=f"adapters are not defined for the {family} family .*q/k/v"):
+            add_adapter(model, LoraSpec(r=4, targets="all-linear"))
+        return
+    targets = PEFT_TARGETS.get(family, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    torch.manual_seed(11)
+    pm = peft.get_peft_model(tf.AutoModelForCausalLM.from_pretrained(folder).eval(),
+                             peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=targets)).eval()
+    pm.save_pretrained(tmp_path / "theirs")
+    load_adapter(model, tmp_path / "theirs")
+    ids = torch.randint(3, VOCAB, (2, 24), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        theirs, ours = pm(ids).logits, model(ids)
+        with pm.disable_adapter():
+            plain = pm.get_base_model()(ids).logits
+    assert (theirs - plain).abs().max() > 1e-2  # the adapter matters
+    assert (ours - theirs).abs().max().item() <= 1e-5
+
+    mine, _ = load_hf(folder)
+    torch.manual_seed(3)
+    add_adapter(mine, LoraSpec(r=4, alpha=8, targets="all-linear"))
+    for name, p in mine.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.1)  # a trained-looking adapter: B starts at zero
+    save_adapter(mine, tmp_path / "ours")
+    back = peft.PeftModel.from_pretrained(tf.AutoModelForCausalLM.from_pretrained(folder), tmp_path / "ours").eval()
+    with torch.no_grad():
+        assert (mine(ids) - plain).abs().max() > 1e-2
+        assert (back(ids).logits - mine(ids)).abs().max().item() <= 1e-5

@@ -46,9 +46,18 @@ _LLAMA = (("self_attn.q_proj", "attn.qkv_proj", "q"), ("self_attn.k_proj", "attn
           ("mlp.down_proj", "mlp.down_proj", None))
 _GPT2 = (("attn.c_attn", "attn.qkv_proj", None), ("attn.c_proj", "attn.o_proj", None),
          ("mlp.c_fc", "mlp.up_proj", None), ("mlp.c_proj", "mlp.down_proj", None))
-TARGETS = {"llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "gpt2": _GPT2}
-LAYER_PREFIX = {"llama": "model.layers.{}", "mistral": "model.layers.{}", "qwen2": "model.layers.{}",
-                "gpt2": "transformer.h.{}"}
+_PHI3 = (("self_attn.qkv_proj", "attn.qkv_proj", None), ("self_attn.o_proj", "attn.o_proj", None),
+         ("mlp.gate_up_proj", "mlp.gate_up_proj", None), ("mlp.down_proj", "mlp.down_proj", None))
+_PHI = (("self_attn.q_proj", "attn.qkv_proj", "q"), ("self_attn.k_proj", "attn.qkv_proj", "k"),
+        ("self_attn.v_proj", "attn.qkv_proj", "v"), ("self_attn.dense", "attn.o_proj", None),
+        ("mlp.fc1", "mlp.up_proj", None), ("mlp.fc2", "mlp.down_proj", None))
+TARGETS = {"gpt2": _GPT2, "phi3": _PHI3, "phi": _PHI,
+           **{f: _LLAMA for f in ("llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo2", "gemma2", "gemma3_text")}}
+LAYER_PREFIX = {family: "transformer.h.{}" if family == "gpt2" else "model.layers.{}" for family in TARGETS}
+# Families whose checkpoints fuse q/k/v in another row order than ours: an adapter's B rows would
+# need the reordering too.
+NO_ADAPTERS = {"gpt_neox": "GPT-NeoX stores q/k/v interleaved per head",
+               "falcon": "Falcon stores q/k/v grouped per key/value head"}
 # Short names a user may give for the LLaMA-family projections.
 ALIASES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
            "down": "down_proj"}
@@ -72,7 +81,8 @@ class Target:
 
 def all_targets(config: Config) -> list[Target]:
     if config.family not in TARGETS:
-        raise InvalidArgument(f"adapters are not defined for the {config.family} family")
+        why = f" ({NO_ADAPTERS[config.family]})" if config.family in NO_ADAPTERS else ""
+        raise InvalidArgument(f"adapters are not defined for the {config.family} family{why}")
     out = []
     for i in range(config.n_layer):
         prefix = LAYER_PREFIX[config.family].format(i)
