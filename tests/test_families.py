@@ -9,13 +9,14 @@ counts equal transformers' on the published configs."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
 
 from emergence import load
-from emergence.config import PRESETS, Config
-from emergence.errors import ConfigError
+from emergence.config import PRESETS, SWITCH_FAMILIES, Config
+from emergence.errors import ConfigError, InvalidArgument
 from emergence.weights.hf import load_hf, save_hf
 from emergence.weights.hf_config import config_from_hf
 
@@ -238,7 +239,6 @@ def test_peft_lora_adapters_both_ways(family_model, tmp_path):
     import transformers as tf
 
     from emergence.adapters import LoraSpec, add_adapter, load_adapter, save_adapter
-    from emergence.errors import InvalidArgument
 
     case, _, folder = family_model
     family = case.split("-")[0]
@@ -272,3 +272,25 @@ def test_peft_lora_adapters_both_ways(family_model, tmp_path):
     with torch.no_grad():
         assert (mine(ids) - plain).abs().max() > 1e-2
         assert (back(ids).logits - mine(ids)).abs().max().item() <= 1e-5
+
+
+# --------------------------------------------------------------------------------- decode
+def test_the_switch_that_sends_a_model_to_the_eager_forward_is_named_once_at_load(family_model, capsys):
+    from emergence.decode import make_backend
+    from emergence.kernels.fused_decode import eager_switch
+    from emergence.kv_cache import PagedKVCache
+
+    from conftest import cli_main
+
+    case, _, folder = family_model
+    config = load_hf(folder)[1]
+    switch = eager_switch(config)
+    assert switch is not None and switch.split("=")[0] in {"mlp", *SWITCH_FAMILIES}
+    code, out, err = cli_main(capsys, "generate", "--model", str(folder), "--max-new-tokens", "2", "a b")
+    assert code == 0
+    assert err.count("note:") == 1
+    assert f"note: decoding runs on the eager forward: {switch} has no native step" in err
+    model = load_hf(folder)[0]
+    with pytest.raises(InvalidArgument, match=f"the config switch {re.escape(switch)} has no native step"):
+        make_backend(model, PagedKVCache(config, 4), "native")
+    assert make_backend(model, PagedKVCache(config, 4), "auto").name == "eager"
