@@ -1,12 +1,39 @@
 """Models in GGUF files, llama.cpp's format: read them into our Transformer, write ours out.
 
-llama.cpp names tensors per block (`blk.{i}.attn_q.weight`, ...) and keeps q, k and v (and
-the SwiGLU gate and up projections) apart, where our model fuses them. For its "llama"
-architecture, llama.cpp rotates adjacent pairs of each head's dimensions (GGML's "normal"
-RoPE), while Hugging Face checkpoints and our model rotate the two halves; so the q and k
-rows are permuted on the way out and back on the way in, as llama.cpp's own converter does.
-Qwen2 ("neox" RoPE) and GPT-2 (no RoPE) need no permutation. Llama-3 rope scaling travels as
-llama.cpp's `rope_freqs.weight` tensor of per-frequency divisors.
+Each family is written as the llama.cpp architecture its converter (convert_hf_to_gguf.py)
+makes of the Hugging Face checkpoint (`ARCHITECTURES`): llama (LLaMA, Mistral), qwen2, gpt2,
+qwen3, gemma2, gemma3, phi3, olmo2, gptneox, falcon, phi2 and smollm3, with the metadata keys
+and tensor names and layouts that llama.cpp's loader reads (src/models/<arch>.cpp).
+
+Tensors are named per block (`blk.{i}.attn_q.weight`, ...). Where our model fuses q, k and v
+(or the gate and up projections) llama.cpp keeps them apart, except in the architectures whose
+converter writes one `attn_qkv` matrix (gpt2, phi3, gptneox, falcon), always [q; k; v] (the
+converter regroups GPT-NeoX's and Falcon's per-head rows, as emergence does on reading them),
+and Phi-3's fused [gate; up] `ffn_up`. In the architectures llama.cpp rotates with GGML's
+"normal" RoPE (llama, smollm3) adjacent pairs of each head's dimensions are rotated, while
+Hugging Face checkpoints and our model rotate the two halves; so the q and k rows are permuted
+on the way out and back on the way in, as llama.cpp's own converter does. The others use
+"neox" RoPE, our layout, on the first `rope.dimension_count` dimensions (partial rotary), or
+none (gpt2). Gemma's norms are stored as the whole gain (1 + w), in llama.cpp as in emergence.
+Falcon's two-norm block stores its MLP norm (ln_mlp) as `attn_norm` and the attention's
+(ln_attn) as `attn_norm_2`. Llama-3 rope scaling travels as llama.cpp's `rope_freqs.weight`
+tensor of per-frequency divisors.
+
+What llama.cpp fixes, a model must have to be written (`ConfigError` naming the switch
+otherwise): its attention scale for Gemma (1/sqrt(head_dim); 1/sqrt(n_embd/n_head) for the
+27B shapes), Gemma 2's two soft-caps and tied head, SmolLM3's RoPE-less layers every 4th,
+an untied head for olmo2, gptneox and phi2 (and phi2's head bias), no biases in falcon, all of
+them in gptneox and phi2. Gemma's window pattern is written as llama.cpp's per-layer
+`attention.sliding_window_pattern` where it differs from the architecture's default (every
+2nd layer global for Gemma 2, every 6th for Gemma 3). A Phi-3 window is recorded as the
+converter records it, but llama.cpp disables Phi-3's sliding window (src/models/phi3.cpp), so
+it attends to every earlier token. The GGUF gptneox and falcon architectures record no
+activation (llama.cpp computes the tanh GELU): they are read back with the exact GELU of their
+Hugging Face checkpoints.
+
+On reading, the metadata must describe the tensors: a missing tensor, a tensor of another
+shape and one the model has no place for (a block past `block_count`, say) are each a one-line
+`CheckpointError`.
 
 Norm weights are written as F32 and every matrix in the requested type (F32, F16, BF16 or a
 ggml block format). A matrix whose rows do not fill whole blocks falls back as llama.cpp's
@@ -16,20 +43,26 @@ when its rows do not fill blocks of 32 either (every 32-block type goes straight
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..config import Config
-from ..errors import CheckpointError, InvalidArgument
+from ..errors import CheckpointError, ConfigError, InvalidArgument
 from ..gguf import GGMLType, GGUFValue, GGUFValueType, read_gguf, write_gguf
 from ..gguf.quants import BLOCK_SIZES, quantize
 from ..gguf.vocab import tokenizer_from_gguf_metadata, tokenizer_to_gguf_metadata
 from ..model import Transformer, empty_model, finish_loading, rope_inv_freq
 from ..tokenizer import Tokenizer
 
-ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gpt2": "gpt2"}  # our family -> GGUF arch
+# our family -> llama.cpp architecture (the one convert_hf_to_gguf.py writes for its checkpoints)
+ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gpt2": "gpt2", "qwen3": "qwen3",
+                 "gemma2": "gemma2", "gemma3_text": "gemma3", "phi3": "phi3", "olmo2": "olmo2", "gpt_neox": "gptneox",
+                 "falcon": "falcon", "phi": "phi2", "smollm3": "smollm3"}
+# llama.cpp architecture -> our family (a llama file with a sliding window is Mistral's)
+FAMILIES = {arch: family for family, arch in ARCHITECTURES.items() if family != "mistral"}
 # The types we write: those our block quantizers produce (Q2_K and Q3_K are read, not written).
 FILE_TYPES = {t.name.lower(): t for t in (GGMLType.F32, GGMLType.F16, GGMLType.BF16, GGMLType.Q8_0, GGMLType.Q4_0,
                                           GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q4_K,
@@ -41,6 +74,38 @@ LLAMA_FTYPE = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "
                "q4_k": 14, "q5_k": 16, "q6_k": 18, "bf16": 32}
 # llama.cpp's replacement for a K-quant whose rows do not fill 256-blocks (llama_tensor_get_type).
 K_FALLBACK = {GGMLType.Q4_K: GGMLType.Q5_0, GGMLType.Q5_K: GGMLType.Q5_1, GGMLType.Q6_K: GGMLType.Q8_0}
+
+# What llama.cpp's graph of each architecture computes (src/models/<arch>.cpp), as the values of
+# our switches a model needs to be written in it: the first is what a file of it is read as.
+_RMS_PRE = dict(norm=("rmsnorm",), mlp=("swiglu",), position=("rope",), bias=(False,), parallel=(None,),
+                norm_position=("pre",), qk_norm=(None,), rope_scaling=(None,))
+_GEMMA = dict(_RMS_PRE, mlp=("geglu",), norm_position=("sandwich",), scale_embeddings=(True,))
+_LAYERNORM = dict(norm=("layernorm",), position=("rope",), qkv_bias=(False,), norm_position=("pre",),
+                  qk_norm=(None,), sliding_window=(None,), rope_scaling=(None,))
+ARCH_SWITCHES: dict[str, dict[str, tuple]] = {
+    "qwen2": dict(rope_scaling=(None,)),  # llama.cpp's qwen2 loads no rope_freqs tensor
+    "qwen3": dict(_RMS_PRE, qk_norm=("head",), sliding_window=(None,)),
+    "smollm3": dict(_RMS_PRE, sliding_window=(None,)),
+    "phi3": dict(_RMS_PRE),
+    "olmo2": dict(_RMS_PRE, qk_norm=("all",), norm_position=("post",), sliding_window=(None,),
+                  tie_embeddings=(False,)),
+    "gemma2": dict(_GEMMA, tie_embeddings=(True,)),
+    "gemma3": dict(_GEMMA, qk_norm=("head",), attn_softcap=(None,)),
+    "gptneox": dict(_LAYERNORM, mlp=("gelu_exact", "gelu"), bias=(True,), parallel=("two-norms", None),
+                    tie_embeddings=(False,)),
+    "falcon": dict(_LAYERNORM, mlp=("gelu_exact", "gelu"), bias=(False,), parallel=("shared-norm", "two-norms"),
+                   rotary_dim=(None,)),
+    "phi2": dict(_LAYERNORM, mlp=("gelu",), bias=(True,), parallel=("shared-norm",), head_bias=(True,),
+                 tie_embeddings=(False,)),
+}
+# llama.cpp's default window pattern (load_swa_pattern): every n-th layer global.
+SWA_PATTERN = {"gemma2": 2, "gemma3": 6}
+SMOLLM3_NOPE_EVERY = 4  # llama.cpp hard-codes n_no_rope_layer_step (src/models/smollm3.cpp)
+# Architectures whose q/k rows llama.cpp rotates as adjacent pairs (LLAMA_ROPE_TYPE_NORM).
+INTERLEAVED_ROPE = ("llama", "smollm3")
+# Architectures whose converter writes q, k and v as one attn_qkv matrix.
+FUSED_QKV = ("gpt2", "phi3", "gptneox", "falcon")
+LAYERNORM_ARCHS = ("gpt2", "gptneox", "falcon", "phi2")
 
 
 # ------------------------------------------------------------------------ RoPE layouts
@@ -54,6 +119,43 @@ def from_interleaved(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+# ------------------------------------------------------------------------ tensor names
+_GLOBAL_NAMES = {"tok_embeddings": "token_embd", "pos_embeddings": "position_embd", "norm": "output_norm",
+                 "lm_head": "output"}
+_BLOCK_NAMES: dict[str, str | tuple[str, ...]] = {
+    "attn_norm": "attn_norm", "mlp_norm": "ffn_norm", "attn_post_norm": "post_attention_norm",
+    "mlp_post_norm": "post_ffw_norm", "attn.q_norm": "attn_q_norm", "attn.k_norm": "attn_k_norm",
+    "attn.qkv_proj": ("attn_q", "attn_k", "attn_v"), "attn.o_proj": "attn_output",
+    "mlp.gate_up_proj": ("ffn_gate", "ffn_up"), "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+
+
+def gguf_names(config: Config, ours: str) -> tuple[str, ...]:
+    """llama.cpp's name(s) for one of our tensors: one, or the parts our fused matrix splits into."""
+    arch = ARCHITECTURES[config.family]
+    module, kind = ours.rsplit(".", 1)
+    if not module.startswith("layers."):
+        return (f"{_GLOBAL_NAMES[module]}.{kind}",)
+    _, i, sub = module.split(".", 2)
+    theirs = _BLOCK_NAMES[sub]
+    if sub == "attn.qkv_proj" and arch in FUSED_QKV:
+        theirs = "attn_qkv"
+    elif sub == "mlp.gate_up_proj" and arch == "phi3":
+        theirs = "ffn_up"  # [gate; up], llama.cpp's fused SwiGLU input
+    elif arch == "falcon" and config.parallel == "two-norms":  # Falcon-40B: ln_mlp, ln_attn
+        theirs = {"mlp_norm": "attn_norm", "attn_norm": "attn_norm_2"}.get(sub, theirs)
+    return tuple(f"blk.{i}.{name}.{kind}" for name in ((theirs,) if isinstance(theirs, str) else theirs))
+
+
+def _split_sizes(config: Config, ours: str) -> list[int]:
+    if ".qkv_proj." in ours:
+        return [config.n_head * config.head_dim] + [config.n_kv_head * config.head_dim] * 2
+    return [config.intermediate_size] * 2
+
+
+def _interleaved_rope(config: Config) -> bool:
+    return ARCHITECTURES[config.family] in INTERLEAVED_ROPE
+
+
 # ------------------------------------------------------------------------------ reading
 def is_gguf_file(path: Path) -> bool:
     """Recognised by content (the magic bytes), never by the file name."""
@@ -64,10 +166,48 @@ def is_gguf_file(path: Path) -> bool:
         return False
 
 
+def _swa_layers(meta: dict, arch: str, n_layer: int, path: Path) -> list[bool]:
+    """Which layers slide (llama.cpp's is_swa): the per-layer array, or every n-th global."""
+    value = meta.get(f"{arch}.attention.sliding_window_pattern", SWA_PATTERN.get(arch, 0))
+    if isinstance(value, (list, tuple, np.ndarray)):
+        flags = [bool(v) for v in value]
+        if len(flags) != n_layer:
+            raise CheckpointError(f"{path}: {arch}.attention.sliding_window_pattern has {len(flags)} entries for "
+                                  f"{n_layer} blocks")
+        return flags
+    n = int(value)
+    return [n == 0 or i % n < n - 1 for i in range(n_layer)]
+
+
+def _global_every(flags: list[bool], path: Path) -> int | None:
+    """k with layer i global exactly when (i + 1) % k == 0 (None: no global layer)."""
+    is_global = [not f for f in flags]
+    if not any(is_global):
+        return None
+    k = is_global.index(True) + 1
+    if any(g != ((i + 1) % k == 0) for i, g in enumerate(is_global)):
+        raise CheckpointError(f"{path}: sliding-window layers {[i for i, f in enumerate(flags) if f]} do not leave "
+                              "every k-th layer global, the only pattern emergence has")
+    return k
+
+
+def _float(value) -> float:
+    """A float from the metadata (stored as F32), as the shortest decimal that is that F32:
+    the 1e-6 a config says, not 9.999999974752427e-07."""
+    return float(str(np.float32(value)))
+
+
+def gemma_attention_scale(arch: str, n_layer: int, n_embd: int, n_head: int, head_dim: int) -> float:
+    """The q.k scale llama.cpp's gemma2/gemma3 use whatever the file says (load_arch_hparams):
+    1/sqrt(n_embd / n_head) for the 27B shapes (46 or 62 blocks), else 1/sqrt(head_dim)."""
+    big = n_layer == {"gemma2": 46, "gemma3": 62}[arch]
+    return float(n_embd // n_head if big else head_dim) ** -0.5
+
+
 def config_from_gguf(meta: dict, tensor_shapes: dict[str, tuple[int, ...]], path: Path) -> Config:
     arch = meta.get("general.architecture")
-    if arch not in ("llama", "qwen2", "gpt2"):
-        raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not supported (llama, qwen2, gpt2)")
+    if arch not in FAMILIES:
+        raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not supported ({', '.join(FAMILIES)})")
 
     def need(key: str):
         value = meta.get(f"{arch}.{key}")
@@ -80,12 +220,15 @@ def config_from_gguf(meta: dict, tensor_shapes: dict[str, tuple[int, ...]], path
     vocab, n_embd = tensor_shapes["token_embd.weight"]
     n_head = int(need("attention.head_count"))
     n_kv = meta.get(f"{arch}.attention.head_count_kv", n_head)
-    if isinstance(n_kv, list):
-        raise CheckpointError(f"{path}: per-layer head counts are not supported")
-    head_dim = meta.get(f"{arch}.attention.key_length", int(need("embedding_length")) // max(n_head, 1))
+    if any(isinstance(v, (list, tuple, np.ndarray)) for v in (n_kv, need("feed_forward_length"))):
+        raise CheckpointError(f"{path}: per-layer head counts or MLP widths are not supported")
+    head_dim = int(meta.get(f"{arch}.attention.key_length", int(need("embedding_length")) // max(n_head, 1)))
+    if int(meta.get(f"{arch}.attention.value_length", head_dim)) != head_dim:
+        raise CheckpointError(f"{path}: keys and values of different widths are not supported")
+    n_layer = int(need("block_count"))
     common = dict(name=str(meta.get("general.name", path.stem)), vocab_size=int(vocab),
-                  block_size=int(need("context_length")), n_layer=int(need("block_count")), n_head=n_head,
-                  n_embd=int(need("embedding_length")), n_kv_head=int(n_kv), head_dim=int(head_dim),
+                  block_size=int(need("context_length")), n_layer=n_layer, n_head=n_head,
+                  n_embd=int(need("embedding_length")), n_kv_head=int(n_kv), head_dim=head_dim,
                   intermediate_size=int(need("feed_forward_length")),
                   tie_embeddings="output.weight" not in tensor_shapes,
                   bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
@@ -94,47 +237,75 @@ def config_from_gguf(meta: dict, tensor_shapes: dict[str, tuple[int, ...]], path
     if int(n_embd) != common["n_embd"]:
         raise CheckpointError(f"{path}: token_embd.weight is {n_embd} wide, the metadata says {common['n_embd']}")
     if arch == "gpt2":
-        return Config(family="gpt2", norm="layernorm", norm_eps=float(need("attention.layer_norm_epsilon")),
-                      mlp="gelu", position="learned", bias=True, **common)
-    rope_dims = meta.get(f"{arch}.rope.dimension_count", head_dim)
-    if rope_dims != head_dim:
-        raise CheckpointError(f"{path}: partial RoPE ({rope_dims} of {head_dim} dimensions) is not supported")
-    window = meta.get(f"{arch}.attention.sliding_window")
-    return Config(family="qwen2" if arch == "qwen2" else ("mistral" if window else "llama"), norm="rmsnorm",
-                  norm_eps=float(need("attention.layer_norm_rms_epsilon")), mlp="swiglu", position="rope",
-                  rope_theta=float(meta.get(f"{arch}.rope.freq_base", 10000.0)), qkv_bias=arch == "qwen2",
-                  sliding_window=int(window) if window else None, **common)
+        switches = dict(family="gpt2", norm="layernorm", norm_eps=_float(need("attention.layer_norm_epsilon")),
+                        mlp="gelu", position="learned", bias=True)
+    else:
+        switches = _rope_switches(arch, meta, head_dim, path)
+        switches.update(_arch_switches(arch, meta, tensor_shapes, common, path))
+        eps_key = "attention.layer_norm_epsilon" if arch in LAYERNORM_ARCHS else "attention.layer_norm_rms_epsilon"
+        switches["norm_eps"] = _float(need(eps_key))
+    try:
+        return Config(**common, **switches)
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: {e}") from None
 
 
-def _gguf_names(config: Config) -> list[tuple[str, str]]:
-    """(our canonical name, llama.cpp name) pairs for tensors that map one to one."""
-    pairs = [("tok_embeddings.weight", "token_embd.weight"), ("norm.weight", "output_norm.weight")]
-    if config.position == "learned":
-        pairs.append(("pos_embeddings.weight", "position_embd.weight"))
-    if config.norm == "layernorm":
-        pairs.append(("norm.bias", "output_norm.bias"))
-    if not config.tie_embeddings:
-        pairs.append(("lm_head.weight", "output.weight"))
-    for i in range(config.n_layer):
-        ours, theirs = f"layers.{i}.", f"blk.{i}."
-        pairs += [(ours + "attn_norm.weight", theirs + "attn_norm.weight"),
-                  (ours + "mlp_norm.weight", theirs + "ffn_norm.weight"),
-                  (ours + "attn.o_proj.weight", theirs + "attn_output.weight"),
-                  (ours + "mlp.down_proj.weight", theirs + "ffn_down.weight")]
-        if config.bias:
-            pairs += [(ours + "attn_norm.bias", theirs + "attn_norm.bias"),
-                      (ours + "mlp_norm.bias", theirs + "ffn_norm.bias"),
-                      (ours + "attn.o_proj.bias", theirs + "attn_output.bias"),
-                      (ours + "mlp.down_proj.bias", theirs + "ffn_down.bias")]
-        if config.mlp == "gelu":
-            pairs.append((ours + "mlp.up_proj.weight", theirs + "ffn_up.weight"))
-            if config.bias:
-                pairs.append((ours + "mlp.up_proj.bias", theirs + "ffn_up.bias"))
-    return pairs
+def _rope_switches(arch: str, meta: dict, head_dim: int, path: Path) -> dict:
+    rope_dims = int(meta.get(f"{arch}.rope.dimension_count", head_dim))
+    if rope_dims != head_dim and arch not in ("phi3", "gptneox", "phi2"):
+        raise CheckpointError(f"{path}: partial RoPE ({rope_dims} of {head_dim} dimensions) is not supported "
+                              f"for GGUF {arch}")
+    return dict(position="rope", rope_theta=_float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
+                rotary_dim=None if rope_dims == head_dim else rope_dims)
 
 
-def _interleaved_rope(config: Config) -> bool:
-    return config.family in ("llama", "mistral")
+def _arch_switches(arch: str, meta: dict, shapes: dict, common: dict, path: Path) -> dict:
+    """The switches of a llama.cpp architecture: fixed by its graph, or read from its metadata
+    and tensors as its loader reads them."""
+    if arch in ("llama", "qwen2"):  # the families before issue 16
+        window = meta.get(f"{arch}.attention.sliding_window")
+        return dict(family="qwen2" if arch == "qwen2" else ("mistral" if window else "llama"), norm="rmsnorm",
+                    mlp="swiglu", qkv_bias=arch == "qwen2", sliding_window=int(window) if window else None)
+    def key(name: str, default=None):
+        return meta.get(f"{arch}.{name}", default)
+
+    out = {name: values[0] for name, values in ARCH_SWITCHES[arch].items() if name != "tie_embeddings"}
+    out["family"] = FAMILIES[arch]
+    if "qkv_bias" not in ARCH_SWITCHES[arch]:  # optional q/k/v biases (llama.cpp's create_tensor_qkv)
+        out["qkv_bias"] = "blk.0.attn_q.bias" in shapes or "blk.0.attn_qkv.bias" in shapes
+    n_layer = common["n_layer"]
+    if arch in ("gemma2", "gemma3"):
+        window = int(key("attention.sliding_window", 4096 if arch == "gemma2" else 0))
+        # a gemma2 window as long as the context is none (how we write a model without one)
+        windowed = window > 0 and not (arch == "gemma2" and window >= common["block_size"])
+        flags = _swa_layers(meta, arch, n_layer, path) if windowed else [False] * n_layer
+        if any(flags):
+            out.update(sliding_window=window, global_every=_global_every(flags, path))
+        out["attention_scale"] = gemma_attention_scale(arch, n_layer, common["n_embd"], common["n_head"],
+                                                       common["head_dim"])
+        out["final_softcap"] = key("final_logit_softcapping", 30.0 if arch == "gemma2" else None)
+        if out["final_softcap"] is not None:
+            out["final_softcap"] = _float(out["final_softcap"]) or None  # gemma3: 0 means none
+        if arch == "gemma2":
+            out["attn_softcap"] = _float(key("attn_logit_softcapping", 50.0))
+            swa_theta = key("rope.freq_base_swa")
+            if swa_theta is not None and float(swa_theta) != float(key("rope.freq_base", 10000.0)):
+                raise CheckpointError(f"{path}: a gemma2 file with another RoPE base in its windowed layers "
+                                      "(rope.freq_base_swa) is not supported")
+        elif any(flags):
+            out["rope_local_theta"] = _float(key("rope.freq_base_swa", 10000.0))
+    elif arch == "phi3":
+        window = int(key("attention.sliding_window", 0))
+        out["sliding_window"] = window or None
+    elif arch == "smollm3":
+        out["nope_every"] = SMOLLM3_NOPE_EVERY  # a pattern longer than the model marks no layer
+    elif arch == "olmo2" and int(key("attention.sliding_window", 0)) > 0:
+        raise CheckpointError(f"{path}: an olmo2 file with sliding windows (OLMo 3) is not supported")
+    elif arch == "gptneox":
+        out["parallel"] = "two-norms" if key("use_parallel_residual", True) else None
+    elif arch == "falcon":
+        out["parallel"] = "two-norms" if "blk.0.attn_norm_2.weight" in shapes else "shared-norm"
+    return out
 
 
 def load_gguf(path: str | Path, *, dtype: torch.dtype | None = None) -> tuple[Transformer, Config, Tokenizer]:
@@ -149,47 +320,86 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype | None = None) -> tuple[Tr
         dtype = {GGMLType.F16: torch.float16, GGMLType.BF16: torch.bfloat16}.get(kinds.pop(), torch.float32) \
             if len(kinds) == 1 else torch.float32
 
-    def get(name: str) -> torch.Tensor:
+    def get(name: str, shape: tuple[int, ...]) -> torch.Tensor:
         if name not in f.tensors:
-            raise CheckpointError(f"{path}: tensor {name} is missing (a partial or unsupported file?)")
+            raise CheckpointError(f"{path}: tensor {name} is missing (a partial file, or metadata describing "
+                                  "another model)")
+        if tuple(f.tensors[name].torch_shape) != tuple(shape):
+            raise CheckpointError(f"{path}: {name} has shape {tuple(f.tensors[name].torch_shape)}, the metadata "
+                                  f"implies {tuple(shape)}")
         return f.tensor(name).to(dtype)
 
-    state = {ours: get(theirs) for ours, theirs in _gguf_names(config)}
-    H, K = config.n_head, config.n_kv_head
-    for i in range(config.n_layer):
-        blk = f"blk.{i}."
-        if config.family == "gpt2":
-            state[f"layers.{i}.attn.qkv_proj.weight"] = get(blk + "attn_qkv.weight")
-            state[f"layers.{i}.attn.qkv_proj.bias"] = get(blk + "attn_qkv.bias")
-        else:
-            parts = {"weight": ["attn_q.weight", "attn_k.weight", "attn_v.weight"]}
-            if config.qkv_bias:
-                parts["bias"] = ["attn_q.bias", "attn_k.bias", "attn_v.bias"]
-            for kind, names in parts.items():
-                q, k, v = (get(blk + n) for n in names)
-                if _interleaved_rope(config):
-                    q, k = from_interleaved(q, H), from_interleaved(k, K)
-                state[f"layers.{i}.attn.qkv_proj.{kind}"] = torch.cat([q, k, v])
-            state[f"layers.{i}.mlp.gate_up_proj.weight"] = torch.cat([get(blk + "ffn_gate.weight"),
-                                                                      get(blk + "ffn_up.weight")])
-    if "rope_freqs.weight" in f.tensors:  # Llama-3 scaling as per-frequency divisors
+    used = set()
+    if "rope_freqs.weight" in f.tensors and ARCHITECTURES[config.family] == "llama":
+        # Llama-3 scaling as per-frequency divisors
         config.rope_scaling = {"factors": f.tensor("rope_freqs.weight").float().tolist()}
+        used.add("rope_freqs.weight")
     model = empty_model(config)
     expected = dict(model.state_dict())
     if config.tie_embeddings:
         expected.pop("lm_head.weight", None)
-    for name, tensor in expected.items():
-        if name not in state:
-            raise CheckpointError(f"{path}: no tensor for {name}")
-        if tuple(state[name].shape) != tuple(tensor.shape):
-            raise CheckpointError(f"{path}: {name} has shape {tuple(state[name].shape)}, the metadata implies "
-                                  f"{tuple(tensor.shape)}")
+    H, K = config.n_head, config.n_kv_head
+    state = {}
+    for ours, tensor in expected.items():
+        names, rest = gguf_names(config, ours), tuple(tensor.shape[1:])
+        if len(names) == 1:
+            used.add(names[0])
+            state[ours] = get(names[0], tensor.shape)
+            continue
+        sizes = _split_sizes(config, ours)
+        fused = names[0].replace(".attn_q.", ".attn_qkv.")
+        if len(names) == 3 and names[0] not in f.tensors and fused in f.tensors:
+            # one attn_qkv where the converter now writes three (older Phi-2 files): llama.cpp reads either
+            used.add(fused)
+            parts = list(get(fused, (sum(sizes), *rest)).split(sizes))
+        else:
+            used.update(names)
+            parts = [get(name, (size, *rest)) for name, size in zip(names, sizes)]
+        if _interleaved_rope(config) and ".qkv_proj." in ours:
+            parts[0], parts[1] = from_interleaved(parts[0], H), from_interleaved(parts[1], K)
+        state[ours] = torch.cat(parts)
+    extra = [name for name in f.tensors if name not in used]
+    if extra:
+        raise CheckpointError(f"{path}: tensor {extra[0]} has no place in the {ARCHITECTURES[config.family]} model "
+                              f"its metadata describes (block_count={config.n_layer}): {len(extra)} tensors left over")
     model = finish_loading(model, {k: v.contiguous() for k, v in state.items()})
     tokenizer = tokenizer_from_gguf_metadata(f.metadata)
     return model, config, tokenizer
 
 
 # ------------------------------------------------------------------------------ writing
+def check_gguf_representable(config: Config) -> None:
+    """Raise a one-line ConfigError, naming the switch, for a model llama.cpp's architecture for
+    its family would compute differently."""
+    if config.family not in ARCHITECTURES:
+        raise InvalidArgument(f"no GGUF architecture for family {config.family!r}")
+    arch = ARCHITECTURES[config.family]
+    if arch not in ARCH_SWITCHES:
+        return
+    where = f"llama.cpp's {arch} architecture"
+    for name, allowed in ARCH_SWITCHES[arch].items():
+        value = getattr(config, name)
+        if value not in allowed:
+            wanted = " or ".join(repr(v) for v in allowed)
+            raise ConfigError(f"{where} cannot represent {name}={value!r} (it has {name}={wanted})")
+    if arch in ("phi3", "olmo2", "gptneox", "falcon", "phi2") and config.n_head * config.head_dim != config.n_embd:
+        raise ConfigError(f"{where} needs n_head * head_dim == n_embd, got head_dim={config.head_dim}")
+    if arch in ("gemma2", "gemma3"):
+        theirs = gemma_attention_scale(arch, config.n_layer, config.n_embd, config.n_head, config.head_dim)
+        ours = config.attention_scale if config.attention_scale is not None else config.head_dim ** -0.5
+        if not math.isclose(ours, theirs, rel_tol=1e-6):
+            raise ConfigError(f"{where} scales q.k by {theirs:.6g} whatever the file says; attention_scale="
+                              f"{config.attention_scale!r} differs")
+        if arch == "gemma2" and (config.attn_softcap is None or config.final_softcap is None):
+            name = "attn_softcap" if config.attn_softcap is None else "final_softcap"
+            raise ConfigError(f"{where} always soft-caps scores and logits; {name}=None cannot be written")
+    if arch == "smollm3":
+        theirs = [(i + 1) % SMOLLM3_NOPE_EVERY == 0 for i in range(config.n_layer)]
+        if [config.layer_rope(i) is None for i in range(config.n_layer)] != theirs:
+            raise ConfigError(f"{where} drops RoPE in every {SMOLLM3_NOPE_EVERY}th layer (hard-coded); "
+                              f"nope_every={config.nope_every!r} differs")
+
+
 def _matrix_type(requested: GGMLType, shape: tuple[int, ...]) -> GGMLType:
     if shape[-1] % BLOCK_SIZES[requested][0] == 0:
         return requested
@@ -214,23 +424,20 @@ def gguf_tensors(model: Transformer, file_type: str) -> list[tuple[str, GGMLType
         raise InvalidArgument(f"unknown GGUF type {file_type!r} (one of {', '.join(FILE_TYPES)})")
     requested = FILE_TYPES[file_type]
     config = model.config
-    state = {k: v.detach() for k, v in model.state_dict().items()}
-    named: list[tuple[str, torch.Tensor]] = [(theirs, state[ours]) for ours, theirs in _gguf_names(config)]
-    H, K, hd, F = config.n_head, config.n_kv_head, config.head_dim, config.intermediate_size
-    for i in range(config.n_layer):
-        blk, ours = f"blk.{i}.", f"layers.{i}."
-        if config.family == "gpt2":
-            named += [(blk + "attn_qkv.weight", state[ours + "attn.qkv_proj.weight"]),
-                      (blk + "attn_qkv.bias", state[ours + "attn.qkv_proj.bias"])]
+    check_gguf_representable(config)
+    H, K = config.n_head, config.n_kv_head
+    named: list[tuple[str, torch.Tensor]] = []
+    for ours, tensor in model.state_dict().items():
+        if ours == "lm_head.weight" and config.tie_embeddings:
             continue
-        kinds = ["weight"] + (["bias"] if config.qkv_bias else [])
-        for kind in kinds:
-            q, k, v = state[f"{ours}attn.qkv_proj.{kind}"].split([H * hd, K * hd, K * hd])
-            if _interleaved_rope(config):
-                q, k = to_interleaved(q, H), to_interleaved(k, K)
-            named += [(f"{blk}attn_q.{kind}", q), (f"{blk}attn_k.{kind}", k), (f"{blk}attn_v.{kind}", v)]
-        gate, up = state[ours + "mlp.gate_up_proj.weight"].split([F, F])
-        named += [(blk + "ffn_gate.weight", gate), (blk + "ffn_up.weight", up)]
+        names, tensor = gguf_names(config, ours), tensor.detach()
+        if len(names) == 1:
+            named.append((names[0], tensor))
+            continue
+        parts = list(tensor.split(_split_sizes(config, ours)))
+        if _interleaved_rope(config) and ".qkv_proj." in ours:
+            parts[0], parts[1] = to_interleaved(parts[0], H), to_interleaved(parts[1], K)
+        named += zip(names, parts)
     if config.rope_scaling is not None:
         base = rope_inv_freq(Config(**{**config.to_dict(), "rope_scaling": None}))
         named.append(("rope_freqs.weight", (base / rope_inv_freq(config)).float()))
@@ -243,26 +450,71 @@ def gguf_tensors(model: Transformer, file_type: str) -> list[tuple[str, GGMLType
     return out
 
 
+def _f32(value: float) -> GGUFValue:
+    return GGUFValue(float(value), GGUFValueType.FLOAT32)
+
+
 def gguf_metadata(config: Config, tokenizer: Tokenizer, file_type: str) -> dict:
+    """The keys llama.cpp's converter writes for the family's architecture (and those its loader
+    needs to run our model as we do: a Gemma window pattern other than its default, say)."""
+    check_gguf_representable(config)
     arch = ARCHITECTURES[config.family]
     meta: dict = {"general.architecture": arch, "general.name": config.name,
                   "general.file_type": GGUFValue(LLAMA_FTYPE[file_type], GGUFValueType.UINT32),
                   f"{arch}.context_length": config.block_size, f"{arch}.embedding_length": config.n_embd,
                   f"{arch}.block_count": config.n_layer, f"{arch}.feed_forward_length": config.intermediate_size,
                   f"{arch}.attention.head_count": config.n_head}
-    if config.family == "gpt2":
-        meta[f"{arch}.attention.layer_norm_epsilon"] = GGUFValue(float(config.norm_eps), GGUFValueType.FLOAT32)
-    else:
+    if arch == "gpt2":
+        meta[f"{arch}.attention.layer_norm_epsilon"] = _f32(config.norm_eps)
+        meta.update(tokenizer_to_gguf_metadata(tokenizer, config))
+        return meta
+    if arch != "gptneox" or config.n_kv_head != config.n_head:  # the gptneox converter writes no kv count
         meta[f"{arch}.attention.head_count_kv"] = config.n_kv_head
-        meta[f"{arch}.attention.layer_norm_rms_epsilon"] = GGUFValue(float(config.norm_eps), GGUFValueType.FLOAT32)
-        meta[f"{arch}.rope.freq_base"] = GGUFValue(float(config.rope_theta), GGUFValueType.FLOAT32)
-        meta[f"{arch}.rope.dimension_count"] = config.head_dim
-        if config.head_dim * config.n_head != config.n_embd:
-            meta[f"{arch}.attention.key_length"] = config.head_dim
-            meta[f"{arch}.attention.value_length"] = config.head_dim
-        if config.sliding_window:
-            meta[f"{arch}.attention.sliding_window"] = config.sliding_window
+    if arch in LAYERNORM_ARCHS:
+        meta[f"{arch}.attention.layer_norm_epsilon"] = _f32(config.norm_eps)
+    else:
+        meta[f"{arch}.attention.layer_norm_rms_epsilon"] = _f32(config.norm_eps)
+    meta[f"{arch}.rope.freq_base"] = _f32(config.rope_theta)
+    if arch != "falcon":  # llama.cpp's falcon rotates every dimension, and its converter says nothing
+        meta[f"{arch}.rope.dimension_count"] = config.rotary_dim or config.head_dim
+    if config.head_dim * config.n_head != config.n_embd or arch in ("qwen3", "gemma2", "gemma3"):
+        meta[f"{arch}.attention.key_length"] = config.head_dim
+        meta[f"{arch}.attention.value_length"] = config.head_dim
+    if arch in ("llama", "qwen2") and config.sliding_window:
+        meta[f"{arch}.attention.sliding_window"] = config.sliding_window
+    if arch == "phi3":  # 0 for none, as its converter writes (llama.cpp disables Phi-3 windows anyway)
+        meta[f"{arch}.attention.sliding_window"] = config.sliding_window or 0
+    if arch in ("gemma2", "gemma3"):
+        meta.update(_gemma_metadata(config, arch))
+    if arch == "gptneox":
+        meta[f"{arch}.use_parallel_residual"] = config.parallel is not None
+    if arch == "falcon":
+        meta[f"{arch}.tensor_data_layout"] = "jploski"  # q, k, v regrouped as [q; k; v]
+    if arch == "smollm3":
+        meta[f"{arch}.vocab_size"] = config.vocab_size
     meta.update(tokenizer_to_gguf_metadata(tokenizer, config))
+    return meta
+
+
+def _gemma_metadata(config: Config, arch: str) -> dict:
+    meta: dict = {}
+    if arch == "gemma2":
+        meta[f"{arch}.attn_logit_softcapping"] = _f32(config.attn_softcap)
+    if config.final_softcap is not None:
+        meta[f"{arch}.final_logit_softcapping"] = _f32(config.final_softcap)
+    flags = [config.layer_window(i) is not None for i in range(config.n_layer)]
+    if arch == "gemma2" and not any(flags):
+        # llama.cpp's gemma2 always has windowed layers (an iSWA cache that asserts one, in
+        # src/llama-model.cpp): a window as long as the context is no window.
+        meta[f"{arch}.attention.sliding_window"] = config.block_size
+        return meta
+    if any(flags):
+        meta[f"{arch}.attention.sliding_window"] = config.sliding_window
+        if arch == "gemma3":  # the windowed layers' RoPE base (llama.cpp's default: 10000)
+            meta[f"{arch}.rope.freq_base_swa"] = _f32(config.rope_local_theta or config.rope_theta)
+    n = SWA_PATTERN[arch]
+    if any(flags) and flags != [i % n < n - 1 for i in range(config.n_layer)]:
+        meta[f"{arch}.attention.sliding_window_pattern"] = flags
     return meta
 
 
@@ -347,5 +599,7 @@ def save_gguf(model: Transformer, tokenizer: Tokenizer, path: str | Path, file_t
         return
     if config.family not in ARCHITECTURES:
         raise InvalidArgument(f"no GGUF architecture for family {config.family!r}")
-    tensors = gguf_tensors(model, file_type)
-    write_gguf(path, gguf_metadata(config, tokenizer, file_type), tensors)
+    if file_type not in FILE_TYPES:
+        raise InvalidArgument(f"unknown GGUF type {file_type!r} (one of {', '.join(FILE_TYPES)})")
+    metadata = gguf_metadata(config, tokenizer, file_type)  # refuses what llama.cpp cannot represent
+    write_gguf(path, metadata, gguf_tensors(model, file_type))
