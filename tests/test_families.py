@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from emergence import load
-from emergence.config import PRESETS, SWITCH_FAMILIES, Config
+from emergence.config import PRESETS, Config
 from emergence.errors import ConfigError, InvalidArgument
 from emergence.weights.hf import load_hf, save_hf
 from emergence.weights.hf_config import config_from_hf
@@ -275,22 +275,27 @@ def test_peft_lora_adapters_both_ways(family_model, tmp_path):
 
 
 # --------------------------------------------------------------------------------- decode
-def test_the_switch_that_sends_a_model_to_the_eager_forward_is_named_once_at_load(family_model, capsys):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_native_step_runs_every_family_as_the_eager_forward(family_model, dtype):
+    """decode.cpp follows every switch: 40 tokens one by one after a prefill of 5 (the windows of
+    8 slide), and five rows of 1 to 30 tokens decoded together over blocks of 5 slots, with
+    test_kernels.py's bounds (fp32: rounding; bf16: as accurate as the eager bf16 forward)."""
     from emergence.decode import make_backend
-    from emergence.kernels.fused_decode import eager_switch
     from emergence.kv_cache import PagedKVCache
 
-    from conftest import cli_main
+    from test_kernels import EXT, NATIVE, _batched, _steps, assert_native_close, fp32_twin
 
-    case, _, folder = family_model
-    config = load_hf(folder)[1]
-    switch = eager_switch(config)
-    assert switch is not None and switch.split("=")[0] in {"mlp", *SWITCH_FAMILIES}
-    code, out, err = cli_main(capsys, "generate", "--model", str(folder), "--max-new-tokens", "2", "a b")
-    assert code == 0
-    assert err.count("note:") == 1
-    assert f"note: decoding runs on the eager forward: {switch} has no native step" in err
-    model = load_hf(folder)[0]
-    with pytest.raises(InvalidArgument, match=f"the config switch {re.escape(switch)} has no native step"):
-        make_backend(model, PagedKVCache(config, 4), "native")
-    assert make_backend(model, PagedKVCache(config, 4), "auto").name == "eager"
+    _, _, folder = family_model
+    model, config = load_hf(folder, dtype=dtype)
+    if EXT is not None:
+        assert make_backend(model, PagedKVCache(config, 4, dtype=dtype), "auto").name == "native"
+    bf16 = dtype == torch.bfloat16
+    twin = fp32_twin(model) if bf16 else None
+    torch.manual_seed(5)
+    ids = torch.randint(3, VOCAB, (40,)).tolist()
+    assert_native_close(_steps(model, NATIVE, ids, 5)[0], _steps(model, "eager", ids, 5)[0],
+                        (lambda: _steps(twin, "eager", ids, 5)[0]) if bf16 else None)
+    prompts = [torch.randint(3, VOCAB, (n,)).tolist() for n in (30, 1, 17, 4, 30)]
+    steps = torch.randint(3, VOCAB, (5, 12))
+    assert_native_close(_batched(model, NATIVE, prompts, steps, 5)[0], _batched(model, "eager", prompts, steps, 5)[0],
+                        (lambda: _batched(twin, "eager", prompts, steps, 5)[0]) if bf16 else None)

@@ -71,18 +71,6 @@ class LanguageModel:
     config: Config
     backend: str = "auto"  # how decoding runs: "native" (decode.cpp, CPU), "eager", or "auto" (native where it can)
 
-    @property
-    def decode_note(self) -> str | None:
-        """One line when a CPU model that would decode natively runs on the eager forward because
-        of a config switch decode.cpp lacks (point a user at what makes it slower); else None."""
-        if self.backend == "eager" or self.config.is_encoder_decoder or \
-                next(self.model.parameters()).device.type != "cpu":
-            return None
-        from .kernels.fused_decode import eager_switch
-
-        switch = eager_switch(self.config)
-        return None if switch is None else f"decoding runs on the eager forward: {switch} has no native step"
-
     def complete(self, prompt: str | Sequence[int], *, truncate: bool = False, **sampling) -> Completion:
         """One completion with its token ids, finish reason and (if asked) logprobs."""
         return generate(self.model, self.tokenizer, [prompt], SamplingParams(**sampling), truncate=truncate,

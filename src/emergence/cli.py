@@ -93,11 +93,8 @@ def _sampling(args: argparse.Namespace, stored: dict | None = None, logprobs: in
 
 
 def _load(args: argparse.Namespace, source: Source) -> LanguageModel:
-    lm = load(source, tokenizer=getattr(args, "tokenizer", None), device=args.device, dtype=args.dtype,
-              adapter=getattr(args, "adapter", None))
-    if lm.decode_note:
-        print(f"note: {lm.decode_note}", file=sys.stderr)
-    return lm
+    return load(source, tokenizer=getattr(args, "tokenizer", None), device=args.device, dtype=args.dtype,
+                adapter=getattr(args, "adapter", None))
 
 
 # --------------------------------------------------------------------------------- verbs

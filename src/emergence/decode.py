@@ -218,7 +218,7 @@ class EagerBackend:
             else:
                 h = self.model.hidden_states(ids, view)  # (J, T, D)
             last = h[torch.arange(J, device=device), counts - 1]  # (J, D): each row's last real token
-            logits = self.model.lm_head(last).float()
+            logits = self.model.head(last).float()  # soft-capped where the model caps
         return logits.clone()  # a normal tensor: the batch masks unused ids in place
 
 

@@ -289,7 +289,11 @@ class T5(nn.Module):
         kv = [layer.cross_attn.keys_values(encoded) for layer in self.layers]
         k, v = torch.stack([k for k, _ in kv], 1), torch.stack([v for _, v in kv], 1)
         cross_mask = attention_mask.bool()[:, None, None, :] if attention_mask is not None else None
-        return self.lm_head(self.decoder_states(decoder_input_ids, k, v, cross_mask))
+        return self.head(self.decoder_states(decoder_input_ids, k, v, cross_mask))
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Decoder states (..., D) -> logits (..., V), as the decoder-only model's head()."""
+        return self.lm_head(h)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -19,6 +19,13 @@
 // Packed quantized weights keep their GEMV, row after row.
 // Norms, RoPE, attention over the KV cache, activations and residuals run in plain loops.
 //
+// The block follows the model's family switches (config.py): norms before each sublayer, after
+// it or both; attention and MLP in sequence or in parallel (one norm or two); q/k norms per
+// head or over all heads; RoPE on all or the first rotary_dim dimensions of a head, from the
+// global or the local table, or none (per layer); a window per layer; scaled and soft-capped
+// attention scores; SwiGLU, GeGLU, tanh or erf GELU; embeddings scaled by sqrt(D); a head bias
+// and soft-capped logits.
+//
 // Numerics follow the model's eager forward pass (model.py): an fp32 model computes in fp32;
 // a bf16 model keeps its activations in bf16, rounding after the same operations eager bf16
 // does (each linear, norm, rotation, activation and residual add), with fp32 accumulation.
@@ -77,8 +84,18 @@ struct Linear {
 
 struct Layer {
   at::Tensor attn_norm_w, attn_norm_b, mlp_norm_w, mlp_norm_b;  // (D,); biases empty for RMSNorm
-  Linear qkv, o, up, down;  // up is gate_up (2F rows: gate then up) for SwiGLU
+  Linear qkv, o, up, down;  // up is gate_up (2F rows: gate then up) for a gated MLP
+  at::Tensor attn_post_w, mlp_post_w;  // (D,) norms after the sublayers (post and sandwich norms)
+  at::Tensor q_norm_w, k_norm_w;  // (hd,) per head, or (H hd,) and (KV hd,) over all heads; or empty
+  int64_t window = 0;  // the keys a query sees (0: all)
+  int rope = 1;  // 0: no RoPE (NoPE layer), 1: the global table, 2: the local one
 };
+
+// The family switches as numbers (fused_decode.py writes them from the Config).
+enum Mlp { SWIGLU = 0, GEGLU = 1, GELU_TANH = 2, GELU_ERF = 3 };
+enum Placement { PRE = 0, POST = 1, SANDWICH = 2 };
+enum Parallel { SEQUENTIAL = 0, SHARED_NORM = 1, TWO_NORMS = 2 };
+enum QkNorm { NO_QK_NORM = 0, PER_HEAD = 1, ALL_HEADS = 2 };
 
 inline bool present(const at::Tensor& t) { return t.defined() && t.numel() > 0; }
 
@@ -101,30 +118,53 @@ inline float to_float(at::BFloat16 v) { return static_cast<float>(v); }
 
 class DecodePlan {
  public:
-  DecodePlan(std::vector<int64_t> dims, bool rms_norm, bool swiglu, double eps, at::Tensor tok_embeddings,
-             at::Tensor pos_embeddings, at::Tensor rope_inv_freq, at::Tensor norm_w, at::Tensor norm_b,
-             at::Tensor lm_head, std::vector<std::vector<at::Tensor>> layers)
-      : rms_norm_(rms_norm), swiglu_(swiglu), eps_(static_cast<float>(eps)), tok_(tok_embeddings),
-        pos_(pos_embeddings), inv_freq_(rope_inv_freq), norm_w_(norm_w), norm_b_(norm_b) {
-    TORCH_CHECK(dims.size() == 8, "dims: n_layer, n_head, n_kv_head, head_dim, n_embd, intermediate, vocab, window");
+  // dims: n_layer, H, KV, hd, D, F, V, rotary_dim; kinds: rms_norm, Mlp, Placement, Parallel,
+  // QkNorm; scalars: eps, attention scale (0: 1/sqrt(hd)), score cap, logit cap, embedding
+  // scale (0: none); windows and ropes: one per layer (Layer::window, Layer::rope).
+  DecodePlan(std::vector<int64_t> dims, std::vector<int64_t> kinds, std::vector<double> scalars,
+             std::vector<int64_t> windows, std::vector<int64_t> ropes, at::Tensor tok_embeddings,
+             at::Tensor pos_embeddings, at::Tensor rope_inv_freq, at::Tensor local_inv_freq, at::Tensor norm_w,
+             at::Tensor norm_b, at::Tensor lm_head, at::Tensor lm_head_bias,
+             std::vector<std::vector<at::Tensor>> layers)
+      : tok_(tok_embeddings), pos_(pos_embeddings), inv_freq_(rope_inv_freq), local_inv_freq_(local_inv_freq),
+        norm_w_(norm_w), norm_b_(norm_b) {
+    TORCH_CHECK(dims.size() == 8, "dims: n_layer, n_head, n_kv_head, head_dim, n_embd, intermediate, vocab, rotary_dim");
     n_layer_ = dims[0], H_ = dims[1], KV_ = dims[2], hd_ = dims[3], D_ = dims[4], F_ = dims[5], V_ = dims[6];
-    window_ = dims[7];
-    TORCH_CHECK(H_ % KV_ == 0 && hd_ % 2 == 0, "bad head layout");
+    rd_ = dims[7];
+    TORCH_CHECK(kinds.size() == 5 && scalars.size() == 5, "kinds: 5 switches, scalars: 5 values");
+    rms_norm_ = kinds[0] != 0, mlp_ = static_cast<int>(kinds[1]), placement_ = static_cast<int>(kinds[2]);
+    parallel_ = static_cast<int>(kinds[3]), qk_norm_ = static_cast<int>(kinds[4]);
+    gated_ = mlp_ == SWIGLU || mlp_ == GEGLU;
+    eps_ = static_cast<float>(scalars[0]);
+    scale_ = scalars[1] > 0 ? static_cast<float>(scalars[1]) : 1.0f / std::sqrt(static_cast<float>(hd_));
+    score_cap_ = static_cast<float>(scalars[2]), logit_cap_ = static_cast<float>(scalars[3]);
+    embed_scale_ = static_cast<float>(scalars[4]);
+    TORCH_CHECK(H_ % KV_ == 0 && rd_ % 2 == 0 && rd_ <= hd_, "bad head layout");
+    TORCH_CHECK(static_cast<int64_t>(windows.size()) == n_layer_ && static_cast<int64_t>(ropes.size()) == n_layer_,
+                "one window and one RoPE kind per layer");
     dtype_ = tok_.scalar_type();
     TORCH_CHECK(dtype_ == at::kFloat || dtype_ == at::kBFloat16, "weights must be fp32 or bf16");
     bf16_ = dtype_ == at::kBFloat16;
-    lm_head_ = make_linear(lm_head, at::Tensor(), V_, D_);
+    if (embed_scale_ > 0) embed_scale_ = r(embed_scale_);  // eager multiplies by it in the model's dtype
+    lm_head_ = make_linear(lm_head, lm_head_bias, V_, D_);
     TORCH_CHECK(static_cast<int64_t>(layers.size()) == n_layer_, "one weight list per layer");
     const int64_t qkv_rows = (H_ + 2 * KV_) * hd_;
-    for (auto& w : layers) {
-      TORCH_CHECK(w.size() == 12, "12 tensors per layer");
+    for (int64_t i = 0; i < n_layer_; ++i) {
+      auto& w = layers[i];
+      TORCH_CHECK(w.size() == 16, "16 tensors per layer");
       Layer l;
       l.attn_norm_w = w[0], l.attn_norm_b = w[1];
       l.qkv = make_linear(w[2], w[3], qkv_rows, D_);
       l.o = make_linear(w[4], w[5], D_, H_ * hd_);
       l.mlp_norm_w = w[6], l.mlp_norm_b = w[7];
-      l.up = make_linear(w[8], w[9], swiglu_ ? 2 * F_ : F_, D_);
+      l.up = make_linear(w[8], w[9], gated_ ? 2 * F_ : F_, D_);
       l.down = make_linear(w[10], w[11], D_, F_);
+      l.attn_post_w = w[12], l.mlp_post_w = w[13], l.q_norm_w = w[14], l.k_norm_w = w[15];
+      TORCH_CHECK(qk_norm_ == NO_QK_NORM || (present(l.q_norm_w) && present(l.k_norm_w)), "q/k norm weights missing");
+      TORCH_CHECK(placement_ == PRE || (present(l.attn_post_w) && present(l.mlp_post_w)), "post-norm weights missing");
+      l.window = windows[i], l.rope = static_cast<int>(ropes[i]);
+      TORCH_CHECK(l.rope == 0 || (l.rope == 1 && present(inv_freq_)) || (l.rope == 2 && present(local_inv_freq_)),
+                  "a layer's RoPE table is missing");
       layers_.push_back(std::move(l));
     }
   }
@@ -186,60 +226,139 @@ class DecodePlan {
   // Returns the logits of out_rows (all rows when empty).
   at::Tensor run(const int64_t* tokens, const at::Tensor& k, const at::Tensor& v, const std::vector<int64_t>& out_rows) {
     const int64_t B = static_cast<int64_t>(rows_.size());
-    const int64_t qkv_rows = (H_ + 2 * KV_) * hd_, half = hd_ / 2, hidden = swiglu_ ? 2 * F_ : F_;
-    x_.resize(B * D_), xn_.resize(B * D_), tmp_.resize(B * D_), qkv_.resize(B * qkv_rows);
+    const int64_t qkv_rows = (H_ + 2 * KV_) * hd_, half = rd_ / 2, hidden = gated_ ? 2 * F_ : F_;
+    x_.resize(B * D_), xn_.resize(B * D_), tmp_.resize(B * D_), par_.resize(B * D_), qkv_.resize(B * qkv_rows);
     attn_.resize(B * H_ * hd_), hidden_.resize(B * hidden), act_.resize(B * F_), logits_.resize(B * V_);
-    cos_.resize(B * half), sin_.resize(B * half);
+    cos_.resize(2 * B * half), sin_.resize(2 * B * half);  // the global table's, then the local one's
     for (int64_t b = 0; b < B; ++b) {
       const Row& row = rows_[b];
       float* x = x_.data() + b * D_;
       const Vec tok(tok_), learned(pos_);
       for (int64_t i = 0; i < D_; ++i) x[i] = tok[tokens[b] * D_ + i];
+      if (embed_scale_ > 0) {
+        for (int64_t i = 0; i < D_; ++i) x[i] = r(x[i] * embed_scale_);
+      }
       if (learned) {
         TORCH_CHECK(row.pos < pos_.size(0), "position past the learned position table");
         for (int64_t i = 0; i < D_; ++i) x[i] = r(x[i] + learned[row.pos * D_ + i]);
       }
-      if (present(inv_freq_)) rope_angles(row.pos, cos_.data() + b * half, sin_.data() + b * half);  // every layer's
+      for (int t = 0; t < 2; ++t) {  // every layer's angles of this position, per table
+        const at::Tensor& freq = t == 0 ? inv_freq_ : local_inv_freq_;
+        if (present(freq)) rope_angles(freq, row.pos, cos_.data() + (t * B + b) * half, sin_.data() + (t * B + b) * half);
+      }
     }
     for (int64_t l = 0; l < n_layer_; ++l) {
       const Layer& L = layers_[l];
-      for (int64_t b = 0; b < B; ++b) norm(x_.data() + b * D_, L.attn_norm_w, L.attn_norm_b, xn_.data() + b * D_);
-      linear(L.qkv, xn_.data(), B, qkv_.data());
+      // attention: its input normed (pre and sandwich norms; a post-norm block reads x itself)
+      const float* in = x_.data();
+      if (placement_ != POST) {
+        for (int64_t b = 0; b < B; ++b) norm(x_.data() + b * D_, L.attn_norm_w, L.attn_norm_b, xn_.data() + b * D_, D_);
+        in = xn_.data();
+      }
+      linear(L.qkv, in, B, qkv_.data());
       for (int64_t b = 0; b < B; ++b) {
         float* q = qkv_.data() + b * qkv_rows;
-        if (present(inv_freq_)) rotate(q, H_ + KV_, cos_.data() + b * half, sin_.data() + b * half);  // q and k
+        qk_norms(L, q);
+        if (L.rope > 0) {
+          const int64_t t = L.rope - 1;
+          rotate(q, H_ + KV_, cos_.data() + (t * B + b) * half, sin_.data() + (t * B + b) * half);  // q and k
+        }
         store_kv(k, v, l, rows_[b], q + H_ * hd_);
       }
       attention(k, v, l);
-      linear(L.o, attn_.data(), B, tmp_.data());
-      residual(B);
-
-      for (int64_t b = 0; b < B; ++b) norm(x_.data() + b * D_, L.mlp_norm_w, L.mlp_norm_b, xn_.data() + b * D_);
-      linear(L.up, xn_.data(), B, hidden_.data());
-      // the activation, split across threads by rows once there are enough of them (an exp per
-      // element: 16 rows of a 1536-wide MLP are ~25k of them)
-      at::parallel_for(0, B, B * F_ >= 16384 ? 1 : B, [&](int64_t b0, int64_t b1) {
-        for (int64_t b = b0; b < b1; ++b) {
-          const float* h = hidden_.data() + b * hidden;
-          float* a = act_.data() + b * F_;
-          if (swiglu_) {
-            for (int64_t i = 0; i < F_; ++i) a[i] = r(r(h[i] / (1.0f + std::exp(-h[i]))) * h[F_ + i]);
-          } else {
-            for (int64_t i = 0; i < F_; ++i) a[i] = r(gelu_tanh(h[i]));
-          }
+      if (parallel_ != SEQUENTIAL) {  // x + attn(n(x)) + mlp(n'(x)): the MLP reads x, not x + attn
+        linear(L.o, attn_.data(), B, par_.data());
+        if (parallel_ == TWO_NORMS) {
+          for (int64_t b = 0; b < B; ++b) norm(x_.data() + b * D_, L.mlp_norm_w, L.mlp_norm_b, xn_.data() + b * D_, D_);
         }
-      });
-      linear(L.down, act_.data(), B, tmp_.data());
-      residual(B);
+        mlp(L, xn_.data(), B);  // into tmp_
+        residual(B, par_.data());
+        residual(B, tmp_.data());
+        continue;
+      }
+      linear(L.o, attn_.data(), B, tmp_.data());
+      post_norm(L.attn_post_w, B);
+      residual(B, tmp_.data());
+
+      in = x_.data();
+      if (placement_ != POST) {
+        for (int64_t b = 0; b < B; ++b) norm(x_.data() + b * D_, L.mlp_norm_w, L.mlp_norm_b, xn_.data() + b * D_, D_);
+        in = xn_.data();
+      }
+      mlp(L, in, B);
+      post_norm(L.mlp_post_w, B);
+      residual(B, tmp_.data());
     }
     // the output rows' final norms, gathered so that the head is one product over them
     const int64_t n_out = out_rows.empty() ? B : static_cast<int64_t>(out_rows.size());
     for (int64_t o = 0; o < n_out; ++o) {
       const int64_t b = out_rows.empty() ? o : out_rows[o];
-      norm(x_.data() + b * D_, norm_w_, norm_b_, tmp_.data() + o * D_);
+      norm(x_.data() + b * D_, norm_w_, norm_b_, tmp_.data() + o * D_, D_);
     }
     linear(lm_head_, tmp_.data(), n_out, logits_.data());  // rounded to the model's dtype, as eager
+    if (logit_cap_ > 0) {  // cap * tanh(logits / cap), each operation rounded as eager rounds it
+      for (int64_t i = 0; i < n_out * V_; ++i) logits_[i] = r(r(std::tanh(r(logits_[i] / logit_cap_))) * logit_cap_);
+    }
     return torch::from_blob(logits_.data(), {n_out, V_}, at::kFloat).clone();
+  }
+
+  // tmp_ (B, D) = the MLP of in (B, D): up (or gate and up), the activation, down.
+  void mlp(const Layer& L, const float* in, int64_t B) {
+    const int64_t hidden = gated_ ? 2 * F_ : F_;
+    linear(L.up, in, B, hidden_.data());
+    // the activation, split across threads by rows once there are enough of them (an exp per
+    // element: 16 rows of a 1536-wide MLP are ~25k of them)
+    at::parallel_for(0, B, B * F_ >= 16384 ? 1 : B, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const float* h = hidden_.data() + b * hidden;
+        float* a = act_.data() + b * F_;
+        switch (mlp_) {
+          case SWIGLU:
+            for (int64_t i = 0; i < F_; ++i) a[i] = r(r(h[i] / (1.0f + std::exp(-h[i]))) * h[F_ + i]);
+            break;
+          case GEGLU:
+            for (int64_t i = 0; i < F_; ++i) a[i] = r(r(gelu_tanh(h[i])) * h[F_ + i]);
+            break;
+          case GELU_TANH:
+            for (int64_t i = 0; i < F_; ++i) a[i] = r(gelu_tanh(h[i]));
+            break;
+          default:
+            for (int64_t i = 0; i < F_; ++i) a[i] = r(0.5f * h[i] * (1.0f + std::erf(h[i] * 0.70710678118654752f)));
+        }
+      }
+    });
+    linear(L.down, act_.data(), B, tmp_.data());
+  }
+
+  // tmp_ (B, D) normed in place by a sublayer's post-norm (post and sandwich norms), if any.
+  void post_norm(const at::Tensor& weight, int64_t B) {
+    if (placement_ == PRE) return;
+    for (int64_t b = 0; b < B; ++b) {
+      norm(tmp_.data() + b * D_, weight, at::Tensor(), xn_.data() + b * D_, D_);
+      std::copy_n(xn_.data() + b * D_, D_, tmp_.data() + b * D_);
+    }
+  }
+
+  // One row's q (H hd) and k (KV hd, following q) RMS-normed: each head (Qwen3, Gemma 3) or
+  // all heads' width at once (OLMo 2).
+  void qk_norms(const Layer& L, float* q) {
+    if (qk_norm_ == NO_QK_NORM) return;
+    const at::Tensor none;
+    float* k = q + H_ * hd_;
+    if (qk_norm_ == ALL_HEADS) {
+      head_tmp_.resize(H_ * hd_);
+      norm(q, L.q_norm_w, none, head_tmp_.data(), H_ * hd_, true);
+      std::copy_n(head_tmp_.data(), H_ * hd_, q);
+      norm(k, L.k_norm_w, none, head_tmp_.data(), KV_ * hd_, true);
+      std::copy_n(head_tmp_.data(), KV_ * hd_, k);
+      return;
+    }
+    head_tmp_.resize(hd_);
+    for (int64_t h = 0; h < H_ + KV_; ++h) {
+      float* x = q + h * hd_;
+      norm(x, h < H_ ? L.q_norm_w : L.k_norm_w, none, head_tmp_.data(), hd_, true);
+      std::copy_n(head_tmp_.data(), hd_, x);
+    }
   }
 
   Linear make_linear(const at::Tensor& w, const at::Tensor& b, int64_t N, int64_t K) {
@@ -250,10 +369,9 @@ class DecodePlan {
     return Linear{w, b, N, K};
   }
 
-  // x (B, D) += tmp, rounded to the model's dtype: the residual stream's update.
-  void residual(int64_t B) {
+  // x (B, D) += t, rounded to the model's dtype: the residual stream's update.
+  void residual(int64_t B, const float* t) {
     float* x = x_.data();
-    const float* t = tmp_.data();
     if (bf16_) {
       for (int64_t i = 0; i < B * D_; ++i) x[i] = static_cast<float>(c10::BFloat16(x[i] + t[i]));
     } else {
@@ -269,23 +387,25 @@ class DecodePlan {
     return 0.5f * v * (1.0f + std::tanh(k * (v + 0.044715f * v * v * v)));
   }
 
-  // RMSNorm (LLaMA) or LayerNorm (GPT-2) of x (D,) into out (D,), statistics in fp32.
-  void norm(const float* x, const at::Tensor& weight, const at::Tensor& bias, float* out) const {
+  // RMSNorm (LLaMA; always for q/k norms: `rms`) or LayerNorm (GPT-2) of x (n,) into out (n,),
+  // statistics in fp32.
+  void norm(const float* x, const at::Tensor& weight, const at::Tensor& bias, float* out, int64_t n,
+            bool rms = false) const {
     const Vec w(weight), b(bias);
-    if (rms_norm_) {
+    if (rms_norm_ || rms) {
       double ss = 0;
-      for (int64_t i = 0; i < D_; ++i) ss += static_cast<double>(x[i]) * x[i];
-      const float inv = 1.0f / std::sqrt(static_cast<float>(ss / D_) + eps_);
-      for (int64_t i = 0; i < D_; ++i) out[i] = r(w[i] * r(x[i] * inv));
+      for (int64_t i = 0; i < n; ++i) ss += static_cast<double>(x[i]) * x[i];
+      const float inv = 1.0f / std::sqrt(static_cast<float>(ss / n) + eps_);
+      for (int64_t i = 0; i < n; ++i) out[i] = r(w[i] * r(x[i] * inv));
       return;
     }
     double sum = 0;
-    for (int64_t i = 0; i < D_; ++i) sum += x[i];
-    const float mean = static_cast<float>(sum / D_);
+    for (int64_t i = 0; i < n; ++i) sum += x[i];
+    const float mean = static_cast<float>(sum / n);
     double var = 0;
-    for (int64_t i = 0; i < D_; ++i) var += static_cast<double>(x[i] - mean) * (x[i] - mean);
-    const float inv = 1.0f / std::sqrt(static_cast<float>(var / D_) + eps_);
-    for (int64_t i = 0; i < D_; ++i) {
+    for (int64_t i = 0; i < n; ++i) var += static_cast<double>(x[i] - mean) * (x[i] - mean);
+    const float inv = 1.0f / std::sqrt(static_cast<float>(var / n) + eps_);
+    for (int64_t i = 0; i < n; ++i) {
       const float y = (x[i] - mean) * inv * w[i];
       out[i] = r(b ? y + b[i] : y);
     }
@@ -358,18 +478,19 @@ class DecodePlan {
     finish(L, y, 1);
   }
 
-  // cos and sin (hd/2,) of position `pos` for each frequency, rounded like the eager bf16 path.
-  void rope_angles(int64_t pos, float* cos_out, float* sin_out) const {
-    const float* inv_freq = inv_freq_.data_ptr<float>();
-    for (int64_t i = 0; i < hd_ / 2; ++i) {
+  // cos and sin (rd/2,) of position `pos` for each frequency of a table, rounded like the eager bf16 path.
+  void rope_angles(const at::Tensor& table, int64_t pos, float* cos_out, float* sin_out) const {
+    const float* inv_freq = table.data_ptr<float>();
+    for (int64_t i = 0; i < rd_ / 2; ++i) {
       const float angle = static_cast<float>(pos) * inv_freq[i];  // fp32, as rope_cos_sin computes it
       cos_out[i] = r(std::cos(angle)), sin_out[i] = r(std::sin(angle));
     }
   }
 
-  // RoPE, "rotate half" layout: pairs (i, i + hd/2) of each of the first `heads` heads of v.
+  // RoPE, "rotate half" layout: pairs (i, i + rd/2) of each of the first `heads` heads of v
+  // (rd = hd, or the partial rotary dimension: the head's other dimensions pass through).
   void rotate(float* v, int64_t heads, const float* cos, const float* sin) const {
-    const int64_t half = hd_ / 2;
+    const int64_t half = rd_ / 2;
     for (int64_t h = 0; h < heads; ++h) {
       float* x = v + h * hd_;
       for (int64_t i = 0; i < half; ++i) {
@@ -416,7 +537,8 @@ class DecodePlan {
   // split across threads.
   template <typename T>
   void attention_typed(const T* kc, const T* vc, int64_t l) {
-    const float scale = 1.0f / std::sqrt(static_cast<float>(hd_));
+    const float scale = scale_;
+    const int64_t window = layers_[l].window;
     const int64_t B = static_cast<int64_t>(rows_.size());
     const int64_t group = H_ / KV_, qkv_rows = (H_ + 2 * KV_) * hd_;
     at::parallel_for(0, B * H_, 1, [&](int64_t i0, int64_t i1) {
@@ -424,7 +546,7 @@ class DecodePlan {
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t b = i / H_, h = i % H_, g = h / group;
         const Row& row = rows_[b];
-        const int64_t first = window_ > 0 ? std::max<int64_t>(0, row.pos - window_ + 1) : 0;
+        const int64_t first = window > 0 ? std::max<int64_t>(0, row.pos - window + 1) : 0;
         const int64_t S = row.pos + 1 - first;
         p.resize(S);
         const float* q = qkv_.data() + b * qkv_rows + h * hd_;
@@ -443,8 +565,13 @@ class DecodePlan {
         segments([&](int64_t at, int64_t index, int64_t n) {  // scores: the segment's keys times q
           emergence::gemv_rows(kc + at, q, p.data() + index, 0, n, hd_);
         });
+        if (score_cap_ > 0) {  // cap * tanh(s / cap) (Gemma 2)
+          for (int64_t j = 0; j < S; ++j) p[j] = std::tanh(p[j] * scale / score_cap_) * score_cap_;
+        } else {
+          for (int64_t j = 0; j < S; ++j) p[j] *= scale;
+        }
         float top = -INFINITY;
-        for (int64_t j = 0; j < S; ++j) top = std::max(top, p[j] *= scale);
+        for (int64_t j = 0; j < S; ++j) top = std::max(top, p[j]);
         float total = 0;
         for (int64_t j = 0; j < S; ++j) total += (p[j] = std::exp(p[j] - top));
         std::fill(acc.begin(), acc.end(), 0.0f);
@@ -481,17 +608,19 @@ class DecodePlan {
     }
   }
 
-  int64_t n_layer_, H_, KV_, hd_, D_, F_, V_, window_;
-  bool rms_norm_, swiglu_, bf16_;
-  float eps_;
+  int64_t n_layer_, H_, KV_, hd_, D_, F_, V_, rd_;
+  bool rms_norm_, gated_, bf16_;
+  int mlp_, placement_, parallel_, qk_norm_;
+  float eps_, scale_, score_cap_, logit_cap_, embed_scale_;
   at::ScalarType dtype_;
-  at::Tensor tok_, pos_, inv_freq_, norm_w_, norm_b_;
+  at::Tensor tok_, pos_, inv_freq_, local_inv_freq_, norm_w_, norm_b_;
   Linear lm_head_;
   std::vector<Layer> layers_;
   // Scratch, fp32, row after row (B rows): residual stream, normed input, a D-sized result,
-  // q|k|v, attention output, the MLP's hidden and activated vectors, logits, each row's RoPE
-  // cos and sin; act_q_ a quantized GEMV input, xb_ a bf16 copy of one.
-  Buffer<float> x_, xn_, tmp_, qkv_, attn_, hidden_, act_, logits_, cos_, sin_, act_q_;
+  // a parallel block's attention result, q|k|v, attention output, the MLP's hidden and
+  // activated vectors, logits, each row's RoPE cos and sin (global, then local); act_q_ a
+  // quantized GEMV input, xb_ a bf16 copy of one, head_tmp_ a normed head.
+  Buffer<float> x_, xn_, tmp_, par_, qkv_, attn_, hidden_, act_, logits_, cos_, sin_, act_q_, head_tmp_;
   Buffer<at::BFloat16> xb_;
   std::vector<Row> rows_;  // the rows of the call being run
   const std::vector<std::vector<int64_t>>* tables_ = nullptr;  // their sequences' block tables
@@ -510,7 +639,8 @@ void register_decode_plan(pybind11::module& m) {
   kinds["ternary"] = static_cast<int>(WeightKind::TERNARY), kinds["nf4"] = static_cast<int>(WeightKind::NF4);
   m.attr("weight_kinds") = kinds;
   pybind11::class_<DecodePlan>(m, "DecodePlan")
-      .def(pybind11::init<std::vector<int64_t>, bool, bool, double, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+      .def(pybind11::init<std::vector<int64_t>, std::vector<int64_t>, std::vector<double>, std::vector<int64_t>,
+                          std::vector<int64_t>, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                           at::Tensor, at::Tensor, std::vector<std::vector<at::Tensor>>>())
       .def("set_quantized", &DecodePlan::set_quantized,
            "layer (-1: output head), slot (0 qkv, 1 o, 2 up, 3 down), kind, data, scales, offsets, group, "

@@ -32,21 +32,14 @@ LINEAR_SLOTS = ("attn.qkv_proj", "attn.o_proj", "mlp.up", "mlp.down_proj")
 # Tensor slots per layer in the order decode.cpp expects them.
 LAYER_SLOTS = ("attn_norm.weight", "attn_norm.bias", "attn.qkv_proj.weight", "attn.qkv_proj.bias",
                "attn.o_proj.weight", "attn.o_proj.bias", "mlp_norm.weight", "mlp_norm.bias",
-               "mlp.up.weight", "mlp.up.bias", "mlp.down_proj.weight", "mlp.down_proj.bias")
-
-
-def eager_switch(config) -> str | None:
-    """The first config switch decode.cpp does not implement (the LLaMA and GPT-2 blocks it
-    does: pre-norm, SwiGLU or tanh-GELU MLP, full RoPE or learned positions, one window)."""
-    from ..config import SWITCH_FAMILIES, Config
-
-    if config.mlp not in ("swiglu", "gelu"):
-        return f"mlp={config.mlp!r}"
-    defaults = {name: Config.__dataclass_fields__[name].default for name in SWITCH_FAMILIES}
-    for name, default in defaults.items():
-        if getattr(config, name) != default:
-            return f"{name}={getattr(config, name)!r}"
-    return None
+               "mlp.up.weight", "mlp.up.bias", "mlp.down_proj.weight", "mlp.down_proj.bias",
+               "attn_post_norm.weight", "mlp_post_norm.weight", "attn.q_norm.weight", "attn.k_norm.weight")
+# The family switches as decode.cpp numbers them (its enums Mlp, Placement, Parallel, QkNorm).
+MLP_KINDS = {"swiglu": 0, "geglu": 1, "gelu": 2, "gelu_exact": 3}
+PLACEMENTS = {"pre": 0, "post": 1, "sandwich": 2}
+PARALLEL = {None: 0, "shared-norm": 1, "two-norms": 2}
+QK_NORMS = {None: 0, "head": 1, "all": 2}
+ROPES = {None: 0, "global": 1, "local": 2}
 
 
 def unsupported(model: nn.Module, cache: PagedKVCache | None = None) -> str | None:
@@ -61,16 +54,14 @@ def unsupported(model: nn.Module, cache: PagedKVCache | None = None) -> str | No
         return "the native kernels are not available on this machine"
     if not isinstance(model, Transformer):
         return f"{type(model).__name__} is not emergence's Transformer"
-    switch = eager_switch(model.config)
-    if switch is not None:
-        return f"the config switch {switch} has no native step"
     dtypes = {p.dtype for p in model.parameters()}
     devices = {t.device.type for t in list(model.parameters()) + list(model.buffers())}
     if devices != {"cpu"}:
         return "the model is not on the CPU"
     if len(dtypes) != 1 or next(iter(dtypes)) not in (torch.float32, torch.bfloat16):
         return f"the weights are {', '.join(sorted(str(d) for d in dtypes))}, not all fp32 or all bf16"
-    known = {Transformer, Block, Attention, MLP, nn.ModuleList, nn.Linear, nn.Embedding, nn.LayerNorm, RMSNorm}
+    known = {Transformer, Block, Attention, MLP, nn.ModuleList, nn.Linear, nn.Embedding, nn.LayerNorm, RMSNorm,
+             nn.Identity}
     for name, m in model.named_modules():
         if isinstance(m, QuantizedLinear):
             if m.kernel_operands() is None:
@@ -140,26 +131,38 @@ def build_plan(model: nn.Module, extension) -> tuple[object, bool]:
     c = model.config
     none = torch.empty(0, dtype=model.tok_embeddings.weight.dtype)
 
-    def module_at(block: nn.Module, name: str) -> nn.Module:
+    def module_at(block: nn.Module, name: str) -> nn.Module | None:
         if name == "mlp.up":
-            name = "mlp.gate_up_proj" if c.mlp == "swiglu" else "mlp.up_proj"
-        return block.get_submodule(name)
+            name = "mlp.gate_up_proj" if c.mlp in ("swiglu", "geglu") else "mlp.up_proj"
+        try:
+            return block.get_submodule(name)
+        except AttributeError:  # a norm this block does not have (post norms, q/k norms)
+            return None
 
     def tensor_at(block: nn.Module, name: str) -> torch.Tensor:
         path, leaf = name.rsplit(".", 1)
         tensor = getattr(module_at(block, path), leaf, None)
         return none if tensor is None else tensor.detach()
 
+    def detached(tensor: torch.Tensor | None) -> torch.Tensor:
+        return none if tensor is None else tensor.detach()
+
     layers = [[tensor_at(block, slot) for slot in LAYER_SLOTS] for block in model.layers]
     dims = [c.n_layer, c.n_head, c.n_kv_head, c.head_dim, c.n_embd, c.intermediate_size, c.vocab_size,
-            c.sliding_window or 0]
+            c.rotary_dim or c.head_dim]
+    kinds = [c.norm == "rmsnorm", MLP_KINDS[c.mlp], PLACEMENTS[c.norm_position], PARALLEL[c.parallel], QK_NORMS[c.qk_norm]]
+    scalars = [float(c.norm_eps), c.attention_scale or 0.0, c.attn_softcap or 0.0, c.final_softcap or 0.0,
+               c.n_embd ** 0.5 if c.scale_embeddings else 0.0]
+    windows = [c.layer_window(i) or 0 for i in range(c.n_layer)]
+    ropes = [ROPES[c.layer_rope(i)] for i in range(c.n_layer)]
     pos = model.pos_embeddings.weight.detach() if c.position == "learned" else none
     inv_freq = model.rope_inv_freq.float().contiguous() if c.position == "rope" else torch.empty(0)
-    norm_bias = getattr(model.norm, "bias", None)
+    local = getattr(model, "rope_local_inv_freq", None)
+    local = local.float().contiguous() if local is not None else torch.empty(0)
     plan = extension.DecodePlan(
-        dims, c.norm == "rmsnorm", c.mlp == "swiglu", float(c.norm_eps), model.tok_embeddings.weight.detach(),
-        pos, inv_freq, model.norm.weight.detach(), none if norm_bias is None else norm_bias.detach(),
-        model.lm_head.weight.detach() if hasattr(model.lm_head, "weight") else none, layers)
+        dims, [int(k) for k in kinds], scalars, windows, ropes, model.tok_embeddings.weight.detach(), pos, inv_freq,
+        local, model.norm.weight.detach(), detached(getattr(model.norm, "bias", None)),
+        detached(getattr(model.lm_head, "weight", None)), detached(getattr(model.lm_head, "bias", None)), layers)
     linears = [(i, slot, module_at(block, name)) for i, block in enumerate(model.layers)
                for slot, name in enumerate(LINEAR_SLOTS)] + [(-1, 0, model.lm_head)]
     packed = False

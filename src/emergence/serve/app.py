@@ -31,7 +31,6 @@ import hmac
 import json
 import logging
 import struct
-import sys
 import threading
 import time
 import uuid
@@ -768,8 +767,6 @@ def app_for(model: str | None, *, slots: int = 8, max_queue: int = 256, api_key:
 
     source = resolve_model(model)
     lm = load(source, device=device, dtype=dtype)
-    if lm.decode_note:
-        print(f"note: {lm.decode_note}", file=sys.stderr)
     served = {}
     if adapters:
         active = routing(lm.model).active  # the loaded model's own (a store entry's ADAPTER), or None
