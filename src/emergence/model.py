@@ -51,16 +51,17 @@ def make_norm(config: Config, dim: int | None = None) -> nn.Module:
 
 
 # --------------------------------------------------------------------------------- RoPE
-def rope_inv_freq(config: Config, theta: float | None = None) -> torch.Tensor:
+def rope_inv_freq(config: Config, local: bool = False) -> torch.Tensor:
     """(rd/2,) rotation frequencies of the rd = rotary_dim (default head_dim) rotated dimensions,
-    with Llama-3 long-context scaling when configured. `theta`: another base (local layers)."""
+    with Llama-3 long-context scaling when configured; `local`: the windowed layers' table
+    (base rope_local_theta, never scaled)."""
     dim = config.rotary_dim or config.head_dim
-    theta = config.rope_theta if theta is None else theta
+    theta = config.rope_local_theta if local else config.rope_theta
     # Always computed on the CPU (callers move it): under torch.device("meta") the arithmetic would
     # run through torch._refs, whose first use imports torch._dynamo (seconds, ~70 MB).
     inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
-    if theta != config.rope_theta:
-        return inv_freq  # scaling applies to the global layers' table
+    if local:
+        return inv_freq
     s = config.rope_scaling
     if s is None:
         return inv_freq
@@ -202,7 +203,8 @@ class Block(nn.Module):
     """Residual block. Pre-norm (LLaMA): x + attn(norm(x)), then x + mlp(norm(x)); post-norm
     (OLMo 2) normalises each sublayer's output instead, sandwich (Gemma) does both; a parallel
     block (GPT-NeoX, Falcon, Phi-2) adds attention and MLP of the same input, x + attn(n(x)) +
-    mlp(n'(x)), with n' = n for a shared norm. Absent norms are nn.Identity. `linear`: the class
+    mlp(n'(x)), with n' = n for a shared norm (mlp_norm None). An absent pre-norm (post-norm
+    blocks) is nn.Identity. `linear`: the class
     of its projections (nn.Linear; T5's decoder takes kernels.SmallBatchLinear)."""
 
     def __init__(self, config: Config, layer: int, linear: type[nn.Linear] = nn.Linear) -> None:
@@ -246,8 +248,7 @@ class Transformer(nn.Module):
         if config.position == "rope":
             self.register_buffer("rope_inv_freq", rope_inv_freq(config), persistent=False)
         if config.rope_local_theta is not None:  # the windowed layers' table (Gemma 3)
-            self.register_buffer("rope_local_inv_freq", rope_inv_freq(config, config.rope_local_theta),
-                                 persistent=False)
+            self.register_buffer("rope_local_inv_freq", rope_inv_freq(config, local=True), persistent=False)
 
     def forward(self, input_ids: torch.Tensor, cache: CacheView | None = None, *,
                 attention_mask: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
@@ -360,7 +361,7 @@ def finish_loading(model: Transformer, state: dict[str, torch.Tensor]) -> Transf
     if model.config.position == "rope":  # non-persistent buffers: recompute them on the weights' device
         model.rope_inv_freq = rope_inv_freq(model.config).to(device)
     if model.config.rope_local_theta is not None:
-        model.rope_local_inv_freq = rope_inv_freq(model.config, model.config.rope_local_theta).to(device)
+        model.rope_local_inv_freq = rope_inv_freq(model.config, local=True).to(device)
     return model.eval()
 
 
