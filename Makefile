@@ -32,6 +32,7 @@ $(VENV)/.test-deps: pyproject.toml constraints.txt | $(BIN)/python
 	$(CHROMIUM)
 	CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PIP) -e '.[test]'
 	$(BIN)/python -m emergence.kernels
+	$(BIN)/python bench/llama_cpp_source.py
 	touch $@ $(VENV)/.run-deps
 
 run: $(VENV)/.run-deps

@@ -34,7 +34,6 @@ import http.client
 import json
 import os
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
@@ -44,6 +43,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from llama_cpp_source import ensure_source  # noqa: E402
+
 LLAMA_CPP_PYTHON = "0.3.36"
 BUILD = ROOT / "build" / f"llama.cpp-{LLAMA_CPP_PYTHON}"
 NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
@@ -58,19 +60,9 @@ def llama_server() -> Path:
     binary = BUILD / "build" / "bin" / "llama-server"
     if binary.exists():
         return binary
-    with tempfile.TemporaryDirectory() as tmp:
-        print(f"building llama-server from llama-cpp-python {LLAMA_CPP_PYTHON}'s sources (several minutes, once)",
-              flush=True)
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q", "-d", tmp,
-                        f"llama-cpp-python=={LLAMA_CPP_PYTHON}"], check=True)
-        archive = next(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
-        shutil.unpack_archive(str(archive), tmp)
-        source = Path(tmp) / archive.name.removesuffix(".tar.gz") / "vendor" / "llama.cpp"
-        if BUILD.exists():
-            shutil.rmtree(BUILD)
-        shutil.copytree(source, BUILD, symlinks=True)
-        if (BUILD / ".git").is_file():  # a submodule's pointer into the sdist's absent .git
-            (BUILD / ".git").unlink()
+    print(f"building llama-server from llama-cpp-python {LLAMA_CPP_PYTHON}'s sources (several minutes, once)",
+          flush=True)
+    ensure_source(LLAMA_CPP_PYTHON)
     subprocess.run(["cmake", "-S", str(BUILD), "-B", str(BUILD / "build"), "-DCMAKE_BUILD_TYPE=Release",
                     "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
                     f"-DCMAKE_C_FLAGS={NO_AMX}", f"-DCMAKE_CXX_FLAGS={NO_AMX}"], check=True,

@@ -53,8 +53,9 @@ LLAMA_CPP_SOURCE = Path(__file__).resolve().parents[1] / "build" / f"llama.cpp-{
 
 # Every tokenizer.ggml.pre name of llama_vocab::impl::load in llama.cpp's src/llama-vocab.cpp
 # (llama-cpp-python 0.3.36), in its order. Checked against the installed library's strings
-# (test_names_are_llama_cpps) and, where the source is at hand (build/llama.cpp-<version>),
-# against the source with each name's flags and regexes (test_names_flags_and_regexes_...).
+# (test_names_are_llama_cpps) and against the source (build/llama.cpp-<version>, fetched by
+# `make test`: bench/llama_cpp_source.py) with each name's flags and regexes
+# (test_names_flags_and_regexes_...).
 PRE_NAMES = [
     "default", "minicpm5",
     "llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2", "jina-v5-nano",
@@ -523,8 +524,9 @@ def _llama_cpp_source_tables() -> tuple[dict[str, dict], dict[str, list[str]], s
     return names, regexes, source
 
 
-@pytest.mark.skipif(not LLAMA_CPP_SOURCE.is_dir(), reason=f"no llama.cpp source at {LLAMA_CPP_SOURCE}")
 def test_names_flags_and_regexes_are_those_of_the_llama_cpp_source():
+    assert LLAMA_CPP_SOURCE.is_dir(), f"no llama.cpp source at {LLAMA_CPP_SOURCE}: make test fetches it " \
+        "(bench/llama_cpp_source.py)"
     names, regexes, source = _llama_cpp_source_tables()
     assert list(names) == PRE_NAMES
 

@@ -253,7 +253,7 @@ class _Scripted(torch.nn.Module):
     """The real model, with each next token forced by the last one (`follow`: token -> next token):
     a base model that "speaks" a script, to see what the server does with text it produces. It
     offers what the eager decode backend calls: hidden_states (which notes each row's last
-    token: the last of the row's new tokens, from the cache view) and lm_head."""
+    token: the last of the row's new tokens, from the cache view) and head."""
 
     def __init__(self, model, follow: dict[int, int]) -> None:
         super().__init__()
@@ -266,8 +266,8 @@ class _Scripted(torch.nn.Module):
         self._last = input_ids[torch.arange(input_ids.shape[0]), counts - 1].tolist()
         return self.inner.hidden_states(input_ids, cache, **kwargs)
 
-    def lm_head(self, h):  # h (B, D): each row's last hidden state
-        logits = self.inner.lm_head(h).clone()
+    def head(self, h):  # h (B, D): each row's last hidden state
+        logits = self.inner.head(h).clone()
         for b, last in enumerate(self._last):
             if last in self.follow:
                 logits[b, self.follow[last]] += 1000.0
