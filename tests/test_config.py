@@ -36,6 +36,9 @@ PUBLISHED = {
     "falcon-7b": 6_921_720_704,
     "phi-2": 2_779_683_840,
     "smollm3-3b": 3_075_098_624,
+    "mixtral-8x7b": 46_702_792_704,
+    "qwen1.5-moe-a2.7b": 14_315_784_192,
+    "olmoe-1b-7b": 6_919_161_856,
 }
 
 
@@ -311,9 +314,9 @@ def configs(draw) -> Config:
         "factor": st.sampled_from([2.0, 8.0, 32.0]), "low_freq_factor": st.sampled_from([1.0, 2.0]),
         "high_freq_factor": st.sampled_from([4.0, 8.0]),
         "original_max_position_embeddings": st.sampled_from([512.0, 8192.0])}))
-    if family in ("phi3", "olmo2", "gemma2", "gemma3_text"):
+    if family in ("phi3", "olmo2", "gemma2", "gemma3_text", "mixtral", "qwen2_moe", "olmoe"):
         scaling = None
-    windowed = ("mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text")
+    windowed = ("mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "mixtral", "qwen2_moe")
     window = draw(st.none() | st.integers(1, 8192)) if family in windowed else None
     switches = dict(SIGNATURES[family])
     if family in ("gemma2", "gemma3_text"):
@@ -326,6 +329,15 @@ def configs(draw) -> Config:
                 switches["rope_local_theta"] = draw(st.sampled_from([10000.0, 100.0]))
     if family == "smollm3":
         switches["nope_every"] = draw(st.none() | st.integers(1, 5))
+    if family in ("mixtral", "qwen2_moe", "olmoe"):
+        n_experts = draw(st.integers(1, 16))
+        switches.update(n_experts=n_experts, experts_per_token=draw(st.integers(1, n_experts)),
+                        norm_topk_prob=family == "mixtral" or draw(st.booleans()))
+        if family == "mixtral":
+            switches["router_jitter"] = draw(st.sampled_from([0.0, 0.01]))
+        if family == "qwen2_moe":
+            switches.update(moe_intermediate_size=draw(st.integers(1, 512)), moe_every=draw(st.integers(1, 3)),
+                            shared_expert_size=draw(st.integers(1, 512)))
     if family == "phi3":
         switches["rotary_dim"] = draw(st.none() | st.integers(1, head_dim // 2 - 1).map(lambda k: 2 * k)) \
             if head_dim > 2 else None

@@ -193,7 +193,7 @@ def test_every_family_has_a_preset_and_a_case():
 
 # ---------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(qk_norm="head"), r"qk_norm='head' is a switch of qwen3, olmo2, gemma3_text; a 'llama' model has none"),
+    (dict(qk_norm="head"), r"qk_norm='head' is a switch of qwen3, olmo2, gemma3_text, olmoe; a 'llama' model has none"),
     (dict(family="gemma2", parallel="shared-norm"), r"parallel='shared-norm' is a switch of gpt_neox, falcon, phi"),
     (dict(family="qwen3", final_softcap=30.0), r"final_softcap=30.0 is a switch of gemma2, gemma3_text"),
     (dict(family="phi", rotary_dim=3, n_embd=64, n_head=4), r"rotary_dim=3 must be even"),

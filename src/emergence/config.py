@@ -25,12 +25,13 @@ from .errors import ConfigError
 
 # Hugging Face model_type names: the checkpoint naming schemes emergence reads and writes.
 FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "olmo2", "gpt_neox",
-            "falcon", "phi", "smollm3")
+            "falcon", "phi", "smollm3", "mixtral", "qwen2_moe", "olmoe")
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "olmoe")
 
 # The family switches, with the families whose checkpoints use each (a switch set on a model of
 # another family is a combination no family has: refused, with this table as the reason).
 SWITCH_FAMILIES: dict[str, tuple[str, ...]] = {
-    "qk_norm": ("qwen3", "olmo2", "gemma3_text"),
+    "qk_norm": ("qwen3", "olmo2", "gemma3_text", "olmoe"),
     "norm_position": ("olmo2", "gemma2", "gemma3_text"),
     "parallel": ("gpt_neox", "falcon", "phi"),
     "rotary_dim": ("gpt_neox", "phi", "phi3"),
@@ -42,6 +43,8 @@ SWITCH_FAMILIES: dict[str, tuple[str, ...]] = {
     "rope_local_theta": ("gemma3_text",),
     "nope_every": ("smollm3",),
     "head_bias": ("phi",),
+    "n_experts": MOE_FAMILIES,
+    "shared_expert_size": ("qwen2_moe",),
 }
 
 
@@ -84,6 +87,16 @@ class Config:
     rope_local_theta: float | None = None  # RoPE base of the windowed layers (others use rope_theta)
     nope_every: int | None = None  # layers i with (i + 1) % nope_every == 0 use no RoPE
     head_bias: bool = False  # a bias on the output head
+    # ---- mixture of experts (model.MoE): n_experts > 0 replaces the MLP of layers i with
+    # (i + 1) % moe_every == 0 by experts_per_token of n_experts MLPs, picked per token by a router
+    n_experts: int = 0
+    experts_per_token: int = 2
+    moe_intermediate_size: int | None = None  # an expert's MLP width; None: intermediate_size
+    norm_topk_prob: bool = True  # renormalise the chosen experts' weights (Mixtral) or not (Qwen2-MoE, OLMoE)
+    shared_expert_size: int | None = None  # a shared expert's width, gated by a sigmoid (Qwen2-MoE)
+    moe_every: int = 1
+    router_jitter: float = 0.0  # training: inputs times uniform(1 - j, 1 + j) noise (Mixtral)
+    capacity_factor: float | None = None  # training: an expert takes at most this x its fair share (Switch)
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
     pad_token_id: int | None = None
@@ -128,6 +141,28 @@ class Config:
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ConfigError(f"sliding_window must be positive, got {self.sliding_window}")
         self._validate_switches()
+        self._validate_experts()
+
+    def _validate_experts(self) -> None:
+        for name in ("n_experts", "experts_per_token", "moe_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "n_experts" else 1):
+                raise ConfigError(f"config field {name} must be a {'non-negative' if name == 'n_experts' else 'positive'} "
+                                  f"integer, got {value!r}")
+        if self.n_experts and self.experts_per_token > self.n_experts:
+            raise ConfigError(f"experts_per_token={self.experts_per_token} exceeds n_experts={self.n_experts}")
+        for name in ("moe_intermediate_size", "shared_expert_size"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+                raise ConfigError(f"config field {name} must be a positive integer or null, got {value!r}")
+        if not 0 <= self.router_jitter < 1:
+            raise ConfigError(f"router_jitter must be in [0, 1), got {self.router_jitter}")
+        if self.capacity_factor is not None and not self.capacity_factor > 0:
+            raise ConfigError(f"capacity_factor must be positive or null, got {self.capacity_factor}")
+        if self.n_experts and self.mlp not in ("swiglu", "geglu"):
+            raise ConfigError(f"experts are gated MLPs (swiglu or geglu), not {self.mlp!r}")
+        if self.n_experts == 0 and self.shared_expert_size is not None:
+            raise ConfigError("shared_expert_size needs n_experts")
 
     def _validate_switches(self) -> None:
         allowed = {"qk_norm": (None, "head", "all"), "norm_position": ("pre", "post", "sandwich"),
@@ -160,6 +195,9 @@ class Config:
                 raise ConfigError(f"config field {name} must be positive or null, got {value!r}")
 
     # ------------------------------------------------------------------------- per layer
+    def is_moe_layer(self, i: int) -> bool:
+        return self.n_experts > 0 and (i + 1) % self.moe_every == 0
+
     def layer_window(self, i: int) -> int | None:
         """The window layer i attends within (None: every earlier key)."""
         if self.sliding_window is None or (self.global_every and (i + 1) % self.global_every == 0):
@@ -180,8 +218,9 @@ class Config:
             return []
         return list(self.eos_token_id) if isinstance(self.eos_token_id, (list, tuple)) else [self.eos_token_id]
 
-    def num_parameters(self) -> int:
-        """Parameter count implied by the shapes (tied weights counted once)."""
+    def num_parameters(self, active: bool = False) -> int:
+        """Parameter count implied by the shapes (tied weights counted once); `active`: those one
+        token runs through (of a mixture of experts, only the experts_per_token it is routed to)."""
         d, hd = self.n_embd, self.head_dim
         q, kv = self.n_head * hd, self.n_kv_head * hd
         norm = d * (2 if self.norm == "layernorm" else 1)
@@ -195,9 +234,13 @@ class Config:
         mlp = n_mats * d * self.intermediate_size
         if self.bias:
             mlp += self.intermediate_size + d
+        experts = self.experts_per_token if active else self.n_experts
+        moe = d * self.n_experts + experts * 3 * d * (self.moe_intermediate_size or self.intermediate_size)
+        if self.shared_expert_size:
+            moe += 3 * d * self.shared_expert_size + d
         norms = 1 if self.parallel == "shared-norm" else 4 if self.norm_position == "sandwich" else 2
-        per_layer = attn + mlp + norms * norm
-        total = self.n_layer * per_layer + norm + self.vocab_size * d + (self.vocab_size if self.head_bias else 0)
+        total = sum(attn + (moe if self.is_moe_layer(i) else mlp) + norms * norm for i in range(self.n_layer))
+        total += norm + self.vocab_size * d + (self.vocab_size if self.head_bias else 0)
         if self.position == "learned":
             total += self.block_size * d
         if not self.tie_embeddings:
@@ -316,6 +359,18 @@ PRESETS: dict[str, dict[str, Any]] = {
                        n_kv_head=4, n_embd=2048, intermediate_size=11008, norm_eps=1e-6, rope_theta=5000000.0,
                        nope_every=4, tie_embeddings=True, bos_token_id=128000, eos_token_id=128012,
                        pad_token_id=128004),
+    # Mixtures of experts (issue 15; total and active counts checked against the published ones).
+    "mixtral-8x7b": dict(_LLAMA, family="mixtral", vocab_size=32000, block_size=32768, n_layer=32, n_head=32,
+                         n_kv_head=8, n_embd=4096, intermediate_size=14336, rope_theta=1000000.0, n_experts=8,
+                         experts_per_token=2),
+    "qwen1.5-moe-a2.7b": dict(_LLAMA, family="qwen2_moe", vocab_size=151936, block_size=8192, n_layer=24, n_head=16,
+                              n_embd=2048, intermediate_size=5632, norm_eps=1e-6, rope_theta=1000000.0,
+                              qkv_bias=True, n_experts=60, experts_per_token=4, moe_intermediate_size=1408,
+                              shared_expert_size=5632, norm_topk_prob=False, bos_token_id=151643,
+                              eos_token_id=151643),
+    "olmoe-1b-7b": dict(_LLAMA, family="olmoe", vocab_size=50304, block_size=4096, n_layer=16, n_head=16,
+                        n_embd=2048, intermediate_size=1024, qk_norm="all", n_experts=64, experts_per_token=8,
+                        norm_topk_prob=False, bos_token_id=None, eos_token_id=50279, pad_token_id=1),
     # Small LLaMA-architecture models trained from scratch by bench/train_models.py (4,096-token
     # BPE, context 512); emergence-6m ships inside the package. nanogpt-small is nanoGPT's
     # Shakespeare config (GPT-2 shapes, 6 x 6 heads x 384, context 256) for the training benchmark.

@@ -16,6 +16,7 @@ H query heads, K key/value heads, hd head_dim, V vocabulary.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import TYPE_CHECKING
 
@@ -199,6 +200,80 @@ class MLP(nn.Module):
         return self.down_proj(self.act(self.up_proj(x)))
 
 
+class MoE(nn.Module):
+    """Mixture of experts in place of the MLP (Mixtral, Qwen2-MoE, OLMoE; Switch-style training).
+
+    A router scores the n_experts for each token; softmax, then the experts_per_token best (k)
+    are each run on it and their outputs summed with the softmax weights (renormalised over the
+    chosen k with norm_topk_prob). Tokens are grouped by expert (sorted and gathered), so each
+    expert is one matrix product over its tokens: a loop over experts, never over tokens. The
+    experts' weights are stacked: gate_up_proj (E, 2f, D) holds each expert's gate then up rows,
+    down_proj (E, D, f). Qwen2-MoE adds a shared expert that every token runs through, scaled by
+    sigmoid(shared_gate(x)).
+
+    In training, router_jitter multiplies the input by uniform noise, and a capacity factor keeps
+    at most ceil(capacity_factor * N * k / E) of the N tokens' k choices per expert (the first
+    ones in token order); the rest are dropped, their share of the output zero. The last forward's
+    router logits (N, E), choices and dropped fraction stay on the module for the training's
+    auxiliary losses and metrics (train/moe.py).
+    """
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.n_experts, self.k, self.norm_topk = config.n_experts, config.experts_per_token, config.norm_topk_prob
+        self.jitter, self.capacity_factor = config.router_jitter, config.capacity_factor
+        d, f = config.n_embd, config.moe_intermediate_size or config.intermediate_size
+        self.act = MLP_KINDS[config.mlp][1]
+        self.router = nn.Linear(d, self.n_experts, bias=False)
+        self.gate_up_proj = nn.Parameter(torch.empty(self.n_experts, 2 * f, d))
+        self.down_proj = nn.Parameter(torch.empty(self.n_experts, d, f))
+        for w in (self.gate_up_proj, self.down_proj):  # as nn.Linear initialises each expert's matrix
+            for e in range(self.n_experts):
+                nn.init.kaiming_uniform_(w[e], a=math.sqrt(5))
+        self.shared = None
+        if config.shared_expert_size:
+            self.shared = MLP(dataclasses.replace(config, intermediate_size=config.shared_expert_size,
+                                                  n_experts=0, shared_expert_size=None))
+            self.shared_gate = nn.Linear(d, 1, bias=False)
+        self.router_logits: torch.Tensor | None = None  # (N, E), the last forward's
+        self.choices: torch.Tensor | None = None  # (N, k) expert ids
+        self.dropped = 0.0  # fraction of the N k choices the capacity dropped
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        h = x.reshape(-1, shape[-1])  # (N, D)
+        if self.training and self.jitter > 0:
+            h = h * torch.empty_like(h).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+        logits = self.router(h)  # (N, E)
+        weights, choices = logits.softmax(dim=-1, dtype=torch.float32).topk(self.k, dim=-1)  # (N, k)
+        if self.norm_topk:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        self.router_logits, self.choices = logits, choices
+        weights = weights.to(h.dtype).flatten()  # (N k,)
+        flat = choices.flatten()  # (N k,): token n's j-th choice at n * k + j
+        order = flat.argsort(stable=True)  # the choices grouped by expert, in token order within one
+        counts = torch.bincount(flat, minlength=self.n_experts)
+        if self.training and self.capacity_factor is not None:
+            capacity = math.ceil(self.capacity_factor * flat.numel() / self.n_experts)
+            starts = counts.cumsum(0) - counts  # where each expert's group begins in `order`
+            rank = torch.arange(flat.numel(), device=h.device) - starts[flat[order]]  # place within its expert
+            keep = rank < capacity
+            self.dropped = float((~keep).float().mean())
+            order, counts = order[keep], counts.clamp(max=capacity)
+        token = order // self.k  # (M,) the token of each grouped choice
+        xs = h[token]  # (M, D), expert by expert
+        out = []
+        for e, rows in zip(range(self.n_experts), xs.split(counts.tolist())):
+            if rows.shape[0]:
+                gate, up = F.linear(rows, self.gate_up_proj[e]).chunk(2, dim=-1)
+                out.append(F.linear(self.act(gate) * up, self.down_proj[e]))
+        y = torch.cat(out) * weights[order, None] if out else xs[:0]
+        y = torch.zeros_like(h).index_add_(0, token, y)  # each token: the sum of its experts' outputs
+        if self.shared is not None:
+            y = y + torch.sigmoid(self.shared_gate(h)) * self.shared(h)
+        return y.view(shape)
+
+
 class Block(nn.Module):
     """Residual block. Pre-norm (LLaMA): x + attn(norm(x)), then x + mlp(norm(x)); post-norm
     (OLMo 2) normalises each sublayer's output instead, sandwich (Gemma) does both; a parallel
@@ -215,7 +290,7 @@ class Block(nn.Module):
         self.attn = Attention(config, layer, linear)
         # a shared-norm parallel block feeds attn_norm's output to the MLP too
         self.mlp_norm = None if config.parallel == "shared-norm" else make_norm(config) if pre else nn.Identity()
-        self.mlp = MLP(config, linear)
+        self.mlp = MoE(config) if config.is_moe_layer(layer) else MLP(config, linear)
         if post:
             self.attn_post_norm, self.mlp_post_norm = make_norm(config), make_norm(config)
         self.post = post

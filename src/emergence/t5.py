@@ -73,6 +73,9 @@ class T5Config:
     def layer_window(self, i: int) -> None:  # every layer sees its whole (masked) sequence
         return None
 
+    def is_moe_layer(self, i: int) -> bool:  # dense MLPs only
+        return False
+
     def layer_rope(self, i: int) -> None:  # positions enter as the relative bias
         return None
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import InvalidArgument
-from ..model import Transformer
+from ..model import MoE, Transformer
 
 SCHEDULES = ("cosine", "wsd", "constant")
 
@@ -75,6 +75,9 @@ def initialize_weights(model: Transformer, *, std: float = 0.02, generator: torc
                 module.bias.zero_()
         elif isinstance(module, nn.Embedding):
             module.weight.normal_(0.0, std, generator=generator)
+        elif isinstance(module, MoE):  # the stacked experts: each an MLP (down writes the residual)
+            module.gate_up_proj.normal_(0.0, std, generator=generator)
+            module.down_proj.normal_(0.0, residual_std, generator=generator)
         elif hasattr(module, "weight") and isinstance(module.weight, nn.Parameter) and module.weight.dim() == 1:
             module.weight.fill_(1.0)  # RMSNorm / LayerNorm gain
             if getattr(module, "bias", None) is not None:

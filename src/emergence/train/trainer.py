@@ -37,7 +37,7 @@ from ..model import Transformer
 from ..t5 import T5Config, build_model, initialize_t5, t5_config_of
 from ..progress import Progress, duration, human
 from ..sampling import SamplingParams
-from . import objectives
+from . import moe, objectives
 from .checkpoint import load_checkpoint, save_checkpoint
 from .optim import SCHEDULES, initialize_weights, learning_rate, make_optimizer
 
@@ -77,6 +77,8 @@ class TrainConfig:
     save_best: bool = False  # also keep OUT/best (HF layout) at the lowest validation loss
     noise_density: float = 0.15  # span corruption
     mean_noise_span_length: float = 3.0
+    router_aux_loss_coef: float = 0.01  # mixture of experts: the load-balancing loss's weight (train/moe.py)
+    router_z_loss_coef: float = 0.001  # and the router z-loss's
     progress: bool = True
 
     def validate(self) -> None:
@@ -464,6 +466,8 @@ def run_loop(run, tc: TrainConfig, env: _Dist, device: torch.device) -> TrainRes
             run.save(weights, folder)
 
     train_model.train()
+    experts = moe.moe_layers(model)  # the MoE layers, whose routers add auxiliary losses
+    moe_metrics: dict[str, float] = {}
     while step < tc.max_steps:
         lr = learning_rate(step, schedule=tc.schedule, lr=tc.lr, min_lr=tc.min_lr, warmup_steps=tc.warmup_steps,
                            max_steps=tc.max_steps, decay_fraction=tc.decay_fraction)
@@ -480,7 +484,11 @@ def run_loop(run, tc: TrainConfig, env: _Dist, device: torch.device) -> TrainRes
                 loss = compute_loss(inputs, targets, extras)
                 if tc.grad_accum > 1:  # (one kernel launch less per step without accumulation)
                     loss = loss / tc.grad_accum
-            loss.backward()
+                total = loss
+                if experts:  # the routers' auxiliary losses train with it; the logged loss stays the LM's
+                    aux, moe_metrics = moe.auxiliary_loss(experts, tc.router_aux_loss_coef, tc.router_z_loss_coef)
+                    total = loss + aux / tc.grad_accum
+            total.backward()
             step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
         grad_norm = (torch.nn.utils.clip_grad_norm_(_trainable(train_model), tc.grad_clip) if tc.grad_clip
                      else _grad_norm(train_model))
@@ -499,6 +507,8 @@ def run_loop(run, tc: TrainConfig, env: _Dist, device: torch.device) -> TrainRes
         if not (step % tc.log_every == 0 or evaluate_now or sample_now or checkpoint_now):
             continue
         rows = flush()
+        if experts:  # the last micro-batch's routing: its auxiliary losses and each layer's expert shares
+            rows[-1].update(moe_metrics, **moe.utilisation(experts))
         if evaluate_now:
             val_loss = evaluate(train_model, compute_loss, batches, env, device, autocast)
             rows[-1]["val_loss"], rows[-1]["val_ppl"] = val_loss, math.exp(min(val_loss, 50))

@@ -13,7 +13,8 @@ from ..config import FAMILIES, Config
 from ..errors import ConfigError
 
 # The LLaMA-shaped config.json fields (hidden_size, num_hidden_layers, ...) and their families.
-LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "phi3", "olmo2", "gemma2", "gemma3_text")
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "phi3", "olmo2", "gemma2", "gemma3_text", "mixtral",
+              "qwen2_moe", "olmoe")
 
 # What each family's config.json implies without recording it: the switch values its blocks have.
 _LLAMA_BLOCK = dict(norm="rmsnorm", mlp="swiglu", position="rope", bias=False, qk_norm=None,
@@ -32,13 +33,14 @@ SIGNATURES: dict[str, dict[str, Any]] = {
                    norm_position="pre", scale_embeddings=False, head_bias=False),
     "phi": dict(norm="layernorm", mlp="gelu", position="rope", bias=True, qkv_bias=False, qk_norm=None,
                 norm_position="pre", parallel="shared-norm", scale_embeddings=False, head_bias=True),
+    "mixtral": dict(_LLAMA_BLOCK, qkv_bias=False), "qwen2_moe": dict(_LLAMA_BLOCK, qkv_bias=True),
+    "olmoe": dict(_LLAMA_BLOCK, qkv_bias=False, qk_norm="all"),
 }
 # A model_type emergence does not read, the nearest family it does and what that family lacks.
 NEAREST = {
     "gemma": ("gemma2", "Gemma 1 has neither Gemma 2's post-norms nor its soft-capping"),
     "gemma3": ("gemma3_text", "a multimodal Gemma 3 checkpoint: emergence reads the text-only gemma3_text"),
     "olmo": ("olmo2", "OLMo 1 normalises without a gain and without q/k norms"),
-    "qwen2_moe": ("qwen2", "experts (a mixture-of-experts MLP)"), "mixtral": ("mistral", "experts (a mixture-of-experts MLP)"),
     "qwen3_moe": ("qwen3", "experts (a mixture-of-experts MLP)"), "phimoe": ("phi3", "experts (a mixture-of-experts MLP)"),
     "gptj": ("gpt_neox", "GPT-J's interleaved rotary pairs"), "stablelm": ("phi", "StableLM's separate per-head norms"),
     "cohere": ("llama", "Cohere's parallel block with a logit scale"), "starcoder2": ("gpt2", "rotary positions"),
@@ -161,7 +163,7 @@ def _llama_from_hf(hf: dict[str, Any], model_type: str) -> Config:
     head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
     window = hf.get("sliding_window")
     switches: dict[str, Any] = dict(SIGNATURES[model_type])
-    if model_type in ("qwen2", "qwen3"):
+    if model_type in ("qwen2", "qwen3", "qwen2_moe"):
         # Qwen configs carry a window size that is off unless use_sliding_window, and then
         # transformers slides it only in layers i >= max_window_layers (default 28).
         first = hf.get("max_window_layers", 28)
@@ -170,9 +172,11 @@ def _llama_from_hf(hf: dict[str, Any], model_type: str) -> Config:
         elif window is not None and first > 0:
             raise ConfigError(f"unsupported {model_type} option: a sliding window in layers {first} and up only "
                               "(max_window_layers); emergence slides it in every layer or none")
-    if model_type in ("llama", "olmo2", "smollm3"):
+    if model_type in ("llama", "olmo2", "smollm3", "olmoe"):
         _refuse(hf, model_type, use_sliding_window=True)
         window = None
+    if model_type in ("mixtral", "qwen2_moe", "olmoe"):
+        switches.update(_experts_from_hf(hf, model_type))
     if model_type == "smollm3":
         no_rope = hf.get("no_rope_layers") or [1] * n_layer
         if len(no_rope) != n_layer:
@@ -205,6 +209,24 @@ def _llama_from_hf(hf: dict[str, Any], model_type: str) -> Config:
         intermediate_size=hf["intermediate_size"], norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=theta,
         rope_scaling=scaling, tie_embeddings=hf.get("tie_word_embeddings", gemma), sliding_window=window,
         **switches, **_tokens(hf))
+
+
+def _experts_from_hf(hf: dict[str, Any], model_type: str) -> dict[str, Any]:
+    """Mixtral's, Qwen2-MoE's and OLMoE's expert fields -> the MoE switches."""
+    experts = hf.get("num_local_experts" if model_type == "mixtral" else "num_experts")
+    if not experts:
+        raise ConfigError(f"config.json of {model_type} lacks its expert count")
+    out = dict(n_experts=experts, experts_per_token=hf.get("num_experts_per_tok", 2),
+               norm_topk_prob=model_type == "mixtral" or bool(hf.get("norm_topk_prob", False)))
+    if model_type == "mixtral":
+        out["router_jitter"] = float(hf.get("router_jitter_noise") or 0.0)
+    if model_type == "qwen2_moe":
+        _refuse(hf, model_type, mlp_only_layers=lambda v: len(v) > 0)
+        out.update(moe_intermediate_size=hf.get("moe_intermediate_size"), moe_every=hf.get("decoder_sparse_step", 1),
+                   shared_expert_size=hf.get("shared_expert_intermediate_size") or None)
+    if model_type == "olmoe":
+        _refuse(hf, model_type, clip_qkv=lambda v: True)
+    return out
 
 
 def _gpt_neox_from_hf(hf: dict[str, Any]) -> Config:
@@ -260,13 +282,14 @@ def _phi_from_hf(hf: dict[str, Any]) -> Config:
         tie_embeddings=hf.get("tie_word_embeddings", False), **_tokens(hf))
 
 
-_ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+_ARCHITECTURES = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "olmoe": "OlmoeForCausalLM",
+                  "gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                   "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "smollm3": "SmolLM3ForCausalLM",
                   "phi3": "Phi3ForCausalLM", "olmo2": "Olmo2ForCausalLM", "gemma2": "Gemma2ForCausalLM",
                   "gemma3_text": "Gemma3ForCausalLM", "gpt_neox": "GPTNeoXForCausalLM", "falcon": "FalconForCausalLM",
                   "phi": "PhiForCausalLM"}
 # Families whose config.json records a window for every layer (Gemma's alternate; Qwen's is all or none).
-_WINDOWED = ("mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text")
+_WINDOWED = ("mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "mixtral", "qwen2_moe")
 
 
 def _check_expressible(c: Config) -> None:
@@ -280,6 +303,15 @@ def _check_expressible(c: Config) -> None:
         wrong.append("rope_scaling")
     if c.family in ("gpt_neox", "phi") and c.n_kv_head != c.n_head:
         wrong.append(f"n_kv_head={c.n_kv_head}" if c.family == "gpt_neox" else "")
+    if c.family in ("mixtral", "olmoe") and (c.moe_intermediate_size not in (None, c.intermediate_size)
+                                             or c.moe_every != 1 or c.shared_expert_size):
+        wrong.append("expert widths, sparse layers or a shared expert")  # their config.json records none
+    if (c.family in ("mixtral", "qwen2_moe", "olmoe")) != (c.n_experts > 0):
+        wrong.append(f"n_experts={c.n_experts}")
+    if c.family == "mixtral" and not c.norm_topk_prob:
+        wrong.append("norm_topk_prob=False")
+    if c.family == "qwen2_moe" and not c.shared_expert_size:
+        wrong.append("no shared expert")  # transformers' Qwen2-MoE block always has one
     if c.family in ("gpt_neox", "falcon", "phi") and c.n_head * c.head_dim != c.n_embd:
         wrong.append(f"head_dim={c.head_dim}")
     if c.family == "falcon" and c.parallel is None and c.n_kv_head not in (1, c.n_head):
@@ -327,9 +359,17 @@ def config_to_hf(c: Config) -> dict[str, Any]:
     if c.rope_scaling is not None:
         hf["rope_scaling"] = dict(c.rope_scaling, rope_type="llama3")
         hf["rope_scaling"]["original_max_position_embeddings"] = int(c.rope_scaling["original_max_position_embeddings"])
-    if c.family in ("mistral", "phi3"):
+    if c.family in ("mistral", "phi3", "mixtral"):
         hf["sliding_window"] = c.sliding_window
-    if c.family in ("qwen2", "qwen3"):
+    if c.family == "mixtral":
+        hf.update(num_local_experts=c.n_experts, num_experts_per_tok=c.experts_per_token,
+                  router_jitter_noise=c.router_jitter)
+    if c.family in ("qwen2_moe", "olmoe"):
+        hf.update(num_experts=c.n_experts, num_experts_per_tok=c.experts_per_token, norm_topk_prob=c.norm_topk_prob)
+    if c.family == "qwen2_moe":
+        hf.update(moe_intermediate_size=c.moe_intermediate_size or c.intermediate_size, decoder_sparse_step=c.moe_every,
+                  shared_expert_intermediate_size=c.shared_expert_size, mlp_only_layers=[])
+    if c.family in ("qwen2", "qwen3", "qwen2_moe"):
         hf.update(use_sliding_window=c.sliding_window is not None, sliding_window=c.sliding_window,
                   max_window_layers=0)  # every layer slides, as in emergence
     if c.family == "smollm3":

@@ -125,6 +125,41 @@ def _llama_rules(norms: dict[str, str] = LLAMA_NORMS, fused: bool = False, gemma
     return rules
 
 
+def _stack_pairs(ts: list[Tensor], c: Config) -> list[Tensor]:
+    """Each expert's gate and up matrices, [g0, u0, g1, u1, ...] -> (E, 2f, D)."""
+    return [torch.stack([torch.cat(ts[i:i + 2]) for i in range(0, len(ts), 2)])]
+
+
+def _unstack_pairs(ts: list[Tensor], c: Config) -> list[Tensor]:
+    return [part.contiguous() for expert in ts[0] for part in expert.chunk(2, dim=0)]
+
+
+def _stack(ts: list[Tensor], c: Config) -> list[Tensor]:
+    """One matrix per expert -> (E, ...)."""
+    return [torch.stack(ts)]
+
+
+def _unstack(ts: list[Tensor], c: Config) -> list[Tensor]:
+    return [t.contiguous() for t in ts[0]]
+
+
+def moe_rules(c: Config) -> list[Rule]:
+    """A mixture of experts' tensors: the router, every expert's matrices (stacked in emergence,
+    one tensor per expert in the checkpoint) and Qwen2-MoE's shared expert and its gate."""
+    moe = "model.layers.{}." + ("block_sparse_moe" if c.family == "mixtral" else "mlp")
+    names = ("w1", "w3", "w2") if c.family == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+    gate, up, down = (tuple(f"{moe}.experts.{e}.{n}.weight" for e in range(c.n_experts)) for n in names)
+    shared = f"{moe}.shared_expert"
+    return [_same("layers.{}.mlp.router.weight", f"{moe}.gate.weight"),
+            Rule(("layers.{}.mlp.gate_up_proj",), tuple(n for pair in zip(gate, up) for n in pair),
+                 _stack_pairs, _unstack_pairs),
+            Rule(("layers.{}.mlp.down_proj",), down, _stack, _unstack),
+            Rule(("layers.{}.mlp.shared.gate_up_proj.weight",), (f"{shared}.gate_proj.weight", f"{shared}.up_proj.weight"),
+                 _fuse, _split_halves),
+            _same("layers.{}.mlp.shared.down_proj.weight", f"{shared}.down_proj.weight"),
+            _same("layers.{}.mlp.shared_gate.weight", f"{moe}.shared_expert_gate.weight")]
+
+
 def _with_bias(ours: str, theirs: str, weight: Rule | None = None) -> list[Rule]:
     """A linear layer or LayerNorm's weight and bias under one name each (weight rule optional)."""
     weight = weight or _same(f"{ours}.weight", f"{theirs}.weight")
@@ -253,6 +288,7 @@ HF_RULES: dict[str, list[Rule]] = {
     "gpt_neox": _gpt_neox_rules(),
     "falcon": falcon_rules(two_norms=False),  # hf_rules() picks the two-norm table where it applies
     "phi": _phi_rules(),
+    **{family: _llama_rules() for family in ("mixtral", "qwen2_moe", "olmoe")},  # + moe_rules(config)
 }
 
 
@@ -260,6 +296,8 @@ def hf_rules(config: Config) -> list[Rule]:
     """The name table of a config's family (Falcon's norm names depend on its block)."""
     if config.family == "falcon" and config.parallel == "two-norms":
         return falcon_rules(two_norms=True)
+    if config.n_experts:  # the expert count names the tensors
+        return HF_RULES[config.family] + moe_rules(config)
     return HF_RULES[config.family]
 
 # Tensors some checkpoints carry that hold no weights (causal-mask buffers, RoPE tables).
