@@ -442,6 +442,9 @@ def quantize_model(model: nn.Module, fmt: str, *, group_size: int | None = None,
     existing = next((mod for mod in model.modules() if isinstance(mod, QuantizedLinear)), None)
     if existing is not None:
         raise InvalidArgument(f"the model is already quantized ({existing.format}); quantize a full-precision model")
+    if getattr(getattr(model, "config", None), "n_experts", 0):
+        raise InvalidArgument("quantizing a mixture of experts is not supported yet (its experts are stacked "
+                              "weights, not linear layers); export it to a quantized GGUF with `emergence convert`")
     base, gptq = (fmt[:-len("-gptq")], True) if fmt.endswith("-gptq") else (fmt, False)
     if base not in FORMATS or (gptq and base != "int4"):
         raise InvalidArgument(f"unknown quantization format {fmt!r} (known: {', '.join(quantizable_formats())})")

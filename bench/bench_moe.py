@@ -1,0 +1,95 @@
+"""Mixture-of-experts dispatch speed: forward + backward, CPU fp32, same run.
+
+    .venv/bin/python bench/bench_moe.py                    # writes bench/results/moe_dispatch.json
+    .venv/bin/python bench/bench_moe.py --smoke --out /tmp/moe.json
+
+Three models on the same tokens (batch x context), each timed over forward + backward of the
+next-token loss, alternating rounds, median per model:
+- emergence's Mixtral-shaped model (8 experts, top-2; model.MoE groups the tokens by expert);
+- transformers' MixtralForCausalLM with the same weights (its sparse block loops over the
+  experts hit, indexing their tokens): target emergence >= 3x its tokens/s;
+- emergence's dense model with the same active parameters (one MLP of twice the expert width):
+  target MoE >= 0.6x its tokens/s (a mixture's overhead: routing, gathering, scattering).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from emergence.config import Config  # noqa: E402
+from emergence.model import Transformer  # noqa: E402
+from emergence.weights.hf import load_hf, save_hf  # noqa: E402
+from provenance import commit, machine  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results" / "moe_dispatch.json"
+SHAPES = dict(vocab_size=4096, block_size=256, n_layer=4, n_head=8, n_kv_head=4, n_embd=512, intermediate_size=1024)
+
+
+def step_time(model: torch.nn.Module, ids: torch.Tensor, hf: bool) -> float:
+    model.zero_grad(set_to_none=True)
+    start = time.perf_counter()
+    logits = model(ids).logits if hf else model(ids)
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    loss.backward()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="small shapes, 2 rounds")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    import tempfile
+
+    import transformers as tf
+
+    shapes = dict(SHAPES, n_layer=2, n_embd=128, intermediate_size=256, n_head=4, n_kv_head=2) if args.smoke else SHAPES
+    batch, context = (2, 64) if args.smoke else (8, 256)
+    rounds = 2 if args.smoke else args.rounds
+    torch.manual_seed(0)
+    moe = Transformer(Config(family="mixtral", n_experts=8, experts_per_token=2, **shapes)).train()
+    dense = Transformer(Config(family="llama", **dict(shapes, intermediate_size=2 * shapes["intermediate_size"]))).train()
+    with tempfile.TemporaryDirectory() as tmp:
+        save_hf(moe, tmp)
+        hf = tf.AutoModelForCausalLM.from_pretrained(tmp, torch_dtype=torch.float32).train()
+        same, _ = load_hf(tmp)
+    ids = torch.randint(0, shapes["vocab_size"], (batch, context), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():  # the same function: equal logits
+        diff = (same(ids) - hf(ids).logits).abs().max().item()
+    models = {"emergence MoE": (moe, False), "transformers Mixtral": (hf, True), "emergence dense": (dense, False)}
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for name, (model, is_hf) in models.items():  # warm-up
+        step_time(model, ids, is_hf)
+    for r in range(rounds):
+        for name, (model, is_hf) in models.items():
+            times[name].append(step_time(model, ids, is_hf))
+            print(f"round {r + 1}/{rounds} {name}: {batch * context / times[name][-1]:,.0f} tok/s", flush=True)
+    tps = {name: batch * context / statistics.median(t) for name, t in times.items()}
+    result = dict(
+        date=datetime.date.today().isoformat(), commit=commit(), machine=machine(), command=" ".join(sys.argv),
+        threads=torch.get_num_threads(), shapes=shapes, experts=8, experts_per_token=2, batch=batch, context=context,
+        logits_max_abs_diff_vs_transformers=diff, tokens_per_s=tps,
+        moe_vs_transformers=tps["emergence MoE"] / tps["transformers Mixtral"],
+        moe_vs_dense_same_active=tps["emergence MoE"] / tps["emergence dense"],
+        targets={"moe_vs_transformers": 3.0, "moe_vs_dense_same_active": 0.6},
+        total_parameters=moe.config.num_parameters(), active_parameters=moe.config.num_parameters(active=True),
+        dense_parameters=dense.config.num_parameters())
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps({k: result[k] for k in ("tokens_per_s", "moe_vs_transformers", "moe_vs_dense_same_active")}))
+
+
+if __name__ == "__main__":
+    main()
