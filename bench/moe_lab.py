@@ -1,6 +1,6 @@
 """Dense against mixture of experts on the same tokens: docs/moe.md and docs/moe.png.
 
-    .venv/bin/python bench/moe_lab.py                 # the full run (about 15 min on 2 cores)
+    .venv/bin/python bench/moe_lab.py                 # the full run (about 15 min on 2 cores; speed is bench_moe.py's)
     .venv/bin/python bench/moe_lab.py --smoke --out-json /tmp/moe_lab.json   # a few steps
     .venv/bin/python bench/moe_lab.py --report-only   # docs/moe.md and the plot from the committed JSON
 
@@ -139,11 +139,11 @@ def report(results: dict) -> None:
              f"{results['machine']['cpu']}, {results['machine']['cores']} cores): {results['steps']} steps of "
              f"{results['batch']} x {results['context']} tokens of TinyStories, a {results['vocab']}-token BPE, "
              "4 layers of width 128; only the MLP differs (see the script's docstring).", "",
-             "| model | parameters (total) | active per token | held-out loss | tokens/s (2 cores) |",
-             "| --- | --- | --- | --- | --- |"]
+             "| model | parameters (total) | active per token | held-out loss |",
+             "| --- | --- | --- | --- |"]
     for name, r in models.items():
         lines.append(f"| {name} | {r['total_parameters']:,} | {r['active_parameters']:,} | "
-                     f"{r['final_val_loss']:.3f} | {r['tokens_per_s']:,.0f} |")
+                     f"{r['final_val_loss']:.3f} |")
     lines += ["", "![held-out loss against training compute](moe.png)", "",
               "## What each expert takes (moe-same-active, held-out tokens, first choice)", ""]
     spec = models["moe-same-active"].get("specialisation") or []
