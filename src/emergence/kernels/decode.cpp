@@ -24,7 +24,8 @@
 // head or over all heads; RoPE on all or the first rotary_dim dimensions of a head, from the
 // global or the local table, or none (per layer); a window per layer; scaled and soft-capped
 // attention scores; SwiGLU, GeGLU, tanh or erf GELU; embeddings scaled by sqrt(D); a head bias
-// and soft-capped logits.
+// and soft-capped logits. A mixture-of-experts layer routes each row to its top-k experts and
+// reads only their weights (plus a shared expert's, Qwen2-MoE).
 //
 // Numerics follow the model's eager forward pass (model.py): an fp32 model computes in fp32;
 // a bf16 model keeps its activations in bf16, rounding after the same operations eager bf16
@@ -89,6 +90,11 @@ struct Layer {
   at::Tensor q_norm_w, k_norm_w;  // (hd,) per head, or (H hd,) and (KV hd,) over all heads; or empty
   int64_t window = 0;  // the keys a query sees (0: all)
   int rope = 1;  // 0: no RoPE (NoPE layer), 1: the global table, 2: the local one
+  // A mixture of experts in place of up/down: the router (E rows) and each expert's gate_up
+  // (2Fe, D) and down (D, Fe), views into the stacked weights; a shared expert and its gate.
+  Linear router, shared_up, shared_down, shared_gate;
+  std::vector<Linear> expert_up, expert_down;
+  int64_t expert_width = 0, shared_width = 0;
 };
 
 // The family switches as numbers (fused_decode.py writes them from the Config).
@@ -131,10 +137,11 @@ class DecodePlan {
     TORCH_CHECK(dims.size() == 8, "dims: n_layer, n_head, n_kv_head, head_dim, n_embd, intermediate, vocab, rotary_dim");
     n_layer_ = dims[0], H_ = dims[1], KV_ = dims[2], hd_ = dims[3], D_ = dims[4], F_ = dims[5], V_ = dims[6];
     rd_ = dims[7];
-    TORCH_CHECK(kinds.size() == 5 && scalars.size() == 5, "kinds: 5 switches, scalars: 5 values");
+    TORCH_CHECK(kinds.size() == 8 && scalars.size() == 5, "kinds: 8 switches, scalars: 5 values");
     rms_norm_ = kinds[0] != 0, mlp_ = static_cast<int>(kinds[1]), placement_ = static_cast<int>(kinds[2]);
     parallel_ = static_cast<int>(kinds[3]), qk_norm_ = static_cast<int>(kinds[4]);
     gated_ = mlp_ == SWIGLU || mlp_ == GEGLU;
+    n_experts_ = kinds[5], top_k_ = kinds[6], norm_topk_ = kinds[7] != 0;
     eps_ = static_cast<float>(scalars[0]);
     scale_ = scalars[1] > 0 ? static_cast<float>(scalars[1]) : 1.0f / std::sqrt(static_cast<float>(hd_));
     score_cap_ = static_cast<float>(scalars[2]), logit_cap_ = static_cast<float>(scalars[3]);
@@ -151,14 +158,31 @@ class DecodePlan {
     const int64_t qkv_rows = (H_ + 2 * KV_) * hd_;
     for (int64_t i = 0; i < n_layer_; ++i) {
       auto& w = layers[i];
-      TORCH_CHECK(w.size() == 16, "16 tensors per layer");
+      TORCH_CHECK(w.size() == 22, "22 tensors per layer");
       Layer l;
       l.attn_norm_w = w[0], l.attn_norm_b = w[1];
       l.qkv = make_linear(w[2], w[3], qkv_rows, D_);
       l.o = make_linear(w[4], w[5], D_, H_ * hd_);
       l.mlp_norm_w = w[6], l.mlp_norm_b = w[7];
-      l.up = make_linear(w[8], w[9], gated_ ? 2 * F_ : F_, D_);
-      l.down = make_linear(w[10], w[11], D_, F_);
+      if (present(w[16])) {  // a mixture of experts: router (E, D), gate_up (E, 2Fe, D), down (E, D, Fe)
+        TORCH_CHECK(n_experts_ > 0 && w[16].size(0) == n_experts_ && w[17].dim() == 3 && w[17].size(0) == n_experts_,
+                    "expert weights of unexpected shape");
+        l.expert_width = w[17].size(1) / 2;
+        l.router = make_linear(w[16], at::Tensor(), n_experts_, D_);
+        for (int64_t e = 0; e < n_experts_; ++e) {
+          l.expert_up.push_back(make_linear(w[17][e], at::Tensor(), 2 * l.expert_width, D_));
+          l.expert_down.push_back(make_linear(w[18][e], at::Tensor(), D_, l.expert_width));
+        }
+        if (present(w[19])) {
+          l.shared_width = w[19].size(0) / 2;
+          l.shared_up = make_linear(w[19], at::Tensor(), 2 * l.shared_width, D_);
+          l.shared_down = make_linear(w[20], at::Tensor(), D_, l.shared_width);
+          l.shared_gate = make_linear(w[21], at::Tensor(), 1, D_);
+        }
+      } else {
+        l.up = make_linear(w[8], w[9], gated_ ? 2 * F_ : F_, D_);
+        l.down = make_linear(w[10], w[11], D_, F_);
+      }
       l.attn_post_w = w[12], l.mlp_post_w = w[13], l.q_norm_w = w[14], l.k_norm_w = w[15];
       TORCH_CHECK(qk_norm_ == NO_QK_NORM || (present(l.q_norm_w) && present(l.k_norm_w)), "q/k norm weights missing");
       TORCH_CHECK(placement_ == PRE || (present(l.attn_post_w) && present(l.mlp_post_w)), "post-norm weights missing");
@@ -304,6 +328,10 @@ class DecodePlan {
 
   // tmp_ (B, D) = the MLP of in (B, D): up (or gate and up), the activation, down.
   void mlp(const Layer& L, const float* in, int64_t B) {
+    if (!L.expert_up.empty()) {
+      for (int64_t b = 0; b < B; ++b) experts(L, in + b * D_, tmp_.data() + b * D_);
+      return;
+    }
     const int64_t hidden = gated_ ? 2 * F_ : F_;
     linear(L.up, in, B, hidden_.data());
     // the activation, split across threads by rows once there are enough of them (an exp per
@@ -328,6 +356,54 @@ class DecodePlan {
       }
     });
     linear(L.down, act_.data(), B, tmp_.data());
+  }
+
+  // out (D,) = the mixture of experts of one row x (D,), as model.MoE computes it: softmax of the
+  // router's logits in fp32, the top k (renormalised with norm_topk), each chosen expert's gated
+  // MLP times its weight (in the model's dtype) summed in expert order; plus the shared expert
+  // times sigmoid(shared_gate(x)). Only the chosen experts' weights are read.
+  void experts(const Layer& L, const float* x, float* out) {
+    const int64_t E = n_experts_, Fe = L.expert_width;
+    moe_logits_.resize(E), moe_h_.resize(2 * std::max(Fe, L.shared_width)), moe_a_.resize(std::max(Fe, L.shared_width));
+    moe_out_.resize(D_);
+    linear_row(L.router, x, moe_logits_.data());
+    float top = -INFINITY, total = 0;
+    for (int64_t e = 0; e < E; ++e) top = std::max(top, moe_logits_[e]);
+    std::vector<std::pair<float, int64_t>> probs(E);
+    for (int64_t e = 0; e < E; ++e) total += (probs[e].first = std::exp(moe_logits_[e] - top)), probs[e].second = e;
+    for (auto& p : probs) p.first /= total;
+    std::partial_sort(probs.begin(), probs.begin() + top_k_, probs.end(),
+                      [](const auto& a, const auto& b) { return a.first > b.first || (a.first == b.first && a.second < b.second); });
+    std::vector<std::pair<int64_t, float>> chosen;  // (expert, weight), in expert order as the eager sum runs
+    float sum = 0;
+    for (int64_t j = 0; j < top_k_; ++j) sum += probs[j].first;
+    for (int64_t j = 0; j < top_k_; ++j) chosen.emplace_back(probs[j].second, r(norm_topk_ ? probs[j].first / sum : probs[j].first));
+    std::sort(chosen.begin(), chosen.end());
+    std::fill(out, out + D_, 0.0f);
+    for (const auto& [e, weight] : chosen) {
+      linear_row(L.expert_up[e], x, moe_h_.data());
+      activate(moe_h_.data(), moe_a_.data(), Fe);
+      linear_row(L.expert_down[e], moe_a_.data(), moe_out_.data());
+      for (int64_t i = 0; i < D_; ++i) out[i] = r(out[i] + r(moe_out_[i] * weight));
+    }
+    if (L.shared_width > 0) {
+      float gate = 0;
+      linear_row(L.shared_gate, x, &gate);
+      gate = r(1.0f / (1.0f + std::exp(-gate)));
+      linear_row(L.shared_up, x, moe_h_.data());
+      activate(moe_h_.data(), moe_a_.data(), L.shared_width);
+      linear_row(L.shared_down, moe_a_.data(), moe_out_.data());
+      for (int64_t i = 0; i < D_; ++i) out[i] = r(out[i] + r(gate * moe_out_[i]));
+    }
+  }
+
+  // a (n,) = the gated activation of h (2n,: gate then up), SwiGLU or GeGLU, rounded as eager rounds it.
+  void activate(const float* h, float* a, int64_t n) const {
+    if (mlp_ == SWIGLU) {
+      for (int64_t i = 0; i < n; ++i) a[i] = r(r(h[i] / (1.0f + std::exp(-h[i]))) * h[n + i]);
+    } else {
+      for (int64_t i = 0; i < n; ++i) a[i] = r(r(gelu_tanh(h[i])) * h[n + i]);
+    }
   }
 
   // tmp_ (B, D) normed in place by a sublayer's post-norm (post and sandwich norms), if any.
@@ -611,6 +687,8 @@ class DecodePlan {
   int64_t n_layer_, H_, KV_, hd_, D_, F_, V_, rd_;
   bool rms_norm_, gated_, bf16_;
   int mlp_, placement_, parallel_, qk_norm_;
+  int64_t n_experts_ = 0, top_k_ = 0;
+  bool norm_topk_ = true;
   float eps_, scale_, score_cap_, logit_cap_, embed_scale_;
   at::ScalarType dtype_;
   at::Tensor tok_, pos_, inv_freq_, local_inv_freq_, norm_w_, norm_b_;
@@ -621,6 +699,7 @@ class DecodePlan {
   // activated vectors, logits, each row's RoPE cos and sin (global, then local); act_q_ a
   // quantized GEMV input, xb_ a bf16 copy of one, head_tmp_ a normed head.
   Buffer<float> x_, xn_, tmp_, par_, qkv_, attn_, hidden_, act_, logits_, cos_, sin_, act_q_, head_tmp_;
+  Buffer<float> moe_logits_, moe_h_, moe_a_, moe_out_;  // one row through the experts
   Buffer<at::BFloat16> xb_;
   std::vector<Row> rows_;  // the rows of the call being run
   const std::vector<std::vector<int64_t>>* tables_ = nullptr;  // their sequences' block tables

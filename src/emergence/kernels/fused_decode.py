@@ -33,7 +33,9 @@ LINEAR_SLOTS = ("attn.qkv_proj", "attn.o_proj", "mlp.up", "mlp.down_proj")
 LAYER_SLOTS = ("attn_norm.weight", "attn_norm.bias", "attn.qkv_proj.weight", "attn.qkv_proj.bias",
                "attn.o_proj.weight", "attn.o_proj.bias", "mlp_norm.weight", "mlp_norm.bias",
                "mlp.up.weight", "mlp.up.bias", "mlp.down_proj.weight", "mlp.down_proj.bias",
-               "attn_post_norm.weight", "mlp_post_norm.weight", "attn.q_norm.weight", "attn.k_norm.weight")
+               "attn_post_norm.weight", "mlp_post_norm.weight", "attn.q_norm.weight", "attn.k_norm.weight",
+               "mlp.router.weight", "mlp.gate_up_proj", "mlp.down_proj", "mlp.shared.gate_up_proj.weight",
+               "mlp.shared.down_proj.weight", "mlp.shared_gate.weight")
 # The family switches as decode.cpp numbers them (its enums Mlp, Placement, Parallel, QkNorm).
 MLP_KINDS = {"swiglu": 0, "geglu": 1, "gelu": 2, "gelu_exact": 3}
 PLACEMENTS = {"pre": 0, "post": 1, "sandwich": 2}
@@ -46,7 +48,7 @@ def unsupported(model: nn.Module, cache: PagedKVCache | None = None) -> str | No
     """Why the native step cannot run `model` (on `cache`), or None when it can: CPU weights,
     all fp32 or all bf16, only the modules model.py builds, quantized linear layers in a
     format with a kernel, and a CPU cache in the model's dtype."""
-    from ..model import MLP, Attention, Block, RMSNorm, Transformer
+    from ..model import MLP, Attention, Block, MoE, RMSNorm, Transformer
     from ..quant.linear import QuantizedLinear
     from . import gemv_extension
 
@@ -60,7 +62,7 @@ def unsupported(model: nn.Module, cache: PagedKVCache | None = None) -> str | No
         return "the model is not on the CPU"
     if len(dtypes) != 1 or next(iter(dtypes)) not in (torch.float32, torch.bfloat16):
         return f"the weights are {', '.join(sorted(str(d) for d in dtypes))}, not all fp32 or all bf16"
-    known = {Transformer, Block, Attention, MLP, nn.ModuleList, nn.Linear, nn.Embedding, nn.LayerNorm, RMSNorm,
+    known = {Transformer, Block, Attention, MLP, MoE, nn.ModuleList, nn.Linear, nn.Embedding, nn.LayerNorm, RMSNorm,
              nn.Identity}
     for name, m in model.named_modules():
         if isinstance(m, QuantizedLinear):
@@ -128,6 +130,8 @@ class NativeBackend:
 
 def build_plan(model: nn.Module, extension) -> tuple[object, bool]:
     """decode.cpp's DecodePlan over the model's current weights; and whether any is packed."""
+    from ..model import MoE
+
     c = model.config
     none = torch.empty(0, dtype=model.tok_embeddings.weight.dtype)
 
@@ -147,10 +151,13 @@ def build_plan(model: nn.Module, extension) -> tuple[object, bool]:
     def detached(tensor: torch.Tensor | None) -> torch.Tensor:
         return none if tensor is None else tensor.detach()
 
-    layers = [[tensor_at(block, slot) for slot in LAYER_SLOTS] for block in model.layers]
+    dense_slots = len(LAYER_SLOTS) - 6  # the last six: a mixture of experts' (router, experts, shared expert)
+    layers = [[tensor_at(block, slot) if j < dense_slots or isinstance(block.mlp, MoE) else none
+               for j, slot in enumerate(LAYER_SLOTS)] for block in model.layers]
     dims = [c.n_layer, c.n_head, c.n_kv_head, c.head_dim, c.n_embd, c.intermediate_size, c.vocab_size,
             c.rotary_dim or c.head_dim]
-    kinds = [c.norm == "rmsnorm", MLP_KINDS[c.mlp], PLACEMENTS[c.norm_position], PARALLEL[c.parallel], QK_NORMS[c.qk_norm]]
+    kinds = [c.norm == "rmsnorm", MLP_KINDS[c.mlp], PLACEMENTS[c.norm_position], PARALLEL[c.parallel],
+             QK_NORMS[c.qk_norm], c.n_experts, c.experts_per_token, c.norm_topk_prob]
     scalars = [float(c.norm_eps), c.attention_scale or 0.0, c.attn_softcap or 0.0, c.final_softcap or 0.0,
                c.n_embd ** 0.5 if c.scale_embeddings else 0.0]
     windows = [c.layer_window(i) or 0 for i in range(c.n_layer)]
