@@ -288,3 +288,34 @@ def test_the_native_step_runs_the_experts_as_the_eager_forward(moe_model, dtype)
     steps = torch.randint(3, VOCAB, (5, 12))
     assert_native_close(_batched(model, NATIVE, prompts, steps, 5)[0], _batched(model, "eager", prompts, steps, 5)[0],
                         (lambda: _batched(twin, "eager", prompts, steps, 5)[0]) if bf16 else None)
+
+
+def test_ddp_trains_a_mixture_of_experts_as_one_process(tmp_path):
+    """2 gloo ranks x batch 2 against one process x batch 2 with 2 accumulation steps (as
+    test_pretrain's DDP test argues: bit-identical weights), with the routers' auxiliary losses
+    in the gradient and experts that get no token on a rank (their gradient is zero, not absent)."""
+    import numpy as np
+
+    from emergence.train.checkpoint import load_checkpoint
+
+    from test_pretrain import _make_shards, metrics, pretrain_cmd, run, torchrun_cmd
+
+    data = _make_shards(tmp_path / "stories", 150_000, 512)
+    config = tmp_path / "moe.json"
+    config.write_text(json.dumps(dict(family="mixtral", vocab_size=512, block_size=128, n_layer=2, n_head=2,
+                                      n_embd=64, intermediate_size=96, n_experts=4, experts_per_token=2,
+                                      tie_embeddings=True, bos_token_id=None, eos_token_id=0)))
+    args = ("--config", str(config), "--max-steps", "6", "--context", "64", "--eval-every", "3", "--checkpoint-every",
+            "6", "--warmup-steps", "2", "--lr", "3e-3", "--no-progress", "--batch-size", "2")
+    single = tmp_path / "single"
+    proc = run(pretrain_cmd(data, single, *args, "--grad-accum", "2", "--eval-batches", "20"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ddp = tmp_path / "ddp"
+    proc = run(torchrun_cmd(data, ddp, *args, "--eval-batches", "10"), timeout=180)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    reference, rows = metrics(single), metrics(ddp)
+    assert [r["step"] for r in rows] == list(range(1, 7)) and "expert_share" in rows[-1]
+    for ref, row in zip(reference, rows):
+        assert abs(ref["train_loss"] - row["train_loss"]) <= np.spacing(np.float32(ref["train_loss"]))
+    a, b = load_checkpoint(single)["model"], load_checkpoint(ddp)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -263,11 +263,12 @@ class MoE(nn.Module):
         token = order // self.k  # (M,) the token of each grouped choice
         xs = h[token]  # (M, D), expert by expert
         out = []
+        # every expert, even one without tokens: its weights then get a zero gradient rather than
+        # none, which data parallelism needs (DDP reduces every parameter's gradient)
         for e, rows in zip(range(self.n_experts), xs.split(counts.tolist())):
-            if rows.shape[0]:
-                gate, up = F.linear(rows, self.gate_up_proj[e]).chunk(2, dim=-1)
-                out.append(F.linear(self.act(gate) * up, self.down_proj[e]))
-        y = torch.cat(out) * weights[order, None] if out else xs[:0]
+            gate, up = F.linear(rows, self.gate_up_proj[e]).chunk(2, dim=-1)
+            out.append(F.linear(self.act(gate) * up, self.down_proj[e]))
+        y = torch.cat(out) * weights[order, None]
         y = torch.zeros_like(h).index_add_(0, token, y)  # each token: the sum of its experts' outputs
         if self.shared is not None:
             y = y + torch.sigmoid(self.shared_gate(h)) * self.shared(h)
