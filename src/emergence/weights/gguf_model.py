@@ -1,9 +1,10 @@
 """Models in GGUF files, llama.cpp's format: read them into our Transformer, write ours out.
 
 Each family is written as the llama.cpp architecture its converter (convert_hf_to_gguf.py)
-makes of the Hugging Face checkpoint (`ARCHITECTURES`): llama (LLaMA, Mistral), qwen2, gpt2,
-qwen3, gemma2, gemma3, phi3, olmo2, gptneox, falcon, phi2 and smollm3, with the metadata keys
-and tensor names and layouts that llama.cpp's loader reads (src/models/<arch>.cpp).
+makes of the Hugging Face checkpoint (`ARCHITECTURES`): llama (LLaMA, Mistral, Mixtral), qwen2,
+gpt2, qwen3, gemma2, gemma3, phi3, olmo2, gptneox, falcon, phi2, smollm3, qwen2moe and olmoe,
+with the metadata keys and tensor names and layouts that llama.cpp's loader reads
+(src/models/<arch>.cpp).
 
 Tensors are named per block (`blk.{i}.attn_q.weight`, ...). Where our model fuses q, k and v
 (or the gate and up projections) llama.cpp keeps them apart, except in the architectures whose
@@ -31,9 +32,26 @@ it attends to every earlier token. The GGUF gptneox and falcon architectures rec
 activation (llama.cpp computes the tanh GELU): they are read back with the exact GELU of their
 Hugging Face checkpoints.
 
+Mixtures of experts are written as llama.cpp's converter writes them: Mixtral as `llama` (q/k
+rows permuted as for LLaMA), Qwen2-MoE as `qwen2moe`, OLMoE as `olmoe`, with `expert_count` and
+`expert_used_count`. Each layer's router is `ffn_gate_inp` (E, D), always F32 as llama.cpp keeps
+it; the experts are stacked 3-D tensors `ffn_gate_exps` and `ffn_up_exps` (E, f, D) and
+`ffn_down_exps` (E, D, f), ggml's {D, f, E} and {f, D, E}, block-quantized row by row like any
+matrix. Qwen2-MoE's shared expert is `ffn_gate_shexp` / `ffn_up_shexp` / `ffn_down_shexp` with its
+sigmoid gate `ffn_gate_inp_shexp` (1, D) (F32 too), and its widths travel as
+`expert_feed_forward_length` and `expert_shared_feed_forward_length`; Mixtral's and OLMoE's
+experts are `feed_forward_length` wide. llama.cpp hard-codes the routing of these three
+architectures (src/models/llama.cpp, qwen2moe.cpp, olmoe.cpp: softmax over all experts, then the
+top k, renormalised over them in llama, not in qwen2moe and olmoe), reads no
+`expert_weights_norm` or `expert_gating_func` for them (its converter writes neither), and puts
+experts in every layer; so a model must have norm_topk_prob=True (Mixtral) or False (the others)
+and moe_every=1 to be written (`MOE_SWITCHES`). OLMoE's k norm is n_embd wide in llama.cpp
+(n_kv_head == n_head). llama.cpp's llama architecture ignores a sliding window, so a Mixtral
+window, like Mistral's, is recorded (`llama.attention.sliding_window`) but not applied by it.
+
 On reading, the metadata must describe the tensors: a missing tensor, a tensor of another
 shape and one the model has no place for (a block past `block_count`, say) are each a one-line
-`CheckpointError`.
+`CheckpointError`, as is an `expert_count` the expert tensors do not hold.
 
 Norm weights are written as F32 and every matrix in the requested type (F32, F16, BF16 or a
 ggml block format). A matrix whose rows do not fill whole blocks falls back as llama.cpp's
@@ -60,9 +78,11 @@ from ..tokenizer import Tokenizer
 # our family -> llama.cpp architecture (the one convert_hf_to_gguf.py writes for its checkpoints)
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gpt2": "gpt2", "qwen3": "qwen3",
                  "gemma2": "gemma2", "gemma3_text": "gemma3", "phi3": "phi3", "olmo2": "olmo2", "gpt_neox": "gptneox",
-                 "falcon": "falcon", "phi": "phi2", "smollm3": "smollm3"}
-# llama.cpp architecture -> our family (a llama file with a sliding window is Mistral's)
-FAMILIES = {arch: family for family, arch in ARCHITECTURES.items() if family != "mistral"}
+                 "falcon": "falcon", "phi": "phi2", "smollm3": "smollm3", "mixtral": "llama",
+                 "qwen2_moe": "qwen2moe", "olmoe": "olmoe"}
+# llama.cpp architecture -> our family (a llama file with a sliding window is Mistral's, one
+# with experts Mixtral's)
+FAMILIES = {arch: family for family, arch in ARCHITECTURES.items() if family not in ("mistral", "mixtral")}
 # The types we write: those our block quantizers produce (Q2_K and Q3_K are read, not written).
 FILE_TYPES = {t.name.lower(): t for t in (GGMLType.F32, GGMLType.F16, GGMLType.BF16, GGMLType.Q8_0, GGMLType.Q4_0,
                                           GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q4_K,
@@ -97,7 +117,21 @@ ARCH_SWITCHES: dict[str, dict[str, tuple]] = {
                    rotary_dim=(None,)),
     "phi2": dict(_LAYERNORM, mlp=("gelu",), bias=(True,), parallel=("shared-norm",), head_bias=(True,),
                  tie_embeddings=(False,)),
+    # qwen2moe and olmoe load no window and require an output tensor (src/models/<arch>.cpp)
+    "qwen2moe": dict(_RMS_PRE, sliding_window=(None,), tie_embeddings=(False,)),
+    "olmoe": dict(_RMS_PRE, qk_norm=("all",), sliding_window=(None,), tie_embeddings=(False,)),
 }
+# The routing llama.cpp's graph hard-codes for each architecture with experts (build_moe_ffn's
+# norm_w, experts in every layer, a shared expert or none), as the values a model with experts
+# needs to be written in it; the first is what a file of it is read as.
+MOE_SWITCHES: dict[str, dict[str, tuple]] = {
+    "llama": dict(norm_topk_prob=(True,), moe_every=(1,), shared_expert_size=(None,)),
+    "qwen2moe": dict(norm_topk_prob=(False,), moe_every=(1,)),
+    "olmoe": dict(norm_topk_prob=(False,), moe_every=(1,), shared_expert_size=(None,)),
+}
+MOE_ARCHS = ("qwen2moe", "olmoe")  # architectures that must have experts
+# Tensors llama.cpp keeps in F32 whatever the file type (its converter and llama-quant.cpp)
+F32_TENSORS = (".ffn_gate_inp.", ".ffn_gate_inp_shexp.")
 # llama.cpp's default window pattern (load_swa_pattern): every n-th layer global.
 SWA_PATTERN = {"gemma2": 2, "gemma3": 6}
 SMOLLM3_NOPE_EVERY = 4  # llama.cpp hard-codes n_no_rope_layer_step (src/models/smollm3.cpp)
@@ -126,12 +160,23 @@ _BLOCK_NAMES: dict[str, str | tuple[str, ...]] = {
     "attn_norm": "attn_norm", "mlp_norm": "ffn_norm", "attn_post_norm": "post_attention_norm",
     "mlp_post_norm": "post_ffw_norm", "attn.q_norm": "attn_q_norm", "attn.k_norm": "attn_k_norm",
     "attn.qkv_proj": ("attn_q", "attn_k", "attn_v"), "attn.o_proj": "attn_output",
-    "mlp.gate_up_proj": ("ffn_gate", "ffn_up"), "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    "mlp.gate_up_proj": ("ffn_gate", "ffn_up"), "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+    "mlp.router": "ffn_gate_inp", "mlp.shared.gate_up_proj": ("ffn_gate_shexp", "ffn_up_shexp"),
+    "mlp.shared.down_proj": "ffn_down_shexp", "mlp.shared_gate": "ffn_gate_inp_shexp"}
+# model.MoE's stacked experts (parameters of the mlp module itself, no `.weight`)
+_EXPERT_NAMES = {"gate_up_proj": ("ffn_gate_exps", "ffn_up_exps"), "down_proj": ("ffn_down_exps",)}
+
+
+def _is_experts(ours: str) -> bool:
+    return ours.startswith("layers.") and ours.endswith((".mlp.gate_up_proj", ".mlp.down_proj"))
 
 
 def gguf_names(config: Config, ours: str) -> tuple[str, ...]:
     """llama.cpp's name(s) for one of our tensors: one, or the parts our fused matrix splits into."""
     arch = ARCHITECTURES[config.family]
+    if _is_experts(ours):
+        i, kind = ours.split(".")[1], ours.rsplit(".", 1)[1]
+        return tuple(f"blk.{i}.{name}.weight" for name in _EXPERT_NAMES[kind])
     module, kind = ours.rsplit(".", 1)
     if not module.startswith("layers."):
         return (f"{_GLOBAL_NAMES[module]}.{kind}",)
@@ -149,7 +194,16 @@ def gguf_names(config: Config, ours: str) -> tuple[str, ...]:
 def _split_sizes(config: Config, ours: str) -> list[int]:
     if ".qkv_proj." in ours:
         return [config.n_head * config.head_dim] + [config.n_kv_head * config.head_dim] * 2
+    if ".shared." in ours:
+        return [config.shared_expert_size] * 2
+    if _is_experts(ours):  # each expert's gate rows, then its up rows
+        return [config.moe_intermediate_size or config.intermediate_size] * 2
     return [config.intermediate_size] * 2
+
+
+def _split_dim(ours: str) -> int:
+    """The dimension our fused tensor splits along: the rows, or each expert's rows (dim 1)."""
+    return 1 if _is_experts(ours) else 0
 
 
 def _interleaved_rope(config: Config) -> bool:
@@ -242,6 +296,9 @@ def config_from_gguf(meta: dict, tensor_shapes: dict[str, tuple[int, ...]], path
     else:
         switches = _rope_switches(arch, meta, head_dim, path)
         switches.update(_arch_switches(arch, meta, tensor_shapes, common, path))
+        switches.update(_moe_switches(arch, meta, tensor_shapes, common, path))
+        if switches.get("n_experts") and arch == "llama":
+            switches["family"] = "mixtral"
         eps_key = "attention.layer_norm_epsilon" if arch in LAYERNORM_ARCHS else "attention.layer_norm_rms_epsilon"
         switches["norm_eps"] = _float(need(eps_key))
     try:
@@ -308,6 +365,40 @@ def _arch_switches(arch: str, meta: dict, shapes: dict, common: dict, path: Path
     return out
 
 
+def _moe_switches(arch: str, meta: dict, shapes: dict, common: dict, path: Path) -> dict:
+    """The expert switches of a file (none without `expert_count`), after checking that its
+    expert tensors hold that many experts."""
+    count, used = meta.get(f"{arch}.expert_count"), meta.get(f"{arch}.expert_used_count")
+    if any(isinstance(v, (list, tuple, np.ndarray)) for v in (count, used)):
+        raise CheckpointError(f"{path}: per-layer expert counts are not supported")
+    routers = [f"blk.{i}.ffn_gate_inp.weight" for i in range(common["n_layer"])]
+    if not count:
+        said = f"lacks {arch}.expert_count" if count is None else f"has {arch}.expert_count = 0"
+        if arch in MOE_ARCHS:
+            raise CheckpointError(f"{path}: GGUF metadata {said} (llama.cpp's {arch} needs experts)")
+        stray = next((name for name in routers if name in shapes), None)
+        if stray is not None:
+            raise CheckpointError(f"{path}: {stray} is an expert router, but the metadata {said}")
+        return {}
+    if not used:
+        said = f"lacks {arch}.expert_used_count" if used is None else f"has {arch}.expert_used_count = 0"
+        raise CheckpointError(f"{path}: GGUF metadata {said} ({arch}.expert_count is {count})")
+    count, used = int(count), int(used)
+    for i in range(common["n_layer"]):
+        for kind in ("ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"):
+            shape = shapes.get(f"blk.{i}.{kind}.weight")
+            if shape is not None and shape[0] != count:
+                raise CheckpointError(f"{path}: {arch}.expert_count is {count}, but blk.{i}.{kind}.weight holds "
+                                      f"{shape[0]} experts (shape {tuple(shape)})")
+    out = {name: values[0] for name, values in MOE_SWITCHES[arch].items()}
+    out.update(n_experts=count, experts_per_token=used)
+    if arch == "qwen2moe":  # llama.cpp's defaults: n_ff / n_expert_used experts, an n_ff shared expert
+        ff = common["intermediate_size"]
+        out["moe_intermediate_size"] = int(meta.get(f"{arch}.expert_feed_forward_length", ff // used))
+        out["shared_expert_size"] = int(meta.get(f"{arch}.expert_shared_feed_forward_length", ff))
+    return out
+
+
 def load_gguf(path: str | Path, *, dtype: torch.dtype | None = None) -> tuple[Transformer, Config, Tokenizer]:
     """A GGUF model file -> (model, config, tokenizer). Every tensor is dequantized to float
     and cast to `dtype` (default: float32 for quantized files, else the file's float type)."""
@@ -315,8 +406,9 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype | None = None) -> tuple[Tr
     f = read_gguf(path)
     shapes = {name: info.torch_shape for name, info in f.tensors.items()}
     config = config_from_gguf(f.metadata, shapes, path)
-    if dtype is None:
-        kinds = {info.type for info in f.tensors.values() if len(info.shape) == 2}
+    if dtype is None:  # the matrices' type (routers are F32 in any file)
+        kinds = {info.type for name, info in f.tensors.items()
+                 if len(info.shape) >= 2 and not any(part in name for part in F32_TENSORS)}
         dtype = {GGMLType.F16: torch.float16, GGMLType.BF16: torch.bfloat16}.get(kinds.pop(), torch.float32) \
             if len(kinds) == 1 else torch.float32
 
@@ -341,23 +433,31 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype | None = None) -> tuple[Tr
     H, K = config.n_head, config.n_kv_head
     state = {}
     for ours, tensor in expected.items():
-        names, rest = gguf_names(config, ours), tuple(tensor.shape[1:])
+        names = gguf_names(config, ours)
         if len(names) == 1:
             used.add(names[0])
-            state[ours] = get(names[0], tensor.shape)
+            if ours.endswith(".shared_gate.weight") and names[0] in f.tensors \
+                    and tuple(f.tensors[names[0]].torch_shape) == tuple(tensor.shape[1:]):
+                state[ours] = get(names[0], tensor.shape[1:])[None]  # a 1-D gate, llama.cpp's {n_embd}
+            else:
+                state[ours] = get(names[0], tensor.shape)
             continue
-        sizes = _split_sizes(config, ours)
+        sizes, dim = _split_sizes(config, ours), _split_dim(ours)
+
+        def part(size: int) -> tuple[int, ...]:
+            return (*tensor.shape[:dim], size, *tensor.shape[dim + 1:])
+
         fused = names[0].replace(".attn_q.", ".attn_qkv.")
         if len(names) == 3 and names[0] not in f.tensors and fused in f.tensors:
             # one attn_qkv where the converter now writes three (older Phi-2 files): llama.cpp reads either
             used.add(fused)
-            parts = list(get(fused, (sum(sizes), *rest)).split(sizes))
+            parts = list(get(fused, part(sum(sizes))).split(sizes))
         else:
             used.update(names)
-            parts = [get(name, (size, *rest)) for name, size in zip(names, sizes)]
+            parts = [get(name, part(size)) for name, size in zip(names, sizes)]
         if _interleaved_rope(config) and ".qkv_proj." in ours:
             parts[0], parts[1] = from_interleaved(parts[0], H), from_interleaved(parts[1], K)
-        state[ours] = torch.cat(parts)
+        state[ours] = torch.cat(parts, dim=dim)
     extra = [name for name in f.tensors if name not in used]
     if extra:
         raise CheckpointError(f"{path}: tensor {extra[0]} has no place in the {ARCHITECTURES[config.family]} model "
@@ -374,15 +474,17 @@ def check_gguf_representable(config: Config) -> None:
     if config.family not in ARCHITECTURES:
         raise InvalidArgument(f"no GGUF architecture for family {config.family!r}")
     arch = ARCHITECTURES[config.family]
+    where = f"llama.cpp's {arch} architecture"
+    _check_experts_representable(config, arch, where)
     if arch not in ARCH_SWITCHES:
         return
-    where = f"llama.cpp's {arch} architecture"
     for name, allowed in ARCH_SWITCHES[arch].items():
         value = getattr(config, name)
         if value not in allowed:
             wanted = " or ".join(repr(v) for v in allowed)
             raise ConfigError(f"{where} cannot represent {name}={value!r} (it has {name}={wanted})")
-    if arch in ("phi3", "olmo2", "gptneox", "falcon", "phi2") and config.n_head * config.head_dim != config.n_embd:
+    if arch in ("phi3", "olmo2", "gptneox", "falcon", "phi2", "qwen2moe", "olmoe") \
+            and config.n_head * config.head_dim != config.n_embd:
         raise ConfigError(f"{where} needs n_head * head_dim == n_embd, got head_dim={config.head_dim}")
     if arch in ("gemma2", "gemma3"):
         theirs = gemma_attention_scale(arch, config.n_layer, config.n_embd, config.n_head, config.head_dim)
@@ -398,6 +500,29 @@ def check_gguf_representable(config: Config) -> None:
         if [config.layer_rope(i) is None for i in range(config.n_layer)] != theirs:
             raise ConfigError(f"{where} drops RoPE in every {SMOLLM3_NOPE_EVERY}th layer (hard-coded); "
                               f"nope_every={config.nope_every!r} differs")
+
+
+def _check_experts_representable(config: Config, arch: str, where: str) -> None:
+    """The expert switches llama.cpp's graph fixes (MOE_SWITCHES), as one-line ConfigErrors."""
+    if not config.n_experts:
+        if arch in MOE_ARCHS:
+            raise ConfigError(f"{where} needs experts (n_expert > 0); n_experts=0 cannot be written")
+        return
+    if arch not in MOE_SWITCHES:
+        raise ConfigError(f"{where} has no experts; n_experts={config.n_experts} cannot be written")
+    for name, allowed in MOE_SWITCHES[arch].items():
+        value = getattr(config, name)
+        if value not in allowed:
+            wanted = " or ".join(repr(v) for v in allowed)
+            raise ConfigError(f"{where} cannot represent {name}={value!r} (its experts have {name}={wanted})")
+    if arch == "qwen2moe" and not config.shared_expert_size:
+        raise ConfigError(f"{where} always runs a shared expert; shared_expert_size=None cannot be written")
+    if arch == "olmoe" and config.n_kv_head != config.n_head:
+        raise ConfigError(f"{where} normalises k over n_embd (attn_k_norm), so it needs n_kv_head == n_head, "
+                          f"got n_kv_head={config.n_kv_head}")
+    if arch != "qwen2moe" and config.moe_intermediate_size not in (None, config.intermediate_size):
+        raise ConfigError(f"{where} has one MLP width (feed_forward_length) for its experts; moe_intermediate_size="
+                          f"{config.moe_intermediate_size} differs from intermediate_size={config.intermediate_size}")
 
 
 def _matrix_type(requested: GGMLType, shape: tuple[int, ...]) -> GGMLType:
@@ -434,7 +559,7 @@ def gguf_tensors(model: Transformer, file_type: str) -> list[tuple[str, GGMLType
         if len(names) == 1:
             named.append((names[0], tensor))
             continue
-        parts = list(tensor.split(_split_sizes(config, ours)))
+        parts = list(tensor.split(_split_sizes(config, ours), dim=_split_dim(ours)))
         if _interleaved_rope(config) and ".qkv_proj." in ours:
             parts[0], parts[1] = to_interleaved(parts[0], H), to_interleaved(parts[1], K)
         named += zip(names, parts)
@@ -443,8 +568,9 @@ def gguf_tensors(model: Transformer, file_type: str) -> list[tuple[str, GGMLType
         named.append(("rope_freqs.weight", (base / rope_inv_freq(config)).float()))
     out = []
     for name, tensor in named:
-        qtype = _matrix_type(requested, tuple(tensor.shape)) if tensor.dim() == 2 else GGMLType.F32
-        if name == "rope_freqs.weight":
+        # matrices and stacked experts (3-D: blocks along each expert's rows) in the requested type
+        qtype = _matrix_type(requested, tuple(tensor.shape)) if tensor.dim() >= 2 else GGMLType.F32
+        if name == "rope_freqs.weight" or any(part in name for part in F32_TENSORS):
             qtype = GGMLType.F32
         out.append((name, qtype, tuple(tensor.shape), _encode(tensor, qtype)))
     return out
@@ -492,7 +618,19 @@ def gguf_metadata(config: Config, tokenizer: Tokenizer, file_type: str) -> dict:
         meta[f"{arch}.tensor_data_layout"] = "jploski"  # q, k, v regrouped as [q; k; v]
     if arch == "smollm3":
         meta[f"{arch}.vocab_size"] = config.vocab_size
+    if config.n_experts:
+        meta.update(_expert_metadata(config, arch))
     meta.update(tokenizer_to_gguf_metadata(tokenizer, config))
+    return meta
+
+
+def _expert_metadata(config: Config, arch: str) -> dict:
+    """The expert keys the converter writes: counts, and Qwen2-MoE's expert and shared widths
+    (Mixtral's and OLMoE's experts are feed_forward_length wide)."""
+    meta: dict = {f"{arch}.expert_count": config.n_experts, f"{arch}.expert_used_count": config.experts_per_token}
+    if arch == "qwen2moe":
+        meta[f"{arch}.expert_feed_forward_length"] = config.moe_intermediate_size or config.intermediate_size
+        meta[f"{arch}.expert_shared_feed_forward_length"] = config.shared_expert_size
     return meta
 
 
