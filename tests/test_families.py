@@ -9,7 +9,6 @@ counts equal transformers' on the published configs."""
 from __future__ import annotations
 
 import json
-import re
 
 import pytest
 import torch
@@ -275,17 +274,15 @@ def test_peft_lora_adapters_both_ways(family_model, tmp_path):
 
 
 # --------------------------------------------------------------------------------- decode
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_native_step_runs_every_family_as_the_eager_forward(family_model, dtype):
-    """decode.cpp follows every switch: 40 tokens one by one after a prefill of 5 (the windows of
-    8 slide), and five rows of 1 to 30 tokens decoded together over blocks of 5 slots, with
-    test_kernels.py's bounds (fp32: rounding; bf16: as accurate as the eager bf16 forward)."""
+def assert_native_runs_as_eager(folder, dtype) -> None:
+    """40 tokens one by one after a prefill of 5 (windows of 8 slide), and five rows of 1 to 30
+    tokens decoded together over blocks of 5 slots: the native step against the eager forward,
+    with test_kernels.py's bounds (fp32: rounding; bf16: as accurate as the eager bf16 forward)."""
     from emergence.decode import make_backend
     from emergence.kv_cache import PagedKVCache
 
     from test_kernels import EXT, NATIVE, _batched, _steps, assert_native_close, fp32_twin
 
-    _, _, folder = family_model
     model, config = load_hf(folder, dtype=dtype)
     if EXT is not None:
         assert make_backend(model, PagedKVCache(config, 4, dtype=dtype), "auto").name == "native"
@@ -299,3 +296,9 @@ def test_the_native_step_runs_every_family_as_the_eager_forward(family_model, dt
     steps = torch.randint(3, VOCAB, (5, 12))
     assert_native_close(_batched(model, NATIVE, prompts, steps, 5)[0], _batched(model, "eager", prompts, steps, 5)[0],
                         (lambda: _batched(twin, "eager", prompts, steps, 5)[0]) if bf16 else None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_native_step_runs_every_family_as_the_eager_forward(family_model, dtype):
+    """decode.cpp follows every switch (assert_native_runs_as_eager)."""
+    assert_native_runs_as_eager(family_model[2], dtype)

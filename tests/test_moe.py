@@ -21,7 +21,7 @@ from emergence.weights.hf import load_hf, save_hf
 from emergence.weights.hf_config import config_from_hf
 
 from conftest import VOCAB, word_level_tokenizer  # noqa: E402
-from test_families import hf_greedy  # noqa: E402
+from test_families import assert_native_runs_as_eager, hf_greedy  # noqa: E402
 
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.2, bos_token_id=1,
@@ -267,27 +267,9 @@ def test_quantizing_a_mixture_of_experts_is_refused_in_one_line(moe_model, capsy
 # --------------------------------------------------------------------------------- decode
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_native_step_runs_the_experts_as_the_eager_forward(moe_model, dtype):
-    """decode.cpp routes each row to its experts and reads only theirs: 40 tokens one by one
-    after a prefill of 5, and five rows decoded together, within test_kernels.py's bounds."""
-    from emergence.decode import make_backend
-    from emergence.kv_cache import PagedKVCache
-
-    from test_kernels import EXT, NATIVE, _batched, _steps, assert_native_close, fp32_twin
-
-    _, _, folder = moe_model
-    model, config = load_hf(folder, dtype=dtype)
-    if EXT is not None:
-        assert make_backend(model, PagedKVCache(config, 4, dtype=dtype), "auto").name == "native"
-    bf16 = dtype == torch.bfloat16
-    twin = fp32_twin(model) if bf16 else None
-    torch.manual_seed(5)
-    ids = torch.randint(3, VOCAB, (40,)).tolist()
-    assert_native_close(_steps(model, NATIVE, ids, 5)[0], _steps(model, "eager", ids, 5)[0],
-                        (lambda: _steps(twin, "eager", ids, 5)[0]) if bf16 else None)
-    prompts = [torch.randint(3, VOCAB, (n,)).tolist() for n in (30, 1, 17, 4, 30)]
-    steps = torch.randint(3, VOCAB, (5, 12))
-    assert_native_close(_batched(model, NATIVE, prompts, steps, 5)[0], _batched(model, "eager", prompts, steps, 5)[0],
-                        (lambda: _batched(twin, "eager", prompts, steps, 5)[0]) if bf16 else None)
+    """decode.cpp routes each row to its experts and reads only theirs: the native step against
+    the eager forward, one row and five (test_families.assert_native_runs_as_eager)."""
+    assert_native_runs_as_eager(moe_model[2], dtype)
 
 
 def test_ddp_trains_a_mixture_of_experts_as_one_process(tmp_path):
