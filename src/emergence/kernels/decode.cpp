@@ -24,8 +24,9 @@
 // head or over all heads; RoPE on all or the first rotary_dim dimensions of a head, from the
 // global or the local table, or none (per layer); a window per layer; scaled and soft-capped
 // attention scores; SwiGLU, GeGLU, tanh or erf GELU; embeddings scaled by sqrt(D); a head bias
-// and soft-capped logits. A mixture-of-experts layer routes each row to its top-k experts and
-// reads only their weights (plus a shared expert's, Qwen2-MoE).
+// and soft-capped logits. A mixture-of-experts layer routes each row to its top-k experts, groups
+// the rows by expert and reads only the chosen experts' weights, once per call (plus a shared
+// expert's, Qwen2-MoE).
 //
 // Numerics follow the model's eager forward pass (model.py): an fp32 model computes in fp32;
 // a bf16 model keeps its activations in bf16, rounding after the same operations eager bf16
@@ -329,7 +330,7 @@ class DecodePlan {
   // tmp_ (B, D) = the MLP of in (B, D): up (or gate and up), the activation, down.
   void mlp(const Layer& L, const float* in, int64_t B) {
     if (!L.expert_up.empty()) {
-      for (int64_t b = 0; b < B; ++b) experts(L, in + b * D_, tmp_.data() + b * D_);
+      experts(L, in, B, tmp_.data());
       return;
     }
     const int64_t hidden = gated_ ? 2 * F_ : F_;
@@ -358,42 +359,58 @@ class DecodePlan {
     linear(L.down, act_.data(), B, tmp_.data());
   }
 
-  // out (D,) = the mixture of experts of one row x (D,), as model.MoE computes it: softmax of the
-  // router's logits in fp32, the top k (renormalised with norm_topk), each chosen expert's gated
-  // MLP times its weight (in the model's dtype) summed in expert order; plus the shared expert
-  // times sigmoid(shared_gate(x)). Only the chosen experts' weights are read.
-  void experts(const Layer& L, const float* x, float* out) {
-    const int64_t E = n_experts_, Fe = L.expert_width;
-    moe_logits_.resize(E), moe_h_.resize(2 * std::max(Fe, L.shared_width)), moe_a_.resize(std::max(Fe, L.shared_width));
-    moe_out_.resize(D_);
-    linear_row(L.router, x, moe_logits_.data());
-    float top = -INFINITY, total = 0;
-    for (int64_t e = 0; e < E; ++e) top = std::max(top, moe_logits_[e]);
+  // out (B, D) = the mixture of experts of the rows x (B, D), as model.MoE computes it: for each
+  // row the softmax of the router's logits in fp32 and its top k (renormalised with norm_topk);
+  // then expert by expert, the rows routed to it gathered and run through its gated MLP as one
+  // product (its weights read once for all of them, and only the chosen experts' at all), each
+  // result times the row's weight (in the model's dtype) added in expert order, as the eager sum
+  // runs; plus the shared expert times sigmoid(shared_gate(x)) over all rows.
+  void experts(const Layer& L, const float* x, int64_t B, float* out) {
+    const int64_t E = n_experts_, Fe = L.expert_width, width = std::max(Fe, L.shared_width);
+    moe_logits_.resize(B * E), moe_x_.resize(B * D_), moe_h_.resize(B * 2 * width), moe_a_.resize(B * width);
+    moe_out_.resize(B * D_);
+    linear(L.router, x, B, moe_logits_.data());
+    std::vector<std::vector<std::pair<int64_t, float>>> routed(E);  // expert -> (row, weight)
     std::vector<std::pair<float, int64_t>> probs(E);
-    for (int64_t e = 0; e < E; ++e) total += (probs[e].first = std::exp(moe_logits_[e] - top)), probs[e].second = e;
-    for (auto& p : probs) p.first /= total;
-    std::partial_sort(probs.begin(), probs.begin() + top_k_, probs.end(),
-                      [](const auto& a, const auto& b) { return a.first > b.first || (a.first == b.first && a.second < b.second); });
-    std::vector<std::pair<int64_t, float>> chosen;  // (expert, weight), in expert order as the eager sum runs
-    float sum = 0;
-    for (int64_t j = 0; j < top_k_; ++j) sum += probs[j].first;
-    for (int64_t j = 0; j < top_k_; ++j) chosen.emplace_back(probs[j].second, r(norm_topk_ ? probs[j].first / sum : probs[j].first));
-    std::sort(chosen.begin(), chosen.end());
-    std::fill(out, out + D_, 0.0f);
-    for (const auto& [e, weight] : chosen) {
-      linear_row(L.expert_up[e], x, moe_h_.data());
-      activate(moe_h_.data(), moe_a_.data(), Fe);
-      linear_row(L.expert_down[e], moe_a_.data(), moe_out_.data());
-      for (int64_t i = 0; i < D_; ++i) out[i] = r(out[i] + r(moe_out_[i] * weight));
+    for (int64_t b = 0; b < B; ++b) {
+      const float* logits = moe_logits_.data() + b * E;
+      float top = -INFINITY, total = 0, sum = 0;
+      for (int64_t e = 0; e < E; ++e) top = std::max(top, logits[e]);
+      for (int64_t e = 0; e < E; ++e) total += (probs[e].first = std::exp(logits[e] - top)), probs[e].second = e;
+      for (auto& q : probs) q.first /= total;
+      std::partial_sort(probs.begin(), probs.begin() + top_k_, probs.end(), [](const auto& u, const auto& v) {
+        return u.first > v.first || (u.first == v.first && u.second < v.second);
+      });
+      for (int64_t j = 0; j < top_k_; ++j) sum += probs[j].first;
+      for (int64_t j = 0; j < top_k_; ++j)
+        routed[probs[j].second].emplace_back(b, r(norm_topk_ ? probs[j].first / sum : probs[j].first));
+    }
+    std::fill(out, out + B * D_, 0.0f);
+    for (int64_t e = 0; e < E; ++e) {
+      const auto& rows = routed[e];
+      const int64_t n = static_cast<int64_t>(rows.size());
+      if (n == 0) continue;
+      for (int64_t j = 0; j < n; ++j) std::copy_n(x + rows[j].first * D_, D_, moe_x_.data() + j * D_);
+      linear(L.expert_up[e], moe_x_.data(), n, moe_h_.data());
+      for (int64_t j = 0; j < n; ++j) activate(moe_h_.data() + j * 2 * Fe, moe_a_.data() + j * Fe, Fe);
+      linear(L.expert_down[e], moe_a_.data(), n, moe_out_.data());
+      for (int64_t j = 0; j < n; ++j) {
+        float* o = out + rows[j].first * D_;
+        const float* y = moe_out_.data() + j * D_;
+        for (int64_t i = 0; i < D_; ++i) o[i] = r(o[i] + r(y[i] * rows[j].second));
+      }
     }
     if (L.shared_width > 0) {
-      float gate = 0;
-      linear_row(L.shared_gate, x, &gate);
-      gate = r(1.0f / (1.0f + std::exp(-gate)));
-      linear_row(L.shared_up, x, moe_h_.data());
-      activate(moe_h_.data(), moe_a_.data(), L.shared_width);
-      linear_row(L.shared_down, moe_a_.data(), moe_out_.data());
-      for (int64_t i = 0; i < D_; ++i) out[i] = r(out[i] + r(gate * moe_out_[i]));
+      const int64_t Fs = L.shared_width;
+      std::vector<float> gates(B);
+      linear(L.shared_gate, x, B, gates.data());
+      linear(L.shared_up, x, B, moe_h_.data());
+      for (int64_t b = 0; b < B; ++b) activate(moe_h_.data() + b * 2 * Fs, moe_a_.data() + b * Fs, Fs);
+      linear(L.shared_down, moe_a_.data(), B, moe_out_.data());
+      for (int64_t b = 0; b < B; ++b) {
+        const float gate = r(1.0f / (1.0f + std::exp(-gates[b])));
+        for (int64_t i = 0; i < D_; ++i) out[b * D_ + i] = r(out[b * D_ + i] + r(gate * moe_out_[b * D_ + i]));
+      }
     }
   }
 
@@ -699,7 +716,7 @@ class DecodePlan {
   // activated vectors, logits, each row's RoPE cos and sin (global, then local); act_q_ a
   // quantized GEMV input, xb_ a bf16 copy of one, head_tmp_ a normed head.
   Buffer<float> x_, xn_, tmp_, par_, qkv_, attn_, hidden_, act_, logits_, cos_, sin_, act_q_, head_tmp_;
-  Buffer<float> moe_logits_, moe_h_, moe_a_, moe_out_;  // one row through the experts
+  Buffer<float> moe_logits_, moe_x_, moe_h_, moe_a_, moe_out_;  // the rows through the experts
   Buffer<at::BFloat16> xb_;
   std::vector<Row> rows_;  // the rows of the call being run
   const std::vector<std::vector<int64_t>>* tables_ = nullptr;  // their sequences' block tables
