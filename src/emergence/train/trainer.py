@@ -467,7 +467,7 @@ def run_loop(run, tc: TrainConfig, env: _Dist, device: torch.device) -> TrainRes
 
     train_model.train()
     experts = moe.moe_layers(model)  # the MoE layers, whose routers add auxiliary losses
-    moe_metrics: dict[str, float] = {}
+    moe_losses = None  # the last micro-batch's auxiliary losses (2,), on the device
     while step < tc.max_steps:
         lr = learning_rate(step, schedule=tc.schedule, lr=tc.lr, min_lr=tc.min_lr, warmup_steps=tc.warmup_steps,
                            max_steps=tc.max_steps, decay_fraction=tc.decay_fraction)
@@ -486,7 +486,7 @@ def run_loop(run, tc: TrainConfig, env: _Dist, device: torch.device) -> TrainRes
                     loss = loss / tc.grad_accum
                 total = loss
                 if experts:  # the routers' auxiliary losses train with it; the logged loss stays the LM's
-                    aux, moe_metrics = moe.auxiliary_loss(experts, tc.router_aux_loss_coef, tc.router_z_loss_coef)
+                    aux, moe_losses = moe.auxiliary_loss(experts, tc.router_aux_loss_coef, tc.router_z_loss_coef)
                     total = loss + aux / tc.grad_accum
             total.backward()
             step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
@@ -508,7 +508,7 @@ def run_loop(run, tc: TrainConfig, env: _Dist, device: torch.device) -> TrainRes
             continue
         rows = flush()
         if experts:  # the last micro-batch's routing: its auxiliary losses and each layer's expert shares
-            rows[-1].update(moe_metrics, **moe.utilisation(experts))
+            rows[-1].update(moe.metrics(experts, moe_losses))
         if evaluate_now:
             val_loss = evaluate(train_model, compute_loss, batches, env, device, autocast)
             rows[-1]["val_loss"], rows[-1]["val_ppl"] = val_loss, math.exp(min(val_loss, 50))
