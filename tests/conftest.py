@@ -55,10 +55,16 @@ _CACHE: dict[str, tuple] = {}
 
 def make_hf_model(family: str, folder: Path):
     """A tiny random transformers model of `family`, saved to `folder`; returns the HF model."""
+    return save_random_hf(tiny_hf_configs()[family], {"gpt2": 1, "llama": 2, "mistral": 3, "qwen2": 4}[family], folder)
+
+
+def save_random_hf(config, seed: int, folder: Path):
+    """A random transformers model of `config` (seeded), saved to `folder` with the word-level
+    tokenizer; returns the model."""
     import transformers as tf
 
-    torch.manual_seed({"gpt2": 1, "llama": 2, "mistral": 3, "qwen2": 4}[family])
-    model = tf.AutoModelForCausalLM.from_config(tiny_hf_configs()[family]).eval()
+    torch.manual_seed(seed)
+    model = tf.AutoModelForCausalLM.from_config(config).eval()
     model.save_pretrained(folder)
     word_level_tokenizer().save(folder)
     return model

@@ -19,7 +19,7 @@ from emergence.errors import ConfigError, InvalidArgument
 from emergence.weights.hf import load_hf, save_hf
 from emergence.weights.hf_config import config_from_hf
 
-from conftest import VOCAB, word_level_tokenizer  # noqa: E402
+from conftest import VOCAB, save_random_hf  # noqa: E402
 
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
               max_position_embeddings=256, initializer_range=0.2, bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -59,16 +59,10 @@ _CACHE: dict[str, tuple] = {}
 @pytest.fixture(scope="module", params=CASES)
 def family_model(request, tmp_path_factory):
     """(case, transformers model, folder with its checkpoint and a tokenizer)."""
-    import transformers as tf
-
     case = request.param
     if case not in _CACHE:
         folder = tmp_path_factory.mktemp(case)
-        torch.manual_seed(CASES.index(case))
-        hf = tf.AutoModelForCausalLM.from_config(tiny_configs()[case]).eval()
-        hf.save_pretrained(folder)
-        word_level_tokenizer().save(folder)
-        _CACHE[case] = (case, hf, folder)
+        _CACHE[case] = (case, save_random_hf(tiny_configs()[case], CASES.index(case), folder), folder)
     return _CACHE[case]
 
 

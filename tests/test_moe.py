@@ -20,7 +20,7 @@ from emergence.model import MoE, Transformer
 from emergence.weights.hf import load_hf, save_hf
 from emergence.weights.hf_config import config_from_hf
 
-from conftest import VOCAB, word_level_tokenizer  # noqa: E402
+from conftest import VOCAB, save_random_hf  # noqa: E402
 from test_families import assert_native_runs_as_eager, hf_greedy  # noqa: E402
 
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -46,16 +46,11 @@ _CACHE: dict[str, tuple] = {}
 
 @pytest.fixture(scope="module", params=CASES)
 def moe_model(request, tmp_path_factory):
-    import transformers as tf
-
+    """(case, transformers model, folder with its checkpoint and a tokenizer)."""
     case = request.param
     if case not in _CACHE:
         folder = tmp_path_factory.mktemp(case)
-        torch.manual_seed(40 + CASES.index(case))
-        hf = tf.AutoModelForCausalLM.from_config(tiny_configs()[case]).eval()
-        hf.save_pretrained(folder)
-        word_level_tokenizer().save(folder)
-        _CACHE[case] = (case, hf, folder)
+        _CACHE[case] = (case, save_random_hf(tiny_configs()[case], 40 + CASES.index(case), folder), folder)
     return _CACHE[case]
 
 
