@@ -3,13 +3,14 @@
     .venv/bin/python bench/family_parity.py                # measure (about a minute), write both
     .venv/bin/python bench/family_parity.py --report-only  # docs/families.md from the committed JSON
 
-For each tiny random model of tests/test_families.py (every switch of its family active):
+For each tiny random model of tests/test_families.py (every switch of its family active) and
+tests/test_moe.py (the mixtures of experts):
 - transformers: the max |logit difference| over 3 x 40 tokens (fp32), and whether the greedy
   64 tokens after an 8-token prompt are identical (emergence's native decode against
   transformers' own KV-cached loop);
 - the native step against the eager forward: max |logit difference| over 40 tokens decoded one
   by one after a prefill of 5 (fp32);
-and for each model of tests/test_gguf_families.py, llama.cpp (llama-cpp-python) running
+and for each model of tests/test_gguf_families.py and tests/test_gguf_moe.py, llama.cpp (llama-cpp-python) running
 emergence's F32 GGUF export: the max |logit difference| over the 72 positions and whether its
 greedy 64 tokens are emergence's. Where llama.cpp's own vocabulary test vectors are at hand
 (build/llama.cpp-*/models, the source llama-cpp-python was built from), every vector file is
@@ -61,6 +62,9 @@ def measure() -> dict:
     from emergence.weights.gguf_model import save_gguf
     from emergence.weights.hf import load_hf
     from provenance import commit, machine
+    import test_gguf_moe
+    import test_moe
+    from conftest import save_random_hf
     from test_families import CASES, hf_greedy, tiny_configs
     from test_gguf_families import CASES as GGUF_CASES
     from test_gguf_families import PROMPT, TOKENIZER, family_config, our_logits, random_model
@@ -69,11 +73,12 @@ def measure() -> dict:
 
     rows, gguf_rows = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        for case in CASES:
+        # the families' cases, then the mixtures of experts', each seeded as its test seeds it
+        cases = [(case, tiny_configs()[case], i) for i, case in enumerate(CASES)]
+        cases += [(case, test_moe.tiny_configs()[case], 40 + i) for i, case in enumerate(test_moe.CASES)]
+        for case, hf_config, seed in cases:
             folder = Path(tmp) / case
-            torch.manual_seed(CASES.index(case))
-            hf = tf.AutoModelForCausalLM.from_config(tiny_configs()[case]).eval()
-            hf.save_pretrained(folder)
+            hf = save_random_hf(hf_config, seed, folder)
             model, config = load_hf(folder)
             ids = torch.randint(3, config.vocab_size, (3, 40), generator=torch.Generator().manual_seed(0))
             prompt = [1, 17, 42, 5, 88, 23, 9, 61]
@@ -88,8 +93,11 @@ def measure() -> dict:
                              greedy_64_identical=ours == expected, native_backend=NATIVE,
                              native_vs_eager_max_abs_diff=native))
             print(json.dumps(rows[-1]), flush=True)
-        for case, (_, _, arch) in GGUF_CASES.items():
-            model = random_model(family_config(case), seed=list(GGUF_CASES).index(case))
+        exports = [(case, arch, family_config(case), i) for i, (case, (_, _, arch)) in enumerate(GGUF_CASES.items())]
+        exports += [(case, arch, test_gguf_moe.moe_config(case), 20 + i)
+                    for i, (case, (_, arch)) in enumerate(test_gguf_moe.CASES.items())]
+        for case, arch, model_config, seed in exports:
+            model = random_model(model_config, seed=seed)
             path = Path(tmp) / f"{case}.gguf"
             save_gguf(model, TOKENIZER, path, "f32")
             tokens, theirs = llama_cpp_greedy(llama_cpp_model(path, n_ctx=128, n_threads=1), PROMPT, 64)
@@ -147,8 +155,9 @@ def report(results: dict) -> str:
         f"{results['transformers']}, commit {results['commit'][:12]})",
         "",
         "Tiny random models (tests/test_families.py: 2 or 4 layers, Gemma's windows of 8 shorter "
-        "than the 40 tokens, soft-caps small enough to bend the values). The tests bound the "
-        "differences by 1e-4 (transformers) and 1e-5 (native step).",
+        "than the 40 tokens, soft-caps small enough to bend the values; and the mixtures of experts "
+        "of tests/test_moe.py: Mixtral, Qwen2-MoE with a shared expert in every 2nd layer, OLMoE). The tests bound the "
+        "differences by 1e-4 (transformers) and 1e-5 of the largest logit (native step).",
         "",
         "| case | max abs logit diff vs transformers (fp32) | greedy 64 tokens | native step vs eager (fp32) |",
         "| --- | --- | --- | --- |",
@@ -161,7 +170,7 @@ def report(results: dict) -> str:
         "",
         "## llama.cpp running emergence's GGUF exports",
         "",
-        "F32 exports in llama.cpp's architectures (tests/test_gguf_families.py), 8 prompt and 64 "
+        "F32 exports in llama.cpp's architectures (tests/test_gguf_families.py, tests/test_gguf_moe.py), 8 prompt and 64 "
         "generated positions. llama.cpp fixes some switches the files cannot change, so these "
         "models use what it supports: Gemma's query scaling 1/sqrt(head_dim), SmolLM3's RoPE-less "
         "layer every 4th, Falcon without biases, Phi-3 without its window (llama.cpp disables it). "
