@@ -251,14 +251,6 @@ def test_pretraining_a_switch_moe_logs_the_routing_and_balances_it(tmp_path):
     assert result.val_loss < rows[0]["train_loss"] - 0.5  # it learned
 
 
-def test_quantizing_a_mixture_of_experts_is_refused_in_one_line(moe_model, capsys, tmp_path):
-    from conftest import assert_one_line_error, cli_main
-
-    _, _, folder = moe_model
-    code, _, err = cli_main(capsys, "quantize", folder, "--to", "int8", "--out", tmp_path / "q")
-    assert_one_line_error(code, err, "quantizing a mixture of experts is not supported yet")
-
-
 # --------------------------------------------------------------------------------- decode
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_native_step_runs_the_experts_as_the_eager_forward(moe_model, dtype):

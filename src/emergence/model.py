@@ -208,8 +208,8 @@ class MoE(nn.Module):
     chosen k with norm_topk_prob). Tokens are grouped by expert (sorted and gathered), so each
     expert is one matrix product over its tokens: a loop over experts, never over tokens. The
     experts' weights are stacked: gate_up_proj (E, 2f, D) holds each expert's gate then up rows,
-    down_proj (E, D, f). Qwen2-MoE adds a shared expert that every token runs through, scaled by
-    sigmoid(shared_gate(x)).
+    down_proj (E, D, f); quantize_model turns a stack into a ModuleList of E quantized layers.
+    Qwen2-MoE adds a shared expert that every token runs through, scaled by sigmoid(shared_gate(x)).
 
     In training, router_jitter multiplies the input by uniform noise, and a capacity factor keeps
     at most ceil(capacity_factor * N * k / E) of the N tokens' k choices per expert (the first
@@ -266,13 +266,19 @@ class MoE(nn.Module):
         # every expert, even one without tokens: its weights then get a zero gradient rather than
         # none, which data parallelism needs (DDP reduces every parameter's gradient)
         for e, rows in zip(range(self.n_experts), xs.split(counts.tolist())):
-            gate, up = F.linear(rows, self.gate_up_proj[e]).chunk(2, dim=-1)
-            out.append(F.linear(self.act(gate) * up, self.down_proj[e]))
+            gate, up = expert_linear(self.gate_up_proj, e, rows).chunk(2, dim=-1)
+            out.append(expert_linear(self.down_proj, e, self.act(gate) * up))
         y = torch.cat(out) * weights[order, None]
         y = torch.zeros_like(h).index_add_(0, token, y)  # each token: the sum of its experts' outputs
         if self.shared is not None:
             y = y + torch.sigmoid(self.shared_gate(h)) * self.shared(h)
         return y.view(shape)
+
+
+def expert_linear(stack: torch.Tensor | nn.ModuleList, e: int, x: torch.Tensor) -> torch.Tensor:
+    """x (M, K) through expert e's matrix: a stacked (E, N, K) weight, or once quantized
+    (quant/linear.py), a list of E quantized layers."""
+    return F.linear(x, stack[e]) if isinstance(stack, torch.Tensor) else stack[e](x)
 
 
 class Block(nn.Module):

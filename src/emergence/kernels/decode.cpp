@@ -125,7 +125,8 @@ inline float to_float(at::BFloat16 v) { return static_cast<float>(v); }
 
 class DecodePlan {
  public:
-  // dims: n_layer, H, KV, hd, D, F, V, rotary_dim; kinds: rms_norm, Mlp, Placement, Parallel,
+  // dims: n_layer, H, KV, hd, D, F, V, rotary_dim, expert width Fe and
+  // shared expert width Fs (0: none); kinds: rms_norm, Mlp, Placement, Parallel,
   // QkNorm; scalars: eps, attention scale (0: 1/sqrt(hd)), score cap, logit cap, embedding
   // scale (0: none); windows and ropes: one per layer (Layer::window, Layer::rope).
   DecodePlan(std::vector<int64_t> dims, std::vector<int64_t> kinds, std::vector<double> scalars,
@@ -135,9 +136,11 @@ class DecodePlan {
              std::vector<std::vector<at::Tensor>> layers)
       : tok_(tok_embeddings), pos_(pos_embeddings), inv_freq_(rope_inv_freq), local_inv_freq_(local_inv_freq),
         norm_w_(norm_w), norm_b_(norm_b) {
-    TORCH_CHECK(dims.size() == 8, "dims: n_layer, n_head, n_kv_head, head_dim, n_embd, intermediate, vocab, rotary_dim");
+    TORCH_CHECK(dims.size() == 10, "dims: n_layer, n_head, n_kv_head, head_dim, n_embd, intermediate, vocab, "
+                "rotary_dim, expert width, shared expert width");
     n_layer_ = dims[0], H_ = dims[1], KV_ = dims[2], hd_ = dims[3], D_ = dims[4], F_ = dims[5], V_ = dims[6];
     rd_ = dims[7];
+    const int64_t expert_width = dims[8], shared_width = dims[9];
     TORCH_CHECK(kinds.size() == 8 && scalars.size() == 5, "kinds: 8 switches, scalars: 5 values");
     rms_norm_ = kinds[0] != 0, mlp_ = static_cast<int>(kinds[1]), placement_ = static_cast<int>(kinds[2]);
     parallel_ = static_cast<int>(kinds[3]), qk_norm_ = static_cast<int>(kinds[4]);
@@ -166,16 +169,19 @@ class DecodePlan {
       l.o = make_linear(w[4], w[5], D_, H_ * hd_);
       l.mlp_norm_w = w[6], l.mlp_norm_b = w[7];
       if (present(w[16])) {  // a mixture of experts: router (E, D), gate_up (E, 2Fe, D), down (E, D, Fe)
-        TORCH_CHECK(n_experts_ > 0 && w[16].size(0) == n_experts_ && w[17].dim() == 3 && w[17].size(0) == n_experts_,
+        // (the stacked weights are empty when the experts are packed: set_quantized fills them)
+        TORCH_CHECK(n_experts_ > 0 && expert_width > 0 && w[16].size(0) == n_experts_, "expert weights missing");
+        TORCH_CHECK(!present(w[17]) || (w[17].dim() == 3 && w[17].size(0) == n_experts_ && w[18].dim() == 3),
                     "expert weights of unexpected shape");
-        l.expert_width = w[17].size(1) / 2;
+        l.expert_width = expert_width;
         l.router = make_linear(w[16], at::Tensor(), n_experts_, D_);
         for (int64_t e = 0; e < n_experts_; ++e) {
-          l.expert_up.push_back(make_linear(w[17][e], at::Tensor(), 2 * l.expert_width, D_));
-          l.expert_down.push_back(make_linear(w[18][e], at::Tensor(), D_, l.expert_width));
+          l.expert_up.push_back(make_linear(present(w[17]) ? w[17][e] : w[17], at::Tensor(), 2 * expert_width, D_));
+          l.expert_down.push_back(make_linear(present(w[18]) ? w[18][e] : w[18], at::Tensor(), D_, expert_width));
         }
-        if (present(w[19])) {
-          l.shared_width = w[19].size(0) / 2;
+        if (present(w[19]) || present(w[21])) {  // a shared expert (its gate_up and down may be packed)
+          TORCH_CHECK(present(w[21]) && shared_width > 0, "shared expert weights missing");
+          l.shared_width = shared_width;
           l.shared_up = make_linear(w[19], at::Tensor(), 2 * l.shared_width, D_);
           l.shared_down = make_linear(w[20], at::Tensor(), D_, l.shared_width);
           l.shared_gate = make_linear(w[21], at::Tensor(), 1, D_);
@@ -194,13 +200,22 @@ class DecodePlan {
     }
   }
 
-  // Replace linear `slot` (0 qkv, 1 o, 2 up/gate_up, 3 down) of `layer` (-1: the output head)
-  // with a packed quantized weight (layouts in quant_rows.h).
-  void set_quantized(int64_t layer, int64_t slot, int64_t kind, at::Tensor data, at::Tensor scales,
+  // Replace linear `slot` of `layer` (-1: the output head) with a packed quantized weight
+  // (layouts in quant_rows.h). Slots: 0 qkv, 1 o, 2 up/gate_up, 3 down; a mixture of experts'
+  // 4 shared expert gate_up, 5 its down, 6 expert `expert`'s gate_up, 7 its down.
+  void set_quantized(int64_t layer, int64_t slot, int64_t expert, int64_t kind, at::Tensor data, at::Tensor scales,
                      at::Tensor offsets, int64_t group, double tensor_scale, int64_t act_bits) {
-    TORCH_CHECK(layer >= -1 && layer < n_layer_ && slot >= 0 && slot < 4, "no such linear layer");
-    Linear& L = layer < 0 ? lm_head_ : (slot == 0 ? layers_[layer].qkv : slot == 1 ? layers_[layer].o
-                                        : slot == 2 ? layers_[layer].up : layers_[layer].down);
+    TORCH_CHECK(layer >= -1 && layer < n_layer_ && slot >= 0 && slot < 8, "no such linear layer");
+    Linear* target = &lm_head_;
+    if (layer >= 0) {
+      Layer& l = layers_[layer];
+      if (slot >= 6) TORCH_CHECK(expert >= 0 && expert < static_cast<int64_t>(l.expert_up.size()), "no such expert");
+      if (slot >= 4) TORCH_CHECK(!l.expert_up.empty(), "not a mixture-of-experts layer");
+      Linear* slots[] = {&l.qkv, &l.o, &l.up, &l.down, &l.shared_up, &l.shared_down,
+                         slot == 6 ? &l.expert_up[expert] : nullptr, slot == 7 ? &l.expert_down[expert] : nullptr};
+      target = slots[slot];
+    }
+    Linear& L = *target;
     L.q = emergence::quant_matrix(kind, data, scales, offsets, group, tensor_scale, L.N, L.K);
     L.data = data, L.scales = scales, L.offsets = offsets;
     L.packed = true;
@@ -739,8 +754,8 @@ void register_decode_plan(pybind11::module& m) {
                           std::vector<int64_t>, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                           at::Tensor, at::Tensor, std::vector<std::vector<at::Tensor>>>())
       .def("set_quantized", &DecodePlan::set_quantized,
-           "layer (-1: output head), slot (0 qkv, 1 o, 2 up, 3 down), kind, data, scales, offsets, group, "
-           "tensor scale, act_bits")
+           "layer (-1: output head), slot (0 qkv, 1 o, 2 up, 3 down, 4 shared expert up, 5 its down, 6 expert "
+           "up, 7 expert down), expert, kind, data, scales, offsets, group, tensor scale, act_bits")
       .def("forward", &DecodePlan::forward,
            "tokens, rows (their sequences), positions, output rows, block tables, key pool, value pool -> logits "
            "(len(output rows), V) fp32",

@@ -29,6 +29,8 @@ MAX_NATIVE_PREFILL, MAX_NATIVE_PREFILL_BF16, MAX_NATIVE_PREFILL_PACKED = 32, 16,
 # The linear layers of a block, by decode.cpp's slot number ("mlp.up": SwiGLU's fused gate_up
 # or the GELU MLP's up projection).
 LINEAR_SLOTS = ("attn.qkv_proj", "attn.o_proj", "mlp.up", "mlp.down_proj")
+# ... and a mixture of experts' shared expert (slots 4 and 5; the experts themselves are 6 and 7).
+MOE_LINEAR_SLOTS = ("mlp.shared.gate_up_proj", "mlp.shared.down_proj")
 # Tensor slots per layer in the order decode.cpp expects them.
 LAYER_SLOTS = ("attn_norm.weight", "attn_norm.bias", "attn.qkv_proj.weight", "attn.qkv_proj.bias",
                "attn.o_proj.weight", "attn.o_proj.bias", "mlp_norm.weight", "mlp_norm.bias",
@@ -145,8 +147,8 @@ def build_plan(model: nn.Module, extension) -> tuple[object, bool]:
 
     def tensor_at(block: nn.Module, name: str) -> torch.Tensor:
         path, leaf = name.rsplit(".", 1)
-        tensor = getattr(module_at(block, path), leaf, None)
-        return none if tensor is None else tensor.detach()
+        tensor = getattr(module_at(block, path), leaf, None)  # quantized experts: a ModuleList, set below
+        return tensor.detach() if isinstance(tensor, torch.Tensor) else none
 
     def detached(tensor: torch.Tensor | None) -> torch.Tensor:
         return none if tensor is None else tensor.detach()
@@ -155,7 +157,8 @@ def build_plan(model: nn.Module, extension) -> tuple[object, bool]:
     layers = [[tensor_at(block, slot) if j < dense_slots or isinstance(block.mlp, MoE) else none
                for j, slot in enumerate(LAYER_SLOTS)] for block in model.layers]
     dims = [c.n_layer, c.n_head, c.n_kv_head, c.head_dim, c.n_embd, c.intermediate_size, c.vocab_size,
-            c.rotary_dim or c.head_dim]
+            c.rotary_dim or c.head_dim, (c.moe_intermediate_size or c.intermediate_size) if c.n_experts else 0,
+            c.shared_expert_size or 0]
     kinds = [c.norm == "rmsnorm", MLP_KINDS[c.mlp], PLACEMENTS[c.norm_position], PARALLEL[c.parallel],
              QK_NORMS[c.qk_norm], c.n_experts, c.experts_per_token, c.norm_topk_prob]
     scalars = [float(c.norm_eps), c.attention_scale or 0.0, c.attn_softcap or 0.0, c.final_softcap or 0.0,
@@ -170,13 +173,20 @@ def build_plan(model: nn.Module, extension) -> tuple[object, bool]:
         dims, [int(k) for k in kinds], scalars, windows, ropes, model.tok_embeddings.weight.detach(), pos, inv_freq,
         local, model.norm.weight.detach(), detached(getattr(model.norm, "bias", None)),
         detached(getattr(model.lm_head, "weight", None)), detached(getattr(model.lm_head, "bias", None)), layers)
-    linears = [(i, slot, module_at(block, name)) for i, block in enumerate(model.layers)
-               for slot, name in enumerate(LINEAR_SLOTS)] + [(-1, 0, model.lm_head)]
+    # (layer, slot, expert, module) of every linear layer that may be packed; slots as decode.cpp's
+    # set_quantized numbers them
+    linears = [(i, slot, -1, module_at(block, name)) for i, block in enumerate(model.layers)
+               for slot, name in enumerate(LINEAR_SLOTS + MOE_LINEAR_SLOTS)] + [(-1, 0, -1, model.lm_head)]
+    for i, block in enumerate(model.layers):
+        if isinstance(block.mlp, MoE):
+            for slot, stack in ((6, block.mlp.gate_up_proj), (7, block.mlp.down_proj)):
+                if isinstance(stack, nn.ModuleList):  # experts quantized one by one (quant/linear.py)
+                    linears += [(i, slot, e, module) for e, module in enumerate(stack)]
     packed = False
-    for layer, slot, module in linears:
+    for layer, slot, expert, module in linears:
         ops = module.kernel_operands() if hasattr(module, "kernel_operands") else None
         if ops is not None:
-            plan.set_quantized(layer, slot, extension.weight_kinds[ops.format], ops.data, ops.scales, ops.offsets,
-                               ops.group, ops.tensor_scale, ops.act_bits)
+            plan.set_quantized(layer, slot, expert, extension.weight_kinds[ops.format], ops.data, ops.scales,
+                               ops.offsets, ops.group, ops.tensor_scale, ops.act_bits)
             packed = True
     return plan, packed

@@ -31,7 +31,7 @@ from ..errors import CheckpointError, EmergenceError, InvalidArgument
 from ..model import Transformer, empty_model, finish_loading
 from ..weights.hf import INDEX_FILE, QUANTIZATION_KEY, SINGLE_FILE
 from ..weights.safetensors_io import DTYPES, SafetensorsFile, save_safetensors
-from .linear import FORMATS, make_module, quantized_modules
+from .linear import EXPERT_STACKS, FORMATS, make_module, quantized_modules, unstack_experts
 
 VERSION = 1
 
@@ -96,6 +96,9 @@ def load_quantized(folder: str | Path, config: Config, sources: dict[str, Safete
     folder = Path(folder)
     record = _read_record(sources, folder)
     model = empty_model(config)
+    for name in {name.rpartition(".")[0] for name in record["modules"]}:  # quantized experts, one layer each
+        if name.rpartition(".")[2] in EXPERT_STACKS and isinstance(_attribute(model, name), torch.Tensor):
+            unstack_experts(model, name)
     for name, rec in record["modules"].items():
         try:
             target = model.get_submodule(name)
@@ -144,6 +147,14 @@ def load_quantized(folder: str | Path, config: Config, sources: dict[str, Safete
         t = sources[name].tensor(name)
         state[name] = t.to(dtype) if dtype is not None else t
     return finish_loading(model, state)
+
+
+def _attribute(model: nn.Module, name: str) -> object:
+    parent, _, leaf = name.rpartition(".")
+    try:
+        return getattr(model.get_submodule(parent), leaf, None)
+    except AttributeError:
+        return None
 
 
 def _read_record(sources: dict[str, SafetensorsFile], folder: Path) -> dict:

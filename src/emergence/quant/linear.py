@@ -432,7 +432,9 @@ def quantize_model(model: nn.Module, fmt: str, *, group_size: int | None = None,
     act_bits: ternary only: 8 quantizes activations per token (BitNet b1.58), None keeps them.
     skip: layers kept in full precision, by qualified name or by its last parts ("lm_head",
     "down_proj", "layers.0.attn.qkv_proj"). Embeddings are never quantized, and neither is an
-    lm_head tied to them (it stays tied).
+    lm_head tied to them (it stays tied). A mixture of experts' stacked experts are quantized
+    expert by expert (unstack_experts; skipped as a stack by "gate_up_proj" or "down_proj"); its
+    router and shared-expert gate stay in full precision, as llama.cpp's quantizer keeps them.
 
     Every layer is checked before any is replaced: a shape the format cannot take (group size
     not dividing in_features, ...) raises InvalidArgument naming the layer, and so does a model
@@ -442,9 +444,6 @@ def quantize_model(model: nn.Module, fmt: str, *, group_size: int | None = None,
     existing = next((mod for mod in model.modules() if isinstance(mod, QuantizedLinear)), None)
     if existing is not None:
         raise InvalidArgument(f"the model is already quantized ({existing.format}); quantize a full-precision model")
-    if getattr(getattr(model, "config", None), "n_experts", 0):
-        raise InvalidArgument("quantizing a mixture of experts is not supported yet (its experts are stacked "
-                              "weights, not linear layers); export it to a quantized GGUF with `emergence convert`")
     base, gptq = (fmt[:-len("-gptq")], True) if fmt.endswith("-gptq") else (fmt, False)
     if base not in FORMATS or (gptq and base != "int4"):
         raise InvalidArgument(f"unknown quantization format {fmt!r} (known: {', '.join(quantizable_formats())})")
@@ -472,6 +471,10 @@ def quantize_model(model: nn.Module, fmt: str, *, group_size: int | None = None,
         options["ggml_format"] = base
 
     targets = _targets(model, skip)
+    stacks = _expert_stacks(model, skip)
+    for name, stack in stacks.items():  # each expert's matrix checked as a layer of its own
+        targets.update({f"{name}.{e}": nn.Linear(*reversed(stack.shape[1:]), bias=False, device="meta")
+                        for e in range(stack.shape[0])})
     if not targets:
         raise InvalidArgument("no linear layer left to quantize (all skipped)")
     cls = FORMATS[base]
@@ -479,8 +482,13 @@ def quantize_model(model: nn.Module, fmt: str, *, group_size: int | None = None,
         try:
             cls.check(linear.in_features, linear.out_features, what=name, **options)
         except InvalidArgument as e:
-            raise InvalidArgument(f"{e} (or keep such layers in full precision: skip {name.rpartition('.')[2]!r})")
+            parts = name.split(".")  # an expert ("...mlp.down_proj.3") is skipped by its stack's name
+            leaf = parts[-2] if parts[-1].isdigit() else parts[-1]
+            raise InvalidArgument(f"{e} (or keep such layers in full precision: skip {leaf!r})")
 
+    for name in stacks:
+        unstack_experts(model, name)
+        targets.update({f"{name}.{e}": linear for e, linear in enumerate(model.get_submodule(name))})
     if gptq:
         samples = _calibration_samples(calibration, model)
         m.gptq_calibrate(model, targets, samples,
@@ -491,18 +499,53 @@ def quantize_model(model: nn.Module, fmt: str, *, group_size: int | None = None,
     return model
 
 
+def _skipped(name: str, skip: Sequence[str]) -> bool:
+    return any(name == s or name.endswith("." + s) for s in ((skip,) if isinstance(skip, str) else skip))
+
+
 def _targets(model: nn.Module, skip: Sequence[str]) -> dict[str, nn.Linear]:
-    if isinstance(skip, str):
-        skip = (skip,)
+    """The linear layers to quantize, by name. A mixture of experts' router and shared-expert gate
+    stay in full precision, as llama.cpp's quantizer keeps ffn_gate_inp (a few rows, and the
+    routing decisions hang on them)."""
+    from ..model import MoE
+
     tied = {id(mod.weight) for mod in model.modules() if isinstance(mod, nn.Embedding)}
-    out = {}
-    for name, mod in model.named_modules():
-        if not isinstance(mod, nn.Linear) or id(mod.weight) in tied:
-            continue
-        if any(name == s or name.endswith("." + s) for s in skip):
-            continue
-        out[name] = mod
-    return out
+    kept = {id(mod) for moe in model.modules() if isinstance(moe, MoE)
+            for mod in (moe.router, getattr(moe, "shared_gate", None)) if mod is not None}
+    return {name: mod for name, mod in model.named_modules()
+            if isinstance(mod, nn.Linear) and id(mod.weight) not in tied and id(mod) not in kept
+            and not _skipped(name, skip)}
+
+
+def _expert_stacks(model: nn.Module, skip: Sequence[str]) -> dict[str, torch.Tensor]:
+    """A mixture of experts' stacked expert weights to quantize ("layers.0.mlp.gate_up_proj": (E, N, K)),
+    skipped as a whole by their name ("gate_up_proj", "down_proj", "layers.3.mlp.down_proj")."""
+    from ..model import MoE
+
+    return {f"{name}.{leaf}": getattr(moe, leaf) for name, moe in model.named_modules() if isinstance(moe, MoE)
+            for leaf in EXPERT_STACKS
+            if isinstance(getattr(moe, leaf), torch.Tensor) and not _skipped(f"{name}.{leaf}", skip)}
+
+
+# model.MoE's stacked weights: gate_up_proj (E, 2f, D) and down_proj (E, D, f).
+EXPERT_STACKS = ("gate_up_proj", "down_proj")
+
+
+def unstack_experts(model: nn.Module, name: str) -> None:
+    """Replace the stacked expert weight `name` ("layers.0.mlp.gate_up_proj", (E, N, K)) by a
+    ModuleList of E bias-free nn.Linear(K, N), each a view of its expert's matrix (no copy), so
+    each expert quantizes, saves and loads as a layer of its own ("layers.0.mlp.gate_up_proj.3").
+    On the meta device (an empty model to load a checkpoint into) the layers are meta too."""
+    parent, _, leaf = name.rpartition(".")
+    moe = model.get_submodule(parent)
+    stack = getattr(moe, leaf)
+    layers = nn.ModuleList()
+    for e in range(stack.shape[0]):
+        linear = nn.Linear(stack.shape[2], stack.shape[1], bias=False, device="meta")
+        linear.weight = nn.Parameter(stack.data[e], requires_grad=stack.requires_grad)
+        layers.append(linear)
+    delattr(moe, leaf)
+    setattr(moe, leaf, layers)
 
 
 def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
