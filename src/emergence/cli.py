@@ -198,6 +198,76 @@ def cmd_info(args: argparse.Namespace) -> None:
     _print_info(info, args.json)
 
 
+def _latent_model(args: argparse.Namespace) -> LanguageModel:
+    from .store import resolve_model
+
+    lm = _load(args, resolve_model(args.model))
+    require_decoder_only(lm.config, f"emergence {args.command}")
+    return lm
+
+
+def cmd_embed(args: argparse.Namespace) -> None:
+    from .latent import embed
+
+    lm = _latent_model(args)
+    rows = []
+    for text in args.texts:
+        vector = embed(lm.model, lm.tokenizer, text, layer=args.layer, pooling=args.pooling)
+        rows.append({"text": text, "layer": args.layer, "pooling": args.pooling,
+                     "embedding": [round(v, 6) for v in vector.tolist()] if vector.dim() == 1
+                     else [[round(v, 6) for v in row] for row in vector.tolist()]})
+    if args.json:
+        print(json.dumps(rows))
+        return
+    for row in rows:
+        v = row["embedding"]
+        shape = f"{len(v)}" if not v or not isinstance(v[0], list) else f"{len(v)} x {len(v[0])}"
+        head = v if not v or not isinstance(v[0], list) else v[-1]
+        print(f"{row['text']!r} ({shape}): [{', '.join(f'{x:.4f}' for x in head[:8])}{', ...' if len(head) > 8 else ''}]")
+
+
+def cmd_neighbors(args: argparse.Namespace) -> None:
+    from .latent import neighbors
+
+    lm = _latent_model(args)
+    found = neighbors(lm.model, lm.tokenizer, args.word, args.k)
+    if args.json:
+        print(json.dumps([{"token_id": n.token_id, "piece": n.piece, "cosine": n.cosine} for n in found]))
+        return
+    for n in found:
+        print(f"{n.cosine:7.4f}  {n.piece!r} ({n.token_id})")
+
+
+def cmd_context(args: argparse.Namespace) -> None:
+    from .latent import contextual
+
+    lm = _latent_model(args)
+    if len(args.contexts) != 2:
+        raise InvalidArgument("give the word and exactly two contexts")
+    c = contextual(lm.model, lm.tokenizer, args.word, *args.contexts)
+    if args.json:
+        print(json.dumps({"word": c.word, "contexts": c.contexts, "tokens": c.tokens, "cosine": c.cosine,
+                          "distance": c.distance}))
+        return
+    print(f"{c.word!r} as {c.tokens[0]} in {c.contexts[0]!r} and as {c.tokens[1]} in {c.contexts[1]!r}")
+    print("layer  cosine  distance")
+    for i, (cos, dist) in enumerate(zip(c.cosine, c.distance)):
+        print(f"{i:5}  {cos:6.3f}  {dist:8.3f}{'  (embeddings)' if i == 0 else ''}")
+
+
+def cmd_lens(args: argparse.Namespace) -> None:
+    from .latent import logit_lens
+
+    lm = _latent_model(args)
+    rows = logit_lens(lm.model, lm.tokenizer, args.prompt, args.k)
+    if args.json:
+        print(json.dumps([{"layer": r.layer, "tokens": [{"piece": t, "probability": p} for t, p in r.tokens]}
+                          for r in rows]))
+        return
+    for r in rows:
+        print(f"{r.layer:5}  " + "  ".join(f"{t!r} {p:.3f}" for t, p in r.tokens))
+
+
 def _print_info(info: dict, as_json: bool) -> None:
     if as_json:
         print(json.dumps(info))
@@ -584,6 +654,19 @@ def cmd_serve(args: argparse.Namespace) -> None:
                insecure=args.insecure)
 
 
+def cmd_problems(args: argparse.Namespace) -> None:
+    """Write generated multi-step arithmetic word problems as JSONL (problems.py)."""
+    from .problems import difficulty_histogram, generate_problems, parse_steps_range, write_problems
+
+    steps = parse_steps_range(args.steps)
+    if args.n < 1:
+        raise InvalidArgument(f"--n must be at least 1, got {args.n}")
+    out = check_output(args.out, folder=False, force=args.force)
+    rows = generate_problems(args.n, steps, seed=args.seed, templates=args.template)
+    write_problems(rows, out)
+    print(f"wrote {len(rows)} problems to {out} (seed {args.seed}); rows per difficulty: {difficulty_histogram(rows)}")
+
+
 BYTE_UNITS = {"": 1, "b": 1, "k": 2**10, "kib": 2**10, "m": 2**20, "mib": 2**20, "g": 2**30, "gib": 2**30,
               "kb": 10**3, "mb": 10**6, "gb": 10**9}
 
@@ -620,6 +703,11 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
     "verify": (cmd_verify, "check store models' files against the sha256 their manifests record"),
     "run": (cmd_run, "answer a prompt (or chat) with a store model, its default parameters and system prompt"),
     "serve": (cmd_serve, "serve a model over an OpenAI-compatible HTTP API with continuous batching"),
+    "embed": (cmd_embed, "token, word or sentence vectors from any layer (mean- or last-token pooled)"),
+    "neighbors": (cmd_neighbors, "the tokens nearest a word by cosine similarity of their embeddings"),
+    "context": (cmd_context, "one word in two contexts: how far apart its hidden states are, layer by layer"),
+    "lens": (cmd_lens, "logit lens: the top next tokens read out of every layer's hidden state"),
+    "problems": (cmd_problems, "write multi-step arithmetic word problems (JSONL) with step-by-step solutions"),
 }
 
 
@@ -654,6 +742,22 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the model's own; a base model without one continues plain text)")
     c.add_argument("--context-policy", default="drop-oldest", choices=("drop-oldest", "condense", "error"),
                    help="what a conversation longer than the context loses (default %(default)s)")
+
+    for name in ("embed", "neighbors", "context", "lens"):
+        p = parsers[name]
+        _add_model_args(p)
+        p.add_argument("--json", action="store_true", help="print the result as JSON")
+    parsers["embed"].add_argument("texts", nargs="+", metavar="TEXT", help="a token, a word or a sentence")
+    parsers["embed"].add_argument("--layer", type=int, default=-1, help="0: the embeddings, i: block i's output, "
+                                                                        "-1: the last (default)")
+    parsers["embed"].add_argument("--pooling", default="mean", choices=["mean", "last", "none"],
+                                  help="over the text's tokens (none: one vector per token)")
+    parsers["neighbors"].add_argument("word")
+    parsers["neighbors"].add_argument("--k", type=int, default=10, help="how many (default 10)")
+    parsers["context"].add_argument("word")
+    parsers["context"].add_argument("contexts", nargs="+", metavar="CONTEXT", help="two sentences holding the word")
+    parsers["lens"].add_argument("prompt")
+    parsers["lens"].add_argument("--k", type=int, default=5, help="tokens per layer (default 5)")
 
     i = parsers["info"]
     i.add_argument("model_path", nargs="?", default=None, metavar="MODEL")
@@ -724,7 +828,23 @@ def build_parser() -> argparse.ArgumentParser:
         r.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=help_)
     _add_finetune_args(parsers["finetune"], parsers["merge"])
     _add_store_args(parsers)
+    _add_problems_args(parsers["problems"])
     return parser
+
+
+def _add_problems_args(p: argparse.ArgumentParser) -> None:
+    from .problems import TEMPLATES
+
+    p.description = ("Generate arithmetic word problems of 1 to 8 steps, one JSON row each: question, answer, "
+                     "steps ('Step k: a op b = c') and difficulty (the number of steps).")
+    p.add_argument("--steps", default="1-8", metavar="K",
+                   help="steps per problem: a number (3) or a range (1-8, spread evenly; default %(default)s)")
+    p.add_argument("--n", type=int, default=100, metavar="N", help="problems to write (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="same seed, same problems (default %(default)s)")
+    p.add_argument("--out", required=True, metavar="FILE.jsonl", help="where to write the problems")
+    p.add_argument("--template", action="append", default=None, choices=sorted(TEMPLATES),
+                   help="only this template (repeatable; default: all of them, in turn)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
 
 
 def _add_finetune_args(f: argparse.ArgumentParser, m: argparse.ArgumentParser) -> None:
