@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import emergence
-from emergence.latent import contextual, embed, layer_states, logit_lens, neighbors, pca_2d, word_tokens
+from emergence.latent import as_in_a_sentence, contextual, embed, layer_states, logit_lens, neighbors, pca_2d, word_tokens
 
 from conftest import assert_one_line_error, cli_main  # noqa: E402
 
@@ -134,3 +134,40 @@ def test_the_commands_print_json_and_refuse_bad_input_in_one_line(capsys):
     assert_one_line_error(code, err, "'plane' does not occur in 'no such word here'")
     code, _, err = cli_main(capsys, "context", "plane", "a plane", "-m", SIX_M)
     assert_one_line_error(code, err, "exactly two contexts")
+
+
+def test_the_servers_latent_route_answers_and_refuses_in_openai_shape():
+    import urllib.error
+    import urllib.request
+
+    from emergence.serve.app import Server, serve_in_thread
+
+    app = Server(emergence.load(SIX_M, device="cpu"), "emergence-6m", slots=2)
+    http, _ = serve_in_thread(app)
+    base = f"http://127.0.0.1:{http.server_address[1]}/v1/latent"
+
+    def post(body: dict) -> tuple[int, dict]:
+        req = urllib.request.Request(base, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    try:
+        lm = emergence.load(SIX_M, device="cpu")
+        status, out = post({"words": ["dog", "cat", "king"], "prompt": "Once upon a time, there was a little", "k": 2})
+        assert status == 200 and out["layers"] == 7 and [p["word"] for p in out["points"]] == ["dog", "cat", "king"]
+        vectors = torch.stack([embed(lm.model, lm.tokenizer, as_in_a_sentence(lm.tokenizer, w), layer=0)
+                               for w in ("dog", "cat", "king")])
+        assert np.allclose([[p["x"], p["y"]] for p in out["points"]], pca_2d(vectors).numpy(), atol=1e-5)
+        assert out["lens"][-1]["tokens"][0]["token"] == "Ġgirl"
+        for body, message in (({"words": ["dog"]}, "at least two words"),
+                              ({"words": ["a", "b"], "layer": 9}, "layer 9 does not exist"),
+                              ({"prompt": "x", "k": 0}, "k"),
+                              ({"model": "other", "prompt": "x"}, "does not exist")):
+            status, out = post(body)
+            assert status in (400, 404) and message in out["error"]["message"], (body, out)
+    finally:
+        http.shutdown()
+        app.close()

@@ -108,3 +108,42 @@ def test_page_with_api_key(browser):
     finally:
         http.shutdown()
         app.close()
+
+
+def _latent(base: str, body: dict) -> dict:
+    req = urllib.request.Request(base + "/v1/latent", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return json.loads(r.read())
+
+
+def test_latent_panel_plots_words_and_shows_the_logit_lens(server, browser):
+    from emergence.latent import logit_lens
+
+    page = browser.new_page()
+    page.goto(server + "/")
+    page.wait_for_function("document.getElementById('model').textContent === 'stories260K'", timeout=20_000)
+    page.fill("#words", "dog, cat, king, queen, happy")
+    page.click("#plot")
+    page.wait_for_function("document.querySelectorAll('#pca circle').length === 5", timeout=20_000)
+    dots = page.eval_on_selector_all("#pca circle", "cs => cs.map(c => [c.dataset.word, +c.dataset.x, +c.dataset.y, "
+                                                    "+c.getAttribute('cx'), +c.getAttribute('cy')])")
+    expected = _latent(server, {"words": ["dog", "cat", "king", "queen", "happy"], "layer": 0})["points"]
+    assert [d[0] for d in dots] == [p["word"] for p in expected]
+    assert all(d[1] == pytest.approx(p["x"]) and d[2] == pytest.approx(p["y"]) for d, p in zip(dots, expected))
+    # drawn to scale: the largest x is rightmost, the largest y topmost (SVG's y grows downward)
+    assert max(dots, key=lambda d: d[1])[3] == max(d[3] for d in dots)
+    assert max(dots, key=lambda d: d[2])[4] == min(d[4] for d in dots)
+
+    page.fill("#temperature", "0")
+    page.fill("#max_tokens", "4")
+    page.fill("#input", "Once upon a time")
+    page.click("#send")
+    page.wait_for_function("document.getElementById('lens').dataset.prompt === 'Once upon a time'", timeout=60_000)
+    rows = [[c.inner_text() for c in r.query_selector_all("td")] for r in page.query_selector_all("#lens tr")]
+    lm = emergence.load()
+    lens = logit_lens(lm.model, lm.tokenizer, "Once upon a time", k=3)
+    assert len(rows) == len(lens) == lm.config.n_layer + 1 and rows[0][0] == "emb"
+    for row, want in zip(rows, lens):
+        assert [json.loads(cell.rsplit(" ", 1)[0]) for cell in row[1:]] == [t for t, _ in want.tokens]
+    page.close()

@@ -16,6 +16,7 @@ transformers' last entry has the final norm applied, ours does not (the lens app
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -33,12 +34,14 @@ def layer_states(model: Transformer, ids: list[int]) -> torch.Tensor:
     if not ids:
         raise InvalidArgument("no tokens to read hidden states from")
     captured: list[torch.Tensor] = []
+    me = threading.get_ident()  # a server's engine may run the same blocks in another thread meanwhile
 
     def keep(_module, args, output):
-        captured.append(output.detach())
+        if threading.get_ident() == me:
+            captured.append(output.detach())
 
     def keep_input(_module, args):
-        if not captured:  # the first block's input: the embedding output
+        if threading.get_ident() == me and not captured:  # the first block's input: the embedding output
             captured.append(args[0].detach())
 
     hooks = [model.layers[0].register_forward_pre_hook(keep_input)]
@@ -80,14 +83,19 @@ class Neighbor:
     cosine: float
 
 
+def as_in_a_sentence(tokenizer: Tokenizer, word: str) -> str:
+    """`word` spelled as inside a sentence (" dog") unless that needs more tokens than alone:
+    GPT-2-style vocabularies hold most words with their leading space."""
+    spaced = " " + word.lstrip()
+    return spaced if len(tokenizer.encode(spaced)) <= len(tokenizer.encode(word)) else word
+
+
 def neighbors(model: Transformer, tokenizer: Tokenizer, word: str, k: int = 10) -> list[Neighbor]:
     """The k tokens whose input embeddings are nearest `word`'s (the mean of its tokens'
-    embeddings) by cosine similarity, the word's own tokens left out. The word is taken as it
-    is spelled inside a sentence where that needs fewer tokens (GPT-2's " dog" is one token,
-    "dog" another)."""
+    embeddings) by cosine similarity, the word's own tokens left out (the word as_in_a_sentence)."""
     if k < 1:
         raise InvalidArgument(f"k must be at least 1, got {k}")
-    ids = min(tokenizer.encode(word), tokenizer.encode(" " + word.lstrip()), key=len)
+    ids = tokenizer.encode(as_in_a_sentence(tokenizer, word))
     if not ids:
         raise InvalidArgument(f"{word!r} has no tokens")
     table = model.tok_embeddings.weight.detach().float().cpu()  # (V, D)

@@ -586,9 +586,11 @@ def create_app(server: Server) -> FastAPI:
         state.model = body.model
         return JSONResponse(await server.embeddings(body, state))
 
+    from .latent_routes import add_latent_routes
     from .ollama import add_ollama_routes
 
     add_ollama_routes(app, server, authorized, state_of)
+    add_latent_routes(app, server, authorized)
     return Guard(app, server)
 
 
