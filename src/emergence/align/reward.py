@@ -26,8 +26,8 @@ from torch import nn
 from ..config import Config, read_json
 from ..errors import CheckpointError, ConfigError, InvalidArgument
 from ..model import Transformer, empty_model, finish_loading
-from ..weights.hf import (INDEX_FILE, SINGLE_FILE, _check_layer_count, _open_shards, _read_state,
-                          _write_json_atomic)
+from ..weights.hf import (INDEX_FILE, SINGLE_FILE, check_layer_count, open_shards, read_state,
+                          write_json_atomic)
 from ..weights.names import IGNORED_SUFFIXES, canonical_names, expand, hf_rules
 from ..weights.safetensors_io import save_safetensors
 
@@ -119,7 +119,7 @@ def save_reward_model(model: RewardModel, folder: str | Path) -> None:
         stale.unlink(missing_ok=True)
     save_safetensors(tensors, folder / SINGLE_FILE)
     hf["torch_dtype"] = str(model.score.weight.dtype).removeprefix("torch.")
-    _write_json_atomic(folder / "config.json", hf)
+    write_json_atomic(folder / "config.json", hf)
 
 
 def load_reward_model(folder: str | Path, *, dtype: torch.dtype | None = None) -> RewardModel:
@@ -141,13 +141,13 @@ def load_reward_model(folder: str | Path, *, dtype: torch.dtype | None = None) -
                               "cannot be found")
     config = Config.from_hf(hf)
     config.name = folder.resolve().name
-    sources = _open_shards(folder)
+    sources = open_shards(folder)
     if SCORE not in sources:
         raise CheckpointError(f"no {SCORE} in {folder}: not a reward model checkpoint")
-    _check_layer_count(sources, config, folder)
+    check_layer_count(sources, config, folder)
     model = empty_model(config)
     wanted = canonical_names(model) - {"lm_head.weight"}
-    state, used = _read_state(expand(hf_rules(config), config, wanted), sources, model, config, folder, dtype)
+    state, used = read_state(expand(hf_rules(config), config, wanted), sources, model, config, folder, dtype)
     unexpected = sorted(k for k in set(sources) - used - {SCORE} if not k.endswith(IGNORED_SUFFIXES))
     if unexpected:
         raise CheckpointError(f"checkpoint has tensors this reward model does not use: {', '.join(unexpected[:3])}"

@@ -29,7 +29,7 @@ def is_hf_folder(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file()
 
 
-def _open_shards(folder: Path) -> dict[str, SafetensorsFile]:
+def open_shards(folder: Path) -> dict[str, SafetensorsFile]:
     """Checkpoint tensor name -> the file holding it."""
     if (folder / SINGLE_FILE).is_file():
         f = SafetensorsFile(folder / SINGLE_FILE)
@@ -70,7 +70,7 @@ def load_hf(folder: str | Path, *, dtype: torch.dtype | None = None) -> tuple[Tr
         return _load_t5(folder, hf, dtype)
     config = Config.from_hf(hf)
     config.name = folder.resolve().name
-    sources = _open_shards(folder)
+    sources = open_shards(folder)
     if any(QUANTIZATION_KEY in f.metadata for f in set(sources.values())):
         from ..quant.checkpoint import load_quantized  # imported here: quant depends on weights, not the reverse
 
@@ -78,10 +78,10 @@ def load_hf(folder: str | Path, *, dtype: torch.dtype | None = None) -> tuple[Tr
     if config.family == "gpt2" and "transformer.wte.weight" not in sources:
         sources = {("transformer." + k if not k.startswith("lm_head") else k): v for k, v in sources.items()}
 
-    _check_layer_count(sources, config, folder)
+    check_layer_count(sources, config, folder)
     model = empty_model(config)
     wanted = canonical_names(model)
-    state, used = _read_state(expand(hf_rules(config), config, wanted), sources, model, config, folder, dtype)
+    state, used = read_state(expand(hf_rules(config), config, wanted), sources, model, config, folder, dtype)
     unexpected = sorted(k for k in set(sources) - used
                         if not k.endswith(IGNORED_SUFFIXES) and not (config.tie_embeddings and k == "lm_head.weight"))
     if unexpected:
@@ -93,7 +93,7 @@ def load_hf(folder: str | Path, *, dtype: torch.dtype | None = None) -> tuple[Tr
     return finish_loading(model, state), config
 
 
-def _read_state(rules, sources: dict, model: torch.nn.Module, config, folder: Path,
+def read_state(rules, sources: dict, model: torch.nn.Module, config, folder: Path,
                 dtype: torch.dtype | None) -> tuple[dict[str, torch.Tensor], set[str]]:
     """Canonical tensors from the checkpoint through the name table's rules, shapes checked
     against the model's; also returns the checkpoint names used."""
@@ -133,7 +133,7 @@ def _load_t5(folder: Path, hf: dict, dtype: torch.dtype | None):
     from .hf_config import t5_config_from_hf
     from .names import T5_DUPLICATES, t5_rules
 
-    sources = _open_shards(folder)
+    sources = open_shards(folder)
     config = t5_config_from_hf(hf, tied="lm_head.weight" not in sources)
     config.name = folder.resolve().name
     for stack, layers in (("encoder", config.n_encoder_layer), ("decoder", config.n_layer)):
@@ -145,7 +145,7 @@ def _load_t5(folder: Path, hf: dict, dtype: torch.dtype | None):
             raise CheckpointError(f"config.json says {layers} {stack} layers but the checkpoint in {folder} holds "
                                   f"{max(found) + 1}")
     model = empty_t5(config)
-    state, used = _read_state(t5_rules(config), sources, model, config, folder, dtype)
+    state, used = read_state(t5_rules(config), sources, model, config, folder, dtype)
     unexpected = sorted(set(sources) - used - set(T5_DUPLICATES))
     if unexpected:
         raise CheckpointError(f"checkpoint has tensors this T5 config does not use: {', '.join(unexpected[:3])}")
@@ -161,7 +161,7 @@ def _load_t5(folder: Path, hf: dict, dtype: torch.dtype | None):
 _LAYER_INDEX = re.compile(r"\.(?:h|layers)\.(\d+)\.")
 
 
-def _check_layer_count(sources: dict, config: Config, folder: Path) -> None:
+def check_layer_count(sources: dict, config: Config, folder: Path) -> None:
     """Compare config.json's layer count with the checkpoint's before building anything, so an
     absurd count is refused instead of allocating (even meta) modules for it."""
     indices = [int(m.group(1)) for name in sources if (m := _LAYER_INDEX.search(name))]
@@ -208,9 +208,9 @@ def save_hf(model: Transformer, folder: str | Path, *, max_shard_bytes: int | No
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
                  "weight_map": {n: f for f, names in shards.items() for n in names}}
-        _write_json_atomic(folder / INDEX_FILE, index)
+        write_json_atomic(folder / INDEX_FILE, index)
     hf_config["torch_dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
-    _write_json_atomic(folder / "config.json", hf_config)
+    write_json_atomic(folder / "config.json", hf_config)
 
 
 def _plan_shards(tensors: dict[str, torch.Tensor], max_bytes: int | None) -> dict[str, list[str]]:
@@ -231,7 +231,7 @@ def _plan_shards(tensors: dict[str, torch.Tensor], max_bytes: int | None) -> dic
     return {f"model-{i + 1:05d}-of-{n:05d}.safetensors": g for i, g in enumerate(groups)}
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
+def write_json_atomic(path: Path, data: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, path)
