@@ -97,6 +97,9 @@ class Config:
     moe_every: int = 1
     router_jitter: float = 0.0  # training: inputs times uniform(1 - j, 1 + j) noise (Mixtral)
     capacity_factor: float | None = None  # training: an expert takes at most this x its fair share (Switch)
+    # BitNet b1.58: the blocks' linear layers train with ternary weights and 8-bit activations
+    # (model.BitLinear); embeddings and the output head stay in full precision
+    ternary: bool = False
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
     pad_token_id: int | None = None
@@ -163,6 +166,11 @@ class Config:
             raise ConfigError(f"experts are gated MLPs (swiglu or geglu), not {self.mlp!r}")
         if self.n_experts == 0 and self.shared_expert_size is not None:
             raise ConfigError("shared_expert_size needs n_experts")
+        if not isinstance(self.ternary, bool):
+            raise ConfigError(f"config field ternary must be true or false, got {self.ternary!r}")
+        if self.ternary and self.n_experts:
+            raise ConfigError("ternary (BitNet b1.58) training covers dense blocks; experts stay full precision "
+                              "(set n_experts to 0)")
 
     def _validate_switches(self) -> None:
         allowed = {"qk_norm": (None, "head", "all"), "norm_position": ("pre", "post", "sandwich"),

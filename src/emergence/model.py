@@ -275,6 +275,25 @@ class MoE(nn.Module):
         return y.view(shape)
 
 
+class BitLinear(nn.Linear):
+    """BitNet b1.58's linear layer for training (Config.ternary). The forward pass multiplies
+    ternary weights by 8-bit activations:
+        W_q = RoundClip(W / s_w, -1, 1) * s_w,        s_w = max(mean|W|, 1e-5) over the tensor
+        x_q = RoundClip(x * s_x, -128, 127) / s_x,    s_x = 127 / max(max|x|, 1e-5) per token
+    (quant/methods.py's quantize_ternary and quantize_activations_int8, the same formulas); the
+    backward pass treats RoundClip as the identity (the straight-through estimator), so the
+    latent full-precision W learns. quantize_model(model, "ternary", act_bits=8) then stores
+    exactly W_q's values and scale (2-bit packed for the native kernel)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        s_w = w.abs().mean().clamp(min=1e-5)
+        w_q = w + ((w / s_w).round().clamp(-1, 1) * s_w - w).detach()
+        s_x = 127.0 / x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-5)
+        x_q = x + ((x * s_x).round().clamp(-128, 127) / s_x - x).detach()
+        return F.linear(x_q, w_q, self.bias)
+
+
 def expert_linear(stack: torch.Tensor | nn.ModuleList, e: int, x: torch.Tensor) -> torch.Tensor:
     """x (M, K) through expert e's matrix: a stacked (E, N, K) weight, or once quantized
     (quant/linear.py), a list of E quantized layers."""
@@ -322,7 +341,8 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.n_embd)
         if config.position == "learned":
             self.pos_embeddings = nn.Embedding(config.block_size, config.n_embd)
-        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        linear = BitLinear if config.ternary else nn.Linear
+        self.layers = nn.ModuleList(Block(config, i, linear) for i in range(config.n_layer))
         self.norm = make_norm(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=config.head_bias)
         if config.tie_embeddings:

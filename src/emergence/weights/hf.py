@@ -178,9 +178,26 @@ def _convert(rule, tensors: list[torch.Tensor], config: Config, folder: Path) ->
                               f"{str(e).splitlines()[0]}") from None
 
 
+def _save_ternary(model: Transformer, folder: Path) -> None:
+    import copy
+    import dataclasses
+
+    from ..quant import quantize_model, save_quantized
+
+    inference = copy.deepcopy(model)
+    inference.config = dataclasses.replace(model.config, ternary=False)  # the packed layers say it now
+    # BitLinear's forward is TernaryLinear's with 8-bit activations; the output head stays as trained
+    save_quantized(quantize_model(inference, "ternary", act_bits=8, skip=("lm_head",)), None, folder)
+
+
 def save_hf(model: Transformer, folder: str | Path, *, max_shard_bytes: int | None = None) -> None:
-    """Write config.json and the weights (one file, or shards of at most max_shard_bytes + index)."""
+    """Write config.json and the weights (one file, or shards of at most max_shard_bytes + index).
+    A model trained ternary (Config.ternary, BitNet b1.58) is written as what it computes: its
+    ternary checkpoint (quant.save_quantized; the packed values and scale of every BitLinear)."""
     folder = Path(folder)
+    if getattr(model.config, "ternary", False):
+        _save_ternary(model, folder)
+        return
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:

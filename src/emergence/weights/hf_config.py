@@ -297,6 +297,8 @@ def _check_expressible(c: Config) -> None:
     wrong = [f"{k}={getattr(c, k)!r}" for k, v in SIGNATURES[c.family].items() if getattr(c, k) != v]
     if c.family == "gpt2" and not (c.n_kv_head == c.n_head and c.n_head * c.head_dim == c.n_embd):
         wrong.append("grouped-query or head_dim shapes")  # GPT-2's config.json records neither
+    if c.ternary:
+        wrong.append("ternary=True (save_hf writes a ternary-trained model as its ternary checkpoint)")
     if c.sliding_window is not None and c.family not in _WINDOWED:
         wrong.append(f"sliding_window={c.sliding_window}")
     if c.rope_scaling is not None and c.family not in ("llama", "mistral", "qwen2", "qwen3", "smollm3"):
