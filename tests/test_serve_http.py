@@ -113,8 +113,10 @@ def test_ollama_errors_are_ollamas_shape(served):
     assert status == 400 and set(body) == {"error"} and "temperature" in body["error"]
     status, _, body = post(port, "/api/chat", {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]})
     assert status == 400 and "role" in body["error"]
-    status, _, body = post(port, "/api/generate", {"model": MODEL, "prompt": "x", "format": "json"})
-    assert status == 400 and "structured output" in body["error"]
+    status, _, body = post(port, "/api/generate", {"model": MODEL, "prompt": "x", "format": "xml"})
+    assert status == 400 and body["error"] == "'format' must be \"json\" or a JSON schema object"
+    status, _, body = post(port, "/api/generate", {"model": MODEL, "prompt": "x", "format": {"type": "strin"}})
+    assert status == 400 and body["error"] == "the JSON schema cannot be compiled: Invalid type: strin"
 
 
 # ---------------------------------------------------------------------------- security
@@ -294,7 +296,7 @@ def test_health_metrics_and_docs(served):
     conn.close()
 
 
-def test_tools_reach_the_template_and_structured_output_is_refused(lm):
+def test_tools_reach_the_template_and_bad_structured_output_is_refused(lm):
     # A template that lists the tools it is given: the rendered prompt names the function.
     from emergence.chat import ChatTemplate
 
@@ -316,8 +318,9 @@ def test_tools_reach_the_template_and_structured_output_is_refused(lm):
                                                                        temperature=0, max_new_tokens=6)
         for bad, param in (({"tool_choice": "required"}, "tool_choice"),
                            ({"tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, "tool_choice"),
-                           ({"response_format": {"type": "json_object"}}, "response_format"),
                            ({"response_format": {"type": "json_schema"}}, "response_format"),
+                           ({"response_format": {"type": "json_schema", "json_schema": {
+                               "name": "x", "schema": {"type": "object", "required": 3}}}}, "response_format"),
                            ({"tools": [{"type": "function", "function": {"name": "no spaces"}}]}, "tools")):
             status, _, body = post(port, "/v1/chat/completions", {"model": MODEL, "messages": messages, "tools": tools,
                                                                   **bad})

@@ -71,22 +71,28 @@ class LanguageModel:
     config: Config
     backend: str = "auto"  # how decoding runs: "native" (decode.cpp, CPU), "eager", or "auto" (native where it can)
 
-    def complete(self, prompt: str | Sequence[int], *, truncate: bool = False, **sampling) -> Completion:
-        """One completion with its token ids, finish reason and (if asked) logprobs."""
+    def complete(self, prompt: str | Sequence[int], *, truncate: bool = False, json_schema=None, regex=None,
+                 grammar=None, **sampling) -> Completion:
+        """One completion with its token ids, finish reason and (if asked) logprobs; json_schema,
+        regex or grammar (Lark text) constrain it (structured output)."""
         return generate(self.model, self.tokenizer, [prompt], SamplingParams(**sampling), truncate=truncate,
-                        backend=self.backend)[0]
+                        backend=self.backend, json_schema=json_schema, regex=regex, grammar=grammar)[0]
 
     def generate(self, prompt: str | Sequence[int], *, truncate: bool = False, **sampling) -> str:
-        """The completion text for a prompt; keyword arguments are `SamplingParams` fields."""
+        """The completion text for a prompt; keyword arguments are `SamplingParams` fields, and
+        json_schema / regex / grammar for structured output."""
         return self.complete(prompt, truncate=truncate, **sampling).text
 
-    def generate_batch(self, prompts: Sequence[str | Sequence[int]], **sampling) -> list[Completion]:
-        return generate(self.model, self.tokenizer, prompts, SamplingParams(**sampling), backend=self.backend)
+    def generate_batch(self, prompts: Sequence[str | Sequence[int]], *, json_schema=None, regex=None, grammar=None,
+                       **sampling) -> list[Completion]:
+        return generate(self.model, self.tokenizer, prompts, SamplingParams(**sampling), backend=self.backend,
+                        json_schema=json_schema, regex=regex, grammar=grammar)
 
-    def stream(self, prompt: str | Sequence[int], *, truncate: bool = False, **sampling) -> Iterator[str]:
+    def stream(self, prompt: str | Sequence[int], *, truncate: bool = False, json_schema=None, regex=None,
+               grammar=None, **sampling) -> Iterator[str]:
         """The completion text, piece by piece, as soon as each piece is final."""
         for chunk in stream(self.model, self.tokenizer, prompt, SamplingParams(**sampling), truncate=truncate,
-                            backend=self.backend):
+                            backend=self.backend, json_schema=json_schema, regex=regex, grammar=grammar):
             if chunk.text:
                 yield chunk.text
 

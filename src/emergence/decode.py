@@ -5,6 +5,9 @@ thread, letting requests join and leave between steps. A step:
 
 1. every row chooses its next token from its pending logits (penalties, logit bias,
    temperature and the filters, its own random generator; plain greedy rows share one argmax);
+   a row under a structured-output constraint (structured.py: a JSON schema, regex or
+   grammar) first has its logits masked to the tokens its grammar allows, and its grammar
+   advances on the token chosen;
 2. every row emits what became final: stop ids and strings, streamed text that never splits a
    character or shows the start of a stop string, logprobs;
 3. finished rows leave and free their KV blocks;
@@ -84,6 +87,7 @@ class Row:
     # joins and shared by its forks.
     source: list[int] | None = None
     cross: Any = None
+    constraint: Any = None  # structured.RowConstraint: where the row is in its grammar (None: free text)
 
     @property
     def history(self) -> list[int]:
@@ -95,8 +99,11 @@ class Row:
         processed = process_logits(logits, self.params, self.seen, self.counts)
         if self.params.no_repeat_ngram_size:
             banned = banned_ngram_tokens(self.history, self.params.no_repeat_ngram_size)
+            unbanned = processed
             processed = processed.clone()  # (may be the batch's own logits)
             processed[0, banned] = float("-inf")
+            if self.constraint is not None and processed.max() == float("-inf"):
+                processed = unbanned  # the grammar allows only banned tokens: the grammar wins
         return int(choose(processed, self.params.greedy, self.generator))
 
     def emit(self, token: int, raw_logits: torch.Tensor | None) -> tuple[Chunk, bool]:
@@ -112,6 +119,10 @@ class Row:
         text, stopped = self._advance_text(self.decoder.push(token))
         if stopped:
             return Chunk(text, [token], logprobs, "stop"), True
+        if self.constraint is not None:
+            self.constraint.advance(token)
+            if self.constraint.finished:  # the grammar is complete: nothing may follow
+                return Chunk(text + self._flush(), [token], logprobs, "stop"), True
         if len(self.token_ids) >= self.max_new:
             return Chunk(text + self._flush(), [token], logprobs, "length"), True
         return Chunk(text, [token], logprobs), False
@@ -179,6 +190,11 @@ def new_row(tag: Any, prompt: list[int], params: SamplingParams, config, tokeniz
     row = Row(tag, params, list(prompt), min(params.max_new_tokens, config.block_size - len(prompt)),
               tokenizer.stream_decoder(), generator, set(params.stop_token_ids) | (set() if params.ignore_eos else eos),
               source=source)
+    if params.constraint is not None:
+        constraint = params.constraint
+        if constraint.tokenizer is not tokenizer and constraint.tokenizer.fingerprint() != tokenizer.fingerprint():
+            raise InvalidArgument("the constraint was compiled for another tokenizer than the model's")
+        row.constraint = constraint.start()
     if params.needs_history and row.max_new > 0:
         row.seen = torch.zeros(1, config.vocab_size, dtype=torch.bool, device=device)
         row.seen[0, torch.tensor(prompt, device=device)] = True
@@ -293,6 +309,8 @@ class DecodeBatch:
         row.decoder = parent.decoder.copy()
         if parent.seen is not None and row.seen is not None:
             row.seen, row.counts = parent.seen.clone(), parent.counts.clone()
+        if parent.constraint is not None and row.params.constraint is parent.params.constraint:
+            row.constraint = parent.constraint.copy()  # where the parent is in the grammar
         return row
 
     # -------------------------------------------------------------------- joining
@@ -359,13 +377,18 @@ class DecodeBatch:
         logits = self.logits
         if self.unused is not None:
             logits[:, self.unused] = float("-inf")
+        raw = self._constrain(logits)
         # plain greedy rows (the common case) take their tokens from one argmax over the batch
         argmax = logits.argmax(dim=-1).tolist() if any(r.params.plain_greedy for r in self.rows) else None
         events, finished, tokens = [], [], []
         for b, row in enumerate(self.rows):
             # (no per-row tensor ops unless needed: under load each is a chance to lose the GIL)
+            if row.constraint is not None and row.constraint.dead:  # its grammar allows nothing more
+                events.append((row, Chunk(row._flush(), [], [], "length")))
+                finished.append(row)
+                continue
             token = argmax[b] if row.params.plain_greedy else row.choose(logits[b:b + 1])
-            chunk, done = row.emit(token, logits[b] if row.params.logprobs is not None else None)
+            chunk, done = row.emit(token, raw.get(b, logits[b]) if row.params.logprobs is not None else None)
             events.append((row, chunk))
             if done:
                 finished.append(row)
@@ -374,6 +397,19 @@ class DecodeBatch:
         self.remove(finished)
         self.advance(tokens)
         return events
+
+    def _constrain(self, logits: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Mask the constrained rows' logits in place to what their grammars allow (structured.py);
+        returns the raw logits of those that report logprobs (which are the model's)."""
+        rows = [b for b, r in enumerate(self.rows) if r.constraint is not None and not r.constraint.dead]
+        if not rows:
+            return {}
+        from .structured import mask_logits
+
+        raw = {b: logits[b].clone() for b in rows if self.rows[b].params.logprobs is not None}
+        mask_logits(logits, rows, [self.rows[b].constraint for b in rows],
+                    [sorted(self.rows[b].stop_ids) for b in rows])
+        return raw
 
     def advance(self, tokens: Sequence[int]) -> None:
         """Feed token b to row b (every row of the batch) and compute the next logits; rows

@@ -12,8 +12,10 @@ completions each, best first.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import dataclasses
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from .beam import BeamGroup, Hypothesis, beam_search, check_beam_params
 from .decode import Chunk, DecodeBatch, TokenLogprob, end_ids, new_row
@@ -83,15 +85,36 @@ def decode_steps(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[lis
             yield row.tag, chunk
 
 
+def constrained(tokenizer: Tokenizer, params: SamplingParams, json_schema: Mapping[str, Any] | str | None = None,
+                regex: str | None = None, grammar: str | None = None) -> SamplingParams:
+    """params with the structured-output constraint asked for (structured.py), if any."""
+    if json_schema is None and regex is None and grammar is None:
+        return params
+    from .structured import compile_constraint
+
+    constraint = compile_constraint(tokenizer, json_schema=json_schema, regex=regex, grammar=grammar)
+    return dataclasses.replace(params, constraint=constraint)
+
+
 def generate(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[str | Sequence[int]],
              params: SamplingParams | Sequence[SamplingParams] = SamplingParams(), *,
-             truncate: bool = False, backend: str = "auto") -> list[Completion]:
+             truncate: bool = False, backend: str = "auto", json_schema: Mapping[str, Any] | str | None = None,
+             regex: str | None = None, grammar: str | None = None) -> list[Completion]:
     """Complete every prompt (batched); the result for each equals what it gets alone.
 
     One completion per prompt, in order; a prompt searched with beams gives its
-    `num_return_sequences` best, best first (transformers' prompt-major order)."""
+    `num_return_sequences` best, best first (transformers' prompt-major order).
+
+    json_schema / regex / grammar (a Lark grammar's text): every completion is constrained to
+    match it (structured.py); one that runs out of max_new_tokens first ends with "length".
+    Per-prompt constraints go in each SamplingParams' `constraint`."""
     if isinstance(params, SamplingParams):
         params = [params] * len(prompts)
+    if json_schema is not None or regex is not None or grammar is not None:
+        from .structured import compile_constraint
+
+        constraint = compile_constraint(tokenizer, json_schema=json_schema, regex=regex, grammar=grammar)
+        params = [dataclasses.replace(sp, constraint=constraint) for sp in params]
     for sp in params:
         check_beam_params(sp)
     source = model.config.is_encoder_decoder
@@ -157,8 +180,10 @@ def _completion(h: Hypothesis, group: BeamGroup, prompt_tokens: int, tokenizer: 
 
 def stream(model: Transformer, tokenizer: Tokenizer, prompt: str | Sequence[int],
            params: SamplingParams = SamplingParams(), *, truncate: bool = False,
-           backend: str = "auto") -> Iterator[Chunk]:
-    """Yield chunks of one completion as they become final."""
+           backend: str = "auto", json_schema: Mapping[str, Any] | str | None = None, regex: str | None = None,
+           grammar: str | None = None) -> Iterator[Chunk]:
+    """Yield chunks of one completion as they become final (constrained as `generate` says)."""
+    params = constrained(tokenizer, params, json_schema, regex, grammar)
     if params.num_beams > 1:  # a beam search knows its result only at the end
         c = generate(model, tokenizer, [prompt], params, truncate=truncate, backend=backend)[0]
         yield Chunk(c.text, c.token_ids, [], c.finish_reason)

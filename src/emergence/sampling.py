@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -48,6 +49,9 @@ class SamplingParams:
     length_penalty: float = 1.0
     early_stopping: bool | str = False
     num_return_sequences: int = 1
+    # Structured output (structured.py): a compiled JSON schema, regex or grammar the output
+    # must match; each row masks its logits to what the grammar allows next.
+    constraint: Any = None
 
     def __post_init__(self) -> None:
         for name in ("temperature", "top_p", "min_p", "typical_p", "repetition_penalty",
@@ -85,6 +89,14 @@ class SamplingParams:
         for ok, message in checks:
             if not ok:
                 raise InvalidArgument(message)
+        if self.constraint is not None:
+            from .structured import Constraint
+
+            if not isinstance(self.constraint, Constraint):
+                raise InvalidArgument("constraint must be a structured.Constraint (structured.compile_constraint)")
+            if self.num_beams > 1:
+                raise InvalidArgument("structured output (a JSON schema, regex or grammar) does not work with beam "
+                                      "search yet; use num_beams 1")
         for token, bias in self.logit_bias.items():
             if isinstance(token, bool) or not isinstance(token, int) or token < 0:
                 raise InvalidArgument(f"logit_bias keys must be token ids >= 0, got {token!r}")
@@ -105,7 +117,8 @@ class SamplingParams:
     def plain_greedy(self) -> bool:
         """Greedy with no processor that changes the logits: the token is the raw argmax."""
         return (self.greedy and not self.logit_bias and self.repetition_penalty == 1
-                and not self.presence_penalty and not self.frequency_penalty and not self.no_repeat_ngram_size)
+                and not self.presence_penalty and not self.frequency_penalty and not self.no_repeat_ngram_size
+                and self.constraint is None)
 
     @property
     def needs_history(self) -> bool:

@@ -230,6 +230,7 @@ class Server:
     async def completions(self, req: CompletionRequest, state: RequestState, http: HttpRequest):
         adapter = self.check_model(req.model)
         options = sampling(req, self.defaults)
+        await self._constrain(options, req.response_format)
         prompts = await self._in_thread(self._prompts, req.prompt)
         # an encoder-decoder's decoder starts from one token, whatever the prompt's length
         jobs = [(p * options.n + j, ids, options.for_prompt(1 if self.encoder_decoder else len(ids), self.context, j,
@@ -267,9 +268,7 @@ class Server:
     async def chat_completions(self, req: ChatCompletionRequest, state: RequestState, http: HttpRequest):
         adapter = self.check_model(req.model)
         options = sampling(req, self.defaults)
-        if req.response_format is not None and req.response_format.type != "text":
-            raise ApiError(400, f"response_format {req.response_format.type!r} (structured output) is not supported "
-                                "yet; only 'text'", "response_format")
+        await self._constrain(options, req.response_format)
         if req.tool_choice == "required" or isinstance(req.tool_choice, NamedToolChoice):
             raise ApiError(400, "a required or named tool_choice needs constrained decoding, not supported yet; "
                                 "'auto' and 'none' are", "tool_choice")
@@ -368,6 +367,25 @@ class Server:
                 "usage": {"prompt_tokens": state.prompt_tokens, "total_tokens": state.prompt_tokens}}
 
     # --------------------------------------------------------------------------- helpers
+    def constraint(self, kind: str, schema=None):
+        """Structured output (structured.py) for this model's tokenizer: kind "json_object", or
+        "json_schema" with its schema (none: any JSON object); InvalidArgument with the engine's
+        message when it cannot be compiled."""
+        from ..structured import json_object, json_schema
+
+        if kind == "json_schema" and schema is not None:
+            return json_schema(schema, self.lm.tokenizer)
+        return json_object(self.lm.tokenizer)
+
+    async def _constrain(self, options, response_format) -> None:
+        """OpenAI's response_format ("text", "json_object", "json_schema") into the sampling
+        parameters, compiled in a worker thread (a large schema may take a while)."""
+        if response_format is None or response_format.type == "text":
+            return
+        schema = response_format.json_schema.json_schema if response_format.json_schema is not None else None
+        options.params["constraint"] = await self._in_thread(self.constraint, response_format.type, schema,
+                                                             param="response_format")
+
     def _ids(self, item, param: str) -> list[int]:
         if isinstance(item, str):
             return self.lm.tokenizer.encode(item)

@@ -43,13 +43,19 @@ def add_ollama_routes(app: FastAPI, server, authorized, state_of) -> None:
     info = _ModelInfo(server)
 
     def begin(body: OllamaGenerate | OllamaChat, request: HttpRequest):
-        """A generating request's state, once its model is the served one and it asks for no 'format'."""
+        """A generating request's state, once its model is the served one."""
         state = state_of(request)
         state.model = body.model
         _check(server, body.model)
-        if body.format:
-            raise ApiError(400, "'format' (structured output) is not supported yet")
+        if isinstance(body.format, str) and body.format not in ("", "json"):
+            raise ApiError(400, "'format' must be \"json\" or a JSON schema object", "format")
         return state
+
+    async def constrain(body: OllamaGenerate | OllamaChat, options: dict) -> None:
+        """Ollama's structured output: format "json" (any JSON object) or a JSON schema."""
+        if body.format:
+            kind = "json_schema" if isinstance(body.format, dict) else "json_object"
+            options["constraint"] = await server._in_thread(server.constraint, kind, body.format, param="format")
 
     @app.get("/api/version", summary="Ollama: the API version")
     async def version():
@@ -76,6 +82,7 @@ def add_ollama_routes(app: FastAPI, server, authorized, state_of) -> None:
             raise ApiError(400, "a per-request template is not supported (emergence's templates are Jinja: put one "
                                 "in the model's Modelfile)")
         options = (body.options or OllamaOptions()).sampling(server.defaults)
+        await constrain(body, options)
         system = body.system if body.system is not None else server.system
         if body.raw or server.template.name == "plain":  # a base model continues the text, as {{ .Prompt }} does
             ids = await server._in_thread(lambda: server.lm.tokenizer.encode(
@@ -100,6 +107,7 @@ def add_ollama_routes(app: FastAPI, server, authorized, state_of) -> None:
         if not body.messages:
             raise ApiError(400, "'messages' must hold at least one message", "messages")
         options = (body.options or OllamaOptions()).sampling(server.defaults)
+        await constrain(body, options)
         messages = [{"role": m.role, "content": m.content} for m in body.messages]
         if server.system is not None and not any(m["role"] == "system" for m in messages):
             messages = [{"role": "system", "content": server.system}, *messages]

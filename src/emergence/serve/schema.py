@@ -138,6 +138,24 @@ class SamplingFields(Request):
         return self
 
 
+class JsonSchemaFormat(Strict):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type 'json_schema' needs its 'json_schema' object")
+        return self
+
+
 class CompletionRequest(SamplingFields):
     """POST /v1/completions."""
 
@@ -147,6 +165,7 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
+    response_format: ResponseFormat | None = None  # as on chat completions (vLLM takes it here too)
 
 
 class ContentPart(Strict):
@@ -211,24 +230,6 @@ class NamedFunction(Strict):
 class NamedToolChoice(Strict):
     type: Literal["function"]
     function: NamedFunction
-
-
-class JsonSchemaFormat(Strict):
-    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
-    description: str | None = None
-    json_schema: dict[str, Any] | None = Field(None, alias="schema")
-    strict: bool | None = None
-
-
-class ResponseFormat(Strict):
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: JsonSchemaFormat | None = None
-
-    @model_validator(mode="after")
-    def _schema_given(self):
-        if self.type == "json_schema" and self.json_schema is None:
-            raise ValueError("type 'json_schema' needs its 'json_schema' object")
-        return self
 
 
 class ChatCompletionRequest(SamplingFields):
