@@ -1,0 +1,105 @@
+"""Search's batching: N samples of one prompt against one sample, emergence-6m on the CPU.
+
+The N samples of a prompt are forks of its row in one decode batch (search/policy.py's
+LocalPolicy): the prompt is prefilled once, its KV blocks are shared, and each step decodes
+the N rows together through the native batched step (decode.cpp). Issue 19's target: N = 16
+samples cost at most 3x the wall time of one sample.
+
+Workload: a generated 4-step word problem in the search prompt template (search/prompt.py),
+temperature 0.8, every sample running exactly --new-tokens tokens (ignore_eos). Timed: one
+whole `LocalPolicy.generate` call (prefill and every step), best and median of --reps, after
+one untimed warm-up. For reference, the same N samples without sharing: N copies of the
+prompt as N prompts of one sample each (each prefilled, no forks).
+
+    python bench/bench_search_batching.py                          # the full benchmark
+    python bench/bench_search_batching.py --new-tokens 16 --reps 1 # a quick check
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import ROOT, commit, machine  # noqa: E402
+
+import emergence  # noqa: E402
+from emergence.problems import generate_problems  # noqa: E402
+from emergence.search import LocalPolicy, format_prompt  # noqa: E402
+
+TARGET = 3.0
+
+
+def timed(fn, reps: int) -> list[float]:
+    fn()  # warm-up (kernels built and loaded, caches hot)
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=16, help="samples of the prompt (default %(default)s)")
+    parser.add_argument("--new-tokens", type=int, default=128, help="tokens per sample (default %(default)s)")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--model", default="emergence-6m")
+    parser.add_argument("--out", default=str(ROOT / "bench/results/search_batching.json"))
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    lm = emergence.load(args.model, device="cpu")
+    policy = LocalPolicy(lm, seed=0)
+    prompt = format_prompt(generate_problems(1, "4", seed=0)[0]["question"])
+    prompt_tokens = len(lm.tokenizer.encode(prompt))
+    stats = {}
+
+    def run(prompts, n):
+        def go():
+            gens = policy.generate(prompts, n, temperature=0.8, max_tokens=args.new_tokens, ignore_eos=True)
+            assert all(s.tokens == args.new_tokens for g in gens for s in g.samples)
+            stats[(len(prompts), n)] = dict(policy.last_stats)
+        return go
+
+    one = timed(run([prompt], 1), args.reps)
+    shared = timed(run([prompt], args.n), args.reps)
+    unshared = timed(run([prompt] * args.n, 1), args.reps)
+    backend = stats[(1, args.n)]["backend"]
+    ratio = min(shared) / min(one)
+    result = {
+        "date": datetime.date.today().isoformat(), "commit": commit(), "machine": machine(),
+        "threads": torch.get_num_threads(), "model": args.model, "backend": backend, "n": args.n,
+        "new_tokens": args.new_tokens, "prompt_tokens": prompt_tokens, "reps": args.reps,
+        "one_sample_s": {"best": min(one), "median": statistics.median(one)},
+        "n_samples_shared_s": {"best": min(shared), "median": statistics.median(shared)},
+        "n_prompts_unshared_s": {"best": min(unshared), "median": statistics.median(unshared)},
+        "ratio_n_over_one": ratio, "ratio_median": statistics.median(shared) / statistics.median(one),
+        "target_ratio": TARGET, "target_met": ratio <= TARGET,
+        "shared_stats": {k: v for k, v in stats[(1, args.n)].items() if k != "prompt_block_refs"},
+    }
+    print(f"{args.model} ({backend} step, {result['threads']} threads), prompt {prompt_tokens} tokens, "
+          f"{args.new_tokens} new tokens per sample:")
+    print(f"  1 sample            {min(one) * 1e3:8.1f} ms (median {statistics.median(one) * 1e3:.1f})")
+    print(f"  {args.n} samples, shared {min(shared) * 1e3:8.1f} ms (median {statistics.median(shared) * 1e3:.1f})"
+          f"  = {ratio:.2f}x one sample (target <= {TARGET:g}x: {'met' if ratio <= TARGET else 'NOT met'})")
+    print(f"  {args.n} prompts, unshared {min(unshared) * 1e3:6.1f} ms (median "
+          f"{statistics.median(unshared) * 1e3:.1f})")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"results written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
