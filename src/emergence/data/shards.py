@@ -241,10 +241,15 @@ def prepare_corpus(inputs: Sequence[str], tokenizer: Tokenizer, out: str | Path,
         for w in writers.values():
             w.close()
         progress.close()
+    return _finish(out, tokenizer, dtype, writers, val_fraction, sources)
+
+
+def _finish(out: Path, tokenizer: Tokenizer, dtype: np.dtype, writers: dict, val_fraction: float,
+            sources: list[dict]) -> dict:
     tokenizer.save(out / TOKENIZER_DIR)
     manifest = {
         "format": FORMAT, "version": VERSION,
-        "tokenizer": {"hash": tokenizer.fingerprint(), "vocab_size": tokenizer.vocab_size, "eos_id": eos},
+        "tokenizer": {"hash": tokenizer.fingerprint(), "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id},
         "dtype": dtype.name, "val_fraction": val_fraction,
         "splits": {s: {"tokens": w.tokens, "shards": w.shards} for s, w in writers.items()},
         "sources": sources,
@@ -253,6 +258,28 @@ def prepare_corpus(inputs: Sequence[str], tokenizer: Tokenizer, out: str | Path,
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")
     os.replace(tmp, out / MANIFEST)  # the manifest appears last: a folder without one is incomplete
     return manifest
+
+
+def write_token_shards(splits: dict[str, np.ndarray], tokenizer: Tokenizer, out: str | Path, *,
+                       source: str, shard_tokens: int = DEFAULT_SHARD_TOKENS) -> dict:
+    """Shards of token ids made elsewhere (a teacher model's samples: ids, not text, so nothing
+    is re-tokenized): splits {"train": (N,), "val": (M,)} of ids < tokenizer.vocab_size, written
+    as prepare_corpus writes them; `source` names where they came from in the manifest."""
+    out = Path(out)
+    if (out / MANIFEST).exists() or any(out.glob("*.bin")):
+        raise InvalidArgument(f"{out} already holds token shards; choose an empty folder")
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32)
+    writers = {s: _ShardWriter(out, s, dtype, shard_tokens) for s in SPLITS}
+    for name, ids in splits.items():
+        if name not in writers:
+            raise InvalidArgument(f"unknown split {name!r}; use {', '.join(SPLITS)}")
+        writers[name].write(np.asarray(ids))
+        writers[name].close()
+    total = sum(len(ids) for ids in splits.values())
+    val = len(splits.get("val", ()))
+    return _finish(out, tokenizer, dtype, writers, val / total if total else 0.0,
+                   [{"path": source, "tokens": total, "documents": None}])
 
 
 def _batches(docs: list[str]) -> Iterator[list[str]]:
