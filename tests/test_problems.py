@@ -246,10 +246,10 @@ def test_user_rows_in_either_shape(tmp_path):
     ('{"question": "a?"}\n', r"bad\.jsonl:1: missing 'answer'"),
     ('{"question": "a?", "answer": "many"}\n', r"bad\.jsonl:1: 'answer' must be a number"),
     ('{"question": "a?", "answer": "it is\\n#### lots"}\n', r"bad\.jsonl:1: 'answer' must be a number"),
-    ('[1, 2]\n', r"bad\.jsonl:1: a problem is a JSON object"),
+    ('[1, 2]\n', r"bad\.jsonl:1: expected a JSON object, got list"),
     ('{"question": "a?", "answer": 1, "steps": "Step 1: 1 + 0 = 1"}\n', r"bad\.jsonl:1: 'steps' must be a list"),
     ('{"question": "a?", "answer": 1, "difficulty": "hard"}\n', r"bad\.jsonl:1: 'difficulty' must be an integer"),
-    ('\n\n', r"bad\.jsonl holds no problems"),
+    ('\n\n', r"bad\.jsonl is empty: no rows"),
 ])
 def test_bad_problem_files_name_file_and_line(tmp_path, content, message):
     path = tmp_path / "bad.jsonl"
@@ -260,7 +260,7 @@ def test_bad_problem_files_name_file_and_line(tmp_path, content, message):
 
 
 def test_a_missing_problem_file():
-    with pytest.raises(InvalidArgument, match="cannot read problems from /nonexistent/p.jsonl"):
+    with pytest.raises(InvalidArgument, match="data file not found: /nonexistent/p.jsonl"):
         load_problems("/nonexistent/p.jsonl")
 
 

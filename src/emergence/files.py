@@ -1,7 +1,8 @@
-"""Small file-system helpers shared by everything that writes atomically (checkpoints, the store)."""
+"""Small file-system helpers: atomic writes (checkpoints, the store), output checks, JSONL rows."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -46,3 +47,33 @@ def check_output(path: str | os.PathLike, *, folder: bool, force: bool, flag: st
     if not os.access(existing_parent, os.W_OK | os.X_OK):
         raise InvalidArgument(f"cannot write {path}: {existing_parent} is not writable")
     return path
+
+
+def read_jsonl(path: str | os.PathLike) -> list[tuple[str, dict]]:
+    """(where, row) for each non-blank line of a JSONL file, where = "path:line"; a missing or
+    unreadable file, bad JSON, a row that is not an object or no rows at all: InvalidArgument
+    naming the file (and line)."""
+    from .errors import InvalidArgument
+
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise InvalidArgument(f"data file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InvalidArgument(f"cannot read {path}: {' '.join(str(e).split())}") from None
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InvalidArgument(f"{where}: not valid JSON: {e.msg} (column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise InvalidArgument(f"{where}: expected a JSON object, got {type(row).__name__}")
+        rows.append((where, row))
+    if not rows:
+        raise InvalidArgument(f"{path} is empty: no rows")
+    return rows

@@ -722,22 +722,10 @@ def load_problems(path: str | os.PathLike) -> list[dict]:
     None) and "source" ("FILE:LINE"); a GSM8K answer text is kept as "reasoning", and other keys
     are kept. Blank lines are skipped. Bad JSON, a row that is not an object, or a missing or
     malformed field raises InvalidArgument naming the file and line."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise InvalidArgument(f"cannot read problems from {path}: {getattr(e, 'strerror', None) or e}") from None
+    from .files import read_jsonl
+
     rows = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InvalidArgument(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(row, dict):
-            raise InvalidArgument(f"{where}: a problem is a JSON object, got {type(row).__name__}")
+    for where, row in read_jsonl(path):
         for key in ("question", "answer"):
             if key not in row:
                 raise InvalidArgument(f"{where}: missing {key!r} (a problem needs 'question' and 'answer')")
@@ -754,8 +742,6 @@ def load_problems(path: str | os.PathLike) -> list[dict]:
             out["reasoning"] = row["answer"]
         out.update(answer=_answer_value(row["answer"], where), steps=steps, difficulty=difficulty, source=where)
         rows.append(out)
-    if not rows:
-        raise InvalidArgument(f"{path} holds no problems")
     return rows
 
 

@@ -33,7 +33,6 @@ the completion and EOS (as TRL does).
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -44,6 +43,7 @@ import torch
 
 from ..chat import ChatTemplate, template_variables
 from ..errors import InvalidArgument
+from ..files import read_jsonl  # the rows' reader (re-exported: align and rl read rows through it)
 from ..tokenizer import Tokenizer
 from ..train.objectives import IGNORE_INDEX
 
@@ -87,32 +87,6 @@ class SFTBatch(NamedTuple):
 
 
 # ------------------------------------------------------------------ reading rows
-def read_jsonl(path: str | Path) -> list[tuple[str, dict]]:
-    """(where, row) for each non-blank line of a JSONL file; where = "path:line"."""
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise InvalidArgument(f"data file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise InvalidArgument(f"cannot read {path}: {' '.join(str(e).split())}") from None
-    rows = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InvalidArgument(f"{where}: not valid JSON: {e.msg} (column {e.colno})") from None
-        if not isinstance(row, dict):
-            raise InvalidArgument(f"{where}: expected a JSON object, got {type(row).__name__}")
-        rows.append((where, row))
-    if not rows:
-        raise InvalidArgument(f"{path} is empty: no rows")
-    return rows
-
-
 def detect_format(row: dict, where: str) -> str:
     """The first format of FORMATS whose keys the row has; else InvalidArgument saying what is missing."""
     for fmt in FORMATS:
