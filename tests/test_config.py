@@ -341,7 +341,10 @@ def configs(draw) -> Config:
     if family == "phi3":
         switches["rotary_dim"] = draw(st.none() | st.integers(1, head_dim // 2 - 1).map(lambda k: 2 * k)) \
             if head_dim > 2 else None
-    return Config(**common, n_embd=draw(st.integers(1, 256)) * 2, n_kv_head=n_kv_head, head_dim=head_dim,
+    n_embd = n_head * head_dim if family == "bitnet" else draw(st.integers(1, 256)) * 2  # BitNet: n_embd-wide sub-norm
+    if family == "bitnet":
+        switches["mlp"] = draw(st.sampled_from(["relu2_glu", "swiglu"]))
+    return Config(**common, n_embd=n_embd, n_kv_head=n_kv_head, head_dim=head_dim,
                   rope_theta=theta, rope_scaling=scaling, sliding_window=window, **switches)
 
 

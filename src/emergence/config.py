@@ -6,7 +6,8 @@ sit, whether the output head is tied to the embedding, and an optional sliding w
 families people run today add a few more (the "family switches" below): q/k norms (Qwen3,
 OLMo 2, Gemma 3), norms after each sublayer (OLMo 2, Gemma), soft-capped logits and
 alternating local/global layers (Gemma), parallel attention and MLP with partial rotary
-dimensions (GPT-NeoX, Falcon, Phi-2), layers without RoPE (SmolLM3).
+dimensions (GPT-NeoX, Falcon, Phi-2), layers without RoPE (SmolLM3), RMSNorms inside the
+sublayers before their output projections with a ReLU^2-gated MLP (BitNet).
 Those switches are fields here; `model.py` reads them and never looks at a model's name.
 
 `family` names the checkpoint naming scheme (Hugging Face `model_type`) used by the
@@ -25,7 +26,7 @@ from .errors import ConfigError
 
 # Hugging Face model_type names: the checkpoint naming schemes emergence reads and writes.
 FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "olmo2", "gpt_neox",
-            "falcon", "phi", "smollm3", "mixtral", "qwen2_moe", "olmoe")
+            "falcon", "phi", "smollm3", "mixtral", "qwen2_moe", "olmoe", "bitnet")
 MOE_FAMILIES = ("mixtral", "qwen2_moe", "olmoe")
 
 # The family switches, with the families whose checkpoints use each (a switch set on a model of
@@ -45,7 +46,11 @@ SWITCH_FAMILIES: dict[str, tuple[str, ...]] = {
     "head_bias": ("phi",),
     "n_experts": MOE_FAMILIES,
     "shared_expert_size": ("qwen2_moe",),
+    "sub_norms": ("bitnet",),
 }
+# MLP kinds only some families have (a model of another family is refused, as for the switches).
+MLP_FAMILIES: dict[str, tuple[str, ...]] = {"relu2_glu": ("bitnet",)}
+MLPS = ("swiglu", "geglu", "gelu", "gelu_exact", "relu2_glu")
 
 
 @dataclass
@@ -63,8 +68,8 @@ class Config:
     norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"  # a LayerNorm always has a bias
     norm_eps: float = 1e-5
     # gelu: GPT-2's tanh approximation; gelu_exact: the erf GELU (GPT-NeoX, Falcon); geglu: gated
-    # tanh GELU (Gemma)
-    mlp: Literal["swiglu", "geglu", "gelu", "gelu_exact"] = "swiglu"
+    # tanh GELU (Gemma); relu2_glu: relu(gate)^2 * up (BitNet b1.58 2B4T)
+    mlp: Literal["swiglu", "geglu", "gelu", "gelu_exact", "relu2_glu"] = "swiglu"
     position: Literal["rope", "learned"] = "rope"
     rope_theta: float = 10000.0
     # Llama-3 style frequency scaling: {"factor", "low_freq_factor", "high_freq_factor",
@@ -87,6 +92,7 @@ class Config:
     rope_local_theta: float | None = None  # RoPE base of the windowed layers (others use rope_theta)
     nope_every: int | None = None  # layers i with (i + 1) % nope_every == 0 use no RoPE
     head_bias: bool = False  # a bias on the output head
+    sub_norms: bool = False  # RMSNorm of the attention output before o_proj and of the MLP's hidden before down_proj
     # ---- mixture of experts (model.MoE): n_experts > 0 replaces the MLP of layers i with
     # (i + 1) % moe_every == 0 by experts_per_token of n_experts MLPs, picked per token by a router
     n_experts: int = 0
@@ -136,7 +142,7 @@ class Config:
             raise ConfigError(f"n_head={self.n_head} is not a multiple of n_kv_head={self.n_kv_head}")
         if self.position == "rope" and self.head_dim % 2:
             raise ConfigError(f"RoPE needs an even head_dim, got {self.head_dim}")
-        choices = {"norm": ("rmsnorm", "layernorm"), "mlp": ("swiglu", "geglu", "gelu", "gelu_exact"),
+        choices = {"norm": ("rmsnorm", "layernorm"), "mlp": MLPS,
                    "position": ("rope", "learned")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -187,6 +193,9 @@ class Config:
             if getattr(self, name) != defaults[name] and self.family not in families:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is a switch of {', '.join(families)}; "
                                   f"a {self.family!r} model has none (no family combines them)")
+        if self.family not in MLP_FAMILIES.get(self.mlp, (self.family,)):
+            raise ConfigError(f"mlp={self.mlp!r} is an MLP of {', '.join(MLP_FAMILIES[self.mlp])}; a {self.family!r} "
+                              "model has none (no family combines them)")
         if self.rotary_dim is not None and (self.position != "rope" or self.rotary_dim % 2
                                             or self.rotary_dim > self.head_dim):
             raise ConfigError(f"rotary_dim={self.rotary_dim} must be even and at most head_dim={self.head_dim}, "
@@ -238,8 +247,10 @@ class Config:
             attn += q + 2 * kv + d
         elif self.qkv_bias:
             attn += q + 2 * kv
-        n_mats = 3 if self.mlp in ("swiglu", "geglu") else 2
+        n_mats = 3 if self.mlp in ("swiglu", "geglu", "relu2_glu") else 2
         mlp = n_mats * d * self.intermediate_size
+        if self.sub_norms:
+            attn, mlp = attn + q, mlp + self.intermediate_size
         if self.bias:
             mlp += self.intermediate_size + d
         experts = self.experts_per_token if active else self.n_experts

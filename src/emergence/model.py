@@ -1,9 +1,10 @@
 """tokens -> logits: one decoder Transformer for the GPT-2, LLaMA, Qwen, Gemma, Phi, OLMo,
-GPT-NeoX and Falcon families.
+GPT-NeoX, Falcon and BitNet families.
 
 Every variant is a `Config` switch: learned positions or RoPE (with Llama-3 scaling, on all
 or the first `rotary_dim` dimensions of a head, or on no dimension in NoPE layers),
-LayerNorm or RMSNorm (before each sublayer, after it, or both), GELU, SwiGLU or GeGLU MLP,
+LayerNorm or RMSNorm (before each sublayer, after it, or both, and inside it before its output
+projection: BitNet's sub-norms), GELU, SwiGLU, GeGLU or ReLU^2-gated MLP,
 grouped-query attention with optional q/k norms and soft-capped scores, biases (all, or q/k/v
 only), tied embeddings, a sliding attention window (in every layer, or alternating with
 global layers), attention and MLP in sequence or in parallel, and soft-capped logits.
@@ -123,6 +124,8 @@ class Attention(nn.Module):
         # the weights), Gemma query_pre_attn_scalar ** -0.5.
         self.scale = config.attention_scale
         self.softcap = config.attn_softcap
+        # BitNet: RMSNorm over the heads' output before o_proj
+        self.sub_norm = RMSNorm(q_dim, config.norm_eps) if getattr(config, "sub_norms", False) else None
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 mask: torch.Tensor | None, cache: CacheView | None) -> torch.Tensor:
@@ -158,7 +161,8 @@ class Attention(nn.Module):
                                                scale=self.scale)
         else:  # SDPA has no hook between the scores and the softmax
             y = self._softcapped(q, k, v, mask, causal)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, H * self.head_dim))  # y was (B, H, T, hd)
+        y = y.transpose(1, 2).reshape(B, T, H * self.head_dim)  # y was (B, H, T, hd)
+        return self.o_proj(y if self.sub_norm is None else self.sub_norm(y))
 
     def _softcapped(self, q, k, v, mask, causal) -> torch.Tensor:
         """Attention with scores cap * tanh(s / cap) (Gemma 2), written out: (B, H, T, hd)."""
@@ -176,10 +180,10 @@ class Attention(nn.Module):
 
 # MLP kinds: (gated, activation). Gated ones multiply act(gate) by a second projection.
 # gelu is the tanh approximation (GPT-2's, Phi-2's, and T5 v1.1's and Gemma's gated one);
-# gelu_exact the erf one (GPT-NeoX, Falcon); relu is T5 v1.0's.
+# gelu_exact the erf one (GPT-NeoX, Falcon); relu is T5 v1.0's; relu2_glu gates by relu(x)^2 (BitNet).
 MLP_KINDS = {"swiglu": (True, F.silu), "geglu": (True, lambda x: F.gelu(x, approximate="tanh")),
              "gelu": (False, lambda x: F.gelu(x, approximate="tanh")), "gelu_exact": (False, F.gelu),
-             "relu": (False, F.relu)}
+             "relu": (False, F.relu), "relu2_glu": (True, lambda x: F.relu(x).square())}
 
 
 class MLP(nn.Module):
@@ -192,12 +196,16 @@ class MLP(nn.Module):
         else:
             self.up_proj = linear(d, f, bias=config.bias)
         self.down_proj = linear(f, d, bias=config.bias)
+        # BitNet: RMSNorm over the hidden activations before down_proj
+        self.sub_norm = RMSNorm(f, config.norm_eps) if getattr(config, "sub_norms", False) else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gated:
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-            return self.down_proj(self.act(gate) * up)
-        return self.down_proj(self.act(self.up_proj(x)))
+            h = self.act(gate) * up
+        else:
+            h = self.act(self.up_proj(x))
+        return self.down_proj(h if self.sub_norm is None else self.sub_norm(h))
 
 
 class MoE(nn.Module):

@@ -11,7 +11,8 @@ K-quants: the same float32 operations in the same order, round-half-away-from-ze
 uses `roundf`, float16 scales rounded to nearest even.
 
     dequantize: F32 F16 BF16 F64 I8 I16 I32 I64 Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q2_K Q3_K Q4_K Q5_K Q6_K Q8_K
-    quantize:   F32 F16 BF16 Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q4_K Q5_K Q6_K
+                TQ1_0 TQ2_0
+    quantize:   F32 F16 BF16 Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q4_K Q5_K Q6_K TQ1_0 TQ2_0
 
 Q4_K, Q5_K and Q6_K are quantized as ggml's reference quantizers do without an importance
 matrix (`quantize_row_q4_K_ref` / `_q5_K_ref` / `_q6_K_ref` in ggml-quants.c, what llama.cpp's
@@ -32,7 +33,8 @@ read only.
 
 Q8_K, ggml's intermediate dot-product format, is read (a float32 scale times int8 values) but
 never written. Q8_1 (whose block size the `gguf` package and ggml disagree on: 40 and 36 bytes),
-the IQ*, TQ*, MXFP4, NVFP4 and Q1_0 families are known by name and id but not supported.
+the IQ*, MXFP4, NVFP4 and Q1_0 families are known by name and id but not supported. TQ1_0 and
+TQ2_0, the ternary formats llama.cpp runs BitNet b1.58 models in, are read and written.
 
 The block quantizers expect finite inputs (as ggml does): a block whose scale is subnormal in
 float32 gives the same undefined integer casts as the reference. F32/F16/BF16 keep inf and NaN.
@@ -116,6 +118,8 @@ BLOCK_SIZES: dict[GGMLType, tuple[int, int]] = {
     GGMLType.Q5_K: (QK_K, 2 + 2 + 12 + QK_K // 8 + QK_K // 2),
     GGMLType.Q6_K: (QK_K, QK_K // 2 + QK_K // 4 + QK_K // 16 + 2),
     GGMLType.Q8_K: (QK_K, 4 + QK_K + 2 * QK_K // 16),
+    GGMLType.TQ1_0: (QK_K, (QK_K - 4 * QK_K // 64) // 5 + QK_K // 64 + 2),
+    GGMLType.TQ2_0: (QK_K, QK_K // 4 + 2),
 }
 
 # The types that have a torch dtype of their own (stored elements are usable as they are).
@@ -361,6 +365,69 @@ def _dequantize_q8_k(blocks: np.ndarray) -> np.ndarray:
     return d * blocks[:, 4:260].view(np.int8).astype(np.float32)
 
 
+# --- ternary blocks: TQ1_0 and TQ2_0 --------------------------------------------------------
+# 256 values in {-1, 0, 1} times one float16 scale d per block, the block's absmax (ggml-quants.c
+# quantize_row_tq1_0_ref / tq2_0_ref; gguf.quants.TQ1_0 / TQ2_0). TQ2_0 packs each value + 1 in
+# two bits: byte j of each 32-byte group holds elements j, j + 32, j + 64, j + 96 of its 128 at
+# bits 0, 2, 4, 6. TQ1_0 packs five trits per byte (1.6 bits per value): the base-3 number
+# q0 q1 q2 q3 q4 (q0 most significant) scaled to a byte as ceil(n * 256 / 243), so that the
+# trit k is read back as the top bits of byte * 3^k * 3 >> 8; the first 240 values fill 48 such
+# bytes (byte j of the first 32 holds elements j + 32 i, i = 0..4; of the next 16, 160 + j + 16 i),
+# the last 16 four trits per byte in 4 bytes (element 240 + j + 4 i in byte j).
+#
+# A BitNet b1.58 matrix is values * scale with one scale for the whole tensor (its absmean); the
+# absmax of every block holding a nonzero value is that scale, so these formats hold such a
+# matrix exactly, up to the float16 rounding of the scale (a relative 2^-11 at most; none when the
+# scale is a float16 value), and the values themselves exactly.
+
+_TRIT_POWERS = np.array([81, 27, 9, 3, 1], dtype=np.uint8)
+
+
+def _ternary_codes(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(n, 256) float32 -> (codes 0..2 = round(x / absmax) + 1 (n, 256) uint8, absmax (n, 1))."""
+    d = np.abs(blocks).max(axis=-1, keepdims=True)
+    q = _roundf(blocks * _inverse(d))
+    return (q.astype(np.int8) + np.int8(1)).astype(np.uint8), d
+
+
+def _quantize_tq2_0(blocks: np.ndarray) -> np.ndarray:
+    q, d = _ternary_codes(blocks)
+    q = q.reshape(len(blocks), -1, 4, 32) << np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)
+    qs = (q[:, :, 0] | q[:, :, 1] | q[:, :, 2] | q[:, :, 3]).reshape(len(blocks), QK_K // 4)
+    return np.concatenate([qs, _to_f16(d)], axis=-1)
+
+
+def _dequantize_tq2_0(blocks: np.ndarray) -> np.ndarray:
+    n = len(blocks)
+    q = _bits(blocks[:, :QK_K // 4].reshape(n, -1, 32), (0, 2, 4, 6), 0x03).reshape(n, QK_K)
+    return _f16(blocks[:, QK_K // 4:]) * (q.astype(np.float32) - 1)
+
+
+def _quantize_tq1_0(blocks: np.ndarray) -> np.ndarray:
+    q, d = _ternary_codes(blocks)
+    n = len(blocks)
+
+    def pack(part: np.ndarray, digits: int, width: int) -> np.ndarray:
+        powers = _TRIT_POWERS[:digits].astype(np.uint16).reshape(1, 1, digits, 1)
+        number = (part.reshape(n, -1, digits, width).astype(np.uint16) * powers).sum(axis=2, dtype=np.uint16)
+        return ((number.reshape(n, -1) * 256 + (243 - 1)) // 243).astype(np.uint8)
+
+    return np.concatenate([pack(q[:, :160], 5, 32), pack(q[:, 160:240], 5, 16), pack(q[:, 240:], 4, 4),
+                           _to_f16(d)], axis=-1)
+
+
+def _dequantize_tq1_0(blocks: np.ndarray) -> np.ndarray:
+    n = len(blocks)
+
+    def unpack(part: np.ndarray, digits: int) -> np.ndarray:
+        powers = _TRIT_POWERS[::-1][:digits].reshape(1, digits, 1)  # 1, 3, 9, ... (wrapping in uint8)
+        shifted = (part[:, None, :] * powers).astype(np.uint16)  # (n, digits, width)
+        return ((shifted * 3) >> 8).reshape(n, -1)
+
+    q = np.concatenate([unpack(blocks[:, :32], 5), unpack(blocks[:, 32:48], 5), unpack(blocks[:, 48:52], 4)], axis=-1)
+    return _f16(blocks[:, 52:54]) * (q.astype(np.float32) - 1)
+
+
 # --- K-quant quantizers: ggml's reference searches, vectorised across sub-blocks --------------
 # The searches work on "element-major" (k, m) arrays: column i is sub-block i, so that a sum over
 # a sub-block is k - 1 additions of contiguous rows, in the reference's order.
@@ -545,6 +612,7 @@ DEQUANTIZE: dict[GGMLType, Callable[[np.ndarray], np.ndarray]] = {
     GGMLType.Q8_0: _dequantize_q8_0,
     GGMLType.Q2_K: _dequantize_q2_k, GGMLType.Q3_K: _dequantize_q3_k, GGMLType.Q4_K: _dequantize_q4_k,
     GGMLType.Q5_K: _dequantize_q5_k, GGMLType.Q6_K: _dequantize_q6_k, GGMLType.Q8_K: _dequantize_q8_k,
+    GGMLType.TQ1_0: _dequantize_tq1_0, GGMLType.TQ2_0: _dequantize_tq2_0,
 }
 
 QUANTIZE: dict[GGMLType, Callable[[np.ndarray], np.ndarray]] = {
@@ -552,6 +620,7 @@ QUANTIZE: dict[GGMLType, Callable[[np.ndarray], np.ndarray]] = {
     GGMLType.Q4_0: _quantize_q4_0, GGMLType.Q4_1: _quantize_q4_1,
     GGMLType.Q5_0: _quantize_q5_0, GGMLType.Q5_1: _quantize_q5_1, GGMLType.Q8_0: _quantize_q8_0,
     GGMLType.Q4_K: _quantize_q4_k, GGMLType.Q5_K: _quantize_q5_k, GGMLType.Q6_K: _quantize_q6_k,
+    GGMLType.TQ1_0: _quantize_tq1_0, GGMLType.TQ2_0: _quantize_tq2_0,
 }
 
 # Quantizers that search (the K-quants): their many passes over a chunk run fastest when it

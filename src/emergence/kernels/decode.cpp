@@ -23,8 +23,9 @@
 // it or both; attention and MLP in sequence or in parallel (one norm or two); q/k norms per
 // head or over all heads; RoPE on all or the first rotary_dim dimensions of a head, from the
 // global or the local table, or none (per layer); a window per layer; scaled and soft-capped
-// attention scores; SwiGLU, GeGLU, tanh or erf GELU; embeddings scaled by sqrt(D); a head bias
-// and soft-capped logits. A mixture-of-experts layer routes each row to its top-k experts, groups
+// attention scores; SwiGLU, GeGLU, ReLU^2-gated, tanh or erf GELU MLPs; RMS sub-norms before the
+// attention's and the MLP's output projections (BitNet); embeddings scaled by sqrt(D); a head
+// bias and soft-capped logits. A mixture-of-experts layer routes each row to its top-k experts, groups
 // the rows by expert and reads only the chosen experts' weights, once per call (plus a shared
 // expert's, Qwen2-MoE).
 //
@@ -89,6 +90,7 @@ struct Layer {
   Linear qkv, o, up, down;  // up is gate_up (2F rows: gate then up) for a gated MLP
   at::Tensor attn_post_w, mlp_post_w;  // (D,) norms after the sublayers (post and sandwich norms)
   at::Tensor q_norm_w, k_norm_w;  // (hd,) per head, or (H hd,) and (KV hd,) over all heads; or empty
+  at::Tensor attn_sub_w, mlp_sub_w;  // (H hd,) and (F,) RMSNorms before o and down (BitNet); or empty
   int64_t window = 0;  // the keys a query sees (0: all)
   int rope = 1;  // 0: no RoPE (NoPE layer), 1: the global table, 2: the local one
   // A mixture of experts in place of up/down: the router (E rows) and each expert's gate_up
@@ -99,7 +101,7 @@ struct Layer {
 };
 
 // The family switches as numbers (fused_decode.py writes them from the Config).
-enum Mlp { SWIGLU = 0, GEGLU = 1, GELU_TANH = 2, GELU_ERF = 3 };
+enum Mlp { SWIGLU = 0, GEGLU = 1, GELU_TANH = 2, GELU_ERF = 3, RELU2_GLU = 4 };
 enum Placement { PRE = 0, POST = 1, SANDWICH = 2 };
 enum Parallel { SEQUENTIAL = 0, SHARED_NORM = 1, TWO_NORMS = 2 };
 enum QkNorm { NO_QK_NORM = 0, PER_HEAD = 1, ALL_HEADS = 2 };
@@ -144,7 +146,7 @@ class DecodePlan {
     TORCH_CHECK(kinds.size() == 8 && scalars.size() == 5, "kinds: 8 switches, scalars: 5 values");
     rms_norm_ = kinds[0] != 0, mlp_ = static_cast<int>(kinds[1]), placement_ = static_cast<int>(kinds[2]);
     parallel_ = static_cast<int>(kinds[3]), qk_norm_ = static_cast<int>(kinds[4]);
-    gated_ = mlp_ == SWIGLU || mlp_ == GEGLU;
+    gated_ = mlp_ == SWIGLU || mlp_ == GEGLU || mlp_ == RELU2_GLU;
     n_experts_ = kinds[5], top_k_ = kinds[6], norm_topk_ = kinds[7] != 0;
     eps_ = static_cast<float>(scalars[0]);
     scale_ = scalars[1] > 0 ? static_cast<float>(scalars[1]) : 1.0f / std::sqrt(static_cast<float>(hd_));
@@ -162,29 +164,32 @@ class DecodePlan {
     const int64_t qkv_rows = (H_ + 2 * KV_) * hd_;
     for (int64_t i = 0; i < n_layer_; ++i) {
       auto& w = layers[i];
-      TORCH_CHECK(w.size() == 22, "22 tensors per layer");
+      TORCH_CHECK(w.size() == 24, "24 tensors per layer");
       Layer l;
       l.attn_norm_w = w[0], l.attn_norm_b = w[1];
       l.qkv = make_linear(w[2], w[3], qkv_rows, D_);
       l.o = make_linear(w[4], w[5], D_, H_ * hd_);
       l.mlp_norm_w = w[6], l.mlp_norm_b = w[7];
-      if (present(w[16])) {  // a mixture of experts: router (E, D), gate_up (E, 2Fe, D), down (E, D, Fe)
+      l.attn_sub_w = w[16], l.mlp_sub_w = w[17];
+      TORCH_CHECK((!present(l.attn_sub_w) || l.attn_sub_w.numel() == H_ * hd_) &&
+                      (!present(l.mlp_sub_w) || l.mlp_sub_w.numel() == F_), "sub-norm weights of unexpected shape");
+      if (present(w[18])) {  // a mixture of experts: router (E, D), gate_up (E, 2Fe, D), down (E, D, Fe)
         // (the stacked weights are empty when the experts are packed: set_quantized fills them)
-        TORCH_CHECK(n_experts_ > 0 && expert_width > 0 && w[16].size(0) == n_experts_, "expert weights missing");
-        TORCH_CHECK(!present(w[17]) || (w[17].dim() == 3 && w[17].size(0) == n_experts_ && w[18].dim() == 3),
+        TORCH_CHECK(n_experts_ > 0 && expert_width > 0 && w[18].size(0) == n_experts_, "expert weights missing");
+        TORCH_CHECK(!present(w[19]) || (w[19].dim() == 3 && w[19].size(0) == n_experts_ && w[20].dim() == 3),
                     "expert weights of unexpected shape");
         l.expert_width = expert_width;
-        l.router = make_linear(w[16], at::Tensor(), n_experts_, D_);
+        l.router = make_linear(w[18], at::Tensor(), n_experts_, D_);
         for (int64_t e = 0; e < n_experts_; ++e) {
-          l.expert_up.push_back(make_linear(present(w[17]) ? w[17][e] : w[17], at::Tensor(), 2 * expert_width, D_));
-          l.expert_down.push_back(make_linear(present(w[18]) ? w[18][e] : w[18], at::Tensor(), D_, expert_width));
+          l.expert_up.push_back(make_linear(present(w[19]) ? w[19][e] : w[19], at::Tensor(), 2 * expert_width, D_));
+          l.expert_down.push_back(make_linear(present(w[20]) ? w[20][e] : w[20], at::Tensor(), D_, expert_width));
         }
-        if (present(w[19]) || present(w[21])) {  // a shared expert (its gate_up and down may be packed)
-          TORCH_CHECK(present(w[21]) && shared_width > 0, "shared expert weights missing");
+        if (present(w[21]) || present(w[23])) {  // a shared expert (its gate_up and down may be packed)
+          TORCH_CHECK(present(w[23]) && shared_width > 0, "shared expert weights missing");
           l.shared_width = shared_width;
-          l.shared_up = make_linear(w[19], at::Tensor(), 2 * l.shared_width, D_);
-          l.shared_down = make_linear(w[20], at::Tensor(), D_, l.shared_width);
-          l.shared_gate = make_linear(w[21], at::Tensor(), 1, D_);
+          l.shared_up = make_linear(w[21], at::Tensor(), 2 * l.shared_width, D_);
+          l.shared_down = make_linear(w[22], at::Tensor(), D_, l.shared_width);
+          l.shared_gate = make_linear(w[23], at::Tensor(), 1, D_);
         }
       } else {
         l.up = make_linear(w[8], w[9], gated_ ? 2 * F_ : F_, D_);
@@ -306,6 +311,7 @@ class DecodePlan {
         store_kv(k, v, l, rows_[b], q + H_ * hd_);
       }
       attention(k, v, l);
+      sub_norm(L.attn_sub_w, attn_.data(), B, H_ * hd_);
       if (parallel_ != SEQUENTIAL) {  // x + attn(n(x)) + mlp(n'(x)): the MLP reads x, not x + attn
         linear(L.o, attn_.data(), B, par_.data());
         if (parallel_ == TWO_NORMS) {
@@ -363,6 +369,12 @@ class DecodePlan {
           case GEGLU:
             for (int64_t i = 0; i < F_; ++i) a[i] = r(r(gelu_tanh(h[i])) * h[F_ + i]);
             break;
+          case RELU2_GLU:  // relu(gate)^2 * up
+            for (int64_t i = 0; i < F_; ++i) {
+              const float g = h[i] > 0 ? h[i] : 0.0f;
+              a[i] = r(r(g * g) * h[F_ + i]);
+            }
+            break;
           case GELU_TANH:
             for (int64_t i = 0; i < F_; ++i) a[i] = r(gelu_tanh(h[i]));
             break;
@@ -371,7 +383,19 @@ class DecodePlan {
         }
       }
     });
+    sub_norm(L.mlp_sub_w, act_.data(), B, F_);
     linear(L.down, act_.data(), B, tmp_.data());
+  }
+
+  // x (B, n) RMS-normed in place by a sub-norm of weight (n,), when the layer has one (BitNet).
+  void sub_norm(const at::Tensor& weight, float* x, int64_t B, int64_t n) {
+    if (!present(weight)) return;
+    const at::Tensor none;
+    head_tmp_.resize(n);
+    for (int64_t b = 0; b < B; ++b) {
+      norm(x + b * n, weight, none, head_tmp_.data(), n, true);
+      std::copy_n(head_tmp_.data(), n, x + b * n);
+    }
   }
 
   // out (B, D) = the mixture of experts of the rows x (B, D), as model.MoE computes it: for each

@@ -36,10 +36,10 @@ LAYER_SLOTS = ("attn_norm.weight", "attn_norm.bias", "attn.qkv_proj.weight", "at
                "attn.o_proj.weight", "attn.o_proj.bias", "mlp_norm.weight", "mlp_norm.bias",
                "mlp.up.weight", "mlp.up.bias", "mlp.down_proj.weight", "mlp.down_proj.bias",
                "attn_post_norm.weight", "mlp_post_norm.weight", "attn.q_norm.weight", "attn.k_norm.weight",
-               "mlp.router.weight", "mlp.gate_up_proj", "mlp.down_proj", "mlp.shared.gate_up_proj.weight",
+               "attn.sub_norm.weight", "mlp.sub_norm.weight", "mlp.router.weight", "mlp.gate_up_proj", "mlp.down_proj", "mlp.shared.gate_up_proj.weight",
                "mlp.shared.down_proj.weight", "mlp.shared_gate.weight")
 # The family switches as decode.cpp numbers them (its enums Mlp, Placement, Parallel, QkNorm).
-MLP_KINDS = {"swiglu": 0, "geglu": 1, "gelu": 2, "gelu_exact": 3}
+MLP_KINDS = {"swiglu": 0, "geglu": 1, "gelu": 2, "gelu_exact": 3, "relu2_glu": 4}
 PLACEMENTS = {"pre": 0, "post": 1, "sandwich": 2}
 PARALLEL = {None: 0, "shared-norm": 1, "two-norms": 2}
 QK_NORMS = {None: 0, "head": 1, "all": 2}
@@ -139,7 +139,7 @@ def build_plan(model: nn.Module, extension) -> tuple[object, bool]:
 
     def module_at(block: nn.Module, name: str) -> nn.Module | None:
         if name == "mlp.up":
-            name = "mlp.gate_up_proj" if c.mlp in ("swiglu", "geglu") else "mlp.up_proj"
+            name = "mlp.gate_up_proj" if c.mlp in ("swiglu", "geglu", "relu2_glu") else "mlp.up_proj"
         try:
             return block.get_submodule(name)
         except AttributeError:  # a norm this block does not have (post norms, q/k norms)

@@ -2,7 +2,7 @@
 
 Each family is written as the llama.cpp architecture its converter (convert_hf_to_gguf.py)
 makes of the Hugging Face checkpoint (`ARCHITECTURES`): llama (LLaMA, Mistral, Mixtral), qwen2,
-gpt2, qwen3, gemma2, gemma3, phi3, olmo2, gptneox, falcon, phi2, smollm3, qwen2moe and olmoe,
+gpt2, qwen3, gemma2, gemma3, phi3, olmo2, gptneox, falcon, phi2, smollm3, qwen2moe, olmoe and bitnet,
 with the metadata keys and tensor names and layouts that llama.cpp's loader reads
 (src/models/<arch>.cpp).
 
@@ -57,41 +57,65 @@ Norm weights are written as F32 and every matrix in the requested type (F32, F16
 ggml block format). A matrix whose rows do not fill whole blocks falls back as llama.cpp's
 quantizer does: Q4_K to Q5_0, Q5_K to Q5_1, Q6_K to Q8_0 (rows of 32-multiples), and to F16
 when its rows do not fill blocks of 32 either (every 32-block type goes straight to F16).
+Quantized layers (quant/linear.py) are written as their dequantized weights.
+
+Ternary models (BitNet b1.58: a ternary checkpoint's TernaryLinear layers, or a model training
+ternary, Config.ternary) are written in llama.cpp's ternary types, TQ2_0 (2.06 bits per weight)
+or TQ1_0 (1.69), as its converter writes them: the blocks' matrices ternary, the token embedding
+and an untied output head F16, norms F32, and a matrix whose rows are not a multiple of 256
+(TQ blocks) F16, as the converter falls back (gguf.quants refuses the shape). Every TQ block
+stores its absmax as its float16 scale, which for a matrix values * scale (one scale per
+tensor, BitNet's absmean) is that scale in every block holding a nonzero value: the file holds
+the model's values exactly and its scales rounded to float16 (F16 fallbacks hold the same
+numbers). llama.cpp multiplies TQ weights by activations quantized to 8 bits per block of 256
+(Q8_K), where the model quantizes them per token (act_bits=8): its logits differ by that.
+A model whose layers are not ternary is refused (`ConfigError` stating the relative error of
+rounding its matrices to ternary) unless forced: it is then rounded as quantize_model(model,
+"ternary") rounds it (one absmean scale per matrix), a large loss for a model not trained so.
+llama.cpp's bitnet architecture (BitNet's sub-norms; tied head; its MLP is SwiGLU, so the ReLU^2
+MLP of BitNet b1.58 2B4T cannot be written) takes any of the types too.
+
+On reading, TQ1_0 and TQ2_0 matrices whose nonzero values share one magnitude (all but BitNet's
+separately scaled q, k and v, which emergence fuses) become TernaryLinear layers with 8-bit
+activations again, the others float.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from ..config import Config
 from ..errors import CheckpointError, ConfigError, InvalidArgument
 from ..gguf import GGMLType, GGUFValue, GGUFValueType, read_gguf, write_gguf
 from ..gguf.quants import BLOCK_SIZES, quantize
 from ..gguf.vocab import tokenizer_from_gguf_metadata, tokenizer_to_gguf_metadata
-from ..model import Transformer, empty_model, finish_loading, rope_inv_freq
+from ..model import BitLinear, Transformer, empty_model, finish_loading, rope_inv_freq
 from ..tokenizer import Tokenizer
 
 # our family -> llama.cpp architecture (the one convert_hf_to_gguf.py writes for its checkpoints)
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gpt2": "gpt2", "qwen3": "qwen3",
                  "gemma2": "gemma2", "gemma3_text": "gemma3", "phi3": "phi3", "olmo2": "olmo2", "gpt_neox": "gptneox",
                  "falcon": "falcon", "phi": "phi2", "smollm3": "smollm3", "mixtral": "llama",
-                 "qwen2_moe": "qwen2moe", "olmoe": "olmoe"}
+                 "qwen2_moe": "qwen2moe", "olmoe": "olmoe", "bitnet": "bitnet"}
 # llama.cpp architecture -> our family (a llama file with a sliding window is Mistral's, one
 # with experts Mixtral's)
 FAMILIES = {arch: family for family, arch in ARCHITECTURES.items() if family not in ("mistral", "mixtral")}
 # The types we write: those our block quantizers produce (Q2_K and Q3_K are read, not written).
 FILE_TYPES = {t.name.lower(): t for t in (GGMLType.F32, GGMLType.F16, GGMLType.BF16, GGMLType.Q8_0, GGMLType.Q4_0,
                                           GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q4_K,
-                                          GGMLType.Q5_K, GGMLType.Q6_K)}
+                                          GGMLType.Q5_K, GGMLType.Q6_K, GGMLType.TQ1_0, GGMLType.TQ2_0)}
+TERNARY_TYPES = (GGMLType.TQ1_0, GGMLType.TQ2_0)
 # llama.cpp's `general.file_type` (enum llama_ftype) for each file type we write. Our K-quant
 # files hold one type throughout (no llama.cpp mix of Q6_K output and attn_v): Q4_K and Q5_K
 # are named as llama.cpp's "small" variants (Q4_K_S, Q5_K_S), the mostly-uniform ones.
 LLAMA_FTYPE = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "q2_k": 10, "q3_k": 12,
-               "q4_k": 14, "q5_k": 16, "q6_k": 18, "bf16": 32}
+               "q4_k": 14, "q5_k": 16, "q6_k": 18, "bf16": 32, "tq1_0": 36, "tq2_0": 37}
 # llama.cpp's replacement for a K-quant whose rows do not fill 256-blocks (llama_tensor_get_type).
 K_FALLBACK = {GGMLType.Q4_K: GGMLType.Q5_0, GGMLType.Q5_K: GGMLType.Q5_1, GGMLType.Q6_K: GGMLType.Q8_0}
 
@@ -120,6 +144,8 @@ ARCH_SWITCHES: dict[str, dict[str, tuple]] = {
     # qwen2moe and olmoe load no window and require an output tensor (src/models/<arch>.cpp)
     "qwen2moe": dict(_RMS_PRE, sliding_window=(None,), tie_embeddings=(False,)),
     "olmoe": dict(_RMS_PRE, qk_norm=("all",), sliding_window=(None,), tie_embeddings=(False,)),
+    # bitnet: SiLU-gated MLP (llama.cpp's graph, src/models/bitnet.cpp), the head tied to token_embd
+    "bitnet": dict(_RMS_PRE, sub_norms=(True,), qkv_bias=(False,), sliding_window=(None,), tie_embeddings=(True,)),
 }
 # The routing llama.cpp's graph hard-codes for each architecture with experts (build_moe_ffn's
 # norm_w, experts in every layer, a shared expert or none), as the values a model with experts
@@ -162,7 +188,8 @@ _BLOCK_NAMES: dict[str, str | tuple[str, ...]] = {
     "attn.qkv_proj": ("attn_q", "attn_k", "attn_v"), "attn.o_proj": "attn_output",
     "mlp.gate_up_proj": ("ffn_gate", "ffn_up"), "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
     "mlp.router": "ffn_gate_inp", "mlp.shared.gate_up_proj": ("ffn_gate_shexp", "ffn_up_shexp"),
-    "mlp.shared.down_proj": "ffn_down_shexp", "mlp.shared_gate": "ffn_gate_inp_shexp"}
+    "mlp.shared.down_proj": "ffn_down_shexp", "mlp.shared_gate": "ffn_gate_inp_shexp",
+    "attn.sub_norm": "attn_sub_norm", "mlp.sub_norm": "ffn_sub_norm"}
 # model.MoE's stacked experts (parameters of the mlp module itself, no `.weight`)
 _EXPERT_NAMES = {"gate_up_proj": ("ffn_gate_exps", "ffn_up_exps"), "down_proj": ("ffn_down_exps",)}
 
@@ -463,8 +490,31 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype | None = None) -> tuple[Tr
         raise CheckpointError(f"{path}: tensor {extra[0]} has no place in the {ARCHITECTURES[config.family]} model "
                               f"its metadata describes (block_count={config.n_layer}): {len(extra)} tensors left over")
     model = finish_loading(model, {k: v.contiguous() for k, v in state.items()})
+    ternary = {n for n, info in f.tensors.items() if info.type in TERNARY_TYPES}
+    if ternary:
+        _ternary_layers(model, config, ternary)
     tokenizer = tokenizer_from_gguf_metadata(f.metadata)
     return model, config, tokenizer
+
+
+def _ternary_layers(model: Transformer, config: Config, ternary: set[str]) -> None:
+    """Turn each block linear layer read from TQ1_0/TQ2_0 tensors only, whose nonzero values share
+    one magnitude, into a TernaryLinear (values, that scale, 8-bit activations) in place."""
+    from ..quant.linear import TernaryLinear
+
+    for name, linear in _block_linears(model).items():
+        if not isinstance(linear, nn.Linear) or linear.bias is not None \
+                or not set(gguf_names(config, f"{name}.weight")) <= ternary:
+            continue
+        w = linear.weight.detach().float()
+        magnitudes = w.abs()[w != 0].unique()
+        if magnitudes.numel() > 1:
+            continue  # several scales (BitNet's separately scaled q, k and v): kept float
+        layer = TernaryLinear(linear.in_features, linear.out_features, bias=False, act_bits=8)
+        layer.qweight = torch.sign(w).to(torch.int8)
+        layer.scale = magnitudes.reshape(1) if magnitudes.numel() else torch.ones(1)
+        parent, leaf = name.rsplit(".", 1)
+        setattr(model.get_submodule(parent), leaf, layer)
 
 
 # ------------------------------------------------------------------------------ writing
@@ -483,7 +533,7 @@ def check_gguf_representable(config: Config) -> None:
         if value not in allowed:
             wanted = " or ".join(repr(v) for v in allowed)
             raise ConfigError(f"{where} cannot represent {name}={value!r} (it has {name}={wanted})")
-    if arch in ("phi3", "olmo2", "gptneox", "falcon", "phi2", "qwen2moe", "olmoe") \
+    if arch in ("phi3", "olmo2", "gptneox", "falcon", "phi2", "qwen2moe", "olmoe", "bitnet") \
             and config.n_head * config.head_dim != config.n_embd:
         raise ConfigError(f"{where} needs n_head * head_dim == n_embd, got head_dim={config.head_dim}")
     if arch in ("gemma2", "gemma3"):
@@ -543,16 +593,102 @@ def _encode(tensor: torch.Tensor, qtype: GGMLType) -> np.ndarray | torch.Tensor:
     return quantize(t, qtype)
 
 
-def gguf_tensors(model: Transformer, file_type: str) -> list[tuple[str, GGMLType, tuple[int, ...], object]]:
-    """Our model's tensors in llama.cpp's names, layout and types."""
+def _block_linears(model: Transformer) -> dict[str, nn.Module]:
+    """The blocks' linear layers by name (float, BitLinear or quantized; routers and shared-expert
+    gates excluded: they stay in full precision as llama.cpp keeps them)."""
+    from ..quant.linear import QuantizedLinear
+
+    return {name: m for name, m in model.named_modules() if name.startswith("layers.")
+            and isinstance(m, (nn.Linear, QuantizedLinear)) and not name.endswith((".router", ".shared_gate"))
+            and not name.rsplit(".", 1)[1].isdigit()}  # quantize_model's experts, one layer each
+
+
+def _is_ternary(module: nn.Module) -> bool:
+    from ..quant.linear import TernaryLinear
+
+    return isinstance(module, (TernaryLinear, BitLinear))
+
+
+def ternary_rounding_error(model: Transformer) -> tuple[float, int]:
+    """(relative RMS error, matrix count) of rounding the blocks' non-ternary matrices to BitNet's
+    ternary values times their absmean: sqrt(sum |W - Q(W)|^2 / sum |W|^2) over them."""
+    from ..quant.methods import quantize_ternary
+
+    num = den = 0.0
+    count = 0
+    for m in _block_linears(model).values():
+        if _is_ternary(m):
+            continue
+        w = (m.dequantize() if not isinstance(m, nn.Linear) else m.weight).detach().float()
+        values, scale = quantize_ternary(w)
+        num += float(((values.float() * scale - w) ** 2).sum())
+        den += float((w ** 2).sum())
+        count += 1
+    return (math.sqrt(num / den) if den > 0 else 0.0), count
+
+
+def check_ternary_export(model: Transformer, file_type: str, force: bool = False) -> None:
+    """A TQ1_0/TQ2_0 export of a model whose layers are not ternary: a one-line ConfigError with the
+    quality loss measured on the model, or with `force` a warning saying it."""
+    if FILE_TYPES.get(file_type) not in TERNARY_TYPES:
+        return
+    error, count = ternary_rounding_error(model)
+    if count == 0:
+        return
+    total = len(_block_linears(model))
+    what = (f"{count} of the {total} block matrices of this model are not ternary (it was not trained ternary): "
+            f"{file_type.upper()} rounds them to BitNet's {{-1, 0, 1}} x absmean, a relative RMS weight error of "
+            f"{error:.0%}; expect a model not trained for ternary weights to lose most of its quality")
+    if not force:
+        raise ConfigError(f"{what}. Export a ternary checkpoint (a model trained with ternary=True), choose another "
+                          "--type, or pass --force to round it anyway")
+    warnings.warn(what, stacklevel=3)
+
+
+def _float_state(model: Transformer, ternarize: bool) -> dict[str, torch.Tensor]:
+    """The model's state under canonical names with every quantized layer's `weight` as float
+    (dequantized) and every BitLinear's as the ternary weight it computes with; with `ternarize`
+    the other block matrices rounded to ternary as quantize_model(model, "ternary") rounds them."""
+    from ..quant.linear import QuantizedLinear
+    from ..quant.methods import quantize_ternary
+
+    linears = _block_linears(model)
+    state = model.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        module_name, leaf = key.rsplit(".", 1)
+        module = linears.get(module_name)
+        if module is None:
+            if isinstance(model.get_submodule(module_name), QuantizedLinear):  # an expert, quantized on its own
+                raise InvalidArgument(f"{module_name} is a quantized expert: export the full-precision model instead")
+            out[key] = tensor
+            continue
+        if leaf == "bias":
+            out[key] = tensor
+            continue
+        if f"{module_name}.weight" in out:
+            continue  # a quantized layer's other buffers (its scale, ...)
+        w = (module.weight if isinstance(module, nn.Linear) else module.dequantize()).detach().float()
+        if isinstance(module, BitLinear) or (ternarize and not _is_ternary(module)):
+            values, scale = quantize_ternary(w)
+            w = values.float() * scale
+        out[f"{module_name}.weight"] = w
+    return out
+
+
+def gguf_tensors(model: Transformer, file_type: str,
+                 force: bool = False) -> list[tuple[str, GGMLType, tuple[int, ...], object]]:
+    """Our model's tensors in llama.cpp's names, layout and types. TQ1_0/TQ2_0 need ternary
+    layers, or `force` (check_ternary_export)."""
     if file_type not in FILE_TYPES:
         raise InvalidArgument(f"unknown GGUF type {file_type!r} (one of {', '.join(FILE_TYPES)})")
     requested = FILE_TYPES[file_type]
     config = model.config
     check_gguf_representable(config)
+    check_ternary_export(model, file_type, force)
     H, K = config.n_head, config.n_kv_head
     named: list[tuple[str, torch.Tensor]] = []
-    for ours, tensor in model.state_dict().items():
+    for ours, tensor in _float_state(model, ternarize=requested in TERNARY_TYPES).items():
         if ours == "lm_head.weight" and config.tie_embeddings:
             continue
         names, tensor = gguf_names(config, ours), tensor.detach()
@@ -572,6 +708,8 @@ def gguf_tensors(model: Transformer, file_type: str) -> list[tuple[str, GGMLType
         qtype = _matrix_type(requested, tuple(tensor.shape)) if tensor.dim() >= 2 else GGMLType.F32
         if name == "rope_freqs.weight" or any(part in name for part in F32_TENSORS):
             qtype = GGMLType.F32
+        elif requested in TERNARY_TYPES and tensor.dim() >= 2 and not name.startswith("blk."):
+            qtype = GGMLType.F16  # token_embd and output: F16 in ternary files, as llama.cpp's converter writes
         out.append((name, qtype, tuple(tensor.shape), _encode(tensor, qtype)))
     return out
 
@@ -728,8 +866,10 @@ def t5_gguf_metadata(config, tokenizer: Tokenizer, file_type: str) -> dict:
     return meta
 
 
-def save_gguf(model: Transformer, tokenizer: Tokenizer, path: str | Path, file_type: str = "f32") -> None:
-    """Write a model and its tokenizer as one GGUF v3 file (atomically) that llama.cpp loads."""
+def save_gguf(model: Transformer, tokenizer: Tokenizer, path: str | Path, file_type: str = "f32", *,
+              force: bool = False) -> None:
+    """Write a model and its tokenizer as one GGUF v3 file (atomically) that llama.cpp loads.
+    `force`: write TQ1_0/TQ2_0 for a model whose layers are not ternary (rounding them)."""
     config = model.config
     if config.is_encoder_decoder:
         tensors = t5_gguf_tensors(model, file_type)
@@ -740,4 +880,4 @@ def save_gguf(model: Transformer, tokenizer: Tokenizer, path: str | Path, file_t
     if file_type not in FILE_TYPES:
         raise InvalidArgument(f"unknown GGUF type {file_type!r} (one of {', '.join(FILE_TYPES)})")
     metadata = gguf_metadata(config, tokenizer, file_type)  # refuses what llama.cpp cannot represent
-    write_gguf(path, metadata, gguf_tensors(model, file_type))
+    write_gguf(path, metadata, gguf_tensors(model, file_type, force))

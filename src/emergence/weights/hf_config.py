@@ -14,7 +14,7 @@ from ..errors import ConfigError
 
 # The LLaMA-shaped config.json fields (hidden_size, num_hidden_layers, ...) and their families.
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "phi3", "olmo2", "gemma2", "gemma3_text", "mixtral",
-              "qwen2_moe", "olmoe")
+              "qwen2_moe", "olmoe", "bitnet")
 
 # What each family's config.json implies without recording it: the switch values its blocks have.
 _LLAMA_BLOCK = dict(norm="rmsnorm", mlp="swiglu", position="rope", bias=False, qk_norm=None,
@@ -35,7 +35,11 @@ SIGNATURES: dict[str, dict[str, Any]] = {
                 norm_position="pre", parallel="shared-norm", scale_embeddings=False, head_bias=True),
     "mixtral": dict(_LLAMA_BLOCK, qkv_bias=False), "qwen2_moe": dict(_LLAMA_BLOCK, qkv_bias=True),
     "olmoe": dict(_LLAMA_BLOCK, qkv_bias=False, qk_norm="all"),
+    # BitNet's MLP is recorded (hidden_act: relu2 in BitNet b1.58 2B4T, silu in 1bitLLM's models)
+    "bitnet": {**{k: v for k, v in _LLAMA_BLOCK.items() if k != "mlp"}, "qkv_bias": False, "sub_norms": True},
 }
+# hidden_act -> our MLP kind, for BitNet
+BITNET_MLPS = {"relu2": "relu2_glu", "silu": "swiglu"}
 # A model_type emergence does not read, the nearest family it does and what that family lacks.
 NEAREST = {
     "gemma": ("gemma2", "Gemma 1 has neither Gemma 2's post-norms nor its soft-capping"),
@@ -150,11 +154,12 @@ def _tokens(hf: dict[str, Any]) -> dict[str, Any]:
 
 def _llama_from_hf(hf: dict[str, Any], model_type: str) -> Config:
     _require(hf, "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
-    gemma = model_type in ("gemma2", "gemma3_text")
-    act = hf.get("hidden_activation" if gemma else "hidden_act", "gelu_pytorch_tanh" if gemma else "silu")
-    expected = ("gelu_pytorch_tanh", "gelu_new") if gemma else ("silu",)
+    gemma, bitnet = model_type in ("gemma2", "gemma3_text"), model_type == "bitnet"
+    act = hf.get("hidden_activation" if gemma else "hidden_act", "gelu_pytorch_tanh" if gemma else
+                 "relu2" if bitnet else "silu")
+    expected = ("gelu_pytorch_tanh", "gelu_new") if gemma else tuple(BITNET_MLPS) if bitnet else ("silu",)
     if act not in expected or (gemma and hf.get("hidden_act", "gelu_pytorch_tanh") not in expected):
-        raise ConfigError(f"unsupported activation {act!r} for {model_type} (supported: {expected[0]})")
+        raise ConfigError(f"unsupported activation {act!r} for {model_type} (supported: {', '.join(expected[:2 if bitnet else 1])})")
     if hf.get("mlp_bias"):
         raise ConfigError("unsupported option mlp_bias=true")
     if model_type != "qwen2" and hf.get("attention_bias"):
@@ -200,7 +205,14 @@ def _llama_from_hf(hf: dict[str, Any], model_type: str) -> Config:
         _refuse(hf, model_type, use_bidirectional_attention=True)
     if model_type == "phi3":
         switches["rotary_dim"] = _rotary_dim(hf, head_dim)
-    theta, scaling = _rope(hf)
+    if bitnet:
+        switches["mlp"] = BITNET_MLPS[act]
+        if hf.get("quantization_config"):  # microsoft/bitnet-b1.58-2B-4T: 2-bit packed uint8 weights + weight_scale
+            method = hf["quantization_config"].get("quant_method") if isinstance(hf["quantization_config"], dict) else None
+            raise ConfigError(f"unsupported bitnet option quantization_config (quant_method={method!r}): emergence "
+                              "reads BitNet checkpoints in the plain float layout (bf16/fp32 weights, e.g. the "
+                              "-bf16 master weights), not transformers' packed uint8 one")
+    theta, scaling = _rope(hf, default_theta=500000.0 if bitnet else 10000.0)
     return Config(
         name=hf.get("_name_or_path") or model_type, family=model_type,
         vocab_size=hf["vocab_size"], block_size=hf.get("max_position_embeddings", 2048),
@@ -287,7 +299,7 @@ _ARCHITECTURES = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCaus
                   "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "smollm3": "SmolLM3ForCausalLM",
                   "phi3": "Phi3ForCausalLM", "olmo2": "Olmo2ForCausalLM", "gemma2": "Gemma2ForCausalLM",
                   "gemma3_text": "Gemma3ForCausalLM", "gpt_neox": "GPTNeoXForCausalLM", "falcon": "FalconForCausalLM",
-                  "phi": "PhiForCausalLM"}
+                  "phi": "PhiForCausalLM", "bitnet": "BitNetForCausalLM"}
 # Families whose config.json records a window for every layer (Gemma's alternate; Qwen's is all or none).
 _WINDOWED = ("mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "mixtral", "qwen2_moe")
 
@@ -301,7 +313,11 @@ def _check_expressible(c: Config) -> None:
         wrong.append("ternary=True (save_hf writes a ternary-trained model as its ternary checkpoint)")
     if c.sliding_window is not None and c.family not in _WINDOWED:
         wrong.append(f"sliding_window={c.sliding_window}")
-    if c.rope_scaling is not None and c.family not in ("llama", "mistral", "qwen2", "qwen3", "smollm3"):
+    if c.family == "bitnet" and c.mlp not in BITNET_MLPS.values():
+        wrong.append(f"mlp={c.mlp!r}")
+    if c.family == "bitnet" and c.n_head * c.head_dim != c.n_embd:
+        wrong.append(f"head_dim={c.head_dim} (its attention sub-norm is n_embd wide)")
+    if c.rope_scaling is not None and c.family not in ("llama", "mistral", "qwen2", "qwen3", "smollm3", "bitnet"):
         wrong.append("rope_scaling")
     if c.family in ("gpt_neox", "phi") and c.n_kv_head != c.n_head:
         wrong.append(f"n_kv_head={c.n_kv_head}" if c.family == "gpt_neox" else "")
@@ -356,8 +372,9 @@ def config_to_hf(c: Config) -> dict[str, Any]:
         return dict(shapes, num_key_value_heads=c.n_kv_head, layer_norm_eps=c.norm_eps, hidden_act="gelu_new",
                     partial_rotary_factor=(c.rotary_dim or c.head_dim) / c.head_dim, qk_layernorm=False)
     gemma = c.family in ("gemma2", "gemma3_text")
+    act = {"relu2_glu": "relu2"}.get(c.mlp, "silu")
     hf = dict(shapes, num_key_value_heads=c.n_kv_head, head_dim=c.head_dim, rms_norm_eps=c.norm_eps,
-              **({"hidden_activation": "gelu_pytorch_tanh"} if gemma else {"hidden_act": "silu"}))
+              **({"hidden_activation": "gelu_pytorch_tanh"} if gemma else {"hidden_act": act}))
     if c.rope_scaling is not None:
         hf["rope_scaling"] = dict(c.rope_scaling, rope_type="llama3")
         hf["rope_scaling"]["original_max_position_embeddings"] = int(c.rope_scaling["original_max_position_embeddings"])

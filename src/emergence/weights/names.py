@@ -125,6 +125,12 @@ def _llama_rules(norms: dict[str, str] = LLAMA_NORMS, fused: bool = False, gemma
     return rules
 
 
+def _bitnet_rules() -> list[Rule]:
+    """BitNet (BitNetForCausalLM): the LLaMA layout plus its two sub-norms, before o_proj and down_proj."""
+    return _llama_rules() + [_same("layers.{}.attn.sub_norm.weight", "model.layers.{}.self_attn.attn_sub_norm.weight"),
+                             _same("layers.{}.mlp.sub_norm.weight", "model.layers.{}.mlp.ffn_sub_norm.weight")]
+
+
 def _stack_pairs(ts: list[Tensor], c: Config) -> list[Tensor]:
     """Each expert's gate and up matrices, [g0, u0, g1, u1, ...] -> (E, 2f, D)."""
     return [torch.stack([torch.cat(ts[i:i + 2]) for i in range(0, len(ts), 2)])]
@@ -289,6 +295,7 @@ HF_RULES: dict[str, list[Rule]] = {
     "falcon": falcon_rules(two_norms=False),  # hf_rules() picks the two-norm table where it applies
     "phi": _phi_rules(),
     **{family: _llama_rules() for family in ("mixtral", "qwen2_moe", "olmoe")},  # + moe_rules(config)
+    "bitnet": _bitnet_rules(),
 }
 
 

@@ -1,0 +1,189 @@
+"""Ternary (BitNet b1.58) decoding on the CPU against llama.cpp's TQ2_0 and TQ1_0, same weights, same run.
+
+    .venv/bin/python bench/bench_ternary_decode.py            # smollm2-135m shapes -> bench/results/ternary_decode.json
+    .venv/bin/python bench/bench_ternary_decode.py --tiny     # a smoke run (tiny shapes, a few tokens; no file written)
+
+A model of the smollm2-135m shapes with random weights, made ternary as a ternary-trained model
+is saved (quantize_model(model, "ternary", act_bits=8): every block matrix {-1, 0, 1} x its absmean,
+8-bit per-token activations, the tied embedding/head in full precision), is decoded greedily,
+batch 1, by emergence (the native step: the 2-bit packed ternary kernel) in fp32 and in bf16
+(the head's precision is the model's dtype), and by llama.cpp (llama-cpp-python) from
+emergence's TQ2_0 and TQ1_0 exports of the same weights (what `emergence convert --type tq2_0`
+writes), alternating rounds, medians, the same thread count on both sides.
+
+llama.cpp's TQ blocks are 256 wide: on these shapes only ffn_down (1536 columns) has rows that
+fill them; the matrices of 576 columns (attn_q/k/v/output, ffn_gate/up) are written F16, as
+llama.cpp's converter falls back (`tensor_types` in the result counts the weights per type).
+The head is the tied token embedding, F16 in a TQ file as the converter writes it.
+
+Bytes per token are those of the matrices one token reads on each side (every block matrix and
+the output head; the embedding row is negligible), from the packed buffers (ours) and the GGUF
+tensor sizes (theirs); bytes per weight divides them by the weights read. The roofline is that
+many bytes at the read bandwidth measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from bench_quant import measure_bandwidth, synthetic_tokenizer  # noqa: E402
+from emergence.config import Config  # noqa: E402
+from emergence.generate import stream  # noqa: E402
+from emergence.gguf import read_gguf  # noqa: E402
+from emergence.kernels.fused_decode import unsupported  # noqa: E402
+from emergence.model import Transformer  # noqa: E402
+from emergence.quant.linear import QuantizedLinear, quantize_model  # noqa: E402
+from emergence.sampling import SamplingParams  # noqa: E402
+from emergence.weights.gguf_model import save_gguf  # noqa: E402
+from provenance import commit, machine  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results" / "ternary_decode.json"
+TINY = dict(vocab_size=512, block_size=256, n_layer=2, n_head=4, n_kv_head=2, n_embd=256, intermediate_size=512,
+            tie_embeddings=True, bos_token_id=1, eos_token_id=2)
+PROMPT = [1, 415, 2936, 9060, 285, 1142, 461, 10575]
+TINY_PROMPT = [1, 415, 293, 96, 285, 114, 461, 105]
+
+
+def weights_read(model: Transformer) -> int:
+    """Weights of every matrix one token reads: the block matrices and the output head."""
+    c = model.config
+    return c.num_parameters() - (0 if c.tie_embeddings else c.vocab_size * c.n_embd) - sum(
+        p.numel() for n, p in model.named_parameters() if p.dim() == 1)  # norms (and biases) are not matrices
+
+
+def our_bytes_per_token(model: Transformer) -> int:
+    """Bytes of every matrix the native step reads for one token: the packed operands of the
+    quantized layers (2 bits per ternary weight and its scale), the float head."""
+    total = 0
+    for m in model.modules():
+        if isinstance(m, QuantizedLinear):
+            ops = m.kernel_operands()
+            total += sum(t.numel() * t.element_size() for t in (ops.data, ops.scales, ops.offsets)) + 4
+        elif isinstance(m, torch.nn.Linear):
+            total += m.weight.numel() * m.weight.element_size()
+    return total
+
+
+def gguf_bytes_per_token(path: Path) -> tuple[int, dict]:
+    """Bytes of the GGUF matrices a token reads (the head: output, or the tied token_embd) and
+    the weights per tensor type."""
+    f = read_gguf(path)
+    tied = "output.weight" not in f.tensors
+    read, types = 0, Counter()
+    for name, info in f.tensors.items():
+        if len(info.shape) < 2 or (name == "token_embd.weight" and not tied):
+            continue
+        read += info.nbytes
+        types[info.type.name] += info.n_elements
+    return read, dict(types)
+
+
+def our_decode(model: Transformer, tokenizer, prompt: list[int], new: int) -> float:
+    chunks = stream(model, tokenizer, prompt, SamplingParams(temperature=0, max_new_tokens=new, ignore_eos=True))
+    next(chunks)
+    start = time.perf_counter()
+    for _ in chunks:
+        pass
+    return (new - 1) / (time.perf_counter() - start)
+
+
+def llama_cpp_decoder(path: Path, threads: int, prompt: list[int]):
+    import llama_cpp
+    import numpy as np
+
+    llm = llama_cpp.Llama(str(path), n_ctx=512, n_threads=threads, n_batch=512, verbose=False)
+
+    def decode(new: int) -> float:
+        llm.reset()
+        llm.eval(prompt)
+        start = time.perf_counter()
+        for _ in range(new - 1):
+            llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+        return (new - 1) / (time.perf_counter() - start)
+
+    return decode
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes, few tokens, one round; writes no file")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="threads on both sides")
+    parser.add_argument("--new", type=int, default=64, help="tokens decoded per round")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    new, rounds = (8, 1) if args.tiny else (args.new, args.rounds)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    config = Config(**TINY) if args.tiny else Config.from_name("smollm2-135m", block_size=512)
+    model = Transformer(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    quantize_model(model, "ternary", act_bits=8)  # what a ternary-trained model saves as
+    tokenizer = synthetic_tokenizer(config.vocab_size)
+    prompt = TINY_PROMPT if args.tiny else PROMPT
+    bandwidth = measure_bandwidth(1 << 26 if args.tiny else 1 << 30)
+    ours: dict[str, dict] = {}
+    for dtype in ("fp32", "bf16"):
+        m = model if dtype == "fp32" else copy.deepcopy(model).to(torch.bfloat16)
+        assert unsupported(m) is None, unsupported(m)  # the native step decodes it
+        ours[dtype] = dict(model=m, bytes_per_token=our_bytes_per_token(m), tok_s=[])
+    theirs: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind in ("tq2_0", "tq1_0"):
+            path = Path(tmp) / f"ternary-{kind}.gguf"
+            save_gguf(model, tokenizer, path, kind)
+            read, types = gguf_bytes_per_token(path)
+            theirs[kind] = dict(decode=llama_cpp_decoder(path, args.threads, prompt), bytes_per_token=read,
+                                tensor_types=types, tok_s=[])
+        for side in (*ours.values(), *theirs.values()):  # warm-up
+            our_decode(side["model"], tokenizer, prompt, 4) if "model" in side else side["decode"](4)
+        for _ in range(rounds):
+            for side in ours.values():
+                side["tok_s"].append(our_decode(side["model"], tokenizer, prompt, new))
+            for side in theirs.values():
+                side["tok_s"].append(side["decode"](new))
+    weights = weights_read(model)
+    rows = []
+    for dtype, o in ours.items():
+        for kind, t in theirs.items():
+            a, b = statistics.median(o["tok_s"]), statistics.median(t["tok_s"])
+            rows.append(dict(emergence=f"ternary native, {dtype} head", llama_cpp=kind.upper(), emergence_tok_s=a,
+                             llama_cpp_tok_s=b, ratio=a / b, emergence_bytes_per_token=o["bytes_per_token"],
+                             llama_cpp_bytes_per_token=t["bytes_per_token"],
+                             emergence_bytes_per_weight=o["bytes_per_token"] / weights,
+                             llama_cpp_bytes_per_weight=t["bytes_per_token"] / weights,
+                             emergence_roofline_tok_s=bandwidth * 1e9 / o["bytes_per_token"],
+                             llama_cpp_roofline_tok_s=bandwidth * 1e9 / t["bytes_per_token"],
+                             emergence_share_of_roofline=a * o["bytes_per_token"] / (bandwidth * 1e9),
+                             llama_cpp_share_of_roofline=b * t["bytes_per_token"] / (bandwidth * 1e9),
+                             llama_cpp_tensor_types=t["tensor_types"]))
+            print(json.dumps(rows[-1]), flush=True)
+    result = dict(date=datetime.date.today().isoformat(), commit=commit(), machine=machine(),
+                  command=" ".join(["python", "bench/bench_ternary_decode.py", *sys.argv[1:]]),
+                  shapes="tiny" if args.tiny else "smollm2-135m", config=config.to_dict(), threads=args.threads,
+                  weights_read_per_token=weights, new_tokens=new, rounds=rounds, read_bandwidth_gb_s=bandwidth,
+                  rows=rows, target_ratio=1.0)
+    if args.tiny:
+        print(json.dumps({k: v for k, v in result.items() if k not in ("rows", "config")}))
+        return
+    RESULTS.write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
