@@ -399,6 +399,25 @@ def per_row(model: nn.Module, names: Sequence[str | None]) -> Iterator[None]:
         route.set_rows(saved)
 
 
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """Run forwards of the base alone, every adapter off (PEFT's `disable_adapter()`): the frozen
+    base's own outputs, bit for bit, with no second copy of its weights (DPO's reference model).
+    An adapter merged into the base weights cannot be turned off so: refused."""
+    merged = sorted({layer.merged for layer in lora_modules(model).values() if layer.merged is not None})
+    if merged:
+        raise InvalidArgument(f"adapter {merged[0]!r} is merged into the base weights: unmerge it to run the base alone")
+    route = routing(model)
+    active, rows = route.active, route.rows
+    route.active = None
+    route.set_rows(None)
+    try:
+        yield
+    finally:
+        route.active = active
+        route.set_rows(rows)
+
+
 def mark_only_adapters_trainable(model: nn.Module) -> tuple[int, int]:
     """Freeze everything but adapter tensors; returns (trainable, total) parameter counts."""
     trainable = 0

@@ -287,6 +287,7 @@ class TrainResult:
     tokens_per_s: float
     model_dir: Path | None
     losses: list[float] = field(default_factory=list)  # train loss of every step this call ran
+    val_stats: dict[str, float] = field(default_factory=dict)  # a run with its own loss: its last evaluation's stats
 
 
 def resolve_model_config(spec: str | Config, vocab_size: int, eos_id: int, objective: str) -> Config:
@@ -325,6 +326,12 @@ class PretrainRun:
     `batches` (train_batch(first), val, eval_batch(ids)), `build_model(device)`, `describe()`,
     `sample(model)`, `checkpoint_state(state)` (what of the model a checkpoint keeps) and
     `save(state, folder)`. Fine-tuning (finetune/run.py) is the other kind of run.
+
+    A run may also bring its own objective: `loss(model, batch) -> (loss, stats)` on its own
+    batches (a NamedTuple of tensors, moved to the device by the loop), used for training and
+    evaluation instead of the next-token loss. `metric_columns` names its stats (0-dim tensors,
+    averaged over micro-batches and ranks): the metrics get them every step and as val_<name> at
+    evaluations; `summary_stats`, those the last line reports (the preference runs of align/train.py).
     """
 
     kind = "pretrain"
@@ -410,10 +417,15 @@ def run_loop(run, tc: TrainConfig, env: _Dist, device: torch.device) -> TrainRes
 
     # torch.compile takes model and loss together, so the head's logits and the softmax fuse.
     compute_loss = torch.compile(batch_loss) if tc.compile else batch_loss
+    own_loss = getattr(run, "loss", None)  # a run with its own objective: (model, batch) -> (loss, stats)
+    if own_loss is not None and tc.compile:
+        own_loss = torch.compile(own_loss)
     autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16 else nullcontext())
 
     tokens_per_step = tc.batch_size * env.world * tc.grad_accum * context
-    metrics = _Metrics(out, env.main, truncate_after=step if state is not None else None)
+    metrics = _Metrics(out, env.main, truncate_after=step if state is not None else None,
+                       extra_columns=[*getattr(run, "metric_columns", ()),
+                                      *(f"val_{k}" for k in getattr(run, "metric_columns", ()))])
     if env.main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(json.dumps(asdict(tc), indent=2) + "\n")
@@ -426,10 +438,10 @@ def run_loop(run, tc: TrainConfig, env: _Dist, device: torch.device) -> TrainRes
     progress = Progress(tc.max_steps * tokens_per_step, "tok", desc=run.kind, enabled=tc.progress and env.main)
     progress.done = step * tokens_per_step
     losses: list[float] = []
-    val_loss = None
-    # Steps whose loss and grad norm are still on the device: reading them back is a host
-    # sync that would stall a GPU every step, so they are read in one go at log points.
-    pending: list[tuple[int, float, torch.Tensor, torch.Tensor]] = []
+    val_loss, val_stats = None, {}
+    # Steps whose loss, grad norm (and a run's stats) are still on the device: reading them back
+    # is a host sync that would stall a GPU every step, so they are read in one go at log points.
+    pending: list[tuple[int, float, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]] = []
     start = time.perf_counter()
     window_start, window_tokens = start, 0
 
@@ -437,18 +449,19 @@ def run_loop(run, tc: TrainConfig, env: _Dist, device: torch.device) -> TrainRes
         """The pending steps' metrics rows, read back from the device in one go; the last row
         (the current step) carries the throughput since the previous flush."""
         nonlocal window_tokens
-        values = torch.stack([torch.stack([loss, norm]) for _, _, loss, norm in pending]).double()
+        values = torch.stack([torch.stack([loss, norm, *stats.values()]) for _, _, loss, norm, stats in pending]).double()
         if env.world > 1:
             dist.all_reduce(values)  # the loss mean over ranks (grad norms are already global)
             values /= env.world
         values = values.cpu().tolist()
         now = time.perf_counter()
         rows = []
-        for (n, lr, _, _), (loss, norm) in zip(pending, values):
+        for (n, lr, _, _, stats), (loss, norm, *stat_values) in zip(pending, values):
             if not math.isfinite(loss):
                 raise InvalidArgument(f"the loss became {loss} at step {n}; lower --lr or raise --warmup-steps")
             losses.append(loss)
-            rows.append({"step": n, "tokens": n * tokens_per_step, "train_loss": loss, "lr": lr, "grad_norm": norm})
+            rows.append({"step": n, "tokens": n * tokens_per_step, "train_loss": loss, "lr": lr, "grad_norm": norm,
+                         **dict(zip(stats, stat_values))})
         rows[-1]["tokens_per_s"] = window_tokens / max(now - window_start, 1e-9)
         rows[-1]["elapsed_s"] = now - start
         progress.update(len(rows) * tokens_per_step, step=f"{rows[-1]['step']}/{tc.max_steps}",
@@ -474,14 +487,24 @@ def run_loop(run, tc: TrainConfig, env: _Dist, device: torch.device) -> TrainRes
         for group in optimizer.param_groups:
             group["lr"] = lr
         step_loss = None  # the mean of the micro-batches' losses, kept on the device
+        step_stats: dict[str, torch.Tensor] = {}  # and of a run's own stats
         for micro in range(tc.grad_accum):
             batch = batches.train_batch(cursor + env.rank * tc.batch_size)
             cursor += tc.batch_size * env.world
-            inputs, targets = _to_device(batch.inputs, device), _to_device(batch.targets, device)
-            extras = {k: _to_device(v, device) for k, v in batch_extras(batch).items()}
+            if own_loss is None:
+                inputs, targets = _to_device(batch.inputs, device), _to_device(batch.targets, device)
+                extras = {k: _to_device(v, device) for k, v in batch_extras(batch).items()}
+            else:
+                batch = _batch_to_device(batch, device)
             sync = micro == tc.grad_accum - 1 or env.world == 1 or tc.fsdp
             with (nullcontext() if sync else train_model.no_sync()), autocast:
-                loss = compute_loss(inputs, targets, extras)
+                if own_loss is None:
+                    loss = compute_loss(inputs, targets, extras)
+                else:
+                    loss, stats = own_loss(train_model, batch)
+                    for k, v in stats.items():
+                        v = v.detach().float() / tc.grad_accum
+                        step_stats[k] = v if k not in step_stats else step_stats[k] + v
                 if tc.grad_accum > 1:  # (one kernel launch less per step without accumulation)
                     loss = loss / tc.grad_accum
                 total = loss
@@ -498,7 +521,7 @@ def run_loop(run, tc: TrainConfig, env: _Dist, device: torch.device) -> TrainRes
         optimizer.zero_grad(set_to_none=True)
         step += 1
         window_tokens += tokens_per_step
-        pending.append((step, lr, step_loss, grad_norm.detach().float().to(step_loss.device)))
+        pending.append((step, lr, step_loss, grad_norm.detach().float().to(step_loss.device), step_stats))
 
         last = step == tc.max_steps
         evaluate_now = batches.val is not None and ((tc.eval_every and step % tc.eval_every == 0) or last)
@@ -510,8 +533,14 @@ def run_loop(run, tc: TrainConfig, env: _Dist, device: torch.device) -> TrainRes
         if experts:  # the last micro-batch's routing: its auxiliary losses and each layer's expert shares
             rows[-1].update(moe.metrics(experts, moe_losses))
         if evaluate_now:
-            val_loss = evaluate(train_model, compute_loss, batches, env, device, autocast)
-            rows[-1]["val_loss"], rows[-1]["val_ppl"] = val_loss, math.exp(min(val_loss, 50))
+            if own_loss is None:
+                val_loss = evaluate(train_model, compute_loss, batches, env, device, autocast)
+                rows[-1]["val_loss"], rows[-1]["val_ppl"] = val_loss, math.exp(min(val_loss, 50))
+            else:  # (the bare model: no DDP collective in a forward some rank may not run)
+                val_loss, val_stats = evaluate_own_loss(model, own_loss, run.metric_columns, batches, env, device,
+                                                        autocast)
+                rows[-1]["val_loss"] = val_loss
+                rows[-1].update({f"val_{k}": v for k, v in val_stats.items()})
             if tc.save_best and val_loss < best_val:
                 save(out / "best")
             best_val = min(best_val, val_loss)
@@ -541,11 +570,14 @@ def run_loop(run, tc: TrainConfig, env: _Dist, device: torch.device) -> TrainRes
     if env.main:
         ran = len(losses) * tokens_per_step
         print(f"done: step {step}, train loss {losses[-1] if losses else float('nan'):.4f}"
-              f"{f', val loss {val_loss:.4f} (ppl {math.exp(val_loss):.2f})' if val_loss is not None else ''}, "
+              f"{f', val loss {val_loss:.4f}' if val_loss is not None else ''}"
+              f"{f' (ppl {math.exp(val_loss):.2f})' if val_loss is not None and own_loss is None else ''}"
+              f"{''.join(f', val {k} {v:.4f}' for k, v in val_stats.items() if k in getattr(run, 'summary_stats', ()))}, "
               f"{human(ran)} tokens in {duration(elapsed)} ({human(ran / max(elapsed, 1e-9))} tok/s); "
               f"{'model' if run.kind == 'pretrain' else run.kind + ' result'} saved to {model_dir}", flush=True)
     return TrainResult(step, step * tokens_per_step, losses[-1] if losses else math.nan, val_loss, elapsed,
-                       len(losses) * tokens_per_step / max(elapsed, 1e-9), model_dir if env.main else None, losses)
+                       len(losses) * tokens_per_step / max(elapsed, 1e-9), model_dir if env.main else None, losses,
+                       val_stats)
 
 
 def config_from_dict(d: dict) -> Config | T5Config:
@@ -613,6 +645,11 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
+def _batch_to_device(batch, device: torch.device):
+    """A run's own batch (a NamedTuple) with every tensor in it on the device (None stays None)."""
+    return type(batch)(*(_to_device(v, device) if isinstance(v, torch.Tensor) else v for v in batch))
+
+
 # What resuming may change: how far the run goes and how it reports, not what it computes. (The
 # global batch, batch_size x ranks, is checked on its own: the ranks may change, the product not.)
 RESUME_MAY_CHANGE = {"max_steps", "out", "data", "batch_size", "eval_every", "eval_batches", "sample_every",
@@ -645,7 +682,8 @@ def _wrap_parallel(model: Transformer, tc: TrainConfig, env: _Dist, device: torc
     if tc.fsdp:
         from torch.distributed.fsdp import fully_shard
 
-        for block in model.layers:
+        blocks = model.layers if hasattr(model, "layers") else model.decoder.layers  # (a reward model's decoder)
+        for block in blocks:
             fully_shard(block)
         fully_shard(model)
         return model
@@ -725,6 +763,30 @@ def evaluate(model: torch.nn.Module, compute_loss, batches: Batches, env: _Dist,
     return total / max(n, 1)
 
 
+@torch.no_grad()
+def evaluate_own_loss(model: torch.nn.Module, loss_fn, names: Sequence[str], batches, env: _Dist,
+                      device: torch.device, autocast) -> tuple[float, dict[str, float]]:
+    """`evaluate` for a run with its own loss: the mean loss and stats `names` over the same
+    held-out rows every time (each batch weighted by its rows; split over ranks)."""
+    tc, held_out = batches.tc, batches.val
+    count = min(held_out.num_windows, tc.eval_batches * tc.batch_size * env.world)
+    picks = np.linspace(0, held_out.num_windows - 1, count).round().astype(int)[env.rank::env.world]
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(len(names) + 2, dtype=torch.float64, device=device)  # loss, stats, rows
+    for i in range(0, len(picks), tc.batch_size):
+        chunk = picks[i:i + tc.batch_size]
+        with autocast:
+            loss, stats = loss_fn(model, _batch_to_device(batches.eval_batch(chunk), device))
+        values = torch.stack([loss.detach().float(), *(stats[k].float() for k in names), loss.new_ones(())])
+        totals += values.double() * len(chunk)
+    model.train(was_training)
+    if env.world > 1:
+        dist.all_reduce(totals)
+    values = (totals[:-1] / totals[-1].clamp(min=1)).tolist()
+    return values[0], dict(zip(names, values[1:]))
+
+
 def sample_text(model: Transformer, tokenizer, arrays: list[np.ndarray], tc: TrainConfig) -> str:
     """A continuation of the first 8 validation tokens (fixed seed: comparable across steps);
     prompt and continuation are shortened to fit a small context."""
@@ -748,8 +810,9 @@ class _Metrics:
 
     COLUMNS = ("step", "tokens", "train_loss", "val_loss", "val_ppl", "lr", "grad_norm", "tokens_per_s", "elapsed_s")
 
-    def __init__(self, out: Path, enabled: bool, truncate_after: int | None) -> None:
+    def __init__(self, out: Path, enabled: bool, truncate_after: int | None, extra_columns=()) -> None:
         self.enabled = enabled
+        self.COLUMNS = (*self.COLUMNS, *extra_columns)  # a run's own stats
         self.jsonl, self.csv, self.samples = out / "metrics.jsonl", out / "metrics.csv", out / "samples.jsonl"
         if not enabled:
             return
