@@ -10,12 +10,15 @@ computed on the bytes a token actually reads: the attention and the 2 chosen exp
 layer, the router, the norms and the output head (the embedding row is negligible), at the read
 bandwidth measured in the same run.
 
-emergence runs fp32 and bf16 here; llama.cpp F32 and F16. Quantized experts (q8_0/q4_0 in
-emergence's native step) are not built yet, so those rows of issue 15's table are not measured.
+emergence runs fp32, bf16, q8_0 and q4_0 here; llama.cpp F32, F16, Q8_0 and Q4_0. The quantized
+rows quantize every matrix (quantize_model(skip=()): experts one by one, attention, the output
+head; the router stays F32 as llama.cpp keeps it), which is exactly what the GGUF export writes,
+so both decode the same blocks; llama.cpp's token embeddings are blocks too (one row per token).
 """
 
 from __future__ import annotations
 
+import copy
 import datetime
 import json
 import statistics
@@ -35,6 +38,7 @@ from emergence.config import Config  # noqa: E402
 from emergence.generate import stream  # noqa: E402
 from emergence.kernels.fused_decode import unsupported  # noqa: E402
 from emergence.model import Transformer  # noqa: E402
+from emergence.quant.linear import quantize_model  # noqa: E402
 from emergence.sampling import SamplingParams  # noqa: E402
 from emergence.weights.gguf_model import save_gguf  # noqa: E402
 from provenance import commit, machine  # noqa: E402
@@ -46,9 +50,16 @@ PROMPT = [1, 415, 2936, 9060, 285, 1142, 461, 10575]
 NEW, ROUNDS = 64, 3
 
 
-def bytes_per_token(config: Config, element: int) -> int:
-    """Bytes of the matrices one token reads: active parameters less the embedding table."""
-    return (config.num_parameters(active=True) - config.vocab_size * config.n_embd) * element
+# Bytes per weight of each format (ggml's blocks of 32: a 2-byte scale and 32 codes).
+ELEMENT = {"fp32": 4, "bf16": 2, "q8_0": 34 / 32, "q4_0": 18 / 32}
+
+
+def bytes_per_token(config: Config, fmt: str) -> int:
+    """Bytes of the matrices one token reads: active parameters less the embedding table, the
+    routers in fp32 (never quantized) and the rest in the format."""
+    routers = sum(config.is_moe_layer(i) for i in range(config.n_layer)) * config.n_experts * config.n_embd
+    matrices = config.num_parameters(active=True) - config.vocab_size * config.n_embd - routers
+    return round(matrices * ELEMENT[fmt] + routers * (4 if fmt != "bf16" else 2))
 
 
 def our_decode(model: Transformer, tokenizer) -> float:
@@ -71,18 +82,21 @@ def main() -> None:
     bandwidth = measure_bandwidth()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for ours, theirs, dtype, element in (("fp32", "F32", torch.float32, 4), ("bf16", "F16", torch.bfloat16, 2)):
-            model = base.to(dtype)
+        for ours, theirs in (("q8_0", "Q8_0"), ("q4_0", "Q4_0"), ("fp32", "F32"), ("bf16", "F16")):
+            if ours.startswith("q"):
+                model = quantize_model(copy.deepcopy(base), ours, skip=())
+            else:  # in place (the quantized rows went first, from copies of the fp32 weights)
+                model = base.to(torch.bfloat16 if ours == "bf16" else torch.float32)
             assert unsupported(model) is None, unsupported(model)  # the native step
             path = Path(tmp) / f"moe-{theirs}.gguf"
-            save_gguf(model, tokenizer, path, theirs.lower())
+            save_gguf(base if ours.startswith("q") else model, tokenizer, path, theirs.lower())
             llama_decode, _ = llama_cpp_engine(path, PROMPT)
             ours_tps, theirs_tps = [], []
             our_decode(model, tokenizer), llama_decode(4)  # warm-up
             for _ in range(ROUNDS):
                 ours_tps.append(our_decode(model, tokenizer))
                 theirs_tps.append((NEW - 1) / llama_decode(NEW))
-            read = bytes_per_token(config, element)
+            read = bytes_per_token(config, ours)
             o, t = statistics.median(ours_tps), statistics.median(theirs_tps)
             rows.append(dict(emergence=ours, llama_cpp=theirs, emergence_tok_s=o, llama_cpp_tok_s=t, ratio=o / t,
                              bytes_per_token=read, roofline_tok_s=bandwidth * 1e9 / read,
