@@ -220,8 +220,15 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, seen: torch.Ten
 
 
 def choose(logits: torch.Tensor, greedy: bool, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Processed logits (B, V) -> token ids (B,): argmax, or a draw from softmax(logits)."""
+    """Processed logits (B, V) -> token ids (B,): argmax, or a draw from softmax(logits).
+
+    The draw inverts each row's cumulative distribution at one uniform number: the first token
+    whose cumulative probability exceeds u * total (exactly categorical; a token of probability
+    0 is never drawn, its cumulative value equalling its predecessor's). The sums are float64,
+    so u * total < total holds after rounding. torch.multinomial draws the same distribution
+    but costs ~100 us at 4K tokens and ~1 ms at 50K per call on a CPU, against ~15 us here."""
     if greedy:
         return logits.argmax(dim=-1)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+    cdf = logits.softmax(dim=-1).double().cumsum(dim=-1)  # (B, V)
+    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=torch.float64)
+    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp(max=cdf.shape[-1] - 1).squeeze(-1)
