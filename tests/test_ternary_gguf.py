@@ -34,7 +34,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-import emergence
 from emergence.config import Config
 from emergence.errors import ConfigError
 from emergence.gguf import GGMLType, read_gguf
@@ -189,9 +188,9 @@ def test_llama_cpp_runs_our_ternary_exports(case, kind, tmp_path_factory):
     assert greedy_along(emulated_logits) == theirs
     other = llama_cpp_run(case, "tq2_0" if kind == "tq1_0" else "tq1_0", tmp_path_factory)
     assert np.array_equal(other[3], their_logits)  # TQ1_0 and TQ2_0 hold the same numbers
-    if case.endswith("-256"):  # one block per row: only the float16 roundings differ; no near-tie on these seeds
-        lm = emergence.LanguageModel(model, TOKENIZER, model.config)
-        assert lm.complete(PROMPT, temperature=0, max_new_tokens=64, ignore_eos=True).token_ids == theirs
+    # Our own greedy 64 tokens are not compared with llama.cpp's: its float16 scales and head move
+    # logits by up to 1e-1 (the module docstring), enough to flip an 8-bit activation rounding and
+    # with it a token of these random models, depending even on the thread count of our sums.
 
 
 @pytest.mark.parametrize("kind", TYPES)

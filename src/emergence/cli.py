@@ -108,6 +108,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     logprobs = args.logprobs if args.logprobs is not None else (0 if args.json and not beams else None)
     params = _sampling(args, source.parameters, logprobs)
     lm = _load(args, source)
+    params = _constrained(args, lm, params)
     prompt = with_system(source.system, args.prompt if args.prompt is not None else "")
     if args.stream:
         for chunk in stream(lm.model, lm.tokenizer, prompt, params, truncate=args.truncate, backend=lm.backend):
@@ -127,6 +128,23 @@ def cmd_generate(args: argparse.Namespace) -> None:
             print(json.dumps(_completion_json(lm, completion), ensure_ascii=False))
         else:
             print(completion.text)
+
+
+def _constrained(args: argparse.Namespace, lm: LanguageModel, params: SamplingParams) -> SamplingParams:
+    """params constrained by --json-schema FILE, --regex R or --grammar FILE (structured output)."""
+    from .generate import constrained
+
+    def read(path: str, what: str) -> str:
+        try:
+            return Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise InvalidArgument(f"cannot read the {what} {path}: {e.strerror if isinstance(e, OSError) else e}") \
+                from None
+
+    schema, regex, grammar = (getattr(args, name, None) for name in ("json_schema", "regex", "grammar"))
+    schema = read(schema, "JSON schema") if schema is not None else None  # (`run` has no such flags)
+    grammar = read(grammar, "grammar") if grammar is not None else None
+    return constrained(lm.tokenizer, params, json_schema=schema, regex=regex, grammar=grammar)
 
 
 def _logprob_json(lm: LanguageModel, lp: TokenLogprob) -> dict:
@@ -297,7 +315,13 @@ def cmd_convert(args: argparse.Namespace) -> None:
             raise InvalidArgument(f"unknown GGUF type {file_type!r} (one of {', '.join(FILE_TYPES)})")
         check_output(dst, folder=False, force=args.force)
         lm = load(args.src, tokenizer=args.tokenizer, device="cpu", dtype=dtype)
-        save_gguf(lm.model, lm.tokenizer, dst, file_type)
+        import warnings
+
+        with warnings.catch_warnings(record=True) as caught:  # --force on a model not trained ternary
+            warnings.simplefilter("always")
+            save_gguf(lm.model, lm.tokenizer, dst, file_type, force=args.force)
+        for w in caught:
+            print(f"emergence: warning: {w.message}", file=sys.stderr)
         print(f"wrote {dst} ({lm.config.family}, GGUF {file_type})")
         return
     if args.type is not None:
@@ -579,30 +603,72 @@ _TRAIN_FLAGS = {
 def cmd_finetune(args: argparse.Namespace) -> None:
     """Instruction-tune MODEL on JSONL rows (finetune/run.py); --resume continues the run in --out."""
     from .finetune.run import FinetuneConfig, finetune
-    from .train.trainer import TrainConfig, load_train_config, saved_settings
 
     method = "full" if args.full else "dora" if args.dora else "lora"
-    targets = args.target  # None (the default), "all-linear", "re:REGEX", or a comma-separated list
-    if targets is not None and targets != "all-linear":
-        targets = targets[3:] if targets.startswith("re:") else [t.strip() for t in targets.split(",") if t.strip()]
+    targets = _targets(args)
     fc = FinetuneConfig(model=args.model, data=args.data or [], method=method, quantize=args.quantize,
                         chat_template=args.chat_template, pack=args.pack, truncate=args.truncate,
                         val_fraction=args.val_fraction, **{k: v for k, v in (
                             ("r", args.r), ("alpha", args.alpha), ("dropout", args.lora_dropout), ("targets", targets),
                             ("rslora", args.rslora or None), ("epochs", args.epochs)) if v is not None})
+    defaults = {"lr": 2e-5 if method == "full" else 2e-4, "min_lr": 0.0, "warmup_steps": 10, "weight_decay": 0.0,
+                "max_steps": 0, "batch_size": 8, "eval_every": 50, "checkpoint_every": 50}
+    result = finetune(fc, _run_train_config(args, defaults, fc.data), resume=args.resume)
+    if result.model_dir is not None:  # (rank 0 only)
+        print(f"{'model' if method == 'full' else 'adapter'}: {result.model_dir}")
+
+
+def _targets(args: argparse.Namespace) -> str | list[str] | None:
+    """--target: None (the default), "all-linear", "re:REGEX" (a regular expression), or a comma-separated list."""
+    targets = args.target
+    if targets is not None and targets != "all-linear":
+        targets = targets[3:] if targets.startswith("re:") else [t.strip() for t in targets.split(",") if t.strip()]
+    return targets
+
+
+def _run_train_config(args: argparse.Namespace, defaults: dict, data: list[str]) -> "TrainConfig":
+    """The loop's settings of a run on args.model (finetune, reward-model, dpo): the command's
+    defaults, then a resumed run's saved settings, then --train-config, then the flags given."""
+    from .train.trainer import TrainConfig, load_train_config, saved_settings
+
     given = load_train_config(args.train_config) if args.train_config else {}
     for name in (*_TRAIN_FLAGS, "compile", "fsdp", "save_best"):
         if name not in ("init", "objective") and getattr(args, name) is not None:
             given[name] = getattr(args, name)
     if args.no_progress:
         given["progress"] = False
-    defaults = {"lr": 2e-5 if method == "full" else 2e-4, "min_lr": 0.0, "warmup_steps": 10, "weight_decay": 0.0,
-                "max_steps": 0, "batch_size": 8, "eval_every": 50, "checkpoint_every": 50}
     settings = {**defaults, **(saved_settings(args.out) if args.resume else {}), **given, "out": args.out,
-                "data": ",".join(fc.data), "init": args.model}
-    result = finetune(fc, TrainConfig(**settings), resume=args.resume)
+                "data": ",".join(data), "init": args.model}
+    return TrainConfig(**settings)
+
+
+def cmd_align(args: argparse.Namespace) -> None:
+    """reward-model and dpo: train on preference pairs through the training loop (align/train.py)."""
+    from .align.train import PreferenceConfig, train_preferences
+
+    kind = args.command
+    method = "lora" if args.lora else "dora" if args.dora else "full"
+    optional = (("r", args.r), ("alpha", args.alpha), ("dropout", args.lora_dropout), ("targets", _targets(args)),
+                ("rslora", args.rslora or None), ("epochs", args.epochs),
+                ("center_rewards_coefficient", getattr(args, "center_rewards", None)),
+                ("beta", getattr(args, "beta", None)), ("loss_type", getattr(args, "loss", None)),
+                ("label_smoothing", getattr(args, "label_smoothing", None)))
+    pc = PreferenceConfig(model=args.model, data=args.data or [], method=method, chat_template=args.chat_template,
+                          val_fraction=args.val_fraction, **{k: v for k, v in optional if v is not None})
+    lr = {"reward-model": 1e-5 if method == "full" else 1e-4, "dpo": 1e-6 if method == "full" else 5e-6}[kind]
+    defaults = {"lr": lr, "min_lr": 0.0, "warmup_steps": 10, "weight_decay": 0.0, "max_steps": 0, "batch_size": 8,
+                "eval_every": 50, "checkpoint_every": 50}
+    result = train_preferences(kind, pc, _run_train_config(args, defaults, pc.data), resume=args.resume)
     if result.model_dir is not None:  # (rank 0 only)
-        print(f"{'model' if method == 'full' else 'adapter'}: {result.model_dir}")
+        what = "reward model" if kind == "reward-model" else "model" if method == "full" else "adapter"
+        print(f"{what}: {result.model_dir}")
+
+
+def cmd_rl(args: argparse.Namespace) -> None:
+    """GRPO or PPO on prompts with rewards from functions or a reward model (align/rl.py)."""
+    from .align.rl import run_command
+
+    run_command(args)
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
@@ -654,6 +720,45 @@ def cmd_serve(args: argparse.Namespace) -> None:
                insecure=args.insecure)
 
 
+def cmd_lab(args: argparse.Namespace) -> None:
+    """The lab's experiments (emergence.lab): a sweep in OUT, resumed where it stopped."""
+    import dataclasses
+
+    from .lab import scaling
+
+    setting = scaling.SETTINGS["full" if args.full else "quick"]
+    changes = {}
+    if args.teacher:
+        changes["teacher"] = args.teacher
+    if args.sizes:
+        try:
+            changes["sizes"] = tuple(tuple(int(v) for v in s.split("x")) for s in args.sizes.split(","))
+        except ValueError:
+            raise InvalidArgument(f"--sizes takes LAYERSxWIDTHxHEADS,... (e.g. 1x32x2,2x64x4), got {args.sizes!r}")
+        if any(len(s) != 3 for s in changes["sizes"]):
+            raise InvalidArgument(f"--sizes takes LAYERSxWIDTHxHEADS,... (e.g. 1x32x2,2x64x4), got {args.sizes!r}")
+    if args.budgets:
+        try:
+            changes["budgets"] = tuple(float(b) for b in args.budgets.split(","))
+        except ValueError:
+            raise InvalidArgument(f"--budgets takes FLOPs,... (e.g. 1e11,3e11), got {args.budgets!r}")
+    for name in ("train_rows", "lrs"):
+        if getattr(args, name) is not None:
+            changes[name] = getattr(args, name) if name == "train_rows" else tuple(getattr(args, name))
+    fits = scaling.sweep(dataclasses.replace(setting, **changes), args.out)
+    law = fits["L(N)"]["with_E_fixed_at_the_teacher_entropy"]
+    free = fits["L(N)"]["fitted"]
+    print(f"L(N) = E + A/N^alpha with E = teacher entropy {fits['teacher_entropy']:.4f}: alpha {law['alpha']:.3f}, "
+          f"R^2 {law['r2']:.4f}; fitted freely: E {free['E']:.4f}, alpha {free['alpha']:.3f}, R^2 {free['r2']:.4f} "
+          f"(sizes spanning {fits['L(N)']['span']:.0f}x)")
+    if "L(D)" in fits:
+        d = fits["L(D)"]["with_E_fixed_at_the_teacher_entropy"]
+        print(f"L(D) at N = {fits['L(D)']['params']:,.0f}: beta {d['alpha']:.3f}, R^2 {d['r2']:.4f}")
+    if "isoFLOP" in fits:
+        print(f"compute-optimal N*(C) ~ C^{fits['isoFLOP']['N_opt_exponent']:.2f} (Chinchilla: about 0.5)")
+    print(f"written: {Path(args.out) / 'runs.csv'}, fits.json, scaling.png")
+
+
 def cmd_problems(args: argparse.Namespace) -> None:
     """Write generated multi-step arithmetic word problems as JSONL (problems.py)."""
     from .problems import difficulty_histogram, generate_problems, parse_steps_range, write_problems
@@ -665,6 +770,28 @@ def cmd_problems(args: argparse.Namespace) -> None:
     rows = generate_problems(args.n, steps, seed=args.seed, templates=args.template)
     write_problems(rows, out)
     print(f"wrote {len(rows)} problems to {out} (seed {args.seed}); rows per difficulty: {difficulty_histogram(rows)}")
+
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    """Score a model on a task file (harness.py): per-row results to --out, a summary table (or --json)."""
+    from .harness import evaluate, load_program, load_task, write_items
+    from .store import resolve_model
+
+    if args.limit is not None and args.limit < 1:
+        raise InvalidArgument(f"--limit must be at least 1, got {args.limit}")
+    if args.batch_size < 1:
+        raise InvalidArgument(f"--batch-size must be at least 1, got {args.batch_size}")
+    out = check_output(args.out, folder=False, force=args.force) if args.out else None
+    program = load_program(args.program) if args.program is not None else None
+    task = load_task(args.task, limit=args.limit)  # a bad task file is reported before the model loads
+    if program is not None and task.output_type != "generate_until":
+        raise InvalidArgument(f"{args.task}: --program answers generate_until tasks; {task.name} is {task.output_type}")
+    lm = _load(args, resolve_model(args.model))
+    result = evaluate(lm, task, batch_size=args.batch_size, program=program)
+    if out is not None:
+        write_items(result, out)
+    print(json.dumps(result.to_json()) if args.json else result.table())
 
 
 BYTE_UNITS = {"": 1, "b": 1, "k": 2**10, "kib": 2**10, "m": 2**20, "mib": 2**20, "g": 2**30, "gib": 2**30,
@@ -683,6 +810,27 @@ def parse_bytes(text: str, flag: str) -> int:
     return int(float(match.group(1)) * BYTE_UNITS[unit])
 
 
+def cmd_search(args: argparse.Namespace) -> None:
+    """Test-time search strategies over a problem file (emergence.search)."""
+    from .search.run import command
+
+    command(args)
+
+
+def cmd_search_train(args: argparse.Namespace) -> None:
+    """Train the search policies and verifiers (emergence.search.train)."""
+    from .search.train import command
+
+    command(args)
+
+
+def cmd_prompt(args: argparse.Namespace) -> None:
+    """`prompt run PROGRAM.yaml`: a prompt program (emergence.prompts) and its trace."""
+    from .prompts.cli import run_command
+
+    run_command(args)
+
+
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
     "generate": (cmd_generate, "complete a prompt"),
     "chat": (cmd_chat, "interactive conversation"),
@@ -694,6 +842,11 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
     "pretrain": (cmd_pretrain, "train a model from scratch on prepared token shards (torchrun for several processes)"),
     "finetune": (cmd_finetune, "instruction-tune a model on JSONL rows: LoRA, DoRA, QLoRA or full fine-tuning"),
     "merge": (cmd_merge, "fold a LoRA/DoRA adapter into its base model and write the result"),
+    "reward-model": (cmd_align, "train a reward model on preference pairs (saved as transformers' "
+                                "*ForSequenceClassification)"),
+    "dpo": (cmd_align, "align a model on preference pairs with DPO or IPO (full, LoRA or DoRA)"),
+    "grpo": (cmd_rl, "GRPO: sample groups of completions, reward them (a function or a reward model), learn"),
+    "ppo": (cmd_rl, "PPO with a value model: rewards from a reward model or a function, per-token KL, GAE"),
     "list": (cmd_list, "list the models in the local store ($EMERGENCE_HOME, default ~/.emergence)"),
     "show": (cmd_show, "describe a model: a store model's details, parameters, system prompt, template (or any model's details)"),
     "create": (cmd_create, "create a store model from a Modelfile (FROM, PARAMETER, SYSTEM, TEMPLATE)"),
@@ -707,7 +860,13 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
     "neighbors": (cmd_neighbors, "the tokens nearest a word by cosine similarity of their embeddings"),
     "context": (cmd_context, "one word in two contexts: how far apart its hidden states are, layer by layer"),
     "lens": (cmd_lens, "logit lens: the top next tokens read out of every layer's hidden state"),
+    "lab": (cmd_lab, "the lab: `lab scaling` fits scaling laws against a teacher's known entropy"),
     "problems": (cmd_problems, "write multi-step arithmetic word problems (JSONL) with step-by-step solutions"),
+    "eval": (cmd_eval, "score a model on a task file (lm-evaluation-harness format): multiple choice or generation"),
+    "search": (cmd_search, "test-time search over a problem file: majority, best-of-N, beam search, DVTS, ..."),
+    "search-train": (cmd_search_train, "train the policies (3 sizes), ORM and PRM that search uses, on generated "
+                                       "arithmetic problems"),
+    "prompt": (cmd_prompt, "prompt programs (zero-shot, few-shot, CoT, cascades...): prompt run PROGRAM.yaml"),
 }
 
 
@@ -733,6 +892,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stream", action="store_true", help="print text as it is generated")
     g.add_argument("--json", action="store_true", help='print {"text", "token_ids", "logprobs"}')
     g.add_argument("--logprobs", type=int, default=None, metavar="N", help="include N top alternatives per token")
+    s = g.add_argument_group("structured output (one of them: the output is constrained to match it)")
+    s.add_argument("--json-schema", default=None, metavar="FILE", help="a JSON Schema file: the output is JSON valid under it")
+    s.add_argument("--regex", default=None, metavar="R", help="a regular expression the whole output matches")
+    s.add_argument("--grammar", default=None, metavar="FILE", help="a Lark grammar file (llguidance's dialect): the "
+                                                                   "output is derived from its start rule")
 
     c = parsers["chat"]
     _add_model_args(c)
@@ -771,9 +935,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--tokenizer", default=None, help="tokenizer .bin for a llama2.c SRC")
     v.add_argument("--dtype", default=None, help="fp32, bf16 or fp16")
     v.add_argument("--max-shard-mb", type=int, default=None, help="split the weights into shards of this size")
-    v.add_argument("--force", action="store_true", help="replace a model already at DST")
+    v.add_argument("--force", action="store_true", help="replace a model already at DST; with --type tq1_0/tq2_0, "
+                   "also round a model not trained ternary")
     v.add_argument("--type", default=None, help="GGUF tensor type: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, "
-                   "q4_k, q5_k or q6_k (default: the model's dtype)")
+                   "q4_k, q5_k, q6_k, or tq1_0, tq2_0 for a ternary model (default: the model's dtype)")
 
     q = parsers["quantize"]
     q.add_argument("model", nargs="?", default=None, metavar="MODEL",
@@ -827,9 +992,53 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (kind, help_) in _TRAIN_FLAGS.items():
         r.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=help_)
     _add_finetune_args(parsers["finetune"], parsers["merge"])
+    for kind in ("reward-model", "dpo"):
+        _add_align_args(parsers[kind], kind)
     _add_store_args(parsers)
     _add_problems_args(parsers["problems"])
+    lab = parsers["lab"]
+    lab.add_argument("experiment", choices=["scaling"], help="scaling: L(N), L(D) and an isoFLOP sweep")
+    lab.add_argument("--out", required=True, help="the sweep's folder (a rerun resumes it)")
+    which = lab.add_mutually_exclusive_group()
+    which.add_argument("--quick", action="store_true", help="the 2-CPU-core setting (default)")
+    which.add_argument("--full", action="store_true", help="the GPU setting")
+    lab.add_argument("--teacher", help="a shipped model to sample the corpus from (stories260K, emergence-6m)")
+    lab.add_argument("--sizes", help="student shapes LAYERSxWIDTHxHEADS, comma separated")
+    lab.add_argument("--budgets", help="isoFLOP budgets in FLOPs, comma separated")
+    lab.add_argument("--train-rows", type=int, help="training samples of one context each")
+    lab.add_argument("--lrs", type=float, nargs="+", help="learning rates tried per size")
+    from .search.run import add_arguments as _add_search_args
+
+    _add_search_args(parsers["search"])
+    from .search.train import add_arguments as _add_search_train_args
+
+    _add_search_train_args(parsers["search-train"])
+    _add_eval_args(parsers["eval"])
+    from .align.rl import add_arguments as _add_rl_args
+
+    _add_rl_args(parsers["grpo"], "grpo")
+    _add_rl_args(parsers["ppo"], "ppo")
+    from .prompts.cli import add_arguments as _add_prompt_args
+
+    _add_prompt_args(parsers["prompt"], _add_model_args, _Parser)
     return parser
+
+
+def _add_eval_args(p: argparse.ArgumentParser) -> None:
+    p.description = ("Score a model on the JSONL rows a task file names (a subset of lm-evaluation-harness' task "
+                     "YAML): multiple-choice tasks by log-likelihood (acc, acc_norm, ...), generation tasks by "
+                     "exact match, regex match, F1 or a checker function.")
+    p.add_argument("--task", required=True, metavar="TASK.yaml", help="the task file")
+    _add_model_args(p)
+    p.add_argument("--program", default=None, metavar="P", help="a prompt program (emergence.prompts, a YAML file) "
+                   "that answers each row of a generate_until task, the row's fields its inputs, in place of the "
+                   "task's prompt and greedy completion")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N rows")
+    p.add_argument("--batch-size", type=int, default=32, metavar="N",
+                   help="sequences per forward pass when scoring choices (default %(default)s)")
+    p.add_argument("--out", default=None, metavar="FILE.jsonl", help="write every row's result here")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
 def _add_problems_args(p: argparse.ArgumentParser) -> None:
@@ -860,17 +1069,33 @@ def _add_finetune_args(f: argparse.ArgumentParser, m: argparse.ArgumentParser) -
     how.add_argument("--full", action="store_true", help="train every weight")
     f.add_argument("--quantize", default=None, choices=("nf4", "int4", "int8", "q4_0"),
                    help="QLoRA: keep the frozen base in this format")
+    _add_adapter_args(f)
+    f.add_argument("--chat-template", default=None, help="built-in name, Jinja file or text (default: the model's)")
+    f.add_argument("--pack", action="store_true", help="pack several rows into each context (no attention across)")
+    f.add_argument("--truncate", action="store_true", help="cut rows longer than the context (default: drop them)")
+    f.add_argument("--val-fraction", type=float, default=0.05, help="rows held out for eval loss and samples")
+    f.add_argument("--epochs", type=float, default=None, help="passes over the rows when --max-steps is not given (1)")
+    _add_loop_args(f)
+    m.add_argument("base", metavar="BASE", help="the base model the adapter was trained on")
+    m.add_argument("--adapter", required=True, metavar="DIR", help="PEFT adapter folder")
+    m.add_argument("--out", required=True, metavar="DIR", help="where to write the merged model")
+    m.add_argument("--requantize", default=None, metavar="FORMAT",
+                   help="a quantized base: dequantize, merge, and quantize again to FORMAT (e.g. nf4)")
+    m.add_argument("--eval", default=None, metavar="TEXTFILE", help="held-out text: perplexity before and after")
+    m.add_argument("--force", action="store_true", help="replace a model already in --out")
+
+
+def _add_adapter_args(f: argparse.ArgumentParser) -> None:
     f.add_argument("--r", type=int, default=None, help="adapter rank (default 8)")
     f.add_argument("--alpha", type=float, default=None, help="adapter alpha (default 16): scaling alpha/r")
     f.add_argument("--lora-dropout", type=float, default=None, help="dropout on the adapter's input (default 0.05)")
     f.add_argument("--target", default=None, metavar="NAMES",
                    help="q,k,v,o,gate,up,down (default: all of them), HF names (c_attn), all-linear, or re:REGEX")
     f.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) (rank-stabilised LoRA)")
-    f.add_argument("--chat-template", default=None, help="built-in name, Jinja file or text (default: the model's)")
-    f.add_argument("--pack", action="store_true", help="pack several rows into each context (no attention across)")
-    f.add_argument("--truncate", action="store_true", help="cut rows longer than the context (default: drop them)")
-    f.add_argument("--val-fraction", type=float, default=0.05, help="rows held out for eval loss and samples")
-    f.add_argument("--epochs", type=float, default=None, help="passes over the rows when --max-steps is not given (1)")
+
+
+def _add_loop_args(f: argparse.ArgumentParser) -> None:
+    """The training loop's flags of a run on a model (finetune, reward-model, dpo)."""
     f.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     f.add_argument("--train-config", default=None, metavar="JSON", help="training settings file (flags override)")
     f.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
@@ -880,13 +1105,40 @@ def _add_finetune_args(f: argparse.ArgumentParser, m: argparse.ArgumentParser) -
     for name, (kind, help_) in _TRAIN_FLAGS.items():
         if name not in ("init", "objective"):
             f.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=help_)
-    m.add_argument("base", metavar="BASE", help="the base model the adapter was trained on")
-    m.add_argument("--adapter", required=True, metavar="DIR", help="PEFT adapter folder")
-    m.add_argument("--out", required=True, metavar="DIR", help="where to write the merged model")
-    m.add_argument("--requantize", default=None, metavar="FORMAT",
-                   help="a quantized base: dequantize, merge, and quantize again to FORMAT (e.g. nf4)")
-    m.add_argument("--eval", default=None, metavar="TEXTFILE", help="held-out text: perplexity before and after")
-    m.add_argument("--force", action="store_true", help="replace a model already in --out")
+
+
+def _add_align_args(p: argparse.ArgumentParser, kind: str) -> None:
+    p.description = (("Train a reward model (MODEL's decoder with a scalar head; the Bradley-Terry loss) on "
+                      if kind == "reward-model" else "Align MODEL with DPO (or IPO) on ") +
+                     "JSONL preference rows {prompt, chosen, rejected[, margin]}, each a string or a chat message "
+                     "list (rendered with the model's chat template or --chat-template); " +
+                     ("each row is scored at its last token (a margin, if given, is the loss's). " if kind ==
+                      "reward-model" else "the log-probs are the completions' (the reference's computed once, "
+                      "cached in OUT). ") + "Rows whose chosen equals rejected are counted and skipped.")
+    p.add_argument("model", metavar="MODEL", help="folder, GGUF file, store name or packaged model")
+    p.add_argument("--data", nargs="+", default=None, metavar="FILE.jsonl", help="preference rows (several files allowed)")
+    out = "OUT/model (a *ForSequenceClassification folder)" if kind == "reward-model" else "OUT/model or OUT/adapter"
+    p.add_argument("--out", required=True, metavar="DIR", help=f"run folder: checkpoint, metrics, {out}")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--full", action="store_true", help="train every weight (the default)")
+    how.add_argument("--lora", action="store_true", help="train a LoRA adapter" + (
+        " on the decoder (the score head trains in full; merged when saved)" if kind == "reward-model" else
+        " (the reference is the base with the adapter off: no second copy of the weights)"))
+    how.add_argument("--dora", action="store_true", help="train a DoRA adapter (magnitude + direction)")
+    _add_adapter_args(p)
+    p.add_argument("--chat-template", default=None, help="built-in name, Jinja file or text (default: the model's)")
+    p.add_argument("--val-fraction", type=float, default=0.05, help="pairs held out for evaluation")
+    p.add_argument("--epochs", type=float, default=None, help="passes over the pairs when --max-steps is not given (1)")
+    if kind == "reward-model":
+        p.add_argument("--center-rewards", type=float, default=None, metavar="COEF",
+                       help="add COEF * mean((r_chosen + r_rejected)^2): rewards centred on 0 (TRL's "
+                            "center_rewards_coefficient, e.g. 0.01)")
+    else:
+        p.add_argument("--beta", type=float, default=None, help="the KL penalty's strength (default 0.1)")
+        p.add_argument("--loss", default=None, choices=("sigmoid", "ipo"), help="DPO's sigmoid (default) or IPO")
+        p.add_argument("--label-smoothing", type=float, default=None, metavar="EPS",
+                       help="sigmoid: conservative DPO, labels flipped with probability EPS (default 0)")
+    _add_loop_args(p)
 
 
 def _add_serve_args(p: argparse.ArgumentParser) -> None:
