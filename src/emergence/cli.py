@@ -21,6 +21,7 @@ from .sampling import SamplingParams
 
 if TYPE_CHECKING:
     from .store import Source
+    from .train.trainer import TrainConfig
 
 
 # ------------------------------------------------------------------------------ arguments

@@ -43,11 +43,10 @@ import torch
 
 from ..adapters.lora import (LoraSpec, add_adapter, adapters_disabled, mark_only_adapters_trainable,
                              merge_and_unload)
-from ..adapters.peft_format import save_adapter
 from ..chat import ChatTemplate
 from ..errors import InvalidArgument
 from ..finetune.data import read_jsonl, split_held_out
-from ..finetune.run import _Count, load_template
+from ..finetune.run import _Count, load_template, save_trained, trained_state
 from ..model import Transformer, empty_model
 from ..sampling import SamplingParams
 from ..train.trainer import (SeededOrder, TrainConfig, TrainResult, _check_same_run, _Dist, _end_distributed,
@@ -460,23 +459,10 @@ class DPORun(_PreferenceRun):
         return f"{lines[-1][-60:]} -> {answer.text.strip()}"
 
     def checkpoint_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if self.pc.method == "full":
-            return state
-        return {k: v for k, v in state.items() if ".adapters." in k}
+        return trained_state(state, self.pc.method)
 
     def save(self, state: dict[str, torch.Tensor], folder: Path) -> None:
-        if self.pc.method == "full":
-            from ..weights.hf import save_hf
-
-            plain = Transformer(self.config)
-            plain.load_state_dict(state)
-            save_hf(plain, folder)
-            self.tokenizer.save(folder)
-        else:  # the adapter tensors on a weightless skeleton: the same for one process, DDP or FSDP
-            skeleton = empty_model(self.config)
-            add_adapter(skeleton, self.pc.spec(), init=False)
-            skeleton.load_state_dict(self.checkpoint_state(state), strict=False, assign=True)
-            save_adapter(skeleton, folder, base=self.pc.model)
+        save_trained(state, folder, self.pc.method, self.config, self.pc.spec(), self.pc.model, self.tokenizer)
         self._save_extras(folder)
 
 

@@ -215,25 +215,37 @@ class FinetuneRun:
                           for p, a in zip(prompts, answers))
 
     def checkpoint_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if self.fc.method == "full":
-            return state
-        return {k: v for k, v in state.items() if ".adapters." in k}
+        return trained_state(state, self.fc.method)
 
     def save(self, state: dict[str, torch.Tensor], folder: Path) -> None:
-        if self.fc.method == "full":
-            from ..weights.hf import save_hf
-
-            plain = Transformer(self.config)
-            plain.load_state_dict(state)
-            save_hf(plain, folder)
-            self.tokenizer.save(folder)
-        else:  # the adapter tensors on a weightless skeleton: the same for one process, DDP or FSDP
-            skeleton = empty_model(self.config)
-            add_adapter(skeleton, self.fc.spec(), init=False)
-            skeleton.load_state_dict(self.checkpoint_state(state), strict=False, assign=True)
-            save_adapter(skeleton, folder, base=self.fc.model)
+        save_trained(state, folder, self.fc.method, self.config, self.fc.spec(), self.fc.model, self.tokenizer)
         (folder / "chat_template.jinja").write_text(self.template.source, encoding="utf-8")
         (folder / "finetune_data.json").write_text(json.dumps(self.report, indent=2) + "\n")
+
+
+def trained_state(state: dict[str, torch.Tensor], method: str) -> dict[str, torch.Tensor]:
+    """What a checkpoint keeps of a run's state: everything (full), or the adapters' tensors only
+    (the base is loaded again on resume)."""
+    return state if method == "full" else {k: v for k, v in state.items() if ".adapters." in k}
+
+
+def save_trained(state: dict[str, torch.Tensor], folder: Path, method: str, config, spec: LoraSpec, base: str,
+                 tokenizer) -> None:
+    """A run's result: the whole model in the HF layout with its tokenizer (full), or the PEFT
+    adapter folder, the adapter tensors put on a weightless skeleton (the same for one process,
+    DDP or FSDP)."""
+    if method == "full":
+        from ..weights.hf import save_hf
+
+        plain = Transformer(config)
+        plain.load_state_dict(state)
+        save_hf(plain, folder)
+        tokenizer.save(folder)
+        return
+    skeleton = empty_model(config)
+    add_adapter(skeleton, spec, init=False)
+    skeleton.load_state_dict(trained_state(state, method), strict=False, assign=True)
+    save_adapter(skeleton, folder, base=base)
 
 
 def finetune(fc: FinetuneConfig, tc: TrainConfig, *, resume: bool = False) -> TrainResult:
