@@ -34,6 +34,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+import emergence
 from emergence.config import Config
 from emergence.errors import ConfigError
 from emergence.gguf import GGMLType, read_gguf
