@@ -117,10 +117,14 @@ def test_a_wrong_answer_line_is_negative_and_a_solution_without_one_is_rolled_ou
 # --------------------------------------------------------------------- the quick pipeline
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-    torch.set_num_threads(1)
-    out = tmp_path_factory.mktemp("search-train")
-    logs = []
-    summary = run(out, "quick", device="cpu", log=logs.append)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread is fastest (and the others' tests keep theirs)
+    try:
+        out = tmp_path_factory.mktemp("search-train")
+        logs = []
+        summary = run(out, "quick", device="cpu", log=logs.append)
+    finally:
+        torch.set_num_threads(before)
     return out, summary, logs
 
 
@@ -197,7 +201,11 @@ def test_verifier_scores_read_back_equal_the_trained_heads(quick):
 
 def test_the_command_prints_the_table(quick, capsys):
     out, _, _ = quick
-    assert main(["search-train", "--quick", "--out", str(out), "--threads", "1"]) == 0
+    before = torch.get_num_threads()
+    try:  # --threads sets the process's torch threads: this process's other tests keep theirs
+        assert main(["search-train", "--quick", "--out", str(out), "--threads", "1"]) == 0
+    finally:
+        torch.set_num_threads(before)
     table = capsys.readouterr().out
     assert "ORM" in table and "PRM" in table and "parameter span" in table
     assert main(["search-train", "--quick", "--out", str(out), "--threads", "0"]) == 1
