@@ -42,7 +42,8 @@ pretraining resumes from its last checkpoint):
                  best-of-N selection on the held-out samples.
 
 OUT/summary.json holds the figures; the table is printed at the end. `--quick` is a tiny setting
-for tests (seconds); the default is the real run (about 25 minutes on two CPU cores).
+for tests (seconds); the default is the real run (about 16 minutes on two CPU cores, one torch
+thread; docs/test_time_compute.md has its figures).
 """
 
 from __future__ import annotations
@@ -95,8 +96,8 @@ class Setting:
         PolicySize("M", 3, 80, 4, 2400, 3e-3),
         PolicySize("L", 4, 128, 4, 2400, 2.5e-3),
     )
-    sampler: str = "M"  # the policy whose samples and rollouts label the verifiers
-    rm_init: str = "M"  # the policy whose decoder the ORM and PRM start from
+    sampler: str = "L"  # the policy whose samples and rollouts label the verifiers (the best: most right samples)
+    rm_init: str = "L"  # the policy whose decoder the ORM and PRM start from
     samples_per_problem: int = 4
     temperature: float = 0.8
     rollouts: int = 2  # Math-Shepherd completions per step (besides the solution's own)
@@ -122,7 +123,7 @@ class Setting:
 
 
 SETTINGS = {
-    # the real run: about 25 minutes on two CPU cores (docs/test_time_compute.md has its figures)
+    # the real run: about 16 minutes on two CPU cores (docs/test_time_compute.md has its figures)
     "default": Setting(),
     # tests: tiny models and a few hundred problems, seconds
     "quick": Setting(train_problems=400, verifier_problems=16, heldout_per_difficulty=3, verifier_heldout=8,
@@ -622,6 +623,25 @@ class Pipeline:
         groups = list(by_problem.values())
         out["best_of_n"] = {"n": self.setting.samples_per_problem,
                             **{k: sum(f(g) for g in groups) / len(groups) for k, f in pick.items()}}
+        # the canonical solution against the policy's wrong samples of the same problem: the share of
+        # (canonical, wrong sample) pairs the verifier ranks the right way round (ties count half)
+        from ..problems import solution_text
+
+        pairs = {"orm": [], "prm-last": [], "prm-min": []}
+        for row in self.heldout_for_verifiers():
+            wrong = [r for r in by_problem.get(row["question"], []) if not r["correct"]]
+            if not wrong:
+                continue
+            prompt, gold = format_prompt(row["question"]), solution_text(row)
+            (o,), (p,) = orm.score(prompt, [gold]), prm.score(prompt, [gold])
+            mine = {"orm": o[-1], "prm-last": aggregate(p, "last"), "prm-min": aggregate(p, "min")}
+            for r in wrong:
+                theirs = {"orm": r["orm"], "prm-last": aggregate(r["prm_steps"], "last"),
+                          "prm-min": aggregate(r["prm_steps"], "min")}
+                for k in pairs:
+                    pairs[k].append(1.0 if mine[k] > theirs[k] else 0.5 if mine[k] == theirs[k] else 0.0)
+        out["canonical_vs_wrong"] = {"pairs": len(pairs["orm"]),
+                                     **{k: sum(v) / len(v) if v else None for k, v in pairs.items()}}
         return out
 
     # the whole run
@@ -702,8 +722,8 @@ def format_table(summary: dict) -> str:
     o, p = v["orm"]["heldout"], v["prm"]["heldout"]
     for split in ("verifier", "heldout"):
         sam, lab = summary["data"][f"samples-{split}"], summary["data"][f"labels-{split}"]
-        lines.append(f"samples ({split} problems, policy {summary['settings']['sampler']}): {sam['samples']} solutions, "
-                     f"{sam['correct']} right; {lab['steps']} steps, {lab['positive_steps']} positive after "
+        lines.append(f"samples ({split} problems, policy {summary['settings']['sampler']}): {sam['samples']} "
+                     f"solutions, {sam['correct']} right; {lab['steps']} steps, {lab['positive_steps']} positive after "
                      f"{lab['rollouts']} rollouts")
     lines.append(f"ORM (from {v['orm']['init']}, {v['orm']['items']} solutions, {v['orm']['positive']:.0f} right): "
                  f"held-out AUC {f(o['auc'])}, accuracy at 0.5 {f(o['accuracy_at_0.5'])}")
@@ -713,6 +733,10 @@ def format_table(summary: dict) -> str:
     b = summary["verifier_heldout"]["best_of_n"]
     lines.append(f"best-of-{b['n']} on {summary['verifier_heldout']['heldout_problems']} held-out problems: "
                  + ", ".join(f"{k} {b[k]:.1%}" for k in b if k != "n"))
+    c = summary["verifier_heldout"].get("canonical_vs_wrong")
+    if c:
+        lines.append(f"canonical solution above a wrong sample ({c['pairs']} held-out pairs): "
+                     + ", ".join(f"{k} {f(c[k])}" for k in ("orm", "prm-last", "prm-min")))
     lines.append(f"total {summary['total_seconds'] / 60:.1f} min of stages")
     return "\n".join(lines)
 
