@@ -46,7 +46,7 @@ from ..adapters.lora import (LoraSpec, add_adapter, adapters_disabled, mark_only
 from ..chat import ChatTemplate
 from ..errors import InvalidArgument
 from ..finetune.data import read_jsonl, split_held_out
-from ..finetune.run import _Count, load_template, save_trained, trained_state
+from ..finetune.run import _Count, check_run_settings, load_template, save_trained, trained_state
 from ..model import Transformer, empty_model
 from ..sampling import SamplingParams
 from ..train.trainer import (SeededOrder, TrainConfig, TrainResult, _check_same_run, _Dist, _end_distributed,
@@ -88,14 +88,7 @@ class PreferenceConfig:
             raise InvalidArgument(f"unknown training method {self.method!r}; use {', '.join(METHODS)}")
         if not self.data:
             raise InvalidArgument("give --data FILE.jsonl (one or more files of {prompt, chosen, rejected} rows)")
-        if self.epochs <= 0:
-            raise InvalidArgument(f"--epochs must be positive, got {self.epochs}")
-        if not 0 <= self.val_fraction < 1:
-            raise InvalidArgument(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
-        if self.method != "full":
-            self.spec().validate()
-            if not self.alpha > 0:
-                raise InvalidArgument(f"--alpha must be positive, got {self.alpha}")
+        check_run_settings(self)
         if self.loss_type not in DPO_LOSSES:
             raise InvalidArgument(f"--loss must be one of {', '.join(DPO_LOSSES)}, got {self.loss_type!r}")
         if not (self.beta > 0 and math.isfinite(self.beta)):

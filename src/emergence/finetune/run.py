@@ -63,18 +63,24 @@ class FinetuneConfig:
             raise InvalidArgument("a quantized base is frozen: --quantize goes with --lora or --dora, not --full")
         if not self.data:
             raise InvalidArgument("finetune needs --data FILE.jsonl (one or more)")
-        if self.epochs <= 0:
-            raise InvalidArgument(f"--epochs must be positive, got {self.epochs}")
-        if not 0 <= self.val_fraction < 1:
-            raise InvalidArgument(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
-        if self.method != "full":
-            self.spec().validate()
-            if not self.alpha > 0:  # (scaling alpha/r: 0 trains nothing, NaN everything into NaN)
-                raise InvalidArgument(f"--alpha must be positive, got {self.alpha}")
+        check_run_settings(self)
 
     def spec(self) -> LoraSpec:
         return LoraSpec(r=self.r, alpha=self.alpha, dropout=self.dropout, targets=self.targets, rslora=self.rslora,
                         dora=self.method == "dora")
+
+
+def check_run_settings(run) -> None:
+    """The settings a fine-tuning or preference run shares (FinetuneConfig, align's
+    PreferenceConfig): epochs, the held-out fraction, and for adapters their spec and alpha."""
+    if run.epochs <= 0:
+        raise InvalidArgument(f"--epochs must be positive, got {run.epochs}")
+    if not 0 <= run.val_fraction < 1:
+        raise InvalidArgument(f"--val-fraction must be in [0, 1), got {run.val_fraction}")
+    if run.method != "full":
+        run.spec().validate()
+        if not run.alpha > 0:  # (scaling alpha/r: 0 trains nothing, NaN everything into NaN)
+            raise InvalidArgument(f"--alpha must be positive, got {run.alpha}")
 
 
 def load_template(model_path: Path, choice: str | None) -> ChatTemplate:
