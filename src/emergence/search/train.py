@@ -125,6 +125,11 @@ class Setting:
 SETTINGS = {
     # the real run: about 16 minutes on two CPU cores (docs/test_time_compute.md has its figures)
     "default": Setting(),
+    # four times the steps on four times the problems (each still seen about once): about an hour on
+    # one CPU core; the policies of the default run were still learning fast when it ended
+    "long": Setting(train_problems=96_000,
+                    policies=(PolicySize("S", 2, 48, 4, 9600, 4e-3), PolicySize("M", 3, 80, 4, 9600, 3e-3),
+                              PolicySize("L", 4, 128, 4, 9600, 2.5e-3))),
     # tests: tiny models and a few hundred problems, seconds
     "quick": Setting(train_problems=400, verifier_problems=16, heldout_per_difficulty=3, verifier_heldout=8,
                      vocab_size=320, context=256, batch_size=8,
@@ -760,6 +765,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      "stages. Prints a table and writes OUT/summary.json.")
     p.add_argument("--out", required=True, metavar="DIR", help="the run's folder (a rerun resumes it)")
     p.add_argument("--quick", action="store_true", help="tiny models and a few hundred problems (tests; seconds)")
+    p.add_argument("--setting", choices=sorted(SETTINGS), default=None,
+                   help="default (about 16 minutes on 2 CPU cores), long (4x the steps and problems), quick")
     p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads (default: torch's)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON instead of the table")
@@ -770,6 +777,8 @@ def command(args: argparse.Namespace) -> None:
         if args.threads < 1:
             raise InvalidArgument(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    summary = run(args.out, "quick" if args.quick else "default", device=args.device,
+    if args.quick and args.setting not in (None, "quick"):
+        raise InvalidArgument(f"--quick and --setting {args.setting} disagree: give one")
+    summary = run(args.out, "quick" if args.quick else (args.setting or "default"), device=args.device,
                   log=lambda m: print(m, file=sys.stderr, flush=True))
     print(json.dumps(summary, indent=1) if args.json else format_table(summary))
