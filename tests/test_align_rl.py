@@ -79,6 +79,27 @@ def test_groups_share_the_prompt_and_stop_with_their_end_token(files, one_thread
         assert s.text == run.tokenizer.decode(s.token_ids[:-1] if s.finish_reason == "stop" else s.token_ids)
 
 
+def test_a_stop_string_of_several_tokens_ends_a_completion(files, one_thread):
+    """A template stop string longer than one token (chatml's <|im_end|> in a small vocabulary)
+    ends the completion as generate() does: its tokens are kept (trained on), the text stops before it."""
+    run = RLRun(config(files, files / "unused"))
+    prompt = [run.prompts[0].ids]
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    free = sample_groups(run.model, run.tokenizer, prompt, 1, params, seed=5)[0]
+    assert free.finish_reason == "length" and len(free.token_ids) == 24
+    cut = 10  # a stop string made of the free run's tokens 10 and 11
+    stop = run.tokenizer.decode(free.token_ids[cut:cut + 2]).strip()
+    first = run.tokenizer.decode(free.token_ids).find(stop)
+    stopped = sample_groups(run.model, run.tokenizer, prompt, 1, params, seed=5, stop_strings=[stop])[0]
+    assert stopped.finish_reason == "stop"
+    end = len(stopped.token_ids)
+    assert stopped.token_ids == free.token_ids[:end]  # one row: the same draws up to the stop
+    assert run.tokenizer.decode(stopped.token_ids).endswith(stop)  # its tokens are kept
+    assert stop not in run.tokenizer.decode(stopped.token_ids[:-1])  # it stops at the first occurrence
+    assert stopped.text == run.tokenizer.decode(free.token_ids)[:first]
+    assert end <= cut + 2
+
+
 def test_rollouts_use_the_current_weights(files, one_thread):
     """The decode step's own log-probs equal a teacher-forced forward of the current model, before
     and after an optimizer step; after it they differ from the old weights' (no stale plan)."""

@@ -151,13 +151,16 @@ class Sample:
 
 def sample_groups(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[list[int]], group: int,
                   params: SamplingParams, seed: int, *, backend: str = "auto",
-                  stop_token_ids: Sequence[int] = ()) -> list[Sample]:
+                  stop_token_ids: Sequence[int] = (), stop_strings: Sequence[str] = ()) -> list[Sample]:
     """`group` samples of every prompt, prompt-major (prompt p's samples at p*group .. p*group+group-1),
     through one DecodeBatch: each prompt is prefilled once and forked into its group (the forks
     share its KV blocks, copied on write), and every step runs all rows in one forward pass
     (the native CPU step where it can run). The tokens of a step are drawn for all rows at once,
     from one generator seeded with `seed` (temperature, top_k, top_p apply; penalties do not).
-    A completion ends with its end token (kept: it is trained on) or at max_new_tokens.
+    A completion ends with its end token (kept: it is trained on) or at max_new_tokens. A stop
+    string that is several tokens (chatml's "<|im_end|>" in a small vocabulary) ends it too, as in
+    generate(): its tokens are kept (trained on, so the policy learns to write it) and the text
+    stops before it.
     params.logprobs (0 or more) also records each token's log-prob as the decode step computed it
     (the raw distribution)."""
     from ..decode import DecodeBatch, end_ids, new_row
@@ -169,6 +172,8 @@ def sample_groups(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[li
     stops = set(params.stop_token_ids) | set(stop_token_ids) | (set() if params.ignore_eos else eos)
     plain = dataclasses.replace(params, seed=None, logprobs=None, stop=())
     record = params.logprobs is not None
+    # a stop string shows in the decoded tail of this many tokens (a token is at least one character)
+    tail = max((len(x) for x in stop_strings), default=0) + 2
     out = [Sample([], "", "length", [] if record else None) for _ in range(len(prompts) * group)]
     parents = [new_row(p * group, ids, plain, config, tokenizer, eos, device) for p, ids in enumerate(prompts)]
     live = [r for r in parents if r.max_new > 0]
@@ -196,6 +201,9 @@ def sample_groups(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[li
                     if token in stops:
                         sample.finish_reason = "stop"
                         finished.append(row)
+                    elif stop_strings and _ends_in_stop(tokenizer, sample.token_ids[-tail:], stop_strings):
+                        sample.finish_reason = "stop_string"
+                        finished.append(row)
                     elif len(sample.token_ids) >= row.max_new:
                         finished.append(row)
                     else:
@@ -207,7 +215,15 @@ def sample_groups(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[li
     for sample in out:
         ids = sample.token_ids[:-1] if sample.finish_reason == "stop" else sample.token_ids
         sample.text = tokenizer.decode(ids)
+        if sample.finish_reason == "stop_string":
+            sample.text = sample.text[:min(i for i in (sample.text.find(x) for x in stop_strings) if i >= 0)]
+            sample.finish_reason = "stop"
     return out
+
+
+def _ends_in_stop(tokenizer: Tokenizer, tail: list[int], stop_strings: Sequence[str]) -> bool:
+    text = tokenizer.decode(tail)
+    return any(x in text for x in stop_strings)
 
 
 @contextmanager
@@ -430,7 +446,7 @@ class RLRun:
         self.template = self._template(source.path)
         self.prompts, self.prompt_report = load_prompts(cfg.prompts, self.tokenizer, self.template,
                                                         self.config.block_size)
-        self.stop_ids = self._template_stop_ids()
+        self.stop_ids, self.stop_strings = self._template_stops()
         self.pad_id = next(t for t in (self.tokenizer.pad_id, self.tokenizer.eos_id, 0) if t is not None)
 
         # rewards
@@ -497,14 +513,17 @@ class RLRun:
             return None  # chat rows are refused when met
         return resolve_chat_template(found, override=choice)
 
-    def _template_stop_ids(self) -> list[int]:
-        """Template stop strings that are one token (<|im_end|>) end a completion too."""
-        ids = []
+    def _template_stops(self) -> tuple[list[int], list[str]]:
+        """The template's stop strings (<|im_end|>) end a completion too: as a token id where the
+        string is one token, else as text."""
+        ids, strings = [], []
         for s in (self.template.stop if self.template is not None else ()):
             encoded = self.tokenizer.encode(s, add_bos=False)
             if len(encoded) == 1:
                 ids.append(encoded[0])
-        return ids
+            else:
+                strings.append(s)
+        return ids, strings
 
     def _value_model(self, source):
         """TRL's value model: the reward model's copy; the policy's weights and a fresh head when the
@@ -547,7 +566,7 @@ class RLRun:
         with torch.no_grad(), merged_for_decoding(self.model):
             samples = sample_groups(self.model, self.tokenizer, prompts, G,
                                     self.params(0 if sampler_logprobs else None), seed, backend=c.backend,
-                                    stop_token_ids=self.stop_ids)
+                                    stop_token_ids=self.stop_ids, stop_strings=self.stop_strings)
         full_prompts = [p for p in prompts for _ in range(G)]
         ids, cmask, start = collate(full_prompts, samples, self.pad_id)
         ids, cmask = ids.to(self.device), cmask.to(self.device)
