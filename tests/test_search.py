@@ -411,6 +411,28 @@ def test_search_cli_runs_prints_json_and_plots(capsys, files, tmp_path):
     assert result["records"][0]["verifier_tokens"] > 0 and result["summary"]["flops"] > 0
 
 
+def test_search_cli_runs_self_correct_with_accuracy_by_budget(capsys, files, tmp_path):
+    p = str(files / "p.jsonl")
+    code, out, err = run_main(capsys, "search", "--problems", p, "--strategy", "self_correct", "--budget", "2",
+                              "--threshold", "0.9", "--policy", "emergence-6m", "--verifier", str(files / "prm"),
+                              "--max-tokens", "8", "--limit", "2", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["config"]["budget"] == 2 and result["config"]["threshold"] == 0.9
+    for r in result["records"]:
+        assert len(r["answers_by_round"]) == len(r["flops_by_round"]) == 3 and 0 <= r["rounds"] <= 2
+        assert r["answers_by_round"][-1] == r["answer"]
+        assert math.isclose(r["flops_by_round"][-1], r["flops"]) and r["verifier_tokens"] > 0
+    curve = result["summary"]["by_budget"]
+    assert [b["budget"] for b in curve] == [0, 1, 2] and curve[0]["flops"] <= curve[1]["flops"] <= curve[2]["flops"]
+    code, out, err = run_main(capsys, "search", "--problems", p, "--strategy", "self_correct", "--budget", "1",
+                              "--policy", "emergence-6m", "--verifier", str(files / "prm"), "--max-tokens", "6",
+                              "--limit", "1", "--plot", str(tmp_path / "plot.png"))
+    assert code == 0, err
+    assert "self_correct budget=1 threshold=0.5: accuracy" in out and "  by budget: 0: " in out
+    assert (tmp_path / "plot.png").stat().st_size > 1000
+
+
 def test_check_tokenizers_names_both(lm):
     stories = emergence.load("stories260K", device="cpu")
     assert check_tokenizers(lm.tokenizer, lm.tokenizer, "a", "b") is None

@@ -5,7 +5,7 @@
                    prompt's KV blocks) and HTTPPolicy (OpenAI-compatible /v1/completions)
     verifier.py    ORM and PRM verifiers over a RewardModel; aggregation last / min / prod
     strategies.py  majority, best_of_n, weighted_best_of_n, beam_search, dvts, revisions,
-                   compute_optimal
+                   self_correct (a PRM-checked reasoning loop), compute_optimal
     flops.py       FLOPs per token (2 N + attention), Wilson intervals
     run.py         a strategy over a problem file; `emergence search`
 """

@@ -5,7 +5,9 @@ A problem is right when the chosen final answer equals its answer (problems.extr
 the chosen solution; steps are not graded here). Costs per problem are the policy's and the
 verifier's usage during it (policy.Usage): prompt tokens prefilled, tokens generated, tokens
 the verifier read, FLOPs of each (flops.py). A problem whose requests got no answer scores as
-wrong and is counted in `timeouts`.
+wrong and is counted in `timeouts`. self_correct's records also keep the loop's answer and
+FLOPs at every budget 0 .. --budget, and its summaries `by_budget` (accuracy, 95% interval and
+mean FLOPs per problem at each budget: the accuracy gain per extra regeneration, from one run).
 """
 
 from __future__ import annotations
@@ -43,27 +45,51 @@ def solve_problem(row: dict, strategy: str, policy: Policy, verifier: Verifier |
               "policy_flops": p.flops if p.flops_known else None, "verifier_flops": v.flops,
               "timeouts": p.timeouts + v.timeouts, "server_errors": p.server_errors + v.server_errors}
     record["flops"] = None if record["policy_flops"] is None else record["policy_flops"] + v.flops
-    for key in ("chosen", "level", "metric", "rounds"):
+    for key in ("chosen", "level", "metric", "rounds", "accepted", "answers_by_round", "flops_by_round"):
         if key in out.info:
             record[key] = out.info[key]
     return record
 
 
+def _mean(values: Sequence) -> float | None:
+    return None if any(v is None for v in values) or not values else sum(values) / len(values)
+
+
+def budget_curve(records: Sequence[dict]) -> list[dict] | None:
+    """self_correct at every budget b up to the run's: accuracy (Wilson 95% interval) of the
+    answers it gives after at most b regenerations, and mean FLOPs per problem spent by then.
+    None unless every record has the loop's answers by round."""
+    if not records or any("answers_by_round" not in r for r in records):
+        return None
+    curve = []
+    for b in range(min(len(r["answers_by_round"]) for r in records)):
+        correct = sum(r["answers_by_round"][b] is not None and r["answers_by_round"][b] == r["expected"]
+                      for r in records)
+        lo, hi = wilson_interval(correct, len(records))
+        curve.append({"budget": b, "correct": correct, "accuracy": correct / len(records), "ci95": [lo, hi],
+                      "flops": _mean([r["flops_by_round"][b] for r in records])})
+    return curve
+
+
 def summarize(records: Sequence[dict]) -> dict:
-    """Accuracy (Wilson 95% interval), mean tokens and FLOPs per problem, timeouts."""
+    """Accuracy (Wilson 95% interval), mean tokens and FLOPs per problem, timeouts; and
+    self_correct's accuracy by budget (budget_curve)."""
     k = len(records)
     correct = sum(r["correct"] for r in records)
     lo, hi = wilson_interval(correct, k)
 
     def mean(key):
-        values = [r[key] for r in records]
-        return None if any(v is None for v in values) or not values else sum(values) / len(values)
+        return _mean([r[key] for r in records])
 
-    return {"problems": k, "correct": correct, "accuracy": correct / k if k else 0.0, "ci95": [lo, hi],
-            "prompt_tokens": mean("prompt_tokens"), "generated_tokens": mean("generated_tokens"),
-            "verifier_tokens": mean("verifier_tokens"), "policy_flops": mean("policy_flops"),
-            "verifier_flops": mean("verifier_flops"), "flops": mean("flops"),
-            "timeouts": sum(r["timeouts"] for r in records), "server_errors": sum(r["server_errors"] for r in records)}
+    summary = {"problems": k, "correct": correct, "accuracy": correct / k if k else 0.0, "ci95": [lo, hi],
+               "prompt_tokens": mean("prompt_tokens"), "generated_tokens": mean("generated_tokens"),
+               "verifier_tokens": mean("verifier_tokens"), "policy_flops": mean("policy_flops"),
+               "verifier_flops": mean("verifier_flops"), "flops": mean("flops"),
+               "timeouts": sum(r["timeouts"] for r in records),
+               "server_errors": sum(r["server_errors"] for r in records)}
+    if (curve := budget_curve(records)) is not None:
+        summary["by_budget"] = curve
+    return summary
 
 
 def run_search(rows: Sequence[dict], strategy: str, policy: Policy, verifier: Verifier | None, cfg: SearchConfig,
@@ -109,8 +135,8 @@ def fit_compute_optimal(rows: Sequence[dict], policy: Policy, verifier: Verifier
 
 # -------------------------------------------------------------------------------- the plot
 def plot(runs: Sequence[dict], out: str | Path) -> None:
-    """Accuracy (95% interval bars) against FLOPs per problem, a line per strategy, a panel per
-    difficulty bin and one for all problems."""
+    """Accuracy (95% interval bars) against FLOPs per problem, a line per strategy (self_correct's
+    points: its budgets), a panel per difficulty bin and one for all problems."""
     try:
         import matplotlib
     except ImportError:
@@ -133,8 +159,9 @@ def plot(runs: Sequence[dict], out: str | Path) -> None:
                 if run["strategy"] != name:
                     continue
                 s = run["summary"] if panel == "all" else run["by_difficulty"].get(panel)
-                if s and s["flops"] is not None:
-                    points.append((s["flops"], s["accuracy"], s["ci95"]))
+                for point in (s.get("by_budget", [s]) if s else []):
+                    if point["flops"] is not None:
+                        points.append((point["flops"], point["accuracy"], point["ci95"]))
             if not points:
                 continue
             points.sort()
@@ -183,6 +210,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-steps", type=int, default=10, help="rounds of step-wise search (default %(default)s)")
     p.add_argument("--window", type=int, default=4,
                    help="revisions: previous attempts in the prompt (default %(default)s)")
+    p.add_argument("--budget", type=int, default=4, metavar="B",
+                   help="self_correct: regenerations after the first sample; accuracy is reported at every "
+                        "budget 0 .. B (default %(default)s)")
+    p.add_argument("--threshold", type=float, default=0.5, metavar="T",
+                   help="self_correct: a PRM step score below T rejects the step (default %(default)s)")
     p.add_argument("--heldout", default=None, metavar="FILE.jsonl",
                    help="compute_optimal: held-out problems its table is fitted on")
     p.add_argument("--estimator", default="verifier", choices=ESTIMATORS,
@@ -226,12 +258,17 @@ def _print_run(run: dict, file=None) -> None:
     file = file or sys.stdout
     s, c = run["summary"], run["config"]
     shape = f"N={c['n']}" + (f" M={c['width']}" if run["strategy"] in ("beam_search", "dvts") else "")
+    if run["strategy"] == "self_correct":
+        shape = f"budget={c['budget']} threshold={c['threshold']:g}"
     flops = "FLOPs not counted" if s["flops"] is None else (
         f"{s['flops']:.3g} FLOPs (policy {s['policy_flops']:.3g}, verifier {s['verifier_flops']:.3g})")
     print(f"{run['strategy']} {shape}: accuracy {s['accuracy']:.3f} (95% CI {s['ci95'][0]:.3f}-{s['ci95'][1]:.3f}) "
           f"on {s['problems']} problems; per problem {s['prompt_tokens']:.0f} prompt + {s['generated_tokens']:.0f} "
           f"generated tokens, {s['verifier_tokens']:.0f} verifier tokens, {flops}; {s['timeouts']} timeouts",
           file=file)
+    if "by_budget" in s:
+        print("  by budget: " + ", ".join(f"{b['budget']}: {b['accuracy']:.3f}" + (
+            "" if b["flops"] is None else f" at {b['flops']:.3g} FLOPs") for b in s["by_budget"]), file=file)
     if len(run["by_difficulty"]) > 1:
         for d, b in run["by_difficulty"].items():
             f = "-" if b["flops"] is None else f"{b['flops']:.3g}"
@@ -250,7 +287,8 @@ def command(args: argparse.Namespace) -> None:
         raise InvalidArgument("--strategy names no strategy")
     cfg = SearchConfig(n=args.n, width=args.width, aggregation=args.aggregation, lookahead=args.lookahead,
                        temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
-                       step_tokens=args.step_tokens, max_steps=args.max_steps, window=args.window)
+                       step_tokens=args.step_tokens, max_steps=args.max_steps, window=args.window,
+                       budget=args.budget, threshold=args.threshold)
     cfg.check()
     for name in names:  # bad combinations before any model loads
         if name in ("beam_search", "dvts"):
@@ -284,6 +322,8 @@ def command(args: argparse.Namespace) -> None:
     for name in names:
         for n in sizes:
             if name in ("beam_search", "dvts") and (n < args.width or n % args.width):
+                continue
+            if name == "self_correct" and n != args.n:  # N is not its knob: its budgets come from one run
                 continue
             sub = SearchConfig(**{**cfg.__dict__, "n": n})
             if name == "compute_optimal":

@@ -25,14 +25,25 @@ search-and-learn and Snell et al. (2024), "Scaling LLM Test-Time Compute Optimal
 - revisions: N attempts in sequence, attempt k prompted with the previous ones
   (prompt.REVISION_TEMPLATE); the answer: the verifier's best attempt, else a majority vote
   over the chain.
+- self_correct: a reasoning loop. One whole solution is sampled and the PRM scores every step;
+  when every score is >= threshold and the solution has an "Answer:" line it is accepted and
+  the loop stops. Otherwise the solution is cut before the first step scored below threshold
+  (all of it when no step is, but no answer was given) and a fresh sample continues the
+  accepted steps (prompt + steps; up to max_tokens new tokens a round), up to `budget`
+  regenerations. The answer: the accepted attempt's; when none is accepted, the best-scored
+  (aggregated) attempt among those with an answer. With an ORM (one score) a rejection
+  regenerates from scratch. info["answers_by_round"][b] is the answer the loop gives with
+  budget b (info["flops_by_round"][b], what it spent): one run at the largest budget gives
+  accuracy and compute at every smaller one.
 - compute_optimal: estimate the problem's difficulty with a few probe samples (the verifier's
   mean score; or, as an oracle, their pass rate against the known answer), find its bin, and
   run the strategy and N that a table fitted on a held-out split names for that bin
   (`fit_table`: per bin, the candidate with the best accuracy, ties to the cheaper).
 
-Beam search and DVTS need N divisible by M (one clear error otherwise). Strategies are
-compared at equal compute by what run.py reports per problem: tokens and FLOPs of the policy
-(probes, rollouts and revisions included) and of the verifier.
+Beam search and DVTS need N divisible by M, self_correct an integer budget >= 0 and a threshold
+in [0, 1] (one clear error otherwise). Strategies are compared at equal compute by what run.py
+reports per problem: tokens and FLOPs of the policy (probes, rollouts, revisions and
+regenerations included) and of the verifier.
 """
 
 from __future__ import annotations
@@ -45,7 +56,7 @@ from typing import Any
 from ..errors import InvalidArgument
 from ..problems import extract_answer
 from .policy import Generation, Policy
-from .prompt import STEP_STOP, format_prompt, is_answer_line, revision_prompt, trim_solution
+from .prompt import STEP_STOP, format_prompt, is_answer_line, revision_prompt, steps_of, trim_solution
 from .verifier import AGGREGATIONS, Verifier, aggregate
 
 ESTIMATORS = ("verifier", "oracle")
@@ -63,6 +74,8 @@ class SearchConfig:
     step_tokens: int = 64  # per step (step-wise search)
     max_steps: int = 10  # rounds of step-wise search
     window: int = 4  # revisions: previous attempts kept in the prompt
+    budget: int = 4  # self_correct: regenerations after the first sample (0: the sample as it is)
+    threshold: float = 0.5  # self_correct: a PRM step score below it rejects the step
     table: "Table | None" = None  # compute_optimal's lookup table
 
     def check(self) -> None:
@@ -74,6 +87,7 @@ class SearchConfig:
             raise InvalidArgument("lookahead and window must be >= 0")
         if self.aggregation not in AGGREGATIONS:
             raise InvalidArgument(f"unknown aggregation {self.aggregation!r} (use {', '.join(AGGREGATIONS)})")
+        _check_loop(self)
 
 
 @dataclass
@@ -354,6 +368,80 @@ def revisions(question: str, policy: Policy, verifier: Verifier | None, cfg: Sea
     return Outcome(chosen, text, attempts, {"select": "majority"})
 
 
+# ------------------------------------------------------------------------ self-correction
+def _check_loop(cfg: SearchConfig) -> None:
+    budget, threshold = cfg.budget, cfg.threshold
+    if not isinstance(budget, int) or isinstance(budget, bool) or budget < 0:
+        raise InvalidArgument(f"budget must be an integer >= 0 (self_correct's regenerations), got {budget!r}")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
+        raise InvalidArgument(f"threshold must be a number in [0, 1] (a PRM step score), got {threshold!r}")
+
+
+def _rejected_step(c: Candidate, steps: Sequence[str], threshold: float, per_step: bool) -> int | None:
+    """The index in `steps` of the first step scored below threshold; None when none is. A text
+    longer than the verifier's context keeps only its last steps' scores (verifier.py), so the
+    scores are read as the last ones; an ORM's one score judges the whole solution (step 0)."""
+    scores = c.step_scores or []
+    for i, s in enumerate(scores):
+        if s < threshold:
+            return max(0, len(steps) - len(scores)) + i if per_step else 0
+    return None
+
+
+def _best_attempt(attempts: Sequence[Candidate]) -> Candidate:
+    """None accepted: the best aggregated score (a tie: the earliest), an attempt without an
+    answer only when no attempt has one (it cannot be right)."""
+    pool = [a for a in attempts if a.answer is not None] or list(attempts)
+    return pool[_argmax([a.score for a in pool])]
+
+
+def _spent(policy: Policy, verifier: Verifier, start: tuple) -> float | None:
+    """Policy and verifier FLOPs since `start` (their usage then); None when the policy's are unknown."""
+    p, v = policy.usage.minus(start[0]), verifier.usage.minus(start[1])
+    return p.flops + v.flops if p.flops_known and v.flops_known else None
+
+
+def self_correct(question: str, policy: Policy, verifier: Verifier | None, cfg: SearchConfig,
+                 answer=None) -> Outcome:
+    verifier = _need_verifier(verifier, "self_correct")
+    _check_loop(cfg)
+    prompt = format_prompt(question)
+    per_step = getattr(verifier, "kind", "prm") == "prm"
+    start = (policy.usage.copy(), verifier.usage.copy())
+    attempts: list[Candidate] = []
+    answers, flops, rejected = [], [], []  # per round: the loop's answer so far, FLOPs so far, the cut
+    prefix, accepted = "", False
+    for _ in range(cfg.budget + 1):
+        # a whole continuation of the accepted steps (last=True: no stop string, up to max_tokens);
+        # the prefix is prompt to the policy, so each round writes at most max_tokens new tokens
+        found = _steps(policy, prompt, [Candidate(prefix, finished=False)], [1], cfg, last=True,
+                       first_round=False)
+        if found is None:  # no answer from the policy: the attempts so far decide
+            break
+        attempt = found[0][0]
+        _score(verifier, prompt, [attempt], cfg.aggregation)  # kept steps too: a verifier reads whole texts
+        attempts.append(attempt)
+        steps = steps_of(attempt.text)
+        cut = _rejected_step(attempt, steps, cfg.threshold, per_step)
+        accepted = cut is None and any(is_answer_line(line) for line in steps)
+        rejected.append(cut)
+        answers.append(attempt.answer if accepted else _best_attempt(attempts).answer)
+        flops.append(_spent(policy, verifier, start))
+        if accepted:
+            break
+        prefix = "".join(line + "\n" for line in steps[:cut])  # cut None: every step kept, no answer yet
+    # stopped before the budget (accepted, or no answer): every larger budget stops there too
+    pad = cfg.budget + 1 - len(answers)
+    info = {"rounds": max(0, len(attempts) - 1), "accepted": accepted, "attempts": [a.answer for a in attempts],
+            "rejected_steps": rejected,
+            "answers_by_round": answers + [answers[-1] if answers else None] * pad,
+            "flops_by_round": flops + [_spent(policy, verifier, start)] * pad}
+    if not attempts:
+        return Outcome(None, "", [], {"unanswered": True, **info})
+    chosen = attempts[-1] if accepted else _best_attempt(attempts)
+    return Outcome(chosen.answer, chosen.text, attempts, info)
+
+
 # ------------------------------------------------------------------------ compute-optimal
 @dataclass
 class Table:
@@ -459,9 +547,10 @@ STRATEGIES: dict[str, Callable[..., Outcome]] = {
     "beam_search": beam_search,
     "dvts": dvts,
     "revisions": revisions,
+    "self_correct": self_correct,
     "compute_optimal": compute_optimal,
 }
-NEEDS_VERIFIER = {"best_of_n", "weighted_best_of_n", "beam_search", "dvts"}
+NEEDS_VERIFIER = {"best_of_n", "weighted_best_of_n", "beam_search", "dvts", "self_correct"}
 
 
 def get_strategy(name: str) -> Callable[..., Outcome]:
