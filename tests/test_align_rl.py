@@ -265,6 +265,8 @@ def test_built_in_problem_rewards_and_problem_prompts(files, tmp_path):
     path.write_text(json.dumps(row) + "\n")
     prompts, report = load_prompts(str(path), word_level_tokenizer(), None, 64)
     assert prompts[0].prompt == row["question"] and prompts[0].row["answer"] == 150 and report["kept"] == 1
+    # without a chat template: the step-by-step prompt of `emergence search` (search-train's policies)
+    assert prompts[0].text == f"Question: {row['question']}\nAnswer step by step.\n"
     assert load_reward_function("emergence.align.rewards:exact_answer") is exact_answer
     rewards = FunctionRewards.load(["emergence.align.rewards:exact_answer"])
     scores, failed = rewards([row["question"]] * 2, ["Answer: 150", "Answer: 7"], [row, row])

@@ -85,7 +85,8 @@ def load_prompts(path: str, tokenizer: Tokenizer, template, block_size: int) -> 
     """Rows {"prompt": text | messages} or problem rows {"question", "answer"} -> Prompts, and a
     report (rows, kept, too_long). Message lists are rendered with `template` (a ChatTemplate;
     required for them) and a generation prompt; problem rows too when a template is given, else
-    as the question and a newline; text prompts as they are. Prompts that leave no room in the
+    in search.prompt's step-by-step format ("Question: ...\nAnswer step by step.\n"); text
+    prompts as they are. Prompts that leave no room in the
     context for a completion are dropped (counted)."""
     from ..chat import encode_prompt, template_variables
     from ..finetune.data import read_jsonl
@@ -104,8 +105,10 @@ def load_prompts(path: str, tokenizer: Tokenizer, template, block_size: int) -> 
                 text = template.render([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                        **template_variables(tokenizer))
                 ids = encode_prompt(tokenizer, text)
-            else:
-                text = prompt + "\n"
+            else:  # the step-by-step prompt `emergence search` uses and search-train's policies learn
+                from ..search.prompt import format_prompt
+
+                text = format_prompt(prompt)
                 ids = tokenizer.encode(text)
         else:
             if "prompt" not in row:
