@@ -8,8 +8,8 @@ layers' eager path, tests and benchmarks.
 
 The extension is built with torch's cpp_extension (gcc + ninja) the first time it is needed,
 about a minute on 2 cores, into torch's extension cache: $TORCH_EXTENSIONS_DIR, by default
-~/.cache/torch_extensions, one folder per version of the sources, Python and torch (changing
-any of them builds anew; the old folder can be deleted). `python -m emergence.kernels` builds
+~/.cache/torch_extensions, one folder per version and place of the sources, Python and torch
+(changing any of them builds anew; the old folder can be deleted). `python -m emergence.kernels` builds
 it ahead of time (the Makefile's install does). Where it cannot be built or the CPU lacks
 AVX-512, decoding uses the eager backend (torch operators). EMERGENCE_NO_KERNELS=1 turns the
 kernels off.
@@ -71,8 +71,10 @@ def gemv_extension():
 
 
 def _source_digest() -> str:
-    """Names the build after the sources and headers: torch only notices changes to the sources."""
-    digest = hashlib.sha256()
+    """Names the build after the sources and headers (torch only notices changes to the sources)
+    and where they are: torch rebuilds when its build command changes, and the command names the
+    sources' paths, so two checkouts sharing one folder would rebuild it in turn on every load."""
+    digest = hashlib.sha256(str(HERE.resolve()).encode())
     for path in SOURCES + HEADERS:
         digest.update(path.read_bytes())
     return digest.hexdigest()[:12]
