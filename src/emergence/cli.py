@@ -714,7 +714,16 @@ def cmd_serve(args: argparse.Namespace) -> None:
         if name in adapters:
             raise InvalidArgument(f"--adapter {name} is given twice")
         adapters[name] = folder
-    run_server(args.model, adapters=adapters, host=args.host, port=args.port, api_key=api_key, slots=args.slots,
+    verifiers = {}
+    for item in args.verifier or []:
+        name, _, folder = item.partition("=") if "=" in item else ("default", "=", item)
+        if not name or not folder:
+            raise InvalidArgument(f"--verifier takes NAME=DIR or DIR (a reward model folder, named 'default'), "
+                                  f"got {item!r}")
+        if name in verifiers:
+            raise InvalidArgument(f"--verifier {name} is given twice")
+        verifiers[name] = folder
+    run_server(args.model, adapters=adapters, verifiers=verifiers, verifier_kind=args.verifier_kind, host=args.host, port=args.port, api_key=api_key, slots=args.slots,
                max_queue=args.max_queue, context_policy=args.context_policy, chat_template=args.chat_template,
                device=args.device, dtype=args.dtype, context=args.context, kv_memory=kv_memory,
                allowed_hosts=split(args.allowed_hosts), allowed_origins=split(args.allowed_origins),
@@ -1172,6 +1181,11 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", action="append", default=None, metavar="NAME=DIR",
                    help="also serve MODEL with this LoRA/DoRA adapter as model NAME (repeatable; all share the "
                         "base weights, and one batch mixes them)")
+    p.add_argument("--verifier", action="append", default=None, metavar="NAME=DIR",
+                   help="load this reward model folder as the verifier NAME (DIR alone: 'default') for chat requests "
+                        "with a 'search' field, which name it (repeatable)")
+    p.add_argument("--verifier-kind", default="prm", choices=("prm", "orm"),
+                   help="the verifiers score each step (prm) or the whole solution (orm) (default %(default)s)")
 
 
 def _add_store_args(parsers: dict[str, argparse.ArgumentParser]) -> None:

@@ -7,7 +7,8 @@ on FastAPI (pydantic models of every request and response) and uvicorn.
     GET  /docs, /openapi.json       the API, from the pydantic models
     GET  /v1/models                 the served model
     POST /v1/completions            prompt -> text (stream, n, stop, seed, logprobs, penalties...)
-    POST /v1/chat/completions       messages -> chat template -> text (same; tools reach the template)
+    POST /v1/chat/completions       messages -> chat template -> text (same; tools reach the template);
+                                    with `search`: the answer of a test-time search (Server.search_chat)
     POST /v1/embeddings             text -> mean of the final hidden states
     GET  /api/tags, /api/version    Ollama's API (serve/ollama.py): the same model and engine
     POST /api/show, /api/generate, /api/chat
@@ -30,6 +31,7 @@ import base64
 import hmac
 import json
 import logging
+import secrets
 import struct
 import threading
 import time
@@ -49,17 +51,26 @@ from ..api import LanguageModel
 from ..chat import ChatTemplate, find_model_template, fit_context, resolve_chat_template
 from ..errors import EmergenceError, InvalidArgument
 from ..generate import Chunk, prepare_prompt
-from .engine import BatchEngine, Request
+from .engine import BatchEngine, CallJob, Request
 from .metrics import Metrics
 from .schema import (
     ApiError, ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest, EmbeddingList,
     EmbeddingRequest, ErrorResponse, ModelList, NamedToolChoice, chat_logprobs, completion_logprobs, new_id, now, sampling,
     usage, validation_error,
 )
+from ..search.policy import LocalPolicy
+from ..search.prompt import format_prompt
+from ..search.strategies import SearchConfig
 
 PAGE = Path(__file__).with_name("page.html")  # the chat page served at /
 DEFAULT_CHAT_RESERVE = 256  # tokens kept free for a chat reply when max_tokens is not given
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+DEFAULT_SEARCH_TOKENS = SearchConfig.max_tokens  # per solution, when a search request gives no max_tokens
+# request fields a test-time search cannot honour (its policy samples with temperature and top_p only, and
+# answers with one plain text): refused with `search`, never silently ignored
+SEARCH_REFUSES = ("stop", "presence_penalty", "frequency_penalty", "logit_bias", "top_k", "min_p",
+                  "repetition_penalty", "ignore_eos", "num_beams", "length_penalty", "early_stopping",
+                  "no_repeat_ngram_size", "logprobs", "top_logprobs", "tools", "response_format")
 log = logging.getLogger("emergence.serve")
 
 
@@ -147,6 +158,20 @@ class ClientGone(Exception):
     """The client of a non-streaming request disconnected while it was decoded."""
 
 
+class SearchPolicy(LocalPolicy):
+    """The served model as a search policy: LocalPolicy exactly (the same samples for the same
+    seed), stopping at its next call once the client has gone."""
+
+    def __init__(self, lm, *, seed: int, gone: threading.Event) -> None:
+        super().__init__(lm, seed=seed)
+        self.gone = gone
+
+    def generate(self, *args, **kwargs):
+        if self.gone.is_set():
+            raise ClientGone()
+        return super().generate(*args, **kwargs)
+
+
 # ---------------------------------------------------------------------------- the routes
 class Server:
     """The routes' logic over one model and its engine; `app` is the FastAPI application.
@@ -155,7 +180,9 @@ class Server:
     system message for chats that bring none; context: the longest sequence a request may have
     (default: the model's window); kv_memory: the KV cache's budget in bytes (default: every
     slot can hold a full context); allowed_hosts / allowed_origins: besides the loopback names
-    and the server's own origins ("*" allows any); timeouts in seconds.
+    and the server's own origins ("*" allows any); timeouts in seconds; verifiers: name ->
+    verifier (search.verifier.RewardVerifier) that chat requests with `search` may name (they
+    are loaded at start: a request never names a path).
     """
 
     def __init__(self, lm: LanguageModel, name: str, *, slots: int = 8, max_queue: int = 256,
@@ -164,8 +191,16 @@ class Server:
                  system: str | None = None, context: int | None = None, kv_memory: int | None = None,
                  allowed_hosts: tuple[str, ...] = (), allowed_origins: tuple[str, ...] = (),
                  body_timeout: float = 60.0, header_timeout: float = 10.0, template_timeout: float = 5.0,
-                 source=None, adapters: dict[str, str] | None = None) -> None:
+                 source=None, adapters: dict[str, str] | None = None, verifiers: dict | None = None) -> None:
         self.lm, self.name, self.api_key, self.source = lm, name, api_key, source
+        self.verifiers = dict(verifiers or {})
+        for vname, verifier in self.verifiers.items():
+            from ..search.verifier import check_tokenizers
+
+            notice = check_tokenizers(lm.tokenizer, getattr(verifier, "tokenizer", None), name, vname)
+            if notice:  # scored as text re-encoded with the verifier's tokenizer, refused if not lossless
+                verifier.check_roundtrip = True
+                log.warning("%s", notice)
         # Served model names -> the adapter each runs through (None: the model as loaded). Every
         # adapter sits on the one base in memory; rows of a batch may each use another.
         self.served: dict[str, str | None] = {name: None, **(adapters or {})}
@@ -267,6 +302,8 @@ class Server:
 
     async def chat_completions(self, req: ChatCompletionRequest, state: RequestState, http: HttpRequest):
         adapter = self.check_model(req.model)
+        if req.search is not None:
+            return await self.search_chat(req, state, http, adapter)
         options = sampling(req, self.defaults)
         await self._constrain(options, req.response_format)
         if req.tool_choice == "required" or isinstance(req.tool_choice, NamedToolChoice):
@@ -331,6 +368,129 @@ class Server:
         if context_note:
             out["context"] = context_note
         return out
+
+    async def search_chat(self, req: ChatCompletionRequest, state: RequestState, http: HttpRequest,
+                          adapter: str | None) -> dict:
+        """A chat completion answered by test-time search (emergence.search): the strategy
+        req.search names, over the served model, with the verifier it names (one the server
+        loaded at start).
+
+        The question is the last message, which must be the user's; it is put to the policy in
+        the search's own prompt format (search/prompt.py: "Question: ...\nAnswer step by
+        step.\n", the format search policies are trained on and every strategy builds its
+        prompts from), not through the chat template; earlier messages and the system message
+        are not seen. The reply is the chosen solution's text; `usage` counts the tokens the
+        policy prefilled and every token it generated; `search` (SearchResult) has the chosen
+        answer, the tokens the verifier read and the FLOPs. A stream is refused: the answer is
+        known only once every candidate is written.
+
+        Where it runs: a LocalPolicy over the served weights (the same samples as
+        `emergence search` or a direct strategy call with the same seed), run whole as a job
+        of the engine's thread between two steps of the batch (engine.submit_call), as a beam
+        search is. Not inside the continuous batch: a strategy calls its policy synchronously,
+        round after round, and LocalPolicy decodes each call in a DecodeBatch of its own over a
+        KV cache sized for its N rows. Not in a thread of its own beside the engine: the model
+        would be run by two threads at once (two OpenMP teams on the same cores, the slowdown
+        kernels.release_thread_pool avoids, and the adapter routing of the engine's mixed
+        batches is state of the one model). The rows in the batch pause while a search runs.
+        """
+        spec = req.search
+        if req.stream:
+            raise ApiError(400, "'search' does not stream: its answer is chosen only once every candidate is written; "
+                                "send 'stream': false", "stream")
+        if (req.n or 1) != 1:
+            raise ApiError(400, "'n' must be 1 with 'search': the search answers with the one solution it chooses "
+                                "(its samples are 'search.n')", "n")
+        given = req.model_fields_set
+        for name in SEARCH_REFUSES:
+            value = getattr(req, name)
+            if name in given and value and not (name == "num_beams" and value == 1):
+                raise ApiError(400, f"'{name}' does not combine with 'search' (a search samples with temperature, "
+                                    "top_p, max_tokens and seed only)", name)
+        if adapter is not None:
+            raise ApiError(400, f"'search' runs on the served model {self.name!r} as loaded, not through the "
+                                f"adapter {req.model!r}", "model")
+        if self.encoder_decoder:
+            raise ApiError(400, f"'search' needs a decoder-only model; {self.name} is an encoder-decoder", "search")
+        verifier = None
+        if spec.verifier is not None:
+            verifier = self.verifiers.get(spec.verifier)
+            if verifier is None:
+                have = (f"loaded {', '.join(repr(v) for v in self.verifiers)}" if self.verifiers else
+                        "loaded none (emergence serve --verifier NAME=DIR)")
+                raise ApiError(400, f"'search.verifier': no verifier {spec.verifier!r}; this server {have}", "search")
+        last = req.messages[-1]
+        if last.role != "user" or not last.text().strip():
+            raise ApiError(400, "'search' answers the last message, which must be the user's question (not empty)",
+                           "messages")
+        question = last.text()
+        prompt_tokens = len(await self._in_thread(self.lm.tokenizer.encode, format_prompt(question),
+                                                  param="messages"))
+        room = self.context - prompt_tokens
+        max_tokens = req.max_tokens or req.max_completion_tokens
+        if room < 1 or (max_tokens is not None and max_tokens > room):
+            raise ApiError(400, f"the search prompt has {prompt_tokens} tokens; with max_tokens "
+                                f"{max_tokens or 1} it exceeds the context of {self.context}", "messages",
+                           "context_length_exceeded")
+        if max_tokens is None:
+            max_tokens = min(DEFAULT_SEARCH_TOKENS, room)
+        sampled = {k: v for k, v in (("temperature", req.temperature), ("top_p", req.top_p)) if v is not None}
+        for k in ("temperature", "top_p"):  # a store model's PARAMETERs stand in for the ones left out
+            if k not in sampled and self.defaults.get(k) is not None:
+                sampled[k] = self.defaults[k]
+        cfg = SearchConfig(n=spec.n, width=spec.beam_width, aggregation=spec.aggregation, lookahead=spec.lookahead,
+                           max_tokens=max_tokens, step_tokens=spec.step_tokens, max_steps=spec.max_steps,
+                           window=spec.window, budget=spec.budget, threshold=spec.threshold, **sampled)
+        try:
+            cfg.check()
+        except EmergenceError as e:
+            raise ApiError(400, str(e), "search") from None
+        seed = req.seed if req.seed is not None else secrets.randbits(63)
+        gone = threading.Event()
+        policy = SearchPolicy(self.lm, seed=seed, gone=gone)
+
+        def run() -> dict:  # in the engine's thread
+            from ..search.run import solve_problem
+
+            record = solve_problem({"question": question, "answer": None}, spec.strategy, policy, verifier, cfg)
+            self.engine.generated += record["generated_tokens"]
+            return record
+
+        sink = AsyncSink(asyncio.get_running_loop())
+        try:
+            job: CallJob = self.engine.submit_call(run, sink=sink)
+        except EmergenceError as e:
+            raise ApiError(429 if "busy" in str(e) else 400, str(e)) from None
+        task = asyncio.ensure_future(sink.get())
+        try:
+            while not task.done():
+                await asyncio.wait({task}, timeout=1.0)
+                if not task.done() and await http.is_disconnected():
+                    raise ClientGone()
+        finally:
+            if not task.done():  # the client left: not run if still waiting, stopped at its next policy call
+                gone.set()
+                job.cancel()
+                task.cancel()
+        _, record = task.result()
+        if isinstance(record, ClientGone) or record is None:
+            raise ClientGone()
+        if isinstance(record, EmergenceError):
+            raise ApiError(400, str(record), "search")
+        if isinstance(record, BaseException):
+            raise self._failure(record, state)
+        state.prompt_tokens, state.completion_tokens = record["prompt_tokens"], record["generated_tokens"]
+        result = {"strategy": spec.strategy, "n": spec.n,
+                  "beam_width": spec.beam_width if spec.strategy in ("beam_search", "dvts") else None,
+                  "verifier": spec.verifier, "answer": record["answer"], "candidates": record["candidates"],
+                  "prompt_tokens": record["prompt_tokens"], "generated_tokens": record["generated_tokens"],
+                  "verifier_tokens": record["verifier_tokens"], "policy_flops": record["policy_flops"],
+                  "verifier_flops": record["verifier_flops"], "flops": record["flops"], "seed": seed,
+                  "rounds": record.get("rounds")}
+        return {"id": new_id("chatcmpl"), "object": "chat.completion", "created": now(), "model": req.model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": record["text"]},
+                             "finish_reason": "stop", "logprobs": None}],
+                "usage": usage(record["prompt_tokens"], record["generated_tokens"]), "search": result}
 
     async def embeddings(self, req: EmbeddingRequest, state: RequestState) -> dict:
         """Through the engine's queue, as generation goes (the same limit on waiting work)."""
@@ -775,11 +935,14 @@ def app_for(model: str | None, *, slots: int = 8, max_queue: int = 256, api_key:
             context_policy: str = "drop-oldest", chat_template: str | None = None, device: str = "auto",
             dtype: str | None = None, context: int | None = None, kv_memory: int | None = None,
             allowed_hosts: tuple[str, ...] = (), allowed_origins: tuple[str, ...] = (),
-            adapters: dict[str, str] | None = None) -> Server:
+            adapters: dict[str, str] | None = None, verifiers: dict[str, str] | None = None,
+            verifier_kind: str = "prm") -> Server:
     """The server's routes for a model argument (store.resolve_model). A store model's
     PARAMETERs are the request defaults, its SYSTEM the system message of chats that bring none,
     its TEMPLATE the chat template (unless one is given). adapters: served name -> PEFT adapter
-    folder, each loaded once onto the one base and chosen per request by that model name."""
+    folder, each loaded once onto the one base and chosen per request by that model name.
+    verifiers: name -> reward model folder (search.verifier.load_verifier, as verifier_kind),
+    loaded here once, named by chat requests with `search`."""
     from ..adapters.lora import routing
     from ..adapters.peft_format import load_adapter
     from ..api import load
@@ -796,10 +959,18 @@ def app_for(model: str | None, *, slots: int = 8, max_queue: int = 256, api_key:
             load_adapter(lm.model, folder, served_name)
             served[served_name] = served_name
         routing(lm.model).active = active
+    loaded_verifiers = {}
+    if verifiers:
+        from ..search.verifier import load_verifier
+
+        for verifier_name, folder in verifiers.items():
+            loaded_verifiers[verifier_name] = load_verifier(folder, kind=verifier_kind, device=device, dtype=dtype)
+            loaded_verifiers[verifier_name].name = verifier_name
     return Server(lm, source.name, slots=slots, max_queue=max_queue, api_key=api_key, context_policy=context_policy,
                   chat_template=model_chat_template(source.path, chat_template or source.template),
                   defaults=source.parameters, system=source.system, context=context, kv_memory=kv_memory,
-                  allowed_hosts=allowed_hosts, allowed_origins=allowed_origins, source=source, adapters=served)
+                  allowed_hosts=allowed_hosts, allowed_origins=allowed_origins, source=source, adapters=served,
+                  verifiers=loaded_verifiers)
 
 
 def run_server(model: str | None, *, host: str = "127.0.0.1", port: int = 8000, insecure: bool = False,
@@ -822,7 +993,8 @@ def run_server(model: str | None, *, host: str = "127.0.0.1", port: int = 8000, 
     cache = app.engine.cache
     print(f"serving {app.name} ({app.template.name} chat template) on http://{host}:{port}/v1 with "
           f"{app.engine.slots} decode slots, context {app.context}, KV cache {cache.nbytes / 2**20:.0f} MiB "
-          f"({cache.num_blocks * cache.block_size:,} tokens){'; API key required' if app.api_key else ''}", flush=True)
+          f"({cache.num_blocks * cache.block_size:,} tokens){'; API key required' if app.api_key else ''}"
+          f"{'; search verifiers ' + ', '.join(app.verifiers) if app.verifiers else ''}", flush=True)
     try:
         http.run()
     except OSError as e:

@@ -14,6 +14,10 @@ every row's next step; when a step still finds too few, the most recently admitt
 preempted (their blocks freed) and wait at the front of the queue, to be prefilled again
 with the tokens they generated; what they already sent stands. A request that could not
 finish even alone in the cache is refused when it is submitted.
+
+A beam search, an embedding job and a test-time search (`submit_call`: the server's `search`
+field) wait in the same queue and run whole in the engine's thread between two steps: the
+rows in the batch pause meanwhile, and the model is never run by two threads at once.
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -80,6 +86,21 @@ class EmbeddingJob:
 
 
 @dataclass(eq=False)
+class CallJob:
+    """A function run whole in the engine's thread, between two steps of the batch (the server's
+    test-time search: it decodes on the model the batch uses, so it must not run beside a step).
+    The sink receives (0, its result) or (0, the exception it raised); a job cancelled before
+    its turn is not run, and its sink receives (0, None)."""
+
+    fn: Callable[[], Any]
+    sink: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+@dataclass(eq=False)
 class _Waiting:
     """Requests for one prompt that join together (they share its prefill), one preempted row,
     or an embedding job."""
@@ -87,6 +108,7 @@ class _Waiting:
     requests: list[Request]
     row: Row | None = None  # a preempted row: it resumes with its history
     embedding: EmbeddingJob | None = None
+    call: CallJob | None = None
     beams: bool = False  # the requests are the returned beams of one beam search
 
     @property
@@ -186,6 +208,17 @@ class BatchEngine:
             self._lock.notify()
         return job
 
+    def submit_call(self, fn: Callable[[], Any], *, sink=None) -> CallJob:
+        """Queue fn() to run whole in the engine's thread between two steps (CallJob); it waits in
+        the same queue as completions and counts against max_queue."""
+        job = CallJob(fn, sink if sink is not None else queue.SimpleQueue())
+        with self._lock:
+            if len(self._waiting) >= self.max_queue:
+                raise InvalidArgument(f"the server is busy: {self.max_queue} requests are already waiting")
+            self._waiting.append(_Waiting([], call=job))
+            self._lock.notify()
+        return job
+
     @property
     def waiting(self) -> int:
         return len(self._waiting)
@@ -240,6 +273,8 @@ class BatchEngine:
                 for w in waiting:  # queued requests are failed too: the cache they would use is gone
                     if w.embedding is not None:
                         w.embedding.sink.put((0, e))
+                    elif w.call is not None:
+                        w.call.sink.put((0, e))
                     elif w.row is None:
                         for request in w.requests:
                             request._end(e)
@@ -254,6 +289,8 @@ class BatchEngine:
         for w in self._waiting:
             if w.embedding is not None:
                 w.embedding.sink.put((0, InvalidArgument("the server is shutting down")))
+            if w.call is not None:
+                w.call.sink.put((0, InvalidArgument("the server is shutting down")))
             for request in ([w.row.tag] if w.row is not None else w.requests):
                 request._end()
 
@@ -263,6 +300,7 @@ class BatchEngine:
         batch, cache = self.batch, self.cache
         joining: list[tuple[Row, list[Row]]] = []  # (row to prefill, rows forked from it)
         embeddings: list[EmbeddingJob] = []
+        calls: list[CallJob] = []
         searches: list[list[Request]] = []
         rows, free = len(batch.rows), cache.num_free
         with self._lock:
@@ -270,6 +308,9 @@ class BatchEngine:
                 waiting = self._waiting[0]
                 if waiting.embedding is not None:
                     embeddings.append(self._waiting.popleft().embedding)
+                    continue
+                if waiting.call is not None:
+                    calls.append(self._waiting.popleft().call)
                     continue
                 if waiting.beams:
                     searches.append(self._waiting.popleft().requests)
@@ -314,6 +355,8 @@ class BatchEngine:
             self._embed(job)
         for requests in searches:
             self._search(requests)
+        for job in calls:
+            self._call(job)
         if joining:
             batch.admit([first for first, _ in joining])
             for first, others in joining:
@@ -340,6 +383,17 @@ class BatchEngine:
             request._end()
         for request in requests[len(found):]:
             request._end()
+
+    def _call(self, job: CallJob) -> None:
+        if job.cancelled.is_set():
+            job.sink.put((0, None))
+            return
+        try:
+            result = job.fn()
+        except Exception as e:  # noqa: BLE001 - the caller reports it
+            job.sink.put((0, e))
+            return
+        job.sink.put((0, result))
 
     def _embed(self, job: EmbeddingJob) -> None:
         model = self.model

@@ -6,7 +6,9 @@ Requests are validated strictly (JSON types as the API documents them: "0.5" is 
 failure is an `ApiError(status, message, param)`, sent in OpenAI's error shape
 {"error": {"message", "type", "param", "code"}} (Ollama's routes send {"error": message}).
 Fields OpenAI defines that emergence does not implement are refused, never silently ignored;
-vLLM's extra sampling fields (top_k, min_p, repetition_penalty, ignore_eos) are accepted.
+vLLM's extra sampling fields (top_k, min_p, repetition_penalty, ignore_eos) are accepted, and
+emergence's own: beam search (num_beams ...) and test-time search on chat completions
+(`search`: SearchOptions, answered with a SearchResult beside the choices).
 """
 
 from __future__ import annotations
@@ -17,15 +19,20 @@ from typing import Annotated, Any, Literal
 
 from fastapi import HTTPException
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.json_schema import SkipJsonSchema
 
 from ..errors import EmergenceError
 from ..generate import TokenLogprob
 from ..sampling import SamplingParams
+from ..search.strategies import NEEDS_VERIFIER, STRATEGIES
 from ..tokenizer import Tokenizer
 
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")  # OpenAI's message roles
 MAX_PROMPTS = 16  # prompts per completion request
 MAX_CHOICES = 16  # n
+MAX_SEARCH_N = 64  # search.n: samples (beams) of one test-time search
+# compute_optimal is not served: it needs a table fitted on held-out problems (`emergence search --heldout`)
+SEARCH_STRATEGIES = tuple(name for name in STRATEGIES if name != "compute_optimal")
 
 
 class ApiError(HTTPException):
@@ -166,6 +173,17 @@ class CompletionRequest(SamplingFields):
     suffix: str | None = None
     best_of: int | None = None
     response_format: ResponseFormat | None = None  # as on chat completions (vLLM takes it here too)
+    # test-time search is served on chat completions only (a completion continues its prompt verbatim; a search
+    # puts a question into its own prompt format): refused here, never silently ignored
+    search: SkipJsonSchema[Any] = None
+
+    @field_validator("search")
+    @classmethod
+    def _no_search(cls, value: Any) -> Any:
+        if value is not None:
+            raise ValueError("test-time search is served on /v1/chat/completions (the last user message is the "
+                             "question), not on /v1/completions")
+        return value
 
 
 class ContentPart(Strict):
@@ -232,6 +250,50 @@ class NamedToolChoice(Strict):
     function: NamedFunction
 
 
+class SearchOptions(Strict):
+    """emergence extra on chat completions: answer by test-time search (emergence.search) rather
+    than one sample. The request's temperature, top_p, max_tokens (per solution) and seed apply."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")  # a misspelt option is an error, not a default
+    strategy: str = Field(description="one of " + ", ".join(SEARCH_STRATEGIES),
+                          json_schema_extra={"enum": list(SEARCH_STRATEGIES)})
+    n: Annotated[int, Field(ge=1, le=MAX_SEARCH_N, description="N: whole solutions sampled, or beams")] = 4
+    beam_width: Annotated[int, Field(ge=1, le=MAX_SEARCH_N, description=(
+        "M: beam_search expands each of its N / M kept beams by M steps; dvts runs N / M subtrees of width M; "
+        "n must be a multiple of it"))] = 4
+    verifier: str | None = Field(None, description=(
+        "the name of a verifier (reward model) the server loaded at start (`emergence serve --verifier NAME=DIR`); "
+        "needed by " + ", ".join(sorted(NEEDS_VERIFIER)) + "; revisions picks by it when given, else by vote"))
+    aggregation: Literal["last", "min", "prod"] = Field("last", description="a PRM's step scores -> one score")
+    lookahead: Annotated[int, Field(ge=0, le=8, description="beam_search: greedy steps rolled out before scoring")] = 0
+    step_tokens: Annotated[int, Field(ge=1, le=1024, description="step-wise search: tokens per step")] = 64
+    max_steps: Annotated[int, Field(ge=1, le=64, description="step-wise search: rounds")] = 10
+    window: Annotated[int, Field(ge=0, le=16, description="revisions: previous attempts kept in the prompt")] = 4
+    budget: Annotated[int, Field(ge=0, le=MAX_SEARCH_N, description=(
+        "self_correct: regenerations after the first sample (0: the sample as it is)"))] = 4
+    threshold: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False, description=(
+        "self_correct: a PRM step score below it rejects the step"))] = 0.5
+
+    @field_validator("strategy")
+    @classmethod
+    def _known_strategy(cls, name: str) -> str:
+        if name == "compute_optimal":
+            raise ValueError("compute_optimal is not served: it needs a table fitted on held-out problems "
+                             "(`emergence search --heldout`); name the strategy it picks")
+        if name not in SEARCH_STRATEGIES:
+            raise ValueError(f"unknown search strategy {name!r} (use {', '.join(SEARCH_STRATEGIES)})")
+        return name
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.strategy in NEEDS_VERIFIER and self.verifier is None:
+            raise ValueError(f"{self.strategy} needs a verifier: name one the server loaded in 'search.verifier'")
+        if self.strategy in ("beam_search", "dvts") and self.n % self.beam_width:
+            raise ValueError(f"{self.strategy} needs 'n' ({self.n}) to be a multiple of 'beam_width' "
+                             f"({self.beam_width})")
+        return self
+
+
 class ChatCompletionRequest(SamplingFields):
     """POST /v1/chat/completions."""
 
@@ -244,6 +306,11 @@ class ChatCompletionRequest(SamplingFields):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
+    search: SearchOptions | None = Field(None, description=(
+        "emergence extra: answer by test-time search (best-of-N, beam search, ...) over the served model. The "
+        "last user message is the question, put to the policy in emergence.search's prompt format; the reply is "
+        "the chosen solution, `usage` counts every token the search generated, and the response's `search` "
+        "object has the chosen answer and the FLOPs spent. Not with stream, n > 1, tools or logprobs."))
 
 
 class EmbeddingRequest(Request):
@@ -455,6 +522,25 @@ class ChatChoice(BaseModel):
     finish_reason: str
 
 
+class SearchResult(BaseModel):
+    """What a chat completion with `search` did (emergence.search.run's per-problem record)."""
+
+    strategy: str
+    n: int
+    beam_width: int | None = None
+    verifier: str | None = None
+    answer: int | float | None = Field(None, description="the chosen solution's final answer (None: none found)")
+    candidates: int = Field(description="the solutions (or finished beams) weighed")
+    prompt_tokens: int = Field(description="tokens the policy prefilled (a prompt shared by its samples once)")
+    generated_tokens: int
+    verifier_tokens: int = Field(description="tokens the verifier read")
+    policy_flops: float
+    verifier_flops: float
+    flops: float = Field(description="policy + verifier forward FLOPs (emergence.search.flops)")
+    seed: int
+    rounds: int | None = None
+
+
 class ChatCompletion(BaseModel):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
@@ -463,6 +549,7 @@ class ChatCompletion(BaseModel):
     choices: list[ChatChoice]
     usage: Usage
     context: dict | None = Field(None, description="emergence: the messages dropped to fit the context window")
+    search: SearchResult | None = Field(None, description="emergence: what a request's test-time search did")
 
 
 class EmbeddingItem(BaseModel):
