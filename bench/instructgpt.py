@@ -227,7 +227,7 @@ def preference_pairs(judge: Judge, rows: list[dict], samples_per_prompt: int, se
             continue
         prompt = judge.prompt_text(r)
         pairs.append({"prompt": prompt, "chosen": best[2].text + STOP, "rejected": worst[2].text + STOP,
-                      "score_chosen": best[0], "score_rejected": worst[0]})
+                      "score_chosen": best[0], "score_rejected": worst[0], "check": r["check"]})
     return pairs, {"prompts": len(rows), "pairs": len(pairs), "all_tied": ties, "score_counts": dist}
 
 
@@ -319,7 +319,7 @@ def dpo(p: dict, work: Path, sft_model: Path, pairs_file: Path, pairs: int, judg
     result = train_preferences("dpo", pc, tc)
     model = emergence.load(str(out / "model"), device="cpu", dtype="fp32").model
     info = {"steps": steps, "batch": p["dpo_batch"], "lr": p["dpo_lr"], "beta": p["dpo_beta"],
-            "train_loss": result.train_loss, "seconds": time.perf_counter() - t,
+            "first_loss": result.losses[0], "train_loss": result.train_loss, "seconds": time.perf_counter() - t,
             **judge.measure(model, held, SEED + 7, reference)}
     (out / "dpo.json").write_text(json.dumps(info, indent=1))
     return info
