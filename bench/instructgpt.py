@@ -43,7 +43,6 @@ sys.path.insert(0, str(ROOT / "bench"))
 import instruction_tune as it  # noqa: E402  (the instruction rows, the stories and their word tests)
 
 RESULTS = ROOT / "bench" / "results" / "instructgpt.json"
-DOC = ROOT / "docs" / "alignment.md"
 PLOT = ROOT / "docs" / "alignment.png"
 TEMPLATE = "chatml"
 STOP = "<|im_end|>"
@@ -365,6 +364,58 @@ def run(p: dict, work: Path) -> dict:
             "total_seconds": time.perf_counter() - started}
 
 
+# ---------------------------------------------------------------------------- the report
+def rows_of(result: dict) -> list[tuple[str, dict]]:
+    """(label, measurement on the held-out prompts) for SFT, each PPO run's end, and DPO."""
+    out = [("SFT", result["sft_eval"])]
+    out += [(f"PPO, KL coef {r['kl_coef']:g}", r["curve"][-1]) for r in result["ppo"]]
+    return out + [("DPO (beta %g)" % result["dpo"]["beta"], result["dpo"])]
+
+
+def table(result: dict) -> str:
+    """The results table of docs/alignment.md (markdown)."""
+    lines = ["| policy | reward-model score | hidden-rule win rate vs SFT | hidden-rule score (0-4) | stories that end "
+             "| mean length (tokens) | KL to SFT (nats/story) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for label, m in rows_of(result):
+        lines.append(f"| {label} | {m['rm']:+.2f} | {m['win_rate']:.3f} | {m['hidden']:.3f} | {m['ended']:.0%} | "
+                     f"{m['length']:.0f} | {m['kl']:.2f} |")
+    return "\n".join(lines)
+
+
+def curves_table(result: dict) -> str:
+    lines = ["| KL coef | step | reward-model score | win rate vs SFT | hidden score | KL to SFT |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for r in result["ppo"]:
+        for pt in r["curve"]:
+            lines.append(f"| {r['kl_coef']:g} | {pt['step']} | {pt['rm']:+.2f} | {pt['win_rate']:.3f} | "
+                         f"{pt['hidden']:.3f} | {pt['kl']:.2f} |")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    colors = ["#d62728", "#ff7f0e", "#2ca02c", "#1f77b4", "#9467bd"]
+    panels = [("rm", "reward-model score (held-out prompts)"), ("win_rate", "hidden-rule win rate vs SFT"),
+              ("kl", "KL to SFT (nats per story)")]
+    for ax, (key, title) in zip(axes, panels):
+        for color, r in zip(colors, result["ppo"]):
+            ax.plot([pt["step"] for pt in r["curve"]], [pt[key] for pt in r["curve"]], "o-", color=color,
+                    label=f"PPO, KL coef {r['kl_coef']:g}")
+        last = result["ppo"][0]["curve"][-1]["step"]
+        ax.scatter([last], [result["dpo"][key]], marker="*", s=160, color="black", zorder=5, label="DPO (end)")
+        if key == "win_rate":
+            ax.axhline(0.5, color="#999999", lw=0.8, ls="--")
+        ax.set(title=title, xlabel="PPO step")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny sizes (tests)")
@@ -373,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", default=None, help="folder for the runs (a rerun reuses finished stages; default: a "
                     "temporary folder, removed)")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--report-only", action="store_true", help="only write docs/alignment.md and .png from the JSON")
+    ap.add_argument("--report-only", action="store_true", help="only draw docs/alignment.png and print the tables of docs/alignment.md from the JSON")
     args = ap.parse_args(argv)
     if args.smoke and not args.out_json:
         ap.error("--smoke needs --out-json (it never replaces the committed results)")
@@ -398,6 +449,10 @@ def main(argv: list[str] | None = None) -> int:
         out_json.parent.mkdir(parents=True, exist_ok=True)
         out_json.write_text(json.dumps(result, indent=1) + "\n")
         log(f"wrote {out_json}")
+    if not args.smoke:
+        result = json.loads(out_json.read_text())
+        plot(result, PLOT)
+        print(table(result) + "\n\n" + curves_table(result))
     return 0
 
 

@@ -13,7 +13,7 @@ Problems come from `emergence.problems.generate_problems` with seeds the policy 
 questions that appear in the policy's own training problems (OUT/problems/train.jsonl of its
 search-train folder, when it is there) are dropped.
 
-    .venv/bin/python bench/r1_zero.py --policy runs/st-long/policies/L/model
+    .venv/bin/python bench/r1_zero.py --policy runs/st-long/policies/M/model   # search-train --setting long
     .venv/bin/python bench/r1_zero.py --smoke --policy DIR --out-json /tmp/r1.json     # tests
 """
 
@@ -35,8 +35,8 @@ RESULTS = ROOT / "bench" / "results" / "r1_zero.json"
 PLOT = ROOT / "docs" / "alignment_r1.png"
 TRAIN_SEED, HELD_SEED = 101, 202  # search-train uses seed 0
 
-FULL = {"train_problems": 4000, "train_difficulties": [1, 8], "held_per_difficulty": 50, "steps": 150,
-        "prompts_per_step": 8, "group": 8, "max_new": 160, "lr": 5e-5, "eval_every": 25, "temperature": 1.0}
+FULL = {"train_problems": 4000, "train_difficulties": [1, 8], "held_per_difficulty": 50, "steps": 300,
+        "prompts_per_step": 8, "group": 8, "max_new": 160, "lr": 1e-4, "eval_every": 50, "temperature": 1.0}
 SMOKE = {"train_problems": 32, "train_difficulties": [1, 2], "held_per_difficulty": 2, "steps": 2,
          "prompts_per_step": 2, "group": 4, "max_new": 24, "lr": 5e-5, "eval_every": 1, "temperature": 1.0}
 
