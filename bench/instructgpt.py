@@ -51,8 +51,8 @@ SAMPLE_CHUNK = 32  # prompts per decode batch
 
 FULL = {"sft_steps": 140, "sft_batch": 8, "prompt_variants": 2, "samples": 4, "max_new": 160, "rm_epochs": 1.0,
         "rm_batch": 8, "rm_lr": 3e-5, "held_prompts": 120, "ppo_steps": 60, "ppo_prompts": 16, "ppo_lr": 1e-5,
-        "ppo_epochs": 2, "kl_coefs": [0.0, 0.05, 0.2], "eval_every": 10, "dpo_epochs": 1.0, "dpo_batch": 8,
-        "dpo_lr": 3e-6, "dpo_beta": 0.1}
+        "ppo_epochs": 2, "kl_coefs": [0.0, 0.05, 0.2], "eval_every": 10, "dpo_epochs": 3.0, "dpo_batch": 8,
+        "dpo_lr": 3e-5, "dpo_beta": 0.1}
 SMOKE = {"sft_steps": 2, "sft_batch": 2, "prompt_variants": 1, "samples": 2, "max_new": 12, "rm_epochs": 1.0,
          "rm_batch": 2, "rm_lr": 3e-5, "held_prompts": 4, "ppo_steps": 2, "ppo_prompts": 2, "ppo_lr": 1e-5,
          "ppo_epochs": 1, "kl_coefs": [0.0, 0.2], "eval_every": 1, "dpo_epochs": 1.0, "dpo_batch": 2,
@@ -340,11 +340,17 @@ def run(p: dict, work: Path) -> dict:
     held_pairs_rows = word_prompts(valid, count, 2, SEED + 2, p.get("max_prompts"))
     prompts_file = write_jsonl([{"prompt": r["prompt"], "check": r["check"]} for r in train_rows],
                                work / "prompts.jsonl")
-    t = time.perf_counter()
-    pairs, pair_info = preference_pairs(judge, train_rows, p["samples"], SEED + 3)
-    held_pairs, held_pair_info = preference_pairs(judge, held_pairs_rows, p["samples"], SEED + 4)
-    pair_info["seconds"] = time.perf_counter() - t
-    pairs_file = write_jsonl(pairs, work / "pairs.jsonl")
+    pairs_file, cached = work / "pairs.jsonl", work / "pairs.json"
+    if cached.exists():  # a rerun keeps the pairs (and so the reward model and PPO runs made from them)
+        pair_info, held_pairs, held_pair_info = json.loads(cached.read_text())
+        pairs = [json.loads(line) for line in pairs_file.read_text(encoding="utf-8").splitlines()]
+    else:
+        t = time.perf_counter()
+        pairs, pair_info = preference_pairs(judge, train_rows, p["samples"], SEED + 3)
+        held_pairs, held_pair_info = preference_pairs(judge, held_pairs_rows, p["samples"], SEED + 4)
+        pair_info["seconds"] = time.perf_counter() - t
+        write_jsonl(pairs, pairs_file)
+        cached.write_text(json.dumps([pair_info, held_pairs, held_pair_info]))
     log(f"pairs: {pair_info}; held-out pairs: {held_pair_info}")
     rm_model, rm_info = train_reward_model(p, work, sft_model, pairs_file, len(pairs))
     judge.rewards = ModelRewards.load(str(rm_model), judge.tokenizer, judge.lm.config.vocab_size)
