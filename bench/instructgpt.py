@@ -464,12 +464,9 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             if not args.work:
                 shutil.rmtree(work, ignore_errors=True)
-        from provenance import commit, machine
+        from provenance import write_result
 
-        result.update(commit=commit(), command=" ".join(["bench/instructgpt.py", *sys.argv[1:]]), machine=machine(),
-                      threads=args.threads)
-        out_json.parent.mkdir(parents=True, exist_ok=True)
-        out_json.write_text(json.dumps(result, indent=1) + "\n")
+        write_result(out_json, result, "bench/instructgpt.py", sys.argv[1:], args.threads)
         log(f"wrote {out_json}")
     if not args.smoke:
         result = json.loads(out_json.read_text())

@@ -32,3 +32,12 @@ def commit() -> str:
         return head + ("+dirty" if dirty else "")
     except OSError:
         return "unknown"
+
+
+def write_result(path: Path, result: dict, script: str, argv: list[str], threads: int) -> None:
+    """`result` as JSON at `path`, with where it came from: the commit, the command, the machine."""
+    import json
+
+    result.update(commit=commit(), command=" ".join([script, *argv]), machine=machine(), threads=threads)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import sys
 import tempfile
@@ -43,16 +42,6 @@ SMOKE = {"train_problems": 32, "train_difficulties": [1, 2], "held_per_difficult
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    if n == 0:
-        return (0.0, 0.0)
-    p = k / n
-    d = 1 + z * z / n
-    c = (p + z * z / (2 * n)) / d
-    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return (max(0.0, c - h), min(1.0, c + h))
 
 
 def problems(p: dict, policy: Path) -> tuple[list[dict], list[dict], int]:
@@ -79,6 +68,7 @@ def evaluate(model, tokenizer, held: list[dict], max_new: int, chunk: int = 64) 
     from emergence.align.rl import merged_for_decoding, sample_groups
     from emergence.problems import check_solution
     from emergence.sampling import SamplingParams
+    from emergence.search.flops import wilson_interval
     from emergence.search.prompt import format_prompt
     from emergence.search.train import is_correct, normalize_solution
 
@@ -96,10 +86,10 @@ def evaluate(model, tokenizer, held: list[dict], max_new: int, chunk: int = 64) 
             (is_correct(text, r["answer"]), check_solution(r["question"], text, r["answer"]).correct))
     right = sum(c for v in by.values() for c, _ in v)
     return {"accuracy": right / len(held), "right": right, "problems": len(held),
-            "interval": wilson(right, len(held)),
+            "interval": wilson_interval(right, len(held)),
             "all_steps_valid": sum(a for v in by.values() for _, a in v) / len(held),
             "by_difficulty": {str(d): {"accuracy": sum(c for c, _ in v) / len(v), "right": sum(c for c, _ in v),
-                                       "n": len(v), "interval": wilson(sum(c for c, _ in v), len(v))}
+                                       "n": len(v), "interval": wilson_interval(sum(c for c, _ in v), len(v))}
                               for d, v in sorted(by.items())},
             "mean_length": sum(len(s.token_ids) for s in samples) / len(samples),
             "example": samples[-1].text}
@@ -207,12 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
-    from provenance import commit, machine
+    from provenance import write_result
 
-    result.update(commit=commit(), command=" ".join(["bench/r1_zero.py", *sys.argv[1:]]), machine=machine(),
-                  threads=args.threads)
-    out_json.parent.mkdir(parents=True, exist_ok=True)
-    out_json.write_text(json.dumps(result, indent=1) + "\n")
+    write_result(out_json, result, "bench/r1_zero.py", sys.argv[1:], args.threads)
     if not args.smoke:
         plot(result, PLOT)
     log(f"wrote {out_json}")

@@ -461,18 +461,11 @@ class Server:
             job: CallJob = self.engine.submit_call(run, sink=sink)
         except EmergenceError as e:
             raise ApiError(429 if "busy" in str(e) else 400, str(e)) from None
-        task = asyncio.ensure_future(sink.get())
-        try:
-            while not task.done():
-                await asyncio.wait({task}, timeout=1.0)
-                if not task.done() and await http.is_disconnected():
-                    raise ClientGone()
-        finally:
-            if not task.done():  # the client left: not run if still waiting, stopped at its next policy call
-                gone.set()
-                job.cancel()
-                task.cancel()
-        _, record = task.result()
+        def left() -> None:  # the client left: not run if still waiting, stopped at its next policy call
+            gone.set()
+            job.cancel()
+
+        _, record = await _until_done(asyncio.ensure_future(sink.get()), http, left)
         if isinstance(record, ClientGone) or record is None:
             raise ClientGone()
         if isinstance(record, EmergenceError):
@@ -651,22 +644,30 @@ class Server:
                 if chunk.finish_reason:
                     entry[2] = chunk.finish_reason
 
-        task = asyncio.ensure_future(gather())
-        try:
-            while not task.done():
-                await asyncio.wait({task}, timeout=1.0)
-                if not task.done() and await http.is_disconnected():
-                    raise ClientGone()
-        finally:
-            if not task.done():
-                task.cancel()
-        task.result()
+        await _until_done(asyncio.ensure_future(gather()), http)
         return {k: tuple(v) for k, v in texts.items()}
 
     def _failure(self, error: BaseException, state: RequestState) -> ApiError:
         log.error("request %s: generation failed", state.id, exc_info=(type(error), error, error.__traceback__))
         return ApiError(500, f"generation failed; the server's log has the details (request {state.id})",
                         code="internal_error")
+
+
+async def _until_done(task: asyncio.Future, http: HttpRequest, on_leave=None):
+    """The task's result, checking every second that the client is still there (ClientGone when
+    it left). Whenever the wait ends before the task (the client left, or this coroutine was
+    cancelled), on_leave() runs and the task is cancelled."""
+    try:
+        while not task.done():
+            await asyncio.wait({task}, timeout=1.0)
+            if not task.done() and await http.is_disconnected():
+                raise ClientGone()
+    finally:
+        if not task.done():
+            if on_leave is not None:
+                on_leave()
+            task.cancel()
+    return task.result()
 
 
 # ------------------------------------------------------------------------- the HTTP layer
