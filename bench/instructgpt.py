@@ -401,12 +401,12 @@ def table(result: dict) -> str:
 
 
 def curves_table(result: dict) -> str:
-    lines = ["| KL coef | step | reward-model score | win rate vs SFT | hidden score | KL to SFT |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = ["| KL coef | step | reward-model score | win rate vs SFT | hidden score | length (tokens) | KL to SFT |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in result["ppo"] + ([result["ppo_long"]] if result.get("ppo_long") else []):
         for pt in r["curve"]:
             lines.append(f"| {r['kl_coef']:g} | {pt['step']} | {pt['rm']:+.2f} | {pt['win_rate']:.3f} | "
-                         f"{pt['hidden']:.3f} | {pt['kl']:.2f} |")
+                         f"{pt['hidden']:.3f} | {pt['length']:.0f} | {pt['kl']:.2f} |")
     return "\n".join(lines)
 
 
