@@ -154,6 +154,8 @@ def test_smoke_run(tmp_path, pb):
             assert list(res) == ["single", "single-with-intermediate", "cascade", "second-stage-alone"]
             assert [res[p]["calls_per_item"] for p in res] == [1, 1, 2, 1]
             assert all(res[p]["n"] == s["cascade_items"] and 0 <= res[p]["accuracy"] <= 1 for p in res)
+            assert 0 <= res["single-with-intermediate"]["wrote_second_line"] <= 1
+            assert res["cascade"]["right_from_wrong_first"] <= res["cascade"]["accuracy"]
             stages = res["cascade"]["shown"][0]["stages"]
             assert [st["name"] for st in stages] == ["extract", "convert"]
             src, dst = ("Date", "ISO date") if task == "iso-date" else ("Revenue", "In words")
@@ -174,6 +176,7 @@ def test_smoke_run(tmp_path, pb):
         assert list(pol["methods"]) == ["direct", "cot", "few-shot-cot", "few-shot-cot-eos"]
         for m, v in pol["methods"].items():
             assert v["n"] == a["problems"] and v["wilson"][0] <= v["accuracy"] <= v["wilson"][1]
+            assert v["accuracy"] <= v["answered"] <= 1
             assert list(v["by_difficulty"]) == [str(d) for d in range(1, 9)]
             assert sum(b["n"] for b in v["by_difficulty"].values()) == v["n"]
         ex = {m: v["example"]["prompt"] for m, v in pol["methods"].items()}
@@ -231,10 +234,14 @@ def test_cascade_scoring(pb):
             assert v["accuracy"] == 1.0, (task, prog)
         assert res[task]["cascade"]["first_right"] == 1.0
         assert res[task]["cascade"]["second_right_given_first"] == 1.0
+        assert res[task]["cascade"]["right_from_wrong_first"] == 0.0
+        assert res[task]["single-with-intermediate"]["wrote_second_line"] == 1.0
         assert [v["calls_per_item"] for v in res[task].values()] == [1, 1, 2, 1]
+    assert all(v["month_day_right"] == 1.0 for v in res["iso-date"].values())
     # a wrong first step: the cascade's answer is wrong there, and counted as such
     res = pb.evaluate_cascade(ScriptedBackend(pb, rows, wrong_first=items[0]["summary"]), items, examples, 2, "x")
     c = res["iso-date"]["cascade"]
     assert c["accuracy"] == 0.75 and c["first_right"] == 0.75 and c["second_right_given_first"] == 1.0
+    assert c["month_day_right"] == 0.75 and c["right_from_wrong_first"] == 0.0
     assert res["iso-date"]["single-with-intermediate"]["first_right"] == 0.75
     assert res["iso-date"]["second-stage-alone"]["accuracy"] == 1.0
