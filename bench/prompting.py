@@ -1007,8 +1007,6 @@ def extraction_table(r: dict, key: str, fmt) -> list[str]:
     return lines
 
 
-CASCADE_READING: list[str] = []  # the paragraph after the cascade's figures (written from the run's JSON)
-ARITHMETIC_READING: list[str] = []
 
 
 def _cell(r: dict, model: str, fam: str, instr: str, k: int) -> dict:
@@ -1108,7 +1106,41 @@ def reading(r: dict, part: str) -> list[str]:
                        + (f"its interval lies above those of {', '.join(apart)}." if apart else
                           "its interval overlaps every other method's: at this accuracy the prompts cannot be told "
                           "apart."))
-        out += ["", *ARITHMETIC_READING]
+        direct = max(v["methods"]["direct"]["accuracy"] for v in pol.values())
+        cot = {n: v["methods"]["cot"]["accuracy"] for n, v in pol.items()}
+        fs = {n: max(v["methods"][m]["accuracy"] for m in ("few-shot-cot", "few-shot-cot-eos")) for n, v in pol.items()}
+        helped = [n for n in pol if fs[n] > cot[n]]
+        best_fs = lambda n: max((pol[n]["methods"][m] for m in ("few-shot-cot", "few-shot-cot-eos")),  # noqa: E731
+                                key=lambda x: x["accuracy"])
+        hurt = [n for n in pol if fs[n] < cot[n]]
+        leak = [(n, v["methods"]["few-shot-cot-eos"]["example"]["output"].split("\n")[0]) for n, v in pol.items()
+                if v["methods"]["few-shot-cot-eos"]["example"]["output"].split("\n")[0]
+                != v["methods"]["cot"]["example"]["output"].split("\n")[0]]
+        out += [
+            "",
+            f"**Chain of thought is what makes these problems solvable here:** asked for the answer alone, no "
+            f"policy is right on more than {_pct(direct, 1)} of the problems (they do write a number, "
+            + ", ".join(f"{n} {_pct(v['methods']['direct']['answered'])}" for n, v in pol.items())
+            + " of the time, although no training document has `Answer:` right after the question), while their "
+            f"own step-by-step prompt gets " + ", ".join(f"{n} {_pct(a, 1)}" for n, a in cot.items()) + ". "
+            + (f"**Worked examples before the question do not add to it** for {', '.join(hurt)}: the better of the "
+               f"two few-shot variants is below zero-shot CoT ("
+               + "; ".join(f"{n} {_pct(fs[n], 1)} against {_pct(cot[n], 1)}" for n in hurt) + ")" if hurt else "")
+            + (f"; for {', '.join(helped)} it is above (" + "; ".join(f"{n} {_pct(fs[n], 1)} against "
+                                                                        f"{_pct(cot[n], 1)}" for n in helped) + ")"
+               if helped else "")
+            + ". The policies learnt one problem per document, taking a step's operands from the text before it; "
+            "with examples in front, numbers of the examples leak into the steps"
+            + (" (the first item, whose zero-shot first step is `"
+               + pol[leak[0][0]]["methods"]["cot"]["example"]["output"].split("\n")[0] + "`: policy "
+               + leak[0][0] + " writes `" + leak[0][1] + "` after the examples, an operand taken from the example "
+               "before it)" if leak else "")
+            + ". The survey's few-shot CoT gain is a property of models that learn in context from varied "
+            "documents; these learnt one format"
+            + "".join(f"; {n}'s gain from the examples (" + _ci(best_fs(n)) + " against " + _ci(pol[n]["methods"]["cot"])
+                      + ("): the intervals overlap" if best_fs(n)["wilson"][0] <= pol[n]["methods"]["cot"]["wilson"][1]
+                         else "): the intervals do not overlap") for n in helped) + ".",
+        ]
         return out
     if part == "cascade":
         out = ["What the figures say:", ""]
@@ -1126,7 +1158,28 @@ def reading(r: dict, part: str) -> list[str]:
                     f"{_pct(v['second-stage-alone']['accuracy'], 1)}{md(v['second-stage-alone'])}. With the "
                     f"intermediate written in one prompt: {_pct(w['accuracy'], 1)}; the model stops after the first "
                     f"line in {_pct(1 - w['wrote_second_line'])} of the items.")
-        out += ["", *CASCADE_READING]
+        b = cr["base"]
+        rw, iso = b["revenue-in-words"], b["iso-date"]
+        out += [
+            "",
+            f"The revenue task shows the claim: no single prompt answers it ({_pct(rw['single']['accuracy'])} right), "
+            f"while the cascade does in {_pct(rw['cascade']['accuracy'])} of the items, bounded by its stages: the "
+            f"extraction is right in {_pct(rw['cascade']['first_right'])}, the conversion of a right value in "
+            f"{_pct(rw['cascade']['second_right_given_first'])} of those. The corpus taught each stage and never "
+            f"their composition, and the model cannot compose them within one answer. Writing the intermediate into "
+            f"one prompt does not work either: the model ends the pair after the first line in "
+            f"{_pct(1 - rw['single-with-intermediate']['wrote_second_line'])} of the items, as every extraction pair "
+            f"of its corpus ends, although the four examples show a second line. The date task shows the limit: its "
+            f"first stage finds the whole date in {_pct(iso['cascade']['first_right'])} of the summaries, and the "
+            f"conversion, even of the right date, gets the month and day right "
+            f"({_pct(iso['second-stage-alone']['month_day_right'])}) but not the year, which it writes from its own "
+            f"prior (right in {_pct(iso['second-stage-alone']['accuracy'])} of the items; the summaries' years are "
+            f"2015-2025, one in eleven): the cascade's {_pct(iso['cascade']['accuracy'])} is the conversion's "
+            f"guess of the year, right from a wrong first stage in {_pct(iso['cascade']['right_from_wrong_first'])} "
+            f"of the items. A cascade cannot do a stage the model cannot. The instruction-tuned model is worse here "
+            f"than the base: tuned on zero-shot extraction lines, its first stage is right in "
+            f"{_pct(cr['instruct']['revenue-in-words']['cascade']['first_right'])} of the revenue items.",
+        ]
         return out
     return []
 
@@ -1265,7 +1318,8 @@ def render_doc(r: dict) -> str:
     lines += [
         "## 2. Direct answer against chain of thought and few-shot CoT: arithmetic word problems",
         "",
-        f"The policies S, M, L of the test-time-compute issue (`{a['policies_dir']}`; see "
+        f"The policies S, M, L of the test-time-compute issue (`{a['policies_dir']}` of `emergence search-train "
+        f"--setting long --out RUN`; see "
         f"`docs/test_time_compute.md`), pretrained on `Question: ...` / `Answer step by step.` / `Step k: a op b = "
         f"c` / `Answer: n` documents. {a['problems']} held-out problems, {a['per_difficulty']} per difficulty "
         f"(steps) 1-8, from `generate_problems(seed={a['seed']})` (search-train uses seed 0; "
@@ -1353,7 +1407,7 @@ def render_doc(r: dict) -> str:
         "## Reproduce",
         "",
         "```sh",
-        "emergence search-train --out RUN --threads 1       # the policies (docs/test_time_compute.md)",
+        "emergence search-train --setting long --out RUN --threads 1   # the policies (docs/test_time_compute.md)",
         ".venv/bin/pip install matplotlib                  # for docs/prompting.png only",
         f"OMP_NUM_THREADS=1 .venv/bin/python bench/prompting.py --policies {a['policies_dir']}",
         ".venv/bin/python bench/prompting.py --smoke --out-json /tmp/smoke.json   # < 1 min, what the test runs",

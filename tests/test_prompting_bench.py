@@ -245,3 +245,13 @@ def test_cascade_scoring(pb):
     assert c["month_day_right"] == 0.75 and c["right_from_wrong_first"] == 0.0
     assert res["iso-date"]["single-with-intermediate"]["first_right"] == 0.75
     assert res["iso-date"]["second-stage-alone"]["accuracy"] == 1.0
+
+
+def test_the_committed_page_is_the_committed_results_rendered(pb):
+    """docs/prompting.md is render_doc(bench/results/prompting.json): every figure on the page comes
+    from the committed run (a page edited by hand, or results rerun without the page, fail here)."""
+    result = json.loads((ROOT / "bench" / "results" / "prompting.json").read_text(encoding="utf-8"))
+    assert (ROOT / "docs" / "prompting.md").read_text(encoding="utf-8") == pb.render_doc(result)
+    cot = {n: v["methods"]["cot"]["accuracy"] for n, v in result["arithmetic"]["policies"].items()}
+    direct = {n: v["methods"]["direct"]["accuracy"] for n, v in result["arithmetic"]["policies"].items()}
+    assert all(cot[n] > direct[n] for n in cot)  # the long run's policies: CoT is what solves the problems
