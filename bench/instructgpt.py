@@ -52,7 +52,8 @@ SAMPLE_CHUNK = 32  # prompts per decode batch
 FULL = {"sft_steps": 140, "sft_batch": 8, "prompt_variants": 2, "samples": 4, "max_new": 160, "rm_epochs": 1.0,
         "rm_batch": 8, "rm_lr": 3e-5, "held_prompts": 120, "ppo_steps": 60, "ppo_prompts": 16, "ppo_lr": 1e-5,
         "ppo_epochs": 2, "kl_coefs": [0.0, 0.05, 0.2], "eval_every": 10, "dpo_epochs": 3.0, "dpo_batch": 8,
-        "dpo_lr": 3e-5, "dpo_beta": 0.1, "long_steps": 180, "long_every": 20}
+        "dpo_lr": 3e-5, "dpo_beta": 0.1, "long_steps": 180, "long_every": 20, "hot_lr": 1e-4, "hot_steps": 120,
+        "hot_every": 20}
 SMOKE = {"sft_steps": 2, "sft_batch": 2, "prompt_variants": 1, "samples": 2, "max_new": 12, "rm_epochs": 1.0,
          "rm_batch": 2, "rm_lr": 3e-5, "held_prompts": 4, "ppo_steps": 2, "ppo_prompts": 2, "ppo_lr": 1e-5,
          "ppo_epochs": 1, "kl_coefs": [0.0, 0.2], "eval_every": 1, "dpo_epochs": 1.0, "dpo_batch": 2,
@@ -267,12 +268,12 @@ def pair_accuracy(judge: Judge, pairs: list[dict]) -> float | None:
 # ---------------------------------------------------------------------------- PPO and DPO
 def ppo(p: dict, work: Path, sft_model: Path, rm_model: Path, prompts_file: Path, kl_coef: float, judge: Judge,
         held: list[dict], reference: list[int], *, steps: int | None = None, every: int | None = None,
-        name: str = "") -> dict:
+        name: str = "", lr: float | None = None) -> dict:
     """One PPO run at `kl_coef` (p["ppo_steps"] steps, or `steps`), measured on the held-out
     prompts before it and every p["eval_every"] (or `every`) steps."""
     from emergence.align.rl import RLConfig, RLRun
 
-    steps, every = steps or p["ppo_steps"], every or p["eval_every"]
+    steps, every, lr = steps or p["ppo_steps"], every or p["eval_every"], lr or p["ppo_lr"]
     out = work / f"ppo-kl{kl_coef:g}{name}"
     done = out / "curve.json"
     if done.exists():
@@ -280,7 +281,7 @@ def ppo(p: dict, work: Path, sft_model: Path, rm_model: Path, prompts_file: Path
     shutil.rmtree(out, ignore_errors=True)
     cfg = RLConfig(method="ppo", model=str(sft_model), prompts=str(prompts_file), out=str(out),
                    reward_model=str(rm_model), chat_template=TEMPLATE, group=1, prompts_per_step=p["ppo_prompts"],
-                   max_new_tokens=p["max_new"], temperature=1.0, max_steps=steps, lr=p["ppo_lr"],
+                   max_new_tokens=p["max_new"], temperature=1.0, max_steps=steps, lr=lr,
                    kl_coef=kl_coef, ppo_epochs=p["ppo_epochs"], checkpoint_every=10 ** 6, seed=SEED, progress=False)
     run = RLRun(cfg)
     curve, t = [], time.perf_counter()
@@ -296,7 +297,7 @@ def ppo(p: dict, work: Path, sft_model: Path, rm_model: Path, prompts_file: Path
             log(f"  ppo kl={kl_coef:g} step {step}/{steps}: rm {point['rm']:+.3f}, win {point['win_rate']:.3f}"
                 f", hidden {point['hidden']:.2f}, kl {point['kl']:.2f} ({rate * 60:.1f} steps/min, "
                 f"ETA {(steps - step) / rate:.0f} s)")
-    result = {"kl_coef": kl_coef, "curve": curve, "seconds": time.perf_counter() - t}
+    result = {"kl_coef": kl_coef, "lr": lr, "curve": curve, "seconds": time.perf_counter() - t}
     out.mkdir(parents=True, exist_ok=True)
     done.write_text(json.dumps(result, indent=1))
     return result
@@ -369,13 +370,17 @@ def run(p: dict, work: Path) -> dict:
     if p.get("long_steps"):  # over-optimisation takes longer than the runs above to show
         long_run = ppo(p, work, sft_model, rm_model, prompts_file, 0.0, judge, held, reference["rule_words"],
                        steps=p["long_steps"], every=p["long_every"], name="-long")
+    hot_run = None
+    if p.get("hot_steps"):  # no KL and a 10x learning rate: the policy moves far from SFT fast
+        hot_run = ppo(p, work, sft_model, rm_model, prompts_file, 0.0, judge, held, reference["rule_words"],
+                      steps=p["hot_steps"], every=p["hot_every"], name="-hot", lr=p["hot_lr"])
     dpo_row = dpo(p, work, sft_model, pairs_file, len(pairs), judge, held, reference["rule_words"])
     del emergence
     return {"settings": p, "max_sentences": MAX_SENTENCES, "require_end": REQUIRE_END, "template": TEMPLATE, "sft": sft_info,
             "prompts": {"train": len(train_rows), "held_out": len(held), "held_out_pair_prompts": len(held_pairs_rows)},
             "pairs": pair_info, "held_out_pairs": held_pair_info, "reward_model": rm_info, "sft_eval": sft_row,
             "sft_reference": {k: reference[k] for k in ("hidden", "ended", "length")}, "ppo": runs,
-            "ppo_long": long_run, "dpo": dpo_row,
+            "ppo_long": long_run, "ppo_hot": hot_run, "dpo": dpo_row,
             "total_seconds": time.perf_counter() - started}
 
 
@@ -384,10 +389,20 @@ def rows_of(result: dict) -> list[tuple[str, dict]]:
     """(label, measurement on the held-out prompts) for SFT, each PPO run's end, and DPO."""
     out = [("SFT", result["sft_eval"])]
     out += [(f"PPO, KL coef {r['kl_coef']:g}", r["curve"][-1]) for r in result["ppo"]]
-    if result.get("ppo_long"):
-        r = result["ppo_long"]
-        out.append((f"PPO, KL coef {r['kl_coef']:g}, {r['curve'][-1]['step']} steps", r["curve"][-1]))
+    for label, r in extra_runs(result):
+        out.append((f"PPO, KL coef {r['kl_coef']:g}, {label}", r["curve"][-1]))
     return out + [("DPO (beta %g)" % result["dpo"]["beta"], result["dpo"])]
+
+
+def extra_runs(result: dict) -> list[tuple[str, dict]]:
+    """The runs beyond the KL sweep, with their label: the longer run, the high-learning-rate one."""
+    out = []
+    if result.get("ppo_long"):
+        out.append((f"{result['ppo_long']['curve'][-1]['step']} steps", result["ppo_long"]))
+    if result.get("ppo_hot"):
+        r = result["ppo_hot"]
+        out.append((f"lr {r['lr']:g}, {r['curve'][-1]['step']} steps", r))
+    return out
 
 
 def table(result: dict) -> str:
@@ -403,9 +418,9 @@ def table(result: dict) -> str:
 def curves_table(result: dict) -> str:
     lines = ["| KL coef | step | reward-model score | win rate vs SFT | hidden score | length (tokens) | KL to SFT |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
-    for r in result["ppo"] + ([result["ppo_long"]] if result.get("ppo_long") else []):
+    for r in result["ppo"] + [r for _, r in extra_runs(result)]:
         for pt in r["curve"]:
-            lines.append(f"| {r['kl_coef']:g} | {pt['step']} | {pt['rm']:+.2f} | {pt['win_rate']:.3f} | "
+            lines.append(f"| {r['kl_coef']:g}{'' if r.get('lr', result['settings']['ppo_lr']) == result['settings']['ppo_lr'] else ', lr %g' % r['lr']} | {pt['step']} | {pt['rm']:+.2f} | {pt['win_rate']:.3f} | "
                          f"{pt['hidden']:.3f} | {pt['length']:.0f} | {pt['kl']:.2f} |")
     return "\n".join(lines)
 
@@ -424,10 +439,11 @@ def plot(result: dict, path: Path) -> None:
         for color, r in zip(colors, result["ppo"]):
             ax.plot([pt["step"] for pt in r["curve"]], [pt[key] for pt in r["curve"]], "o-", color=color,
                     label=f"PPO, KL coef {r['kl_coef']:g}")
-        if result.get("ppo_long"):
-            r = result["ppo_long"]
-            ax.plot([pt["step"] for pt in r["curve"]], [pt[key] for pt in r["curve"]], "--", color="#d62728",
-                    alpha=0.6, label=f"PPO, KL coef {r['kl_coef']:g}, longer run")
+        for (label, r), style, color in zip(extra_runs(result), ("--", ":"), ("#d62728", "#9467bd")):
+            ax.plot([pt["step"] for pt in r["curve"]], [pt[key] for pt in r["curve"]], style, color=color,
+                    alpha=0.8, marker=".", label=f"PPO, KL coef {r['kl_coef']:g}, {label}")
+        if key == "kl":  # the high-learning-rate run reaches hundreds of nats: a log scale above 1
+            ax.set_yscale("symlog", linthresh=1.0)
         last = result["ppo"][0]["curve"][-1]["step"]
         ax.scatter([last], [result["dpo"][key]], marker="*", s=160, color="black", zorder=5, label="DPO (end)")
         if key == "win_rate":

@@ -118,3 +118,16 @@ def test_r1_zero_smoke_run(policy_run, tmp_path, one_thread):
     assert [c["step"] for c in r["curve"]] == [1, 2] and [e["step"] for e in r["evals"]] == [0, 1, 2]
     assert all(0.0 <= c["reward"] <= 1.0 for c in r["curve"])
     assert Path(r["saved"]).name == "model" and (Path(r["saved"]) / "config.json").exists()
+
+
+def test_the_committed_page_shows_the_committed_results(igpt):
+    """docs/alignment.md carries the tables rendered from bench/results/instructgpt.json, and the
+    over-optimisation it describes is in those results: past step 20 of the high-learning-rate run
+    the reward-model score ends higher and the hidden rule's win rate and score end lower."""
+    result = json.loads((ROOT / "bench" / "results" / "instructgpt.json").read_text())
+    page = (ROOT / "docs" / "alignment.md").read_text()
+    assert igpt.table(result) in page and igpt.curves_table(result) in page
+    curve = result["ppo_hot"]["curve"]
+    first, last = next(p for p in curve if p["step"] == 20), curve[-1]
+    assert last["rm"] > first["rm"] and last["win_rate"] < first["win_rate"] < 0.55
+    assert last["hidden"] < first["hidden"] / 4 and last["win_rate"] < 0.5
