@@ -134,6 +134,19 @@ def fit_compute_optimal(rows: Sequence[dict], policy: Policy, verifier: Verifier
 
 
 # -------------------------------------------------------------------------------- the plot
+def accuracy_axes(ax, title: str, xlabel: str = "FLOPs per problem") -> None:
+    """A panel of accuracy (0-1) against FLOPs per problem on a log axis."""
+    from matplotlib.ticker import NullFormatter
+
+    ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(NullFormatter())  # a narrow FLOPs range: no crowded minor labels
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("accuracy")
+    ax.grid(alpha=0.3)
+
+
 def plot(runs: Sequence[dict], out: str | Path) -> None:
     """Accuracy (95% interval bars) against FLOPs per problem, a line per strategy (self_correct's
     points: its budgets), a panel per difficulty bin and one for all problems."""
@@ -143,7 +156,6 @@ def plot(runs: Sequence[dict], out: str | Path) -> None:
         raise InvalidArgument("--plot needs matplotlib (pip install matplotlib)") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import NullFormatter
 
     bins = sorted({d for run in runs for d in run["by_difficulty"]}, key=lambda d: (not d.isdigit(), int(d) if
                                                                                      d.isdigit() else 0, d))
@@ -168,13 +180,7 @@ def plot(runs: Sequence[dict], out: str | Path) -> None:
             xs, ys = [p[0] for p in points], [p[1] for p in points]
             err = [[y - p[2][0] for y, p in zip(ys, points)], [p[2][1] - y for y, p in zip(ys, points)]]
             ax.errorbar(xs, ys, yerr=err, marker="o", capsize=2, label=name)
-        ax.set_xscale("log")
-        ax.xaxis.set_minor_formatter(NullFormatter())  # a narrow FLOPs range: no crowded minor labels
-        ax.set_ylim(-0.02, 1.02)
-        ax.set_title("all problems" if panel == "all" else f"difficulty {panel}")
-        ax.set_xlabel("FLOPs per problem")
-        ax.set_ylabel("accuracy")
-        ax.grid(alpha=0.3)
+        accuracy_axes(ax, "all problems" if panel == "all" else f"difficulty {panel}")
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=8)
