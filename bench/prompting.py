@@ -1122,7 +1122,7 @@ def reading(r: dict, part: str) -> list[str]:
             f"policy is right on more than {_pct(direct, 1)} of the problems (they do write a number, "
             + ", ".join(f"{n} {_pct(v['methods']['direct']['answered'])}" for n, v in pol.items())
             + " of the time, although no training document has `Answer:` right after the question), while their "
-            f"own step-by-step prompt gets " + ", ".join(f"{n} {_pct(a, 1)}" for n, a in cot.items()) + ". "
+            "own step-by-step prompt gets " + ", ".join(f"{n} {_pct(a, 1)}" for n, a in cot.items()) + ". "
             + (f"**Worked examples before the question do not add to it** for {', '.join(hurt)}: the better of the "
                f"two few-shot variants is below zero-shot CoT ("
                + "; ".join(f"{n} {_pct(fs[n], 1)} against {_pct(cot[n], 1)}" for n in hurt) + ")" if hurt else "")

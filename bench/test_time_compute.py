@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import sys
 import tempfile
 import time
@@ -157,7 +156,7 @@ def run_job(job: dict, models: Models, rows: list[dict], fit_rows: list[dict], p
                                         "verifier", p["probe_n"], p["bins"])
         log(f"  compute_optimal table fitted on {len(fit_rows)} problems in {time.perf_counter() - t:.0f} s: "
             + "; ".join(f"level {c['level']}: {c['strategy']}@{c['n']}" for c in cfg.table.to_json()["bins"]))
-    start, done = time.perf_counter(), [0]
+    start = time.perf_counter()
 
     def progress(i, total):
         if i == total or i % max(1, total // 4) == 0:
@@ -171,12 +170,6 @@ def run_job(job: dict, models: Models, rows: list[dict], fit_rows: list[dict], p
 
 
 # ------------------------------------------------------------------------------ analysis
-def wilson(c: int, n: int) -> list[float]:
-    from emergence.search.flops import wilson_interval
-
-    return list(wilson_interval(c, n))
-
-
 def points(res: dict) -> list[dict]:
     """The run's (accuracy, FLOPs) points: one, or self_correct's one per budget."""
     job = res["job"]
@@ -331,8 +324,8 @@ def render(result: dict) -> str:
     runs, p, params = result["runs"], result["settings"], result["params"]
     large = result["large"]
     lines = [MARK_START, "", "## The headline: a small policy with search against greedy decoding of larger ones", "",
-             f"`bench/test_time_compute.py` (results: `bench/results/test_time_compute.json`, one CSV row per run and "
-             f"difficulty in `test_time_compute.csv`). Policies of the long run: "
+             "`bench/test_time_compute.py` (results: `bench/results/test_time_compute.json`, one CSV row per run and "
+             "difficulty in `test_time_compute.csv`). Policies of the long run: "
              + ", ".join(f"{n} {params[n]:,}" for n in ("S", "M", "L")) + " parameters"
              + (f"; GRPO: policy M after the R1-zero run of docs/alignment.md ({params['GRPO']:,})" if "GRPO" in params
                 else "") + f". Verifier: the PRM `{result['verifier_name']}` ({params['verifier']:,} parameters with its "
@@ -388,19 +381,18 @@ def render(result: dict) -> str:
               f"one run gives every smaller budget. All {result['problems']} problems:", "",
               "| policy | " + " | ".join(f"budget {b}" for b in range(p["budget"] + 1)) + " |",
               "|---|" + "---|" * (p["budget"] + 1)]
+    gains = {}  # policy -> accuracy gained per extra regeneration, averaged over the budget
     for r in runs.values():
         if r["job"]["strategy"] != "self_correct":
             continue
         curve = r["summary"]["by_budget"]
         lines.append(f"| {r['job']['policy']} | " + " | ".join(f"{_pct(b['accuracy'])} ({b['flops']:.2g})"
                                                                 for b in curve) + " |")
-        gain = (curve[-1]["accuracy"] - curve[0]["accuracy"]) / max(1, len(curve) - 1)
-        lines[-1] += ""
-        r["_gain"] = gain
+        gains[r["job"]["policy"]] = (curve[-1]["accuracy"] - curve[0]["accuracy"]) / max(1, len(curve) - 1)
     lines += ["", "(accuracy, and FLOPs per problem in brackets)", "",
-              "Gain per extra regeneration, averaged over the budget: " + "; ".join(
-                  f"policy {r['job']['policy']} {100 * r['_gain']:+.2f} points" for r in runs.values()
-                  if "_gain" in r) + ".", "", "![self-correcting loop by budget](test_time_compute_budget.png)", ""]
+              "Gain per extra regeneration, averaged over the budget: "
+              + "; ".join(f"policy {name} {100 * g:+.2f} points" for name, g in gains.items()) + ".", "",
+              "![self-correcting loop by budget](test_time_compute_budget.png)", ""]
     if "GRPO" in params:
         lines += ["### The GRPO-trained policy through every strategy", "",
                   "| strategy | N | accuracy | FLOPs per problem |", "|---|---|---|---|"]
@@ -414,12 +406,10 @@ def render(result: dict) -> str:
               f"VRUN/prm --grpo R1/grpo/model --work DIR`, {result['total_seconds'] / 60:.0f} min of runs on "
               f"{result['threads']} torch thread(s) ({result['machine']['cpu']}); the exact command is in the JSON.",
               "", MARK_END]
-    for r in runs.values():
-        r.pop("_gain", None)
     return "\n".join(lines)
 
 
-def update_doc(result: dict, reading: str = "") -> None:
+def update_doc(result: dict) -> None:
     text = DOC.read_text()
     block = render(result)
     if MARK_START in text:
