@@ -736,6 +736,8 @@ def cmd_lab(args: argparse.Namespace) -> None:
 
     from .lab import scaling
 
+    if args.experiment == "emergence":
+        return _lab_emergence(args)
     setting = scaling.SETTINGS["full" if args.full else "quick"]
     changes = {}
     if args.teacher:
@@ -767,6 +769,43 @@ def cmd_lab(args: argparse.Namespace) -> None:
     if "isoFLOP" in fits:
         print(f"compute-optimal N*(C) ~ C^{fits['isoFLOP']['N_opt_exponent']:.2f} (Chinchilla: about 0.5)")
     print(f"written: {Path(args.out) / 'runs.csv'}, fits.json, scaling.png")
+
+
+def _lab_emergence(args: argparse.Namespace) -> None:
+    """`lab emergence`: the arithmetic part over a search-train run, the stories part over a sweep."""
+    from pathlib import Path
+
+    from .lab import abilities
+    from .problems import load_problems
+
+    if args.run is None and args.students is None:
+        raise InvalidArgument("lab emergence needs --run RUN (search-train policies) or --students LAB_OUT, or both")
+    if args.per_difficulty < 1 or args.samples < 1:
+        raise InvalidArgument("--per-difficulty and --samples must be at least 1")
+    policies, rows = [], []
+    if args.run is not None:
+        policies = abilities.policies_of(Path(args.run))
+        per: dict = {}
+        for r in load_problems(args.problems or Path(args.run) / "problems" / "heldout.jsonl"):
+            if per.get(r["difficulty"], 0) < args.per_difficulty:
+                per[r["difficulty"]] = per.get(r["difficulty"], 0) + 1
+                rows.append(r)
+    students, teacher = [], None
+    if args.students is not None:
+        students = abilities.best_students(Path(args.students))
+        setting = json.loads((Path(args.students) / "setting.json").read_text())
+        teacher = args.teacher or setting["teacher"]
+    result = abilities.run(args.out, policies=policies, problems=rows, students=students, teacher=teacher,
+                           samples=args.samples)
+    for name, r in result["arithmetic"].items():
+        o = r["overall"]
+        print(f"{name} ({r['params']:,} parameters): exact match {o['exact_match']:.3f}, per-token accuracy "
+              f"{o['token_accuracy']:.4f}, log-likelihood per token {o['logp_per_token']:.4f}, P(whole canonical "
+              f"solution) {o['solution_prob']:.3f}")
+    for name, r in result["stories"].items():
+        print(f"student {name} ({r['params']:,} parameters): teacher log-likelihood per token "
+              f"{r['teacher_logp_per_token']:.3f}, repeated 4-gram rate {r['repeated_4gram_rate']:.3f}")
+    print(f"written: {Path(args.out) / 'emergence.csv'}, emergence.json, emergence.png")
 
 
 def cmd_problems(args: argparse.Namespace) -> None:
@@ -1007,7 +1046,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_store_args(parsers)
     _add_problems_args(parsers["problems"])
     lab = parsers["lab"]
-    lab.add_argument("experiment", choices=["scaling"], help="scaling: L(N), L(D) and an isoFLOP sweep")
+    lab.add_argument("experiment", choices=["scaling", "emergence"],
+                     help="scaling: L(N), L(D) and an isoFLOP sweep; emergence: abilities against size, exact match "
+                          "beside per-token metrics (policies of a search-train run; students of a scaling sweep)")
     lab.add_argument("--out", required=True, help="the sweep's folder (a rerun resumes it)")
     which = lab.add_mutually_exclusive_group()
     which.add_argument("--quick", action="store_true", help="the 2-CPU-core setting (default)")
@@ -1017,6 +1058,13 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("--budgets", help="isoFLOP budgets in FLOPs, comma separated")
     lab.add_argument("--train-rows", type=int, help="training samples of one context each")
     lab.add_argument("--lrs", type=float, nargs="+", help="learning rates tried per size")
+    lab.add_argument("--run", metavar="RUN", help="emergence: an `emergence search-train` folder (its policies and "
+                     "held-out problems)")
+    lab.add_argument("--problems", metavar="FILE.jsonl", help="emergence: problems (default RUN/problems/heldout.jsonl)")
+    lab.add_argument("--per-difficulty", type=int, default=50, help="emergence: problems per difficulty (default 50)")
+    lab.add_argument("--students", metavar="LAB_OUT", help="emergence: an `emergence lab scaling` folder whose "
+                     "students' stories are graded (its teacher judges them)")
+    lab.add_argument("--samples", type=int, default=16, help="emergence: stories per student (default 16)")
     from .search.run import add_arguments as _add_search_args
 
     _add_search_args(parsers["search"])
