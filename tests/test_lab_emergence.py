@@ -122,3 +122,20 @@ def test_lab_emergence_bad_input_one_line(tmp_path, capsys):
     assert "search-train" in capsys.readouterr().err
     assert main(["lab", "emergence", "--out", str(tmp_path / "o"), "--students", str(tmp_path)]) != 0
     assert "lab scaling" in capsys.readouterr().err
+
+
+def test_the_committed_lab_page_quotes_the_committed_results():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    result = json.loads((root / "bench" / "results" / "lab_emergence.json").read_text())
+    page = (root / "docs" / "lab.md").read_text()
+    for name, r in result["arithmetic"].items():
+        o = r["overall"]
+        lo, hi = o["exact_ci95"]
+        row = (f"| {name} | {r['params']:,} | {100 * o['exact_match']:.1f}% [{100 * lo:.0f}, {100 * hi:.0f}] | "
+               f"{100 * o['token_accuracy']:.2f}% | {o['logp_per_token']:.3f} | {o['solution_prob']:.3f} |")
+        assert row in page, row
+    scores = [r["teacher_logp_per_token"] for r in result["stories"].values()]  # smallest student first
+    for value in (scores[0], scores[-1], max(scores)):
+        assert f"{value:.2f}" in page
