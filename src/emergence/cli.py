@@ -757,6 +757,17 @@ def cmd_lab(args: argparse.Namespace) -> None:
     for name in ("train_rows", "lrs"):
         if getattr(args, name) is not None:
             changes[name] = getattr(args, name) if name == "train_rows" else tuple(getattr(args, name))
+    if args.experiment == "bitnet":
+        from .lab import bitnet
+
+        result = bitnet.sweep(dataclasses.replace(setting, **changes), args.out)
+        print(f"floor (the teacher's entropy) {result['teacher_entropy']:.4f} nats/token")
+        for row in result["sizes"]:
+            print(f"{row['shape']} ({row['params']:,} non-embedding parameters): full precision {row['full']:.4f} "
+                  f"(lr {row['full_lr']:g}), ternary {row['ternary']:.4f} (lr {row['ternary_lr']:g}), gap "
+                  f"{row['gap']:+.4f}")
+        print(f"written: {Path(args.out) / 'bitnet.csv'}, bitnet.json, bitnet.png")
+        return
     fits = scaling.sweep(dataclasses.replace(setting, **changes), args.out)
     law = fits["L(N)"]["with_E_fixed_at_the_teacher_entropy"]
     free = fits["L(N)"]["fitted"]
@@ -1046,9 +1057,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_store_args(parsers)
     _add_problems_args(parsers["problems"])
     lab = parsers["lab"]
-    lab.add_argument("experiment", choices=["scaling", "emergence"],
+    lab.add_argument("experiment", choices=["scaling", "emergence", "bitnet"],
                      help="scaling: L(N), L(D) and an isoFLOP sweep; emergence: abilities against size, exact match "
-                          "beside per-token metrics (policies of a search-train run; students of a scaling sweep)")
+                          "beside per-token metrics (policies of a search-train run; students of a scaling sweep); "
+                          "bitnet: BitNet b1.58 against full precision at every size, on the same tokens")
     lab.add_argument("--out", required=True, help="the sweep's folder (a rerun resumes it)")
     which = lab.add_mutually_exclusive_group()
     which.add_argument("--quick", action="store_true", help="the 2-CPU-core setting (default)")

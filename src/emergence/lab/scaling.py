@@ -66,12 +66,14 @@ FIELDS = ("kind", "key", "n_layer", "n_embd", "n_head", "params", "tokens", "lr"
 
 
 def student_config(setting: Setting, vocab_size: int, n_layer: int, n_embd: int, n_head: int, eos_id: int,
-                   bos_id: int | None):
+                   bos_id: int | None, ternary: bool = False):
+    """A student's shape; ternary: BitNet b1.58 linear layers in its blocks (lab bitnet)."""
     from ..config import Config
 
-    return Config(name=f"student-{n_layer}x{n_embd}", vocab_size=vocab_size, block_size=setting.context,
-                  n_layer=n_layer, n_head=n_head, n_embd=n_embd, intermediate_size=4 * n_embd, tie_embeddings=True,
-                  bos_token_id=bos_id, eos_token_id=eos_id)
+    return Config(name=f"student-{n_layer}x{n_embd}" + ("-ternary" if ternary else ""), vocab_size=vocab_size,
+                  block_size=setting.context, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
+                  intermediate_size=4 * n_embd, tie_embeddings=True, bos_token_id=bos_id, eos_token_id=eos_id,
+                  ternary=ternary)
 
 
 def non_embedding_params(config) -> int:
@@ -128,7 +130,7 @@ def teacher_corpus(setting: Setting, out: Path) -> dict:
 # ------------------------------------------------------------------------------ the runs
 @dataclass
 class Run:
-    kind: str  # "size" (L(N), one per lr), "data" (L(D)), "isoflop"
+    kind: str  # "size" (L(N), one per lr), "data" (L(D)), "isoflop"; lab bitnet: "full", "ternary"
     n_layer: int
     n_embd: int
     n_head: int
@@ -170,13 +172,14 @@ def read_runs(path: Path) -> dict[str, dict]:
         return {row["key"]: row for row in csv.DictReader(f)}
 
 
-def train_student(setting: Setting, info: dict, run: Run, out: Path) -> dict:
+def train_student(setting: Setting, info: dict, run: Run, out: Path, ternary: bool = False) -> dict:
     from ..data.shards import TokenShards
     from ..train import TrainConfig, train
 
     shards = TokenShards(out / "corpus")
     tok = shards.tokenizer()
-    config = student_config(setting, info["vocab_size"], run.n_layer, run.n_embd, run.n_head, tok.eos_id, tok.bos_id)
+    config = student_config(setting, info["vocab_size"], run.n_layer, run.n_embd, run.n_head, tok.eos_id, tok.bos_id,
+                            ternary)
     steps = max(1, run.tokens // (setting.batch_size * setting.context))
     val_windows = setting.val_rows - 1
     tc = TrainConfig(data=str(out / "corpus"), out=str(out / "runs" / run.key), context=setting.context,
