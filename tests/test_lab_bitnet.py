@@ -83,3 +83,15 @@ def test_a_rerun_trains_nothing_and_few_sizes_are_refused(sweep, tmp_path, capsy
     assert main(["lab", "bitnet", "--out", str(tmp_path / "o"), "--sizes", "1x16x2,1x24x2"]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "at least 3 sizes" in err[0]
+
+
+def test_the_committed_lab_page_quotes_the_committed_bitnet_results():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    result = json.loads((root / "bench" / "results" / "lab_bitnet.json").read_text())
+    page = (root / "docs" / "lab.md").read_text()
+    for s in result["sizes"]:
+        assert s["gap"] == pytest.approx(s["ternary"] - s["full"])
+        assert (f"| {s['shape']} | {s['params']:,} | {s['full']:.4f} ({s['full_lr']:g}) | {s['ternary']:.4f} "
+                f"({s['ternary_lr']:g}) | {s['gap']:+.3f} |") in page
