@@ -60,7 +60,6 @@ import argparse
 import dataclasses
 import datetime
 import json
-import math
 import random
 import re
 import shutil
@@ -305,23 +304,11 @@ def corpus(n_docs: int, seed: int) -> tuple[list[str], dict]:
 
 
 # ------------------------------------------------------------------ progress
-class Meter:
-    """A progress line on stderr every `every` seconds: done/total, rate, ETA."""
+def progress(total: int, label: str):
+    """The progress line of an evaluation: done/total, rate, ETA (emergence.progress)."""
+    from emergence.progress import Progress
 
-    def __init__(self, total: int, label: str, every: float = 20.0) -> None:
-        self.total, self.label, self.every = total, label, every
-        self.start = self.last = time.perf_counter()
-        self.done = 0
-
-    def tick(self, n: int = 1) -> None:
-        self.done += n
-        now = time.perf_counter()
-        if now - self.last >= self.every or self.done == self.total:
-            self.last = now
-            rate = self.done / max(now - self.start, 1e-9)
-            eta = (self.total - self.done) / rate if rate else float("inf")
-            print(f"  {self.label}: {self.done}/{self.total} ({rate:.1f}/s, ETA {eta:.0f} s)", file=sys.stderr,
-                  flush=True)
+    return Progress(total, "items", desc=label, every_s=20.0)
 
 
 def log(msg: str) -> None:
@@ -513,12 +500,13 @@ def local_backend(model: Path):
 def evaluate_extraction(model: Path, items: dict[str, list[dict]], label: str) -> dict:
     backend = local_backend(model)
     cells = [(fam, instr, k) for fam in items for instr in (True, False) for k in KS]
-    meter = Meter(len(cells) * len(next(iter(items.values()))), f"extraction ({label})")
+    meter = progress(len(cells) * len(next(iter(items.values()))), f"extraction ({label})")
     out = {}
     for fam, instr, k in cells:
         res = run_extraction(backend, items[fam], k, instr, keep=1 if fam == "seen" else 0)
-        meter.tick(len(items[fam]))
+        meter.update(len(items[fam]))
         out[f"{fam}/{'instruction' if instr else 'no-instruction'}/k={k}"] = res
+    meter.close()
     return out
 
 
@@ -561,7 +549,7 @@ def evaluate_cascade(backend, rows: list[dict], examples: list[dict], shots: int
     """Every program of every two-stage task on `rows`, through `backend` (a LocalBackend)."""
     from emergence.prompts import PromptError
 
-    meter = Meter(len(CASCADE_TASKS) * len(PROGRAMS) * len(rows), f"cascade ({label})")
+    meter = progress(len(CASCADE_TASKS) * len(PROGRAMS) * len(rows), f"cascade ({label})")
     out = {}
     for task, (field, _, _, convert) in CASCADE_TASKS.items():
         out[task] = {}
@@ -575,7 +563,7 @@ def evaluate_cascade(backend, rows: list[dict], examples: list[dict], shots: int
                     trace = program.run(backend, inputs)
                 except PromptError:
                     too_long += 1
-                    meter.tick()
+                    meter.update()
                     continue
                 final = trace.stages[-1]
                 # a stage with a pattern answers what it found (None: nothing); without one, its output
@@ -601,7 +589,7 @@ def evaluate_cascade(backend, rows: list[dict], examples: list[dict], shots: int
                 if not shown:
                     shown.append({"stages": [{"name": s.name, "prompt": s.prompt, "output": s.output}
                                              for s in trace.stages], "target": target})
-                meter.tick()
+                meter.update()
             n = len(rows)
             res = {"n": n, "accuracy": right / n, "right": right, "too_long": too_long,
                    "tokens_per_item": tokens / max(1, n - too_long), "calls_per_item": calls / max(1, n - too_long),
@@ -614,19 +602,16 @@ def evaluate_cascade(backend, rows: list[dict], examples: list[dict], shots: int
             if name == "single-with-intermediate":
                 res["wrote_second_line"] = wrote_second / n
             out[task][name] = res
+    meter.close()
     return out
 
 
 # ------------------------------------------------------------------ evaluation: arithmetic
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """The Wilson score interval of k successes in n trials (95% by default)."""
-    if n == 0:
-        return (0.0, 1.0)
-    phat = k / n
-    denom = 1 + z * z / n
-    centre = (phat + z * z / (2 * n)) / denom
-    half = z * math.sqrt(phat * (1 - phat) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
+def wilson(k: int, n: int) -> tuple[float, float]:
+    """The Wilson score 95% interval of k successes in n trials (the one `emergence search` reports)."""
+    from emergence.search.flops import wilson_interval
+
+    return wilson_interval(k, n)
 
 
 def arithmetic_problems(per_difficulty: int, run_dir: Path | None) -> tuple[list[dict], list[dict], dict]:
@@ -711,7 +696,7 @@ def evaluate_arithmetic(policies: Path, p: dict, names=("S", "M", "L")) -> dict:
         seps = {"few-shot-cot": "\n\n", "few-shot-cot-eos": tok.eos_token}
         records: dict[str, list[dict]] = {m: [] for m in METHODS}
         shown: dict[str, str] = {}
-        meter = Meter(len(rows) * len(METHODS), f"arithmetic ({name})")
+        meter = progress(len(rows) * len(METHODS), f"arithmetic ({name})")
         for r in rows:
             q = {"question": r["question"]}
             runs = {"direct": (direct_program(), 0), "cot": (cot_program(max_tokens), 0)}
@@ -741,7 +726,8 @@ def evaluate_arithmetic(policies: Path, p: dict, names=("S", "M", "L")) -> dict:
                                    "answered": (answer is not None) if m == "direct" else
                                    extract_answer(trim_solution(text)) is not None,
                                    "prompt_tokens": prompt_len, "output": text[:300]})
-                meter.tick()
+                meter.update()
+        meter.close()
         res = {"params": lm.config.num_parameters(), "block_size": block, "methods": {},
                "examples_pool": [e["question"] for e in examples]}
         for m in METHODS:

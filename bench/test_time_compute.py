@@ -95,15 +95,11 @@ def jobs(p: dict, has_grpo: bool) -> list[dict]:
 def fit_problems(p: dict, avoid: set[str]) -> list[dict]:
     """compute_optimal's fitting split: FIT_SEED problems, per_difficulty of each 1..8, none of them
     a question of the run (train, verifier or held-out)."""
-    from emergence.problems import generate_problems
+    from emergence.problems import first_per_difficulty, generate_problems
 
-    rows, per = [], {}
-    for r in generate_problems(16 * 8 * p["fit_per_difficulty"], (1, 8), seed=FIT_SEED):
-        if r["question"] in avoid or per.get(r["difficulty"], 0) >= p["fit_per_difficulty"]:
-            continue
-        per[r["difficulty"]] = per.get(r["difficulty"], 0) + 1
-        rows.append({**r, "source": f"fit:{len(rows)}"})
-    return rows
+    fresh = [r for r in generate_problems(16 * 8 * p["fit_per_difficulty"], (1, 8), seed=FIT_SEED)
+             if r["question"] not in avoid]
+    return [{**r, "source": f"fit:{i}"} for i, r in enumerate(first_per_difficulty(fresh, p["fit_per_difficulty"]))]
 
 
 # ------------------------------------------------------------------------------ one run
@@ -156,14 +152,13 @@ def run_job(job: dict, models: Models, rows: list[dict], fit_rows: list[dict], p
                                         "verifier", p["probe_n"], p["bins"])
         log(f"  compute_optimal table fitted on {len(fit_rows)} problems in {time.perf_counter() - t:.0f} s: "
             + "; ".join(f"level {c['level']}: {c['strategy']}@{c['n']}" for c in cfg.table.to_json()["bins"]))
+    from emergence.progress import Progress
+
     start = time.perf_counter()
-
-    def progress(i, total):
-        if i == total or i % max(1, total // 4) == 0:
-            rate = i / max(time.perf_counter() - start, 1e-9)
-            log(f"  {job['key']}: {i}/{total} problems ({rate:.1f}/s, ETA {(total - i) / rate:.0f} s)")
-
-    res = run_search(rows, strategy, policy, verifier if strategy != "majority" else None, cfg, progress)
+    meter = Progress(len(rows), "problems", desc=f"  {job['key']}", every_s=20.0)
+    res = run_search(rows, strategy, policy, verifier if strategy != "majority" else None, cfg,
+                     lambda i, total: meter.update(1))
+    meter.close()
     res["seconds"] = time.perf_counter() - start
     res["job"] = job
     return res
@@ -254,6 +249,8 @@ def plot(result: dict, out: Path, budget_out: Path) -> None:
     from emergence.search.run import accuracy_axes
 
     runs = result["runs"]
+    # (error bars clamped at 0: results written before search.flops' Wilson bounds were exact at
+    # 0 and 1 hold lower bounds of ~1e-17 above an accuracy of 0)
     panels = ["all", *sorted({d for r in runs.values() for d in r["by_difficulty"]}, key=int)]
     cols = 3
     fig, axes = plt.subplots(-(-len(panels) // cols), cols, figsize=(13, 3.3 * -(-len(panels) // cols)),
@@ -466,14 +463,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         run_dir = Path(args.run)
         verifier = Path(args.verifier) if args.verifier else run_dir / "prm"
-    from emergence.problems import load_problems
+    from emergence.problems import first_per_difficulty, load_problems
 
-    held = load_problems(run_dir / "problems" / "heldout.jsonl")
-    rows, per = [], {}
-    for r in held:  # the first per_difficulty of each difficulty
-        if per.get(r["difficulty"], 0) < p["per_difficulty"]:
-            per[r["difficulty"]] = per.get(r["difficulty"], 0) + 1
-            rows.append(r)
+    rows = first_per_difficulty(load_problems(run_dir / "problems" / "heldout.jsonl"), p["per_difficulty"])
     avoid = {r["question"] for split in ("train", "verifier", "heldout")
              for r in load_problems(run_dir / "problems" / f"{split}.jsonl")}
     fit_rows = fit_problems(p, avoid)

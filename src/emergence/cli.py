@@ -787,7 +787,7 @@ def _lab_emergence(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from .lab import abilities
-    from .problems import load_problems
+    from .problems import first_per_difficulty, load_problems
 
     if args.run is None and args.students is None:
         raise InvalidArgument("lab emergence needs --run RUN (search-train policies) or --students LAB_OUT, or both")
@@ -796,11 +796,8 @@ def _lab_emergence(args: argparse.Namespace) -> None:
     policies, rows = [], []
     if args.run is not None:
         policies = abilities.policies_of(Path(args.run))
-        per: dict = {}
-        for r in load_problems(args.problems or Path(args.run) / "problems" / "heldout.jsonl"):
-            if per.get(r["difficulty"], 0) < args.per_difficulty:
-                per[r["difficulty"]] = per.get(r["difficulty"], 0) + 1
-                rows.append(r)
+        rows = first_per_difficulty(load_problems(args.problems or Path(args.run) / "problems" / "heldout.jsonl"),
+                                    args.per_difficulty)
     students, teacher = [], None
     if args.students is not None:
         students = abilities.best_students(Path(args.students))

@@ -670,6 +670,17 @@ def generate_problems(n: int, steps: str | int | tuple[int, int] = (1, 8), seed:
     return rows
 
 
+def first_per_difficulty(rows: Iterable[dict], k: int) -> list[dict]:
+    """The first k rows of each difficulty, in their order (an evenly spread evaluation subset)."""
+    seen: dict = {}
+    out = []
+    for row in rows:
+        seen[row.get("difficulty")] = seen.get(row.get("difficulty"), 0) + 1
+        if seen[row.get("difficulty")] <= k:
+            out.append(row)
+    return out
+
+
 def solution_text(row: dict) -> str:
     """The canonical solution: the row's steps, one a line, then `Answer: N`."""
     return "\n".join([*row.get("steps", []), f"Answer: {row['answer']}"])

@@ -15,17 +15,13 @@ against non-embedding parameters for both kinds, and the gap).
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
-import time
 from pathlib import Path
 
 from ..errors import InvalidArgument
-from ..progress import duration
 from . import scaling
 
-FIELDS = ("kind", "key", "n_layer", "n_embd", "n_head", "params", "tokens", "lr", "steps", "val_loss", "seconds")
 KINDS = ("full", "ternary")
 
 
@@ -33,11 +29,6 @@ def runs_of(setting: scaling.Setting, vocab_size: int) -> list[scaling.Run]:
     """Every (kind, size, lr): the L(N) runs of the sweep, once per kind."""
     base = [r for r in scaling.plan(setting, vocab_size) if r.kind == "size"]
     return [dataclasses.replace(r, kind=kind) for kind in KINDS for r in base]
-
-
-def train(setting: scaling.Setting, info: dict, run: scaling.Run, out: Path) -> dict:
-    """One student: scaling's trainer, with BitLinear layers when run.kind is "ternary"."""
-    return scaling.train_student(setting, info, run, out, ternary=run.kind == "ternary")
 
 
 def best(rows: dict[str, dict]) -> dict[str, dict[int, dict]]:
@@ -58,32 +49,14 @@ def sweep(setting: scaling.Setting, out: str | Path, *, log=print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     if len(setting.sizes) < 3:
         raise InvalidArgument(f"the BitNet gap against size needs at least 3 sizes, got {len(setting.sizes)}")
-    previous = out / "setting.json"
-    if previous.exists():  # the corpus may be a scaling sweep's: it must be the same one
-        before = json.loads(previous.read_text())
-        changed = [k for k in ("teacher", "context", "train_rows", "val_rows", "seed") if before.get(k) != getattr(setting, k)]
-        if changed:
-            raise InvalidArgument(f"{out} holds a corpus of another setting ({', '.join(changed)} differ); "
-                                  "use another --out")
-    else:
-        previous.write_text(json.dumps(dataclasses.asdict(setting), indent=1) + "\n")
+    scaling.check_corpus(setting, out)  # OUT may be a scaling sweep's: its corpus is reused, its setting kept
+    if not (out / "setting.json").exists():
+        (out / "setting.json").write_text(json.dumps(dataclasses.asdict(setting), indent=1) + "\n")
     info = scaling.teacher_corpus(setting, out)
     table = out / "bitnet.csv"
     done = scaling.read_runs(table)
-    todo = [r for r in runs_of(setting, load(setting.teacher, device="cpu").tokenizer.vocab_size) if r.key not in done]
-    started = time.perf_counter()
-    for i, run in enumerate(todo):
-        row = train(setting, info, run, out)
-        done[run.key] = {k: str(v) for k, v in row.items()}
-        new = not table.exists()
-        with table.open("a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=FIELDS)
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
-        eta = (time.perf_counter() - started) / (i + 1) * (len(todo) - i - 1)
-        log(f"[{i + 1}/{len(todo)}] {run.key}: val loss {row['val_loss']:.4f} ({row['seconds']:.0f} s; "
-            f"ETA {duration(eta)})")
+    runs = runs_of(setting, load(setting.teacher, device="cpu").tokenizer.vocab_size)
+    scaling.run_all(setting, info, runs, done, table, out, log)
     b = best(done)
     sizes = sorted(set(b["full"]) & set(b["ternary"]))
     result = {"teacher": setting.teacher, "teacher_entropy": info["entropy"], "train_tokens": info["train_tokens"],

@@ -172,14 +172,15 @@ def read_runs(path: Path) -> dict[str, dict]:
         return {row["key"]: row for row in csv.DictReader(f)}
 
 
-def train_student(setting: Setting, info: dict, run: Run, out: Path, ternary: bool = False) -> dict:
+def train_student(setting: Setting, info: dict, run: Run, out: Path) -> dict:
+    """One run of the sweep (a "ternary" run of lab bitnet trains BitLinear layers)."""
     from ..data.shards import TokenShards
     from ..train import TrainConfig, train
 
     shards = TokenShards(out / "corpus")
     tok = shards.tokenizer()
     config = student_config(setting, info["vocab_size"], run.n_layer, run.n_embd, run.n_head, tok.eos_id, tok.bos_id,
-                            ternary)
+                            ternary=run.kind == "ternary")
     steps = max(1, run.tokens // (setting.batch_size * setting.context))
     val_windows = setting.val_rows - 1
     tc = TrainConfig(data=str(out / "corpus"), out=str(out / "runs" / run.key), context=setting.context,
@@ -196,19 +197,24 @@ def train_student(setting: Setting, info: dict, run: Run, out: Path, ternary: bo
 
 
 # ------------------------------------------------------------------------------ the sweep
+def check_corpus(setting: Setting, out: Path) -> None:
+    """Refuse an OUT whose corpus (OUT/setting.json) was sampled with other corpus settings."""
+    path = out / "setting.json"
+    if not path.exists():
+        return
+    before = json.loads(path.read_text())
+    changed = [k for k in ("teacher", "context", "train_rows", "val_rows", "seed") if before.get(k) != getattr(setting, k)]
+    if changed:
+        raise InvalidArgument(f"{out} holds a sweep over another corpus ({', '.join(f'{k} {before.get(k)}' for k in changed)}); "
+                              "use another --out")
+
+
 def sweep(setting: Setting, out: str | Path, *, log=print) -> dict:
     """Run (or finish) the sweep in OUT; returns the fits (also written to OUT/fits.json)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    corpus_fields = ("teacher", "context", "train_rows", "val_rows", "seed")
-    previous = out / "setting.json"
-    if previous.exists():  # a resumed sweep must train on the corpus it sampled; sizes may be added
-        before = json.loads(previous.read_text())
-        changed = [k for k in corpus_fields if before.get(k) != getattr(setting, k)]
-        if changed:
-            raise InvalidArgument(f"{out} holds a sweep over another corpus ({', '.join(f'{k} {before.get(k)}' for k in changed)}); "
-                                  "use another --out")
-    previous.write_text(json.dumps(asdict(setting), indent=1) + "\n")
+    check_corpus(setting, out)  # a resumed sweep must train on the corpus it sampled; sizes may be added
+    (out / "setting.json").write_text(json.dumps(asdict(setting), indent=1) + "\n")
     from .. import load
 
     check_setting(setting, load(setting.teacher, device="cpu").tokenizer.vocab_size)
@@ -219,17 +225,18 @@ def sweep(setting: Setting, out: str | Path, *, log=print) -> dict:
     done = read_runs(table)
     first = plan(setting, info["vocab_size"])
     size_runs = [r for r in first if r.kind == "size"]
-    _run_all(setting, info, size_runs, done, table, out, log)
+    run_all(setting, info, size_runs, done, table, out, log)
     best_lr = best_lrs(done)
     rest = [r for r in plan(setting, info["vocab_size"], best_lr) if r.kind != "size"]
-    _run_all(setting, info, rest, done, table, out, log)
+    run_all(setting, info, rest, done, table, out, log)
     fits = fit_all(setting, info, done)
     (out / "fits.json").write_text(json.dumps(fits, indent=1) + "\n")
     plot(setting, info, done, fits, out / "scaling.png")
     return fits
 
 
-def _run_all(setting: Setting, info: dict, runs: list[Run], done: dict, table: Path, out: Path, log) -> None:
+def run_all(setting: Setting, info: dict, runs: list[Run], done: dict, table: Path, out: Path, log) -> None:
+    """Train the runs not in `done`, appending each finished one to `table` (the resume point)."""
     todo = [r for r in runs if r.key not in done]
     if not todo:
         return

@@ -66,4 +66,8 @@ def wilson_interval(correct: int, total: int, z: float = 1.959963984540054) -> t
     denom = 1 + z * z / total
     centre = (p + z * z / (2 * total)) / denom
     half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # exactly 0 (1) when none (all) are correct: the formula's rounding would leave ~1e-17, above
+    # (below) the proportion itself
+    lo = 0.0 if correct == 0 else max(0.0, centre - half)
+    hi = 1.0 if correct == total else min(1.0, centre + half)
+    return lo, hi
