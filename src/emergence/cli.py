@@ -727,7 +727,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
                max_queue=args.max_queue, context_policy=args.context_policy, chat_template=args.chat_template,
                device=args.device, dtype=args.dtype, context=args.context, kv_memory=kv_memory,
                allowed_hosts=split(args.allowed_hosts), allowed_origins=split(args.allowed_origins),
-               insecure=args.insecure)
+               insecure=args.insecure, prefix_caching=not args.no_prefix_caching)
 
 
 def cmd_lab(args: argparse.Namespace) -> None:
@@ -1228,6 +1228,9 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-memory", default=None, metavar="SIZE",
                    help="KV cache budget, e.g. 2GiB (default: room for every slot to hold a full context); "
                         "memory is taken as sequences grow, in blocks of 64 tokens")
+    p.add_argument("--no-prefix-caching", action="store_true",
+                   help="do not keep the KV blocks of earlier prompts for requests that start the same way "
+                        "(a shared system prompt, the conversation so far)")
     p.add_argument("--max-queue", type=int, default=256, help="requests that may wait for a slot")
     p.add_argument("--context-policy", default="drop-oldest", choices=("drop-oldest", "condense", "error"),
                    help="what a chat longer than the context loses")

@@ -13,7 +13,9 @@ thread, letting requests join and leave between steps. A step:
 3. finished rows leave and free their KV blocks;
 4. the others' tokens go through the model in one forward pass, which gives their next logits.
 
-Rows join with a prefill (several prompts in one pass), fork (n samples of one prompt share
+Rows join with a prefill (several prompts in one pass; with prefix caching on, kv_cache.py,
+a row first takes the cached blocks of its history's longest cached prefix and prefills only
+the rest, and every block a row fills is registered for later rows), fork (n samples of one prompt share
 its blocks, copied on write), are reordered (beam search continues some rows under new rows
 without copying their caches) and leave. When the pool has too few blocks for a step, the
 most recently admitted rows are preempted: their blocks are freed and they wait in
@@ -88,6 +90,8 @@ class Row:
     source: list[int] | None = None
     cross: Any = None
     constraint: Any = None  # structured.RowConstraint: where the row is in its grammar (None: free text)
+    serials: list[int] = field(default_factory=list)  # prefix-cache serials of its full blocks (kv_cache.py)
+    cached: int = 0  # tokens of its history taken from the prefix cache when it last joined
 
     @property
     def history(self) -> list[int]:
@@ -324,14 +328,47 @@ class DecodeBatch:
             if row.blocks or row.length:
                 raise ValueError("a row joins with no cache of its own")
         histories = [r.history for r in rows]
-        need = sum(self.cache.blocks_for(len(h)) for h in histories)
+        self._reuse_prefixes(rows, histories)
+        need = sum(self.cache.blocks_for(len(h)) - len(r.blocks) for r, h in zip(rows, histories))
         if need > self.cache.num_free:
-            raise OutOfBlocks(f"{need} blocks needed, {self.cache.num_free} free")
+            free = self.cache.num_free
+            self.remove(rows)
+            raise OutOfBlocks(f"{need} blocks needed, {free} free")
         if self.encoder_decoder:
             self._encode([r for r in rows if r.cross is None])
-        logits = self._forward(rows, histories)
+        logits = self._forward(rows, [h[r.length:] for r, h in zip(rows, histories)])
         self.rows += rows
         self.logits = logits if self.logits is None else torch.cat([self.logits, logits])
+
+    def _reuse_prefixes(self, rows: Sequence[Row], histories: list[list[int]]) -> None:
+        """With prefix caching on: each joining row takes the cached blocks of its history's
+        longest cached prefix (leaving at least its last token to compute, for its logits)."""
+        for row, history in zip(rows, histories):
+            row.cached = 0
+            if not self.cache.prefix_caching or self.encoder_decoder:
+                continue
+            blocks, row.serials = self.cache.match(history, self._namespace(row), limit=len(history) - 1)
+            row.blocks = self.cache.acquire(blocks)
+            row.length = row.cached = len(blocks) * self.cache.block_size
+
+    def _register_prefixes(self, rows: Sequence[Row]) -> None:
+        """Register the blocks the rows have filled since their last registration (prefix caching)."""
+        bs = self.cache.block_size
+        for row in rows:
+            if row.length // bs <= len(row.serials):
+                continue
+            history, namespace = row.history, self._namespace(row)
+            while len(row.serials) < row.length // bs:
+                i = len(row.serials)
+                row.serials.append(self.cache.register(row.blocks[i], row.serials[-1] if row.serials else 0,
+                                                       history[i * bs:(i + 1) * bs], namespace))
+
+    def _namespace(self, row: Row) -> str | None:
+        """What a row's keys and values depend on beyond its tokens: the adapter it runs through."""
+        if row.adapter is not None:
+            return row.adapter
+        routing = self.model.__dict__.get("lora_routing")  # (adapters/lora.py; absent without adapters)
+        return routing.active if routing is not None else None
 
     def fork(self, parent: Row, children: Sequence[Row]) -> None:
         """Children continue `parent`'s sequence: they share its KV blocks (a block is copied
@@ -339,7 +376,7 @@ class DecodeBatch:
         b = self._index(parent)
         for child in children:
             child.blocks, child.length = self.cache.fork(parent.blocks), parent.length
-            child.cross = parent.cross
+            child.cross, child.serials = parent.cross, list(parent.serials)
         self.rows += children
         self.logits = torch.cat([self.logits, self.logits[b:b + 1].expand(len(children), -1)])
 
@@ -351,7 +388,7 @@ class DecodeBatch:
         index = [self._index(p) for p in parents]
         for parent, child in zip(parents, children):
             child.blocks, child.length = self.cache.fork(parent.blocks), parent.length
-            child.cross = parent.cross
+            child.cross, child.serials = parent.cross, list(parent.serials)
         for row in self.rows:
             self.cache.release(row.blocks)
         self.rows = list(children)
@@ -364,6 +401,7 @@ class DecodeBatch:
         for row in rows:
             self.cache.release(row.blocks)
             row.length = 0
+            row.serials = []
         if len(keep) < len(self.rows):
             self.rows = [self.rows[b] for b in keep]
             self.logits = self.logits[torch.tensor(keep, device=self.logits.device)] if keep else None
@@ -448,6 +486,8 @@ class DecodeBatch:
         self.forward_seconds += time.perf_counter() - started
         for row, chunk in zip(rows, chunks):
             row.length += len(chunk)
+        if self.cache.prefix_caching and not self.encoder_decoder:
+            self._register_prefixes(rows)
         return logits.to(self.device)
 
     def _encode(self, rows: Sequence[Row]) -> None:

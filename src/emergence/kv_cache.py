@@ -21,6 +21,16 @@ On the CPU the pool is one untouched allocation: the operating system gives it p
 as blocks are written, so even a large budget costs memory only for the blocks in use
 (blocks are handed out lowest id first and reused last-freed first).
 
+Prefix caching (vLLM's automatic prefix caching), when `prefix_caching` is on: a block that
+a sequence has filled is registered under its content, the key (its parent block's serial,
+its block_size tokens, a namespace such as the adapter the keys were computed through), so a
+later sequence that starts with the same tokens takes those blocks instead of computing them.
+The key names its parent by a serial number that is never reused, so a chain of keys
+identifies a whole prefix exactly (no hash can collide). A registered block that no sequence
+holds any more is not freed but kept, least recently released first in line for eviction:
+`_take` hands out never-registered free blocks first, then evicts the least recently used
+cached block. The pool is therefore the cache's memory budget, and cached blocks count as free.
+
 `CacheView` is what one eager forward pass over several cached sequences sees: it writes the
 new tokens' keys and values into their blocks and returns, per row, every slot the row may
 attend to, with the mask that says which.
@@ -29,6 +39,9 @@ attend to, with the mask that says which.
 from __future__ import annotations
 
 import torch
+
+from collections import OrderedDict
+from itertools import count
 
 from .config import Config
 from .errors import InvalidArgument
@@ -59,6 +72,12 @@ class PagedKVCache:
         self._refs = [0] * num_blocks  # sequences holding each block
         self._free = list(range(num_blocks - 1, -1, -1))  # a stack: the lowest ids are handed out first
         self.copies = 0  # blocks copied on write (a shared, partly filled last block written to)
+        # prefix caching (module docstring): off until the owner turns it on
+        self.prefix_caching = False
+        self._by_key: dict[tuple, tuple[int, int]] = {}  # (parent serial, tokens, namespace) -> (block, serial)
+        self._key_of: dict[int, tuple] = {}  # registered block -> its key
+        self._cached: OrderedDict[int, None] = OrderedDict()  # registered blocks nobody holds, LRU first
+        self._serials = count(1)  # 0 is the root: the parent of a sequence's first block
 
     # ------------------------------------------------------------------------ sizing
     @staticmethod
@@ -78,12 +97,18 @@ class PagedKVCache:
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        """Blocks a sequence may take: never-registered free ones and cached ones nobody holds."""
+        return len(self._free) + len(self._cached)
+
+    @property
+    def num_cached(self) -> int:
+        """Blocks registered in the prefix cache (held by sequences or not)."""
+        return len(self._key_of)
 
     @property
     def num_used(self) -> int:
         """Blocks held by sequences."""
-        return self.num_blocks - len(self._free)
+        return self.num_blocks - self.num_free
 
     @property
     def nbytes(self) -> int:
@@ -116,8 +141,8 @@ class PagedKVCache:
             return  # the common decoding step: the last block is the sequence's own and has room
         if len(table) != self.blocks_for(length):
             raise ValueError(f"a table of {len(table)} blocks for {length} tokens")
-        if self.blocks_needed(table, length, new) > len(self._free):
-            raise OutOfBlocks(f"{self.blocks_needed(table, length, new)} blocks needed, {len(self._free)} free")
+        if self.blocks_needed(table, length, new) > self.num_free:
+            raise OutOfBlocks(f"{self.blocks_needed(table, length, new)} blocks needed, {self.num_free} free")
         if length % self.block_size and self._refs[table[-1]] > 1:  # copy on write
             shared, own = table[-1], self._take()
             self.k[:, own] = self.k[:, shared]
@@ -139,8 +164,60 @@ class PagedKVCache:
         for block in reversed(table):  # the last-freed block is reused first: keep early blocks early
             self._refs[block] -= 1
             if self._refs[block] == 0:
-                self._free.append(block)
+                if block in self._key_of:
+                    self._cached[block] = None  # kept for a later prefix, evicted last-released last
+                else:
+                    self._free.append(block)
         table.clear()
+
+    # ------------------------------------------------------------- prefix caching
+    def match(self, tokens: list[int], namespace: object = None, *, limit: int | None = None) -> tuple[list[int], list[int]]:
+        """The cached blocks that hold `tokens`' longest prefix of whole blocks (at most `limit`
+        tokens), and their serials: ([], []) when none or when prefix caching is off. The
+        blocks are not yet the caller's: `acquire` them before anything takes a block."""
+        blocks, serials = [], []
+        if not self.prefix_caching:
+            return blocks, serials
+        bs, parent = self.block_size, 0
+        n = len(tokens) if limit is None else min(limit, len(tokens))
+        for i in range(n // bs):
+            found = self._by_key.get((parent, tuple(tokens[i * bs:(i + 1) * bs]), namespace))
+            if found is None:
+                break
+            blocks.append(found[0])
+            serials.append(parent := found[1])
+        return blocks, serials
+
+    def acquire(self, blocks: list[int]) -> list[int]:
+        """Blocks found by `match` become a new sequence's (shared with any other holder); its table."""
+        for block in blocks:
+            if self._refs[block] == 0:
+                del self._cached[block]
+            self._refs[block] += 1
+        return list(blocks)
+
+    def register(self, block: int, parent: int, tokens: list[int], namespace: object = None) -> int:
+        """A sequence has filled `block` with `tokens` (block_size of them) after the prefix whose
+        last block has serial `parent` (0: none); returns the serial under which its content is
+        cached. When the same content is already cached in another block, that one's serial."""
+        if not self.prefix_caching:
+            return 0
+        key = (parent, tuple(tokens), namespace)
+        found = self._by_key.get(key)
+        if found is not None:
+            return found[1]
+        if block in self._key_of:  # (a block holds one content: only a bug would land here)
+            raise ValueError(f"block {block} is cached under another prefix")
+        serial = next(self._serials)
+        self._by_key[key], self._key_of[block] = (block, serial), key
+        return serial
+
+    def clear_prefixes(self) -> None:
+        """Forget every cached prefix (the weights that computed them changed)."""
+        self._free.extend(sorted(self._cached, reverse=True))
+        self._cached.clear()
+        self._by_key.clear()
+        self._key_of.clear()
 
     def tables(self, tables: list[list[int]]) -> torch.Tensor:
         """(B, longest table) int64 on the cache's device; a shorter table is padded with its own
@@ -149,7 +226,11 @@ class PagedKVCache:
         return torch.tensor([t + t[:1] * (width - len(t)) for t in tables], dtype=torch.long, device=self.device)
 
     def _take(self) -> int:
-        block = self._free.pop()
+        if self._free:
+            block = self._free.pop()
+        else:  # evict the least recently released cached block
+            block, _ = self._cached.popitem(last=False)
+            del self._by_key[self._key_of.pop(block)]
         self._refs[block] = 1
         self.k[:, block].zero_()
         self.v[:, block].zero_()

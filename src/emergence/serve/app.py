@@ -154,6 +154,12 @@ class RequestState:
             self.first_token = (at or time.perf_counter()) - self.start
 
 
+def cached_tokens(requests: list[tuple[int, Request]], n: int) -> int:
+    """Prompt tokens a response's prompts took from the prefix cache (each prompt once: its n
+    choices, tagged p * n + j, share one prefill)."""
+    return sum(r.cached_tokens or 0 for index, r in requests if index % n == 0)
+
+
 class ClientGone(Exception):
     """The client of a non-streaming request disconnected while it was decoded."""
 
@@ -182,7 +188,8 @@ class Server:
     slot can hold a full context); allowed_hosts / allowed_origins: besides the loopback names
     and the server's own origins ("*" allows any); timeouts in seconds; verifiers: name ->
     verifier (search.verifier.RewardVerifier) that chat requests with `search` may name (they
-    are loaded at start: a request never names a path).
+    are loaded at start: a request never names a path); prefix_caching: keep the KV blocks of
+    earlier prompts for requests that start the same way (kv_cache.py).
     """
 
     def __init__(self, lm: LanguageModel, name: str, *, slots: int = 8, max_queue: int = 256,
@@ -191,7 +198,8 @@ class Server:
                  system: str | None = None, context: int | None = None, kv_memory: int | None = None,
                  allowed_hosts: tuple[str, ...] = (), allowed_origins: tuple[str, ...] = (),
                  body_timeout: float = 60.0, header_timeout: float = 10.0, template_timeout: float = 5.0,
-                 source=None, adapters: dict[str, str] | None = None, verifiers: dict | None = None) -> None:
+                 source=None, adapters: dict[str, str] | None = None, verifiers: dict | None = None,
+                 prefix_caching: bool = True) -> None:
         self.lm, self.name, self.api_key, self.source = lm, name, api_key, source
         self.verifiers = dict(verifiers or {})
         for vname, verifier in self.verifiers.items():
@@ -210,7 +218,7 @@ class Server:
         self.allowed_origins = set(allowed_origins)
         self.body_timeout, self.header_timeout, self.template_timeout = body_timeout, header_timeout, template_timeout
         self.engine = BatchEngine(lm.model, lm.tokenizer, slots=slots, max_queue=max_queue, context=context,
-                                  kv_memory=kv_memory, backend=lm.backend)
+                                  kv_memory=kv_memory, backend=lm.backend, prefix_caching=prefix_caching)
         self.context = self.engine.context
         self.encoder_decoder = lm.config.is_encoder_decoder
         self.template = chat_template or resolve_chat_template(None, missing="plain")
@@ -290,7 +298,8 @@ class Server:
                                             "finish_reason": chunk.finish_reason}]}
                 if options.include_usage:
                     yield {"id": cid, "object": "text_completion", "created": created, "model": req.model,
-                           "choices": [], "usage": usage(state.prompt_tokens, state.completion_tokens)}
+                           "choices": [], "usage": usage(state.prompt_tokens, state.completion_tokens,
+                                                         cached_tokens(requests, options.n))}
             return events()
 
         results = await self._collect(requests, sink, state, http)
@@ -298,7 +307,8 @@ class Server:
                     "logprobs": completion_logprobs(tokenizer, items) if options.logprobs is not None else None}
                    for index, (text, items, finish, _) in sorted(results.items())]
         return {"id": cid, "object": "text_completion", "created": created, "model": req.model,
-                "choices": choices, "usage": usage(state.prompt_tokens, state.completion_tokens)}
+                "choices": choices, "usage": usage(state.prompt_tokens, state.completion_tokens,
+                                                   cached_tokens(requests, options.n))}
 
     async def chat_completions(self, req: ChatCompletionRequest, state: RequestState, http: HttpRequest):
         adapter = self.check_model(req.model)
@@ -356,7 +366,8 @@ class Server:
                         yield frame([{"index": index, "delta": delta, "logprobs": logprobs,
                                       "finish_reason": chunk.finish_reason}])
                 if options.include_usage:
-                    yield frame([], usage=usage(len(ids), state.completion_tokens))
+                    yield frame([], usage=usage(len(ids), state.completion_tokens,
+                                                cached_tokens(requests, options.n)))
             return events()
 
         results = await self._collect(requests, sink, state, http)
@@ -364,7 +375,8 @@ class Server:
                     "logprobs": chat_logprobs(tokenizer, items) if options.logprobs is not None else None}
                    for index, (text, items, finish, _) in sorted(results.items())]
         out = {"id": cid, "object": "chat.completion", "created": created, "model": req.model,
-               "choices": choices, "usage": usage(len(ids), state.completion_tokens)}
+               "choices": choices, "usage": usage(len(ids), state.completion_tokens,
+                                                  cached_tokens(requests, options.n))}
         if context_note:
             out["context"] = context_note
         return out
@@ -937,7 +949,7 @@ def app_for(model: str | None, *, slots: int = 8, max_queue: int = 256, api_key:
             dtype: str | None = None, context: int | None = None, kv_memory: int | None = None,
             allowed_hosts: tuple[str, ...] = (), allowed_origins: tuple[str, ...] = (),
             adapters: dict[str, str] | None = None, verifiers: dict[str, str] | None = None,
-            verifier_kind: str = "prm") -> Server:
+            verifier_kind: str = "prm", prefix_caching: bool = True) -> Server:
     """The server's routes for a model argument (store.resolve_model). A store model's
     PARAMETERs are the request defaults, its SYSTEM the system message of chats that bring none,
     its TEMPLATE the chat template (unless one is given). adapters: served name -> PEFT adapter
@@ -971,7 +983,7 @@ def app_for(model: str | None, *, slots: int = 8, max_queue: int = 256, api_key:
                   chat_template=model_chat_template(source.path, chat_template or source.template),
                   defaults=source.parameters, system=source.system, context=context, kv_memory=kv_memory,
                   allowed_hosts=allowed_hosts, allowed_origins=allowed_origins, source=source, adapters=served,
-                  verifiers=loaded_verifiers)
+                  verifiers=loaded_verifiers, prefix_caching=prefix_caching)
 
 
 def run_server(model: str | None, *, host: str = "127.0.0.1", port: int = 8000, insecure: bool = False,

@@ -15,6 +15,11 @@ preempted (their blocks freed) and wait at the front of the queue, to be prefill
 with the tokens they generated; what they already sent stands. A request that could not
 finish even alone in the cache is refused when it is submitted.
 
+With prefix caching (on by default, kv_cache.py) the blocks rows fill stay cached after they
+leave, until the pool needs them: a request whose prompt starts with a cached prefix (a shared
+system prompt, the conversation so far) prefills only the rest, and a preempted row only what
+was evicted meanwhile. Results are those of a cold run (tests/test_prefix_cache.py).
+
 A beam search, an embedding job and a test-time search (`submit_call`: the server's `search`
 field) wait in the same queue and run whole in the engine's thread between two steps: the
 rows in the batch pause meanwhile, and the model is never run by two threads at once.
@@ -55,6 +60,7 @@ class Request:
     tag: int = 0
     adapter: str | None = None  # the model's adapter to run through (None: the active one)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    cached_tokens: int | None = None  # prompt tokens taken from the prefix cache (None: not yet admitted)
 
     def __iter__(self):
         while True:
@@ -121,12 +127,12 @@ class BatchEngine:
 
     context: the longest sequence (prompt and completion) a request may have, at most the
     model's window. kv_memory: the KV cache's budget in bytes (default: room for every slot to
-    hold a full context).
+    hold a full context); with prefix_caching, blocks no row holds keep their prefixes within it.
     """
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, *, slots: int = 8, max_queue: int = 256,
                  context: int | None = None, kv_memory: int | None = None, block_size: int = DEFAULT_BLOCK_SIZE,
-                 backend: str = "auto") -> None:
+                 backend: str = "auto", prefix_caching: bool = True) -> None:
         config = model.config
         if slots < 1:
             raise InvalidArgument(f"slots must be at least 1, got {slots}")
@@ -150,6 +156,7 @@ class BatchEngine:
         self.model, self.tokenizer = model, tokenizer
         self.slots, self.max_queue = slots, max_queue
         self.cache = PagedKVCache(config, blocks, block_size=block_size, dtype=dtype, device=device)
+        self.cache.prefix_caching = self.prefix_caching = prefix_caching
         self.backend = backend
         self.batch = DecodeBatch(model, tokenizer, self.cache, backend=backend)
         self._waiting: deque[_Waiting] = deque()
@@ -157,6 +164,8 @@ class BatchEngine:
         self._stopping = False
         self.preemptions = 0  # rows pushed out for lack of blocks
         self.generated = 0  # tokens generated since the start
+        self.prompt_tokens = 0  # prompt tokens of the rows admitted (each prompt once, whatever n)
+        self.cached_tokens = 0  # ... of which taken from the prefix cache
         self.busy_seconds = 0.0  # time admitting and stepping (prefills, forward passes, sampling, emission)
         release_thread_pool()  # the engine's thread does the parallel work from now on
         self._thread = threading.Thread(target=self._run, name="emergence-batch-engine", daemon=True)
@@ -283,6 +292,7 @@ class BatchEngine:
                                                       block_size=self.cache.block_size, dtype=self.cache.dtype,
                                                       device=self.cache.device), backend=self.backend)
                 self.cache = self.batch.cache
+                self.cache.prefix_caching = self.prefix_caching
             self.busy_seconds += time.perf_counter() - started
         for row in self.batch.rows:
             row.tag._end()
@@ -362,6 +372,11 @@ class BatchEngine:
             for first, others in joining:
                 if others:
                     batch.fork(first, others)
+                if first.tag.cached_tokens is None:  # (not a preempted row joining again)
+                    self.prompt_tokens += len(first.prompt)
+                    self.cached_tokens += first.cached
+                    for request in [first.tag] + [r.tag for r in others]:
+                        request.cached_tokens = first.cached
 
     def _search(self, requests: list[Request]) -> None:
         """A beam search, run whole between two steps of the batch on a KV cache of its own

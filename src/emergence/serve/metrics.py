@@ -34,6 +34,8 @@ class Metrics:
             lambda: engine.cache.num_used)
         Gauge("emergence_kv_blocks_total", "KV cache blocks in the pool", registry=r).set_function(
             lambda: engine.cache.num_blocks)
+        Gauge("emergence_kv_blocks_cached", "KV cache blocks holding a cached prefix (held or not)",
+              registry=r).set_function(lambda: engine.cache.num_cached)
         Gauge("emergence_kv_block_tokens", "tokens per KV cache block", registry=r).set_function(
             lambda: engine.cache.block_size)
         r.register(_EngineCounters(engine))
@@ -72,3 +74,8 @@ class _EngineCounters:
         yield CounterMetricFamily("emergence_generated_tokens", "tokens generated", value=self.engine.generated)
         yield CounterMetricFamily("emergence_preemptions", "rows preempted for lack of KV blocks",
                                   value=self.engine.preemptions)
+        yield CounterMetricFamily("emergence_prefill_prompt_tokens", "prompt tokens admitted to the decode batch",
+                                  value=self.engine.prompt_tokens)
+        yield CounterMetricFamily("emergence_prefix_cache_hit_tokens",
+                                  "prompt tokens taken from the prefix cache instead of computed",
+                                  value=self.engine.cached_tokens)
