@@ -26,6 +26,7 @@ from .errors import CheckpointError, InvalidArgument
 from .generate import Completion, generate, stream
 from .model import Transformer
 from .sampling import SamplingParams
+from .speculative import DEFAULT_DRAFT_TOKENS, Speculator, check_draft
 from .tokenizer import Tokenizer
 from .weights.hf import is_hf_folder, load_hf
 from .weights.gguf_model import is_gguf_file, load_gguf
@@ -72,11 +73,23 @@ class LanguageModel:
     backend: str = "auto"  # how decoding runs: "native" (decode.cpp, CPU), "eager", or "auto" (native where it can)
 
     def complete(self, prompt: str | Sequence[int], *, truncate: bool = False, json_schema=None, regex=None,
-                 grammar=None, **sampling) -> Completion:
+                 grammar=None, draft: LanguageModel | Speculator | None = None, **sampling) -> Completion:
         """One completion with its token ids, finish reason and (if asked) logprobs; json_schema,
-        regex or grammar (Lark text) constrain it (structured output)."""
+        regex or grammar (Lark text) constrain it (structured output); a draft model (or its
+        `speculator`) decodes it speculatively."""
         return generate(self.model, self.tokenizer, [prompt], SamplingParams(**sampling), truncate=truncate,
-                        backend=self.backend, json_schema=json_schema, regex=regex, grammar=grammar)[0]
+                        backend=self.backend, json_schema=json_schema, regex=regex, grammar=grammar,
+                        draft=self._speculator(draft))[0]
+
+    def speculator(self, draft: LanguageModel, *, k: int = DEFAULT_DRAFT_TOKENS) -> Speculator:
+        """Speculative decoding of this model with `draft` proposing k tokens a round
+        (speculative.py); refused in one line when the draft cannot propose this model's tokens.
+        Its `acceptance`, `rounds` and `drafted` count over every completion it serves."""
+        check_draft(self.model, draft.model, self.tokenizer, draft.tokenizer)
+        return Speculator(draft.model, draft.tokenizer, k=k, backend=draft.backend)
+
+    def _speculator(self, draft: LanguageModel | Speculator | None) -> Speculator | None:
+        return self.speculator(draft) if isinstance(draft, LanguageModel) else draft
 
     def generate(self, prompt: str | Sequence[int], *, truncate: bool = False, **sampling) -> str:
         """The completion text for a prompt; keyword arguments are `SamplingParams` fields, and
@@ -89,10 +102,11 @@ class LanguageModel:
                         json_schema=json_schema, regex=regex, grammar=grammar)
 
     def stream(self, prompt: str | Sequence[int], *, truncate: bool = False, json_schema=None, regex=None,
-               grammar=None, **sampling) -> Iterator[str]:
+               grammar=None, draft: LanguageModel | Speculator | None = None, **sampling) -> Iterator[str]:
         """The completion text, piece by piece, as soon as each piece is final."""
         for chunk in stream(self.model, self.tokenizer, prompt, SamplingParams(**sampling), truncate=truncate,
-                            backend=self.backend, json_schema=json_schema, regex=regex, grammar=grammar):
+                            backend=self.backend, json_schema=json_schema, regex=regex, grammar=grammar,
+                            draft=self._speculator(draft)):
             if chunk.text:
                 yield chunk.text
 

@@ -18,6 +18,7 @@ from .errors import EmergenceError, InvalidArgument
 from .files import check_output
 from .generate import Completion, TokenLogprob, generate, stream
 from .sampling import SamplingParams
+from .speculative import DEFAULT_DRAFT_TOKENS
 
 if TYPE_CHECKING:
     from .store import Source
@@ -110,9 +111,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
     params = _sampling(args, source.parameters, logprobs)
     lm = _load(args, source)
     params = _constrained(args, lm, params)
+    draft = _speculator(args, lm, source)
     prompt = with_system(source.system, args.prompt if args.prompt is not None else "")
     if args.stream:
-        for chunk in stream(lm.model, lm.tokenizer, prompt, params, truncate=args.truncate, backend=lm.backend):
+        for chunk in stream(lm.model, lm.tokenizer, prompt, params, truncate=args.truncate, backend=lm.backend,
+                            draft=draft):
             if args.json:
                 print(json.dumps({"text": chunk.text, "token_ids": chunk.token_ids,
                                   "logprobs": [_logprob_json(lm, lp) for lp in chunk.logprobs],
@@ -124,11 +127,27 @@ def cmd_generate(args: argparse.Namespace) -> None:
             sys.stdout.write("\n")
         return
     # one completion, or a beam search's num_return_sequences best, best first
-    for completion in generate(lm.model, lm.tokenizer, [prompt], params, truncate=args.truncate, backend=lm.backend):
+    for completion in generate(lm.model, lm.tokenizer, [prompt], params, truncate=args.truncate, backend=lm.backend,
+                               draft=draft):
         if args.json:
-            print(json.dumps(_completion_json(lm, completion), ensure_ascii=False))
+            record = _completion_json(lm, completion)
+            if draft is not None:
+                record["speculative"] = {"draft_tokens": draft.k, "rounds": draft.rounds, "drafted": draft.drafted,
+                                         "accepted": draft.accepted, "acceptance": round(draft.acceptance, 4)}
+            print(json.dumps(record, ensure_ascii=False))
         else:
             print(completion.text)
+
+
+def _speculator(args: argparse.Namespace, lm: LanguageModel, source: Source):
+    """The speculator of --draft MODEL, or of the store model's DRAFT line; None without either."""
+    from .store import resolve_model
+
+    name = getattr(args, "draft", None) or source.draft  # (`run` has no --draft: a store model's DRAFT only)
+    if name is None:
+        return None
+    draft = load(resolve_model(name), device=args.device, dtype=args.dtype)
+    return lm.speculator(draft, k=getattr(args, "draft_tokens", DEFAULT_DRAFT_TOKENS))
 
 
 def _constrained(args: argparse.Namespace, lm: LanguageModel, params: SamplingParams) -> SamplingParams:
@@ -501,7 +520,8 @@ def cmd_show(args: argparse.Namespace) -> None:
     m, d = entry.manifest, entry.manifest.details
     if args.modelfile:
         adapter = str(source.adapter) if source.adapter is not None else None  # its PEFT files sit in the entry
-        print(Modelfile(str(entry.model_path), m.parameters, m.system, m.template, adapter=adapter).to_text(), end="")
+        print(Modelfile(str(entry.model_path), m.parameters, m.system, m.template, adapter=adapter,
+                        draft=m.draft).to_text(), end="")
         return
     if args.json:
         print(json.dumps({**m.to_json(), "path": str(entry.model_path), "size": entry.size()}, ensure_ascii=False))
@@ -509,7 +529,8 @@ def cmd_show(args: argparse.Namespace) -> None:
     print("  Model")
     for key, value in (("name", str(entry.name)), ("architecture", d.architecture),
                        ("parameters", f"{d.parameter_count:,}"), ("context length", f"{d.context_length:,}"),
-                       ("format", d.format), ("layout", d.layout), ("source", m.source), ("created", m.created),
+                       ("format", d.format), ("layout", d.layout), ("source", m.source),
+                       *((("draft", m.draft),) if m.draft is not None else ()), ("created", m.created),
                        ("path", str(entry.model_path))):
         print(f"    {key:16}{value}")
     if m.parameters:
@@ -727,7 +748,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
                max_queue=args.max_queue, context_policy=args.context_policy, chat_template=args.chat_template,
                device=args.device, dtype=args.dtype, context=args.context, kv_memory=kv_memory,
                allowed_hosts=split(args.allowed_hosts), allowed_origins=split(args.allowed_origins),
-               insecure=args.insecure, prefix_caching=not args.no_prefix_caching)
+               insecure=args.insecure, prefix_caching=not args.no_prefix_caching, draft=args.draft,
+               draft_tokens=args.draft_tokens)
 
 
 def cmd_lab(args: argparse.Namespace) -> None:
@@ -949,6 +971,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stream", action="store_true", help="print text as it is generated")
     g.add_argument("--json", action="store_true", help='print {"text", "token_ids", "logprobs"}')
     g.add_argument("--logprobs", type=int, default=None, metavar="N", help="include N top alternatives per token")
+    g.add_argument("--draft", default=None, metavar="MODEL",
+                   help="speculative decoding: this smaller model (same tokenizer) proposes tokens that MODEL "
+                        "checks in one pass; greedy output is unchanged, sampling keeps MODEL's distribution")
+    g.add_argument("--draft-tokens", type=int, default=DEFAULT_DRAFT_TOKENS, metavar="K",
+                   help="tokens the draft proposes per round (default %(default)s)")
     s = g.add_argument_group("structured output (one of them: the output is constrained to match it)")
     s.add_argument("--json-schema", default=None, metavar="FILE", help="a JSON Schema file: the output is JSON valid under it")
     s.add_argument("--regex", default=None, metavar="R", help="a regular expression the whole output matches")
@@ -1228,6 +1255,11 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-memory", default=None, metavar="SIZE",
                    help="KV cache budget, e.g. 2GiB (default: room for every slot to hold a full context); "
                         "memory is taken as sequences grow, in blocks of 64 tokens")
+    p.add_argument("--draft", default=None, metavar="MODEL",
+                   help="speculative decoding for a request decoded alone: this smaller model (same tokenizer) "
+                        "proposes tokens the served model checks in one pass (default: a store model's DRAFT)")
+    p.add_argument("--draft-tokens", type=int, default=DEFAULT_DRAFT_TOKENS, metavar="K",
+                   help="tokens the draft proposes per round")
     p.add_argument("--no-prefix-caching", action="store_true",
                    help="do not keep the KV blocks of earlier prompts for requests that start the same way "
                         "(a shared system prompt, the conversation so far)")

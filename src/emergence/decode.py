@@ -217,9 +217,10 @@ class EagerBackend:
         self._cross: tuple[tuple, tuple] | None = None  # (the last rows' cross states, them batched)
 
     def forward(self, chunks: list[list[int]], starts: list[int], tables: list[list[int]],
-                cross: list | None = None) -> torch.Tensor:
+                cross: list | None = None, every: bool = False) -> torch.Tensor:
         """Sequence j, holding starts[j] tokens in the blocks tables[j], is extended by
-        chunks[j]; returns each sequence's last-token logits (J, V) float32. An
+        chunks[j]; returns each sequence's last-token logits (J, V) float32, or with `every`
+        the logits of every token fed, (sum of chunk lengths, V) in order. An
         encoder-decoder's rows bring their cross-attention states (`cross`)."""
         device = self.cache.device
         J, T = len(chunks), max(len(c) for c in chunks)
@@ -237,7 +238,10 @@ class EagerBackend:
                 h = self.model.decoder_states(ids, *self._batched_cross(cross), view)  # (J, T, D)
             else:
                 h = self.model.hidden_states(ids, view)  # (J, T, D)
-            last = h[torch.arange(J, device=device), counts - 1]  # (J, D): each row's last real token
+            if every:  # (N, D): every real token, row by row
+                last = h[torch.arange(T, device=device) < counts[:, None]]
+            else:
+                last = h[torch.arange(J, device=device), counts - 1]  # (J, D): each row's last real token
             logits = self.model.head(last).float()  # soft-capped where the model caps
         return logits.clone()  # a normal tensor: the batch masks unused ids in place
 
@@ -475,18 +479,43 @@ class DecodeBatch:
         active = routing(self.model).active
         return per_row(self.model, [active if r.adapter is None else r.adapter for r in rows])
 
-    def _forward(self, rows: Sequence[Row], chunks: list[list[int]]) -> torch.Tensor:
-        """Extend each row's cache by its chunk; (J, V) float32 logits of the chunks' last tokens."""
+    def extend(self, row: Row, tokens: list[int]) -> torch.Tensor:
+        """Feed `tokens` to one row's cache, after its `length` tokens (the row need not be in
+        `rows`); the logits after each, (len(tokens), V) float32. Speculative decoding's
+        verification and drafting (speculative.py): tokens that may be taken back with
+        `truncate`, so none of the blocks they fill is registered for prefix caching here."""
+        return self._forward([row], [tokens], every=True, register=False)
+
+    def truncate(self, row: Row, length: int) -> None:
+        """Take back a row's cached tokens past `length` (blocks no longer needed are released);
+        with prefix caching, the blocks now filled by its history are registered."""
+        if not 0 <= length <= row.length:
+            raise ValueError(f"cannot truncate a row of {row.length} tokens to {length}")
+        keep = self.cache.blocks_for(length)
+        tail = row.blocks[keep:]
+        del row.blocks[keep:]
+        self.cache.release(tail)
+        row.length = length
+        del row.serials[length // self.cache.block_size:]
+        if self.cache.prefix_caching and not self.encoder_decoder:
+            self._register_prefixes([row])
+
+    def _forward(self, rows: Sequence[Row], chunks: list[list[int]], *, every: bool = False,
+                 register: bool = True) -> torch.Tensor:
+        """Extend each row's cache by its chunk; (J, V) float32 logits of the chunks' last tokens
+        (`every`: of every token)."""
         for row, chunk in zip(rows, chunks):
             self.cache.grow(row.blocks, row.length, len(chunk))
         started = time.perf_counter()
-        cross = {"cross": [r.cross for r in rows]} if self.encoder_decoder else {}
+        extra = {"cross": [r.cross for r in rows]} if self.encoder_decoder else {}
+        if every:
+            extra["every"] = True
         with self._adapters(rows):
-            logits = self.backend.forward(chunks, [r.length for r in rows], [r.blocks for r in rows], **cross)
+            logits = self.backend.forward(chunks, [r.length for r in rows], [r.blocks for r in rows], **extra)
         self.forward_seconds += time.perf_counter() - started
         for row, chunk in zip(rows, chunks):
             row.length += len(chunk)
-        if self.cache.prefix_caching and not self.encoder_decoder:
+        if register and self.cache.prefix_caching and not self.encoder_decoder:
             self._register_prefixes(rows)
         return logits.to(self.device)
 

@@ -22,6 +22,7 @@ from .decode import Chunk, DecodeBatch, TokenLogprob, end_ids, new_row
 from .errors import InvalidArgument
 from .model import Transformer
 from .sampling import SamplingParams
+from .speculative import Speculator, eligible, speculative_row
 from .tokenizer import Tokenizer
 
 __all__ = ["Chunk", "Completion", "TokenLogprob", "decode_steps", "generate", "prepare_prompt", "stream"]
@@ -66,8 +67,11 @@ def prepare_prompt(tokenizer: Tokenizer, prompt: str | Sequence[int], block_size
 
 
 def decode_steps(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[list[int]],
-                 params: Sequence[SamplingParams], *, backend: str = "auto") -> Iterator[tuple[int, Chunk]]:
-    """Yield (prompt index, chunk) for every token generated, until every sequence has finished."""
+                 params: Sequence[SamplingParams], *, backend: str = "auto",
+                 draft: Speculator | None = None) -> Iterator[tuple[int, Chunk]]:
+    """Yield (prompt index, chunk) for every token generated, until every sequence has finished.
+    With a `draft` (speculative.py), the prompts whose parameters allow it are decoded
+    speculatively, one after the other; the others as one batch."""
     config = model.config
     device = model.tok_embeddings.weight.device
     eos = end_ids(config, tokenizer)
@@ -76,6 +80,10 @@ def decode_steps(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[lis
         if row.max_new <= 0:
             yield row.tag, Chunk("", [], [], "length")
     rows = [r for r in rows if r.max_new > 0]
+    if draft is not None:
+        for row in [r for r in rows if eligible(r.params)]:
+            yield from speculative_row(model, tokenizer, row, draft, backend)
+        rows = [r for r in rows if not eligible(r.params)]
     if not rows:
         return
     batch = DecodeBatch.for_rows(model, tokenizer, rows, backend=backend)
@@ -99,8 +107,9 @@ def constrained(tokenizer: Tokenizer, params: SamplingParams, json_schema: Mappi
 def generate(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[str | Sequence[int]],
              params: SamplingParams | Sequence[SamplingParams] = SamplingParams(), *,
              truncate: bool = False, backend: str = "auto", json_schema: Mapping[str, Any] | str | None = None,
-             regex: str | None = None, grammar: str | None = None) -> list[Completion]:
-    """Complete every prompt (batched); the result for each equals what it gets alone.
+             regex: str | None = None, grammar: str | None = None, draft: Speculator | None = None) -> list[Completion]:
+    """Complete every prompt (batched); the result for each equals what it gets alone (with a
+    `draft`, speculative.py: greedy output identical, sampled output of the same distribution).
 
     One completion per prompt, in order; a prompt searched with beams gives its
     `num_return_sequences` best, best first (transformers' prompt-major order).
@@ -129,7 +138,8 @@ def generate(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[str | S
         for i, completions in zip(searched, found):
             out[i] = completions
     sampled = [i for i, sp in enumerate(params) if sp.num_beams == 1]
-    steps = decode_steps(model, tokenizer, [ids[i] for i in sampled], [params[i] for i in sampled], backend=backend)
+    steps = decode_steps(model, tokenizer, [ids[i] for i in sampled], [params[i] for i in sampled], backend=backend,
+                         draft=draft)
     for j, chunk in steps:
         c = out[sampled[j]]
         c.text += chunk.text
@@ -181,8 +191,9 @@ def _completion(h: Hypothesis, group: BeamGroup, prompt_tokens: int, tokenizer: 
 def stream(model: Transformer, tokenizer: Tokenizer, prompt: str | Sequence[int],
            params: SamplingParams = SamplingParams(), *, truncate: bool = False,
            backend: str = "auto", json_schema: Mapping[str, Any] | str | None = None, regex: str | None = None,
-           grammar: str | None = None) -> Iterator[Chunk]:
-    """Yield chunks of one completion as they become final (constrained as `generate` says)."""
+           grammar: str | None = None, draft: Speculator | None = None) -> Iterator[Chunk]:
+    """Yield chunks of one completion as they become final (constrained, or drafted, as
+    `generate` says)."""
     params = constrained(tokenizer, params, json_schema, regex, grammar)
     if params.num_beams > 1:  # a beam search knows its result only at the end
         c = generate(model, tokenizer, [prompt], params, truncate=truncate, backend=backend)[0]
@@ -190,5 +201,5 @@ def stream(model: Transformer, tokenizer: Tokenizer, prompt: str | Sequence[int]
         return
     ids = prepare_prompt(tokenizer, prompt, model.config.block_size, params.max_new_tokens, truncate,
                          source=model.config.is_encoder_decoder, source_vocab=model.config.vocab_size)
-    for _, chunk in decode_steps(model, tokenizer, [ids], [params], backend=backend):
+    for _, chunk in decode_steps(model, tokenizer, [ids], [params], backend=backend, draft=draft):
         yield chunk

@@ -1,7 +1,7 @@
 """The local model store: models kept under short names, like Ollama's.
 
     emergence import path/to/hf-folder mymodel        # or a GGUF file
-    emergence create story -f Modelfile               # FROM + PARAMETER / SYSTEM / TEMPLATE
+    emergence create story -f Modelfile               # FROM + PARAMETER / SYSTEM / TEMPLATE / DRAFT
     emergence list | show story | cp story s2 | rm s2 | run story "Once upon a time"
     emergence.load("story")                           # a store name works wherever a model is taken
 
@@ -128,7 +128,7 @@ PARAMETERS: dict[str, tuple[str, type]] = {
     "stop": ("stop", str),
 }
 _OLLAMA_NAME = {"repetition_penalty": "repeat_penalty", "max_new_tokens": "num_predict"}
-_INSTRUCTIONS = ("FROM", "ADAPTER", "PARAMETER", "SYSTEM", "TEMPLATE")
+_INSTRUCTIONS = ("FROM", "ADAPTER", "PARAMETER", "SYSTEM", "TEMPLATE", "DRAFT")
 # An ADAPTER's files, kept in the entry beside the base's (chat_template.jinja: what it was tuned with).
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
@@ -144,12 +144,15 @@ class Modelfile:
     template: str | None = None
     base_dir: Path | None = None
     adapter: str | None = None  # a PEFT LoRA/DoRA folder applied to the FROM model
+    draft: str | None = None  # a smaller model (same tokenizer) for speculative decoding
 
     def to_text(self) -> str:
         """The Modelfile text that parses back into this one (Ollama's parameter names)."""
         lines = [f"FROM {_quote_if_needed(self.source)}"]
         if self.adapter is not None:
             lines.append(f"ADAPTER {_quote_if_needed(self.adapter)}")
+        if self.draft is not None:
+            lines.append(f"DRAFT {_quote_if_needed(self.draft)}")
         for key, value in self.parameters.items():
             for v in (value if key == "stop" else [value]):
                 lines.append(f"PARAMETER {_OLLAMA_NAME.get(key, key)} {_format_value(v)}")
@@ -220,7 +223,8 @@ def parse_modelfile(text: str, *, origin: str = "Modelfile", base_dir: Path | No
         except InvalidArgument as e:
             raise InvalidArgument(f"{origin} line {first_line['TEMPLATE']}: TEMPLATE: {e}") from None
     adapter = _unquote(texts["ADAPTER"]) if "ADAPTER" in texts else None
-    return Modelfile(texts["FROM"], parameters, texts.get("SYSTEM"), texts.get("TEMPLATE"), base_dir, adapter)
+    draft = _unquote(texts["DRAFT"]) if "DRAFT" in texts else None
+    return Modelfile(texts["FROM"], parameters, texts.get("SYSTEM"), texts.get("TEMPLATE"), base_dir, adapter, draft)
 
 
 def _instructions(lines: list[str], origin: str) -> Iterator[tuple[int, str, str]]:
@@ -236,7 +240,7 @@ def _instructions(lines: list[str], origin: str) -> Iterator[tuple[int, str, str
         word, rest = (line.split(None, 1) + [""])[:2]
         keyword = word.upper()
         if keyword not in _INSTRUCTIONS:
-            hint = " (emergence supports FROM, ADAPTER, PARAMETER, SYSTEM and TEMPLATE)" \
+            hint = " (emergence supports FROM, ADAPTER, PARAMETER, SYSTEM, TEMPLATE and DRAFT)" \
                 if keyword in ("LICENSE", "MESSAGE", "REQUIRES") else ""
             raise InvalidArgument(f"{origin} line {lineno}: unknown instruction {word!r}{hint}")
         if keyword in ("SYSTEM", "TEMPLATE"):
@@ -340,6 +344,7 @@ class Manifest:
     template: str | None
     created: str
     files: dict[str, FileRecord]
+    draft: str | None = None  # the DRAFT model: a store or packaged name, or an absolute path
 
     def to_json(self) -> dict:
         d = self.details
@@ -347,7 +352,8 @@ class Manifest:
                 "details": {"architecture": d.architecture, "parameter_count": d.parameter_count,
                             "context_length": d.context_length},
                 "parameters": self.parameters, "system": self.system, "template": self.template,
-                "created": self.created, "files": {k: asdict(v) for k, v in self.files.items()}}
+                "created": self.created, "files": {k: asdict(v) for k, v in self.files.items()},
+                **({"draft": self.draft} if self.draft is not None else {})}
 
     @classmethod
     def from_json(cls, data: dict) -> Manifest:
@@ -363,8 +369,11 @@ class Manifest:
             raise ValueError(f"a file name that is not a plain name of the entry: {bad[0]!r}")
         if not isinstance(data["parameters"], dict):
             raise TypeError("parameters is not an object")
+        draft = data.get("draft")
+        if draft is not None and not isinstance(draft, str):
+            raise TypeError("draft is not a string")
         return cls(str(data["name"]), str(data["source"]), details, dict(data["parameters"]), data["system"],
-                   data["template"], str(data["created"]), files)
+                   data["template"], str(data["created"]), files, draft)
 
 
 @dataclass(frozen=True)
@@ -458,6 +467,11 @@ class Source:
     @property
     def template(self) -> str | None:
         return self.entry.manifest.template if self.entry is not None else None
+
+    @property
+    def draft(self) -> str | None:
+        """A store model's DRAFT: the model that drafts for it in speculative decoding."""
+        return self.entry.manifest.draft if self.entry is not None else None
 
     @property
     def adapter(self) -> Path | None:
@@ -742,13 +756,16 @@ class Store:
         parameters = {**(base.parameters if base else {}), **modelfile.parameters}
         system = modelfile.system if modelfile.system is not None else (base.system if base else None)
         template = modelfile.template if modelfile.template is not None else (base.template if base else None)
+        draft = base.draft if base else None
+        if modelfile.draft is not None:  # resolved now: a missing model is refused before anything is written
+            draft = resolve_model(modelfile.draft, modelfile.base_dir, store=self).label
         adapter = None
         if modelfile.adapter is not None:
             adapter = _check_adapter(modelfile, source)
             tuned_with = adapter / "chat_template.jinja"
             if modelfile.template is None and tuned_with.is_file():
                 template = tuned_with.read_text(encoding="utf-8")
-        return self._install(target, source, parameters, system, template, adapter)
+        return self._install(target, source, parameters, system, template, adapter, draft)
 
     def copy(self, src: str, dst: str, *, force: bool = False) -> Entry:
         """A copy of entry `src` under the name `dst` (files hard-linked where possible); an
@@ -758,7 +775,8 @@ class Store:
             raise InvalidArgument(f"cp: source and destination are the same model ({target})")
         self._check_free(target, force)
         m = entry.manifest
-        return self._install(target, Source(entry.model_path, m.source, entry), m.parameters, m.system, m.template)
+        return self._install(target, Source(entry.model_path, m.source, entry), m.parameters, m.system, m.template,
+                             draft=m.draft)
 
     def remove(self, text: str) -> ModelName:
         """Delete the entry `text` (even a damaged one): renamed out of models/ first, so it
@@ -782,7 +800,7 @@ class Store:
                                   f"parameters, {d.format}, from {existing.manifest.source}); --force replaces it")
 
     def _install(self, name: ModelName, source: Source, parameters: dict, system: str | None,
-                 template: str | None, adapter: Path | None = None) -> Entry:
+                 template: str | None, adapter: Path | None = None, draft: str | None = None) -> Entry:
         """Build the entry in a temporary folder, then swap it into place (see the module docstring)."""
         if source.entry is None:
             model_layout(source.path)  # refuse what is no model before creating anything
@@ -796,7 +814,7 @@ class Store:
             if adapter is not None:
                 files.update({n: _copy_file(adapter / n, staged / n) for n in ADAPTER_FILES})
             details = inspect_model(staged / GGUF_FILE if (staged / GGUF_FILE).is_file() else staged)
-            manifest = Manifest(str(name), source.label, details, parameters, system, template, _now(), files)
+            manifest = Manifest(str(name), source.label, details, parameters, system, template, _now(), files, draft)
             _write_json(staged / MANIFEST, manifest.to_json())
             self._swap_in(staged, self.models / str(name), work)
         except OSError as e:

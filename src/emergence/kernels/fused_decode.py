@@ -99,21 +99,24 @@ class NativeBackend:
                             MAX_NATIVE_PREFILL_BF16 if dtype == torch.bfloat16 else MAX_NATIVE_PREFILL)
         self.native_calls = 0  # forward passes run natively (the rest went to the eager forward)
 
-    def forward(self, chunks: list[list[int]], starts: list[int], tables: list[list[int]]) -> torch.Tensor:
+    def forward(self, chunks: list[list[int]], starts: list[int], tables: list[list[int]],
+                every: bool = False) -> torch.Tensor:
         """Sequence j, holding starts[j] tokens in the blocks tables[j], is extended by
-        chunks[j]; returns each sequence's last-token logits (J, V) float32."""
+        chunks[j]; returns each sequence's last-token logits (J, V) float32 (`every`: the
+        logits of every token fed, in order)."""
         long = [j for j, c in enumerate(chunks) if len(c) > self.max_prefill]
         if not long:
-            return self._native(chunks, starts, tables)
-        if len(long) == len(chunks):
-            return self.eager.forward(chunks, starts, tables)
+            return self._native(chunks, starts, tables, every)
+        if len(long) == len(chunks) or every:
+            return self.eager.forward(chunks, starts, tables, every=every)
         short = [j for j, c in enumerate(chunks) if len(c) <= self.max_prefill]
         out = torch.empty(len(chunks), self.vocab_size)
         for part, run in ((short, self._native), (long, self.eager.forward)):
             out[part] = run([chunks[j] for j in part], [starts[j] for j in part], [tables[j] for j in part])
         return out
 
-    def _native(self, chunks: list[list[int]], starts: list[int], tables: list[list[int]]) -> torch.Tensor:
+    def _native(self, chunks: list[list[int]], starts: list[int], tables: list[list[int]],
+                every: bool = False) -> torch.Tensor:
         longest = max(start + len(c) for start, c in zip(starts, chunks))
         if longest > self.context:  # as the eager forward checks it
             raise InvalidArgument(f"{longest} tokens exceed the context window of {self.context}")
@@ -127,6 +130,8 @@ class NativeBackend:
             rows += [j] * len(chunk)
             positions += range(start, start + len(chunk))
             last.append(len(tokens) - 1)
+        if every:
+            last = list(range(len(tokens)))
         return self.plan.forward(tokens, rows, positions, last, tables, self.cache.k, self.cache.v)
 
 

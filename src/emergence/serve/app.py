@@ -189,7 +189,8 @@ class Server:
     and the server's own origins ("*" allows any); timeouts in seconds; verifiers: name ->
     verifier (search.verifier.RewardVerifier) that chat requests with `search` may name (they
     are loaded at start: a request never names a path); prefix_caching: keep the KV blocks of
-    earlier prompts for requests that start the same way (kv_cache.py).
+    earlier prompts for requests that start the same way (kv_cache.py); draft: a speculator
+    (speculative.py) that decodes a request running alone speculatively.
     """
 
     def __init__(self, lm: LanguageModel, name: str, *, slots: int = 8, max_queue: int = 256,
@@ -199,7 +200,7 @@ class Server:
                  allowed_hosts: tuple[str, ...] = (), allowed_origins: tuple[str, ...] = (),
                  body_timeout: float = 60.0, header_timeout: float = 10.0, template_timeout: float = 5.0,
                  source=None, adapters: dict[str, str] | None = None, verifiers: dict | None = None,
-                 prefix_caching: bool = True) -> None:
+                 prefix_caching: bool = True, draft=None) -> None:
         self.lm, self.name, self.api_key, self.source = lm, name, api_key, source
         self.verifiers = dict(verifiers or {})
         for vname, verifier in self.verifiers.items():
@@ -218,7 +219,8 @@ class Server:
         self.allowed_origins = set(allowed_origins)
         self.body_timeout, self.header_timeout, self.template_timeout = body_timeout, header_timeout, template_timeout
         self.engine = BatchEngine(lm.model, lm.tokenizer, slots=slots, max_queue=max_queue, context=context,
-                                  kv_memory=kv_memory, backend=lm.backend, prefix_caching=prefix_caching)
+                                  kv_memory=kv_memory, backend=lm.backend, prefix_caching=prefix_caching,
+                                  draft=draft)
         self.context = self.engine.context
         self.encoder_decoder = lm.config.is_encoder_decoder
         self.template = chat_template or resolve_chat_template(None, missing="plain")
@@ -949,13 +951,16 @@ def app_for(model: str | None, *, slots: int = 8, max_queue: int = 256, api_key:
             dtype: str | None = None, context: int | None = None, kv_memory: int | None = None,
             allowed_hosts: tuple[str, ...] = (), allowed_origins: tuple[str, ...] = (),
             adapters: dict[str, str] | None = None, verifiers: dict[str, str] | None = None,
-            verifier_kind: str = "prm", prefix_caching: bool = True) -> Server:
+            verifier_kind: str = "prm", prefix_caching: bool = True, draft: str | None = None,
+            draft_tokens: int = 4) -> Server:
     """The server's routes for a model argument (store.resolve_model). A store model's
     PARAMETERs are the request defaults, its SYSTEM the system message of chats that bring none,
     its TEMPLATE the chat template (unless one is given). adapters: served name -> PEFT adapter
     folder, each loaded once onto the one base and chosen per request by that model name.
     verifiers: name -> reward model folder (search.verifier.load_verifier, as verifier_kind),
-    loaded here once, named by chat requests with `search`."""
+    loaded here once, named by chat requests with `search`. draft: a smaller model with the same
+    tokenizer (default: a store model's DRAFT) that decodes requests running alone speculatively,
+    proposing draft_tokens a round."""
     from ..adapters.lora import routing
     from ..adapters.peft_format import load_adapter
     from ..api import load
@@ -972,6 +977,10 @@ def app_for(model: str | None, *, slots: int = 8, max_queue: int = 256, api_key:
             load_adapter(lm.model, folder, served_name)
             served[served_name] = served_name
         routing(lm.model).active = active
+    speculator = None
+    if (draft or source.draft) is not None:
+        speculator = lm.speculator(load(resolve_model(draft or source.draft), device=device, dtype=dtype),
+                                   k=draft_tokens)
     loaded_verifiers = {}
     if verifiers:
         from ..search.verifier import load_verifier
@@ -983,7 +992,7 @@ def app_for(model: str | None, *, slots: int = 8, max_queue: int = 256, api_key:
                   chat_template=model_chat_template(source.path, chat_template or source.template),
                   defaults=source.parameters, system=source.system, context=context, kv_memory=kv_memory,
                   allowed_hosts=allowed_hosts, allowed_origins=allowed_origins, source=source, adapters=served,
-                  verifiers=loaded_verifiers, prefix_caching=prefix_caching)
+                  verifiers=loaded_verifiers, prefix_caching=prefix_caching, draft=speculator)
 
 
 def run_server(model: str | None, *, host: str = "127.0.0.1", port: int = 8000, insecure: bool = False,

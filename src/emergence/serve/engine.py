@@ -20,6 +20,10 @@ leave, until the pool needs them: a request whose prompt starts with a cached pr
 system prompt, the conversation so far) prefills only the rest, and a preempted row only what
 was evicted meanwhile. Results are those of a cold run (tests/test_prefix_cache.py).
 
+With a draft model (speculative.py), a request decoded alone (one row in the batch, nobody
+waiting, sampling parameters that allow it) advances by speculative rounds of up to k + 1
+tokens instead of one step; when others join, its owed token is fed and it steps with them.
+
 A beam search, an embedding job and a test-time search (`submit_call`: the server's `search`
 field) wait in the same queue and run whole in the engine's thread between two steps: the
 rows in the batch pause meanwhile, and the model is never run by two threads at once.
@@ -45,6 +49,7 @@ from ..kernels import release_thread_pool
 from ..kv_cache import DEFAULT_BLOCK_SIZE, PagedKVCache
 from ..model import Transformer
 from ..sampling import SamplingParams
+from ..speculative import Speculator, eligible
 from ..tokenizer import Tokenizer
 
 
@@ -132,7 +137,7 @@ class BatchEngine:
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, *, slots: int = 8, max_queue: int = 256,
                  context: int | None = None, kv_memory: int | None = None, block_size: int = DEFAULT_BLOCK_SIZE,
-                 backend: str = "auto", prefix_caching: bool = True) -> None:
+                 backend: str = "auto", prefix_caching: bool = True, draft: Speculator | None = None) -> None:
         config = model.config
         if slots < 1:
             raise InvalidArgument(f"slots must be at least 1, got {slots}")
@@ -159,6 +164,7 @@ class BatchEngine:
         self.cache.prefix_caching = self.prefix_caching = prefix_caching
         self.backend = backend
         self.batch = DecodeBatch(model, tokenizer, self.cache, backend=backend)
+        self.speculator = draft  # decodes a lone request speculatively (None: never)
         self._waiting: deque[_Waiting] = deque()
         self._lock = threading.Condition()
         self._stopping = False
@@ -293,6 +299,8 @@ class BatchEngine:
                                                       device=self.cache.device), backend=self.backend)
                 self.cache = self.batch.cache
                 self.cache.prefix_caching = self.prefix_caching
+                if self.speculator is not None:
+                    self.speculator.reset()
             self.busy_seconds += time.perf_counter() - started
         for row in self.batch.rows:
             row.tag._end()
@@ -425,12 +433,28 @@ class BatchEngine:
     def _step(self) -> None:
         """One step of the batch: each request gets its chunk; cancelled and finished rows leave;
         preempted rows queue again at the front."""
-        batch = self.batch
+        batch, speculator = self.batch, self.speculator
         cancelled = [row for row in batch.rows if row.tag.cancelled.is_set()]
         if cancelled:
             batch.remove(cancelled)
             for row in cancelled:
                 row.tag._end()
+                if speculator is not None:
+                    speculator.release(row)
+        if speculator is not None and batch.rows:
+            alone = batch.rows[0]
+            if (len(batch.rows) == 1 and not self._waiting and alone.adapter is None and eligible(alone.params)
+                    and self.cache.blocks_needed(alone.blocks, alone.length, speculator.k + 1) <= self.cache.num_free):
+                for chunk in speculator.round(batch, alone):
+                    self.generated += len(chunk.token_ids)
+                    alone.tag._put(chunk)
+                    if chunk.finish_reason:
+                        batch.remove([alone])
+                        alone.tag._end()
+                return
+            for row in batch.rows:  # they step together now: each with its pending logits
+                speculator.settle(batch, row)
+                speculator.release(row)
         for row, chunk in batch.step():
             self.generated += len(chunk.token_ids)
             row.tag._put(chunk)
