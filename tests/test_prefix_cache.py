@@ -245,3 +245,23 @@ def test_the_server_reports_cached_prompt_tokens_and_answers_as_cold(lm):
     assert "emergence_prefix_cache_hit_tokens_total 0.0" in cold_metrics
     prompts = sum(r["usage"]["prompt_tokens"] for r in warm)
     assert f"emergence_prefill_prompt_tokens_total {float(prompts)}" in metrics
+
+
+def test_the_committed_benchmark_and_the_readmes_figures_agree():
+    import statistics
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "bench"))
+    from bench_prefix import render_line
+
+    result = json.loads((root / "bench" / "results" / "prefix_cache.json").read_text())
+    rounds = result["rounds"]
+    assert len(rounds) >= 5 and all(r["history_tokens"] >= 1000 for r in rounds)
+    assert all(r["cold_cached_tokens"] == 0 for r in rounds)  # a conversation never seen: nothing cached
+    # warm: every whole 64-token block of the history came from the cache
+    assert all(r["warm_cached_tokens"] >= r["history_tokens"] // 64 * 64 - 64 for r in rounds)
+    assert result["speedup_median"] == pytest.approx(statistics.median(r["cold_s"] / r["warm_s"] for r in rounds))
+    assert result["speedup_median"] >= 5  # the target
+    assert render_line(result) in (root / "README.md").read_text()

@@ -224,3 +224,21 @@ def test_the_server_drafts_for_a_lone_request_and_steps_with_others(lm):
         server.server_close()
         thread.join(timeout=5)
         app.close()
+
+
+def test_the_committed_benchmark_and_the_readmes_table_agree():
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "bench"))
+    from bench_speculative import render_table
+
+    result = json.loads((root / "bench" / "results" / "speculative.json").read_text())
+    greedy = [r for r in result["rows"] if r["temperature"] == 0]
+    assert greedy and all(r["identical_to_plain"] for r in greedy)  # greedy drafted output = the target's own
+    for r in result["rows"]:
+        assert 0 <= r["acceptance"] <= 1 and 1 <= r["tokens_per_round"] <= r["k"] + 1
+        assert r["speedup"] == pytest.approx(r["drafted_tok_s"] / r["plain_tok_s"], rel=1e-6)
+    assert result["best_at_temperature_0"] == max(greedy, key=lambda r: r["speedup"])
+    assert render_table(result) in (root / "README.md").read_text()
