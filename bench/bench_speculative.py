@@ -13,14 +13,16 @@ which is made on a GPU by bench/train_models.py and is not in this checkout). Dr
 - `draft-1m`: the emergence-1m architecture (1.33M parameters, 4 layers x 128) trained here on
   the CPU with emergence-6m's tokenizer on the same corpus (`--make-draft DIR` runs the
   commands: `emergence prepare`, then `emergence pretrain`, 1,200 steps of 16 x 512 tokens);
-- `draft-1m-distilled`: that draft trained on further on text the target wrote (sequence-level
-  distillation: `--make-draft` then has the target continue story openings from the corpus,
-  half greedily and half sampled at temperature 1, and runs `emergence pretrain --init`);
+- `draft-0.4m`: the same with 2 layers x 64 (0.37M parameters; `--size 0.4m`): its step reads
+  a quarter of the 1m's bytes;
+- `-distilled`: each trained on further on text the target wrote (sequence-level distillation:
+  `--make-draft` has the target continue story openings from the corpus, half greedily and half
+  sampled at temperature 1, 1M tokens, and runs `emergence pretrain --init`, 400 steps);
 - `q4_0`: the target itself with every linear layer quantized to q4_0 (a self-draft).
 
-    python bench/bench_speculative.py --make-draft runs/draft       # once (about an hour on 2 cores)
-    python bench/bench_speculative.py --draft runs/draft [--rounds 5]
-    python bench/bench_speculative.py --smoke                       # tiny: the default model drafts itself
+    python bench/bench_speculative.py --make-draft runs/draft [--size 0.4m]   # about 35 / 15 minutes on 2 cores
+    python bench/bench_speculative.py --draft runs/draft [--rounds 5]         # every draft made in runs/draft
+    python bench/bench_speculative.py --smoke                                 # tiny: the default model drafts itself
 
 Writes bench/results/speculative.json; the README's table is `render_table` of it.
 """
@@ -46,39 +48,50 @@ PROMPTS = ["Once upon a time", "One day, a little girl named Lily", "Tom and his
            "There was a big tree in the park", "Mom said", "A small boat", "The cat and the bird"]
 
 
-def make_draft(out: Path, target: str) -> Path:
-    """Train the draft (see the module docstring); resumes an interrupted run."""
+# The drafts --make-draft trains: the emergence-1m preset, and a smaller one whose step reads a
+# quarter of the bytes (its tied 4,096 x 64 embedding is most of it). Config fields over the preset.
+DRAFT_SIZES = {"1m": {}, "0.4m": {"n_embd": 64, "n_layer": 2, "n_head": 2, "n_kv_head": 2, "head_dim": 32,
+                                  "intermediate_size": 192}}
+
+
+def make_draft(out: Path, target: str, size: str) -> Path:
+    """Train the draft of `size` (DRAFT_SIZES; see the module docstring) into OUT/SIZE, the corpus
+    and the distillation text shared in OUT; resumes an interrupted run."""
+    import dataclasses
+
     import emergence
     from emergence.config import Config
 
-    out.mkdir(parents=True, exist_ok=True)
     lm = emergence.load(target)
     cli = [sys.executable, "-m", "emergence"]
+    (out / size).mkdir(parents=True, exist_ok=True)
     if not (out / "shards").is_dir():
         subprocess.run(cli + ["prepare", "--tokenizer", target, "--out", str(out / "shards"),
                               *[str(SHARED / c) for c in CORPUS]], check=True)
-    config = Config.from_name("emergence-1m", vocab_size=lm.config.vocab_size, block_size=lm.config.block_size,
-                              eos_token_id=lm.config.eos_token_id, bos_token_id=lm.config.bos_token_id)
-    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
+    config = dataclasses.replace(Config.from_name("emergence-1m", vocab_size=lm.config.vocab_size,
+                                                  block_size=lm.config.block_size, eos_token_id=lm.config.eos_token_id,
+                                                  bos_token_id=lm.config.bos_token_id), **DRAFT_SIZES[size])
+    (out / size / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
     common = ["--save-best", "--no-progress", "--context", "512", "--batch-size", "16", "--weight-decay", "0.1",
               "--eval-every", "100", "--eval-batches", "10", "--checkpoint-every", "100", "--log-every", "20",
               "--seed", "1", "--device", "cpu"]
-    if not (out / "run" / "model").is_dir():  # (written when the run ends)
-        resume = ["--resume"] if (out / "run" / "checkpoint.pt").exists() else []
-        subprocess.run(cli + ["pretrain", "--config", str(out / "config.json"), "--data", str(out / "shards"),
-                              "--out", str(out / "run"), "--max-steps", "1200", "--lr", "3e-3", "--min-lr", "3e-4",
+    run, distilled = out / size / "run", out / size / "distilled"
+    if not (run / "model").is_dir():  # (written when the run ends)
+        resume = ["--resume"] if (run / "checkpoint.pt").exists() else []
+        subprocess.run(cli + ["pretrain", "--config", str(out / size / "config.json"), "--data", str(out / "shards"),
+                              "--out", str(run), "--max-steps", "1200", "--lr", "3e-3", "--min-lr", "3e-4",
                               "--warmup-steps", "60", *common, *resume], check=True)
     if not (out / "distil.jsonl").exists():
         distil_corpus(lm, out / "distil.jsonl", 1_000_000)
     if not (out / "distil-shards").is_dir():
         subprocess.run(cli + ["prepare", "--tokenizer", target, "--out", str(out / "distil-shards"),
                               str(out / "distil.jsonl")], check=True)
-    resume = ["--resume"] if (out / "distilled" / "checkpoint.pt").exists() else []
-    if not (out / "distilled" / "model").is_dir():
-        subprocess.run(cli + ["pretrain", "--init", str(out / "run" / "best"), "--data", str(out / "distil-shards"),
-                              "--out", str(out / "distilled"), "--max-steps", "400", "--lr", "1e-3", "--min-lr",
-                              "1e-4", "--warmup-steps", "20", *common, *resume], check=True)
-    return out / "distilled" / "best"
+    if not (distilled / "model").is_dir():
+        resume = ["--resume"] if (distilled / "checkpoint.pt").exists() else []
+        subprocess.run(cli + ["pretrain", "--init", str(run / "best"), "--data", str(out / "distil-shards"),
+                              "--out", str(distilled), "--max-steps", "400", "--lr", "1e-3", "--min-lr", "1e-4",
+                              "--warmup-steps", "20", *common, *resume], check=True)
+    return distilled / "best"
 
 
 def distil_corpus(lm, path: Path, tokens: int, batch: int = 16, new_tokens: int = 256) -> None:
@@ -175,7 +188,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--target", default="emergence-6m")
     parser.add_argument("--draft", default=None, help="the folder --make-draft wrote")
-    parser.add_argument("--make-draft", type=Path, default=None, metavar="DIR", help="train the draft into DIR")
+    parser.add_argument("--make-draft", type=Path, default=None, metavar="DIR", help="train a draft into DIR/SIZE")
+    parser.add_argument("--size", default="1m", choices=list(DRAFT_SIZES), help="the draft --make-draft trains")
     parser.add_argument("--ks", default="2,3,4,6", help="draft tokens per round to measure")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=128)
@@ -190,7 +204,7 @@ def main() -> int:
 
     torch.set_num_threads(args.threads)
     if args.make_draft is not None:
-        print(f"draft trained: {make_draft(args.make_draft, args.target)}")
+        print(f"draft trained: {make_draft(args.make_draft, args.target, args.size)}")
         return 0
     if args.smoke:
         lm = emergence.load(device="cpu")
@@ -202,9 +216,12 @@ def main() -> int:
     lm = emergence.load(args.target, device="cpu")
     quantized = copy.deepcopy(lm)
     quantized.model = quantize_model(copy.deepcopy(lm.model), "q4_0")
-    folder = Path(args.draft)
-    drafts = {"draft-1m": emergence.load(folder / "run" / "best", device="cpu"),
-              "draft-1m-distilled": emergence.load(folder / "distilled" / "best", device="cpu"), "q4_0": quantized}
+    folder, drafts = Path(args.draft), {}
+    for size in DRAFT_SIZES:
+        if (folder / size / "distilled" / "best").is_dir():
+            drafts[f"draft-{size}"] = emergence.load(folder / size / "run" / "best", device="cpu")
+            drafts[f"draft-{size}-distilled"] = emergence.load(folder / size / "distilled" / "best", device="cpu")
+    drafts["q4_0"] = quantized
     ks = [int(k) for k in args.ks.split(",")]
     rows = measure(lm, drafts, ks, [0.0, 0.8], args.rounds, args.tokens)
     draft_alone = {}

@@ -241,4 +241,6 @@ def test_the_committed_benchmark_and_the_readmes_table_agree():
         assert 0 <= r["acceptance"] <= 1 and 1 <= r["tokens_per_round"] <= r["k"] + 1
         assert r["speedup"] == pytest.approx(r["drafted_tok_s"] / r["plain_tok_s"], rel=1e-6)
     assert result["best_at_temperature_0"] == max(greedy, key=lambda r: r["speedup"])
-    assert render_table(result) in (root / "README.md").read_text()
+    readme = (root / "README.md").read_text()
+    assert render_table(result) in readme
+    assert f"speeds emergence-6m up {result['best_at_temperature_0']['speedup']:.2f}x" in readme  # the feature row

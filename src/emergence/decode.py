@@ -15,8 +15,8 @@ thread, letting requests join and leave between steps. A step:
 
 Rows join with a prefill (several prompts in one pass; with prefix caching on, kv_cache.py,
 a row first takes the cached blocks of its history's longest cached prefix and prefills only
-the rest, and every block a row fills is registered for later rows), fork (n samples of one prompt share
-its blocks, copied on write), are reordered (beam search continues some rows under new rows
+the rest, and every block a row fills is registered for later rows), fork (n samples of one
+prompt share its blocks, copied on write), are reordered (beam search continues some rows under new rows
 without copying their caches) and leave. When the pool has too few blocks for a step, the
 most recently admitted rows are preempted: their blocks are freed and they wait in
 `preempted`, to be admitted again later with their prompt and generated tokens recomputed

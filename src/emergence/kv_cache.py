@@ -38,10 +38,10 @@ attend to, with the mask that says which.
 
 from __future__ import annotations
 
-import torch
-
 from collections import OrderedDict
 from itertools import count
+
+import torch
 
 from .config import Config
 from .errors import InvalidArgument
