@@ -52,6 +52,7 @@ bench: $(VENV)/.test-deps
 	$(BIN)/python bench/bench_serve.py --model emergence-6m
 	$(PIP) sse-starlette starlette-context pydantic-settings  # llama-cpp-python's server, a peer below
 	$(BIN)/python bench/bench_serve_peers.py
+	$(BIN)/python bench/bench_prefix.py
 	$(BIN)/python bench/soak_serve.py
 
 clean:

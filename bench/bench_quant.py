@@ -3,18 +3,24 @@
 The smollm2-135m architecture (30 layers, 576 wide, GQA 9/3, vocab 49152, tied head) with
 random weights. emergence runs it in fp32, bf16, and quantized to int8, q8_0, int4 (group
 32), q4_0, nf4 and ternary (b1.58, with and without 8-bit activations), every linear layer
-including the output head; llama.cpp (llama-cpp-python, 2 threads) runs the same weights
-exported with `emergence convert` to GGUF F32, F16, Q8_0 and Q4_0.
+including the output head. llama.cpp runs the same weights exported with `emergence convert`
+to GGUF F32, F16, BF16, Q8_0 and Q4_0, twice: natively, with its own `llama-bench` (built from
+the source llama-cpp-python 0.3.36 vendors: bench/llama_cpp_source.py; `-p 128 -n 64 -t 2`,
+one repetition per round: its pp128 and tg64), and through llama-cpp-python's Python loop
+(one `eval` per token, 2 threads), which adds Python's overhead to llama.cpp's side.
 
 Decode tokens/s: N - 1 tokens over the time from the first generated token to the last,
-emergence's `stream` and llama.cpp's single-token evaluations, both greedy from the same
-prompt (prefill times are kept out: they vary more than a few decode steps take). Prefill tokens/s:
-one forward pass over the prompt. Effective bandwidth = decode tok/s x bytes of weights read
-per token, against the machine's memory read bandwidth measured in the same run.
+emergence's `stream` (the user path: sampling and detokenization included) and
+llama-cpp-python's single-token evaluations, both greedy from the same prompt (prefill times
+are kept out: they vary more than a few decode steps take); llama-bench's tg64 as it reports
+it. Prefill tokens/s: one forward pass over the prompt (llama-bench: pp128). Effective
+bandwidth = decode tok/s x bytes of weights read per token, against the machine's memory read
+bandwidth measured in the same run (the best of several read kernels, so no engine exceeds it).
 
     python bench/bench_quant.py [--new-tokens 64] [--prompt 128] [--rounds 5] [--engines a,b,...]
 
-Rounds interleave the engines (the machine's bandwidth drifts); rates are medians.
+Rounds interleave the engines (the machine's bandwidth drifts); rates are medians. Writes
+bench/results/quant.json; the README's table is `render_table` of it.
 """
 
 from __future__ import annotations
@@ -49,14 +55,29 @@ OURS = {"fp32": (torch.float32, None, {}), "bf16": (torch.bfloat16, None, {}),
         "nf4": (torch.float32, "nf4", {}), "ternary": (torch.float32, "ternary", {}),
         "ternary-a8": (torch.float32, "ternary", {"act_bits": 8})}
 THEIRS = {"llama.cpp F32": "f32", "llama.cpp F16": "f16", "llama.cpp Q8_0": "q8_0", "llama.cpp Q4_0": "q4_0"}
-PEERS = {"fp32": "llama.cpp F32", "bf16": "llama.cpp F16", "int8": "llama.cpp Q8_0", "q8_0": "llama.cpp Q8_0",
-         "int4-g32": "llama.cpp Q4_0", "q4_0": "llama.cpp Q4_0", "nf4": "llama.cpp Q4_0"}
+NATIVE = {"llama-bench F32": "f32", "llama-bench F16": "f16", "llama-bench BF16": "bf16", "llama-bench Q8_0": "q8_0",
+          "llama-bench Q4_0": "q4_0"}
+# emergence's format -> its llama.cpp peer (the GGUF type of the same precision)
+PEER_TYPE = {"fp32": "F32", "bf16": "F16", "int8": "Q8_0", "q8_0": "Q8_0", "int4-g32": "Q4_0", "q4_0": "Q4_0",
+             "nf4": "Q4_0"}
 
 
 def measure_bandwidth(n_bytes: int = 1 << 30, repeats: int = 5) -> float:
+    """GB/s of reading memory: the best of several read kernels over n_bytes (a sum, a max, the
+    native fp32 GEMV over the same bytes as a matrix), so no engine's effective rate exceeds it."""
     x = torch.ones(n_bytes // 4, dtype=torch.float32)
-    x.sum()
-    return n_bytes / min(_timed(lambda: x.sum()) for _ in range(repeats)) / 1e9
+    kernels = [lambda: x.sum(), lambda: x.amax()]
+    from emergence.kernels import gemv_extension
+
+    extension = gemv_extension()
+    if extension is not None:
+        w, v = x.view(-1, 4096), torch.ones(4096)
+        kernels.append(lambda: extension.gemv(v, w, None))
+    best = float("inf")
+    for kernel in kernels:
+        kernel()
+        best = min(best, *(_timed(kernel) for _ in range(repeats)))
+    return n_bytes / best / 1e9
 
 
 def _timed(fn) -> float:
@@ -75,11 +96,15 @@ def synthetic_tokenizer(vocab_size: int) -> Tokenizer:
 
 
 def weight_bytes_per_token(model: Transformer) -> int:
-    """Bytes of every matrix read for one token: all linear layers (the output head included)."""
+    """Bytes of every matrix read for one token: all linear layers (the output head included);
+    a quantized layer's as its native kernel reads them (ternary: the 2-bit repacking, not the
+    int8 values stored)."""
     total = 0
     for m in model.modules():
         if isinstance(m, QuantizedLinear):
-            total += sum(b.numel() * b.element_size() for b in m.buffers())
+            ops = m.kernel_operands()
+            read = [ops.data, ops.scales, ops.offsets] if ops is not None else list(m.buffers())
+            total += sum(t.numel() * t.element_size() for t in read if t is not None)
         elif isinstance(m, torch.nn.Linear):
             total += m.weight.numel() * m.weight.element_size()
     return total
@@ -130,16 +155,65 @@ def llama_cpp_engine(path: Path, prompt: list[int]):
     return decode, prefill
 
 
+def llama_bench_engine(path: Path, prompt: list[int]):
+    """llama.cpp's own llama-bench on the file: decode(n) is its tg(n - 1), prefill() its pp over the
+    prompt's length, each one repetition, as it times them (its process start and loading excluded)."""
+    import subprocess
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from llama_cpp_source import llama_cpp_binary
+
+    binary = llama_cpp_binary("llama-bench")
+
+    def run(n_prompt: int, n_gen: int) -> float:
+        out = subprocess.run([str(binary), "-m", str(path), "-p", str(n_prompt), "-n", str(n_gen), "-r", "1",
+                              "-t", "2", "-o", "json"], capture_output=True, text=True, check=True).stdout
+        (test,) = json.loads(out)
+        return (n_prompt + n_gen) / test["avg_ts"]  # seconds for the test
+
+    return (lambda n: run(0, n - 1)), (lambda: run(len(prompt), 0))
+
+
+def render_table(result: dict) -> str:
+    """The README's table: each emergence format against llama.cpp's own binary (llama-bench) and
+    against llama-cpp-python's loop, on the same weights."""
+    engines, bandwidth = result["engines"], result["bandwidth_gb_s"]
+    lines = ["| emergence | weights MB/token | decode tok/s (range) | llama-bench peer: tg64 tok/s | ratio "
+             "| llama-cpp-python loop tok/s | ratio | prefill tok/s | llama-bench pp128 | ratio | % of bandwidth |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in engines.items():
+        if name not in OURS:
+            continue
+        peer = PEER_TYPE.get(name)
+        native, loop = engines.get(f"llama-bench {peer}"), engines.get(f"llama.cpp {peer}")
+        cells = [name, f"{r['weight_bytes'] / 1e6:.0f}",
+                 f"{r['decode_tok_s']:.1f} ({r['decode_range'][0]:.0f}-{r['decode_range'][1]:.0f})"]
+        cells += [f"{peer} {native['decode_tok_s']:.1f}", f"{r['decode_tok_s'] / native['decode_tok_s']:.2f}x"] \
+            if native else ["-", "-"]
+        cells += [f"{loop['decode_tok_s']:.1f}", f"{r['decode_tok_s'] / loop['decode_tok_s']:.2f}x"] if loop else ["-", "-"]
+        cells.append(f"{r['prefill_tok_s']:.0f}")
+        cells += [f"{native['prefill_tok_s']:.0f}", f"{r['prefill_tok_s'] / native['prefill_tok_s']:.2f}x"] \
+            if native else ["-", "-"]
+        cells.append(f"{100 * r['decode_tok_s'] * r['weight_bytes'] / 1e9 / bandwidth:.0f}%")
+        lines.append("| " + " | ".join(cells) + " |")
+    if "llama-bench BF16" in engines and "bf16" in engines:
+        bf16 = engines["llama-bench BF16"]
+        lines.append(f"\nllama-bench on the BF16 file (emergence exports BF16): tg64 {bf16['decode_tok_s']:.1f} tok/s "
+                     f"(bf16 {engines['bf16']['decode_tok_s'] / bf16['decode_tok_s']:.2f}x), pp128 "
+                     f"{bf16['prefill_tok_s']:.0f} tok/s.")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--engines", default=",".join(list(OURS) + list(THEIRS)))
+    parser.add_argument("--engines", default=",".join(list(OURS) + list(NATIVE) + list(THEIRS)))
     parser.add_argument("--out", default="bench/results/quant.json")
     args = parser.parse_args()
     chosen = args.engines.split(",")
-    unknown = [e for e in chosen if e not in OURS and e not in THEIRS]
+    unknown = [e for e in chosen if e not in OURS and e not in THEIRS and e not in NATIVE]
     if unknown:
         parser.error(f"unknown engines {unknown}")
 
@@ -160,9 +234,11 @@ def main() -> int:
                 if not fused:
                     print(f"  ({name}: no fused native decode here; eager path)", flush=True)
             else:
-                path = Path(tmp) / f"{THEIRS[name]}.gguf"
-                save_gguf(base, tokenizer, path, THEIRS[name])
-                decode, prefill = llama_cpp_engine(path, prompt)
+                kind = THEIRS.get(name) or NATIVE[name]
+                path = Path(tmp) / f"{kind}.gguf"
+                if not path.exists():
+                    save_gguf(base, tokenizer, path, kind)
+                decode, prefill = (llama_cpp_engine if name in THEIRS else llama_bench_engine)(path, prompt)
                 nbytes = _gguf_matrix_bytes(path)
             engines[name] = (decode, prefill)
             weight_bytes[name] = nbytes
@@ -172,30 +248,30 @@ def main() -> int:
         for r in range(args.rounds):
             for name, (decode, prefill) in engines.items():
                 samples[name]["decode"].append((args.new_tokens - 1) / decode(args.new_tokens))
-                samples[name]["prefill"].append(len(prompt) / _timed(prefill))
+                samples[name]["prefill"].append(len(prompt) / _prefill_seconds(prefill))
             print(f"  round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {s['decode'][-1]:.0f}" for n, s in
                                                                  samples.items()), flush=True)
 
-    result = {"bandwidth_gb_s": bandwidth, "threads": torch.get_num_threads(), "engines": {}}
-    print("\n| engine | weights MB/token | decode tok/s (range) | vs llama.cpp | prefill tok/s | vs llama.cpp "
-          "| effective GB/s | % of bandwidth |")
-    print("|---|---|---|---|---|---|---|---|")
+    result = {"bandwidth_gb_s": bandwidth, "rounds": args.rounds, "new_tokens": args.new_tokens,
+              "prompt_tokens": args.prompt, "engines": {}}
     for name, s in samples.items():
         decode, prefill = statistics.median(s["decode"]), statistics.median(s["prefill"])
         result["engines"][name] = {"decode_tok_s": decode, "prefill_tok_s": prefill, "weight_bytes": weight_bytes[name],
                                    "decode_range": [min(s["decode"]), max(s["decode"])]}
-    for name, r in result["engines"].items():
-        peer = result["engines"].get(PEERS.get(name, ""))
-        vs = f"{r['decode_tok_s'] / peer['decode_tok_s']:.2f}x" if peer else "-"
-        vs_prefill = f"{r['prefill_tok_s'] / peer['prefill_tok_s']:.2f}x" if peer else "-"
-        gbs = r["decode_tok_s"] * r["weight_bytes"] / 1e9
-        lo, hi = r["decode_range"]
-        print(f"| {name} | {r['weight_bytes'] / 1e6:.0f} | {r['decode_tok_s']:.1f} ({lo:.0f}-{hi:.0f}) | {vs} "
-              f"| {r['prefill_tok_s']:.0f} | {vs_prefill} | {gbs:.1f} | {100 * gbs / bandwidth:.0f}% |")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    print("\n" + render_table(result))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from provenance import write_result
+
+    write_result(Path(args.out), result, "bench/bench_quant.py", sys.argv[1:], torch.get_num_threads())
     return 0
+
+
+def _prefill_seconds(prefill) -> float:
+    """A prefill's seconds: as the engine reports them (llama-bench), else timed here."""
+    start = time.perf_counter()
+    reported = prefill()
+    took = time.perf_counter() - start
+    return reported if isinstance(reported, float) else took
 
 
 def _gguf_matrix_bytes(path: Path) -> int:

@@ -44,11 +44,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from llama_cpp_source import ensure_source  # noqa: E402
+from llama_cpp_source import llama_cpp_binary  # noqa: E402
 
 LLAMA_CPP_PYTHON = "0.3.36"
-BUILD = ROOT / "build" / f"llama.cpp-{LLAMA_CPP_PYTHON}"
-NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 PROMPTS = ["Once upon a time", "One day", "Tom and Lily", "The little dog", "A big red ball", "In the park",
            "Mom said", "The sun was", "There was a girl", "The cat and the bird", "Ben had a toy",
            "It was a rainy day", "Sara found a box", "The old man", "A small boat", "The king"]
@@ -57,19 +55,7 @@ PROMPTS = ["Once upon a time", "One day", "Tom and Lily", "The little dog", "A b
 # ------------------------------------------------------------------------------ the peers
 def llama_server() -> Path:
     """llama-server from the llama-cpp-python sdist's vendored llama.cpp (built once, cached)."""
-    binary = BUILD / "build" / "bin" / "llama-server"
-    if binary.exists():
-        return binary
-    print(f"building llama-server from llama-cpp-python {LLAMA_CPP_PYTHON}'s sources (several minutes, once)",
-          flush=True)
-    ensure_source(LLAMA_CPP_PYTHON)
-    subprocess.run(["cmake", "-S", str(BUILD), "-B", str(BUILD / "build"), "-DCMAKE_BUILD_TYPE=Release",
-                    "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
-                    f"-DCMAKE_C_FLAGS={NO_AMX}", f"-DCMAKE_CXX_FLAGS={NO_AMX}"], check=True,
-                   stdout=subprocess.DEVNULL)
-    subprocess.run(["cmake", "--build", str(BUILD / "build"), "--target", "llama-server", "-j", str(os.cpu_count())],
-                   check=True, stdout=subprocess.DEVNULL)
-    return binary
+    return llama_cpp_binary("llama-server", LLAMA_CPP_PYTHON)
 
 
 def free_port() -> int:

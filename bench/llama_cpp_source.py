@@ -9,6 +9,7 @@ sdist pip builds llama-cpp-python from: `pip download --no-binary :all:`), once.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -47,6 +48,28 @@ def ensure_source(version: str | None = None) -> Path:
         if (target / ".git").is_file():  # a submodule's pointer into the sdist's absent .git
             (target / ".git").unlink()
     return target
+
+
+# llama.cpp's CPU backend as the Makefile builds llama-cpp-python: without its AMX matmul, which
+# faults with SIGILL in OpenMP worker threads on the machines we run on.
+NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+
+
+def llama_cpp_binary(target: str, version: str | None = None) -> Path:
+    """llama.cpp's own program `target` (llama-server, llama-bench) built from the vendored
+    source (CMake, Release, CPU backend; several minutes the first time, then cached)."""
+    source = ensure_source(version)
+    binary = source / "build" / "bin" / target
+    if binary.exists():
+        return binary
+    print(f"building {target} from llama.cpp's source in {source} (several minutes, once)", flush=True)
+    subprocess.run(["cmake", "-S", str(source), "-B", str(source / "build"), "-DCMAKE_BUILD_TYPE=Release",
+                    "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
+                    f"-DCMAKE_C_FLAGS={NO_AMX}", f"-DCMAKE_CXX_FLAGS={NO_AMX}"], check=True,
+                   stdout=subprocess.DEVNULL)
+    subprocess.run(["cmake", "--build", str(source / "build"), "--target", target, "-j", str(os.cpu_count())],
+                   check=True, stdout=subprocess.DEVNULL)
+    return binary
 
 
 if __name__ == "__main__":

@@ -306,3 +306,22 @@ def test_script_writes_the_held_out_split_section(lm6, shards_dir):
         assert row.endswith("| 100.0% | none |")
     progress = [line for line in r.stderr.splitlines() if line.startswith("[emergence-6m]")]
     assert len(progress) == 3
+
+
+def test_the_committed_llama_cpp_comparison_and_the_readmes_table_agree():
+    # bench/bench_quant.py's committed run: every engine measured in the same rounds, llama.cpp's
+    # own llama-bench among them, and the README's table rendered from it.
+    import json
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "bench"))
+    from bench_quant import NATIVE, OURS, THEIRS, render_table
+
+    result = json.loads((root / "bench" / "results" / "quant.json").read_text())
+    assert set(result["engines"]) == set(OURS) | set(NATIVE) | set(THEIRS)
+    bandwidth = result["bandwidth_gb_s"]
+    for name in OURS:
+        r = result["engines"][name]
+        assert r["decode_range"][0] <= r["decode_tok_s"] <= r["decode_range"][1]
+        assert r["decode_tok_s"] * r["weight_bytes"] / 1e9 < bandwidth  # the probe reads at least as fast
+    assert render_table(result) in (root / "README.md").read_text()
