@@ -3,21 +3,22 @@
 The smollm2-135m architecture (30 layers, 576 wide, GQA 9/3, vocab 49152) with random
 weights, in fp32 and bf16. Decode tokens/s is measured as (N - 1) / (t(N tokens) - t(1 token))
 for both libraries, so prefill and set-up cancel out; prefill tokens/s is one forward pass over
-a PROMPT-token prompt. The hardware limit: each decoded token reads every weight once, so
-tokens/s x weight bytes is compared with the machine's measured memory read bandwidth.
+a PROMPT-token prompt, both libraries computing the last position's logits only
+(transformers' `logits_to_keep=1`). The hardware limit: each decoded token reads every weight
+once, so tokens/s x weight bytes is compared with the machine's memory read bandwidth (the best
+of several read kernels: bench_quant.measure_bandwidth).
 
     python bench/bench_decode.py [--new-tokens 64] [--prompt 128] [--rounds 7]
 
 Rates are medians over rounds; the machine's bandwidth drifts, so rounds interleave the
-engines and the table gives each engine's range.
+engines and the table gives each engine's range. Writes bench/results/decode.json; the
+README's table is `render_table` of it.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -37,13 +38,9 @@ from emergence import Config, SamplingParams, generate
 from emergence.kernels.fused_decode import unsupported
 from emergence.tokenizer import Tokenizer
 
-
-def measure_bandwidth(n_bytes: int = 1 << 30, repeats: int = 5) -> float:
-    """Memory read bandwidth in GB/s: summing a tensor much larger than the caches."""
-    x = torch.ones(n_bytes // 4, dtype=torch.float32)
-    x.sum()
-    best = min(_timed(lambda: x.sum()) for _ in range(repeats))
-    return n_bytes / best / 1e9
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_quant import measure_bandwidth  # noqa: E402
+from provenance import write_result  # noqa: E402
 
 
 def _timed(fn) -> float:
@@ -94,7 +91,7 @@ def transformers_engine(hf, prompt: list[int]):
 
     def prefill():
         with torch.inference_mode():
-            hf(ids, attention_mask=mask)
+            hf(ids, attention_mask=mask, logits_to_keep=1)
 
     return generate_n, prefill
 
@@ -139,28 +136,33 @@ def main() -> int:
         print(f"smollm2-135m architecture, random weights; torch {torch.__version__}, transformers "
               f"{transformers.__version__}, {torch.get_num_threads()} threads; memory read bandwidth "
               f"{bandwidth:.1f} GB/s", flush=True)
-        results = {"bandwidth_gb_s": bandwidth, "threads": torch.get_num_threads(), "machine": platform.processor(),
-                   "torch": torch.__version__, "transformers": transformers.__version__}
+        results = {"bandwidth_gb_s": bandwidth, "rounds": args.rounds, "new_tokens": args.new_tokens,
+                   "prompt_tokens": args.prompt, "transformers": transformers.__version__}
         for name in args.dtypes.split(","):
             print(f"{name}:", flush=True)
             results[name] = bench_dtype(folder, dtypes[name], prompt, args.new_tokens, args.rounds)
 
-    print("\n| dtype | engine | decode tok/s | vs transformers | prefill tok/s | vs transformers "
-          "| decode GB/s (tok/s x weight bytes) | % of measured bandwidth |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name in args.dtypes.split(","):
+    print("\n" + render_table(results, args.dtypes.split(",")))
+    write_result(Path(args.out), results, "bench/bench_decode.py", sys.argv[1:], torch.get_num_threads())
+    return 0
+
+
+def render_table(results: dict, dtypes: list[str] = ("fp32", "bf16")) -> str:
+    """The README's table."""
+    lines = ["| dtype | engine | decode tok/s (range) | vs transformers | prefill tok/s | vs transformers "
+             "| % of bandwidth (decode) |", "|---|---|---|---|---|---|---|"]
+    for name in dtypes:
         r = results[name]
         theirs = r["transformers"]
         for engine in ("transformers", "emergence-torch-ops", "emergence"):
             e = r[engine]
             gbs = e["decode_tok_s"] * r["weight_bytes"] / 1e9
-            print(f"| {name} | {engine} | {e['decode_tok_s']:.1f} | {e['decode_tok_s'] / theirs['decode_tok_s']:.2f}x "
-                  f"| {e['prefill_tok_s']:.0f} | {e['prefill_tok_s'] / theirs['prefill_tok_s']:.2f}x "
-                  f"| {gbs:.1f} | {100 * gbs / bandwidth:.0f}% |")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    return 0
+            lo, hi = e["decode_range"]
+            lines.append(f"| {name} | {engine} | {e['decode_tok_s']:.1f} ({lo:.1f}-{hi:.1f}) | "
+                         f"{e['decode_tok_s'] / theirs['decode_tok_s']:.2f}x | {e['prefill_tok_s']:.0f} | "
+                         f"{e['prefill_tok_s'] / theirs['prefill_tok_s']:.2f}x | "
+                         f"{100 * gbs / results['bandwidth_gb_s']:.0f}% |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

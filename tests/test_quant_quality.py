@@ -325,3 +325,20 @@ def test_the_committed_llama_cpp_comparison_and_the_readmes_table_agree():
         assert r["decode_range"][0] <= r["decode_tok_s"] <= r["decode_range"][1]
         assert r["decode_tok_s"] * r["weight_bytes"] / 1e9 < bandwidth  # the probe reads at least as fast
     assert render_table(result) in (root / "README.md").read_text()
+
+
+def test_the_committed_transformers_comparison_and_the_readmes_table_agree():
+    import json
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "bench"))
+    from bench_decode import render_table
+
+    result = json.loads((root / "bench" / "results" / "decode.json").read_text())
+    for dtype in ("fp32", "bf16"):
+        r = result[dtype]
+        for engine in ("transformers", "emergence-torch-ops", "emergence"):
+            lo, hi = r[engine]["decode_range"]
+            assert lo <= r[engine]["decode_tok_s"] <= hi
+            assert r[engine]["decode_tok_s"] * r["weight_bytes"] / 1e9 < result["bandwidth_gb_s"]
+    assert render_table(result) in (root / "README.md").read_text()
