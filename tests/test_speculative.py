@@ -244,3 +244,22 @@ def test_the_committed_benchmark_and_the_readmes_table_agree():
     readme = (root / "README.md").read_text()
     assert render_table(result) in readme
     assert f"speeds emergence-6m up {result['best_at_temperature_0']['speedup']:.2f}x" in readme  # the feature row
+
+
+def test_a_draft_with_a_shorter_context_drafts_nothing_past_its_end(lm):
+    # A draft that holds 40 tokens. A prompt of 40 or more: no round can draft (k = 0), each
+    # emits the target's next token. A shorter one: rounds draft until the draft's context ends.
+    draft = noisy_copy(lm, 0.05)
+    draft.model.config = copy.copy(draft.model.config)
+    draft.model.config.block_size = 40
+    long_prompt = lm.tokenizer.encode(" ".join(PROMPTS * 4))
+    assert len(long_prompt) >= 40
+    for prompt, drafting in ((long_prompt, False), (PROMPTS[0], True)):
+        speculator = lm.speculator(draft, k=4)
+        plain = lm.complete(prompt, temperature=0, max_new_tokens=30, ignore_eos=True)
+        drafted = lm.complete(prompt, temperature=0, max_new_tokens=30, ignore_eos=True, draft=speculator)
+        assert drafted.token_ids == plain.token_ids
+        if drafting:
+            assert 0 < speculator.drafted < 4 * speculator.rounds
+        else:
+            assert speculator.drafted == 0 and speculator.rounds == 29  # the first token came from the prefill

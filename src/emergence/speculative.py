@@ -157,8 +157,9 @@ class Speculator:
             self.release(row)
             return chunks
         batch.truncate(row, start + 1 + j)  # the fed last token and the accepted drafts
-        draft_row, _ = self._drafts[id(row)]
-        self.batch.truncate(draft_row, min(draft_row.length, len(history) + j))
+        found = self._drafts.get(id(row))  # (none yet when nothing could be drafted: k = 0)
+        if found is not None:
+            self.batch.truncate(found[0], min(found[0].length, len(history) + j))
         return chunks
 
     def _propose(self, row: Row, history: list[int], k: int, vocab: int) -> tuple[list[int], torch.Tensor]:
