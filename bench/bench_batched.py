@@ -10,9 +10,10 @@ their matrix products, and short-prompt prefill.
   weights), fp32 and bf16: the native prefill against the eager forward. This is what sets
   MAX_NATIVE_PREFILL and MAX_NATIVE_PREFILL_BF16 in kernels/fused_decode.py.
 
-Every figure is the best of several repetitions (the machine is shared and noisy).
+Every figure is the best of several repetitions (11 by default; the machine is shared and noisy),
+each path timed on its own rather than interleaved with the others.
 
-    python bench/bench_batched.py [--reps 7]
+    python bench/bench_batched.py [--reps 11]
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ def bench_prefill(reps: int) -> list[dict]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--reps", type=int, default=11)
     parser.add_argument("--out", default="bench/results/batched.json")
     args = parser.parse_args()
     if gemv_extension() is None:
