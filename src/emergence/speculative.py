@@ -14,7 +14,7 @@ Leviathan et al. (2023) and Chen et al. (2023). A round, for one row of a decode
    last token (which the next round feeds first), the draft's to what it computed of it.
 
 Every round emits 1 .. k+1 tokens at the cost of k draft steps and one target pass over k+1
-tokens, which on a CPU costs little more than a one-token step. Each emitted token goes
+tokens, which reads the target's weights once, as a one-token step does. Each emitted token goes
 through the row's own `emit` (stop ids and strings, budget, streamed text, logprobs), so a
 speculative row's output is what its plain decoding would emit.
 
@@ -30,9 +30,9 @@ import torch
 
 from .decode import Chunk, DecodeBatch, Row
 from .errors import InvalidArgument
-from .kv_cache import PagedKVCache
+from .kv_cache import DEFAULT_BLOCK_SIZE, PagedKVCache
 from .model import Transformer
-from .sampling import SamplingParams, process_logits
+from .sampling import SamplingParams, choose, process_logits
 from .tokenizer import Tokenizer
 
 DEFAULT_DRAFT_TOKENS = 4  # k: tokens the draft proposes per round
@@ -59,11 +59,8 @@ def check_draft(target: Transformer, draft: Transformer, target_tokenizer: Token
 
 
 def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
-    """One token from a probability vector (V,) (the CDF inverted at one uniform number, as
-    sampling.choose draws)."""
-    cdf = probs.double().cumsum(dim=-1)
-    u = torch.rand(1, generator=generator, dtype=torch.float64)
-    return int(torch.searchsorted(cdf, u * cdf[-1:], right=True).clamp(max=probs.shape[-1] - 1))
+    """One token from a probability vector (V,), drawn as sampling.choose draws from logits."""
+    return int(choose(probs.log()[None], False, generator))
 
 
 def accept(p: torch.Tensor, q: torch.Tensor, drafts: list[int], greedy: bool,
@@ -90,20 +87,20 @@ def accept(p: torch.Tensor, q: torch.Tensor, drafts: list[int], greedy: bool,
 class Speculator:
     """A draft model following rows of a target DecodeBatch and decoding them speculatively.
 
-    One per target batch. Each row it decodes gets a draft row in the draft's own paged KV
-    cache (room for `rows` full contexts). `round(batch, row)` runs one round and returns the
+    One per target batch. The row it decodes gets a draft row in the draft's own paged KV
+    cache (room for one full context: one row is drafted for at a time). `round(batch, row)` runs one round and returns the
     chunks emitted; afterwards the row owes its last token to the target's cache (`owed`), and
     `settle` feeds it, giving the row its pending logits again, before the row steps with others.
     """
 
     def __init__(self, draft: Transformer, tokenizer: Tokenizer, *, k: int = DEFAULT_DRAFT_TOKENS,
-                 backend: str = "auto", rows: int = 1) -> None:
+                 backend: str = "auto") -> None:
         if not 1 <= k <= 32:
             raise InvalidArgument(f"the draft's tokens per round must be in [1, 32], got {k}")
         self.model, self.tokenizer, self.k = draft, tokenizer, k
         config, weight = draft.config, draft.tok_embeddings.weight
-        blocks = rows * (-(-config.block_size // 64) + 1)
-        cache = PagedKVCache(config, blocks, block_size=64, dtype=weight.dtype, device=weight.device)
+        blocks = -(-config.block_size // DEFAULT_BLOCK_SIZE) + 1  # one row's full context (one row drafts at a time)
+        cache = PagedKVCache(config, blocks, dtype=weight.dtype, device=weight.device)
         self.batch = DecodeBatch(draft, tokenizer, cache, backend=backend)
         self._drafts: dict[int, tuple[Row, torch.Generator | None]] = {}  # target row id -> its draft row
         self.owed: set[int] = set()  # ids of target rows whose last token is not yet in the target's cache
