@@ -116,10 +116,15 @@ def our_engine(base: Transformer, tokenizer: Tokenizer, dtype, fmt, options, pro
         model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())  # untie: quantize it too
         model.config.tie_embeddings = False
         quantize_model(model, fmt, skip=(), **options)
+    return (*model_engine(model, tokenizer, prompt), weight_bytes_per_token(model), unsupported(model) is None)
+
+
+def model_engine(model: Transformer, tokenizer: Tokenizer, prompt: list[int]):
+    """(decode, prefill) of emergence on `model`: decode(n) the seconds of tokens 2..n through
+    `stream` (the user path), prefill() one forward pass over the prompt."""
     ids = torch.tensor([prompt])
 
     def decode(n: int) -> float:
-        """Seconds for tokens 2..n."""
         chunks = stream(model, tokenizer, prompt, SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True))
         next(chunks)
         start = time.perf_counter()
@@ -131,7 +136,7 @@ def our_engine(base: Transformer, tokenizer: Tokenizer, dtype, fmt, options, pro
         with torch.inference_mode():
             model(ids, last_logits_only=True)
 
-    return decode, prefill, weight_bytes_per_token(model), unsupported(model) is None
+    return decode, prefill
 
 
 def llama_cpp_engine(path: Path, prompt: list[int]):

@@ -107,9 +107,14 @@ def test_quantized_export_holds_ggml_blocks_of_the_permuted_weights(file_type, q
         to_interleaved(q_rows, 4).half().numpy().view(np.uint8).reshape(256, -1)
     assert np.array_equal(f.raw("blk.0.attn_q.weight"), np.asarray(expected).reshape(256, -1))
     back, _, _ = load_gguf(tmp_path / "m.gguf")
-    assert torch.equal(back.layers[0].attn.qkv_proj.weight[:256],
-                       dequantize(f.raw("blk.0.attn_q.weight"), qtype, (256, 256)).reshape(4, 32, 2, 256)
+    qkv = back.layers[0].attn.qkv_proj  # a quantized file's matrices stay in their blocks (GGMLLinear)
+    weight = qkv.weight if file_type == "f16" else qkv.dequantize()
+    assert torch.equal(weight[:256], dequantize(f.raw("blk.0.attn_q.weight"), qtype, (256, 256)).reshape(4, 32, 2, 256)
                        .swapaxes(1, 2).reshape(256, 256))
+    if file_type != "f16":  # the very bytes of the file, rows back in the rotate-half order
+        assert qkv.format == file_type
+        assert torch.equal(qkv.blocks[:256], torch.from_numpy(f.raw("blk.0.attn_q.weight").copy())
+                           .reshape(4, 32, 2, -1).swapaxes(1, 2).reshape(256, -1))
 
 
 def test_gguf_files_load_through_emergence_load_and_the_cli(tmp_path, capsys):
@@ -203,8 +208,10 @@ def test_llama_cpp_runs_our_k_quant_exports(file_type, tmp_path):
     layers (Q8_K activations, as llama.cpp's K-quant dot products quantize them) choose the same
     32 greedy tokens and stay within 0.1 of its logits (measured: q4_k 3e-6, q5_k 0.039, q6_k 0.035:
     float sums in another order move an activation across a rounding boundary now and then, and
-    the KV cache carries it on). Our float forward of the dequantized file (what load_gguf gives)
-    stays within 0.15 (measured 0.07-0.09; max |logit| ~2.8) but may pick other tokens."""
+    the KV cache carries it on). load_gguf keeps the file's blocks in those layers, so the loaded
+    model is that model, logit for logit; the float forward of the dequantized file
+    (load_gguf(dequantize=True)) stays within 0.15 (measured 0.07-0.09; max |logit| ~2.8) but
+    may pick other tokens."""
     qtype = GGMLType[file_type.upper()]
     model = random_model("llama", n_embd=256, intermediate_size=512)
     save_gguf(model, tokenizer_for("llama"), tmp_path / "m.gguf", file_type)
@@ -213,10 +220,10 @@ def test_llama_cpp_runs_our_k_quant_exports(file_type, tmp_path):
     assert f.metadata["general.file_type"] == {"q4_k": 14, "q5_k": 16, "q6_k": 18}[file_type]
     theirs, their_logits = llama_cpp_greedy(llama_cpp_model(tmp_path / "m.gguf", n_threads=1), PROMPT, 32)
 
-    back, _, _ = load_gguf(tmp_path / "m.gguf")
+    floats, _, _ = load_gguf(tmp_path / "m.gguf", dequantize=True)
     embedding = model.tok_embeddings.weight.detach()
-    assert torch.equal(back.tok_embeddings.weight, dequantize(quantize(embedding, qtype), qtype, embedding.shape))
-    logits = our_logits(back, PROMPT + theirs[:-1])
+    assert torch.equal(floats.tok_embeddings.weight, dequantize(quantize(embedding, qtype), qtype, embedding.shape))
+    logits = our_logits(floats, PROMPT + theirs[:-1])
     assert np.abs(logits - their_logits[:len(logits)]).max() <= 0.15
 
     from emergence.quant import quantize_model
@@ -225,9 +232,14 @@ def test_llama_cpp_runs_our_k_quant_exports(file_type, tmp_path):
     assert np.array_equal(model.layers[1].mlp.down_proj.blocks.numpy(), f.raw("blk.1.ffn_down.weight"))
     assert np.array_equal(model.lm_head.blocks.numpy(), f.raw("output.weight"))
     with torch.no_grad():
-        model.tok_embeddings.weight.copy_(back.tok_embeddings.weight)
+        model.tok_embeddings.weight.copy_(floats.tok_embeddings.weight)
     logits = our_logits(model, PROMPT + theirs[:-1])
     assert logits[len(PROMPT) - 1:].argmax(-1).tolist() == theirs  # (KV-cache decoding: test_quant.py)
+    assert np.abs(logits - their_logits[:len(logits)]).max() <= 0.1
+    back, _, _ = load_gguf(tmp_path / "m.gguf")  # the file's blocks kept: the same model
+    assert back.tok_embeddings.format == back.lm_head.format == back.layers[1].mlp.down_proj.format == file_type
+    model.rope_inv_freq = back.rope_inv_freq  # from rope_theta as the file stores it (float32)
+    assert np.array_equal(our_logits(back, PROMPT + theirs[:-1]), our_logits(model, PROMPT + theirs[:-1]))
     assert np.abs(logits - their_logits[:len(logits)]).max() <= 0.1
 
 
@@ -337,7 +349,11 @@ def test_files_from_the_gguf_package_writer_load(tmp_path):
     up = expected["layers.0.mlp.gate_up_proj.weight"][96:]
     expected_up = torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(up.numpy(), gguf.GGMLQuantizationType.Q8_0),
                                                           gguf.GGMLQuantizationType.Q8_0))
-    assert torch.equal(back.layers[0].mlp.gate_up_proj.weight[96:], expected_up)
+    gate_up = back.layers[0].mlp.gate_up_proj  # an F32 gate beside a Q8_0 up: each part kept as stored
+    assert gate_up.format == "float32+q8_0"
+    assert np.array_equal(gate_up.parts[1].blocks.numpy(), gguf.quants.quantize(up.numpy(), gguf.GGMLQuantizationType.Q8_0))
+    assert torch.equal(gate_up.dequantize()[96:], expected_up)
+    assert torch.equal(gate_up.parts[0].weight, expected["layers.0.mlp.gate_up_proj.weight"][:96])
     for name in ("tok_embeddings.weight", "layers.1.attn.qkv_proj.weight", "lm_head.weight", "norm.weight"):
         assert torch.equal(back.state_dict()[name], expected[name]), name
 

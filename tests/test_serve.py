@@ -24,6 +24,7 @@ from conftest import in_threads
 from emergence.api import LanguageModel
 from emergence.chat import encode_prompt, resolve_chat_template
 from emergence.kv_cache import PagedKVCache
+from emergence.model import Placed
 from emergence.serve.app import Server, serve_in_thread
 
 MODEL = "stories260K"
@@ -249,11 +250,12 @@ def test_chat_equals_plain_template_generation(client, lm):
     assert all(c.object == "chat.completion.chunk" and c.id == stream[0].id for c in stream)
 
 
-class _Scripted(torch.nn.Module):
+class _Scripted(Placed, torch.nn.Module):
     """The real model, with each next token forced by the last one (`follow`: token -> next token):
     a base model that "speaks" a script, to see what the server does with text it produces. It
     offers what the eager decode backend calls: hidden_states (which notes each row's last
-    token: the last of the row's new tokens, from the cache view) and head."""
+    token: the last of the row's new tokens, from the cache view), head, and (model.Placed) the
+    dtype and device of its embedding."""
 
     def __init__(self, model, follow: dict[int, int]) -> None:
         super().__init__()

@@ -120,11 +120,14 @@ def require_decoder_only(config, what: str) -> None:
 
 def load(path_or_name: str | Path | Source | None = None, *, tokenizer: str | Path | None = None,
          device: str = "auto", dtype: str | torch.dtype | None = None, backend: str = "auto",
-         adapter: str | Path | None = None) -> LanguageModel:
+         adapter: str | Path | None = None, dequantize: bool = False) -> LanguageModel:
     """Load a model and its tokenizer (see the module docstring for what `path_or_name` may be).
 
     adapter: a PEFT LoRA/DoRA folder to apply (not merged: the logits are peft's; decoding
     then runs eagerly, and `emergence merge` makes a plain checkpoint that decodes natively).
+
+    dequantize: a quantized GGUF file's matrices as float `dtype` weights (float32 by default)
+    instead of the file's blocks (weights/gguf_model.load_gguf keeps them packed).
 
     backend: how decoding runs (decode.make_backend): "auto" takes the native CPU step
     (emergence.kernels) where it can run this model, else the eager forward; "eager" always
@@ -146,7 +149,7 @@ def load(path_or_name: str | Path | Source | None = None, *, tokenizer: str | Pa
         model, config = load_hf(path, dtype=torch_dtype)
         tok = Tokenizer.load(tokenizer if tokenizer is not None else path)
     elif is_gguf_file(path):
-        model, config, tok = load_gguf(path, dtype=torch_dtype)
+        model, config, tok = load_gguf(path, dtype=torch_dtype, dequantize=dequantize)
         if tokenizer is not None:
             tok = Tokenizer.load(tokenizer)
     else:

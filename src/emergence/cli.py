@@ -202,6 +202,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     from .config import SWITCH_FAMILIES, Config
     from .kernels.fused_decode import unsupported
     from .quant import quantized_modules
+    from .quant.linear import GGMLEmbedding
 
     lm = load(args.model_path, tokenizer=args.tokenizer, device="cpu", dtype=args.dtype)
     c = lm.config
@@ -216,14 +217,25 @@ def cmd_info(args: argparse.Namespace) -> None:
         _print_info(info, args.json)
         return
     weights = {id(p): p for p in lm.model.parameters()}.values()
-    quantized = quantized_modules(lm.model)  # their weights are packed buffers, not parameters
+    # packed layers (their weights are buffers, not parameters), each counted once: a tied head
+    # reads its quantized embedding's blocks
+    quantized = list(quantized_modules(lm.model).values()) + [m for m in lm.model.modules()
+                                                             if isinstance(m, GGMLEmbedding)]
+    packed = {}
+    for m in quantized:
+        size = m.num_embeddings * m.embedding_dim if isinstance(m, GGMLEmbedding) else m.in_features * m.out_features
+        first = next(m.buffers())
+        packed.setdefault(first.data_ptr(), (size, sum(b.numel() * b.element_size() for b in m.buffers())))
+    dequantized = getattr(lm.model, "gguf_dequantized", {})
     info = {
         "name": c.name, "architecture": c.family,
-        "parameters": sum(p.numel() for p in weights) + sum(m.in_features * m.out_features for m in quantized.values()),
-        "dtype": str(next(iter(weights)).dtype).removeprefix("torch."),
-        "quantization": ", ".join(sorted({m.format for m in quantized.values()})) or None,
-        "bytes": sum(p.numel() * p.element_size() for p in weights)
-        + sum(b.numel() * b.element_size() for m in quantized.values() for b in m.buffers()),
+        "parameters": sum(p.numel() for p in weights) + sum(size for size, _ in packed.values()),
+        "dtype": str(lm.model.dtype).removeprefix("torch."),
+        "quantization": ", ".join(sorted({m.format for m in quantized})) or None,
+        "dequantized": (f"{len(dequantized)} GGUF tensors ({', '.join(sorted(set(dequantized.values())))}) to "
+                        f"{str(lm.model.dtype).removeprefix('torch.')}: {', '.join(dequantized)}")
+        if dequantized else None,
+        "bytes": sum(p.numel() * p.element_size() for p in weights) + sum(n for _, n in packed.values()),
         "context_length": c.block_size,
         "layers": c.n_layer, "heads": c.n_head, "kv_heads": c.n_kv_head, "embedding": c.n_embd,
         "mlp": f"{c.mlp} ({c.intermediate_size})", "norm": c.norm, "position": c.position,
@@ -347,7 +359,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
     if args.type is not None:
         raise InvalidArgument("--type applies to a GGUF output (DST ending in .gguf)")
     check_output(dst, folder=True, force=args.force)
-    lm = load(args.src, tokenizer=args.tokenizer, device="cpu", dtype=dtype)
+    lm = load(args.src, tokenizer=args.tokenizer, device="cpu", dtype=dtype, dequantize=True)  # HF holds floats
     save_hf(lm.model, dst, max_shard_bytes=args.max_shard_mb * 2**20 if args.max_shard_mb else None)
     lm.tokenizer.save(dst)
     print(f"wrote {dst} ({lm.config.family}, {str(next(lm.model.parameters()).dtype).removeprefix('torch.')})")

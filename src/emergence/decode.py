@@ -297,12 +297,11 @@ class DecodeBatch:
                  block_size: int | None = None) -> DecodeBatch:
         """A batch with a cache sized for `rows` to run to their budgets (no preemption)."""
         block_size = block_size or DEFAULT_BLOCK_SIZE
-        weight = model.tok_embeddings.weight
         blocks = sum(-(-(len(r.history) + r.max_new) // block_size) for r in rows)
-        check_memory(PagedKVCache.block_bytes(model.config, block_size, weight.dtype) * blocks, weight.device,
+        check_memory(PagedKVCache.block_bytes(model.config, block_size, model.dtype) * blocks, model.device,
                      f"a KV cache for {sum(len(r.history) + r.max_new for r in rows)} tokens",
                      "lower max_new_tokens or the batch size")
-        cache = PagedKVCache(model.config, blocks, block_size=block_size, dtype=weight.dtype, device=weight.device)
+        cache = PagedKVCache(model.config, blocks, block_size=block_size, dtype=model.dtype, device=model.device)
         return cls(model, tokenizer, cache, backend=backend)
 
     def new_row(self, prompt: list[int], params: SamplingParams, tag: Any = None) -> Row:

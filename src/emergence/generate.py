@@ -73,7 +73,7 @@ def decode_steps(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[lis
     With a `draft` (speculative.py), the prompts whose parameters allow it are decoded
     speculatively, one after the other; the others as one batch."""
     config = model.config
-    device = model.tok_embeddings.weight.device
+    device = model.device
     eos = end_ids(config, tokenizer)
     rows = [new_row(i, prompt, p, config, tokenizer, eos, device) for i, (prompt, p) in enumerate(zip(prompts, params))]
     for row in rows:
@@ -156,7 +156,7 @@ def beam_generate(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[li
     """Beam search for every prompt in one decode batch: each prompt's best
     `num_return_sequences` completions, best first."""
     config = model.config
-    device = model.tok_embeddings.weight.device
+    device = model.device
     eos = end_ids(config, tokenizer)
     groups, first_rows = [], []
     for i, (prompt, p) in enumerate(zip(prompts, params)):

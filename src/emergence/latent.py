@@ -48,7 +48,7 @@ def layer_states(model: Transformer, ids: list[int]) -> torch.Tensor:
     hooks += [block.register_forward_hook(keep) for block in model.layers]
     try:
         with torch.no_grad():
-            model.hidden_states(torch.tensor([ids], device=model.tok_embeddings.weight.device))
+            model.hidden_states(torch.tensor([ids], device=model.device))
     finally:
         for h in hooks:
             h.remove()
@@ -98,7 +98,8 @@ def neighbors(model: Transformer, tokenizer: Tokenizer, word: str, k: int = 10) 
     ids = tokenizer.encode(as_in_a_sentence(tokenizer, word))
     if not ids:
         raise InvalidArgument(f"{word!r} has no tokens")
-    table = model.tok_embeddings.weight.detach().float().cpu()  # (V, D)
+    emb = model.tok_embeddings  # an nn.Embedding, or a quantized GGUF's GGMLEmbedding
+    table = (emb.weight if isinstance(emb, torch.nn.Embedding) else emb.dequantize()).detach().float().cpu()  # (V, D)
     query = table[ids].mean(dim=0)
     cos = torch.nn.functional.cosine_similarity(table, query[None], dim=-1)  # (V,)
     cos[ids] = -math.inf
@@ -156,9 +157,8 @@ def logit_lens(model: Transformer, tokenizer: Tokenizer, prompt: str | list[int]
         raise InvalidArgument(f"k must be at least 1, got {k}")
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     last = layer_states(model, ids)[:, -1]  # (L + 1, D)
-    weight = model.tok_embeddings.weight
     with torch.no_grad():
-        h = last.to(device=weight.device, dtype=weight.dtype)
+        h = last.to(device=model.device, dtype=model.dtype)
         probs = model.head(model.norm(h)).float().softmax(dim=-1).cpu()  # (L + 1, V)
     top = probs.topk(min(k, probs.shape[-1]), dim=-1)
     return [LensRow(i, [(tokenizer.id_to_piece(int(t)), float(p)) for p, t in zip(ps, ts)])

@@ -342,7 +342,25 @@ class Block(nn.Module):
 
 
 # ----------------------------------------------------------------------------- the model
-class Transformer(nn.Module):
+class Placed:
+    """A model's `dtype` and `device`, as transformers' models have them: the float dtype its
+    activations run in and where its weights are, read from the token embedding (an nn.Embedding,
+    or a quantized GGMLEmbedding table, which has both too)."""
+
+    tok_embeddings: nn.Module
+
+    @property
+    def dtype(self) -> torch.dtype:
+        emb = self.tok_embeddings
+        return emb.weight.dtype if isinstance(emb, nn.Embedding) else emb.dtype
+
+    @property
+    def device(self) -> torch.device:
+        emb = self.tok_embeddings
+        return emb.weight.device if isinstance(emb, nn.Embedding) else emb.device
+
+
+class Transformer(Placed, nn.Module):
     def __init__(self, config: Config) -> None:
         super().__init__()
         self.config = config
@@ -465,9 +483,9 @@ class Transformer(nn.Module):
 def finish_loading(model: Transformer, state: dict[str, torch.Tensor]) -> Transformer:
     """Give a model built on the meta device its weights (canonical names) and real buffers."""
     model.load_state_dict(state, strict=False, assign=True)
-    if model.config.tie_embeddings:
-        model.lm_head.weight = model.tok_embeddings.weight
-    device = model.tok_embeddings.weight.device
+    if model.config.tie_embeddings and isinstance(model.tok_embeddings, nn.Embedding):
+        model.lm_head.weight = model.tok_embeddings.weight  # (a quantized table's head is tied by its loader)
+    device = model.device
     if model.config.position == "rope":  # non-persistent buffers: recompute them on the weights' device
         model.rope_inv_freq = rope_inv_freq(model.config).to(device)
     if model.config.rope_local_theta is not None:

@@ -98,9 +98,9 @@ class Speculator:
         if not 1 <= k <= 32:
             raise InvalidArgument(f"the draft's tokens per round must be in [1, 32], got {k}")
         self.model, self.tokenizer, self.k = draft, tokenizer, k
-        config, weight = draft.config, draft.tok_embeddings.weight
+        config = draft.config
         blocks = -(-config.block_size // DEFAULT_BLOCK_SIZE) + 1  # one row's full context (one row drafts at a time)
-        cache = PagedKVCache(config, blocks, dtype=weight.dtype, device=weight.device)
+        cache = PagedKVCache(config, blocks, dtype=draft.dtype, device=draft.device)
         self.batch = DecodeBatch(draft, tokenizer, cache, backend=backend)
         self._drafts: dict[int, tuple[Row, torch.Generator | None]] = {}  # target row id -> its draft row
         self.owed: set[int] = set()  # ids of target rows whose last token is not yet in the target's cache

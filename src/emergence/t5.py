@@ -35,7 +35,7 @@ from torch import nn
 from .config import Config
 from .errors import ConfigError, InvalidArgument
 from .kernels import SmallBatchLinear
-from .model import Block, RMSNorm, _SkipInit
+from .model import Block, Placed, RMSNorm, _SkipInit
 
 
 @dataclass
@@ -219,7 +219,7 @@ class CrossStates:
 
 
 # ----------------------------------------------------------------------------- the model
-class T5(nn.Module):
+class T5(Placed, nn.Module):
     is_encoder_decoder = True
 
     def __init__(self, config: T5Config) -> None:

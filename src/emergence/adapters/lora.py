@@ -35,7 +35,7 @@ from torch import nn
 
 from ..config import Config
 from ..errors import InvalidArgument
-from ..quant.linear import QuantizedLinear
+from ..quant.linear import QuantizedLinear, StackedLinear
 
 # --------------------------------------------------------------------------- the name table
 # Per family: (Hugging Face module under a layer, our module under a layer, part of its output).
@@ -155,7 +155,10 @@ class _DequantizedMatmul(torch.autograd.Function):
 
 
 def base_weight(base: nn.Module) -> torch.Tensor:
-    """The frozen base's (out, in) float weight (dequantized for a quantized layer)."""
+    """The frozen base's (out, in) float weight (dequantized for a quantized layer or a GGUF
+    file's mixed-format stack)."""
+    if isinstance(base, StackedLinear):
+        return base.dequantize()
     return base.unpacked_weight() if isinstance(base, QuantizedLinear) else base.weight
 
 

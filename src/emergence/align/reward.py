@@ -53,9 +53,8 @@ class RewardModel(nn.Module):
         self.decoder = decoder
         decoder.lm_head = None
         self.pad_token_id = int(pad)
-        weight = decoder.tok_embeddings.weight
-        self.score = nn.Linear(decoder.config.n_embd, 1, bias=False, device=weight.device, dtype=weight.dtype)
-        if weight.device.type != "meta":
+        self.score = nn.Linear(decoder.config.n_embd, 1, bias=False, device=decoder.device, dtype=decoder.dtype)
+        if decoder.device.type != "meta":
             nn.init.normal_(self.score.weight, std=1 / math.sqrt(decoder.config.n_embd + 1))
 
     @property

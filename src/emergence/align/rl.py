@@ -170,7 +170,7 @@ def sample_groups(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[li
     from ..sampling import choose, process_logits
 
     config = model.config
-    device = model.tok_embeddings.weight.device
+    device = model.device
     eos = end_ids(config, tokenizer)
     stops = set(params.stop_token_ids) | set(stop_token_ids) | (set() if params.ignore_eos else eos)
     plain = dataclasses.replace(params, seed=None, logprobs=None, stop=())
@@ -445,7 +445,7 @@ class RLRun:
         lm = load(source, device=cfg.device, dtype="fp32")
         require_decoder_only(lm.config, f"emergence {cfg.method}")
         self.model, self.tokenizer, self.config = lm.model, lm.tokenizer, lm.config
-        self.device = self.model.tok_embeddings.weight.device
+        self.device = self.model.device
         self.template = self._template(source.path)
         self.prompts, self.prompt_report = load_prompts(cfg.prompts, self.tokenizer, self.template,
                                                         self.config.block_size)

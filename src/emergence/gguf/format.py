@@ -161,6 +161,34 @@ class GGUFFile:
         rows = info.torch_shape[:-1]
         return out.reshape(*rows, info.nbytes // max(1, math.prod(rows)))
 
+    def blocks(self, name: str) -> torch.Tensor:
+        """A tensor's stored bytes as a uint8 tensor (*torch_shape[:-1], bytes per row) viewing the
+        map (no copy: the pages are read from the file when first touched)."""
+        info = self.tensors[name]
+        rows = info.torch_shape[:-1]
+        view = torch.frombuffer(self._map, dtype=torch.uint8, count=info.nbytes, offset=info.offset)
+        return view.view(*rows, info.nbytes // max(1, math.prod(rows)))
+
+    def read_rows(self, name: str, out: torch.Tensor, first: int = 0) -> None:
+        """Fill `out` (contiguous uint8, (n, bytes per row)) with rows first..first+n of a tensor's
+        stored bytes (its leading dimensions flattened), read from the file rather than through
+        the map, so the source pages are never part of this process's memory."""
+        info = self.tensors[name]
+        row_bytes = info.nbytes // max(1, math.prod(info.torch_shape[:-1]))
+        n = out.numel() // row_bytes
+        if not out.is_contiguous() or out.dtype != torch.uint8 or out.shape[-1] != row_bytes \
+                or (first + n) * row_bytes > info.nbytes:
+            raise InvalidArgument(f"{name}: rows {first}..{first + n} do not fit its stored {row_bytes}-byte rows")
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(info.offset + first * row_bytes)
+            view, done = memoryview(out.numpy()).cast("B"), 0
+            while done < n * row_bytes:
+                got = f.readinto(view[done:])
+                if not got:
+                    raise CheckpointError(f"{self.path}: the file ended inside tensor {name} (it changed while "
+                                          "being read?)")
+                done += got
+
     def tensor(self, name: str, *, native: bool = False) -> torch.Tensor:
         """A tensor in row-major shape, dequantized to float32.
 

@@ -160,6 +160,7 @@ class DecodePlan {
     bf16_ = dtype_ == at::kBFloat16;
     if (embed_scale_ > 0) embed_scale_ = r(embed_scale_);  // eager multiplies by it in the model's dtype
     lm_head_ = make_linear(lm_head, lm_head_bias, V_, D_);
+    embed_ = Linear{at::Tensor(), at::Tensor(), V_, D_};  // used when set_quantized packs the embedding
     TORCH_CHECK(static_cast<int64_t>(layers.size()) == n_layer_, "one weight list per layer");
     const int64_t qkv_rows = (H_ + 2 * KV_) * hd_;
     for (int64_t i = 0; i < n_layer_; ++i) {
@@ -205,13 +206,14 @@ class DecodePlan {
     }
   }
 
-  // Replace linear `slot` of `layer` (-1: the output head) with a packed quantized weight
-  // (layouts in quant_rows.h). Slots: 0 qkv, 1 o, 2 up/gate_up, 3 down; a mixture of experts'
-  // 4 shared expert gate_up, 5 its down, 6 expert `expert`'s gate_up, 7 its down.
+  // Replace linear `slot` of `layer` (-1: the output head; -2: the token embedding, whose rows
+  // are looked up, then tok_embeddings is an empty tensor of the model's dtype) with a packed
+  // quantized weight (layouts in quant_rows.h). Slots: 0 qkv, 1 o, 2 up/gate_up, 3 down; a
+  // mixture of experts' 4 shared expert gate_up, 5 its down, 6 expert `expert`'s gate_up, 7 its down.
   void set_quantized(int64_t layer, int64_t slot, int64_t expert, int64_t kind, at::Tensor data, at::Tensor scales,
                      at::Tensor offsets, int64_t group, double tensor_scale, int64_t act_bits) {
-    TORCH_CHECK(layer >= -1 && layer < n_layer_ && slot >= 0 && slot < 8, "no such linear layer");
-    Linear* target = &lm_head_;
+    TORCH_CHECK(layer >= -2 && layer < n_layer_ && slot >= 0 && slot < 8, "no such linear layer");
+    Linear* target = layer == -2 ? &embed_ : &lm_head_;
     if (layer >= 0) {
       Layer& l = layers_[layer];
       if (slot >= 6) TORCH_CHECK(expert >= 0 && expert < static_cast<int64_t>(l.expert_up.size()), "no such expert");
@@ -248,7 +250,7 @@ class DecodePlan {
     rows_.resize(R);
     for (int64_t r = 0; r < R; ++r) {
       TORCH_CHECK(rows[r] >= 0 && rows[r] < static_cast<int64_t>(tables.size()), "a row's sequence out of range");
-      TORCH_CHECK(tokens[r] >= 0 && tokens[r] < tok_.size(0), "token id out of range");
+      TORCH_CHECK(tokens[r] >= 0 && tokens[r] < (embed_.packed ? embed_.N : tok_.size(0)), "token id out of range");
       const auto& table = tables[rows[r]];
       TORCH_CHECK(positions[r] >= 0 && positions[r] / block_size_ < static_cast<int64_t>(table.size()),
                   "a position past its sequence's blocks");
@@ -279,7 +281,12 @@ class DecodePlan {
       const Row& row = rows_[b];
       float* x = x_.data() + b * D_;
       const Vec tok(tok_), learned(pos_);
-      for (int64_t i = 0; i < D_; ++i) x[i] = tok[tokens[b] * D_ + i];
+      if (embed_.packed) {  // a quantized table: the row dequantized, in the model's dtype as eager casts it
+        emergence::dequantize_row(embed_.q, tokens[b], x);
+        for (int64_t i = 0; i < D_; ++i) x[i] = r(x[i]);
+      } else {
+        for (int64_t i = 0; i < D_; ++i) x[i] = tok[tokens[b] * D_ + i];
+      }
       if (embed_scale_ > 0) {
         for (int64_t i = 0; i < D_; ++i) x[i] = r(x[i] * embed_scale_);
       }
@@ -748,7 +755,7 @@ class DecodePlan {
   float eps_, scale_, score_cap_, logit_cap_, embed_scale_;
   at::ScalarType dtype_;
   at::Tensor tok_, pos_, inv_freq_, local_inv_freq_, norm_w_, norm_b_;
-  Linear lm_head_;
+  Linear lm_head_, embed_;
   std::vector<Layer> layers_;
   // Scratch, fp32, row after row (B rows): residual stream, normed input, a D-sized result,
   // a parallel block's attention result, q|k|v, attention output, the MLP's hidden and

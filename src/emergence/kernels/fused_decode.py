@@ -48,10 +48,10 @@ ROPES = {None: 0, "global": 1, "local": 2}
 
 def unsupported(model: nn.Module, cache: PagedKVCache | None = None) -> str | None:
     """Why the native step cannot run `model` (on `cache`), or None when it can: CPU weights,
-    all fp32 or all bf16, only the modules model.py builds, quantized linear layers in a
-    format with a kernel, and a CPU cache in the model's dtype."""
+    all fp32 or all bf16, only the modules model.py builds, quantized linear layers (and a
+    quantized GGUF token table) in a format with a kernel, and a CPU cache in the model's dtype."""
     from ..model import MLP, Attention, Block, MoE, RMSNorm, Transformer
-    from ..quant.linear import QuantizedLinear
+    from ..quant.linear import GGMLEmbedding, QuantizedLinear
     from . import gemv_extension
 
     if gemv_extension() is None:
@@ -67,14 +67,14 @@ def unsupported(model: nn.Module, cache: PagedKVCache | None = None) -> str | No
     known = {Transformer, Block, Attention, MLP, MoE, nn.ModuleList, nn.Linear, nn.Embedding, nn.LayerNorm, RMSNorm,
              nn.Identity}
     for name, m in model.named_modules():
-        if isinstance(m, QuantizedLinear):
+        if isinstance(m, (QuantizedLinear, GGMLEmbedding)):
             if m.kernel_operands() is None:
                 return f"{name} is quantized as {m.format}, which has no native kernel for its shape"
         elif type(m) not in known:
             return f"{name} is a {type(m).__name__}, a module the native step does not know"
     if not all(p.is_contiguous() for p in model.parameters()):
         return "a weight is not contiguous"
-    if cache is not None and (cache.device.type != "cpu" or cache.dtype != next(iter(dtypes))):
+    if cache is not None and (cache.device.type != "cpu" or cache.dtype != model.dtype):
         return "the KV cache is not a CPU cache in the model's dtype"
     return None
 
@@ -94,9 +94,8 @@ class NativeBackend:
         self.cache, self.vocab_size, self.context = cache, model.config.vocab_size, model.config.block_size
         self.eager = EagerBackend(model, cache)  # for prompts longer than max_prefill
         self.plan, packed = build_plan(model, gemv_extension())
-        dtype = model.tok_embeddings.weight.dtype
         self.max_prefill = (MAX_NATIVE_PREFILL_PACKED if packed else
-                            MAX_NATIVE_PREFILL_BF16 if dtype == torch.bfloat16 else MAX_NATIVE_PREFILL)
+                            MAX_NATIVE_PREFILL_BF16 if model.dtype == torch.bfloat16 else MAX_NATIVE_PREFILL)
         self.native_calls = 0  # forward passes run natively (the rest went to the eager forward)
 
     def forward(self, chunks: list[list[int]], starts: list[int], tables: list[list[int]],
@@ -140,7 +139,7 @@ def build_plan(model: nn.Module, extension) -> tuple[object, bool]:
     from ..model import MoE
 
     c = model.config
-    none = torch.empty(0, dtype=model.tok_embeddings.weight.dtype)
+    none = torch.empty(0, dtype=model.dtype)
 
     def module_at(block: nn.Module, name: str) -> nn.Module | None:
         if name == "mlp.up":
@@ -174,14 +173,17 @@ def build_plan(model: nn.Module, extension) -> tuple[object, bool]:
     inv_freq = model.rope_inv_freq.float().contiguous() if c.position == "rope" else torch.empty(0)
     local = getattr(model, "rope_local_inv_freq", None)
     local = local.float().contiguous() if local is not None else torch.empty(0)
+    table = model.tok_embeddings  # a quantized table: looked up through set_quantized's layer -2
+    table = table.weight.detach() if isinstance(table, nn.Embedding) else none
     plan = extension.DecodePlan(
-        dims, [int(k) for k in kinds], scalars, windows, ropes, model.tok_embeddings.weight.detach(), pos, inv_freq,
+        dims, [int(k) for k in kinds], scalars, windows, ropes, table, pos, inv_freq,
         local, model.norm.weight.detach(), detached(getattr(model.norm, "bias", None)),
         detached(getattr(model.lm_head, "weight", None)), detached(getattr(model.lm_head, "bias", None)), layers)
     # (layer, slot, expert, module) of every linear layer that may be packed; slots as decode.cpp's
     # set_quantized numbers them
     linears = [(i, slot, -1, module_at(block, name)) for i, block in enumerate(model.layers)
                for slot, name in enumerate(LINEAR_SLOTS + MOE_LINEAR_SLOTS)] + [(-1, 0, -1, model.lm_head)]
+    linears.append((-2, 0, -1, model.tok_embeddings))  # a quantized table (an nn.Embedding has no kernel_operands)
     for i, block in enumerate(model.layers):
         if isinstance(block.mlp, MoE):
             for slot, stack in ((6, block.mlp.gate_up_proj), (7, block.mlp.down_proj)):

@@ -324,64 +324,67 @@ inline void quant_gemv(const QuantMatrix& m, const float* x, float* y, int64_t g
   });
 }
 
-// The whole weight as fp32 (N, K) row-major, rows split across threads: the eager forward pass
-// (prefill, batches) multiplies by it. Same values as each format's dequantize() in Python.
-inline void dequantize_rows(const QuantMatrix& m, float* out, int64_t grain) {
+// Row r of a quantized weight as fp32 (K values into w): a packed embedding's lookup, and the
+// rows of dequantize_rows. Same values as each format's dequantize() in Python.
+inline void dequantize_row(const QuantMatrix& m, int64_t r, float* w) {
   const int64_t K = m.K;
-  at::parallel_for(0, m.N, grain, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const uint8_t* row = m.data + r * m.row_bytes;
-      float* w = out + r * K;
-      switch (m.kind) {
-        case WeightKind::Q8_0:
-          for (int64_t b = 0; b < K / 32; ++b) {
-            const uint8_t* blk = row + 34 * b;
-            const float d = f16_to_f32(blk);
-            for (int j = 0; j < 32; ++j) w[32 * b + j] = d * static_cast<int8_t>(blk[2 + j]);
-          }
-          break;
-        case WeightKind::Q4_0:
-          for (int64_t b = 0; b < K / 32; ++b) {
-            const uint8_t* blk = row + 18 * b;
-            const float d = f16_to_f32(blk);
-            for (int j = 0; j < 16; ++j) {
-              w[32 * b + j] = d * ((blk[2 + j] & 0xF) - 8);
-              w[32 * b + 16 + j] = d * ((blk[2 + j] >> 4) - 8);
-            }
-          }
-          break;
-        case WeightKind::INT8:
-          for (int64_t k = 0; k < K; ++k) w[k] = m.scales[r] * static_cast<int8_t>(row[k]);
-          break;
-        case WeightKind::INT4: {
-          const float* scales = m.scales + r * (K / m.group);
-          const float* offsets = m.offsets + r * (K / m.group);
-          for (int64_t k = 0; k < K; k += 2) {
-            const int64_t g = k / m.group;
-            w[k] = (row[k / 2] & 0xF) * scales[g] + offsets[g];
-            w[k + 1] = (row[k / 2] >> 4) * scales[g] + offsets[g];
-          }
-          break;
-        }
-        case WeightKind::NF4: {
-          const float* absmax = m.scales + r * (K / 64);
-          for (int64_t k = 0; k < K; k += 2) {
-            w[k] = m.offsets[row[k / 2] >> 4] * absmax[k / 64];
-            w[k + 1] = m.offsets[row[k / 2] & 0xF] * absmax[k / 64];
-          }
-          break;
-        }
-        case WeightKind::TERNARY:
-          for (int64_t c = 0; c < K; c += 64) {
-            for (int j = 0; j < 16; ++j) {
-              const uint8_t byte = row[c / 4 + j];
-              for (int part = 0; part < 4; ++part) w[c + 16 * part + j] = m.tensor_scale * (((byte >> (2 * part)) & 3) - 1);
-            }
-          }
-          break;
-        default: TORCH_CHECK(false, "not a quantized weight kind");
+  const uint8_t* row = m.data + r * m.row_bytes;
+  switch (m.kind) {
+    case WeightKind::Q8_0:
+      for (int64_t b = 0; b < K / 32; ++b) {
+        const uint8_t* blk = row + 34 * b;
+        const float d = f16_to_f32(blk);
+        for (int j = 0; j < 32; ++j) w[32 * b + j] = d * static_cast<int8_t>(blk[2 + j]);
       }
+      break;
+    case WeightKind::Q4_0:
+      for (int64_t b = 0; b < K / 32; ++b) {
+        const uint8_t* blk = row + 18 * b;
+        const float d = f16_to_f32(blk);
+        for (int j = 0; j < 16; ++j) {
+          w[32 * b + j] = d * ((blk[2 + j] & 0xF) - 8);
+          w[32 * b + 16 + j] = d * ((blk[2 + j] >> 4) - 8);
+        }
+      }
+      break;
+    case WeightKind::INT8:
+      for (int64_t k = 0; k < K; ++k) w[k] = m.scales[r] * static_cast<int8_t>(row[k]);
+      break;
+    case WeightKind::INT4: {
+      const float* scales = m.scales + r * (K / m.group);
+      const float* offsets = m.offsets + r * (K / m.group);
+      for (int64_t k = 0; k < K; k += 2) {
+        const int64_t g = k / m.group;
+        w[k] = (row[k / 2] & 0xF) * scales[g] + offsets[g];
+        w[k + 1] = (row[k / 2] >> 4) * scales[g] + offsets[g];
+      }
+      break;
     }
+    case WeightKind::NF4: {
+      const float* absmax = m.scales + r * (K / 64);
+      for (int64_t k = 0; k < K; k += 2) {
+        w[k] = m.offsets[row[k / 2] >> 4] * absmax[k / 64];
+        w[k + 1] = m.offsets[row[k / 2] & 0xF] * absmax[k / 64];
+      }
+      break;
+    }
+    case WeightKind::TERNARY:
+      for (int64_t c = 0; c < K; c += 64) {
+        for (int j = 0; j < 16; ++j) {
+          const uint8_t byte = row[c / 4 + j];
+          for (int part = 0; part < 4; ++part) w[c + 16 * part + j] = m.tensor_scale * (((byte >> (2 * part)) & 3) - 1);
+        }
+      }
+      break;
+    default: TORCH_CHECK(false, "not a quantized weight kind");
+  }
+}
+
+// The whole weight as fp32 (N, K) row-major, rows split across threads: the eager forward pass
+// (prefill, batches) multiplies by it.
+inline void dequantize_rows(const QuantMatrix& m, float* out, int64_t grain) {
+  at::parallel_for(0, m.N, grain, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) dequantize_row(m, r, out + r * m.K);
   });
 }
 

@@ -56,7 +56,7 @@ class LocalBackend:
         import torch
 
         model, tokenizer = self.lm.model, self.lm.tokenizer
-        device = model.tok_embeddings.weight.device
+        device = model.device
         out = []
         with torch.no_grad():
             for text in texts:

@@ -31,13 +31,18 @@ from ..errors import CheckpointError, EmergenceError, InvalidArgument
 from ..model import Transformer, empty_model, finish_loading
 from ..weights.hf import INDEX_FILE, QUANTIZATION_KEY, SINGLE_FILE
 from ..weights.safetensors_io import DTYPES, SafetensorsFile, save_safetensors
-from .linear import EXPERT_STACKS, FORMATS, make_module, quantized_modules, unstack_experts
+from .linear import (EXPERT_STACKS, FORMATS, GGMLEmbedding, StackedLinear, make_module, quantized_modules,
+                     unstack_experts)
 
 VERSION = 1
 
 
 def quantization_record(model: nn.Module) -> dict:
     """The metadata record of a quantized model (see the module docstring)."""
+    kept = next((name for name, m in model.named_modules() if isinstance(m, (GGMLEmbedding, StackedLinear))), None)
+    if kept is not None:  # a GGUF file's quantized token table or mixed-format fused layer
+        raise InvalidArgument(f"{kept} holds a GGUF file's blocks as no quantized checkpoint can: save the model as "
+                              "GGUF (save_gguf, emergence convert ... OUT.gguf)")
     modules = quantized_modules(model)
     if not modules:
         raise InvalidArgument("the model is not quantized (quantize_model first; save_hf writes full-precision models)")

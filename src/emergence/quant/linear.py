@@ -394,6 +394,92 @@ class GGMLLinear(QuantizedLinear):
                 f"format={self.format}")
 
 
+class GGMLEmbedding(nn.Module):
+    """A token embedding table stored as ggml blocks, as a quantized GGUF file holds token_embd:
+    blocks uint8 (V, D / block * type_size), row t the vector of token t. A lookup dequantizes
+    only the rows it reads, in the model's float dtype: the dtype of the `probe` buffer (empty,
+    not saved), which model.to(dtype) converts as it converts the norms. A tied output head is a
+    GGMLLinear over the same `blocks` tensor (`tied_head`)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, *, ggml_format: str, device=None,
+                 dtype: torch.dtype = torch.float32) -> None:
+        GGMLLinear.check(embedding_dim, num_embeddings, "the token embedding", ggml_format=ggml_format)
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.format = num_embeddings, embedding_dim, ggml_format
+        self.ggml_type = GGML_FORMATS[ggml_format]
+        row_bytes = ggml.nbytes(self.ggml_type, (embedding_dim,))
+        self.register_buffer("blocks", torch.empty(num_embeddings, row_bytes, dtype=torch.uint8, device=device))
+        self.register_buffer("probe", torch.empty(0, dtype=dtype, device=device), persistent=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.probe.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.blocks.device
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids (...) -> (..., D) in the model's dtype."""
+        rows = self.blocks[ids.reshape(-1)].cpu().numpy()  # (n, row bytes)
+        w = ggml.dequantize(rows, self.ggml_type, (rows.shape[0], self.embedding_dim))
+        return w.to(device=self.blocks.device, dtype=self.dtype).reshape(*ids.shape, self.embedding_dim)
+
+    def dequantize(self) -> torch.Tensor:
+        """The whole (V, D) table as float32."""
+        return ggml.dequantize(self.blocks.cpu().numpy(), self.ggml_type,
+                               (self.num_embeddings, self.embedding_dim)).to(self.blocks.device)
+
+    def kernel_operands(self) -> KernelOperands | None:
+        """What the native step reads to look rows up (q8_0 and q4_0 have row decoders), else None."""
+        return KernelOperands(self.format, self.blocks.contiguous(), _NONE, _NONE) if self.format in ("q8_0", "q4_0") \
+            else None
+
+    def tied_head(self, bias: torch.Tensor | None = None) -> GGMLLinear:
+        """An output head (D -> V) reading this table's blocks: a tied lm_head, nothing copied."""
+        head = GGMLLinear(self.embedding_dim, self.num_embeddings, bias is not None, device="meta",
+                          ggml_format=self.format)
+        head.blocks = self.blocks
+        if bias is not None:
+            head.bias = nn.Parameter(bias, requires_grad=False)
+        return head
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, format={self.format}"
+
+
+class StackedLinear(nn.Module):
+    """Linear layers whose outputs are concatenated: one of our fused matrices (q/k/v, gate/up)
+    whose parts a GGUF file holds in different types, each part kept in its own (llama.cpp's _M
+    mixes put attn_v in Q6_K beside Q4_K q and k). Parts are GGMLLinear or float nn.Linear layers
+    without bias; the fused bias is the stack's. The native step reads one matrix per layer, so
+    a model with a stack decodes eagerly."""
+
+    def __init__(self, parts: Sequence[nn.Module], bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+        self.in_features = parts[0].in_features
+        self.out_features = sum(p.out_features for p in parts)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    @property
+    def format(self) -> str:
+        return "+".join(p.format if isinstance(p, QuantizedLinear) else str(p.weight.dtype).removeprefix("torch.")
+                        for p in self.parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.cat([p(x) for p in self.parts], dim=-1)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def dequantize(self) -> torch.Tensor:
+        """The fused (N, K) weight as float32."""
+        return torch.cat([p.dequantize() if isinstance(p, QuantizedLinear) else p.weight.detach().float()
+                          for p in self.parts])
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}"
+
+
 # Format name -> module class (the ggml names all map to GGMLLinear, told apart by ggml_format).
 FORMATS: dict[str, type[QuantizedLinear]] = {
     "int8": Int8Linear, "int4": Int4Linear, "nf4": NF4Linear, "ternary": TernaryLinear,

@@ -155,8 +155,7 @@ class LocalPolicy:
         if jobs:
             bs = DEFAULT_BLOCK_SIZE
             blocks = sum(-(-len(p) // bs) + k * (-(-max_tokens // bs) + 1) for _, p, k in jobs)
-            weight = model.tok_embeddings.weight
-            cache = PagedKVCache(config, blocks, block_size=bs, dtype=weight.dtype, device=weight.device)
+            cache = PagedKVCache(config, blocks, block_size=bs, dtype=model.dtype, device=model.device)
             batch = DecodeBatch(model, tok, cache, backend=self.lm.backend)
             seeds = {(i, j): self._rng.getrandbits(62) for i, _, k in jobs for j in range(k)}
             params = {key: dataclasses.replace(base, seed=None if temperature == 0 else s) for key, s in seeds.items()}

@@ -145,7 +145,7 @@ class BatchEngine:
         if not 1 < self.context <= config.block_size:
             raise InvalidArgument(f"the context must be in [2, {config.block_size}] (the model's window), "
                                   f"got {self.context}")
-        dtype, device = model.tok_embeddings.weight.dtype, model.tok_embeddings.weight.device
+        dtype, device = model.dtype, model.device
         per_block = PagedKVCache.block_bytes(config, block_size, dtype)
         per_context = -(-self.context // block_size)
         if kv_memory is None:
@@ -421,8 +421,7 @@ class BatchEngine:
     def _embed(self, job: EmbeddingJob) -> None:
         model = self.model
         try:
-            device = model.tok_embeddings.weight.device
-            vectors = [model.hidden_states(torch.tensor([ids], device=device))[0].float().mean(dim=0).cpu()
+            vectors = [model.hidden_states(torch.tensor([ids], device=model.device))[0].float().mean(dim=0).cpu()
                        for ids in job.inputs]  # (D,) each: the mean over the tokens
         except Exception as e:  # noqa: BLE001 - the caller reports it
             job.sink.put((0, e))

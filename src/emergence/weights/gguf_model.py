@@ -49,7 +49,13 @@ and moe_every=1 to be written (`MOE_SWITCHES`). OLMoE's k norm is n_embd wide in
 (n_kv_head == n_head). llama.cpp's llama architecture ignores a sliding window, so a Mixtral
 window, like Mistral's, is recorded (`llama.attention.sliding_window`) but not applied by it.
 
-On reading, the metadata must describe the tensors: a missing tensor, a tensor of another
+On reading, a quantized file stays quantized (`load_gguf`): each matrix in a ggml format that
+emergence has a layer for keeps its blocks, byte for byte, in a GGMLLinear (the token table in a
+GGMLEmbedding, a tied head over the same blocks), so the model is the one `quantize_model`
+makes from the float weights, decoding through the same kernels; q and k block rows are
+permuted back like float rows (a row's blocks never mix with another row's).
+
+The metadata must describe the tensors: a missing tensor, a tensor of another
 shape and one the model has no place for (a block past `block_count`, say) are each a one-line
 `CheckpointError`, as is an `expert_count` the expert tensors do not hold.
 
@@ -84,6 +90,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -93,7 +100,7 @@ from torch import nn
 from ..config import Config
 from ..errors import CheckpointError, ConfigError, InvalidArgument
 from ..gguf import GGMLType, GGUFValue, GGUFValueType, read_gguf, write_gguf
-from ..gguf.quants import BLOCK_SIZES, quantize
+from ..gguf.quants import BLOCK_SIZES, TORCH_DTYPES, quantize
 from ..gguf.vocab import tokenizer_from_gguf_metadata, tokenizer_to_gguf_metadata
 from ..model import BitLinear, Transformer, empty_model, finish_loading, rope_inv_freq
 from ..tokenizer import Tokenizer
@@ -426,18 +433,37 @@ def _moe_switches(arch: str, meta: dict, shapes: dict, common: dict, path: Path)
     return out
 
 
-def load_gguf(path: str | Path, *, dtype: torch.dtype | None = None) -> tuple[Transformer, Config, Tokenizer]:
-    """A GGUF model file -> (model, config, tokenizer). Every tensor is dequantized to float
-    and cast to `dtype` (default: float32 for quantized files, else the file's float type)."""
+def load_gguf(path: str | Path, *, dtype: torch.dtype | None = None,
+              dequantize: bool = False) -> tuple[Transformer, Config, Tokenizer]:
+    """A GGUF model file -> (model, config, tokenizer).
+
+    Matrices in a ggml block format emergence has a layer for (quant.GGML_FORMATS: Q8_0, Q4_0,
+    Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) stay in it, their blocks unchanged (`_packed`): a
+    GGMLLinear per layer (a stack of experts: one per expert), a quantized token_embd a
+    GGMLEmbedding, and a tied head a GGMLLinear over the embedding's own blocks. A tensor that is
+    one of the file's is a view of the file's memory map; q/k/v and gate/up, which our layers
+    fuse, are read from the file into one buffer, or, where their types differ (llama.cpp's _M
+    mixes), kept apart in a StackedLinear. Quantized matrices without a layer (Q2_K, Q3_K, ...)
+    are dequantized, to bf16 by default; `model.gguf_dequantized` names them (GGUF name ->
+    type), as `emergence info` reports.
+    TQ1_0/TQ2_0 layers become TernaryLinear (`_ternary_layers`).
+
+    dtype: the float tensors' dtype and so the activations' (default: the float matrices' type
+    where the file has only one, bf16 where a quantized matrix was dequantized, else float32).
+    dequantize: every tensor dequantized to float `dtype` instead (default float32 for a
+    quantized file), as the file's values.
+    """
     path = Path(path)
     f = read_gguf(path)
     shapes = {name: info.torch_shape for name, info in f.tensors.items()}
     config = config_from_gguf(f.metadata, shapes, path)
-    if dtype is None:  # the matrices' type (routers are F32 in any file)
+    plan = _packed(f, config, dequantize)
+    dequantized = {name: f.tensors[name].type.name for name in plan.dequantized}
+    if dtype is None:  # the matrices' type (routers are F32 in any file); bf16 where any is dequantized
         kinds = {info.type for name, info in f.tensors.items()
                  if len(info.shape) >= 2 and not any(part in name for part in F32_TENSORS)}
-        dtype = {GGMLType.F16: torch.float16, GGMLType.BF16: torch.bfloat16}.get(kinds.pop(), torch.float32) \
-            if len(kinds) == 1 else torch.float32
+        dtype = torch.bfloat16 if dequantized and not dequantize else torch.float32 if len(kinds) != 1 else \
+            {GGMLType.F16: torch.float16, GGMLType.BF16: torch.bfloat16}.get(kinds.pop(), torch.float32)
 
     def get(name: str, shape: tuple[int, ...]) -> torch.Tensor:
         if name not in f.tensors:
@@ -461,6 +487,9 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype | None = None) -> tuple[Tr
     state = {}
     for ours, tensor in expected.items():
         names = gguf_names(config, ours)
+        if ours in plan.formats:
+            used.update(names)
+            continue
         if len(names) == 1:
             used.add(names[0])
             if ours.endswith(".shared_gate.weight") and names[0] in f.tensors \
@@ -489,12 +518,155 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype | None = None) -> tuple[Tr
     if extra:
         raise CheckpointError(f"{path}: tensor {extra[0]} has no place in the {ARCHITECTURES[config.family]} model "
                               f"its metadata describes (block_count={config.n_layer}): {len(extra)} tensors left over")
+    _swap_packed(model, f, plan, state, dtype)
     model = finish_loading(model, {k: v.contiguous() for k, v in state.items()})
     ternary = {n for n, info in f.tensors.items() if info.type in TERNARY_TYPES}
     if ternary:
         _ternary_layers(model, config, ternary)
+    model.gguf_dequantized = dequantized
     tokenizer = tokenizer_from_gguf_metadata(f.metadata)
     return model, config, tokenizer
+
+
+@dataclass
+class _Packing:
+    """Which of our tensors keep a GGUF file's blocks: `formats` maps our name
+    ("layers.0.attn.qkv_proj.weight", "tok_embeddings.weight", a stack "layers.0.mlp.down_proj")
+    to the ggml format of each of its GGUF parts (None: a float part, in a StackedLinear);
+    `dequantized` lists the quantized GGUF tensors that are not kept."""
+
+    formats: dict[str, list[str | None]]
+    dequantized: list[str]
+
+
+def _packed(f, config: Config, dequantize: bool) -> _Packing:
+    """The packing plan of file `f` for a model of `config`: every linear layer, expert stack
+    and token embedding whose GGUF tensors hold a format of quant.GGML_FORMATS (all one format,
+    or, for a linear layer, some of them: a StackedLinear)."""
+    from ..model import MoE
+    from ..quant.linear import GGML_FORMATS
+
+    by_type = {qtype: name for name, qtype in GGML_FORMATS.items()}
+    formats: dict[str, list[str | None]] = {}
+    if not dequantize and not config.ternary:
+        model = empty_model(config)
+        candidates = ["tok_embeddings.weight"]
+        for name, module in model.named_modules():
+            if isinstance(module, nn.Linear) and not name.endswith((".router", ".shared_gate")) \
+                    and not (name == "lm_head" and config.tie_embeddings):
+                candidates.append(f"{name}.weight")
+            elif isinstance(module, MoE):
+                candidates += [f"{name}.{leaf}" for leaf in ("gate_up_proj", "down_proj")]
+        for ours in candidates:
+            names = gguf_names(config, ours)
+            if not all(name in f.tensors for name in names):
+                continue  # missing (load_gguf names it) or an older file's fused attn_qkv: read as float
+            parts = [by_type.get(f.tensors[name].type) for name in names]
+            one_format = len(set(parts)) == 1 and parts[0] is not None
+            stacked = len(parts) > 1 and any(parts) and ours.endswith(".weight")  # a fused linear layer's parts
+            if one_format or stacked:
+                formats[ours] = parts
+    kept = {name for ours, parts in formats.items() for name, fmt in zip(gguf_names(config, ours), parts) if fmt}
+    return _Packing(formats, [name for name, info in f.tensors.items() if info.type not in TORCH_DTYPES
+                              and info.type not in TERNARY_TYPES and name not in kept])
+
+
+def _read_packed(f, config: Config, ours: str) -> torch.Tensor:
+    """The blocks of our tensor `ours` whose GGUF parts share one format (uint8 (N, row bytes);
+    a stack of experts (E, N, row bytes)): a view of the file's map where it is one GGUF tensor,
+    else its parts read into one buffer, q and k rows back in our order (`_rope_order`)."""
+    names = gguf_names(config, ours)
+    if len(names) == 1:
+        return f.blocks(names[0])
+    parts = [f.tensors[name] for name in names]
+    row_bytes = parts[0].nbytes // math.prod(parts[0].torch_shape[:-1])
+    if _is_experts(ours):  # (E, rows, bytes) per part, fused per expert: [gate_e; up_e]
+        E, rows = parts[0].torch_shape[0], [p.torch_shape[1] for p in parts]
+        out = torch.empty(E, sum(rows), row_bytes, dtype=torch.uint8)
+        for e in range(E):
+            start = 0
+            for name, n in zip(names, rows):
+                f.read_rows(name, out[e, start:start + n], first=e * n)
+                start += n
+        return out
+    rows = [p.torch_shape[0] for p in parts]
+    out = torch.empty(sum(rows), row_bytes, dtype=torch.uint8)
+    start = 0
+    for i, (name, n) in enumerate(zip(names, rows)):
+        f.read_rows(name, out[start:start + n])
+        out[start:start + n] = _rope_order(config, ours, i, out[start:start + n])
+        start += n
+    return out
+
+
+def _rope_heads(config: Config, ours: str, part: int) -> int | None:
+    """The heads whose rows part `part` of our fused tensor `ours` permutes back to our order (q
+    and k, where llama.cpp stores them in adjacent pairs: INTERLEAVED_ROPE), or None."""
+    if _interleaved_rope(config) and ".qkv_proj." in ours and part < 2:
+        return config.n_head if part == 0 else config.n_kv_head
+    return None
+
+
+def _rope_order(config: Config, ours: str, part: int, rows: torch.Tensor) -> torch.Tensor:
+    """Part `part` of our fused tensor `ours` (float rows or block rows) in our row order."""
+    heads = _rope_heads(config, ours, part)
+    return rows if heads is None else from_interleaved(rows, heads)
+
+
+def _swap_packed(model: Transformer, f, plan: _Packing, state: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    """Put the packed layers of `plan` into `model` (on the meta device, before finish_loading),
+    each with its blocks and with its bias taken out of `state`."""
+    from ..quant.linear import GGMLEmbedding, GGMLLinear, StackedLinear
+
+    config = model.config
+
+    def linear(blocks: torch.Tensor, fmt: str, in_features: int, bias: torch.Tensor | None) -> GGMLLinear:
+        layer = GGMLLinear(in_features, blocks.shape[0], bias is not None, device="meta", ggml_format=fmt)
+        layer.blocks = blocks
+        if bias is not None:
+            layer.bias = nn.Parameter(bias.to(dtype), requires_grad=False)
+        return layer
+
+    def stack(ours: str, formats: list[str | None], bias: torch.Tensor | None) -> StackedLinear:
+        parts = []
+        for i, (name, fmt) in enumerate(zip(gguf_names(config, ours), formats)):
+            info = f.tensors[name]
+            if fmt is None:  # a float part
+                weight = _rope_order(config, ours, i, f.tensor(name).to(dtype))
+                part = nn.Linear(info.torch_shape[1], info.torch_shape[0], bias=False, device="meta")
+                part.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
+            else:
+                blocks = f.blocks(name)  # a view of the map, or permuted rows: a copy
+                if _rope_heads(config, ours, i) is not None:
+                    blocks = torch.empty_like(blocks)
+                    f.read_rows(name, blocks)
+                    blocks = _rope_order(config, ours, i, blocks).contiguous()
+                part = linear(blocks, fmt, info.torch_shape[1], None)
+            parts.append(part)
+        return StackedLinear(parts, None if bias is None else bias.to(dtype))
+
+    for ours, formats in plan.formats.items():
+        fmt = formats[0]
+        in_features = f.tensors[gguf_names(config, ours)[0]].torch_shape[-1]
+        if ours == "tok_embeddings.weight":
+            table = GGMLEmbedding(config.vocab_size, config.n_embd, ggml_format=fmt, device="meta", dtype=dtype)
+            table.blocks, table.probe = _read_packed(f, config, ours), torch.empty(0, dtype=dtype)
+            model.tok_embeddings = table
+            if config.tie_embeddings:
+                model.lm_head = table.tied_head(state.pop("lm_head.bias", None))
+            continue
+        if _is_experts(ours):  # one layer per expert, as quantize_model unstacks them
+            parent, _, leaf = ours.rpartition(".")
+            moe = model.get_submodule(parent)
+            delattr(moe, leaf)
+            setattr(moe, leaf, nn.ModuleList(linear(b, fmt, in_features, None) for b in _read_packed(f, config, ours)))
+            continue
+        module = ours.removesuffix(".weight")
+        parent, _, leaf = module.rpartition(".")
+        bias = state.pop(f"{module}.bias", None)
+        layer = linear(_read_packed(f, config, ours), fmt, in_features, bias) if len(set(formats)) == 1 \
+            else stack(ours, formats, bias)
+        setattr(model.get_submodule(parent) if parent else model, leaf, layer)
 
 
 def _ternary_layers(model: Transformer, config: Config, ternary: set[str]) -> None:
@@ -596,10 +768,11 @@ def _encode(tensor: torch.Tensor, qtype: GGMLType) -> np.ndarray | torch.Tensor:
 def _block_linears(model: Transformer) -> dict[str, nn.Module]:
     """The blocks' linear layers by name (float, BitLinear or quantized; routers and shared-expert
     gates excluded: they stay in full precision as llama.cpp keeps them)."""
-    from ..quant.linear import QuantizedLinear
+    from ..quant.linear import QuantizedLinear, StackedLinear
 
     return {name: m for name, m in model.named_modules() if name.startswith("layers.")
-            and isinstance(m, (nn.Linear, QuantizedLinear)) and not name.endswith((".router", ".shared_gate"))
+            and isinstance(m, (nn.Linear, QuantizedLinear, StackedLinear))
+            and not name.endswith((".router", ".shared_gate"))
             and not name.rsplit(".", 1)[1].isdigit()}  # quantize_model's experts, one layer each
 
 
@@ -649,14 +822,20 @@ def _float_state(model: Transformer, ternarize: bool) -> dict[str, torch.Tensor]
     """The model's state under canonical names with every quantized layer's `weight` as float
     (dequantized) and every BitLinear's as the ternary weight it computes with; with `ternarize`
     the other block matrices rounded to ternary as quantize_model(model, "ternary") rounds them."""
-    from ..quant.linear import QuantizedLinear
+    from ..quant.linear import GGMLEmbedding, QuantizedLinear
     from ..quant.methods import quantize_ternary
 
     linears = _block_linears(model)
+    if isinstance(model.lm_head, QuantizedLinear):  # a quantized GGUF's head (maybe tied to its table)
+        linears["lm_head"] = model.lm_head
+    if isinstance(model.tok_embeddings, GGMLEmbedding):
+        linears["tok_embeddings"] = model.tok_embeddings
     state = model.state_dict()
     out: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
         module_name, leaf = key.rsplit(".", 1)
+        if ".parts." in module_name and module_name.split(".parts.")[0] in linears:  # a StackedLinear's part
+            module_name, leaf = module_name.split(".parts.")[0], "part"
         module = linears.get(module_name)
         if module is None:
             if isinstance(model.get_submodule(module_name), QuantizedLinear):  # an expert, quantized on its own
@@ -669,11 +848,15 @@ def _float_state(model: Transformer, ternarize: bool) -> dict[str, torch.Tensor]
         if f"{module_name}.weight" in out:
             continue  # a quantized layer's other buffers (its scale, ...)
         w = (module.weight if isinstance(module, nn.Linear) else module.dequantize()).detach().float()
+        if module_name in ("lm_head", "tok_embeddings"):
+            out[f"{module_name}.weight"] = w
+            continue
         if isinstance(module, BitLinear) or (ternarize and not _is_ternary(module)):
             values, scale = quantize_ternary(w)
             w = values.float() * scale
         out[f"{module_name}.weight"] = w
-    return out
+    order = {name: i for i, name in enumerate(empty_model(model.config).state_dict())}  # a packed layer lists
+    return dict(sorted(out.items(), key=lambda item: order.get(item[0], len(order))))  # its bias first
 
 
 def gguf_tensors(model: Transformer, file_type: str,

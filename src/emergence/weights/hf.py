@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..config import Config, read_json
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, InvalidArgument
 from ..model import Transformer, empty_model, finish_loading
 from .names import IGNORED_SUFFIXES, canonical_names, expand, hf_rules
 from .safetensors_io import DTYPES, SafetensorsFile, save_safetensors
@@ -198,6 +198,14 @@ def save_hf(model: Transformer, folder: str | Path, *, max_shard_bytes: int | No
     if getattr(model.config, "ternary", False):
         _save_ternary(model, folder)
         return
+    from ..quant.linear import GGMLEmbedding, QuantizedLinear, StackedLinear
+
+    packed = next((name for name, m in model.named_modules()
+                   if isinstance(m, (QuantizedLinear, GGMLEmbedding, StackedLinear))), None)
+    if packed is not None:  # its weights are no parameters: the folder would lack them
+        raise InvalidArgument(f"{packed} is quantized and a Hugging Face folder holds float weights: save it with "
+                              "quant.save_quantized (GGUF blocks: save_gguf), or load it dequantized "
+                              "(emergence.load(..., dequantize=True))")
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
