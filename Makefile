@@ -44,6 +44,7 @@ test: $(VENV)/.test-deps
 bench: $(VENV)/.test-deps
 	$(BIN)/python bench/bench_decode.py
 	$(BIN)/python bench/bench_quant.py
+	$(BIN)/python bench/bench_gguf_load.py
 	$(BIN)/python bench/bench_qgemv.py
 	$(BIN)/python bench/bench_batched.py
 	$(BIN)/python bench/bench_train.py
