@@ -19,7 +19,6 @@ each path timed on its own rather than interleaved with the others.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -120,8 +119,10 @@ def main() -> int:
     for r in result["prefill"]:
         print(f"| {r['dtype']} | {r['tokens']} | {r['native_tok_s']:.0f} | {r['eager_tok_s']:.0f} | "
               f"{'yes' if r['native_used_by_default'] else 'no'} |")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from provenance import write_result
+
+    write_result(Path(args.out), result, "bench/bench_batched.py", sys.argv[1:], torch.get_num_threads())
     print(f"results written to {args.out}")
     return 0
 

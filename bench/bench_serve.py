@@ -155,7 +155,7 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--requests", type=int, default=4, help="requests per client, one after the other")
     parser.add_argument("--tokens", type=int, default=64, help="max_tokens of every request")
-    parser.add_argument("--rounds", type=int, default=2, help="rounds; each runs both modes")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds; each runs both modes")
     parser.add_argument("--device", default="cpu", help="the server's device: cpu, cuda or auto")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads in the server (default 0: torch's own choice)")
@@ -221,8 +221,10 @@ def main() -> int:
                    "cpus": os.cpu_count(), "machine": platform.machine(), "rounds": rounds,
                    "median": {"sequential_tok_s": seq, "batched_tok_s": bat, "ratio": bat / seq,
                               "ratio_range": [min(ratios), max(ratios)]}}
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(results, indent=2))
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from provenance import write_result
+
+        write_result(Path(out), results, "bench/bench_serve.py", sys.argv[1:], torch.get_num_threads())
         print(f"wrote {out}")
     return 0
 
