@@ -55,6 +55,12 @@ bench: $(VENV)/.test-deps
 	$(BIN)/python bench/bench_serve_peers.py
 	$(BIN)/python bench/bench_prefix.py
 	$(BIN)/python bench/soak_serve.py
+	$(BIN)/python bench/bench_paged.py
+	$(BIN)/python bench/bench_beam.py
+	$(BIN)/python bench/bench_speculative.py --make-draft build/drafts --size 1m  # resumes, skips what is done
+	$(BIN)/python bench/bench_speculative.py --make-draft build/drafts --size 0.4m
+	$(BIN)/python bench/bench_speculative.py --draft build/drafts
+	$(BIN)/python bench/readme_tables.py --check  # every speed table of the README, from bench/results
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

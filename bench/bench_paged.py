@@ -90,7 +90,7 @@ def smollm2_folder(folder: Path) -> Path:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--base", default=BASE, help="the commit with the contiguous cache (default %(default)s)")
     parser.add_argument("--out", default="bench/results/paged.json")

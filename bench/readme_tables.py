@@ -1,0 +1,156 @@
+"""Every speed table of the README, rendered from the committed results in bench/results/.
+
+Each entry of `TABLES` names a result file and the function that renders its README table (or
+line); the benchmark scripts write those files (with their commit, command and machine). `make
+bench` runs the benchmarks, then this script, which prints every table; `--check` exits non-zero
+naming any table the README does not hold as rendered (tests/test_readme_tables.py runs it), so
+a figure in those tables can only come from a committed result.
+
+    python bench/readme_tables.py [--check]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+def _rate(value: float) -> str:
+    """Tokens/s as the README writes them: thousands separated, one decimal below 1,000."""
+    return f"{value:,.0f}" if value >= 1000 else f"{value:.1f}"
+
+
+def render_paged(result: dict) -> str:
+    """bench_paged.py: greedy generate() over the paged cache against the contiguous one."""
+    rows = ["| model | rows | contiguous tok/s | paged tok/s | paged / contiguous (per-round range) |",
+            "|---|---|---|---|---|"]
+    for r in result["results"]:
+        model = f"{r['model']} shapes" if r["model"] == "smollm2-135m" else r["model"]
+        rows.append(f"| {model} | {r['rows']} | {_rate(r['contiguous_tok_s'])} | {_rate(r['paged_tok_s'])} | "
+                    f"{r['ratio']:.2f}x ({min(r['round_ratios']):.2f}-{max(r['round_ratios']):.2f}) |")
+    return "\n".join(rows)
+
+
+def render_serve(results: list[dict]) -> str:
+    """bench_serve.py, one result per model: continuous batching against one request at a time
+    (TTFTs: medians over the rounds of each round's median and 90th percentile)."""
+    rows = ["| model | sequential tok/s | batched tok/s | ratio (per-round range) | TTFT median / p90, batched | "
+            "TTFT if the 64 requests queued sequentially |", "|---|---|---|---|---|---|"]
+    for r in results:
+        m = r["median"]
+
+        def over_rounds(mode: str, key: str, stat: str) -> float:
+            return statistics.median(round_[mode][key][stat] for round_ in r["rounds"])
+
+        lo, hi = m["ratio_range"]
+        rows.append(f"| {r['model']} | {m['sequential_tok_s']:,.0f} | {m['batched_tok_s']:,.0f} | "
+                    f"{m['ratio']:.2f}x ({lo:.2f}-{hi:.2f}x) | {1000 * over_rounds('batched', 'ttft_s', 'median'):.0f} "
+                    f"/ {1000 * over_rounds('batched', 'ttft_s', 'p90'):.0f} ms | "
+                    f"{over_rounds('sequential', 'ttft_if_all_queued_s', 'median'):.1f} / "
+                    f"{over_rounds('sequential', 'ttft_if_all_queued_s', 'p90'):.1f} s |")
+    return "\n".join(rows)
+
+
+def render_serve_peers(result: dict) -> str:
+    """bench_serve_peers.py: emergence, llama-server and llama-cpp-python's server on one GGUF."""
+    rows = ["| model | engine | tok/s | vs llama-server | streamed tok/s | latency p50 / p99 (s) | TTFT p50 / p99 (ms) |",
+            "|---|---|---|---|---|---|---|"]
+    for model, r in result["models"].items():
+        name = f"{model} shapes" if model == "smollm2-135m" else model
+        peer = r["medians"]["llama-server"]["tok_s"]
+        for engine, m in r["medians"].items():
+            rows.append(f"| {name} | {engine} | {m['tok_s']:,.0f} | {m['tok_s'] / peer:.2f}x | "
+                        f"{m['stream_tok_s']:,.0f} | {m['latency_p50']:.2f} / {m['latency_p99']:.2f} | "
+                        f"{1000 * m['ttft_p50']:.0f} / {1000 * m['ttft_p99']:.0f} |")
+    return "\n".join(rows)
+
+
+def render_soak(result: dict) -> str:
+    """soak_serve.py: what a 5-minute soak of mixed clients did to the server."""
+    c = result["counts"]
+    first, last, _ = result["rss_mib_first_last_max"]
+    left = "0, 0, 0" if result["checks"]["nothing left active or waiting"] and result["checks"]["no KV block held"] \
+        else "some"
+    unlike = sum("output" in f for f in result["failures"])
+    return "\n".join([
+        "| requests | whole | streamed | malformed (each its 4xx) | abandoned streams | tokens generated | 5xx | "
+        "answers unlike their single-user output | rows, requests, KV blocks left | RSS growth, second half |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| {sum(c.values()):,} ({result['requests_per_second']:.0f}/s) | {c['completed']:,} | {c['streamed']:,} | "
+        f"{c['malformed']:,} | {c['disconnected']:,} | {result['generated_tokens']:,.0f} | {result['server_5xx']} | "
+        f"{unlike} | {left} | {100 * result['rss_growth_second_half']:.1f}% ({first:.0f} MiB at the start, "
+        f"{last:.0f} at the end) |"])
+
+
+def render_beam(result: dict) -> str:
+    """bench_beam.py: T5 greedy and beam search, and decoder-only beam search, against transformers."""
+    names = {("t5-small", 1): "t5-small, greedy", ("t5-small", 4): "t5-small, 4 beams",
+             ("smollm2-135m", 4): "smollm2-135m shapes, 4 beams"}
+    rows = ["| workload | transformers | emergence | ratio | target | decoder weights read |",
+            "| --- | --- | --- | --- | --- | --- |"]
+    for r in result["results"]:
+        s = r["seconds"]
+        met = ">= 2x" if r["ratio"] >= 2 else ">= 2x: **missed**"
+        rows.append(f"| {names[(r['workload'], r['num_beams'])]} | {s['transformers']:.2f} s | {s['emergence']:.2f} s "
+                    f"| {r['ratio']:.2f}x | {met} | {r['decoder_read_gbs']['emergence']:.1f} GB/s |")
+    return "\n".join(rows)
+
+
+def _imported(module: str, name: str) -> Callable[[dict], str]:
+    def render(result: dict) -> str:
+        return getattr(__import__(module), name)(result)
+
+    return render
+
+
+def _load(name: str):
+    return json.loads((RESULTS / name).read_text())
+
+
+# (README section, result files, renderer): the README's speed tables in the order they appear.
+TABLES: list[tuple[str, tuple[str, ...], Callable]] = [
+    ("Speed: against transformers", ("decode.json",), _imported("bench_decode", "render_table")),
+    ("Speed: against llama.cpp", ("quant.json",), _imported("bench_quant", "render_table")),
+    ("Speed: quantized GGUF files", ("gguf_load.json",), _imported("bench_gguf_load", "render_table")),
+    ("The paged KV cache costs nothing", ("paged.json",), render_paged),
+    ("Serving throughput", ("serve_emergence-6m.json", "serve.json"), lambda *rs: render_serve(list(rs))),
+    ("Serving against the peers", ("serve_peers.json",), render_serve_peers),
+    ("Prefix caching", ("prefix_cache.json",), _imported("bench_prefix", "render_line")),
+    ("Speculative decoding", ("speculative.json",), _imported("bench_speculative", "render_table")),
+    ("The server under sustained load", ("soak.json",), render_soak),
+    ("T5 and beam search", ("beam.json",), render_beam),
+]
+
+
+def rendered() -> list[tuple[str, tuple[str, ...], str]]:
+    """(section, result files, rendered text) of every table."""
+    return [(section, files, render(*(_load(f) for f in files))) for section, files, render in TABLES]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--check", action="store_true", help="fail if the README lacks a table as rendered")
+    args = parser.parse_args()
+    readme = (ROOT / "README.md").read_text()
+    missing = []
+    for section, files, text in rendered():
+        print(f"## {section} ({', '.join('bench/results/' + f for f in files)})\n\n{text}\n")
+        if text not in readme:
+            missing.append(section)
+    if args.check and missing:
+        print(f"readme_tables: the README does not hold these tables as rendered: {', '.join(missing)}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
