@@ -519,6 +519,34 @@ def test_ggml_block_gemv_is_llama_cpps_product(qtype_name, shape, ext):
     assert ((got.double() - weight @ x.double()).abs() > bound).any()  # x really was quantized
 
 
+@pytest.mark.parametrize("qtype_name", ["Q8_0", "Q4_0"])
+@pytest.mark.parametrize("rows, shape", [(1, (7, 32)), (5, (67, 96)), (128, (300, 576)), (9, (64, 1536))])
+def test_ggml_block_gemm_is_llama_cpps_product_for_every_row(qtype_name, rows, shape, ext):
+    """The prefill product on the packed blocks (qgemm: tiles of 4 x 4, two blocks per VNNI
+    instruction): each row equals the dequantized weight times that row quantized to 8 bits per
+    block, to within fp32 scaling and summation, whatever the row, column and block counts
+    (odd ones included)."""
+    if ext is None:  # the fixture checked the fallback
+        return
+    from emergence.gguf.quants import GGMLType, dequantize, quantize
+    from emergence.quant.methods import quantize_activations_q8_0
+
+    qtype = GGMLType[qtype_name]
+    torch.manual_seed(rows)
+    n, k = shape
+    w, x = torch.randn(n, k), torch.randn(rows, k)
+    x[:, :32] *= 1e-3  # blocks of very different magnitudes
+    raw = quantize(w, qtype)
+    weight = dequantize(raw, qtype, (n, k)).double()
+    xq = quantize_activations_q8_0(x).double()
+    got = ext.qgemm(ext.weight_kinds[qtype_name.lower()], x, torch.from_numpy(raw.reshape(-1).copy()), n, k, None)
+    bound = 2**-20 * (xq.abs() @ weight.abs().T)
+    assert got.shape == (rows, n) and ((got.double() - xq @ weight.T).abs() <= bound + 1e-9).all()
+    bias = torch.randn(n)
+    with_bias = ext.qgemm(ext.weight_kinds[qtype_name.lower()], x, torch.from_numpy(raw.reshape(-1).copy()), n, k, bias)
+    assert torch.equal(with_bias, got + bias)
+
+
 def test_packed_ternary_layout_decodes_to_the_values(ext):
     if ext is None:  # the fixture checked the fallback
         return

@@ -3,8 +3,8 @@
 `decode.cpp` runs a whole forward pass of a decode batch (every layer) in one call, without
 the per-operator overhead of eager PyTorch: one row, several rows with one pass over the
 weights, short prompts (fused_decode.py is its backend). `gemv.cpp` exposes the row kernels
-on their own (GEMV, batched GEMM, packed-weight GEMV and dequantization) for the quantized
-layers' eager path, tests and benchmarks.
+on their own (GEMV, batched GEMM, packed-weight GEMV, GEMM on Q8_0/Q4_0 blocks and
+dequantization) for the quantized layers' eager path (long prompts), tests and benchmarks.
 
 The extension is built with torch's cpp_extension (gcc + ninja) the first time it is needed,
 about a minute on 2 cores, into torch's extension cache: $TORCH_EXTENSIONS_DIR, by default
@@ -107,6 +107,34 @@ def native_dequantize(module: nn.Module) -> torch.Tensor | None:
         return None
     return extension.qdequantize(extension.weight_kinds[ops.format], ops.data, ops.scales, ops.offsets, ops.group,
                                  ops.tensor_scale, module.out_features, module.in_features)
+
+
+def native_qgemm(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """x (..., K) times a q8_0 / q4_0 layer's packed blocks (quant_rows.h, qgemm_ggml: x
+    quantized to Q8_0 per row, integer dot products per block), plus its bias, in x's dtype; None
+    where the kernel cannot serve it (another format, no kernels or VNNI, a gradient to carry)."""
+    extension = gemv_extension()
+    if extension is None or getattr(module, "format", None) not in ("q8_0", "q4_0") or not _HAS_VNNI \
+            or x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad):
+        return None
+    ops = module.kernel_operands()
+    if ops is None:
+        return None
+    rows = x.reshape(-1, x.shape[-1])
+    y = extension.qgemm(extension.weight_kinds[ops.format], rows, ops.data, module.out_features,
+                        module.in_features, None).to(x.dtype)  # the bias added in x's dtype, as F.linear's path
+    y = y.reshape(*x.shape[:-1], module.out_features)
+    return y if module.bias is None else y + module.bias.to(x.dtype)
+
+
+def _cpu_flag(flag: str) -> bool:
+    try:
+        return flag in next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return False
+
+
+_HAS_VNNI = _cpu_flag("avx512_vnni")
 
 
 def release_thread_pool() -> None:

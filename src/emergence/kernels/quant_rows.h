@@ -1,6 +1,7 @@
 // Matrix-vector products with quantized weights, for batch-1 decoding: the weights stream
 // from memory in their packed form, so each token reads 1-8.5 bits per weight instead of 16
-// or 32. For our own formats (int8, int4, NF4, ternary) the codes are widened to fp32 in
+// or 32 (and, for Q8_0 and Q4_0, the matrix product of a prompt's rows on the packed blocks:
+// qgemm_ggml). For our own formats (int8, int4, NF4, ternary) the codes are widened to fp32 in
 // registers and the result equals x times the dequantized weight (up to fp32 summation
 // order). For ggml's Q8_0 and Q4_0 the activation vector is quantized the way llama.cpp does
 // it (blocks of 32, int8 with scale max|x| / 127) and the dot products run on integers with
@@ -120,20 +121,29 @@ struct QuantizedX {
   std::vector<int32_t> init;  // (K / 32, 8): -bias * sum(q) in lane 0, zeros elsewhere
 };
 
+// 16 floats rounded half away from zero, as std::round: the truncation, plus the sign where the
+// dropped fraction is at least one half (|v - trunc(v)| is exact in fp32).
+__attribute__((target("avx512f,avx512dq")))
+inline __m512i round_away(__m512 v) {
+  const __m512 t = _mm512_roundscale_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+  const __mmask16 up = _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_sub_ps(v, t)), _mm512_set1_ps(0.5f), _CMP_GE_OQ);
+  const __m512 sign = _mm512_or_ps(_mm512_set1_ps(1.0f), _mm512_and_ps(v, _mm512_set1_ps(-0.0f)));
+  return _mm512_cvttps_epi32(_mm512_mask_add_ps(t, up, t, sign));
+}
+
+__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl")))
 inline void quantize_x(const float* x, int64_t K, int bias, QuantizedX& out) {
   out.q.resize(K), out.d.resize(K / 32), out.init.assign(K / 32 * 8, 0);
   for (int64_t b = 0; b < K / 32; ++b) {
-    float amax = 0;
-    for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(x[32 * b + j]));
+    const __m512 lo = _mm512_loadu_ps(x + 32 * b), hi = _mm512_loadu_ps(x + 32 * b + 16);
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
     const float d = amax / 127.0f, inv = d > 0 ? 1.0f / d : 0.0f;
-    int32_t sum = 0;
-    for (int j = 0; j < 32; ++j) {
-      const int v = static_cast<int>(std::round(x[32 * b + j] * inv));
-      out.q[32 * b + j] = static_cast<int8_t>(v);
-      sum += v;
-    }
+    const __m512i qlo = round_away(_mm512_mul_ps(lo, _mm512_set1_ps(inv)));
+    const __m512i qhi = round_away(_mm512_mul_ps(hi, _mm512_set1_ps(inv)));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out.q.data() + 32 * b), _mm512_cvtepi32_epi8(qlo));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out.q.data() + 32 * b + 16), _mm512_cvtepi32_epi8(qhi));
     out.d[b] = _cvtsh_ss(_cvtss_sh(d, _MM_FROUND_TO_NEAREST_INT));
-    out.init[8 * b] = -bias * sum;
+    out.init[8 * b] = -bias * _mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi));
   }
 }
 
@@ -172,6 +182,112 @@ void rows_ggml_vnni(const uint8_t* row, int64_t row_bytes, const QuantizedX& xq,
     }
   }
   for (int i = 0; i < R; ++i) y[i] = hsum256(acc[i]);
+}
+
+// ------------------------------------------- ggml Q8_0 / Q4_0 times many rows (prefill)
+// Y (M, N) = X (M, K) W^T on the packed blocks, never dequantizing W: each row of X is quantized
+// as quantize_x does (llama.cpp's Q8_0 activations), every block's dot product runs on integers
+// (VPDPBUSD, 64 bytes: two blocks a time) and is scaled by the two blocks' scales into fp32
+// accumulators, as llama.cpp's CPU matrix products do (fp32 sums in another order than the
+// one-row kernel above: within 1e-6 relative of it). Tiles of 4 weight rows x 4 activation
+// rows keep 16 accumulators in registers; a tile's weight rows are unpacked once (to w + bias,
+// unsigned) into a small buffer every activation tile then reads.
+constexpr int kQgemmRows = 4, kQgemmCols = 4;
+
+struct QuantizedRows {
+  int64_t M = 0, pairs = 0;    // rows (padded to a multiple of kQgemmCols), pairs of blocks
+  std::vector<int8_t> q;       // (M, pairs * 64), a missing last block zero
+  std::vector<float> d;        // (M, pairs, 16): the pair's two block scales, 8 lanes each
+  std::vector<int32_t> init;   // (M, pairs, 16): -bias * the block's sum of q in lanes 0 and 8
+};
+
+inline void quantize_rows(const float* x, int64_t M, int64_t K, int bias, QuantizedRows& out) {
+  const int64_t nb = K / 32, P = (nb + 1) / 2;
+  out.M = (M + kQgemmCols - 1) / kQgemmCols * kQgemmCols, out.pairs = P;
+  out.q.assign(out.M * P * 64, 0), out.d.assign(out.M * P * 16, 0.0f), out.init.assign(out.M * P * 16, 0);
+  at::parallel_for(0, M, 16, [&](int64_t t0, int64_t t1) {
+    QuantizedX row;
+    for (int64_t t = t0; t < t1; ++t) {
+      quantize_x(x + t * K, K, bias, row);
+      std::memcpy(out.q.data() + t * P * 64, row.q.data(), K);
+      for (int64_t b = 0; b < nb; ++b) {
+        float* d = out.d.data() + (t * P + b / 2) * 16 + (b % 2) * 8;
+        std::fill(d, d + 8, row.d[b]);
+        out.init[(t * P + b / 2) * 16 + (b % 2) * 8] = row.init[8 * b];
+      }
+    }
+  });
+}
+
+template <bool Q4>
+__attribute__((target("avx512f,avx512vl,avx512bw,avx512vnni")))
+void qgemm_ggml_rows(const QuantMatrix& m, const QuantizedRows& X, float* y, int64_t M, int64_t r0, int64_t r1) {
+  constexpr int R = kQgemmRows, T = kQgemmCols;
+  const int64_t K = m.K, nb = K / 32, P = X.pairs, N = m.N, block_bytes = Q4 ? 18 : 34;
+  std::vector<uint8_t> wq(R * P * 64);  // the tile's rows, unpacked: w + bias as unsigned bytes
+  std::vector<float> wd(R * P * 16);    // their block scales, as X.d lays them out
+  const __m128i low4 = _mm_set1_epi8(0x0F);
+  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
+  for (int64_t r = r0; r < r1; r += R) {
+    const int rows = static_cast<int>(std::min<int64_t>(R, r1 - r));
+    std::fill(wq.begin(), wq.end(), 0), std::fill(wd.begin(), wd.end(), 0.0f);
+    for (int i = 0; i < rows; ++i) {
+      const uint8_t* row = m.data + (r + i) * m.row_bytes;
+      for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* blk = row + b * block_bytes;
+        uint8_t* dst = wq.data() + i * P * 64 + b * 32;
+        if constexpr (Q4) {  // byte j: element j in the low nibble, element j + 16 in the high one
+          const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2));
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm_and_si128(v, low4));
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 16), _mm_and_si128(_mm_srli_epi16(v, 4), low4));
+        } else {
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm256_xor_si256(v, flip));
+        }
+        float* d = wd.data() + (i * P + b / 2) * 16 + (b % 2) * 8;
+        std::fill(d, d + 8, f16_to_f32(blk));
+      }
+    }
+    for (int64_t t = 0; t < X.M; t += T) {
+      __m512 acc[R][T];
+      for (int i = 0; i < R; ++i)
+        for (int j = 0; j < T; ++j) acc[i][j] = _mm512_setzero_ps();
+      for (int64_t p = 0; p < P; ++p) {
+        __m512i w[R];
+        __m512 dw[R];
+        for (int i = 0; i < R; ++i) {
+          w[i] = _mm512_loadu_si512(wq.data() + (i * P + p) * 64);
+          dw[i] = _mm512_loadu_ps(wd.data() + (i * P + p) * 16);
+        }
+        for (int j = 0; j < T; ++j) {
+          const int64_t off = (t + j) * P + p;
+          const __m512i xv = _mm512_loadu_si512(X.q.data() + off * 64);
+          const __m512i init = _mm512_loadu_si512(X.init.data() + off * 16);
+          const __m512 dx = _mm512_loadu_ps(X.d.data() + off * 16);
+          for (int i = 0; i < R; ++i) {
+            const __m512i dot = _mm512_dpbusd_epi32(init, w[i], xv);
+            acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dw[i], dx), acc[i][j]);
+          }
+        }
+      }
+      for (int j = 0; j < T && t + j < M; ++j)
+        for (int i = 0; i < rows; ++i) y[(t + j) * N + r + i] = _mm512_reduce_add_ps(acc[i][j]);
+    }
+  }
+}
+
+// Y (M, N) fp32 = X (M, K) W^T for a Q8_0 or Q4_0 W; rows of W split across threads in tiles.
+inline void qgemm_ggml(const QuantMatrix& m, const float* x, int64_t M, float* y) {
+  TORCH_CHECK(m.kind == WeightKind::Q8_0 || m.kind == WeightKind::Q4_0, "qgemm: Q8_0 or Q4_0 weights");
+  TORCH_CHECK(kHasAvx512Vnni, "qgemm needs AVX512-VNNI");
+  const bool q4 = m.kind == WeightKind::Q4_0;
+  QuantizedRows X;
+  quantize_rows(x, M, m.K, q4 ? 8 : 128, X);
+  const int64_t tiles = (m.N + kQgemmRows - 1) / kQgemmRows;
+  at::parallel_for(0, tiles, 1, [&](int64_t a, int64_t b) {
+    const int64_t r0 = a * kQgemmRows, r1 = std::min(m.N, b * kQgemmRows);
+    q4 ? qgemm_ggml_rows<true>(m, X, y, M, r0, r1) : qgemm_ggml_rows<false>(m, X, y, M, r0, r1);
+  });
 }
 
 // x_split: x re-ordered per 32-column chunk as its 16 even then 16 odd columns, matching the

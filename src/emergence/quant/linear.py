@@ -379,7 +379,14 @@ class GGMLLinear(QuantizedLinear):
     def forward(self, x):
         """llama.cpp's numerics: the activations are quantized to 8 bits first, as its CPU dot
         products do: per block of 32 for the 32-block formats (as the native decode kernels do
-        too), per block of 256 (Q8_K) for the K-quants."""
+        too), per block of 256 (Q8_K) for the K-quants. q8_0 and q4_0 multiply on the packed
+        blocks natively (integer dot products per block: kernels.native_qgemm), the other
+        formats the dequantized weight."""
+        from ..kernels import native_qgemm
+
+        y = native_qgemm(self, x)
+        if y is not None:
+            return y
         if self.format in m.GGML_Q8_ACTIVATIONS:
             xq = m.quantize_activations_q8_0(x)
         elif self.format in m.GGML_Q8_K_ACTIVATIONS:
