@@ -443,44 +443,65 @@ inline void quant_gemv(const QuantMatrix& m, const float* x, float* y, int64_t g
 // Row r of a quantized weight as fp32 (K values into w): a packed embedding's lookup, and the
 // rows of dequantize_rows. Same values as each format's dequantize() in Python.
 inline void dequantize_row(const QuantMatrix& m, int64_t r, float* w) {
+  // 16 lanes at a time, the same operations in the same order as the scalar definitions (one
+  // multiply; int4: a multiply, then an add), so the values are identical
   const int64_t K = m.K;
   const uint8_t* row = m.data + r * m.row_bytes;
+  const __m128i low4 = _mm_set1_epi8(0x0F);
   switch (m.kind) {
     case WeightKind::Q8_0:
       for (int64_t b = 0; b < K / 32; ++b) {
         const uint8_t* blk = row + 34 * b;
-        const float d = f16_to_f32(blk);
-        for (int j = 0; j < 32; ++j) w[32 * b + j] = d * static_cast<int8_t>(blk[2 + j]);
+        const __m512 d = _mm512_set1_ps(f16_to_f32(blk));
+        _mm512_storeu_ps(w + 32 * b, _mm512_mul_ps(d, widen_i8(blk + 2)));
+        _mm512_storeu_ps(w + 32 * b + 16, _mm512_mul_ps(d, widen_i8(blk + 18)));
       }
       break;
     case WeightKind::Q4_0:
       for (int64_t b = 0; b < K / 32; ++b) {
         const uint8_t* blk = row + 18 * b;
-        const float d = f16_to_f32(blk);
-        for (int j = 0; j < 16; ++j) {
-          w[32 * b + j] = d * ((blk[2 + j] & 0xF) - 8);
-          w[32 * b + 16 + j] = d * ((blk[2 + j] >> 4) - 8);
-        }
+        const __m512 d = _mm512_set1_ps(f16_to_f32(blk));
+        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2));
+        const __m128i eight = _mm_set1_epi8(8);
+        const __m128i lo = _mm_sub_epi8(_mm_and_si128(v, low4), eight);
+        const __m128i hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(v, 4), low4), eight);
+        _mm512_storeu_ps(w + 32 * b, _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(lo))));
+        _mm512_storeu_ps(w + 32 * b + 16, _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(hi))));
       }
       break;
-    case WeightKind::INT8:
-      for (int64_t k = 0; k < K; ++k) w[k] = m.scales[r] * static_cast<int8_t>(row[k]);
+    case WeightKind::INT8: {
+      const __m512 scale = _mm512_set1_ps(m.scales[r]);
+      int64_t k = 0;
+      for (; k + 16 <= K; k += 16) _mm512_storeu_ps(w + k, _mm512_mul_ps(scale, widen_i8(row + k)));
+      for (; k < K; ++k) w[k] = m.scales[r] * static_cast<int8_t>(row[k]);
       break;
-    case WeightKind::INT4: {
+    }
+    case WeightKind::INT4: {  // byte j: column 2j in the low nibble, 2j + 1 in the high one
       const float* scales = m.scales + r * (K / m.group);
       const float* offsets = m.offsets + r * (K / m.group);
-      for (int64_t k = 0; k < K; k += 2) {
-        const int64_t g = k / m.group;
-        w[k] = (row[k / 2] & 0xF) * scales[g] + offsets[g];
-        w[k + 1] = (row[k / 2] >> 4) * scales[g] + offsets[g];
+      for (int64_t k = 0; k < K; k += 32) {  // 16 bytes, 32 columns of one group (group % 32 == 0)
+        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 2));
+        const __m128i lo = _mm_and_si128(v, low4), hi = _mm_and_si128(_mm_srli_epi16(v, 4), low4);
+        const __m512 scale = _mm512_set1_ps(scales[k / m.group]), offset = _mm512_set1_ps(offsets[k / m.group]);
+        const __m128i first = _mm_unpacklo_epi8(lo, hi), second = _mm_unpackhi_epi8(lo, hi);
+        const __m512 c0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(first));
+        const __m512 c1 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(second));
+        _mm512_storeu_ps(w + k, _mm512_add_ps(_mm512_mul_ps(c0, scale), offset));
+        _mm512_storeu_ps(w + k + 16, _mm512_add_ps(_mm512_mul_ps(c1, scale), offset));
       }
       break;
     }
-    case WeightKind::NF4: {
+    case WeightKind::NF4: {  // byte j: column 2j in the high nibble, 2j + 1 in the low one
       const float* absmax = m.scales + r * (K / 64);
-      for (int64_t k = 0; k < K; k += 2) {
-        w[k] = m.offsets[row[k / 2] >> 4] * absmax[k / 64];
-        w[k + 1] = m.offsets[row[k / 2] & 0xF] * absmax[k / 64];
+      const __m512 table = _mm512_loadu_ps(m.offsets);
+      for (int64_t k = 0; k < K; k += 32) {
+        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 2));
+        const __m128i lo = _mm_and_si128(v, low4), hi = _mm_and_si128(_mm_srli_epi16(v, 4), low4);
+        const __m512 a = _mm512_set1_ps(absmax[k / 64]);
+        const __m512i c0 = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(hi, lo));
+        const __m512i c1 = _mm512_cvtepu8_epi32(_mm_unpackhi_epi8(hi, lo));
+        _mm512_storeu_ps(w + k, _mm512_mul_ps(_mm512_permutexvar_ps(c0, table), a));
+        _mm512_storeu_ps(w + k + 16, _mm512_mul_ps(_mm512_permutexvar_ps(c1, table), a));
       }
       break;
     }
