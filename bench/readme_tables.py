@@ -1,4 +1,4 @@
-"""Every speed table of the README, rendered from the committed results in bench/results/.
+"""The README's speed tables, rendered from the committed results in bench/results/.
 
 Each entry of `TABLES` names a result file and the function that renders its README table (or
 line); the benchmark scripts write those files (with their commit, command and machine). `make
@@ -104,6 +104,72 @@ def render_beam(result: dict) -> str:
     return "\n".join(rows)
 
 
+def _missed(ratio: float, target: float, below: bool = False) -> str:
+    met = ratio <= target if below else ratio >= target
+    return f"{'<=' if below else '>='} {target:g}x" + ("" if met else ": **missed**")
+
+
+def render_finetune(result: dict) -> str:
+    """bench_finetune.py: LoRA and full fine-tuning steps against peft + transformers."""
+    t = result["speed"]["tok_s"]
+    lora, full = t["emergence-lora"] / t["peft-lora"], t["emergence-full"] / t["transformers-full"]
+    return "\n".join([
+        "| | emergence | peft + transformers | ratio | target |", "| --- | --- | --- | --- | --- |",
+        f"| LoRA r={result['lora']['r']}, all projections, tokens/s | {t['emergence-lora']:.0f} | {t['peft-lora']:.0f} | "
+        f"{lora:.2f}x | {_missed(lora, 1.5)} |",
+        f"| full fine-tuning, tokens/s | {t['emergence-full']:.0f} | {t['transformers-full']:.0f} | {full:.2f}x | "
+        "same loop as pretraining |"])
+
+
+def render_moe(dispatch: dict, decode: dict) -> str:
+    """bench_moe.py (a training step) and bench_moe_decode.py (batch-1 decoding) against their peers."""
+    s, t = dispatch["shapes"], dispatch["tokens_per_s"]
+    rows = ["| workload (`bench/bench_moe.py`, `bench/bench_moe_decode.py`; CPU, 2 threads, same run) | emergence | "
+            "peer | ratio | target |", "| --- | --- | --- | --- | --- |",
+            f"| training step (forward + backward), {dispatch['experts']} experts top-{dispatch['experts_per_token']}, "
+            f"{s['n_layer']} layers x {s['n_embd']}, {dispatch['batch'] * dispatch['context']:,} tokens, fp32 | "
+            f"{t['emergence MoE']:,.0f} tok/s | transformers' Mixtral, same weights: {t['transformers Mixtral']:,.0f} tok/s "
+            f"| {dispatch['moe_vs_transformers']:.2f}x | {_missed(dispatch['moe_vs_transformers'], 3)} |",
+            f"| same, against a dense model of the same active size | {t['emergence MoE']:,.0f} tok/s | emergence dense: "
+            f"{t['emergence dense']:,.0f} tok/s | {dispatch['moe_vs_dense_same_active']:.2f}x | "
+            f"{_missed(dispatch['moe_vs_dense_same_active'], 0.6)} |"]
+    d = decode["shapes"]
+    order = {"fp32": 0, "bf16": 1, "q8_0": 2, "q4_0": 3}
+    for i, r in enumerate(sorted(decode["rows"], key=lambda r: order[r["emergence"]])):
+        what = (f"decoding, batch 1, {d['n_experts']} experts top-{d['experts_per_token']}, "
+                f"{decode['total_parameters'] / 1e6:.0f}M parameters ({decode['active_parameters'] / 1e6:.0f}M active), "
+                f"{r['emergence']} vs {r['llama_cpp']}") if i == 0 else f"same, {r['emergence']} vs {r['llama_cpp']}"
+        rows.append(f"| {what} | {r['emergence_tok_s']:.1f} tok/s ({r['emergence_share_of_roofline']:.0%} of the "
+                    f"roofline) | llama.cpp: {r['llama_cpp_tok_s']:.1f} tok/s | {r['ratio']:.2f}x | "
+                    f"{_missed(r['ratio'], decode['target_ratio'])} |")
+    return "\n".join(rows)
+
+
+def render_rollout(result: dict) -> str:
+    """bench_rollout.py: G samples per prompt against transformers' generate."""
+    rows = ["| G | emergence | transformers | ratio |", "| --- | --- | --- | --- |"]
+    for r in result["results"]:
+        rows.append(f"| {r['group']} | {r['emergence_tok_s']:,.0f} tok/s | {r['transformers_tok_s']:,.0f} tok/s | "
+                    f"{r['speedup']:.2f}x{'' if r['speedup'] >= 3 else ': **missed**'} |")
+    return "\n".join(rows)
+
+
+def _ms(value: float) -> str:
+    return f"{value:.2f}" if value < 1 else f"{value:.1f}"
+
+
+def render_structured(result: dict) -> str:
+    """bench_structured.py: constrained decoding against free decoding, per batch size."""
+    rows = ["| batch | JSON schema (a schema per row) | regex | free | masks per step |", "| --- | --- | --- | --- | --- |"]
+    for batch in sorted({r["batch"] for r in result["results"]}):
+        w = {r["workload"]: r for r in result["results"] if r["batch"] == batch}
+        masks = sorted(w[k]["mask_ms_per_step"] for k in ("json_schema", "regex"))
+        rows.append(f"| {batch} | {w['json_schema']['tok_s']:.1f} tok/s ({w['json_schema']['vs_free']:.2f}x) | "
+                    f"{w['regex']['tok_s']:.1f} tok/s ({w['regex']['vs_free']:.2f}x) | {w['free']['tok_s']:.1f} tok/s | "
+                    f"{_ms(masks[0])}-{_ms(masks[1])} ms |")
+    return "\n".join(rows)
+
+
 def _imported(module: str, name: str) -> Callable[[dict], str]:
     def render(result: dict) -> str:
         return getattr(__import__(module), name)(result)
@@ -115,8 +181,13 @@ def _load(name: str):
     return json.loads((RESULTS / name).read_text())
 
 
-# (README section, result files, renderer): the README's speed tables in the order they appear.
+# (README section, result files, renderer): the README's speed tables, in the order they appear.
 TABLES: list[tuple[str, tuple[str, ...], Callable]] = [
+    ("Fine-tuning: against the peers", ("finetune.json",), render_finetune),
+    ("T5 and beam search", ("beam.json",), render_beam),
+    ("Mixture of experts", ("moe_dispatch.json", "moe_decode.json"), render_moe),
+    ("Alignment: rollouts", ("rollout_emergence-6m.json",), render_rollout),
+    ("Structured output", ("structured.json",), render_structured),
     ("Speed: against transformers", ("decode.json",), _imported("bench_decode", "render_table")),
     ("Speed: against llama.cpp", ("quant.json",), _imported("bench_quant", "render_table")),
     ("Speed: quantized GGUF files", ("gguf_load.json",), _imported("bench_gguf_load", "render_table")),
@@ -126,7 +197,6 @@ TABLES: list[tuple[str, tuple[str, ...], Callable]] = [
     ("Prefix caching", ("prefix_cache.json",), _imported("bench_prefix", "render_line")),
     ("Speculative decoding", ("speculative.json",), _imported("bench_speculative", "render_table")),
     ("The server under sustained load", ("soak.json",), render_soak),
-    ("T5 and beam search", ("beam.json",), render_beam),
 ]
 
 
