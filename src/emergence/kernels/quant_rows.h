@@ -186,35 +186,33 @@ void rows_ggml_vnni(const uint8_t* row, int64_t row_bytes, const QuantizedX& xq,
 
 // ------------------------------------------- ggml Q8_0 / Q4_0 times many rows (prefill)
 // Y (M, N) = X (M, K) W^T on the packed blocks, never dequantizing W: each row of X is quantized
-// as quantize_x does (llama.cpp's Q8_0 activations), every block's dot product runs on integers
-// (VPDPBUSD, 64 bytes: two blocks a time) and is scaled by the two blocks' scales into fp32
-// accumulators, as llama.cpp's CPU matrix products do (fp32 sums in another order than the
-// one-row kernel above: within 1e-6 relative of it). Tiles of 4 weight rows x 4 activation
-// rows keep 16 accumulators in registers; a tile's weight rows are unpacked once (to w + bias,
-// unsigned) into a small buffer every activation tile then reads.
-constexpr int kQgemmRows = 4, kQgemmCols = 4;
+// as quantize_x does (llama.cpp's Q8_0 activations) and every block's dot product runs on
+// integers, scaled by the two blocks' scales into fp32 sums, as llama.cpp's CPU matrix products
+// do (fp32 sums in another order than the one-row kernel above: within 1e-6 relative of it).
+// A tile of 16 weight rows is unpacked once (to w + bias, unsigned) with the rows interleaved
+// four bytes at a time, so one VPDPBUSD multiplies 4 columns of all 16 rows by 4 bytes of one
+// activation row broadcast to every lane: the 16 lanes are the 16 outputs, and a block's 8
+// instructions need one convert and one scaled add, with no horizontal sum.
+constexpr int kQgemmRows = 16, kQgemmCols = 8;
 
 struct QuantizedRows {
-  int64_t M = 0, pairs = 0;    // rows (padded to a multiple of kQgemmCols), pairs of blocks
-  std::vector<int8_t> q;       // (M, pairs * 64), a missing last block zero
-  std::vector<float> d;        // (M, pairs, 16): the pair's two block scales, 8 lanes each
-  std::vector<int32_t> init;   // (M, pairs, 16): -bias * the block's sum of q in lanes 0 and 8
+  int64_t M = 0, blocks = 0;   // rows (padded to a multiple of kQgemmCols), blocks per row
+  std::vector<int8_t> q;       // (M, K)
+  std::vector<float> d;        // (M, blocks): the block scales
+  std::vector<int32_t> init;   // (M, blocks): -bias * the block's sum of q
 };
 
 inline void quantize_rows(const float* x, int64_t M, int64_t K, int bias, QuantizedRows& out) {
-  const int64_t nb = K / 32, P = (nb + 1) / 2;
-  out.M = (M + kQgemmCols - 1) / kQgemmCols * kQgemmCols, out.pairs = P;
-  out.q.assign(out.M * P * 64, 0), out.d.assign(out.M * P * 16, 0.0f), out.init.assign(out.M * P * 16, 0);
+  const int64_t nb = K / 32;
+  out.M = (M + kQgemmCols - 1) / kQgemmCols * kQgemmCols, out.blocks = nb;
+  out.q.assign(out.M * K, 0), out.d.assign(out.M * nb, 0.0f), out.init.assign(out.M * nb, 0);
   at::parallel_for(0, M, 16, [&](int64_t t0, int64_t t1) {
     QuantizedX row;
     for (int64_t t = t0; t < t1; ++t) {
       quantize_x(x + t * K, K, bias, row);
-      std::memcpy(out.q.data() + t * P * 64, row.q.data(), K);
-      for (int64_t b = 0; b < nb; ++b) {
-        float* d = out.d.data() + (t * P + b / 2) * 16 + (b % 2) * 8;
-        std::fill(d, d + 8, row.d[b]);
-        out.init[(t * P + b / 2) * 16 + (b % 2) * 8] = row.init[8 * b];
-      }
+      std::memcpy(out.q.data() + t * K, row.q.data(), K);
+      std::memcpy(out.d.data() + t * nb, row.d.data(), nb * sizeof(float));
+      for (int64_t b = 0; b < nb; ++b) out.init[t * nb + b] = row.init[8 * b];
     }
   });
 }
@@ -223,60 +221,60 @@ template <bool Q4>
 __attribute__((target("avx512f,avx512vl,avx512bw,avx512vnni")))
 void qgemm_ggml_rows(const QuantMatrix& m, const QuantizedRows& X, float* y, int64_t M, int64_t r0, int64_t r1) {
   constexpr int R = kQgemmRows, T = kQgemmCols;
-  const int64_t K = m.K, nb = K / 32, P = X.pairs, N = m.N, block_bytes = Q4 ? 18 : 34;
-  std::vector<uint8_t> wq(R * P * 64);  // the tile's rows, unpacked: w + bias as unsigned bytes
-  std::vector<float> wd(R * P * 16);    // their block scales, as X.d lays them out
+  const int64_t K = m.K, nb = K / 32, N = m.N, block_bytes = Q4 ? 18 : 34;
+  std::vector<uint8_t> wq(nb * 8 * 64);  // block b, column group g (4 columns): 16 rows x 4 bytes
+  std::vector<float> wd(nb * 16);        // block b: the 16 rows' scales
+  alignas(64) uint8_t stage[R][32] = {};  // one block of each row, unpacked
   const __m128i low4 = _mm_set1_epi8(0x0F);
   const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
+  const __m512i rows_at = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                             _mm512_set1_epi32(8));  // row i's dword 0 in `stage`
   for (int64_t r = r0; r < r1; r += R) {
     const int rows = static_cast<int>(std::min<int64_t>(R, r1 - r));
-    std::fill(wq.begin(), wq.end(), 0), std::fill(wd.begin(), wd.end(), 0.0f);
-    for (int i = 0; i < rows; ++i) {
-      const uint8_t* row = m.data + (r + i) * m.row_bytes;
-      for (int64_t b = 0; b < nb; ++b) {
-        const uint8_t* blk = row + b * block_bytes;
-        uint8_t* dst = wq.data() + i * P * 64 + b * 32;
+    std::memset(stage, 0, sizeof(stage)), std::fill(wd.begin(), wd.end(), 0.0f);
+    for (int64_t b = 0; b < nb; ++b) {
+      for (int i = 0; i < rows; ++i) {
+        const uint8_t* blk = m.data + (r + i) * m.row_bytes + b * block_bytes;
         if constexpr (Q4) {  // byte j: element j in the low nibble, element j + 16 in the high one
           const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2));
-          _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm_and_si128(v, low4));
-          _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 16), _mm_and_si128(_mm_srli_epi16(v, 4), low4));
+          _mm_store_si128(reinterpret_cast<__m128i*>(stage[i]), _mm_and_si128(v, low4));
+          _mm_store_si128(reinterpret_cast<__m128i*>(stage[i] + 16), _mm_and_si128(_mm_srli_epi16(v, 4), low4));
         } else {
           const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm256_xor_si256(v, flip));
+          _mm256_store_si256(reinterpret_cast<__m256i*>(stage[i]), _mm256_xor_si256(v, flip));
         }
-        float* d = wd.data() + (i * P + b / 2) * 16 + (b % 2) * 8;
-        std::fill(d, d + 8, f16_to_f32(blk));
+        wd[b * 16 + i] = f16_to_f32(blk);
       }
+      for (int g = 0; g < 8; ++g)  // columns 4g..4g+3 of the 16 rows, a transpose of 4-byte groups
+        _mm512_storeu_si512(wq.data() + (b * 8 + g) * 64,
+                            _mm512_i32gather_epi32(_mm512_add_epi32(rows_at, _mm512_set1_epi32(g)), stage, 4));
     }
+    const __mmask16 keep = static_cast<__mmask16>((1u << rows) - 1);
     for (int64_t t = 0; t < X.M; t += T) {
-      __m512 acc[R][T];
-      for (int i = 0; i < R; ++i)
-        for (int j = 0; j < T; ++j) acc[i][j] = _mm512_setzero_ps();
-      for (int64_t p = 0; p < P; ++p) {
-        __m512i w[R];
-        __m512 dw[R];
-        for (int i = 0; i < R; ++i) {
-          w[i] = _mm512_loadu_si512(wq.data() + (i * P + p) * 64);
-          dw[i] = _mm512_loadu_ps(wd.data() + (i * P + p) * 16);
-        }
-        for (int j = 0; j < T; ++j) {
-          const int64_t off = (t + j) * P + p;
-          const __m512i xv = _mm512_loadu_si512(X.q.data() + off * 64);
-          const __m512i init = _mm512_loadu_si512(X.init.data() + off * 16);
-          const __m512 dx = _mm512_loadu_ps(X.d.data() + off * 16);
-          for (int i = 0; i < R; ++i) {
-            const __m512i dot = _mm512_dpbusd_epi32(init, w[i], xv);
-            acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dw[i], dx), acc[i][j]);
+      __m512 acc[T];
+      for (int j = 0; j < T; ++j) acc[j] = _mm512_setzero_ps();
+      for (int64_t b = 0; b < nb; ++b) {
+        __m512i s[T];
+        for (int j = 0; j < T; ++j) s[j] = _mm512_set1_epi32(X.init[(t + j) * nb + b]);
+        for (int g = 0; g < 8; ++g) {
+          const __m512i w = _mm512_loadu_si512(wq.data() + (b * 8 + g) * 64);
+          for (int j = 0; j < T; ++j) {
+            int32_t four;
+            std::memcpy(&four, X.q.data() + (t + j) * K + b * 32 + g * 4, 4);
+            s[j] = _mm512_dpbusd_epi32(s[j], w, _mm512_set1_epi32(four));
           }
         }
+        const __m512 dw = _mm512_loadu_ps(wd.data() + b * 16);
+        for (int j = 0; j < T; ++j)
+          acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[j]), _mm512_mul_ps(dw, _mm512_set1_ps(X.d[(t + j) * nb + b])),
+                                   acc[j]);
       }
-      for (int j = 0; j < T && t + j < M; ++j)
-        for (int i = 0; i < rows; ++i) y[(t + j) * N + r + i] = _mm512_reduce_add_ps(acc[i][j]);
+      for (int j = 0; j < T && t + j < M; ++j) _mm512_mask_storeu_ps(y + (t + j) * N + r, keep, acc[j]);
     }
   }
 }
 
-// Y (M, N) fp32 = X (M, K) W^T for a Q8_0 or Q4_0 W; rows of W split across threads in tiles.
+// Y (M, N) fp32 = X (M, K) W^T for a Q8_0 or Q4_0 W; tiles of 16 rows of W split across threads.
 inline void qgemm_ggml(const QuantMatrix& m, const float* x, int64_t M, float* y) {
   TORCH_CHECK(m.kind == WeightKind::Q8_0 || m.kind == WeightKind::Q4_0, "qgemm: Q8_0 or Q4_0 weights");
   TORCH_CHECK(kHasAvx512Vnni, "qgemm needs AVX512-VNNI");
