@@ -24,7 +24,8 @@ from ..kv_cache import PagedKVCache
 # The longest prompt prefilled natively, where that is at least as fast as the eager forward
 # (bench/bench_batched.py, smollm2-135m shapes): fp32 weights up to 32 tokens; bf16 up to 16
 # (at 32, oneDNN's bf16 GEMM is level or ahead); packed quantized weights up to 4 (their kernels
-# read the weights once per token, where the eager path dequantizes once per call).
+# read the weights once per token, where the eager path multiplies all the tokens at once: on the
+# packed blocks for q8_0 and q4_0, through one dequantization per call for the other formats).
 MAX_NATIVE_PREFILL, MAX_NATIVE_PREFILL_BF16, MAX_NATIVE_PREFILL_PACKED = 32, 16, 4
 # The linear layers of a block, by decode.cpp's slot number ("mlp.up": SwiGLU's fused gate_up
 # or the GELU MLP's up projection).
