@@ -10,7 +10,9 @@ rate x threads is near the weights-per-token rate is compute-bound, and the reve
 Last, the fixed cost of one GEMV call (an 8 x 576 Q4_0 matrix) and a 576 x 576 Q4_0 GEMV on 1
 and on all threads: what splitting a small matrix across threads buys.
 
-    python bench/bench_qgemv.py
+    python bench/bench_qgemv.py [--runs 3]
+
+Writes bench/results/qgemv.json; the README's table is `render_table` of it.
 """
 
 from __future__ import annotations
@@ -47,15 +49,11 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def main() -> None:
-    ext = gemv_extension()
-    if ext is None:
-        raise SystemExit("native kernels unavailable")
-    x = torch.randn(49152)  # long enough for every K
+def measure(ext, x: torch.Tensor) -> dict:
+    """One run: per format, compute (Gweights/s, 1 thread, L2) and stream (GB/s and tok/s, all
+    threads); and the per-call costs of small Q4_0 GEMVs."""
     threads = torch.get_num_threads()
-    print(f"{threads} threads\n")
-    print("| format | compute, 1 thread, L2-resident (Gweights/s) | stream, all threads (GB/s) | stream alone: tok/s |")
-    print("|---|---|---|---|")
+    formats = {}
     for fmt, options in FORMATS:
         kind, data, scales, offsets, group, scale, _ = operands(fmt, options, (576, 1536))
         torch.set_num_threads(1)
@@ -72,21 +70,70 @@ def main() -> None:
 
         seconds = best_of(stream, 5)
         label = fmt + (f"-g{options['group_size']}" if "group_size" in options else "")
-        print(f"| {label} | {compute:.1f} | {nbytes / seconds / 1e9:.1f} | {1 / seconds:.0f} |", flush=True)
-    per_call(ext, x)
+        formats[label] = {"compute_gweights_s": compute, "stream_gb_s": nbytes / seconds / 1e9,
+                          "stream_tok_s": 1 / seconds}
+        print(f"  {label}: compute {compute:.1f} Gweights/s, stream {nbytes / seconds / 1e9:.1f} GB/s "
+              f"({1 / seconds:.0f} tok/s)", flush=True)
+    return {"formats": formats, "calls_us": per_call(ext, x)}
 
 
-def per_call(ext, x: torch.Tensor) -> None:
+def per_call(ext, x: torch.Tensor) -> dict:
+    """Microseconds per call of a Q4_0 GEMV: an 8 x 576 matrix on all threads, 576 x 576 on one and all."""
     kind, data, scales, offsets, group, scale, _ = operands("q4_0", {}, (576, 576))
     threads = torch.get_num_threads()
-    print("\n| Q4_0 GEMV call | threads | us per call |\n|---|---|---|")
+    out = {}
     for rows, n_threads in ((8, threads), (576, 1), (576, threads)):
         torch.set_num_threads(n_threads)
         part = data[:rows].contiguous()
         run = lambda: [ext.qgemv(kind, x[:576], part, scales, offsets, group, scale, rows, 576, None)  # noqa: E731
                        for _ in range(1000)]
-        print(f"| {rows} x 576 | {n_threads} | {best_of(run, 5) * 1e3:.1f} |", flush=True)
+        out[f"{rows}x576, {n_threads} threads"] = best_of(run, 5) * 1e3
     torch.set_num_threads(threads)
+    return out
+
+
+def render_table(result: dict) -> str:
+    """The README's table: each format's range over the runs."""
+    def span(values: list[float], digits: int) -> str:
+        return f"{min(values):.{digits}f}-{max(values):.{digits}f}"
+
+    runs = result["runs"]
+    rows = [f"| format | compute, 1 thread, L2-resident (Gweights/s) | stream, {result['threads']} threads (GB/s) | "
+            "stream alone: tok/s |", "|---|---|---|---|"]
+    for label in runs[0]["formats"]:
+        v = [r["formats"][label] for r in runs]
+        rows.append(f"| {label} | {span([x['compute_gweights_s'] for x in v], 1)} | "
+                    f"{span([x['stream_gb_s'] for x in v], 1)} | {span([x['stream_tok_s'] for x in v], 0)} |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    import argparse
+    import sys
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", type=int, default=3, help="whole runs, one after the other (their ranges)")
+    parser.add_argument("--out", default="bench/results/qgemv.json")
+    args = parser.parse_args()
+    ext = gemv_extension()
+    if ext is None:
+        raise SystemExit("native kernels unavailable")
+    x = torch.randn(49152)  # long enough for every K
+    threads = torch.get_num_threads()
+    runs = []
+    for i in range(args.runs):
+        print(f"run {i + 1}/{args.runs}, {threads} threads", flush=True)
+        runs.append(measure(ext, x))
+    result = {"threads": threads, "runs": runs}
+    print("\n" + render_table(result))
+    for key in runs[0]["calls_us"]:
+        times = ", ".join(f"{r['calls_us'][key]:.1f}" for r in runs)
+        print(f"Q4_0 GEMV {key}: {times} us per call")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from provenance import write_result
+
+    write_result(Path(args.out), result, "bench/bench_qgemv.py", sys.argv[1:], threads)
 
 
 if __name__ == "__main__":

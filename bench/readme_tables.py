@@ -191,6 +191,7 @@ TABLES: list[tuple[str, tuple[str, ...], Callable]] = [
     ("Speed: against transformers", ("decode.json",), _imported("bench_decode", "render_table")),
     ("Speed: against llama.cpp", ("quant.json",), _imported("bench_quant", "render_table")),
     ("Speed: quantized GGUF files", ("gguf_load.json",), _imported("bench_gguf_load", "render_table")),
+    ("Speed: where the 4-bit time goes", ("qgemv.json",), _imported("bench_qgemv", "render_table")),
     ("The paged KV cache costs nothing", ("paged.json",), render_paged),
     ("Serving throughput", ("serve_emergence-6m.json", "serve.json"), lambda *rs: render_serve(list(rs))),
     ("Serving against the peers", ("serve_peers.json",), render_serve_peers),
