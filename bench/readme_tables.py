@@ -109,6 +109,24 @@ def _missed(ratio: float, target: float, below: bool = False) -> str:
     return f"{'<=' if below else '>='} {target:g}x" + ("" if met else ": **missed**")
 
 
+def render_instruction_tune(result: dict) -> str:
+    """instruction_tune.py: emergence-6m's held-out graded instructions followed, per configuration."""
+    names = {"full": "full", "lora-r4": "LoRA r=4", "lora-r8": "LoRA r=8", "lora-r16": "LoRA r=16",
+             "qlora-nf4-r8": "QLoRA-nf4 r=8"}
+    kinds = ("title", "retell", "character", "words")
+    best = max(c["after"]["overall"] for c in result["configs"])
+    rows = [f"| configuration | trainable | title | retell | main character | story with words | overall (before: "
+            f"{result['base']['overall']:.0%}) | tokens/s |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for c in result["configs"]:
+        after = c["after"]
+        overall = f"{after['overall']:.0%}"
+        trainable = f"{c['trainable'] / 1e6:.2f}M" if c["trainable"] >= 1e6 else f"{c['trainable'] / 1e3:.0f}K"
+        rows.append(f"| {names.get(c['name'], c['name'])} | {trainable} ({c['trainable_fraction']:.1%}) | "
+                    + " | ".join(f"{after['by_kind'][k]:.0%}" for k in kinds)
+                    + f" | {'**' + overall + '**' if after['overall'] == best else overall} | {c['tokens_per_s']:,.0f} |")
+    return "\n".join(rows)
+
+
 def render_finetune(result: dict) -> str:
     """bench_finetune.py: LoRA and full fine-tuning steps against peft + transformers."""
     t = result["speed"]["tok_s"]
@@ -119,6 +137,22 @@ def render_finetune(result: dict) -> str:
         f"{lora:.2f}x | {_missed(lora, 1.5)} |",
         f"| full fine-tuning, tokens/s | {t['emergence-full']:.0f} | {t['transformers-full']:.0f} | {full:.2f}x | "
         "same loop as pretraining |"])
+
+
+def render_finetune_memory(result: dict) -> str:
+    """bench_finetune.py's memory runs: peak RSS of a training step, what the model and the saved
+    activations take, for LoRA on an fp32 base, QLoRA on an nf4 base and full fine-tuning."""
+    c, r = result["memory"]["configs"], result["memory"]["ratios"]
+    lora, qlora, full = c["lora-fp32"], c["qlora-nf4"], c["full"]
+    peak = r["qlora-nf4_vs_lora_fp32_peak"]
+    return "\n".join([
+        "| peak RSS (MiB) | LoRA, fp32 base | QLoRA, nf4 base | full |", "| --- | --- | --- | --- |",
+        f"| peak | {lora['peak_rss_mib']:,.0f} | {qlora['peak_rss_mib']:,.0f} ({peak:.2f}x; target "
+        f"{_missed(peak, 0.45, below=True)}) | {full['peak_rss_mib']:,.0f} |",
+        f"| model in memory | {lora['model_mib']:,.0f} | {qlora['model_mib']:,.0f} "
+        f"({r['qlora-nf4_vs_lora_fp32_model_bytes']:.2f}x) | {full['model_mib']:,.0f} |",
+        f"| activations saved for the backward | {lora['saved_activations_mib']:,.0f} | "
+        f"{qlora['saved_activations_mib']:,.0f} | {full['saved_activations_mib']:,.0f} |"])
 
 
 def render_moe(dispatch: dict, decode: dict) -> str:
@@ -183,7 +217,9 @@ def _load(name: str):
 
 # (README section, result files, renderer): the README's speed tables, in the order they appear.
 TABLES: list[tuple[str, tuple[str, ...], Callable]] = [
+    ("Fine-tuning: instruction tuning", ("instruction_tune.json",), render_instruction_tune),
     ("Fine-tuning: against the peers", ("finetune.json",), render_finetune),
+    ("Fine-tuning: memory", ("finetune.json",), render_finetune_memory),
     ("T5 and beam search", ("beam.json",), render_beam),
     ("Mixture of experts", ("moe_dispatch.json", "moe_decode.json"), render_moe),
     ("Alignment: rollouts", ("rollout_emergence-6m.json",), render_rollout),
