@@ -35,14 +35,19 @@ REQUIRED_CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "fma"}
 STALE_LOCK_SECONDS = 900  # a build takes about a minute on 2 cores
 
 
-def _cpu_supports() -> bool:
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
+    """/proc/cpuinfo's flags (empty off Linux x86-64)."""
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
-        return False
+        return frozenset()
     try:
-        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+        return frozenset(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split())
     except (OSError, StopIteration):
-        return False
-    return REQUIRED_CPU_FLAGS <= set(flags)
+        return frozenset()
+
+
+def _cpu_supports() -> bool:
+    return REQUIRED_CPU_FLAGS <= _cpu_flags()
 
 
 @functools.cache
@@ -113,9 +118,12 @@ def native_qgemm(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     """x (..., K) times a q8_0 / q4_0 layer's packed blocks (quant_rows.h, qgemm_ggml: x
     quantized to Q8_0 per row, integer dot products per block), plus its bias, in x's dtype; None
     where the kernel cannot serve it (another format, no kernels or VNNI, a gradient to carry)."""
+    from ..quant.linear import GGML_KERNEL_FORMATS
+
     extension = gemv_extension()
-    if extension is None or getattr(module, "format", None) not in ("q8_0", "q4_0") or not _HAS_VNNI \
-            or x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad):
+    if extension is None or getattr(module, "format", None) not in GGML_KERNEL_FORMATS \
+            or "avx512_vnni" not in _cpu_flags() or x.device.type != "cpu" \
+            or (torch.is_grad_enabled() and x.requires_grad):
         return None
     ops = module.kernel_operands()
     if ops is None:
@@ -125,16 +133,6 @@ def native_qgemm(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
                         module.in_features, None).to(x.dtype)  # the bias added in x's dtype, as F.linear's path
     y = y.reshape(*x.shape[:-1], module.out_features)
     return y if module.bias is None else y + module.bias.to(x.dtype)
-
-
-def _cpu_flag(flag: str) -> bool:
-    try:
-        return flag in next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return False
-
-
-_HAS_VNNI = _cpu_flag("avx512_vnni")
 
 
 def release_thread_pool() -> None:

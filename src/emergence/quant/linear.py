@@ -334,6 +334,11 @@ GGML_FORMATS: dict[str, ggml.GGMLType] = {
 }
 
 
+# The ggml formats the native kernels read (decode.cpp's GEMVs and row lookups, qgemm_ggml's
+# prefill); the others run the eager path.
+GGML_KERNEL_FORMATS = ("q8_0", "q4_0")
+
+
 class GGMLLinear(QuantizedLinear):
     """A weight stored as ggml blocks (q8_0, q4_0, ...), each row as llama.cpp stores it."""
 
@@ -360,7 +365,7 @@ class GGMLLinear(QuantizedLinear):
 
     @property
     def kernel_block(self) -> int:
-        return 32 if self.format in ("q8_0", "q4_0") else 0  # the other ggml formats have no kernel
+        return 32 if self.format in GGML_KERNEL_FORMATS else 0
 
     def _kernel_operands(self):
         return KernelOperands(self.format, self.blocks.contiguous(), _NONE, _NONE)
@@ -439,8 +444,9 @@ class GGMLEmbedding(nn.Module):
 
     def kernel_operands(self) -> KernelOperands | None:
         """What the native step reads to look rows up (q8_0 and q4_0 have row decoders), else None."""
-        return KernelOperands(self.format, self.blocks.contiguous(), _NONE, _NONE) if self.format in ("q8_0", "q4_0") \
-            else None
+        if self.format not in GGML_KERNEL_FORMATS:
+            return None
+        return KernelOperands(self.format, self.blocks.contiguous(), _NONE, _NONE)
 
     def tied_head(self, bias: torch.Tensor | None = None) -> GGMLLinear:
         """An output head (D -> V) reading this table's blocks: a tied lm_head, nothing copied."""

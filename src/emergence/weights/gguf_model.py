@@ -457,7 +457,13 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype | None = None,
     f = read_gguf(path)
     shapes = {name: info.torch_shape for name, info in f.tensors.items()}
     config = config_from_gguf(f.metadata, shapes, path)
-    plan = _packed(f, config, dequantize)
+    used = set()
+    if "rope_freqs.weight" in f.tensors and ARCHITECTURES[config.family] == "llama":
+        # Llama-3 scaling as per-frequency divisors
+        config.rope_scaling = {"factors": f.tensor("rope_freqs.weight").float().tolist()}
+        used.add("rope_freqs.weight")
+    model = empty_model(config)
+    plan = _packed(f, model, dequantize)
     dequantized = {name: f.tensors[name].type.name for name in plan.dequantized}
     if dtype is None:  # the matrices' type (routers are F32 in any file); bf16 where any is dequantized
         kinds = {info.type for name, info in f.tensors.items()
@@ -474,12 +480,6 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype | None = None,
                                   f"implies {tuple(shape)}")
         return f.tensor(name).to(dtype)
 
-    used = set()
-    if "rope_freqs.weight" in f.tensors and ARCHITECTURES[config.family] == "llama":
-        # Llama-3 scaling as per-frequency divisors
-        config.rope_scaling = {"factors": f.tensor("rope_freqs.weight").float().tolist()}
-        used.add("rope_freqs.weight")
-    model = empty_model(config)
     expected = dict(model.state_dict())
     if config.tie_embeddings:
         expected.pop("lm_head.weight", None)
@@ -539,17 +539,17 @@ class _Packing:
     dequantized: list[str]
 
 
-def _packed(f, config: Config, dequantize: bool) -> _Packing:
-    """The packing plan of file `f` for a model of `config`: every linear layer, expert stack
-    and token embedding whose GGUF tensors hold a format of quant.GGML_FORMATS (all one format,
-    or, for a linear layer, some of them: a StackedLinear)."""
+def _packed(f, model: Transformer, dequantize: bool) -> _Packing:
+    """The packing plan of file `f` for `model` (its skeleton on the meta device): every linear
+    layer, expert stack and token embedding whose GGUF tensors hold a format of
+    quant.GGML_FORMATS (all one format, or, for a linear layer, some of them: a StackedLinear)."""
     from ..model import MoE
     from ..quant.linear import GGML_FORMATS
 
     by_type = {qtype: name for name, qtype in GGML_FORMATS.items()}
     formats: dict[str, list[str | None]] = {}
+    config = model.config
     if not dequantize and not config.ternary:
-        model = empty_model(config)
         candidates = ["tok_embeddings.weight"]
         for name, module in model.named_modules():
             if isinstance(module, nn.Linear) and not name.endswith((".router", ".shared_gate")) \
