@@ -10,6 +10,9 @@
 // at offset pos % bs, and attends causally to that sequence's slots [0, pos] (the last
 // `window` of them with a sliding window). Every row's key and value are stored before any
 // row attends, so the rows of one prompt see their predecessors.
+// One thread team runs the whole call (team.h): every matrix product, attention and activation
+// splits its rows across the team and ends at a barrier; the small work on shared scratch
+// between them (norms, RoPE, residuals) runs on the first thread. No fork or join per product.
 // - One row (batch-1 decoding): the matrix-vector products are split across threads by rows
 //   (gemv_rows.h, quant_rows.h).
 // - Several rows (a decode batch's step, or prompts prefilled together): each linear layer is
@@ -37,6 +40,7 @@
 // size, V vocabulary. KV pools: (n_layer, num_blocks, KV, block_size, hd), contiguous.
 #include "gemv_rows.h"
 #include "quant_rows.h"
+#include "team.h"
 
 #include <algorithm>
 #include <cmath>
@@ -73,6 +77,8 @@ using emergence::gemv_grain;
 using emergence::gemv_rows;
 using emergence::gemv_rows_dpbf16;
 using emergence::kHasAvx512Bf16;
+using emergence::parallel_rows;
+using emergence::serially;
 
 struct Linear {
   at::Tensor weight;  // (N, K) contiguous, fp32 or bf16; empty when packed
@@ -259,6 +265,10 @@ class DecodePlan {
     for (const auto& table : tables)
       for (int64_t block : table) TORCH_CHECK(block >= 0 && block < num_blocks_, "a block id out of range");
     for (int64_t o : out_rows) TORCH_CHECK(o >= 0 && o < R, "an output row out of range");
+    // (checked here: nothing may throw inside the thread team)
+    if (present(pos_))
+      for (const Row& row : rows_) TORCH_CHECK(row.pos < pos_.size(0), "position past the learned position table");
+    TORCH_CHECK(weights_ready(), "a linear layer has no weight (a packed weight never set)");
     return run(tokens.data(), k, v, out_rows);
   }
 
@@ -277,6 +287,109 @@ class DecodePlan {
     x_.resize(B * D_), xn_.resize(B * D_), tmp_.resize(B * D_), par_.resize(B * D_), qkv_.resize(B * qkv_rows);
     attn_.resize(B * H_ * hd_), hidden_.resize(B * hidden), act_.resize(B * F_), logits_.resize(B * V_);
     cos_.resize(2 * B * half), sin_.resize(2 * B * half);  // the global table's, then the local one's
+    if (n_experts_ > 0) {  // the largest expert batch: every row through one expert
+      int64_t width = 1;
+      for (const Layer& L : layers_) width = std::max({width, L.expert_width, L.shared_width});
+      moe_logits_.resize(B * n_experts_), moe_x_.resize(B * D_), moe_h_.resize(B * 2 * width);
+      moe_a_.resize(B * width), moe_out_.resize(B * D_), moe_gate_.resize(B);
+    }
+    const int64_t n_out = out_rows.empty() ? B : static_cast<int64_t>(out_rows.size());
+    emergence::team([&] { step(tokens, k, v, out_rows); });
+    return torch::from_blob(logits_.data(), {n_out, V_}, at::kFloat).clone();
+  }
+
+  // The body of run(), on every thread of its team.
+  void step(const int64_t* tokens, const at::Tensor& k, const at::Tensor& v, const std::vector<int64_t>& out_rows) {
+    const int64_t B = static_cast<int64_t>(rows_.size());
+    const int64_t qkv_rows = (H_ + 2 * KV_) * hd_, half = rd_ / 2;
+    serially([&] { embed(tokens); });
+    for (int64_t l = 0; l < n_layer_; ++l) {
+      const Layer& L = layers_[l];
+      // attention: its input normed (pre and sandwich norms; a post-norm block reads x itself)
+      const float* in = x_.data();
+      if (placement_ != POST) {
+        serially([&] { norms(L.attn_norm_w, L.attn_norm_b, B); });
+        in = xn_.data();
+      }
+      linear(L.qkv, in, B, qkv_.data());
+      serially([&] {
+        for (int64_t b = 0; b < B; ++b) {
+          float* q = qkv_.data() + b * qkv_rows;
+          qk_norms(L, q);
+          if (L.rope > 0) {
+            const int64_t t = L.rope - 1;
+            rotate(q, H_ + KV_, cos_.data() + (t * B + b) * half, sin_.data() + (t * B + b) * half);  // q and k
+          }
+          store_kv(k, v, l, rows_[b], q + H_ * hd_);
+        }
+      });
+      attention(k, v, l);
+      sub_norm(L.attn_sub_w, attn_.data(), B, H_ * hd_);
+      if (parallel_ != SEQUENTIAL) {  // x + attn(n(x)) + mlp(n'(x)): the MLP reads x, not x + attn
+        linear(L.o, attn_.data(), B, par_.data());
+        if (parallel_ == TWO_NORMS) serially([&] { norms(L.mlp_norm_w, L.mlp_norm_b, B); });
+        mlp(L, xn_.data(), B);  // into tmp_
+        serially([&] {
+          residual(B, par_.data());
+          residual(B, tmp_.data());
+        });
+        continue;
+      }
+      linear(L.o, attn_.data(), B, tmp_.data());
+      in = x_.data();
+      serially([&] {
+        post_norm(L.attn_post_w, B);
+        residual(B, tmp_.data());
+        if (placement_ != POST) norms(L.mlp_norm_w, L.mlp_norm_b, B);
+      });
+      if (placement_ != POST) in = xn_.data();
+      mlp(L, in, B);
+      serially([&] {
+        post_norm(L.mlp_post_w, B);
+        residual(B, tmp_.data());
+      });
+    }
+    // the output rows' final norms, gathered so that the head is one product over them
+    const int64_t n_out = out_rows.empty() ? B : static_cast<int64_t>(out_rows.size());
+    serially([&] {
+      for (int64_t o = 0; o < n_out; ++o) {
+        const int64_t b = out_rows.empty() ? o : out_rows[o];
+        norm(x_.data() + b * D_, norm_w_, norm_b_, tmp_.data() + o * D_, D_);
+      }
+    });
+    linear(lm_head_, tmp_.data(), n_out, logits_.data());  // rounded to the model's dtype, as eager
+    if (logit_cap_ > 0) {  // cap * tanh(logits / cap), each operation rounded as eager rounds it
+      parallel_rows(0, n_out * V_, 4096, [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) logits_[i] = r(r(std::tanh(r(logits_[i] / logit_cap_))) * logit_cap_);
+      });
+    }
+  }
+
+  // xn_ (B, D) = the rows of x_ normed by a sublayer's norm.
+  void norms(const at::Tensor& weight, const at::Tensor& bias, int64_t B) {
+    for (int64_t b = 0; b < B; ++b) norm(x_.data() + b * D_, weight, bias, xn_.data() + b * D_, D_);
+  }
+
+  // Every linear layer has its weight (dense, or packed by set_quantized).
+  bool weights_ready() const {
+    auto ready = [](const Linear& L) { return L.packed || present(L.weight) || L.N == 0; };
+    bool ok = ready(lm_head_);
+    for (const Layer& L : layers_) {
+      if (L.expert_up.empty()) {
+        ok = ok && ready(L.qkv) && ready(L.o) && ready(L.up) && ready(L.down);
+        continue;
+      }
+      ok = ok && ready(L.qkv) && ready(L.o) && ready(L.router);
+      for (size_t e = 0; e < L.expert_up.size(); ++e) ok = ok && ready(L.expert_up[e]) && ready(L.expert_down[e]);
+      if (L.shared_width > 0) ok = ok && ready(L.shared_up) && ready(L.shared_down) && ready(L.shared_gate);
+    }
+    return ok;
+  }
+
+  // x_ (B, D) = the rows' token embeddings (scaled, plus learned positions); each row's RoPE
+  // angles into cos_ / sin_.
+  void embed(const int64_t* tokens) {
+    const int64_t B = static_cast<int64_t>(rows_.size()), half = rd_ / 2;
     for (int64_t b = 0; b < B; ++b) {
       const Row& row = rows_[b];
       float* x = x_.data() + b * D_;
@@ -291,7 +404,6 @@ class DecodePlan {
         for (int64_t i = 0; i < D_; ++i) x[i] = r(x[i] * embed_scale_);
       }
       if (learned) {
-        TORCH_CHECK(row.pos < pos_.size(0), "position past the learned position table");
         for (int64_t i = 0; i < D_; ++i) x[i] = r(x[i] + learned[row.pos * D_ + i]);
       }
       for (int t = 0; t < 2; ++t) {  // every layer's angles of this position, per table
@@ -299,60 +411,6 @@ class DecodePlan {
         if (present(freq)) rope_angles(freq, row.pos, cos_.data() + (t * B + b) * half, sin_.data() + (t * B + b) * half);
       }
     }
-    for (int64_t l = 0; l < n_layer_; ++l) {
-      const Layer& L = layers_[l];
-      // attention: its input normed (pre and sandwich norms; a post-norm block reads x itself)
-      const float* in = x_.data();
-      if (placement_ != POST) {
-        for (int64_t b = 0; b < B; ++b) norm(x_.data() + b * D_, L.attn_norm_w, L.attn_norm_b, xn_.data() + b * D_, D_);
-        in = xn_.data();
-      }
-      linear(L.qkv, in, B, qkv_.data());
-      for (int64_t b = 0; b < B; ++b) {
-        float* q = qkv_.data() + b * qkv_rows;
-        qk_norms(L, q);
-        if (L.rope > 0) {
-          const int64_t t = L.rope - 1;
-          rotate(q, H_ + KV_, cos_.data() + (t * B + b) * half, sin_.data() + (t * B + b) * half);  // q and k
-        }
-        store_kv(k, v, l, rows_[b], q + H_ * hd_);
-      }
-      attention(k, v, l);
-      sub_norm(L.attn_sub_w, attn_.data(), B, H_ * hd_);
-      if (parallel_ != SEQUENTIAL) {  // x + attn(n(x)) + mlp(n'(x)): the MLP reads x, not x + attn
-        linear(L.o, attn_.data(), B, par_.data());
-        if (parallel_ == TWO_NORMS) {
-          for (int64_t b = 0; b < B; ++b) norm(x_.data() + b * D_, L.mlp_norm_w, L.mlp_norm_b, xn_.data() + b * D_, D_);
-        }
-        mlp(L, xn_.data(), B);  // into tmp_
-        residual(B, par_.data());
-        residual(B, tmp_.data());
-        continue;
-      }
-      linear(L.o, attn_.data(), B, tmp_.data());
-      post_norm(L.attn_post_w, B);
-      residual(B, tmp_.data());
-
-      in = x_.data();
-      if (placement_ != POST) {
-        for (int64_t b = 0; b < B; ++b) norm(x_.data() + b * D_, L.mlp_norm_w, L.mlp_norm_b, xn_.data() + b * D_, D_);
-        in = xn_.data();
-      }
-      mlp(L, in, B);
-      post_norm(L.mlp_post_w, B);
-      residual(B, tmp_.data());
-    }
-    // the output rows' final norms, gathered so that the head is one product over them
-    const int64_t n_out = out_rows.empty() ? B : static_cast<int64_t>(out_rows.size());
-    for (int64_t o = 0; o < n_out; ++o) {
-      const int64_t b = out_rows.empty() ? o : out_rows[o];
-      norm(x_.data() + b * D_, norm_w_, norm_b_, tmp_.data() + o * D_, D_);
-    }
-    linear(lm_head_, tmp_.data(), n_out, logits_.data());  // rounded to the model's dtype, as eager
-    if (logit_cap_ > 0) {  // cap * tanh(logits / cap), each operation rounded as eager rounds it
-      for (int64_t i = 0; i < n_out * V_; ++i) logits_[i] = r(r(std::tanh(r(logits_[i] / logit_cap_))) * logit_cap_);
-    }
-    return torch::from_blob(logits_.data(), {n_out, V_}, at::kFloat).clone();
   }
 
   // tmp_ (B, D) = the MLP of in (B, D): up (or gate and up), the activation, down.
@@ -361,48 +419,37 @@ class DecodePlan {
       experts(L, in, B, tmp_.data());
       return;
     }
-    const int64_t hidden = gated_ ? 2 * F_ : F_;
     linear(L.up, in, B, hidden_.data());
-    // the activation, split across threads by rows once there are enough of them (an exp per
-    // element: 16 rows of a 1536-wide MLP are ~25k of them)
-    at::parallel_for(0, B, B * F_ >= 16384 ? 1 : B, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        const float* h = hidden_.data() + b * hidden;
-        float* a = act_.data() + b * F_;
-        switch (mlp_) {
-          case SWIGLU:
-            for (int64_t i = 0; i < F_; ++i) a[i] = r(r(h[i] / (1.0f + std::exp(-h[i]))) * h[F_ + i]);
-            break;
-          case GEGLU:
-            for (int64_t i = 0; i < F_; ++i) a[i] = r(r(gelu_tanh(h[i])) * h[F_ + i]);
-            break;
-          case RELU2_GLU:  // relu(gate)^2 * up
-            for (int64_t i = 0; i < F_; ++i) {
-              const float g = h[i] > 0 ? h[i] : 0.0f;
-              a[i] = r(r(g * g) * h[F_ + i]);
-            }
-            break;
-          case GELU_TANH:
-            for (int64_t i = 0; i < F_; ++i) a[i] = r(gelu_tanh(h[i]));
-            break;
-          default:
-            for (int64_t i = 0; i < F_; ++i) a[i] = r(0.5f * h[i] * (1.0f + std::erf(h[i] * 0.70710678118654752f)));
-        }
-      }
-    });
+    activate_rows(hidden_.data(), act_.data(), B, F_);
     sub_norm(L.mlp_sub_w, act_.data(), B, F_);
     linear(L.down, act_.data(), B, tmp_.data());
+  }
+
+  // a (B, n) = the MLP's activation of the rows h (B, 2n: gate then up; (B, n) ungated), element
+  // by element split across the team (an exp per element: ~8 us for one row of a 1536-wide MLP
+  // on one thread).
+  void activate_rows(const float* h, float* a, int64_t B, int64_t n) {
+    const int64_t stride = gated_ ? 2 * n : n;
+    parallel_rows(0, B * n, 512, [&](int64_t e0, int64_t e1) {
+      for (int64_t e = e0; e < e1;) {
+        const int64_t b = e / n, i0 = e % n, i1 = std::min(n, i0 + (e1 - e));
+        activate(h + b * stride, a + b * n, n, i0, i1);
+        e += i1 - i0;
+      }
+    });
   }
 
   // x (B, n) RMS-normed in place by a sub-norm of weight (n,), when the layer has one (BitNet).
   void sub_norm(const at::Tensor& weight, float* x, int64_t B, int64_t n) {
     if (!present(weight)) return;
-    const at::Tensor none;
-    head_tmp_.resize(n);
-    for (int64_t b = 0; b < B; ++b) {
-      norm(x + b * n, weight, none, head_tmp_.data(), n, true);
-      std::copy_n(head_tmp_.data(), n, x + b * n);
-    }
+    serially([&] {
+      const at::Tensor none;
+      head_tmp_.resize(n);
+      for (int64_t b = 0; b < B; ++b) {
+        norm(x + b * n, weight, none, head_tmp_.data(), n, true);
+        std::copy_n(head_tmp_.data(), n, x + b * n);
+      }
+    });
   }
 
   // out (B, D) = the mixture of experts of the rows x (B, D), as model.MoE computes it: for each
@@ -410,12 +457,12 @@ class DecodePlan {
   // then expert by expert, the rows routed to it gathered and run through its gated MLP as one
   // product (its weights read once for all of them, and only the chosen experts' at all), each
   // result times the row's weight (in the model's dtype) added in expert order, as the eager sum
-  // runs; plus the shared expert times sigmoid(shared_gate(x)) over all rows.
+  // runs; plus the shared expert times sigmoid(shared_gate(x)) over all rows. (The moe_ scratch
+  // is sized by run().)
   void experts(const Layer& L, const float* x, int64_t B, float* out) {
-    const int64_t E = n_experts_, Fe = L.expert_width, width = std::max(Fe, L.shared_width);
-    moe_logits_.resize(B * E), moe_x_.resize(B * D_), moe_h_.resize(B * 2 * width), moe_a_.resize(B * width);
-    moe_out_.resize(B * D_);
+    const int64_t E = n_experts_;
     linear(L.router, x, B, moe_logits_.data());
+    // every thread of the team routes the rows alike, into its own lists, from the same logits
     std::vector<std::vector<std::pair<int64_t, float>>> routed(E);  // expert -> (row, weight)
     std::vector<std::pair<float, int64_t>> probs(E);
     for (int64_t b = 0; b < B; ++b) {
@@ -431,41 +478,60 @@ class DecodePlan {
       for (int64_t j = 0; j < top_k_; ++j)
         routed[probs[j].second].emplace_back(b, r(norm_topk_ ? probs[j].first / sum : probs[j].first));
     }
-    std::fill(out, out + B * D_, 0.0f);
+    serially([&] { std::fill(out, out + B * D_, 0.0f); });
     for (int64_t e = 0; e < E; ++e) {
       const auto& rows = routed[e];
       const int64_t n = static_cast<int64_t>(rows.size());
       if (n == 0) continue;
-      for (int64_t j = 0; j < n; ++j) std::copy_n(x + rows[j].first * D_, D_, moe_x_.data() + j * D_);
+      serially([&] {
+        for (int64_t j = 0; j < n; ++j) std::copy_n(x + rows[j].first * D_, D_, moe_x_.data() + j * D_);
+      });
       linear(L.expert_up[e], moe_x_.data(), n, moe_h_.data());
-      for (int64_t j = 0; j < n; ++j) activate(moe_h_.data() + j * 2 * Fe, moe_a_.data() + j * Fe, Fe);
+      activate_rows(moe_h_.data(), moe_a_.data(), n, L.expert_width);
       linear(L.expert_down[e], moe_a_.data(), n, moe_out_.data());
-      for (int64_t j = 0; j < n; ++j) {
-        float* o = out + rows[j].first * D_;
-        const float* y = moe_out_.data() + j * D_;
-        for (int64_t i = 0; i < D_; ++i) o[i] = r(o[i] + r(y[i] * rows[j].second));
-      }
+      serially([&] {
+        for (int64_t j = 0; j < n; ++j) {
+          float* o = out + rows[j].first * D_;
+          const float* y = moe_out_.data() + j * D_;
+          for (int64_t i = 0; i < D_; ++i) o[i] = r(o[i] + r(y[i] * rows[j].second));
+        }
+      });
     }
     if (L.shared_width > 0) {
-      const int64_t Fs = L.shared_width;
-      std::vector<float> gates(B);
-      linear(L.shared_gate, x, B, gates.data());
+      linear(L.shared_gate, x, B, moe_gate_.data());
       linear(L.shared_up, x, B, moe_h_.data());
-      for (int64_t b = 0; b < B; ++b) activate(moe_h_.data() + b * 2 * Fs, moe_a_.data() + b * Fs, Fs);
+      activate_rows(moe_h_.data(), moe_a_.data(), B, L.shared_width);
       linear(L.shared_down, moe_a_.data(), B, moe_out_.data());
-      for (int64_t b = 0; b < B; ++b) {
-        const float gate = r(1.0f / (1.0f + std::exp(-gates[b])));
-        for (int64_t i = 0; i < D_; ++i) out[b * D_ + i] = r(out[b * D_ + i] + r(gate * moe_out_[b * D_ + i]));
-      }
+      serially([&] {
+        for (int64_t b = 0; b < B; ++b) {
+          const float gate = r(1.0f / (1.0f + std::exp(-moe_gate_[b])));
+          for (int64_t i = 0; i < D_; ++i) out[b * D_ + i] = r(out[b * D_ + i] + r(gate * moe_out_[b * D_ + i]));
+        }
+      });
     }
   }
 
-  // a (n,) = the gated activation of h (2n,: gate then up), SwiGLU or GeGLU, rounded as eager rounds it.
-  void activate(const float* h, float* a, int64_t n) const {
-    if (mlp_ == SWIGLU) {
-      for (int64_t i = 0; i < n; ++i) a[i] = r(r(h[i] / (1.0f + std::exp(-h[i]))) * h[n + i]);
-    } else {
-      for (int64_t i = 0; i < n; ++i) a[i] = r(r(gelu_tanh(h[i])) * h[n + i]);
+  // a[i0:i1] of the MLP's activation of h (n, or 2n for a gated MLP: gate then up), rounded as
+  // eager rounds it.
+  void activate(const float* h, float* a, int64_t n, int64_t i0, int64_t i1) const {
+    switch (mlp_) {
+      case SWIGLU:
+        for (int64_t i = i0; i < i1; ++i) a[i] = r(r(h[i] / (1.0f + std::exp(-h[i]))) * h[n + i]);
+        break;
+      case GEGLU:
+        for (int64_t i = i0; i < i1; ++i) a[i] = r(r(gelu_tanh(h[i])) * h[n + i]);
+        break;
+      case RELU2_GLU:  // relu(gate)^2 * up
+        for (int64_t i = i0; i < i1; ++i) {
+          const float g = h[i] > 0 ? h[i] : 0.0f;
+          a[i] = r(r(g * g) * h[n + i]);
+        }
+        break;
+      case GELU_TANH:
+        for (int64_t i = i0; i < i1; ++i) a[i] = r(gelu_tanh(h[i]));
+        break;
+      default:
+        for (int64_t i = i0; i < i1; ++i) a[i] = r(0.5f * h[i] * (1.0f + std::erf(h[i] * 0.70710678118654752f)));
     }
   }
 
@@ -551,38 +617,45 @@ class DecodePlan {
   }
 
   // y (B, N) = x (B, K) W^T (+ b); x holds values already representable in the model's dtype.
-  // One row: a GEMV (the weights stream once, split across threads by output rows). Several
-  // rows: gemm_rows reads each weight row once for all of them. Packed quantized weights run
-  // their GEMV row by row.
+  // One row: a GEMV (the weights stream once, split across the team by output rows). Several
+  // rows: gemm_rows reads each weight row once for all of them; Q8_0 and Q4_0 blocks multiply
+  // them on the packed blocks (qgemm_ggml) from 3 rows on (below, the GEMV row by row is as
+  // fast: qgemm unpacks each tile of 16 weight rows first); the other packed formats run their
+  // GEMV row by row.
   void linear(const Linear& L, const float* x, int64_t B, float* y) {
-    TORCH_CHECK(L.packed || present(L.weight), "a linear layer has no weight");
+    const bool ggml = L.q.kind == emergence::WeightKind::Q8_0 || L.q.kind == emergence::WeightKind::Q4_0;
+    if (L.packed && ggml && B >= 3 && L.act_bits == 0 && emergence::kHasAvx512Vnni) {
+      emergence::qgemm_ggml(L.q, x, B, y, qrows_);
+      if (present(L.bias) || bf16_) parallel_rows(0, L.N, gemv_grain(L.N), [&](int64_t r0, int64_t r1) {
+        finish(L, y, B, r0, r1);
+      });
+      return;
+    }
     if (B == 1 || L.packed) {
       for (int64_t b = 0; b < B; ++b) linear_row(L, x + b * L.K, y + b * L.N);
       return;
     }
     const int64_t N = L.N, K = L.K;
-    const int64_t grain = gemv_grain(N);
-    if (bf16_) {
-      const at::BFloat16* w = L.weight.data_ptr<at::BFloat16>();
-      at::parallel_for(0, N, grain, [&](int64_t r0, int64_t r1) { emergence::gemm_rows(w, x, B, y, N, r0, r1, K); });
-    } else {
-      const float* w = L.weight.data_ptr<float>();
-      at::parallel_for(0, N, grain, [&](int64_t r0, int64_t r1) { emergence::gemm_rows(w, x, B, y, N, r0, r1, K); });
-    }
-    finish(L, y, B);
+    parallel_rows(0, N, gemv_grain(N), [&](int64_t r0, int64_t r1) {
+      if (bf16_) emergence::gemm_rows(L.weight.data_ptr<at::BFloat16>(), x, B, y, N, r0, r1, K);
+      else emergence::gemm_rows(L.weight.data_ptr<float>(), x, B, y, N, r0, r1, K);
+      finish(L, y, B, r0, r1);
+    });
   }
 
-  // y (B, N) += bias, rounded to the model's dtype: nothing to do for fp32 without a bias (the
-  // LLaMA families), one vectorizable pass otherwise.
-  void finish(const Linear& L, float* y, int64_t B) const {
+  // y (B, N)[:, r0:r1] += bias, rounded to the model's dtype: nothing to do for fp32 without a
+  // bias (the LLaMA families), one vectorizable pass otherwise.
+  void finish(const Linear& L, float* y, int64_t B, int64_t r0, int64_t r1) const {
     const Vec bias(L.bias);
     const int64_t N = L.N;
-    if (bias) {
-      for (int64_t b = 0; b < B; ++b)
-        for (int64_t i = 0; i < N; ++i) y[b * N + i] += bias[i];
-    }
-    if (bf16_) {
-      for (int64_t i = 0; i < B * N; ++i) y[i] = static_cast<float>(c10::BFloat16(y[i]));
+    for (int64_t b = 0; b < B; ++b) {
+      float* yb = y + b * N;
+      if (bias) {
+        for (int64_t i = r0; i < r1; ++i) yb[i] += bias[i];
+      }
+      if (bf16_) {
+        for (int64_t i = r0; i < r1; ++i) yb[i] = static_cast<float>(c10::BFloat16(yb[i]));
+      }
     }
   }
 
@@ -591,30 +664,42 @@ class DecodePlan {
     const int64_t N = L.N, K = L.K;
     const int64_t grain = gemv_grain(N);
     if (L.packed) {
+      // each thread of a team quantizes its own copy of x (as quant_gemv's own preparation does):
+      // K values, cheaper than a barrier
+      thread_local Buffer<float> act_q;
       if (L.act_bits == 8) {  // per-token absmax to int8 and back: x_q = RoundClip(x * 127 / max|x|, -128, 127)
         float top = 0;
         for (int64_t i = 0; i < K; ++i) top = std::max(top, std::fabs(x[i]));
         const float scale = 127.0f / std::max(top, 1e-5f);
-        act_q_.resize(K);
-        for (int64_t i = 0; i < K; ++i) act_q_[i] = std::clamp(std::nearbyint(x[i] * scale), -128.0f, 127.0f) / scale;
-        x = act_q_.data();
+        act_q.resize(K);
+        for (int64_t i = 0; i < K; ++i) act_q[i] = std::clamp(std::nearbyint(x[i] * scale), -128.0f, 127.0f) / scale;
+        x = act_q.data();
       }
       emergence::quant_gemv(L.q, x, y, grain);
+      if (present(L.bias) || bf16_) parallel_rows(0, N, grain, [&](int64_t r0, int64_t r1) { finish(L, y, 1, r0, r1); });
     } else if (bf16_) {
       const at::BFloat16* w = L.weight.data_ptr<at::BFloat16>();
       if (kHasAvx512Bf16) {
-        xb_.resize(K);
-        for (int64_t i = 0; i < K; ++i) xb_[i] = c10::BFloat16(x[i]);  // exact: x is already bf16-valued
-        const at::BFloat16* xb = xb_.data();
-        at::parallel_for(0, N, grain, [&](int64_t r0, int64_t r1) { gemv_rows_dpbf16(w, xb, y, r0, r1, K); });
+        thread_local Buffer<at::BFloat16> xb;  // each thread's own copy: no barrier
+        xb.resize(K);
+        for (int64_t i = 0; i < K; ++i) xb[i] = c10::BFloat16(x[i]);  // exact: x is already bf16-valued
+        parallel_rows(0, N, grain, [&](int64_t r0, int64_t r1) {
+          gemv_rows_dpbf16(w, xb.data(), y, r0, r1, K);
+          finish(L, y, 1, r0, r1);
+        });
       } else {
-        at::parallel_for(0, N, grain, [&](int64_t r0, int64_t r1) { gemv_rows(w, x, y, r0, r1, K); });
+        parallel_rows(0, N, grain, [&](int64_t r0, int64_t r1) {
+          gemv_rows(w, x, y, r0, r1, K);
+          finish(L, y, 1, r0, r1);
+        });
       }
     } else {
       const float* w = L.weight.data_ptr<float>();
-      at::parallel_for(0, N, grain, [&](int64_t r0, int64_t r1) { gemv_rows(w, x, y, r0, r1, K); });
+      parallel_rows(0, N, grain, [&](int64_t r0, int64_t r1) {
+        gemv_rows(w, x, y, r0, r1, K);
+        finish(L, y, 1, r0, r1);
+      });
     }
-    finish(L, y, 1);
   }
 
   // cos and sin (rd/2,) of position `pos` for each frequency of a table, rounded like the eager bf16 path.
@@ -680,7 +765,7 @@ class DecodePlan {
     const int64_t window = layers_[l].window;
     const int64_t B = static_cast<int64_t>(rows_.size());
     const int64_t group = H_ / KV_, qkv_rows = (H_ + 2 * KV_) * hd_;
-    at::parallel_for(0, B * H_, 1, [&](int64_t i0, int64_t i1) {
+    parallel_rows(0, B * H_, 1, [&](int64_t i0, int64_t i1) {
       Buffer<float> p, acc(hd_);
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t b = i / H_, h = i % H_, g = h / group;
@@ -759,11 +844,11 @@ class DecodePlan {
   std::vector<Layer> layers_;
   // Scratch, fp32, row after row (B rows): residual stream, normed input, a D-sized result,
   // a parallel block's attention result, q|k|v, attention output, the MLP's hidden and
-  // activated vectors, logits, each row's RoPE cos and sin (global, then local); act_q_ a
-  // quantized GEMV input, xb_ a bf16 copy of one, head_tmp_ a normed head.
-  Buffer<float> x_, xn_, tmp_, par_, qkv_, attn_, hidden_, act_, logits_, cos_, sin_, act_q_, head_tmp_;
-  Buffer<float> moe_logits_, moe_x_, moe_h_, moe_a_, moe_out_;  // the rows through the experts
-  Buffer<at::BFloat16> xb_;
+  // activated vectors, logits, each row's RoPE cos and sin (global, then local); head_tmp_ a
+  // normed head.
+  Buffer<float> x_, xn_, tmp_, par_, qkv_, attn_, hidden_, act_, logits_, cos_, sin_, head_tmp_;
+  Buffer<float> moe_logits_, moe_x_, moe_h_, moe_a_, moe_out_, moe_gate_;  // the rows through the experts
+  emergence::QuantizedRows qrows_;  // the rows quantized for a product on Q8_0 / Q4_0 blocks
   std::vector<Row> rows_;  // the rows of the call being run
   const std::vector<std::vector<int64_t>>* tables_ = nullptr;  // their sequences' block tables
   int64_t num_blocks_ = 0, block_size_ = 1;  // the KV pools' shape

@@ -21,12 +21,13 @@ from torch import nn
 from ..errors import InvalidArgument
 from ..kv_cache import PagedKVCache
 
-# The longest prompt prefilled natively, where that is at least as fast as the eager forward
-# (bench/bench_batched.py, smollm2-135m shapes): fp32 weights up to 32 tokens; bf16 up to 16
-# (at 32, oneDNN's bf16 GEMM is level or ahead); packed quantized weights up to 4 (their kernels
-# read the weights once per token, where the eager path multiplies all the tokens at once: on the
-# packed blocks for q8_0 and q4_0, through one dequantization per call for the other formats).
-MAX_NATIVE_PREFILL, MAX_NATIVE_PREFILL_BF16, MAX_NATIVE_PREFILL_PACKED = 32, 16, 4
+# The longest prompt prefilled natively, where that is faster than the eager forward
+# (bench/bench_batched.py, smollm2-135m shapes, 2 threads): fp32 weights up to 64 tokens (1.5x
+# the eager forward there, level at 128); bf16 up to 16 (at 32, oneDNN's bf16 GEMM is level);
+# q8_0 and q4_0 blocks up to 128 (both paths multiply on the packed blocks, qgemm_ggml: 1.15x
+# at 128, level at 256); the other packed formats up to 4 (their kernels read the weights once
+# per token, where the eager path multiplies all the tokens at once after one dequantization).
+MAX_NATIVE_PREFILL, MAX_NATIVE_PREFILL_BF16, MAX_NATIVE_PREFILL_GGML, MAX_NATIVE_PREFILL_PACKED = 64, 16, 128, 4
 # The linear layers of a block, by decode.cpp's slot number ("mlp.up": SwiGLU's fused gate_up
 # or the GELU MLP's up projection).
 LINEAR_SLOTS = ("attn.qkv_proj", "attn.o_proj", "mlp.up", "mlp.down_proj")
@@ -95,8 +96,7 @@ class NativeBackend:
         self.cache, self.vocab_size, self.context = cache, model.config.vocab_size, model.config.block_size
         self.eager = EagerBackend(model, cache)  # for prompts longer than max_prefill
         self.plan, packed = build_plan(model, gemv_extension())
-        self.max_prefill = (MAX_NATIVE_PREFILL_PACKED if packed else
-                            MAX_NATIVE_PREFILL_BF16 if model.dtype == torch.bfloat16 else MAX_NATIVE_PREFILL)
+        self.max_prefill = max_native_prefill(model.dtype, packed)
         self.native_calls = 0  # forward passes run natively (the rest went to the eager forward)
 
     def forward(self, chunks: list[list[int]], starts: list[int], tables: list[list[int]],
@@ -135,8 +135,21 @@ class NativeBackend:
         return self.plan.forward(tokens, rows, positions, last, tables, self.cache.k, self.cache.v)
 
 
+def max_native_prefill(dtype: torch.dtype, packed: set[str]) -> int:
+    """The longest prompt the plan prefills (MAX_NATIVE_PREFILL*) for weights of `dtype` and the
+    packed formats `packed` of its linear layers."""
+    from . import _cpu_flags
+    from ..quant.linear import GGML_KERNEL_FORMATS
+
+    if packed:
+        on_blocks = packed <= set(GGML_KERNEL_FORMATS) and "avx512_vnni" in _cpu_flags()
+        return MAX_NATIVE_PREFILL_GGML if on_blocks else MAX_NATIVE_PREFILL_PACKED
+    return MAX_NATIVE_PREFILL_BF16 if dtype == torch.bfloat16 else MAX_NATIVE_PREFILL
+
+
 def build_plan(model: nn.Module, extension) -> tuple[object, bool]:
-    """decode.cpp's DecodePlan over the model's current weights; and whether any is packed."""
+    """decode.cpp's DecodePlan over the model's current weights; and the packed formats of its
+    linear layers (a quantized token table aside)."""
     from ..model import MoE
 
     c = model.config
@@ -190,11 +203,12 @@ def build_plan(model: nn.Module, extension) -> tuple[object, bool]:
             for slot, stack in ((6, block.mlp.gate_up_proj), (7, block.mlp.down_proj)):
                 if isinstance(stack, nn.ModuleList):  # experts quantized one by one (quant/linear.py)
                     linears += [(i, slot, e, module) for e, module in enumerate(stack)]
-    packed = False
+    packed = set()
     for layer, slot, expert, module in linears:
         ops = module.kernel_operands() if hasattr(module, "kernel_operands") else None
         if ops is not None:
             plan.set_quantized(layer, slot, expert, extension.weight_kinds[ops.format], ops.data, ops.scales,
                                ops.offsets, ops.group, ops.tensor_scale, ops.act_bits)
-            packed = True
+            if layer != -2:  # (the table's rows are looked up, not multiplied)
+                packed.add(ops.format)
     return plan, packed

@@ -81,9 +81,12 @@ torch::Tensor qgemm(int64_t kind, torch::Tensor x, torch::Tensor data, int64_t N
                     c10::optional<torch::Tensor> bias) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "x must be (M, K)");
   const QuantMatrix m = quant_matrix(kind, data, torch::Tensor(), torch::Tensor(), 0, 0.0, N, K);
+  TORCH_CHECK(m.kind == WeightKind::Q8_0 || m.kind == WeightKind::Q4_0, "qgemm: Q8_0 or Q4_0 weights");
+  TORCH_CHECK(kHasAvx512Vnni, "qgemm needs AVX512-VNNI");
   auto xf = x.to(torch::kFloat32).contiguous();
   auto y = torch::empty({x.size(0), N}, xf.options());
-  qgemm_ggml(m, xf.data_ptr<float>(), x.size(0), y.data_ptr<float>());
+  QuantizedRows scratch;
+  qgemm_ggml(m, xf.data_ptr<float>(), x.size(0), y.data_ptr<float>(), scratch);
   if (bias.has_value() && bias->defined()) y.add_(bias->to(torch::kFloat32));
   return y;
 }

@@ -24,6 +24,8 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include "team.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -202,11 +204,14 @@ struct QuantizedRows {
   std::vector<int32_t> init;   // (M, blocks): -bias * the block's sum of q
 };
 
+// In a team (team.h) `out` must be shared by its threads.
 inline void quantize_rows(const float* x, int64_t M, int64_t K, int bias, QuantizedRows& out) {
   const int64_t nb = K / 32;
-  out.M = (M + kQgemmCols - 1) / kQgemmCols * kQgemmCols, out.blocks = nb;
-  out.q.assign(out.M * K, 0), out.d.assign(out.M * nb, 0.0f), out.init.assign(out.M * nb, 0);
-  at::parallel_for(0, M, 16, [&](int64_t t0, int64_t t1) {
+  serially([&] {
+    out.M = (M + kQgemmCols - 1) / kQgemmCols * kQgemmCols, out.blocks = nb;
+    out.q.assign(out.M * K, 0), out.d.assign(out.M * nb, 0.0f), out.init.assign(out.M * nb, 0);
+  });
+  parallel_rows(0, M, 16, [&](int64_t t0, int64_t t1) {
     QuantizedX row;
     for (int64_t t = t0; t < t1; ++t) {
       quantize_x(x + t * K, K, bias, row);
@@ -274,15 +279,13 @@ void qgemm_ggml_rows(const QuantMatrix& m, const QuantizedRows& X, float* y, int
   }
 }
 
-// Y (M, N) fp32 = X (M, K) W^T for a Q8_0 or Q4_0 W; tiles of 16 rows of W split across threads.
-inline void qgemm_ggml(const QuantMatrix& m, const float* x, int64_t M, float* y) {
-  TORCH_CHECK(m.kind == WeightKind::Q8_0 || m.kind == WeightKind::Q4_0, "qgemm: Q8_0 or Q4_0 weights");
-  TORCH_CHECK(kHasAvx512Vnni, "qgemm needs AVX512-VNNI");
+// Y (M, N) fp32 = X (M, K) W^T for a Q8_0 or Q4_0 W (the caller checks: kHasAvx512Vnni); tiles
+// of 16 rows of W split across threads. X: scratch for x quantized, shared in a team.
+inline void qgemm_ggml(const QuantMatrix& m, const float* x, int64_t M, float* y, QuantizedRows& X) {
   const bool q4 = m.kind == WeightKind::Q4_0;
-  QuantizedRows X;
   quantize_rows(x, M, m.K, q4 ? 8 : 128, X);
   const int64_t tiles = (m.N + kQgemmRows - 1) / kQgemmRows;
-  at::parallel_for(0, tiles, 1, [&](int64_t a, int64_t b) {
+  parallel_rows(0, tiles, 1, [&](int64_t a, int64_t b) {
     const int64_t r0 = a * kQgemmRows, r1 = std::min(m.N, b * kQgemmRows);
     q4 ? qgemm_ggml_rows<true>(m, X, y, M, r0, r1) : qgemm_ggml_rows<false>(m, X, y, M, r0, r1);
   });
@@ -381,7 +384,7 @@ inline void quant_gemv(const QuantMatrix& m, const float* x, float* y, int64_t g
   if (ggml && kHasAvx512Vnni) {
     const bool q4 = m.kind == WeightKind::Q4_0;
     quantize_x(x, K, q4 ? 8 : 128, xq);
-    at::parallel_for(0, m.N, grain, [&](int64_t r0, int64_t r1) {
+    parallel_rows(0, m.N, grain, [&](int64_t r0, int64_t r1) {
       int64_t r = r0;
       for (; r + 2 <= r1; r += 2) {  // 2 rows at a time: measured faster than 1 or 4 here
         const uint8_t* row = m.data + r * m.row_bytes;
@@ -394,7 +397,7 @@ inline void quant_gemv(const QuantMatrix& m, const float* x, float* y, int64_t g
     });
     return;
   }
-  at::parallel_for(0, m.N, grain, [&](int64_t r0, int64_t r1) {
+  parallel_rows(0, m.N, grain, [&](int64_t r0, int64_t r1) {
     int64_t r = r0;
     if (m.kind == WeightKind::INT4) {  // 2 rows at a time share the x loads
       for (; r + 2 <= r1; r += 2) {
@@ -518,7 +521,7 @@ inline void dequantize_row(const QuantMatrix& m, int64_t r, float* w) {
 // The whole weight as fp32 (N, K) row-major, rows split across threads: the eager forward pass
 // (prefill, batches) multiplies by it.
 inline void dequantize_rows(const QuantMatrix& m, float* out, int64_t grain) {
-  at::parallel_for(0, m.N, grain, [&](int64_t r0, int64_t r1) {
+  parallel_rows(0, m.N, grain, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) dequantize_row(m, r, out + r * m.K);
   });
 }
