@@ -3,12 +3,15 @@ their matrix products, and short-prompt prefill.
 
 - GEMM: every linear layer of emergence-6m (the shipped 5.9M-parameter model) for 16 rows,
   the matrices cold as in a decoding step (23.5 MB, all of them in turn): the native
-  `gemm_rows` (kernels/gemv_rows.h) against torch.mm (MKL) on the same operands.
+  `gemm_rows` (kernels/gemv_rows.h) against torch.mm (MKL) on the same operands; and the same
+  weights in bf16 where the CPU has AVX512-BF16: widened to fp32 in registers (what the decode
+  plan runs), VDPBF16PS on bf16 rows (`gemm_rows_dpbf16`), and torch.mm in bf16.
 - Step: one decoding step of emergence-6m for 16 rows (58-60 cached tokens each, in the paged
-  KV cache): the native backend against the eager one, and one row alone for reference.
-- Prefill: one prompt of 4-32 tokens on the smollm2-135m shapes (30 layers, 576 wide, random
-  weights), fp32 and bf16: the native prefill against the eager forward. This is what sets
-  MAX_NATIVE_PREFILL and MAX_NATIVE_PREFILL_BF16 in kernels/fused_decode.py.
+  KV cache): the native backend against the eager one, and one row alone for reference; the
+  native step again with every linear layer at q8_0 and q4_0.
+- Prefill: one prompt of 4-64 tokens on the smollm2-135m shapes (30 layers, 576 wide, random
+  weights), fp32, bf16, q8_0 and q4_0 (the output head kept fp32): the native prefill against
+  the eager forward. This is what sets MAX_NATIVE_PREFILL* in kernels/fused_decode.py.
 
 Every figure is the best of several repetitions (11 by default; the machine is shared and noisy),
 each path timed on its own rather than interleaved with the others.
@@ -28,7 +31,7 @@ import torch
 import emergence
 from emergence.config import Config
 from emergence.decode import make_backend
-from emergence.kernels import gemv_extension
+from emergence.kernels import _cpu_flags, gemv_extension
 from emergence.kv_cache import PagedKVCache
 from emergence.model import Transformer
 
@@ -54,8 +57,16 @@ def bench_gemm(model, reps: int, rows: int = 16) -> dict:
     flops = sum(2 * rows * w.numel() for w in weights)
     native = best_ms(lambda: [ext.gemm(xs[w.shape[1]], w) for w in weights], reps, 20)
     mkl = best_ms(lambda: [torch.mm(xs[w.shape[1]], w.T) for w in weights], reps, 20)
-    return {"rows": rows, "matrices": len(weights), "native_ms": native, "torch_mm_ms": mkl,
-            "native_gflop_s": flops / native / 1e6, "torch_mm_gflop_s": flops / mkl / 1e6}
+    out = {"rows": rows, "matrices": len(weights), "native_ms": native, "torch_mm_ms": mkl,
+           "native_gflop_s": flops / native / 1e6, "torch_mm_gflop_s": flops / mkl / 1e6}
+    if "avx512_bf16" in _cpu_flags():  # bf16 weights: widened in registers, or VDPBF16PS on bf16 rows
+        wb = [w.bfloat16() for w in weights]
+        xb = {k: x.bfloat16() for k, x in xs.items()}
+        widen = best_ms(lambda: [ext.gemm(xs[w.shape[1]], w) for w in wb], reps, 20)
+        dot = best_ms(lambda: [ext.gemm(xb[w.shape[1]], w) for w in wb], reps, 20)
+        mkl_bf16 = best_ms(lambda: [torch.mm(xb[w.shape[1]], w.T) for w in wb], reps, 20)
+        out["bf16"] = {"widen_ms": widen, "dpbf16_ms": dot, "torch_mm_ms": mkl_bf16}
+    return out
 
 
 def paged(model, rows: int, tokens: list[int]) -> tuple[PagedKVCache, list[list[int]]]:
@@ -68,12 +79,26 @@ def paged(model, rows: int, tokens: list[int]) -> tuple[PagedKVCache, list[list[
 
 
 def bench_step(model, reps: int, rows: int = 16, cached: int = 60) -> dict:
+    """One decoding step of `rows` rows, native and eager, and one row natively; then the same
+    native steps with every linear layer but the head at q8_0 and at q4_0 (the rows multiplied
+    on the packed blocks, qgemm_ggml, against one GEMV per row for one row)."""
+    import copy
+
+    from emergence.quant.linear import quantize_model
+
     out = {}
+    quantized = {fmt: copy.deepcopy(model) for fmt in ("q8_0", "q4_0")}
+    for fmt, twin in quantized.items():
+        quantize_model(twin, fmt)  # (the output head kept as it is)
     with torch.inference_mode():
-        for name, B, backend in (("native_1_row", 1, "native"), ("native", rows, "native"), ("eager", rows, "eager")):
+        runs = [("native_1_row", model, 1, "native"), ("native", model, rows, "native"),
+                ("eager", model, rows, "eager")]
+        for fmt, twin in quantized.items():
+            runs += [(f"{fmt}_native_1_row", twin, 1, "native"), (f"{fmt}_native", twin, rows, "native")]
+        for name, m, B, backend in runs:
             lengths = [cached - b % 3 for b in range(B)]
-            cache, tables = paged(model, B, lengths)
-            runner = make_backend(model, cache, backend)
+            cache, tables = paged(m, B, lengths)
+            runner = make_backend(m, cache, backend)
             out[f"{name}_ms"] = best_ms(lambda: runner.forward([[1]] * B, lengths, tables), reps, 20)
     return out
 
@@ -81,12 +106,16 @@ def bench_step(model, reps: int, rows: int = 16, cached: int = 60) -> dict:
 def bench_prefill(reps: int) -> list[dict]:
     from emergence.kernels.fused_decode import NativeBackend
 
+    from emergence.quant.linear import quantize_model
+
     config = Config.from_name("smollm2-135m")
     rows = []
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in (torch.float32, torch.bfloat16, "q8_0", "q4_0"):
         torch.manual_seed(0)
-        model = Transformer(config).to(dtype).eval()
-        for T in (4, 8, 16, 32):
+        model = Transformer(config).to(dtype if isinstance(dtype, torch.dtype) else torch.float32).eval()
+        if not isinstance(dtype, torch.dtype):
+            quantize_model(model, dtype)
+        for T in (4, 8, 16, 32, 64):
             ids = torch.randint(0, 1000, (T,)).tolist()
             cache, tables = paged(model, 1, [T])
             native, eager = NativeBackend(model, cache), make_backend(model, cache, "eager")
@@ -113,8 +142,14 @@ def main() -> int:
     g, s = result["gemm"], result["step"]
     print(f"emergence-6m, {g['rows']} rows x {g['matrices']} linear layers: native {g['native_ms']:.2f} ms "
           f"({g['native_gflop_s']:.0f} GFLOP/s), torch.mm {g['torch_mm_ms']:.2f} ms ({g['torch_mm_gflop_s']:.0f})")
+    if "bf16" in g:
+        b = g["bf16"]
+        print(f"  bf16 weights: widened {b['widen_ms']:.2f} ms, VDPBF16PS {b['dpbf16_ms']:.2f} ms, "
+              f"torch.mm {b['torch_mm_ms']:.2f} ms")
     print(f"emergence-6m decoding step: 16 rows native {s['native_ms']:.2f} ms, eager {s['eager_ms']:.2f} ms; "
           f"1 row native {s['native_1_row_ms']:.2f} ms")
+    for fmt in ("q8_0", "q4_0"):
+        print(f"  at {fmt}: 16 rows {s[f'{fmt}_native_ms']:.2f} ms, 1 row {s[f'{fmt}_native_1_row_ms']:.2f} ms")
     print("\n| dtype | prompt tokens | native tok/s | eager tok/s | native by default |\n|---|---|---|---|---|")
     for r in result["prefill"]:
         print(f"| {r['dtype']} | {r['tokens']} | {r['native_tok_s']:.0f} | {r['eager_tok_s']:.0f} | "

@@ -115,8 +115,8 @@ def main() -> int:
                   f"quantized ({packed[1]:.2f} s), {float_[0] / 1e6:.0f} MB dequantized ({float_[1]:.2f} s)",
                   flush=True)
             model, _, gguf_tokenizer = load_gguf(path)
-            engines[f"gguf-{kind}"] = model_engine(model, gguf_tokenizer, prompt)[0]
-            engines[f"quantized-{kind}"] = our_engine(base, tokenizer, torch.float32, kind, {}, prompt)[0]
+            engines[f"gguf-{kind}"] = model_engine(model, gguf_tokenizer, prompt, args.new_tokens)[0]
+            engines[f"quantized-{kind}"] = our_engine(base, tokenizer, torch.float32, kind, {}, prompt, args.new_tokens)[0]
             engines[f"llama-bench-{kind}"] = llama_bench_engine(path, prompt)[0]
         samples = {name: [] for name in engines}
         for decode in engines.values():  # warm-up

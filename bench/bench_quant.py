@@ -13,7 +13,10 @@ Decode tokens/s: N - 1 tokens over the time from the first generated token to th
 emergence's `stream` (the user path: sampling and detokenization included) and
 llama-cpp-python's single-token evaluations, both greedy from the same prompt (prefill times
 are kept out: they vary more than a few decode steps take); llama-bench's tg64 as it reports
-it. Prefill tokens/s: one forward pass over the prompt (llama-bench: pp128). Effective
+it. emergence's bare step: N - 1 calls of the decode backend's forward alone (one token, no
+sampling), so the table shows what the Python layer costs. Prefill tokens/s: the prompt through
+the backend `stream` prefills it with (the native plan up to its max_prefill, else the eager
+forward; llama-bench: pp128). Effective
 bandwidth = decode tok/s x bytes of weights read per token, against the machine's memory read
 bandwidth measured in the same run (the best of several read kernels, so no engine exceeds it).
 
@@ -42,7 +45,9 @@ from tokenizers import models
 
 from emergence import Config, SamplingParams
 from emergence.generate import stream
+from emergence.decode import make_backend
 from emergence.kernels.fused_decode import unsupported
+from emergence.kv_cache import PagedKVCache
 from emergence.model import Transformer
 from emergence.quant.linear import QuantizedLinear, quantize_model
 from emergence.tokenizer import Tokenizer
@@ -110,19 +115,26 @@ def weight_bytes_per_token(model: Transformer) -> int:
     return total
 
 
-def our_engine(base: Transformer, tokenizer: Tokenizer, dtype, fmt, options, prompt: list[int]):
+def our_engine(base: Transformer, tokenizer: Tokenizer, dtype, fmt, options, prompt: list[int], new_tokens: int):
     model = copy.deepcopy(base).to(dtype)
     if fmt is not None:
         model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())  # untie: quantize it too
         model.config.tie_embeddings = False
         quantize_model(model, fmt, skip=(), **options)
-    return (*model_engine(model, tokenizer, prompt), weight_bytes_per_token(model), unsupported(model) is None)
+    return (*model_engine(model, tokenizer, prompt, new_tokens), weight_bytes_per_token(model),
+            unsupported(model) is None)
 
 
-def model_engine(model: Transformer, tokenizer: Tokenizer, prompt: list[int]):
-    """(decode, prefill) of emergence on `model`: decode(n) the seconds of tokens 2..n through
-    `stream` (the user path), prefill() one forward pass over the prompt."""
-    ids = torch.tensor([prompt])
+def model_engine(model: Transformer, tokenizer: Tokenizer, prompt: list[int], new_tokens: int):
+    """(decode, prefill, step) of emergence on `model`: decode(n) the seconds of tokens 2..n
+    through `stream` (the user path: sampling and detokenization included); prefill() the
+    prompt through the backend a decode batch picks (native up to its max_prefill, else the
+    eager forward), as `stream` prefills it; step(n) the seconds of n - 1 bare decoding steps
+    after it (the backend's forward alone: what the Python layer adds is decode - step)."""
+    cache = PagedKVCache(model.config, -(-(len(prompt) + new_tokens + 1) // 16), block_size=16, dtype=model.dtype)
+    table: list[int] = []
+    cache.grow(table, 0, len(prompt) + new_tokens + 1)
+    backend = make_backend(model, cache, "auto")
 
     def decode(n: int) -> float:
         chunks = stream(model, tokenizer, prompt, SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True))
@@ -134,9 +146,17 @@ def model_engine(model: Transformer, tokenizer: Tokenizer, prompt: list[int]):
 
     def prefill():
         with torch.inference_mode():
-            model(ids, last_logits_only=True)
+            return backend.forward([prompt], [0], [table])
 
-    return decode, prefill
+    def step(n: int) -> float:
+        token = int(prefill()[0].argmax())
+        start = time.perf_counter()
+        with torch.inference_mode():
+            for i in range(n - 1):
+                backend.forward([[token]], [len(prompt) + i], [table])
+        return time.perf_counter() - start
+
+    return decode, prefill, step
 
 
 def llama_cpp_engine(path: Path, prompt: list[int]):
@@ -183,16 +203,17 @@ def render_table(result: dict) -> str:
     """The README's table: each emergence format against llama.cpp's own binary (llama-bench) and
     against llama-cpp-python's loop, on the same weights."""
     engines, bandwidth = result["engines"], result["bandwidth_gb_s"]
-    lines = ["| emergence | weights MB/token | decode tok/s (range) | llama-bench peer: tg64 tok/s | ratio "
+    lines = ["| emergence | weights MB/token | decode tok/s (range) | bare step tok/s | llama-bench peer: tg64 tok/s | ratio "
              "| llama-cpp-python loop tok/s | ratio | prefill tok/s | llama-bench pp128 | ratio | % of bandwidth |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in engines.items():
         if name not in OURS:
             continue
         peer = PEER_TYPE.get(name)
         native, loop = engines.get(f"llama-bench {peer}"), engines.get(f"llama.cpp {peer}")
         cells = [name, f"{r['weight_bytes'] / 1e6:.0f}",
-                 f"{r['decode_tok_s']:.1f} ({r['decode_range'][0]:.0f}-{r['decode_range'][1]:.0f})"]
+                 f"{r['decode_tok_s']:.1f} ({r['decode_range'][0]:.0f}-{r['decode_range'][1]:.0f})",
+                 f"{r['step_tok_s']:.1f}" if "step_tok_s" in r else "-"]
         cells += [f"{peer} {native['decode_tok_s']:.1f}", f"{r['decode_tok_s'] / native['decode_tok_s']:.2f}x"] \
             if native else ["-", "-"]
         cells += [f"{loop['decode_tok_s']:.1f}", f"{r['decode_tok_s'] / loop['decode_tok_s']:.2f}x"] if loop else ["-", "-"]
@@ -235,7 +256,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for name in chosen:
             if name in OURS:
-                decode, prefill, nbytes, fused = our_engine(base, tokenizer, *OURS[name], prompt)
+                decode, prefill, step, nbytes, fused = our_engine(base, tokenizer, *OURS[name], prompt,
+                                                                  args.new_tokens)
                 if not fused:
                     print(f"  ({name}: no fused native decode here; eager path)", flush=True)
             else:
@@ -244,16 +266,18 @@ def main() -> int:
                 if not path.exists():
                     save_gguf(base, tokenizer, path, kind)
                 decode, prefill = (llama_cpp_engine if name in THEIRS else llama_bench_engine)(path, prompt)
-                nbytes = _gguf_matrix_bytes(path)
-            engines[name] = (decode, prefill)
+                step, nbytes = None, _gguf_matrix_bytes(path)
+            engines[name] = (decode, prefill, step)
             weight_bytes[name] = nbytes
-        samples = {n: {"decode": [], "prefill": []} for n in engines}
-        for decode, prefill in engines.values():  # warm-up
+        samples = {n: {"decode": [], "prefill": [], "step": []} for n in engines}
+        for decode, prefill, step in engines.values():  # warm-up
             decode(2), prefill()
         for r in range(args.rounds):
-            for name, (decode, prefill) in engines.items():
+            for name, (decode, prefill, step) in engines.items():
                 samples[name]["decode"].append((args.new_tokens - 1) / decode(args.new_tokens))
                 samples[name]["prefill"].append(len(prompt) / _prefill_seconds(prefill))
+                if step is not None:
+                    samples[name]["step"].append((args.new_tokens - 1) / step(args.new_tokens))
             print(f"  round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {s['decode'][-1]:.0f}" for n, s in
                                                                  samples.items()), flush=True)
 
@@ -263,6 +287,8 @@ def main() -> int:
         decode, prefill = statistics.median(s["decode"]), statistics.median(s["prefill"])
         result["engines"][name] = {"decode_tok_s": decode, "prefill_tok_s": prefill, "weight_bytes": weight_bytes[name],
                                    "decode_range": [min(s["decode"]), max(s["decode"])]}
+        if s["step"]:
+            result["engines"][name]["step_tok_s"] = statistics.median(s["step"])
     print("\n" + render_table(result))
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from provenance import write_result

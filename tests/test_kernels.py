@@ -17,7 +17,7 @@ import emergence
 from conftest import in_threads
 from emergence.decode import DecodeBatch, end_ids, make_backend, new_row
 from emergence.errors import InvalidArgument
-from emergence.kernels import _cpu_supports, gemv_extension
+from emergence.kernels import _cpu_flags, _cpu_supports, gemv_extension
 from emergence.kv_cache import PagedKVCache
 from emergence.sampling import SamplingParams
 
@@ -98,6 +98,14 @@ def test_batched_gemm_matches_the_exact_product(rows, shape, w_dtype, ext):
     assert got.shape == (rows, n) and got.dtype == torch.float32
     bound = k * 2**-23 * (x.double().abs() @ w.double().abs().T)  # fp32 accumulation, any order
     assert ((got.double() - exact).abs() <= bound + 1e-12).all()
+    if w_dtype == torch.bfloat16 and "avx512_bf16" in _cpu_flags():
+        # a bf16 model's rows are bf16 too: VDPBF16PS multiplies the pairs exactly (8-bit
+        # significands) and sums them in fp32, so the same bound holds for the bf16 rows' exact product
+        xb = x.bfloat16()
+        exact = xb.double() @ w.double().T
+        got = ext.gemm(xb, w)
+        bound = k * 2**-23 * (xb.double().abs() @ w.double().abs().T)
+        assert got.dtype == torch.float32 and ((got.double() - exact).abs() <= bound + 1e-12).all()
 
 
 def test_default_model_is_unchanged_by_the_native_backend():

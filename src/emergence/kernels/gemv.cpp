@@ -42,17 +42,26 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor weight, c10::optional<torch::T
   return y.to(weight.scalar_type());
 }
 
-// x: (B, K) fp32; weight: (N, K) contiguous bf16 or fp32. Returns x W^T, (B, N) fp32: the
-// batched decoding step's product (gemm_rows), exposed for tests and benchmarks.
+// x: (B, K) fp32, or bf16 with bf16 weights; weight: (N, K) contiguous bf16 or fp32. Returns
+// x W^T, (B, N) fp32: the batched decoding step's product (gemm_rows; bf16 x: gemm_rows_dpbf16
+// where the CPU has AVX512-BF16), exposed for tests and benchmarks.
 torch::Tensor gemm(torch::Tensor x, torch::Tensor weight) {
   TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "weight must be a contiguous matrix");
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == weight.size(1) && x.scalar_type() == torch::kFloat32,
-              "x must be fp32 (B, K) with K = weight.size(1)");
+  const bool dot_bf16 = x.scalar_type() == torch::kBFloat16 && weight.scalar_type() == torch::kBFloat16;
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == weight.size(1) && (x.scalar_type() == torch::kFloat32 || dot_bf16),
+              "x must be fp32 (B, K), or bf16 with bf16 weights, with K = weight.size(1)");
+  TORCH_CHECK(!dot_bf16 || kHasAvx512Bf16, "bf16 x needs AVX512-BF16");
   const int64_t B = x.size(0), N = weight.size(0), K = weight.size(1);
   auto xc = x.contiguous();
-  auto y = torch::empty({B, N}, xc.options());
-  const float* xp = xc.data_ptr<float>();
+  auto y = torch::empty({B, N}, xc.options().dtype(torch::kFloat32));
   float* yp = y.data_ptr<float>();
+  if (dot_bf16) {
+    const at::BFloat16* xp = xc.data_ptr<at::BFloat16>();
+    const at::BFloat16* wp = weight.data_ptr<at::BFloat16>();
+    at::parallel_for(0, N, gemv_grain(N), [&](int64_t r0, int64_t r1) { gemm_rows_dpbf16(wp, xp, B, yp, N, r0, r1, K); });
+    return y;
+  }
+  const float* xp = xc.data_ptr<float>();
   if (weight.scalar_type() == torch::kBFloat16) {
     const at::BFloat16* wp = weight.data_ptr<at::BFloat16>();
     at::parallel_for(0, N, gemv_grain(N), [&](int64_t r0, int64_t r1) { gemm_rows(wp, xp, B, yp, N, r0, r1, K); });

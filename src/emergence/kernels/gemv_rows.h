@@ -190,6 +190,66 @@ inline void gemm_rows(const T* w, const float* x, int64_t B, float* y, int64_t N
   }
 }
 
+// The batched product's tile with AVX512-BF16 dot products: X is bf16 (C, K) as well (a bf16
+// model's activations are bf16 values), and one VDPBF16PS multiplies 32 weights of a row by 32
+// values of a row of X, pairs exact and summed into 16 fp32 lanes: half the instructions of
+// widening the weights and FMAs, and no conversion work.
+template <int R, int C>
+__attribute__((target("avx512f,avx512bw,avx512bf16")))
+inline void gemm_tile_dpbf16(const at::BFloat16* w, const at::BFloat16* x, float* y, int64_t ldy, int64_t K,
+                             const at::BFloat16* next = nullptr) {
+  const int64_t K32 = K & ~int64_t(31);
+  const __mmask32 tail = static_cast<__mmask32>((K - K32) == 0 ? 0 : ((1ull << (K - K32)) - 1));
+  __m512 acc[R][C];
+  for (int i = 0; i < R; ++i)
+    for (int c = 0; c < C; ++c) acc[i][c] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K32; k += 32) {
+    if (next) {  // 32 bf16 values: one cache line of each next row per step
+      for (int i = 0; i < R; ++i) _mm_prefetch(reinterpret_cast<const char*>(next + i * K + k), _MM_HINT_T0);
+    }
+    __m512bh xv[C];
+    for (int c = 0; c < C; ++c) xv[c] = (__m512bh)_mm512_loadu_si512(x + c * K + k);
+    for (int i = 0; i < R; ++i) {
+      const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + i * K + k);
+      for (int c = 0; c < C; ++c) acc[i][c] = _mm512_dpbf16_ps(acc[i][c], wv, xv[c]);
+    }
+  }
+  if (tail) {
+    __m512bh xv[C];
+    for (int c = 0; c < C; ++c) xv[c] = (__m512bh)_mm512_maskz_loadu_epi16(tail, x + c * K + K32);
+    for (int i = 0; i < R; ++i) {
+      const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(tail, w + i * K + K32);
+      for (int c = 0; c < C; ++c) acc[i][c] = _mm512_dpbf16_ps(acc[i][c], wv, xv[c]);
+    }
+  }
+  if constexpr (R == 4) {
+    for (int c = 0; c < C; ++c) _mm_storeu_ps(y + c * ldy, hsum4(acc[0][c], acc[1][c], acc[2][c], acc[3][c]));
+  } else {
+    for (int i = 0; i < R; ++i)
+      for (int c = 0; c < C; ++c) y[c * ldy + i] = hsum(acc[i][c]);
+  }
+}
+
+// gemm_rows for bf16 weights and bf16 rows of X on AVX512-BF16 (gemm_tile_dpbf16): the same
+// tiles of 4 weight rows x 4 rows of X.
+__attribute__((target("avx512f,avx512bw,avx512bf16")))
+inline void gemm_rows_dpbf16(const at::BFloat16* w, const at::BFloat16* x, int64_t B, float* y, int64_t N,
+                             int64_t row0, int64_t row1, int64_t K) {
+  int64_t r = row0;
+  for (; r + 4 <= row1; r += 4) {
+    const at::BFloat16* next = r + 8 <= row1 ? w + (r + 4) * K : nullptr;  // prefetched by the last tile
+    int64_t b = 0;
+    for (; b + 4 <= B; b += 4)
+      gemm_tile_dpbf16<4, 4>(w + r * K, x + b * K, y + b * N + r, N, K, b + 4 >= B ? next : nullptr);
+    for (; b < B; ++b) gemm_tile_dpbf16<4, 1>(w + r * K, x + b * K, y + b * N + r, N, K, b + 1 == B ? next : nullptr);
+  }
+  for (; r < row1; ++r) {
+    int64_t b = 0;
+    for (; b + 4 <= B; b += 4) gemm_tile_dpbf16<1, 4>(w + r * K, x + b * K, y + b * N + r, N, K);
+    for (; b < B; ++b) gemm_tile_dpbf16<1, 1>(w + r * K, x + b * K, y + b * N + r, N, K);
+  }
+}
+
 inline const bool kHasAvx512Bf16 = __builtin_cpu_supports("avx512bf16");
 
 // Rows per parallel task: a multiple of 4, large enough that thread start-up is amortised.
