@@ -555,7 +555,7 @@ def test_the_kernels_format_table_is_the_quantized_layers(ext):
 
 
 @pytest.mark.parametrize("qtype_name", ["Q8_0", "Q4_0"])
-@pytest.mark.parametrize("shape", [(7, 32), (300, 576), (64, 1536)])
+@pytest.mark.parametrize("shape", [(7, 32), (13, 96), (300, 576), (64, 1536)])  # blocks: 1, 3 (a pair and one), 18, 48
 def test_ggml_block_gemv_is_llama_cpps_product(qtype_name, shape, ext):
     if ext is None:  # the fixture checked the fallback
         return
