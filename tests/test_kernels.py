@@ -384,20 +384,23 @@ QUANTIZED = [("q8_0", {}), ("q4_0", {}), ("int8", {}), ("int4", {"group_size": 3
              ("ternary", {}), ("ternary", {"act_bits": 8}), ("nf4", {})]
 
 
-def _quantized_model(fmt: str, options: dict, dtype: torch.dtype):
+def _quantized_model(fmt: str | None, options: dict, dtype: torch.dtype, **changes):
+    """A tiny random model (Config `changes` applied), every linear layer, the output head
+    included, quantized to `fmt` (None: left in `dtype`)."""
     from emergence import Config
     from emergence.model import Transformer
     from emergence.quant.linear import quantize_model
 
-    config = Config(name="q", vocab_size=512, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=128,
-                    intermediate_size=256)
+    config = Config(**{**dict(name="q", vocab_size=512, block_size=64, n_layer=2, n_head=4, n_kv_head=2,
+                              n_embd=128, intermediate_size=256), **changes})
     torch.manual_seed(3)
     model = Transformer(config)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.2)
     model = model.to(dtype).eval()
-    quantize_model(model, fmt, skip=(), **options)  # every linear layer, the output head included
+    if fmt is not None:
+        quantize_model(model, fmt, skip=(), **options)
     return model
 
 
@@ -453,40 +456,26 @@ def test_native_prefill_with_quantized_weights_equals_the_eager_forward(fmt, opt
     assert (native.argmax(-1) == eager.argmax(-1)).all()
 
 
-# (name, quantized format and options or None, model dtype, Config changes)
-TEAM_CASES = [("fp32", None, torch.float32, {}), ("bf16", None, torch.bfloat16, {}),
-              ("q8_0", ("q8_0", {}), torch.float32, {}), ("q4_0", ("q4_0", {}), torch.float32, {}),
-              ("int4", ("int4", {"group_size": 32}), torch.float32, {}),
-              ("ternary-a8", ("ternary", {"act_bits": 8}), torch.float32, {}),
-              ("qwen2-moe", None, torch.float32, dict(family="qwen2_moe", n_experts=4, experts_per_token=2,
-                                                      moe_intermediate_size=64, shared_expert_size=96)),
-              ("qwen2-moe-q8_0", ("q8_0", {}), torch.float32,
-               dict(family="qwen2_moe", n_experts=4, experts_per_token=2, moe_intermediate_size=64,
-                    shared_expert_size=96))]
+QWEN2_MOE = dict(family="qwen2_moe", n_experts=4, experts_per_token=2, moe_intermediate_size=64,
+                 shared_expert_size=96)
+# (name, quantized format or None, its options, model dtype, Config changes)
+TEAM_CASES = [("fp32", None, {}, torch.float32, {}), ("bf16", None, {}, torch.bfloat16, {}),
+              ("q8_0", "q8_0", {}, torch.float32, {}), ("q4_0", "q4_0", {}, torch.float32, {}),
+              ("int4", "int4", {"group_size": 32}, torch.float32, {}),
+              ("ternary-a8", "ternary", {"act_bits": 8}, torch.float32, {}),
+              ("qwen2-moe", None, {}, torch.float32, QWEN2_MOE),
+              ("qwen2-moe-q8_0", "q8_0", {}, torch.float32, QWEN2_MOE)]
 
 
-@pytest.mark.parametrize("name, quantized, dtype, changes", TEAM_CASES, ids=[c[0] for c in TEAM_CASES])
-def test_one_thread_team_per_call_gives_what_one_thread_gives(name, quantized, dtype, changes):
+@pytest.mark.parametrize("name, fmt, options, dtype, changes", TEAM_CASES, ids=[c[0] for c in TEAM_CASES])
+def test_one_thread_team_per_call_gives_what_one_thread_gives(name, fmt, options, dtype, changes):
     # decode.cpp runs each call on one OpenMP team (team.h): every product, the attention and the
     # activation split by rows across it with a barrier after each, the small shared work on the
     # first thread. A race or a missing barrier shows as logits that differ from one thread's:
     # prompts prefilled together (q8_0/q4_0: on the packed blocks), steps of 3 rows and of 1 row,
     # at 1 and 2 threads. The shapes split into whole row tiles, so the sums are the same ones and
     # the logits bit-identical.
-    from emergence import Config
-    from emergence.model import Transformer
-    from emergence.quant.linear import quantize_model
-
-    config = Config(**{**dict(name="team", vocab_size=512, block_size=64, n_layer=2, n_head=4, n_kv_head=2,
-                              n_embd=128, intermediate_size=256), **changes})
-    torch.manual_seed(3)
-    model = Transformer(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.2)
-    model = model.to(dtype).eval()
-    if quantized is not None:
-        quantize_model(model, quantized[0], skip=(), **quantized[1])
+    model = _quantized_model(fmt, options, dtype, **changes)
     torch.manual_seed(9)
     prompts = [torch.randint(3, 512, (n,)).tolist() for n in (9, 2, 6)]
     steps = torch.randint(3, 512, (3, 3))  # (row 0 then takes 3 more alone: 15 tokens, one block)

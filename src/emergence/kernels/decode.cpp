@@ -19,7 +19,8 @@
 //   one matrix product over the rows (gemm_rows: register tiles of 4 weight rows x 4 rows),
 //   so the weights are read once per call instead of once per row. Only the rows named in
 //   out_rows (each sequence's last token) go through the final norm and the output head.
-// Packed quantized weights keep their GEMV, row after row.
+// Packed Q8_0 / Q4_0 weights multiply 3 rows or more on their blocks (qgemm_ggml); the other
+// packed formats keep their GEMV, row after row.
 // Norms, RoPE, attention over the KV cache, activations and residuals run in plain loops.
 //
 // The block follows the model's family switches (config.py): norms before each sublayer, after
