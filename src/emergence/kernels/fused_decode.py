@@ -22,11 +22,12 @@ from ..errors import InvalidArgument
 from ..kv_cache import PagedKVCache
 
 # The longest prompt prefilled natively, where that is faster than the eager forward
-# (bench/bench_batched.py, smollm2-135m shapes, 2 threads): fp32 weights up to 64 tokens (1.5x
-# the eager forward there, level at 128); bf16 up to 16 (at 32, oneDNN's bf16 GEMM is level);
-# q8_0 and q4_0 blocks up to 128 (both paths multiply on the packed blocks, qgemm_ggml: 1.15x
-# at 128, level at 256); the other packed formats up to 4 (their kernels read the weights once
-# per token, where the eager path multiplies all the tokens at once after one dequantization).
+# (bench/bench_batched.py, smollm2-135m shapes, 2 threads): fp32 weights up to 64 tokens (1.3x
+# the eager forward there; about level at 128); bf16 up to 16 (at 32, oneDNN's bf16 GEMM is
+# level); q8_0 and q4_0 blocks up to 128 (both paths multiply on the packed blocks, qgemm_ggml:
+# 1.2-2.2x up to 64 tokens, still ahead at 128 and level at 256 when measured once); the other
+# packed formats up to 4 (their kernels read the weights once per token, where the eager path
+# multiplies all the tokens at once after one dequantization).
 MAX_NATIVE_PREFILL, MAX_NATIVE_PREFILL_BF16, MAX_NATIVE_PREFILL_GGML, MAX_NATIVE_PREFILL_PACKED = 64, 16, 128, 4
 # The linear layers of a block, by decode.cpp's slot number ("mlp.up": SwiGLU's fused gate_up
 # or the GELU MLP's up projection).
@@ -147,7 +148,7 @@ def max_native_prefill(dtype: torch.dtype, packed: set[str]) -> int:
     return MAX_NATIVE_PREFILL_BF16 if dtype == torch.bfloat16 else MAX_NATIVE_PREFILL
 
 
-def build_plan(model: nn.Module, extension) -> tuple[object, bool]:
+def build_plan(model: nn.Module, extension) -> tuple[object, set[str]]:
     """decode.cpp's DecodePlan over the model's current weights; and the packed formats of its
     linear layers (a quantized token table aside)."""
     from ..model import MoE
