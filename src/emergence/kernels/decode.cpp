@@ -10,9 +10,10 @@
 // at offset pos % bs, and attends causally to that sequence's slots [0, pos] (the last
 // `window` of them with a sliding window). Every row's key and value are stored before any
 // row attends, so the rows of one prompt see their predecessors.
-// One thread team runs the whole call (team.h): every matrix product, attention and activation
-// splits its rows across the team and ends at a barrier; the small work on shared scratch
-// between them (norms, RoPE, residuals) runs on the first thread. No fork or join per product.
+// One thread team runs the whole call (team.h): every matrix product, the attention, the
+// activation and the row-by-row work between them (norms, RoPE, KV stores, residuals) split
+// their rows across the team and end at a barrier; a mixture of experts' gathers and sums run
+// on the first thread. No fork or join per product.
 // - One row (batch-1 decoding): the matrix-vector products are split across threads by rows
 //   (gemv_rows.h, quant_rows.h).
 // - Several rows (a decode batch's step, or prompts prefilled together): each linear layer is
@@ -303,57 +304,57 @@ class DecodePlan {
   void step(const int64_t* tokens, const at::Tensor& k, const at::Tensor& v, const std::vector<int64_t>& out_rows) {
     const int64_t B = static_cast<int64_t>(rows_.size());
     const int64_t qkv_rows = (H_ + 2 * KV_) * hd_, half = rd_ / 2;
-    serially([&] { embed(tokens); });
+    each_row(B, [&](int64_t b) { embed(tokens[b], b); });
     for (int64_t l = 0; l < n_layer_; ++l) {
       const Layer& L = layers_[l];
       // attention: its input normed (pre and sandwich norms; a post-norm block reads x itself)
       const float* in = x_.data();
       if (placement_ != POST) {
-        serially([&] { norms(L.attn_norm_w, L.attn_norm_b, B); });
+        each_row(B, [&](int64_t b) { norm_row(b, L.attn_norm_w, L.attn_norm_b); });
         in = xn_.data();
       }
       linear(L.qkv, in, B, qkv_.data());
-      serially([&] {
-        for (int64_t b = 0; b < B; ++b) {
-          float* q = qkv_.data() + b * qkv_rows;
-          qk_norms(L, q);
-          if (L.rope > 0) {
-            const int64_t t = L.rope - 1;
-            rotate(q, H_ + KV_, cos_.data() + (t * B + b) * half, sin_.data() + (t * B + b) * half);  // q and k
-          }
-          store_kv(k, v, l, rows_[b], q + H_ * hd_);
+      each_row(B, [&](int64_t b) {  // (rows of one sequence write their own slots)
+        float* q = qkv_.data() + b * qkv_rows;
+        qk_norms(L, q);
+        if (L.rope > 0) {
+          const int64_t t = L.rope - 1;
+          rotate(q, H_ + KV_, cos_.data() + (t * B + b) * half, sin_.data() + (t * B + b) * half);  // q and k
         }
+        store_kv(k, v, l, rows_[b], q + H_ * hd_);
       });
       attention(k, v, l);
-      sub_norm(L.attn_sub_w, attn_.data(), B, H_ * hd_);
+      if (present(L.attn_sub_w)) {
+        each_row(B, [&](int64_t b) { sub_norm(L.attn_sub_w, attn_.data() + b * H_ * hd_, H_ * hd_); });
+      }
       if (parallel_ != SEQUENTIAL) {  // x + attn(n(x)) + mlp(n'(x)): the MLP reads x, not x + attn
         linear(L.o, attn_.data(), B, par_.data());
-        if (parallel_ == TWO_NORMS) serially([&] { norms(L.mlp_norm_w, L.mlp_norm_b, B); });
+        if (parallel_ == TWO_NORMS) each_row(B, [&](int64_t b) { norm_row(b, L.mlp_norm_w, L.mlp_norm_b); });
         mlp(L, xn_.data(), B);  // into tmp_
-        serially([&] {
-          residual(B, par_.data());
-          residual(B, tmp_.data());
+        each_row(B, [&](int64_t b) {
+          residual(b, par_.data());
+          residual(b, tmp_.data());
         });
         continue;
       }
       linear(L.o, attn_.data(), B, tmp_.data());
       in = x_.data();
-      serially([&] {
-        post_norm(L.attn_post_w, B);
-        residual(B, tmp_.data());
-        if (placement_ != POST) norms(L.mlp_norm_w, L.mlp_norm_b, B);
+      each_row(B, [&](int64_t b) {
+        post_norm(L.attn_post_w, b);
+        residual(b, tmp_.data());
+        if (placement_ != POST) norm_row(b, L.mlp_norm_w, L.mlp_norm_b);
       });
       if (placement_ != POST) in = xn_.data();
       mlp(L, in, B);
-      serially([&] {
-        post_norm(L.mlp_post_w, B);
-        residual(B, tmp_.data());
+      each_row(B, [&](int64_t b) {
+        post_norm(L.mlp_post_w, b);
+        residual(b, tmp_.data());
       });
     }
     // the output rows' final norms, gathered so that the head is one product over them
     const int64_t n_out = out_rows.empty() ? B : static_cast<int64_t>(out_rows.size());
-    serially([&] {
-      for (int64_t o = 0; o < n_out; ++o) {
+    parallel_rows(0, n_out, 1, [&](int64_t o0, int64_t o1) {
+      for (int64_t o = o0; o < o1; ++o) {
         const int64_t b = out_rows.empty() ? o : out_rows[o];
         norm(x_.data() + b * D_, norm_w_, norm_b_, tmp_.data() + o * D_, D_);
       }
@@ -366,9 +367,18 @@ class DecodePlan {
     }
   }
 
-  // xn_ (B, D) = the rows of x_ normed by a sublayer's norm.
-  void norms(const at::Tensor& weight, const at::Tensor& bias, int64_t B) {
-    for (int64_t b = 0; b < B; ++b) norm(x_.data() + b * D_, weight, bias, xn_.data() + b * D_, D_);
+  // f(b) for the rows b in [0, B): the work between the products is row by row, so it is split
+  // by rows across the team as well (one row: the first thread's, the others wait at the barrier).
+  template <typename F>
+  void each_row(int64_t B, const F& f) const {
+    parallel_rows(0, B, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) f(b);
+    });
+  }
+
+  // xn_ row b = x_ row b normed by a sublayer's norm.
+  void norm_row(int64_t b, const at::Tensor& weight, const at::Tensor& bias) {
+    norm(x_.data() + b * D_, weight, bias, xn_.data() + b * D_, D_);
   }
 
   // Every linear layer has its weight (dense, or packed by set_quantized).
@@ -387,30 +397,28 @@ class DecodePlan {
     return ok;
   }
 
-  // x_ (B, D) = the rows' token embeddings (scaled, plus learned positions); each row's RoPE
+  // x_ row b = the embedding of `token` (scaled, plus its learned position); the row's RoPE
   // angles into cos_ / sin_.
-  void embed(const int64_t* tokens) {
+  void embed(int64_t token, int64_t b) {
     const int64_t B = static_cast<int64_t>(rows_.size()), half = rd_ / 2;
-    for (int64_t b = 0; b < B; ++b) {
-      const Row& row = rows_[b];
-      float* x = x_.data() + b * D_;
-      const Vec tok(tok_), learned(pos_);
-      if (embed_.packed) {  // a quantized table: the row dequantized, in the model's dtype as eager casts it
-        emergence::dequantize_row(embed_.q, tokens[b], x);
-        for (int64_t i = 0; i < D_; ++i) x[i] = r(x[i]);
-      } else {
-        for (int64_t i = 0; i < D_; ++i) x[i] = tok[tokens[b] * D_ + i];
-      }
-      if (embed_scale_ > 0) {
-        for (int64_t i = 0; i < D_; ++i) x[i] = r(x[i] * embed_scale_);
-      }
-      if (learned) {
-        for (int64_t i = 0; i < D_; ++i) x[i] = r(x[i] + learned[row.pos * D_ + i]);
-      }
-      for (int t = 0; t < 2; ++t) {  // every layer's angles of this position, per table
-        const at::Tensor& freq = t == 0 ? inv_freq_ : local_inv_freq_;
-        if (present(freq)) rope_angles(freq, row.pos, cos_.data() + (t * B + b) * half, sin_.data() + (t * B + b) * half);
-      }
+    const Row& row = rows_[b];
+    float* x = x_.data() + b * D_;
+    const Vec tok(tok_), learned(pos_);
+    if (embed_.packed) {  // a quantized table: the row dequantized, in the model's dtype as eager casts it
+      emergence::dequantize_row(embed_.q, token, x);
+      for (int64_t i = 0; i < D_; ++i) x[i] = r(x[i]);
+    } else {
+      for (int64_t i = 0; i < D_; ++i) x[i] = tok[token * D_ + i];
+    }
+    if (embed_scale_ > 0) {
+      for (int64_t i = 0; i < D_; ++i) x[i] = r(x[i] * embed_scale_);
+    }
+    if (learned) {
+      for (int64_t i = 0; i < D_; ++i) x[i] = r(x[i] + learned[row.pos * D_ + i]);
+    }
+    for (int t = 0; t < 2; ++t) {  // every layer's angles of this position, per table
+      const at::Tensor& freq = t == 0 ? inv_freq_ : local_inv_freq_;
+      if (present(freq)) rope_angles(freq, row.pos, cos_.data() + (t * B + b) * half, sin_.data() + (t * B + b) * half);
     }
   }
 
@@ -422,7 +430,7 @@ class DecodePlan {
     }
     linear(L.up, in, B, hidden_.data());
     activate_rows(hidden_.data(), act_.data(), B, F_);
-    sub_norm(L.mlp_sub_w, act_.data(), B, F_);
+    if (present(L.mlp_sub_w)) each_row(B, [&](int64_t b) { sub_norm(L.mlp_sub_w, act_.data() + b * F_, F_); });
     linear(L.down, act_.data(), B, tmp_.data());
   }
 
@@ -440,17 +448,12 @@ class DecodePlan {
     });
   }
 
-  // x (B, n) RMS-normed in place by a sub-norm of weight (n,), when the layer has one (BitNet).
-  void sub_norm(const at::Tensor& weight, float* x, int64_t B, int64_t n) {
-    if (!present(weight)) return;
-    serially([&] {
-      const at::Tensor none;
-      head_tmp_.resize(n);
-      for (int64_t b = 0; b < B; ++b) {
-        norm(x + b * n, weight, none, head_tmp_.data(), n, true);
-        std::copy_n(head_tmp_.data(), n, x + b * n);
-      }
-    });
+  // One row x (n,) RMS-normed in place by a sub-norm of weight (n,) (BitNet).
+  void sub_norm(const at::Tensor& weight, float* x, int64_t n) const {
+    thread_local Buffer<float> normed;  // each thread's own
+    normed.resize(n);
+    norm(x, weight, at::Tensor(), normed.data(), n, true);
+    std::copy_n(normed.data(), n, x);
   }
 
   // out (B, D) = the mixture of experts of the rows x (B, D), as model.MoE computes it: for each
@@ -536,35 +539,24 @@ class DecodePlan {
     }
   }
 
-  // tmp_ (B, D) normed in place by a sublayer's post-norm (post and sandwich norms), if any.
-  void post_norm(const at::Tensor& weight, int64_t B) {
+  // tmp_ row b normed in place by a sublayer's post-norm (post and sandwich norms), if any.
+  void post_norm(const at::Tensor& weight, int64_t b) {
     if (placement_ == PRE) return;
-    for (int64_t b = 0; b < B; ++b) {
-      norm(tmp_.data() + b * D_, weight, at::Tensor(), xn_.data() + b * D_, D_);
-      std::copy_n(xn_.data() + b * D_, D_, tmp_.data() + b * D_);
-    }
+    norm(tmp_.data() + b * D_, weight, at::Tensor(), xn_.data() + b * D_, D_);
+    std::copy_n(xn_.data() + b * D_, D_, tmp_.data() + b * D_);
   }
 
   // One row's q (H hd) and k (KV hd, following q) RMS-normed: each head (Qwen3, Gemma 3) or
   // all heads' width at once (OLMo 2).
-  void qk_norms(const Layer& L, float* q) {
+  void qk_norms(const Layer& L, float* q) const {
     if (qk_norm_ == NO_QK_NORM) return;
-    const at::Tensor none;
     float* k = q + H_ * hd_;
     if (qk_norm_ == ALL_HEADS) {
-      head_tmp_.resize(H_ * hd_);
-      norm(q, L.q_norm_w, none, head_tmp_.data(), H_ * hd_, true);
-      std::copy_n(head_tmp_.data(), H_ * hd_, q);
-      norm(k, L.k_norm_w, none, head_tmp_.data(), KV_ * hd_, true);
-      std::copy_n(head_tmp_.data(), KV_ * hd_, k);
+      sub_norm(L.q_norm_w, q, H_ * hd_);
+      sub_norm(L.k_norm_w, k, KV_ * hd_);
       return;
     }
-    head_tmp_.resize(hd_);
-    for (int64_t h = 0; h < H_ + KV_; ++h) {
-      float* x = q + h * hd_;
-      norm(x, h < H_ ? L.q_norm_w : L.k_norm_w, none, head_tmp_.data(), hd_, true);
-      std::copy_n(head_tmp_.data(), hd_, x);
-    }
+    for (int64_t h = 0; h < H_ + KV_; ++h) sub_norm(h < H_ ? L.q_norm_w : L.k_norm_w, q + h * hd_, hd_);
   }
 
   Linear make_linear(const at::Tensor& w, const at::Tensor& b, int64_t N, int64_t K) {
@@ -575,13 +567,14 @@ class DecodePlan {
     return Linear{w, b, N, K};
   }
 
-  // x (B, D) += t, rounded to the model's dtype: the residual stream's update.
-  void residual(int64_t B, const float* t) {
-    float* x = x_.data();
+  // x_ row b += t's row b, rounded to the model's dtype: the residual stream's update.
+  void residual(int64_t b, const float* t) {
+    float* x = x_.data() + b * D_;
+    t += b * D_;
     if (bf16_) {
-      for (int64_t i = 0; i < B * D_; ++i) x[i] = static_cast<float>(c10::BFloat16(x[i] + t[i]));
+      for (int64_t i = 0; i < D_; ++i) x[i] = static_cast<float>(c10::BFloat16(x[i] + t[i]));
     } else {
-      for (int64_t i = 0; i < B * D_; ++i) x[i] += t[i];
+      for (int64_t i = 0; i < D_; ++i) x[i] += t[i];
     }
   }
 
@@ -848,9 +841,8 @@ class DecodePlan {
   std::vector<Layer> layers_;
   // Scratch, fp32, row after row (B rows): residual stream, normed input, a D-sized result,
   // a parallel block's attention result, q|k|v, attention output, the MLP's hidden and
-  // activated vectors, logits, each row's RoPE cos and sin (global, then local); head_tmp_ a
-  // normed head.
-  Buffer<float> x_, xn_, tmp_, par_, qkv_, attn_, hidden_, act_, logits_, cos_, sin_, head_tmp_;
+  // activated vectors, logits, each row's RoPE cos and sin (global, then local).
+  Buffer<float> x_, xn_, tmp_, par_, qkv_, attn_, hidden_, act_, logits_, cos_, sin_;
   Buffer<float> moe_logits_, moe_x_, moe_h_, moe_a_, moe_out_, moe_gate_;  // the rows through the experts
   emergence::QuantizedRows qrows_;  // the rows quantized for a product on Q8_0 / Q4_0 blocks
   std::vector<Row> rows_;  // the rows of the call being run

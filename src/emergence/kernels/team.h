@@ -3,9 +3,10 @@
 // at::parallel_for opens an OpenMP region per call: a fork and a join around every matrix
 // product, about 150 of them per token for a 30-layer model, each costing more than the
 // product's share of work on small matrices. Inside `team(body)` every thread of one region runs
-// `body`; a kernel's loop over rows (`parallel_rows`) then takes this thread's share and waits
-// at a barrier, and work on shared scratch that is too small to split (norms, RoPE, residuals)
-// runs on the first thread (`serially`) while the others wait at the barrier after it.
+// `body`; a loop over rows (`parallel_rows`: a kernel's weight rows, a batch's token rows) then
+// takes this thread's share and waits at a barrier, and work that does not split by rows (a
+// mixture of experts' gathers and weighted sums) runs on the first thread (`serially`) while the
+// others wait at the barrier after it.
 //
 // Outside a team both behave as before (parallel_rows is at::parallel_for, serially just runs),
 // so the kernels serve the eager ops (gemv.cpp) unchanged.
