@@ -44,8 +44,8 @@ from tokenizers import Tokenizer as Backend
 from tokenizers import models
 
 from emergence import Config, SamplingParams
-from emergence.generate import stream
 from emergence.decode import make_backend
+from emergence.generate import stream
 from emergence.kernels.fused_decode import unsupported
 from emergence.kv_cache import PagedKVCache
 from emergence.model import Transformer
