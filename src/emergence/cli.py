@@ -466,7 +466,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     from .train.trainer import TrainConfig, load_train_config, saved_settings, train
 
     given = load_train_config(args.train_config) if args.train_config else {}
-    for name in (*_TRAIN_FLAGS, "compile", "fsdp", "save_best", "data"):
+    for name in (*_TRAIN_FLAGS, "compile", "checkpoint_activations", "fsdp", "save_best", "data"):
         value = getattr(args, name)
         if value is not None:
             given[name] = value
@@ -666,7 +666,7 @@ def _run_train_config(args: argparse.Namespace, defaults: dict, data: list[str])
     from .train.trainer import TrainConfig, load_train_config, saved_settings
 
     given = load_train_config(args.train_config) if args.train_config else {}
-    for name in (*_TRAIN_FLAGS, "compile", "fsdp", "save_best"):
+    for name in (*_TRAIN_FLAGS, "compile", "checkpoint_activations", "fsdp", "save_best"):
         if name not in ("init", "objective") and getattr(args, name) is not None:
             given[name] = getattr(args, name)
     if args.no_progress:
@@ -1082,6 +1082,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the run in --out from its checkpoint, with its saved settings")
     r.add_argument("--train-config", default=None, metavar="JSON", help="training settings file (flags override)")
     r.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    r.add_argument("--checkpoint-activations", action="store_true", default=None,
+                   help="recompute each block's activations in the backward pass (less memory, ~1/3 more compute)")
     r.add_argument("--fsdp", action="store_true", default=None, help="under torchrun: shard with FSDP2")
     r.add_argument("--save-best", action="store_true", default=None, help="keep OUT/best at the lowest val loss")
     r.add_argument("--no-progress", action="store_true", help="no live progress line")
@@ -1205,6 +1207,8 @@ def _add_loop_args(f: argparse.ArgumentParser) -> None:
     f.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     f.add_argument("--train-config", default=None, metavar="JSON", help="training settings file (flags override)")
     f.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    f.add_argument("--checkpoint-activations", action="store_true", default=None,
+                   help="recompute each block's activations in the backward pass (less memory, ~1/3 more compute)")
     f.add_argument("--fsdp", action="store_true", default=None, help="under torchrun: shard with FSDP2")
     f.add_argument("--save-best", action="store_true", default=None, help="keep OUT/best at the lowest val loss")
     f.add_argument("--no-progress", action="store_true", help="no live progress line")

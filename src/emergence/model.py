@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
@@ -369,6 +370,9 @@ class Transformer(Placed, nn.Module):
             self.pos_embeddings = nn.Embedding(config.block_size, config.n_embd)
         linear = BitLinear if config.ternary else nn.Linear
         self.layers = nn.ModuleList(Block(config, i, linear) for i in range(config.n_layer))
+        # Training memory: keep only each block's input for the backward pass and recompute the
+        # block's inside there (activation checkpointing, as torchtune's and HF's option), when set.
+        self.checkpoint_activations = False
         self.norm = make_norm(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=config.head_bias)
         if config.tie_embeddings:
@@ -447,8 +451,13 @@ class Transformer(Placed, nn.Module):
             ropes["global"] = rope_cos_sin(self.rope_inv_freq, positions, x.dtype)
             if self.config.rope_local_theta is not None:
                 ropes["local"] = rope_cos_sin(self.rope_local_inv_freq, positions, x.dtype)
+        recompute = self.checkpoint_activations and self.training and cache is None and torch.is_grad_enabled()
         for block in self.layers:
-            x = block(x, ropes[block.rope], masks[block.window], cache)
+            if recompute:  # the same values; the block's activations are recomputed in the backward
+                x = torch.utils.checkpoint.checkpoint(block, x, ropes[block.rope], masks[block.window], cache,
+                                                      use_reentrant=False)
+            else:
+                x = block(x, ropes[block.rope], masks[block.window], cache)
         return self.norm(x)
 
     def _attention_mask(self, T: int, pad: torch.Tensor | None, device: torch.device,

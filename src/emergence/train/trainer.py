@@ -65,6 +65,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global grad norm; 0 turns clipping off
     dtype: str = "auto"  # auto (bf16 autocast on a GPU that supports it, else fp32), bf16, fp32
     compile: bool = False
+    checkpoint_activations: bool = False  # recompute each block's activations in the backward pass
     eval_every: int = 100
     eval_batches: int = 10
     sample_every: int = 0  # 0: only at the end
@@ -399,6 +400,7 @@ def run_loop(run, tc: TrainConfig, env: _Dist, device: torch.device) -> TrainRes
     config, state, batches, context = run.config, run.state, run.batches, run.context
     bf16 = tc.dtype == "bf16" or (tc.dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
     model = run.build_model(device, bf16)
+    model.checkpoint_activations = tc.checkpoint_activations
     train_model = _wrap_parallel(model, tc, env, device)
     optimizer = make_optimizer(train_model, lr=tc.lr, weight_decay=tc.weight_decay, betas=(tc.beta1, tc.beta2))
     step, cursor, best_val = 0, 0, math.inf
@@ -738,6 +740,7 @@ def batch_extras(batch) -> dict[str, torch.Tensor]:
     return {k: v for k, v in batch._asdict().items() if k not in ("inputs", "targets") and v is not None}
 
 
+@torch.no_grad()  # (no graph: evaluation needs no gradients)
 def evaluate(model: torch.nn.Module, compute_loss, batches: Batches, env: _Dist, device: torch.device,
              autocast) -> float:
     """Mean loss over the same evenly spread validation windows every time (split over ranks)."""
@@ -763,6 +766,7 @@ def evaluate(model: torch.nn.Module, compute_loss, batches: Batches, env: _Dist,
     return total / max(n, 1)
 
 
+@torch.no_grad()
 @torch.no_grad()
 def evaluate_own_loss(model: torch.nn.Module, loss_fn, names: Sequence[str], batches, env: _Dist,
                       device: torch.device, autocast) -> tuple[float, dict[str, float]]:
