@@ -569,3 +569,15 @@ def test_a_run_with_checkpointed_activations_repeats_the_plain_run(shards, tmp_p
         losses.append([r["train_loss"] for r in metrics(out)])
         assert len(calls) == (4 * 2 if flag else 0)  # 4 steps x tiny-llama's 2 blocks
     assert len(losses[0]) == 4 and losses[0] == losses[1]
+
+
+def test_activation_checkpointing_on_an_encoder_decoder_is_refused(shards, tmp_path):
+    # The switch lives on the decoder-only Transformer; a T5 run asking for it is told so in one
+    # line instead of training without it.
+    from emergence.errors import InvalidArgument
+
+    tc = TrainConfig(data=str(shards), out=str(tmp_path / "run"), objective="span-corruption", context=32,
+                     batch_size=2, max_steps=1, eval_every=0, checkpoint_every=0, progress=False,
+                     checkpoint_activations=True)
+    with pytest.raises(InvalidArgument, match="decoder-only models, not T5"):
+        train("tiny-t5", tc)

@@ -400,7 +400,11 @@ def run_loop(run, tc: TrainConfig, env: _Dist, device: torch.device) -> TrainRes
     config, state, batches, context = run.config, run.state, run.batches, run.context
     bf16 = tc.dtype == "bf16" or (tc.dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
     model = run.build_model(device, bf16)
-    model.checkpoint_activations = tc.checkpoint_activations
+    decoders = [m for m in model.modules() if isinstance(m, Transformer)]  # (inside a reward model too)
+    if tc.checkpoint_activations and not decoders:
+        raise InvalidArgument(f"activation checkpointing is built for decoder-only models, not {type(model).__name__}")
+    for decoder in decoders:
+        decoder.checkpoint_activations = tc.checkpoint_activations
     train_model = _wrap_parallel(model, tc, env, device)
     optimizer = make_optimizer(train_model, lr=tc.lr, weight_decay=tc.weight_decay, betas=(tc.beta1, tc.beta2))
     step, cursor, best_val = 0, 0, math.inf
@@ -655,7 +659,8 @@ def _batch_to_device(batch, device: torch.device):
 # What resuming may change: how far the run goes and how it reports, not what it computes. (The
 # global batch, batch_size x ranks, is checked on its own: the ranks may change, the product not.)
 RESUME_MAY_CHANGE = {"max_steps", "out", "data", "batch_size", "eval_every", "eval_batches", "sample_every",
-                     "sample_tokens", "checkpoint_every", "log_every", "progress", "device", "compile", "save_best"}
+                     "sample_tokens", "checkpoint_every", "log_every", "progress", "device", "compile", "save_best",
+                     "checkpoint_activations"}
 
 
 def saved_settings(out: str | Path) -> dict:
