@@ -618,6 +618,8 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 
 # TrainConfig fields settable by a flag of the same name (None: keep the file's or the default).
+CHECKPOINT_ACTIVATIONS_HELP = ("keep each block's input for the backward pass and recompute the block there "
+                               "(less memory, one more forward pass of each block)")
 _TRAIN_FLAGS = {
     "init": (str, "continue pretraining this model (folder or packaged name) instead of a random init"),
     "objective": (str, "next-token or span-corruption"), "context": (int, "tokens per row (default: block_size)"),
@@ -1082,8 +1084,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the run in --out from its checkpoint, with its saved settings")
     r.add_argument("--train-config", default=None, metavar="JSON", help="training settings file (flags override)")
     r.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
-    r.add_argument("--checkpoint-activations", action="store_true", default=None,
-                   help="recompute each block's activations in the backward pass (less memory, ~1/3 more compute)")
+    r.add_argument("--checkpoint-activations", action="store_true", default=None, help=CHECKPOINT_ACTIVATIONS_HELP)
     r.add_argument("--fsdp", action="store_true", default=None, help="under torchrun: shard with FSDP2")
     r.add_argument("--save-best", action="store_true", default=None, help="keep OUT/best at the lowest val loss")
     r.add_argument("--no-progress", action="store_true", help="no live progress line")
@@ -1207,8 +1208,7 @@ def _add_loop_args(f: argparse.ArgumentParser) -> None:
     f.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     f.add_argument("--train-config", default=None, metavar="JSON", help="training settings file (flags override)")
     f.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
-    f.add_argument("--checkpoint-activations", action="store_true", default=None,
-                   help="recompute each block's activations in the backward pass (less memory, ~1/3 more compute)")
+    f.add_argument("--checkpoint-activations", action="store_true", default=None, help=CHECKPOINT_ACTIVATIONS_HELP)
     f.add_argument("--fsdp", action="store_true", default=None, help="under torchrun: shard with FSDP2")
     f.add_argument("--save-best", action="store_true", default=None, help="keep OUT/best at the lowest val loss")
     f.add_argument("--no-progress", action="store_true", help="no live progress line")

@@ -151,6 +151,7 @@ class DecodePlan {
     n_layer_ = dims[0], H_ = dims[1], KV_ = dims[2], hd_ = dims[3], D_ = dims[4], F_ = dims[5], V_ = dims[6];
     rd_ = dims[7];
     const int64_t expert_width = dims[8], shared_width = dims[9];
+    moe_width_ = std::max({int64_t(1), expert_width, shared_width});
     TORCH_CHECK(kinds.size() == 8 && scalars.size() == 5, "kinds: 8 switches, scalars: 5 values");
     rms_norm_ = kinds[0] != 0, mlp_ = static_cast<int>(kinds[1]), placement_ = static_cast<int>(kinds[2]);
     parallel_ = static_cast<int>(kinds[3]), qk_norm_ = static_cast<int>(kinds[4]);
@@ -270,7 +271,9 @@ class DecodePlan {
     // (checked here: nothing may throw inside the thread team)
     if (present(pos_))
       for (const Row& row : rows_) TORCH_CHECK(row.pos < pos_.size(0), "position past the learned position table");
-    TORCH_CHECK(weights_ready(), "a linear layer has no weight (a packed weight never set)");
+    // (once true it stays true: set_quantized only fills weights)
+    weights_ready_ = weights_ready_ || weights_ready();
+    TORCH_CHECK(weights_ready_, "a linear layer has no weight (a packed weight never set)");
     return run(tokens.data(), k, v, out_rows);
   }
 
@@ -290,10 +293,8 @@ class DecodePlan {
     attn_.resize(B * H_ * hd_), hidden_.resize(B * hidden), act_.resize(B * F_), logits_.resize(B * V_);
     cos_.resize(2 * B * half), sin_.resize(2 * B * half);  // the global table's, then the local one's
     if (n_experts_ > 0) {  // the largest expert batch: every row through one expert
-      int64_t width = 1;
-      for (const Layer& L : layers_) width = std::max({width, L.expert_width, L.shared_width});
-      moe_logits_.resize(B * n_experts_), moe_x_.resize(B * D_), moe_h_.resize(B * 2 * width);
-      moe_a_.resize(B * width), moe_out_.resize(B * D_), moe_gate_.resize(B);
+      moe_logits_.resize(B * n_experts_), moe_x_.resize(B * D_), moe_h_.resize(B * 2 * moe_width_);
+      moe_a_.resize(B * moe_width_), moe_out_.resize(B * D_), moe_gate_.resize(B);
     }
     const int64_t n_out = out_rows.empty() ? B : static_cast<int64_t>(out_rows.size());
     emergence::team([&] { step(tokens, k, v, out_rows); });
@@ -832,7 +833,8 @@ class DecodePlan {
   int64_t n_layer_, H_, KV_, hd_, D_, F_, V_, rd_;
   bool rms_norm_, gated_, bf16_;
   int mlp_, placement_, parallel_, qk_norm_;
-  int64_t n_experts_ = 0, top_k_ = 0;
+  int64_t n_experts_ = 0, top_k_ = 0, moe_width_ = 1;  // moe_width_: the wider of an expert and the shared one
+  bool weights_ready_ = false;  // every linear layer has been seen to have its weight
   bool norm_topk_ = true;
   float eps_, scale_, score_cap_, logit_cap_, embed_scale_;
   at::ScalarType dtype_;

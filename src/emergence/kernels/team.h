@@ -36,10 +36,9 @@ inline void parallel_rows(int64_t begin, int64_t end, int64_t grain, const F& f)
     at::parallel_for(begin, end, grain, f);
     return;
   }
-  const int64_t n = end - begin;
+  const int64_t n = end - begin, g = std::max<int64_t>(grain, 1);
   if (n > 0) {
-    const int64_t threads = std::min<int64_t>(omp_get_num_threads(), (n + std::max<int64_t>(grain, 1) - 1) /
-                                                                          std::max<int64_t>(grain, 1));
+    const int64_t threads = std::min<int64_t>(omp_get_num_threads(), (n + g - 1) / g);
     const int64_t chunk = (n + threads - 1) / threads, tid = omp_get_thread_num();
     const int64_t start = begin + tid * chunk;
     if (tid < threads && start < end) f(start, std::min(end, start + chunk));

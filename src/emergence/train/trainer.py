@@ -772,7 +772,6 @@ def evaluate(model: torch.nn.Module, compute_loss, batches: Batches, env: _Dist,
 
 
 @torch.no_grad()
-@torch.no_grad()
 def evaluate_own_loss(model: torch.nn.Module, loss_fn, names: Sequence[str], batches, env: _Dist,
                       device: torch.device, autocast) -> tuple[float, dict[str, float]]:
     """`evaluate` for a run with its own loss: the mean loss and stats `names` over the same
