@@ -17,10 +17,12 @@ are recorded as a check that they are the same model.
 - emergence full and transformers full: every parameter trains.
 
 Every engine runs the same hand-written step, the one emergence's loop (train.trainer.run_loop)
-runs without clipping or accumulation: logits = forward(inputs) (emergence: `model(inputs)`;
-transformers: `model(input_ids=inputs, use_cache=False).logits`), loss =
-`emergence.train.objectives.next_token_loss(logits, targets)` (mean cross-entropy in fp32),
-backward, `torch.optim.AdamW(trainable params, lr=2e-4)` step, zero_grad(set_to_none=True).
+runs without clipping or accumulation: the mean cross-entropy in fp32 of the next token
+(emergence: `model(inputs, targets=targets)`, the trainer's call, which scores the hidden
+states a slice of rows at a time without the whole logits, model.head_cross_entropy;
+transformers: `emergence.train.objectives.next_token_loss` of `model(input_ids=inputs,
+use_cache=False).logits`, what its own `labels=` loss computes), backward,
+`torch.optim.AdamW(trainable params, lr=2e-4)` step, zero_grad(set_to_none=True).
 Same batch for all: B rows x T tokens of seeded random ids (the speed of a step does not depend
 on which ids they are), the targets the inputs shifted by one. Each engine is built once and
 takes W untimed warm-up steps (Adam's state is allocated then); then R rounds, each running
@@ -234,21 +236,19 @@ def lora_spec():
 
 # ---------------------------------------------------------------------------------- engines
 class Engine:
-    """A model, its forward to logits, and an AdamW over its trainable parameters."""
+    """A model, its loss (inputs, targets) -> mean cross-entropy, and an AdamW over its trainable parameters."""
 
-    def __init__(self, name: str, model, forward) -> None:
+    def __init__(self, name: str, model, loss) -> None:
         import torch
 
-        self.name, self.model, self.forward = name, model, forward
+        self.name, self.model, self.loss = name, model, loss
         model.train()
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=LR)
         self.trainable = sum(p.numel() for p in self.params)
 
     def step(self, inputs, targets) -> float:
-        from emergence.train.objectives import next_token_loss
-
-        loss = next_token_loss(self.forward(inputs), targets)
+        loss = self.loss(inputs, targets)
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -273,7 +273,7 @@ def emergence_engine(folder: Path, method: str, quantize: str | None = None) -> 
     else:
         add_adapter(model, lora_spec(), generator=torch.Generator().manual_seed(0))
         mark_only_adapters_trainable(model)
-    return Engine(f"emergence-{method}", model, lambda inputs: model(inputs))
+    return Engine(f"emergence-{method}", model, lambda inputs, targets: model(inputs, targets=targets))
 
 
 def hf_engine(folder: Path, method: str) -> Engine:
@@ -282,6 +282,8 @@ def hf_engine(folder: Path, method: str) -> Engine:
     import torch
     import transformers
     from transformers import AutoModelForCausalLM
+
+    from emergence.train.objectives import next_token_loss
 
     transformers.utils.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -297,7 +299,8 @@ def hf_engine(folder: Path, method: str) -> Engine:
         model = get_peft_model(model, LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=HF_TARGETS,
                                                  bias="none", task_type="CAUSAL_LM"))
         name = "peft-lora"
-    return Engine(name, model, lambda inputs: model(input_ids=inputs, use_cache=False).logits)
+    return Engine(name, model, lambda inputs, targets: next_token_loss(model(input_ids=inputs, use_cache=False).logits,
+                                                                          targets))
 
 
 def build(name: str, folder: Path) -> Engine:
@@ -575,8 +578,9 @@ def main() -> int:
               "batch": args.batch, "context": args.context, "warmup": args.warmup, "steps": args.steps,
               "rounds": args.rounds, "lora": {"r": R, "alpha": ALPHA, "dropout": 0.0, "targets": HF_TARGETS},
               "optimizer": f"torch.optim.AdamW(trainable parameters, lr={LR})",
-              "step": "logits = forward(inputs); next_token_loss(logits, targets).backward(); AdamW step; "
-                      "zero_grad(set_to_none=True) (the same for every engine)",
+              "step": "loss (emergence: model(inputs, targets=targets), the sliced head loss; transformers: "
+                      "next_token_loss(model(input_ids=inputs).logits, targets)); loss.backward(); AdamW step; "
+                      "zero_grad(set_to_none=True)",
               "data": "seeded random token ids"}
     load_start = [round(x, 2) for x in os.getloadavg()]  # other jobs on the cores, over 1, 5, 15 minutes
     started = time.perf_counter()

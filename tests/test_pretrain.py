@@ -550,6 +550,67 @@ def test_activation_checkpointing_gives_the_same_gradients_from_a_fraction_of_th
     assert 0 < saved_c < saved / 3, (saved_c, saved)
 
 
+@pytest.mark.parametrize("case", ["tied", "untied+softcap", "lora-head"])
+def test_the_sliced_head_loss_is_the_whole_logits_cross_entropy_without_the_logits(case, monkeypatch):
+    # model(ids, targets=...) (what the trainer calls) scores the hidden states a few rows at a
+    # time: PyTorch's cross-entropy of the whole logits, value and every gradient, with rows
+    # scored nothing skipped, and no tensor of the logits' size ever saved for the backward.
+    import emergence.model
+    from emergence import Config
+    from emergence.adapters import LoraSpec, add_adapter, mark_only_adapters_trainable
+    from emergence.model import Transformer
+
+    V = 500
+    config = Config(name="sliced", family="gemma2" if case == "untied+softcap" else "llama", vocab_size=V,
+                    block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, intermediate_size=64,
+                    tie_embeddings=case != "untied+softcap", final_softcap=4.0 if case == "untied+softcap" else None)
+    torch.manual_seed(0)
+    model = Transformer(config)
+    for p in model.parameters():  # logits spread well beyond the soft cap
+        torch.nn.init.normal_(p, std=0.3)
+    if case == "lora-head":
+        add_adapter(model, LoraSpec(r=4, alpha=8, targets=["q", "v", "lm_head"]), generator=torch.Generator().manual_seed(1))
+        for name, p in model.named_parameters():  # B is zero at the start: give the head's adapter a value
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.3)
+        mark_only_adapters_trainable(model)
+    monkeypatch.setattr(emergence.model, "LOSS_SLICE_ELEMENTS", 7 * V)  # slices of 7 rows: 14 of them here
+    ids, targets = torch.randint(0, V, (2, 48)), torch.randint(0, V, (2, 48))
+    targets[0, :20] = emergence.model.IGNORE_INDEX  # a prompt: nothing scored
+    targets[1, 40:] = emergence.model.IGNORE_INDEX
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+    def loss_and_grads(sliced: bool):
+        model.zero_grad()
+        saved, weights = [0], {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in weights:  # activations only
+                saved.append(t.numel())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            if sliced:
+                loss = model(ids, targets=targets)
+            else:
+                loss = torch.nn.functional.cross_entropy(model(ids).flatten(0, 1), targets.flatten())
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in trainable.items()}, max(saved)
+
+    loss, grads, biggest = loss_and_grads(False)
+    loss_s, grads_s, biggest_s = loss_and_grads(True)
+    assert abs(loss - loss_s) < 1e-5 * loss and loss > 1
+    for name in grads:
+        scale = grads[name].abs().max()
+        assert scale > 0 and (grads[name] - grads_s[name]).abs().max() <= 1e-5 * scale, name
+    # the logits; then nothing bigger than the MLP's hidden states or the head weight's gradient
+    assert biggest == 2 * 48 * V and biggest_s == (V * 32 if case != "lora-head" else 2 * 48 * 64)
+    with torch.no_grad():  # evaluation: the same value, no gradient work
+        assert abs(model(ids, targets=targets).item() - loss) < 1e-5 * loss
+        nothing = torch.full_like(targets, emergence.model.IGNORE_INDEX)
+        assert math.isnan(model(ids, targets=nothing).item())  # as cross_entropy's mean over no rows
+
+
 def test_a_run_with_checkpointed_activations_repeats_the_plain_run(shards, tmp_path, one_thread, monkeypatch):
     # The trainer's TrainConfig.checkpoint_activations (`--checkpoint-activations`) sets the model's
     # switch (every block of every training forward pass goes through torch's checkpoint, none of

@@ -104,6 +104,76 @@ def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
     return x if cap is None else torch.tanh(x / cap) * cap
 
 
+# ------------------------------------------------------------------ the loss, without logits
+IGNORE_INDEX = -100  # a target that scores nothing (train.objectives' and PyTorch's convention)
+LOSS_SLICE_ELEMENTS = 2 ** 23  # logits per slice of the sliced loss: 32 MiB in fp32
+
+
+def head_cross_entropy(h: torch.Tensor, targets: torch.Tensor, head, vocab: int, params: list[torch.Tensor]
+                       ) -> torch.Tensor:
+    """Mean cross-entropy of head(h) against targets, without the (N, V) logits ever whole.
+
+    h (..., D) final hidden states, targets (...) ids or IGNORE_INDEX, head a callable (..., D) ->
+    (..., V) with V = vocab whose trainable tensors are params. Only the scored rows reach the head (in
+    instruction tuning the prompt's rows score nothing), a slice of LOSS_SLICE_ELEMENTS / V rows
+    at a time, so a step holds one slice's logits, softmax and gradient instead of three (N, V)
+    tensors (on smollm2's 49,152-row vocabulary, 192 MiB each for 1,024 tokens). The values are
+    next_token_loss's on the whole logits, up to the order of the sums.
+    """
+    h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+    scored = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+    if scored.numel() < targets.numel():
+        h, targets = h.index_select(0, scored), targets.index_select(0, scored)
+    rows = max(1, LOSS_SLICE_ELEMENTS // vocab)
+    if torch.is_grad_enabled() and (h.requires_grad or params):
+        total = _SlicedCrossEntropy.apply(h, targets, head, rows, *params)
+    else:
+        total = sum((_slice_loss(head, h[s:s + rows], targets[s:s + rows]) for s in range(0, len(h), rows)),
+                    h.new_zeros((), dtype=torch.float32))
+    return total / len(targets)  # 0 / 0 = nan with nothing scored, as F.cross_entropy's mean
+
+
+def _slice_loss(head, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of one slice, in fp32 (under autocast cross_entropy runs in fp32 itself)."""
+    logits = head(h)
+    if not torch.is_autocast_enabled(logits.device.type):
+        logits = logits.float()
+    return F.cross_entropy(logits, targets, reduction="sum").float()
+
+
+class _SlicedCrossEntropy(torch.autograd.Function):
+    """The summed loss, slice by slice, with its gradients taken in the forward: the loss ends
+    the graph, so they are known there and the backward only scales them by the incoming
+    gradient (Liger-Kernel's fused linear cross-entropy does the same; nothing is recomputed)."""
+
+    @staticmethod
+    def forward(ctx, h, targets, head, rows, *params):
+        wants_h = ctx.needs_input_grad[0]
+        grad_h = torch.zeros_like(h) if wants_h else None
+        grads = [torch.zeros_like(p) for p in params]
+        total = h.new_zeros((), dtype=torch.float32)
+        for s in range(0, len(h), rows):
+            piece = h[s:s + rows].detach().requires_grad_(wants_h)
+            with torch.enable_grad():
+                loss = _slice_loss(head, piece, targets[s:s + rows])
+            found = torch.autograd.grad(loss, [piece, *params] if wants_h else list(params), allow_unused=True)
+            if wants_h:
+                grad_h[s:s + rows] = found[0]
+                found = found[1:]
+            for g, f in zip(grads, found):
+                if f is not None:
+                    g += f
+            total += loss.detach()
+        ctx.save_for_backward(grad_h, *grads)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, *grads = ctx.saved_tensors
+        return (None if grad_h is None else grad_h * grad_out.to(grad_h.dtype), None, None, None,
+                *(g * grad_out.to(g.dtype) for g in grads))
+
+
 # ---------------------------------------------------------------------------- the blocks
 class Attention(nn.Module):
     def __init__(self, config: Config, layer: int, linear: type[nn.Linear] = nn.Linear) -> None:
@@ -384,8 +454,10 @@ class Transformer(Placed, nn.Module):
 
     def forward(self, input_ids: torch.Tensor, cache: CacheView | None = None, *,
                 attention_mask: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
-                last_logits_only: bool = False) -> torch.Tensor:
-        """input_ids (B, T) -> logits (B, T, V), or (B, 1, V) with last_logits_only.
+                last_logits_only: bool = False, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, V), or (B, 1, V) with last_logits_only; with targets
+        (B, T) (IGNORE_INDEX where nothing is scored) the mean cross-entropy instead, computed
+        without the whole logits (head_cross_entropy: what training uses).
 
         Without a cache, attention_mask (B, T) marks left padding (1 = token, 0 = pad), and
         segment_ids (B, T) packed rows: which example each token belongs to; positions restart
@@ -395,6 +467,9 @@ class Transformer(Placed, nn.Module):
         neither is accepted.
         """
         h = self.hidden_states(input_ids, cache, attention_mask=attention_mask, segment_ids=segment_ids)
+        if targets is not None:
+            trainable = [p for p in self.lm_head.parameters() if p.requires_grad]
+            return head_cross_entropy(h, targets, self.head, self.config.vocab_size, trainable)
         if last_logits_only:
             h = h[:, -1:]
         return self.head(h)

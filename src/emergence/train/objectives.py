@@ -22,8 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InvalidArgument
-
-IGNORE_INDEX = -100  # targets with this id add nothing to the loss
+from ..model import IGNORE_INDEX  # targets with this id add nothing to the loss
 
 
 class Batch(NamedTuple):

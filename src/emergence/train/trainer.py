@@ -417,9 +417,10 @@ def run_loop(run, tc: TrainConfig, env: _Dist, device: torch.device) -> TrainRes
         """extras: a packed batch's segment_ids, or an encoder-decoder's decoder inputs and source mask."""
         if "decoder_inputs" in extras:
             logits = train_model(inputs, extras["decoder_inputs"], extras["source_mask"])
-        else:
-            logits = train_model(inputs, segment_ids=extras.get("segments"))
-        return objectives.next_token_loss(logits, targets)
+            return objectives.next_token_loss(logits, targets)
+        # A decoder scores its own hidden states a slice at a time: the (B, T, V) logits, their
+        # softmax and gradient never exist whole (model.head_cross_entropy).
+        return train_model(inputs, segment_ids=extras.get("segments"), targets=targets)
 
     # torch.compile takes model and loss together, so the head's logits and the softmax fuse.
     compute_loss = torch.compile(batch_loss) if tc.compile else batch_loss
