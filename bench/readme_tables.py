@@ -129,8 +129,8 @@ def render_instruction_tune(result: dict) -> str:
 
 def render_finetune(result: dict) -> str:
     """bench_finetune.py: LoRA and full fine-tuning steps against peft + transformers."""
-    t = result["speed"]["tok_s"]
-    lora, full = t["emergence-lora"] / t["peft-lora"], t["emergence-full"] / t["transformers-full"]
+    t, ratios = result["speed"]["tok_s"], result["speed"]["ratios"]  # ratios: medians of same-round ratios
+    lora, full = ratios["lora_emergence_vs_peft"], ratios["full_emergence_vs_transformers"]
     return "\n".join([
         "| | emergence | peft + transformers | ratio | target |", "| --- | --- | --- | --- | --- |",
         f"| LoRA r={result['lora']['r']}, all projections, tokens/s | {t['emergence-lora']:.0f} | {t['peft-lora']:.0f} | "
@@ -141,18 +141,27 @@ def render_finetune(result: dict) -> str:
 
 def render_finetune_memory(result: dict) -> str:
     """bench_finetune.py's memory runs: peak RSS of a training step, what the model and the saved
-    activations take, for LoRA on an fp32 base, QLoRA on an nf4 base and full fine-tuning."""
+    activations take, for LoRA on an fp32 base, QLoRA on an nf4 base and full fine-tuning, and
+    LoRA and QLoRA with activation checkpointing; ratios to the plain fp32-LoRA peak."""
     c, r = result["memory"]["configs"], result["memory"]["ratios"]
-    lora, qlora, full = c["lora-fp32"], c["qlora-nf4"], c["full"]
-    peak = r["qlora-nf4_vs_lora_fp32_peak"]
+    names = [("lora-fp32", "LoRA, fp32 base"), ("qlora-nf4", "QLoRA, nf4 base"), ("full", "full"),
+             ("lora-fp32-ckpt", "LoRA, fp32, checkpointed"), ("qlora-nf4-ckpt", "QLoRA, nf4, checkpointed")]
+    names = [(k, title) for k, title in names if k in c]
+
+    def peak(k: str) -> str:
+        if k == "lora-fp32":
+            return f"{c[k]['peak_rss_mib']:,.0f}"
+        ratio = r[f"{k}_vs_lora_fp32_peak"]
+        target = f"; target {_missed(ratio, 0.45, below=True)}" if k.startswith("qlora") else ""
+        return f"{c[k]['peak_rss_mib']:,.0f} ({ratio:.2f}x{target})"
+
     return "\n".join([
-        "| peak RSS (MiB) | LoRA, fp32 base | QLoRA, nf4 base | full |", "| --- | --- | --- | --- |",
-        f"| peak | {lora['peak_rss_mib']:,.0f} | {qlora['peak_rss_mib']:,.0f} ({peak:.2f}x; target "
-        f"{_missed(peak, 0.45, below=True)}) | {full['peak_rss_mib']:,.0f} |",
-        f"| model in memory | {lora['model_mib']:,.0f} | {qlora['model_mib']:,.0f} "
-        f"({r['qlora-nf4_vs_lora_fp32_model_bytes']:.2f}x) | {full['model_mib']:,.0f} |",
-        f"| activations saved for the backward | {lora['saved_activations_mib']:,.0f} | "
-        f"{qlora['saved_activations_mib']:,.0f} | {full['saved_activations_mib']:,.0f} |"])
+        "| peak RSS (MiB) | " + " | ".join(title for _, title in names) + " |",
+        "| --- |" + " --- |" * len(names),
+        "| peak | " + " | ".join(peak(k) for k, _ in names) + " |",
+        "| model in memory | " + " | ".join(f"{c[k]['model_mib']:,.0f}" for k, _ in names) + " |",
+        "| activations saved for the backward | " + " | ".join(f"{c[k]['saved_activations_mib']:,.0f}"
+                                                           for k, _ in names) + " |"])
 
 
 def render_moe(dispatch: dict, decode: dict) -> str:
