@@ -6,8 +6,11 @@
 Three models on the same tokens (batch x context), each timed over forward + backward of the
 next-token loss, alternating rounds, median per model:
 - emergence's Mixtral-shaped model (8 experts, top-2; model.MoE groups the tokens by expert);
-- transformers' MixtralForCausalLM with the same weights (its sparse block loops over the
-  experts hit, indexing their tokens): target emergence >= 3x its tokens/s;
+- transformers' MixtralForCausalLM with the same weights, as from_pretrained gives it (its
+  experts through torch's grouped_mm, transformers' default where torch has one): target
+  emergence >= 3x its tokens/s;
+- the same with experts_implementation="eager" (its sparse block loops over the experts hit,
+  indexing their tokens, as transformers did before grouped_mm);
 - emergence's dense model with the same active parameters (one MLP of twice the expert width):
   target MoE >= 0.6x its tokens/s (a mixture's overhead: routing, gathering, scattering).
 """
@@ -64,12 +67,15 @@ def main() -> None:
     dense = Transformer(Config(family="llama", **dict(shapes, intermediate_size=2 * shapes["intermediate_size"]))).train()
     with tempfile.TemporaryDirectory() as tmp:
         save_hf(moe, tmp)
-        hf = tf.AutoModelForCausalLM.from_pretrained(tmp, torch_dtype=torch.float32).train()
+        hf = tf.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).train()
+        hf_eager = tf.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32,
+                                                           experts_implementation="eager").train()
         same, _ = load_hf(tmp)
     ids = torch.randint(0, shapes["vocab_size"], (batch, context), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():  # the same function: equal logits
-        diff = (same(ids) - hf(ids).logits).abs().max().item()
-    models = {"emergence MoE": (moe, False), "transformers Mixtral": (hf, True), "emergence dense": (dense, False)}
+        diff = max((same(ids) - m(ids).logits).abs().max().item() for m in (hf, hf_eager))
+    models = {"emergence MoE": (moe, False), "transformers Mixtral": (hf, True),
+              "transformers Mixtral, eager experts": (hf_eager, True), "emergence dense": (dense, False)}
     times: dict[str, list[float]] = {name: [] for name in models}
     for name, (model, is_hf) in models.items():  # warm-up
         step_time(model, ids, is_hf)
@@ -82,13 +88,16 @@ def main() -> None:
         date=datetime.date.today().isoformat(), commit=commit(), machine=machine(), command=" ".join(sys.argv),
         threads=torch.get_num_threads(), shapes=shapes, experts=8, experts_per_token=2, batch=batch, context=context,
         logits_max_abs_diff_vs_transformers=diff, tokens_per_s=tps,
+        transformers_experts_implementation=hf.config._experts_implementation,
         moe_vs_transformers=tps["emergence MoE"] / tps["transformers Mixtral"],
+        moe_vs_transformers_eager_experts=tps["emergence MoE"] / tps["transformers Mixtral, eager experts"],
         moe_vs_dense_same_active=tps["emergence MoE"] / tps["emergence dense"],
         targets={"moe_vs_transformers": 3.0, "moe_vs_dense_same_active": 0.6},
         total_parameters=moe.config.num_parameters(), active_parameters=moe.config.num_parameters(active=True),
         dense_parameters=dense.config.num_parameters())
     args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps({k: result[k] for k in ("tokens_per_s", "moe_vs_transformers", "moe_vs_dense_same_active")}))
+    print(json.dumps({k: result[k] for k in ("tokens_per_s", "transformers_experts_implementation", "moe_vs_transformers",
+                                              "moe_vs_transformers_eager_experts", "moe_vs_dense_same_active")}))
 
 
 if __name__ == "__main__":
