@@ -171,8 +171,14 @@ def render_moe(dispatch: dict, decode: dict) -> str:
             "peer | ratio | target |", "| --- | --- | --- | --- | --- |",
             f"| training step (forward + backward), {dispatch['experts']} experts top-{dispatch['experts_per_token']}, "
             f"{s['n_layer']} layers x {s['n_embd']}, {dispatch['batch'] * dispatch['context']:,} tokens, fp32 | "
-            f"{t['emergence MoE']:,.0f} tok/s | transformers' Mixtral, same weights: {t['transformers Mixtral']:,.0f} tok/s "
+            f"{t['emergence MoE']:,.0f} tok/s | transformers' Mixtral, same weights"
+            f"{' (grouped_mm experts)' if dispatch.get('transformers_experts_implementation') == 'grouped_mm' else ''}: "
+            f"{t['transformers Mixtral']:,.0f} tok/s "
             f"| {dispatch['moe_vs_transformers']:.2f}x | {_missed(dispatch['moe_vs_transformers'], 3)} |",
+            *([f"| same, against transformers' eager experts (a loop over the experts hit) | {t['emergence MoE']:,.0f} "
+               f"tok/s | {t['transformers Mixtral, eager experts']:,.0f} tok/s | "
+               f"{dispatch['moe_vs_transformers_eager_experts']:.2f}x | |"]
+              if "moe_vs_transformers_eager_experts" in dispatch else []),
             f"| same, against a dense model of the same active size | {t['emergence MoE']:,.0f} tok/s | emergence dense: "
             f"{t['emergence dense']:,.0f} tok/s | {dispatch['moe_vs_dense_same_active']:.2f}x | "
             f"{_missed(dispatch['moe_vs_dense_same_active'], 0.6)} |"]
