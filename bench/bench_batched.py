@@ -12,6 +12,10 @@ their matrix products, and short-prompt prefill.
 - Prefill: one prompt of 4-64 tokens on the smollm2-135m shapes (30 layers, 576 wide, random
   weights), fp32, bf16, q8_0 and q4_0 (the output head kept fp32): the native prefill against
   the eager forward. This is what sets MAX_NATIVE_PREFILL* in kernels/fused_decode.py.
+- BLAS: the fp32 native paths with their products through gemm_rows and through torch's BLAS
+  (kernels/blas.h; the extension's set_blas_rows switches between them): emergence-6m decoding
+  steps of 16, 32 and 64 rows and smollm2-135m prefills of 16, 32 and 64 tokens. This is what
+  sets the rows from which the decode plan uses the BLAS (decode.cpp's g_blas_rows).
 
 Every figure is the best of several repetitions (11 by default; the machine is shared and noisy),
 each path timed on its own rather than interleaved with the others.
@@ -128,6 +132,39 @@ def bench_prefill(reps: int) -> list[dict]:
     return rows
 
 
+def bench_blas(model, reps: int) -> list[dict]:
+    """Native fp32 steps and prefills with every product through gemm_rows, then through the BLAS."""
+    from emergence.kernels.fused_decode import NativeBackend
+
+    ext = gemv_extension()
+    torch.manual_seed(0)
+    big = Transformer(Config.from_name("smollm2-135m")).eval()
+    rows = []
+    default = ext.set_blas_rows(1)
+    try:
+        with torch.inference_mode():
+            for what, m, n in [("step", model, n) for n in (16, 32, 64)] + [("prefill", big, n) for n in (16, 32, 64)]:
+                times = {}
+                for path, threshold in (("gemm_rows", 2 ** 62), ("blas", 1)):
+                    ext.set_blas_rows(threshold)
+                    if what == "step":
+                        lengths = [60 - b % 3 for b in range(n)]
+                        cache, tables = paged(m, n, lengths)
+                        runner = make_backend(m, cache, "native")
+                        times[path] = best_ms(lambda: runner.forward([[1]] * n, lengths, tables), reps, 20)
+                    else:
+                        ids = torch.randint(0, 1000, (n,)).tolist()
+                        cache, tables = paged(m, 1, [n])
+                        runner = NativeBackend(m, cache)
+                        times[path] = best_ms(lambda: runner._native([ids], [0], tables), reps, 1)
+                rows.append({"what": what, "model": m.config.name, "rows": n, "gemm_rows_ms": times["gemm_rows"],
+                             "blas_ms": times["blas"], "blas_speedup": times["gemm_rows"] / times["blas"],
+                             "blas_by_default": n >= default})
+    finally:
+        ext.set_blas_rows(default)
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=11)
@@ -139,6 +176,8 @@ def main() -> int:
     result = {"threads": torch.get_num_threads(), "torch": torch.__version__,
               "gemm": bench_gemm(model, args.reps), "step": bench_step(model, args.reps),
               "prefill": bench_prefill(args.reps)}
+    if gemv_extension().has_blas:
+        result["blas"] = bench_blas(model, args.reps)
     g, s = result["gemm"], result["step"]
     print(f"emergence-6m, {g['rows']} rows x {g['matrices']} linear layers: native {g['native_ms']:.2f} ms "
           f"({g['native_gflop_s']:.0f} GFLOP/s), torch.mm {g['torch_mm_ms']:.2f} ms ({g['torch_mm_gflop_s']:.0f})")
@@ -154,6 +193,12 @@ def main() -> int:
     for r in result["prefill"]:
         print(f"| {r['dtype']} | {r['tokens']} | {r['native_tok_s']:.0f} | {r['eager_tok_s']:.0f} | "
               f"{'yes' if r['native_used_by_default'] else 'no'} |")
+    if "blas" in result:
+        print("\n| fp32 native | rows | gemm_rows ms | BLAS ms | BLAS speed-up | BLAS by default |\n"
+              "|---|---|---|---|---|---|")
+        for r in result["blas"]:
+            print(f"| {r['model']} {r['what']} | {r['rows']} | {r['gemm_rows_ms']:.2f} | {r['blas_ms']:.2f} | "
+                  f"{r['blas_speedup']:.2f}x | {'yes' if r['blas_by_default'] else 'no'} |")
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from provenance import write_result
 

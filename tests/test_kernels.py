@@ -472,15 +472,15 @@ def test_one_thread_team_per_call_gives_what_one_thread_gives(name, fmt, options
     # decode.cpp runs each call on one OpenMP team (team.h): every product, the attention and the
     # activation split by rows across it with a barrier after each, the small shared work on the
     # first thread. A race or a missing barrier shows as logits that differ from one thread's:
-    # prompts prefilled together (q8_0/q4_0: on the packed blocks), steps of 3 rows and of 1 row,
-    # at 1 and 2 threads. The shapes split into whole row tiles, so the sums are the same ones and
-    # the logits bit-identical.
+    # prompts prefilled together (64 rows: fp32 products through torch's BLAS, q8_0/q4_0 on the
+    # packed blocks), steps of 4 rows and of 1 row, at 1 and 2 threads. The shapes split into
+    # whole row tiles, so the sums are the same ones and the logits bit-identical.
     if ext is None:  # the fixture checked the fallback (torch's own products need not be bit-identical)
         return
     model = _quantized_model(fmt, options, dtype, **changes)
     torch.manual_seed(9)
-    prompts = [torch.randint(3, 512, (n,)).tolist() for n in (9, 2, 6)]
-    steps = torch.randint(3, 512, (3, 3))  # (row 0 then takes 3 more alone: 15 tokens, one block)
+    prompts = [torch.randint(3, 512, (n,)).tolist() for n in (9, 2, 6, 47)]
+    steps = torch.randint(3, 512, (4, 3))  # (row 0 then takes 3 more alone: 15 tokens, one block)
     threads = torch.get_num_threads()
     try:
         results = []

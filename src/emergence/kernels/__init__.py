@@ -30,7 +30,7 @@ from torch import nn
 
 HERE = Path(__file__).parent
 SOURCES = [HERE / "gemv.cpp", HERE / "decode.cpp"]
-HEADERS = [HERE / "gemv_rows.h", HERE / "quant_rows.h", HERE / "team.h"]
+HEADERS = [HERE / "blas.h", HERE / "gemv_rows.h", HERE / "quant_rows.h", HERE / "team.h"]
 REQUIRED_CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "fma"}
 STALE_LOCK_SECONDS = 900  # a build takes about a minute on 2 cores
 

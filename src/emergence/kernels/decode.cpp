@@ -40,11 +40,13 @@
 //
 // Shapes: B rows, D n_embd, H query heads, KV key/value heads, hd head_dim, F intermediate
 // size, V vocabulary. KV pools: (n_layer, num_blocks, KV, block_size, hd), contiguous.
+#include "blas.h"
 #include "gemv_rows.h"
 #include "quant_rows.h"
 #include "team.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <vector>
@@ -74,6 +76,53 @@ struct CacheLineAllocator {
 };
 template <typename T>
 using Buffer = std::vector<T, CacheLineAllocator<T>>;
+
+// Rows from which an fp32 product goes to torch's BLAS (blas.h) rather than gemm_rows. Below,
+// its packing of the weights on every call costs more than its faster kernel saves;
+// bench/bench_batched.py times both sides of it in one run (set_blas_rows switches it).
+std::atomic<int64_t> g_blas_rows{64};
+
+// e^x in 16 lanes: 2^n e^r with n = round(x log2 e) and r = x - n ln 2 in [-ln 2 / 2, ln 2 / 2]
+// (ln 2 split in two parts so r is exact), e^r by Cephes' degree-6 polynomial for expf (about
+// 1 ulp), 2^n applied by VSCALEFPS (underflowing to 0 below e^-103). The softmax and SiLU loops
+// run on it instead of one libm expf call per value.
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3762626647949f)), _mm512_set1_ps(-103.972077f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  x = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), x);
+  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507e-3f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073e-3f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894e-2f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459e-1f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201e-1f));
+  y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(y, n);
+}
+
+// p[0:S] = softmax numerators exp(p - max p), in place; returns their sum.
+inline float exp_minus_max(float* p, int64_t S) {
+  const int64_t S16 = S & ~int64_t(15);
+  const __mmask16 tail = static_cast<__mmask16>((1u << (S - S16)) - 1);
+  __m512 top = _mm512_set1_ps(-INFINITY);
+  for (int64_t j = 0; j < S16; j += 16) top = _mm512_max_ps(top, _mm512_loadu_ps(p + j));
+  if (tail) top = _mm512_mask_max_ps(top, tail, top, _mm512_maskz_loadu_ps(tail, p + S16));
+  const __m512 t = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+  __m512 total = _mm512_setzero_ps();
+  for (int64_t j = 0; j < S16; j += 16) {
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(p + j), t));
+    _mm512_storeu_ps(p + j, e);
+    total = _mm512_add_ps(total, e);
+  }
+  if (tail) {
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, p + S16), t));
+    _mm512_mask_storeu_ps(p + S16, tail, e);
+    total = _mm512_mask_add_ps(total, tail, total, e);
+  }
+  return _mm512_reduce_add_ps(total);
+}
 
 using emergence::gemv_grain;
 using emergence::gemv_rows;
@@ -520,9 +569,19 @@ class DecodePlan {
   // eager rounds it.
   void activate(const float* h, float* a, int64_t n, int64_t i0, int64_t i1) const {
     switch (mlp_) {
-      case SWIGLU:
-        for (int64_t i = i0; i < i1; ++i) a[i] = r(r(h[i] / (1.0f + std::exp(-h[i]))) * h[n + i]);
+      case SWIGLU: {
+        int64_t i = i0;
+        if (!bf16_) {  // 16 at a time: silu(g) = g / (1 + e^-g), times up
+          for (; i + 16 <= i1; i += 16) {
+            const __m512 g = _mm512_loadu_ps(h + i);
+            const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
+            const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+            _mm512_storeu_ps(a + i, _mm512_mul_ps(silu, _mm512_loadu_ps(h + n + i)));
+          }
+        }
+        for (; i < i1; ++i) a[i] = r(r(h[i] / (1.0f + std::exp(-h[i]))) * h[n + i]);
         break;
+      }
       case GEGLU:
         for (int64_t i = i0; i < i1; ++i) a[i] = r(r(gelu_tanh(h[i])) * h[n + i]);
         break;
@@ -613,10 +672,10 @@ class DecodePlan {
 
   // y (B, N) = x (B, K) W^T (+ b); x holds values already representable in the model's dtype.
   // One row: a GEMV (the weights stream once, split across the team by output rows). Several
-  // rows: gemm_rows reads each weight row once for all of them; Q8_0 and Q4_0 blocks multiply
-  // them on the packed blocks (qgemm_ggml) from 3 rows on (below, the GEMV row by row is as
-  // fast: qgemm unpacks each tile of 16 weight rows first); the other packed formats run their
-  // GEMV row by row.
+  // rows: gemm_rows reads each weight row once for all of them, and from g_blas_rows fp32 rows on
+  // torch's BLAS does (blas.h); Q8_0 and Q4_0 blocks multiply them on the packed blocks
+  // (qgemm_ggml) from 3 rows on (below, the GEMV row by row is as fast: qgemm unpacks each tile
+  // of 16 weight rows first); the other packed formats run their GEMV row by row.
   void linear(const Linear& L, const float* x, int64_t B, float* y) {
     const bool ggml = L.q.kind == emergence::WeightKind::Q8_0 || L.q.kind == emergence::WeightKind::Q4_0;
     if (L.packed && ggml && B >= 3 && L.act_bits == 0 && emergence::kHasAvx512Vnni) {
@@ -635,6 +694,8 @@ class DecodePlan {
     // 0.8-0.9x as fast on the Xeon of bench/results/batched.json, one port against FMA's two)
     parallel_rows(0, N, gemv_grain(N), [&](int64_t r0, int64_t r1) {
       if (bf16_) emergence::gemm_rows(L.weight.data_ptr<at::BFloat16>(), x, B, y, N, r0, r1, K);
+      else if (B >= g_blas_rows.load(std::memory_order_relaxed) && emergence::kSgemm)
+        emergence::sgemm_rows(L.weight.data_ptr<float>(), x, B, y, N, r0, r1, K);
       else emergence::gemm_rows(L.weight.data_ptr<float>(), x, B, y, N, r0, r1, K);
       finish(L, y, B, r0, r1);
     });
@@ -792,10 +853,7 @@ class DecodePlan {
         } else {
           for (int64_t j = 0; j < S; ++j) p[j] *= scale;
         }
-        float top = -INFINITY;
-        for (int64_t j = 0; j < S; ++j) top = std::max(top, p[j]);
-        float total = 0;
-        for (int64_t j = 0; j < S; ++j) total += (p[j] = std::exp(p[j] - top));
+        const float total = exp_minus_max(p.data(), S);
         std::fill(acc.begin(), acc.end(), 0.0f);
         const float norm = 1.0f / total;
         segments([&](int64_t at, int64_t index, int64_t n) {
@@ -863,6 +921,12 @@ void register_decode_plan(pybind11::module& m) {
   kinds["int8"] = static_cast<int>(WeightKind::INT8), kinds["int4"] = static_cast<int>(WeightKind::INT4);
   kinds["ternary"] = static_cast<int>(WeightKind::TERNARY), kinds["nf4"] = static_cast<int>(WeightKind::NF4);
   m.attr("weight_kinds") = kinds;
+  m.def(
+      "set_blas_rows",
+      [](int64_t rows) { return g_blas_rows.exchange(rows); },
+      "fp32 rows from which a decode plan's products go to torch's BLAS (default 64; a huge value: never); "
+      "returns the previous value");
+  m.attr("has_blas") = emergence::kSgemm != nullptr;
   pybind11::class_<DecodePlan>(m, "DecodePlan")
       .def(pybind11::init<std::vector<int64_t>, std::vector<int64_t>, std::vector<double>, std::vector<int64_t>,
                           std::vector<int64_t>, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,

@@ -1,0 +1,34 @@
+// The BLAS that torch ships, for the batched decoding step's fp32 products.
+//
+// libtorch_cpu exports the Fortran BLAS entry point sgemm_ (MKL's on x86 builds). Its packed,
+// register-blocked kernel outruns gemm_rows (gemv_rows.h: dot products along K, 4 weight rows
+// x 4 rows of X, a horizontal sum per output) once there are enough rows to pay for packing the
+// weights on every call (decode.cpp's g_blas_rows; bench/bench_batched.py measures both). It is
+// looked up at run time, so a torch without it leaves gemm_rows in charge instead of failing to
+// load. Called on each thread's own slice of weight rows (team.h's parallel_rows): inside an
+// OpenMP region MKL runs on the calling thread, so the slices never nest a second team.
+#pragma once
+#include <dlfcn.h>
+
+#include <cstdint>
+
+namespace emergence {
+
+using SgemmFn = void (*)(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                         const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+                         const float* beta, float* c, const int* ldc);
+
+inline const SgemmFn kSgemm = reinterpret_cast<SgemmFn>(dlsym(RTLD_DEFAULT, "sgemm_"));
+
+// Y (B, N)[:, row0:row1] = X (B, K) W[row0:row1]^T for a contiguous fp32 W (N, K). In BLAS's
+// column-major terms: Y^T's rows row0..row1 (ldc N) = W's rows (transposed, lda K) times X^T
+// (ldb K).
+inline void sgemm_rows(const float* w, const float* x, int64_t B, float* y, int64_t N, int64_t row0, int64_t row1,
+                       int64_t K) {
+  const int m = static_cast<int>(row1 - row0), n = static_cast<int>(B), k = static_cast<int>(K);
+  const int lda = k, ldb = k, ldc = static_cast<int>(N);
+  const float one = 1.0f, zero = 0.0f;
+  kSgemm("T", "N", &m, &n, &k, &one, w + row0 * K, &lda, x, &ldb, &zero, y + row0, &ldc);
+}
+
+}  // namespace emergence
