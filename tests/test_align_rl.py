@@ -222,6 +222,65 @@ def test_lora_reference_is_the_base_with_adapters_disabled(files, tmp_path, one_
 
 
 # ------------------------------------------------------------------------------ PPO
+def _cli(*args, ranks: int = 1, expect: int = 0) -> str:
+    """`python -m emergence ARGS`, or under torchrun on `ranks` gloo ranks; its stderr."""
+    import os
+    import subprocess
+    import sys
+
+    launch = ["-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--standalone"] if ranks > 1 else []
+    proc = subprocess.run([sys.executable, *launch, "-m", "emergence", *map(str, args)], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == expect, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc.stderr
+
+
+def _metrics(folder) -> list[dict]:
+    return [{k: v for k, v in json.loads(line).items() if not k.endswith("_s")}
+            for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_grpo_on_two_ranks_trains_what_one_process_trains(files, tmp_path):
+    # torchrun, 2 gloo ranks, each rolling out 2 of a step's 4 prompts: each row draws its own
+    # number of the step's, so the ranks sample what one process samples; the gradients are the
+    # ranks' mean and dapo's normaliser the global minibatch's tokens, so the rewards and lengths
+    # are the same step for step and the weights the same up to the order of the sums.
+    from emergence.weights.safetensors_io import SafetensorsFile
+
+    args = ["grpo", files / "model", "--prompts", files / "prompts.jsonl", "--reward", f"{files / 'rewards.py'}:t7",
+            "--max-new-tokens", 8, "--group", 4, "--prompts-per-step", 4, "--lr", 1e-2, "--max-steps", 3,
+            "--no-progress"]
+    _cli(*args, "--out", tmp_path / "one")
+    _cli(*args, "--out", tmp_path / "two", ranks=2)
+    one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
+    assert len(one) == len(two) == 3 and one[0]["rollout_tokens"] > 4 * 4 * 4  # (every sample, both ranks')
+    for a, b in zip(one, two):
+        assert {k: a[k] for k in ("reward", "completion_length", "rollout_tokens")} == \
+               {k: b[k] for k in ("reward", "completion_length", "rollout_tokens")}
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-7)
+    assert sum(r["reward"] > 0 for r in one) >= 2  # (some samples score: the rewards say which rows were drawn)
+    a, b = (SafetensorsFile(tmp_path / name / "model" / "model.safetensors") for name in ("one", "two"))
+    # (Adam at lr 1e-2 turns the sums' last-bit differences into steps of up to ~1e-5)
+    assert max(float((a.tensor(k) - b.tensor(k)).abs().max()) for k in a.keys()) < 1e-4
+
+
+def test_ppo_on_two_ranks_resumes_exactly(files, tmp_path):
+    # PPO with a reward model on 2 ranks: a run stopped after its first step and resumed on 2
+    # ranks (every rank's RNG state restored) repeats the uninterrupted run; resuming it in one
+    # process is refused in one line.
+    reward_model_folder(tmp_path / "rm", tokenizer=False)
+    args = ["ppo", files / "model", "--prompts", files / "prompts.jsonl", "--reward-model", tmp_path / "rm",
+            "--max-new-tokens", 8, "--group", 2, "--lr", 1e-3, "--checkpoint-every", 1, "--no-progress"]
+    _cli(*args, "--out", tmp_path / "straight", "--max-steps", 2, ranks=2)
+    _cli(*args, "--out", tmp_path / "resumed", "--max-steps", 1, ranks=2)
+    err = _cli(*args, "--out", tmp_path / "resumed", "--max-steps", 2, "--resume", expect=1)
+    assert "was trained on 2 rank(s); resume it on as many (now 1)" in err
+    _cli(*args, "--out", tmp_path / "resumed", "--max-steps", 2, "--resume", ranks=2)
+    straight, resumed = _metrics(tmp_path / "straight"), _metrics(tmp_path / "resumed")
+    assert len(straight) == 2 and straight == resumed
+    assert all(math.isfinite(r["loss/value"]) for r in straight)
+
+
 def reward_model_folder(folder, vocab: int = 96, tokenizer=True) -> None:
     torch.manual_seed(5)
     decoder = Transformer(tiny_config(vocab_size=vocab))

@@ -219,10 +219,12 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, seen: torch.Ten
     return logits
 
 
-def choose(logits: torch.Tensor, greedy: bool, generator: torch.Generator | None = None) -> torch.Tensor:
+def choose(logits: torch.Tensor, greedy: bool, generator: torch.Generator | None = None,
+           uniforms: torch.Tensor | None = None) -> torch.Tensor:
     """Processed logits (B, V) -> token ids (B,): argmax, or a draw from softmax(logits).
 
-    The draw inverts each row's cumulative distribution at one uniform number: the first token
+    The draw inverts each row's cumulative distribution at one uniform number (drawn from
+    `generator`, or given: `uniforms` (B,) float64 in [0, 1)): the first token
     whose cumulative probability exceeds u * total (exactly categorical; a token of probability
     0 is never drawn, its cumulative value equalling its predecessor's). The sums are float64,
     so u * total < total holds after rounding. torch.multinomial draws the same distribution
@@ -230,5 +232,6 @@ def choose(logits: torch.Tensor, greedy: bool, generator: torch.Generator | None
     if greedy:
         return logits.argmax(dim=-1)
     cdf = logits.softmax(dim=-1).double().cumsum(dim=-1)  # (B, V)
-    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=torch.float64)
+    u = (uniforms.to(cdf.device, torch.float64)[:, None] if uniforms is not None else
+         torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=torch.float64))
     return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp(max=cdf.shape[-1] - 1).squeeze(-1)

@@ -38,7 +38,17 @@ mean per-token KL (k3, policy vs reference, over a rollout's completion tokens) 
 stops with one line and a non-zero exit, keeping the newest checkpoint whose weights were measured
 under the bound (checkpoint.prev.pt takes the place of a newer one that was not).
 
-DDP is not done: one process (CPU or one GPU; the native decode step is CPU only).
+**Data parallel** (`torchrun --nproc-per-node N -m emergence grpo|ppo ...`, gloo on the CPU,
+NCCL on GPUs): a step's P prompts are split into N equal shares; each rank rolls out its share
+(drawing the samples one process would: sample_groups' `rows`), scores it and updates on it, and
+after every backward the gradients are averaged over the ranks (one all-reduce of them
+flattened, what DDP does without its overlap), so the weights stay the same on every rank. As in
+TRL under accelerate, each rank normalises its loss over its own rows (`dapo`: over the global
+minibatch's tokens), group-relative advantages are the groups' own (`scale_rewards="batch"`: the
+std of every rank's rewards), PPO whitens each rank's advantages; the logged reward, length and
+KL are over all ranks' samples, the other statistics the mean of the ranks'. Rank 0 writes the
+checkpoints (with every rank's RNG state: exact resume on the same number of ranks), metrics and
+the result.
 """
 
 from __future__ import annotations
@@ -56,6 +66,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from ..errors import EmergenceError, InvalidArgument
 from ..model import Transformer
@@ -154,12 +165,17 @@ class Sample:
 
 def sample_groups(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[list[int]], group: int,
                   params: SamplingParams, seed: int, *, backend: str = "auto",
-                  stop_token_ids: Sequence[int] = (), stop_strings: Sequence[str] = ()) -> list[Sample]:
+                  stop_token_ids: Sequence[int] = (), stop_strings: Sequence[str] = (),
+                  rows: tuple[int, int] | None = None) -> list[Sample]:
     """`group` samples of every prompt, prompt-major (prompt p's samples at p*group .. p*group+group-1),
     through one DecodeBatch: each prompt is prefilled once and forked into its group (the forks
     share its KV blocks, copied on write), and every step runs all rows in one forward pass
     (the native CPU step where it can run). The tokens of a step are drawn for all rows at once,
-    from one generator seeded with `seed` (temperature, top_k, top_p apply; penalties do not).
+    from one generator seeded with `seed` (temperature, top_k, top_p apply; penalties do not),
+    one uniform number per live row. With `rows` (first, total), these samples being rows first ..
+    of a rollout of `total`, each step draws a number for every row of the rollout, finished or
+    not, and a row takes its own: its tokens then depend on the seed and its place alone, so a
+    data-parallel rank sampling its share draws what one process sampling the whole would.
     A completion ends with its end token (kept: it is trained on) or at max_new_tokens. A stop
     string that is several tokens (chatml's "<|im_end|>" in a small vocabulary) ends it too, as in
     generate(): its tokens are kept (trained on, so the policy learns to write it) and the text
@@ -192,7 +208,11 @@ def sample_groups(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[li
                 logits = batch.logits
                 if batch.unused is not None:
                     logits[:, batch.unused] = float("-inf")
-                chosen = choose(process_logits(logits, plain), plain.greedy, generator)
+                uniforms = None
+                if rows is not None:  # one number for every row of the rollout; each row takes its own
+                    uniforms = torch.rand(rows[1], generator=generator, device=logits.device, dtype=torch.float64)
+                    uniforms = uniforms[torch.tensor([rows[0] + row.tag for row in batch.rows], device=logits.device)]
+                chosen = choose(process_logits(logits, plain), plain.greedy, generator, uniforms)
                 tokens = chosen.tolist()
                 logprobs = (logits.log_softmax(-1).gather(1, chosen[:, None])[:, 0].tolist() if record else None)
                 finished, going = [], []
@@ -421,8 +441,14 @@ class RLRun:
         from ..store import resolve_model
         from ..train.checkpoint import load_checkpoint
 
+        from ..train.trainer import _init_distributed
+
         cfg.validate()
         self.cfg, self.out = cfg, Path(cfg.out)
+        self.env, device = _init_distributed(cfg.device)
+        if cfg.prompts_per_step % self.env.world:
+            raise InvalidArgument(f"--prompts-per-step {cfg.prompts_per_step} must be a multiple of the "
+                                  f"{self.env.world} ranks (each rolls out an equal share)")
         self.state = None
         if resume:
             self.state = load_checkpoint(self.out)
@@ -434,6 +460,9 @@ class RLRun:
             if changed:
                 raise InvalidArgument("cannot resume with different settings: " + ", ".join(
                     f"{k} was {saved.get(k)!r}, now {now[k]!r}" for k in changed))
+            if self.state.get("world", 1) != self.env.world:
+                raise InvalidArgument(f"the run in {self.out} was trained on {self.state.get('world', 1)} rank(s); "
+                                      f"resume it on as many (now {self.env.world})")
             if self.state["step"] >= cfg.max_steps:
                 raise InvalidArgument(f"the run in {self.out} is finished at step {self.state['step']}; give a larger "
                                       "--max-steps to train it further")
@@ -442,7 +471,7 @@ class RLRun:
                                   "another --out")
 
         source = resolve_model(cfg.model)
-        lm = load(source, device=cfg.device, dtype="fp32")
+        lm = load(source, device=str(device), dtype="fp32")
         require_decoder_only(lm.config, f"emergence {cfg.method}")
         self.model, self.tokenizer, self.config = lm.model, lm.tokenizer, lm.config
         self.device = self.model.device
@@ -559,8 +588,9 @@ class RLRun:
         return SamplingParams(temperature=c.temperature, top_p=c.top_p, top_k=c.top_k,
                               max_new_tokens=c.max_new_tokens, logprobs=logprobs)
 
-    def rollout(self, prompt_index: Sequence[int], seed: int, *, sampler_logprobs: bool = False) -> RolloutBatch:
-        """Sample, then score: old / reference log-probs, values (PPO), rewards."""
+    def rollout(self, prompt_index: Sequence[int], seed: int, *, sampler_logprobs: bool = False,
+                rows: tuple[int, int] | None = None) -> RolloutBatch:
+        """Sample, then score: old / reference log-probs, values (PPO), rewards. rows: see sample_groups."""
         c = self.cfg
         G = c.group
         was_training = self.model.training
@@ -569,7 +599,7 @@ class RLRun:
         with torch.no_grad(), merged_for_decoding(self.model):
             samples = sample_groups(self.model, self.tokenizer, prompts, G,
                                     self.params(0 if sampler_logprobs else None), seed, backend=c.backend,
-                                    stop_token_ids=self.stop_ids, stop_strings=self.stop_strings)
+                                    stop_token_ids=self.stop_ids, stop_strings=self.stop_strings, rows=rows)
         full_prompts = [p for p in prompts for _ in range(G)]
         ids, cmask, start = collate(full_prompts, samples, self.pad_id)
         ids, cmask = ids.to(self.device), cmask.to(self.device)
@@ -600,11 +630,33 @@ class RLRun:
     # ---------------------------------------------------------------- the updates
     def _optimizer_step(self, loss: torch.Tensor) -> None:
         loss.backward()
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if self.env.world > 1:  # the ranks' mean gradient, in one all-reduce (a rank's unused tensor: zeros)
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            flat = torch._utils._flatten_dense_tensors(grads)
+            dist.all_reduce(flat)
+            flat /= self.env.world
+            for p, g in zip(params, torch._utils._unflatten_dense_tensors(flat, grads)):
+                p.grad = g
         if self.cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
-                                           self.cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def _all_sum(self, values: torch.Tensor) -> torch.Tensor:
+        """values summed over the ranks (themselves in one process)."""
+        if self.env.world > 1:
+            values = values.clone()
+            dist.all_reduce(values)
+        return values
+
+    def _all_rows(self, values: torch.Tensor) -> torch.Tensor:
+        """Every rank's values (the same shape on each), rank after rank along dim 0."""
+        if self.env.world == 1:
+            return values
+        parts = [torch.empty_like(values) for _ in range(self.env.world)]
+        dist.all_gather(parts, values.contiguous())
+        return torch.cat(parts)
 
     def _minibatches(self, B: int) -> list[torch.Tensor]:
         M = self.cfg.mini_batches
@@ -613,7 +665,12 @@ class RLRun:
 
     def grpo_update(self, batch: RolloutBatch) -> dict[str, float]:
         c = self.cfg
-        advantages, stats = losses.grpo_advantages(batch.rewards.to(self.device), c.group, c.scale_rewards)
+        rewards = batch.rewards.to(self.device).float()
+        if c.scale_rewards == "batch" and self.env.world > 1:  # the std of every rank's rewards
+            advantages, stats = losses.grpo_advantages(self._all_rows(rewards), c.group, c.scale_rewards)
+            advantages = advantages.chunk(self.env.world)[self.env.rank]
+        else:
+            advantages, stats = losses.grpo_advantages(rewards, c.group, c.scale_rewards)
         row = {k: float(v) for k, v in stats.items()}
         sums: dict[str, float] = {}
         n = 0
@@ -628,7 +685,7 @@ class RLRun:
                     logps, old, advantages[mb], batch.mask[mb],
                     ref_logprobs=batch.ref_logprobs[mb] if batch.ref_logprobs is not None else None, beta=c.beta,
                     epsilon_low=c.epsilon, epsilon_high=c.epsilon_high, loss_type=c.loss_type,
-                    max_completion_length=c.max_new_tokens)
+                    max_completion_length=c.max_new_tokens, num_items_in_batch=self._dapo_items(batch.mask[mb]))
                 if n == 0:
                     self.first_loss = loss.item()
                 self._optimizer_step(loss)
@@ -639,6 +696,14 @@ class RLRun:
         if "kl" in sums:
             row["kl_loss"] = sums["kl"] / n  # the loss's KL term, during the updates
         return row
+
+    def _dapo_items(self, mask: torch.Tensor) -> torch.Tensor | None:
+        """dapo's normaliser under data parallelism: the minibatch's completion tokens over every
+        rank, per rank (TRL's num_items_in_batch / num_processes), so the averaged gradient is the
+        token mean of the global minibatch. None (this minibatch's own count) in one process."""
+        if self.cfg.loss_type != "dapo" or self.env.world == 1:
+            return None
+        return self._all_sum(mask.sum().float()) / self.env.world
 
     def ppo_rollout(self, batch: RolloutBatch) -> losses.PPORollout:
         c = self.cfg
@@ -694,28 +759,41 @@ class RLRun:
     def step(self) -> dict:
         """One rollout and its updates; returns the step's metrics row. Raises KLBoundExceeded
         (before any update) when the rollout's KL exceeds kl_stop."""
-        c = self.cfg
+        c, env = self.cfg, self.env
         started = time.perf_counter()
         index, seed = self.next_prompts()
-        batch = self.rollout(index, seed)
+        share = len(index) // env.world  # this rank's prompts: their samples are what one process would draw
+        batch = self.rollout(index[env.rank * share:(env.rank + 1) * share], seed,
+                             rows=(env.rank * share * c.group, len(index) * c.group))  # (in one process too)
         self.last = batch
         rollout_s = time.perf_counter() - started
-        tokens = sum(len(s.token_ids) for s in batch.samples)
         lengths = torch.tensor([len(s.token_ids) for s in batch.samples], dtype=torch.float32)
-        rewards = batch.rewards.float().cpu()
+        stopped = torch.tensor([s.finish_reason == "stop" for s in batch.samples], dtype=torch.float32)
+        # every rank's samples: rewards, lengths and stops (the same count on each rank)
+        rewards, lengths, stopped = self._all_rows(
+            torch.stack([batch.rewards.float().to(self.device), lengths.to(self.device), stopped.to(self.device)], 1)
+        ).cpu().unbind(1)
+        counts = self._all_sum(torch.tensor([float(batch.failures), rollout_s], device=self.device))
+        tokens = int(lengths.sum())
         row = {"step": self.step_count + 1, "reward": float(torch.nanmean(rewards)),
                "reward_std": float(losses._nanstd(rewards)) if rewards.numel() > 1 else 0.0,
-               "reward_failures": batch.failures, "completion_length": float(lengths.mean()),
-               "completions_stopped": sum(s.finish_reason == "stop" for s in batch.samples) / len(batch.samples),
-               "rollout_tokens": tokens, "rollout_tok_s": tokens / max(rollout_s, 1e-9)}
-        if batch.ref_logprobs is not None:
+               "reward_failures": int(counts[0]), "completion_length": float(lengths.mean()),
+               "completions_stopped": float(stopped.mean()),
+               "rollout_tokens": tokens, "rollout_tok_s": tokens / max(float(counts[1]) / env.world, 1e-9)}
+        if batch.ref_logprobs is not None:  # the mean per-token KL over every rank's completion tokens
             kl = losses.kl_estimate(batch.old_logprobs, batch.ref_logprobs, "k3")
-            row["kl"] = float(losses.masked_mean(kl, batch.mask))
+            total, count = self._all_sum(torch.stack([(kl * batch.mask).sum(), batch.mask.sum().float()]))
+            row["kl"] = float(total / count.clamp(min=1))
             if c.kl_stop is not None and row["kl"] > c.kl_stop:
                 raise KLBoundExceeded(self._kl_stop(row["kl"]))
         update = self.grpo_update(batch) if c.method == "grpo" else self.ppo_update(batch)
         update.pop("value_loss_by_epoch", None)
-        row.update(update)
+        if env.world > 1:  # the update's statistics: the mean of the ranks'
+            names = [k for k in update if k not in row]
+            means = self._all_sum(torch.tensor([float(update[k]) for k in names], dtype=torch.float64,
+                                               device=self.device)) / env.world
+            update.update(zip(names, means.tolist()))
+        row.update({k: v for k, v in update.items() if k not in row or env.world == 1})
         self.step_count += 1
         self.cursor += c.prompts_per_step
         row["step_s"] = time.perf_counter() - started
@@ -728,11 +806,13 @@ class RLRun:
         path, prev = self.out / CHECKPOINT, self.out / CHECKPOINT_PREV
         good = self.saved_step
         if good is not None and good >= self.step_count:  # the weights just measured: not good
-            if prev.exists() and self.prev_step is not None:
-                os.replace(prev, path)
+            if self.prev_step is not None:
+                if self.env.main and prev.exists():
+                    os.replace(prev, path)
                 good = self.prev_step
             else:
-                path.unlink(missing_ok=True)
+                if self.env.main:
+                    path.unlink(missing_ok=True)
                 good = None
         kept = (f"the last good checkpoint (step {good}) is kept in {self.out}" if good is not None
                 else "no checkpoint was written under the bound")
@@ -747,29 +827,41 @@ class RLRun:
         return {k: v.detach().cpu().clone() for k, v in state.items()}
 
     def save_checkpoint(self) -> None:
+        """OUT/checkpoint.pt, written by rank 0 (with every rank's global RNG state); with kl_stop
+        the one before it is kept as OUT/checkpoint.prev.pt."""
         from ..train.checkpoint import CHECKPOINT, save_checkpoint
 
-        self.out.mkdir(parents=True, exist_ok=True)
-        path = self.out / CHECKPOINT
-        if self.cfg.kl_stop is not None and path.exists() and self.saved_step is not None:
-            tmp = self.out / (CHECKPOINT_PREV + ".tmp")  # keep the previous one (a hard link: no copy)
-            tmp.unlink(missing_ok=True)
-            try:
-                os.link(path, tmp)
-            except OSError:
-                import shutil
+        rng = {"rollout": self.generator.get_state(), "torch": torch.get_rng_state()}
+        if self.env.world > 1:
+            states = [None] * self.env.world
+            dist.all_gather_object(states, torch.get_rng_state())
+            rng["torch_by_rank"] = states
+        keep_prev = self.cfg.kl_stop is not None and self.saved_step is not None  # (its file exists then)
+        if self.env.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            path = self.out / CHECKPOINT
+            if keep_prev:
+                tmp = self.out / (CHECKPOINT_PREV + ".tmp")  # keep the previous one (a hard link: no copy)
+                tmp.unlink(missing_ok=True)
+                try:
+                    os.link(path, tmp)
+                except OSError:
+                    import shutil
 
-                shutil.copyfile(path, tmp)
-            os.replace(tmp, self.out / CHECKPOINT_PREV)
+                    shutil.copyfile(path, tmp)
+                os.replace(tmp, self.out / CHECKPOINT_PREV)
+            state = {"step": self.step_count, "cursor": self.cursor, "model": self.trained_state(),
+                     "optimizer": self.optimizer.state_dict(), "rng": rng, "world": self.env.world,
+                     "rl_config": asdict(self.cfg), "tokenizer_hash": self.fingerprint,
+                     "prev_step": self.saved_step if keep_prev else self.prev_step}
+            if self.value_model is not None:
+                state["value_model"] = {k: v.detach().cpu().clone() for k, v in self.value_model.state_dict().items()}
+            save_checkpoint(state, self.out)
+        if keep_prev:
             self.prev_step = self.saved_step
-        state = {"step": self.step_count, "cursor": self.cursor, "model": self.trained_state(),
-                 "optimizer": self.optimizer.state_dict(),
-                 "rng": {"rollout": self.generator.get_state(), "torch": torch.get_rng_state()},
-                 "rl_config": asdict(self.cfg), "tokenizer_hash": self.fingerprint, "prev_step": self.prev_step}
-        if self.value_model is not None:
-            state["value_model"] = {k: v.detach().cpu().clone() for k, v in self.value_model.state_dict().items()}
-        save_checkpoint(state, self.out)
         self.saved_step = self.step_count
+        if self.env.world > 1:
+            dist.barrier()  # every rank goes on once rank 0 has written it
 
     def _restore(self, state: dict) -> None:
         if state.get("tokenizer_hash") != self.fingerprint:
@@ -780,21 +872,23 @@ class RLRun:
             self.value_model.load_state_dict(state["value_model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["rng"]["rollout"])
-        torch.set_rng_state(state["rng"]["torch"])
+        torch.set_rng_state(state["rng"].get("torch_by_rank", [state["rng"]["torch"]])[self.env.rank])
         self.step_count, self.cursor = state["step"], state["cursor"]
         self.saved_step, self.prev_step = state["step"], state.get("prev_step")
 
+    def result_folder(self) -> Path:
+        return self.out / ("adapter" if self.cfg.lora else "model")
+
     def save_result(self) -> Path:
         """OUT/adapter (PEFT) or OUT/model (HF layout), and OUT/value_model for PPO."""
+        folder = self.result_folder()
         if self.cfg.lora:
             from ..adapters.peft_format import save_adapter
 
-            folder = self.out / "adapter"
             save_adapter(self.model, folder, base=self.cfg.model)
         else:
             from ..weights.hf import save_hf
 
-            folder = self.out / "model"
             save_hf(self.model, folder)
             self.tokenizer.save(folder)
         if self.template is not None:
@@ -819,11 +913,11 @@ class RLRun:
         """Steps until max_steps: checkpoints, metrics, the progress line; the result at the end."""
         from ..progress import Progress
 
-        c = self.cfg
-        metrics = _Metrics(self.out, self.step_count if self.state is not None else None, c.method)
-        if c.progress:
-            print(self.describe(), flush=True)
-        progress = Progress(c.max_steps - self.step_count, "steps", desc=c.method, enabled=c.progress)
+        c, main = self.cfg, self.env.main
+        metrics = _Metrics(self.out, self.step_count if self.state is not None else None, c.method) if main else None
+        if c.progress and main:
+            print(self.describe() + (f", {self.env.world} ranks" if self.env.world > 1 else ""), flush=True)
+        progress = Progress(c.max_steps - self.step_count, "steps", desc=c.method, enabled=c.progress and main)
         started = time.perf_counter()
         first = last = None
         while self.step_count < c.max_steps:
@@ -833,7 +927,8 @@ class RLRun:
                 progress.close()
                 raise
             row["elapsed_s"] = time.perf_counter() - started
-            metrics.write(row)
+            if metrics is not None:
+                metrics.write(row)
             first = row if first is None else first
             last = row
             progress.update(1, reward=row["reward"], **({"kl": row["kl"]} if "kl" in row else {}),
@@ -841,8 +936,10 @@ class RLRun:
             if self.step_count % c.checkpoint_every == 0 or self.step_count == c.max_steps:
                 self.save_checkpoint()
         progress.close()
-        folder = self.save_result()
-        if c.progress and last is not None:
+        folder = self.save_result() if main else self.result_folder()
+        if self.env.world > 1:
+            dist.barrier()  # the result is written before any rank returns
+        if c.progress and main and last is not None:
             print(f"done: step {self.step_count}, reward {first['reward']:.4f} (first step of this call) -> "
                   f"{last['reward']:.4f}; {'adapter' if c.lora else 'model'} saved to {folder}", flush=True)
         return {"step": self.step_count, "folder": folder, "first": first, "last": last}
@@ -879,8 +976,14 @@ class _Metrics:
 
 
 def train_rl(cfg: RLConfig, *, resume: bool = False) -> dict:
-    """Run (or, with resume, continue) the GRPO / PPO run `cfg` describes."""
-    return RLRun(cfg, resume=resume).train()
+    """Run (or, with resume, continue) the GRPO / PPO run `cfg` describes (on every rank under torchrun)."""
+    from ..train.trainer import _end_distributed
+
+    run = RLRun(cfg, resume=resume)
+    try:
+        return run.train()
+    finally:
+        _end_distributed(run.env)
 
 
 def rl_settings() -> set[str]:
@@ -966,4 +1069,5 @@ def run_command(args) -> None:
         settings = {**saved, **{k: v for k, v in settings.items() if v not in (None, [], False)}, "out": args.out}
     settings.update(given)
     result = train_rl(RLConfig(**settings), resume=args.resume)
-    print(f"{'adapter' if settings.get('lora') else 'model'}: {result['folder']}")
+    if int(os.environ.get("RANK", "0")) == 0:  # (under torchrun, once)
+        print(f"{'adapter' if settings.get('lora') else 'model'}: {result['folder']}")
