@@ -569,7 +569,8 @@ def test_the_sliced_head_loss_is_the_whole_logits_cross_entropy_without_the_logi
     for p in model.parameters():  # logits spread well beyond the soft cap
         torch.nn.init.normal_(p, std=0.3)
     if case == "lora-head":
-        add_adapter(model, LoraSpec(r=4, alpha=8, targets=["q", "v", "lm_head"]), generator=torch.Generator().manual_seed(1))
+        add_adapter(model, LoraSpec(r=4, alpha=8, targets=["q", "v", "lm_head"]),
+                    generator=torch.Generator().manual_seed(1))
         for name, p in model.named_parameters():  # B is zero at the start: give the head's adapter a value
             if "lora_B" in name:
                 torch.nn.init.normal_(p, std=0.3)

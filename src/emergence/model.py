@@ -343,9 +343,10 @@ class MoE(nn.Module):
         xs = h.index_select(0, token)  # (M, D), expert by expert (its backward an index_add, not an index_put)
         out = []
         # The stacks as E views at once: the backward then stacks the E gradients in one op, where
-        # indexing stack[e] per expert would give each a zero-filled gradient of the whole stack
-        # (E^2 / E times the writes; a third of a training step's MoE time at 8 experts).
-        gate_up, down = (w.unbind(0) if isinstance(w, torch.Tensor) else w for w in (self.gate_up_proj, self.down_proj))
+        # indexing stack[e] per expert would give each expert a zero-filled gradient of the whole
+        # stack to add up (E whole-stack writes instead of one).
+        gate_up, down = (w.unbind(0) if isinstance(w, torch.Tensor) else w
+                         for w in (self.gate_up_proj, self.down_proj))
         # every expert, even one without tokens: its weights then get a zero gradient rather than
         # none, which data parallelism needs (DDP reduces every parameter's gradient)
         for e, rows in zip(range(self.n_experts), xs.split(counts.tolist())):
