@@ -482,6 +482,22 @@ def test_batch_sampled_rows_equal_one_by_one(lm):
     assert [c.token_ids for c in shared] == [run(lm, p, temperature=0, max_new_tokens=10).token_ids for p in prompts]
 
 
+def test_rows_sampling_alike_are_drawn_together_and_get_what_each_gets_alone(lm):
+    # DecodeBatch draws the seeded rows with the same temperature and filters in one pass (one
+    # softmax and cumulative sum over their rows), each from its own generator: every row's
+    # tokens are the ones it samples alone, next to rows that sample otherwise (a penalty, other
+    # filters, greedy).
+    prompts = [PROMPT, "Lily went to the park", "Tom", PROMPT, "The sun"]
+    alike = dict(temperature=0.7, top_p=0.9, top_k=40, max_new_tokens=24)
+    params = [SamplingParams(seed=11, **alike), SamplingParams(seed=12, **alike), SamplingParams(seed=13, **alike),
+              SamplingParams(seed=14, repetition_penalty=1.3, **alike),
+              SamplingParams(temperature=0, max_new_tokens=24)]
+    out = generate(lm.model, lm.tokenizer, prompts, params)
+    alone = [generate(lm.model, lm.tokenizer, [p], [sp])[0] for p, sp in zip(prompts, params)]
+    assert [c.token_ids for c in out] == [c.token_ids for c in alone]
+    assert len({tuple(c.token_ids) for c in out[:3]}) == 3 and all(len(c.token_ids) > 5 for c in out)
+
+
 def test_batch_short_prompt_next_to_a_long_one(lm):
     """A short prompt batched with one that nearly fills the context must still get its own
     max_new_tokens (alone it has room for them)."""

@@ -421,6 +421,7 @@ class DecodeBatch:
         raw = self._constrain(logits)
         # plain greedy rows (the common case) take their tokens from one argmax over the batch
         argmax = logits.argmax(dim=-1).tolist() if any(r.params.plain_greedy for r in self.rows) else None
+        drawn = self._sample_together(logits)
         events, finished, tokens = [], [], []
         for b, row in enumerate(self.rows):
             # (no per-row tensor ops unless needed: under load each is a chance to lose the GIL)
@@ -428,7 +429,7 @@ class DecodeBatch:
                 events.append((row, Chunk(row._flush(), [], [], "length")))
                 finished.append(row)
                 continue
-            token = argmax[b] if row.params.plain_greedy else row.choose(logits[b:b + 1])
+            token = argmax[b] if row.params.plain_greedy else drawn[b] if b in drawn else row.choose(logits[b:b + 1])
             chunk, done = row.emit(token, raw.get(b, logits[b]) if row.params.logprobs is not None else None)
             events.append((row, chunk))
             if done:
@@ -438,6 +439,29 @@ class DecodeBatch:
         self.remove(finished)
         self.advance(tokens)
         return events
+
+    def _sample_together(self, logits: torch.Tensor) -> dict[int, int]:
+        """The tokens of rows that sample alike, drawn in one pass per kind: rows with their own
+        generator (a seed) and the same temperature and filters, with nothing that differs by
+        row (penalties, logit bias, banned n-grams). Each row still draws its one uniform number
+        from its own generator, so it gets the token row.choose would give it: n samples of a
+        search or a request cost one softmax and cumulative sum over their rows, not n."""
+        groups: dict[tuple, list[int]] = {}
+        for b, row in enumerate(self.rows):
+            p = row.params
+            if (row.generator is None or p.greedy or p.logit_bias or p.repetition_penalty != 1
+                    or p.presence_penalty or p.frequency_penalty or p.no_repeat_ngram_size):
+                continue
+            groups.setdefault((p.temperature, p.top_k, p.top_p, p.min_p, p.typical_p), []).append(b)
+        drawn = {}
+        for rows in groups.values():
+            if len(rows) < 2:
+                continue
+            processed = process_logits(logits[rows], self.rows[rows[0]].params)
+            uniforms = torch.cat([torch.rand(1, generator=self.rows[b].generator, device=logits.device,
+                                             dtype=torch.float64) for b in rows])
+            drawn.update(zip(rows, choose(processed, False, uniforms=uniforms).tolist()))
+        return drawn
 
     def _constrain(self, logits: torch.Tensor) -> dict[int, torch.Tensor]:
         """Mask the constrained rows' logits in place to what their grammars allow (structured.py);

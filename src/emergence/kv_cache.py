@@ -65,8 +65,11 @@ class PagedKVCache:
         if num_blocks < 1:
             raise InvalidArgument(f"a KV cache needs at least one block, got {num_blocks}")
         shape = (config.n_layer, num_blocks, config.n_kv_head, block_size, config.head_dim)
-        self.k = torch.empty(shape, dtype=dtype, device=device)
-        self.v = torch.empty(shape, dtype=dtype, device=device)
+        # Zeros, not garbage: a slot a step reads but masks must hold a finite value (0 x NaN is
+        # NaN). On the CPU a large pool's zero pages are only mapped when first written.
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self._written = bytearray(num_blocks)  # 1: taken before, so holding an earlier sequence's values
         self.block_size, self.num_blocks = block_size, num_blocks
         self.dtype, self.device = dtype, self.k.device
         self._refs = [0] * num_blocks  # sequences holding each block
@@ -232,8 +235,10 @@ class PagedKVCache:
             block, _ = self._cached.popitem(last=False)
             del self._by_key[self._key_of.pop(block)]
         self._refs[block] = 1
-        self.k[:, block].zero_()
-        self.v[:, block].zero_()
+        if self._written[block]:  # an earlier sequence's values (finite, unless that model's were not)
+            self.k[:, block].zero_()
+            self.v[:, block].zero_()
+        self._written[block] = 1
         return block
 
 
