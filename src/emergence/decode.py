@@ -4,7 +4,8 @@
 thread, letting requests join and leave between steps. A step:
 
 1. every row chooses its next token from its pending logits (penalties, logit bias,
-   temperature and the filters, its own random generator; plain greedy rows share one argmax);
+   temperature and the filters, its own random generator; plain greedy rows share one argmax,
+   and seeded rows that sample alike one softmax, each drawing from its own generator);
    a row under a structured-output constraint (structured.py: a JSON schema, regex or
    grammar) first has its logits masked to the tokens its grammar allows, and its grammar
    advances on the token chosen;

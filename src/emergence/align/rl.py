@@ -440,7 +440,6 @@ class RLRun:
         from ..api import load, require_decoder_only
         from ..store import resolve_model
         from ..train.checkpoint import load_checkpoint
-
         from ..train.trainer import _init_distributed
 
         cfg.validate()
