@@ -67,10 +67,11 @@ count in the RSS while any view lives); the peak while loading; the peak of the 
 (VmHWM: getrusage's ru_maxrss is recorded too, but on Linux a child's starts at its parent's
 RSS at the fork); the peak after each step (VmHWM reset through /proc/self/clear_refs before
 the first); the model's stored bytes (fp32 or nf4 projections, the fp32 embedding); the bytes
-autograd saves for the backward in the first step (activations: every saved tensor that is not
-a parameter or buffer, once per storage, through saved_tensors_hooks); the logits' size; the
-gradient + Adam state bytes; and the rest, peak - baseline - model - activations - gradients and
-Adam state: the loss's (B, T, V) gradients, the backward's temporaries and what the allocator
+the first step's forward saves for the backward (activations: every saved tensor that is not a
+parameter or buffer, once per storage, through saved_tensors_hooks); the logits' size (which
+emergence's sliced loss never holds whole); the gradient + Adam state bytes; and the rest, peak -
+baseline - model - activations - gradients and Adam state: the backward's temporaries (a
+checkpointed block's recomputed inside, one slice of the head's logits) and what the allocator
 keeps of freed memory.
 
 The memory runs are made with glibc's default malloc (what a user gets), then lora-fp32 and
@@ -93,6 +94,7 @@ bench/results/finetune.json (--quick: bench/results/finetune_quick.json, not kep
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import json
@@ -247,8 +249,10 @@ class Engine:
         self.optimizer = torch.optim.AdamW(self.params, lr=LR)
         self.trainable = sum(p.numel() for p in self.params)
 
-    def step(self, inputs, targets) -> float:
-        loss = self.loss(inputs, targets)
+    def step(self, inputs, targets, saving=None) -> float:
+        """One step; `saving`: a context the forward runs in (the memory runs count what it saves)."""
+        with saving or contextlib.nullcontext():
+            loss = self.loss(inputs, targets)
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -462,11 +466,10 @@ def one(config: str, folder: Path, args) -> dict:
     losses, seconds, peaks = [], [], []
     for i in range(args.steps if args.steps_only else args.warmup + args.steps):
         started = time.perf_counter()
-        if i == 0:
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                losses.append(engine.step(inputs, targets))
-        else:
-            losses.append(engine.step(inputs, targets))
+        # (the forward's saves only: a checkpointed block's recomputation in the backward saves
+        # its inside again for a moment, which is not what the forward keeps)
+        hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if i == 0 else None
+        losses.append(engine.step(inputs, targets, hooks))
         seconds.append(time.perf_counter() - started)
         peaks.append(status_kib("VmHWM") / 1024)
     state = sum(t.numel() * t.element_size() for s in engine.optimizer.state.values() for t in s.values()
