@@ -106,6 +106,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -249,10 +250,13 @@ class Engine:
         self.optimizer = torch.optim.AdamW(self.params, lr=LR)
         self.trainable = sum(p.numel() for p in self.params)
 
-    def step(self, inputs, targets, saving=None) -> float:
-        """One step; `saving`: a context the forward runs in (the memory runs count what it saves)."""
+    def step(self, inputs, targets, saving=None, after_forward=None) -> float:
+        """One step; `saving`: a context the forward runs in, `after_forward()` called before the
+        backward (the memory runs count what the forward saved)."""
         with saving or contextlib.nullcontext():
             loss = self.loss(inputs, targets)
+        if after_forward is not None:
+            after_forward()
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -453,15 +457,21 @@ def one(config: str, folder: Path, args) -> dict:
     reset = reset_peak()
 
     # The first step, with the tensors autograd saves for the backward counted (by storage, once;
-    # the parameters and buffers excluded: they are the model, not activations).
+    # the parameters and buffers excluded: they are the model, not activations) among those still
+    # held when the forward ends: a graph built and freed inside it (each slice of the sliced
+    # loss) saves tensors for a moment only.
     own = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    held: list[tuple[weakref.ref, int, int]] = []
     saved: dict[int, int] = {}
 
     def pack(t):
         storage = t.untyped_storage()
         if storage.data_ptr() not in own:
-            saved[storage.data_ptr()] = storage.nbytes()
+            held.append((weakref.ref(t), storage.data_ptr(), storage.nbytes()))
         return t
+
+    def count_held() -> None:
+        saved.update({ptr: nbytes for ref, ptr, nbytes in held if ref() is not None})
 
     losses, seconds, peaks = [], [], []
     for i in range(args.steps if args.steps_only else args.warmup + args.steps):
@@ -469,7 +479,7 @@ def one(config: str, folder: Path, args) -> dict:
         # (the forward's saves only: a checkpointed block's recomputation in the backward saves
         # its inside again for a moment, which is not what the forward keeps)
         hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if i == 0 else None
-        losses.append(engine.step(inputs, targets, hooks))
+        losses.append(engine.step(inputs, targets, hooks, count_held if i == 0 else None))
         seconds.append(time.perf_counter() - started)
         peaks.append(status_kib("VmHWM") / 1024)
     state = sum(t.numel() * t.element_size() for s in engine.optimizer.state.values() for t in s.values()
