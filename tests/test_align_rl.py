@@ -281,6 +281,16 @@ def test_ppo_on_two_ranks_resumes_exactly(files, tmp_path):
     assert all(math.isfinite(r["loss/value"]) for r in straight)
 
 
+def test_prompts_per_step_must_split_evenly_over_the_ranks(files, tmp_path, capsys, monkeypatch):
+    # Under torchrun each rank rolls out an equal share of a step's prompts: 4 prompts on 3 ranks
+    # is refused in one line before any rank waits for the others.
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    code, out, err = cli_main(capsys, "grpo", files / "model", "--prompts", files / "prompts.jsonl", "--reward",
+                              f"{files / 'rewards.py'}:t7", "--out", tmp_path / "run", "--prompts-per-step", 4)
+    assert_one_line_error(code, err, "--prompts-per-step 4 must be a multiple of the 3 ranks")
+    assert not (tmp_path / "run").exists()
+
+
 def reward_model_folder(folder, vocab: int = 96, tokenizer=True) -> None:
     torch.manual_seed(5)
     decoder = Transformer(tiny_config(vocab_size=vocab))

@@ -444,10 +444,11 @@ class RLRun:
 
         cfg.validate()
         self.cfg, self.out = cfg, Path(cfg.out)
-        self.env, device = _init_distributed(cfg.device)
-        if cfg.prompts_per_step % self.env.world:
+        world = int(os.environ.get("WORLD_SIZE", "1"))  # (checked before any rank waits for the others)
+        if cfg.prompts_per_step % world:
             raise InvalidArgument(f"--prompts-per-step {cfg.prompts_per_step} must be a multiple of the "
-                                  f"{self.env.world} ranks (each rolls out an equal share)")
+                                  f"{world} ranks (each rolls out an equal share)")
+        self.env, device = _init_distributed(cfg.device)
         self.state = None
         if resume:
             self.state = load_checkpoint(self.out)
