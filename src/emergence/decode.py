@@ -450,8 +450,7 @@ class DecodeBatch:
         groups: dict[tuple, list[int]] = {}
         for b, row in enumerate(self.rows):
             p = row.params
-            if (row.generator is None or p.greedy or p.logit_bias or p.repetition_penalty != 1
-                    or p.presence_penalty or p.frequency_penalty or p.no_repeat_ngram_size):
+            if row.generator is None or p.greedy or p.row_processors:
                 continue
             groups.setdefault((p.temperature, p.top_k, p.top_p, p.min_p, p.typical_p), []).append(b)
         drawn = {}

@@ -114,11 +114,15 @@ class SamplingParams:
         return self.temperature == 0
 
     @property
+    def row_processors(self) -> bool:
+        """Whether a processor reads something of the row's own (its bias, its history): rows
+        without one process their logits alike and may be processed together."""
+        return bool(self.logit_bias) or self.needs_history or bool(self.no_repeat_ngram_size)
+
+    @property
     def plain_greedy(self) -> bool:
         """Greedy with no processor that changes the logits: the token is the raw argmax."""
-        return (self.greedy and not self.logit_bias and self.repetition_penalty == 1
-                and not self.presence_penalty and not self.frequency_penalty and not self.no_repeat_ngram_size
-                and self.constraint is None)
+        return self.greedy and not self.row_processors and self.constraint is None
 
     @property
     def needs_history(self) -> bool:
