@@ -149,7 +149,7 @@ class _SlicedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, targets, head, rows, *params):
         wants_h = ctx.needs_input_grad[0]
-        grad_h = torch.zeros_like(h) if wants_h else None
+        grad_h = torch.empty_like(h) if wants_h else None  # (every slice writes its rows)
         grads = [torch.zeros_like(p) for p in params]
         total = h.new_zeros((), dtype=torch.float32)
         for s in range(0, len(h), rows):

@@ -17,12 +17,14 @@
 // - One row (batch-1 decoding): the matrix-vector products are split across threads by rows
 //   (gemv_rows.h, quant_rows.h).
 // - Several rows (a decode batch's step, or prompts prefilled together): each linear layer is
-//   one matrix product over the rows (gemm_rows: register tiles of 4 weight rows x 4 rows),
-//   so the weights are read once per call instead of once per row. Only the rows named in
-//   out_rows (each sequence's last token) go through the final norm and the output head.
+//   one matrix product over the rows (gemm_rows: register tiles of 4 weight rows x 4 rows; fp32
+//   from g_blas_rows rows on, torch's BLAS, blas.h), so the weights are read once per call
+//   instead of once per row. Only the rows named in out_rows (each sequence's last token) go
+//   through the final norm and the output head.
 // Packed Q8_0 / Q4_0 weights multiply 3 rows or more on their blocks (qgemm_ggml); the other
 // packed formats keep their GEMV, row after row.
-// Norms, RoPE, attention over the KV cache, activations and residuals run in plain loops.
+// Norms, RoPE, attention over the KV cache, activations and residuals run in plain loops (the
+// softmax and SiLU on a 16-lane exp, exp16).
 //
 // The block follows the model's family switches (config.py): norms before each sublayer, after
 // it or both; attention and MLP in sequence or in parallel (one norm or two); q/k norms per

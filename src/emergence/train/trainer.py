@@ -422,7 +422,7 @@ def run_loop(run, tc: TrainConfig, env: _Dist, device: torch.device) -> TrainRes
         # softmax and gradient never exist whole (model.head_cross_entropy).
         return train_model(inputs, segment_ids=extras.get("segments"), targets=targets)
 
-    # torch.compile takes model and loss together, so the head's logits and the softmax fuse.
+    # torch.compile takes model and loss together.
     compute_loss = torch.compile(batch_loss) if tc.compile else batch_loss
     own_loss = getattr(run, "loss", None)  # a run with its own objective: (model, batch) -> (loss, stats)
     if own_loss is not None and tc.compile:
