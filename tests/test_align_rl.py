@@ -244,12 +244,13 @@ def test_grpo_on_two_ranks_trains_what_one_process_trains(files, tmp_path):
     # torchrun, 2 gloo ranks, each rolling out 2 of a step's 4 prompts: each row draws its own
     # number of the step's, so the ranks sample what one process samples; the gradients are the
     # ranks' mean and dapo's normaliser the global minibatch's tokens, so the rewards and lengths
-    # are the same step for step and the weights the same up to the order of the sums.
+    # are the same step for step and the adapter the same up to the order of the sums. LoRA with
+    # a KL term: the reference (the adapter disabled) and the logged KL over both ranks' tokens.
     from emergence.weights.safetensors_io import SafetensorsFile
 
     args = ["grpo", files / "model", "--prompts", files / "prompts.jsonl", "--reward", f"{files / 'rewards.py'}:t7",
             "--max-new-tokens", 8, "--group", 4, "--prompts-per-step", 4, "--lr", 1e-2, "--max-steps", 3,
-            "--no-progress"]
+            "--lora", "--beta", 0.04, "--no-progress"]
     _cli(*args, "--out", tmp_path / "one")
     _cli(*args, "--out", tmp_path / "two", ranks=2)
     one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
@@ -258,8 +259,10 @@ def test_grpo_on_two_ranks_trains_what_one_process_trains(files, tmp_path):
         assert {k: a[k] for k in ("reward", "completion_length", "rollout_tokens")} == \
                {k: b[k] for k in ("reward", "completion_length", "rollout_tokens")}
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-7)
+        assert b["kl"] == pytest.approx(a["kl"], rel=1e-4, abs=1e-7)
     assert sum(r["reward"] > 0 for r in one) >= 2  # (some samples score: the rewards say which rows were drawn)
-    a, b = (SafetensorsFile(tmp_path / name / "model" / "model.safetensors") for name in ("one", "two"))
+    assert one[-1]["kl"] > 0  # (the adapter has moved away from the reference)
+    a, b = (SafetensorsFile(tmp_path / name / "adapter" / "adapter_model.safetensors") for name in ("one", "two"))
     # (Adam at lr 1e-2 turns the sums' last-bit differences into steps of up to ~1e-5)
     assert max(float((a.tensor(k) - b.tensor(k)).abs().max()) for k in a.keys()) < 1e-4
 
