@@ -9,7 +9,7 @@ their matrix products, and short-prompt prefill.
 - Step: one decoding step of emergence-6m for 16 rows (58-60 cached tokens each, in the paged
   KV cache): the native backend against the eager one, and one row alone for reference; the
   native step again with every linear layer at q8_0 and q4_0.
-- Prefill: one prompt of 4-64 tokens on the smollm2-135m shapes (30 layers, 576 wide, random
+- Prefill: one prompt of 4-128 tokens on the smollm2-135m shapes (30 layers, 576 wide, random
   weights), fp32, bf16, q8_0 and q4_0 (the output head kept fp32): the native prefill against
   the eager forward. This is what sets MAX_NATIVE_PREFILL* in kernels/fused_decode.py.
 - BLAS: the fp32 native paths with their products through gemm_rows and through torch's BLAS
@@ -119,7 +119,7 @@ def bench_prefill(reps: int) -> list[dict]:
         model = Transformer(config).to(dtype if isinstance(dtype, torch.dtype) else torch.float32).eval()
         if not isinstance(dtype, torch.dtype):
             quantize_model(model, dtype)
-        for T in (4, 8, 16, 32, 64):
+        for T in (4, 8, 16, 32, 64, 128):
             ids = torch.randint(0, 1000, (T,)).tolist()
             cache, tables = paged(model, 1, [T])
             native, eager = NativeBackend(model, cache), make_backend(model, cache, "eager")

@@ -22,12 +22,11 @@ from ..errors import InvalidArgument
 from ..kv_cache import PagedKVCache
 
 # The longest prompt prefilled natively, where that is faster than the eager forward
-# (bench/bench_batched.py, smollm2-135m shapes, 2 threads): fp32 weights up to 64 tokens (1.2-1.3x
-# the eager forward there; about level at 128); bf16 up to 16 (from 32, oneDNN's bf16 GEMM is
-# level or ahead); q8_0 and q4_0 blocks up to 128 (both paths multiply on the packed blocks,
-# qgemm_ggml: 1.3-2.2x up to 64 tokens, still ahead at 128 and level at 256 when measured
-# once); the other packed formats up to 4 (their kernels read the weights once per token, where
-# the eager path multiplies all the tokens at once after one dequantization).
+# (bench/bench_batched.py, smollm2-135m shapes, 2 threads; bench/results/batched.json): fp32
+# weights up to 64 tokens; bf16 up to 16 (from 32, oneDNN's bf16 GEMM is ahead); q8_0 and q4_0
+# blocks up to 128 (both paths multiply on the packed blocks, qgemm_ggml); the other packed
+# formats up to 4 (their kernels read the weights once per token, where the eager path
+# multiplies all the tokens at once after one dequantization).
 MAX_NATIVE_PREFILL, MAX_NATIVE_PREFILL_BF16, MAX_NATIVE_PREFILL_GGML, MAX_NATIVE_PREFILL_PACKED = 64, 16, 128, 4
 # The linear layers of a block, by decode.cpp's slot number ("mlp.up": SwiGLU's fused gate_up
 # or the GELU MLP's up projection).
