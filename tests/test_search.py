@@ -7,6 +7,7 @@ FLOPs, the N samples sharing the prompt's KV blocks), the bad-input lines of
 from __future__ import annotations
 
 import json
+import itertools
 import math
 import socket
 
@@ -214,6 +215,38 @@ def test_revisions_prompt_with_the_previous_attempts_and_vote():
     answers = iter(["Answer: 4", "Answer: 5", "Answer: 5"])
     out = revisions(Q, policy, FakeVerifier({"Answer: 4": .9}), SearchConfig(n=3))
     assert out.answer == 4 and out.info["select"] == "verifier"
+
+
+class CostlyPolicy(FakePolicy):
+    """A FakePolicy whose generation costs 10 FLOPs per word of its prompt."""
+
+    def generate(self, prompts, n, **kw):
+        out = super().generate(prompts, n, **kw)
+        self.usage.flops += sum(10.0 * len(g.prompt.split()) for g in out)
+        return out
+
+
+def test_revisions_give_the_answer_and_flops_after_every_attempt():
+    texts = ["Answer: 4", "Answer: 5", "Answer: 5", "Answer: 6"]
+
+    def policy():
+        it = iter(texts)
+        return CostlyPolicy(lambda p, j, t, stop: (next(it), "eos"))
+
+    first = policy()
+    big = revisions(Q, first, None, SearchConfig(n=4, window=2))
+    assert big.info["answers_by_round"] == [4, 4, 5, 5]  # majority so far; a tie: the answer met first
+    spent = list(itertools.accumulate(10.0 * len(c[0][0].split()) for c in first.calls))
+    assert big.info["flops_by_round"] == spent and spent[1] > spent[0] > 0
+    for n in range(1, 5):  # a run with N = n: the same first n attempts, the same answer and FLOPs
+        out = revisions(Q, policy(), None, SearchConfig(n=n, window=2))
+        assert out.answer == big.info["answers_by_round"][n - 1]
+        assert out.info["flops_by_round"] == spent[:n]
+    # a verifier scores each attempt as it comes; the answer is the best-scored attempt so far
+    verifier = FakeVerifier({"Answer: 4": .3, "Answer: 5": .8, "Answer: 6": .9}, "orm")
+    out = revisions(Q, policy(), verifier, SearchConfig(n=4))
+    assert verifier.calls == [[t] for t in texts]
+    assert out.info["answers_by_round"] == [4, 5, 5, 6] and out.answer == 6 and out.info["select"] == "verifier"
 
 
 def test_compute_optimal_fits_a_table_per_bin_and_follows_it():

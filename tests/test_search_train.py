@@ -16,8 +16,8 @@ import torch
 from emergence.cli import main
 from emergence.errors import InvalidArgument
 from emergence.search import Generation, Sample, Usage, format_prompt
-from emergence.search.train import (SETTINGS, Pipeline, auc, math_shepherd_labels, orm_loss, prm_loss, run,
-                                    verifier_inputs)
+from emergence.search.train import (SETTINGS, Pipeline, auc, is_correct, math_shepherd_labels, orm_loss, prm_loss,
+                                    run, verifier_inputs)
 
 
 def _bce(logit: float, label: float) -> float:
@@ -173,6 +173,35 @@ def test_a_rerun_skips_the_finished_stages(quick):
     other = dataclasses.replace(SETTINGS["quick"], rollouts=3)
     with pytest.raises(InvalidArgument, match="another setting"):
         Pipeline(out, other, device="cpu").run()
+
+
+def test_the_revision_model_learns_from_its_policys_wrong_samples(quick):
+    from emergence.problems import solution_text
+    from emergence.weights.hf import load_hf
+
+    out, summary, _ = quick
+    s = SETTINGS["quick"]
+    train = [json.loads(line) for line in (out / "problems" / "train.jsonl").read_text().splitlines()]
+    samples = [json.loads(line) for line in (out / "revisions" / "S" / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == s.revision_problems * s.revision_samples
+    for r in samples:  # each sample graded as search grades it
+        assert r["correct"] == is_correct(r["solution"], train[r["problem"]]["answer"])
+    wrong = sorted({r["problem"] for r in samples if not r["correct"] and r["solution"].strip()})
+    (rev,) = summary["revisers"]
+    assert rev["name"] == "S" and rev["revision_rows"] == rev["plain_rows"] == len(wrong) > 0
+    assert sum(rev["chains"].values()) == len(wrong) and set(rev["chains"]) == {"1", "2"}
+    data = [json.loads(line) for line in (out / "revisions" / "S" / "data.jsonl").read_text().splitlines()]
+    revise, plain = data[:len(wrong)], data[len(wrong):]
+    for i, row in zip(wrong, revise):  # the problems with a wrong sample, in order: attempts, then the solution
+        problem = train[i]
+        assert row["prompt"].startswith(f"Question: {problem['question']}\nAttempt 1:\n")
+        assert row["prompt"].endswith("Revise: answer step by step.\n")
+        assert row["completion"] == solution_text(problem)
+    for problem, row in zip(train[s.revision_problems:], plain):  # as many plain rows of the next problems
+        assert row == {"prompt": format_prompt(problem["question"]), "completion": solution_text(problem)}
+    _, config = load_hf(out / "revisions" / "S" / "run" / "model")
+    assert config.block_size == s.revision_context and rev["steps"] > 0
+    assert math.isfinite(rev["val_loss"])
 
 
 def test_verifier_scores_read_back_equal_the_trained_heads(quick):

@@ -8,6 +8,8 @@
                    self_correct (a PRM-checked reasoning loop), compute_optimal
     flops.py       FLOPs per token (2 N + attention), Wilson intervals
     run.py         a strategy over a problem file; `emergence search`
+    train.py       `emergence search-train`: the policies, the ORM and PRM, the revision models
+    revise.py      the revision models' training rows (wrong attempts, then the right solution)
 """
 
 from .flops import FlopsModel, wilson_interval

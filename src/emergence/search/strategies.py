@@ -24,7 +24,8 @@ search-and-learn and Snell et al. (2024), "Scaling LLM Test-Time Compute Optimal
   best-scored subtree.
 - revisions: N attempts in sequence, attempt k prompted with the previous ones
   (prompt.REVISION_TEMPLATE); the answer: the verifier's best attempt, else a majority vote
-  over the chain.
+  over the chain. The policy should be a revision model (search-train's revision stages,
+  revise.py): a policy trained only on first attempts has never seen the revision prompt.
 - self_correct: a reasoning loop. One whole solution is sampled and the PRM scores every step;
   when every score is >= threshold and the solution has an "Answer:" line it is accepted and
   the loop stops. Otherwise the solution is cut before the first step scored below threshold
@@ -55,7 +56,7 @@ from typing import Any
 
 from ..errors import InvalidArgument
 from ..problems import extract_answer
-from .policy import Generation, Policy
+from .policy import Generation, Policy, Usage
 from .prompt import STEP_STOP, format_prompt, is_answer_line, revision_prompt, steps_of, trim_solution
 from .verifier import AGGREGATIONS, Verifier, aggregate
 
@@ -348,24 +349,44 @@ def dvts(question: str, policy: Policy, verifier: Verifier | None, cfg: SearchCo
 
 # ---------------------------------------------------------------------------- revisions
 def revisions(question: str, policy: Policy, verifier: Verifier | None, cfg: SearchConfig, answer=None) -> Outcome:
+    """N attempts in sequence, each prompted with the previous ones (the last cfg.window); the
+    verifier scores each attempt as it comes (one text a call, as self_correct does). The answer:
+    the best-scored attempt (a tie: the earliest), else the majority vote. info's answers_by_round
+    and flops_by_round give the answer and the FLOPs spent after 1, 2, ..., N attempts (a run with
+    N = k draws the same first k attempts from a policy seeded alike, so one run gives every N)."""
+    prompt = format_prompt(question)
+    start = (policy.usage.copy(), verifier.usage.copy() if verifier is not None else Usage())
     attempts: list[Candidate] = []
+    answers, flops = [], []  # after each attempt: the answer so far, the FLOPs spent so far
     for k in range(cfg.n):
-        prompt = format_prompt(question) if k == 0 else revision_prompt(question, [a.text for a in attempts],
-                                                                         cfg.window)
-        gen = policy.generate([prompt], 1, temperature=cfg.temperature, top_p=cfg.top_p,
+        ask = prompt if k == 0 else revision_prompt(question, [a.text for a in attempts], cfg.window)
+        gen = policy.generate([ask], 1, temperature=cfg.temperature, top_p=cfg.top_p,
                               max_tokens=cfg.max_tokens)[0]
         if gen.error is not None or not gen.samples:
             if not attempts:
                 return Outcome(None, "", [], {"unanswered": True})
             break
-        attempts.append(_candidate(gen.samples[0].text, gen.samples[0].tokens))
-    if verifier is not None:
-        _score(verifier, format_prompt(question), attempts, cfg.aggregation)
+        attempt = _candidate(gen.samples[0].text, gen.samples[0].tokens)
+        if verifier is not None:
+            _score(verifier, prompt, [attempt], cfg.aggregation)
+        attempts.append(attempt)
+        answers.append(_revision_pick(attempts, verifier is not None)[0])
+        p, v = policy.usage.minus(start[0]), (verifier.usage.minus(start[1]) if verifier is not None else Usage())
+        flops.append(p.flops + v.flops if p.flops_known and v.flops_known else None)
+    pad = cfg.n - len(answers)  # stopped early (an error): every larger N stops there too
+    chosen, text = _revision_pick(attempts, verifier is not None)
+    return Outcome(chosen, text, attempts, {"select": "verifier" if verifier is not None else "majority",
+                                            "answers_by_round": answers + [answers[-1]] * pad,
+                                            "flops_by_round": flops + [flops[-1]] * pad})
+
+
+def _revision_pick(attempts: Sequence[Candidate], by_score: bool) -> tuple[Any, str]:
+    """(answer, text) chosen among the attempts: the best score, or the majority answer."""
+    if by_score:
         best = attempts[_argmax([c.score for c in attempts])]
-        return Outcome(best.answer, best.text, attempts, {"select": "verifier"})
+        return best.answer, best.text
     chosen = majority_answer([c.answer for c in attempts])
-    text = next((c.text for c in attempts if c.answer == chosen), attempts[-1].text)
-    return Outcome(chosen, text, attempts, {"select": "majority"})
+    return chosen, next((c.text for c in attempts if c.answer == chosen), attempts[-1].text)
 
 
 # ------------------------------------------------------------------------ self-correction

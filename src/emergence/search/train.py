@@ -41,6 +41,12 @@ pretraining resumes from its last checkpoint):
                  PRM's held-out AUC (the probability that a positive outranks a negative) and
                  best-of-N selection on the held-out samples.
 
+    revision-*   for each policy in `revisers` (the long setting: S and M), the model the
+                 `revisions` strategy prompts with its previous attempts: the policy's samples of
+                 `revision_problems` training problems (OUT/revisions/NAME/samples.jsonl), revision
+                 rows built from its wrong ones and as many plain rows (revise.py; data.jsonl), and
+                 the policy fine-tuned on them with a longer context (OUT/revisions/NAME/run/model).
+
 OUT/summary.json holds the figures; the table is printed at the end. `--quick` is a tiny setting
 for tests (seconds); the default is the real run (about 16 minutes on two CPU cores, one torch
 thread; docs/test_time_compute.md has its figures).
@@ -107,6 +113,16 @@ class Setting:
     rm_batch: int = 16
     chunk: int = 64  # prompts per decode batch
     seed: int = 0
+    # sequential revisions (revise.py): the policies that get a revision model, fine-tuned (full) on
+    # revision rows from `revision_problems` training problems (`revision_samples` samples each,
+    # up to `revision_window` wrong ones in the prompt) mixed 1:1 with plain rows of as many others
+    revisers: tuple[str, ...] = ()
+    revision_problems: int = 6000
+    revision_samples: int = 4
+    revision_window: int = 4
+    revision_context: int = 1024  # four attempts of a difficulty-8 problem run to ~700 tokens
+    revision_lr: float = 1e-3
+    revision_batch: int = 8
 
     def policy(self, name: str) -> PolicySize:
         for p in self.policies:
@@ -118,6 +134,12 @@ class Setting:
         if self.heldout_per_difficulty * 8 < self.verifier_heldout:
             raise InvalidArgument("verifier_heldout exceeds the held-out problems")
         self.policy(self.sampler), self.policy(self.rm_init)
+        for name in self.revisers:
+            self.policy(name)
+        if self.revisers and 2 * self.revision_problems > self.train_problems:
+            raise InvalidArgument("revision_problems: twice of them (revision and plain rows) exceed train_problems")
+        if self.revision_context < self.context:
+            raise InvalidArgument("revision_context is below the policies' context")
         if len({p.name for p in self.policies}) != len(self.policies):
             raise InvalidArgument("policy names must be distinct")
 
@@ -129,13 +151,16 @@ SETTINGS = {
     # one CPU core; the policies of the default run were still learning fast when it ended
     "long": Setting(train_problems=96_000,
                     policies=(PolicySize("S", 2, 48, 4, 9600, 4e-3), PolicySize("M", 3, 80, 4, 9600, 3e-3),
-                              PolicySize("L", 4, 128, 4, 9600, 2.5e-3))),
+                              PolicySize("L", 4, 128, 4, 9600, 2.5e-3)),
+                    revisers=("S", "M")),
     # tests: tiny models and a few hundred problems, seconds
     "quick": Setting(train_problems=400, verifier_problems=16, heldout_per_difficulty=3, verifier_heldout=8,
                      vocab_size=320, context=256, batch_size=8,
                      policies=(PolicySize("S", 1, 32, 2, 12, 3e-3), PolicySize("M", 1, 48, 2, 12, 3e-3),
                                PolicySize("L", 2, 64, 4, 12, 3e-3)),
-                     samples_per_problem=2, rollouts=2, max_tokens=40, rm_epochs=1.0, rm_batch=8, chunk=16),
+                     samples_per_problem=2, rollouts=2, max_tokens=40, rm_epochs=1.0, rm_batch=8, chunk=16,
+                     revisers=("S",), revision_problems=64, revision_samples=2, revision_window=2,
+                     revision_context=320, revision_batch=8),
 }
 
 
@@ -334,6 +359,9 @@ class Pipeline:
         now = json.loads(json.dumps(asdict(self.setting)))
         if path.is_file():
             before = json.loads(path.read_text())
+            if set(before) < set(now):  # a run from before a field existed: the field only adds stages
+                before = {**now, **before}
+                _write_json(path, before)
             if before != now:
                 changed = sorted(k for k in now if before.get(k) != now.get(k))
                 raise InvalidArgument(f"{self.out} holds a run with another setting (differs in {', '.join(changed)});"
@@ -649,6 +677,73 @@ class Pipeline:
                                      **{k: sum(v) / len(v) if v else None for k, v in pairs.items()}}
         return out
 
+    # 7. revision models (sequential revisions)
+    def revision_dir(self, name: str) -> Path:
+        return self.out / "revisions" / name
+
+    def revision_samples(self, name: str) -> dict:
+        """`revision_samples` samples of policy NAME for each of the first `revision_problems`
+        training problems (the attempts the revision rows are built from)."""
+        s = self.setting
+        rows = self.rows("train")[:s.revision_problems]
+        policy = self.load_policy(name, seed=s.seed + 20)
+        out = []
+        for b in range(0, len(rows), s.chunk):
+            part = rows[b:b + s.chunk]
+            gens = policy.generate([format_prompt(r["question"]) for r in part], s.revision_samples,
+                                   temperature=s.temperature, max_tokens=s.max_tokens)
+            for i, (r, gen) in enumerate(zip(part, gens)):
+                for sample in gen.samples:
+                    solution = normalize_solution(sample.text)
+                    out.append({"problem": b + i, "solution": solution, "correct": is_correct(solution, r["answer"])})
+        _write_jsonl(self.revision_dir(name) / "samples.jsonl", out)
+        return {"problems": len(rows), "samples": len(out), "correct": sum(r["correct"] for r in out),
+                "generated_tokens": policy.usage.generated_tokens}
+
+    def train_reviser(self, name: str) -> dict:
+        """Policy NAME fine-tuned (full, loss on the completions) on revision rows from its own
+        samples and as many plain rows of other training problems, with its context raised to
+        `revision_context` (revise.py); the model lands in OUT/revisions/NAME/run/model."""
+        from ..finetune.run import FinetuneConfig, finetune
+        from ..train.checkpoint import CHECKPOINT, load_checkpoint
+        from ..train.trainer import TrainConfig
+        from .revise import plain_rows, revision_rows, with_context
+
+        s = self.setting
+        folder = self.revision_dir(name)
+        train = self.rows("train")
+        attempts: list[list[tuple[str, bool]]] = [[] for _ in range(s.revision_problems)]
+        for r in _read_jsonl(folder / "samples.jsonl"):
+            attempts[r["problem"]].append((r["solution"], r["correct"]))
+        revise = revision_rows(train[:s.revision_problems], attempts, window=s.revision_window, seed=s.seed + 21)
+        plain = plain_rows(train[s.revision_problems:s.revision_problems + len(revise)])
+        data = folder / "data.jsonl"
+        if not data.is_file():
+            _write_jsonl(data, revise + plain)  # (the loop draws rows in a seeded order)
+        base = folder / "base"
+        if not (base / "config.json").is_file():
+            with_context(self.policy_dir(name) / "model", base, s.revision_context)
+        run = folder / "run"
+        fc = FinetuneConfig(model=str(base), data=[str(data)], method="full", chat_template="chatml",
+                            val_fraction=0.02, epochs=1.0, sample_rows=0)
+        tc = TrainConfig(data="", out=str(run), context=s.revision_context, batch_size=s.revision_batch,
+                         max_steps=0, lr=s.revision_lr, min_lr=s.revision_lr / 10, warmup_steps=20, eval_every=0,
+                         eval_batches=4, checkpoint_every=200, log_every=50, sample_every=0, seed=s.seed + 22,
+                         device=self.device, progress=False)
+        resume = (run / CHECKPOINT).is_file()
+        started = time.perf_counter()
+        if not (resume and (run / "model" / "config.json").is_file()):
+            finetune(fc, tc, resume=resume)
+        rows = _read_jsonl(run / "metrics.jsonl")
+        evals = [r for r in rows if r.get("val_loss") is not None]
+        return {"name": name, "revision_rows": len(revise), "plain_rows": len(plain),
+                "chains": {str(k): sum(r["prompt"].count("\nAttempt ") == k for r in revise)
+                           for k in range(1, s.revision_window + 1)},  # rows by attempts in the prompt
+                "steps": load_checkpoint(run)["step"], "context": s.revision_context, "lr": s.revision_lr,
+                "train_loss": rows[-1]["train_loss"] if rows else None,
+                "val_loss": evals[-1]["val_loss"] if evals else None,
+                "train_seconds": time.perf_counter() - started, "resumed": resume}
+
     # the whole run
     def run(self) -> dict:
         started = time.perf_counter()
@@ -665,6 +760,10 @@ class Pipeline:
         verifiers = {kind: self.stage(kind, lambda kind=kind: self.train_verifier(kind)) for kind in ("orm", "prm")}
         greedy = {p.name: self.stage(f"eval-{p.name}", lambda p=p: self.greedy(p.name)) for p in s.policies}
         quality = self.stage("eval-verifiers", self.evaluate_verifiers)
+        revisers = []
+        for name in s.revisers:
+            self.stage(f"revision-samples-{name}", lambda name=name: self.revision_samples(name))
+            revisers.append(self.stage(f"revision-{name}", lambda name=name: self.train_reviser(name)))
         for p in policies:
             p["greedy"] = {k: greedy[p["name"]][k] for k in ("problems", "accuracy", "fully_correct", "by_difficulty")}
         verifiers["orm"]["heldout"] = quality["orm"]
@@ -672,7 +771,7 @@ class Pipeline:
         stage_seconds = {p.stem: json.loads(p.read_text())["seconds"]
                          for p in sorted((self.out / STAGES_DIR).glob("*.json"))}
         summary = {"setting": self.setting_name, "settings": asdict(s), "data": info, "policies": policies,
-                   "verifiers": verifiers,
+                   "verifiers": verifiers, "revisers": revisers,
                    "verifier_heldout": {k: quality[k] for k in quality if k not in ("orm", "prm")},
                    "parameter_span": {"non_embedding": max(p["non_embedding_params"] for p in policies)
                                       / min(p["non_embedding_params"] for p in policies),
@@ -742,6 +841,11 @@ def format_table(summary: dict) -> str:
     if c:
         lines.append(f"canonical solution above a wrong sample ({c['pairs']} held-out pairs): "
                      + ", ".join(f"{k} {f(c[k])}" for k in ("orm", "prm-last", "prm-min")))
+    for r in summary.get("revisers", []):
+        lines.append(f"revision model of {r['name']}: {r['revision_rows']} revision rows (prompts with "
+                     + "/".join(str(r["chains"][k]) for k in sorted(r["chains"], key=int))
+                     + f" attempts of 1..{len(r['chains'])}) + {r['plain_rows']} plain rows, {r['steps']} steps, "
+                     f"context {r['context']}, val loss {f(r['val_loss'])}")
     lines.append(f"total {summary['total_seconds'] / 60:.1f} min of stages")
     return "\n".join(lines)
 
