@@ -236,6 +236,7 @@ def test_revisions_give_the_answer_and_flops_after_every_attempt():
     first = policy()
     big = revisions(Q, first, None, SearchConfig(n=4, window=2))
     assert big.info["answers_by_round"] == [4, 4, 5, 5]  # majority so far; a tie: the answer met first
+    assert big.info["attempt_answers"] == [4, 5, 5, 6]
     spent = list(itertools.accumulate(10.0 * len(c[0][0].split()) for c in first.calls))
     assert big.info["flops_by_round"] == spent and spent[1] > spent[0] > 0
     for n in range(1, 5):  # a run with N = n: the same first n attempts, the same answer and FLOPs

@@ -45,7 +45,8 @@ def solve_problem(row: dict, strategy: str, policy: Policy, verifier: Verifier |
               "policy_flops": p.flops if p.flops_known else None, "verifier_flops": v.flops,
               "timeouts": p.timeouts + v.timeouts, "server_errors": p.server_errors + v.server_errors}
     record["flops"] = None if record["policy_flops"] is None else record["policy_flops"] + v.flops
-    for key in ("chosen", "level", "metric", "rounds", "accepted", "answers_by_round", "flops_by_round"):
+    for key in ("chosen", "level", "metric", "rounds", "accepted", "attempt_answers", "answers_by_round",
+                "flops_by_round"):
         if key in out.info:
             record[key] = out.info[key]
     return record

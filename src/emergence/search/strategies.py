@@ -353,7 +353,8 @@ def revisions(question: str, policy: Policy, verifier: Verifier | None, cfg: Sea
     verifier scores each attempt as it comes (one text a call, as self_correct does). The answer:
     the best-scored attempt (a tie: the earliest), else the majority vote. info's answers_by_round
     and flops_by_round give the answer and the FLOPs spent after 1, 2, ..., N attempts (a run with
-    N = k draws the same first k attempts from a policy seeded alike, so one run gives every N)."""
+    N = k draws the same first k attempts from a policy seeded alike, so one run gives every N);
+    attempt_answers: each attempt's own answer."""
     prompt = format_prompt(question)
     start = (policy.usage.copy(), verifier.usage.copy() if verifier is not None else Usage())
     attempts: list[Candidate] = []
@@ -376,6 +377,7 @@ def revisions(question: str, policy: Policy, verifier: Verifier | None, cfg: Sea
     pad = cfg.n - len(answers)  # stopped early (an error): every larger N stops there too
     chosen, text = _revision_pick(attempts, verifier is not None)
     return Outcome(chosen, text, attempts, {"select": "verifier" if verifier is not None else "majority",
+                                            "attempt_answers": [a.answer for a in attempts],
                                             "answers_by_round": answers + [answers[-1]] * pad,
                                             "flops_by_round": flops + [flops[-1]] * pad})
 
