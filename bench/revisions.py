@@ -1,0 +1,352 @@
+"""Sequential revisions against parallel sampling (docs/test_time_compute.md, "Sequential
+revisions"): for each policy of the long run that search-train gives a revision model (S and M),
+majority voting over N parallel samples against N attempts in sequence, each prompted with the
+previous ones (`revisions`, majority vote over the attempts), as Snell et al. (2024) compare them.
+
+    .venv/bin/python bench/revisions.py --run RUN [--work DIR]
+    .venv/bin/python bench/revisions.py --smoke --out-dir /tmp/rev   # < 1 min, what the test runs
+
+RUN is an `emergence search-train --setting long --out RUN` folder with policies S and M; the
+script first runs (or finds done) search-train's revision stages for them (`revision-samples-P`,
+`revision-P`: samples of P on 6,000 training problems, up to 4 wrong ones before the canonical
+solution, fine-tuned with as many plain rows; search/revise.py), which need neither policy L
+nor the verifiers. Per policy P, over the same 400 held-out problems (50 per difficulty):
+
+    P-majority-nN        P itself, N parallel samples, majority vote (N = 1, 2, 4, ..., 16)
+    P-rev-majority-nN    the revision model, the same: what the fine-tuning alone changes
+    P-rev-revisions      the revision model, 16 attempts in sequence (window 4): one run gives every
+                         N <= 16: the majority of the first N attempts (`answers_by_round`, with the
+                         FLOPs spent by then) and attempt N's own answer (does revising improve it?)
+    P-revisions          P itself prompted the same way: what the revision training adds
+
+FLOPs per problem are the policy's (search/flops.py); parallel samples share their prompt's
+prefill, sequential attempts each prefill their longer prompt. Results: bench/results/revisions.json,
+docs/test_time_compute_revisions.png, and the section of docs/test_time_compute.md between its markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "src"))
+
+RESULTS = ROOT / "bench" / "results" / "revisions.json"
+DOC = ROOT / "docs" / "test_time_compute.md"
+PLOT = ROOT / "docs" / "test_time_compute_revisions.png"
+MARK_START, MARK_END = "<!-- revisions:start (bench/revisions.py) -->", "<!-- revisions:end -->"
+FULL = {"per_difficulty": 50, "ns": [1, 2, 4, 8, 16], "window": 4, "max_tokens": 160, "temperature": 0.8,
+        "setting": "long"}
+SMOKE = {"per_difficulty": 2, "ns": [1, 2, 4], "window": 2, "max_tokens": 48, "temperature": 0.8,
+         "setting": "quick"}
+BINS = {"easy (1-2 steps)": (1, 2), "medium (3-5)": (3, 5), "hard (6-8)": (6, 8)}
+SERIES = {"majority": "parallel: P, majority of N", "rev-majority": "parallel: revision model, majority of N",
+          "rev-revisions": "sequential: revision model, majority of N attempts",
+          "rev-revisions-last": "sequential: revision model, attempt N alone",
+          "revisions": "sequential: P, majority of N attempts"}
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def jobs(p: dict, policies: list[str]) -> list[dict]:
+    """Every run: {"key", "policy" (P), "model" (P or P-rev), "strategy", "n"}."""
+    out = []
+    for name in policies:
+        for n in p["ns"]:
+            out.append({"key": f"{name}-majority-n{n}", "policy": name, "model": name, "strategy": "majority", "n": n})
+            out.append({"key": f"{name}-rev-majority-n{n}", "policy": name, "model": f"{name}-rev",
+                        "strategy": "majority", "n": n})
+        top = max(p["ns"])
+        out.append({"key": f"{name}-rev-revisions", "policy": name, "model": f"{name}-rev", "strategy": "revisions",
+                    "n": top})
+        out.append({"key": f"{name}-revisions", "policy": name, "model": name, "strategy": "revisions", "n": top})
+    return out
+
+
+def series(job: dict) -> str:
+    return ("rev-" if job["model"].endswith("-rev") else "") + job["strategy"]
+
+
+def run_job(job: dict, lms: dict, rows: list[dict], p: dict) -> dict:
+    from emergence.progress import Progress
+    from emergence.search import LocalPolicy
+    from emergence.search.run import run_search
+    from emergence.search.strategies import SearchConfig
+
+    cfg = SearchConfig(n=job["n"], temperature=p["temperature"], max_tokens=p["max_tokens"], window=p["window"])
+    policy = LocalPolicy(lms[job["model"]], seed=0, name=job["model"])
+    start = time.perf_counter()
+    meter = Progress(len(rows), "problems", desc=f"  {job['key']}", every_s=20.0)
+    res = run_search(rows, job["strategy"], policy, None, cfg, lambda i, total: meter.update(1))
+    meter.close()
+    res["seconds"] = time.perf_counter() - start
+    res["job"] = job
+    return res
+
+
+# ------------------------------------------------------------------------------ analysis
+def _point(correct: int, problems: int, flops: float) -> dict:
+    from emergence.search.flops import wilson_interval
+
+    return {"correct": correct, "problems": problems, "accuracy": correct / problems,
+            "ci95": list(wilson_interval(correct, problems)), "flops": flops}
+
+
+def curves(run: dict, span: tuple[int, int] | None, ns: list[int]) -> dict[str, dict[int, dict]]:
+    """series -> N -> accuracy (Wilson 95% interval) and mean FLOPs per problem, over the run's
+    problems whose difficulty is in `span` (None: all). A majority run gives its own N; a
+    sequential run every N: the majority of the first N attempts (`answers_by_round`), and
+    attempt N's own answer (`attempt_answers`; the series' name + "-last")."""
+    recs = [r for r in run["records"] if span is None or span[0] <= r["difficulty"] <= span[1]]
+    name, k = series(run["job"]), len(recs)
+    if run["job"]["strategy"] == "majority":
+        return {name: {run["job"]["n"]: _point(sum(r["correct"] for r in recs), k, sum(r["flops"] for r in recs) / k)}}
+    out: dict[str, dict[int, dict]] = {name: {}, f"{name}-last": {}}
+    for n in ns:
+        flops = sum(r["flops_by_round"][n - 1] for r in recs) / k
+        out[name][n] = _point(sum(r["answers_by_round"][n - 1] == r["expected"] for r in recs), k, flops)
+        out[f"{name}-last"][n] = _point(sum(len(r["attempt_answers"]) >= n and r["attempt_answers"][n - 1] ==
+                                            r["expected"] for r in recs), k, flops)
+    return out
+
+
+def tables(runs: dict[str, dict], policies: list[str], ns: list[int]) -> dict:
+    """policy -> bin ("all" and BINS) -> series -> N -> point."""
+    out = {}
+    for name in policies:
+        out[name] = {}
+        for label, span in [("all", None), *BINS.items()]:
+            by_series: dict = {}
+            for r in runs.values():
+                if r["job"]["policy"] == name:
+                    for key, pts in curves(r, span, ns).items():
+                        by_series.setdefault(key, {}).update(pts)
+            out[name][label] = {k: {str(n): v[n] for n in sorted(v)} for k, v in by_series.items()}
+    return out
+
+
+def summaries(runs: dict[str, dict]) -> dict:
+    return {k: {"job": r["job"], "seconds": r["seconds"], "summary": r["summary"], "by_difficulty": r["by_difficulty"]}
+            for k, r in runs.items()}
+
+
+# ------------------------------------------------------------------------------ plot and page
+def plot(result: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from emergence.search.run import accuracy_axes
+
+    policies, bins = list(result["tables"]), ["all", *BINS]
+    fig, axes = plt.subplots(len(policies), len(bins), figsize=(3.6 * len(bins), 3.2 * len(policies)), squeeze=False)
+    for row, name in zip(axes, policies):
+        for ax, b in zip(row, bins):
+            for key, label in SERIES.items():
+                pts = result["tables"][name][b].get(key)
+                if not pts:
+                    continue
+                xs = sorted(pts, key=int)
+                ys = [pts[n]["accuracy"] for n in xs]
+                err = [[max(0.0, pts[n]["accuracy"] - pts[n]["ci95"][0]) for n in xs],
+                       [max(0.0, pts[n]["ci95"][1] - pts[n]["accuracy"]) for n in xs]]
+                ax.errorbar([pts[n]["flops"] for n in xs], ys, yerr=err, marker="o", ms=3, capsize=2, lw=1,
+                            ls="-" if key.endswith("majority") else "--", label=label.replace("P", name))
+            accuracy_axes(ax, f"{name} ({result['params'][name]:,}): {b}", "FLOPs per problem")
+            ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def _ci(pt: dict) -> str:
+    return f"{100 * pt['accuracy']:.1f}% [{100 * pt['ci95'][0]:.0f}, {100 * pt['ci95'][1]:.0f}]"
+
+
+def render(result: dict) -> str:
+    p, t = result["settings"], result["tables"]
+    top = str(max(p["ns"]))
+    lines = [MARK_START, "", "## Sequential revisions against parallel sampling", "",
+             "`bench/revisions.py` (results: `bench/results/revisions.json`). Each policy P of the long run gets a "
+             "revision model from search-train's revision stages (`src/emergence/search/revise.py`): P samples "
+             f"{result['revision']['samples']} solutions of each of {result['revision']['problems']:,} training "
+             f"problems at temperature 0.8; a problem with a wrong sample gives one row with 1 to "
+             f"{result['revision']['window']} of its wrong samples (the closest to the canonical solution by character edit distance, the nearest last) in the "
+             "revision prompt and the canonical solution as the completion; as many plain rows of other problems "
+             "keep the first attempt; P is fine-tuned on them (full, loss on the completions, context raised to "
+             f"{result['revision']['context']}), as Snell et al. (2024) build theirs. {result['problems']} held-out "
+             f"problems ({p['per_difficulty']} per difficulty), temperature {p['temperature']}, up to "
+             f"{p['max_tokens']} tokens an attempt, revision window {p['window']}; majority vote everywhere "
+             "(no verifier). One sequential run of N = " + top + " gives every smaller N (the answer and FLOPs "
+             "after each attempt).", ""]
+    for name, rev in result["revisers"].items():
+        lines.append(f"- Revision model of {name} ({result['params'][name]:,} parameters): {rev['revision_rows']:,} "
+                     f"revision rows ({'/'.join(sorted(rev['chains'], key=int))} attempts: "
+                     + "/".join(str(rev["chains"][k]) for k in sorted(rev["chains"], key=int))
+                     + f") + {rev['plain_rows']:,} plain rows, {rev['steps']:,} steps, held-out loss "
+                     f"{rev['val_loss']:.3f}; {name}'s own samples were right {rev['samples_correct']:,} times in "
+                     f"{rev['samples']:,}.")
+    lines.append("")
+    for name in t:
+        lines += [f"### Policy {name}: accuracy (Wilson 95% interval) and FLOPs per problem, all problems", "",
+                  "| N | " + " | ".join(v.replace("P", name) for v in SERIES.values()) + " |",
+                  "|---|" + "---|" * len(SERIES)]
+        for n in p["ns"]:
+            cells = []
+            for key in SERIES:
+                pt = t[name]["all"].get(key, {}).get(str(n))
+                cells.append("-" if pt is None else f"{_ci(pt)}, {pt['flops']:.3g}")
+            lines.append(f"| {n} | " + " | ".join(cells) + " |")
+        lines += ["", f"By difficulty at N = {top}:", "", "| difficulty | " + " | ".join(
+            v.replace("P", name) for v in SERIES.values()) + " |", "|---|" + "---|" * len(SERIES)]
+        for b in BINS:
+            lines.append(f"| {b} | " + " | ".join(
+                _ci(t[name][b][key][top]) if top in t[name][b].get(key, {}) else "-" for key in SERIES) + " |")
+        lines.append("")
+    lines += ["![accuracy against FLOPs: sequential revisions and parallel sampling](test_time_compute_revisions.png)",
+              "", f"Run at {result['commit'][:12]} ({result['date']}): `bench/revisions.py --run RUN --work DIR`, "
+              f"{result['total_seconds'] / 60:.0f} min of runs on {result['threads']} torch thread(s) "
+              f"({result['machine']['cpu']}); the exact command is in the JSON.", "", MARK_END]
+    return "\n".join(lines)
+
+
+def update_doc(result: dict) -> None:
+    text = DOC.read_text()
+    block = render(result)
+    if MARK_START in text:
+        head, rest = text.split(MARK_START, 1)
+        text = head + block + rest.split(MARK_END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    DOC.write_text(text)
+
+
+# ------------------------------------------------------------------------------ main
+def revision_models(run_dir: Path, setting_name: str, only: list[str] | None = None) -> dict[str, dict]:
+    """search-train's revision stages for the setting's revisers (`only`: those of them), run now
+    or found done."""
+    from emergence.errors import InvalidArgument
+    from emergence.search.train import SETTINGS, Pipeline
+
+    pipeline = Pipeline(run_dir, SETTINGS[setting_name], device="cpu", log=log, setting_name=setting_name)
+    pipeline.check_setting()
+    names = list(pipeline.setting.revisers)
+    for name in only or []:
+        if name not in names:
+            raise InvalidArgument(f"--policies: {name} has no revision model in the {setting_name} setting "
+                                  f"({', '.join(names)})")
+    out = {}
+    for name in only or names:
+        if not (run_dir / "stages" / f"policy-{name}.json").is_file():
+            raise InvalidArgument(f"{run_dir} has no trained policy {name} (run `emergence search-train` first)")
+        samples = pipeline.stage(f"revision-samples-{name}", lambda name=name: pipeline.revision_samples(name))
+        info = pipeline.stage(f"revision-{name}", lambda name=name: pipeline.train_reviser(name))
+        out[name] = {**info, "samples": samples["samples"], "samples_correct": samples["correct"],
+                     "problems": samples["problems"]}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--run", default=None, metavar="RUN", help="an `emergence search-train --setting long` folder")
+    ap.add_argument("--work", default=None, help="cache of finished runs (default: a temporary folder)")
+    ap.add_argument("--policies", default=None, metavar="S,M", help="only these policies' runs, into --work (the "
+                    "results are written by a call without it, which finds them done)")
+    ap.add_argument("--smoke", action="store_true", help="search-train's quick models, 2 problems per difficulty")
+    ap.add_argument("--out-dir", default=None, help="--smoke: where the JSON, plot and page go (required)")
+    ap.add_argument("--report-only", action="store_true", help="the page and plot from the committed JSON")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    import torch
+
+    from emergence.errors import InvalidArgument
+
+    torch.set_num_threads(args.threads)
+    if args.report_only:
+        result = json.loads(RESULTS.read_text())
+        plot(result, PLOT)
+        update_doc(result)
+        return 0
+    if args.smoke and not args.out_dir:
+        ap.error("--smoke needs --out-dir (it never replaces the committed results)")
+    if not args.smoke and not args.run:
+        ap.error("--run RUN is needed (an `emergence search-train --setting long` folder)")
+    p = dict(SMOKE if args.smoke else FULL)
+    tmp = tempfile.TemporaryDirectory() if args.work is None else None
+    work = Path(args.work or tmp.name)
+    (work / "runs").mkdir(parents=True, exist_ok=True)
+    import emergence
+    from emergence.problems import first_per_difficulty, load_problems
+    from emergence.search.train import run as train_run
+
+    try:
+        if args.smoke and not args.run:  # search-train's quick setting, revision stages included (seconds)
+            train_run(work / "run", "quick", device="cpu", log=lambda m: None)
+        run_dir = Path(args.run) if args.run else work / "run"
+        only = args.policies.split(",") if args.policies else None
+        revisers = revision_models(run_dir, p["setting"], only)
+    except InvalidArgument as e:
+        print(f"revisions: {e}", file=sys.stderr)
+        return 2
+    rows = first_per_difficulty(load_problems(run_dir / "problems" / "heldout.jsonl"), p["per_difficulty"])
+    lms = {}
+    for name in revisers:
+        lms[name] = emergence.load(str(run_dir / "policies" / name / "model"), device="cpu")
+        lms[f"{name}-rev"] = emergence.load(str(run_dir / "revisions" / name / "run" / "model"), device="cpu")
+    plan = jobs(p, list(revisers))
+    runs: dict[str, dict] = {}
+    for i, job in enumerate(plan):
+        cache = work / "runs" / f"{job['key']}.json"
+        if cache.is_file():
+            runs[job["key"]] = json.loads(cache.read_text())
+            continue
+        log(f"[{i + 1}/{len(plan)}] {job['key']}")
+        res = run_job(job, lms, rows, p)
+        cache.write_text(json.dumps(res) + "\n")
+        runs[job["key"]] = res
+    if args.policies:
+        log(f"runs of {args.policies} done in {work}")
+        return 0
+    from provenance import write_result
+
+    result = {"smoke": args.smoke, "settings": p, "problems": len(rows),
+              "params": {name: lms[name].config.num_parameters() for name in revisers},
+              "revision": _revision_settings(p["setting"]),
+              "revisers": revisers, "date": time.strftime("%Y-%m-%d"),
+              "total_seconds": sum(r["seconds"] for r in runs.values()),
+              "tables": tables(runs, list(revisers), p["ns"]), "runs": summaries(runs)}
+    out_json = Path(args.out_dir) / "revisions.json" if args.smoke else RESULTS
+    write_result(out_json, result, "bench/revisions.py", sys.argv[1:] if argv is None else argv, args.threads)
+    result = json.loads(out_json.read_text())  # with its provenance, for the page
+    if args.smoke:
+        plot(result, Path(args.out_dir) / "revisions.png")
+        (Path(args.out_dir) / "revisions.md").write_text(render(result))
+        (Path(args.out_dir) / "records.json").write_text(json.dumps({k: r["records"] for k, r in runs.items()}))
+    else:
+        plot(result, PLOT)
+        update_doc(result)
+    log(f"wrote {out_json}")
+    if tmp is not None:
+        tmp.cleanup()
+    return 0
+
+
+def _revision_settings(setting_name: str) -> dict:
+    from emergence.search.train import SETTINGS
+
+    s = SETTINGS[setting_name]
+    return {"samples": s.revision_samples, "problems": s.revision_problems, "window": s.revision_window,
+            "context": s.revision_context, "lr": s.revision_lr, "batch": s.revision_batch}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
