@@ -1,5 +1,6 @@
 """Revision training data (search/revise.py): the attempts chosen by closeness to the right
-solution, the rows built from them on hand-worked problems, and the context-raised model copy."""
+solution (Snell et al.'s wrong attempts) or drawn as sampled, the rows built from them on
+hand-worked problems, and the context-raised model copy."""
 
 from __future__ import annotations
 
@@ -52,6 +53,22 @@ def test_revision_rows_put_wrong_attempts_before_the_canonical_solution():
     assert {r["prompt"].count("\nAttempt ") for r in many} == {1, 2}
     assert {r["prompt"].count("\nAttempt ") for r in revision_rows([ROW] * 50, [attempts[0]] * 50, window=1,
                                                                     seed=0)} == {1}
+    # "sampled": the problem's distinct samples, right or wrong alike, in a seeded random order
+    rows = revision_rows([ROW, other], attempts, window=4, seed=5, kind="sampled")
+    rng = random.Random(5)
+    pool = [RIGHT, NEAR, FAR]
+    first = rng.sample(pool, rng.randint(1, 3))
+    second = rng.sample(["Step 1: 10 - 6 = 4\nAnswer: 4"], rng.randint(1, 1))
+    assert [r["prompt"] for r in rows] == [
+        f"Question: {ROW['question']}\n" + "".join(f"Attempt {k + 1}:\n{a}\n" for k, a in enumerate(first))
+        + "Revise: answer step by step.\n",
+        f"Question: {other['question']}\nAttempt 1:\n{second[0]}\nRevise: answer step by step.\n"]
+    assert [r["completion"] for r in rows] == [RIGHT, "Step 1: 10 - 6 = 4\nAnswer: 4"]
+    many = revision_rows([ROW] * 300, [attempts[0]] * 300, window=4, seed=0, kind="sampled")
+    assert {r["prompt"].count("\nAttempt ") for r in many} == {1, 2, 3}
+    assert sum(f"\n{RIGHT}\nRevise" in r["prompt"] for r in many) > 50  # a right last attempt, then the solution
+    with pytest.raises(InvalidArgument, match="revision attempts must be one of wrong, sampled"):
+        revision_rows([ROW], attempts[:1], window=2, seed=0, kind="right")
     with pytest.raises(InvalidArgument, match="window must be >= 1"):
         revision_rows([ROW], attempts[:1], window=0, seed=0)
     with pytest.raises(InvalidArgument, match="1 problems but 2 lists"):

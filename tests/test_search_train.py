@@ -175,7 +175,7 @@ def test_a_rerun_skips_the_finished_stages(quick):
         Pipeline(out, other, device="cpu").run()
 
 
-def test_the_revision_model_learns_from_its_policys_wrong_samples(quick):
+def test_the_revision_model_learns_from_its_policys_samples(quick):
     from emergence.problems import solution_text
     from emergence.weights.hf import load_hf
 
@@ -186,20 +186,26 @@ def test_the_revision_model_learns_from_its_policys_wrong_samples(quick):
     assert len(samples) == s.revision_problems * s.revision_samples
     for r in samples:  # each sample graded as search grades it
         assert r["correct"] == is_correct(r["solution"], train[r["problem"]]["answer"])
-    wrong = sorted({r["problem"] for r in samples if not r["correct"] and r["solution"].strip()})
+    assert s.revision_attempts == "sampled"  # (the default kind: the attempts as the policy wrote them)
+    sampled = sorted({r["problem"] for r in samples if r["solution"].strip()})
     (rev,) = summary["revisers"]
-    assert rev["name"] == "S" and rev["revision_rows"] == rev["plain_rows"] == len(wrong) > 0
-    assert sum(rev["chains"].values()) == len(wrong) and set(rev["chains"]) == {"1", "2"}
-    data = [json.loads(line) for line in (out / "revisions" / "S" / "data.jsonl").read_text().splitlines()]
-    revise, plain = data[:len(wrong)], data[len(wrong):]
-    for i, row in zip(wrong, revise):  # the problems with a wrong sample, in order: attempts, then the solution
+    assert rev["name"] == "S" and rev["attempts"] == "sampled"
+    assert rev["revision_rows"] == rev["plain_rows"] == len(sampled) > 0
+    assert sum(rev["chains"].values()) == len(sampled) and set(rev["chains"]) == {"1", "2"}
+    folder = out / "revisions" / "S" / "sampled"
+    data = [json.loads(line) for line in (folder / "data.jsonl").read_text().splitlines()]
+    revise, plain = data[:len(sampled)], data[len(sampled):]
+    for i, row in zip(sampled, revise):  # the problems with a sample, in order: attempts, then the solution
         problem = train[i]
+        attempts = {r["solution"] for r in samples if r["problem"] == i}
+        shown = row["prompt"].split("\nAttempt ")[1:]
+        assert all(a.split(":\n", 1)[1].rsplit("\nRevise:", 1)[0].rstrip("\n") in attempts for a in shown)
         assert row["prompt"].startswith(f"Question: {problem['question']}\nAttempt 1:\n")
         assert row["prompt"].endswith("Revise: answer step by step.\n")
         assert row["completion"] == solution_text(problem)
     for problem, row in zip(train[s.revision_problems:], plain):  # as many plain rows of the next problems
         assert row == {"prompt": format_prompt(problem["question"]), "completion": solution_text(problem)}
-    _, config = load_hf(out / "revisions" / "S" / "run" / "model")
+    _, config = load_hf(folder / "run" / "model")
     assert config.block_size == s.revision_context and rev["steps"] > 0
     assert math.isfinite(rev["val_loss"])
 

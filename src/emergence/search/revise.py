@@ -11,8 +11,8 @@ the policy was pretrained on, and the loss covers it only (completion rows of th
 issue's SFT, `emergence finetune`).
 
     revision_rows   (problem, its sampled attempts) -> {"prompt": revision prompt, "completion":
-                    canonical solution}, at most one row a problem; a problem whose samples are
-                    all right gives none (nothing to revise)
+                    canonical solution}, at most one row a problem; Snell et al.'s wrong attempts
+                    only, or the samples as they come ("sampled")
     plain_rows      {"prompt": PROMPT_TEMPLATE, "completion": canonical solution}: mixed in so
                     the first attempt (the plain prompt) stays what pretraining taught
     with_context    a copy of a model folder whose block_size is raised (RoPE: the weights do not
@@ -50,26 +50,38 @@ def pick_attempts(target: str, wrong: Sequence[str], count: int) -> list[str]:
     return [distinct[i] for i in reversed(ranked)]
 
 
+ATTEMPTS = ("wrong", "sampled")  # what the prompt's attempts are: see revision_rows
+
+
 def revision_rows(problems: Sequence[dict], attempts: Sequence[Sequence[tuple[str, bool]]], *, window: int,
-                  seed: int) -> list[dict]:
+                  seed: int, kind: str = "wrong") -> list[dict]:
     """Completion rows teaching revisions. problems[i]: a problem row ({"question", "steps",
-    "answer", ...}); attempts[i]: its sampled solutions as (text, correct). Each problem with at
-    least one wrong attempt gives one row: `c` of its wrong attempts (c uniform in
-    1..min(window, distinct wrong)) in the revision prompt, the canonical solution as the completion."""
+    "answer", ...}); attempts[i]: its sampled solutions as (text, correct). Each problem gives at
+    most one row: `c` attempts in the revision prompt, the canonical solution as the completion.
+
+    kind "wrong" (Snell et al.): only wrong attempts, the c closest to the canonical solution (c
+    uniform in 1..min(window, distinct wrong ones)); a problem without one gives no row.
+    kind "sampled": the prompt's attempts are drawn as the strategy meets them, c of the problem's
+    distinct samples right or wrong alike (c uniform in 1..min(window, distinct samples)), in a
+    seeded random order, so a right attempt is followed by the right solution as often as the
+    policy writes one (with only wrong attempts, a model learns that the previous answer is wrong)."""
     from ..problems import solution_text
 
     if window < 1:
         raise InvalidArgument(f"revision window must be >= 1, got {window}")
+    if kind not in ATTEMPTS:
+        raise InvalidArgument(f"revision attempts must be one of {', '.join(ATTEMPTS)}, got {kind!r}")
     if len(problems) != len(attempts):
         raise InvalidArgument(f"{len(problems)} problems but {len(attempts)} lists of attempts")
     rng = random.Random(seed)
     rows = []
     for row, tries in zip(problems, attempts):
         target = solution_text(row)
-        wrong = list(dict.fromkeys(t for t, ok in tries if not ok and t.strip()))
-        if not wrong:
+        pool = list(dict.fromkeys(t for t, ok in tries if (kind == "sampled" or not ok) and t.strip()))
+        if not pool:
             continue
-        chain = pick_attempts(target, wrong, rng.randint(1, min(window, len(wrong))))
+        count = rng.randint(1, min(window, len(pool)))
+        chain = pick_attempts(target, pool, count) if kind == "wrong" else rng.sample(pool, count)
         rows.append({"prompt": revision_prompt(row["question"], chain, window), "completion": target})
     return rows
 

@@ -44,8 +44,9 @@ pretraining resumes from its last checkpoint):
     revision-*   for each policy in `revisers` (the long setting: S and M), the model the
                  `revisions` strategy prompts with its previous attempts: the policy's samples of
                  `revision_problems` training problems (OUT/revisions/NAME/samples.jsonl), revision
-                 rows built from its wrong ones and as many plain rows (revise.py; data.jsonl), and
-                 the policy fine-tuned on them with a longer context (OUT/revisions/NAME/run/model).
+                 rows built from them (`revision_attempts`: as sampled, or Snell et al.'s wrong ones
+                 only) and as many plain rows (revise.py; KIND/data.jsonl), and the policy fine-tuned
+                 on them with a longer context (OUT/revisions/NAME/KIND/run/model).
 
 OUT/summary.json holds the figures; the table is printed at the end. `--quick` is a tiny setting
 for tests (seconds); the default is the real run (about 16 minutes on two CPU cores, one torch
@@ -117,6 +118,7 @@ class Setting:
     # revision rows from `revision_problems` training problems (`revision_samples` samples each,
     # up to `revision_window` wrong ones in the prompt) mixed 1:1 with plain rows of as many others
     revisers: tuple[str, ...] = ()
+    revision_attempts: str = "sampled"  # revise.ATTEMPTS: the prompt's attempts as sampled, or wrong ones only
     revision_problems: int = 6000
     revision_samples: int = 4
     revision_window: int = 4
@@ -138,6 +140,10 @@ class Setting:
             self.policy(name)
         if self.revisers and 2 * self.revision_problems > self.train_problems:
             raise InvalidArgument("revision_problems: twice of them (revision and plain rows) exceed train_problems")
+        from .revise import ATTEMPTS
+
+        if self.revision_attempts not in ATTEMPTS:
+            raise InvalidArgument(f"revision_attempts must be one of {', '.join(ATTEMPTS)}")
         if self.revision_context < self.context:
             raise InvalidArgument("revision_context is below the policies' context")
         if len({p.name for p in self.policies}) != len(self.policies):
@@ -681,6 +687,11 @@ class Pipeline:
     def revision_dir(self, name: str) -> Path:
         return self.out / "revisions" / name
 
+    def reviser_dir(self, name: str, attempts: str) -> Path:
+        """The folder of policy NAME's revision model of that kind of attempts (revise.ATTEMPTS:
+        both kinds may be made in one run, from the same samples)."""
+        return self.revision_dir(name) / attempts
+
     def revision_samples(self, name: str) -> dict:
         """`revision_samples` samples of policy NAME for each of the first `revision_problems`
         training problems (the attempts the revision rows are built from)."""
@@ -700,22 +711,25 @@ class Pipeline:
         return {"problems": len(rows), "samples": len(out), "correct": sum(r["correct"] for r in out),
                 "generated_tokens": policy.usage.generated_tokens}
 
-    def train_reviser(self, name: str) -> dict:
+    def train_reviser(self, name: str, attempts: str | None = None) -> dict:
         """Policy NAME fine-tuned (full, loss on the completions) on revision rows from its own
-        samples and as many plain rows of other training problems, with its context raised to
-        `revision_context` (revise.py); the model lands in OUT/revisions/NAME/run/model."""
+        samples (`attempts`: revise.ATTEMPTS, default the setting's) and as many plain rows of
+        other training problems, with its context raised to `revision_context` (revise.py); the
+        model lands in reviser_dir(NAME, attempts)/run/model."""
         from ..finetune.run import FinetuneConfig, finetune
         from ..train.checkpoint import CHECKPOINT, load_checkpoint
         from ..train.trainer import TrainConfig
         from .revise import plain_rows, revision_rows, with_context
 
         s = self.setting
-        folder = self.revision_dir(name)
+        kind = attempts or s.revision_attempts
+        folder = self.reviser_dir(name, kind)
         train = self.rows("train")
-        attempts: list[list[tuple[str, bool]]] = [[] for _ in range(s.revision_problems)]
-        for r in _read_jsonl(folder / "samples.jsonl"):
-            attempts[r["problem"]].append((r["solution"], r["correct"]))
-        revise = revision_rows(train[:s.revision_problems], attempts, window=s.revision_window, seed=s.seed + 21)
+        tries: list[list[tuple[str, bool]]] = [[] for _ in range(s.revision_problems)]
+        for r in _read_jsonl(self.revision_dir(name) / "samples.jsonl"):
+            tries[r["problem"]].append((r["solution"], r["correct"]))
+        revise = revision_rows(train[:s.revision_problems], tries, window=s.revision_window, seed=s.seed + 21,
+                               kind=kind)
         plain = plain_rows(train[s.revision_problems:s.revision_problems + len(revise)])
         data = folder / "data.jsonl"
         if not data.is_file():
@@ -736,7 +750,7 @@ class Pipeline:
             finetune(fc, tc, resume=resume)
         rows = _read_jsonl(run / "metrics.jsonl")
         evals = [r for r in rows if r.get("val_loss") is not None]
-        return {"name": name, "revision_rows": len(revise), "plain_rows": len(plain),
+        return {"name": name, "attempts": kind, "revision_rows": len(revise), "plain_rows": len(plain),
                 "chains": {str(k): sum(r["prompt"].count("\nAttempt ") == k for r in revise)
                            for k in range(1, s.revision_window + 1)},  # rows by attempts in the prompt
                 "steps": load_checkpoint(run)["step"], "context": s.revision_context, "lr": s.revision_lr,
@@ -763,7 +777,8 @@ class Pipeline:
         revisers = []
         for name in s.revisers:
             self.stage(f"revision-samples-{name}", lambda name=name: self.revision_samples(name))
-            revisers.append(self.stage(f"revision-{name}", lambda name=name: self.train_reviser(name)))
+            revisers.append(self.stage(reviser_stage(name, s.revision_attempts),
+                                       lambda name=name: self.train_reviser(name)))
         for p in policies:
             p["greedy"] = {k: greedy[p["name"]][k] for k in ("problems", "accuracy", "fully_correct", "by_difficulty")}
         verifiers["orm"]["heldout"] = quality["orm"]
@@ -781,6 +796,11 @@ class Pipeline:
                    "device": self.device}
         _write_json(self.out / SUMMARY, summary)
         return summary
+
+
+def reviser_stage(name: str, attempts: str) -> str:
+    """The stage that makes policy NAME's revision model of that kind of attempts."""
+    return f"revision-{name}-{attempts}"
 
 
 def _fit(ids: list[int], positions: list[int], labels: list[float], block: int):
