@@ -3,25 +3,29 @@ revisions"): for each policy of the long run that search-train gives a revision 
 majority voting over N parallel samples against N attempts in sequence, each prompted with the
 previous ones (`revisions`, majority vote over the attempts), as Snell et al. (2024) compare them.
 
-    .venv/bin/python bench/revisions.py --run RUN [--work DIR]
+    .venv/bin/python bench/revisions.py --run RUN [--attempts sampled|wrong] [--work DIR]
     .venv/bin/python bench/revisions.py --smoke --out-dir /tmp/rev   # < 1 min, what the test runs
 
 RUN is an `emergence search-train --setting long --out RUN` folder with policies S and M; the
 script first runs (or finds done) search-train's revision stages for them (`revision-samples-P`,
-`revision-P`: samples of P on 6,000 training problems, up to 4 wrong ones before the canonical
+`revision-P-KIND`: samples of P on 6,000 training problems, up to 4 of them before the canonical
 solution, fine-tuned with as many plain rows; search/revise.py), which need neither policy L
-nor the verifiers. Per policy P, over the same 400 held-out problems (50 per difficulty):
+nor the verifiers. --attempts picks the kind of revision rows (revise.ATTEMPTS: the attempts as
+sampled, the setting's default; or Snell et al.'s wrong ones only). Per policy P, over the same
+400 held-out problems (50 per difficulty):
 
-    P-majority-nN        P itself, N parallel samples, majority vote (N = 1, 2, 4, ..., 16)
-    P-rev-majority-nN    the revision model, the same: what the fine-tuning alone changes
-    P-rev-revisions      the revision model, 16 attempts in sequence (window 4): one run gives every
-                         N <= 16: the majority of the first N attempts (`answers_by_round`, with the
-                         FLOPs spent by then) and attempt N's own answer (does revising improve it?)
-    P-revisions          P itself prompted the same way: what the revision training adds
+    P-majority-nN          P itself, N parallel samples, majority vote (N = 1, 2, 4, 8, 16)
+    P-rev-majority-nN      the revision model, the same: what the fine-tuning alone changes
+    P-rev-revisions-wW     the revision model, 16 attempts in sequence, the last W in the prompt
+                           (W = 1 and 4): one run gives every N <= 16: the majority of the first
+                           N attempts (`answers_by_round`, with the FLOPs spent by then) and
+                           attempt N's own answer (does revising improve it?)
+    P-revisions-w4         P itself prompted the same way: what the revision training adds
 
 FLOPs per problem are the policy's (search/flops.py); parallel samples share their prompt's
-prefill, sequential attempts each prefill their longer prompt. Results: bench/results/revisions.json,
-docs/test_time_compute_revisions.png, and the section of docs/test_time_compute.md between its markers.
+prefill, sequential attempts each prefill their longer prompt. Results: bench/results/revisions.json
+(the default kind; revisions_wrong.json for the other), docs/test_time_compute_revisions[_wrong].png,
+and the section of docs/test_time_compute.md between the kind's markers.
 """
 
 from __future__ import annotations
@@ -37,19 +41,34 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "src"))
 
-RESULTS = ROOT / "bench" / "results" / "revisions.json"
 DOC = ROOT / "docs" / "test_time_compute.md"
-PLOT = ROOT / "docs" / "test_time_compute_revisions.png"
-MARK_START, MARK_END = "<!-- revisions:start (bench/revisions.py) -->", "<!-- revisions:end -->"
-FULL = {"per_difficulty": 50, "ns": [1, 2, 4, 8, 16], "window": 4, "max_tokens": 160, "temperature": 0.8,
+FULL = {"per_difficulty": 50, "ns": [1, 2, 4, 8, 16], "windows": [1, 4], "max_tokens": 160, "temperature": 0.8,
         "setting": "long"}
-SMOKE = {"per_difficulty": 2, "ns": [1, 2, 4], "window": 2, "max_tokens": 48, "temperature": 0.8,
+SMOKE = {"per_difficulty": 2, "ns": [1, 2, 4], "windows": [1, 2], "max_tokens": 48, "temperature": 0.8,
          "setting": "quick"}
 BINS = {"easy (1-2 steps)": (1, 2), "medium (3-5)": (3, 5), "hard (6-8)": (6, 8)}
-SERIES = {"majority": "parallel: P, majority of N", "rev-majority": "parallel: revision model, majority of N",
-          "rev-revisions": "sequential: revision model, majority of N attempts",
-          "rev-revisions-last": "sequential: revision model, attempt N alone",
-          "revisions": "sequential: P, majority of N attempts"}
+
+
+def outputs(kind: str) -> tuple[Path, Path, str, str]:
+    """(results JSON, plot, the page's start and end markers) of a kind of revision rows: the
+    setting's default kind has the plain names."""
+    from emergence.search.train import SETTINGS
+
+    suffix = "" if kind == SETTINGS["long"].revision_attempts else f"_{kind}"
+    tag = "revisions" + suffix.replace("_", "-")
+    return (ROOT / "bench" / "results" / f"revisions{suffix}.json",
+            ROOT / "docs" / f"test_time_compute_revisions{suffix}.png",
+            f"<!-- {tag}:start (bench/revisions.py) -->", f"<!-- {tag}:end -->")
+
+
+def series_labels(p: dict) -> dict[str, str]:
+    """series -> its label (P: the policy's name): the columns of the tables, in order."""
+    out = {"majority": "parallel: P, majority of N", "rev-majority": "parallel: revision model, majority of N"}
+    for w in p["windows"]:
+        out[f"rev-revisions-w{w}"] = f"sequential (window {w}): revision model, majority of N attempts"
+        out[f"rev-revisions-w{w}-last"] = f"sequential (window {w}): revision model, attempt N alone"
+    out[f"revisions-w{max(p['windows'])}"] = f"sequential (window {max(p['windows'])}): P, majority of N attempts"
+    return out
 
 
 def log(msg: str) -> None:
@@ -57,22 +76,26 @@ def log(msg: str) -> None:
 
 
 def jobs(p: dict, policies: list[str]) -> list[dict]:
-    """Every run: {"key", "policy" (P), "model" (P or P-rev), "strategy", "n"}."""
+    """Every run: {"key", "policy" (P), "model" (P or P-rev), "strategy", "n", "window"}."""
     out = []
+    top, widest = max(p["ns"]), max(p["windows"])
     for name in policies:
         for n in p["ns"]:
-            out.append({"key": f"{name}-majority-n{n}", "policy": name, "model": name, "strategy": "majority", "n": n})
+            out.append({"key": f"{name}-majority-n{n}", "policy": name, "model": name, "strategy": "majority", "n": n,
+                        "window": None})
             out.append({"key": f"{name}-rev-majority-n{n}", "policy": name, "model": f"{name}-rev",
-                        "strategy": "majority", "n": n})
-        top = max(p["ns"])
-        out.append({"key": f"{name}-rev-revisions", "policy": name, "model": f"{name}-rev", "strategy": "revisions",
-                    "n": top})
-        out.append({"key": f"{name}-revisions", "policy": name, "model": name, "strategy": "revisions", "n": top})
+                        "strategy": "majority", "n": n, "window": None})
+        for w in p["windows"]:
+            out.append({"key": f"{name}-rev-revisions-w{w}", "policy": name, "model": f"{name}-rev",
+                        "strategy": "revisions", "n": top, "window": w})
+        out.append({"key": f"{name}-revisions-w{widest}", "policy": name, "model": name, "strategy": "revisions",
+                    "n": top, "window": widest})
     return out
 
 
 def series(job: dict) -> str:
-    return ("rev-" if job["model"].endswith("-rev") else "") + job["strategy"]
+    name = ("rev-" if job["model"].endswith("-rev") else "") + job["strategy"]
+    return name + (f"-w{job['window']}" if job["strategy"] == "revisions" else "")
 
 
 def run_job(job: dict, lms: dict, rows: list[dict], p: dict) -> dict:
@@ -81,7 +104,8 @@ def run_job(job: dict, lms: dict, rows: list[dict], p: dict) -> dict:
     from emergence.search.run import run_search
     from emergence.search.strategies import SearchConfig
 
-    cfg = SearchConfig(n=job["n"], temperature=p["temperature"], max_tokens=p["max_tokens"], window=p["window"])
+    cfg = SearchConfig(n=job["n"], temperature=p["temperature"], max_tokens=p["max_tokens"],
+                       window=job["window"] or 1)
     policy = LocalPolicy(lms[job["model"]], seed=0, name=job["model"])
     start = time.perf_counter()
     meter = Progress(len(rows), "problems", desc=f"  {job['key']}", every_s=20.0)
@@ -148,10 +172,10 @@ def plot(result: dict, out: Path) -> None:
     from emergence.search.run import accuracy_axes
 
     policies, bins = list(result["tables"]), ["all", *BINS]
-    fig, axes = plt.subplots(len(policies), len(bins), figsize=(3.6 * len(bins), 3.2 * len(policies)), squeeze=False)
+    fig, axes = plt.subplots(len(policies), len(bins), figsize=(3.8 * len(bins), 3.4 * len(policies)), squeeze=False)
     for row, name in zip(axes, policies):
         for ax, b in zip(row, bins):
-            for key, label in SERIES.items():
+            for key, label in series_labels(result["settings"]).items():
                 pts = result["tables"][name][b].get(key)
                 if not pts:
                     continue
@@ -160,10 +184,13 @@ def plot(result: dict, out: Path) -> None:
                 err = [[max(0.0, pts[n]["accuracy"] - pts[n]["ci95"][0]) for n in xs],
                        [max(0.0, pts[n]["ci95"][1] - pts[n]["accuracy"]) for n in xs]]
                 ax.errorbar([pts[n]["flops"] for n in xs], ys, yerr=err, marker="o", ms=3, capsize=2, lw=1,
-                            ls="-" if key.endswith("majority") else "--", label=label.replace("P", name))
+                            ls="-" if key.endswith("majority") else ":" if key.endswith("last") else "--",
+                            label=label.replace("P", name))
             accuracy_axes(ax, f"{name} ({result['params'][name]:,}): {b}", "FLOPs per problem")
-            ax.legend(fontsize=6)
-    fig.tight_layout()
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, [lab.replace(policies[0], "P") for lab in labels], loc="lower center", ncol=3, fontsize=8,
+               frameon=False)
+    fig.tight_layout(rect=(0, 0.09, 1, 1))
     fig.savefig(out, dpi=100)
     plt.close(fig)
 
@@ -172,70 +199,80 @@ def _ci(pt: dict) -> str:
     return f"{100 * pt['accuracy']:.1f}% [{100 * pt['ci95'][0]:.0f}, {100 * pt['ci95'][1]:.0f}]"
 
 
+KIND_TEXT = {"sampled": "between 1 and {window} of the problem's distinct samples, right or wrong as the policy wrote "
+                        "them, in a random order (the prompt the strategy will show it)",
+             "wrong": "between 1 and {window} of the problem's distinct wrong samples, the closest to the canonical "
+                      "solution by character edit distance, the nearest last (Snell et al.'s recipe; a problem "
+                      "without a wrong sample gives no row)"}
+
+
 def render(result: dict) -> str:
-    p, t = result["settings"], result["tables"]
+    p, t, rev = result["settings"], result["tables"], result["revision"]
+    labels = series_labels(p)
+    kind = result["attempts"]
+    _, png, start, end = outputs(kind)
     top = str(max(p["ns"]))
-    lines = [MARK_START, "", "## Sequential revisions against parallel sampling", "",
-             "`bench/revisions.py` (results: `bench/results/revisions.json`). Each policy P of the long run gets a "
-             "revision model from search-train's revision stages (`src/emergence/search/revise.py`): P samples "
-             f"{result['revision']['samples']} solutions of each of {result['revision']['problems']:,} training "
-             f"problems at temperature 0.8; a problem with a wrong sample gives one row with 1 to "
-             f"{result['revision']['window']} of its wrong samples (the closest to the canonical solution by character edit distance, the nearest last) in the "
-             "revision prompt and the canonical solution as the completion; as many plain rows of other problems "
-             "keep the first attempt; P is fine-tuned on them (full, loss on the completions, context raised to "
-             f"{result['revision']['context']}), as Snell et al. (2024) build theirs. {result['problems']} held-out "
-             f"problems ({p['per_difficulty']} per difficulty), temperature {p['temperature']}, up to "
-             f"{p['max_tokens']} tokens an attempt, revision window {p['window']}; majority vote everywhere "
-             "(no verifier). One sequential run of N = " + top + " gives every smaller N (the answer and FLOPs "
-             "after each attempt).", ""]
-    for name, rev in result["revisers"].items():
-        lines.append(f"- Revision model of {name} ({result['params'][name]:,} parameters): {rev['revision_rows']:,} "
-                     f"revision rows ({'/'.join(sorted(rev['chains'], key=int))} attempts: "
-                     + "/".join(str(rev["chains"][k]) for k in sorted(rev["chains"], key=int))
-                     + f") + {rev['plain_rows']:,} plain rows, {rev['steps']:,} steps, held-out loss "
-                     f"{rev['val_loss']:.3f}; {name}'s own samples were right {rev['samples_correct']:,} times in "
-                     f"{rev['samples']:,}.")
+    title = ("## Sequential revisions against parallel sampling" if start.startswith("<!-- revisions:") else
+             f"### The same with revision models of the other kind ({kind} attempts only)")
+    lines = [start, "", title, "",
+             f"`bench/revisions.py --attempts {kind}` (results: `bench/results/{outputs(kind)[0].name}`). Each policy "
+             "P of the long run gets a revision model from search-train's revision stages "
+             f"(`src/emergence/search/revise.py`): P samples {rev['samples']} solutions of each of "
+             f"{rev['problems']:,} training problems at temperature 0.8; each problem gives one row with "
+             + KIND_TEXT[kind].format(window=rev["window"]) + " in the revision prompt and the canonical solution "
+             "as the completion; as many plain rows of other problems keep the first attempt; P is fine-tuned on "
+             f"them (full, loss on the completions, one epoch, context raised to {rev['context']}). "
+             f"{result['problems']} held-out problems ({p['per_difficulty']} per difficulty), temperature "
+             f"{p['temperature']}, up to {p['max_tokens']} tokens an attempt; majority vote everywhere (no "
+             f"verifier). A sequential run of N = {top} gives every smaller N (the answer and FLOPs after each "
+             "attempt); its window is how many previous attempts the prompt shows.", ""]
+    for name, r in result["revisers"].items():
+        greedy = f", greedy accuracy {100 * r['policy_greedy']:.1f}%" if "policy_greedy" in r else ""
+        lines.append(f"- {name} ({result['params'][name]:,} parameters; held-out loss {r['policy_val_loss']:.3f}"
+                     f"{greedy}): its samples were right {r['samples_correct']:,} times in {r['samples']:,}; "
+                     f"{r['revision_rows']:,} revision rows ({'/'.join(sorted(r['chains'], key=int))} attempts: "
+                     + "/".join(f"{r['chains'][k]:,}" for k in sorted(r["chains"], key=int))
+                     + f") + {r['plain_rows']:,} plain rows, {r['steps']:,} steps, held-out loss {r['val_loss']:.3f}.")
     lines.append("")
     for name in t:
-        lines += [f"### Policy {name}: accuracy (Wilson 95% interval) and FLOPs per problem, all problems", "",
-                  "| N | " + " | ".join(v.replace("P", name) for v in SERIES.values()) + " |",
-                  "|---|" + "---|" * len(SERIES)]
-        for n in p["ns"]:
-            cells = []
-            for key in SERIES:
-                pt = t[name]["all"].get(key, {}).get(str(n))
-                cells.append("-" if pt is None else f"{_ci(pt)}, {pt['flops']:.3g}")
-            lines.append(f"| {n} | " + " | ".join(cells) + " |")
-        lines += ["", f"By difficulty at N = {top}:", "", "| difficulty | " + " | ".join(
-            v.replace("P", name) for v in SERIES.values()) + " |", "|---|" + "---|" * len(SERIES)]
-        for b in BINS:
-            lines.append(f"| {b} | " + " | ".join(
-                _ci(t[name][b][key][top]) if top in t[name][b].get(key, {}) else "-" for key in SERIES) + " |")
+        lines += [f"#### Policy {name}: accuracy (Wilson 95% interval) and FLOPs per problem", "",
+                  "| all problems | " + " | ".join(f"N = {n}" for n in p["ns"]) + " |",
+                  "|---|" + "---|" * len(p["ns"])]
+        for key, label in labels.items():
+            pts = t[name]["all"].get(key, {})
+            lines.append(f"| {label.replace('P', name)} | " + " | ".join(
+                f"{_ci(pts[str(n)])}, {pts[str(n)]['flops']:.2g}" if str(n) in pts else "-" for n in p["ns"]) + " |")
+        lines += ["", "| at N = " + top + " | " + " | ".join(BINS) + " |", "|---|" + "---|" * len(BINS)]
+        for key, label in labels.items():
+            lines.append(f"| {label.replace('P', name)} | " + " | ".join(
+                _ci(t[name][b][key][top]) if top in t[name][b].get(key, {}) else "-" for b in BINS) + " |")
         lines.append("")
-    lines += ["![accuracy against FLOPs: sequential revisions and parallel sampling](test_time_compute_revisions.png)",
-              "", f"Run at {result['commit'][:12]} ({result['date']}): `bench/revisions.py --run RUN --work DIR`, "
-              f"{result['total_seconds'] / 60:.0f} min of runs on {result['threads']} torch thread(s) "
-              f"({result['machine']['cpu']}); the exact command is in the JSON.", "", MARK_END]
+    lines += [f"![accuracy against FLOPs: sequential revisions and parallel sampling, {kind} attempts]({png.name})",
+              "", f"Run at {result['commit'][:12]} ({result['date']}): `bench/revisions.py --run RUN --attempts {kind} "
+              f"--work DIR`, {result['total_seconds'] / 60:.0f} min of runs on {result['threads']} torch thread(s) "
+              f"({result['machine']['cpu']}); the exact command is in the JSON.", "", end]
     return "\n".join(lines)
 
 
 def update_doc(result: dict) -> None:
     text = DOC.read_text()
     block = render(result)
-    if MARK_START in text:
-        head, rest = text.split(MARK_START, 1)
-        text = head + block + rest.split(MARK_END, 1)[1]
+    _, _, start, end = outputs(result["attempts"])
+    if start in text:
+        head, rest = text.split(start, 1)
+        text = head + block + rest.split(end, 1)[1]
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     DOC.write_text(text)
 
 
 # ------------------------------------------------------------------------------ main
-def revision_models(run_dir: Path, setting_name: str, only: list[str] | None = None) -> dict[str, dict]:
+def revision_models(run_dir: Path, setting_name: str, only: list[str] | None = None,
+                    attempts: str | None = None) -> dict[str, dict]:
     """search-train's revision stages for the setting's revisers (`only`: those of them), run now
     or found done."""
     from emergence.errors import InvalidArgument
-    from emergence.search.train import SETTINGS, Pipeline
+    from emergence.search.train import SETTINGS, Pipeline, reviser_stage
 
     pipeline = Pipeline(run_dir, SETTINGS[setting_name], device="cpu", log=log, setting_name=setting_name)
     pipeline.check_setting()
@@ -249,9 +286,15 @@ def revision_models(run_dir: Path, setting_name: str, only: list[str] | None = N
         if not (run_dir / "stages" / f"policy-{name}.json").is_file():
             raise InvalidArgument(f"{run_dir} has no trained policy {name} (run `emergence search-train` first)")
         samples = pipeline.stage(f"revision-samples-{name}", lambda name=name: pipeline.revision_samples(name))
-        info = pipeline.stage(f"revision-{name}", lambda name=name: pipeline.train_reviser(name))
+        kind = attempts or pipeline.setting.revision_attempts
+        info = pipeline.stage(reviser_stage(name, kind), lambda name=name: pipeline.train_reviser(name, kind))
+        info["model"] = str(pipeline.reviser_dir(name, kind) / "run" / "model")
         out[name] = {**info, "samples": samples["samples"], "samples_correct": samples["correct"],
-                     "problems": samples["problems"]}
+                     "problems": samples["problems"],
+                     "policy_val_loss": json.loads((run_dir / "stages" / f"policy-{name}.json").read_text())["val_loss"]}
+        greedy = run_dir / "stages" / f"eval-{name}.json"  # (the policy's greedy accuracy, when evaluated)
+        if greedy.is_file():
+            out[name]["policy_greedy"] = json.loads(greedy.read_text())["accuracy"]
     return out
 
 
@@ -263,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
                     "results are written by a call without it, which finds them done)")
     ap.add_argument("--smoke", action="store_true", help="search-train's quick models, 2 problems per difficulty")
     ap.add_argument("--out-dir", default=None, help="--smoke: where the JSON, plot and page go (required)")
+    ap.add_argument("--attempts", default=None, choices=("wrong", "sampled"),
+                    help="the revision models' kind of training attempts (default: the setting's)")
     ap.add_argument("--report-only", action="store_true", help="the page and plot from the committed JSON")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
@@ -272,9 +317,14 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     if args.report_only:
-        result = json.loads(RESULTS.read_text())
-        plot(result, PLOT)
-        update_doc(result)
+        from emergence.search.revise import ATTEMPTS
+
+        for kind in ATTEMPTS:
+            path, png, _, _ = outputs(kind)
+            if path.is_file():
+                result = json.loads(path.read_text())
+                plot(result, png)
+                update_doc(result)
         return 0
     if args.smoke and not args.out_dir:
         ap.error("--smoke needs --out-dir (it never replaces the committed results)")
@@ -286,14 +336,17 @@ def main(argv: list[str] | None = None) -> int:
     (work / "runs").mkdir(parents=True, exist_ok=True)
     import emergence
     from emergence.problems import first_per_difficulty, load_problems
+    from emergence.search.train import SETTINGS
     from emergence.search.train import run as train_run
+
+    kind = args.attempts or SETTINGS[p["setting"]].revision_attempts
 
     try:
         if args.smoke and not args.run:  # search-train's quick setting, revision stages included (seconds)
             train_run(work / "run", "quick", device="cpu", log=lambda m: None)
         run_dir = Path(args.run) if args.run else work / "run"
         only = args.policies.split(",") if args.policies else None
-        revisers = revision_models(run_dir, p["setting"], only)
+        revisers = revision_models(run_dir, p["setting"], only, kind)
     except InvalidArgument as e:
         print(f"revisions: {e}", file=sys.stderr)
         return 2
@@ -301,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     lms = {}
     for name in revisers:
         lms[name] = emergence.load(str(run_dir / "policies" / name / "model"), device="cpu")
-        lms[f"{name}-rev"] = emergence.load(str(run_dir / "revisions" / name / "run" / "model"), device="cpu")
+        lms[f"{name}-rev"] = emergence.load(revisers[name].pop("model"), device="cpu")
     plan = jobs(p, list(revisers))
     runs: dict[str, dict] = {}
     for i, job in enumerate(plan):
@@ -318,13 +371,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from provenance import write_result
 
-    result = {"smoke": args.smoke, "settings": p, "problems": len(rows),
+    result = {"smoke": args.smoke, "settings": p, "attempts": kind, "problems": len(rows),
               "params": {name: lms[name].config.num_parameters() for name in revisers},
               "revision": _revision_settings(p["setting"]),
               "revisers": revisers, "date": time.strftime("%Y-%m-%d"),
               "total_seconds": sum(r["seconds"] for r in runs.values()),
               "tables": tables(runs, list(revisers), p["ns"]), "runs": summaries(runs)}
-    out_json = Path(args.out_dir) / "revisions.json" if args.smoke else RESULTS
+    out_json, png, _, _ = outputs(kind)
+    if args.smoke:
+        out_json = Path(args.out_dir) / "revisions.json"
     write_result(out_json, result, "bench/revisions.py", sys.argv[1:] if argv is None else argv, args.threads)
     result = json.loads(out_json.read_text())  # with its provenance, for the page
     if args.smoke:
@@ -332,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         (Path(args.out_dir) / "revisions.md").write_text(render(result))
         (Path(args.out_dir) / "records.json").write_text(json.dumps({k: r["records"] for k, r in runs.items()}))
     else:
-        plot(result, PLOT)
+        plot(result, png)
         update_doc(result)
     log(f"wrote {out_json}")
     if tmp is not None:

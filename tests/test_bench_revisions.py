@@ -41,7 +41,9 @@ def smoke(tmp_path_factory):
 def test_smoke_runs_every_series_and_writes_the_plot_and_page(smoke):
     r, out, mod = smoke["result"], smoke["out"], _module()
     assert set(r["runs"]) == {j["key"] for j in mod.jobs(mod.SMOKE, ["S"])}
-    assert set(r["tables"]["S"]["all"]) == set(mod.SERIES) | {"revisions-last"}
+    widest = max(mod.SMOKE["windows"])
+    assert set(r["tables"]["S"]["all"]) == set(mod.series_labels(mod.SMOKE)) | {f"revisions-w{widest}-last"}
+    assert r["attempts"] == "sampled"  # search-train's default kind
     assert r["problems"] == 16 and r["revisers"]["S"]["revision_rows"] > 0
     assert (out / "revisions.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     page = (out / "revisions.md").read_text()
@@ -74,7 +76,7 @@ def test_tables_agree_with_the_search_summaries_and_the_records(smoke):
                 last = table[mod.series(job) + "-last"][str(n)]
                 assert last["correct"] == sum(len(x["attempt_answers"]) >= n and x["attempt_answers"][n - 1]
                                               == x["expected"] for x in kept)
-    for key in ("S-rev-revisions", "S-revisions"):
+    for key in [k for k, run in r["runs"].items() if run["job"]["strategy"] == "revisions"]:
         for x in records[key]:
             assert x["answers_by_round"][-1] == x["answer"] and x["flops_by_round"][-1] == pytest.approx(x["flops"])
             assert x["answers_by_round"][0] == x["attempt_answers"][0]  # one attempt: its own answer
@@ -82,8 +84,18 @@ def test_tables_agree_with_the_search_summaries_and_the_records(smoke):
             assert spent[0] > 0 and all(b >= a for a, b in zip(spent, spent[1:]))
 
 
-def test_the_committed_section_is_the_committed_results_rendered():
+def test_the_committed_sections_are_the_committed_results_rendered():
+    from emergence.search.revise import ATTEMPTS
+
     mod = _module()
-    result = json.loads(mod.RESULTS.read_text())
     page = mod.DOC.read_text()
-    assert page[page.index(mod.MARK_START):page.index(mod.MARK_END) + len(mod.MARK_END)] == mod.render(result)
+    found = 0
+    for kind in ATTEMPTS:
+        path, png, start, end = mod.outputs(kind)
+        if not path.is_file():
+            continue
+        result = json.loads(path.read_text())
+        assert result["attempts"] == kind and png.is_file()
+        assert page[page.index(start):page.index(end) + len(end)] == mod.render(result)
+        found += 1
+    assert found == len(ATTEMPTS)  # both kinds are measured and on the page
