@@ -3,14 +3,15 @@ revisions"): for each policy of the long run that search-train gives a revision 
 majority voting over N parallel samples against N attempts in sequence, each prompted with the
 previous ones (`revisions`, majority vote over the attempts), as Snell et al. (2024) compare them.
 
-    .venv/bin/python bench/revisions.py --run RUN [--attempts sampled|wrong] [--work DIR]
+    .venv/bin/python bench/revisions.py --run RUN [--attempts sampled|wrong] [--grpo DIR] [--work DIR]
     .venv/bin/python bench/revisions.py --smoke --out-dir /tmp/rev   # < 1 min, what the test runs
 
 RUN is an `emergence search-train --setting long --out RUN` folder with policies S and M; the
 script first runs (or finds done) search-train's revision stages for them (`revision-samples-P`,
 `revision-P-KIND`: samples of P on 6,000 training problems, up to 4 of them before the canonical
 solution, fine-tuned with as many plain rows; search/revise.py), which need neither policy L
-nor the verifiers. --attempts picks the kind of revision rows (revise.ATTEMPTS: the attempts as
+nor the verifiers; --grpo adds the GRPO-trained policy of bench/r1_zero.py (from M) as a third,
+given its own revision model the same way. --attempts picks the kind of revision rows (revise.ATTEMPTS: the attempts as
 sampled, the setting's default; or Snell et al.'s wrong ones only). Per policy P, over the same
 400 held-out problems (50 per difficulty):
 
@@ -227,9 +228,10 @@ def render(result: dict) -> str:
              f"verifier). A sequential run of N = {top} gives every smaller N (the answer and FLOPs after each "
              "attempt); its window is how many previous attempts the prompt shows.", ""]
     for name, r in result["revisers"].items():
-        greedy = f", greedy accuracy {100 * r['policy_greedy']:.1f}%" if "policy_greedy" in r else ""
-        lines.append(f"- {name} ({result['params'][name]:,} parameters; held-out loss {r['policy_val_loss']:.3f}"
-                     f"{greedy}): its samples were right {r['samples_correct']:,} times in {r['samples']:,}; "
+        about = ([f"held-out loss {r['policy_val_loss']:.3f}"] if "policy_val_loss" in r else
+                 ["policy M after bench/r1_zero.py's GRPO"])
+        about += [f"greedy accuracy {100 * r['policy_greedy']:.1f}%"] if "policy_greedy" in r else []
+        lines.append(f"- {name} ({result['params'][name]:,} parameters; {', '.join(about)}): its samples were right {r['samples_correct']:,} times in {r['samples']:,}; "
                      f"{r['revision_rows']:,} revision rows ({'/'.join(sorted(r['chains'], key=int))} attempts: "
                      + "/".join(f"{r['chains'][k]:,}" for k in sorted(r["chains"], key=int))
                      + f") + {r['plain_rows']:,} plain rows, {r['steps']:,} steps, held-out loss {r['val_loss']:.3f}.")
@@ -268,9 +270,9 @@ def update_doc(result: dict) -> None:
 
 # ------------------------------------------------------------------------------ main
 def revision_models(run_dir: Path, setting_name: str, only: list[str] | None = None,
-                    attempts: str | None = None) -> dict[str, dict]:
+                    attempts: str | None = None, extra: dict[str, Path] | None = None) -> dict[str, dict]:
     """search-train's revision stages for the setting's revisers (`only`: those of them), run now
-    or found done."""
+    or found done; `extra`: other policies by name and model folder (the GRPO-trained one)."""
     from emergence.errors import InvalidArgument
     from emergence.search.train import SETTINGS, Pipeline, reviser_stage
 
@@ -282,19 +284,25 @@ def revision_models(run_dir: Path, setting_name: str, only: list[str] | None = N
             raise InvalidArgument(f"--policies: {name} has no revision model in the {setting_name} setting "
                                   f"({', '.join(names)})")
     out = {}
-    for name in only or names:
-        if not (run_dir / "stages" / f"policy-{name}.json").is_file():
+    models = {name: None for name in only or names}
+    models.update({name: path for name, path in (extra or {}).items() if not only or name in only})
+    for name, model in models.items():
+        if model is None and not (run_dir / "stages" / f"policy-{name}.json").is_file():
             raise InvalidArgument(f"{run_dir} has no trained policy {name} (run `emergence search-train` first)")
-        samples = pipeline.stage(f"revision-samples-{name}", lambda name=name: pipeline.revision_samples(name))
+        samples = pipeline.stage(f"revision-samples-{name}",
+                                 lambda name=name, model=model: pipeline.revision_samples(name, model))
         kind = attempts or pipeline.setting.revision_attempts
-        info = pipeline.stage(reviser_stage(name, kind), lambda name=name: pipeline.train_reviser(name, kind))
+        info = pipeline.stage(reviser_stage(name, kind),
+                              lambda name=name, model=model: pipeline.train_reviser(name, kind, model))
         info["model"] = str(pipeline.reviser_dir(name, kind) / "run" / "model")
+        info["policy"] = str(model or run_dir / "policies" / name / "model")
         out[name] = {**info, "samples": samples["samples"], "samples_correct": samples["correct"],
-                     "problems": samples["problems"],
-                     "policy_val_loss": json.loads((run_dir / "stages" / f"policy-{name}.json").read_text())["val_loss"]}
-        greedy = run_dir / "stages" / f"eval-{name}.json"  # (the policy's greedy accuracy, when evaluated)
-        if greedy.is_file():
-            out[name]["policy_greedy"] = json.loads(greedy.read_text())["accuracy"]
+                     "problems": samples["problems"]}
+        if model is None:
+            stages = run_dir / "stages"
+            out[name]["policy_val_loss"] = json.loads((stages / f"policy-{name}.json").read_text())["val_loss"]
+            if (stages / f"eval-{name}.json").is_file():  # (the policy's greedy accuracy, when evaluated)
+                out[name]["policy_greedy"] = json.loads((stages / f"eval-{name}.json").read_text())["accuracy"]
     return out
 
 
@@ -308,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out-dir", default=None, help="--smoke: where the JSON, plot and page go (required)")
     ap.add_argument("--attempts", default=None, choices=("wrong", "sampled"),
                     help="the revision models' kind of training attempts (default: the setting's)")
+    ap.add_argument("--grpo", default=None, metavar="DIR", help="the GRPO-trained policy (bench/r1_zero.py's), "
+                    "given a revision model and measured as the others")
     ap.add_argument("--report-only", action="store_true", help="the page and plot from the committed JSON")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
@@ -346,14 +356,15 @@ def main(argv: list[str] | None = None) -> int:
             train_run(work / "run", "quick", device="cpu", log=lambda m: None)
         run_dir = Path(args.run) if args.run else work / "run"
         only = args.policies.split(",") if args.policies else None
-        revisers = revision_models(run_dir, p["setting"], only, kind)
+        extra = {"GRPO": Path(args.grpo)} if args.grpo else None
+        revisers = revision_models(run_dir, p["setting"], only, kind, extra)
     except InvalidArgument as e:
         print(f"revisions: {e}", file=sys.stderr)
         return 2
     rows = first_per_difficulty(load_problems(run_dir / "problems" / "heldout.jsonl"), p["per_difficulty"])
     lms = {}
     for name in revisers:
-        lms[name] = emergence.load(str(run_dir / "policies" / name / "model"), device="cpu")
+        lms[name] = emergence.load(revisers[name].pop("policy"), device="cpu")
         lms[f"{name}-rev"] = emergence.load(revisers[name].pop("model"), device="cpu")
     plan = jobs(p, list(revisers))
     runs: dict[str, dict] = {}

@@ -210,6 +210,34 @@ def test_the_revision_model_learns_from_its_policys_samples(quick):
     assert math.isfinite(rev["val_loss"])
 
 
+def test_a_policy_from_elsewhere_gets_a_revision_model_of_its_own(quick, tmp_path):
+    """revision_samples / train_reviser on a model folder that is not one of the run's policies (the
+    GRPO-trained one): its own samples and folder; a model of another tokenizer is refused."""
+    import shutil
+
+    from emergence.config import Config
+    from emergence.model import Transformer
+    from emergence.tokenizer import Tokenizer
+    from emergence.weights.hf import load_hf, save_hf
+
+    out, _, _ = quick
+    pipeline = Pipeline(out, SETTINGS["quick"], device="cpu", log=lambda m: None, setting_name="quick")
+    other = tmp_path / "other"
+    shutil.copytree(out / "policies" / "M" / "model", other)  # a policy of the run's tokenizer, under another name
+    info = pipeline.revision_samples("X", other)
+    assert info["samples"] == SETTINGS["quick"].revision_samples * SETTINGS["quick"].revision_problems
+    assert (out / "revisions" / "X" / "samples.jsonl").is_file()
+    rev = pipeline.train_reviser("X", "sampled", other)
+    assert rev["name"] == "X" and rev["revision_rows"] > 0
+    _, config = load_hf(out / "revisions" / "X" / "sampled" / "run" / "model")
+    assert config.n_embd == json.loads((other / "config.json").read_text())["hidden_size"]
+    stranger = tmp_path / "stranger"
+    save_hf(Transformer(Config.from_name("tiny-gpt2", n_layer=1, vocab_size=512)), stranger)
+    Tokenizer.train_bpe_from_texts(["some other text", "with other tokens"], 300).save(stranger)
+    with pytest.raises(InvalidArgument, match="its tokenizer is not the run's"):
+        pipeline.revision_samples("Y", stranger)
+
+
 def test_verifier_scores_read_back_equal_the_trained_heads(quick):
     from emergence.align.reward import load_reward_model
     from emergence.search.verifier import load_verifier

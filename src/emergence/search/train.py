@@ -692,12 +692,20 @@ class Pipeline:
         both kinds may be made in one run, from the same samples)."""
         return self.revision_dir(name) / attempts
 
-    def revision_samples(self, name: str) -> dict:
-        """`revision_samples` samples of policy NAME for each of the first `revision_problems`
-        training problems (the attempts the revision rows are built from)."""
+    def revision_samples(self, name: str, model: Path | None = None) -> dict:
+        """`revision_samples` samples of policy NAME (the run's, or the model folder `model`:
+        another policy of the same tokenizer, a GRPO-trained one say) for each of the first
+        `revision_problems` training problems (the attempts the revision rows are built from)."""
+        import emergence
+
+        from .policy import LocalPolicy
+
         s = self.setting
         rows = self.rows("train")[:s.revision_problems]
-        policy = self.load_policy(name, seed=s.seed + 20)
+        lm = emergence.load(str(model or self.policy_dir(name) / "model"), device=self.device)
+        if lm.tokenizer.fingerprint() != self.tokenizer().fingerprint():
+            raise InvalidArgument(f"{model}: its tokenizer is not the run's; revision rows need the run's tokens")
+        policy = LocalPolicy(lm, seed=s.seed + 20, name=name)
         out = []
         for b in range(0, len(rows), s.chunk):
             part = rows[b:b + s.chunk]
@@ -711,11 +719,11 @@ class Pipeline:
         return {"problems": len(rows), "samples": len(out), "correct": sum(r["correct"] for r in out),
                 "generated_tokens": policy.usage.generated_tokens}
 
-    def train_reviser(self, name: str, attempts: str | None = None) -> dict:
+    def train_reviser(self, name: str, attempts: str | None = None, model: Path | None = None) -> dict:
         """Policy NAME fine-tuned (full, loss on the completions) on revision rows from its own
         samples (`attempts`: revise.ATTEMPTS, default the setting's) and as many plain rows of
         other training problems, with its context raised to `revision_context` (revise.py); the
-        model lands in reviser_dir(NAME, attempts)/run/model."""
+        model lands in reviser_dir(NAME, attempts)/run/model. `model`: as for revision_samples."""
         from ..finetune.run import FinetuneConfig, finetune
         from ..train.checkpoint import CHECKPOINT, load_checkpoint
         from ..train.trainer import TrainConfig
@@ -736,7 +744,7 @@ class Pipeline:
             _write_jsonl(data, revise + plain)  # (the loop draws rows in a seeded order)
         base = folder / "base"
         if not (base / "config.json").is_file():
-            with_context(self.policy_dir(name) / "model", base, s.revision_context)
+            with_context(model or self.policy_dir(name) / "model", base, s.revision_context)
         run = folder / "run"
         fc = FinetuneConfig(model=str(base), data=[str(data)], method="full", chat_template="chatml",
                             val_fraction=0.02, epochs=1.0, sample_rows=0)
