@@ -25,7 +25,7 @@ sampled, the setting's default; or Snell et al.'s wrong ones only). Per policy P
 
 FLOPs per problem are the policy's (search/flops.py); parallel samples share their prompt's
 prefill, sequential attempts each prefill their longer prompt. Results: bench/results/revisions.json
-(the default kind; revisions_wrong.json for the other), docs/test_time_compute_revisions[_wrong].png,
+and .csv (the default kind; revisions_wrong.json and .csv for the other), docs/test_time_compute_revisions[_wrong].png,
 and the section of docs/test_time_compute.md between the kind's markers.
 """
 
@@ -156,6 +156,23 @@ def tables(runs: dict[str, dict], policies: list[str], ns: list[int]) -> dict:
                         by_series.setdefault(key, {}).update(pts)
             out[name][label] = {k: {str(n): v[n] for n in sorted(v)} for k, v in by_series.items()}
     return out
+
+
+def write_csv(result: dict, path: Path) -> None:
+    """One row per policy, series, N and difficulty bin: the tables of the JSON, flat."""
+    import csv
+
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["attempts", "policy", "parameters", "series", "n", "difficulty", "problems", "correct", "accuracy",
+                    "ci95_low", "ci95_high", "flops_per_problem"])
+        for name, bins in result["tables"].items():
+            for b, by_series in bins.items():
+                for key, pts in by_series.items():
+                    for n, pt in pts.items():
+                        w.writerow([result["attempts"], name, result["params"][name], key, n, b, pt["problems"],
+                                    pt["correct"], f"{pt['accuracy']:.4f}", f"{pt['ci95'][0]:.4f}",
+                                    f"{pt['ci95'][1]:.4f}", f"{pt['flops']:.4g}"])
 
 
 def summaries(runs: dict[str, dict]) -> dict:
@@ -393,6 +410,7 @@ def main(argv: list[str] | None = None) -> int:
         out_json = Path(args.out_dir) / "revisions.json"
     write_result(out_json, result, "bench/revisions.py", sys.argv[1:] if argv is None else argv, args.threads)
     result = json.loads(out_json.read_text())  # with its provenance, for the page
+    write_csv(result, out_json.with_suffix(".csv"))
     if args.smoke:
         plot(result, Path(args.out_dir) / "revisions.png")
         (Path(args.out_dir) / "revisions.md").write_text(render(result))

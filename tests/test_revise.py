@@ -41,7 +41,7 @@ def test_revision_rows_put_wrong_attempts_before_the_canonical_solution():
              "answer": 4, "difficulty": 1}
     attempts = [[(RIGHT, True), (NEAR, False), (FAR, False), (NEAR, False)],
                 [("Step 1: 10 - 6 = 4\nAnswer: 4", True)]]  # all right: nothing to revise, no row
-    rows = revision_rows([ROW, other], attempts, window=4, seed=3)
+    rows = revision_rows([ROW, other], attempts, window=4, seed=3, kind="wrong")
     count = random.Random(3).randint(1, 2)  # the chain length drawn for the first problem (2 distinct misses)
     assert len(rows) == 1
     chain = [FAR, NEAR][-count:]
@@ -49,10 +49,10 @@ def test_revision_rows_put_wrong_attempts_before_the_canonical_solution():
     assert rows[0] == {"prompt": f"Question: {ROW['question']}\n{body}Revise: answer step by step.\n",
                        "completion": RIGHT}
     # every length 1..min(window, misses) is drawn over many problems; window caps it
-    many = revision_rows([ROW] * 200, [attempts[0]] * 200, window=4, seed=0)
+    many = revision_rows([ROW] * 200, [attempts[0]] * 200, window=4, seed=0, kind="wrong")
     assert {r["prompt"].count("\nAttempt ") for r in many} == {1, 2}
     assert {r["prompt"].count("\nAttempt ") for r in revision_rows([ROW] * 50, [attempts[0]] * 50, window=1,
-                                                                    seed=0)} == {1}
+                                                                    seed=0, kind="wrong")} == {1}
     # "sampled": the problem's distinct samples, right or wrong alike, in a seeded random order
     rows = revision_rows([ROW, other], attempts, window=4, seed=5, kind="sampled")
     rng = random.Random(5)

@@ -1,4 +1,4 @@
-"""Training data for sequential revisions: a policy taught to revise its own wrong attempts.
+"""Training data for sequential revisions: a policy taught to write a right solution after its attempts.
 
 The `revisions` strategy (strategies.py) prompts attempt k with the previous attempts
 (prompt.revision_prompt); a policy pretrained only on `training_text` rows has never seen that
@@ -19,8 +19,11 @@ issue's SFT, `emergence finetune`).
                     change, the fine-tuning teaches the longer positions), since a prompt with four
                     attempts of a difficulty-8 problem runs to ~700 tokens and the policies' is 320
 
-The chain length is drawn uniformly from 1..min(window, wrong attempts), one seeded draw per
-problem, so a run's rows are a function of its samples and seed.
+The number of attempts in a prompt is drawn uniformly from 1..min(window, the attempts a
+problem has of the kind), one seeded draw per problem, so a run's rows are a function of its
+samples and seed. search-train's default kind is "sampled": with Snell et al.'s wrong attempts
+only, the revision models made here revise worse (docs/test_time_compute.md, "What the
+revisions show").
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ ATTEMPTS = ("wrong", "sampled")  # what the prompt's attempts are: see revision_
 
 
 def revision_rows(problems: Sequence[dict], attempts: Sequence[Sequence[tuple[str, bool]]], *, window: int,
-                  seed: int, kind: str = "wrong") -> list[dict]:
+                  seed: int, kind: str = "sampled") -> list[dict]:
     """Completion rows teaching revisions. problems[i]: a problem row ({"question", "steps",
     "answer", ...}); attempts[i]: its sampled solutions as (text, correct). Each problem gives at
     most one row: `c` attempts in the revision prompt, the canonical solution as the completion.

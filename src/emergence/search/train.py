@@ -116,7 +116,7 @@ class Setting:
     seed: int = 0
     # sequential revisions (revise.py): the policies that get a revision model, fine-tuned (full) on
     # revision rows from `revision_problems` training problems (`revision_samples` samples each,
-    # up to `revision_window` wrong ones in the prompt) mixed 1:1 with plain rows of as many others
+    # up to `revision_window` of them in the prompt) mixed 1:1 with plain rows of as many others
     revisers: tuple[str, ...] = ()
     revision_attempts: str = "sampled"  # revise.ATTEMPTS: the prompt's attempts as sampled, or wrong ones only
     revision_problems: int = 6000
