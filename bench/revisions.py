@@ -295,14 +295,13 @@ def revision_models(run_dir: Path, setting_name: str, only: list[str] | None = N
 
     pipeline = Pipeline(run_dir, SETTINGS[setting_name], device="cpu", log=log, setting_name=setting_name)
     pipeline.check_setting()
-    names = list(pipeline.setting.revisers)
+    names = list(pipeline.setting.revisers) + list(extra or {})
     for name in only or []:
         if name not in names:
             raise InvalidArgument(f"--policies: {name} has no revision model in the {setting_name} setting "
                                   f"({', '.join(names)})")
     out = {}
-    models = {name: None for name in only or names}
-    models.update({name: path for name, path in (extra or {}).items() if not only or name in only})
+    models = {name: (extra or {}).get(name) for name in only or names}
     for name, model in models.items():
         if model is None and not (run_dir / "stages" / f"policy-{name}.json").is_file():
             raise InvalidArgument(f"{run_dir} has no trained policy {name} (run `emergence search-train` first)")
