@@ -172,13 +172,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--plot-only", action="store_true", help="only draw docs/alignment_r1.png from the JSON")
+    ap.add_argument("--plot-only", action="store_true", help="only draw the plot from the JSON (docs/alignment_r1.png "
+                    "for the committed results, else beside the JSON)")
     args = ap.parse_args(argv)
     if args.smoke and not args.out_json:
         ap.error("--smoke needs --out-json (it never replaces the committed results)")
     out_json = Path(args.out_json) if args.out_json else RESULTS
+    # the committed plot goes with the committed results; results elsewhere get theirs beside them
+    png = PLOT if out_json.resolve() == RESULTS.resolve() else out_json.with_suffix(".png")
     if args.plot_only:
-        plot(json.loads(out_json.read_text()), PLOT)
+        plot(json.loads(out_json.read_text()), png)
         return 0
     policy = Path(args.policy)
     if not (policy / "config.json").exists():
@@ -201,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
 
     write_result(out_json, result, "bench/r1_zero.py", sys.argv[1:], args.threads)
     if not args.smoke:
-        plot(result, PLOT)
+        plot(result, png)
     log(f"wrote {out_json}")
     return 0
 
