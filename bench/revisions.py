@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -352,14 +351,9 @@ def main(argv: list[str] | None = None) -> int:
                 plot(result, png)
                 update_doc(result)
         return 0
-    if args.smoke and not args.out_dir:
-        ap.error("--smoke needs --out-dir (it never replaces the committed results)")
-    if not args.smoke and not args.run:
-        ap.error("--run RUN is needed (an `emergence search-train --setting long` folder)")
-    p = dict(SMOKE if args.smoke else FULL)
-    tmp = tempfile.TemporaryDirectory() if args.work is None else None
-    work = Path(args.work or tmp.name)
-    (work / "runs").mkdir(parents=True, exist_ok=True)
+    from test_time_compute import run_settings
+
+    p, tmp, work = run_settings(ap, args, SMOKE, FULL)
     import emergence
     from emergence.problems import first_per_difficulty, load_problems
     from emergence.search.train import SETTINGS

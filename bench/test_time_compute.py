@@ -427,6 +427,20 @@ def smoke_run(work: Path) -> tuple[Path, Path]:
     return work / "run", work / "run" / "prm"
 
 
+def run_settings(ap: argparse.ArgumentParser, args, smoke: dict, full: dict):
+    """(settings, temporary folder or None, cache folder) of a search benchmark's run: --smoke
+    needs --out-dir (it never replaces the committed results), a real run needs --run; finished
+    runs are cached in --work/runs (a temporary folder without --work). bench/revisions.py too."""
+    if args.smoke and not args.out_dir:
+        ap.error("--smoke needs --out-dir (it never replaces the committed results)")
+    if not args.smoke and not args.run:
+        ap.error("--run RUN is needed (an `emergence search-train --setting long` folder)")
+    tmp = tempfile.TemporaryDirectory() if args.work is None else None
+    work = Path(args.work or tmp.name)
+    (work / "runs").mkdir(parents=True, exist_ok=True)
+    return dict(smoke if args.smoke else full), tmp, work
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", default=None, metavar="RUN", help="an `emergence search-train` folder (policies, problems)")
@@ -450,14 +464,7 @@ def main(argv: list[str] | None = None) -> int:
         plot(result, PLOT, BUDGET_PLOT)
         update_doc(result)
         return 0
-    if args.smoke and not args.out_dir:
-        ap.error("--smoke needs --out-dir (it never replaces the committed results)")
-    if not args.smoke and not args.run:
-        ap.error("--run RUN is needed (an `emergence search-train --setting long` folder)")
-    p = dict(SMOKE if args.smoke else FULL)
-    tmp = tempfile.TemporaryDirectory() if args.work is None else None
-    work = Path(args.work or tmp.name)
-    (work / "runs").mkdir(parents=True, exist_ok=True)
+    p, tmp, work = run_settings(ap, args, SMOKE, FULL)
     if args.smoke and not args.run:
         run_dir, verifier = smoke_run(work)
     else:

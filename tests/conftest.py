@@ -23,6 +23,20 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 VOCAB = 96
 
 
+def bench_module(name: str):
+    """bench/NAME.py as a module (bench/ on the path for its own imports, provenance and the like)."""
+    import importlib.util
+    import sys
+
+    folder = Path(__file__).resolve().parents[1] / "bench"
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", folder / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def shared_files(subfolder: str, pattern: str) -> list[Path]:
     """Files of the shared data set (../shared/data, beside the checkout), to parametrise a test
     over. When none is found, one path that does not exist stands in, named for what is

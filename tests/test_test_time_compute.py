@@ -9,7 +9,6 @@ are none of the run's."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import os
 import subprocess
@@ -17,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import bench_module
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,11 +39,7 @@ def smoke(tmp_path_factory):
 
 
 def _module():
-    sys.path.insert(0, str(ROOT / "bench"))
-    spec = importlib.util.spec_from_file_location("test_time_compute", ROOT / "bench" / "test_time_compute.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_module("test_time_compute")
 
 
 def test_smoke_writes_every_run_the_plots_and_the_page(smoke):
@@ -163,10 +159,7 @@ def test_fitting_problems_are_none_of_the_runs():
 def test_search_verifiers_trains_on_a_fresh_split_and_keeps_the_runs_stages(smoke, tmp_path):
     """bench/search_verifiers.py on the smoke's quick run: the new verifier split shares no question
     with the run, the policies are the run's (not retrained), the held-out samples the same."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    spec = importlib.util.spec_from_file_location("search_verifiers", ROOT / "bench" / "search_verifiers.py")
-    sv = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sv)
+    sv = bench_module("search_verifiers")
     from emergence.problems import load_problems
 
     run, out = smoke["work"] / "run", tmp_path / "v"
