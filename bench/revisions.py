@@ -11,9 +11,9 @@ script first runs (or finds done) search-train's revision stages for them (`revi
 `revision-P-KIND`: samples of P on 6,000 training problems, up to 4 of them before the canonical
 solution, fine-tuned with as many plain rows; search/revise.py), which need neither policy L
 nor the verifiers; --grpo adds the GRPO-trained policy of bench/r1_zero.py (from M) as a third,
-given its own revision model the same way. --attempts picks the kind of revision rows (revise.ATTEMPTS: the attempts as
-sampled, the setting's default; or Snell et al.'s wrong ones only). Per policy P, over the same
-400 held-out problems (50 per difficulty):
+given its own revision model the same way. --attempts picks the kind of revision rows
+(revise.ATTEMPTS: the attempts as sampled, the setting's default; or Snell et al.'s wrong ones
+only). Per policy P, over the same 400 held-out problems (50 per difficulty):
 
     P-majority-nN          P itself, N parallel samples, majority vote (N = 1, 2, 4, 8, 16)
     P-rev-majority-nN      the revision model, the same: what the fine-tuning alone changes
@@ -25,8 +25,9 @@ sampled, the setting's default; or Snell et al.'s wrong ones only). Per policy P
 
 FLOPs per problem are the policy's (search/flops.py); parallel samples share their prompt's
 prefill, sequential attempts each prefill their longer prompt. Results: bench/results/revisions.json
-and .csv (the default kind; revisions_wrong.json and .csv for the other), docs/test_time_compute_revisions[_wrong].png,
-and the section of docs/test_time_compute.md between the kind's markers.
+and .csv (the default kind; revisions_wrong.json and .csv for the other), the plots
+docs/test_time_compute_revisions[_wrong].png, and the section of docs/test_time_compute.md
+between the kind's markers.
 """
 
 from __future__ import annotations
@@ -247,7 +248,8 @@ def render(result: dict) -> str:
         about = ([f"held-out loss {r['policy_val_loss']:.3f}"] if "policy_val_loss" in r else
                  ["policy M after bench/r1_zero.py's GRPO"])
         about += [f"greedy accuracy {100 * r['policy_greedy']:.1f}%"] if "policy_greedy" in r else []
-        lines.append(f"- {name} ({result['params'][name]:,} parameters; {', '.join(about)}): its samples were right {r['samples_correct']:,} times in {r['samples']:,}; "
+        lines.append(f"- {name} ({result['params'][name]:,} parameters; {', '.join(about)}): its samples were right "
+                     f"{r['samples_correct']:,} times in {r['samples']:,}; "
                      f"{r['revision_rows']:,} revision rows ({'/'.join(sorted(r['chains'], key=int))} attempts: "
                      + "/".join(f"{r['chains'][k]:,}" for k in sorted(r["chains"], key=int))
                      + f") + {r['plain_rows']:,} plain rows, {r['steps']:,} steps, held-out loss {r['val_loss']:.3f}.")

@@ -49,7 +49,8 @@ def test_smoke_runs_every_series_and_writes_the_plot_and_page(smoke):
     assert len(rows) == sum(len(pts) for bins in r["tables"].values() for by in bins.values() for pts in by.values())
     for row in rows:
         pt = r["tables"][row["policy"]][row["difficulty"]][row["series"]][row["n"]]
-        assert int(row["correct"]) == pt["correct"] and float(row["accuracy"]) == pytest.approx(pt["accuracy"], abs=1e-4)
+        assert int(row["correct"]) == pt["correct"]
+        assert float(row["accuracy"]) == pytest.approx(pt["accuracy"], abs=1e-4)
     page = (out / "revisions.md").read_text()
     _, _, start, end = mod.outputs("sampled")
     assert page.startswith(start) and page.rstrip().endswith(end)
