@@ -22,8 +22,8 @@ issue's SFT, `emergence finetune`).
 The number of attempts in a prompt is drawn uniformly from 1..min(window, the attempts a
 problem has of the kind), one seeded draw per problem, so a run's rows are a function of its
 samples and seed. search-train's default kind is "sampled": with Snell et al.'s wrong attempts
-only, the revision models made here revise worse (docs/test_time_compute.md, "What the
-revisions show").
+only, the revision model of policy M revises worse, that of S no better (docs/test_time_compute.md,
+"What the revisions show").
 """
 
 from __future__ import annotations
