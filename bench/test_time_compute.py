@@ -19,6 +19,10 @@ budget), and the headline section of docs/test_time_compute.md between its marke
 
 FLOPs per problem are the policy's and the verifier's (2 x parameters x tokens plus attention,
 search/flops.py): the prompt is prefilled once and its N samples share its KV cache.
+
+When RUN holds S's revision model (search-train's revision stages, which bench/revisions.py runs
+and measures on its own), sequential revisions with it are among S's runs: one run of the largest
+N, one previous attempt in the prompt, majority vote; it gives a point for every N.
 """
 
 from __future__ import annotations
@@ -46,13 +50,14 @@ FIT_SEED = 4242  # compute_optimal's fitting problems (search-train's problems u
 # the grid: N per strategy (beam search and DVTS with width 4), self_correct's largest budget
 FULL = {"per_difficulty": 50, "fit_per_difficulty": 25, "ns": [1, 2, 4, 8, 16, 32], "verifier_ns": [2, 4, 8, 16, 32],
         "tree_ns": [4, 8, 16, 32], "width": 4, "budget": 8, "grpo_ns": [4, 16], "co_max_n": 16, "probe_n": 4,
-        "bins": 4, "max_tokens": 160, "temperature": 0.8}
+        "bins": 4, "max_tokens": 160, "temperature": 0.8, "revision_window": 1}
 SMOKE = {"per_difficulty": 2, "fit_per_difficulty": 2, "ns": [1, 2, 4], "verifier_ns": [2, 4], "tree_ns": [4],
          "width": 2, "budget": 2, "grpo_ns": [2], "co_max_n": 2, "probe_n": 2, "bins": 2, "max_tokens": 48,
-         "temperature": 0.8}
+         "temperature": 0.8, "revision_window": 1}
 STRATEGY_NAMES = {"greedy": "greedy", "majority": "majority vote", "best_of_n": "best-of-N (PRM last)",
                   "weighted_best_of_n": "weighted best-of-N", "beam_search": "PRM beam search",
-                  "dvts": "DVTS", "self_correct": "self-correcting loop", "compute_optimal": "compute-optimal"}
+                  "dvts": "DVTS", "self_correct": "self-correcting loop", "compute_optimal": "compute-optimal",
+                  "revisions": "sequential revisions (revision model)"}
 
 
 def log(msg: str) -> None:
@@ -60,15 +65,17 @@ def log(msg: str) -> None:
 
 
 # ------------------------------------------------------------------------------ the plan
-def jobs(p: dict, has_grpo: bool) -> list[dict]:
-    """Every run: {"key", "policy", "strategy", "n", "width", "budget", "temperature"}."""
+def jobs(p: dict, has_grpo: bool, has_reviser: bool = False) -> list[dict]:
+    """Every run: {"key", "policy", "strategy", "n", "width", "budget", "temperature", "model"}:
+    `model` is the policy's, except sequential revisions', which run S's revision model (search-
+    train's revision stages; has_reviser: the run has one) as S's strategy."""
     out = []
 
-    def add(policy, strategy, n=1, temperature=p["temperature"], budget=0):
+    def add(policy, strategy, n=1, temperature=p["temperature"], budget=0, model=None):
         width = p["width"] if strategy in ("beam_search", "dvts") else 1
         key = f"{policy}-{strategy}-n{n}" + (f"-b{budget}" if strategy == "self_correct" else "")
         out.append({"key": key, "policy": policy, "strategy": strategy, "n": n, "width": width, "budget": budget,
-                    "temperature": temperature})
+                    "temperature": temperature, "model": model or policy})
 
     for name in ("S", "M", "L") + (("GRPO",) if has_grpo else ()):
         add(name, "greedy", 1, temperature=0.0)
@@ -82,6 +89,8 @@ def jobs(p: dict, has_grpo: bool) -> list[dict]:
         add("S", "dvts", n)
     add("S", "self_correct", 1, budget=p["budget"])
     add("S", "compute_optimal", p["co_max_n"])
+    if has_reviser:  # one run of the largest N gives every N (the majority after each attempt)
+        add("S", "revisions", max(p["ns"]), model="S-rev")
     if has_grpo:  # the GRPO policy through every strategy
         for n in p["grpo_ns"]:
             for s in ("majority", "best_of_n", "weighted_best_of_n", "beam_search", "dvts"):
@@ -138,8 +147,9 @@ def run_job(job: dict, models: Models, rows: list[dict], fit_rows: list[dict], p
 
     strategy = "majority" if job["strategy"] == "greedy" else job["strategy"]
     cfg = SearchConfig(n=job["n"], width=job["width"], aggregation="last", temperature=job["temperature"],
-                       max_tokens=p["max_tokens"], step_tokens=64, max_steps=10, budget=job["budget"])
-    policy = models.policy(job["policy"])
+                       max_tokens=p["max_tokens"], step_tokens=64, max_steps=10, budget=job["budget"],
+                       window=p["revision_window"])
+    policy = models.policy(job.get("model", job["policy"]))
     verifier = models.verifier()
     if strategy == "compute_optimal":
         ns = [n for n in p["ns"] if n <= job["n"]]
@@ -156,7 +166,8 @@ def run_job(job: dict, models: Models, rows: list[dict], fit_rows: list[dict], p
 
     start = time.perf_counter()
     meter = Progress(len(rows), "problems", desc=f"  {job['key']}", every_s=20.0)
-    res = run_search(rows, strategy, policy, verifier if strategy != "majority" else None, cfg,
+    voting = strategy in ("majority", "revisions")  # (revisions vote: the PRM cannot rank one problem's samples)
+    res = run_search(rows, strategy, policy, None if voting else verifier, cfg,
                      lambda i, total: meter.update(1))
     meter.close()
     res["seconds"] = time.perf_counter() - start
@@ -166,18 +177,22 @@ def run_job(job: dict, models: Models, rows: list[dict], fit_rows: list[dict], p
 
 # ------------------------------------------------------------------------------ analysis
 def points(res: dict) -> list[dict]:
-    """The run's (accuracy, FLOPs) points: one, or self_correct's one per budget."""
+    """The run's (accuracy, FLOPs) points: one, or self_correct's one per budget, or sequential
+    revisions' one per N (the majority after N attempts)."""
     job = res["job"]
     out = []
     for panel in ["all", *res["by_difficulty"]]:
         s = res["summary"] if panel == "all" else res["by_difficulty"][panel]
-        if job["strategy"] == "self_correct":
+        if job["strategy"] in ("self_correct", "revisions"):
+            revising = job["strategy"] == "revisions"
             for b in s["by_budget"]:
-                out.append({"panel": panel, "budget": b["budget"], "correct": b["correct"], "problems": s["problems"],
-                            "accuracy": b["accuracy"], "ci95": b["ci95"], "flops": b["flops"]})
+                out.append({"panel": panel, "budget": None if revising else b["budget"],
+                            "n": b["budget"] + 1 if revising else job["n"], "correct": b["correct"],
+                            "problems": s["problems"], "accuracy": b["accuracy"], "ci95": b["ci95"],
+                            "flops": b["flops"]})
         else:
-            out.append({"panel": panel, "budget": None, "correct": s["correct"], "problems": s["problems"],
-                        "accuracy": s["accuracy"], "ci95": s["ci95"], "flops": s["flops"]})
+            out.append({"panel": panel, "budget": None, "n": job["n"], "correct": s["correct"],
+                        "problems": s["problems"], "accuracy": s["accuracy"], "ci95": s["ci95"], "flops": s["flops"]})
     return out
 
 
@@ -198,7 +213,7 @@ def headline(runs: dict[str, dict], small: str, large: str) -> list[dict]:
                     continue
                 cand = (pt["accuracy"], -pt["flops"])
                 if best is None or cand > best[0]:
-                    label = res["job"]["strategy"] + (f"@{res['job']['n']}" if res["job"]["strategy"] not in
+                    label = res["job"]["strategy"] + (f"@{pt['n']}" if res["job"]["strategy"] not in
                                                       ("greedy", "self_correct") else "")
                     if res["job"]["strategy"] == "self_correct":
                         label += f" budget {pt['budget']}"
@@ -227,7 +242,7 @@ def write_csv(runs: dict[str, dict], params: dict[str, int], path: Path) -> None
         for res in runs.values():
             j = res["job"]
             for pt in points(res):
-                w.writerow([j["policy"], params[j["policy"]], j["strategy"], j["n"], j["width"],
+                w.writerow([j["policy"], params[j["policy"]], j["strategy"], pt["n"], j["width"],
                             pt["budget"] if pt["budget"] is not None else "", pt["panel"], pt["problems"],
                             pt["correct"], f"{pt['accuracy']:.4f}", f"{pt['ci95'][0]:.4f}", f"{pt['ci95'][1]:.4f}",
                             "" if pt["flops"] is None else f"{pt['flops']:.4g}"])
@@ -257,7 +272,8 @@ def plot(result: dict, out: Path, budget_out: Path) -> None:
                              squeeze=False)
     small = "S"
     for ax, panel in zip(axes.flat, panels):
-        for strategy in ("majority", "best_of_n", "weighted_best_of_n", "beam_search", "dvts", "self_correct"):
+        for strategy in ("majority", "best_of_n", "weighted_best_of_n", "beam_search", "dvts", "self_correct",
+                         "revisions"):
             pts = sorted((pt["flops"], pt["accuracy"], pt["ci95"]) for r in runs.values()
                          if r["job"]["policy"] == small and r["job"]["strategy"] == strategy
                          for pt in points(r) if pt["panel"] == panel and pt["flops"] is not None)
@@ -481,8 +497,13 @@ def main(argv: list[str] | None = None) -> int:
         paths["GRPO"] = Path(args.grpo)
     elif args.smoke:  # the smoke run walks the GRPO part with policy M standing in for it
         paths["GRPO"] = paths["M"]
+    from emergence.search.train import SETTINGS
+
+    reviser = run_dir / "revisions" / "S" / SETTINGS["long"].revision_attempts / "run" / "model"
+    if (reviser / "config.json").is_file():  # search-train's revision model of S (bench/revisions.py's too)
+        paths["S-rev"] = reviser
     models = Models(paths, verifier)
-    plan = jobs(p, "GRPO" in paths)
+    plan = jobs(p, "GRPO" in paths, "S-rev" in paths)
     runs: dict[str, dict] = {}
     started = time.perf_counter()
     for i, job in enumerate(plan):

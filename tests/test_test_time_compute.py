@@ -46,7 +46,9 @@ def test_smoke_writes_every_run_the_plots_and_the_page(smoke):
     r, out = smoke["result"], smoke["out"]
     strategies = {v["job"]["strategy"] for v in r["runs"].values()}
     assert strategies == {"greedy", "majority", "best_of_n", "weighted_best_of_n", "beam_search", "dvts",
-                          "self_correct", "compute_optimal"}
+                          "self_correct", "compute_optimal", "revisions"}
+    (rev,) = [v["job"] for v in r["runs"].values() if v["job"]["strategy"] == "revisions"]
+    assert rev["policy"] == "S" and rev["model"] == "S-rev"  # S's revision model, one of S's strategies
     assert {v["job"]["policy"] for v in r["runs"].values()} == {"S", "M", "L", "GRPO"}
     assert r["problems"] == 16 and r["params"]["S"] < r["params"]["M"] < r["params"]["L"]
     for name in ("test_time_compute.png", "budget.png"):
