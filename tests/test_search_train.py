@@ -271,4 +271,5 @@ def test_the_command_prints_the_table(quick, capsys):
         torch.set_num_threads(before)
     table = capsys.readouterr().out
     assert "ORM" in table and "PRM" in table and "parameter span" in table
+    assert "revision model of S (sampled attempts)" in table
     assert main(["search-train", "--quick", "--out", str(out), "--threads", "0"]) == 1

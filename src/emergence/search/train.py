@@ -870,9 +870,10 @@ def format_table(summary: dict) -> str:
         lines.append(f"canonical solution above a wrong sample ({c['pairs']} held-out pairs): "
                      + ", ".join(f"{k} {f(c[k])}" for k in ("orm", "prm-last", "prm-min")))
     for r in summary.get("revisers", []):
-        lines.append(f"revision model of {r['name']}: {r['revision_rows']} revision rows (prompts with "
-                     + "/".join(str(r["chains"][k]) for k in sorted(r["chains"], key=int))
-                     + f" attempts of 1..{len(r['chains'])}) + {r['plain_rows']} plain rows, {r['steps']} steps, "
+        counts = sorted(r["chains"], key=int)
+        lines.append(f"revision model of {r['name']} ({r['attempts']} attempts): {r['revision_rows']} revision rows "
+                     f"({'/'.join(counts)} attempts in the prompt: {'/'.join(str(r['chains'][k]) for k in counts)}) + "
+                     f"{r['plain_rows']} plain rows, {r['steps']} steps, "
                      f"context {r['context']}, val loss {f(r['val_loss'])}")
     lines.append(f"total {summary['total_seconds'] / 60:.1f} min of stages")
     return "\n".join(lines)
