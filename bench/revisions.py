@@ -6,8 +6,11 @@ previous ones (`revisions`, majority vote over the attempts), as Snell et al. (2
     .venv/bin/python bench/revisions.py --run RUN [--attempts sampled|wrong] [--grpo DIR] [--work DIR]
     .venv/bin/python bench/revisions.py --smoke --out-dir /tmp/rev   # < 1 min, what the test runs
 
-RUN is an `emergence search-train --setting long --out RUN` folder with policies S and M; the
-script first runs (or finds done) search-train's revision stages for them (`revision-samples-P`,
+RUN is an `emergence search-train --setting long --out RUN` folder, finished or not (an empty
+one will do): the script runs, or finds done, the stages of search-train it needs: the problems,
+tokenizer and shards, policies S and M and their greedy evaluation (not L, not the verifiers;
+two --policies calls may run in parallel once the shards exist), then
+the revision stages for them (`revision-samples-P`,
 `revision-P-KIND`: samples of P on 6,000 training problems, up to 4 of them before the canonical
 solution, fine-tuned with as many plain rows; search/revise.py), which need neither policy L
 nor the verifiers; --grpo adds the GRPO-trained policy of bench/r1_zero.py (from M) as a third,
@@ -304,8 +307,13 @@ def revision_models(run_dir: Path, setting_name: str, only: list[str] | None = N
     out = {}
     models = {name: (extra or {}).get(name) for name in only or names}
     for name, model in models.items():
-        if model is None and not (run_dir / "stages" / f"policy-{name}.json").is_file():
-            raise InvalidArgument(f"{run_dir} has no trained policy {name} (run `emergence search-train` first)")
+        if model is None:  # one of the run's policies: the stages it needs, run now or found done
+            for stage, fn in (("problems", pipeline.problems), ("tokenizer", pipeline.tokenizer_stage),
+                              ("shards", pipeline.shards)):
+                pipeline.stage(stage, fn)
+            size = pipeline.setting.policy(name)
+            pipeline.stage(f"policy-{name}", lambda size=size: pipeline.train_policy(size))
+            pipeline.stage(f"eval-{name}", lambda name=name: pipeline.greedy(name))
         samples = pipeline.stage(f"revision-samples-{name}",
                                  lambda name=name, model=model: pipeline.revision_samples(name, model))
         kind = attempts or pipeline.setting.revision_attempts
@@ -318,14 +326,14 @@ def revision_models(run_dir: Path, setting_name: str, only: list[str] | None = N
         if model is None:
             stages = run_dir / "stages"
             out[name]["policy_val_loss"] = json.loads((stages / f"policy-{name}.json").read_text())["val_loss"]
-            if (stages / f"eval-{name}.json").is_file():  # (the policy's greedy accuracy, when evaluated)
-                out[name]["policy_greedy"] = json.loads((stages / f"eval-{name}.json").read_text())["accuracy"]
+            out[name]["policy_greedy"] = json.loads((stages / f"eval-{name}.json").read_text())["accuracy"]
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--run", default=None, metavar="RUN", help="an `emergence search-train --setting long` folder")
+    ap.add_argument("--run", default=None, metavar="RUN", help="an `emergence search-train --setting long` folder "
+                    "(the stages it lacks are run)")
     ap.add_argument("--work", default=None, help="cache of finished runs (default: a temporary folder)")
     ap.add_argument("--policies", default=None, metavar="S,M", help="only these policies' runs, into --work (the "
                     "results are written by a call without it, which finds them done)")
@@ -359,13 +367,10 @@ def main(argv: list[str] | None = None) -> int:
     import emergence
     from emergence.problems import first_per_difficulty, load_problems
     from emergence.search.train import SETTINGS
-    from emergence.search.train import run as train_run
 
     kind = args.attempts or SETTINGS[p["setting"]].revision_attempts
 
     try:
-        if args.smoke and not args.run:  # search-train's quick setting, revision stages included (seconds)
-            train_run(work / "run", "quick", device="cpu", log=lambda m: None)
         run_dir = Path(args.run) if args.run else work / "run"
         only = args.policies.split(",") if args.policies else None
         extra = {"GRPO": Path(args.grpo)} if args.grpo else None

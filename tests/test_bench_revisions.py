@@ -41,6 +41,9 @@ def test_smoke_runs_every_series_and_writes_the_plot_and_page(smoke):
     assert set(r["tables"]["S"]["all"]) == set(mod.series_labels(mod.SMOKE)) | {f"revisions-w{widest}-last"}
     assert r["attempts"] == "sampled"  # search-train's default kind
     assert r["problems"] == 16 and r["revisers"]["S"]["revision_rows"] > 0
+    run = out / "work" / "run"  # an empty RUN: only the stages revisions need were run (no L, no verifiers)
+    assert sorted(p.name for p in (run / "policies").iterdir()) == ["S"] and not (run / "prm").exists()
+    assert r["revisers"]["S"]["policy_greedy"] == json.loads((run / "stages" / "eval-S.json").read_text())["accuracy"]
     assert (out / "revisions.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     import csv
 
