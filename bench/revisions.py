@@ -131,18 +131,23 @@ def _point(correct: int, problems: int, flops: float) -> dict:
 def curves(run: dict, span: tuple[int, int] | None, ns: list[int]) -> dict[str, dict[int, dict]]:
     """series -> N -> accuracy (Wilson 95% interval) and mean FLOPs per problem, over the run's
     problems whose difficulty is in `span` (None: all). A majority run gives its own N; a
-    sequential run every N: the majority of the first N attempts (`answers_by_round`), and
-    attempt N's own answer (`attempt_answers`; the series' name + "-last")."""
+    sequential run every N: the majority of the first N attempts (search.run.summarize's
+    by_budget, budget N - 1), and attempt N's own answer (`attempt_answers`; the series' name +
+    "-last", at the same FLOPs)."""
+    from emergence.search.run import summarize
+
     recs = [r for r in run["records"] if span is None or span[0] <= r["difficulty"] <= span[1]]
-    name, k = series(run["job"]), len(recs)
+    name, s = series(run["job"]), summarize(recs)
+    keep = ("correct", "problems", "accuracy", "ci95", "flops")
     if run["job"]["strategy"] == "majority":
-        return {name: {run["job"]["n"]: _point(sum(r["correct"] for r in recs), k, sum(r["flops"] for r in recs) / k)}}
+        return {name: {run["job"]["n"]: {k: s[k] for k in keep}}}
     out: dict[str, dict[int, dict]] = {name: {}, f"{name}-last": {}}
     for n in ns:
-        flops = sum(r["flops_by_round"][n - 1] for r in recs) / k
-        out[name][n] = _point(sum(r["answers_by_round"][n - 1] == r["expected"] for r in recs), k, flops)
+        b = s["by_budget"][n - 1]
+        out[name][n] = {"correct": b["correct"], "problems": s["problems"], "accuracy": b["accuracy"],
+                        "ci95": b["ci95"], "flops": b["flops"]}
         out[f"{name}-last"][n] = _point(sum(len(r["attempt_answers"]) >= n and r["attempt_answers"][n - 1] ==
-                                            r["expected"] for r in recs), k, flops)
+                                            r["expected"] for r in recs), len(recs), b["flops"])
     return out
 
 
@@ -307,13 +312,7 @@ def revision_models(run_dir: Path, setting_name: str, only: list[str] | None = N
     out = {}
     models = {name: (extra or {}).get(name) for name in only or names}
     for name, model in models.items():
-        if model is None:  # one of the run's policies: the stages it needs, run now or found done
-            for stage, fn in (("problems", pipeline.problems), ("tokenizer", pipeline.tokenizer_stage),
-                              ("shards", pipeline.shards)):
-                pipeline.stage(stage, fn)
-            size = pipeline.setting.policy(name)
-            pipeline.stage(f"policy-{name}", lambda size=size: pipeline.train_policy(size))
-            pipeline.stage(f"eval-{name}", lambda name=name: pipeline.greedy(name))
+        greedy = pipeline.trained_policy(name) if model is None else None  # (one of the run's policies)
         samples = pipeline.stage(f"revision-samples-{name}",
                                  lambda name=name, model=model: pipeline.revision_samples(name, model))
         kind = attempts or pipeline.setting.revision_attempts
@@ -323,10 +322,10 @@ def revision_models(run_dir: Path, setting_name: str, only: list[str] | None = N
         info["policy"] = str(model or run_dir / "policies" / name / "model")
         out[name] = {**info, "samples": samples["samples"], "samples_correct": samples["correct"],
                      "problems": samples["problems"]}
-        if model is None:
-            stages = run_dir / "stages"
-            out[name]["policy_val_loss"] = json.loads((stages / f"policy-{name}.json").read_text())["val_loss"]
-            out[name]["policy_greedy"] = json.loads((stages / f"eval-{name}.json").read_text())["accuracy"]
+        if greedy is not None:
+            trained = json.loads((run_dir / "stages" / f"policy-{name}.json").read_text())
+            out[name]["policy_val_loss"] = trained["val_loss"]
+            out[name]["policy_greedy"] = greedy["accuracy"]
     return out
 
 

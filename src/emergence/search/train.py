@@ -474,13 +474,27 @@ class Pipeline:
                 "tokens": size.steps * s.batch_size * s.context, "train_loss": train_loss, "val_loss": val_loss,
                 "train_seconds": time.perf_counter() - started, "resumed": bool(resume)}
 
-    def load_policy(self, name: str, seed: int = 0):
+    def load_policy(self, name: str, seed: int = 0, model: Path | None = None):
+        """Policy NAME of the run as a seeded LocalPolicy; `model`: another model folder under that
+        name, refused unless its tokenizer is the run's."""
         import emergence
 
         from .policy import LocalPolicy
 
-        lm = emergence.load(str(self.policy_dir(name) / "model"), device=self.device)
+        lm = emergence.load(str(model or self.policy_dir(name) / "model"), device=self.device)
+        if model is not None and lm.tokenizer.fingerprint() != self.tokenizer().fingerprint():
+            raise InvalidArgument(f"{model}: its tokenizer is not the run's; revision rows need the run's tokens")
         return LocalPolicy(lm, seed=seed, name=name)
+
+    def trained_policy(self, name: str) -> dict:
+        """The stages policy NAME needs, run now or found done: the problems, tokenizer and shards,
+        its pretraining and its greedy evaluation (what a revision model of it starts from); the
+        evaluation's record."""
+        for stage, fn in (("problems", self.problems), ("tokenizer", self.tokenizer_stage), ("shards", self.shards)):
+            self.stage(stage, fn)
+        size = self.setting.policy(name)
+        self.stage(f"policy-{name}", lambda: self.train_policy(size))
+        return self.stage(f"eval-{name}", lambda: self.greedy(name))
 
     # 4. samples and labels
     def sample(self, split: str) -> dict:
@@ -696,16 +710,9 @@ class Pipeline:
         """`revision_samples` samples of policy NAME (the run's, or the model folder `model`:
         another policy of the same tokenizer, a GRPO-trained one say) for each of the first
         `revision_problems` training problems (the attempts the revision rows are built from)."""
-        import emergence
-
-        from .policy import LocalPolicy
-
         s = self.setting
         rows = self.rows("train")[:s.revision_problems]
-        lm = emergence.load(str(model or self.policy_dir(name) / "model"), device=self.device)
-        if lm.tokenizer.fingerprint() != self.tokenizer().fingerprint():
-            raise InvalidArgument(f"{model}: its tokenizer is not the run's; revision rows need the run's tokens")
-        policy = LocalPolicy(lm, seed=s.seed + 20, name=name)
+        policy = self.load_policy(name, seed=s.seed + 20, model=model)
         out = []
         for b in range(0, len(rows), s.chunk):
             part = rows[b:b + s.chunk]
