@@ -620,6 +620,9 @@ def test_refuses_double_quantization_and_bad_options():
     with pytest.raises(InvalidArgument, match="down_proj has 172 input features.*skip 'down_proj'"):
         quantize_model(m, "int4", group_size=32)
     assert not quantized_modules(m)  # checked before anything was swapped
+    bare = torch.nn.Sequential(torch.nn.Linear(576, 8))  # a layer named "0", at the top
+    with pytest.raises(InvalidArgument, match="0 has 576 input features.*skip '0'"):
+        quantize_model(bare, "int4", group_size=128)
     with pytest.raises(InvalidArgument, match="group size applies to int4 only"):
         quantize_model(m, "int8", group_size=32)
     with pytest.raises(InvalidArgument, match="act_bits applies to ternary only"):

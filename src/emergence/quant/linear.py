@@ -582,7 +582,7 @@ def quantize_model(model: nn.Module, fmt: str, *, group_size: int | None = None,
             cls.check(linear.in_features, linear.out_features, what=name, **options)
         except InvalidArgument as e:
             parts = name.split(".")  # an expert ("...mlp.down_proj.3") is skipped by its stack's name
-            leaf = parts[-2] if parts[-1].isdigit() else parts[-1]
+            leaf = parts[-2] if parts[-1].isdigit() and len(parts) > 1 else parts[-1]
             raise InvalidArgument(f"{e} (or keep such layers in full precision: skip {leaf!r})")
 
     for name in stacks:
