@@ -598,6 +598,41 @@ def test_ggml_block_gemm_is_llama_cpps_product_for_every_row(qtype_name, rows, s
     assert torch.equal(with_bias, got + bias)
 
 
+@pytest.mark.parametrize("fmt, options, shape", [
+    ("int4", {"group_size": 32}, (7, 96)),     # no whole 128-column chunk: the 32-column steps only
+    ("int4", {"group_size": 32}, (9, 576)),    # 4 chunks and 64 columns after; an odd row count
+    ("int4", {"group_size": 64}, (5, 192)),
+    ("int4", {"group_size": 128}, (6, 1536)),  # whole chunks only
+    ("nf4", {}, (3, 64)),
+    ("nf4", {}, (11, 576)),
+    ("nf4", {}, (4, 1536)),
+])
+def test_4bit_gemv_is_the_dequantized_product(fmt, options, shape, ext):
+    """int4 and NF4 codes become values by table lookup, 128 columns a step and 32 at a time
+    after the last whole step (rows_4bit): every row equals x times the dequantized weight, to
+    fp32 summation, whatever the group size, column count and row count."""
+    if ext is None:  # the fixture checked the fallback
+        return
+    from emergence.quant.linear import quantize_model
+
+    n, k = shape
+    torch.manual_seed(k + n)
+    layer = torch.nn.Sequential(torch.nn.Linear(k, n, bias=False))
+    layer[0].weight.data[:, : k // 2] *= 1e-2  # groups of very different magnitudes
+    quantize_model(layer, fmt, skip=(), **options)
+    module, ops = layer[0], layer[0].kernel_operands()
+    x = torch.randn(k)
+    got = ext.qgemv(ext.weight_kinds[ops.format], x, ops.data, ops.scales, ops.offsets, ops.group, ops.tensor_scale,
+                    n, k, None)
+    weight = module.dequantize().double()
+    exact = weight @ x.double()
+    bound = 2**-20 * (weight.abs() @ x.double().abs())
+    assert ((got.double() - exact).abs() <= bound).all()
+    # each output row's own codes: a layout error (a column read against another's x) is far
+    # outside the bound
+    assert ((got.double() - weight[:, torch.randperm(k)] @ x.double()).abs() > bound).any()
+
+
 def test_packed_ternary_layout_decodes_to_the_values(ext):
     if ext is None:  # the fixture checked the fallback
         return

@@ -291,8 +291,6 @@ inline void qgemm_ggml(const QuantMatrix& m, const float* x, int64_t M, float* y
   });
 }
 
-// x_split: x re-ordered per 32-column chunk as its 16 even then 16 odd columns, matching the
-// low and high nibbles of 16 packed bytes; x_group_sums: sum of x over each group.
 inline float dot_f32(const float* a, const float* b, int64_t n) {
   __m512 acc = _mm512_setzero_ps();
   int64_t k = 0;
@@ -304,46 +302,93 @@ inline float dot_f32(const float* a, const float* b, int64_t n) {
   return _mm512_reduce_add_ps(acc);
 }
 
-template <int R>
-inline void rows_int4(const uint8_t* row, int64_t row_bytes, const float* scales, const float* offsets, int64_t group,
-                      const float* x_split, const float* x_group_sums, int64_t K, float* y) {
-  const __m512i low4 = _mm512_set1_epi32(0xF);
-  const int64_t groups = K / group;
-  __m512 acc[R];
-  for (int i = 0; i < R; ++i) acc[i] = _mm512_setzero_ps();
-  for (int64_t g = 0; g < groups; ++g) {
-    __m512 s[R];
-    for (int i = 0; i < R; ++i) s[i] = _mm512_setzero_ps();
-    for (int64_t c = g * group; c < (g + 1) * group; c += 32) {
-      const __m512 xe = _mm512_loadu_ps(x_split + c), xo = _mm512_loadu_ps(x_split + c + 16);
-      for (int i = 0; i < R; ++i) {
-        const __m512i v =
-            _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + i * row_bytes + c / 2)));
-        s[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, low4)), xe, s[i]);
-        s[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), xo, s[i]);
-      }
-    }
-    for (int i = 0; i < R; ++i) acc[i] = _mm512_fmadd_ps(s[i], _mm512_set1_ps(scales[i * groups + g]), acc[i]);
-  }
-  // The offsets' share, sum_g offset[g] * sum(x over group g), as one vector dot product (a
-  // scalar running sum here would be a latency chain of one FMA per group).
-  for (int i = 0; i < R; ++i) y[i] = _mm512_reduce_add_ps(acc[i]) + dot_f32(offsets + i * groups, x_group_sums, groups);
+// int4 and NF4 rows share one kernel: a code becomes its value by a 16-entry table lookup
+// (VPERMPS, which reads only the low 4 bits of each index lane): the table is 0..15 for int4
+// (the value is then code * scale + offset, the offsets' share added after) and the NF4 code
+// book for NF4 (value table[code] * absmax). 128 columns a step: the chunk's 64 packed bytes
+// are one vector of 16 lanes of 8 codes, and shifting it right by 4j brings code j of every
+// lane to its low bits, so 8 lookups cover the chunk with no widening or conversion. x_split
+// holds x re-ordered to match (see split_x); the columns past the last whole chunk (K % 128,
+// a multiple of 32) go 32 at a time, each 16 packed bytes widened to one lane per byte.
+// The per-column scales (groups of 32, 64 or 128 columns; NF4's absmax per 64) apply to each
+// chunk's partial sums lane by lane: lane i holds columns 8i..8i+7, all in one group.
+struct Nibbles {
+  __m512 table;         // code -> value
+  __m512i scale_lane;   // lane i -> which of the chunk's 128 / group scales: 8i / group
+  __mmask16 scale_mask; // the chunk's 128 / group scales
+  int64_t group, groups;  // columns per scale; scales per row
+};
+
+inline Nibbles nibbles(const QuantMatrix& m) {
+  Nibbles n;
+  n.group = m.kind == WeightKind::NF4 ? 64 : m.group;
+  n.groups = m.K / n.group;
+  alignas(64) int32_t lane[16];
+  for (int i = 0; i < 16; ++i) lane[i] = 8 * i / static_cast<int32_t>(n.group);
+  n.scale_lane = _mm512_load_si512(lane);
+  n.scale_mask = static_cast<__mmask16>((1u << (128 / n.group)) - 1);
+  n.table = m.kind == WeightKind::NF4 ? _mm512_loadu_ps(m.offsets)
+                                      : _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  return n;
 }
 
-// x_split as for INT4, but the high nibble holds the even column here.
-inline float row_nf4(const uint8_t* row, const float* absmax, const __m512 table, const float* x_split, int64_t K) {
-  const __m512i low4 = _mm512_set1_epi32(0xF);
-  __m512 acc = _mm512_setzero_ps();
-  for (int64_t b = 0; b < K / 64; ++b) {
-    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();  // two chains, not one
-    for (int64_t c = 64 * b; c < 64 * (b + 1); c += 32) {
-      const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c / 2)));
-      s0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table), _mm512_loadu_ps(x_split + c), s0);
-      s1 = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_and_si512(v, low4), table), _mm512_loadu_ps(x_split + c + 16), s1);
+// x_split (K,): each whole 128-column chunk as 8 vectors, vector j lane i holding the column of
+// code j of lane i: byte 4i + j / 2, its low nibble for even j; then each 32-column step of the
+// rest as the 16 low nibbles' columns, then the 16 high nibbles'. int4 keeps column 2b in byte
+// b's low nibble, NF4 in its high one (low_odd).
+inline void split_x(const float* x, int64_t K, bool low_odd, float* xs) {
+  const int lo = low_odd ? 1 : 0;
+  const int64_t whole = K / 128 * 128;
+  for (int64_t c = 0; c < whole; c += 128) {
+    for (int j = 0; j < 8; ++j) {
+      for (int i = 0; i < 16; ++i) xs[c + 16 * j + i] = x[c + 8 * i + (j ^ lo)];
     }
-    acc = _mm512_fmadd_ps(_mm512_add_ps(s0, s1), _mm512_set1_ps(absmax[b]), acc);
   }
-  return _mm512_reduce_add_ps(acc);
+  for (int64_t c = whole; c < K; c += 32) {
+    for (int j = 0; j < 16; ++j) xs[c + j] = x[c + 2 * j + lo], xs[c + 16 + j] = x[c + 2 * j + 1 - lo];
+  }
+}
+
+// R rows at once (they share the x loads); y[i] = sum over columns of value * scale * x, the
+// offsets' share not included.
+template <int R>
+inline void rows_4bit(const uint8_t* row, int64_t row_bytes, const float* scales, const Nibbles& n, const float* xs,
+                      int64_t K, float* y) {
+  const int64_t whole = K / 128 * 128;
+  __m512 acc[R];
+  for (int i = 0; i < R; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < whole; c += 128) {
+    __m512i w[R];
+    __m512 s0[R], s1[R];  // two chains a row
+    for (int i = 0; i < R; ++i) {
+      w[i] = _mm512_loadu_si512(row + i * row_bytes + c / 2);
+      s0[i] = _mm512_setzero_ps(), s1[i] = _mm512_setzero_ps();
+    }
+#pragma GCC unroll 4
+    for (int j = 0; j < 8; j += 2) {
+      const __m512 x0 = _mm512_loadu_ps(xs + c + 16 * j), x1 = _mm512_loadu_ps(xs + c + 16 * j + 16);
+      for (int i = 0; i < R; ++i) {
+        s0[i] = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(w[i], 4 * j), n.table), x0, s0[i]);
+        s1[i] = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(w[i], 4 * j + 4), n.table), x1, s1[i]);
+      }
+    }
+    for (int i = 0; i < R; ++i) {
+      const __m512 scale =
+          _mm512_permutexvar_ps(n.scale_lane, _mm512_maskz_loadu_ps(n.scale_mask, scales + i * n.groups + c / n.group));
+      acc[i] = _mm512_fmadd_ps(_mm512_add_ps(s0[i], s1[i]), scale, acc[i]);
+    }
+  }
+  for (int64_t c = whole; c < K; c += 32) {
+    const __m512 x0 = _mm512_loadu_ps(xs + c), x1 = _mm512_loadu_ps(xs + c + 16);
+    for (int i = 0; i < R; ++i) {
+      const __m512i v =
+          _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + i * row_bytes + c / 2)));
+      const __m512 s = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), n.table), x1,
+                                       _mm512_mul_ps(_mm512_permutexvar_ps(v, n.table), x0));
+      acc[i] = _mm512_fmadd_ps(s, _mm512_set1_ps(scales[i * n.groups + c / n.group]), acc[i]);
+    }
+  }
+  for (int i = 0; i < R; ++i) y[i] = _mm512_reduce_add_ps(acc[i]);
 }
 
 inline float row_ternary(const uint8_t* row, const float* x, int64_t K) {
@@ -363,22 +408,22 @@ inline float row_ternary(const uint8_t* row, const float* x, int64_t K) {
 // y (N,) = W x for a quantized W; rows split across threads.
 inline void quant_gemv(const QuantMatrix& m, const float* x, float* y, int64_t grain) {
   const int64_t K = m.K;
-  std::vector<float> x_split, sums;
-  if (m.kind == WeightKind::INT4 || m.kind == WeightKind::NF4) {
+  const bool four_bit = m.kind == WeightKind::INT4 || m.kind == WeightKind::NF4;
+  std::vector<float> x_split, sums;  // int4, NF4: x re-ordered for rows_4bit; int4: sum of x per group
+  Nibbles nib;
+  if (four_bit) {
+    nib = nibbles(m);
     x_split.resize(K);
-    for (int64_t c = 0; c < K; c += 32) {
-      for (int j = 0; j < 16; ++j) x_split[c + j] = x[c + 2 * j], x_split[c + 16 + j] = x[c + 2 * j + 1];
-    }
+    split_x(x, K, m.kind == WeightKind::NF4, x_split.data());
   }
   if (m.kind == WeightKind::INT4) {
-    sums.resize(K / m.group);
-    for (int64_t g = 0; g < K / m.group; ++g) {
+    sums.resize(nib.groups);
+    for (int64_t g = 0; g < nib.groups; ++g) {
       float s = 0;
-      for (int64_t k = g * m.group; k < (g + 1) * m.group; ++k) s += x[k];
+      for (int64_t k = g * nib.group; k < (g + 1) * nib.group; ++k) s += x[k];
       sums[g] = s;
     }
   }
-  const __m512 table = m.kind == WeightKind::NF4 ? _mm512_loadu_ps(m.offsets) : _mm512_setzero_ps();
   const bool ggml = m.kind == WeightKind::Q8_0 || m.kind == WeightKind::Q4_0;
   QuantizedX xq;
   if (ggml && kHasAvx512Vnni) {
@@ -399,15 +444,30 @@ inline void quant_gemv(const QuantMatrix& m, const float* x, float* y, int64_t g
   }
   parallel_rows(0, m.N, grain, [&](int64_t r0, int64_t r1) {
     int64_t r = r0;
-    if (m.kind == WeightKind::INT4) {  // 2 rows at a time share the x loads
+    if (four_bit) {  // 2 rows at a time share the x loads
+      const int64_t G = nib.groups;
+      auto finish = [&](int64_t i) {  // int4: the offsets' share, sum_g offset[g] * sum(x over group g)
+        if (m.kind == WeightKind::INT4) y[i] += dot_f32(m.offsets + i * G, sums.data(), G);
+      };
       for (; r + 2 <= r1; r += 2) {
-        if (r + PREFETCH_ROWS + 1 < r1) {
+        if (r + PREFETCH_ROWS + 1 < r1) {  // the codes, scales and offsets of the rows PREFETCH_ROWS ahead
           const uint8_t* ahead = m.data + (r + PREFETCH_ROWS) * m.row_bytes;
           for (int64_t off = 0; off < 2 * m.row_bytes; off += 64) _mm_prefetch(reinterpret_cast<const char*>(ahead + off), _MM_HINT_T0);
+          const float* per_group[2] = {m.scales, m.kind == WeightKind::INT4 ? m.offsets : nullptr};
+          for (const float* p : per_group) {
+            if (p == nullptr) continue;
+            const char* at = reinterpret_cast<const char*>(p + (r + PREFETCH_ROWS) * G);
+            for (int64_t off = 0; off < 2 * G * 4; off += 64) _mm_prefetch(at + off, _MM_HINT_T0);
+          }
         }
-        rows_int4<2>(m.data + r * m.row_bytes, m.row_bytes, m.scales + r * (K / m.group), m.offsets + r * (K / m.group),
-                     m.group, x_split.data(), sums.data(), K, y + r);
+        rows_4bit<2>(m.data + r * m.row_bytes, m.row_bytes, m.scales + r * G, nib, x_split.data(), K, y + r);
+        finish(r), finish(r + 1);
       }
+      for (; r < r1; ++r) {
+        rows_4bit<1>(m.data + r * m.row_bytes, m.row_bytes, m.scales + r * G, nib, x_split.data(), K, y + r);
+        finish(r);
+      }
+      return;
     }
     if (ggml) {  // no VNNI: widen the codes to fp32
       const bool q8 = m.kind == WeightKind::Q8_0;
@@ -429,12 +489,7 @@ inline void quant_gemv(const QuantMatrix& m, const float* x, float* y, int64_t g
       }
       switch (m.kind) {
         case WeightKind::INT8: y[r] = m.scales[r] * row_int8(reinterpret_cast<const int8_t*>(row), x, K); break;
-        case WeightKind::INT4:
-          rows_int4<1>(row, m.row_bytes, m.scales + r * (K / m.group), m.offsets + r * (K / m.group), m.group,
-                       x_split.data(), sums.data(), K, y + r);
-          break;
         case WeightKind::TERNARY: y[r] = m.tensor_scale * row_ternary(row, x, K); break;
-        case WeightKind::NF4: y[r] = row_nf4(row, m.scales + r * (K / 64), table, x_split.data(), K); break;
         default: TORCH_CHECK(false, "not a quantized weight kind");
       }
     }
