@@ -1,9 +1,9 @@
 // Matrix-vector products with quantized weights, for batch-1 decoding: the weights stream
 // from memory in their packed form, so each token reads 1-8.5 bits per weight instead of 16
 // or 32 (and, for Q8_0 and Q4_0, the matrix product of a prompt's rows on the packed blocks:
-// qgemm_ggml). For our own formats (int8, int4, NF4, ternary) the codes are widened to fp32 in
-// registers and the result equals x times the dequantized weight (up to fp32 summation
-// order). For ggml's Q8_0 and Q4_0 the activation vector is quantized the way llama.cpp does
+// qgemm_ggml). For our own formats (int8, int4, NF4, ternary) the codes become fp32 values in
+// registers (int8 and ternary widened and converted, int4 and NF4 by a table lookup) and the
+// result equals x times the dequantized weight (up to fp32 summation order). For ggml's Q8_0 and Q4_0 the activation vector is quantized the way llama.cpp does
 // it (blocks of 32, int8 with scale max|x| / 127) and the dot products run on integers with
 // AVX512-VNNI: the numerics of llama.cpp's own CPU kernels, at a fraction of the instructions.
 //
