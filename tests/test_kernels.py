@@ -606,11 +606,14 @@ def test_ggml_block_gemm_is_llama_cpps_product_for_every_row(qtype_name, rows, s
     ("nf4", {}, (3, 64)),
     ("nf4", {}, (11, 576)),
     ("nf4", {}, (4, 1536)),
+    ("int8", {}, (9, 100)),                    # 4 rows at a time and one after; 4 columns past the last 16
+    ("int8", {}, (8, 576)),
 ])
-def test_4bit_gemv_is_the_dequantized_product(fmt, options, shape, ext):
+def test_own_format_gemv_is_the_dequantized_product(fmt, options, shape, ext):
     """int4 and NF4 codes become values by table lookup, 128 columns a step and 32 at a time
-    after the last whole step (rows_4bit): every row equals x times the dequantized weight, to
-    fp32 summation, whatever the group size, column count and row count."""
+    after the last whole step (rows_4bit); int8 rows go 4 at a time (rows_int8_4): every row
+    equals x times the dequantized weight, to fp32 summation, whatever the group size, column
+    count and row count."""
     if ext is None:  # the fixture checked the fallback
         return
     from emergence.quant.linear import quantize_model
