@@ -31,6 +31,7 @@ from transformers.generation.logits_process import (
 from emergence.errors import EmergenceError, InvalidArgument
 from emergence.sampling import (
     SamplingParams,
+    argmax_ids,
     apply_logit_bias,
     apply_presence_frequency,
     apply_repetition_penalty,
@@ -374,6 +375,15 @@ def test_choose_greedy_is_argmax(case):
     expected = torch.tensor([max(range(V), key=lambda i: (row[i], -i)) for row in logits.tolist()])
     assert torch.equal(choose(logits, greedy=True), expected)
     assert torch.equal(choose(logits, greedy=True, generator=torch.Generator().manual_seed(1)), expected)
+
+
+def test_argmax_ids_is_torchs_argmax_with_its_ties_and_nans():
+    # NumPy's argmax (the CPU float32 path) and torch's: the first of equal maxima, NaN the largest
+    rows = torch.tensor([[1.0, 3.0, 3.0, -2.0], [float("-inf")] * 4, [0.0, float("nan"), 5.0, float("nan")],
+                         [2.0, 2.0, 2.0, 2.0]])
+    for logits in (rows, rows[:, :3], rows[1:], rows.double()):  # a column slice (strided rows); not float32
+        assert argmax_ids(logits) == logits.argmax(-1).tolist()
+    assert argmax_ids(rows) == [1, 0, 1, 0]
 
 
 def test_choose_seeded_is_reproducible_and_leaves_global_rng_alone():

@@ -41,7 +41,7 @@ import torch
 from .errors import InvalidArgument
 from .kv_cache import DEFAULT_BLOCK_SIZE, CacheView, OutOfBlocks, PagedKVCache
 from .model import Transformer
-from .sampling import SamplingParams, banned_ngram_tokens, choose, process_logits
+from .sampling import SamplingParams, argmax_ids, banned_ngram_tokens, choose, process_logits
 from .tokenizer import StreamDecoder, Tokenizer
 
 BACKENDS = ("auto", "native", "eager")
@@ -421,7 +421,7 @@ class DecodeBatch:
             logits[:, self.unused] = float("-inf")
         raw = self._constrain(logits)
         # plain greedy rows (the common case) take their tokens from one argmax over the batch
-        argmax = logits.argmax(dim=-1).tolist() if any(r.params.plain_greedy for r in self.rows) else None
+        argmax = argmax_ids(logits) if any(r.params.plain_greedy for r in self.rows) else None
         drawn = self._sample_together(logits)
         events, finished, tokens = [], [], []
         for b, row in enumerate(self.rows):

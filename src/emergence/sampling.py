@@ -223,6 +223,16 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, seen: torch.Ten
     return logits
 
 
+def argmax_ids(logits: torch.Tensor) -> list[int]:
+    """Each row's argmax of logits (B, V), as ints: the first of equal maxima (a NaN counting as
+    the largest), as torch.argmax gives it. CPU float32 goes through NumPy, whose argmax is
+    vectorised: about 1 us over 4K entries where torch's takes 7 (per token, greedy decoding
+    and every speculative draft step)."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32:
+        return logits.detach().numpy().argmax(-1).tolist()
+    return logits.argmax(-1).tolist()
+
+
 def choose(logits: torch.Tensor, greedy: bool, generator: torch.Generator | None = None,
            uniforms: torch.Tensor | None = None) -> torch.Tensor:
     """Processed logits (B, V) -> token ids (B,): argmax, or a draw from softmax(logits).

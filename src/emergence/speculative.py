@@ -32,7 +32,7 @@ from .decode import Chunk, DecodeBatch, Row
 from .errors import InvalidArgument
 from .kv_cache import DEFAULT_BLOCK_SIZE, PagedKVCache
 from .model import Transformer
-from .sampling import SamplingParams, choose, process_logits
+from .sampling import SamplingParams, argmax_ids, choose, process_logits
 from .tokenizer import Tokenizer
 
 DEFAULT_DRAFT_TOKENS = 4  # k: tokens the draft proposes per round
@@ -68,20 +68,19 @@ def accept(p: torch.Tensor, q: torch.Tensor, drafts: list[int], greedy: bool,
     """The rejection scheme on distributions: p (k+1, V) the target's at each drafted position
     and after the last, q (k, V) the draft's, drafts the k tokens drawn from q. Returns (j, t):
     the first j drafts are accepted and t is the token that follows them (from the residual at
-    a rejection, or from p[k] when all are accepted). Greedy: p and q are logits and a draft is
-    accepted when it is p's argmax, t being the argmax where it was not."""
+    a rejection, or from p[k] when all are accepted). Greedy: p holds logits and a draft is
+    accepted when it is p's argmax, t being the argmax where it was not (q is not read)."""
+    if greedy:  # one argmax over every position (a call per position costs more than the search)
+        best = argmax_ids(p)
+        j = next((i for i, x in enumerate(drafts) if best[i] != x), len(drafts))
+        return j, best[j]
     for i, x in enumerate(drafts):
-        if greedy:
-            best = int(p[i].argmax())
-            if best != x:
-                return i, best
-            continue
         if float(torch.rand(1, generator=generator)) * float(q[i, x]) >= float(p[i, x]):  # u >= p/q: rejected
             residual = (p[i] - q[i]).clamp(min=0)
             total = float(residual.sum())
             return i, _draw(residual / total if total > 0 else p[i], generator)
     k = len(drafts)
-    return k, int(p[k].argmax()) if greedy else _draw(p[k], generator)
+    return k, _draw(p[k], generator)
 
 
 class Speculator:
@@ -120,7 +119,7 @@ class Speculator:
             logits = batch.logits[b:b + 1]
             if batch.unused is not None:
                 logits[:, batch.unused] = float("-inf")
-            token = int(logits.argmax()) if row.params.plain_greedy else row.choose(logits)
+            token = argmax_ids(logits)[0] if row.params.plain_greedy else row.choose(logits)
             chunk, done = row.emit(token, logits[0] if row.params.logprobs is not None else None)
             chunks.append(chunk)
             if done:
@@ -174,20 +173,20 @@ class Speculator:
         draft_row, generator = found
         logits = self.batch.extend(draft_row, history[draft_row.length:])[-1:]
         drafts, dists = [], []
+        greedy = row.params.greedy  # (accept needs no distributions then: q is not read)
         for i in range(k):
             if self.batch.unused is not None:
                 logits[:, self.batch.unused] = float("-inf")
             processed = process_logits(logits[:, :vocab], row.params)
-            if row.params.greedy:
-                token, dist = int(processed.argmax()), processed[0]
+            if greedy:
+                token = argmax_ids(processed)[0]
             else:
-                dist = processed.softmax(-1)[0]
-                token = _draw(dist, generator)
+                dists.append(processed.softmax(-1)[0])
+                token = _draw(dists[-1], generator)
             drafts.append(token)
-            dists.append(dist)
             if i < k - 1:
                 logits = self.batch.extend(draft_row, [token])
-        return drafts, torch.stack(dists)
+        return drafts, torch.stack(dists) if dists else torch.empty(0)
 
     def settle(self, batch: DecodeBatch, row: Row) -> None:
         """Feed the row's owed last token: it has pending logits again, as every row of a
