@@ -18,6 +18,10 @@ which is made on a GPU by bench/train_models.py and is not in this checkout). Dr
 - `-distilled`: each trained on further on text the target wrote (sequence-level distillation:
   `--make-draft` has the target continue story openings from the corpus, half greedily and half
   sampled at temperature 1, 1M tokens, and runs `emergence pretrain --init`, 400 steps);
+- `-bf16`: the distilled drafts loaded with `dtype="bf16"` (their weights rounded once):
+  half the bytes a draft step reads (the target's pass pushes the draft's weights out of the
+  caches every round); the target still verifies every token, so greedy output stays the
+  target's own;
 - `q4_0`: the target itself with every linear layer quantized to q4_0 (a self-draft).
 
     python bench/bench_speculative.py --make-draft runs/draft [--size 0.4m]   # about 35 / 15 minutes on 2 cores
@@ -221,6 +225,8 @@ def main() -> int:
         if (folder / size / "distilled" / "best").is_dir():
             drafts[f"draft-{size}"] = emergence.load(folder / size / "run" / "best", device="cpu")
             drafts[f"draft-{size}-distilled"] = emergence.load(folder / size / "distilled" / "best", device="cpu")
+            drafts[f"draft-{size}-distilled-bf16"] = emergence.load(folder / size / "distilled" / "best",
+                                                                    device="cpu", dtype="bf16")
     drafts["q4_0"] = quantized
     ks = [int(k) for k in args.ks.split(",")]
     rows = measure(lm, drafts, ks, [0.0, 0.8], args.rounds, args.tokens)

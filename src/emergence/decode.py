@@ -502,12 +502,13 @@ class DecodeBatch:
         active = routing(self.model).active
         return per_row(self.model, [active if r.adapter is None else r.adapter for r in rows])
 
-    def extend(self, row: Row, tokens: list[int]) -> torch.Tensor:
+    def extend(self, row: Row, tokens: list[int], every: bool = True) -> torch.Tensor:
         """Feed `tokens` to one row's cache, after its `length` tokens (the row need not be in
-        `rows`); the logits after each, (len(tokens), V) float32. Speculative decoding's
-        verification and drafting (speculative.py): tokens that may be taken back with
-        `truncate`, so none of the blocks they fill is registered for prefix caching here."""
-        return self._forward([row], [tokens], every=True, register=False)
+        `rows`); the logits after each, (len(tokens), V) float32 (`every` False: after the last
+        only, (1, V)). Speculative decoding's verification and drafting (speculative.py): tokens
+        that may be taken back with `truncate`, so none of the blocks they fill is registered
+        for prefix caching here."""
+        return self._forward([row], [tokens], every=every, register=False)
 
     def truncate(self, row: Row, length: int) -> None:
         """Take back a row's cached tokens past `length` (blocks no longer needed are released);

@@ -171,7 +171,7 @@ class Speculator:
             # (a row of the draft's cache only: it never chooses or emits, the target's row does)
             found = self._drafts[id(row)] = (Row(None, row.params, [], 0, None, None, set()), generator)
         draft_row, generator = found
-        logits = self.batch.extend(draft_row, history[draft_row.length:])[-1:]
+        logits = self.batch.extend(draft_row, history[draft_row.length:], every=False)  # (1, V): the last's
         drafts, dists = [], []
         greedy = row.params.greedy  # (accept needs no distributions then: q is not read)
         for i in range(k):
