@@ -160,6 +160,13 @@ def test_generate_with_draft_prints_the_plain_output_and_the_acceptance(capsys, 
     spec = drafted["speculative"]
     assert spec["draft_tokens"] == 3 and 0 < spec["drafted"] <= 3 * spec["rounds"]
     assert 0 < spec["acceptance"] <= 1 and spec["accepted"] == round(spec["acceptance"] * spec["drafted"])
+    # the draft in bf16 beside an fp32 target: still the target's own greedy tokens
+    assert main(args + ["--draft", str(folder), "--draft-dtype", "bf16"]) in (0, None)
+    drafted = json.loads(capsys.readouterr().out)
+    assert drafted["token_ids"] == plain["token_ids"] and drafted["speculative"]["rounds"] > 0
+    assert main(args + ["--draft", str(folder), "--draft-dtype", "fp8"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown dtype 'fp8'" in err
 
 
 def test_a_modelfile_draft_line_is_kept_and_used(capsys, tmp_path, lm, monkeypatch):

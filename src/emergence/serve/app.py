@@ -952,7 +952,7 @@ def app_for(model: str | None, *, slots: int = 8, max_queue: int = 256, api_key:
             allowed_hosts: tuple[str, ...] = (), allowed_origins: tuple[str, ...] = (),
             adapters: dict[str, str] | None = None, verifiers: dict[str, str] | None = None,
             verifier_kind: str = "prm", prefix_caching: bool = True, draft: str | None = None,
-            draft_tokens: int = 4) -> Server:
+            draft_tokens: int = 4, draft_dtype: str | None = None) -> Server:
     """The server's routes for a model argument (store.resolve_model). A store model's
     PARAMETERs are the request defaults, its SYSTEM the system message of chats that bring none,
     its TEMPLATE the chat template (unless one is given). adapters: served name -> PEFT adapter
@@ -960,7 +960,7 @@ def app_for(model: str | None, *, slots: int = 8, max_queue: int = 256, api_key:
     verifiers: name -> reward model folder (search.verifier.load_verifier, as verifier_kind),
     loaded here once, named by chat requests with `search`. draft: a smaller model with the same
     tokenizer (default: a store model's DRAFT) that decodes requests running alone speculatively,
-    proposing draft_tokens a round."""
+    proposing draft_tokens a round, loaded in draft_dtype (default: dtype)."""
     from ..adapters.lora import routing
     from ..adapters.peft_format import load_adapter
     from ..api import load
@@ -979,8 +979,8 @@ def app_for(model: str | None, *, slots: int = 8, max_queue: int = 256, api_key:
         routing(lm.model).active = active
     speculator = None
     if (draft or source.draft) is not None:
-        speculator = lm.speculator(load(resolve_model(draft or source.draft), device=device, dtype=dtype),
-                                   k=draft_tokens)
+        speculator = lm.speculator(load(resolve_model(draft or source.draft), device=device,
+                                        dtype=draft_dtype or dtype), k=draft_tokens)
     loaded_verifiers = {}
     if verifiers:
         from ..search.verifier import load_verifier
