@@ -550,6 +550,40 @@ def test_activation_checkpointing_gives_the_same_gradients_from_a_fraction_of_th
     assert 0 < saved_c < saved / 3, (saved_c, saved)
 
 
+def test_checkpointed_training_hands_freed_memory_back_every_few_blocks(monkeypatch):
+    # allocator.py: after every RELEASE_EVERY_BLOCKS checkpointed blocks the C heap's free pages go
+    # back to the OS, in the forward and again when the backward reaches those blocks; never when
+    # the blocks are not checkpointed (plain training, evaluation, no_grad).
+    import emergence.model
+    from emergence import Config
+    from emergence.allocator import RELEASE_EVERY_BLOCKS, release_freed_memory
+    from emergence.model import Transformer
+
+    assert release_freed_memory()  # glibc's malloc_trim, on this Linux
+    calls = []
+    monkeypatch.setattr(emergence.model, "release_freed_memory", lambda: calls.append(torch.is_grad_enabled()))
+    monkeypatch.setattr(emergence.allocator, "release_freed_memory", lambda: calls.append("backward"))
+    n = 2 * RELEASE_EVERY_BLOCKS + 1
+    config = Config(name="trim", vocab_size=64, block_size=16, n_layer=n, n_head=2, n_kv_head=2, n_embd=16,
+                    intermediate_size=32)
+    model = Transformer(config)
+    ids = torch.randint(0, 64, (1, 8))
+    model.checkpoint_activations = True
+    loss = model(ids).sum()
+    assert calls == [True, True]  # after blocks 5 and 10 of 11
+    loss.backward()
+    assert calls == [True, True, "backward", "backward"]
+    calls.clear()
+    with torch.no_grad():
+        model(ids)
+    model.eval()
+    model(ids).sum().backward()
+    model.train()
+    model.checkpoint_activations = False
+    model(ids).sum().backward()
+    assert calls == []
+
+
 @pytest.mark.parametrize("case", ["tied", "untied+softcap", "lora-head"])
 def test_the_sliced_head_loss_is_the_whole_logits_cross_entropy_without_the_logits(case, monkeypatch):
     # model(ids, targets=...) (what the trainer calls) scores the hidden states a few rows at a

@@ -27,6 +27,7 @@ import torch.utils.checkpoint
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from .allocator import RELEASE_EVERY_BLOCKS, release_freed_memory, release_in_backward
 from .config import Config
 from .errors import InvalidArgument
 
@@ -532,10 +533,14 @@ class Transformer(Placed, nn.Module):
             if self.config.rope_local_theta is not None:
                 ropes["local"] = rope_cos_sin(self.rope_local_inv_freq, positions, x.dtype)
         recompute = self.checkpoint_activations and self.training and cache is None and torch.is_grad_enabled()
-        for block in self.layers:
+        for i, block in enumerate(self.layers):
             if recompute:  # the same values; the block's activations are recomputed in the backward
                 x = torch.utils.checkpoint.checkpoint(block, x, ropes[block.rope], masks[block.window], cache,
                                                       use_reentrant=False)
+                if (i + 1) % RELEASE_EVERY_BLOCKS == 0:  # what the last blocks freed back to the OS, in
+                    release_freed_memory()  # the forward and (the hook) before their backward (allocator.py)
+                    if x.requires_grad:
+                        x.register_hook(release_in_backward)
             else:
                 x = block(x, ropes[block.rope], masks[block.window], cache)
         return self.norm(x)
