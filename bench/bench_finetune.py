@@ -79,7 +79,9 @@ qlora-nf4 (and their -ckpt configurations, when run) once more, one step each (a
 adapters' only), under MALLOC_MMAP_THRESHOLD_=131072 (--malloc; 'none' skips it): every block
 of 128 KiB or more is then its own mapping, returned on free, so the peak follows the live
 tensors instead of what the allocator caches. The same setting for both; it slows a step down
-(every large tensor is fresh zeroed pages), so it explains the default figures, no more.
+(every large tensor is fresh zeroed pages), so it explains the default figures, no more. (The
+-ckpt configurations hand the heap's freed pages back every few blocks by themselves: the
+model's checkpointed path does it, emergence/allocator.py.)
 
 The targets: emergence LoRA >= 1.5x peft's tokens/s; QLoRA-nf4's peak <= 0.45x LoRA-fp32's.
 

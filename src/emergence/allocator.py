@@ -4,11 +4,12 @@ glibc's malloc serves an allocation of under its mmap threshold from its heap, a
 threshold, up to 32 MiB, each time a larger block is freed: after the first step of training,
 every activation is heap memory, and what is freed stays in the process. A step with activation
 checkpointing frees each block's activations as soon as it has the block's output, but the
-freed blocks fragment the heap and the next ones do not fit them: on the smollm2-135m shapes
-(bench/bench_finetune.py) the heap reached 1.8 GB for 0.3 GB in use. `release_freed_memory`
-(glibc's malloc_trim) returns the heap's free pages, so the process keeps what is live; the
-pages are faulted in again when reused, which costs time (about 10% of a step there, releasing
-every 5 blocks). Elsewhere (another C library, another OS) it does nothing.
+freed blocks fragment the heap and the next ones do not fit them, so the heap grows to several
+times what is in use (checkpointed QLoRA on the smollm2-135m shapes: a peak of 0.58x plain
+LoRA's without releasing, 0.35x with it; bench/bench_finetune.py, README "Fine-tuning").
+`release_freed_memory` (glibc's malloc_trim) returns the heap's free pages, so the process keeps
+what is live; the pages are faulted in again when reused, which costs time. Elsewhere (another
+C library, another OS) it does nothing.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-# Checkpointed blocks between two releases: on the smollm2-135m shapes (30 blocks) every 5 kept
-# the peak at 1,244 MiB for 5.4 s a step, every 10 at 1,335 MiB for 5.2 s, never at 2,141 MiB
-# for 4.8 s; every block at 1,232 MiB for 6.8 s.
+# Checkpointed blocks between two releases: fewer releases fault fewer pages in again, more keep
+# the peak closer to what is live (every block and every 10th were tried on the smollm2-135m
+# shapes: little lower, and higher)
 RELEASE_EVERY_BLOCKS = 5
 
 
