@@ -636,6 +636,35 @@ def test_own_format_gemv_is_the_dequantized_product(fmt, options, shape, ext):
     assert ((got.double() - weight[:, torch.randperm(k)] @ x.double()).abs() > bound).any()
 
 
+@pytest.mark.parametrize("fmt, options", [("int8", {}), ("int4", {"group_size": 32}), ("int4", {"group_size": 64}),
+                                          ("nf4", {}), ("ternary", {})])
+@pytest.mark.parametrize("rows, shape", [(1, (5, 128)), (7, (300, 576)), (128, (130, 1536))])
+def test_widened_gemm_is_the_dequantized_product_for_every_row(fmt, options, rows, shape, ext):
+    """A prompt through an int8 / int4 / NF4 / ternary layer (qgemm_widened: the weight widened a
+    tile of rows at a time and multiplied by the BLAS, never whole): every row equals the row
+    times the dequantized weight, to fp32 summation, tiles and remainders of any size; the eager
+    forward pass takes it without a gradient to carry, with the bias added."""
+    if ext is None:  # the fixture checked the fallback
+        return
+    from emergence.kernels import native_widened_gemm
+    from emergence.quant.linear import quantize_model
+
+    n, k = shape
+    torch.manual_seed(rows + n)
+    layer = torch.nn.Sequential(torch.nn.Linear(k, n))
+    quantize_model(layer, fmt, skip=(), **options)
+    module = layer[0]
+    x = torch.randn(rows, k)
+    weight = module.dequantize().double()
+    exact = x.double() @ weight.T
+    bound = 2**-20 * (x.double().abs() @ weight.abs().T) + 1e-12
+    got = native_widened_gemm(module, x)
+    assert got.shape == (rows, n) and ((got.double() - exact).abs() <= bound).all()
+    with torch.no_grad():
+        assert torch.equal(module(x[None]), got[None] + module.bias)
+    assert native_widened_gemm(module, x.requires_grad_()) is None  # training: the dequantized weight's autograd
+
+
 def test_packed_ternary_layout_decodes_to_the_values(ext):
     if ext is None:  # the fixture checked the fallback
         return

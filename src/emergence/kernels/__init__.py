@@ -135,6 +135,24 @@ def native_qgemm(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     return y if module.bias is None else y + module.bias.to(x.dtype)
 
 
+def native_widened_gemm(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """x (..., K) fp32 times an int8 / int4 / NF4 / ternary layer's weight, widened a tile of rows
+    at a time and multiplied with torch's BLAS (quant_rows.h, qgemm_widened: the fp32 matrix never
+    exists whole), without the bias; None where the kernel cannot serve it (another format or
+    dtype, no kernels, a gradient to carry: training multiplies the dequantized weight)."""
+    extension = gemv_extension()
+    if extension is None or getattr(module, "format", None) not in ("int8", "int4", "nf4", "ternary") \
+            or x.device.type != "cpu" or x.dtype != torch.float32 or (torch.is_grad_enabled() and x.requires_grad):
+        return None
+    ops = module.kernel_operands()
+    if ops is None:
+        return None
+    rows = x.reshape(-1, x.shape[-1])
+    y = extension.qgemm_float(extension.weight_kinds[ops.format], rows, ops.data, ops.scales, ops.offsets, ops.group,
+                              ops.tensor_scale, module.out_features, module.in_features, None)
+    return y.reshape(*x.shape[:-1], module.out_features)
+
+
 def release_thread_pool() -> None:
     """Hand back the calling thread's OpenMP worker threads, before another thread (a server's
     decoding engine) takes over the parallel work.

@@ -20,15 +20,22 @@ using SgemmFn = void (*)(const char* transa, const char* transb, const int* m, c
 
 inline const SgemmFn kSgemm = reinterpret_cast<SgemmFn>(dlsym(RTLD_DEFAULT, "sgemm_"));
 
+// Y[:, :rows] (B rows, ldy apart) = X (B, K) W^T for `rows` contiguous fp32 weight rows W
+// (rows, K). In BLAS's column-major terms: Y^T's first rows (ldc ldy) = W (transposed, lda K)
+// times X^T (ldb K).
+inline void sgemm_block(const float* w, int64_t rows, const float* x, int64_t B, float* y, int64_t ldy, int64_t K) {
+  const int m = static_cast<int>(rows), n = static_cast<int>(B), k = static_cast<int>(K);
+  const int lda = k, ldb = k, ldc = static_cast<int>(ldy);
+  const float one = 1.0f, zero = 0.0f;
+  kSgemm("T", "N", &m, &n, &k, &one, w, &lda, x, &ldb, &zero, y, &ldc);
+}
+
 // Y (B, N)[:, row0:row1] = X (B, K) W[row0:row1]^T for a contiguous fp32 W (N, K). In BLAS's
 // column-major terms: Y^T's rows row0..row1 (ldc N) = W's rows (transposed, lda K) times X^T
 // (ldb K).
 inline void sgemm_rows(const float* w, const float* x, int64_t B, float* y, int64_t N, int64_t row0, int64_t row1,
                        int64_t K) {
-  const int m = static_cast<int>(row1 - row0), n = static_cast<int>(B), k = static_cast<int>(K);
-  const int lda = k, ldb = k, ldc = static_cast<int>(N);
-  const float one = 1.0f, zero = 0.0f;
-  kSgemm("T", "N", &m, &n, &k, &one, w + row0 * K, &lda, x, &ldb, &zero, y + row0, &ldc);
+  sgemm_block(w + row0 * K, row1 - row0, x, B, y + row0, N, K);
 }
 
 }  // namespace emergence

@@ -3,9 +3,10 @@
 // or 32 (and, for Q8_0 and Q4_0, the matrix product of a prompt's rows on the packed blocks:
 // qgemm_ggml). For our own formats (int8, int4, NF4, ternary) the codes become fp32 values in
 // registers (int8 and ternary widened and converted, int4 and NF4 by a table lookup) and the
-// result equals x times the dequantized weight (up to fp32 summation order). For ggml's Q8_0 and Q4_0 the activation vector is quantized the way llama.cpp does
-// it (blocks of 32, int8 with scale max|x| / 127) and the dot products run on integers with
-// AVX512-VNNI: the numerics of llama.cpp's own CPU kernels, at a fraction of the instructions.
+// result equals x times the dequantized weight (up to fp32 summation order). For ggml's Q8_0
+// and Q4_0 the activation vector is quantized the way llama.cpp does it (blocks of 32, int8
+// with scale max|x| / 127) and the dot products run on integers with AVX512-VNNI: the
+// numerics of llama.cpp's own CPU kernels, at a fraction of the instructions.
 //
 // Weight layouts (one row of K inputs per output; rows contiguous, `row_bytes` apart):
 //   Q8_0     ggml blocks of 32: fp16 scale d, 32 int8 q;            w = d * q
@@ -24,7 +25,8 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
-#include "gemv_rows.h"  // hsum4
+#include "blas.h"
+#include "gemv_rows.h"  // hsum4, gemm_rows
 #include "team.h"
 
 #include <algorithm>
@@ -604,6 +606,31 @@ inline void dequantize_row(const QuantMatrix& m, int64_t r, float* w) {
 inline void dequantize_rows(const QuantMatrix& m, float* out, int64_t grain) {
   parallel_rows(0, m.N, grain, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) dequantize_row(m, r, out + r * m.K);
+  });
+}
+
+// Y (M, N) = X (M, K) W^T for our own formats (int8, int4, NF4, ternary) and many rows of X
+// (a prompt in the eager forward pass): each thread widens its share of W a tile of rows at a
+// time into its own fp32 buffer (dequantize_row: the values of dequantize()) and multiplies
+// the tile with torch's BLAS while it is in cache (gemm_rows where the BLAS is missing), so the
+// whole fp32 matrix never exists: N x K x 4 bytes written and read back per call before.
+inline void qgemm_widened(const QuantMatrix& m, const float* x, int64_t M, float* y) {
+  const int64_t K = m.K;
+  // rows a tile: <= 1 MiB of fp32, half this Xeon's L2 (on the smollm2-135m shapes 1 and 2 MiB
+  // went alike, 256 KiB and 4 MiB slower: the BLAS packs X again for every tile)
+  const int64_t tile = std::clamp<int64_t>((1024 * 1024 / (4 * K)) / 16 * 16, 16, 512);
+  parallel_rows(0, m.N, tile, [&](int64_t r0, int64_t r1) {
+    thread_local std::vector<float> w;
+    w.resize(tile * K);
+    for (int64_t t = r0; t < r1; t += tile) {
+      const int64_t rows = std::min(tile, r1 - t);
+      for (int64_t r = 0; r < rows; ++r) dequantize_row(m, t + r, w.data() + r * K);
+      if (kSgemm) {
+        sgemm_block(w.data(), rows, x, M, y + t, m.N, K);
+      } else {
+        gemm_rows(w.data(), x, M, y + t, m.N, 0, rows, K);
+      }
+    }
   });
 }
 
