@@ -201,6 +201,33 @@ def test_preempted_rows_resume_with_the_same_tokens(lm):
     assert cache.num_used == 0
 
 
+def test_the_engine_hands_a_token_over_before_the_next_forward_pass(lm, monkeypatch):
+    # BatchEngine._step delivers each row's chunk through DecodeBatch.step's `deliver`, before the
+    # batch advances: a client has its token while the next step computes, not a step later.
+    from emergence.serve.engine import BatchEngine
+
+    prompt, params = list(range(3, 12)), SamplingParams(temperature=0, max_new_tokens=4, ignore_eos=True)
+    plain = lm.complete(prompt, temperature=0, max_new_tokens=4, ignore_eos=True).token_ids
+    engine = BatchEngine(lm.model, lm.tokenizer, slots=2)
+    handed = []  # at each forward pass of the engine's batch: the tokens handed over so far
+    advance = DecodeBatch.advance
+
+    def watched(batch, tokens):
+        if batch is engine.batch and tokens:  # (a finished row's step advances nothing)
+            handed.append(engine.generated)
+        return advance(batch, tokens)
+
+    monkeypatch.setattr(DecodeBatch, "advance", watched)
+    try:
+        tokens = [t for chunk in engine.submit(prompt, params) for t in chunk.token_ids]
+    finally:
+        engine.close()
+    assert tokens == plain
+    # the passes after the 1st, 2nd and 3rd tokens (the 4th ends the row: no pass), each with
+    # that token already handed over
+    assert handed == [1, 2, 3]
+
+
 # ------------------------------------------------------------------ memory for serving
 def test_llama_3_2_1b_serves_8_slots_within_2_gib_of_kv_cache():
     # llama-3.2-1b keeps 16 layers x 8 KV heads x 64 dims: 64 KiB of fp32 keys and values per

@@ -31,7 +31,7 @@ one-call forward on the CPU). `make_backend` chooses; nothing in the model dispa
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -411,9 +411,12 @@ class DecodeBatch:
             self.logits = self.logits[torch.tensor(keep, device=self.logits.device)] if keep else None
 
     # ----------------------------------------------------------------- stepping
-    def step(self) -> list[tuple[Row, Chunk]]:
+    def step(self, deliver: Callable[[Row, Chunk], None] | None = None) -> list[tuple[Row, Chunk]]:
         """Choose every row's next token and emit it; finished rows leave; the others advance
-        one token. Returns each row's chunk, in row order."""
+        one token. Returns each row's chunk, in row order. `deliver`, when given, gets each
+        (row, chunk) before the forward pass that advances the batch: a server hands its clients
+        their tokens while the next step computes (the native step releases the GIL), not a
+        step later."""
         if not self.rows:
             return []
         logits = self.logits
@@ -438,6 +441,9 @@ class DecodeBatch:
             else:
                 tokens.append(token)
         self.remove(finished)
+        if deliver is not None:
+            for row, chunk in events:
+                deliver(row, chunk)
         self.advance(tokens)
         return events
 

@@ -454,11 +454,13 @@ class BatchEngine:
             for row in batch.rows:  # they step together now: each with its pending logits
                 speculator.settle(batch, row)
                 speculator.release(row)
-        for row, chunk in batch.step():
+        def deliver(row: Row, chunk: Chunk) -> None:  # before the batch's next forward pass
             self.generated += len(chunk.token_ids)
             row.tag._put(chunk)
             if chunk.finish_reason:
                 row.tag._end()
+
+        batch.step(deliver)
         if batch.preempted:
             self.preemptions += len(batch.preempted)
             with self._lock:
