@@ -21,7 +21,8 @@ from .sampling import SamplingParams
 from .speculative import DEFAULT_DRAFT_TOKENS
 
 if TYPE_CHECKING:
-    from .store import Source
+    from .store import Entry, Source
+    from .tokenizer import Tokenizer
     from .train.trainer import TrainConfig
 
 

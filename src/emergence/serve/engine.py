@@ -454,6 +454,7 @@ class BatchEngine:
             for row in batch.rows:  # they step together now: each with its pending logits
                 speculator.settle(batch, row)
                 speculator.release(row)
+
         def deliver(row: Row, chunk: Chunk) -> None:  # before the batch's next forward pass
             self.generated += len(chunk.token_ids)
             row.tag._put(chunk)
