@@ -26,7 +26,7 @@ from ..kv_cache import PagedKVCache
 # weights up to 64 tokens; bf16 up to 16 (from 32, oneDNN's bf16 GEMM is ahead); q8_0 and q4_0
 # blocks up to 128 (both paths multiply on the packed blocks, qgemm_ggml); the other packed
 # formats up to 4 (their kernels read the weights once per token, where the eager path
-# multiplies all the tokens at once after one dequantization).
+# multiplies all the tokens at once, the weight widened a tile of rows at a time).
 MAX_NATIVE_PREFILL, MAX_NATIVE_PREFILL_BF16, MAX_NATIVE_PREFILL_GGML, MAX_NATIVE_PREFILL_PACKED = 64, 16, 128, 4
 # The linear layers of a block, by decode.cpp's slot number ("mlp.up": SwiGLU's fused gate_up
 # or the GELU MLP's up projection).
