@@ -44,7 +44,7 @@ struct QuantMatrix {
   int64_t row_bytes;       // bytes per row
   const float* scales;     // INT8: (N,); INT4: (N, K / group); NF4: (N, K / 64) absmax
   const float* offsets;    // INT4: (N, K / group); NF4: the 16-value code table
-  int64_t group;           // INT4 group size (a multiple of 32)
+  int64_t group;           // INT4 group size (32, 64 or 128)
   float tensor_scale;      // TERNARY
   int64_t N, K;
 };
@@ -427,7 +427,15 @@ inline float row_ternary(const uint8_t* row, const float* x, int64_t K) {
 inline void quant_gemv(const QuantMatrix& m, const float* x, float* y, int64_t grain) {
   const int64_t K = m.K;
   const bool four_bit = m.kind == WeightKind::INT4 || m.kind == WeightKind::NF4;
-  std::vector<float> x_split, sums;  // int4, NF4: x re-ordered for rows_4bit; int4: sum of x per group
+  // int4, NF4: x re-ordered for rows_4bit; int4: sum of x per group; Q8_0/Q4_0: x quantized.
+  // Each thread's own (a team's threads each prepare them), kept between calls: no allocation
+  // per product on the decode path. Named through references: the row lambdas below may run on
+  // other threads, where the thread_local names would be those threads' own buffers.
+  thread_local std::vector<float> split_buffer, sums_buffer;
+  thread_local QuantizedX quantized_buffer;
+  std::vector<float>& x_split = split_buffer;
+  std::vector<float>& sums = sums_buffer;
+  QuantizedX& xq = quantized_buffer;
   Nibbles nib;
   if (four_bit) {
     nib = nibbles(m);
@@ -443,7 +451,6 @@ inline void quant_gemv(const QuantMatrix& m, const float* x, float* y, int64_t g
     }
   }
   const bool ggml = m.kind == WeightKind::Q8_0 || m.kind == WeightKind::Q4_0;
-  QuantizedX xq;
   if (ggml && kHasAvx512Vnni) {
     const bool q4 = m.kind == WeightKind::Q4_0;
     quantize_x(x, K, q4 ? 8 : 128, xq);
@@ -616,8 +623,8 @@ inline void dequantize_rows(const QuantMatrix& m, float* out, int64_t grain) {
 // whole fp32 matrix never exists: N x K x 4 bytes written and read back per call before.
 inline void qgemm_widened(const QuantMatrix& m, const float* x, int64_t M, float* y) {
   const int64_t K = m.K;
-  // rows a tile: <= 1 MiB of fp32, half this Xeon's L2 (on the smollm2-135m shapes 1 and 2 MiB
-  // went alike, 256 KiB and 4 MiB slower: the BLAS packs X again for every tile)
+  // rows a tile: <= 1 MiB of fp32, half this Xeon's L2 per core: large enough that packing X
+  // again for every tile (the BLAS does) costs little, small enough to stay in cache
   const int64_t tile = std::clamp<int64_t>((1024 * 1024 / (4 * K)) / 16 * 16, 16, 512);
   parallel_rows(0, m.N, tile, [&](int64_t r0, int64_t r1) {
     thread_local std::vector<float> w;
@@ -647,7 +654,9 @@ inline QuantMatrix quant_matrix(int64_t kind, const at::Tensor& data, const at::
       TORCH_CHECK(scales.numel() == N && scales.scalar_type() == at::kFloat, "INT8 needs (N,) fp32 scales");
       break;
     case WeightKind::INT4:
-      TORCH_CHECK(group % 32 == 0 && K % group == 0, "INT4 needs a group size that is a multiple of 32 and divides K");
+      // (rows_4bit's 128-column steps hold whole groups: 32, 64 or 128, as quant/methods.py's INT4_GROUP_SIZES)
+      TORCH_CHECK((group == 32 || group == 64 || group == 128) && K % group == 0,
+                  "INT4 needs a group size of 32, 64 or 128 that divides K");
       TORCH_CHECK(scales.numel() == N * (K / group) && offsets.numel() == N * (K / group) &&
                       scales.scalar_type() == at::kFloat && offsets.scalar_type() == at::kFloat,
                   "INT4 needs (N, K / group) fp32 scales and offsets");
