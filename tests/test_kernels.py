@@ -590,11 +590,12 @@ def test_ggml_block_gemm_is_llama_cpps_product_for_every_row(qtype_name, rows, s
     raw = quantize(w, qtype)
     weight = dequantize(raw, qtype, (n, k)).double()
     xq = quantize_activations_q8_0(x).double()
-    got = ext.qgemm(ext.weight_kinds[qtype_name.lower()], x, torch.from_numpy(raw.reshape(-1).copy()), n, k, None)
+    blocks, none = torch.from_numpy(raw.reshape(-1).copy()), torch.empty(0)
+    got = ext.qgemm(ext.weight_kinds[qtype_name.lower()], x, blocks, none, none, 0, 0.0, n, k, None)
     bound = 2**-20 * (xq.abs() @ weight.abs().T)
     assert got.shape == (rows, n) and ((got.double() - xq @ weight.T).abs() <= bound + 1e-9).all()
     bias = torch.randn(n)
-    with_bias = ext.qgemm(ext.weight_kinds[qtype_name.lower()], x, torch.from_numpy(raw.reshape(-1).copy()), n, k, bias)
+    with_bias = ext.qgemm(ext.weight_kinds[qtype_name.lower()], x, blocks, none, none, 0, 0.0, n, k, bias)
     assert torch.equal(with_bias, got + bias)
 
 
@@ -636,6 +637,16 @@ def test_own_format_gemv_is_the_dequantized_product(fmt, options, shape, ext):
     assert ((got.double() - weight[:, torch.randperm(k)] @ x.double()).abs() > bound).any()
 
 
+def test_int4_kernels_refuse_a_group_size_their_steps_cannot_hold(ext):
+    # rows_4bit multiplies 128 columns a step, whole groups in each: 32, 64 or 128 columns a group
+    if ext is None:  # the fixture checked the fallback
+        return
+    codes, scales = torch.zeros(2 * 128, dtype=torch.uint8), torch.ones(2)
+    for group in (96, 256):
+        with pytest.raises(RuntimeError, match="group size of 32, 64 or 128"):
+            ext.qgemv(ext.weight_kinds["int4"], torch.ones(256), codes, scales, scales, group, 0.0, 2, 256, None)
+
+
 @pytest.mark.parametrize("fmt, options", [("int8", {}), ("int4", {"group_size": 32}), ("int4", {"group_size": 64}),
                                           ("nf4", {}), ("ternary", {})])
 @pytest.mark.parametrize("rows, shape", [(1, (5, 128)), (7, (300, 576)), (128, (130, 1536))])
@@ -646,7 +657,7 @@ def test_widened_gemm_is_the_dequantized_product_for_every_row(fmt, options, row
     forward pass takes it without a gradient to carry, with the bias added."""
     if ext is None:  # the fixture checked the fallback
         return
-    from emergence.kernels import native_widened_gemm
+    from emergence.kernels import native_qgemm
     from emergence.quant.linear import quantize_model
 
     n, k = shape
@@ -658,11 +669,11 @@ def test_widened_gemm_is_the_dequantized_product_for_every_row(fmt, options, row
     weight = module.dequantize().double()
     exact = x.double() @ weight.T
     bound = 2**-20 * (x.double().abs() @ weight.abs().T) + 1e-12
-    got = native_widened_gemm(module, x)
+    got = native_qgemm(module, x)
     assert got.shape == (rows, n) and ((got.double() - exact).abs() <= bound).all()
     with torch.no_grad():
         assert torch.equal(module(x[None]), got[None] + module.bias)
-    assert native_widened_gemm(module, x.requires_grad_()) is None  # training: the dequantized weight's autograd
+    assert native_qgemm(module, x.requires_grad_()) is None  # training: the dequantized weight's autograd
 
 
 def test_packed_ternary_layout_decodes_to_the_values(ext):

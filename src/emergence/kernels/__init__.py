@@ -114,43 +114,34 @@ def native_dequantize(module: nn.Module) -> torch.Tensor | None:
                                  ops.tensor_scale, module.out_features, module.in_features)
 
 
+# The own formats whose prompts qgemm widens a tile of rows at a time (ggml's Q8_0 and Q4_0 it
+# multiplies on their blocks).
+WIDENED_FORMATS = ("int8", "int4", "nf4", "ternary")
+
+
 def native_qgemm(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-    """x (..., K) times a q8_0 / q4_0 layer's packed blocks (quant_rows.h, qgemm_ggml: x
-    quantized to Q8_0 per row, integer dot products per block), plus its bias, in x's dtype; None
-    where the kernel cannot serve it (another format, no kernels or VNNI, a gradient to carry)."""
+    """x (..., K) times a packed layer's weight, without its bias, in x's dtype (quant_rows.h):
+    q8_0 / q4_0 on their blocks (qgemm_ggml: x quantized to Q8_0 per row, integer dot products
+    per block, llama.cpp's numerics); int8 / int4 / NF4 / ternary for fp32 x, the weight widened
+    a tile of rows at a time and multiplied with torch's BLAS (qgemm_widened: the values of x
+    times dequantize(), the fp32 matrix never whole). None where no kernel serves it (another
+    format or dtype, no kernels or VNNI, a gradient to carry: training multiplies the
+    dequantized weight)."""
     from ..quant.linear import GGML_KERNEL_FORMATS
 
     extension = gemv_extension()
-    if extension is None or getattr(module, "format", None) not in GGML_KERNEL_FORMATS \
-            or "avx512_vnni" not in _cpu_flags() or x.device.type != "cpu" \
+    fmt = getattr(module, "format", None)
+    on_blocks = fmt in GGML_KERNEL_FORMATS and "avx512_vnni" in _cpu_flags()
+    widened = fmt in WIDENED_FORMATS and x.dtype == torch.float32
+    if extension is None or not (on_blocks or widened) or x.device.type != "cpu" \
             or (torch.is_grad_enabled() and x.requires_grad):
         return None
     ops = module.kernel_operands()
     if ops is None:
         return None
-    rows = x.reshape(-1, x.shape[-1])
-    y = extension.qgemm(extension.weight_kinds[ops.format], rows, ops.data, module.out_features,
-                        module.in_features, None).to(x.dtype)  # the bias added in x's dtype, as F.linear's path
-    y = y.reshape(*x.shape[:-1], module.out_features)
-    return y if module.bias is None else y + module.bias.to(x.dtype)
-
-
-def native_widened_gemm(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-    """x (..., K) fp32 times an int8 / int4 / NF4 / ternary layer's weight, widened a tile of rows
-    at a time and multiplied with torch's BLAS (quant_rows.h, qgemm_widened: the fp32 matrix never
-    exists whole), without the bias; None where the kernel cannot serve it (another format or
-    dtype, no kernels, a gradient to carry: training multiplies the dequantized weight)."""
-    extension = gemv_extension()
-    if extension is None or getattr(module, "format", None) not in ("int8", "int4", "nf4", "ternary") \
-            or x.device.type != "cpu" or x.dtype != torch.float32 or (torch.is_grad_enabled() and x.requires_grad):
-        return None
-    ops = module.kernel_operands()
-    if ops is None:
-        return None
-    rows = x.reshape(-1, x.shape[-1])
-    y = extension.qgemm_float(extension.weight_kinds[ops.format], rows, ops.data, ops.scales, ops.offsets, ops.group,
-                              ops.tensor_scale, module.out_features, module.in_features, None)
-    return y.reshape(*x.shape[:-1], module.out_features)
+    y = extension.qgemm(extension.weight_kinds[ops.format], x.reshape(-1, x.shape[-1]), ops.data, ops.scales,
+                        ops.offsets, ops.group, ops.tensor_scale, module.out_features, module.in_features, None)
+    return y.to(x.dtype).reshape(*x.shape[:-1], module.out_features)
 
 
 def release_thread_pool() -> None:

@@ -85,32 +85,25 @@ torch::Tensor qgemv(int64_t kind, torch::Tensor x, torch::Tensor data, torch::Te
   return y;
 }
 
-// Y (M, N) fp32 = X (M, K) W^T (+ bias) for a packed Q8_0 or Q4_0 W, on its blocks (qgemm_ggml).
-torch::Tensor qgemm(int64_t kind, torch::Tensor x, torch::Tensor data, int64_t N, int64_t K,
-                    c10::optional<torch::Tensor> bias) {
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "x must be (M, K)");
-  const QuantMatrix m = quant_matrix(kind, data, torch::Tensor(), torch::Tensor(), 0, 0.0, N, K);
-  TORCH_CHECK(m.kind == WeightKind::Q8_0 || m.kind == WeightKind::Q4_0, "qgemm: Q8_0 or Q4_0 weights");
-  TORCH_CHECK(kHasAvx512Vnni, "qgemm needs AVX512-VNNI");
-  auto xf = x.to(torch::kFloat32).contiguous();
-  auto y = torch::empty({x.size(0), N}, xf.options());
-  QuantizedRows scratch;
-  qgemm_ggml(m, xf.data_ptr<float>(), x.size(0), y.data_ptr<float>(), scratch);
-  if (bias.has_value() && bias->defined()) y.add_(bias->to(torch::kFloat32));
-  return y;
-}
-
-// Y (M, N) fp32 = X (M, K) W^T (+ bias) for a packed int8, int4, NF4 or ternary W, widened a
-// tile of rows at a time (qgemm_widened).
-torch::Tensor qgemm_float(int64_t kind, torch::Tensor x, torch::Tensor data, torch::Tensor scales, torch::Tensor offsets,
-                          int64_t group, double tensor_scale, int64_t N, int64_t K, c10::optional<torch::Tensor> bias) {
+// Y (M, N) fp32 = X (M, K) W^T (+ bias) for a packed W and many rows of X (a prompt): Q8_0 and
+// Q4_0 on their blocks (qgemm_ggml, with VNNI), int8 / int4 / NF4 / ternary widened a tile of
+// rows at a time (qgemm_widened).
+torch::Tensor qgemm(int64_t kind, torch::Tensor x, torch::Tensor data, torch::Tensor scales, torch::Tensor offsets,
+                    int64_t group, double tensor_scale, int64_t N, int64_t K, c10::optional<torch::Tensor> bias) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "x must be (M, K)");
   const QuantMatrix m = quant_matrix(kind, data, scales, offsets, group, tensor_scale, N, K);
-  TORCH_CHECK(m.kind == WeightKind::INT8 || m.kind == WeightKind::INT4 || m.kind == WeightKind::NF4 ||
-                  m.kind == WeightKind::TERNARY, "qgemm_float: int8, int4, NF4 or ternary weights");
+  const bool ggml = m.kind == WeightKind::Q8_0 || m.kind == WeightKind::Q4_0;
+  TORCH_CHECK(ggml || m.kind == WeightKind::INT8 || m.kind == WeightKind::INT4 || m.kind == WeightKind::NF4 ||
+                  m.kind == WeightKind::TERNARY, "qgemm: a packed weight kind");
+  TORCH_CHECK(!ggml || kHasAvx512Vnni, "qgemm on Q8_0 / Q4_0 blocks needs AVX512-VNNI");
   auto xf = x.to(torch::kFloat32).contiguous();
   auto y = torch::empty({x.size(0), N}, xf.options());
-  qgemm_widened(m, xf.data_ptr<float>(), x.size(0), y.data_ptr<float>());
+  if (ggml) {
+    QuantizedRows scratch;
+    qgemm_ggml(m, xf.data_ptr<float>(), x.size(0), y.data_ptr<float>(), scratch);
+  } else {
+    qgemm_widened(m, xf.data_ptr<float>(), x.size(0), y.data_ptr<float>());
+  }
   if (bias.has_value() && bias->defined()) y.add_(bias->to(torch::kFloat32));
   return y;
 }
@@ -130,8 +123,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv", &gemv, "y = W x (+ b) for one activation vector, fp32 accumulation");
   m.def("gemm", &gemm, "y = x W^T for a few fp32 rows x (B, K), fp32 accumulation");
   m.def("qgemv", &qgemv, "y = W x (+ b) for a packed quantized W, fp32 result");
-  m.def("qgemm", &qgemm, "Y = X W^T (+ b) for a packed Q8_0 / Q4_0 W on its blocks, fp32 result");
-  m.def("qgemm_float", &qgemm_float, "Y = X W^T (+ b) for a packed int8 / int4 / NF4 / ternary W, widened by tiles");
+  m.def("qgemm", &qgemm, "Y = X W^T (+ b) for a packed W: Q8_0 / Q4_0 on its blocks, the others widened by tiles");
   m.def("qdequantize", &qdequantize, "a packed quantized weight as fp32 (N, K)");
   register_decode_plan(m);
 }

@@ -115,10 +115,10 @@ class QuantizedLinear(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from ..kernels import native_widened_gemm
+        from ..kernels import native_qgemm
 
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        y = native_widened_gemm(self, x)  # (a prompt: widened by tiles, never the whole fp32 matrix)
+        y = native_qgemm(self, x)  # (a prompt: widened by tiles, never the whole fp32 matrix)
         if y is not None:
             return y if bias is None else y + bias
         return F.linear(x, self.unpacked_weight().to(x.dtype), bias)
@@ -396,7 +396,7 @@ class GGMLLinear(QuantizedLinear):
 
         y = native_qgemm(self, x)
         if y is not None:
-            return y
+            return y if self.bias is None else y + self.bias.to(x.dtype)
         if self.format in m.GGML_Q8_ACTIVATIONS:
             xq = m.quantize_activations_q8_0(x)
         elif self.format in m.GGML_Q8_K_ACTIVATIONS:
