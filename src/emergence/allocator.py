@@ -23,8 +23,7 @@ if TYPE_CHECKING:
     import torch
 
 # Checkpointed blocks between two releases: fewer releases fault fewer pages in again, more keep
-# the peak closer to what is live (every block and every 10th were tried on the smollm2-135m
-# shapes: little lower, and higher)
+# the peak closer to what is live
 RELEASE_EVERY_BLOCKS = 5
 
 
