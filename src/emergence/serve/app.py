@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import hmac
 import json
 import logging
@@ -37,7 +38,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,6 +66,9 @@ from ..search.strategies import SearchConfig
 PAGE = Path(__file__).with_name("page.html")  # the chat page served at /
 DEFAULT_CHAT_RESERVE = 256  # tokens kept free for a chat reply when max_tokens is not given
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+# prompts up to this many characters (or token ids) are tokenized in the event loop (a half
+# millisecond at most): handing them to a worker thread and back costs more, under load
+INLINE_PROMPT = 2048
 DEFAULT_SEARCH_TOKENS = SearchConfig.max_tokens  # per solution, when a search request gives no max_tokens
 # request fields a test-time search cannot honour (its policy samples with temperature and top_p only, and
 # answers with one plain text): refused with `search`, never silently ignored
@@ -133,6 +137,19 @@ class AsyncSink:
     async def get(self):
         return await self.queue.get()
 
+    def ready(self) -> bool:
+        """Whether an item is waiting (a `get` would not wait)."""
+        return not self.queue.empty()
+
+
+@dataclass
+class EventStream:
+    """A streamed response's events, and whether more of them are ready without waiting (those
+    ready together go out in one write)."""
+
+    events: AsyncIterator[dict]
+    ready: Callable[[], bool]
+
 
 @dataclass
 class RequestState:
@@ -152,6 +169,12 @@ class RequestState:
         """A token was generated (at perf_counter() `at`, default now)."""
         if self.first_token is None:
             self.first_token = (at or time.perf_counter()) - self.start
+
+
+def prompt_size(prompt) -> int:
+    """A completion request's prompt(s) in characters or token ids."""
+    items = prompt if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else [prompt]
+    return sum(len(item) for item in items)
 
 
 def cached_tokens(requests: list[tuple[int, Request]], n: int) -> int:
@@ -276,7 +299,7 @@ class Server:
         adapter = self.check_model(req.model)
         options = sampling(req, self.defaults)
         await self._constrain(options, req.response_format)
-        prompts = await self._in_thread(self._prompts, req.prompt)
+        prompts = await self._in_thread(self._prompts, req.prompt, inline=prompt_size(req.prompt) <= INLINE_PROMPT)
         # an encoder-decoder's decoder starts from one token, whatever the prompt's length
         jobs = [(p * options.n + j, ids, options.for_prompt(1 if self.encoder_decoder else len(ids), self.context, j,
                                                             "prompt"))
@@ -302,7 +325,7 @@ class Server:
                     yield {"id": cid, "object": "text_completion", "created": created, "model": req.model,
                            "choices": [], "usage": usage(state.prompt_tokens, state.completion_tokens,
                                                          cached_tokens(requests, options.n))}
-            return events()
+            return EventStream(events(), sink.ready)
 
         results = await self._collect(requests, sink, state, http)
         choices = [{"index": index, "text": text, "finish_reason": finish,
@@ -370,7 +393,7 @@ class Server:
                 if options.include_usage:
                     yield frame([], usage=usage(len(ids), state.completion_tokens,
                                                 cached_tokens(requests, options.n)))
-            return events()
+            return EventStream(events(), sink.ready)
 
         results = await self._collect(requests, sink, state, http)
         choices = [{"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
@@ -584,14 +607,15 @@ class Server:
             out.append(ids)
         return out
 
-    async def _in_thread(self, fn, *args, param: str | None = None, timeout: float | None = None):
+    async def _in_thread(self, fn, *args, param: str | None = None, timeout: float | None = None,
+                         inline: bool = False):
         """fn(*args) in a worker thread (tokenizing or rendering a long prompt must not stall the
-        event loop); EmergenceError -> 400 on `param`; past `timeout`, a 400 (the thread is left to
-        finish on its own: Python cannot stop it)."""
-        loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(None, fn, *args)
+        event loop; `inline`: work known to be short, run here); EmergenceError -> 400 on `param`;
+        past `timeout`, a 400 (the thread is left to finish on its own: Python cannot stop it)."""
         try:
-            return await asyncio.wait_for(future, timeout)
+            if inline:
+                return fn(*args)
+            return await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(None, fn, *args), timeout)
         except asyncio.TimeoutError:
             raise ApiError(400, f"rendering the chat template took more than {timeout:g} s", param) from None
         except ApiError:
@@ -689,15 +713,29 @@ def _json(status: int, body: dict, headers: dict | None = None) -> JSONResponse:
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def sse(events: AsyncIterator[dict]) -> StreamingResponse:
+async def coalesced(parts: AsyncIterator[bytes], ready: Callable[[], bool]) -> AsyncIterator[bytes]:
+    """The parts, those ready together joined: a socket write costs far more than its bytes, and
+    an event loop behind its streams catches up a write per stream, not one per token."""
+    pending = []
+    async for part in parts:
+        pending.append(part)
+        if not ready():
+            yield b"".join(pending)
+            pending = []
+    if pending:
+        yield b"".join(pending)
+
+
+def sse(stream: EventStream) -> StreamingResponse:
     async def body():
         try:
-            async for event in events:
+            async for event in stream.events:
                 yield b"data: " + json.dumps(event, ensure_ascii=False).encode("utf-8") + b"\n\n"
             yield b"data: [DONE]\n\n"
         except ApiError as e:  # failed mid-stream: the status is sent already, so say it in the stream
             yield b"data: " + json.dumps(e.body()).encode("utf-8") + b"\n\n"
-    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return StreamingResponse(coalesced(body(), stream.ready), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})
 
 
 def create_app(server: Server) -> FastAPI:
@@ -708,7 +746,7 @@ def create_app(server: Server) -> FastAPI:
     def state_of(request: HttpRequest) -> RequestState:
         return request.scope["state"]["emergence"]
 
-    def authorized(request: HttpRequest) -> None:
+    async def authorized(request: HttpRequest) -> None:  # async: FastAPI runs a plain def in a worker thread
         server.authorize(request)
 
     @app.exception_handler(ApiError)
@@ -763,7 +801,7 @@ def create_app(server: Server) -> FastAPI:
         state = state_of(request)
         state.model = body.model
         result = await server.completions(body, state, request)
-        return sse(result) if not isinstance(result, dict) else JSONResponse(result)
+        return JSONResponse(result) if isinstance(result, dict) else sse(result)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion, dependencies=[Depends(authorized)],
               responses=errors, summary="answer a conversation (stream: server-sent events)")
@@ -771,7 +809,7 @@ def create_app(server: Server) -> FastAPI:
         state = state_of(request)
         state.model = body.model
         result = await server.chat_completions(body, state, request)
-        return sse(result) if not isinstance(result, dict) else JSONResponse(result)
+        return JSONResponse(result) if isinstance(result, dict) else sse(result)
 
     @app.post("/v1/embeddings", response_model=EmbeddingList, dependencies=[Depends(authorized)], responses=errors)
     async def embeddings(body: EmbeddingRequest, request: HttpRequest):
@@ -882,25 +920,34 @@ class Guard:
 
 # ------------------------------------------------------------------------------ uvicorn
 def _protocol(header_timeout: float):
-    """uvicorn's HTTP/1.1 protocol, closing a connection whose request headers take longer than
+    """uvicorn's HTTP/1.1 protocol on httptools (llhttp, C: a request's parsing costs the event
+    loop a fraction of h11's), closing a connection whose request headers take longer than
     `header_timeout` seconds to arrive (uvicorn itself waits forever: slow-drip clients)."""
-    import h11
-    from uvicorn.protocols.http.h11_impl import H11Protocol
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-    class GuardedProtocol(H11Protocol):
+    class GuardedProtocol(HttpToolsProtocol):
+        armed = 0  # which wait for headers the pending timer is for (a later one supersedes it)
+        waiting = False  # a request's headers are due
+
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
             self._arm()
+
+        def on_headers_complete(self) -> None:
+            self.waiting = False
+            super().on_headers_complete()
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
             self._arm()
 
         def _arm(self) -> None:
-            self.loop.call_later(header_timeout, self._headers_due)
+            self.armed += 1
+            self.waiting = True
+            self.loop.call_later(header_timeout, self._headers_due, self.armed)
 
-        def _headers_due(self) -> None:
-            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+        def _headers_due(self, armed: int) -> None:
+            if armed == self.armed and self.waiting and not self.transport.is_closing():
                 self.transport.close()  # the headers of a request did not arrive in time
 
     return GuardedProtocol
@@ -1012,6 +1059,10 @@ def run_server(model: str | None, *, host: str = "127.0.0.1", port: int = 8000, 
     config = uvicorn.Config(app.app, host=host, port=port, log_level="warning", access_log=False,
                             http=_protocol(app.header_timeout), lifespan="off")
     http = uvicorn.Server(config)
+    # what is loaded now (the model, the app, the libraries) stays: out of the collector's sight, a
+    # full collection no longer walks it, pausing every stream for tens of milliseconds
+    gc.collect()
+    gc.freeze()
     cache = app.engine.cache
     print(f"serving {app.name} ({app.template.name} chat template) on http://{host}:{port}/v1 with "
           f"{app.engine.slots} decode slots, context {app.context}, KV cache {cache.nbytes / 2**20:.0f} MiB "

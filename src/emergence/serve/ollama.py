@@ -30,6 +30,7 @@ from ..chat import fit_context
 from ..errors import EmergenceError
 from ..sampling import SamplingParams
 from ..store import Modelfile, inspect_model, with_system
+from .app import INLINE_PROMPT, coalesced
 from .schema import ApiError, OllamaChat, OllamaGenerate, OllamaOptions, OllamaShow
 
 VERSION = "0.6.0"  # the Ollama API version these routes follow
@@ -85,8 +86,9 @@ def add_ollama_routes(app: FastAPI, server, authorized, state_of) -> None:
         await constrain(body, options)
         system = body.system if body.system is not None else server.system
         if body.raw or server.template.name == "plain":  # a base model continues the text, as {{ .Prompt }} does
-            ids = await server._in_thread(lambda: server.lm.tokenizer.encode(
-                body.prompt if body.raw else with_system(system, body.prompt)), param="prompt")
+            text = body.prompt if body.raw else with_system(system, body.prompt)
+            ids = await server._in_thread(server.lm.tokenizer.encode, text, param="prompt",
+                                          inline=len(text) <= INLINE_PROMPT)
         else:
             messages = ([{"role": "system", "content": system}] if system else []) + \
                 [{"role": "user", "content": body.prompt}]
@@ -179,7 +181,7 @@ async def _reply(server, state, request: HttpRequest, ids: list[int], params: Sa
                 yield json.dumps(final(reason), ensure_ascii=False).encode() + b"\n"
             except ApiError as e:  # the status is sent already: say it in the stream
                 yield json.dumps({"error": e.message}).encode() + b"\n"
-        return StreamingResponse(lines(), media_type="application/x-ndjson")
+        return StreamingResponse(coalesced(lines(), sink.ready), media_type="application/x-ndjson")
 
     results = await server._collect(requests, sink, state, request)
     text, _, reason, token_ids = results[0]
