@@ -15,14 +15,21 @@ then the same with streaming, for the time to first token p50/p99. Rounds altern
 engines; medians over rounds. Models: emergence-6m and the smollm2-135m architecture with
 random weights.
 
+Then a burst, per engine and round: C clients, each its own process (no client waits on another's
+GIL), send one streamed 2-token completion at the same instant, BURSTS (10) times: the time to
+first token p50/p99 of each burst, medians over bursts. It isolates how a server takes in a wave
+of requests at once (each wave of the load above starts as one).
+
 For emergence the run also splits a token's cost, from an in-process server whose engine
 counts the seconds its forward passes and its whole loop take: the model's forward passes
 (prefills included), the rest of the engine's loop (admission, sampling, stop rules,
 detokenization, handing chunks over), and what is left of the wall time per token (HTTP, JSON,
-the event loop, the clients on the same 2 cores). The smollm2-135m-shaped model carries GPT-2's
+the event loop, the clients on the same 2 cores), and measures its HTTP layer's own time per
+request: the ASGI app (uvicorn's parsing aside) called in-process with the engine answering at
+once, whole and streamed. The smollm2-135m-shaped model carries GPT-2's
 BPE vocabulary (50,257 rows; a GGUF vocabulary must be BPE or SentencePiece).
 
-    python bench/bench_serve_peers.py [--rounds 3] [--models emergence-6m,smollm2-135m]
+    python bench/bench_serve_peers.py [--rounds 3] [--bursts 10] [--models emergence-6m,smollm2-135m]
 
 Writes bench/results/serve_peers.json.
 """
@@ -156,6 +163,23 @@ def load(port: int, model: str, clients: int, requests: int, tokens: int, stream
             "latency_p99": pct(latencies, 0.99), "ttft_p50": pct(firsts, 0.5), "ttft_p99": pct(firsts, 0.99)}
 
 
+def _burst_client(args: tuple) -> float:
+    """One client of a burst (in its own process): waits for the common start, then one
+    streamed completion; its time to first token."""
+    port, model, prompt, start_at = args
+    while time.perf_counter() < start_at:
+        time.sleep(0.0005)
+    return one(port, model, prompt, 2, True)[1]
+
+
+def burst(pool, port: int, model: str, clients: int) -> tuple[float, float]:
+    """(p50, p99) time to first token of `clients` streamed requests sent at one instant."""
+    start_at = time.perf_counter() + 0.05  # (perf_counter is the machine's monotonic clock in every process)
+    firsts = sorted(pool.map(_burst_client, [(port, model, PROMPTS[k % len(PROMPTS)], start_at)
+                                             for k in range(clients)]))
+    return firsts[len(firsts) // 2], firsts[min(len(firsts) - 1, int(0.99 * len(firsts)))]
+
+
 # ------------------------------------------------------------------------- the breakdown
 def emergence_breakdown(gguf: Path, clients: int, requests: int, tokens: int) -> dict:
     """Seconds per generated token, from an in-process server: the model's forward passes, the
@@ -179,7 +203,69 @@ def emergence_breakdown(gguf: Path, clients: int, requests: int, tokens: int) ->
         app.close()
     return {"tokens": n, "wall_ms_per_token": 1e3 * wall / n, "forward_ms_per_token": 1e3 * forward / n,
             "engine_rest_ms_per_token": 1e3 * (busy - forward) / n,
-            "http_and_rest_ms_per_token": 1e3 * (wall - busy) / n}
+            "http_and_rest_ms_per_token": 1e3 * (wall - busy) / n,
+            "http_layer_us_per_request": http_layer_cost(gguf)}
+
+
+def http_layer_cost(gguf: Path, n: int = 300) -> dict:
+    """Microseconds of the event loop's time per request in the ASGI app (Host checks, FastAPI's
+    routing and validation, sampling options, tokenizing, submitting, the response), whole and
+    streamed, called in-process with the engine replaced by one that answers at once (two
+    tokens); uvicorn's socket and parsing work is not in it."""
+    import asyncio
+
+    import emergence
+    from emergence.generate import Chunk
+    from emergence.serve.app import Server
+    from emergence.serve.engine import Request
+
+    server = Server(emergence.load(str(gguf)), "bench", slots=4)
+
+    def answered(prompt, params, *, sink=None, tags=None, adapter=None):
+        requests = [Request(list(prompt), p, sink, t, adapter=adapter) for p, t in zip(params, tags)]
+        for r in requests:
+            r._put(Chunk(" Once", [1], [], None))
+            r._put(Chunk(" upon", [2], [], "length"))
+            r._end()
+        return requests
+
+    server.engine.submit_choices = answered
+    out = {}
+    try:
+        for kind, stream in (("whole", False), ("streamed", True)):
+            body = json.dumps({"model": "bench", "prompt": PROMPTS[0], "max_tokens": 2, "temperature": 0,
+                               "stream": stream}).encode()
+            scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                     "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions", "query_string": b"",
+                     "root_path": "", "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 8000),
+                     "headers": [(b"host", b"127.0.0.1:8000"), (b"content-type", b"application/json"),
+                                 (b"content-length", str(len(body)).encode())]}
+
+            async def request() -> None:
+                parts = [{"type": "http.request", "body": body, "more_body": False}]
+
+                async def receive():
+                    if parts:
+                        return parts.pop()
+                    await asyncio.sleep(60)  # (a disconnect never comes)
+
+                async def send(message) -> None:
+                    pass
+
+                await server.app({**scope, "state": {}}, receive, send)
+
+            async def timed() -> float:
+                for _ in range(50):
+                    await request()
+                started = time.perf_counter()
+                for _ in range(n):
+                    await request()
+                return (time.perf_counter() - started) / n
+
+            out[kind] = 1e6 * asyncio.run(timed())
+    finally:
+        server.close()
+    return out
 
 
 # ------------------------------------------------------------------------------ the models
@@ -226,6 +312,7 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--requests", type=int, default=2, help="completions per client, one after the other")
     parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--bursts", type=int, default=10, help="bursts per engine and round")
     parser.add_argument("--out", default="bench/results/serve_peers.json")
     args = parser.parse_args()
     engines = ["emergence", "llama-server"]
@@ -240,7 +327,10 @@ def main() -> int:
 
     result = {"command": " ".join(sys.argv), "commit": commit(), "date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(),
               "machine": platform.machine(), "clients": args.clients, "requests": args.requests,
-              "tokens": args.tokens, "models": {}}
+              "tokens": args.tokens, "bursts": args.bursts, "models": {}}
+    import multiprocessing
+
+    pool = multiprocessing.get_context("fork").Pool(args.clients)  # before any thread or model: cheap forks
     with tempfile.TemporaryDirectory() as tmp:
         for name, gguf in models(args.models.split(","), Path(tmp)).items():
             context = 512
@@ -253,22 +343,27 @@ def main() -> int:
                         load(port, model, args.clients, 1, 8, False)  # warm-up
                         whole = load(port, model, args.clients, args.requests, args.tokens, stream=False)
                         streamed = load(port, model, args.clients, args.requests, args.tokens, stream=True)
+                        bursts = [burst(pool, port, model, args.clients) for _ in range(args.bursts)]
                     finally:
                         proc.terminate()
                         proc.wait(timeout=60)
                     row = {"tok_s": whole["tok_s"], "latency_p50": whole["latency_p50"],
                            "latency_p99": whole["latency_p99"], "ttft_p50": streamed["ttft_p50"],
-                           "ttft_p99": streamed["ttft_p99"], "stream_tok_s": streamed["tok_s"]}
+                           "ttft_p99": streamed["ttft_p99"], "stream_tok_s": streamed["tok_s"],
+                           "burst_ttft_p50": statistics.median(b[0] for b in bursts),
+                           "burst_ttft_p99": statistics.median(b[1] for b in bursts)}
                     samples[engine].append(row)
                     print(f"{name} round {r + 1} {engine}: {row['tok_s']:.0f} tok/s, latency p50 "
-                          f"{row['latency_p50']:.2f} s, TTFT p50/p99 {row['ttft_p50']:.3f}/{row['ttft_p99']:.3f} s",
+                          f"{row['latency_p50']:.2f} s, TTFT p50/p99 {row['ttft_p50']:.3f}/{row['ttft_p99']:.3f} s, "
+                          f"burst TTFT p50/p99 {row['burst_ttft_p50']:.3f}/{row['burst_ttft_p99']:.3f} s",
                           flush=True)
             medians = {e: {k: statistics.median(s[k] for s in rows) for k in rows[0]} for e, rows in samples.items()}
             breakdown = emergence_breakdown(gguf, args.clients, args.requests, args.tokens)
             result["models"][name] = {"medians": medians, "rounds": samples, "emergence_breakdown": breakdown}
             peer = medians["llama-server"]
             print(f"\n{name}: emergence / llama-server throughput {medians['emergence']['tok_s'] / peer['tok_s']:.2f}x; "
-                  f"emergence per token: {json.dumps({k: round(v, 3) for k, v in breakdown.items()})}\n", flush=True)
+                  f"emergence per token (ms) and HTTP layer per request (us): "
+                  f"{json.dumps(breakdown, default=float, indent=None)}\n", flush=True)
     print("| model | engine | tok/s | vs llama-server | latency p50 / p99 (s) | TTFT p50 / p99 (s) |")
     print("|---|---|---|---|---|---|")
     for name, data in result["models"].items():
@@ -276,6 +371,8 @@ def main() -> int:
         for engine, m in data["medians"].items():
             print(f"| {name} | {engine} | {m['tok_s']:.0f} | {m['tok_s'] / peer:.2f}x | {m['latency_p50']:.2f} / "
                   f"{m['latency_p99']:.2f} | {m['ttft_p50']:.3f} / {m['ttft_p99']:.3f} |")
+    pool.close()
+    pool.join()
     out = ROOT / args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
