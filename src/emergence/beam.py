@@ -121,7 +121,11 @@ def _step(group: BeamGroup, logprobs: torch.Tensor, tokenizer) -> list[tuple[Row
                 logprobs[b, banned] = float("-inf")
     total = logprobs + torch.tensor(group.scores, device=logprobs.device)[:, None]  # (n, V)
     keep = min(max(2, 1 + len(stop_ids)) * nb, total.numel())
-    values, flat = torch.topk(total.flatten(), keep)
+    # the best `keep` of all (beam, token) pairs: each beam's best `keep`, then the best of
+    # those (the same pairs as one top-k over the flattened (n * V,) scores, at half its cost)
+    row_values, row_tokens = torch.topk(total, min(keep, V), dim=-1)  # (n, k)
+    values, pick = torch.topk(row_values.flatten(), keep)
+    flat = torch.div(pick, row_values.shape[1], rounding_mode="floor") * V + row_tokens.flatten()[pick]
     generated = len(first_beam.token_ids) + 1  # every beam has the same length; the candidate's token included
     running, finished = [], []
     for rank, (score, index) in enumerate(zip(values.tolist(), flat.tolist())):

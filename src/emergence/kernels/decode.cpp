@@ -150,6 +150,10 @@ struct Layer {
   at::Tensor attn_post_w, mlp_post_w;  // (D,) norms after the sublayers (post and sandwich norms)
   at::Tensor q_norm_w, k_norm_w;  // (hd,) per head, or (H hd,) and (KV hd,) over all heads; or empty
   at::Tensor attn_sub_w, mlp_sub_w;  // (H hd,) and (F,) RMSNorms before o and down (BitNet); or empty
+  // T5's decoder: cross-attention after self-attention (its norm, q and o; the keys and values
+  // come with each call, per sequence); absent (N 0) elsewhere
+  at::Tensor cross_norm_w;
+  Linear cross_q, cross_o;
   int64_t window = 0;  // the keys a query sees (0: all)
   int rope = 1;  // 0: no RoPE (NoPE layer), 1: the global table, 2: the local one
   // A mixture of experts in place of up/down: the router (E rows) and each expert's gate_up
@@ -160,7 +164,7 @@ struct Layer {
 };
 
 // The family switches as numbers (fused_decode.py writes them from the Config).
-enum Mlp { SWIGLU = 0, GEGLU = 1, GELU_TANH = 2, GELU_ERF = 3, RELU2_GLU = 4 };
+enum Mlp { SWIGLU = 0, GEGLU = 1, GELU_TANH = 2, GELU_ERF = 3, RELU2_GLU = 4, RELU = 5 };
 enum Placement { PRE = 0, POST = 1, SANDWICH = 2 };
 enum Parallel { SEQUENTIAL = 0, SHARED_NORM = 1, TWO_NORMS = 2 };
 enum QkNorm { NO_QK_NORM = 0, PER_HEAD = 1, ALL_HEADS = 2 };
@@ -189,21 +193,24 @@ class DecodePlan {
   // dims: n_layer, H, KV, hd, D, F, V, rotary_dim, expert width Fe and
   // shared expert width Fs (0: none); kinds: rms_norm, Mlp, Placement, Parallel,
   // QkNorm; scalars: eps, attention scale (0: 1/sqrt(hd)), score cap, logit cap, embedding
-  // scale (0: none); windows and ropes: one per layer (Layer::window, Layer::rope).
+  // scale (0: none), head scale (0: none; T5's d_model ** -0.5 before a tied head); windows and
+  // ropes: one per layer (Layer::window, Layer::rope). rel_bias: T5's self-attention bias by
+  // distance, (positions, H) fp32, [d, h] added to head h's score of the key d positions before
+  // the query; or empty.
   DecodePlan(std::vector<int64_t> dims, std::vector<int64_t> kinds, std::vector<double> scalars,
              std::vector<int64_t> windows, std::vector<int64_t> ropes, at::Tensor tok_embeddings,
              at::Tensor pos_embeddings, at::Tensor rope_inv_freq, at::Tensor local_inv_freq, at::Tensor norm_w,
              at::Tensor norm_b, at::Tensor lm_head, at::Tensor lm_head_bias,
-             std::vector<std::vector<at::Tensor>> layers)
+             std::vector<std::vector<at::Tensor>> layers, at::Tensor rel_bias)
       : tok_(tok_embeddings), pos_(pos_embeddings), inv_freq_(rope_inv_freq), local_inv_freq_(local_inv_freq),
-        norm_w_(norm_w), norm_b_(norm_b) {
+        norm_w_(norm_w), norm_b_(norm_b), rel_bias_(rel_bias) {
     TORCH_CHECK(dims.size() == 10, "dims: n_layer, n_head, n_kv_head, head_dim, n_embd, intermediate, vocab, "
                 "rotary_dim, expert width, shared expert width");
     n_layer_ = dims[0], H_ = dims[1], KV_ = dims[2], hd_ = dims[3], D_ = dims[4], F_ = dims[5], V_ = dims[6];
     rd_ = dims[7];
     const int64_t expert_width = dims[8], shared_width = dims[9];
     moe_width_ = std::max({int64_t(1), expert_width, shared_width});
-    TORCH_CHECK(kinds.size() == 8 && scalars.size() == 5, "kinds: 8 switches, scalars: 5 values");
+    TORCH_CHECK(kinds.size() == 8 && scalars.size() == 6, "kinds: 8 switches, scalars: 6 values");
     rms_norm_ = kinds[0] != 0, mlp_ = static_cast<int>(kinds[1]), placement_ = static_cast<int>(kinds[2]);
     parallel_ = static_cast<int>(kinds[3]), qk_norm_ = static_cast<int>(kinds[4]);
     gated_ = mlp_ == SWIGLU || mlp_ == GEGLU || mlp_ == RELU2_GLU;
@@ -211,7 +218,10 @@ class DecodePlan {
     eps_ = static_cast<float>(scalars[0]);
     scale_ = scalars[1] > 0 ? static_cast<float>(scalars[1]) : 1.0f / std::sqrt(static_cast<float>(hd_));
     score_cap_ = static_cast<float>(scalars[2]), logit_cap_ = static_cast<float>(scalars[3]);
-    embed_scale_ = static_cast<float>(scalars[4]);
+    embed_scale_ = static_cast<float>(scalars[4]), head_scale_ = static_cast<float>(scalars[5]);
+    TORCH_CHECK(!present(rel_bias_) || (rel_bias_.dim() == 2 && rel_bias_.size(1) == H_ &&
+                                        rel_bias_.scalar_type() == at::kFloat && rel_bias_.is_contiguous()),
+                "the relative position bias must be (positions, n_head) contiguous fp32");
     TORCH_CHECK(H_ % KV_ == 0 && rd_ % 2 == 0 && rd_ <= hd_, "bad head layout");
     TORCH_CHECK(static_cast<int64_t>(windows.size()) == n_layer_ && static_cast<int64_t>(ropes.size()) == n_layer_,
                 "one window and one RoPE kind per layer");
@@ -225,7 +235,7 @@ class DecodePlan {
     const int64_t qkv_rows = (H_ + 2 * KV_) * hd_;
     for (int64_t i = 0; i < n_layer_; ++i) {
       auto& w = layers[i];
-      TORCH_CHECK(w.size() == 24, "24 tensors per layer");
+      TORCH_CHECK(w.size() == 27, "27 tensors per layer");
       Layer l;
       l.attn_norm_w = w[0], l.attn_norm_b = w[1];
       l.qkv = make_linear(w[2], w[3], qkv_rows, D_);
@@ -259,6 +269,14 @@ class DecodePlan {
       l.attn_post_w = w[12], l.mlp_post_w = w[13], l.q_norm_w = w[14], l.k_norm_w = w[15];
       TORCH_CHECK(qk_norm_ == NO_QK_NORM || (present(l.q_norm_w) && present(l.k_norm_w)), "q/k norm weights missing");
       TORCH_CHECK(placement_ == PRE || (present(l.attn_post_w) && present(l.mlp_post_w)), "post-norm weights missing");
+      if (present(w[25])) {  // cross-attention (T5's decoder): its norm, q (H hd, D) and o (D, H hd)
+        TORCH_CHECK(present(w[24]) && present(w[26]) && placement_ == PRE && parallel_ == SEQUENTIAL && !bf16_,
+                    "cross-attention needs its norm and o weights, pre-norm sequential blocks and fp32 weights");
+        l.cross_norm_w = w[24];
+        l.cross_q = make_linear(w[25], at::Tensor(), H_ * hd_, D_);
+        l.cross_o = make_linear(w[26], at::Tensor(), D_, H_ * hd_);
+        cross_ = true;
+      }
       l.window = windows[i], l.rope = static_cast<int>(ropes[i]);
       TORCH_CHECK(l.rope == 0 || (l.rope == 1 && present(inv_freq_)) || (l.rope == 2 && present(local_inv_freq_)),
                   "a layer's RoPE table is missing");
@@ -293,10 +311,12 @@ class DecodePlan {
   // Run tokens[r] at position positions[r] of sequence rows[r] (whose blocks are
   // tables[rows[r]]), for every row r; store their keys and values in the pools k and v;
   // return the logits (len(out_rows), V), fp32 holding values of the model's dtype, of the
-  // rows out_rows.
+  // rows out_rows. With cross-attention (T5), cross_k[s] and cross_v[s] are sequence s's
+  // encoder keys and values, (n_layer, H, source length, hd) contiguous fp32; otherwise empty.
   at::Tensor forward(const std::vector<int64_t>& tokens, const std::vector<int64_t>& rows,
                      const std::vector<int64_t>& positions, const std::vector<int64_t>& out_rows,
-                     const std::vector<std::vector<int64_t>>& tables, const at::Tensor& k, const at::Tensor& v) {
+                     const std::vector<std::vector<int64_t>>& tables, const at::Tensor& k, const at::Tensor& v,
+                     const std::vector<at::Tensor>& cross_k, const std::vector<at::Tensor>& cross_v) {
     const int64_t R = static_cast<int64_t>(tokens.size());
     TORCH_CHECK(R > 0 && static_cast<int64_t>(rows.size()) == R && static_cast<int64_t>(positions.size()) == R,
                 "one row and one position per token, at least one token");
@@ -322,6 +342,20 @@ class DecodePlan {
     // (checked here: nothing may throw inside the thread team)
     if (present(pos_))
       for (const Row& row : rows_) TORCH_CHECK(row.pos < pos_.size(0), "position past the learned position table");
+    if (present(rel_bias_))
+      for (const Row& row : rows_) TORCH_CHECK(row.pos < rel_bias_.size(0), "position past the relative bias table");
+    cross_seqs_.clear();
+    TORCH_CHECK(cross_k.size() == (cross_ ? tables.size() : 0) && cross_v.size() == cross_k.size(),
+                cross_ ? "cross-attention keys and values for every sequence" : "cross keys and values for a model "
+                "without cross-attention");
+    for (size_t s = 0; s < cross_k.size(); ++s) {
+      const at::Tensor &ck = cross_k[s], &cv = cross_v[s];
+      TORCH_CHECK(ck.dim() == 4 && ck.size(0) == n_layer_ && ck.size(1) == H_ && ck.size(2) > 0 && ck.size(3) == hd_ &&
+                      ck.sizes() == cv.sizes() && ck.scalar_type() == at::kFloat && cv.scalar_type() == at::kFloat &&
+                      ck.is_contiguous() && cv.is_contiguous() && ck.device().is_cpu() && cv.device().is_cpu(),
+                  "cross keys and values must be (n_layer, n_head, source length, head_dim) contiguous fp32 CPU tensors");
+      cross_seqs_.push_back(CrossSeq{ck.data_ptr<float>(), cv.data_ptr<float>(), ck.size(2)});
+    }
     // (once true it stays true: set_quantized only fills weights)
     weights_ready_ = weights_ready_ || weights_ready();
     TORCH_CHECK(weights_ready_, "a linear layer has no weight (a packed weight never set)");
@@ -333,6 +367,11 @@ class DecodePlan {
   struct Row {
     int64_t seq, pos;
   };
+  // One sequence's encoder keys and values (n_layer, H, S, hd) for cross-attention.
+  struct CrossSeq {
+    const float *k, *v;
+    int64_t S;
+  };
 
   // The call behind forward(): rows_ (one token each) through every layer. Every row's key and
   // value are stored before any row attends, so the rows of one prompt see their predecessors.
@@ -342,6 +381,7 @@ class DecodePlan {
     const int64_t qkv_rows = (H_ + 2 * KV_) * hd_, half = rd_ / 2, hidden = gated_ ? 2 * F_ : F_;
     x_.resize(B * D_), xn_.resize(B * D_), tmp_.resize(B * D_), par_.resize(B * D_), qkv_.resize(B * qkv_rows);
     attn_.resize(B * H_ * hd_), hidden_.resize(B * hidden), act_.resize(B * F_), logits_.resize(B * V_);
+    if (cross_) cq_.resize(B * H_ * hd_);
     cos_.resize(2 * B * half), sin_.resize(2 * B * half);  // the global table's, then the local one's
     if (n_experts_ > 0) {  // the largest expert batch: every row through one expert
       moe_logits_.resize(B * n_experts_), moe_x_.resize(B * D_), moe_h_.resize(B * 2 * moe_width_);
@@ -391,11 +431,22 @@ class DecodePlan {
       }
       linear(L.o, attn_.data(), B, tmp_.data());
       in = x_.data();
+      const bool cross = L.cross_q.N > 0;
       each_row(B, [&](int64_t b) {
         post_norm(L.attn_post_w, b);
         residual(b, tmp_.data());
-        if (placement_ != POST) norm_row(b, L.mlp_norm_w, L.mlp_norm_b);
+        if (cross) norm_row(b, L.cross_norm_w, at::Tensor());
+        else if (placement_ != POST) norm_row(b, L.mlp_norm_w, L.mlp_norm_b);
       });
+      if (cross) {  // T5's decoder: x + cross_attn(norm(x)) between self-attention and the MLP
+        linear(L.cross_q, xn_.data(), B, cq_.data());
+        cross_attention(l);
+        linear(L.cross_o, attn_.data(), B, tmp_.data());
+        each_row(B, [&](int64_t b) {
+          residual(b, tmp_.data());
+          norm_row(b, L.mlp_norm_w, L.mlp_norm_b);
+        });
+      }
       if (placement_ != POST) in = xn_.data();
       mlp(L, in, B);
       each_row(B, [&](int64_t b) {
@@ -408,7 +459,11 @@ class DecodePlan {
     parallel_rows(0, n_out, 1, [&](int64_t o0, int64_t o1) {
       for (int64_t o = o0; o < o1; ++o) {
         const int64_t b = out_rows.empty() ? o : out_rows[o];
-        norm(x_.data() + b * D_, norm_w_, norm_b_, tmp_.data() + o * D_, D_);
+        float* out = tmp_.data() + o * D_;
+        norm(x_.data() + b * D_, norm_w_, norm_b_, out, D_);
+        if (head_scale_ > 0) {
+          for (int64_t i = 0; i < D_; ++i) out[i] = r(out[i] * head_scale_);
+        }
       }
     });
     linear(lm_head_, tmp_.data(), n_out, logits_.data());  // rounded to the model's dtype, as eager
@@ -595,6 +650,9 @@ class DecodePlan {
         break;
       case GELU_TANH:
         for (int64_t i = i0; i < i1; ++i) a[i] = r(gelu_tanh(h[i]));
+        break;
+      case RELU:  // T5 v1.0
+        for (int64_t i = i0; i < i1; ++i) a[i] = h[i] > 0 ? h[i] : 0.0f;
         break;
       default:
         for (int64_t i = i0; i < i1; ++i) a[i] = r(0.5f * h[i] * (1.0f + std::erf(h[i] * 0.70710678118654752f)));
@@ -823,6 +881,7 @@ class DecodePlan {
   template <typename T>
   void attention_typed(const T* kc, const T* vc, int64_t l) {
     const float scale = scale_;
+    const float* rel = present(rel_bias_) ? rel_bias_.data_ptr<float>() : nullptr;
     const int64_t window = layers_[l].window;
     const int64_t B = static_cast<int64_t>(rows_.size());
     const int64_t group = H_ / KV_, qkv_rows = (H_ + 2 * KV_) * hd_;
@@ -855,6 +914,9 @@ class DecodePlan {
         } else {
           for (int64_t j = 0; j < S; ++j) p[j] *= scale;
         }
+        if (rel) {  // T5: the bias of the key's distance before the query (slot first + j)
+          for (int64_t j = 0; j < S; ++j) p[j] += rel[(row.pos - first - j) * H_ + h];
+        }
         const float total = exp_minus_max(p.data(), S);
         std::fill(acc.begin(), acc.end(), 0.0f);
         const float norm = 1.0f / total;
@@ -863,6 +925,28 @@ class DecodePlan {
         });
         float* out = attn_.data() + (b * H_ + h) * hd_;
         for (int64_t d = 0; d < hd_; ++d) out[d] = r(acc[d]);
+      }
+    });
+  }
+
+  // Each row's query heads (cq_) attend over all the encoder states of the row's sequence
+  // (layer l of its cross keys and values, contiguous (S, hd) per head), into attn_: T5's
+  // cross-attention, unscaled as its self-attention (scale_), the softmax in fp32.
+  void cross_attention(int64_t l) {
+    const int64_t B = static_cast<int64_t>(rows_.size());
+    parallel_rows(0, B * H_, 1, [&](int64_t i0, int64_t i1) {
+      Buffer<float> p, acc(hd_);
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t b = i / H_, h = i % H_;
+        const CrossSeq& seq = cross_seqs_[rows_[b].seq];
+        const int64_t S = seq.S, at = (l * H_ + h) * S * hd_;
+        p.resize(S);
+        emergence::gemv_rows(seq.k + at, cq_.data() + (b * H_ + h) * hd_, p.data(), 0, S, hd_);
+        for (int64_t j = 0; j < S; ++j) p[j] *= scale_;
+        const float total = exp_minus_max(p.data(), S);
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        weighted_values(seq.v + at, p.data(), 1.0f / total, S, acc.data());
+        std::copy_n(acc.data(), hd_, attn_.data() + (b * H_ + h) * hd_);
       }
     });
   }
@@ -896,15 +980,17 @@ class DecodePlan {
   int64_t n_experts_ = 0, top_k_ = 0, moe_width_ = 1;  // moe_width_: the wider of an expert and the shared one
   bool weights_ready_ = false;  // every linear layer has been seen to have its weight
   bool norm_topk_ = true;
-  float eps_, scale_, score_cap_, logit_cap_, embed_scale_;
+  float eps_, scale_, score_cap_, logit_cap_, embed_scale_, head_scale_;
+  bool cross_ = false;  // some layer cross-attends (T5's decoder)
+  std::vector<CrossSeq> cross_seqs_;  // the call's sequences' encoder keys and values
   at::ScalarType dtype_;
-  at::Tensor tok_, pos_, inv_freq_, local_inv_freq_, norm_w_, norm_b_;
+  at::Tensor tok_, pos_, inv_freq_, local_inv_freq_, norm_w_, norm_b_, rel_bias_;
   Linear lm_head_, embed_;
   std::vector<Layer> layers_;
   // Scratch, fp32, row after row (B rows): residual stream, normed input, a D-sized result,
   // a parallel block's attention result, q|k|v, attention output, the MLP's hidden and
   // activated vectors, logits, each row's RoPE cos and sin (global, then local).
-  Buffer<float> x_, xn_, tmp_, par_, qkv_, attn_, hidden_, act_, logits_, cos_, sin_;
+  Buffer<float> x_, xn_, tmp_, par_, qkv_, attn_, hidden_, act_, logits_, cos_, sin_, cq_;  // cq_: cross queries
   Buffer<float> moe_logits_, moe_x_, moe_h_, moe_a_, moe_out_, moe_gate_;  // the rows through the experts
   emergence::QuantizedRows qrows_;  // the rows quantized for a product on Q8_0 / Q4_0 blocks
   std::vector<Row> rows_;  // the rows of the call being run
@@ -932,12 +1018,12 @@ void register_decode_plan(pybind11::module& m) {
   pybind11::class_<DecodePlan>(m, "DecodePlan")
       .def(pybind11::init<std::vector<int64_t>, std::vector<int64_t>, std::vector<double>, std::vector<int64_t>,
                           std::vector<int64_t>, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                          at::Tensor, at::Tensor, std::vector<std::vector<at::Tensor>>>())
+                          at::Tensor, at::Tensor, std::vector<std::vector<at::Tensor>>, at::Tensor>())
       .def("set_quantized", &DecodePlan::set_quantized,
            "layer (-1: output head), slot (0 qkv, 1 o, 2 up, 3 down, 4 shared expert up, 5 its down, 6 expert "
            "up, 7 expert down), expert, kind, data, scales, offsets, group, tensor scale, act_bits")
       .def("forward", &DecodePlan::forward,
-           "tokens, rows (their sequences), positions, output rows, block tables, key pool, value pool -> logits "
-           "(len(output rows), V) fp32",
+           "tokens, rows (their sequences), positions, output rows, block tables, key pool, value pool, each "
+           "sequence's cross keys, and values (T5; else empty) -> logits (len(output rows), V) fp32",
            pybind11::call_guard<pybind11::gil_scoped_release>());
 }

@@ -6,6 +6,9 @@ layer), or a few tokens per sequence (short prompts prefilled together, their to
 GEMM's rows, each attending causally within its own sequence). Keys and values go straight
 into the paged KV cache's blocks. Prompts longer than `max_prefill` go to the eager forward
 (the model's own, over a CacheView), whose large GEMMs and fused attention serve them better.
+An fp32 T5's decoder steps the same way: its sequences' cross-attention keys and values (computed
+once by the eager encoder) go with each call, and its relative position bias is a table by
+distance.
 
 A backend belongs to one decode batch: it builds its plan from the model's weights as they
 are when the batch starts (after quantizing, loading or moving the model, the next batch
@@ -39,9 +42,11 @@ LAYER_SLOTS = ("attn_norm.weight", "attn_norm.bias", "attn.qkv_proj.weight", "at
                "mlp.up.weight", "mlp.up.bias", "mlp.down_proj.weight", "mlp.down_proj.bias",
                "attn_post_norm.weight", "mlp_post_norm.weight", "attn.q_norm.weight", "attn.k_norm.weight",
                "attn.sub_norm.weight", "mlp.sub_norm.weight", "mlp.router.weight", "mlp.gate_up_proj", "mlp.down_proj", "mlp.shared.gate_up_proj.weight",
-               "mlp.shared.down_proj.weight", "mlp.shared_gate.weight")
+               "mlp.shared.down_proj.weight", "mlp.shared_gate.weight", "cross_norm.weight",
+               "cross_attn.q_proj.weight", "cross_attn.o_proj.weight")
+MOE_SLOTS = range(18, 24)  # a mixture of experts' (router, experts, shared expert); the last three: T5's cross-attention
 # The family switches as decode.cpp numbers them (its enums Mlp, Placement, Parallel, QkNorm).
-MLP_KINDS = {"swiglu": 0, "geglu": 1, "gelu": 2, "gelu_exact": 3, "relu2_glu": 4}
+MLP_KINDS = {"swiglu": 0, "geglu": 1, "gelu": 2, "gelu_exact": 3, "relu2_glu": 4, "relu": 5}
 PLACEMENTS = {"pre": 0, "post": 1, "sandwich": 2}
 PARALLEL = {None: 0, "shared-norm": 1, "two-norms": 2}
 QK_NORMS = {None: 0, "head": 1, "all": 2}
@@ -54,22 +59,27 @@ def unsupported(model: nn.Module, cache: PagedKVCache | None = None) -> str | No
     quantized GGUF token table) in a format with a kernel, and a CPU cache in the model's dtype."""
     from ..model import MLP, Attention, Block, MoE, RMSNorm, Transformer
     from ..quant.linear import GGMLEmbedding, QuantizedLinear
-    from . import gemv_extension
+    from ..t5 import T5, CrossAttention, DecoderBlock, RelativeBias
+    from . import SmallBatchLinear, gemv_extension
 
     if gemv_extension() is None:
         return "the native kernels are not available on this machine"
-    if not isinstance(model, Transformer):
-        return f"{type(model).__name__} is not emergence's Transformer"
+    if not isinstance(model, (Transformer, T5)):
+        return f"{type(model).__name__} is neither emergence's Transformer nor its T5"
     dtypes = {p.dtype for p in model.parameters()}
+    if isinstance(model, T5) and dtypes != {torch.float32}:
+        return "a T5 steps natively in fp32 only"
     devices = {t.device.type for t in list(model.parameters()) + list(model.buffers())}
     if devices != {"cpu"}:
         return "the model is not on the CPU"
     if len(dtypes) != 1 or next(iter(dtypes)) not in (torch.float32, torch.bfloat16):
         return f"the weights are {', '.join(sorted(str(d) for d in dtypes))}, not all fp32 or all bf16"
     known = {Transformer, Block, Attention, MLP, MoE, nn.ModuleList, nn.Linear, nn.Embedding, nn.LayerNorm, RMSNorm,
-             nn.Identity}
+             nn.Identity, T5, DecoderBlock, CrossAttention, RelativeBias, SmallBatchLinear}
     for name, m in model.named_modules():
         if isinstance(m, (QuantizedLinear, GGMLEmbedding)):
+            if isinstance(model, T5):
+                return f"{name} is quantized: a quantized T5 steps through the eager forward"
             if m.kernel_operands() is None:
                 return f"{name} is quantized as {m.format}, which has no native kernel for its shape"
         elif type(m) not in known:
@@ -100,30 +110,36 @@ class NativeBackend:
         self.native_calls = 0  # forward passes run natively (the rest went to the eager forward)
 
     def forward(self, chunks: list[list[int]], starts: list[int], tables: list[list[int]],
-                every: bool = False) -> torch.Tensor:
+                cross: list | None = None, every: bool = False) -> torch.Tensor:
         """Sequence j, holding starts[j] tokens in the blocks tables[j], is extended by
         chunks[j]; returns each sequence's last-token logits (J, V) float32 (`every`: the
-        logits of every token fed, in order)."""
+        logits of every token fed, in order). An encoder-decoder's sequences bring their
+        cross-attention states (`cross`, t5.CrossStates)."""
         long = [j for j, c in enumerate(chunks) if len(c) > self.max_prefill]
         if not long:
-            return self._native(chunks, starts, tables, every)
+            return self._native(chunks, starts, tables, cross, every)
+        extra = {} if cross is None else {"cross": cross}
         if len(long) == len(chunks) or every:
-            return self.eager.forward(chunks, starts, tables, every=every)
+            return self.eager.forward(chunks, starts, tables, every=every, **extra)
         short = [j for j, c in enumerate(chunks) if len(c) <= self.max_prefill]
         out = torch.empty(len(chunks), self.vocab_size)
         for part, run in ((short, self._native), (long, self.eager.forward)):
-            out[part] = run([chunks[j] for j in part], [starts[j] for j in part], [tables[j] for j in part])
+            part_cross = None if cross is None else [cross[j] for j in part]
+            out[part] = run([chunks[j] for j in part], [starts[j] for j in part], [tables[j] for j in part],
+                            part_cross)
         return out
 
     def _native(self, chunks: list[list[int]], starts: list[int], tables: list[list[int]],
-                every: bool = False) -> torch.Tensor:
+                cross: list | None = None, every: bool = False) -> torch.Tensor:
         longest = max(start + len(c) for start, c in zip(starts, chunks))
         if longest > self.context:  # as the eager forward checks it
             raise InvalidArgument(f"{longest} tokens exceed the context window of {self.context}")
         self.native_calls += 1
+        keys, values = ([], []) if cross is None else ([c.k for c in cross], [c.v for c in cross])
         if all(len(c) == 1 for c in chunks):  # a decoding step: one token per sequence
             every = list(range(len(chunks)))
-            return self.plan.forward([c[0] for c in chunks], every, starts, every, tables, self.cache.k, self.cache.v)
+            return self.plan.forward([c[0] for c in chunks], every, starts, every, tables, self.cache.k, self.cache.v,
+                                     keys, values)
         tokens, rows, positions, last = [], [], [], []
         for j, (chunk, start) in enumerate(zip(chunks, starts)):
             tokens += chunk
@@ -132,7 +148,7 @@ class NativeBackend:
             last.append(len(tokens) - 1)
         if every:
             last = list(range(len(tokens)))
-        return self.plan.forward(tokens, rows, positions, last, tables, self.cache.k, self.cache.v)
+        return self.plan.forward(tokens, rows, positions, last, tables, self.cache.k, self.cache.v, keys, values)
 
 
 def max_native_prefill(dtype: torch.dtype, packed: set[str]) -> int:
@@ -145,6 +161,20 @@ def max_native_prefill(dtype: torch.dtype, packed: set[str]) -> int:
         on_blocks = packed <= set(GGML_KERNEL_FORMATS) and "avx512_vnni" in _cpu_flags()
         return MAX_NATIVE_PREFILL_GGML if on_blocks else MAX_NATIVE_PREFILL_PACKED
     return MAX_NATIVE_PREFILL_BF16 if dtype == torch.bfloat16 else MAX_NATIVE_PREFILL
+
+
+def relative_bias_table(model: nn.Module) -> torch.Tensor:
+    """T5's decoder self-attention bias by distance, (block_size, H) fp32: row d is the bias of
+    a key d positions before its query (t5.RelativeBias over causal buckets); empty for the
+    other models."""
+    bias = getattr(model, "decoder_bias", None)
+    if bias is None:
+        return torch.empty(0)
+    from ..t5 import relative_bucket
+
+    distance = torch.arange(model.config.block_size)
+    bucket = relative_bucket(-distance, bias.bidirectional, bias.num_buckets, bias.max_distance)
+    return bias.weight.detach()[bucket].float().contiguous()
 
 
 def build_plan(model: nn.Module, extension) -> tuple[object, set[str]]:
@@ -171,20 +201,23 @@ def build_plan(model: nn.Module, extension) -> tuple[object, set[str]]:
     def detached(tensor: torch.Tensor | None) -> torch.Tensor:
         return none if tensor is None else tensor.detach()
 
-    dense_slots = len(LAYER_SLOTS) - 6  # the last six: a mixture of experts' (router, experts, shared expert)
-    layers = [[tensor_at(block, slot) if j < dense_slots or isinstance(block.mlp, MoE) else none
+    layers = [[tensor_at(block, slot) if j not in MOE_SLOTS or isinstance(block.mlp, MoE) else none
                for j, slot in enumerate(LAYER_SLOTS)] for block in model.layers]
+    # (T5's config has none of the decoder-only families' switches below: their defaults)
+    n_experts, position = getattr(c, "n_experts", 0), getattr(c, "position", None)
     dims = [c.n_layer, c.n_head, c.n_kv_head, c.head_dim, c.n_embd, c.intermediate_size, c.vocab_size,
-            c.rotary_dim or c.head_dim, (c.moe_intermediate_size or c.intermediate_size) if c.n_experts else 0,
-            c.shared_expert_size or 0]
+            getattr(c, "rotary_dim", None) or c.head_dim,
+            (c.moe_intermediate_size or c.intermediate_size) if n_experts else 0,
+            getattr(c, "shared_expert_size", None) or 0]
     kinds = [c.norm == "rmsnorm", MLP_KINDS[c.mlp], PLACEMENTS[c.norm_position], PARALLEL[c.parallel],
-             QK_NORMS[c.qk_norm], c.n_experts, c.experts_per_token, c.norm_topk_prob]
-    scalars = [float(c.norm_eps), c.attention_scale or 0.0, c.attn_softcap or 0.0, c.final_softcap or 0.0,
-               c.n_embd ** 0.5 if c.scale_embeddings else 0.0]
+             QK_NORMS[c.qk_norm], n_experts, getattr(c, "experts_per_token", 0), getattr(c, "norm_topk_prob", True)]
+    scalars = [float(c.norm_eps), c.attention_scale or 0.0, c.attn_softcap or 0.0, getattr(c, "final_softcap", None)
+               or 0.0, c.n_embd ** 0.5 if getattr(c, "scale_embeddings", False) else 0.0,
+               c.n_embd ** -0.5 if getattr(c, "scale_head", False) else 0.0]
     windows = [c.layer_window(i) or 0 for i in range(c.n_layer)]
     ropes = [ROPES[c.layer_rope(i)] for i in range(c.n_layer)]
-    pos = model.pos_embeddings.weight.detach() if c.position == "learned" else none
-    inv_freq = model.rope_inv_freq.float().contiguous() if c.position == "rope" else torch.empty(0)
+    pos = model.pos_embeddings.weight.detach() if position == "learned" else none
+    inv_freq = model.rope_inv_freq.float().contiguous() if position == "rope" else torch.empty(0)
     local = getattr(model, "rope_local_inv_freq", None)
     local = local.float().contiguous() if local is not None else torch.empty(0)
     table = model.tok_embeddings  # a quantized table: looked up through set_quantized's layer -2
@@ -192,7 +225,8 @@ def build_plan(model: nn.Module, extension) -> tuple[object, set[str]]:
     plan = extension.DecodePlan(
         dims, [int(k) for k in kinds], scalars, windows, ropes, table, pos, inv_freq,
         local, model.norm.weight.detach(), detached(getattr(model.norm, "bias", None)),
-        detached(getattr(model.lm_head, "weight", None)), detached(getattr(model.lm_head, "bias", None)), layers)
+        detached(getattr(model.lm_head, "weight", None)), detached(getattr(model.lm_head, "bias", None)), layers,
+        relative_bias_table(model))
     # (layer, slot, expert, module) of every linear layer that may be packed; slots as decode.cpp's
     # set_quantized numbers them
     linears = [(i, slot, -1, module_at(block, name)) for i, block in enumerate(model.layers)
