@@ -44,6 +44,7 @@ from tokenizers import Tokenizer as Backend
 from tokenizers import models
 
 from emergence import Config, SamplingParams
+from emergence.allocator import huge_page_weights
 from emergence.decode import make_backend
 from emergence.generate import stream
 from emergence.kernels.fused_decode import unsupported
@@ -121,6 +122,7 @@ def our_engine(base: Transformer, tokenizer: Tokenizer, dtype, fmt, options, pro
         model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())  # untie: quantize it too
         model.config.tie_embeddings = False
         quantize_model(model, fmt, skip=(), **options)
+    huge_page_weights(model)  # as emergence.load places a model's weights
     return (*model_engine(model, tokenizer, prompt, new_tokens), weight_bytes_per_token(model),
             unsupported(model) is None)
 

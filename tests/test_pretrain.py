@@ -677,3 +677,48 @@ def test_activation_checkpointing_on_an_encoder_decoder_is_refused(shards, tmp_p
                      checkpoint_activations=True)
     with pytest.raises(InvalidArgument, match="decoder-only models, not T5"):
         train("tiny-t5", tc)
+
+
+def test_weights_move_to_huge_pages_unchanged(tmp_path):
+    """allocator.huge_page_weights: the large anonymous CPU tensors move (same tensor objects, same
+    values, a tied weight moved once) into a mapping the kernel marks eligible for transparent huge
+    pages; small tensors and a tensor mapped from a file stay; a second call moves nothing."""
+    import numpy as np
+
+    from emergence.allocator import HUGE_PAGE, huge_page_weights, huge_pages_enabled
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(2048, 512), torch.nn.Linear(512, 2048, bias=True))
+    model[1].weight = model[0].weight  # tied: (2048, 512) fp32 = 4 MiB, one tensor
+    mapped = np.memmap(tmp_path / "w.bin", dtype=np.float32, mode="w+", shape=(1024, 1024))  # 4 MiB from a file
+    mapped[:] = 1.5
+    model.register_buffer("from_file", torch.from_numpy(mapped))
+    before = {name: t.detach().clone() for name, t in model.state_dict().items()}
+    weight, bias, from_file = model[0].weight, model[1].bias, model.from_file
+    file_address = from_file.data_ptr()
+    moved = huge_page_weights(model)
+    after = model.state_dict()
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    assert model[0].weight is weight and model[1].weight is weight and model[1].bias is bias
+    assert model.from_file.data_ptr() == file_address  # a file's pages stay the file's
+    x = torch.randint(0, 2048, (3,))
+    assert torch.equal(model[1](model[0](x)), torch.nn.functional.linear(before["0.weight"][x], before["0.weight"],
+                                                                         before["1.bias"]))
+    if not huge_pages_enabled():  # THP off (or not Linux): nothing to gain, nothing moved
+        assert moved == 0
+        return
+    assert moved == 2048 * 512 * 4  # the tied weight once; the 8 KiB bias stays
+    address = weight.data_ptr()
+    assert address % HUGE_PAGE == 0
+    with open("/proc/self/smaps", encoding="ascii", errors="replace") as smaps:
+        lines = smaps.read().splitlines()
+    for i, line in enumerate(lines):  # the mapping holding the weight, and its THPeligible flag
+        if "-" in line.split()[0] and not line.split()[0].endswith(":"):
+            start, end = (int(v, 16) for v in line.split()[0].split("-"))
+            if start <= address < end:
+                eligible = next(v for v in lines[i + 1:] if v.startswith("THPeligible:"))
+                assert eligible.split()[1] == "1"
+                break
+    else:
+        raise AssertionError("the weight's mapping is not in /proc/self/smaps")
+    assert huge_page_weights(model) == 0

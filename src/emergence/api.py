@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .allocator import huge_page_weights
 from .config import Config
 from .errors import CheckpointError, InvalidArgument
 from .generate import Completion, generate, stream
@@ -170,4 +171,7 @@ def load(path_or_name: str | Path | Source | None = None, *, tokenizer: str | Pa
 
         require_decoder_only(config, "an adapter")
         load_adapter(model, adapter)
-    return LanguageModel(model.to(target), tok, config, backend)
+    model = model.to(target)
+    if target.type == "cpu":  # decoding streams every weight per token: from 2 MiB pages (allocator.py)
+        huge_page_weights(model)
+    return LanguageModel(model, tok, config, backend)
