@@ -97,7 +97,7 @@ def huge_page_weights(model: nn.Module, min_bytes: int = HUGE_PAGE) -> int:
     largest tensor."""
     import torch
 
-    if model.__dict__.get("_huge_page_arena") is not None or sys.platform != "linux" or not huge_pages_enabled():
+    if model.__dict__.get("_huge_pages") or sys.platform != "linux" or not huge_pages_enabled():
         return 0
     files = _file_mappings()
 
@@ -127,5 +127,7 @@ def huge_page_weights(model: nn.Module, min_bytes: int = HUGE_PAGE) -> int:
             slot.copy_(t)
             t.data = slot
             offset += size
-    model.__dict__["_huge_page_arena"] = arena  # (the tensors' views keep it mapped; this marks the model done)
+    # the tensors' storages hold the mapping (torch.frombuffer keeps a reference until the last view
+    # goes: after .to("cuda") or a dtype change it is unmapped); the model is marked done
+    model.__dict__["_huge_pages"] = True
     return sum(t.nbytes for t in tensors)
