@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_quant import llama_cpp_engine, measure_bandwidth, synthetic_tokenizer  # noqa: E402
+from emergence.allocator import huge_page_weights  # noqa: E402
 from emergence.config import Config  # noqa: E402
 from emergence.generate import stream  # noqa: E402
 from emergence.kernels.fused_decode import unsupported  # noqa: E402
@@ -87,6 +88,7 @@ def main() -> None:
                 model = quantize_model(copy.deepcopy(base), ours, skip=())
             else:  # in place (the quantized rows went first, from copies of the fp32 weights)
                 model = base.to(torch.bfloat16 if ours == "bf16" else torch.float32)
+            huge_page_weights(model)  # as emergence.load places a model's weights
             assert unsupported(model) is None, unsupported(model)  # the native step
             path = Path(tmp) / f"moe-{theirs}.gguf"
             save_gguf(base if ours.startswith("q") else model, tokenizer, path, theirs.lower())

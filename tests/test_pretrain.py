@@ -721,4 +721,7 @@ def test_weights_move_to_huge_pages_unchanged(tmp_path):
                 break
     else:
         raise AssertionError("the weight's mapping is not in /proc/self/smaps")
-    assert huge_page_weights(model) == 0
+    assert huge_page_weights(model) == 0  # nothing left to move
+    model.to(torch.float64)  # new tensors (the file's buffer too, now a copy): a mapping of their own
+    assert huge_page_weights(model) == (2048 * 512 + 1024 * 1024) * 8 and model[0].weight.data_ptr() % HUGE_PAGE == 0
+    assert torch.equal(model[0].weight, before["0.weight"].double())

@@ -92,20 +92,22 @@ def _file_mappings() -> list[tuple[int, int]]:
 def huge_page_weights(model: nn.Module, min_bytes: int = HUGE_PAGE) -> int:
     """Move the model's contiguous CPU parameters and buffers of at least `min_bytes` into one
     mapping advised for transparent huge pages (their tensors keep their identity: `.data` is
-    swapped); returns the bytes moved (0 where THP is off, on another OS, or done already).
-    Each tensor is copied, then its old memory freed, so the peak is the model plus its
-    largest tensor."""
+    swapped); returns the bytes moved (0 where THP is off, on another OS, or nothing is left to
+    move: a tensor already in one of the model's earlier mappings stays, one made since, by a
+    dtype change, moves). Each tensor is copied, then its old memory freed, so the peak is the
+    model plus its largest tensor."""
     import torch
 
-    if model.__dict__.get("_huge_pages") or sys.platform != "linux" or not huge_pages_enabled():
+    if sys.platform != "linux" or not huge_pages_enabled():
         return 0
-    files = _file_mappings()
+    done = model.__dict__.setdefault("_huge_page_ranges", [])  # (start, end) of its earlier mappings
+    stay = _file_mappings() + done
 
     def movable(t: torch.Tensor) -> bool:
         if t.device.type != "cpu" or not t.is_contiguous() or t.nbytes < min_bytes or t.is_quantized:
             return False
         address = t.untyped_storage().data_ptr()
-        return not any(start <= address < end for start, end in files)
+        return not any(start <= address < end for start, end in stay)
 
     tensors, seen = [], set()
     for t in list(model.parameters()) + list(model.buffers()):
@@ -128,6 +130,6 @@ def huge_page_weights(model: nn.Module, min_bytes: int = HUGE_PAGE) -> int:
             t.data = slot
             offset += size
     # the tensors' storages hold the mapping (torch.frombuffer keeps a reference until the last view
-    # goes: after .to("cuda") or a dtype change it is unmapped); the model is marked done
-    model.__dict__["_huge_pages"] = True
+    # goes: after .to("cuda") or a dtype change it is unmapped); the model keeps only its range
+    done.append((start, start + len(arena)))
     return sum(t.nbytes for t in tensors)
