@@ -40,12 +40,17 @@ RELEASE_EVERY_BLOCKS = 5
 
 
 @functools.cache
+def _libc():
+    """The C library, or None where it cannot be loaded."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
 def _malloc_trim():
     """glibc's malloc_trim, or None where the C library has none."""
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
+    return getattr(_libc(), "malloc_trim", None)
 
 
 def release_freed_memory() -> bool:
@@ -98,7 +103,7 @@ def huge_page_weights(model: nn.Module, min_bytes: int = HUGE_PAGE) -> int:
     model plus its largest tensor."""
     import torch
 
-    if sys.platform != "linux" or not huge_pages_enabled():
+    if sys.platform != "linux" or not huge_pages_enabled() or _libc() is None:
         return 0
     done = model.__dict__.setdefault("_huge_page_ranges", [])  # (start, end) of its earlier mappings
     stay = _file_mappings() + done
@@ -121,8 +126,7 @@ def huge_page_weights(model: nn.Module, min_bytes: int = HUGE_PAGE) -> int:
     memory = torch.frombuffer(arena, dtype=torch.uint8)
     start = memory.data_ptr()
     offset = -start % HUGE_PAGE  # the first slot on a huge page boundary
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    libc.madvise(ctypes.c_void_p(start + offset), ctypes.c_size_t(sum(rounded)), MADV_HUGEPAGE)
+    _libc().madvise(ctypes.c_void_p(start + offset), ctypes.c_size_t(sum(rounded)), MADV_HUGEPAGE)
     with torch.no_grad():
         for t, size in zip(tensors, rounded):
             slot = memory[offset:offset + t.nbytes].view(t.dtype).view(t.shape)

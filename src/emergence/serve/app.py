@@ -171,10 +171,14 @@ class RequestState:
             self.first_token = (at or time.perf_counter()) - self.start
 
 
+def prompt_items(prompt) -> list:
+    """A completion request's prompts: a text or a token-id list is one, a list of them several."""
+    return prompt if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else [prompt]
+
+
 def prompt_size(prompt) -> int:
     """A completion request's prompt(s) in characters or token ids."""
-    items = prompt if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else [prompt]
-    return sum(len(item) for item in items)
+    return sum(len(item) for item in prompt_items(prompt))
 
 
 def cached_tokens(requests: list[tuple[int, Request]], n: int) -> int:
@@ -584,7 +588,7 @@ class Server:
         return list(item)
 
     def _prompts(self, prompt) -> list[list[int]]:
-        items = prompt if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else [prompt]
+        items = prompt_items(prompt)
         if len(items) > 16:
             raise ApiError(400, "at most 16 prompts per request", "prompt")
         out = []
