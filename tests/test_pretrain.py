@@ -584,20 +584,24 @@ def test_checkpointed_training_hands_freed_memory_back_every_few_blocks(monkeypa
     assert calls == []
 
 
-@pytest.mark.parametrize("case", ["tied", "untied+softcap", "lora-head"])
+@pytest.mark.parametrize("case", ["tied", "untied+bias", "untied+softcap", "lora-head"])
 def test_the_sliced_head_loss_is_the_whole_logits_cross_entropy_without_the_logits(case, monkeypatch):
     # model(ids, targets=...) (what the trainer calls) scores the hidden states a few rows at a
     # time: PyTorch's cross-entropy of the whole logits, value and every gradient, with rows
-    # scored nothing skipped, and no tensor of the logits' size ever saved for the backward.
+    # scored nothing skipped, and no tensor of the logits' size ever saved for the backward. A
+    # plain linear head (tied, untied with a bias, or frozen under adapters) takes the written-out
+    # gradients (_LinearCrossEntropy), a soft-capped one autograd's per slice.
     import emergence.model
     from emergence import Config
     from emergence.adapters import LoraSpec, add_adapter, mark_only_adapters_trainable
     from emergence.model import Transformer
 
     V = 500
-    config = Config(name="sliced", family="gemma2" if case == "untied+softcap" else "llama", vocab_size=V,
+    family = {"untied+softcap": "gemma2", "untied+bias": "phi"}.get(case, "llama")
+    config = Config(name="sliced", family=family, vocab_size=V,
                     block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, intermediate_size=64,
-                    tie_embeddings=case != "untied+softcap", final_softcap=4.0 if case == "untied+softcap" else None)
+                    tie_embeddings=not case.startswith("untied"), head_bias=case == "untied+bias",
+                    final_softcap=4.0 if case == "untied+softcap" else None)
     torch.manual_seed(0)
     model = Transformer(config)
     for p in model.parameters():  # logits spread well beyond the soft cap
@@ -610,6 +614,10 @@ def test_the_sliced_head_loss_is_the_whole_logits_cross_entropy_without_the_logi
                 torch.nn.init.normal_(p, std=0.3)
         mark_only_adapters_trainable(model)
     monkeypatch.setattr(emergence.model, "LOSS_SLICE_ELEMENTS", 7 * V)  # slices of 7 rows: 14 of them here
+    written_out = []
+    plain_apply = emergence.model._LinearCrossEntropy.apply
+    monkeypatch.setattr(emergence.model._LinearCrossEntropy, "apply",
+                        lambda *a: written_out.append(1) or plain_apply(*a))
     ids, targets = torch.randint(0, V, (2, 48)), torch.randint(0, V, (2, 48))
     targets[0, :20] = emergence.model.IGNORE_INDEX  # a prompt: nothing scored
     targets[1, 40:] = emergence.model.IGNORE_INDEX
@@ -634,6 +642,7 @@ def test_the_sliced_head_loss_is_the_whole_logits_cross_entropy_without_the_logi
 
     loss, grads, biggest = loss_and_grads(False)
     loss_s, grads_s, biggest_s = loss_and_grads(True)
+    assert len(written_out) == (case != "untied+softcap")
     assert abs(loss - loss_s) < 1e-5 * loss and loss > 1
     for name in grads:
         scale = grads[name].abs().max()

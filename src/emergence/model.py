@@ -110,8 +110,8 @@ IGNORE_INDEX = -100  # a target that scores nothing (train.objectives' and PyTor
 LOSS_SLICE_ELEMENTS = 2 ** 23  # logits per slice of the sliced loss: 32 MiB in fp32
 
 
-def head_cross_entropy(h: torch.Tensor, targets: torch.Tensor, head, vocab: int, params: list[torch.Tensor]
-                       ) -> torch.Tensor:
+def head_cross_entropy(h: torch.Tensor, targets: torch.Tensor, head, vocab: int, params: list[torch.Tensor],
+                       linear: nn.Linear | None = None) -> torch.Tensor:
     """Mean cross-entropy of head(h) against targets, without the (N, V) logits ever whole.
 
     h (..., D) final hidden states, targets (...) ids or IGNORE_INDEX, head a callable (..., D) ->
@@ -119,14 +119,19 @@ def head_cross_entropy(h: torch.Tensor, targets: torch.Tensor, head, vocab: int,
     instruction tuning the prompt's rows score nothing), a slice of LOSS_SLICE_ELEMENTS / V rows
     at a time, so a step holds one slice's logits, softmax and gradient instead of three (N, V)
     tensors (on smollm2's 49,152-row vocabulary, 192 MiB each for 1,024 tokens). The values are
-    next_token_loss's on the whole logits, up to the order of the sums.
+    next_token_loss's on the whole logits, up to the order of the sums. `linear`: the head when it
+    is that nn.Linear alone (no soft cap), for the fp32 path written out (_LinearCrossEntropy).
     """
     h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
     scored = (targets != IGNORE_INDEX).nonzero().squeeze(1)
     if scored.numel() < targets.numel():
         h, targets = h.index_select(0, scored), targets.index_select(0, scored)
     rows = max(1, LOSS_SLICE_ELEMENTS // vocab)
-    if torch.is_grad_enabled() and (h.requires_grad or params):
+    plain = (linear is not None and h.dtype == linear.weight.dtype == torch.float32
+             and not torch.is_autocast_enabled(h.device.type))
+    if torch.is_grad_enabled() and (h.requires_grad or params) and plain:
+        total = _LinearCrossEntropy.apply(h, targets, linear.weight, linear.bias, rows)
+    elif torch.is_grad_enabled() and (h.requires_grad or params):
         total = _SlicedCrossEntropy.apply(h, targets, head, rows, *params)
     else:
         total = sum((_slice_loss(head, h[s:s + rows], targets[s:s + rows]) for s in range(0, len(h), rows)),
@@ -173,6 +178,50 @@ class _SlicedCrossEntropy(torch.autograd.Function):
         grad_h, *grads = ctx.saved_tensors
         return (None if grad_h is None else grad_h * grad_out.to(grad_h.dtype), None, None, None,
                 *(g * grad_out.to(g.dtype) for g in grads))
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """_SlicedCrossEntropy for a plain fp32 linear head (weight (V, D), bias (V,) or None), its
+    gradients written out instead of asked of autograd: per slice of n rows, logits = h W^T + b
+    and their log-softmax into two (n, V) buffers kept from slice to slice (fresh ones would be
+    new pages, faulted in at every slice), the loss -logp[target], then in place the gradient
+    of the summed loss in the logits, softmax - one-hot = exp(logp) - one-hot (what
+    log_softmax's and nll_loss's backward give, without their zero-filled (n, V) tensor), and
+    from it the gradients of h (one product with W) and, when trained, of W and b."""
+
+    @staticmethod
+    def forward(ctx, h, targets, weight, bias, rows):
+        n = min(rows, len(h))
+        logits, logp = h.new_empty(n, len(weight)), h.new_empty(n, len(weight))  # (n, V) each
+        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros_like(weight) if ctx.needs_input_grad[2] else None
+        grad_b = torch.zeros_like(bias) if bias is not None and ctx.needs_input_grad[3] else None
+        total = h.new_zeros((), dtype=torch.float32)
+        for s in range(0, len(h), rows):
+            hs, t = h[s:s + rows], targets[s:s + rows]
+            z, lp = logits[:len(hs)], logp[:len(hs)]
+            if bias is None:
+                torch.mm(hs, weight.t(), out=z)
+            else:
+                torch.addmm(bias, hs, weight.t(), out=z)
+            torch._log_softmax(z, 1, False, out=lp)
+            picked = lp.gather(1, t[:, None])  # (n, 1)
+            total -= picked.sum()
+            lp.exp_()
+            lp.scatter_add_(1, t[:, None], torch.full_like(picked, -1.0))  # d(sum of -logp[t]) / d logits
+            if grad_h is not None:
+                torch.mm(lp, weight, out=grad_h[s:s + len(hs)])
+            if grad_w is not None:
+                grad_w.addmm_(lp.t(), hs)
+            if grad_b is not None:
+                grad_b += lp.sum(0)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return (*(None if g is None else g * grad_out for g in ctx.saved_tensors[:1]), None,
+                *(None if g is None else g * grad_out for g in ctx.saved_tensors[1:]), None)
 
 
 # ---------------------------------------------------------------------------- the blocks
@@ -475,7 +524,9 @@ class Transformer(Placed, nn.Module):
         h = self.hidden_states(input_ids, cache, attention_mask=attention_mask, segment_ids=segment_ids)
         if targets is not None:
             trainable = [p for p in self.lm_head.parameters() if p.requires_grad]
-            return head_cross_entropy(h, targets, self.head, self.config.vocab_size, trainable)
+            plain = type(self.lm_head) is nn.Linear and self.config.final_softcap is None
+            return head_cross_entropy(h, targets, self.head, self.config.vocab_size, trainable,
+                                      self.lm_head if plain else None)
         if last_logits_only:
             h = h[:, -1:]
         return self.head(h)
