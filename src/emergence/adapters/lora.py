@@ -233,19 +233,39 @@ class LoraUpdate(nn.Module):
             return (weight[s:e].to(self.lora_A[part].dtype) + self.delta_weight(part)).norm(dim=1)
 
     def apply(self, x: torch.Tensor, y: torch.Tensor, base: nn.Module) -> torch.Tensor:
-        """y (..., out): the base's output for x (..., in) -> with this adapter's updates.
-
-        Each part through its own A and B (PEFT's arithmetic, rounding included); the parts' outputs
-        are laid side by side over the output rows and added to y whole. No slice of y is taken,
-        so the backward builds no zero-filled full-size gradient per part.
-        """
+        """y (..., out): the base's output for x (..., in) -> with this adapter's updates."""
         dropped = self.dropout(x)
+        if not self.dora:
+            return self._add_low_rank(dropped, y)
+        return self._apply_dora(x, dropped, y, base)
+
+    def _add_low_rank(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y + scaling * B A x for every part in two products: the parts' A stacked, (P r, in),
+        and their B laid block-diagonally over the output rows, (out, P r), zero between blocks,
+        the second product adding into y in place with the scaling as its alpha. No (..., out) update, scaled
+        copy or sum is written, and the backward's work on the parts is two small products each
+        way instead of 2 P (the zero blocks add exact zeros: each row's value is its own part's)."""
+        parts = list(self.ranges)
+        a = self.lora_A[parts[0]] if len(parts) == 1 else torch.cat([self.lora_A[p] for p in parts])  # (P r, in)
+        h = F.linear(x, a.to(x.dtype)).flatten(0, -2)  # (N, P r)
+        b = self._block_diagonal_b(y.shape[-1]).to(x.dtype)  # (out, P r)
+        # y is the base's fresh output, which no backward needs: the update is added into it.
+        return y.flatten(0, -2).addmm_(h, b.t(), alpha=self.scaling).view(y.shape)
+
+    def _block_diagonal_b(self, out: int) -> torch.Tensor:
+        """(out, P r): part p's B in its output rows and its r columns, zeros elsewhere."""
+        blocks = [F.pad(self.lora_B[p], (0, 0, s, out - e)) if (s, e) != (0, out) else self.lora_B[p]
+                  for p, (s, e) in self.ranges.items()]
+        return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
+
+    def _apply_dora(self, x: torch.Tensor, dropped: torch.Tensor, y: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        """DoRA: each part through its own A and B (PEFT's arithmetic, rounding included), the
+        parts' outputs laid side by side over the output rows and added to y whole. No slice of y
+        is taken, so the backward builds no zero-filled full-size gradient per part."""
         parts = list(self.ranges)
         h = [F.linear(dropped, self.lora_A[p].to(x.dtype)) for p in parts]
         delta = self._rows(y.shape[-1], None, [F.linear(hp, self.lora_B[p].to(x.dtype)) for hp, p in zip(h, parts)])
         delta = delta * self.scaling  # (..., out)
-        if not self.dora:
-            return y + delta
         scale = self._rows(y.shape[-1], 1.0, [self.row_scale(p, base) for p in parts]).to(x.dtype)  # 1 elsewhere
         if dropped is x:  # the base's output without its bias
             plain = y if base.bias is None else y - base.bias.to(y.dtype)
