@@ -7,7 +7,10 @@ loaded from that folder by both libraries: transformers' AutoModelForCausalLM.fr
 (fp32, SDPA attention) and emergence.weights.hf.load_hf (fp32). The step-0 losses of the two
 are recorded as a check that they are the same model.
 
-(a) Speed, in this process, fp32, torch.set_num_threads(2). Four engines:
+(a) Speed, fp32, torch.set_num_threads(2), each engine in its own process (a worker kept for the
+whole run: a library's steps then meet the heap its own steps left, as in a user's process; in
+one shared process, one engine's freed memory decides whether the next one's tensors need fresh
+pages). Four engines:
 
 - emergence LoRA: `emergence.adapters.add_adapter(LoraSpec(r=8, alpha=16, dropout=0))` on q, k,
   v, o, gate, up, down (emergence's fused qkv_proj / gate_up_proj carry one A, B pair per part),
@@ -30,7 +33,7 @@ every engine for S timed steps, the order reversed every other round (A B C D, D
 that another job's load on the 2 cores falls on all alike. tok/s = B x T x S / seconds; the
 medians over rounds are reported with each engine's range, and the ratios are the medians of
 the per-round ratios (emergence / peer in the same round). Each sample also records the share
-of the cores other processes used meanwhile (/proc/stat's busy time less this process's CPU
+of the cores other processes used meanwhile (/proc/stat's busy time less the worker's CPU
 time): a 2-thread step loses far more than that share when another job takes a core (each
 parallel region waits for its descheduled thread), so the medians and ratios are also given
 over the quiet rounds only (others under 10%; the ratio over the rounds where both were).
@@ -363,42 +366,90 @@ def profile_step(engine: Engine, inputs, targets) -> dict:
             "top_ops": [{"op": k, "self_s": round(t, 4), "calls": c} for k, t, c in ops[:10]]}
 
 
-def speed(folder: Path, args, config) -> dict:
-    peak_before = matmul_gflops()
-    print(f"fp32 2048^3 matmul: {peak_before:.0f} GFLOP/s", flush=True)
+class Worker:
+    """One engine in its own process (`--engine NAME`), built once and stepped on request: each
+    library runs with the heap and allocator state of its own steps only, as a user's process
+    would (in one shared process, one engine's frees decide where the next one's tensors land,
+    and whether their pages must be faulted in again). Lines of JSON over the pipes."""
+
+    def __init__(self, name: str, folder: Path, args) -> None:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--engine", name, "--folder", str(folder),
+               "--batch", str(args.batch), "--context", str(args.context), "--warmup", str(args.warmup),
+               "--steps", str(args.steps), "--threads", str(args.threads)]
+        if args.layers:
+            cmd += ["--layers", str(args.layers)]
+        if args.vocab:
+            cmd += ["--vocab", str(args.vocab)]
+        self.name = name
+        self.process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.built = self.read()
+
+    def read(self) -> dict:
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the {self.name} worker ended (exit {self.process.wait()})")
+        return json.loads(line)
+
+    def ask(self, command: str) -> dict:
+        self.process.stdin.write(command + "\n")
+        self.process.stdin.flush()
+        return self.read()
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait()
+
+
+def serve_engine(name: str, folder: Path, args) -> None:
+    """The worker's side: build, warm up, say so; then "step" (S timed steps), "profile", or end of input."""
+    config = config_for(args.layers, args.vocab)
     inputs, targets = make_batch(config.vocab_size, args.batch, args.context)
-    tokens = args.batch * args.context
-    engines, first_loss = {}, {}
-    for name in ENGINES:
-        started = time.perf_counter()
-        engine = build(name, folder)
-        first_loss[name] = engine.step(inputs, targets)
-        for _ in range(args.warmup - 1):
-            engine.step(inputs, targets)
-        engines[name] = engine
-        print(f"built {name} ({engine.trainable:,} trainable parameters), step-0 loss {first_loss[name]:.4f}, "
-              f"{args.warmup} warm-up step(s) in {time.perf_counter() - started:.1f} s", flush=True)
-    samples: dict[str, list[float]] = {n: [] for n in ENGINES}
-    others: dict[str, list[float]] = {n: [] for n in ENGINES}
-    for r in range(args.rounds):
-        for name in ENGINES if r % 2 == 0 else ENGINES[::-1]:
-            engine = engines[name]
+    started = time.perf_counter()
+    engine = build(name, folder)
+    first = engine.step(inputs, targets)
+    for _ in range(args.warmup - 1):
+        engine.step(inputs, targets)
+    print(json.dumps({"trainable": engine.trainable, "step0_loss": first,
+                      "seconds": time.perf_counter() - started}), flush=True)
+    for command in sys.stdin:
+        if command.strip() == "step":
             clock = CpuClock()
             for _ in range(args.steps):
                 engine.step(inputs, targets)
             wall, other = clock.read()
-            samples[name].append(tokens * args.steps / wall)
-            others[name].append(other)
+            print(json.dumps({"wall": wall, "other": other}), flush=True)
+        elif command.strip() == "profile":
+            print(json.dumps(profile_step(engine, inputs, targets)), flush=True)
+
+
+def speed(folder: Path, args, config) -> dict:
+    peak_before = matmul_gflops()
+    print(f"fp32 2048^3 matmul: {peak_before:.0f} GFLOP/s", flush=True)
+    tokens = args.batch * args.context
+    workers, first_loss = {}, {}
+    for name in ENGINES:
+        workers[name] = Worker(name, folder, args)
+        built = workers[name].built
+        first_loss[name] = built["step0_loss"]
+        print(f"built {name} in its own process ({built['trainable']:,} trainable parameters), step-0 loss "
+              f"{first_loss[name]:.4f}, {args.warmup} warm-up step(s) in {built['seconds']:.1f} s", flush=True)
+    samples: dict[str, list[float]] = {n: [] for n in ENGINES}
+    others: dict[str, list[float]] = {n: [] for n in ENGINES}
+    for r in range(args.rounds):
+        for name in ENGINES if r % 2 == 0 else ENGINES[::-1]:
+            timed = workers[name].ask("step")
+            samples[name].append(tokens * args.steps / timed["wall"])
+            others[name].append(timed["other"])
             print(f"round {r + 1}/{args.rounds} {name}: {samples[name][-1]:.1f} tok/s "
-                  f"(other jobs used {100 * other:.0f}% of the cores)", flush=True)
+                  f"(other jobs used {100 * timed['other']:.0f}% of the cores)", flush=True)
     profiles = {}
     if args.profile:  # where a LoRA step's time goes, one step each (after the timed rounds)
         for name in ("emergence-lora", "peft-lora"):
-            profiles[name] = profile_step(engines[name], inputs, targets)
+            profiles[name] = workers[name].ask("profile")
             print(f"profiled {name}: {profiles[name]['wall_s']:.1f} s, matrix products "
                   f"{100 * profiles[name]['gemm_share']:.0f}% of the op time", flush=True)
-    del engines, engine
-    gc.collect()
+    for worker in workers.values():
+        worker.close()
     peak_after = matmul_gflops()
     print(f"fp32 2048^3 matmul: {peak_after:.0f} GFLOP/s", flush=True)
     medians = {n: statistics.median(s) for n, s in samples.items()}
@@ -569,6 +620,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="2 layers, 8192-row vocabulary, batch 2 x 64, 1 round")
     parser.add_argument("--out", default=None)
     parser.add_argument("--one", choices=MEMORY_CONFIGS, help=argparse.SUPPRESS)
+    parser.add_argument("--engine", choices=ENGINES, help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     parser.add_argument("--steps-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -577,6 +629,9 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     if args.one:
         print(json.dumps(one(args.one, Path(args.folder), args)))
+        return 0
+    if args.engine:
+        serve_engine(args.engine, Path(args.folder), args)
         return 0
     if args.quick:
         args.layers, args.vocab, args.batch, args.context, args.rounds, args.steps, args.warmup = 2, 8192, 2, 64, 1, 1, 1
