@@ -42,7 +42,7 @@ def random_moe(family: str, seed: int = 3) -> Transformer:
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("fmt, options", FORMATS)
-def test_the_native_step_decodes_quantized_experts_as_the_eager_forward(family, fmt, options):
+def test_the_native_step_decodes_quantized_experts_as_the_eager_forward(family, fmt, options, fp32_products):
     model = random_moe(family)
     stacked = {i: b.mlp.gate_up_proj.detach().clone() for i, b in enumerate(model.layers) if isinstance(b.mlp, MoE)}
     quantize_model(model, fmt, skip=(), **options)

@@ -506,8 +506,17 @@ def test_forward_is_linear_with_the_dequantized_weight(cls, options):
     from emergence.quant.methods import GGML_Q8_ACTIVATIONS, quantize_activations_q8_0
 
     ggml_activations = q.format in GGML_Q8_ACTIVATIONS
+    # int4 and NF4 multiply in bf16 with fp32 sums where the CPU has AVX512-BF16 (kernels.BF16_FORMATS):
+    # x and the weight rounded to bf16, summed in MKL's order (unrounded, they differ by ~1e-3)
+    from emergence.kernels import BF16_FORMATS, _cpu_flags, gemv_extension
+
+    in_bf16 = q.format in BF16_FORMATS and "avx512_bf16" in _cpu_flags() and gemv_extension() is not None
     for shape in [(64,), (5, 64), (2, 3, 64)]:
         x = torch.randn(shape)
+        if in_bf16:
+            expected = F.linear(x.bfloat16().float(), w.bfloat16().float(), layer.bias)
+            assert torch.allclose(q(x), expected, rtol=0, atol=2e-6)
+            continue
         expected = F.linear(quantize_activations_q8_0(x) if ggml_activations else x, w, layer.bias)
         assert torch.allclose(q(x), expected, atol=1e-6) if ggml_activations else torch.equal(q(x), expected)
     x = torch.randn(2, 64, dtype=torch.bfloat16)

@@ -117,6 +117,12 @@ def native_dequantize(module: nn.Module) -> torch.Tensor | None:
 # The own formats whose prompts qgemm widens a tile of rows at a time (ggml's Q8_0 and Q4_0 it
 # multiplies on their blocks).
 WIDENED_FORMATS = ("int8", "int4", "nf4", "ternary")
+# Of those, the 4-bit ones that multiply in bf16 with fp32 sums on a CPU with AVX512-BF16 (AMX
+# too on this Xeon), as bitsandbytes' 4-bit layers compute in their bf16 compute dtype: a 4-bit
+# weight's quantization step is 1/15 of its group's range, and rounding x and the widened weight
+# to bf16 moves each by at most 2^-9 of itself. Whatever the number of rows, so a row's result
+# never depends on the batch it came in; the native decoding step's GEMV keeps fp32 x.
+BF16_FORMATS = ("int4", "nf4")
 
 
 def native_qgemm(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
@@ -124,7 +130,8 @@ def native_qgemm(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     q8_0 / q4_0 on their blocks (qgemm_ggml: x quantized to Q8_0 per row, integer dot products
     per block, llama.cpp's numerics); int8 / int4 / NF4 / ternary for fp32 x, the weight widened
     a tile of rows at a time and multiplied with torch's BLAS (qgemm_widened: the values of x
-    times dequantize(), the fp32 matrix never whole). None where no kernel serves it (another
+    times dequantize(), the fp32 matrix never whole; int4 and NF4 in bf16 with fp32 sums where
+    the CPU has AVX512-BF16, BF16_FORMATS). None where no kernel serves it (another
     format or dtype, no kernels or VNNI, a gradient to carry: training multiplies the
     dequantized weight)."""
     from ..quant.linear import GGML_KERNEL_FORMATS
@@ -139,8 +146,10 @@ def native_qgemm(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     ops = module.kernel_operands()
     if ops is None:
         return None
-    y = extension.qgemm(extension.weight_kinds[ops.format], x.reshape(-1, x.shape[-1]), ops.data, ops.scales,
-                        ops.offsets, ops.group, ops.tensor_scale, module.out_features, module.in_features, None)
+    rows = x.reshape(-1, x.shape[-1])
+    bf16 = fmt in BF16_FORMATS and extension.has_bf16_gemm and "avx512_bf16" in _cpu_flags()
+    y = extension.qgemm(extension.weight_kinds[ops.format], rows, ops.data, ops.scales, ops.offsets, ops.group,
+                        ops.tensor_scale, module.out_features, module.in_features, None, bf16)
     return y.to(x.dtype).reshape(*x.shape[:-1], module.out_features)
 
 

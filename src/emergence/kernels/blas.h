@@ -1,4 +1,5 @@
-// The BLAS that torch ships, for the batched decoding step's fp32 products.
+// The BLAS that torch ships, for the batched decoding step's fp32 products and the 4-bit
+// formats' bf16 prompt products.
 //
 // libtorch_cpu exports the Fortran BLAS entry point sgemm_ (MKL's on x86 builds). Its packed,
 // register-blocked kernel outruns gemm_rows (gemv_rows.h: dot products along K, 4 weight rows
@@ -28,6 +29,23 @@ inline void sgemm_block(const float* w, int64_t rows, const float* x, int64_t B,
   const int lda = k, ldb = k, ldc = static_cast<int>(ldy);
   const float one = 1.0f, zero = 0.0f;
   kSgemm("T", "N", &m, &n, &k, &one, w, &lda, x, &ldb, &zero, y, &ldc);
+}
+
+// MKL's bf16 product with fp32 sums and result (cblas_gemm_bf16bf16f32, also exported by
+// libtorch_cpu on x86), looked up the same way: AMX tiles or AVX512-BF16 dot products multiply
+// where the CPU has them. Null where torch lacks it (the callers then stay in fp32).
+using GemmBf16Fn = void (*)(int layout, int transa, int transb, int m, int n, int k, float alpha, const uint16_t* a,
+                            int lda, const uint16_t* b, int ldb, float beta, float* c, int ldc);
+
+inline const GemmBf16Fn kGemmBf16 = reinterpret_cast<GemmBf16Fn>(dlsym(RTLD_DEFAULT, "cblas_gemm_bf16bf16f32"));
+
+// Y[:, :rows] (B rows, ldy apart) = X (B, K) W^T for bf16 X and `rows` contiguous bf16 weight
+// rows W (rows, K), the products summed in fp32. Row-major CBLAS: C (B, rows) = X W^T.
+inline void bf16gemm_block(const uint16_t* w, int64_t rows, const uint16_t* x, int64_t B, float* y, int64_t ldy,
+                           int64_t K) {
+  constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;  // CBLAS's enum values
+  kGemmBf16(kRowMajor, kNoTrans, kTrans, static_cast<int>(B), static_cast<int>(rows), static_cast<int>(K), 1.0f, x,
+            static_cast<int>(K), w, static_cast<int>(K), 0.0f, y, static_cast<int>(ldy));
 }
 
 // Y (B, N)[:, row0:row1] = X (B, K) W[row0:row1]^T for a contiguous fp32 W (N, K). In BLAS's

@@ -87,20 +87,29 @@ torch::Tensor qgemv(int64_t kind, torch::Tensor x, torch::Tensor data, torch::Te
 
 // Y (M, N) fp32 = X (M, K) W^T (+ bias) for a packed W and many rows of X (a prompt): Q8_0 and
 // Q4_0 on their blocks (qgemm_ggml, with VNNI), int8 / int4 / NF4 / ternary widened a tile of
-// rows at a time (qgemm_widened).
+// rows at a time (qgemm_widened); bf16: the widened formats' operands rounded to bf16 and
+// multiplied by MKL's bf16 product (refused where torch's BLAS lacks it; the caller asks for it
+// for int4 and NF4 prompts on CPUs with AVX512-BF16).
 torch::Tensor qgemm(int64_t kind, torch::Tensor x, torch::Tensor data, torch::Tensor scales, torch::Tensor offsets,
-                    int64_t group, double tensor_scale, int64_t N, int64_t K, c10::optional<torch::Tensor> bias) {
+                    int64_t group, double tensor_scale, int64_t N, int64_t K, c10::optional<torch::Tensor> bias,
+                    bool bf16) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "x must be (M, K)");
   const QuantMatrix m = quant_matrix(kind, data, scales, offsets, group, tensor_scale, N, K);
   const bool ggml = m.kind == WeightKind::Q8_0 || m.kind == WeightKind::Q4_0;
   TORCH_CHECK(ggml || m.kind == WeightKind::INT8 || m.kind == WeightKind::INT4 || m.kind == WeightKind::NF4 ||
                   m.kind == WeightKind::TERNARY, "qgemm: a packed weight kind");
   TORCH_CHECK(!ggml || kHasAvx512Vnni, "qgemm on Q8_0 / Q4_0 blocks needs AVX512-VNNI");
+  TORCH_CHECK(!bf16 || (!ggml && kGemmBf16 != nullptr), "qgemm: bf16 products are for the widened formats, "
+              "with torch's BLAS providing cblas_gemm_bf16bf16f32");
   auto xf = x.to(torch::kFloat32).contiguous();
   auto y = torch::empty({x.size(0), N}, xf.options());
   if (ggml) {
     QuantizedRows scratch;
     qgemm_ggml(m, xf.data_ptr<float>(), x.size(0), y.data_ptr<float>(), scratch);
+  } else if (bf16) {
+    std::vector<uint16_t> xb(xf.numel());
+    to_bf16(xf.data_ptr<float>(), xf.numel(), xb.data());
+    qgemm_widened(m, xf.data_ptr<float>(), x.size(0), y.data_ptr<float>(), xb.data());
   } else {
     qgemm_widened(m, xf.data_ptr<float>(), x.size(0), y.data_ptr<float>());
   }
@@ -123,7 +132,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv", &gemv, "y = W x (+ b) for one activation vector, fp32 accumulation");
   m.def("gemm", &gemm, "y = x W^T for a few fp32 rows x (B, K), fp32 accumulation");
   m.def("qgemv", &qgemv, "y = W x (+ b) for a packed quantized W, fp32 result");
-  m.def("qgemm", &qgemm, "Y = X W^T (+ b) for a packed W: Q8_0 / Q4_0 on its blocks, the others widened by tiles");
+  m.def("qgemm", &qgemm, "Y = X W^T (+ b) for a packed W: Q8_0 / Q4_0 on its blocks, the others widened by tiles",
+        pybind11::arg("kind"), pybind11::arg("x"), pybind11::arg("data"), pybind11::arg("scales"),
+        pybind11::arg("offsets"), pybind11::arg("group"), pybind11::arg("tensor_scale"), pybind11::arg("N"),
+        pybind11::arg("K"), pybind11::arg("bias"), pybind11::arg("bf16") = false);
+  m.attr("has_bf16_gemm") = kGemmBf16 != nullptr;
   m.def("qdequantize", &qdequantize, "a packed quantized weight as fp32 (N, K)");
   register_decode_plan(m);
 }

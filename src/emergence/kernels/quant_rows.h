@@ -616,13 +616,58 @@ inline void dequantize_rows(const QuantMatrix& m, float* out, int64_t grain) {
   });
 }
 
+// fp32 -> bf16, rounded to nearest with ties to even (torch's .to(torch.bfloat16)); a NaN stays
+// a (quiet) NaN. 16 values a step: add 0x7FFF plus the bit that becomes the last kept one, keep
+// the high 16 bits.
+inline void to_bf16(const float* in, int64_t n, uint16_t* out) {
+  const __m512i one = _mm512_set1_epi32(1), half = _mm512_set1_epi32(0x7FFF);
+  const __m512i abs_mask = _mm512_set1_epi32(0x7FFFFFFF), inf = _mm512_set1_epi32(0x7F800000);
+  const __m512i quiet_nan = _mm512_set1_epi32(0x7FC0);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512i u = _mm512_castps_si512(_mm512_loadu_ps(in + i));
+    const __m512i rounded =
+        _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(half, _mm512_and_si512(_mm512_srli_epi32(u, 16), one))), 16);
+    const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, abs_mask), inf);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i),
+                        _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(rounded, nan, quiet_nan)));
+  }
+  for (; i < n; ++i) {
+    uint32_t u;
+    std::memcpy(&u, in + i, 4);
+    out[i] = (u & 0x7FFFFFFF) > 0x7F800000 ? 0x7FC0 : static_cast<uint16_t>((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+  }
+}
+
 // Y (M, N) = X (M, K) W^T for our own formats (int8, int4, NF4, ternary) and many rows of X
 // (a prompt in the eager forward pass): each thread widens its share of W a tile of rows at a
 // time into its own fp32 buffer (dequantize_row: the values of dequantize()) and multiplies
 // the tile with torch's BLAS while it is in cache (gemm_rows where the BLAS is missing), so the
 // whole fp32 matrix never exists: N x K x 4 bytes written and read back per call before.
-inline void qgemm_widened(const QuantMatrix& m, const float* x, int64_t M, float* y) {
+// xb: X rounded to bf16 (M, K), or null. Given, the tiles are bf16 (each row widened, then
+// rounded) and multiplied by MKL's bf16 product (fp32 sums; AMX on this Xeon), as bitsandbytes'
+// 4-bit layers compute in their bf16 compute dtype: for 4-bit weights, whose quantization step is 1/15 of a group's
+// range, the 2^-9 relative rounding of each operand is far below the weights' own error.
+inline void qgemm_widened(const QuantMatrix& m, const float* x, int64_t M, float* y, const uint16_t* xb = nullptr) {
   const int64_t K = m.K;
+  if (xb != nullptr) {  // bf16 tiles of <= 1 MiB: each row widened to fp32, then rounded into the tile
+    const int64_t tile = std::clamp<int64_t>((1024 * 1024 / (2 * K)) / 16 * 16, 16, 4096);
+    parallel_rows(0, m.N, tile, [&](int64_t r0, int64_t r1) {
+      thread_local std::vector<float> row;
+      thread_local std::vector<uint16_t> wb;
+      row.resize(K);
+      wb.resize(tile * K);
+      for (int64_t t = r0; t < r1; t += tile) {
+        const int64_t rows = std::min(tile, r1 - t);
+        for (int64_t r = 0; r < rows; ++r) {
+          dequantize_row(m, t + r, row.data());
+          to_bf16(row.data(), K, wb.data() + r * K);
+        }
+        bf16gemm_block(wb.data(), rows, xb, M, y + t, m.N, K);
+      }
+    });
+    return;
+  }
   // rows a tile: <= 1 MiB of fp32, half this Xeon's L2 per core: large enough that packing X
   // again for every tile (the BLAS does) costs little, small enough to stay in cache
   const int64_t tile = std::clamp<int64_t>((1024 * 1024 / (4 * K)) / 16 * 16, 16, 512);
