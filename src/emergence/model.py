@@ -183,8 +183,8 @@ class _SlicedCrossEntropy(torch.autograd.Function):
 class _LinearCrossEntropy(torch.autograd.Function):
     """_SlicedCrossEntropy for a plain fp32 linear head (weight (V, D), bias (V,) or None), its
     gradients written out instead of asked of autograd: per slice of n rows, logits = h W^T + b
-    and their log-softmax into two (n, V) buffers kept from slice to slice (fresh ones would be
-    new pages, faulted in at every slice), the loss -logp[target], then in place the gradient
+    and their log-softmax into two (n, V) buffers kept from slice to slice (fresh ones may be
+    new pages to fault in at every slice), the loss -logp[target], then in place the gradient
     of the summed loss in the logits, softmax - one-hot = exp(logp) - one-hot (what
     log_softmax's and nll_loss's backward give, without their zero-filled (n, V) tensor), and
     from it the gradients of h (one product with W) and, when trained, of W and b."""
@@ -220,8 +220,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        return (*(None if g is None else g * grad_out for g in ctx.saved_tensors[:1]), None,
-                *(None if g is None else g * grad_out for g in ctx.saved_tensors[1:]), None)
+        grad_h, grad_w, grad_b = (None if g is None else g * grad_out for g in ctx.saved_tensors)
+        return grad_h, None, grad_w, grad_b, None
 
 
 # ---------------------------------------------------------------------------- the blocks

@@ -242,9 +242,10 @@ class LoraUpdate(nn.Module):
     def _add_low_rank(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y + scaling * B A x for every part in two products: the parts' A stacked, (P r, in),
         and their B laid block-diagonally over the output rows, (out, P r), zero between blocks,
-        the second product adding into y in place with the scaling as its alpha. No (..., out) update, scaled
-        copy or sum is written, and the backward's work on the parts is two small products each
-        way instead of 2 P (the zero blocks add exact zeros: each row's value is its own part's)."""
+        the second product adding into y in place with the scaling as its alpha. No (..., out)
+        update, scaled copy or sum is written, and the backward's work on the parts is two small
+        products each way instead of 2 P (the zero blocks add exact zeros: each row's value is
+        its own part's)."""
         parts = list(self.ranges)
         a = self.lora_A[parts[0]] if len(parts) == 1 else torch.cat([self.lora_A[p] for p in parts])  # (P r, in)
         h = F.linear(x, a.to(x.dtype)).flatten(0, -2)  # (N, P r)

@@ -646,8 +646,9 @@ inline void to_bf16(const float* in, int64_t n, uint16_t* out) {
 // whole fp32 matrix never exists: N x K x 4 bytes written and read back per call before.
 // xb: X rounded to bf16 (M, K), or null. Given, the tiles are bf16 (each row widened, then
 // rounded) and multiplied by MKL's bf16 product (fp32 sums; AMX on this Xeon), as bitsandbytes'
-// 4-bit layers compute in their bf16 compute dtype: for 4-bit weights, whose quantization step is 1/15 of a group's
-// range, the 2^-9 relative rounding of each operand is far below the weights' own error.
+// 4-bit layers compute in their bf16 compute dtype: for 4-bit weights, whose quantization step
+// is 1/15 of a group's range, the 2^-9 relative rounding of each operand is far below the
+// weights' own error.
 inline void qgemm_widened(const QuantMatrix& m, const float* x, int64_t M, float* y, const uint16_t* xb = nullptr) {
   const int64_t K = m.K;
   if (xb != nullptr) {  // bf16 tiles of <= 1 MiB: each row widened to fp32, then rounded into the tile
