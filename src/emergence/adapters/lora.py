@@ -242,16 +242,17 @@ class LoraUpdate(nn.Module):
     def _add_low_rank(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y + scaling * B A x for every part in two products: the parts' A stacked, (P r, in),
         and their B laid block-diagonally over the output rows, (out, P r), zero between blocks,
-        the second product adding into y in place with the scaling as its alpha. No (..., out)
-        update, scaled copy or sum is written, and the backward's work on the parts is two small
+        the second product adding into y (in place when y is (N, out) and no view) with the
+        scaling as its alpha. No (..., out) update, scaled copy or sum is written, and the backward's work on the parts is two small
         products each way instead of 2 P (the zero blocks add exact zeros: each row's value is
         its own part's)."""
         parts = list(self.ranges)
         a = self.lora_A[parts[0]] if len(parts) == 1 else torch.cat([self.lora_A[p] for p in parts])  # (P r, in)
         h = F.linear(x, a.to(x.dtype)).flatten(0, -2)  # (N, P r)
         b = self._block_diagonal_b(y.shape[-1]).to(x.dtype)  # (out, P r)
-        # y is the base's fresh output, which no backward needs: the update is added into it.
-        return y.flatten(0, -2).addmm_(h, b.t(), alpha=self.scaling).view(y.shape)
+        if y.dim() == 2 and y._base is None:  # the base's fresh output, which no backward needs: added into
+            return y.addmm_(h, b.t(), alpha=self.scaling)
+        return torch.addmm(y.flatten(0, -2), h, b.t(), alpha=self.scaling).view(y.shape)
 
     def _block_diagonal_b(self, out: int) -> torch.Tensor:
         """(out, P r): part p's B in its output rows and its r columns, zeros elsewhere."""
@@ -308,13 +309,17 @@ class LoraLinear(nn.Module):
         return self.base.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = frozen_linear(self.base, x)
         rows = self.routing.rows
         if rows is None:
             name = self.routing.active
             if name is None or name == self.merged or name not in self.adapters:
-                return y
-            return self.adapters[name].apply(x, y, self.base)
+                return frozen_linear(self.base, x)
+            # (N, in) rows: the base's output is then a tensor of its own, not a view of one, which
+            # the update can be added into in place without autograd copying it back in the backward
+            flat = x.reshape(-1, x.shape[-1])
+            y = self.adapters[name].apply(flat, frozen_linear(self.base, flat), self.base)
+            return y.view(*x.shape[:-1], y.shape[-1])
+        y = frozen_linear(self.base, x)
         if len(rows) != x.shape[0]:
             raise InvalidArgument(f"{len(rows)} adapter names for a batch of {x.shape[0]} rows")
         for name, idx in self.routing.groups(x.device).items():
