@@ -688,9 +688,9 @@ def test_bf16_prompt_products_stay_far_below_the_4bit_weights_own_error(fmt, opt
     """The logits of a 48-token prompt through a 4-bit model, with its products in bf16 (the
     default where the CPU has AVX512-BF16) and in fp32 (BF16_FORMATS emptied): the two
     differ by under a tenth of what the 4-bit weights themselves change (fp32 products against
-    the model before quantizing; about a 27th here), and pick the same next token at 95% of
-    the positions or more (47 of 48 here: this random model's logits have near ties, and the
-    4-bit weights alone keep the original's token at only 52-65% of them)."""
+    the model before quantizing), and pick the same next token at 95% of the positions or more
+    (this random model's logits have near ties), where the 4-bit weights alone keep the
+    original's token at fewer than 90% of them."""
     import emergence.kernels
     from emergence.quant.linear import quantize_model
 
@@ -707,7 +707,8 @@ def test_bf16_prompt_products_stay_far_below_the_4bit_weights_own_error(fmt, opt
         fp32 = model(ids)
     rounding, quantization = (bf16 - fp32).abs().max().item(), (fp32 - reference).abs().max().item()
     assert 0 < rounding <= 0.1 * quantization
-    assert (bf16.argmax(-1) == fp32.argmax(-1)).float().mean().item() >= 0.95
+    agree = lambda a, b: (a.argmax(-1) == b.argmax(-1)).float().mean().item()  # noqa: E731
+    assert agree(bf16, fp32) >= 0.95 > 0.9 > agree(fp32, reference)
 
 
 def test_packed_ternary_layout_decodes_to_the_values(ext):
