@@ -520,7 +520,11 @@ def test_forward_is_linear_with_the_dequantized_weight(cls, options):
         expected = F.linear(quantize_activations_q8_0(x) if ggml_activations else x, w, layer.bias)
         assert torch.allclose(q(x), expected, atol=1e-6) if ggml_activations else torch.equal(q(x), expected)
     x = torch.randn(2, 64, dtype=torch.bfloat16)
-    if not ggml_activations:
+    if in_bf16:  # bf16 x through the same bf16 products: their fp32 sums and the bias rounded once
+        exact = x.double() @ w.bfloat16().double().T + layer.bias.double()
+        got = q(x)
+        assert got.dtype == torch.bfloat16 and ((got.double() - exact).abs() <= 2**-8 * exact.abs() + 1e-6).all()
+    elif not ggml_activations:
         assert torch.equal(q(x), F.linear(x, w.bfloat16(), layer.bias.bfloat16()))
 
 

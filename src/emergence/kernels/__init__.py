@@ -125,31 +125,34 @@ WIDENED_FORMATS = ("int8", "int4", "nf4", "ternary")
 BF16_FORMATS = ("int4", "nf4")
 
 
-def native_qgemm(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-    """x (..., K) times a packed layer's weight, without its bias, in x's dtype (quant_rows.h):
+def native_qgemm(module: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """x (..., K) times a packed layer's weight, plus `bias` (added to the fp32 result, which is
+    then rounded once to x's dtype) (quant_rows.h):
     q8_0 / q4_0 on their blocks (qgemm_ggml: x quantized to Q8_0 per row, integer dot products
     per block, llama.cpp's numerics); int8 / int4 / NF4 / ternary for fp32 x, the weight widened
     a tile of rows at a time and multiplied with torch's BLAS (qgemm_widened: the values of x
     times dequantize(), the fp32 matrix never whole; int4 and NF4 in bf16 with fp32 sums where
-    the CPU has AVX512-BF16, BF16_FORMATS). None where no kernel serves it (another
+    the CPU has AVX512-BF16, BF16_FORMATS, for fp32 or bf16 x). None where no kernel serves it (another
     format or dtype, no kernels or VNNI, a gradient to carry: training multiplies the
     dequantized weight)."""
     from ..quant.linear import GGML_KERNEL_FORMATS
 
     extension = gemv_extension()
+    if extension is None:
+        return None
     fmt = getattr(module, "format", None)
     on_blocks = fmt in GGML_KERNEL_FORMATS and "avx512_vnni" in _cpu_flags()
-    widened = fmt in WIDENED_FORMATS and x.dtype == torch.float32
-    if extension is None or not (on_blocks or widened) or x.device.type != "cpu" \
-            or (torch.is_grad_enabled() and x.requires_grad):
+    bf16 = fmt in BF16_FORMATS and extension.has_bf16_gemm and "avx512_bf16" in _cpu_flags()
+    # bf16 x too where the products are bf16 anyway (a bf16 model's prompt: its x exact in them)
+    widened = fmt in WIDENED_FORMATS and (x.dtype == torch.float32 or (bf16 and x.dtype == torch.bfloat16))
+    if not (on_blocks or widened) or x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad):
         return None
     ops = module.kernel_operands()
     if ops is None:
         return None
     rows = x.reshape(-1, x.shape[-1])
-    bf16 = fmt in BF16_FORMATS and extension.has_bf16_gemm and "avx512_bf16" in _cpu_flags()
     y = extension.qgemm(extension.weight_kinds[ops.format], rows, ops.data, ops.scales, ops.offsets, ops.group,
-                        ops.tensor_scale, module.out_features, module.in_features, None, bf16)
+                        ops.tensor_scale, module.out_features, module.in_features, bias, bf16)
     return y.to(x.dtype).reshape(*x.shape[:-1], module.out_features)
 
 

@@ -117,11 +117,10 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from ..kernels import native_qgemm
 
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        y = native_qgemm(self, x)  # (a prompt: widened by tiles, never the whole fp32 matrix)
+        y = native_qgemm(self, x, self.bias)  # (a prompt: widened by tiles, never the whole fp32 matrix)
         if y is not None:
-            return y if bias is None else y + bias
-        return F.linear(x, self.unpacked_weight().to(x.dtype), bias)
+            return y
+        return F.linear(x, self.unpacked_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     # Input features must be a multiple of this for the format's native kernel (0: no kernel).
     kernel_block: int = 0
@@ -394,9 +393,9 @@ class GGMLLinear(QuantizedLinear):
         formats the dequantized weight."""
         from ..kernels import native_qgemm
 
-        y = native_qgemm(self, x)
+        y = native_qgemm(self, x, self.bias)
         if y is not None:
-            return y if self.bias is None else y + self.bias.to(x.dtype)
+            return y
         if self.format in m.GGML_Q8_ACTIVATIONS:
             xq = m.quantize_activations_q8_0(x)
         elif self.format in m.GGML_Q8_K_ACTIVATIONS:
