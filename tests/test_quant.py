@@ -622,6 +622,38 @@ def test_gptq_calibrates_an_untied_head_too():
     assert "lm_head" in mods
 
 
+def test_gptq_calibration_multiplies_in_fp32(monkeypatch):
+    # GPTQ's Hessians come from inputs that pass through the layers already quantized; while it
+    # calibrates, those multiply in fp32 (kernels.fp32_products), where an int4 prompt otherwise
+    # takes bf16 products (kernels.BF16_FORMATS): the calibrated model is the one computed from
+    # exact products, every layer's forward during calibration equal to its fp32 product.
+    import emergence.kernels as kernels
+    import emergence.quant.linear as linear
+
+    forwards = []
+    plain_forward = linear.QuantizedLinear.forward
+
+    def forward(self, x):
+        y = plain_forward(self, x)
+        with torch.no_grad(), kernels.fp32_products():
+            forwards.append(torch.equal(y, plain_forward(self, x)))
+        return y
+
+    monkeypatch.setattr(linear.QuantizedLinear, "forward", forward)
+    torch.manual_seed(0)
+    model = Transformer(Config.from_name("tiny-llama")).eval()
+    calibration = [torch.randint(0, 256, (2, 40))]
+    quantize_model(model, "int4-gptq", group_size=64, calibration=calibration, skip=())
+    assert len(forwards) > 9 and all(forwards)  # the calibration's passes through quantized layers
+    x = torch.randn(24, 64)
+    with torch.no_grad():
+        bf16 = model.layers[0].attn.qkv_proj(x)
+        with kernels.fp32_products():
+            fp32 = model.layers[0].attn.qkv_proj(x)
+    bf16_here = "avx512_bf16" in kernels._cpu_flags() and kernels.gemv_extension() is not None
+    assert torch.equal(bf16, fp32) != bf16_here  # outside the calibration, bf16 where the CPU has it
+
+
 def test_refuses_double_quantization_and_bad_options():
     q = fresh()
     quantize_model(q.model, "nf4")

@@ -17,12 +17,15 @@ kernels off.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import hashlib
 import os
 import platform
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -123,6 +126,18 @@ WIDENED_FORMATS = ("int8", "int4", "nf4", "ternary")
 # to bf16 moves each by at most 2^-9 of itself. Whatever the number of rows, so a row's result
 # never depends on the batch it came in; the native decoding step's GEMV keeps fp32 x.
 BF16_FORMATS = ("int4", "nf4")
+_bf16_products = contextvars.ContextVar("bf16_products", default=True)
+
+
+@contextlib.contextmanager
+def fp32_products() -> Iterator[None]:
+    """Within it (this thread or task), BF16_FORMATS multiply in fp32 as the others do: GPTQ's
+    calibration, whose Hessians are then the inputs' exact products (quant/methods.py)."""
+    token = _bf16_products.set(False)
+    try:
+        yield
+    finally:
+        _bf16_products.reset(token)
 
 
 def native_qgemm(module: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -142,7 +157,8 @@ def native_qgemm(module: nn.Module, x: torch.Tensor, bias: torch.Tensor | None =
         return None
     fmt = getattr(module, "format", None)
     on_blocks = fmt in GGML_KERNEL_FORMATS and "avx512_vnni" in _cpu_flags()
-    bf16 = fmt in BF16_FORMATS and extension.has_bf16_gemm and "avx512_bf16" in _cpu_flags()
+    bf16 = (fmt in BF16_FORMATS and _bf16_products.get() and extension.has_bf16_gemm
+            and "avx512_bf16" in _cpu_flags())
     # bf16 x too where the products are bf16 anyway (a bf16 model's prompt: its x exact in them)
     widened = fmt in WIDENED_FORMATS and (x.dtype == torch.float32 or (bf16 and x.dtype == torch.bfloat16))
     if not (on_blocks or widened) or x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad):

@@ -218,8 +218,17 @@ def gptq_calibrate(model: nn.Module, targets: dict[str, nn.Linear], calibration:
     already pass through the quantized layers before it (GPTQ's "true sequential"),
     `quantize(name, linear, H)` returns its replacement, which is swapped in, and the block's
     outputs become the next block's inputs. Targets outside the blocks (an untied lm_head) are
-    calibrated last, from a pass through the whole model.
+    calibrated last, from a pass through the whole model. The quantized layers multiply in fp32
+    meanwhile (kernels.fp32_products: no bf16 rounding in the Hessians' inputs).
     """
+    from ..kernels import fp32_products
+
+    with fp32_products():
+        _calibrate(model, targets, calibration, quantize)
+
+
+def _calibrate(model: nn.Module, targets: dict[str, nn.Linear], calibration: Sequence[torch.Tensor],
+               quantize: Callable[[str, nn.Linear, torch.Tensor], nn.Module]) -> None:
     device = next(model.parameters()).device
     batches = [ids.to(device) for ids in calibration]
 
