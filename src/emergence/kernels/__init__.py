@@ -142,14 +142,13 @@ def fp32_products() -> Iterator[None]:
 
 def native_qgemm(module: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
     """x (..., K) times a packed layer's weight, plus `bias` (added to the fp32 result, which is
-    then rounded once to x's dtype) (quant_rows.h):
-    q8_0 / q4_0 on their blocks (qgemm_ggml: x quantized to Q8_0 per row, integer dot products
-    per block, llama.cpp's numerics); int8 / int4 / NF4 / ternary for fp32 x, the weight widened
-    a tile of rows at a time and multiplied with torch's BLAS (qgemm_widened: the values of x
-    times dequantize(), the fp32 matrix never whole; int4 and NF4 in bf16 with fp32 sums where
-    the CPU has AVX512-BF16, BF16_FORMATS, for fp32 or bf16 x). None where no kernel serves it (another
-    format or dtype, no kernels or VNNI, a gradient to carry: training multiplies the
-    dequantized weight)."""
+    then rounded once to x's dtype) (quant_rows.h): q8_0 / q4_0 on their blocks (qgemm_ggml: x
+    quantized to Q8_0 per row, integer dot products per block, llama.cpp's numerics); int8 /
+    int4 / NF4 / ternary for fp32 x, the weight widened a tile of rows at a time and multiplied
+    with torch's BLAS (qgemm_widened: the values of x times dequantize(), the fp32 matrix never
+    whole; int4 and NF4 in bf16 with fp32 sums where the CPU has AVX512-BF16, BF16_FORMATS, for
+    fp32 or bf16 x). None where no kernel serves it (another format or dtype, no kernels or
+    VNNI, a gradient to carry: training multiplies the dequantized weight)."""
     from ..quant.linear import GGML_KERNEL_FORMATS
 
     extension = gemv_extension()
