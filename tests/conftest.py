@@ -151,13 +151,14 @@ def bounded(seconds: float = 5.0, max_new_rss_mb: int = 512):
 
 
 @pytest.fixture
-def fp32_products(monkeypatch):
+def fp32_products():
     """The eager forward's int4 / NF4 products in fp32, as the native step's GEMV computes them
     (where the CPU has AVX512-BF16 they are bf16 otherwise: kernels.BF16_FORMATS, tested on its
     own in test_kernels.py's test_bf16_prompt_products_stay_far_below_the_4bit_weights_own_error)."""
     import emergence.kernels
 
-    monkeypatch.setattr(emergence.kernels, "BF16_FORMATS", ())
+    with emergence.kernels.fp32_products():
+        yield
 
 
 @pytest.fixture

@@ -684,9 +684,9 @@ def test_widened_gemm_is_the_dequantized_product_for_every_row(fmt, options, row
 
 
 @pytest.mark.parametrize("fmt, options", [("int4", {"group_size": 32}), ("nf4", {})])
-def test_bf16_prompt_products_stay_far_below_the_4bit_weights_own_error(fmt, options, monkeypatch):
+def test_bf16_prompt_products_stay_far_below_the_4bit_weights_own_error(fmt, options):
     """The logits of a 48-token prompt through a 4-bit model, with its products in bf16 (the
-    default where the CPU has AVX512-BF16) and in fp32 (BF16_FORMATS emptied): the two
+    default where the CPU has AVX512-BF16) and in fp32 (kernels.fp32_products): the two
     differ by under a tenth of what the 4-bit weights themselves change (fp32 products against
     the model before quantizing), and pick the same next token at 95% of the positions or more
     (this random model's logits have near ties), where the 4-bit weights alone keep the
@@ -703,8 +703,8 @@ def test_bf16_prompt_products_stay_far_below_the_4bit_weights_own_error(fmt, opt
     with torch.no_grad():
         reference = original(ids)
         bf16 = model(ids)
-        monkeypatch.setattr(emergence.kernels, "BF16_FORMATS", ())
-        fp32 = model(ids)
+        with emergence.kernels.fp32_products():
+            fp32 = model(ids)
     rounding, quantization = (bf16 - fp32).abs().max().item(), (fp32 - reference).abs().max().item()
     assert 0 < rounding <= 0.1 * quantization
     agree = lambda a, b: (a.argmax(-1) == b.argmax(-1)).float().mean().item()  # noqa: E731
