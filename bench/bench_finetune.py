@@ -366,6 +366,17 @@ def profile_step(engine: Engine, inputs, targets) -> dict:
             "top_ops": [{"op": k, "self_s": round(t, 4), "calls": c} for k, t, c in ops[:10]]}
 
 
+def child_command(mode: str, name: str, folder: Path, args, steps: int | None = None) -> list[str]:
+    """This script run as one engine (`--engine`) or one memory configuration (`--one`) on the
+    model in `folder`, with the run's batch, context, steps and threads."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), mode, name, "--folder", str(folder),
+           "--batch", str(args.batch), "--context", str(args.context), "--warmup", str(args.warmup),
+           "--steps", str(args.steps if steps is None else steps), "--threads", str(args.threads)]
+    cmd += ["--layers", str(args.layers)] if args.layers else []
+    cmd += ["--vocab", str(args.vocab)] if args.vocab else []
+    return cmd + (["--steps-only"] if steps is not None else [])
+
+
 class Worker:
     """One engine in its own process (`--engine NAME`), built once and stepped on request: each
     library runs with the heap and allocator state of its own steps only, as a user's process
@@ -373,15 +384,9 @@ class Worker:
     and whether their pages must be faulted in again). Lines of JSON over the pipes."""
 
     def __init__(self, name: str, folder: Path, args) -> None:
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--engine", name, "--folder", str(folder),
-               "--batch", str(args.batch), "--context", str(args.context), "--warmup", str(args.warmup),
-               "--steps", str(args.steps), "--threads", str(args.threads)]
-        if args.layers:
-            cmd += ["--layers", str(args.layers)]
-        if args.vocab:
-            cmd += ["--vocab", str(args.vocab)]
         self.name = name
-        self.process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.process = subprocess.Popen(child_command("--engine", name, folder, args), stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, text=True)
         self.built = self.read()
 
     def read(self) -> dict:
@@ -567,14 +572,9 @@ def memory(folder: Path, args, configs: list[str], env_extra: dict[str, str] | N
     env = {**os.environ, **(env_extra or {})}
     label = " ".join(f"{k}={v}" for k, v in (env_extra or {}).items())
     for config in configs:
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--one", config, "--folder", str(folder),
-               "--batch", str(args.batch), "--context", str(args.context), "--warmup", str(args.warmup),
-               "--steps", str(args.steps), "--threads", str(args.threads)]
-        if steps is not None:
-            cmd[cmd.index("--steps") + 1] = str(steps)
-            cmd.append("--steps-only")
         started = time.perf_counter()
-        done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        done = subprocess.run(child_command("--one", config, folder, args, steps), capture_output=True, text=True,
+                              env=env)
         if done.returncode != 0:
             raise RuntimeError(f"--one {config} failed:\n{done.stderr[-3000:]}")
         row = json.loads(done.stdout.strip().splitlines()[-1])
