@@ -216,6 +216,33 @@ def test_qlora_backward_keeps_no_float_weight_and_gives_the_float_gradients(fmt)
             assert (p.grad - grads[name]).abs().max() <= 1e-5 * max(1.0, grads[name].abs().max()), name
 
 
+def test_loras_stacked_tensors_kept_between_decode_steps_follow_every_change(hf_model, tmp_path):
+    """Without gradients an adapter's stacked A and block-diagonal B are built once and kept; an
+    in-place change of A or B, or a replaced tensor, is seen at the next forward (equal to the
+    freshly built ones', gradients on)."""
+    family, _, folder = hf_model
+    _peft_model(family, folder, "lora").save_pretrained(tmp_path / "a")
+    model, _ = load_hf(folder)
+    load_adapter(model, tmp_path / "a")
+    ids = _ids()
+    update = next(m for m in model.modules() if hasattr(m, "adapters")).adapters["default"]
+    first = next(iter(update.lora_B))
+    with torch.no_grad():
+        before = model(ids)  # fills the kept tensors
+        update.lora_B[first].mul_(3.0)
+        after_b = model(ids)
+    assert (after_b - before).abs().max() > 1e-4  # the change reached the output
+    assert (after_b - model(ids).detach()).abs().max().item() <= 1e-6  # gradients on: nothing kept
+    with torch.no_grad():
+        update.lora_A[first].mul_(0.5)
+        after_a = model(ids)
+    assert (after_a - model(ids).detach()).abs().max().item() <= 1e-6 and (after_a - after_b).abs().max() > 1e-4
+    with torch.no_grad():
+        update.lora_A[first] = torch.nn.Parameter(update.lora_A[first].detach() * 2)  # replaced, not changed
+        replaced = model(ids)
+    assert (replaced - after_b).abs().max().item() <= 1e-6  # halved, then doubled into a new tensor
+
+
 def test_doras_row_norms_kept_between_decode_steps_follow_every_weight_change(hf_model, tmp_path):
     """Without gradients DoRA's ||W + s B A|| is computed once and kept; an in-place change of B or
     of the base weight is seen at the next forward (equal to the freshly computed logits)."""

@@ -169,6 +169,11 @@ def frozen_linear(base: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return base(x)
 
 
+def _versions(tensors: list[torch.Tensor]) -> tuple:
+    """What identifies the tensors' current values: where each lives and its in-place version."""
+    return tuple((t.data_ptr(), t._version) for t in tensors)
+
+
 # ----------------------------------------------------------------------------- the modules
 class Routing:
     """Which adapter each forward uses, shared by all LoraLinear modules of one model:
@@ -217,8 +222,7 @@ class LoraUpdate(nn.Module):
             return self.magnitude[part] / self._row_norm(part, base)
         if not torch.is_grad_enabled():  # decoding: the norm changes with the weights, not per step
             stored = list(base.parameters(recurse=False)) + list(base.buffers(recurse=False))
-            key = tuple((t.data_ptr(), t._version) for t in stored) + tuple(
-                (t[part].data_ptr(), t[part]._version) for t in (self.lora_A, self.lora_B))
+            key = _versions(stored + [self.lora_A[part], self.lora_B[part]])
             cached = self.__dict__.setdefault("_norms", {}).get(part)
             if cached is None or cached[0] != key:
                 cached = (key, self._row_norm(part, base_weight(base)))
@@ -243,22 +247,34 @@ class LoraUpdate(nn.Module):
         """y + scaling * B A x for every part in two products: the parts' A stacked, (P r, in),
         and their B laid block-diagonally over the output rows, (out, P r), zero between blocks,
         the second product adding into y (in place when y is (N, out) and no view) with the
-        scaling as its alpha. No (..., out) update, scaled copy or sum is written, and the backward's work on the parts is two small
-        products each way instead of 2 P (the zero blocks add exact zeros: each row's value is
-        its own part's)."""
-        parts = list(self.ranges)
-        a = self.lora_A[parts[0]] if len(parts) == 1 else torch.cat([self.lora_A[p] for p in parts])  # (P r, in)
-        h = F.linear(x, a.to(x.dtype)).flatten(0, -2)  # (N, P r)
-        b = self._block_diagonal_b(y.shape[-1]).to(x.dtype)  # (out, P r)
+        scaling as its alpha. No (..., out) update, scaled copy or sum is written, and the
+        backward's work on the parts is two small products each way instead of 2 P (the zero
+        blocks add exact zeros: each row's value is its own part's)."""
+        a, b = self._stacked(y.shape[-1], x.dtype)
+        h = F.linear(x, a).flatten(0, -2)  # (N, P r)
         if y.dim() == 2 and y._base is None:  # the base's fresh output, which no backward needs: added into
             return y.addmm_(h, b.t(), alpha=self.scaling)
         return torch.addmm(y.flatten(0, -2), h, b.t(), alpha=self.scaling).view(y.shape)
 
-    def _block_diagonal_b(self, out: int) -> torch.Tensor:
-        """(out, P r): part p's B in its output rows and its r columns, zeros elsewhere."""
+    def _stacked(self, out: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A stacked (P r, in), B block-diagonal (out, P r)) in `dtype`. Without gradients
+        (decoding) they are kept between calls, rebuilt when one of the adapter's tensors changes
+        in place or is replaced, as DoRA's norms are (row_scale)."""
+        if torch.is_grad_enabled():
+            return self._stack(out, dtype)
+        key = (out, dtype) + _versions([*self.lora_A.values(), *self.lora_B.values()])
+        cached = self.__dict__.get("_stacked_cache")
+        if cached is None or cached[0] != key:
+            cached = self.__dict__["_stacked_cache"] = (key, self._stack(out, dtype))
+        return cached[1]
+
+    def _stack(self, out: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        parts = list(self.ranges)
+        a = self.lora_A[parts[0]] if len(parts) == 1 else torch.cat([self.lora_A[p] for p in parts])
         blocks = [F.pad(self.lora_B[p], (0, 0, s, out - e)) if (s, e) != (0, out) else self.lora_B[p]
-                  for p, (s, e) in self.ranges.items()]
-        return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
+                  for p, (s, e) in self.ranges.items()]  # part p's B in its output rows and its r columns
+        b = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
+        return a.to(dtype), b.to(dtype)
 
     def _apply_dora(self, x: torch.Tensor, dropped: torch.Tensor, y: torch.Tensor, base: nn.Module) -> torch.Tensor:
         """DoRA: each part through its own A and B (PEFT's arithmetic, rounding included), the
