@@ -27,7 +27,8 @@ detokenization, handing chunks over), and what is left of the wall time per toke
 the event loop, the clients on the same 2 cores), and measures its HTTP layer's own time per
 request: the ASGI app (uvicorn's parsing aside) called in-process with the engine answering at
 once, whole and streamed. The smollm2-135m-shaped model carries GPT-2's
-BPE vocabulary (50,257 rows; a GGUF vocabulary must be BPE or SentencePiece).
+BPE vocabulary (50,257 rows; a GGUF vocabulary must be BPE or SentencePiece). Last, the time an
+empty parallel region takes after 0, 2, 20 and 100 ms of idleness (waking the OpenMP workers).
 
     python bench/bench_serve_peers.py [--rounds 3] [--bursts 10] [--models emergence-6m,smollm2-135m]
 
@@ -268,6 +269,28 @@ def http_layer_cost(gguf: Path, n: int = 300) -> dict:
     return out
 
 
+def team_wake_us(gaps=(0.0, 0.002, 0.02, 0.1), n: int = 25) -> dict:
+    """Microseconds of an empty parallel region on this thread's OpenMP team
+    (kernels.wake_thread_team) after each idle gap: the wait for idle workers to wake, which an
+    idle serving engine's first forward pass paid before the engine woke its team while requests
+    arrive (engine.py). Medians of n."""
+    from emergence.kernels import gemv_extension, wake_thread_team
+
+    if gemv_extension() is None:
+        return {}
+    out = {}
+    for gap in gaps:
+        wake_thread_team()
+        times = []
+        for _ in range(n):
+            time.sleep(gap)
+            started = time.perf_counter()
+            wake_thread_team()
+            times.append(1e6 * (time.perf_counter() - started))
+        out[f"{1e3 * gap:g} ms"] = statistics.median(times)
+    return out
+
+
 # ------------------------------------------------------------------------------ the models
 def smollm2_folder(folder: Path) -> Path:
     """The smollm2-135m architecture with random weights and GPT-2's byte-level BPE tokenizer
@@ -364,6 +387,8 @@ def main() -> int:
             print(f"\n{name}: emergence / llama-server throughput {medians['emergence']['tok_s'] / peer['tok_s']:.2f}x; "
                   f"emergence per token (ms) and HTTP layer per request (us): "
                   f"{json.dumps(breakdown, default=float, indent=None)}\n", flush=True)
+    result["team_wake_us"] = team_wake_us()
+    print(f"an empty parallel region after an idle gap (us): {json.dumps(result['team_wake_us'])}")
     print("| model | engine | tok/s | vs llama-server | latency p50 / p99 (s) | TTFT p50 / p99 (s) |")
     print("|---|---|---|---|---|---|")
     for name, data in result["models"].items():

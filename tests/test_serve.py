@@ -25,6 +25,7 @@ from emergence.api import LanguageModel
 from emergence.chat import encode_prompt, resolve_chat_template
 from emergence.kv_cache import PagedKVCache
 from emergence.model import Placed
+from emergence.sampling import SamplingParams
 from emergence.serve.app import Server, serve_in_thread
 
 MODEL = "stories260K"
@@ -551,6 +552,7 @@ def test_bad_request_gets_openai_error_and_server_keeps_serving(served, lm, name
         assert "more than the context window of 512 tokens" in error["message"]
     if name == "message with an unknown role":
         assert error["message"] == "'messages[0].role': 'wizard' is not a role (system, developer, user, assistant, tool)"
+    until(lambda: served[0].engine.incoming == 0, timeout=5)  # counted out (engine.arriving)
     still_serving(served[1], lm)
 
 
@@ -626,6 +628,112 @@ def test_body_over_the_limit_is_413(keyed, lm):
     status, got = request(port, "POST", "/v1/completions", just_under, auth)
     assert status == 400 and got["error"]["code"] == "context_length_exceeded"
     still_serving(port, lm, auth)
+
+
+# -------------------------------------------------------- requests arriving at an idle engine
+def until(condition, timeout: float = 30) -> None:
+    """Wait for condition() (another thread makes it true), failing after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.002)
+
+
+def _prefills(engine, monkeypatch) -> list[int]:
+    """The sizes (rows) of the engine's prefills from now on."""
+    from emergence.decode import DecodeBatch
+
+    sizes, admit = [], DecodeBatch.admit
+
+    def counted(batch, rows):
+        if batch is engine.batch:
+            sizes.append(len(rows))
+        return admit(batch, rows)
+
+    monkeypatch.setattr(DecodeBatch, "admit", counted)
+    return sizes
+
+
+def test_an_idle_engine_prefills_a_request_still_arriving_with_the_first(lm, monkeypatch):
+    from emergence.serve.engine import BatchEngine
+
+    params = SamplingParams(temperature=0, max_new_tokens=6, ignore_eos=True)
+    prompts = [list(range(3, 12)), list(range(20, 26))]
+    expected = [lm.complete(p, temperature=0, max_new_tokens=6, ignore_eos=True).token_ids for p in prompts]
+    engine = BatchEngine(lm.model, lm.tokenizer, slots=4, admission_window=60.0)
+    prefills = _prefills(engine, monkeypatch)
+    try:
+        arrived = engine.arriving()  # the HTTP layer is taking a second request in
+        first = engine.submit(prompts[0], params)
+        until(lambda: engine.holds == 1)
+        time.sleep(0.05)
+        assert (engine.active, engine.waiting, prefills) == (0, 1, [])  # held, not prefilled
+        second = engine.submit(prompts[1], params)
+        arrived()
+        arrived()  # (a second call does nothing)
+        assert engine.incoming == 0
+        got = [[t for chunk in r for t in chunk.token_ids] for r in (first, second)]
+        assert got == expected
+        assert prefills == [2]  # one prefill for both
+        alone = engine.submit(prompts[0], params)  # nothing arriving: no hold
+        assert [t for chunk in alone for t in chunk.token_ids] == expected[0]
+        assert (engine.holds, prefills) == (1, [2, 1])
+    finally:
+        engine.close()
+
+
+def test_the_hold_ends_after_the_admission_window_and_a_busy_engine_never_holds(lm, monkeypatch):
+    from emergence.serve import engine as engine_module
+    from emergence.serve.engine import BatchEngine
+
+    params = SamplingParams(temperature=0, max_new_tokens=6, ignore_eos=True)
+    prompt = list(range(3, 12))
+    expected = lm.complete(prompt, temperature=0, max_new_tokens=6, ignore_eos=True).token_ids
+    wakes = []
+    monkeypatch.setattr(engine_module, "wake_thread_team", lambda: wakes.append(time.monotonic()))
+    engine = BatchEngine(lm.model, lm.tokenizer, slots=4, admission_window=0.2)
+    prefills = _prefills(engine, monkeypatch)
+    try:
+        # an arrival that never completes (a client sending its body slowly): the first request
+        # waits for it at most the admission window, and the team is woken only meanwhile
+        slow = engine.arriving()
+        started = time.monotonic()
+        assert [t for chunk in engine.submit(prompt, params) for t in chunk.token_ids] == expected
+        assert engine.holds == 1 and prefills == [1]
+        until(lambda: time.monotonic() > started + 0.5)
+        woken = len(wakes)
+        assert woken >= 1 and max(wakes) < started + 0.2 + 0.1  # none once the window is over
+        # busy: a long request decoding; a new one joins it at the next step, arrivals or not
+        slow()
+        engine.admission_window = 60.0
+        long = engine.submit(prompt, SamplingParams(temperature=0, max_new_tokens=400, ignore_eos=True))
+        next(iter(long))
+        engine.arriving()
+        assert [t for chunk in engine.submit(prompt, params) for t in chunk.token_ids] == expected
+        assert engine.holds == 1 and len(wakes) == woken
+        long.cancel()
+    finally:
+        engine.close()
+
+
+def test_every_request_the_http_layer_takes_in_is_counted_out(served, lm):
+    # Guard counts each POST in (BatchEngine.arriving) and out when it is submitted or ends: the
+    # good, the bad (validation, unknown model, bad JSON) and the streamed alike.
+    app, port = served
+    for body in ({"model": MODEL, "prompt": PROMPT, "max_tokens": 2},
+                 {"model": MODEL, "prompt": PROMPT, "max_tokens": 2, "stream": True},
+                 {"model": MODEL, "prompt": PROMPT, "max_tokens": -1},
+                 {"model": "nope", "prompt": PROMPT},
+                 {"model": MODEL, "messages": "not a list"}):
+        path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+        status, _ = request(port, "POST", path, body)
+        assert status in (200, 400, 404, 422)
+    status, _ = request(port, "POST", "/v1/completions", b"{not json")
+    assert status == 400
+    status, _ = request(port, "POST", "/v1/embeddings", {"model": MODEL, "input": PROMPT})
+    assert status == 200
+    until(lambda: app.engine.incoming == 0, timeout=5)
+    still_serving(port, lm)
 
 
 def test_client_gone_mid_stream_frees_its_slot(served, lm):

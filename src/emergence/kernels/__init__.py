@@ -171,6 +171,21 @@ def native_qgemm(module: nn.Module, x: torch.Tensor, bias: torch.Tensor | None =
     return y.to(x.dtype).reshape(*x.shape[:-1], module.out_features)
 
 
+def wake_thread_team() -> None:
+    """Wake the calling thread's OpenMP workers: an empty parallel region on its team (nothing
+    without the native kernels).
+
+    Idle workers spin a while after a region, then sleep; the next region waits for them to
+    wake, and on a virtual machine whose idle cores halt, that wait can outlast a whole forward
+    pass of a small model (bench/bench_serve_peers.py measures it), so a server's first pass
+    after a pause paid it. A serving engine about to get work calls this meanwhile (engine.py),
+    every few milliseconds while requests are still arriving, so the workers are awake when
+    the prefill starts. It returns when they have all joined (the GIL released meanwhile)."""
+    ext = gemv_extension()
+    if ext is not None:
+        ext.wake_team()
+
+
 def release_thread_pool() -> None:
     """Hand back the calling thread's OpenMP worker threads, before another thread (a server's
     decoding engine) takes over the parallel work.

@@ -138,5 +138,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("K"), pybind11::arg("bias"), pybind11::arg("bf16") = false);
   m.attr("has_bf16_gemm") = kGemmBf16 != nullptr;
   m.def("qdequantize", &qdequantize, "a packed quantized weight as fp32 (N, K)");
+  // An empty region on the calling thread's team: its sleeping workers wake now, not at the
+  // next step (see kernels.wake_thread_team).
+  m.def("wake_team", [] { emergence::team([] {}); }, "run an empty parallel region on this thread's team",
+        pybind11::call_guard<pybind11::gil_scoped_release>());
   register_decode_plan(m);
 }

@@ -164,6 +164,8 @@ class RequestState:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     first_token: float | None = None  # seconds after start
+    # says the engine this request has been submitted, or will not be (BatchEngine.arriving)
+    arrived: Callable[[], None] = lambda: None
 
     def token(self, at: float | None = None) -> None:
         """A token was generated (at perf_counter() `at`, default now)."""
@@ -310,7 +312,7 @@ class Server:
                 for p, ids in enumerate(prompts) for j in range(options.n)]
         state.prompt_tokens = sum(len(ids) for ids in prompts)  # each prompt counted once, whatever n
         cid, created = new_id("cmpl"), now()
-        requests, sink = self._submit(jobs, options.stream, adapter)
+        requests, sink = self._submit(jobs, options.stream, adapter, state)
         tokenizer = self.lm.tokenizer
 
         if options.stream:
@@ -370,7 +372,7 @@ class Server:
             options.params["stop"] = tuple(dict.fromkeys((*options.params["stop"], *self.template.stop)))
         jobs = [(j, ids, options.for_prompt(len(ids), self.context, j, "messages")) for j in range(options.n)]
         cid, created = new_id("chatcmpl"), now()
-        requests, sink = self._submit(jobs, options.stream, adapter)
+        requests, sink = self._submit(jobs, options.stream, adapter, state)
         context_note = ({"dropped_messages": list(fit.dropped), "note": fit.note, "policy": fit.policy}
                         if fit.dropped else None)
         tokenizer = self.lm.tokenizer
@@ -498,6 +500,7 @@ class Server:
             return record
 
         sink = AsyncSink(asyncio.get_running_loop())
+        state.arrived()
         try:
             job: CallJob = self.engine.submit_call(run, sink=sink)
         except EmergenceError as e:
@@ -545,6 +548,7 @@ class Server:
             inputs.append(ids)
         state.prompt_tokens = sum(map(len, inputs))
         sink = AsyncSink(asyncio.get_running_loop())
+        state.arrived()
         try:
             self.engine.submit_embedding(inputs, sink=sink)
         except EmergenceError as e:
@@ -627,10 +631,12 @@ class Server:
         except EmergenceError as e:
             raise ApiError(400, str(e), param) from None
 
-    def _submit(self, jobs, stream: bool, adapter: str | None = None) -> tuple[list[tuple[int, Request]], AsyncSink]:
+    def _submit(self, jobs, stream: bool, adapter: str | None, state: RequestState,
+                ) -> tuple[list[tuple[int, Request]], AsyncSink]:
         """Queue (choice index, prompt ids, params) jobs; the choices of one prompt (consecutive
         jobs with the same ids) go together, sharing its prefill and KV blocks. A response sent
         whole (not `stream`) gets its chunks when its requests end."""
+        state.arrived()
         sink = AsyncSink(asyncio.get_running_loop(), hold=not stream)
         groups: list[list] = []
         for job in jobs:
@@ -831,7 +837,8 @@ def create_app(server: Server) -> FastAPI:
 
 class Guard:
     """The outermost ASGI layer (see the module docstring): request ids and the log line, Host
-    and Origin checks, CORS, body size and arrival time."""
+    and Origin checks, CORS, body size and arrival time; it tells the engine of each POST it
+    takes in until the request is submitted or answered (BatchEngine.arriving)."""
 
     def __init__(self, app: FastAPI, server: Server) -> None:
         self.app, self.server = app, server
@@ -894,7 +901,12 @@ class Guard:
             if length is not None and (not length.isdigit() or int(length) > server.max_body_bytes):
                 return await refuse(413, f"the request body is {length} bytes; the limit is {server.max_body_bytes}",
                                     ((b"connection", b"close"),))
-        await self.app(scope, self._limited(receive, length, state), send_logged)
+        if scope["method"] == "POST":  # likely a generation: an idle engine waits for it a moment
+            state.arrived = server.engine.arriving()
+        try:
+            await self.app(scope, self._limited(receive, length, state), send_logged)
+        finally:
+            state.arrived()
 
     def _limited(self, receive, length: str | None, state: RequestState):
         """receive(), with the body limited in size and each part of it in arrival time."""

@@ -24,6 +24,17 @@ With a draft model (speculative.py), a request decoded alone (one row in the bat
 waiting, sampling parameters that allow it) advances by speculative rounds of up to k + 1
 tokens instead of one step; when others join, its owed token is fed and it steps with them.
 
+An idle engine holds its first prefill while more requests are arriving: the HTTP layer says
+when it starts taking one in (`arriving`: reading, validating, tokenizing) and when it has
+submitted it or given up, and the engine waits, at most `admission_window` seconds after the
+first waiting request came, until none is still arriving. A wave of requests (many clients
+at once) is then prefilled in one forward pass, and the HTTP layer parses the wave without
+forward passes competing for the cores and the GIL, instead of a prefill per request or two
+interleaved with the parsing; a request alone waits for nothing. A busy engine never holds:
+its rows keep stepping and take the newcomers in at the next step. While requests arrive at
+an idle engine, it also keeps its thread team awake (kernels.wake_thread_team), so the prefill
+does not wait for sleeping workers to wake.
+
 A beam search, an embedding job and a test-time search (`submit_call`: the server's `search`
 field) wait in the same queue and run whole in the engine's thread between two steps: the
 rows in the batch pause meanwhile, and the model is never run by two threads at once.
@@ -45,12 +56,17 @@ from ..beam import check_beam_params
 from ..decode import Chunk, DecodeBatch, Row, check_memory
 from ..errors import InvalidArgument
 from ..generate import beam_generate
-from ..kernels import release_thread_pool
+from ..kernels import release_thread_pool, wake_thread_team
 from ..kv_cache import DEFAULT_BLOCK_SIZE, PagedKVCache
 from ..model import Transformer
 from ..sampling import SamplingParams
 from ..speculative import Speculator, eligible
 from ..tokenizer import Tokenizer
+
+
+# How often an idle engine wakes its thread team while requests are arriving: well inside the
+# time libgomp's idle workers spin before they sleep.
+TEAM_WAKE_SECONDS = 0.002
 
 
 @dataclass(eq=False)
@@ -121,6 +137,7 @@ class _Waiting:
     embedding: EmbeddingJob | None = None
     call: CallJob | None = None
     beams: bool = False  # the requests are the returned beams of one beam search
+    since: float = field(default_factory=time.perf_counter)  # when it was queued
 
     @property
     def tokens(self) -> int:
@@ -137,7 +154,8 @@ class BatchEngine:
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, *, slots: int = 8, max_queue: int = 256,
                  context: int | None = None, kv_memory: int | None = None, block_size: int = DEFAULT_BLOCK_SIZE,
-                 backend: str = "auto", prefix_caching: bool = True, draft: Speculator | None = None) -> None:
+                 backend: str = "auto", prefix_caching: bool = True, draft: Speculator | None = None,
+                 admission_window: float = 0.01) -> None:
         config = model.config
         if slots < 1:
             raise InvalidArgument(f"slots must be at least 1, got {slots}")
@@ -163,11 +181,16 @@ class BatchEngine:
         self.cache = PagedKVCache(config, blocks, block_size=block_size, dtype=dtype, device=device)
         self.cache.prefix_caching = self.prefix_caching = prefix_caching
         self.backend = backend
+        self.cpu = device.type == "cpu"  # (the thread team to keep awake is the CPU's)
         self.batch = DecodeBatch(model, tokenizer, self.cache, backend=backend)
         self.speculator = draft  # decodes a lone request speculatively (None: never)
         self._waiting: deque[_Waiting] = deque()
         self._lock = threading.Condition()
         self._stopping = False
+        self.admission_window = admission_window
+        self._arriving = 0  # requests the HTTP layer is taking in (see `arriving`)
+        self._arrived_at = float("-inf")  # when the latest of them began
+        self.holds = 0  # prefills held for arriving requests
         self.preemptions = 0  # rows pushed out for lack of blocks
         self.generated = 0  # tokens generated since the start
         self.prompt_tokens = 0  # prompt tokens of the rows admitted (each prompt once, whatever n)
@@ -234,9 +257,37 @@ class BatchEngine:
             self._lock.notify()
         return job
 
+    def arriving(self) -> Callable[[], None]:
+        """A request is being taken in (read, validated, tokenized) and will likely be submitted:
+        until the returned function is called (once it is submitted, or has failed; later calls
+        do nothing), an idle engine holds its next prefill, up to admission_window seconds, so
+        that the request joins it."""
+        with self._lock:
+            self._arriving += 1
+            self._arrived_at = time.perf_counter()
+            self._lock.notify()  # an idle engine wakes its team meanwhile
+        done = False
+
+        def arrived() -> None:
+            nonlocal done
+            with self._lock:
+                if done:
+                    return
+                done = True
+                self._arriving -= 1
+                if not self._arriving:
+                    self._lock.notify()
+
+        return arrived
+
     @property
     def waiting(self) -> int:
         return len(self._waiting)
+
+    @property
+    def incoming(self) -> int:
+        """Requests the HTTP layer is taking in (see `arriving`)."""
+        return self._arriving
 
     def _check(self, prompt: list[int], params: SamplingParams) -> None:
         params.check_vocabulary(self.model.config.vocab_size)
@@ -269,12 +320,7 @@ class BatchEngine:
 
     # ------------------------------------------------------------------------ engine side
     def _run(self) -> None:
-        while True:
-            with self._lock:
-                while not self._stopping and not self._waiting and not self.batch.rows:
-                    self._lock.wait()
-                if self._stopping:
-                    break
+        while self._work():
             started = time.perf_counter()
             try:
                 with torch.inference_mode():
@@ -311,6 +357,37 @@ class BatchEngine:
                 w.call.sink.put((0, InvalidArgument("the server is shutting down")))
             for request in ([w.row.tag] if w.row is not None else w.requests):
                 request._end()
+
+    def _work(self) -> bool:
+        """Wait until there is work to do now (False: the engine is stopping). Idle with requests
+        arriving, it holds the waiting ones (at most admission_window seconds after the first was
+        queued) and wakes its thread team every TEAM_WAKE_SECONDS meanwhile, up to
+        admission_window seconds after the latest request began to arrive (a client sending its
+        body slowly does not keep the workers spinning)."""
+        held, woken = False, float("-inf")
+        while True:
+            with self._lock:
+                while not (self._stopping or self._waiting or self.batch.rows or self._arriving):
+                    self._lock.wait()
+                if self._stopping:
+                    return False
+                if self.batch.rows:
+                    return True
+                now = time.perf_counter()
+                wait = woken + TEAM_WAKE_SECONDS - now
+                if not self.cpu or now > self._arrived_at + self.admission_window:
+                    wait = float("inf")  # no team to wake, or the arrivals are stale
+                if self._waiting:
+                    left = self._waiting[0].since + self.admission_window - now
+                    if not self._arriving or left <= 0:
+                        return True
+                    self.holds += not held
+                    held, wait = True, min(wait, left)
+                if wait > 0:
+                    self._lock.wait(None if wait == float("inf") else wait)  # (or a submission, an arrival)
+                    continue
+            wake_thread_team()
+            woken = time.perf_counter()
 
     def _admit(self) -> None:
         """Take waiting requests into free slots while the cache has blocks for their prompts and

@@ -148,7 +148,7 @@ async def _reply(server, state, request: HttpRequest, ids: list[int], params: Sa
                  *, chat: bool):
     """Ollama's reply: NDJSON chunks then a final object with the counts, or that object whole."""
     state.prompt_tokens = len(ids)
-    requests, sink = server._submit([(0, ids, params)], stream, server.check_model(state.model))
+    requests, sink = server._submit([(0, ids, params)], stream, server.check_model(state.model), state)
     generated: list[int] = []
 
     def part(text: str) -> dict:
