@@ -42,6 +42,7 @@ rows in the batch pause meanwhile, and the model is never run by two threads at 
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -63,6 +64,15 @@ from ..sampling import SamplingParams
 from ..speculative import Speculator, eligible
 from ..tokenizer import Tokenizer
 
+
+# After each step the engine's thread steps aside (sched_yield, the GIL released) for a thread
+# waiting for its core: the event loop, taking requests in. Without it a fast small batch ran
+# back to back holding the GIL but in its forward passes, while its thread team kept the other
+# core, and the loop, able to run only with both a core and the GIL, could wait out a whole
+# short completion before it accepted the next connections (the time to first token of a wave
+# of clients arriving while one request decodes; bench/bench_serve_peers.py). Costs a system
+# call a step when nothing else waits.
+yield_cpu = getattr(os, "sched_yield", lambda: None)
 
 # How often an idle engine wakes its thread team while requests are arriving: well inside the
 # time libgomp's idle workers spin before they sleep.
@@ -348,6 +358,7 @@ class BatchEngine:
                 if self.speculator is not None:
                     self.speculator.reset()
             self.busy_seconds += time.perf_counter() - started
+            yield_cpu()
         for row in self.batch.rows:
             row.tag._end()
         for w in self._waiting:
