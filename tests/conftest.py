@@ -102,6 +102,20 @@ def word_level_tokenizer() -> Tokenizer:
     return Tokenizer(backend, bos_token="t1", eos_token="t2", pad_token="t0")
 
 
+def assert_as_exact_as_peft(ours: torch.Tensor, theirs: torch.Tensor, peft_model, ids: torch.Tensor) -> None:
+    """Our fp32 logits against peft's fp32 logits `theirs` (peft_model(ids)): no farther from the
+    truth, peft's own forward in float64, than twice peft's own fp32 logits are (or 1e-5). A fixed
+    bound between the two fp32 results sits at fp32's rounding noise, which moves with the CPU's
+    BLAS kernels: on some machines peft's own fp32 logits are farther than 1e-5 from float64's."""
+    import copy
+
+    with torch.no_grad():
+        truth = copy.deepcopy(peft_model).double()(ids).logits
+    theirs_error = (theirs.double() - truth).abs().max().item()
+    ours_error = (ours.double() - truth).abs().max().item()
+    assert ours_error <= max(2 * theirs_error, 1e-5), (ours_error, theirs_error)
+
+
 def in_threads(work, count: int, timeout: float = 120) -> None:
     """Run work(k) for k in range(count), each in its own thread, at once; re-raise the first
     exception any of them raised (an assertion in a thread would otherwise pass unseen)."""

@@ -19,7 +19,7 @@ from emergence.errors import ConfigError, InvalidArgument
 from emergence.weights.hf import load_hf, save_hf
 from emergence.weights.hf_config import config_from_hf
 
-from conftest import VOCAB, save_random_hf  # noqa: E402
+from conftest import VOCAB, assert_as_exact_as_peft, save_random_hf  # noqa: E402
 
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
               max_position_embeddings=256, initializer_range=0.2, bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -252,7 +252,7 @@ def test_peft_lora_adapters_both_ways(family_model, tmp_path):
         with pm.disable_adapter():
             plain = pm.get_base_model()(ids).logits
     assert (theirs - plain).abs().max() > 1e-2  # the adapter matters
-    assert (ours - theirs).abs().max().item() <= 1e-5
+    assert_as_exact_as_peft(ours, theirs, pm, ids)
 
     mine, _ = load_hf(folder)
     torch.manual_seed(3)
@@ -264,7 +264,7 @@ def test_peft_lora_adapters_both_ways(family_model, tmp_path):
     back = peft.PeftModel.from_pretrained(tf.AutoModelForCausalLM.from_pretrained(folder), tmp_path / "ours").eval()
     with torch.no_grad():
         assert (mine(ids) - plain).abs().max() > 1e-2
-        assert (back(ids).logits - mine(ids)).abs().max().item() <= 1e-5
+        assert_as_exact_as_peft(mine(ids), back(ids).logits, back, ids)
 
 
 # --------------------------------------------------------------------------------- decode
