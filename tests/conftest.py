@@ -116,6 +116,16 @@ def assert_as_exact_as_peft(ours: torch.Tensor, theirs: torch.Tensor, peft_model
     assert ours_error <= max(2 * theirs_error, 1e-5), (ours_error, theirs_error)
 
 
+def until(condition, timeout: float = 30) -> None:
+    """Wait for condition() (another thread makes it true), failing after `timeout` seconds."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.002)
+
+
 def in_threads(work, count: int, timeout: float = 120) -> None:
     """Run work(k) for k in range(count), each in its own thread, at once; re-raise the first
     exception any of them raised (an assertion in a thread would otherwise pass unseen)."""

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import emergence
-from conftest import in_threads
+from conftest import in_threads, until
 from emergence.api import LanguageModel
 from emergence.chat import encode_prompt, resolve_chat_template
 from emergence.kv_cache import PagedKVCache
@@ -631,14 +631,6 @@ def test_body_over_the_limit_is_413(keyed, lm):
 
 
 # -------------------------------------------------------- requests arriving at an idle engine
-def until(condition, timeout: float = 30) -> None:
-    """Wait for condition() (another thread makes it true), failing after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.002)
-
-
 def _prefills(engine, monkeypatch) -> list[int]:
     """The sizes (rows) of the engine's prefills from now on."""
     from emergence.decode import DecodeBatch
@@ -666,7 +658,7 @@ def test_an_idle_engine_prefills_a_request_still_arriving_with_the_first(lm, mon
         arrived = engine.arriving()  # the HTTP layer is taking a second request in
         first = engine.submit(prompts[0], params)
         until(lambda: engine.holds == 1)
-        time.sleep(0.05)
+        time.sleep(0.05)  # (without the hold it would be prefilled at once: room to show it)
         assert (engine.active, engine.waiting, prefills) == (0, 1, [])  # held, not prefilled
         second = engine.submit(prompts[1], params)
         arrived()
@@ -756,10 +748,7 @@ def test_client_gone_mid_stream_frees_its_slot(served, lm):
     first = json.loads(received.split(b"data: ", 1)[1].split(b"\n\n", 1)[0])
     assert full.text.startswith(first["choices"][0]["text"])
     sock.close()
-    deadline = time.monotonic() + 2.0
-    while app.engine.active and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert app.engine.active == 0
+    until(lambda: app.engine.active == 0, timeout=2.0)
     assert app.engine.steps - steps_before < 200  # stopped early, not run to its 400 tokens
     still_serving(port, lm)
 

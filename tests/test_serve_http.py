@@ -18,6 +18,7 @@ import ollama
 import pytest
 
 import emergence
+from conftest import until
 from emergence.chat import encode_prompt, resolve_chat_template
 from emergence.serve.app import Server, serve_in_thread
 
@@ -384,9 +385,7 @@ def test_embeddings_wait_in_the_engines_queue(lm):
         waiting = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
         waiting.request("POST", "/v1/completions", json.dumps({"model": MODEL, "prompt": PROMPT, "max_tokens": 4}),
                         {"Content-Type": "application/json"})
-        deadline = time.monotonic() + 5
-        while app.engine.waiting < 1 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        until(lambda: app.engine.waiting >= 1, timeout=5)
         status, _, body = post(port, "/v1/embeddings", {"model": MODEL, "input": PROMPT})
         assert status == 429 and "busy" in body["error"]["message"]
         conn.close()

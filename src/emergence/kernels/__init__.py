@@ -121,7 +121,7 @@ def native_dequantize(module: nn.Module) -> torch.Tensor | None:
 # multiplies on their blocks).
 WIDENED_FORMATS = ("int8", "int4", "nf4", "ternary")
 # Of those, the 4-bit ones that multiply in bf16 with fp32 sums on a CPU with AVX512-BF16 (AMX
-# too on this Xeon), as bitsandbytes' 4-bit layers compute in their bf16 compute dtype: a 4-bit
+# tiles where it has them), as bitsandbytes' 4-bit layers compute in their bf16 compute dtype: a 4-bit
 # weight's quantization step is 1/15 of its group's range, and rounding x and the widened weight
 # to bf16 moves each by at most 2^-9 of itself. Whatever the number of rows, so a row's result
 # never depends on the batch it came in; the native decoding step's GEMV keeps fp32 x.

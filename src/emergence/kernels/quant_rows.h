@@ -645,7 +645,7 @@ inline void to_bf16(const float* in, int64_t n, uint16_t* out) {
 // the tile with torch's BLAS while it is in cache (gemm_rows where the BLAS is missing), so the
 // whole fp32 matrix never exists: N x K x 4 bytes written and read back per call before.
 // xb: X rounded to bf16 (M, K), or null. Given, the tiles are bf16 (each row widened, then
-// rounded) and multiplied by MKL's bf16 product (fp32 sums; AMX on this Xeon), as bitsandbytes'
+// rounded) and multiplied by MKL's bf16 product (fp32 sums; AMX tiles where the CPU has them), as bitsandbytes'
 // 4-bit layers compute in their bf16 compute dtype: for 4-bit weights, whose quantization step
 // is 1/15 of a group's range, the 2^-9 relative rounding of each operand is far below the
 // weights' own error.
