@@ -18,7 +18,9 @@ sampling), so the table shows what the Python layer costs. Prefill tokens/s: the
 the backend `stream` prefills it with (the native plan up to its max_prefill, else the eager
 forward; llama-bench: pp128). Effective
 bandwidth = decode tok/s x bytes of weights read per token, against the machine's memory read
-bandwidth measured in the same run (the best of several read kernels, so no engine exceeds it).
+bandwidth measured in the same round (the best of several read kernels, so no engine exceeds
+it, before and after the round, the higher of the two: a virtual machine's bandwidth can change
+by half between minutes); the share is the median of the rounds' shares.
 
     python bench/bench_quant.py [--new-tokens 64] [--prompt 128] [--rounds 5] [--engines a,b,...]
 
@@ -222,7 +224,11 @@ def render_table(result: dict) -> str:
         cells.append(f"{r['prefill_tok_s']:.0f}")
         cells += [f"{native['prefill_tok_s']:.0f}", f"{r['prefill_tok_s'] / native['prefill_tok_s']:.2f}x"] \
             if native else ["-", "-"]
-        cells.append(f"{100 * r['decode_tok_s'] * r['weight_bytes'] / 1e9 / bandwidth:.0f}%")
+        if "bandwidth_share" in r:  # the median of the rounds' shares, each against its round's bandwidth
+            low, high = r["bandwidth_share_range"]
+            cells.append(f"{100 * r['bandwidth_share']:.0f}% ({100 * low:.0f}-{100 * high:.0f})")
+        else:  # files written before the per-round probe
+            cells.append(f"{100 * r['decode_tok_s'] * r['weight_bytes'] / 1e9 / bandwidth:.0f}%")
         lines.append("| " + " | ".join(cells) + " |")
     if "llama-bench BF16" in engines and "bf16" in engines:
         bf16 = engines["llama-bench BF16"]
@@ -274,21 +280,28 @@ def main() -> int:
         samples = {n: {"decode": [], "prefill": [], "step": []} for n in engines}
         for decode, prefill, step in engines.values():  # warm-up
             decode(2), prefill()
+        probes = [measure_bandwidth()]  # before each round and after the last
         for r in range(args.rounds):
             for name, (decode, prefill, step) in engines.items():
                 samples[name]["decode"].append((args.new_tokens - 1) / decode(args.new_tokens))
                 samples[name]["prefill"].append(len(prompt) / _prefill_seconds(prefill))
                 if step is not None:
                     samples[name]["step"].append((args.new_tokens - 1) / step(args.new_tokens))
-            print(f"  round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {s['decode'][-1]:.0f}" for n, s in
-                                                                 samples.items()), flush=True)
+            probes.append(measure_bandwidth())
+            print(f"  round {r + 1}/{args.rounds} ({max(probes[-2:]):.1f} GB/s): "
+                  + ", ".join(f"{n} {s['decode'][-1]:.0f}" for n, s in samples.items()), flush=True)
 
-    result = {"bandwidth_gb_s": bandwidth, "rounds": args.rounds, "new_tokens": args.new_tokens,
+    rounds_bandwidth = [max(before, after) for before, after in zip(probes, probes[1:])]
+    result = {"bandwidth_gb_s": statistics.median(rounds_bandwidth), "bandwidth_rounds_gb_s": rounds_bandwidth,
+              "bandwidth_at_start_gb_s": bandwidth, "rounds": args.rounds, "new_tokens": args.new_tokens,
               "prompt_tokens": args.prompt, "engines": {}}
     for name, s in samples.items():
         decode, prefill = statistics.median(s["decode"]), statistics.median(s["prefill"])
+        shares = [rate * weight_bytes[name] / 1e9 / gb_s for rate, gb_s in zip(s["decode"], rounds_bandwidth)]
         result["engines"][name] = {"decode_tok_s": decode, "prefill_tok_s": prefill, "weight_bytes": weight_bytes[name],
-                                   "decode_range": [min(s["decode"]), max(s["decode"])]}
+                                   "decode_range": [min(s["decode"]), max(s["decode"])],
+                                   "bandwidth_share": statistics.median(shares),
+                                   "bandwidth_share_range": [min(shares), max(shares)]}
         if s["step"]:
             result["engines"][name]["step_tok_s"] = statistics.median(s["step"])
     print("\n" + render_table(result))
