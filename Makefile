@@ -46,6 +46,7 @@ bench: $(VENV)/.test-deps
 	$(BIN)/python bench/bench_quant.py
 	$(BIN)/python bench/bench_gguf_load.py
 	$(BIN)/python bench/bench_qgemv.py
+	$(BIN)/python bench/bench_row_walk.py
 	$(BIN)/python bench/bench_batched.py
 	$(BIN)/python bench/bench_train.py
 	$(BIN)/python bench/bench_finetune.py

@@ -40,6 +40,21 @@ def ext():
     return EXT
 
 
+@pytest.fixture(params=[False, True], ids=["rows-side-by-side", "one-row-at-a-time"])
+def walk(request):
+    """Both ways a GEMV walks its rows (g_one_row_streams: the CPU picks one at load), each tested
+    on every CPU; the CPU's own choice restored after."""
+    if EXT is None:
+        yield request.param
+        return
+    chosen = EXT.one_row_streams()
+    EXT.set_one_row_streams(request.param)
+    try:
+        yield request.param
+    finally:
+        EXT.set_one_row_streams(chosen)
+
+
 def test_kernels_build_on_this_machine(ext):
     # Machines with an AVX-512 CPU (this project's) must get the kernels, or the speed figures
     # in the README do not describe what users get.
@@ -65,7 +80,7 @@ def test_fp32_gemv_matches_linear(shape, with_bias, ext):
 
 @pytest.mark.parametrize("shape", [(5, 3), (173, 77), (3072, 576), (49152, 64)])
 @pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32])  # dot-product path, widening path
-def test_bf16_gemv_is_the_fp32_product_rounded_once(shape, x_dtype, ext):
+def test_bf16_gemv_is_the_fp32_product_rounded_once(shape, x_dtype, ext, walk):
     if ext is None:  # the fixture checked the fallback
         return
     torch.manual_seed(shape[0])
@@ -547,7 +562,7 @@ def test_the_kernels_format_table_is_the_quantized_layers(ext):
 
 @pytest.mark.parametrize("qtype_name", ["Q8_0", "Q4_0"])
 @pytest.mark.parametrize("shape", [(7, 32), (13, 96), (300, 576), (64, 1536)])  # blocks: 1, 3 (a pair and one), 18, 48
-def test_ggml_block_gemv_is_llama_cpps_product(qtype_name, shape, ext):
+def test_ggml_block_gemv_is_llama_cpps_product(qtype_name, shape, ext, walk):
     if ext is None:  # the fixture checked the fallback
         return
     # llama.cpp's numerics: the dequantized weight times x quantized to 8 bits per block of 32.
@@ -568,6 +583,51 @@ def test_ggml_block_gemv_is_llama_cpps_product(qtype_name, shape, ext):
     bound = 2**-20 * (weight.abs() @ xq.abs())  # integer dot products, fp32 scaling and sums
     assert ((got.double() - weight @ xq).abs() <= bound + 1e-9).all()
     assert ((got.double() - weight @ x.double()).abs() > bound).any()  # x really was quantized
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "q8_0", "q4_0"])
+def test_the_two_row_walks_give_the_same_bits(fmt, ext):
+    """Walking the rows one at a time or side by side changes only the order of memory reads:
+    each row keeps one accumulator in column order, so bf16, Q8_0 and Q4_0 results are equal
+    bit for bit. For bf16 (its output rounded to bf16) every row holds +-2^20 in its first and
+    32nd-to-last columns, so its running sum carries 2^20 with coarse fp32 rounding over the
+    row: two chains over alternate 32-column steps change most of the 1031 results (emulated
+    below in fp32)."""
+    if ext is None:  # the fixture checked the fallback
+        return
+    torch.manual_seed(3)
+    n, k = 1031, 608  # 19 blocks of 32: a row count no walk divides evenly, prefetches past the end
+    w, x = torch.randn(n, k), torch.randn(k)
+    if fmt == "bf16":
+        w = torch.rand(n, k) * 2 - 1
+        w[:, 0], w[:, k - 32] = 2.0**20, -(2.0**20)
+
+        def run():
+            return ext.gemv(torch.ones(k, dtype=torch.bfloat16), w.bfloat16(), None)
+    else:
+        from emergence.gguf.quants import GGMLType, quantize
+
+        blocks, none = torch.from_numpy(quantize(w, GGMLType[fmt.upper()]).reshape(-1).copy()), torch.empty(0)
+
+        def run():
+            return ext.qgemv(ext.weight_kinds[fmt], x, blocks, none, none, 0, 0.0, n, k, None)
+    chosen = ext.one_row_streams()
+    try:
+        ext.set_one_row_streams(False)
+        side_by_side = run()
+        ext.set_one_row_streams(True)
+        one_row = run()
+    finally:
+        ext.set_one_row_streams(chosen)
+    assert torch.equal(side_by_side, one_row)
+    assert side_by_side.abs().max() > 1  # a real product, not zeros
+    if fmt == "bf16":  # the check would see a split of each row's chain
+        pairs = w.bfloat16().float().view(n, k // 32, 16, 2).sum(-1)  # (rows, steps, lanes)
+        chains = [torch.zeros(n, 16), torch.zeros(n, 16)]
+        for step in range(k // 32):
+            chains[step % 2] += pairs[:, step]
+        split = (chains[0].sum(1) + chains[1].sum(1)).bfloat16()
+        assert (split != one_row).sum() > n // 2
 
 
 @pytest.mark.parametrize("qtype_name", ["Q8_0", "Q4_0"])
@@ -610,11 +670,11 @@ def test_ggml_block_gemm_is_llama_cpps_product_for_every_row(qtype_name, rows, s
     ("int8", {}, (9, 100)),                    # 4 rows at a time and one after; 4 columns past the last 16
     ("int8", {}, (8, 576)),
 ])
-def test_own_format_gemv_is_the_dequantized_product(fmt, options, shape, ext):
+def test_own_format_gemv_is_the_dequantized_product(fmt, options, shape, ext, walk):
     """int4 and NF4 codes become values by table lookup, 128 columns a step and 32 at a time
     after the last whole step (rows_4bit); int8 rows go 4 at a time (rows_int8_4): every row
     equals x times the dequantized weight, to fp32 summation, whatever the group size, column
-    count and row count."""
+    count and row count, and whichever way the rows are walked."""
     if ext is None:  # the fixture checked the fallback
         return
     from emergence.quant.linear import quantize_model

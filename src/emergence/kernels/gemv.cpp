@@ -132,6 +132,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv", &gemv, "y = W x (+ b) for one activation vector, fp32 accumulation");
   m.def("gemm", &gemm, "y = x W^T for a few fp32 rows x (B, K), fp32 accumulation");
   m.def("qgemv", &qgemv, "y = W x (+ b) for a packed quantized W, fp32 result");
+  m.def("one_row_streams", [] { return emergence::g_one_row_streams.load(); }, "whether GEMVs walk one row at a time");
+  m.def("set_one_row_streams", [](bool on) { emergence::g_one_row_streams.store(on); },
+        "walk one row at a time (or rows side by side); only between calls, never while a kernel runs");
   m.def("qgemm", &qgemm, "Y = X W^T (+ b) for a packed W: Q8_0 / Q4_0 on its blocks, the others widened by tiles",
         pybind11::arg("kind"), pybind11::arg("x"), pybind11::arg("data"), pybind11::arg("scales"),
         pybind11::arg("offsets"), pybind11::arg("group"), pybind11::arg("tensor_scale"), pybind11::arg("N"),

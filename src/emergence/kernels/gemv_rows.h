@@ -6,6 +6,8 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <atomic>
+
 namespace emergence {
 
 
@@ -81,18 +83,18 @@ inline void gemv_rows(const T* w, const float* x, float* y, int64_t row0, int64_
 
 // How a GEMV walks its rows where memory is the limit: one row after another (one stream, the
 // rows a fixed distance ahead prefetched) or a few rows side by side (their streams interleaved,
-// each load of x shared). Measured on the smollm2-135m matrices, both threads streaming: on the
-// AMD EPYC (Zen 5) of bench/results/quant.json one row at a time streams bf16 weights 1.06x,
-// int8 1.04x and Q8_0 1.18x faster than 4 or 2 interleaved rows (Q4_0 0.95-0.99x: it keeps 2);
-// on the Intel Xeon of the earlier runs the interleaved rows measured faster, so other CPUs keep
-// them.
-inline const bool kOneRowStreams = __builtin_cpu_is("amd");
-constexpr int64_t ONE_ROW_PREFETCH = 8;  // rows ahead; 4 and 16 measured slower on the EPYC
+// each load of x shared). On the AMD EPYC (Zen 5) of bench/results/row_walk.json one row at a
+// time streams bf16, int8 and Q8_0 weights faster (Q4_0 keeps 2 rows); on the Intel Xeon of the
+// earlier runs the interleaved rows measured faster, so other CPUs keep them. Set once at load;
+// `set_one_row_streams` changes it between calls (bench/bench_row_walk.py, and the tests, which
+// check both walks on every CPU).
+inline std::atomic<bool> g_one_row_streams{__builtin_cpu_is("amd")};
+constexpr int64_t ONE_ROW_PREFETCH = 8;  // rows ahead, as PREFETCH_ROWS for the quantized rows
 
 // bf16 weights times a bf16 vector with AVX512-BF16's dot-product instruction: 32 weights
 // per instruction, pairs multiplied exactly and summed into fp32 lanes. No widening of the
 // weights, so the loop is limited by memory rather than by conversion work. Each row is one
-// accumulator chain in column order whichever way the rows are walked (kOneRowStreams), so
+// accumulator chain in column order whichever way the rows are walked (g_one_row_streams), so
 // both give the same bits.
 __attribute__((target("avx512f,avx512bw,avx512bf16")))
 inline void gemv_rows_dpbf16(const at::BFloat16* w, const at::BFloat16* x, float* y, int64_t row0, int64_t row1,
@@ -102,7 +104,7 @@ inline void gemv_rows_dpbf16(const at::BFloat16* w, const at::BFloat16* x, float
   auto load = [](const at::BFloat16* p) { return (__m512bh)_mm512_loadu_si512(p); };
   auto load_tail = [tail](const at::BFloat16* p) { return (__m512bh)_mm512_maskz_loadu_epi16(tail, p); };
   int64_t r = row0;
-  if (kOneRowStreams) {
+  if (g_one_row_streams.load(std::memory_order_relaxed)) {
     for (; r < row1; ++r) {
       const at::BFloat16* w0 = w + r * K;
       const bool ahead = r + ONE_ROW_PREFETCH < row1;

@@ -451,14 +451,15 @@ inline void quant_gemv(const QuantMatrix& m, const float* x, float* y, int64_t g
     }
   }
   const bool ggml = m.kind == WeightKind::Q8_0 || m.kind == WeightKind::Q4_0;
+  const bool one_row = g_one_row_streams.load(std::memory_order_relaxed);
   if (ggml && kHasAvx512Vnni) {
     const bool q4 = m.kind == WeightKind::Q4_0;
     quantize_x(x, K, q4 ? 8 : 128, xq);
     parallel_rows(0, m.N, grain, [&](int64_t r0, int64_t r1) {
       int64_t r = r0;
       // 2 rows at a time: measured faster than 1 or 4 on the Xeon, and on the EPYC for Q4_0; Q8_0
-      // streams faster one row at a time there (kOneRowStreams). Each row's sum is the same either way.
-      for (; r + 2 <= r1 && !(kOneRowStreams && !q4); r += 2) {
+      // streams faster one row at a time there (g_one_row_streams). Each row's sum is the same either way.
+      for (; r + 2 <= r1 && !(one_row && !q4); r += 2) {
         const uint8_t* row = m.data + r * m.row_bytes;
         q4 ? rows_ggml_vnni<2, true>(row, m.row_bytes, xq, K, y + r) : rows_ggml_vnni<2, false>(row, m.row_bytes, xq, K, y + r);
       }
@@ -497,7 +498,7 @@ inline void quant_gemv(const QuantMatrix& m, const float* x, float* y, int64_t g
       return;
     }
     if (m.kind == WeightKind::INT8) {
-      for (; r + 4 <= r1 && !kOneRowStreams; r += 4) {  // 4 rows at a time, but 1 on the EPYC (kOneRowStreams)
+      for (; r + 4 <= r1 && !one_row; r += 4) {  // 4 rows at a time, or 1 (g_one_row_streams)
         if (r + PREFETCH_ROWS + 3 < r1) {  // the 4 rows PREFETCH_ROWS ahead
           const uint8_t* ahead = m.data + (r + PREFETCH_ROWS) * m.row_bytes;
           for (int64_t off = 0; off < 4 * m.row_bytes; off += 64) _mm_prefetch(reinterpret_cast<const char*>(ahead + off), _MM_HINT_T0);
