@@ -47,6 +47,7 @@ bench: $(VENV)/.test-deps
 	$(BIN)/python bench/bench_gguf_load.py
 	$(BIN)/python bench/bench_qgemv.py
 	$(BIN)/python bench/bench_row_walk.py
+	$(BIN)/python bench/bench_onednn.py
 	$(BIN)/python bench/bench_batched.py
 	$(BIN)/python bench/bench_train.py
 	$(BIN)/python bench/bench_finetune.py

@@ -25,7 +25,8 @@ by half between minutes); the share is the median of the rounds' shares.
     python bench/bench_quant.py [--new-tokens 64] [--prompt 128] [--rounds 5] [--engines a,b,...]
 
 Rounds interleave the engines (the machine's bandwidth drifts); rates are medians. Writes
-bench/results/quant.json; the README's table is `render_table` of it.
+bench/results/quant.json, or quant_amd.json on an AMD CPU (the kernels choose differently
+there: kernels/gemv_rows.h, blas.h); the README's tables are `render_table` of each.
 """
 
 from __future__ import annotations
@@ -244,7 +245,7 @@ def main() -> int:
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--engines", default=",".join(list(OURS) + list(NATIVE) + list(THEIRS)))
-    parser.add_argument("--out", default="bench/results/quant.json")
+    parser.add_argument("--out", default=f"bench/results/quant{'_amd' if _amd_cpu() else ''}.json")
     args = parser.parse_args()
     chosen = args.engines.split(",")
     unknown = [e for e in chosen if e not in OURS and e not in THEIRS and e not in NATIVE]
@@ -310,6 +311,14 @@ def main() -> int:
 
     write_result(Path(args.out), result, "bench/bench_quant.py", sys.argv[1:], torch.get_num_threads())
     return 0
+
+
+def _amd_cpu() -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            return "AuthenticAMD" in f.read(4096)
+    except OSError:
+        return False
 
 
 def _prefill_seconds(prefill) -> float:

@@ -219,3 +219,22 @@ def assert_one_line_error(code: int, err: str, *patterns: str) -> str:
     for pattern in patterns:
         assert re.search(pattern, lines[0]), f"{pattern!r} not in {lines[0]!r}"
     return lines[0]
+
+
+@pytest.fixture(params=[False, True], ids=["blas", "onednn"])
+def onednn(request):
+    """Both ways the native kernels' fp32 prompt products run (kernels/blas.h: oneDNN on AMD
+    CPUs, torch's BLAS elsewhere), each tested on every CPU (`parametrize("onednn", [False],
+    indirect=True)` for one side); the CPU's own choice restored after."""
+    from emergence.kernels import gemv_extension
+
+    ext = gemv_extension()
+    if ext is None:
+        yield request.param
+        return
+    chosen = ext.onednn_products()
+    ext.set_onednn_products(request.param)
+    try:
+        yield request.param
+    finally:
+        ext.set_onednn_products(chosen)

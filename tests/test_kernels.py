@@ -269,16 +269,19 @@ def test_native_batched_step_equals_the_eager_forward(hf_model, dtype, block_siz
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_native_prefill_equals_the_eager_forward(hf_model, dtype):
-    # Chunks of 2 to max_prefill tokens (32, or 16 in bf16) run natively (their tokens as the
-    # GEMM's rows, causal attention among them), also as a later chunk after cached tokens; a
-    # chunk of max_prefill + 1 goes to the eager forward; Mistral's window of 8 applies.
+def test_native_prefill_equals_the_eager_forward(hf_model, dtype, onednn, monkeypatch):
+    # Chunks of 2 to max_prefill tokens (64, or 16 in bf16; with oneDNN's products 512, here 96
+    # within these models' context of 256) run natively (their tokens as the GEMM's rows, causal
+    # attention among them), also as a later chunk after cached tokens; a chunk of
+    # max_prefill + 1 goes to the eager forward; Mistral's window of 8 applies.
     from emergence.kernels import fused_decode
 
+    monkeypatch.setattr(fused_decode, "MAX_NATIVE_PREFILL_ONEDNN", 96)
     family, _, folder = hf_model
     lm = emergence.load(folder, device="cpu", dtype=dtype)
     torch.manual_seed(7)
-    limit = fused_decode.MAX_NATIVE_PREFILL if dtype == torch.float32 else fused_decode.MAX_NATIVE_PREFILL_BF16
+    limit = fused_decode.MAX_NATIVE_PREFILL_BF16 if dtype == torch.bfloat16 else (
+        fused_decode.MAX_NATIVE_PREFILL_ONEDNN if onednn and EXT is not None else fused_decode.MAX_NATIVE_PREFILL)
     chunks = [torch.randint(3, 96, (n,)).tolist() for n in (2, 7, limit, limit + 1)]
 
     def run(model, backend):
@@ -710,14 +713,15 @@ def test_int4_kernels_refuse_a_group_size_their_steps_cannot_hold(ext):
 @pytest.mark.parametrize("fmt, options", [("int8", {}), ("int4", {"group_size": 32}), ("int4", {"group_size": 64}),
                                           ("nf4", {}), ("ternary", {})])
 @pytest.mark.parametrize("rows, shape", [(1, (5, 128)), (7, (300, 576)), (128, (130, 1536))])
-def test_widened_gemm_is_the_dequantized_product_for_every_row(fmt, options, rows, shape, ext):
+def test_widened_gemm_is_the_dequantized_product_for_every_row(fmt, options, rows, shape, ext, onednn):
     """A prompt through an int8 / int4 / NF4 / ternary layer (qgemm_widened: the weight widened a
-    tile of rows at a time and multiplied by the BLAS, never whole): every row equals the row
-    times the dequantized weight, to fp32 summation, tiles and remainders of any size; the eager
-    forward pass takes it without a gradient to carry, with the bias added. int4 and NF4 on a
-    CPU with AVX512-BF16 multiply in bf16: then every row equals the product of x and the weight
-    each rounded to bf16 as torch rounds (to nearest, ties to even), to fp32 summation; a
-    rounding of its own (truncating, say) would be 2^11 times the bound."""
+    tile of rows at a time and multiplied by the BLAS or oneDNN, never whole): every row equals
+    the row times the dequantized weight, to fp32 summation, tiles and remainders of any size;
+    the eager forward pass takes it without a gradient to carry, with the bias added. int4 and
+    NF4 on a CPU with AVX512-BF16 multiply in bf16 unless the fp32 products are oneDNN's: then
+    every row equals the product of x and the weight each rounded to bf16 as torch rounds (to
+    nearest, ties to even), to fp32 summation; a rounding of its own (truncating, say) would be
+    2^11 times the bound."""
     if ext is None:  # the fixture checked the fallback
         return
     from emergence.kernels import BF16_FORMATS, _cpu_flags, native_qgemm
@@ -730,7 +734,7 @@ def test_widened_gemm_is_the_dequantized_product_for_every_row(fmt, options, row
     module = layer[0]
     x = torch.randn(rows, k)
     weight, operand = module.dequantize(), x
-    if fmt in BF16_FORMATS and "avx512_bf16" in _cpu_flags():
+    if fmt in BF16_FORMATS and "avx512_bf16" in _cpu_flags() and not onednn:
         assert ext.has_bf16_gemm  # torch's MKL on x86
         weight, operand = weight.bfloat16(), x.bfloat16()
     weight = weight.double()
@@ -743,10 +747,12 @@ def test_widened_gemm_is_the_dequantized_product_for_every_row(fmt, options, row
     assert native_qgemm(module, x.requires_grad_()) is None  # training: the dequantized weight's autograd
 
 
+@pytest.mark.parametrize("onednn", [False], indirect=True)  # the bf16 products: MKL's
 @pytest.mark.parametrize("fmt, options", [("int4", {"group_size": 32}), ("nf4", {})])
-def test_bf16_prompt_products_stay_far_below_the_4bit_weights_own_error(fmt, options):
+def test_bf16_prompt_products_stay_far_below_the_4bit_weights_own_error(fmt, options, onednn):
     """The logits of a 48-token prompt through a 4-bit model, with its products in bf16 (the
-    default where the CPU has AVX512-BF16) and in fp32 (kernels.fp32_products): the two
+    default where the CPU has AVX512-BF16 and the fp32 products are not oneDNN's) and in fp32
+    (kernels.fp32_products): the two
     differ by under a tenth of what the 4-bit weights themselves change (fp32 products against
     the model before quantizing), and pick the same next token at 95% of the positions or more
     (this random model's logits have near ties), where the 4-bit weights alone keep the

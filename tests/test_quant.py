@@ -510,7 +510,13 @@ def test_forward_is_linear_with_the_dequantized_weight(cls, options):
     # x and the weight rounded to bf16, summed in MKL's order (unrounded, they differ by ~1e-3)
     from emergence.kernels import BF16_FORMATS, _cpu_flags, gemv_extension
 
-    in_bf16 = q.format in BF16_FORMATS and "avx512_bf16" in _cpu_flags() and gemv_extension() is not None
+    # Where fp32 products run on oneDNN (AMD CPUs: kernels/blas.h) the widened formats, 4-bit
+    # included, multiply in fp32 in oneDNN's order: equal to torch's product to fp32 summation.
+    from emergence.kernels import WIDENED_FORMATS
+
+    ext = gemv_extension()
+    on_onednn = ext is not None and ext.onednn_products() and q.format in WIDENED_FORMATS
+    in_bf16 = q.format in BF16_FORMATS and "avx512_bf16" in _cpu_flags() and ext is not None and not on_onednn
     for shape in [(64,), (5, 64), (2, 3, 64)]:
         x = torch.randn(shape)
         if in_bf16:
@@ -518,10 +524,15 @@ def test_forward_is_linear_with_the_dequantized_weight(cls, options):
             assert torch.allclose(q(x), expected, rtol=0, atol=2e-6)
             continue
         expected = F.linear(quantize_activations_q8_0(x) if ggml_activations else x, w, layer.bias)
-        assert torch.allclose(q(x), expected, atol=1e-6) if ggml_activations else torch.equal(q(x), expected)
+        if on_onednn:
+            bound = 64 * 2**-23 * (x.abs() @ w.abs().T + layer.bias.abs())
+            assert ((q(x) - expected).abs() <= bound).all()
+        else:
+            assert torch.allclose(q(x), expected, atol=1e-6) if ggml_activations else torch.equal(q(x), expected)
     x = torch.randn(2, 64, dtype=torch.bfloat16)
-    if in_bf16:  # bf16 x through the same bf16 products: their fp32 sums and the bias rounded once
-        exact = x.double() @ w.bfloat16().double().T + layer.bias.double()
+    four_bit_fp32 = on_onednn and q.format in BF16_FORMATS  # (int8 and ternary take bf16 x as torch does)
+    if in_bf16 or four_bit_fp32:  # bf16 x through bf16 (or fp32) products: fp32 sums and the bias rounded once
+        exact = x.double() @ (w if four_bit_fp32 else w.bfloat16()).double().T + layer.bias.double()
         got = q(x)
         assert got.dtype == torch.bfloat16 and ((got.double() - exact).abs() <= 2**-8 * exact.abs() + 1e-6).all()
     elif not ggml_activations:
@@ -622,7 +633,8 @@ def test_gptq_calibrates_an_untied_head_too():
     assert "lm_head" in mods
 
 
-def test_gptq_calibration_multiplies_in_fp32(monkeypatch):
+@pytest.mark.parametrize("onednn", [False], indirect=True)  # where int4 prompts take MKL's bf16 products
+def test_gptq_calibration_multiplies_in_fp32(monkeypatch, onednn):
     # GPTQ's Hessians come from inputs that pass through the layers already quantized; while it
     # calibrates, those multiply in fp32 (kernels.fp32_products), where an int4 prompt otherwise
     # takes bf16 products (kernels.BF16_FORMATS): the calibrated model is the one computed from

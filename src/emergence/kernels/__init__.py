@@ -156,16 +156,21 @@ def native_qgemm(module: nn.Module, x: torch.Tensor, bias: torch.Tensor | None =
         return None
     fmt = getattr(module, "format", None)
     on_blocks = fmt in GGML_KERNEL_FORMATS and "avx512_vnni" in _cpu_flags()
+    # (where fp32 products run on oneDNN, on AMD CPUs (blas.h), they outrun MKL's bf16 ones, which
+    # have no AVX-512 kernels there, and are exact: those CPUs keep fp32)
     bf16 = (fmt in BF16_FORMATS and _bf16_products.get() and extension.has_bf16_gemm
-            and "avx512_bf16" in _cpu_flags())
-    # bf16 x too where the products are bf16 anyway (a bf16 model's prompt: its x exact in them)
-    widened = fmt in WIDENED_FORMATS and (x.dtype == torch.float32 or (bf16 and x.dtype == torch.bfloat16))
+            and "avx512_bf16" in _cpu_flags() and not extension.onednn_products())
+    # bf16 x too for the 4-bit formats (a bf16 model's prompt: its x exact in bf16 products, and
+    # widened to fp32 exactly for fp32 ones)
+    widened = fmt in WIDENED_FORMATS and (x.dtype == torch.float32 or (fmt in BF16_FORMATS and x.dtype == torch.bfloat16))
     if not (on_blocks or widened) or x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad):
         return None
     ops = module.kernel_operands()
     if ops is None:
         return None
     rows = x.reshape(-1, x.shape[-1])
+    if rows.dtype == torch.bfloat16 and not bf16:
+        rows = rows.float()
     y = extension.qgemm(extension.weight_kinds[ops.format], rows, ops.data, ops.scales, ops.offsets, ops.group,
                         ops.tensor_scale, module.out_features, module.in_features, bias, bf16)
     return y.to(x.dtype).reshape(*x.shape[:-1], module.out_features)

@@ -9,9 +9,14 @@
 // load. Called on each thread's own slice of weight rows (team.h's parallel_rows): inside an
 // OpenMP region MKL runs on the calling thread, so the slices never nest a second team.
 #pragma once
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ATen.h>
 #include <dlfcn.h>
 
+#include <atomic>
 #include <cstdint>
+#include <cstring>
+#include <optional>
 
 namespace emergence {
 
@@ -21,10 +26,45 @@ using SgemmFn = void (*)(const char* transa, const char* transb, const int* m, c
 
 inline const SgemmFn kSgemm = reinterpret_cast<SgemmFn>(dlsym(RTLD_DEFAULT, "sgemm_"));
 
+// oneDNN's fp32 product, through the operator torch's own CPU compiler calls for linear layers
+// (mkldnn::_linear_pointwise; oneDNN is built into libtorch_cpu but exports no symbols). MKL
+// picks its AVX-512 kernels on Intel CPUs only: on the AMD EPYC (Zen 5) of
+// bench/results/onednn.json oneDNN, which picks by instruction set, multiplies a prompt's
+// products 1.6-2.5x as fast as MKL's sgemm. Used on AMD CPUs;
+// `set_onednn_products` switches it (the tests check both sides everywhere). Null where torch
+// was built without oneDNN.
+inline const c10::OperatorHandle* onednn_linear() {
+  static const std::optional<c10::OperatorHandle> op =
+      c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
+  return op ? &*op : nullptr;
+}
+inline std::atomic<bool> g_onednn_products{__builtin_cpu_is("amd")};
+inline bool onednn_products() { return g_onednn_products.load(std::memory_order_relaxed) && onednn_linear() != nullptr; }
+
+// Y[:, :rows] (B rows, ldy apart) = X (B, K) W^T on oneDNN, on the calling thread (inside an
+// OpenMP region oneDNN does not start a second team). False if the operator failed (nothing
+// may throw inside a team): the caller multiplies another way.
+inline bool onednn_block(const float* w, int64_t rows, const float* x, int64_t B, float* y, int64_t ldy, int64_t K) {
+  try {
+    const at::Tensor X = at::from_blob(const_cast<float*>(x), {B, K}, at::kFloat);
+    const at::Tensor W = at::from_blob(const_cast<float*>(w), {rows, K}, at::kFloat);
+    std::vector<c10::IValue> stack{X, W, c10::IValue(), std::string("none"), c10::List<std::optional<at::Scalar>>(),
+                                   c10::IValue()};
+    onednn_linear()->callBoxed(&stack);
+    const at::Tensor Y = stack.at(0).toTensor().contiguous();  // (B, rows)
+    const float* out = Y.data_ptr<float>();
+    for (int64_t b = 0; b < B; ++b) std::memcpy(y + b * ldy, out + b * rows, rows * sizeof(float));
+    return true;
+  } catch (...) {
+    return false;
+  }
+}
+
 // Y[:, :rows] (B rows, ldy apart) = X (B, K) W^T for `rows` contiguous fp32 weight rows W
-// (rows, K). In BLAS's column-major terms: Y^T's first rows (ldc ldy) = W (transposed, lda K)
-// times X^T (ldb K).
+// (rows, K): oneDNN where onednn_products(), else the BLAS. In BLAS's column-major terms: Y^T's
+// first rows (ldc ldy) = W (transposed, lda K) times X^T (ldb K).
 inline void sgemm_block(const float* w, int64_t rows, const float* x, int64_t B, float* y, int64_t ldy, int64_t K) {
+  if (onednn_products() && onednn_block(w, rows, x, B, y, ldy, K)) return;
   const int m = static_cast<int>(rows), n = static_cast<int>(B), k = static_cast<int>(K);
   const int lda = k, ldb = k, ldc = static_cast<int>(ldy);
   const float one = 1.0f, zero = 0.0f;

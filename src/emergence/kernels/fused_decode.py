@@ -30,7 +30,11 @@ from ..kv_cache import PagedKVCache
 # blocks up to 128 (both paths multiply on the packed blocks, qgemm_ggml); the other packed
 # formats up to 4 (their kernels read the weights once per token, where the eager path
 # multiplies all the tokens at once, the weight widened a tile of rows at a time).
+# Where the fp32 products run on oneDNN (AMD CPUs, blas.h), the native prefill stays ahead of
+# the eager forward (whose torch.mm is MKL's, without its AVX-512 kernels there) at every
+# length measured, up to 1,024 tokens (bench/bench_onednn.py, bench/results/onednn.json).
 MAX_NATIVE_PREFILL, MAX_NATIVE_PREFILL_BF16, MAX_NATIVE_PREFILL_GGML, MAX_NATIVE_PREFILL_PACKED = 64, 16, 128, 4
+MAX_NATIVE_PREFILL_ONEDNN = 1024
 # The linear layers of a block, by decode.cpp's slot number ("mlp.up": SwiGLU's fused gate_up
 # or the GELU MLP's up projection).
 LINEAR_SLOTS = ("attn.qkv_proj", "attn.o_proj", "mlp.up", "mlp.down_proj")
@@ -154,13 +158,16 @@ class NativeBackend:
 def max_native_prefill(dtype: torch.dtype, packed: set[str]) -> int:
     """The longest prompt the plan prefills (MAX_NATIVE_PREFILL*) for weights of `dtype` and the
     packed formats `packed` of its linear layers."""
-    from . import _cpu_flags
+    from . import _cpu_flags, gemv_extension
     from ..quant.linear import GGML_KERNEL_FORMATS
 
     if packed:
         on_blocks = packed <= set(GGML_KERNEL_FORMATS) and "avx512_vnni" in _cpu_flags()
         return MAX_NATIVE_PREFILL_GGML if on_blocks else MAX_NATIVE_PREFILL_PACKED
-    return MAX_NATIVE_PREFILL_BF16 if dtype == torch.bfloat16 else MAX_NATIVE_PREFILL
+    if dtype == torch.bfloat16:
+        return MAX_NATIVE_PREFILL_BF16
+    extension = gemv_extension()
+    return MAX_NATIVE_PREFILL_ONEDNN if extension is not None and extension.onednn_products() else MAX_NATIVE_PREFILL
 
 
 def relative_bias_table(model: nn.Module) -> torch.Tensor:

@@ -132,6 +132,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv", &gemv, "y = W x (+ b) for one activation vector, fp32 accumulation");
   m.def("gemm", &gemm, "y = x W^T for a few fp32 rows x (B, K), fp32 accumulation");
   m.def("qgemv", &qgemv, "y = W x (+ b) for a packed quantized W, fp32 result");
+  m.def("onednn_products", &emergence::onednn_products, "whether fp32 prompt products run on oneDNN (blas.h)");
+  m.def("set_onednn_products", [](bool on) { emergence::g_onednn_products.store(on); },
+        "fp32 prompt products on oneDNN (or the BLAS); only between calls, never while a kernel runs");
   m.def("one_row_streams", [] { return emergence::g_one_row_streams.load(); }, "whether GEMVs walk one row at a time");
   m.def("set_one_row_streams", [](bool on) { emergence::g_one_row_streams.store(on); },
         "walk one row at a time (or rows side by side); only between calls, never while a kernel runs");
