@@ -18,9 +18,9 @@ sampling), so the table shows what the Python layer costs. Prefill tokens/s: the
 the backend `stream` prefills it with (the native plan up to its max_prefill, else the eager
 forward; llama-bench: pp128). Effective
 bandwidth = decode tok/s x bytes of weights read per token, against the machine's memory read
-bandwidth measured in the same round (the best of several read kernels, so no engine exceeds
-it, before and after the round, the higher of the two: a virtual machine's bandwidth can change
-by half between minutes); the share is the median of the rounds' shares.
+bandwidth measured around each decode (the best of several read kernels, so no engine exceeds
+it, just before and just after, the higher of the two: a virtual machine's bandwidth can change
+by half from one second to the next); the share is the median of the rounds' shares.
 
     python bench/bench_quant.py [--new-tokens 64] [--prompt 128] [--rounds 5] [--engines a,b,...]
 
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import os
 import statistics
@@ -73,8 +74,9 @@ PEER_TYPE = {"fp32": "F32", "bf16": "F16", "int8": "Q8_0", "q8_0": "Q8_0", "int4
 
 def measure_bandwidth(n_bytes: int = 1 << 30, repeats: int = 5) -> float:
     """GB/s of reading memory: the best of several read kernels over n_bytes (a sum, a max, the
-    native fp32 GEMV over the same bytes as a matrix), so no engine's effective rate exceeds it."""
-    x = torch.ones(n_bytes // 4, dtype=torch.float32)
+    native fp32 GEMV over the same bytes as a matrix), so no engine's effective rate exceeds it.
+    The buffer is kept between calls (the probe runs around every decode)."""
+    x = _probe_buffer(n_bytes)
     kernels = [lambda: x.sum(), lambda: x.amax()]
     from emergence.kernels import gemv_extension
 
@@ -87,6 +89,11 @@ def measure_bandwidth(n_bytes: int = 1 << 30, repeats: int = 5) -> float:
         kernel()
         best = min(best, *(_timed(kernel) for _ in range(repeats)))
     return n_bytes / best / 1e9
+
+
+@functools.cache
+def _probe_buffer(n_bytes: int) -> torch.Tensor:
+    return torch.ones(n_bytes // 4, dtype=torch.float32)
 
 
 def _timed(fn) -> float:
@@ -278,30 +285,30 @@ def main() -> int:
                 step, nbytes = None, _gguf_matrix_bytes(path)
             engines[name] = (decode, prefill, step)
             weight_bytes[name] = nbytes
-        samples = {n: {"decode": [], "prefill": [], "step": []} for n in engines}
+        samples = {n: {"decode": [], "prefill": [], "step": [], "bandwidth": []} for n in engines}
         for decode, prefill, step in engines.values():  # warm-up
             decode(2), prefill()
-        probes = [measure_bandwidth()]  # before each round and after the last
         for r in range(args.rounds):
             for name, (decode, prefill, step) in engines.items():
+                before = measure_bandwidth(repeats=3)  # around each decode: the higher of the two
                 samples[name]["decode"].append((args.new_tokens - 1) / decode(args.new_tokens))
+                samples[name]["bandwidth"].append(max(before, measure_bandwidth(repeats=3)))
                 samples[name]["prefill"].append(len(prompt) / _prefill_seconds(prefill))
                 if step is not None:
                     samples[name]["step"].append((args.new_tokens - 1) / step(args.new_tokens))
-            probes.append(measure_bandwidth())
-            print(f"  round {r + 1}/{args.rounds} ({max(probes[-2:]):.1f} GB/s): "
-                  + ", ".join(f"{n} {s['decode'][-1]:.0f}" for n, s in samples.items()), flush=True)
+            print(f"  round {r + 1}/{args.rounds}: " + ", ".join(
+                f"{n} {s['decode'][-1]:.0f} ({s['bandwidth'][-1]:.0f} GB/s)" for n, s in samples.items()), flush=True)
 
-    rounds_bandwidth = [max(before, after) for before, after in zip(probes, probes[1:])]
-    result = {"bandwidth_gb_s": statistics.median(rounds_bandwidth), "bandwidth_rounds_gb_s": rounds_bandwidth,
+    probes = [gb_s for s in samples.values() for gb_s in s["bandwidth"]]
+    result = {"bandwidth_gb_s": statistics.median(probes), "bandwidth_range_gb_s": [min(probes), max(probes)],
               "bandwidth_at_start_gb_s": bandwidth, "rounds": args.rounds, "new_tokens": args.new_tokens,
               "prompt_tokens": args.prompt, "engines": {}}
     for name, s in samples.items():
         decode, prefill = statistics.median(s["decode"]), statistics.median(s["prefill"])
-        shares = [rate * weight_bytes[name] / 1e9 / gb_s for rate, gb_s in zip(s["decode"], rounds_bandwidth)]
+        shares = [rate * weight_bytes[name] / 1e9 / gb_s for rate, gb_s in zip(s["decode"], s["bandwidth"])]
         result["engines"][name] = {"decode_tok_s": decode, "prefill_tok_s": prefill, "weight_bytes": weight_bytes[name],
                                    "decode_range": [min(s["decode"]), max(s["decode"])],
-                                   "bandwidth_share": statistics.median(shares),
+                                   "bandwidth_gb_s": s["bandwidth"], "bandwidth_share": statistics.median(shares),
                                    "bandwidth_share_range": [min(shares), max(shares)]}
         if s["step"]:
             result["engines"][name]["step_tok_s"] = statistics.median(s["step"])
