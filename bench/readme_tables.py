@@ -242,6 +242,8 @@ TABLES: list[tuple[str, tuple[str, ...], Callable]] = [
     ("Structured output", ("structured.json",), render_structured),
     ("Speed: against transformers", ("decode.json",), _imported("bench_decode", "render_table")),
     ("Speed: against llama.cpp", ("quant.json",), _imported("bench_quant", "render_table")),
+    ("Speed: against llama.cpp on an AMD EPYC", ("quant_amd.json",), _imported("bench_quant", "render_table")),
+    ("Speed: oneDNN's products on the EPYC", ("onednn.json",), _imported("bench_onednn", "render_table")),
     ("Speed: quantized GGUF files", ("gguf_load.json",), _imported("bench_gguf_load", "render_table")),
     ("Speed: where the 4-bit time goes", ("qgemv.json",), _imported("bench_qgemv", "render_table")),
     ("The paged KV cache costs nothing", ("paged.json",), render_paged),
