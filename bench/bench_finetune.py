@@ -93,7 +93,8 @@ The targets: emergence LoRA >= 1.5x peft's tokens/s; QLoRA-nf4's peak <= 0.45x L
 
 On 2 idle cores the default run takes about 5 minutes and --quick about 30 s; other jobs on
 the cores stretch both (the speed ratios stay paired by round). Writes
-bench/results/finetune.json (--quick: bench/results/finetune_quick.json, not kept in git).
+bench/results/finetune.json, or finetune_amd.json on an AMD CPU (--quick: bench/results/finetune_quick.json,
+not kept in git).
 """
 
 from __future__ import annotations
@@ -635,9 +636,11 @@ def main() -> int:
         return 0
     if args.quick:
         args.layers, args.vocab, args.batch, args.context, args.rounds, args.steps, args.warmup = 2, 8192, 2, 64, 1, 1, 1
-    out = ROOT / (args.out or f"bench/results/finetune{'_quick' if args.quick else ''}.json")
     sys.path.insert(0, str(ROOT / "bench"))
+    from provenance import result_path
     from soak_serve import commit
+
+    out = ROOT / (args.out or ("bench/results/finetune_quick.json" if args.quick else result_path("finetune")))
 
     config = config_for(args.layers, args.vocab)
     result = {"command": " ".join(["python", "bench/bench_finetune.py"] + sys.argv[1:]), "commit": commit(),

@@ -1,6 +1,6 @@
 """Mixture-of-experts dispatch speed: forward + backward, CPU fp32, same run.
 
-    .venv/bin/python bench/bench_moe.py                    # writes bench/results/moe_dispatch.json
+    .venv/bin/python bench/bench_moe.py                    # writes bench/results/moe_dispatch.json (_amd on AMD)
     .venv/bin/python bench/bench_moe.py --smoke --out /tmp/moe.json
 
 Three models on the same tokens (batch x context), each timed over forward + backward of the
@@ -34,9 +34,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 from emergence.config import Config  # noqa: E402
 from emergence.model import Transformer  # noqa: E402
 from emergence.weights.hf import load_hf, save_hf  # noqa: E402
-from provenance import commit, machine  # noqa: E402
+from provenance import commit, machine, result_path  # noqa: E402
 
-RESULTS = ROOT / "bench" / "results" / "moe_dispatch.json"
+RESULTS = ROOT / result_path("moe_dispatch")  # moe_dispatch_amd.json on an AMD CPU
 SHAPES = dict(vocab_size=4096, block_size=256, n_layer=4, n_head=8, n_kv_head=4, n_embd=512, intermediate_size=1024)
 
 

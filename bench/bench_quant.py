@@ -56,6 +56,9 @@ from emergence.kv_cache import PagedKVCache
 from emergence.model import Transformer
 from emergence.quant.linear import QuantizedLinear, quantize_model
 from emergence.tokenizer import Tokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import result_path, write_result  # noqa: E402
 from emergence.weights.gguf_model import save_gguf
 
 # engine name -> (how emergence builds it, or the llama.cpp GGUF type), and its peer
@@ -252,7 +255,7 @@ def main() -> int:
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--engines", default=",".join(list(OURS) + list(NATIVE) + list(THEIRS)))
-    parser.add_argument("--out", default=f"bench/results/quant{'_amd' if _amd_cpu() else ''}.json")
+    parser.add_argument("--out", default=result_path("quant"))
     args = parser.parse_args()
     chosen = args.engines.split(",")
     unknown = [e for e in chosen if e not in OURS and e not in THEIRS and e not in NATIVE]
@@ -313,19 +316,8 @@ def main() -> int:
         if s["step"]:
             result["engines"][name]["step_tok_s"] = statistics.median(s["step"])
     print("\n" + render_table(result))
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from provenance import write_result
-
     write_result(Path(args.out), result, "bench/bench_quant.py", sys.argv[1:], torch.get_num_threads())
     return 0
-
-
-def _amd_cpu() -> bool:
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            return "AuthenticAMD" in f.read(4096)
-    except OSError:
-        return False
 
 
 def _prefill_seconds(prefill) -> float:

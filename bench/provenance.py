@@ -23,6 +23,21 @@ def machine() -> dict:
             "python": platform.python_version()}
 
 
+def amd_cpu() -> bool:
+    """Whether this is an AMD CPU, where the kernels choose differently (kernels/gemv_rows.h,
+    blas.h): the benchmarks those choices move write their results to a file of their own there."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            return "AuthenticAMD" in f.read(4096)
+    except OSError:
+        return False
+
+
+def result_path(stem: str) -> str:
+    """bench/results/STEM.json, or STEM_amd.json on an AMD CPU (amd_cpu)."""
+    return f"bench/results/{stem}{'_amd' if amd_cpu() else ''}.json"
+
+
 def commit() -> str:
     """HEAD, with "+dirty" when the library measured (src/) has uncommitted changes."""
     try:

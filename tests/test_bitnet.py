@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from emergence import load
 from emergence.config import Config
 from emergence.errors import ConfigError
+from emergence.kernels import products
 from emergence.model import BitLinear, Transformer
 from emergence.quant.linear import TernaryLinear
 from emergence.quant.methods import quantize_activations_int8, quantize_ternary
@@ -66,7 +67,7 @@ def test_a_ternary_pretraining_run_saves_the_ternary_model_it_trained(tmp_path):
     lm = load(result.model_dir, device="cpu")
     layers = [m for m in lm.model.modules() if isinstance(m, TernaryLinear)]
     assert len(layers) == 2 * 4 and all(m.act_bits == 8 for m in layers)  # qkv, o, gate_up, down per block
-    assert not lm.config.ternary and type(lm.model.lm_head) is torch.nn.Linear
+    assert not lm.config.ternary and type(lm.model.lm_head) is products.Linear  # the plain head
     assert unsupported(lm.model) is None  # the native step decodes it (2-bit packed kernel)
     ids = torch.randint(3, 512, (2, 48), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():

@@ -49,6 +49,7 @@ from emergence.config import Config
 from emergence.errors import CheckpointError, ConfigError
 from emergence.gguf import GGMLType, read_gguf, write_gguf
 from emergence.gguf.quants import dequantize, quantize
+from emergence.kernels import gemv_extension
 from emergence.model import Transformer
 from emergence.weights.gguf_model import gguf_names, load_gguf, save_gguf, to_interleaved
 from emergence.weights.hf_config import config_from_hf
@@ -269,7 +270,21 @@ def test_transformers_checkpoints_converted_by_the_cli_run_in_llama_cpp_as_in_tr
 class GGMLActivations(TorchFunctionMode):
     """Round the input of each F.linear whose weight came from a quantized or F16 tensor of the
     file as llama.cpp's CPU matrix products do: to Q8_0 blocks for Q8_0 and Q4_0 weights, to F16
-    for F16 ones (each type's vec_dot_type). Expert slices share their stacked tensor's storage."""
+    for F16 ones (each type's vec_dot_type). Expert slices share their stacked tensor's storage.
+    Within it the model's products stay torch's F.linear (kernels.products would otherwise take
+    them to oneDNN on an AMD CPU, past this mode)."""
+
+    def __enter__(self):
+        ext = gemv_extension()
+        self.onednn = ext is not None and ext.onednn_products()
+        if self.onednn:
+            ext.set_onednn_products(False)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        if self.onednn:
+            gemv_extension().set_onednn_products(True)
+        return super().__exit__(*exc)
 
     def __init__(self, model: Transformer, path) -> None:
         super().__init__()

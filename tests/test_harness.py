@@ -78,8 +78,21 @@ def lm_eval_run(task_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ours(lm, task_dir):
-    """emergence's results for the multiple-choice tasks."""
-    return {name: evaluate(lm, task_dir / f"{name}.yaml", batch_size=BATCH) for name in MC_TASKS}
+    """emergence's results for the multiple-choice tasks, their fp32 products in torch's BLAS as
+    lm_eval's transformers model computes them (on an AMD CPU emergence's go to oneDNN, whose
+    order of summation moves a log-likelihood by up to ~3e-5: kernels/products.py), so that the
+    log-likelihoods can be held to 1e-6."""
+    from emergence.kernels import gemv_extension
+
+    ext = gemv_extension()
+    chosen = ext is not None and ext.onednn_products()
+    if chosen:
+        ext.set_onednn_products(False)
+    try:
+        return {name: evaluate(lm, task_dir / f"{name}.yaml", batch_size=BATCH) for name in MC_TASKS}
+    finally:
+        if chosen:
+            ext.set_onednn_products(True)
 
 
 # ------------------------------------------------------------------------------ lm_eval agreement

@@ -10,9 +10,9 @@ import json
 
 import pytest
 import torch
-from torch import nn
 
 from emergence.cli import main
+from emergence.kernels import products
 from emergence.lab import bitnet, scaling
 from emergence.quant.linear import TernaryLinear
 
@@ -58,7 +58,7 @@ def test_best_per_size_and_the_gap_come_from_the_csv(sweep):
 def test_students_are_of_their_kind(sweep):
     """A ternary student trained with BitLinear saves as the ternary checkpoint it computes
     (TernaryLinear in every block projection, its weights three values times a scale); a full
-    one keeps nn.Linear."""
+    one keeps the model's plain linear layer (kernels.products.Linear, an nn.Linear)."""
     import emergence
 
     for kind in ("full", "ternary"):
@@ -69,7 +69,7 @@ def test_students_are_of_their_kind(sweep):
         assert len(proj) == 4
         assert all(isinstance(m, TernaryLinear) == (kind == "ternary") for m in proj)
         if kind == "full":
-            assert all(type(m) is nn.Linear for m in proj)
+            assert all(type(m) is products.Linear for m in proj)
         else:
             for m in proj:
                 assert len(torch.unique(m.dequantize())) == 3  # -s, 0, +s

@@ -30,6 +30,7 @@ from torch.overrides import TorchFunctionMode
 from .allocator import RELEASE_EVERY_BLOCKS, release_freed_memory, release_in_backward
 from .config import Config
 from .errors import InvalidArgument
+from .kernels import products
 
 if TYPE_CHECKING:  # the model only calls a cache view's methods
     from .kv_cache import CacheView
@@ -200,19 +201,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for s in range(0, len(h), rows):
             hs, t = h[s:s + rows], targets[s:s + rows]
             z, lp = logits[:len(hs)], logp[:len(hs)]
-            if bias is None:
-                torch.mm(hs, weight.t(), out=z)
-            else:
-                torch.addmm(bias, hs, weight.t(), out=z)
+            products.matmul_nt(hs, weight, out=z)  # (on oneDNN where MKL is slow: kernels/products.py)
+            if bias is not None:
+                z += bias
             torch._log_softmax(z, 1, False, out=lp)
             picked = lp.gather(1, t[:, None])  # (n, 1)
             total -= picked.sum()
             lp.exp_()
             lp.scatter_add_(1, t[:, None], torch.full_like(picked, -1.0))  # d(sum of -logp[t]) / d logits
             if grad_h is not None:
-                torch.mm(lp, weight, out=grad_h[s:s + len(hs)])
+                products.matmul_nt(lp, weight.t(), out=grad_h[s:s + len(hs)])
             if grad_w is not None:
-                grad_w.addmm_(lp.t(), hs)
+                grad_w += products.matmul_nt(lp.t(), hs.t())
             if grad_b is not None:
                 grad_b += lp.sum(0)
         ctx.save_for_backward(grad_h, grad_w, grad_b)
@@ -226,7 +226,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 # ---------------------------------------------------------------------------- the blocks
 class Attention(nn.Module):
-    def __init__(self, config: Config, layer: int, linear: type[nn.Linear] = nn.Linear) -> None:
+    def __init__(self, config: Config, layer: int, linear: type[nn.Linear] = products.Linear) -> None:
         super().__init__()
         self.layer = layer
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
@@ -308,7 +308,7 @@ MLP_KINDS = {"swiglu": (True, F.silu), "geglu": (True, lambda x: F.gelu(x, appro
 
 
 class MLP(nn.Module):
-    def __init__(self, config: Config, linear: type[nn.Linear] = nn.Linear) -> None:
+    def __init__(self, config: Config, linear: type[nn.Linear] = products.Linear) -> None:
         super().__init__()
         self.gated, self.act = MLP_KINDS[config.mlp]
         d, f = config.n_embd, config.intermediate_size
@@ -425,13 +425,13 @@ class BitLinear(nn.Linear):
         w_q = w + ((w / s_w).round().clamp(-1, 1) * s_w - w).detach()
         s_x = 127.0 / x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-5)
         x_q = x + ((x * s_x).round().clamp(-128, 127) / s_x - x).detach()
-        return F.linear(x_q, w_q, self.bias)
+        return products.linear(x_q, w_q, self.bias)
 
 
 def expert_linear(stack, e: int, x: torch.Tensor) -> torch.Tensor:
     """x (M, K) through expert e's matrix: a stacked (E, N, K) weight (or its E views), or once
     quantized (quant/linear.py), a list of E quantized layers."""
-    return F.linear(x, stack[e]) if isinstance(stack[e], torch.Tensor) else stack[e](x)
+    return products.linear(x, stack[e]) if isinstance(stack[e], torch.Tensor) else stack[e](x)
 
 
 class Block(nn.Module):
@@ -442,7 +442,7 @@ class Block(nn.Module):
     blocks) is nn.Identity. `linear`: the class
     of its projections (nn.Linear; T5's decoder takes kernels.SmallBatchLinear)."""
 
-    def __init__(self, config: Config, layer: int, linear: type[nn.Linear] = nn.Linear) -> None:
+    def __init__(self, config: Config, layer: int, linear: type[nn.Linear] = products.Linear) -> None:
         super().__init__()
         pre, post = config.norm_position in ("pre", "sandwich"), config.norm_position in ("post", "sandwich")
         self.parallel = config.parallel is not None
@@ -493,13 +493,13 @@ class Transformer(Placed, nn.Module):
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.n_embd)
         if config.position == "learned":
             self.pos_embeddings = nn.Embedding(config.block_size, config.n_embd)
-        linear = BitLinear if config.ternary else nn.Linear
+        linear = BitLinear if config.ternary else products.Linear
         self.layers = nn.ModuleList(Block(config, i, linear) for i in range(config.n_layer))
         # Training memory: keep only each block's input for the backward pass and recompute the
         # block's inside there (activation checkpointing, as torchtune's and HF's option), when set.
         self.checkpoint_activations = False
         self.norm = make_norm(config)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=config.head_bias)
+        self.lm_head = products.Linear(config.n_embd, config.vocab_size, bias=config.head_bias)
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_embeddings.weight
         if config.position == "rope":
@@ -524,7 +524,7 @@ class Transformer(Placed, nn.Module):
         h = self.hidden_states(input_ids, cache, attention_mask=attention_mask, segment_ids=segment_ids)
         if targets is not None:
             trainable = [p for p in self.lm_head.parameters() if p.requires_grad]
-            plain = type(self.lm_head) is nn.Linear and self.config.final_softcap is None
+            plain = type(self.lm_head) in (nn.Linear, products.Linear) and self.config.final_softcap is None
             return head_cross_entropy(h, targets, self.head, self.config.vocab_size, trainable,
                                       self.lm_head if plain else None)
         if last_logits_only:

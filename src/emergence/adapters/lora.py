@@ -35,6 +35,7 @@ from torch import nn
 
 from ..config import Config
 from ..errors import InvalidArgument
+from ..kernels import products
 from ..quant.linear import QuantizedLinear, StackedLinear
 
 # --------------------------------------------------------------------------- the name table
@@ -147,11 +148,11 @@ class _DequantizedMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, layer: QuantizedLinear) -> torch.Tensor:
         ctx.layer = layer
-        return F.linear(x, layer.unpacked_weight().to(x.dtype))
+        return products.linear(x, layer.unpacked_weight().to(x.dtype))
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return grad @ ctx.layer.unpacked_weight().to(grad.dtype), None
+    def backward(ctx, grad: torch.Tensor):  # grad W: a linear with W^T as the weight
+        return products.linear(grad, ctx.layer.unpacked_weight().to(grad.dtype).t()), None
 
 
 def base_weight(base: nn.Module) -> torch.Tensor:
@@ -288,7 +289,7 @@ class LoraUpdate(nn.Module):
         if dropped is x:  # the base's output without its bias
             plain = y if base.bias is None else y - base.bias.to(y.dtype)
         else:  # PEFT recomputes it on the dropped-out input
-            plain = F.linear(dropped, base_weight(base).to(x.dtype))
+            plain = products.linear(dropped, base_weight(base).to(x.dtype))
         return y + (scale - 1) * plain + scale * delta
 
     def _rows(self, out: int, fill: float | None, values: list[torch.Tensor]) -> torch.Tensor:

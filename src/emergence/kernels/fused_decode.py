@@ -64,7 +64,7 @@ def unsupported(model: nn.Module, cache: PagedKVCache | None = None) -> str | No
     from ..model import MLP, Attention, Block, MoE, RMSNorm, Transformer
     from ..quant.linear import GGMLEmbedding, QuantizedLinear
     from ..t5 import T5, CrossAttention, DecoderBlock, RelativeBias
-    from . import SmallBatchLinear, gemv_extension
+    from . import SmallBatchLinear, gemv_extension, products
 
     if gemv_extension() is None:
         return "the native kernels are not available on this machine"
@@ -78,8 +78,8 @@ def unsupported(model: nn.Module, cache: PagedKVCache | None = None) -> str | No
         return "the model is not on the CPU"
     if len(dtypes) != 1 or next(iter(dtypes)) not in (torch.float32, torch.bfloat16):
         return f"the weights are {', '.join(sorted(str(d) for d in dtypes))}, not all fp32 or all bf16"
-    known = {Transformer, Block, Attention, MLP, MoE, nn.ModuleList, nn.Linear, nn.Embedding, nn.LayerNorm, RMSNorm,
-             nn.Identity, T5, DecoderBlock, CrossAttention, RelativeBias, SmallBatchLinear}
+    known = {Transformer, Block, Attention, MLP, MoE, nn.ModuleList, nn.Linear, products.Linear, nn.Embedding,
+             nn.LayerNorm, RMSNorm, nn.Identity, T5, DecoderBlock, CrossAttention, RelativeBias, SmallBatchLinear}
     for name, m in model.named_modules():
         if isinstance(m, (QuantizedLinear, GGMLEmbedding)):
             if isinstance(model, T5):
