@@ -39,8 +39,9 @@ parallel region waits for its descheduled thread), so the medians and ratios are
 over the quiet rounds only (others under 10%; the ratio over the rounds where both were).
 
 After the rounds, one step of each LoRA engine runs under torch.profiler (--no-profile skips
-it): the op time, the matrix products' share (aten::mm/addmm/bmm) and the heaviest ops. The
-hardware figure beside the rates: the best rate of 2048^3 fp32 matmuls, measured before and
+it): the op time, the matrix products' share (aten::mm/addmm/bmm, oneDNN's linear) and the
+heaviest ops. The hardware figure beside the rates: the best rate of 2048^3 fp32 matmuls
+(torch.mm's or oneDNN's), measured before and
 after the rounds; each engine's GFLOP/s (training FLOPs per token from
 emergence.train.trainer.model_flops_per_token; LoRA computes no gradient of the frozen weights,
 so 4 instead of 6 per weight) and its share of that rate. The load average at the start and
@@ -204,16 +205,22 @@ def write_nf4(source: Path, folder: Path) -> None:
 
 
 def matmul_gflops(n: int = 2048, repeats: int = 3) -> float:
-    """The best rate of n^3 fp32 matmuls, GFLOP/s: the hardware figure beside the rates."""
+    """The best rate of n^3 fp32 matmuls, GFLOP/s, through torch.mm (MKL) and through oneDNN (the
+    library emergence's products use on AMD CPUs, kernels/products.py): the hardware figure
+    beside the rates, so no engine's share exceeds it."""
     import torch
 
     a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
+    products = [lambda: a @ b]
+    if hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        products.append(lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], ""))
     best = 0.0
-    for _ in range(repeats):
-        started = time.perf_counter()
-        a @ b
-        best = max(best, 2 * n ** 3 / (time.perf_counter() - started) / 1e9)
+    for product in products:
+        product()
+        for _ in range(repeats):
+            started = time.perf_counter()
+            product()
+            best = max(best, 2 * n ** 3 / (time.perf_counter() - started) / 1e9)
     return best
 
 
@@ -348,7 +355,7 @@ class CpuClock:
         return wall, max(0.0, other / ((os.cpu_count() or 1) * wall))
 
 
-GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "mkldnn::_linear_pointwise")
 
 
 def profile_step(engine: Engine, inputs, targets) -> dict:
