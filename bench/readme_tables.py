@@ -165,8 +165,9 @@ def render_finetune_memory(result: dict) -> str:
                                                            for k, _ in names) + " |"])
 
 
-def render_moe(dispatch: dict, decode: dict) -> str:
-    """bench_moe.py (a training step) and bench_moe_decode.py (batch-1 decoding) against their peers."""
+def render_moe(dispatch: dict, decode: dict | None = None) -> str:
+    """bench_moe.py (a training step) and bench_moe_decode.py (batch-1 decoding) against their
+    peers; the training rows alone without a decoding run."""
     s, t = dispatch["shapes"], dispatch["tokens_per_s"]
     rows = ["| workload (`bench/bench_moe.py`, `bench/bench_moe_decode.py`; CPU, 2 threads, same run) | emergence | "
             "peer | ratio | target |", "| --- | --- | --- | --- | --- |",
@@ -183,6 +184,8 @@ def render_moe(dispatch: dict, decode: dict) -> str:
             f"| same, against a dense model of the same active size | {t['emergence MoE']:,.0f} tok/s | emergence dense: "
             f"{t['emergence dense']:,.0f} tok/s | {dispatch['moe_vs_dense_same_active']:.2f}x | "
             f"{_missed(dispatch['moe_vs_dense_same_active'], 0.6)} |"]
+    if decode is None:
+        return "\n".join(rows)
     d = decode["shapes"]
     order = {"fp32": 0, "bf16": 1, "q8_0": 2, "q4_0": 3}
     for i, r in enumerate(sorted(decode["rows"], key=lambda r: order[r["emergence"]])):
@@ -235,9 +238,11 @@ def _load(name: str):
 TABLES: list[tuple[str, tuple[str, ...], Callable]] = [
     ("Fine-tuning: instruction tuning", ("instruction_tune.json",), render_instruction_tune),
     ("Fine-tuning: against the peers", ("finetune.json",), render_finetune),
+    ("Fine-tuning: against the peers on an AMD EPYC", ("finetune_amd.json",), render_finetune),
     ("Fine-tuning: memory", ("finetune.json",), render_finetune_memory),
     ("T5 and beam search", ("beam.json",), render_beam),
     ("Mixture of experts", ("moe_dispatch.json", "moe_decode.json"), render_moe),
+    ("Mixture of experts: training on an AMD EPYC", ("moe_dispatch_amd.json",), render_moe),
     ("Alignment: rollouts", ("rollout_emergence-6m.json",), render_rollout),
     ("Structured output", ("structured.json",), render_structured),
     ("Speed: against transformers", ("decode.json",), _imported("bench_decode", "render_table")),
