@@ -7,6 +7,7 @@ import contextlib
 import os
 import resource
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -221,20 +222,28 @@ def assert_one_line_error(code: int, err: str, *patterns: str) -> str:
     return lines[0]
 
 
-@pytest.fixture(params=[False, True], ids=["blas", "onednn"])
-def onednn(request):
-    """Both ways the native kernels' fp32 prompt products run (kernels/blas.h: oneDNN on AMD
-    CPUs, torch's BLAS elsewhere), each tested on every CPU (`parametrize("onednn", [False],
-    indirect=True)` for one side); the CPU's own choice restored after."""
+@contextlib.contextmanager
+def kernel_setting(name: str, value: bool) -> Iterator[bool]:
+    """Within it, the native kernels' switch `name` (one_row_streams, onednn_products) set to
+    `value` (set_NAME), the CPU's own choice restored after; nothing to switch without them."""
     from emergence.kernels import gemv_extension
 
     ext = gemv_extension()
     if ext is None:
-        yield request.param
+        yield value
         return
-    chosen = ext.onednn_products()
-    ext.set_onednn_products(request.param)
+    chosen = getattr(ext, name)()
+    getattr(ext, f"set_{name}")(value)
     try:
-        yield request.param
+        yield value
     finally:
-        ext.set_onednn_products(chosen)
+        getattr(ext, f"set_{name}")(chosen)
+
+
+@pytest.fixture(params=[False, True], ids=["blas", "onednn"])
+def onednn(request):
+    """Both ways the native kernels' fp32 prompt products run (kernels/blas.h: oneDNN on AMD
+    CPUs, torch's BLAS elsewhere), each tested on every CPU (`parametrize("onednn", [False],
+    indirect=True)` for one side)."""
+    with kernel_setting("onednn_products", request.param) as value:
+        yield value

@@ -49,11 +49,11 @@ from emergence.config import Config
 from emergence.errors import CheckpointError, ConfigError
 from emergence.gguf import GGMLType, read_gguf, write_gguf
 from emergence.gguf.quants import dequantize, quantize
-from emergence.kernels import gemv_extension
 from emergence.model import Transformer
 from emergence.weights.gguf_model import gguf_names, load_gguf, save_gguf, to_interleaved
 from emergence.weights.hf_config import config_from_hf
 
+from conftest import kernel_setting  # noqa: E402
 from test_gguf_families import PROMPT, TOKENIZER, our_logits, random_model, rewrite  # noqa: E402
 from test_gguf_model import llama_cpp_greedy, llama_cpp_model  # noqa: E402
 from test_moe import tiny_configs as moe_configs  # noqa: E402
@@ -275,16 +275,13 @@ class GGMLActivations(TorchFunctionMode):
     them to oneDNN on an AMD CPU, past this mode)."""
 
     def __enter__(self):
-        ext = gemv_extension()
-        self.onednn = ext is not None and ext.onednn_products()
-        if self.onednn:
-            ext.set_onednn_products(False)
+        self.torch_products = kernel_setting("onednn_products", False)
+        self.torch_products.__enter__()
         return super().__enter__()
 
     def __exit__(self, *exc):
-        if self.onednn:
-            gemv_extension().set_onednn_products(True)
-        return super().__exit__(*exc)
+        super().__exit__(*exc)
+        return self.torch_products.__exit__(*exc)
 
     def __init__(self, model: Transformer, path) -> None:
         super().__init__()

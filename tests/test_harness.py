@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import kernel_setting
 
 import emergence
 from emergence.cli import main
@@ -82,17 +83,8 @@ def ours(lm, task_dir):
     lm_eval's transformers model computes them (on an AMD CPU emergence's go to oneDNN, whose
     order of summation moves a log-likelihood by up to ~3e-5: kernels/products.py), so that the
     log-likelihoods can be held to 1e-6."""
-    from emergence.kernels import gemv_extension
-
-    ext = gemv_extension()
-    chosen = ext is not None and ext.onednn_products()
-    if chosen:
-        ext.set_onednn_products(False)
-    try:
+    with kernel_setting("onednn_products", False):
         return {name: evaluate(lm, task_dir / f"{name}.yaml", batch_size=BATCH) for name in MC_TASKS}
-    finally:
-        if chosen:
-            ext.set_onednn_products(True)
 
 
 # ------------------------------------------------------------------------------ lm_eval agreement

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import emergence
-from conftest import in_threads
+from conftest import in_threads, kernel_setting
 from emergence.decode import DecodeBatch, end_ids, make_backend, new_row
 from emergence.errors import InvalidArgument
 from emergence.kernels import _cpu_flags, _cpu_supports, gemv_extension
@@ -43,16 +43,9 @@ def ext():
 @pytest.fixture(params=[False, True], ids=["rows-side-by-side", "one-row-at-a-time"])
 def walk(request):
     """Both ways a GEMV walks its rows (g_one_row_streams: the CPU picks one at load), each tested
-    on every CPU; the CPU's own choice restored after."""
-    if EXT is None:
-        yield request.param
-        return
-    chosen = EXT.one_row_streams()
-    EXT.set_one_row_streams(request.param)
-    try:
-        yield request.param
-    finally:
-        EXT.set_one_row_streams(chosen)
+    on every CPU."""
+    with kernel_setting("one_row_streams", request.param) as value:
+        yield value
 
 
 def test_kernels_build_on_this_machine(ext):
