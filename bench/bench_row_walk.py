@@ -8,8 +8,8 @@ extension's `set_one_row_streams` switches it between calls. This script times t
 backend's bare decoding step (bench_quant's `step`: the forward alone, one token) of the
 smollm2-135m architecture (random weights, every linear layer in the format) both ways,
 alternating within each round, with the memory read bandwidth probed around every round.
-The switch covers bf16, int8 and Q8_0; Q4_0 walks 2 rows side by side either way (one row was
-no faster there), so its column is a control: its ratio is the run's noise.
+The switch covers bf16, int8 and Q8_0; Q4_0 walks 2 rows side by side either way, so its column
+is a control: its ratio is the run's noise.
 
     python bench/bench_row_walk.py [--rounds 7] [--formats bf16,int8,q8_0,q4_0]
 

@@ -440,7 +440,8 @@ class Block(nn.Module):
     block (GPT-NeoX, Falcon, Phi-2) adds attention and MLP of the same input, x + attn(n(x)) +
     mlp(n'(x)), with n' = n for a shared norm (mlp_norm None). An absent pre-norm (post-norm
     blocks) is nn.Identity. `linear`: the class
-    of its projections (nn.Linear; T5's decoder takes kernels.SmallBatchLinear)."""
+    of its projections (kernels.products.Linear, nn.Linear with its fp32 products on oneDNN where
+    MKL is slow; T5's decoder takes kernels.SmallBatchLinear)."""
 
     def __init__(self, config: Config, layer: int, linear: type[nn.Linear] = products.Linear) -> None:
         super().__init__()

@@ -156,8 +156,8 @@ def native_qgemm(module: nn.Module, x: torch.Tensor, bias: torch.Tensor | None =
         return None
     fmt = getattr(module, "format", None)
     on_blocks = fmt in GGML_KERNEL_FORMATS and "avx512_vnni" in _cpu_flags()
-    # (where fp32 products run on oneDNN, on AMD CPUs (blas.h), they outrun MKL's bf16 ones, which
-    # have no AVX-512 kernels there, and are exact: those CPUs keep fp32)
+    # (where fp32 products run on oneDNN, on AMD CPUs (blas.h), they outrun MKL's bf16 ones there
+    # (bench/results/onednn.json) and are exact: those CPUs keep fp32)
     bf16 = (fmt in BF16_FORMATS and _bf16_products.get() and extension.has_bf16_gemm
             and "avx512_bf16" in _cpu_flags() and not extension.onednn_products())
     # bf16 x too for the 4-bit formats (a bf16 model's prompt: its x exact in bf16 products, and
