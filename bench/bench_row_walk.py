@@ -8,10 +8,10 @@ extension's `set_one_row_streams` switches it between calls. This script times t
 backend's bare decoding step (bench_quant's `step`: the forward alone, one token) of the
 smollm2-135m architecture (random weights, every linear layer in the format) both ways,
 alternating within each round, with the memory read bandwidth probed around every round.
-The switch covers bf16, int8 and Q8_0; Q4_0 walks 2 rows side by side either way, so its column
-is a control: its ratio is the run's noise.
+The switch covers bf16, int8, Q8_0, int4 and NF4; Q4_0 walks 2 rows side by side either way, so
+its column is a control: its ratio is the run's noise.
 
-    python bench/bench_row_walk.py [--rounds 7] [--formats bf16,int8,q8_0,q4_0]
+    python bench/bench_row_walk.py [--rounds 7] [--formats bf16,int8,q8_0,int4-g32,nf4,q4_0]
 
 Writes bench/results/row_walk.json: per format, each walk's step tok/s and share of the
 round's bandwidth (medians and ranges), and the median of the rounds' ratios.
@@ -41,7 +41,7 @@ WALKS = {"side by side": False, "one row": True}
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--formats", default="bf16,int8,q8_0,q4_0")
+    parser.add_argument("--formats", default="bf16,int8,q8_0,int4-g32,nf4,q4_0")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--out", default="bench/results/row_walk.json")
     args = parser.parse_args()

@@ -581,11 +581,12 @@ def test_ggml_block_gemv_is_llama_cpps_product(qtype_name, shape, ext, walk):
     assert ((got.double() - weight @ x.double()).abs() > bound).any()  # x really was quantized
 
 
-@pytest.mark.parametrize("fmt", ["bf16", "q8_0", "q4_0"])
+@pytest.mark.parametrize("fmt", ["bf16", "q8_0", "q4_0", "int4", "nf4"])
 def test_the_two_row_walks_give_the_same_bits(fmt, ext):
     """Walking the rows one at a time or side by side changes only the order of memory reads:
-    each row keeps one accumulator in column order, so bf16, Q8_0 and Q4_0 results are equal
-    bit for bit. For bf16 (its output rounded to bf16) every row holds +-2^20 in its first and
+    each row keeps its own accumulators in column order, so bf16, Q8_0, Q4_0, int4 and NF4
+    results are equal bit for bit (int8's single rows sum in two chains: test_own_format_gemv
+    checks both walks against the exact product). For bf16 (its output rounded to bf16) every row holds +-2^20 in its first and
     32nd-to-last columns, so its running sum carries 2^20 with coarse fp32 rounding over the
     row: two chains over alternate 32-column steps change most of the 1031 results (emulated
     below in fp32)."""
@@ -600,13 +601,24 @@ def test_the_two_row_walks_give_the_same_bits(fmt, ext):
 
         def run():
             return ext.gemv(torch.ones(k, dtype=torch.bfloat16), w.bfloat16(), None)
-    else:
+    elif fmt in ("q8_0", "q4_0"):
         from emergence.gguf.quants import GGMLType, quantize
 
         blocks, none = torch.from_numpy(quantize(w, GGMLType[fmt.upper()]).reshape(-1).copy()), torch.empty(0)
 
         def run():
             return ext.qgemv(ext.weight_kinds[fmt], x, blocks, none, none, 0, 0.0, n, k, None)
+    else:
+        from emergence.quant.linear import quantize_model
+
+        k, x = 640, torch.randn(640)  # 4-bit rows: whole 128-column steps
+        layer = torch.nn.Sequential(torch.nn.Linear(k, n, bias=False))
+        quantize_model(layer, fmt, skip=(), **({"group_size": 32} if fmt == "int4" else {}))
+        ops = layer[0].kernel_operands()
+
+        def run():
+            return ext.qgemv(ext.weight_kinds[ops.format], x, ops.data, ops.scales, ops.offsets, ops.group,
+                             ops.tensor_scale, n, k, None)
     chosen = ext.one_row_streams()
     try:
         ext.set_one_row_streams(False)

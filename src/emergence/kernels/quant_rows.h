@@ -472,26 +472,28 @@ inline void quant_gemv(const QuantMatrix& m, const float* x, float* y, int64_t g
   }
   parallel_rows(0, m.N, grain, [&](int64_t r0, int64_t r1) {
     int64_t r = r0;
-    if (four_bit) {  // 2 rows at a time share the x loads
+    if (four_bit) {  // 2 rows at a time share the x loads (or 1: g_one_row_streams)
       const int64_t G = nib.groups;
       auto finish = [&](int64_t i) {  // int4: the offsets' share, sum_g offset[g] * sum(x over group g)
         if (m.kind == WeightKind::INT4) y[i] += dot_f32(m.offsets + i * G, sums.data(), G);
       };
-      for (; r + 2 <= r1; r += 2) {
-        if (r + PREFETCH_ROWS + 1 < r1) {  // the codes, scales and offsets of the rows PREFETCH_ROWS ahead
-          const uint8_t* ahead = m.data + (r + PREFETCH_ROWS) * m.row_bytes;
-          for (int64_t off = 0; off < 2 * m.row_bytes; off += 64) _mm_prefetch(reinterpret_cast<const char*>(ahead + off), _MM_HINT_T0);
-          const float* per_group[2] = {m.scales, m.kind == WeightKind::INT4 ? m.offsets : nullptr};
-          for (const float* p : per_group) {
-            if (p == nullptr) continue;
-            const char* at = reinterpret_cast<const char*>(p + (r + PREFETCH_ROWS) * G);
-            for (int64_t off = 0; off < 2 * G * 4; off += 64) _mm_prefetch(at + off, _MM_HINT_T0);
-          }
+      auto prefetch = [&](int64_t row, int64_t n) {  // the codes, scales and offsets of n rows from `row`
+        const uint8_t* ahead = m.data + row * m.row_bytes;
+        for (int64_t off = 0; off < n * m.row_bytes; off += 64) _mm_prefetch(reinterpret_cast<const char*>(ahead + off), _MM_HINT_T0);
+        const float* per_group[2] = {m.scales, m.kind == WeightKind::INT4 ? m.offsets : nullptr};
+        for (const float* p : per_group) {
+          if (p == nullptr) continue;
+          const char* at = reinterpret_cast<const char*>(p + row * G);
+          for (int64_t off = 0; off < n * G * 4; off += 64) _mm_prefetch(at + off, _MM_HINT_T0);
         }
+      };
+      for (; r + 2 <= r1 && !one_row; r += 2) {
+        if (r + PREFETCH_ROWS + 1 < r1) prefetch(r + PREFETCH_ROWS, 2);
         rows_4bit<2>(m.data + r * m.row_bytes, m.row_bytes, m.scales + r * G, nib, x_split.data(), K, y + r);
         finish(r), finish(r + 1);
       }
       for (; r < r1; ++r) {
+        if (r + PREFETCH_ROWS < r1) prefetch(r + PREFETCH_ROWS, 1);
         rows_4bit<1>(m.data + r * m.row_bytes, m.row_bytes, m.scales + r * G, nib, x_split.data(), K, y + r);
         finish(r);
       }
