@@ -484,8 +484,10 @@ def main() -> int:
         results["engines"][name] = e
         print(f"| {name} | {med:,.0f} | {min(s):,.0f}-{max(s):,.0f} | {e['ms_per_step']:.1f} "
               f"| {_ratio(e['vs_nanogpt'])} | {_ratio(e['vs_nanogpt_same_compile'])} | {100 * e['mfu']:.1f}% |")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from provenance import write_result
+
+    write_result(out, results, "bench/bench_train.py", sys.argv[1:], torch.get_num_threads())  # commit, machine
     log(f"results written to {out}")
     return 1 if failed and len(failed) == len(engines) else 0
 
