@@ -204,24 +204,13 @@ def write_nf4(source: Path, folder: Path) -> None:
     save_quantized(quantize_model(model, "nf4"), None, folder)
 
 
-def matmul_gflops(n: int = 2048, repeats: int = 3) -> float:
-    """The best rate of n^3 fp32 matmuls, GFLOP/s, through torch.mm (MKL) and through oneDNN (the
-    library emergence's products use on AMD CPUs, kernels/products.py): the hardware figure
-    beside the rates, so no engine's share exceeds it."""
-    import torch
+def matmul_gflops() -> float:
+    """The hardware figure beside the rates, GFLOP/s (provenance.matmul_peak: the best of torch.mm's
+    and oneDNN's 2048^3 fp32 matmul)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from provenance import matmul_peak
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    products = [lambda: a @ b]
-    if hasattr(torch.ops.mkldnn, "_linear_pointwise"):
-        products.append(lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], ""))
-    best = 0.0
-    for product in products:
-        product()
-        for _ in range(repeats):
-            started = time.perf_counter()
-            product()
-            best = max(best, 2 * n ** 3 / (time.perf_counter() - started) / 1e9)
-    return best
+    return matmul_peak() / 1e9
 
 
 def flops_per_token(config, context: int, method: str) -> float:

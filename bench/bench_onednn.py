@@ -1,8 +1,7 @@
 """fp32 products on oneDNN against torch's BLAS (MKL), and what they do to prompt processing.
 
-torch's CPU wheels multiply fp32 matrices with MKL, whose fast kernels are chosen for Intel
-CPUs; oneDNN, also inside torch (the `mkldnn::_linear_pointwise` operator torch's CPU compiler
-calls), picks its kernels by instruction set. The native kernels use oneDNN for their fp32
+torch's CPU wheels multiply fp32 matrices with MKL; oneDNN is also inside torch (the
+`mkldnn::_linear_pointwise` operator torch's CPU compiler calls). The native kernels use oneDNN for their fp32
 prompt products where `set_onednn_products` is on (by default on AMD CPUs: kernels/blas.h).
 On the smollm2-135m shapes (random weights, 2 threads), same run, rounds alternating the sides:
 
@@ -38,9 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import write_result  # noqa: E402
 
 from emergence.config import Config  # noqa: E402
+from emergence.decode import make_backend  # noqa: E402
 from emergence.kernels import gemv_extension  # noqa: E402
 from emergence.kernels.fused_decode import NativeBackend  # noqa: E402
-from emergence.decode import make_backend  # noqa: E402
+from emergence.kernels.products import onednn_product  # noqa: E402
 from emergence.kv_cache import PagedKVCache  # noqa: E402
 from emergence.model import Transformer  # noqa: E402
 
@@ -59,11 +59,6 @@ def best_s(fn, reps: int = 3) -> float:
     return best
 
 
-def onednn_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x W^T on oneDNN (the operator the native kernels call)."""
-    return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
-
-
 def gemm_cases() -> list[tuple[str, int, callable, callable, torch.Tensor]]:
     """(name, flops, torch.mm side, oneDNN side, float64 product) of each product."""
     torch.manual_seed(0)
@@ -71,16 +66,16 @@ def gemm_cases() -> list[tuple[str, int, callable, callable, torch.Tensor]]:
     for n, k in SHAPES:
         x, w = torch.randn(128, k), torch.randn(n, k) * 0.02
         cases.append((f"prompt 128 x {k} x {n}", 2 * 128 * n * k, lambda x=x, w=w: torch.mm(x, w.T),
-                      lambda x=x, w=w: onednn_linear(x, w), x.double() @ w.double().T))
+                      lambda x=x, w=w: onednn_product(x, w), x.double() @ w.double().T))
     m = 1024  # a training step of 4 x 256 tokens
     for n, k in SHAPES[:4]:
         x, w, dy = torch.randn(m, k), torch.randn(n, k) * 0.02, torch.randn(m, n)
         cases.append((f"train x W^T {m} x {k} x {n}", 2 * m * n * k, lambda x=x, w=w: torch.mm(x, w.T),
-                      lambda x=x, w=w: onednn_linear(x, w), x.double() @ w.double().T))
+                      lambda x=x, w=w: onednn_product(x, w), x.double() @ w.double().T))
         cases.append((f"train dy W {m} x {n} x {k}", 2 * m * n * k, lambda dy=dy, w=w: torch.mm(dy, w),
-                      lambda dy=dy, w=w: onednn_linear(dy, w.T), dy.double() @ w.double()))
+                      lambda dy=dy, w=w: onednn_product(dy, w.T), dy.double() @ w.double()))
         cases.append((f"train dy^T x {n} x {m} x {k}", 2 * m * n * k, lambda dy=dy, x=x: torch.mm(dy.T, x),
-                      lambda dy=dy, x=x: onednn_linear(dy.T, x.T), dy.double().T @ x.double()))
+                      lambda dy=dy, x=x: onednn_product(dy.T, x.T), dy.double().T @ x.double()))
     return cases
 
 

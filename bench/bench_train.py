@@ -85,6 +85,9 @@ from emergence.data.shards import FORMAT, MANIFEST, TOKENIZER_DIR, VERSION
 from emergence.tokenizer import Tokenizer
 from emergence.train.trainer import TrainConfig, model_flops_per_token, train
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import matmul_peak, write_result  # noqa: E402
+
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare/input.txt"
 LR, BETAS, WEIGHT_DECAY, GRAD_CLIP, SEED = 6e-4, (0.9, 0.95), 0.1, 1.0, 1337
 # Dense tensor-core rates of the H100/H200 SXM datasheet, TFLOP/s (H200 has the H100's compute).
@@ -312,29 +315,12 @@ def synchronize(device: torch.device) -> None:
 
 
 # ----------------------------------------------------------------------------- peaks
-def cpu_matmul_flops(dtype: torch.dtype, n: int = 2048, repeats: int = 3) -> float:
-    """The best rate of n^3 matmuls through torch.mm and through oneDNN (which emergence's fp32
-    products use on AMD CPUs, kernels/products.py, and torch's bf16 matmul uses anyway), so that
-    no engine's MFU exceeds 100%."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    products = [lambda: a @ b]
-    if hasattr(torch.ops.mkldnn, "_linear_pointwise"):
-        products.append(lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], ""))
-    best = math.inf
-    for product in products:
-        product()
-        for _ in range(repeats):
-            start = time.perf_counter()
-            product()
-            best = min(best, time.perf_counter() - start)
-    return 2 * n ** 3 / best
-
-
 def cpu_peak(dtype: str) -> dict[str, float]:
-    """Measured FLOP/s of a large matmul in fp32 (and bf16 when training in bf16)."""
-    peaks = {"fp32": cpu_matmul_flops(torch.float32)}
+    """Measured FLOP/s of a large matmul in fp32 (and bf16 when training in bf16): the best of
+    torch.mm's and oneDNN's (provenance.matmul_peak)."""
+    peaks = {"fp32": matmul_peak(torch.float32)}
     if dtype == "bf16":
-        peaks["bf16"] = cpu_matmul_flops(torch.bfloat16)
+        peaks["bf16"] = matmul_peak(torch.bfloat16)
     return peaks
 
 
@@ -484,9 +470,6 @@ def main() -> int:
         results["engines"][name] = e
         print(f"| {name} | {med:,.0f} | {min(s):,.0f}-{max(s):,.0f} | {e['ms_per_step']:.1f} "
               f"| {_ratio(e['vs_nanogpt'])} | {_ratio(e['vs_nanogpt_same_compile'])} | {100 * e['mfu']:.1f}% |")
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from provenance import write_result
-
     write_result(out, results, "bench/bench_train.py", sys.argv[1:], torch.get_num_threads())  # commit, machine
     log(f"results written to {out}")
     return 1 if failed and len(failed) == len(engines) else 0

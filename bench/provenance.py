@@ -23,6 +23,30 @@ def machine() -> dict:
             "python": platform.python_version()}
 
 
+def matmul_peak(dtype=None, n: int = 2048, repeats: int = 3) -> float:
+    """The best FLOP/s of n^3 matmuls in `dtype` (fp32 by default) through torch.mm and through
+    oneDNN (which emergence's fp32 products use on AMD CPUs, kernels/products.py): the hardware
+    figure beside training rates, so that no engine's share of it exceeds 100%."""
+    import time
+
+    import torch
+
+    a, b = torch.randn(n, n, dtype=dtype or torch.float32), torch.randn(n, n, dtype=dtype or torch.float32)
+    products = [lambda: a @ b]
+    if hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        from emergence.kernels.products import onednn_product
+
+        products.append(lambda: onednn_product(a, b))
+    best = float("inf")
+    for product in products:
+        product()
+        for _ in range(repeats):
+            start = time.perf_counter()
+            product()
+            best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best
+
+
 def amd_cpu() -> bool:
     """Whether this is an AMD CPU, where the kernels choose differently (kernels/gemv_rows.h,
     blas.h): the benchmarks those choices move write their results to a file of their own there."""

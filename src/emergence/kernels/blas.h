@@ -27,10 +27,9 @@ using SgemmFn = void (*)(const char* transa, const char* transb, const int* m, c
 inline const SgemmFn kSgemm = reinterpret_cast<SgemmFn>(dlsym(RTLD_DEFAULT, "sgemm_"));
 
 // oneDNN's fp32 product, through the operator torch's own CPU compiler calls for linear layers
-// (mkldnn::_linear_pointwise; oneDNN is built into libtorch_cpu but exports no symbols). MKL
-// picks its AVX-512 kernels on Intel CPUs only: on the AMD EPYC (Zen 5) of
-// bench/results/onednn.json oneDNN, which picks by instruction set, multiplies a prompt's and
-// a training step's products 1.7-2.6x as fast as MKL's sgemm. Used on AMD CPUs;
+// (mkldnn::_linear_pointwise; oneDNN is built into libtorch_cpu but exports no symbols). On the
+// AMD EPYC (Zen 5) of bench/results/onednn.json oneDNN multiplies a prompt's and a training
+// step's products 1.7-2.6x as fast as MKL's sgemm. Used on AMD CPUs;
 // `set_onednn_products` switches it (the tests check both sides everywhere). Null where torch
 // was built without oneDNN.
 inline const c10::OperatorHandle* onednn_linear() {

@@ -31,7 +31,7 @@ from ..kv_cache import PagedKVCache
 # formats up to 4 (their kernels read the weights once per token, where the eager path
 # multiplies all the tokens at once, the weight widened a tile of rows at a time).
 # Where the fp32 products run on oneDNN (AMD CPUs, blas.h), the native prefill stays ahead of
-# the eager forward (whose torch.mm is MKL's, without its AVX-512 kernels there) at every
+# the eager forward (whose torch.mm is MKL's, about half oneDNN's rate there) at every
 # length measured, up to 1,024 tokens (bench/bench_onednn.py, bench/results/onednn.json).
 MAX_NATIVE_PREFILL, MAX_NATIVE_PREFILL_BF16, MAX_NATIVE_PREFILL_GGML, MAX_NATIVE_PREFILL_PACKED = 64, 16, 128, 4
 MAX_NATIVE_PREFILL_ONEDNN = 1024

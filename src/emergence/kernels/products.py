@@ -1,9 +1,9 @@
 """fp32 matrix products of the eager model (prompts, training) on oneDNN where MKL is slow.
 
-torch multiplies fp32 matrices on the CPU with MKL, whose fast kernels are picked for Intel
-CPUs; on the AMD EPYC of bench/results/onednn.json its sgemm runs at about half the rate of
-oneDNN, which torch also contains (torch.ops.mkldnn._linear_pointwise, the operator its own CPU
-compiler emits for linear layers) and which picks its kernels by instruction set. `linear` is
+torch multiplies fp32 matrices on the CPU with MKL; on the AMD EPYC of
+bench/results/onednn.json its sgemm runs at about half the rate of oneDNN, which torch also
+contains (torch.ops.mkldnn._linear_pointwise, the operator its own CPU compiler emits for linear
+layers). `linear` is
 F.linear, through oneDNN where the native kernels' choice says so (kernels/blas.h's
 `onednn_products`: AMD CPUs, switchable with the extension's `set_onednn_products`) and the
 product is worth a call: fp32 on the CPU, at least MIN_ROWS rows, outside autocast and
@@ -22,7 +22,7 @@ from torch import nn
 MIN_ROWS = 16  # below, a decoding step's few rows: torch's own product, without the operator's call cost
 
 
-def _onednn(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def onednn_product(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (M, K) w (N, K)^T (+ bias) on oneDNN; x and w may be transposed views."""
     return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
 
@@ -47,14 +47,14 @@ class _Linear(torch.autograd.Function):
         rows = x.reshape(-1, x.shape[-1])  # (M, K)
         ctx.save_for_backward(rows, weight)
         ctx.shape, ctx.has_bias = x.shape, bias is not None
-        return _onednn(rows, weight, bias).reshape(*x.shape[:-1], weight.shape[0])
+        return onednn_product(rows, weight, bias).reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad):
         rows, weight = ctx.saved_tensors
         dy = grad.reshape(-1, grad.shape[-1])  # (M, N)
-        dx = _onednn(dy, weight.t()).reshape(ctx.shape) if ctx.needs_input_grad[0] else None  # dy W
-        dw = _onednn(dy.t(), rows.t()) if ctx.needs_input_grad[1] else None  # dy^T x, (N, K)
+        dx = onednn_product(dy, weight.t()).reshape(ctx.shape) if ctx.needs_input_grad[0] else None  # dy W
+        dw = onednn_product(dy.t(), rows.t()) if ctx.needs_input_grad[1] else None  # dy^T x, (N, K)
         db = dy.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return dx, dw, db
 
@@ -72,7 +72,7 @@ def matmul_nt(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None)
     autograd."""
     if not _takes(a, b, None):
         return torch.mm(a, b.t(), out=out)
-    product = _onednn(a, b)
+    product = onednn_product(a, b)
     return product if out is None else out.copy_(product)
 
 
