@@ -15,6 +15,11 @@ then the same with streaming, for the time to first token p50/p99. Rounds altern
 engines; medians over rounds. Models: emergence-6m and the smollm2-135m architecture with
 random weights.
 
+Before those, per engine and round, the time to first token of a fresh server's first request
+(streamed, 2 tokens), and for emergence also started with --no-warmup (Server.warm_up: without
+it, a server's first stream pays one-time costs). The load's warm-up is whole completions, so
+its streams come to a server that has not streamed before unless the server warmed itself up.
+
 Then a burst, per engine and round: C clients, each its own process (no client waits on another's
 GIL), send one streamed 2-token completion at the same instant, BURSTS (10) times: the time to
 first token p50/p99 of each burst, medians over bursts. It isolates how a server takes in a wave
@@ -30,7 +35,7 @@ once, whole and streamed. The smollm2-135m-shaped model carries GPT-2's
 BPE vocabulary (50,257 rows; a GGUF vocabulary must be BPE or SentencePiece). Last, the time an
 empty parallel region takes after 0, 2, 20 and 100 ms of idleness (waking the OpenMP workers).
 
-    python bench/bench_serve_peers.py [--rounds 3] [--bursts 10] [--models emergence-6m,smollm2-135m]
+    python bench/bench_serve_peers.py [--rounds 5] [--bursts 10] [--models emergence-6m,smollm2-135m]
 
 Writes bench/results/serve_peers.json.
 """
@@ -90,11 +95,12 @@ def wait_ready(port: int, proc: subprocess.Popen, path: str = "/v1/models", time
     raise RuntimeError("the server did not become ready")
 
 
-def start(engine: str, gguf: Path, clients: int, context: int) -> tuple[subprocess.Popen, int]:
+def start(engine: str, gguf: Path, clients: int, context: int, *extra: str) -> tuple[subprocess.Popen, int]:
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     if engine == "emergence":
-        cmd = [sys.executable, "-m", "emergence", "serve", str(gguf), "--port", str(port), "--slots", str(clients)]
+        cmd = [sys.executable, "-m", "emergence", "serve", str(gguf), "--port", str(port), "--slots", str(clients),
+               *extra]
     elif engine == "llama-server":
         cmd = [str(llama_server()), "-m", str(gguf), "--port", str(port), "-t", "2", "--parallel", str(clients),
                "--cont-batching", "-c", str(clients * context), "--log-disable"]
@@ -330,7 +336,7 @@ def models(names: list[str], folder: Path) -> dict[str, Path]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--models", default="emergence-6m,smollm2-135m")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--requests", type=int, default=2, help="completions per client, one after the other")
@@ -360,9 +366,17 @@ def main() -> int:
             samples: dict[str, list[dict]] = {e: [] for e in engines}
             for r in range(args.rounds):
                 for engine in engines if r % 2 == 0 else engines[::-1]:
+                    if engine == "emergence":  # its first stream without the server's warm-up
+                        proc, port = start(engine, gguf, args.clients, context, "--no-warmup")
+                        try:
+                            cold_first = one(port, served_model(port), PROMPTS[0], 2, True)[1]
+                        finally:
+                            proc.terminate()
+                            proc.wait(timeout=60)
                     proc, port = start(engine, gguf, args.clients, context)
                     try:
                         model = served_model(port)
+                        first = one(port, model, PROMPTS[0], 2, True)[1]  # the server's first stream
                         load(port, model, args.clients, 1, 8, False)  # warm-up
                         whole = load(port, model, args.clients, args.requests, args.tokens, stream=False)
                         streamed = load(port, model, args.clients, args.requests, args.tokens, stream=True)
@@ -374,7 +388,9 @@ def main() -> int:
                            "latency_p99": whole["latency_p99"], "ttft_p50": streamed["ttft_p50"],
                            "ttft_p99": streamed["ttft_p99"], "stream_tok_s": streamed["tok_s"],
                            "burst_ttft_p50": statistics.median(b[0] for b in bursts),
-                           "burst_ttft_p99": statistics.median(b[1] for b in bursts)}
+                           "burst_ttft_p99": statistics.median(b[1] for b in bursts), "first_ttft": first}
+                    if engine == "emergence":
+                        row["first_ttft_no_warmup"] = cold_first
                     samples[engine].append(row)
                     print(f"{name} round {r + 1} {engine}: {row['tok_s']:.0f} tok/s, latency p50 "
                           f"{row['latency_p50']:.2f} s, TTFT p50/p99 {row['ttft_p50']:.3f}/{row['ttft_p99']:.3f} s, "

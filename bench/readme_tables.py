@@ -59,10 +59,18 @@ def render_serve(results: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def first_request(m: dict) -> str:
+    """A fresh server's first streamed request (and emergence's without its warm-up), where measured."""
+    if "first_ttft" not in m:
+        return "-"
+    cold = m.get("first_ttft_no_warmup")
+    return f"{1000 * m['first_ttft']:.1f}" + ("" if cold is None else f" ({1000 * cold:.1f} without the warm-up)")
+
+
 def render_serve_peers(result: dict) -> str:
     """bench_serve_peers.py: emergence, llama-server and llama-cpp-python's server on one GGUF."""
     rows = ["| model | engine | tok/s | vs llama-server | streamed tok/s | latency p50 / p99 (s) | TTFT p50 / p99 (ms) "
-            "| burst of 16: TTFT p50 / p99 (ms) |", "|---|---|---|---|---|---|---|---|"]
+            "| burst of 16: TTFT p50 / p99 (ms) | first request: TTFT (ms) |", "|---|---|---|---|---|---|---|---|---|"]
     for model, r in result["models"].items():
         name = f"{model} shapes" if model == "smollm2-135m" else model
         peer = r["medians"]["llama-server"]["tok_s"]
@@ -70,7 +78,7 @@ def render_serve_peers(result: dict) -> str:
             rows.append(f"| {name} | {engine} | {m['tok_s']:,.0f} | {m['tok_s'] / peer:.2f}x | "
                         f"{m['stream_tok_s']:,.0f} | {m['latency_p50']:.2f} / {m['latency_p99']:.2f} | "
                         f"{1000 * m['ttft_p50']:.0f} / {1000 * m['ttft_p99']:.0f} | "
-                        f"{1000 * m['burst_ttft_p50']:.0f} / {1000 * m['burst_ttft_p99']:.0f} |")
+                        f"{1000 * m['burst_ttft_p50']:.0f} / {1000 * m['burst_ttft_p99']:.0f} | {first_request(m)} |")
     return "\n".join(rows)
 
 

@@ -211,8 +211,9 @@ def test_a_key_from_the_environment_or_a_file(lm, tmp_path, monkeypatch):
 
     cmd_serve(build_parser().parse_args(["serve"]))
     assert seen["api_key"] == "from-the-environment"
-    cmd_serve(build_parser().parse_args(["serve", "--api-key-file", str(key_file)]))
-    assert seen["api_key"] == "from-a-file"
+    assert seen["warmup"] is True
+    cmd_serve(build_parser().parse_args(["serve", "--api-key-file", str(key_file), "--no-warmup"]))
+    assert seen["api_key"] == "from-a-file" and seen["warmup"] is False
 
 
 def test_a_kept_alive_connection_outlives_its_first_header_deadline(lm):
@@ -335,6 +336,39 @@ def test_health_metrics_and_docs(served):
     conn.request("GET", "/docs")
     assert b"swagger" in conn.getresponse().read().lower()
     conn.close()
+
+
+def test_the_warm_up_answers_every_route_and_counts_nothing(lm):
+    # `emergence serve` sends each generation route a two-token request, whole and streamed,
+    # before serving (through the API key when there is one); what the clients then see starts
+    # from zero: no request or token counted, no KV block held or cached
+    app = Server(lm, MODEL, slots=2, api_key="sekret")
+    try:
+        statuses = app.warm_up()
+        assert statuses == {f"POST {path} {kind}": 200 for kind in ("whole", "stream")
+                            for path in ("/v1/completions", "/v1/chat/completions", "/api/generate", "/api/chat")}
+        engine = app.engine
+        assert (engine.generated, engine.prompt_tokens, engine.cached_tokens, engine.batch.forward_seconds) == (0, 0, 0, 0)
+        assert engine.cache.num_used == 0 and engine.cache.num_cached == 0
+        server, _ = serve_in_thread(app)
+        port = server.server_address[1]
+        auth = {"Authorization": "Bearer sekret"}
+        status, _, body = post(port, "/v1/completions", {"model": MODEL, "prompt": PROMPT, "max_tokens": 3,
+                                                         "temperature": 0}, auth)
+        assert status == 200 and body["usage"]["completion_tokens"] == 3
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("GET", "/metrics", headers=auth)
+        text = conn.getresponse().read().decode()
+        conn.close()
+        server.shutdown()
+        values = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                  if line and not line.startswith("#")}
+        assert {k: v for k, v in values.items() if k.startswith("emergence_requests_total")} == \
+            {'emergence_requests_total{path="/v1/completions",status="200"}': 1.0}
+        assert values["emergence_generated_tokens_total"] == 3
+        assert values["emergence_prefill_prompt_tokens_total"] == len(lm.tokenizer.encode(PROMPT))  # (BOS included)
+    finally:
+        app.close()
 
 
 def test_tools_reach_the_template_and_bad_structured_output_is_refused(lm):

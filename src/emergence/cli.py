@@ -766,7 +766,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
                device=args.device, dtype=args.dtype, context=args.context, kv_memory=kv_memory,
                allowed_hosts=split(args.allowed_hosts), allowed_origins=split(args.allowed_origins),
                insecure=args.insecure, prefix_caching=not args.no_prefix_caching, draft=args.draft,
-               draft_tokens=args.draft_tokens, draft_dtype=args.draft_dtype)
+               draft_tokens=args.draft_tokens, draft_dtype=args.draft_dtype, warmup=not args.no_warmup)
 
 
 def cmd_lab(args: argparse.Namespace) -> None:
@@ -1284,6 +1284,9 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prefix-caching", action="store_true",
                    help="do not keep the KV blocks of earlier prompts for requests that start the same way "
                         "(a shared system prompt, the conversation so far)")
+    p.add_argument("--no-warmup", action="store_true",
+                   help="start serving without first sending each generation route a two-token request "
+                        "in-process (its first request then pays one-time costs)")
     p.add_argument("--max-queue", type=int, default=256, help="requests that may wait for a slot")
     p.add_argument("--context-policy", default="drop-oldest", choices=("drop-oldest", "condense", "error"),
                    help="what a chat longer than the context loses")

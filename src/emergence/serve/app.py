@@ -260,6 +260,54 @@ class Server:
     def close(self) -> None:
         self.engine.close()
 
+    # The warm-up's requests: each generation route whole and streamed, two tokens.
+    WARM_UP = [(path, {**body, "stream": stream}) for stream in (False, True) for path, body in (
+        ("/v1/completions", {"prompt": "Hi", "max_tokens": 2}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}),
+        ("/api/generate", {"prompt": "Hi", "options": {"num_predict": 2}}),
+        ("/api/chat", {"messages": [{"role": "user", "content": "Hi"}], "options": {"num_predict": 2}}))]
+
+    def warm_up(self) -> dict[str, int]:
+        """Send each WARM_UP request through the whole app, in-process, before serving (as
+        llama-server warms up at load; `emergence serve --no-warmup` skips it): a route's first
+        request pays one-time costs (before the first stream, anyio imports its event-loop
+        backend), which a wave of clients' time to first token would carry (measured by
+        bench/bench_serve_peers.py, whose servers start warmed up and cold). The counters and
+        metrics then start from zero;
+        the prompts are shorter than a KV block, so no prefix stays cached. Returns the status of
+        each ("POST path stream": status); a refusal (a model without chat, say) is no error."""
+        statuses = asyncio.run(self._warm_up())
+        self.engine.reset_counters()
+        self.metrics = Metrics(self)
+        return statuses
+
+    async def _warm_up(self) -> dict[str, int]:
+        headers = [(b"host", b"127.0.0.1"), (b"content-type", b"application/json")]
+        if self.api_key is not None:
+            headers.append((b"authorization", f"Bearer {self.api_key}".encode()))
+        statuses = {}
+        for path, body in self.WARM_UP:
+            data = json.dumps({"model": self.name, **body}).encode()
+            parts = [{"type": "http.request", "body": data, "more_body": False}]
+            status = []
+
+            async def receive():
+                if parts:
+                    return parts.pop()
+                await asyncio.Event().wait()  # the client never leaves (cancelled once answered)
+
+            async def send(message) -> None:
+                if message["type"] == "http.response.start":
+                    status.append(message["status"])
+
+            scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                     "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+                     "client": ("127.0.0.1", 0), "server": ("127.0.0.1", 0),
+                     "headers": [*headers, (b"content-length", str(len(data)).encode())]}
+            await self.app(scope, receive, send)
+            statuses[f"POST {path} {'stream' if body['stream'] else 'whole'}"] = status[0] if status else 0
+        return statuses
+
     # ------------------------------------------------------------------- security checks
     def host_allowed(self, host: str | None) -> bool:
         """A Host header (name, name:port, [v6]:port) naming an allowed host."""
@@ -1059,9 +1107,9 @@ def app_for(model: str | None, *, slots: int = 8, max_queue: int = 256, api_key:
 
 
 def run_server(model: str | None, *, host: str = "127.0.0.1", port: int = 8000, insecure: bool = False,
-               **options) -> None:
-    """`emergence serve`: load the model, serve until Ctrl-C (options: those of `app_for`). A
-    non-loopback address needs an API key, or `insecure`."""
+               warmup: bool = True, **options) -> None:
+    """`emergence serve`: load the model, warm it up (Server.warm_up), serve until Ctrl-C
+    (options: those of `app_for`). A non-loopback address needs an API key, or `insecure`."""
     import uvicorn
 
     if host not in LOOPBACK_HOSTS and options.get("api_key") is None and not insecure:
@@ -1071,6 +1119,10 @@ def run_server(model: str | None, *, host: str = "127.0.0.1", port: int = 8000, 
     if host not in LOOPBACK_HOSTS and host not in ("0.0.0.0", "::"):
         hosts += (host,)  # the address it is reached by
     app = app_for(model, allowed_hosts=hosts, **options)
+    if warmup:
+        for request, status in app.warm_up().items():
+            if status >= 500:
+                log.warning("the warm-up request %s failed with status %d", request, status)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     config = uvicorn.Config(app.app, host=host, port=port, log_level="warning", access_log=False,
                             http=_protocol(app.header_timeout), lifespan="off")

@@ -267,6 +267,18 @@ class BatchEngine:
             self._lock.notify()
         return job
 
+    def reset_counters(self) -> None:
+        """Zero the counters (a server's warm-up is not traffic it served), in the engine's thread
+        between two steps so that no step's accounting straddles the reset; returns when done."""
+
+        def zero() -> None:
+            self.holds = self.preemptions = self.generated = self.prompt_tokens = self.cached_tokens = 0
+            self.busy_seconds = self.batch.forward_seconds = 0.0
+
+        _, outcome = self.submit_call(zero).sink.get()
+        if isinstance(outcome, BaseException):
+            raise outcome
+
     def arriving(self) -> Callable[[], None]:
         """A request is being taken in (read, validated, tokenized) and will likely be submitted:
         until the returned function is called (once it is submitted, or has failed; later calls
