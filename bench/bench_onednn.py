@@ -13,7 +13,8 @@ On the smollm2-135m shapes (random weights, 2 threads), same run, rounds alterna
   (kernels/fused_decode.py);
 - the packed formats' 128-token prompts (the eager forward, each quantized weight widened a
   tile of rows at a time: kernels.native_qgemm): int8 in fp32 on the BLAS or on oneDNN, int4
-  and NF4 in MKL's bf16 product or in fp32 on oneDNN (the output head kept fp32).
+  and NF4 in MKL's bf16 product, in fp32 on oneDNN (kernels.fp32_products) or in bf16 on
+  oneDNN (the output head kept fp32).
 
     python bench/bench_onednn.py [--rounds 5]
 
@@ -38,7 +39,7 @@ from provenance import write_result  # noqa: E402
 
 from emergence.config import Config  # noqa: E402
 from emergence.decode import make_backend  # noqa: E402
-from emergence.kernels import gemv_extension  # noqa: E402
+from emergence.kernels import BF16_FORMATS, fp32_products, gemv_extension  # noqa: E402
 from emergence.kernels.fused_decode import NativeBackend  # noqa: E402
 from emergence.kernels.products import onednn_product  # noqa: E402
 from emergence.kv_cache import PagedKVCache  # noqa: E402
@@ -110,13 +111,19 @@ def packed_runners(base: Transformer, ext) -> dict:
         model = copy.deepcopy(base)
         quantize_model(model, fmt, **options)
 
-        def on(flag, model=model):
+        def on(flag, fp32=False, model=model):
             def call():
                 ext.set_onednn_products(flag)
-                return model(ids)
+                if not fp32:
+                    return model(ids)
+                with fp32_products():
+                    return model(ids)
             return call
 
-        runners[name] = {"BLAS" if name == "int8" else "MKL bf16": on(False), "oneDNN": on(True)}
+        if fmt in BF16_FORMATS:
+            runners[name] = {"MKL bf16": on(False), "oneDNN fp32": on(True, fp32=True), "oneDNN bf16": on(True)}
+        else:
+            runners[name] = {"BLAS": on(False), "oneDNN fp32": on(True)}
     return runners
 
 
@@ -181,11 +188,22 @@ def render_table(result: dict) -> str:
     for n, sides in result["prefill"].items():
         lines.append(f"| {n} | " + " | ".join(f"{sides[s]['tok_s']:.0f}" for s in ("native, BLAS", "native, oneDNN",
                                                                                      "eager")) + " |")
-    lines += ["", "| 128-token prompt | before tok/s | oneDNN fp32 tok/s | ratio |", "|---|---|---|---|"]
-    for name, sides in result["packed"].items():
-        before = next(s for s in sides if s != "oneDNN")
-        lines.append(f"| {name} ({before}) | {sides[before]['tok_s']:.0f} | {sides['oneDNN']['tok_s']:.0f} | "
-                     f"{sides['oneDNN']['tok_s'] / sides[before]['tok_s']:.2f}x |")
+    packed = result["packed"]
+    if any("oneDNN bf16" in sides for sides in packed.values()):
+        lines += ["", "| 128-token prompt | before tok/s | oneDNN fp32 tok/s | oneDNN bf16 tok/s | now / before |",
+                  "|---|---|---|---|---|"]
+        for name, sides in packed.items():
+            before = next(s for s in sides if not s.startswith("oneDNN"))
+            now = sides.get("oneDNN bf16", sides["oneDNN fp32"])["tok_s"]
+            bf16 = f"{sides['oneDNN bf16']['tok_s']:.0f}" if "oneDNN bf16" in sides else "-"
+            lines.append(f"| {name} ({before}) | {sides[before]['tok_s']:.0f} | {sides['oneDNN fp32']['tok_s']:.0f} | "
+                         f"{bf16} | {now / sides[before]['tok_s']:.2f}x |")
+    else:  # (a result from before the bf16 side)
+        lines += ["", "| 128-token prompt | before tok/s | oneDNN fp32 tok/s | ratio |", "|---|---|---|---|"]
+        for name, sides in packed.items():
+            before = next(s for s in sides if s != "oneDNN")
+            lines.append(f"| {name} ({before}) | {sides[before]['tok_s']:.0f} | {sides['oneDNN']['tok_s']:.0f} | "
+                         f"{sides['oneDNN']['tok_s'] / sides[before]['tok_s']:.2f}x |")
     return "\n".join(lines) + "\n"
 
 

@@ -123,8 +123,9 @@ WIDENED_FORMATS = ("int8", "int4", "nf4", "ternary")
 # Of those, the 4-bit ones that multiply in bf16 with fp32 sums on a CPU with AVX512-BF16 (AMX
 # tiles where it has them), as bitsandbytes' 4-bit layers compute in their bf16 compute dtype: a 4-bit
 # weight's quantization step is 1/15 of its group's range, and rounding x and the widened weight
-# to bf16 moves each by at most 2^-9 of itself. Whatever the number of rows, so a row's result
-# never depends on the batch it came in; the native decoding step's GEMV keeps fp32 x.
+# to bf16 moves each by at most 2^-8 of itself (on oneDNN, AMD CPUs, the result too). Whatever
+# the number of rows, so a row's result never depends on the batch it came in; the native
+# decoding step's GEMV keeps fp32 x.
 BF16_FORMATS = ("int4", "nf4")
 _bf16_products = contextvars.ContextVar("bf16_products", default=True)
 
@@ -156,10 +157,10 @@ def native_qgemm(module: nn.Module, x: torch.Tensor, bias: torch.Tensor | None =
         return None
     fmt = getattr(module, "format", None)
     on_blocks = fmt in GGML_KERNEL_FORMATS and "avx512_vnni" in _cpu_flags()
-    # (where fp32 products run on oneDNN, on AMD CPUs (blas.h), they outrun MKL's bf16 ones there
-    # (bench/results/onednn.json) and are exact: those CPUs keep fp32)
+    # (where the products run on oneDNN, on AMD CPUs (blas.h), the bf16 ones are oneDNN's too,
+    # their results rounded to bf16)
     bf16 = (fmt in BF16_FORMATS and _bf16_products.get() and extension.has_bf16_gemm
-            and "avx512_bf16" in _cpu_flags() and not extension.onednn_products())
+            and "avx512_bf16" in _cpu_flags())
     # bf16 x too for the 4-bit formats (a bf16 model's prompt: its x exact in bf16 products, and
     # widened to fp32 exactly for fp32 ones)
     widened = fmt in WIDENED_FORMATS and (x.dtype == torch.float32 or (fmt in BF16_FORMATS and x.dtype == torch.bfloat16))

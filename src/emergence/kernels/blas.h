@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include <type_traits>
 
 namespace emergence {
 
@@ -43,14 +44,19 @@ inline bool onednn_products() { return g_onednn_products.load(std::memory_order_
 // Y[:, :rows] (B rows, ldy apart) = X (B, K) W^T on oneDNN, on the calling thread (inside an
 // OpenMP region oneDNN does not start a second team). False if the operator failed (nothing
 // may throw inside a team): the caller multiplies another way.
-inline bool onednn_block(const float* w, int64_t rows, const float* x, int64_t B, float* y, int64_t ldy, int64_t K) {
+// T: float, or uint16_t for bf16 operands (fp32 sums; oneDNN rounds the result to bf16, here
+// widened back to fp32).
+template <typename T>
+inline bool onednn_block(const T* w, int64_t rows, const T* x, int64_t B, float* y, int64_t ldy, int64_t K) {
+  constexpr bool bf16 = std::is_same_v<T, uint16_t>;
+  const auto dtype = bf16 ? at::kBFloat16 : at::kFloat;
   try {
-    const at::Tensor X = at::from_blob(const_cast<float*>(x), {B, K}, at::kFloat);
-    const at::Tensor W = at::from_blob(const_cast<float*>(w), {rows, K}, at::kFloat);
+    const at::Tensor X = at::from_blob(const_cast<T*>(x), {B, K}, dtype);
+    const at::Tensor W = at::from_blob(const_cast<T*>(w), {rows, K}, dtype);
     std::vector<c10::IValue> stack{X, W, c10::IValue(), std::string("none"), c10::List<std::optional<at::Scalar>>(),
                                    c10::IValue()};
     onednn_linear()->callBoxed(&stack);
-    const at::Tensor Y = stack.at(0).toTensor().contiguous();  // (B, rows)
+    const at::Tensor Y = stack.at(0).toTensor().to(at::kFloat).contiguous();  // (B, rows)
     const float* out = Y.data_ptr<float>();
     for (int64_t b = 0; b < B; ++b) std::memcpy(y + b * ldy, out + b * rows, rows * sizeof(float));
     return true;
@@ -80,8 +86,11 @@ inline const GemmBf16Fn kGemmBf16 = reinterpret_cast<GemmBf16Fn>(dlsym(RTLD_DEFA
 
 // Y[:, :rows] (B rows, ldy apart) = X (B, K) W^T for bf16 X and `rows` contiguous bf16 weight
 // rows W (rows, K), the products summed in fp32. Row-major CBLAS: C (B, rows) = X W^T.
+// Where onednn_products(), oneDNN's bf16 product instead (bench/bench_onednn.py measures it), its
+// result rounded to bf16: each y within 2^-8 of itself of MKL's.
 inline void bf16gemm_block(const uint16_t* w, int64_t rows, const uint16_t* x, int64_t B, float* y, int64_t ldy,
                            int64_t K) {
+  if (onednn_products() && onednn_block(w, rows, x, B, y, ldy, K)) return;
   constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;  // CBLAS's enum values
   kGemmBf16(kRowMajor, kNoTrans, kTrans, static_cast<int>(B), static_cast<int>(rows), static_cast<int>(K), 1.0f, x,
             static_cast<int>(K), w, static_cast<int>(K), 0.0f, y, static_cast<int>(ldy));

@@ -650,15 +650,18 @@ inline void to_bf16(const float* in, int64_t n, uint16_t* out) {
 // the tile with torch's BLAS while it is in cache (gemm_rows where the BLAS is missing), so the
 // whole fp32 matrix never exists: N x K x 4 bytes written and read back per call before.
 // xb: X rounded to bf16 (M, K), or null. Given, the tiles are bf16 (each row widened, then
-// rounded) and multiplied by MKL's bf16 product (fp32 sums; AMX tiles where the CPU has them), as bitsandbytes'
+// rounded) and multiplied by MKL's bf16 product (fp32 sums; AMX tiles where the CPU has them), or
+// oneDNN's where onednn_products() (its result rounded to bf16), as bitsandbytes'
 // 4-bit layers compute in their bf16 compute dtype: for 4-bit weights, whose quantization step
-// is 1/15 of a group's range, the 2^-9 relative rounding of each operand is far below the
+// is 1/15 of a group's range, the 2^-8 relative rounding of each operand is far below the
 // weights' own error.
 inline void qgemm_widened(const QuantMatrix& m, const float* x, int64_t M, float* y, const uint16_t* xb = nullptr) {
   const int64_t K = m.K;
   if (xb != nullptr) {  // bf16 tiles of <= 1 MiB: each row widened to fp32, then rounded into the tile
     const int64_t tile = std::clamp<int64_t>((1024 * 1024 / (2 * K)) / 16 * 16, 16, 4096);
-    parallel_rows(0, m.N, tile, [&](int64_t r0, int64_t r1) {
+    // (a share for every thread: a matrix of fewer rows than a tile is split, not left to one)
+    const int64_t share = (m.N + at::get_num_threads() - 1) / at::get_num_threads();
+    parallel_rows(0, m.N, std::min(tile, (share + 15) / 16 * 16), [&](int64_t r0, int64_t r1) {
       thread_local std::vector<float> row;
       thread_local std::vector<uint16_t> wb;
       row.resize(K);
