@@ -371,6 +371,31 @@ def test_the_warm_up_answers_every_route_and_counts_nothing(lm):
         app.close()
 
 
+def test_a_warm_up_that_fails_reports_it_and_leaves_the_server_serving(lm, caplog):
+    # a route whose first request raises (a bug) is logged with its traceback and status 0: the
+    # server still starts, and its other routes were warmed up
+    app = Server(lm, MODEL, slots=1)
+    inner = app.app
+
+    async def broken(scope, receive, send):
+        if scope["path"] == "/api/chat":
+            raise RuntimeError("a bug")
+        await inner(scope, receive, send)
+
+    app.app = broken
+    try:
+        with caplog.at_level(logging.ERROR, logger="emergence.serve"):
+            statuses = app.warm_up()
+        assert statuses["POST /api/chat whole"] == statuses["POST /api/chat stream"] == 0
+        assert {k: v for k, v in statuses.items() if "/api/chat" not in k} == \
+            {f"POST {p} {kind}": 200 for kind in ("whole", "stream")
+             for p in ("/v1/completions", "/v1/chat/completions", "/api/generate")}
+        assert sum("the warm-up request to /api/chat raised" in r.getMessage() for r in caplog.records) == 2
+        assert app.engine.generated == 0
+    finally:
+        app.close()
+
+
 def test_tools_reach_the_template_and_bad_structured_output_is_refused(lm):
     # A template that lists the tools it is given: the rendered prompt names the function.
     from emergence.chat import ChatTemplate

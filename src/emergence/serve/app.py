@@ -273,9 +273,9 @@ class Server:
         request pays one-time costs (before the first stream, anyio imports its event-loop
         backend), which a wave of clients' time to first token would carry (measured by
         bench/bench_serve_peers.py, whose servers start warmed up and cold). The counters and
-        metrics then start from zero;
-        the prompts are shorter than a KV block, so no prefix stays cached. Returns the status of
-        each ("POST path stream": status); a refusal (a model without chat, say) is no error."""
+        metrics then start from zero; KV blocks the prompts filled whole (a long SYSTEM prompt)
+        stay in the prefix cache, as any request's do. Returns the status of each ("POST path
+        stream": status, 0 if the app raised); a refusal (a model without chat, say) is no error."""
         statuses = asyncio.run(self._warm_up())
         self.engine.reset_counters()
         self.metrics = Metrics(self)
@@ -304,7 +304,10 @@ class Server:
                      "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
                      "client": ("127.0.0.1", 0), "server": ("127.0.0.1", 0),
                      "headers": [*headers, (b"content-length", str(len(data)).encode())]}
-            await self.app(scope, receive, send)
+            try:
+                await self.app(scope, receive, send)
+            except Exception:  # noqa: BLE001 - reported by the status, and serving goes on
+                log.exception("the warm-up request to %s raised", path)
             statuses[f"POST {path} {'stream' if body['stream'] else 'whole'}"] = status[0] if status else 0
         return statuses
 
@@ -1121,8 +1124,8 @@ def run_server(model: str | None, *, host: str = "127.0.0.1", port: int = 8000, 
     app = app_for(model, allowed_hosts=hosts, **options)
     if warmup:
         for request, status in app.warm_up().items():
-            if status >= 500:
-                log.warning("the warm-up request %s failed with status %d", request, status)
+            if status >= 500 or status == 0:
+                log.warning("the warm-up request %s failed (status %d)", request, status)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     config = uvicorn.Config(app.app, host=host, port=port, log_level="warning", access_log=False,
                             http=_protocol(app.header_timeout), lifespan="off")
