@@ -14,7 +14,9 @@ On the smollm2-135m shapes (random weights, 2 threads), same run, rounds alterna
 - the packed formats' 128-token prompts (the eager forward, each quantized weight widened a
   tile of rows at a time: kernels.native_qgemm): int8 in fp32 on the BLAS or on oneDNN, int4
   and NF4 in MKL's bf16 product, in fp32 on oneDNN (kernels.fp32_products) or in bf16 on
-  oneDNN (the output head kept fp32).
+  oneDNN (the output head kept fp32);
+- int4 and NF4 prompts of 64-1024 tokens through the native prefill and the eager forward, the
+  products oneDNN's in both (what sets their MAX_NATIVE_PREFILL_ONEDNN).
 
     python bench/bench_onednn.py [--rounds 5]
 
@@ -102,6 +104,36 @@ def prefill_runners(model: Transformer, ext) -> dict:
     return runners
 
 
+def packed_prefill_runners(base: Transformer, ext) -> dict:
+    """(format, tokens) -> {side: callable}: int4-g32 and NF4 prompts through the native prefill
+    and the eager forward, the products oneDNN's (bf16 where the CPU has AVX512-BF16)."""
+    from emergence.quant.linear import quantize_model
+
+    runners = {}
+    for name in ("int4-g32", "nf4"):
+        fmt, options = PACKED[name]
+        model = copy.deepcopy(base)
+        quantize_model(model, fmt, **options)
+        for n in PREFILL_TOKENS:
+            ids = torch.randint(3, 1000, (n,)).tolist()
+            cache = PagedKVCache(model.config, n // 16 + 2, block_size=16)
+            table: list[int] = []
+            cache.grow(table, 0, n + 1)
+            ext.set_onednn_products(True)  # (the plan reads it when built: MAX_NATIVE_PREFILL_ONEDNN for 4-bit)
+            native, eager = NativeBackend(model, cache), make_backend(model, cache, "eager")
+
+            def on(run):
+                def call():
+                    ext.set_onednn_products(True)
+                    return run()
+                return call
+
+            runners[(name, n)] = {
+                "native": on(lambda native=native, ids=ids, table=table: native._native([ids], [0], [table])),
+                "eager": on(lambda eager=eager, ids=ids, table=table: eager.forward([ids], [0], [table]))}
+    return runners
+
+
 def packed_runners(base: Transformer, ext) -> dict:
     from emergence.quant.linear import quantize_model
 
@@ -146,6 +178,7 @@ def main() -> int:
     try:
         with torch.inference_mode():
             prefill, packed = prefill_runners(base, ext), packed_runners(base, ext)
+            packed_prefill = packed_prefill_runners(base, ext)
             for r in range(args.rounds):
                 for name, flops, mm, dnn, _ in cases:
                     sides = [("torch.mm", mm), ("oneDNN", dnn)]
@@ -157,13 +190,17 @@ def main() -> int:
                 for name, sides in packed.items():
                     for side, fn in sides.items():
                         samples.setdefault(("packed", name, side), []).append(128 / best_s(fn))
+                for (name, n), sides in packed_prefill.items():
+                    for side, fn in sides.items():
+                        samples.setdefault(("packed_prefill", f"{name} {n}", side), []).append(n / best_s(fn))
                 print(f"  round {r + 1}/{args.rounds}: fp32 prefill of 128 tokens " + ", ".join(
                     f"{side} {samples[('prefill', 128, side)][-1]:.0f}" for side in prefill[128]) + " tok/s",
                     flush=True)
     finally:
         ext.set_onednn_products(chosen)
 
-    result = {"rounds": args.rounds, "onednn_by_default": chosen, "gemm": {}, "prefill": {}, "packed": {}}
+    result = {"rounds": args.rounds, "onednn_by_default": chosen, "gemm": {}, "prefill": {}, "packed": {},
+              "packed_prefill": {}}
     for name, entry in gemm.items():
         result["gemm"][name] = {"torch.mm_gflop_s": statistics.median(entry["torch.mm"]),
                                 "oneDNN_gflop_s": statistics.median(entry["oneDNN"]),
@@ -198,6 +235,14 @@ def render_table(result: dict) -> str:
             bf16 = f"{sides['oneDNN bf16']['tok_s']:.0f}" if "oneDNN bf16" in sides else "-"
             lines.append(f"| {name} ({before}) | {sides[before]['tok_s']:.0f} | {sides['oneDNN fp32']['tok_s']:.0f} | "
                          f"{bf16} | {now / sides[before]['tok_s']:.2f}x |")
+        if result.get("packed_prefill"):
+            pp = result["packed_prefill"]
+            lines += ["", "| 4-bit prompt tokens, products on oneDNN | int4-g32 native tok/s | int4-g32 eager tok/s | "
+                          "nf4 native tok/s | nf4 eager tok/s |", "|---|---|---|---|---|"]
+            for n in sorted({int(key.split()[1]) for key in pp}):
+                lines.append(f"| {n} | " + " | ".join(f"{pp[f'{name} {n}'][side]['tok_s']:.0f}"
+                                                       for name in ("int4-g32", "nf4") for side in ("native", "eager"))
+                             + " |")
     else:  # (a result from before the bf16 side)
         lines += ["", "| 128-token prompt | before tok/s | oneDNN fp32 tok/s | ratio |", "|---|---|---|---|"]
         for name, sides in packed.items():

@@ -141,6 +141,14 @@ def fp32_products() -> Iterator[None]:
         _bf16_products.reset(token)
 
 
+def bf16_prompt_products() -> bool:
+    """Whether BF16_FORMATS' prompts multiply in bf16 here (now, in this thread or task): the
+    CPU has AVX512-BF16, torch a bf16 GEMM, and no fp32_products() is in force."""
+    extension = gemv_extension()
+    return (_bf16_products.get() and extension is not None and extension.has_bf16_gemm
+            and "avx512_bf16" in _cpu_flags())
+
+
 def native_qgemm(module: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
     """x (..., K) times a packed layer's weight, plus `bias` (added to the fp32 result, which is
     then rounded once to x's dtype) (quant_rows.h): q8_0 / q4_0 on their blocks (qgemm_ggml: x
@@ -159,8 +167,7 @@ def native_qgemm(module: nn.Module, x: torch.Tensor, bias: torch.Tensor | None =
     on_blocks = fmt in GGML_KERNEL_FORMATS and "avx512_vnni" in _cpu_flags()
     # (where the products run on oneDNN, on AMD CPUs (blas.h), the bf16 ones are oneDNN's too,
     # their results rounded to bf16)
-    bf16 = (fmt in BF16_FORMATS and _bf16_products.get() and extension.has_bf16_gemm
-            and "avx512_bf16" in _cpu_flags())
+    bf16 = fmt in BF16_FORMATS and bf16_prompt_products()
     # bf16 x too for the 4-bit formats (a bf16 model's prompt: its x exact in bf16 products, and
     # widened to fp32 exactly for fp32 ones)
     widened = fmt in WIDENED_FORMATS and (x.dtype == torch.float32 or (fmt in BF16_FORMATS and x.dtype == torch.bfloat16))

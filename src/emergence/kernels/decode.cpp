@@ -316,8 +316,12 @@ class DecodePlan {
   at::Tensor forward(const std::vector<int64_t>& tokens, const std::vector<int64_t>& rows,
                      const std::vector<int64_t>& positions, const std::vector<int64_t>& out_rows,
                      const std::vector<std::vector<int64_t>>& tables, const at::Tensor& k, const at::Tensor& v,
-                     const std::vector<at::Tensor>& cross_k, const std::vector<at::Tensor>& cross_v) {
+                     const std::vector<at::Tensor>& cross_k, const std::vector<at::Tensor>& cross_v,
+                     int64_t prompt_products) {
     const int64_t R = static_cast<int64_t>(tokens.size());
+    TORCH_CHECK(prompt_products >= 0 && prompt_products <= 2, "prompt_products: 0, 1 (fp32) or 2 (bf16)");
+    TORCH_CHECK(prompt_products != 2 || emergence::kGemmBf16 != nullptr, "bf16 prompt products need torch's bf16 GEMM");
+    prompt_products_ = static_cast<int>(prompt_products);
     TORCH_CHECK(R > 0 && static_cast<int64_t>(rows.size()) == R && static_cast<int64_t>(positions.size()) == R,
                 "one row and one position per token, at least one token");
     TORCH_CHECK(k.dim() == 5 && k.size(0) == n_layer_ && k.size(2) == KV_ && k.size(4) == hd_ && k.is_contiguous() &&
@@ -738,8 +742,21 @@ class DecodePlan {
   // of 16 weight rows first); the other packed formats run their GEMV row by row.
   void linear(const Linear& L, const float* x, int64_t B, float* y) {
     const bool ggml = L.q.kind == emergence::WeightKind::Q8_0 || L.q.kind == emergence::WeightKind::Q4_0;
-    if (L.packed && ggml && B >= 3 && L.act_bits == 0 && emergence::kHasAvx512Vnni) {
-      emergence::qgemm_ggml(L.q, x, B, y, qrows_);
+    const bool four_bit = L.q.kind == emergence::WeightKind::INT4 || L.q.kind == emergence::WeightKind::NF4;
+    const bool on_blocks = ggml && B >= 3 && L.act_bits == 0 && emergence::kHasAvx512Vnni;
+    const bool widened = four_bit && prompt_products_ != 0 && B >= kWidenedRows;
+    if (L.packed && (on_blocks || widened)) {
+      if (on_blocks) {
+        emergence::qgemm_ggml(L.q, x, B, y, qrows_);
+      } else if (prompt_products_ == 2) {  // x rounded to bf16 (exact for a bf16 model's values)
+        serially([&] { xb_.resize(B * L.K); });
+        parallel_rows(0, B, 16, [&](int64_t b0, int64_t b1) {
+          emergence::to_bf16(x + b0 * L.K, (b1 - b0) * L.K, xb_.data() + b0 * L.K);
+        });
+        emergence::qgemm_widened(L.q, x, B, y, xb_.data());
+      } else {
+        emergence::qgemm_widened(L.q, x, B, y);
+      }
       if (present(L.bias) || bf16_) parallel_rows(0, L.N, gemv_grain(L.N), [&](int64_t r0, int64_t r1) {
         finish(L, y, B, r0, r1);
       });
@@ -993,6 +1010,13 @@ class DecodePlan {
   Buffer<float> x_, xn_, tmp_, par_, qkv_, attn_, hidden_, act_, logits_, cos_, sin_, cq_;  // cq_: cross queries
   Buffer<float> moe_logits_, moe_x_, moe_h_, moe_a_, moe_out_, moe_gate_;  // the rows through the experts
   emergence::QuantizedRows qrows_;  // the rows quantized for a product on Q8_0 / Q4_0 blocks
+  // A prompt's products for int4 and NF4 weights (forward's prompt_products): 0 their GEMV row
+  // by row (a decoding step: a row's result never depends on its batch), 1 the weight widened a
+  // tile of rows at a time to fp32, 2 to bf16 with x rounded to bf16 (qgemm_widened, the eager
+  // forward's products: kernels.native_qgemm), from kWidenedRows rows on.
+  int prompt_products_ = 0;
+  static constexpr int64_t kWidenedRows = 16;
+  std::vector<uint16_t> xb_;  // x rounded to bf16 for prompt_products_ 2
   std::vector<Row> rows_;  // the rows of the call being run
   const std::vector<std::vector<int64_t>>* tables_ = nullptr;  // their sequences' block tables
   int64_t num_blocks_ = 0, block_size_ = 1;  // the KV pools' shape
@@ -1024,6 +1048,10 @@ void register_decode_plan(pybind11::module& m) {
            "up, 7 expert down), expert, kind, data, scales, offsets, group, tensor scale, act_bits")
       .def("forward", &DecodePlan::forward,
            "tokens, rows (their sequences), positions, output rows, block tables, key pool, value pool, each "
-           "sequence's cross keys, and values (T5; else empty) -> logits (len(output rows), V) fp32",
+           "sequence's cross keys, and values (T5; else empty), a prompt's int4 / NF4 products (0: GEMV row by "
+           "row, 1: widened fp32 tiles, 2: bf16) -> logits (len(output rows), V) fp32",
+           pybind11::arg("tokens"), pybind11::arg("rows"), pybind11::arg("positions"), pybind11::arg("out_rows"),
+           pybind11::arg("tables"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("cross_k"),
+           pybind11::arg("cross_v"), pybind11::arg("prompt_products") = 0,
            pybind11::call_guard<pybind11::gil_scoped_release>());
 }

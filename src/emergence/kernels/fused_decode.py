@@ -32,7 +32,11 @@ from ..kv_cache import PagedKVCache
 # multiplies all the tokens at once, the weight widened a tile of rows at a time).
 # Where the fp32 products run on oneDNN (AMD CPUs, blas.h), the native prefill stays ahead of
 # the eager forward (whose torch.mm is MKL's, about half oneDNN's rate there) at every
-# length measured, up to 1,024 tokens (bench/bench_onednn.py, bench/results/onednn.json).
+# length measured, up to 1,024 tokens (bench/bench_onednn.py, bench/results/onednn.json); there
+# int4 and NF4 prompts too are prefilled natively up to 1,024 tokens, their products from 16
+# rows on those of the eager forward (decode.cpp's prompt_products: the weight widened a tile of
+# rows at a time, in bf16 where kernels.native_qgemm takes bf16), without the eager forward's
+# own norms, rotations and attention around them.
 MAX_NATIVE_PREFILL, MAX_NATIVE_PREFILL_BF16, MAX_NATIVE_PREFILL_GGML, MAX_NATIVE_PREFILL_PACKED = 64, 16, 128, 4
 MAX_NATIVE_PREFILL_ONEDNN = 1024
 # The linear layers of a block, by decode.cpp's slot number ("mlp.up": SwiGLU's fused gate_up
@@ -152,22 +156,31 @@ class NativeBackend:
             last.append(len(tokens) - 1)
         if every:
             last = list(range(len(tokens)))
-        return self.plan.forward(tokens, rows, positions, last, tables, self.cache.k, self.cache.v, keys, values)
+        # a prompt's int4 / NF4 products as the eager forward's (bf16 where it takes bf16); a
+        # decoding step (above) keeps the GEMV, so that a row's result never depends on its batch
+        from . import bf16_prompt_products
+
+        products = 2 if bf16_prompt_products() else 1
+        return self.plan.forward(tokens, rows, positions, last, tables, self.cache.k, self.cache.v, keys, values,
+                                 products)
 
 
 def max_native_prefill(dtype: torch.dtype, packed: set[str]) -> int:
     """The longest prompt the plan prefills (MAX_NATIVE_PREFILL*) for weights of `dtype` and the
     packed formats `packed` of its linear layers."""
-    from . import _cpu_flags, gemv_extension
+    from . import BF16_FORMATS, _cpu_flags, gemv_extension
     from ..quant.linear import GGML_KERNEL_FORMATS
 
+    extension = gemv_extension()
+    onednn = extension is not None and extension.onednn_products()
     if packed:
         on_blocks = packed <= set(GGML_KERNEL_FORMATS) and "avx512_vnni" in _cpu_flags()
-        return MAX_NATIVE_PREFILL_GGML if on_blocks else MAX_NATIVE_PREFILL_PACKED
+        if on_blocks:
+            return MAX_NATIVE_PREFILL_GGML
+        return MAX_NATIVE_PREFILL_ONEDNN if onednn and packed <= set(BF16_FORMATS) else MAX_NATIVE_PREFILL_PACKED
     if dtype == torch.bfloat16:
         return MAX_NATIVE_PREFILL_BF16
-    extension = gemv_extension()
-    return MAX_NATIVE_PREFILL_ONEDNN if extension is not None and extension.onednn_products() else MAX_NATIVE_PREFILL
+    return MAX_NATIVE_PREFILL_ONEDNN if onednn else MAX_NATIVE_PREFILL
 
 
 def relative_bias_table(model: nn.Module) -> torch.Tensor:
