@@ -16,7 +16,7 @@ On the smollm2-135m shapes (random weights, 2 threads), same run, rounds alterna
   and NF4 in MKL's bf16 product, in fp32 on oneDNN (kernels.fp32_products) or in bf16 on
   oneDNN (the output head kept fp32);
 - int4 and NF4 prompts of 64-1024 tokens through the native prefill and the eager forward, the
-  products oneDNN's in both (what sets their MAX_NATIVE_PREFILL_ONEDNN).
+  products oneDNN's in both (what sets MAX_NATIVE_PREFILL_4BIT_ONEDNN).
 
     python bench/bench_onednn.py [--rounds 5]
 
@@ -119,7 +119,7 @@ def packed_prefill_runners(base: Transformer, ext) -> dict:
             cache = PagedKVCache(model.config, n // 16 + 2, block_size=16)
             table: list[int] = []
             cache.grow(table, 0, n + 1)
-            ext.set_onednn_products(True)  # (the plan reads it when built: MAX_NATIVE_PREFILL_ONEDNN for 4-bit)
+            ext.set_onednn_products(True)  # (the plan reads it when built)
             native, eager = NativeBackend(model, cache), make_backend(model, cache, "eager")
 
             def on(run):

@@ -470,7 +470,7 @@ def test_native_prefill_with_quantized_weights_equals_the_eager_forward(fmt, opt
 @pytest.mark.parametrize("fmt, options", [("int4", {"group_size": 32}), ("nf4", {})])
 @pytest.mark.parametrize("products", ["fp32", "bf16"])
 def test_native_prefill_of_4bit_prompts_takes_the_eager_forwards_products(fmt, options, products):
-    """Where the fp32 products are oneDNN's, int4 and NF4 prompts up to 1,024 tokens are prefilled
+    """Where the fp32 products are oneDNN's, int4 and NF4 prompts up to 256 tokens are prefilled
     natively (4 elsewhere), their products from 16 rows on the eager forward's (the weight widened
     a tile of rows at a time; bf16 where the CPU has AVX512-BF16, fp32 under fp32_products): the
     logits equal the eager forward's to fp32 summation with fp32 products; with bf16 ones (where
@@ -502,7 +502,7 @@ def test_native_prefill_of_4bit_prompts_takes_the_eager_forwards_products(fmt, o
         if gemv_extension() is None:
             return
         native, seqs = run(NATIVE)
-        assert seqs.backend.max_prefill == 1024 and seqs.backend.native_calls == 1
+        assert seqs.backend.max_prefill == 256 and seqs.backend.native_calls == 1
         eager, _ = run("eager")
         if products == "fp32":
             _assert_quantized_close(fmt, native, eager)

@@ -33,12 +33,13 @@ from ..kv_cache import PagedKVCache
 # Where the fp32 products run on oneDNN (AMD CPUs, blas.h), the native prefill stays ahead of
 # the eager forward (whose torch.mm is MKL's, about half oneDNN's rate there) at every
 # length measured, up to 1,024 tokens (bench/bench_onednn.py, bench/results/onednn.json); there
-# int4 and NF4 prompts too are prefilled natively up to 1,024 tokens, their products from 16
+# int4 and NF4 prompts too are prefilled natively, up to 256 tokens, their products from 16
 # rows on those of the eager forward (decode.cpp's prompt_products: the weight widened a tile of
 # rows at a time, in bf16 where kernels.native_qgemm takes bf16), without the eager forward's
-# own norms, rotations and attention around them.
+# own norms, rotations and attention around them; from 512 tokens the eager forward is as fast
+# or faster (the same benchmark).
 MAX_NATIVE_PREFILL, MAX_NATIVE_PREFILL_BF16, MAX_NATIVE_PREFILL_GGML, MAX_NATIVE_PREFILL_PACKED = 64, 16, 128, 4
-MAX_NATIVE_PREFILL_ONEDNN = 1024
+MAX_NATIVE_PREFILL_ONEDNN, MAX_NATIVE_PREFILL_4BIT_ONEDNN = 1024, 256
 # The linear layers of a block, by decode.cpp's slot number ("mlp.up": SwiGLU's fused gate_up
 # or the GELU MLP's up projection).
 LINEAR_SLOTS = ("attn.qkv_proj", "attn.o_proj", "mlp.up", "mlp.down_proj")
@@ -177,7 +178,7 @@ def max_native_prefill(dtype: torch.dtype, packed: set[str]) -> int:
         on_blocks = packed <= set(GGML_KERNEL_FORMATS) and "avx512_vnni" in _cpu_flags()
         if on_blocks:
             return MAX_NATIVE_PREFILL_GGML
-        return MAX_NATIVE_PREFILL_ONEDNN if onednn and packed <= set(BF16_FORMATS) else MAX_NATIVE_PREFILL_PACKED
+        return MAX_NATIVE_PREFILL_4BIT_ONEDNN if onednn and packed <= set(BF16_FORMATS) else MAX_NATIVE_PREFILL_PACKED
     if dtype == torch.bfloat16:
         return MAX_NATIVE_PREFILL_BF16
     return MAX_NATIVE_PREFILL_ONEDNN if onednn else MAX_NATIVE_PREFILL
