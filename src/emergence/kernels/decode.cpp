@@ -21,8 +21,10 @@
 //   from g_blas_rows rows on, torch's BLAS, blas.h), so the weights are read once per call
 //   instead of once per row. Only the rows named in out_rows (each sequence's last token) go
 //   through the final norm and the output head.
-// Packed Q8_0 / Q4_0 weights multiply 3 rows or more on their blocks (qgemm_ggml); the other
-// packed formats keep their GEMV, row after row.
+// Packed Q8_0 / Q4_0 weights multiply 3 rows or more on their blocks (qgemm_ggml); a prompt's 16
+// rows or more through int4 / NF4 weights take the eager forward's products where the caller
+// asks (forward's prompt_products: the weight widened a tile at a time, qgemm_widened); the
+// other packed formats, and every decoding step, keep their GEMV, row after row.
 // Norms, RoPE, attention over the KV cache, activations and residuals run in plain loops (the
 // softmax and SiLU on a 16-lane exp, exp16).
 //
@@ -739,7 +741,8 @@ class DecodePlan {
   // rows: gemm_rows reads each weight row once for all of them, and from g_blas_rows fp32 rows on
   // torch's BLAS does (blas.h); Q8_0 and Q4_0 blocks multiply them on the packed blocks
   // (qgemm_ggml) from 3 rows on (below, the GEMV row by row is as fast: qgemm unpacks each tile
-  // of 16 weight rows first); the other packed formats run their GEMV row by row.
+  // of 16 weight rows first); int4 and NF4 a prompt's rows from kWidenedRows on, widened a tile
+  // at a time, when prompt_products_ says so; the other packed formats run their GEMV row by row.
   void linear(const Linear& L, const float* x, int64_t B, float* y) {
     const bool ggml = L.q.kind == emergence::WeightKind::Q8_0 || L.q.kind == emergence::WeightKind::Q4_0;
     const bool four_bit = L.q.kind == emergence::WeightKind::INT4 || L.q.kind == emergence::WeightKind::NF4;
