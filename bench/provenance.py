@@ -25,7 +25,7 @@ def machine() -> dict:
 
 def matmul_peak(dtype=None, n: int = 2048, repeats: int = 3) -> float:
     """The best FLOP/s of n^3 matmuls in `dtype` (fp32 by default) through torch.mm and through
-    oneDNN (which emergence's fp32 products use on AMD CPUs, kernels/products.py): the hardware
+    oneDNN (which emergence's fp32 products use on AMD CPUs, products.py): the hardware
     figure beside training rates, so that no engine's share of it exceeds 100%."""
     import time
 
@@ -34,7 +34,7 @@ def matmul_peak(dtype=None, n: int = 2048, repeats: int = 3) -> float:
     a, b = torch.randn(n, n, dtype=dtype or torch.float32), torch.randn(n, n, dtype=dtype or torch.float32)
     products = [lambda: a @ b]
     if hasattr(torch.ops.mkldnn, "_linear_pointwise"):
-        from emergence.kernels.products import onednn_product
+        from emergence.products import onednn_product
 
         products.append(lambda: onednn_product(a, b))
     best = float("inf")

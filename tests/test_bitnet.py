@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from emergence import load
 from emergence.config import Config
 from emergence.errors import ConfigError
-from emergence.kernels import products
+from emergence import products
 from emergence.model import BitLinear, Transformer
 from emergence.quant.linear import TernaryLinear
 from emergence.quant.methods import quantize_activations_int8, quantize_ternary

@@ -271,7 +271,7 @@ class GGMLActivations(TorchFunctionMode):
     """Round the input of each F.linear whose weight came from a quantized or F16 tensor of the
     file as llama.cpp's CPU matrix products do: to Q8_0 blocks for Q8_0 and Q4_0 weights, to F16
     for F16 ones (each type's vec_dot_type). Expert slices share their stacked tensor's storage.
-    Within it the model's products stay torch's F.linear (kernels.products would otherwise take
+    Within it the model's products stay torch's F.linear (products would otherwise take
     them to oneDNN on an AMD CPU, past this mode)."""
 
     def __enter__(self):

@@ -81,7 +81,7 @@ def lm_eval_run(task_dir, tmp_path_factory):
 def ours(lm, task_dir):
     """emergence's results for the multiple-choice tasks, their fp32 products in torch's BLAS as
     lm_eval's transformers model computes them (on an AMD CPU emergence's go to oneDNN, whose
-    order of summation moves the log-likelihoods past 1e-6: kernels/products.py), so that they
+    order of summation moves the log-likelihoods past 1e-6: products.py), so that they
     can be held to 1e-6."""
     with kernel_setting("onednn_products", False):
         return {name: evaluate(lm, task_dir / f"{name}.yaml", batch_size=BATCH) for name in MC_TASKS}

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from emergence.cli import main
-from emergence.kernels import products
+from emergence import products
 from emergence.lab import bitnet, scaling
 from emergence.quant.linear import TernaryLinear
 
@@ -58,7 +58,7 @@ def test_best_per_size_and_the_gap_come_from_the_csv(sweep):
 def test_students_are_of_their_kind(sweep):
     """A ternary student trained with BitLinear saves as the ternary checkpoint it computes
     (TernaryLinear in every block projection, its weights three values times a scale); a full
-    one keeps the model's plain linear layer (kernels.products.Linear, an nn.Linear)."""
+    one keeps the model's plain linear layer (products.Linear, an nn.Linear)."""
     import emergence
 
     for kind in ("full", "ternary"):

@@ -30,7 +30,7 @@ from torch.overrides import TorchFunctionMode
 from .allocator import RELEASE_EVERY_BLOCKS, release_freed_memory, release_in_backward
 from .config import Config
 from .errors import InvalidArgument
-from .kernels import products
+from . import products
 
 if TYPE_CHECKING:  # the model only calls a cache view's methods
     from .kv_cache import CacheView
@@ -201,7 +201,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for s in range(0, len(h), rows):
             hs, t = h[s:s + rows], targets[s:s + rows]
             z, lp = logits[:len(hs)], logp[:len(hs)]
-            products.matmul_nt(hs, weight, out=z)  # (on oneDNN where MKL is slow: kernels/products.py)
+            products.matmul_nt(hs, weight, out=z)  # (on oneDNN where MKL is slow: products.py)
             if bias is not None:
                 z += bias
             torch._log_softmax(z, 1, False, out=lp)
@@ -440,7 +440,7 @@ class Block(nn.Module):
     block (GPT-NeoX, Falcon, Phi-2) adds attention and MLP of the same input, x + attn(n(x)) +
     mlp(n'(x)), with n' = n for a shared norm (mlp_norm None). An absent pre-norm (post-norm
     blocks) is nn.Identity. `linear`: the class
-    of its projections (kernels.products.Linear, nn.Linear with its fp32 products on oneDNN where
+    of its projections (products.Linear, nn.Linear with its fp32 products on oneDNN where
     MKL is slow; T5's decoder takes kernels.SmallBatchLinear)."""
 
     def __init__(self, config: Config, layer: int, linear: type[nn.Linear] = products.Linear) -> None:

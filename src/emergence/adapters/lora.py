@@ -35,7 +35,7 @@ from torch import nn
 
 from ..config import Config
 from ..errors import InvalidArgument
-from ..kernels import products
+from .. import products
 from ..quant.linear import QuantizedLinear, StackedLinear
 
 # --------------------------------------------------------------------------- the name table

@@ -69,7 +69,8 @@ def unsupported(model: nn.Module, cache: PagedKVCache | None = None) -> str | No
     from ..model import MLP, Attention, Block, MoE, RMSNorm, Transformer
     from ..quant.linear import GGMLEmbedding, QuantizedLinear
     from ..t5 import T5, CrossAttention, DecoderBlock, RelativeBias
-    from . import SmallBatchLinear, gemv_extension, products
+    from .. import products
+    from . import SmallBatchLinear, gemv_extension
 
     if gemv_extension() is None:
         return "the native kernels are not available on this machine"

@@ -29,7 +29,7 @@ def onednn_product(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None =
 
 def onednn_enabled() -> bool:
     """Whether fp32 products go to oneDNN here (the native kernels' setting; off without them)."""
-    from . import gemv_extension
+    from .kernels import gemv_extension
 
     extension = gemv_extension()
     return extension is not None and extension.onednn_products()
