@@ -43,7 +43,7 @@ from emergence.config import Config  # noqa: E402
 from emergence.decode import make_backend  # noqa: E402
 from emergence.kernels import BF16_FORMATS, fp32_products, gemv_extension  # noqa: E402
 from emergence.kernels.fused_decode import NativeBackend  # noqa: E402
-from emergence.kernels.products import onednn_product  # noqa: E402
+from emergence.products import onednn_product  # noqa: E402
 from emergence.kv_cache import PagedKVCache  # noqa: E402
 from emergence.model import Transformer  # noqa: E402
 
@@ -82,14 +82,19 @@ def gemm_cases() -> list[tuple[str, int, callable, callable, torch.Tensor]]:
     return cases
 
 
+def prompt(model: Transformer, n: int) -> tuple[list[int], PagedKVCache, list[int]]:
+    """An n-token prompt, a cache with room for it and its block table."""
+    cache = PagedKVCache(model.config, n // 16 + 2, block_size=16)
+    table: list[int] = []
+    cache.grow(table, 0, n + 1)
+    return torch.randint(3, 1000, (n,)).tolist(), cache, table
+
+
 def prefill_runners(model: Transformer, ext) -> dict:
     """tokens -> {side: callable}: the native prefill on the BLAS and on oneDNN, the eager forward."""
     runners = {}
     for n in PREFILL_TOKENS:
-        ids = torch.randint(3, 1000, (n,)).tolist()
-        cache = PagedKVCache(model.config, n // 16 + 2, block_size=16)
-        table: list[int] = []
-        cache.grow(table, 0, n + 1)
+        ids, cache, table = prompt(model, n)
         native, eager = NativeBackend(model, cache), make_backend(model, cache, "eager")
 
         def on(flag, run):
@@ -115,10 +120,7 @@ def packed_prefill_runners(base: Transformer, ext) -> dict:
         model = copy.deepcopy(base)
         quantize_model(model, fmt, **options)
         for n in PREFILL_TOKENS:
-            ids = torch.randint(3, 1000, (n,)).tolist()
-            cache = PagedKVCache(model.config, n // 16 + 2, block_size=16)
-            table: list[int] = []
-            cache.grow(table, 0, n + 1)
+            ids, cache, table = prompt(model, n)
             ext.set_onednn_products(True)  # (the plan reads it when built)
             native, eager = NativeBackend(model, cache), make_backend(model, cache, "eager")
 

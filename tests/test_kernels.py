@@ -483,6 +483,8 @@ def test_native_prefill_of_4bit_prompts_takes_the_eager_forwards_products(fmt, o
 
     import emergence.kernels
 
+    if gemv_extension() is None:  # (test_kernels_build_on_this_machine says whether that is right)
+        return
     if products == "bf16" and not emergence.kernels.bf16_prompt_products():
         return  # no bf16 products here: the fp32 case covers the path
     model = _quantized_model(fmt, options, torch.float32)
@@ -499,8 +501,6 @@ def test_native_prefill_of_4bit_prompts_takes_the_eager_forwards_products(fmt, o
         return out, seqs
 
     with kernel_setting("onednn_products", True):
-        if gemv_extension() is None:
-            return
         native, seqs = run(NATIVE)
         assert seqs.backend.max_prefill == 256 and seqs.backend.native_calls == 1
         eager, _ = run("eager")
