@@ -23,11 +23,13 @@ from torch import nn
 
 from emergence.api import LanguageModel
 from emergence.cli import main as cli
+from emergence.decode import make_backend
 from emergence.gguf import GGMLType, read_gguf
 from emergence.gguf import quants as ggml
+from emergence.kv_cache import PagedKVCache
 from emergence.kernels.fused_decode import unsupported
 from emergence.quant import quantize_model
-from emergence.quant.linear import GGMLEmbedding, GGMLLinear, StackedLinear
+from emergence.quant.linear import GGML_BLOCK_GEMM_FORMATS, GGMLEmbedding, GGMLLinear, StackedLinear, has_ggml_kernel
 from emergence.weights.gguf_model import load_gguf, save_gguf
 
 from test_gguf_model import (PROMPT, llama_cpp_greedy, llama_cpp_model,  # noqa: E402
@@ -101,10 +103,11 @@ def test_a_quantized_gguf_is_the_model_emergence_quantizes(family, fmt, tmp_path
     theirs, native_ref = greedy(ref, family)
     ours, native = greedy(back, family)
     assert ours == theirs and len(set(ours)) > 1
-    kernel = fmt in ("q8_0", "q4_0")
-    assert (unsupported(back) is None) == kernel  # the other formats decode eagerly, as quantize_model's do
-    # the 8-token prompt and the 31 steps natively (q8_0/q4_0 prompts up to 128 tokens, on the blocks)
-    assert native == native_ref == (32 if kernel else 0)
+    kernel = has_ggml_kernel(fmt)  # every format (q5_1 and q6_k where the CPU has AVX512-VNNI)
+    assert (unsupported(back) is None) == kernel
+    # the 31 steps natively, and the 8-token prompt where it is multiplied on the blocks (q8_0 /
+    # q4_0 prompts up to 128 tokens; the other packed formats' up to 4, the rest eagerly)
+    assert native == native_ref == (0 if not kernel else 32 if fmt in GGML_BLOCK_GEMM_FORMATS else 31)
     if kernel:  # the native plan reads the very same bytes
         for name, layer in back.named_modules():
             if isinstance(layer, GGMLLinear):
@@ -147,8 +150,9 @@ def test_a_quantized_gguf_written_back_is_the_same_file(fmt, tmp_path):
 def test_llama_cpp_mixes_keep_every_type_emergence_has_a_layer_for(tmp_path, capsys):
     """llama.cpp's own Q4_K_M (Q6_K attn_v in some layers beside Q4_K q and k, Q6_K output and
     ffn_down) and Q2_K (Q2_K and Q3_K, which have no layer) files of one model. Q4_K_M: every
-    tensor kept in its type; a fused q/k/v whose parts differ becomes a StackedLinear (decoding
-    eagerly), and the model decodes llama.cpp's own 16 greedy tokens. Q2_K: the Q2_K and Q3_K
+    tensor kept in its type; a fused q/k/v whose parts differ becomes a StackedLinear (the native
+    step multiplies it part by part), and the model decodes llama.cpp's own 16 greedy tokens,
+    natively, with the eager forward's logits. Q2_K: the Q2_K and Q3_K
     tensors dequantized to bf16 (the model runs in bf16) and named by `emergence info`, the
     Q4_K / Q5_0 ones kept."""
     model = random_model("llama", n_embd=256, intermediate_size=512, n_layer=4, rope_scaling=None)
@@ -172,10 +176,21 @@ def test_llama_cpp_mixes_keep_every_type_emergence_has_a_layer_for(tmp_path, cap
         assert down.format == f.tensors[f"blk.{i}.ffn_down.weight"].type.name.lower()
         assert torch.equal(down.blocks, torch.from_numpy(f.raw(f"blk.{i}.ffn_down.weight").copy()))
     assert back.lm_head.format == f.tensors["output.weight"].type.name.lower()
-    assert unsupported(back) is not None  # K-quants have no native kernel: eager decoding
+    assert unsupported(back) is None  # every type of the mix has a kernel, the stacks included
     theirs, _ = llama_cpp_greedy(llama_cpp_model(tmp_path / "q4_k_m.gguf", n_threads=1), PROMPT, 16)
     ours, native = greedy(back, "llama", 16)
-    assert ours == theirs and native == 0
+    assert ours == theirs and native > 0
+    ids = torch.tensor([[1, 5, 9, 200, 31, 7]])
+    with torch.no_grad():
+        eager = back(ids)[0, -1]
+    cache = PagedKVCache(config, 1, dtype=torch.float32)
+    table: list[int] = []
+    cache.grow(table, 0, 6)
+    logits = make_backend(back, cache, "native").forward([ids[0].tolist()], [0], [table])[0]
+    # the same numerics (activations quantized per block, integer dot products): to fp32 rounding,
+    # up to an activation that lands on the other side of a rounding step
+    assert (logits - eager).abs().max().item() <= 1e-2 * eager.abs().max().item()
+    assert logits.argmax().item() == eager.argmax().item()
 
     llama_cpp_quantize_file(tmp_path / "f32.gguf", tmp_path / "q2_k.gguf", llama_cpp.LLAMA_FTYPE_MOSTLY_Q2_K,
                             pure=False)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import emergence
 from conftest import in_threads, kernel_setting
 from emergence.decode import DecodeBatch, end_ids, make_backend, new_row
+from emergence.quant.linear import GGML_KERNEL_FORMATS
 from emergence.errors import InvalidArgument
 from emergence.kernels import _cpu_flags, _cpu_supports, gemv_extension
 from emergence.kv_cache import PagedKVCache
@@ -392,7 +393,9 @@ def test_two_threads_decoding_at_once_get_their_own_results(hf_model):
 
 # ------------------------------------------------------------------ quantized weights
 QUANTIZED = [("q8_0", {}), ("q4_0", {}), ("int8", {}), ("int4", {"group_size": 32}), ("int4", {"group_size": 128}),
-             ("ternary", {}), ("ternary", {"act_bits": 8}), ("nf4", {})]
+             ("ternary", {}), ("ternary", {"act_bits": 8}), ("nf4", {}), ("q4_1", {}), ("q5_0", {}), ("q5_1", {}),
+             ("q4_k", {}), ("q5_k", {}), ("q6_k", {})]
+K_QUANTS = ("q4_k", "q5_k", "q6_k")  # rows of 256-blocks: their models are 256 wide
 
 
 def _quantized_model(fmt: str | None, options: dict, dtype: torch.dtype, **changes):
@@ -402,8 +405,9 @@ def _quantized_model(fmt: str | None, options: dict, dtype: torch.dtype, **chang
     from emergence.model import Transformer
     from emergence.quant.linear import quantize_model
 
+    wide = dict(n_embd=256, intermediate_size=512) if fmt in K_QUANTS else {}
     config = Config(**{**dict(name="q", vocab_size=512, block_size=64, n_layer=2, n_head=4, n_kv_head=2,
-                              n_embd=128, intermediate_size=256), **changes})
+                              n_embd=128, intermediate_size=256), **wide, **changes})
     torch.manual_seed(3)
     model = Transformer(config)
     with torch.no_grad():
@@ -416,7 +420,7 @@ def _quantized_model(fmt: str | None, options: dict, dtype: torch.dtype, **chang
 
 
 def _assert_quantized_close(fmt: str, native, eager, reference=None) -> None:
-    if reference is None and fmt in ("q8_0", "q4_0"):
+    if reference is None and fmt in GGML_KERNEL_FORMATS:
         # Both backends quantize the activations to 8 bits per block of 32, as llama.cpp does; a
         # last-bit difference in an activation (fp32 summation order) can move it across a
         # rounding boundary, one quantization step, so agreement is to a fraction of a percent.
@@ -584,11 +588,50 @@ def test_decoding_right_after_quantize_model_runs_natively():
     assert row.text == eager.generate("Once upon a time", temperature=0, max_new_tokens=24)
 
 
+def _stacked(model, float_part: bool):
+    """`model` (q8_0) with layer 0's q/k/v as a StackedLinear, as a GGUF file whose q, k and v
+    differ in type loads: q8_0 rows, then q4_0 rows (float32 where `float_part`)."""
+    from emergence.quant.linear import GGMLLinear, StackedLinear
+
+    qkv = model.layers[0].attn.qkv_proj
+    weight, split = qkv.dequantize(), qkv.out_features // 2
+    first = GGMLLinear(qkv.in_features, split, bias=False, ggml_format="q8_0")
+    first.blocks = qkv.blocks[:split].clone()
+    if float_part:
+        second = torch.nn.Linear(qkv.in_features, qkv.out_features - split, bias=False)
+        second.weight.data.copy_(weight[split:])
+    else:
+        second = GGMLLinear(qkv.in_features, qkv.out_features - split, bias=False, ggml_format="q4_0")
+        second.quantize_(weight[split:])
+    model.layers[0].attn.qkv_proj = StackedLinear([first, second], (torch.randn(qkv.out_features) * 0.1).to(model.dtype))
+    return model.eval()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_stack_of_quantized_parts_steps_natively_as_the_eager_forward(dtype, fp32_products):
+    # a fused matrix whose parts differ in type (llama.cpp's Q4_K_M gives some layers a Q6_K v):
+    # the native step multiplies part by part into the fused output's rows, then adds the bias
+    if EXT is None:
+        return
+    model = _stacked(_quantized_model("q8_0", {}, dtype), float_part=False)
+    assert make_backend(model, PagedKVCache(model.config, 2, dtype=dtype), "auto").name == NATIVE
+    ids = torch.randint(3, 512, (24,)).tolist()
+    native, _ = _steps(model, NATIVE, ids, 4)
+    eager, _ = _steps(model, "eager", ids, 4)
+    _assert_quantized_close("q8_0", native, eager)
+    if dtype == torch.float32:  # rows of a batch too; in fp32 both paths quantize the same activations
+        torch.manual_seed(4)
+        prompts = [torch.randint(3, 512, (n,)).tolist() for n in (9, 2, 6)]
+        steps = torch.randint(3, 512, (3, 6))
+        native, eager = (_batched(model, backend, prompts, steps, 16)[0] for backend in (NATIVE, "eager"))
+        assert (native - eager).abs().max().item() <= 1e-5 * eager.abs().max().item()
+
+
 def test_formats_without_a_kernel_decode_eagerly():
     from emergence.kernels.fused_decode import unsupported
 
-    model = _quantized_model("q5_1", {}, torch.float32)
-    assert "q5_1, which has no native kernel" in unsupported(model)
+    model = _stacked(_quantized_model("q8_0", {}, torch.float32), float_part=True)
+    assert "stacks q8_0+float32: the native step takes stacks of quantized parts only" in unsupported(model)
     cache = PagedKVCache(model.config, 2)
     assert make_backend(model, cache, "auto").name == "eager"
     ids = torch.randint(3, 512, (10,)).tolist()
@@ -611,26 +654,30 @@ def test_the_kernels_format_table_is_the_quantized_layers(ext):
     assert len(set(EXT.weight_kinds.values())) == len(EXT.weight_kinds)
 
 
-@pytest.mark.parametrize("qtype_name", ["Q8_0", "Q4_0"])
+@pytest.mark.parametrize("qtype_name", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"])
 @pytest.mark.parametrize("shape", [(7, 32), (13, 96), (300, 576), (64, 1536)])  # blocks: 1, 3 (a pair and one), 18, 48
 def test_ggml_block_gemv_is_llama_cpps_product(qtype_name, shape, ext, walk):
-    if ext is None:  # the fixture checked the fallback
+    if ext is None or qtype_name.lower() not in ext.weight_kinds:  # the fixture checked the fallback; no VNNI
         return
-    # llama.cpp's numerics: the dequantized weight times x quantized to 8 bits per block of 32.
+    # llama.cpp's numerics: the dequantized weight times x quantized to 8 bits per block of 32
+    # (Q8_0), per block of 256 against the K-quants (Q8_K); the dequantized rows bit for bit.
     from emergence.gguf.quants import GGMLType, dequantize, quantize
-    from emergence.quant.methods import quantize_activations_q8_0
+    from emergence.quant.methods import quantize_activations_q8_0, quantize_activations_q8_k
 
     qtype = GGMLType[qtype_name]
-    torch.manual_seed(shape[0])
     n, k = shape
+    if qtype_name.endswith("_K"):  # super-blocks of 256: 1, 3, 2, 6
+        k = {32: 256, 96: 768, 576: 512}.get(k, k)
+    torch.manual_seed(shape[0])
     w, x = torch.randn(n, k), torch.randn(k)
     if k > 32:
         x[:32] *= 1e-3  # blocks of very different magnitudes
     raw = quantize(w, qtype)
     weight = dequantize(raw, qtype, (n, k)).double()
-    xq = quantize_activations_q8_0(x).double()
-    none = torch.empty(0)
-    got = ext.qgemv(ext.weight_kinds[qtype_name.lower()], x, torch.from_numpy(raw.reshape(-1).copy()), none, none, 0, 0.0, n, k, None)
+    xq = (quantize_activations_q8_k(x) if qtype_name.endswith("_K") else quantize_activations_q8_0(x)).double()
+    none, data, kind = torch.empty(0), torch.from_numpy(raw.reshape(-1).copy()), ext.weight_kinds[qtype_name.lower()]
+    assert torch.equal(ext.qdequantize(kind, data, none, none, 0, 0.0, n, k), weight.float())
+    got = ext.qgemv(kind, x, data, none, none, 0, 0.0, n, k, None)
     bound = 2**-20 * (weight.abs() @ xq.abs())  # integer dot products, fp32 scaling and sums
     assert ((got.double() - weight @ xq).abs() <= bound + 1e-9).all()
     assert ((got.double() - weight @ x.double()).abs() > bound).any()  # x really was quantized

@@ -33,7 +33,7 @@ from torch import nn
 
 HERE = Path(__file__).parent
 SOURCES = [HERE / "gemv.cpp", HERE / "decode.cpp"]
-HEADERS = [HERE / "blas.h", HERE / "gemv_rows.h", HERE / "quant_rows.h", HERE / "team.h"]
+HEADERS = [HERE / "blas.h", HERE / "gemv_rows.h", HERE / "quant_rows.h", HERE / "ggml_rows.h", HERE / "team.h"]
 REQUIRED_CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "fma"}
 STALE_LOCK_SECONDS = 900  # a build takes about a minute on 2 cores
 
@@ -158,13 +158,13 @@ def native_qgemm(module: nn.Module, x: torch.Tensor, bias: torch.Tensor | None =
     whole; int4 and NF4 in bf16 with fp32 sums where the CPU has AVX512-BF16, BF16_FORMATS, for
     fp32 or bf16 x). None where no kernel serves it (another format or dtype, no kernels or
     VNNI, a gradient to carry: training multiplies the dequantized weight)."""
-    from ..quant.linear import GGML_KERNEL_FORMATS
+    from ..quant.linear import GGML_BLOCK_GEMM_FORMATS
 
     extension = gemv_extension()
     if extension is None:
         return None
     fmt = getattr(module, "format", None)
-    on_blocks = fmt in GGML_KERNEL_FORMATS and "avx512_vnni" in _cpu_flags()
+    on_blocks = fmt in GGML_BLOCK_GEMM_FORMATS and "avx512_vnni" in _cpu_flags()
     # (where the products run on oneDNN, on AMD CPUs (blas.h), the bf16 ones are oneDNN's too,
     # their results rounded to bf16)
     bf16 = fmt in BF16_FORMATS and bf16_prompt_products()

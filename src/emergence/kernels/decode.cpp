@@ -24,7 +24,9 @@
 // Packed Q8_0 / Q4_0 weights multiply 3 rows or more on their blocks (qgemm_ggml); a prompt's 16
 // rows or more through int4 / NF4 weights take the eager forward's products where the caller
 // asks (forward's prompt_products: the weight widened a tile at a time, qgemm_widened); the
-// other packed formats, and every decoding step, keep their GEMV, row after row.
+// other packed formats (ggml's Q4_1 / Q5_x and K-quants among them, ggml_rows.h), and every
+// decoding step, keep their GEMV, row after row. A fused matrix stacked from parts of different
+// formats (a GGUF's q/k/v in Q4_K and Q6_K) runs each part's GEMV into its rows.
 // Norms, RoPE, attention over the KV cache, activations and residuals run in plain loops (the
 // softmax and SiLU on a 16-lane exp, exp16).
 //
@@ -144,6 +146,10 @@ struct Linear {
   at::Tensor data, scales, offsets;
   emergence::QuantMatrix q{};
   int act_bits = 0;  // 8: quantize the input vector per token to 8 bits first (BitNet b1.58)
+  // A stack of packed parts instead (quant/linear.py's StackedLinear: a fused matrix whose parts
+  // a GGUF file holds in different types): part i's N rows are the output rows from row0 on.
+  std::vector<Linear> parts;
+  int64_t row0 = 0;
 };
 
 struct Layer {
@@ -290,8 +296,11 @@ class DecodePlan {
   // are looked up, then tok_embeddings is an empty tensor of the model's dtype) with a packed
   // quantized weight (layouts in quant_rows.h). Slots: 0 qkv, 1 o, 2 up/gate_up, 3 down; a
   // mixture of experts' 4 shared expert gate_up, 5 its down, 6 expert `expert`'s gate_up, 7 its down.
+  // part >= 0: the stacked matrix's part that starts at output row `row0` and has `rows` rows
+  // (the parts are set in order; the layer's bias stays the stack's).
   void set_quantized(int64_t layer, int64_t slot, int64_t expert, int64_t kind, at::Tensor data, at::Tensor scales,
-                     at::Tensor offsets, int64_t group, double tensor_scale, int64_t act_bits) {
+                     at::Tensor offsets, int64_t group, double tensor_scale, int64_t act_bits, int64_t part,
+                     int64_t row0, int64_t rows) {
     TORCH_CHECK(layer >= -2 && layer < n_layer_ && slot >= 0 && slot < 8, "no such linear layer");
     Linear* target = layer == -2 ? &embed_ : &lm_head_;
     if (layer >= 0) {
@@ -301,6 +310,15 @@ class DecodePlan {
       Linear* slots[] = {&l.qkv, &l.o, &l.up, &l.down, &l.shared_up, &l.shared_down,
                          slot == 6 ? &l.expert_up[expert] : nullptr, slot == 7 ? &l.expert_down[expert] : nullptr};
       target = slots[slot];
+    }
+    if (part >= 0) {
+      TORCH_CHECK(part == static_cast<int64_t>(target->parts.size()) && rows > 0 && row0 >= 0 && row0 + rows <= target->N,
+                  "stacked parts go in order, within the matrix's rows");
+      TORCH_CHECK(row0 == (part == 0 ? 0 : target->parts.back().row0 + target->parts.back().N), "stacked parts must tile the rows");
+      target->parts.push_back(Linear{at::Tensor(), at::Tensor(), rows, target->K});
+      target->parts.back().row0 = row0;
+      target->packed = true;
+      target = &target->parts.back();
     }
     Linear& L = *target;
     L.q = emergence::quant_matrix(kind, data, scales, offsets, group, tensor_scale, L.N, L.K);
@@ -801,6 +819,11 @@ class DecodePlan {
   void linear_row(const Linear& L, const float* x, float* y) {
     const int64_t N = L.N, K = L.K;
     const int64_t grain = gemv_grain(N);
+    if (!L.parts.empty()) {  // a stack: each part its rows (rounded as the part's own output), then the bias
+      for (const Linear& part : L.parts) linear_row(part, x, y + part.row0);
+      if (present(L.bias)) parallel_rows(0, N, grain, [&](int64_t r0, int64_t r1) { finish(L, y, 1, r0, r1); });
+      return;
+    }
     if (L.packed) {
       // each thread of a team quantizes its own copy of x (as quant_gemv's own preparation does):
       // K values, cheaper than a barrier
@@ -1035,6 +1058,12 @@ void register_decode_plan(pybind11::module& m) {
   kinds["q8_0"] = static_cast<int>(WeightKind::Q8_0), kinds["q4_0"] = static_cast<int>(WeightKind::Q4_0);
   kinds["int8"] = static_cast<int>(WeightKind::INT8), kinds["int4"] = static_cast<int>(WeightKind::INT4);
   kinds["ternary"] = static_cast<int>(WeightKind::TERNARY), kinds["nf4"] = static_cast<int>(WeightKind::NF4);
+  // ggml_rows.h's, on CPUs with AVX512-VNNI (their only kernels)
+  if (emergence::kHasAvx512Vnni) {
+    kinds["q4_1"] = static_cast<int>(WeightKind::Q4_1), kinds["q5_0"] = static_cast<int>(WeightKind::Q5_0);
+    kinds["q5_1"] = static_cast<int>(WeightKind::Q5_1), kinds["q4_k"] = static_cast<int>(WeightKind::Q4_K);
+    kinds["q5_k"] = static_cast<int>(WeightKind::Q5_K), kinds["q6_k"] = static_cast<int>(WeightKind::Q6_K);
+  }
   m.attr("weight_kinds") = kinds;
   m.def(
       "set_blas_rows",
@@ -1048,7 +1077,8 @@ void register_decode_plan(pybind11::module& m) {
                           at::Tensor, at::Tensor, std::vector<std::vector<at::Tensor>>, at::Tensor>())
       .def("set_quantized", &DecodePlan::set_quantized,
            "layer (-1: output head), slot (0 qkv, 1 o, 2 up, 3 down, 4 shared expert up, 5 its down, 6 expert "
-           "up, 7 expert down), expert, kind, data, scales, offsets, group, tensor scale, act_bits")
+           "up, 7 expert down), expert, kind, data, scales, offsets, group, tensor scale, act_bits, part (-1: the "
+           "whole matrix; else a stacked part's index), its first output row and its rows")
       .def("forward", &DecodePlan::forward,
            "tokens, rows (their sequences), positions, output rows, block tables, key pool, value pool, each "
            "sequence's cross keys, and values (T5; else empty), a prompt's int4 / NF4 products (0: GEMV row by "

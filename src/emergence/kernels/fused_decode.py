@@ -67,7 +67,7 @@ def unsupported(model: nn.Module, cache: PagedKVCache | None = None) -> str | No
     all fp32 or all bf16, only the modules model.py builds, quantized linear layers (and a
     quantized GGUF token table) in a format with a kernel, and a CPU cache in the model's dtype."""
     from ..model import MLP, Attention, Block, MoE, RMSNorm, Transformer
-    from ..quant.linear import GGMLEmbedding, QuantizedLinear
+    from ..quant.linear import GGMLEmbedding, QuantizedLinear, StackedLinear
     from ..t5 import T5, CrossAttention, DecoderBlock, RelativeBias
     from .. import products
     from . import SmallBatchLinear, gemv_extension
@@ -92,6 +92,9 @@ def unsupported(model: nn.Module, cache: PagedKVCache | None = None) -> str | No
                 return f"{name} is quantized: a quantized T5 steps through the eager forward"
             if m.kernel_operands() is None:
                 return f"{name} is quantized as {m.format}, which has no native kernel for its shape"
+        elif isinstance(m, StackedLinear):
+            if any(not isinstance(p, QuantizedLinear) for p in m.parts):
+                return f"{name} stacks {m.format}: the native step takes stacks of quantized parts only"
         elif type(m) not in known:
             return f"{name} is a {type(m).__name__}, a module the native step does not know"
     if not all(p.is_contiguous() for p in model.parameters()):
@@ -171,12 +174,12 @@ def max_native_prefill(dtype: torch.dtype, packed: set[str]) -> int:
     """The longest prompt the plan prefills (MAX_NATIVE_PREFILL*) for weights of `dtype` and the
     packed formats `packed` of its linear layers."""
     from . import BF16_FORMATS, _cpu_flags, gemv_extension
-    from ..quant.linear import GGML_KERNEL_FORMATS
+    from ..quant.linear import GGML_BLOCK_GEMM_FORMATS
 
     extension = gemv_extension()
     onednn = extension is not None and extension.onednn_products()
     if packed:
-        on_blocks = packed <= set(GGML_KERNEL_FORMATS) and "avx512_vnni" in _cpu_flags()
+        on_blocks = packed <= set(GGML_BLOCK_GEMM_FORMATS) and "avx512_vnni" in _cpu_flags()
         if on_blocks:
             return MAX_NATIVE_PREFILL_GGML
         return MAX_NATIVE_PREFILL_4BIT_ONEDNN if onednn and packed <= set(BF16_FORMATS) else MAX_NATIVE_PREFILL_PACKED
@@ -203,6 +206,7 @@ def build_plan(model: nn.Module, extension) -> tuple[object, set[str]]:
     """decode.cpp's DecodePlan over the model's current weights; and the packed formats of its
     linear layers (a quantized token table aside)."""
     from ..model import MoE
+    from ..quant.linear import StackedLinear
 
     c = model.config
     none = torch.empty(0, dtype=model.dtype)
@@ -261,10 +265,15 @@ def build_plan(model: nn.Module, extension) -> tuple[object, set[str]]:
                     linears += [(i, slot, e, module) for e, module in enumerate(stack)]
     packed = set()
     for layer, slot, expert, module in linears:
-        ops = module.kernel_operands() if hasattr(module, "kernel_operands") else None
-        if ops is not None:
-            plan.set_quantized(layer, slot, expert, extension.weight_kinds[ops.format], ops.data, ops.scales,
-                               ops.offsets, ops.group, ops.tensor_scale, ops.act_bits)
-            if layer != -2:  # (the table's rows are looked up, not multiplied)
-                packed.add(ops.format)
+        # (part index or -1, first row, rows, module): a StackedLinear's parts one by one
+        parts = ([(-1, 0, 0, module)] if not isinstance(module, StackedLinear) else
+                 [(j, sum(p.out_features for p in module.parts[:j]), part.out_features, part)
+                  for j, part in enumerate(module.parts)])
+        for part, row0, rows, m in parts:
+            ops = m.kernel_operands() if hasattr(m, "kernel_operands") else None
+            if ops is not None:
+                plan.set_quantized(layer, slot, expert, extension.weight_kinds[ops.format], ops.data, ops.scales,
+                                   ops.offsets, ops.group, ops.tensor_scale, ops.act_bits, part, row0, rows)
+                if layer != -2:  # (the table's rows are looked up, not multiplied)
+                    packed.add(ops.format)
     return plan, packed

@@ -20,6 +20,7 @@
 //            scale per tensor;                                       w = scale * (c - 1)
 //   NF4      two 4-bit codes per byte, column 2j high, 2j + 1 low (bitsandbytes' order); an
 //            fp32 absmax per 64 columns and a 16-value table;       w = table[code] * absmax
+//   Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K: ggml's blocks, in ggml_rows.h (GEMV and row lookups)
 #pragma once
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -36,7 +37,10 @@
 
 namespace emergence {
 
-enum class WeightKind : int { F32 = 0, BF16 = 1, Q8_0 = 2, Q4_0 = 3, INT8 = 4, INT4 = 5, TERNARY = 6, NF4 = 7 };
+enum class WeightKind : int {
+  F32 = 0, BF16 = 1, Q8_0 = 2, Q4_0 = 3, INT8 = 4, INT4 = 5, TERNARY = 6, NF4 = 7,
+  Q4_1 = 8, Q5_0 = 9, Q5_1 = 10, Q4_K = 11, Q5_K = 12, Q6_K = 13  // ggml_rows.h
+};
 
 struct QuantMatrix {
   WeightKind kind;
@@ -139,6 +143,7 @@ struct QuantizedX {
   std::vector<int8_t> q;      // (K,)
   std::vector<float> d;       // (K / 32,)
   std::vector<int32_t> init;  // (K / 32, 8): -bias * sum(q) in lane 0, zeros elsewhere
+  std::vector<int32_t> sum;   // (K / 32,): sum(q) (Q4_1 / Q5_1's minimums, ggml_rows.h)
 };
 
 // 16 floats rounded half away from zero, as std::round: the truncation, plus the sign where the
@@ -153,7 +158,7 @@ inline __m512i round_away(__m512 v) {
 
 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl")))
 inline void quantize_x(const float* x, int64_t K, int bias, QuantizedX& out) {
-  out.q.resize(K), out.d.resize(K / 32), out.init.assign(K / 32 * 8, 0);
+  out.q.resize(K), out.d.resize(K / 32), out.init.assign(K / 32 * 8, 0), out.sum.resize(K / 32);
   for (int64_t b = 0; b < K / 32; ++b) {
     const __m512 lo = _mm512_loadu_ps(x + 32 * b), hi = _mm512_loadu_ps(x + 32 * b + 16);
     const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
@@ -163,7 +168,8 @@ inline void quantize_x(const float* x, int64_t K, int bias, QuantizedX& out) {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(out.q.data() + 32 * b), _mm512_cvtepi32_epi8(qlo));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(out.q.data() + 32 * b + 16), _mm512_cvtepi32_epi8(qhi));
     out.d[b] = _cvtsh_ss(_cvtss_sh(d, _MM_FROUND_TO_NEAREST_INT));
-    out.init[8 * b] = -bias * _mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi));
+    out.sum[b] = _mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi));
+    out.init[8 * b] = -bias * out.sum[b];
   }
 }
 
@@ -203,6 +209,10 @@ void rows_ggml_vnni(const uint8_t* row, int64_t row_bytes, const QuantizedX& xq,
   }
   for (int i = 0; i < R; ++i) y[i] = hsum256(acc[i]);
 }
+
+}  // namespace emergence
+#include "ggml_rows.h"  // Q4_1, Q5_0, Q5_1 and the K-quants, on QuantizedX / QuantizedXK
+namespace emergence {
 
 // ------------------------------------------- ggml Q8_0 / Q4_0 times many rows (prefill)
 // Y (M, N) = X (M, K) W^T on the packed blocks, never dequantizing W: each row of X is quantized
@@ -433,9 +443,17 @@ inline void quant_gemv(const QuantMatrix& m, const float* x, float* y, int64_t g
   // other threads, where the thread_local names would be those threads' own buffers.
   thread_local std::vector<float> split_buffer, sums_buffer;
   thread_local QuantizedX quantized_buffer;
+  thread_local QuantizedXK quantized_k_buffer;
   std::vector<float>& x_split = split_buffer;
   std::vector<float>& sums = sums_buffer;
   QuantizedX& xq = quantized_buffer;
+  QuantizedXK& xk = quantized_k_buffer;
+  if (is_ggml32(m.kind) || is_kquant(m.kind)) {  // (quant_matrix checked VNNI)
+    if (is_kquant(m.kind)) quantize_x_k(x, K, xk);
+    else quantize_x(x, K, m.kind == WeightKind::Q5_0 ? 16 : 0, xq);
+    parallel_rows(0, m.N, grain, [&](int64_t r0, int64_t r1) { ggml_gemv_rows(m, xq, xk, y, r0, r1); });
+    return;
+  }
   Nibbles nib;
   if (four_bit) {
     nib = nibbles(m);
@@ -609,7 +627,7 @@ inline void dequantize_row(const QuantMatrix& m, int64_t r, float* w) {
         }
       }
       break;
-    default: TORCH_CHECK(false, "not a quantized weight kind");
+    default: ggml_dequantize_row(m, r, w);  // (quant_matrix checked the kind)
   }
 }
 
@@ -723,6 +741,14 @@ inline QuantMatrix quant_matrix(int64_t kind, const at::Tensor& data, const at::
       TORCH_CHECK(offsets.numel() == 16 && offsets.scalar_type() == at::kFloat, "NF4 needs its 16-value table");
       row_bytes = K / 2;
       break;
+    case WeightKind::Q4_1: case WeightKind::Q5_0: case WeightKind::Q5_1: case WeightKind::Q4_K: case WeightKind::Q5_K:
+    case WeightKind::Q6_K: {
+      const int64_t block = is_kquant(k) ? 256 : 32;
+      TORCH_CHECK(K % block == 0, "this ggml type needs K % ", block, " == 0");
+      TORCH_CHECK(kHasAvx512Vnni, "the kernels for this ggml type need AVX512-VNNI");
+      row_bytes = K / block * ggml_block_bytes(k);
+      break;
+    }
     default: TORCH_CHECK(false, "unknown quantized weight kind ", kind);
   }
   TORCH_CHECK(data.is_contiguous() && data.element_size() == 1 && data.numel() == N * row_bytes,

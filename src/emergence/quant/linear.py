@@ -25,7 +25,8 @@ batch shape. N = out_features, K = in_features. Storage, exactly:
              byte for byte (`emergence.gguf.quants`); K % 32 == 0 (256 for the K-quants
              q4_k, q5_k, q6_k). The forward pass quantizes the activations as llama.cpp's
              CPU dot products do (Q8_0 blocks of 32, Q8_K blocks of 256 for the K-quants);
-             the K-quants have no native kernel: their decoding steps run the eager path.
+             every format has a native GEMV for decoding (kernels/ggml_rows.h beside q8_0 and
+             q4_0's; all but q8_0 and q4_0 need AVX512-VNNI).
 
 `kernel_operands()` gives what the native kernels read of a layer (kernels/quant_rows.h has
 the layouts), or None where no kernel handles its format or shape; the kernels never read
@@ -338,9 +339,20 @@ GGML_FORMATS: dict[str, ggml.GGMLType] = {
 }
 
 
-# The ggml formats the native kernels read (decode.cpp's GEMVs and row lookups, qgemm_ggml's
-# prefill); the others run the eager path.
-GGML_KERNEL_FORMATS = ("q8_0", "q4_0")
+# The ggml formats the native kernels read (decode.cpp's GEMVs and row lookups; all but q8_0 and
+# q4_0 only where the CPU has AVX512-VNNI, GGML_VNNI_ONLY) and those whose prompts they multiply
+# on the packed blocks (qgemm_ggml; a prompt's rows of the others go through the GEMV one by one
+# in the native step, the dequantized weight in the eager forward).
+GGML_KERNEL_FORMATS = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k")
+GGML_VNNI_ONLY = ("q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k")
+GGML_BLOCK_GEMM_FORMATS = ("q8_0", "q4_0")
+
+
+def has_ggml_kernel(fmt: str) -> bool:
+    """Whether the native kernels read ggml format `fmt` on this CPU."""
+    from ..kernels import _cpu_flags
+
+    return fmt in GGML_KERNEL_FORMATS and (fmt not in GGML_VNNI_ONLY or "avx512_vnni" in _cpu_flags())
 
 
 class GGMLLinear(QuantizedLinear):
@@ -369,7 +381,7 @@ class GGMLLinear(QuantizedLinear):
 
     @property
     def kernel_block(self) -> int:
-        return 32 if self.format in GGML_KERNEL_FORMATS else 0
+        return ggml.BLOCK_SIZES[self.ggml_type][0] if has_ggml_kernel(self.format) else 0
 
     def _kernel_operands(self):
         return KernelOperands(self.format, self.blocks.contiguous(), _NONE, _NONE)
@@ -447,8 +459,8 @@ class GGMLEmbedding(nn.Module):
                                (self.num_embeddings, self.embedding_dim)).to(self.blocks.device)
 
     def kernel_operands(self) -> KernelOperands | None:
-        """What the native step reads to look rows up (q8_0 and q4_0 have row decoders), else None."""
-        if self.format not in GGML_KERNEL_FORMATS:
+        """What the native step reads to look rows up (every format with a GEMV has a row decoder), else None."""
+        if not has_ggml_kernel(self.format):
             return None
         return KernelOperands(self.format, self.blocks.contiguous(), _NONE, _NONE)
 
@@ -469,8 +481,9 @@ class StackedLinear(nn.Module):
     """Linear layers whose outputs are concatenated: one of our fused matrices (q/k/v, gate/up)
     whose parts a GGUF file holds in different types, each part kept in its own (llama.cpp's _M
     mixes put attn_v in Q6_K beside Q4_K q and k). Parts are GGMLLinear or float nn.Linear layers
-    without bias; the fused bias is the stack's. The native step reads one matrix per layer, so
-    a model with a stack decodes eagerly."""
+    without bias; the fused bias is the stack's. The native step multiplies a stack of
+    quantized parts part by part (decode.cpp's stacked Linear); a stack with a float part
+    decodes eagerly."""
 
     def __init__(self, parts: Sequence[nn.Module], bias: torch.Tensor | None = None) -> None:
         super().__init__()

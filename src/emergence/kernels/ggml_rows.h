@@ -1,0 +1,313 @@
+// ggml's other block formats in the decoding GEMV: Q4_1, Q5_0, Q5_1 (blocks of 32) and the
+// K-quants Q4_K, Q5_K, Q6_K (super-blocks of 256), the types of llama.cpp's common GGUF files
+// (Q4_K_M mixes Q4_K and Q6_K; rows that do not fill 256-blocks fall back to Q5_0 / Q5_1 /
+// Q8_0). Included by quant_rows.h, after its Q8_0 / Q4_0 kernels, whose activation
+// quantization (QuantizedX) the 32-blocks share.
+//
+// llama.cpp's numerics, as for Q8_0 / Q4_0: the activation vector is quantized first, to Q8_0
+// blocks of 32 for Q4_1 / Q5_x (their Q8_1 holds the same values) and to Q8_K blocks of 256 for
+// the K-quants (d = 1 / s, s = -127 / m, m the block's value of largest magnitude with its sign,
+// q = min(127, round-to-even(x * s)), and the sums of q per 16). Each weight's code goes to the
+// unsigned side of VPDPBUSD as is (0..15, 0..31 or 0..63, in element order), so every
+// sub-block's dot product with q is exact in int32; the formats' offsets (Q5_0's -16, Q6_K's
+// -32) and minimums come back through the sums of q, and the fp32 scales multiply last. The
+// result is the dequantized weight times the quantized x (quant/methods.py, what GGMLLinear's
+// eager forward computes) up to fp32 rounding.
+//
+// Layouts (gguf/quants.py has the same in numpy; element e of a block):
+//   Q4_1  fp16 d, fp16 m, 16 bytes: byte j low nibble e = j, high e = j + 16       w = d q + m
+//   Q5_0  fp16 d, uint32 qh (bit e: e's fifth bit), 16 bytes as Q4_1's            w = d (q - 16)
+//   Q5_1  fp16 d, fp16 m, qh, 16 bytes                                             w = d q + m
+//   Q4_K  fp16 d, fp16 dmin, 12 bytes of 6-bit scales and mins of 8 sub-blocks of 32, 128
+//         bytes: the 32 bytes of chunk c hold e = 64c + j (low) and 64c + 32 + j (high)
+//                                                                  w = d sc q - dmin mn
+//   Q5_K  as Q4_K with 32 bytes qh after the scales: bit s of qh[j] is the fifth bit of
+//         e = 32s + j                                               w = d sc q - dmin mn
+//   Q6_K  128 bytes ql, 64 bytes qh, 16 int8 scales (sub-blocks of 16), fp16 d; in half h
+//         (e = 128h + ...), e = 32t + j takes the low nibble (t = 0, 1) or high nibble (t = 2,
+//         3) of ql[64h + 32 (t % 2) + j] and bits 2t, 2t + 1 of qh[32h + j]  w = d sc (q - 32)
+#pragma once
+
+namespace emergence {
+
+constexpr bool is_ggml32(WeightKind k) { return k == WeightKind::Q4_1 || k == WeightKind::Q5_0 || k == WeightKind::Q5_1; }
+constexpr bool is_kquant(WeightKind k) { return k == WeightKind::Q4_K || k == WeightKind::Q5_K || k == WeightKind::Q6_K; }
+
+// Bytes of one block (32 elements) or super-block (256).
+constexpr int64_t ggml_block_bytes(WeightKind k) {
+  switch (k) {
+    case WeightKind::Q4_1: return 20;
+    case WeightKind::Q5_0: return 22;
+    case WeightKind::Q5_1: return 24;
+    case WeightKind::Q4_K: return 144;
+    case WeightKind::Q5_K: return 176;
+    case WeightKind::Q6_K: return 210;
+    default: return 0;
+  }
+}
+
+// x as Q8_K (quantize_row_q8_K_ref; quant/methods.py's quantize_activations_q8_k).
+struct QuantizedXK {
+  std::vector<int8_t> q;       // (K,)
+  std::vector<float> d;        // (K / 256,)
+  std::vector<int32_t> bsums;  // (K / 16,): the sum of q over each 16
+};
+
+inline void quantize_x_k(const float* x, int64_t K, QuantizedXK& out) {
+  out.q.resize(K), out.d.resize(K / 256), out.bsums.resize(K / 16);
+  for (int64_t b = 0; b < K / 256; ++b) {
+    const float* v = x + 256 * b;
+    int8_t* q = out.q.data() + 256 * b;
+    float amax = 0, top = 0;  // the first value of largest magnitude, with its sign
+    for (int j = 0; j < 256; ++j) {
+      if (std::fabs(v[j]) > amax) amax = std::fabs(v[j]), top = v[j];
+    }
+    if (amax == 0) {
+      std::fill(q, q + 256, 0), out.d[b] = 0;
+      std::fill(out.bsums.begin() + 16 * b, out.bsums.begin() + 16 * b + 16, 0);
+      continue;
+    }
+    const float iscale = -127.0f / top;
+    for (int j = 0; j < 256; ++j) q[j] = static_cast<int8_t>(std::min(127.0f, std::nearbyint(v[j] * iscale)));
+    out.d[b] = 1.0f / iscale;
+    for (int g = 0; g < 16; ++g) {
+      int32_t s = 0;
+      for (int j = 0; j < 16; ++j) s += q[16 * g + j];
+      out.bsums[16 * b + g] = s;
+    }
+  }
+}
+
+// Two 256-bit halves as one 512-bit vector (the first in the low half).
+__attribute__((target("avx512f")))
+inline __m512i join(__m256i first, __m256i second) {
+  return _mm512_inserti64x4(_mm512_castsi256_si512(first), second, 1);
+}
+
+// The 32 codes of a 32-block in element order: 16 bytes of nibbles, byte j's low nibble element
+// j and its high nibble element j + 16, plus (Q5) the fifth bits from the uint32 at qh.
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+inline __m256i codes32(const uint8_t* qs, const uint8_t* qh) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs)), low4 = _mm_set1_epi8(0x0F);
+  const __m256i nib = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), low4), _mm_and_si128(v, low4));
+  if (qh == nullptr) return nib;
+  uint32_t bits;
+  std::memcpy(&bits, qh, 4);
+  return _mm256_or_si256(nib, _mm256_maskz_set1_epi8(bits, 0x10));
+}
+
+// Q4_1 / Q5_0 / Q5_1 row times x quantized to Q8_0 (quantize_x with bias 16 for Q5_0, so its
+// accumulators start at -16 sum(q); 0 for the others, whose minimum m adds m d_x sum(q)). Two
+// blocks a step: one VPDPBUSD over their 64 codes, lanes 0-7 the first block's, 8-15 the second's.
+template <WeightKind KIND>
+__attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx512vnni")))
+float row_ggml32(const uint8_t* row, int64_t row_bytes, const QuantizedX& xq, int64_t K) {
+  constexpr int64_t bytes = ggml_block_bytes(KIND);
+  constexpr bool has_min = KIND != WeightKind::Q5_0;
+  auto codes = [](const uint8_t* blk) {
+    if constexpr (KIND == WeightKind::Q4_1) return codes32(blk + 4, nullptr);
+    else if constexpr (KIND == WeightKind::Q5_0) return codes32(blk + 6, blk + 2);
+    else return codes32(blk + 8, blk + 4);
+  };
+  auto init = [&](int64_t b) {
+    return KIND == WeightKind::Q5_0 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq.init.data() + 8 * b))
+                                    : _mm256_setzero_si256();
+  };
+  __m512 acc = _mm512_setzero_ps();
+  float mins = 0;
+  const int64_t blocks = K / 32;
+  int64_t b = 0;
+  for (; b + 2 <= blocks; b += 2) {
+    const uint8_t* blk = row + b * bytes;
+    _mm_prefetch(reinterpret_cast<const char*>(blk + PREFETCH_ROWS * row_bytes), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(blk + PREFETCH_ROWS * row_bytes + bytes), _MM_HINT_T0);
+    const __m512i dot = _mm512_dpbusd_epi32(join(init(b), init(b + 1)), join(codes(blk), codes(blk + bytes)),
+                                            _mm512_loadu_si512(xq.q.data() + 32 * b));
+    const __m512 scale = _mm512_insertf32x8(_mm512_set1_ps(f16_to_f32(blk) * xq.d[b]),
+                                            _mm256_set1_ps(f16_to_f32(blk + bytes) * xq.d[b + 1]), 1);
+    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc);
+    if constexpr (has_min) {
+      mins += f16_to_f32(blk + 2) * (xq.d[b] * static_cast<float>(xq.sum[b])) +
+              f16_to_f32(blk + bytes + 2) * (xq.d[b + 1] * static_cast<float>(xq.sum[b + 1]));
+    }
+  }
+  float tail = 0;
+  if (b < blocks) {  // an odd last block
+    const uint8_t* blk = row + b * bytes;
+    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq.q.data() + 32 * b));
+    const __m256i dot = _mm256_dpbusd_epi32(init(b), codes(blk), xv);
+    tail = hsum256(_mm256_mul_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(f16_to_f32(blk) * xq.d[b])));
+    if constexpr (has_min) mins += f16_to_f32(blk + 2) * (xq.d[b] * static_cast<float>(xq.sum[b]));
+  }
+  return _mm512_reduce_add_ps(acc) + tail + mins;
+}
+
+// Q4_K / Q5_K: sub-block j's 6-bit scale and minimum from the 12 packed bytes (get_scale_min_k4).
+inline void scale_min_k4(const uint8_t* q, uint8_t* sc, uint8_t* mn) {
+  for (int j = 0; j < 4; ++j) sc[j] = q[j] & 63, mn[j] = q[j + 4] & 63;
+  for (int j = 4; j < 8; ++j) {
+    sc[j] = (q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4);
+    mn[j] = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+  }
+}
+
+// Q4_K / Q5_K / Q6_K row times x quantized to Q8_K, 64 elements a step: VPMADDUBSW multiplies
+// their codes (<= 63) by q and adds neighbours (|sum| <= 2 * 63 * 128, no saturation), VPMADDWD
+// multiplies each pair by its sub-block's integer scale and adds pairs: 16 int32 lanes, lane L
+// holding elements 4L..4L+3 of the step. A super-block's lanes are exact in int32 and become
+// fp32 once, times d_x d; the minimums (Q4_K / Q5_K) and Q6_K's offset of 32 come from the sums
+// of q per 16.
+template <WeightKind KIND>
+__attribute__((target("avx512f,avx512vl,avx512bw")))
+float row_kquant(const uint8_t* row, int64_t row_bytes, const QuantizedXK& xq, int64_t K) {
+  constexpr int64_t bytes = ggml_block_bytes(KIND);
+  const __m256i low4 = _mm256_set1_epi8(0x0F), one = _mm256_set1_epi8(1), three = _mm256_set1_epi8(3);
+  __m512 acc = _mm512_setzero_ps();
+  float mins = 0;
+  for (int64_t s = 0; s < K / 256; ++s) {
+    const uint8_t* blk = row + s * bytes;
+    for (int64_t off = 0; off < bytes; off += 64) {
+      _mm_prefetch(reinterpret_cast<const char*>(blk + PREFETCH_ROWS * row_bytes + off), _MM_HINT_T0);
+    }
+    const int8_t* q8 = xq.q.data() + 256 * s;
+    const int32_t* bsums = xq.bsums.data() + 16 * s;
+    auto step = [&](__m256i first, __m256i second, int c, __m512i scale) {  // elements 64c..64c+63
+      const __m512i pairs = _mm512_maddubs_epi16(join(first, second), _mm512_loadu_si512(q8 + 64 * c));
+      return _mm512_madd_epi16(pairs, scale);
+    };
+    __m512i isum = _mm512_setzero_si512();
+    float d;
+    if constexpr (KIND == WeightKind::Q6_K) {
+      // int16 scales of the 16 sub-blocks; pair p of step c is in sub-block 4c + p / 8
+      const __m512i scales = _mm512_cvtepi8_epi16(_mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 192))));
+      const __m512i sub = _mm512_set_epi16(3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2,
+                                           1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+      int32_t offset = 0;  // the codes are q + 32: take 32 sc sum(q) back per sub-block of 16
+      for (int j = 0; j < 16; ++j) offset += static_cast<int8_t>(blk[192 + j]) * bsums[j];
+      for (int h = 0; h < 2; ++h) {
+        const uint8_t* ql = blk + 64 * h;
+        const __m256i l0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql));
+        const __m256i l1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql + 32));
+        const __m256i hb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 128 + 32 * h));
+        auto high = [&](int shift) { return _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, shift), three), 4); };
+        const __m256i e0 = _mm256_or_si256(_mm256_and_si256(l0, low4), high(0));
+        const __m256i e1 = _mm256_or_si256(_mm256_and_si256(l1, low4), high(2));
+        const __m256i e2 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), low4), high(4));
+        const __m256i e3 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), low4), high(6));
+        for (int t = 0; t < 2; ++t) {
+          const int c = 2 * h + t;
+          const __m512i scale = _mm512_permutexvar_epi16(_mm512_add_epi16(sub, _mm512_set1_epi16(4 * c)), scales);
+          isum = _mm512_add_epi32(isum, t == 0 ? step(e0, e1, c, scale) : step(e2, e3, c, scale));
+        }
+      }
+      isum = _mm512_mask_sub_epi32(isum, 1, isum, _mm512_set1_epi32(32 * offset));  // lane 0
+      d = f16_to_f32(blk + 208);
+    } else {
+      uint8_t sc[8], mn[8];
+      scale_min_k4(blk + 4, sc, mn);
+      int32_t summ = 0;
+      for (int j = 0; j < 8; ++j) summ += mn[j] * (bsums[2 * j] + bsums[2 * j + 1]);
+      const uint8_t* qs = blk + (KIND == WeightKind::Q5_K ? 48 : 16);
+      const __m256i qh = KIND == WeightKind::Q5_K ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 16))
+                                                  : _mm256_setzero_si256();
+      for (int c = 0; c < 4; ++c) {  // sub-blocks 2c (low nibbles) and 2c + 1 (high)
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 32 * c));
+        __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+        if constexpr (KIND == WeightKind::Q5_K) {
+          lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * c), one), 4));
+          hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * c + 1), one), 4));
+        }
+        const __m512i scale = join(_mm256_set1_epi16(sc[2 * c]), _mm256_set1_epi16(sc[2 * c + 1]));
+        isum = _mm512_add_epi32(isum, step(lo, hi, c, scale));
+      }
+      d = f16_to_f32(blk);
+      mins += xq.d[s] * (f16_to_f32(blk + 2) * static_cast<float>(summ));
+    }
+    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(xq.d[s] * d), acc);
+  }
+  return _mm512_reduce_add_ps(acc) - mins;
+}
+
+// y (N,) = W x for the formats above; rows split across threads. xq / xk: x quantized (the
+// caller's, prepared before).
+inline void ggml_gemv_rows(const QuantMatrix& m, const QuantizedX& xq, const QuantizedXK& xk, float* y, int64_t r0,
+                           int64_t r1) {
+  const int64_t K = m.K, rb = m.row_bytes;
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* row = m.data + r * rb;
+    switch (m.kind) {
+      case WeightKind::Q4_1: y[r] = row_ggml32<WeightKind::Q4_1>(row, rb, xq, K); break;
+      case WeightKind::Q5_0: y[r] = row_ggml32<WeightKind::Q5_0>(row, rb, xq, K); break;
+      case WeightKind::Q5_1: y[r] = row_ggml32<WeightKind::Q5_1>(row, rb, xq, K); break;
+      case WeightKind::Q4_K: y[r] = row_kquant<WeightKind::Q4_K>(row, rb, xk, K); break;
+      case WeightKind::Q5_K: y[r] = row_kquant<WeightKind::Q5_K>(row, rb, xk, K); break;
+      default: y[r] = row_kquant<WeightKind::Q6_K>(row, rb, xk, K); break;
+    }
+  }
+}
+
+// Row r as fp32, the values of gguf/quants.py's dequantize (the same fp32 operations: the scale
+// products first, then a multiply and an add or subtract).
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+inline void ggml_dequantize_row(const QuantMatrix& m, int64_t r, float* w) {
+  const uint8_t* row = m.data + r * m.row_bytes;
+  const int64_t bytes = ggml_block_bytes(m.kind);
+  alignas(64) uint8_t q[256];
+  if (is_ggml32(m.kind)) {
+    for (int64_t b = 0; b < m.K / 32; ++b) {
+      const uint8_t* blk = row + b * bytes;
+      const __m256i codes = m.kind == WeightKind::Q4_1   ? codes32(blk + 4, nullptr)
+                            : m.kind == WeightKind::Q5_0 ? codes32(blk + 6, blk + 2)
+                                                         : codes32(blk + 8, blk + 4);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(q), codes);
+      const float d = f16_to_f32(blk);
+      float* out = w + 32 * b;
+      if (m.kind == WeightKind::Q5_0) {
+        for (int j = 0; j < 32; ++j) out[j] = d * static_cast<float>(q[j] - 16);
+      } else {
+        const float mn = f16_to_f32(blk + 2);
+        for (int j = 0; j < 32; ++j) out[j] = d * static_cast<float>(q[j]) + mn;
+      }
+    }
+    return;
+  }
+  for (int64_t s = 0; s < m.K / 256; ++s) {
+    const uint8_t* blk = row + s * bytes;
+    float* out = w + 256 * s;
+    if (m.kind == WeightKind::Q6_K) {
+      const float d = f16_to_f32(blk + 208);
+      for (int h = 0; h < 2; ++h) {
+        for (int t = 0; t < 4; ++t) {
+          for (int j = 0; j < 32; ++j) {
+            const uint8_t low = blk[64 * h + 32 * (t % 2) + j] >> (t < 2 ? 0 : 4) & 0x0F;
+            q[128 * h + 32 * t + j] = low | (((blk[128 + 32 * h + j] >> (2 * t)) & 3) << 4);
+          }
+        }
+      }
+      for (int g = 0; g < 16; ++g) {
+        const float dsc = d * static_cast<float>(static_cast<int8_t>(blk[192 + g]));
+        for (int j = 0; j < 16; ++j) out[16 * g + j] = dsc * static_cast<float>(q[16 * g + j] - 32);
+      }
+      continue;
+    }
+    uint8_t sc[8], mn[8];
+    scale_min_k4(blk + 4, sc, mn);
+    const uint8_t* qs = blk + (m.kind == WeightKind::Q5_K ? 48 : 16);
+    for (int c = 0; c < 4; ++c) {
+      for (int j = 0; j < 32; ++j) {
+        q[64 * c + j] = qs[32 * c + j] & 0x0F, q[64 * c + 32 + j] = qs[32 * c + j] >> 4;
+        if (m.kind == WeightKind::Q5_K) {
+          q[64 * c + j] |= ((blk[16 + j] >> (2 * c)) & 1) << 4;
+          q[64 * c + 32 + j] |= ((blk[16 + j] >> (2 * c + 1)) & 1) << 4;
+        }
+      }
+    }
+    const float d = f16_to_f32(blk), dmin = f16_to_f32(blk + 2);
+    for (int g = 0; g < 8; ++g) {
+      const float dsc = d * static_cast<float>(sc[g]), dm = dmin * static_cast<float>(mn[g]);
+      for (int j = 0; j < 32; ++j) out[32 * g + j] = dsc * static_cast<float>(q[32 * g + j]) - dm;
+    }
+  }
+}
+
+}  // namespace emergence
