@@ -740,14 +740,14 @@ def test_the_two_row_walks_give_the_same_bits(fmt, ext):
         assert (split != one_row).sum() > n // 2
 
 
-@pytest.mark.parametrize("qtype_name", ["Q8_0", "Q4_0"])
+@pytest.mark.parametrize("qtype_name", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"])
 @pytest.mark.parametrize("rows, shape", [(1, (7, 32)), (5, (67, 96)), (128, (300, 576)), (9, (64, 1536))])
 def test_ggml_block_gemm_is_llama_cpps_product_for_every_row(qtype_name, rows, shape, ext):
-    """The prefill product on the packed blocks (qgemm: tiles of 4 x 4, two blocks per VNNI
-    instruction): each row equals the dequantized weight times that row quantized to 8 bits per
-    block, to within fp32 scaling and summation, whatever the row, column and block counts
-    (odd ones included)."""
-    if ext is None:  # the fixture checked the fallback
+    """The prefill product on the packed blocks (qgemm: tiles of 16 weight rows, 4 columns per
+    VNNI instruction): each row equals the dequantized weight times that row quantized to 8
+    bits per block, to within fp32 scaling and summation, whatever the row, column and block
+    counts (odd ones included); Q4_1 / Q5_1's minimums included."""
+    if ext is None or qtype_name.lower() not in ext.weight_kinds:  # the fixture checked the fallback; no VNNI
         return
     from emergence.gguf.quants import GGMLType, dequantize, quantize
     from emergence.quant.methods import quantize_activations_q8_0

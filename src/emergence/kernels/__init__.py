@@ -117,8 +117,8 @@ def native_dequantize(module: nn.Module) -> torch.Tensor | None:
                                  ops.tensor_scale, module.out_features, module.in_features)
 
 
-# The own formats whose prompts qgemm widens a tile of rows at a time (ggml's Q8_0 and Q4_0 it
-# multiplies on their blocks).
+# The own formats whose prompts qgemm widens a tile of rows at a time (ggml's 32-blocks it
+# multiplies on their blocks, quant.linear.GGML_BLOCK_GEMM_FORMATS).
 WIDENED_FORMATS = ("int8", "int4", "nf4", "ternary")
 # Of those, the 4-bit ones that multiply in bf16 with fp32 sums on a CPU with AVX512-BF16 (AMX
 # tiles where it has them), as bitsandbytes' 4-bit layers compute in their bf16 compute dtype: a 4-bit
@@ -151,7 +151,7 @@ def bf16_prompt_products() -> bool:
 
 def native_qgemm(module: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
     """x (..., K) times a packed layer's weight, plus `bias` (added to the fp32 result, which is
-    then rounded once to x's dtype) (quant_rows.h): q8_0 / q4_0 on their blocks (qgemm_ggml: x
+    then rounded once to x's dtype) (quant_rows.h): q8_0 / q4_0 / q4_1 / q5_0 / q5_1 on their blocks (qgemm_ggml: x
     quantized to Q8_0 per row, integer dot products per block, llama.cpp's numerics); int8 /
     int4 / NF4 / ternary for fp32 x, the weight widened a tile of rows at a time and multiplied
     with torch's BLAS (qgemm_widened: the values of x times dequantize(), the fp32 matrix never

@@ -21,12 +21,12 @@
 //   from g_blas_rows rows on, torch's BLAS, blas.h), so the weights are read once per call
 //   instead of once per row. Only the rows named in out_rows (each sequence's last token) go
 //   through the final norm and the output head.
-// Packed Q8_0 / Q4_0 weights multiply 3 rows or more on their blocks (qgemm_ggml); a prompt's 16
-// rows or more through int4 / NF4 weights take the eager forward's products where the caller
-// asks (forward's prompt_products: the weight widened a tile at a time, qgemm_widened); the
-// other packed formats (ggml's Q4_1 / Q5_x and K-quants among them, ggml_rows.h), and every
-// decoding step, keep their GEMV, row after row. A fused matrix stacked from parts of different
-// formats (a GGUF's q/k/v in Q4_K and Q6_K) runs each part's GEMV into its rows.
+// Packed Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1 weights multiply 3 rows or more on their blocks
+// (qgemm_ggml); a prompt's 16 rows or more through int4 / NF4 weights take the eager forward's
+// products where the caller asks (forward's prompt_products: the weight widened a tile at a
+// time, qgemm_widened); the other packed formats (ggml's K-quants among them, ggml_rows.h), and
+// every decoding step, keep their GEMV, row after row. A fused matrix stacked from parts of
+// different formats (a GGUF's q/k/v in Q4_K and Q6_K) runs each part's GEMV into its rows.
 // Norms, RoPE, attention over the KV cache, activations and residuals run in plain loops (the
 // softmax and SiLU on a 16-lane exp, exp16).
 //
@@ -762,7 +762,7 @@ class DecodePlan {
   // of 16 weight rows first); int4 and NF4 a prompt's rows from kWidenedRows on, widened a tile
   // at a time, when prompt_products_ says so; the other packed formats run their GEMV row by row.
   void linear(const Linear& L, const float* x, int64_t B, float* y) {
-    const bool ggml = L.q.kind == emergence::WeightKind::Q8_0 || L.q.kind == emergence::WeightKind::Q4_0;
+    const bool ggml = L.parts.empty() && emergence::ggml_block_gemm(L.q.kind);
     const bool four_bit = L.q.kind == emergence::WeightKind::INT4 || L.q.kind == emergence::WeightKind::NF4;
     const bool on_blocks = ggml && B >= 3 && L.act_bits == 0 && emergence::kHasAvx512Vnni;
     const bool widened = four_bit && prompt_products_ != 0 && B >= kWidenedRows;
@@ -1035,7 +1035,7 @@ class DecodePlan {
   // activated vectors, logits, each row's RoPE cos and sin (global, then local).
   Buffer<float> x_, xn_, tmp_, par_, qkv_, attn_, hidden_, act_, logits_, cos_, sin_, cq_;  // cq_: cross queries
   Buffer<float> moe_logits_, moe_x_, moe_h_, moe_a_, moe_out_, moe_gate_;  // the rows through the experts
-  emergence::QuantizedRows qrows_;  // the rows quantized for a product on Q8_0 / Q4_0 blocks
+  emergence::QuantizedRows qrows_;  // the rows quantized for a product on ggml blocks (qgemm_ggml)
   // A prompt's products for int4 and NF4 weights (forward's prompt_products): 0 their GEMV row
   // by row (a decoding step: a row's result never depends on its batch), 1 the weight widened a
   // tile of rows at a time to fp32, 2 to bf16 with x rounded to bf16 (qgemm_widened, the eager

@@ -27,7 +27,8 @@ from ..kv_cache import PagedKVCache
 # The longest prompt prefilled natively, where that is faster than the eager forward
 # (bench/bench_batched.py, smollm2-135m shapes, 2 threads; bench/results/batched.json): fp32
 # weights up to 64 tokens; bf16 up to 16 (from 32, oneDNN's bf16 GEMM is ahead); q8_0 and q4_0
-# blocks up to 128 (both paths multiply on the packed blocks, qgemm_ggml); the other packed
+# blocks (and q4_1 / q5_0 / q5_1's, on the same kernel) up to 128 (both paths multiply on the
+# packed blocks, qgemm_ggml); the other packed
 # formats up to 4 (their kernels read the weights once per token, where the eager path
 # multiplies all the tokens at once, the weight widened a tile of rows at a time).
 # Where the fp32 products run on oneDNN (AMD CPUs, blas.h), the native prefill stays ahead of

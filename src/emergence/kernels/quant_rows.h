@@ -214,7 +214,7 @@ void rows_ggml_vnni(const uint8_t* row, int64_t row_bytes, const QuantizedX& xq,
 #include "ggml_rows.h"  // Q4_1, Q5_0, Q5_1 and the K-quants, on QuantizedX / QuantizedXK
 namespace emergence {
 
-// ------------------------------------------- ggml Q8_0 / Q4_0 times many rows (prefill)
+// ----------------------------- ggml Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1 times many rows (prefill)
 // Y (M, N) = X (M, K) W^T on the packed blocks, never dequantizing W: each row of X is quantized
 // as quantize_x does (llama.cpp's Q8_0 activations) and every block's dot product runs on
 // integers, scaled by the two blocks' scales into fp32 sums, as llama.cpp's CPU matrix products
@@ -222,14 +222,23 @@ namespace emergence {
 // A tile of 16 weight rows is unpacked once (to w + bias, unsigned) with the rows interleaved
 // four bytes at a time, so one VPDPBUSD multiplies 4 columns of all 16 rows by 4 bytes of one
 // activation row broadcast to every lane: the 16 lanes are the 16 outputs, and a block's 8
-// instructions need one convert and one scaled add, with no horizontal sum.
+// instructions need one convert and one scaled add, with no horizontal sum. Q4_1 / Q5_0 / Q5_1
+// unpack to their unsigned codes (ggml_rows.h's codes32): Q5_0's offset of 16 is the bias, and
+// Q4_1 / Q5_1 add each block's minimum times d_x sum(q) of the activation row.
 constexpr int kQgemmRows = 16, kQgemmCols = 8;
+
+// The bias a ggml block format's unsigned codes carry (codes - bias = the signed values the
+// block's scale multiplies; 0 where the format has a minimum instead).
+constexpr int ggml_bias(WeightKind k) {
+  return k == WeightKind::Q8_0 ? 128 : k == WeightKind::Q4_0 ? 8 : k == WeightKind::Q5_0 ? 16 : 0;
+}
 
 struct QuantizedRows {
   int64_t M = 0, blocks = 0;   // rows (padded to a multiple of kQgemmCols), blocks per row
   std::vector<int8_t> q;       // (M, K)
   std::vector<float> d;        // (M, blocks): the block scales
   std::vector<int32_t> init;   // (M, blocks): -bias * the block's sum of q
+  std::vector<float> dsum;     // (M, blocks): d * the block's sum of q (the minimums' factor)
 };
 
 // In a team (team.h) `out` must be shared by its threads.
@@ -238,6 +247,7 @@ inline void quantize_rows(const float* x, int64_t M, int64_t K, int bias, Quanti
   serially([&] {
     out.M = (M + kQgemmCols - 1) / kQgemmCols * kQgemmCols, out.blocks = nb;
     out.q.assign(out.M * K, 0), out.d.assign(out.M * nb, 0.0f), out.init.assign(out.M * nb, 0);
+    out.dsum.assign(out.M * nb, 0.0f);
   });
   parallel_rows(0, M, 16, [&](int64_t t0, int64_t t1) {
     QuantizedX row;
@@ -245,18 +255,24 @@ inline void quantize_rows(const float* x, int64_t M, int64_t K, int bias, Quanti
       quantize_x(x + t * K, K, bias, row);
       std::memcpy(out.q.data() + t * K, row.q.data(), K);
       std::memcpy(out.d.data() + t * nb, row.d.data(), nb * sizeof(float));
-      for (int64_t b = 0; b < nb; ++b) out.init[t * nb + b] = row.init[8 * b];
+      for (int64_t b = 0; b < nb; ++b) {
+        out.init[t * nb + b] = row.init[8 * b];
+        out.dsum[t * nb + b] = row.d[b] * static_cast<float>(row.sum[b]);
+      }
     }
   });
 }
 
-template <bool Q4>
+template <WeightKind KIND>
 __attribute__((target("avx512f,avx512vl,avx512bw,avx512vnni")))
 void qgemm_ggml_rows(const QuantMatrix& m, const QuantizedRows& X, float* y, int64_t M, int64_t r0, int64_t r1) {
   constexpr int R = kQgemmRows, T = kQgemmCols;
-  const int64_t K = m.K, nb = K / 32, N = m.N, block_bytes = Q4 ? 18 : 34;
+  constexpr bool has_min = KIND == WeightKind::Q4_1 || KIND == WeightKind::Q5_1;
+  const int64_t K = m.K, nb = K / 32, N = m.N;
+  const int64_t block_bytes = KIND == WeightKind::Q4_0 ? 18 : KIND == WeightKind::Q8_0 ? 34 : ggml_block_bytes(KIND);
   std::vector<uint8_t> wq(nb * 8 * 64);  // block b, column group g (4 columns): 16 rows x 4 bytes
   std::vector<float> wd(nb * 16);        // block b: the 16 rows' scales
+  std::vector<float> wm(has_min ? nb * 16 : 0);  // and their minimums
   alignas(64) uint8_t stage[R][32] = {};  // one block of each row, unpacked
   const __m128i low4 = _mm_set1_epi8(0x0F);
   const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
@@ -264,17 +280,23 @@ void qgemm_ggml_rows(const QuantMatrix& m, const QuantizedRows& X, float* y, int
                                              _mm512_set1_epi32(8));  // row i's dword 0 in `stage`
   for (int64_t r = r0; r < r1; r += R) {
     const int rows = static_cast<int>(std::min<int64_t>(R, r1 - r));
-    std::memset(stage, 0, sizeof(stage)), std::fill(wd.begin(), wd.end(), 0.0f);
+    std::memset(stage, 0, sizeof(stage)), std::fill(wd.begin(), wd.end(), 0.0f), std::fill(wm.begin(), wm.end(), 0.0f);
     for (int64_t b = 0; b < nb; ++b) {
       for (int i = 0; i < rows; ++i) {
         const uint8_t* blk = m.data + (r + i) * m.row_bytes + b * block_bytes;
-        if constexpr (Q4) {  // byte j: element j in the low nibble, element j + 16 in the high one
+        if constexpr (KIND == WeightKind::Q4_0) {  // byte j: element j in the low nibble, element j + 16 in the high one
           const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2));
           _mm_store_si128(reinterpret_cast<__m128i*>(stage[i]), _mm_and_si128(v, low4));
           _mm_store_si128(reinterpret_cast<__m128i*>(stage[i] + 16), _mm_and_si128(_mm_srli_epi16(v, 4), low4));
-        } else {
+        } else if constexpr (KIND == WeightKind::Q8_0) {
           const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
           _mm256_store_si256(reinterpret_cast<__m256i*>(stage[i]), _mm256_xor_si256(v, flip));
+        } else {
+          const __m256i v = KIND == WeightKind::Q4_1   ? codes32(blk + 4, nullptr)
+                            : KIND == WeightKind::Q5_0 ? codes32(blk + 6, blk + 2)
+                                                       : codes32(blk + 8, blk + 4);
+          _mm256_store_si256(reinterpret_cast<__m256i*>(stage[i]), v);
+          if constexpr (has_min) wm[b * 16 + i] = f16_to_f32(blk + 2);
         }
         wd[b * 16 + i] = f16_to_f32(blk);
       }
@@ -301,21 +323,34 @@ void qgemm_ggml_rows(const QuantMatrix& m, const QuantizedRows& X, float* y, int
         for (int j = 0; j < T; ++j)
           acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[j]), _mm512_mul_ps(dw, _mm512_set1_ps(X.d[(t + j) * nb + b])),
                                    acc[j]);
+        if constexpr (has_min) {
+          const __m512 mw = _mm512_loadu_ps(wm.data() + b * 16);
+          for (int j = 0; j < T; ++j) acc[j] = _mm512_fmadd_ps(mw, _mm512_set1_ps(X.dsum[(t + j) * nb + b]), acc[j]);
+        }
       }
       for (int j = 0; j < T && t + j < M; ++j) _mm512_mask_storeu_ps(y + (t + j) * N + r, keep, acc[j]);
     }
   }
 }
 
-// Y (M, N) fp32 = X (M, K) W^T for a Q8_0 or Q4_0 W (the caller checks: kHasAvx512Vnni); tiles
-// of 16 rows of W split across threads. X: scratch for x quantized, shared in a team.
+// Whether qgemm_ggml multiplies this kind on its blocks.
+constexpr bool ggml_block_gemm(WeightKind k) { return k == WeightKind::Q8_0 || k == WeightKind::Q4_0 || is_ggml32(k); }
+
+// Y (M, N) fp32 = X (M, K) W^T for a Q8_0, Q4_0, Q4_1, Q5_0 or Q5_1 W (the caller checks:
+// kHasAvx512Vnni); tiles of 16 rows of W split across threads. X: scratch for x quantized,
+// shared in a team.
 inline void qgemm_ggml(const QuantMatrix& m, const float* x, int64_t M, float* y, QuantizedRows& X) {
-  const bool q4 = m.kind == WeightKind::Q4_0;
-  quantize_rows(x, M, m.K, q4 ? 8 : 128, X);
+  quantize_rows(x, M, m.K, ggml_bias(m.kind), X);
   const int64_t tiles = (m.N + kQgemmRows - 1) / kQgemmRows;
   parallel_rows(0, tiles, 1, [&](int64_t a, int64_t b) {
     const int64_t r0 = a * kQgemmRows, r1 = std::min(m.N, b * kQgemmRows);
-    q4 ? qgemm_ggml_rows<true>(m, X, y, M, r0, r1) : qgemm_ggml_rows<false>(m, X, y, M, r0, r1);
+    switch (m.kind) {
+      case WeightKind::Q4_0: qgemm_ggml_rows<WeightKind::Q4_0>(m, X, y, M, r0, r1); break;
+      case WeightKind::Q4_1: qgemm_ggml_rows<WeightKind::Q4_1>(m, X, y, M, r0, r1); break;
+      case WeightKind::Q5_0: qgemm_ggml_rows<WeightKind::Q5_0>(m, X, y, M, r0, r1); break;
+      case WeightKind::Q5_1: qgemm_ggml_rows<WeightKind::Q5_1>(m, X, y, M, r0, r1); break;
+      default: qgemm_ggml_rows<WeightKind::Q8_0>(m, X, y, M, r0, r1); break;
+    }
   });
 }
 
