@@ -1,7 +1,10 @@
-"""Quantized GGUF files as emergence loads them: memory, load time and decode speed, same run.
+"""Quantized GGUF files as emergence loads them: memory, load time, decode and prefill speed, same run.
 
 The smollm2-135m architecture with random weights (as bench_quant.py), exported by emergence
-to GGUF Q8_0 and Q4_0 (every matrix in the type, the tied token table included). For each file:
+to GGUF Q8_0 and Q4_0 (every matrix in the type, the tied token table included), and the
+same weights' F32 export quantized by llama.cpp's own quantizer into its Q4_K_M, Q5_K_M and
+Q6_K files (its mixes: Q4_K / Q5_K / Q6_K where rows fill 256-blocks, Q5_0 / Q5_1 / Q8_0 for the
+576-wide rows, Q6_K for some attn_v and ffn_down, as a SmolLM2 download is made). For each file:
 
 - its size, and the peak resident memory while loading it in a fresh process (growth over the
   process before, its modules imported), kept quantized (`emergence.load`: the file's blocks in
@@ -9,12 +12,14 @@ to GGUF Q8_0 and Q4_0 (every matrix in the type, the tied token table included).
   GGUF loaded before); seconds to load each way;
 - batch-1 decode tokens/s of emergence on the loaded file (`stream`, the user path) beside
   the same weights quantized by emergence itself (bench_quant.py's q8_0 / q4_0 engine: every
-  linear layer, the head included) and llama.cpp's own llama-bench on the same file (tg), the
-  engines interleaved round by round; medians, with their ranges.
+  linear layer, the head included; none for llama.cpp's mixes) and llama.cpp's own llama-bench
+  on the same file (tg), and the prefill of a 128-token prompt by each on the file (llama-bench's
+  pp128), the engines interleaved round by round; medians, with their ranges.
 
     python bench/bench_gguf_load.py [--rounds 5] [--new-tokens 64]
 
-Writes bench/results/gguf_load.json; the README's table is `render_table` of it.
+Writes bench/results/gguf_load.json (gguf_load_amd.json on an AMD CPU); the README's tables are
+`render_table` of them.
 """
 
 from __future__ import annotations
@@ -30,8 +35,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_quant import llama_bench_engine, model_engine, our_engine, synthetic_tokenizer  # noqa: E402
-from provenance import write_result  # noqa: E402
+from bench_quant import _prefill_seconds, llama_bench_engine, model_engine, our_engine, synthetic_tokenizer  # noqa: E402
+from provenance import result_path, write_result  # noqa: E402
 
 from emergence import Config  # noqa: E402
 from emergence.model import Transformer  # noqa: E402
@@ -39,6 +44,8 @@ from emergence.weights.gguf_model import load_gguf, save_gguf  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TYPES = ("q8_0", "q4_0")
+# llama.cpp's quantizer's file types (llama_ftype) made from the F32 export
+LLAMA_CPP_MIXES = {"Q4_K_M": 15, "Q5_K_M": 17, "Q6_K": 18}
 # A fresh process: load a small file first (modules imported, allocator warm), reset the peak,
 # load the file; prints the peak's growth in bytes and the seconds.
 PROBE = """
@@ -66,30 +73,50 @@ def load_cost(path: Path, small: Path, dequantize: bool) -> tuple[int, float]:
 
 
 def render_table(result: dict) -> str:
-    """The README's table: per GGUF type, memory to load and decode speed."""
+    """The README's table: per GGUF file, memory to load, decode and (where measured) prefill speed."""
+    prefill = any("gguf_prefill_tok_s" in r for r in result["files"].values())
     rows = ["| GGUF file | size | peak RSS loading it (kept quantized) | loading it dequantized to fp32 | "
             "emergence decode on the file, tok/s (range) | the same weights quantized by emergence | "
-            "llama-bench on the file (tg) |", "|---|---|---|---|---|---|---|"]
+            "llama-bench on the file (tg) |" + (" prefill of 128 tokens, tok/s: emergence / llama-bench (pp128) |"
+                                                if prefill else ""),
+            "|---|---|---|---|---|---|---|" + ("---|" if prefill else "")]
 
     def rate(r: dict, key: str) -> str:
+        if f"{key}_tok_s" not in r:
+            return "-"
         lo, hi = r[f"{key}_range"]
         return f"{r[f'{key}_tok_s']:.0f} ({lo:.0f}-{hi:.0f})"
 
     for kind, r in result["files"].items():
         size = r["file_bytes"]
-        rows.append(f"| {kind.upper()} | {size / 1e6:.0f} MB | {r['packed_rss_bytes'] / 1e6:.0f} MB "
-                    f"({r['packed_rss_bytes'] / size:.2f}x), {r['packed_load_s']:.2f} s | "
-                    f"{r['float_rss_bytes'] / 1e6:.0f} MB ({r['float_rss_bytes'] / size:.1f}x), "
-                    f"{r['float_load_s']:.2f} s | {rate(r, 'gguf_decode')} | {rate(r, 'quantized_decode')} | "
-                    f"{rate(r, 'llama_bench_decode')} |")
+        ratio = r["gguf_decode_tok_s"] / r["llama_bench_decode_tok_s"]
+        row = (f"| {kind.upper()} | {size / 1e6:.0f} MB | {r['packed_rss_bytes'] / 1e6:.0f} MB "
+               f"({r['packed_rss_bytes'] / size:.2f}x), {r['packed_load_s']:.2f} s | "
+               f"{r['float_rss_bytes'] / 1e6:.0f} MB ({r['float_rss_bytes'] / size:.1f}x), "
+               f"{r['float_load_s']:.2f} s | {rate(r, 'gguf_decode')}, {ratio:.2f}x llama-bench | "
+               f"{rate(r, 'quantized_decode')} | {rate(r, 'llama_bench_decode')} |")
+        if prefill:
+            row += (f" {r['gguf_prefill_tok_s']:.0f} / {r['llama_bench_prefill_tok_s']:.0f} "
+                    f"({r['gguf_prefill_tok_s'] / r['llama_bench_prefill_tok_s']:.2f}x) |")
+        rows.append(row)
     return "\n".join(rows)
+
+
+def llama_cpp_quantize(src: Path, dst: Path, ftype: int) -> None:
+    """llama.cpp's quantizer (llama-cpp-python's binding to the same source as llama-bench; no
+    importance matrix), in a subprocess: it prints a line per tensor."""
+    code = ("import sys, llama_cpp\n"
+            "p = llama_cpp.llama_model_quantize_default_params()\n"
+            f"p.ftype, p.nthread = {ftype}, 2\n"
+            f"sys.exit(llama_cpp.llama_model_quantize({str(src).encode()!r}, {str(dst).encode()!r}, p))")
+    subprocess.run([sys.executable, "-c", code], capture_output=True, check=True)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "gguf_load.json"))
+    parser.add_argument("--out", default=str(ROOT / result_path("gguf_load")))
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -97,16 +124,23 @@ def main() -> int:
     base = Transformer(config).eval()
     tokenizer = synthetic_tokenizer(config.vocab_size)
     prompt = torch.randint(3, config.vocab_size, (16,)).tolist()
+    long_prompt = torch.randint(3, config.vocab_size, (128,)).tolist()
     print(f"smollm2-135m architecture, random weights; {torch.get_num_threads()} threads", flush=True)
     result = {"rounds": args.rounds, "new_tokens": args.new_tokens, "files": {}}
     with tempfile.TemporaryDirectory() as tmp:
         small_config = Config(**{**config.to_dict(), "n_layer": 1, "n_embd": 64, "n_head": 2, "n_kv_head": 1,
                                  "intermediate_size": 64, "vocab_size": 512})
-        engines, samples = {}, {}
-        for kind in TYPES:
+        engines, prefills, samples = {}, {}, {}
+        save_gguf(base, tokenizer, Path(tmp) / "f32.gguf", "f32")
+        save_gguf(Transformer(small_config), synthetic_tokenizer(512), Path(tmp) / "small-f32.gguf", "f32")
+        for kind in (*TYPES, *LLAMA_CPP_MIXES):
             path, small = Path(tmp) / f"{kind}.gguf", Path(tmp) / f"small-{kind}.gguf"
-            save_gguf(base, tokenizer, path, kind)
-            save_gguf(Transformer(small_config), synthetic_tokenizer(512), small, kind)
+            if kind in LLAMA_CPP_MIXES:
+                llama_cpp_quantize(Path(tmp) / "f32.gguf", path, LLAMA_CPP_MIXES[kind])
+                llama_cpp_quantize(Path(tmp) / "small-f32.gguf", small, LLAMA_CPP_MIXES[kind])
+            else:
+                save_gguf(base, tokenizer, path, kind)
+                save_gguf(Transformer(small_config), synthetic_tokenizer(512), small, kind)
             packed, float_ = load_cost(path, small, False), load_cost(path, small, True)
             result["files"][kind] = {"file_bytes": path.stat().st_size, "packed_rss_bytes": packed[0],
                                      "packed_load_s": packed[1], "float_rss_bytes": float_[0],
@@ -116,22 +150,32 @@ def main() -> int:
                   flush=True)
             model, _, gguf_tokenizer = load_gguf(path)
             engines[f"gguf-{kind}"] = model_engine(model, gguf_tokenizer, prompt, args.new_tokens)[0]
-            engines[f"quantized-{kind}"] = our_engine(base, tokenizer, torch.float32, kind, {}, prompt, args.new_tokens)[0]
+            prefills[f"gguf-{kind}"] = model_engine(model, gguf_tokenizer, long_prompt, 1)[1]
+            if kind in TYPES:
+                engines[f"quantized-{kind}"] = our_engine(base, tokenizer, torch.float32, kind, {}, prompt,
+                                                          args.new_tokens)[0]
             engines[f"llama-bench-{kind}"] = llama_bench_engine(path, prompt)[0]
-        samples = {name: [] for name in engines}
+            prefills[f"llama-bench-{kind}"] = llama_bench_engine(path, long_prompt)[1]
+        samples = {name: [] for name in [*engines, *(f"{n}-prefill" for n in prefills)]}
         for decode in engines.values():  # warm-up
             decode(2)
+        for prefill in prefills.values():
+            prefill()
         for r in range(args.rounds):
             for name, decode in engines.items():
                 samples[name].append((args.new_tokens - 1) / decode(args.new_tokens))
+            for name, prefill in prefills.items():
+                samples[f"{name}-prefill"].append(len(long_prompt) / _prefill_seconds(prefill))
             print(f"  round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {s[-1]:.0f}" for n, s in samples.items()),
                   flush=True)
-    for kind in TYPES:
+    for kind in result["files"]:
         for engine, key in (("gguf", "gguf_decode"), ("quantized", "quantized_decode"),
-                            ("llama-bench", "llama_bench_decode")):
-            s = samples[f"{engine}-{kind}"]
-            result["files"][kind][f"{key}_tok_s"] = statistics.median(s)
-            result["files"][kind][f"{key}_range"] = [min(s), max(s)]
+                            ("llama-bench", "llama_bench_decode"), ("gguf", "gguf_prefill"),
+                            ("llama-bench", "llama_bench_prefill")):
+            s = samples.get(f"{engine}-{kind}" + ("-prefill" if key.endswith("prefill") else ""))
+            if s:
+                result["files"][kind][f"{key}_tok_s"] = statistics.median(s)
+                result["files"][kind][f"{key}_range"] = [min(s), max(s)]
     print("\n" + render_table(result))
     write_result(Path(args.out), result, "bench/bench_gguf_load.py", sys.argv[1:], torch.get_num_threads())
     return 0

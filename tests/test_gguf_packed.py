@@ -29,7 +29,7 @@ from emergence.gguf import quants as ggml
 from emergence.kv_cache import PagedKVCache
 from emergence.kernels.fused_decode import unsupported
 from emergence.quant import quantize_model
-from emergence.quant.linear import GGML_BLOCK_GEMM_FORMATS, GGMLEmbedding, GGMLLinear, StackedLinear, has_ggml_kernel
+from emergence.quant.linear import GGMLEmbedding, GGMLLinear, StackedLinear, has_ggml_kernel
 from emergence.weights.gguf_model import load_gguf, save_gguf
 
 from test_gguf_model import (PROMPT, llama_cpp_greedy, llama_cpp_model,  # noqa: E402
@@ -105,9 +105,8 @@ def test_a_quantized_gguf_is_the_model_emergence_quantizes(family, fmt, tmp_path
     assert ours == theirs and len(set(ours)) > 1
     kernel = has_ggml_kernel(fmt)  # every format (q5_1 and q6_k where the CPU has AVX512-VNNI)
     assert (unsupported(back) is None) == kernel
-    # the 31 steps natively, and the 8-token prompt where it is multiplied on the blocks (q8_0 /
-    # q4_0 prompts up to 128 tokens; the other packed formats' up to 4, the rest eagerly)
-    assert native == native_ref == (0 if not kernel else 32 if fmt in GGML_BLOCK_GEMM_FORMATS else 31)
+    # the 8-token prompt (ggml prompts up to 128 tokens, on the blocks) and the 31 steps natively
+    assert native == native_ref == (32 if kernel else 0)
     if kernel:  # the native plan reads the very same bytes
         for name, layer in back.named_modules():
             if isinstance(layer, GGMLLinear):

@@ -3,7 +3,7 @@
 `decode.cpp` runs a whole forward pass of a decode batch (every layer) in one call, without
 the per-operator overhead of eager PyTorch: one row, several rows with one pass over the
 weights, short prompts (fused_decode.py is its backend). `gemv.cpp` exposes the row kernels
-on their own (GEMV, batched GEMM, packed-weight GEMV, GEMM on Q8_0/Q4_0 blocks and
+on their own (GEMV, batched GEMM, packed-weight GEMV, GEMM on ggml blocks and
 dequantization) for the quantized layers' eager path (long prompts), tests and benchmarks.
 
 The extension is built with torch's cpp_extension (gcc + ninja) the first time it is needed,
@@ -117,8 +117,8 @@ def native_dequantize(module: nn.Module) -> torch.Tensor | None:
                                  ops.tensor_scale, module.out_features, module.in_features)
 
 
-# The own formats whose prompts qgemm widens a tile of rows at a time (ggml's 32-blocks it
-# multiplies on their blocks, quant.linear.GGML_BLOCK_GEMM_FORMATS).
+# The own formats whose prompts qgemm widens a tile of rows at a time (ggml's it multiplies on
+# their blocks, quant.linear.GGML_KERNEL_FORMATS).
 WIDENED_FORMATS = ("int8", "int4", "nf4", "ternary")
 # Of those, the 4-bit ones that multiply in bf16 with fp32 sums on a CPU with AVX512-BF16 (AMX
 # tiles where it has them), as bitsandbytes' 4-bit layers compute in their bf16 compute dtype: a 4-bit
@@ -151,20 +151,21 @@ def bf16_prompt_products() -> bool:
 
 def native_qgemm(module: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
     """x (..., K) times a packed layer's weight, plus `bias` (added to the fp32 result, which is
-    then rounded once to x's dtype) (quant_rows.h): q8_0 / q4_0 / q4_1 / q5_0 / q5_1 on their blocks (qgemm_ggml: x
-    quantized to Q8_0 per row, integer dot products per block, llama.cpp's numerics); int8 /
+    then rounded once to x's dtype) (quant_rows.h): ggml's formats on their blocks (qgemm_ggml:
+    x quantized to Q8_0 per row, Q8_K for the K-quants, integer dot products per block or
+    sub-block, llama.cpp's numerics); int8 /
     int4 / NF4 / ternary for fp32 x, the weight widened a tile of rows at a time and multiplied
     with torch's BLAS (qgemm_widened: the values of x times dequantize(), the fp32 matrix never
     whole; int4 and NF4 in bf16 with fp32 sums where the CPU has AVX512-BF16, BF16_FORMATS, for
     fp32 or bf16 x). None where no kernel serves it (another format or dtype, no kernels or
     VNNI, a gradient to carry: training multiplies the dequantized weight)."""
-    from ..quant.linear import GGML_BLOCK_GEMM_FORMATS
+    from ..quant.linear import GGML_KERNEL_FORMATS
 
     extension = gemv_extension()
     if extension is None:
         return None
     fmt = getattr(module, "format", None)
-    on_blocks = fmt in GGML_BLOCK_GEMM_FORMATS and "avx512_vnni" in _cpu_flags()
+    on_blocks = fmt in GGML_KERNEL_FORMATS and "avx512_vnni" in _cpu_flags()
     # (where the products run on oneDNN, on AMD CPUs (blas.h), the bf16 ones are oneDNN's too,
     # their results rounded to bf16)
     bf16 = fmt in BF16_FORMATS and bf16_prompt_products()

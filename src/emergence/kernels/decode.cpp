@@ -21,12 +21,12 @@
 //   from g_blas_rows rows on, torch's BLAS, blas.h), so the weights are read once per call
 //   instead of once per row. Only the rows named in out_rows (each sequence's last token) go
 //   through the final norm and the output head.
-// Packed Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1 weights multiply 3 rows or more on their blocks
-// (qgemm_ggml); a prompt's 16 rows or more through int4 / NF4 weights take the eager forward's
-// products where the caller asks (forward's prompt_products: the weight widened a tile at a
-// time, qgemm_widened); the other packed formats (ggml's K-quants among them, ggml_rows.h), and
-// every decoding step, keep their GEMV, row after row. A fused matrix stacked from parts of
-// different formats (a GGUF's q/k/v in Q4_K and Q6_K) runs each part's GEMV into its rows.
+// Packed ggml weights (Q8_0, Q4_0, Q4_1, Q5_x, K-quants) multiply 3 rows or more on their
+// blocks (qgemm_ggml); a prompt's 16 rows or more through int4 / NF4 weights take the eager
+// forward's products where the caller asks (forward's prompt_products: the weight widened a tile
+// at a time, qgemm_widened); the other packed formats, and every decoding step, keep their GEMV,
+// row after row. A fused matrix stacked from parts of different formats (a GGUF's q/k/v in Q4_K
+// and Q6_K) runs each part's GEMV into its rows, for prompts too.
 // Norms, RoPE, attention over the KV cache, activations and residuals run in plain loops (the
 // softmax and SiLU on a 16-lane exp, exp16).
 //

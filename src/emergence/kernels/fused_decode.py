@@ -27,8 +27,8 @@ from ..kv_cache import PagedKVCache
 # The longest prompt prefilled natively, where that is faster than the eager forward
 # (bench/bench_batched.py, smollm2-135m shapes, 2 threads; bench/results/batched.json): fp32
 # weights up to 64 tokens; bf16 up to 16 (from 32, oneDNN's bf16 GEMM is ahead); q8_0 and q4_0
-# blocks (and q4_1 / q5_0 / q5_1's, on the same kernel) up to 128 (both paths multiply on the
-# packed blocks, qgemm_ggml); the other packed
+# blocks (and the other ggml formats', on the same kernels) up to 128 (both paths multiply on
+# the packed blocks, qgemm_ggml); the other packed
 # formats up to 4 (their kernels read the weights once per token, where the eager path
 # multiplies all the tokens at once, the weight widened a tile of rows at a time).
 # Where the fp32 products run on oneDNN (AMD CPUs, blas.h), the native prefill stays ahead of
@@ -175,12 +175,12 @@ def max_native_prefill(dtype: torch.dtype, packed: set[str]) -> int:
     """The longest prompt the plan prefills (MAX_NATIVE_PREFILL*) for weights of `dtype` and the
     packed formats `packed` of its linear layers."""
     from . import BF16_FORMATS, _cpu_flags, gemv_extension
-    from ..quant.linear import GGML_BLOCK_GEMM_FORMATS
+    from ..quant.linear import GGML_KERNEL_FORMATS
 
     extension = gemv_extension()
     onednn = extension is not None and extension.onednn_products()
     if packed:
-        on_blocks = packed <= set(GGML_BLOCK_GEMM_FORMATS) and "avx512_vnni" in _cpu_flags()
+        on_blocks = packed <= set(GGML_KERNEL_FORMATS) and "avx512_vnni" in _cpu_flags()
         if on_blocks:
             return MAX_NATIVE_PREFILL_GGML
         return MAX_NATIVE_PREFILL_4BIT_ONEDNN if onednn and packed <= set(BF16_FORMATS) else MAX_NATIVE_PREFILL_PACKED

@@ -85,8 +85,8 @@ torch::Tensor qgemv(int64_t kind, torch::Tensor x, torch::Tensor data, torch::Te
   return y;
 }
 
-// Y (M, N) fp32 = X (M, K) W^T (+ bias) for a packed W and many rows of X (a prompt): Q8_0,
-// Q4_0, Q4_1, Q5_0 and Q5_1 on their blocks (qgemm_ggml, with VNNI), int8 / int4 / NF4 / ternary widened a tile of
+// Y (M, N) fp32 = X (M, K) W^T (+ bias) for a packed W and many rows of X (a prompt): ggml's
+// formats on their blocks (qgemm_ggml, with VNNI), int8 / int4 / NF4 / ternary widened a tile of
 // rows at a time (qgemm_widened); bf16: the widened formats' operands rounded to bf16 and
 // multiplied by MKL's bf16 product (refused where torch's BLAS lacks it; the caller asks for it
 // for int4 and NF4 prompts on CPUs with AVX512-BF16).
@@ -138,7 +138,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("one_row_streams", [] { return emergence::g_one_row_streams.load(); }, "whether GEMVs walk one row at a time");
   m.def("set_one_row_streams", [](bool on) { emergence::g_one_row_streams.store(on); },
         "walk one row at a time (or rows side by side); only between calls, never while a kernel runs");
-  m.def("qgemm", &qgemm, "Y = X W^T (+ b) for a packed W: Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1 on its blocks, our own formats widened by tiles",
+  m.def("qgemm", &qgemm, "Y = X W^T (+ b) for a packed W: ggml's formats on their blocks, our own formats widened by tiles",
         pybind11::arg("kind"), pybind11::arg("x"), pybind11::arg("data"), pybind11::arg("scales"),
         pybind11::arg("offsets"), pybind11::arg("group"), pybind11::arg("tensor_scale"), pybind11::arg("N"),
         pybind11::arg("K"), pybind11::arg("bias"), pybind11::arg("bf16") = false);

@@ -1,7 +1,8 @@
-// ggml's other block formats in the decoding GEMV: Q4_1, Q5_0, Q5_1 (blocks of 32) and the
-// K-quants Q4_K, Q5_K, Q6_K (super-blocks of 256), the types of llama.cpp's common GGUF files
-// (Q4_K_M mixes Q4_K and Q6_K; rows that do not fill 256-blocks fall back to Q5_0 / Q5_1 /
-// Q8_0). Included by quant_rows.h, after its Q8_0 / Q4_0 kernels, whose activation
+// ggml's other block formats: Q4_1, Q5_0, Q5_1 (blocks of 32) and the K-quants Q4_K, Q5_K, Q6_K
+// (super-blocks of 256), the types of llama.cpp's common GGUF files (Q4_K_M mixes Q4_K and Q6_K;
+// rows that do not fill 256-blocks fall back to Q5_0 / Q5_1 / Q8_0). Here: their codes, the
+// decoding GEMV, the rows dequantized; quant_rows.h's qgemm_ggml multiplies a prompt's rows on
+// the same codes. Included by quant_rows.h, after its Q8_0 / Q4_0 kernels, whose activation
 // quantization (QuantizedX) the 32-blocks share.
 //
 // llama.cpp's numerics, as for Q8_0 / Q4_0: the activation vector is quantized first, to Q8_0
@@ -53,6 +54,14 @@ struct QuantizedXK {
   std::vector<int32_t> bsums;  // (K / 16,): the sum of q over each 16
 };
 
+// Many rows of x as Q8_K (quant_rows.h's qgemm_ggml for K-quant weights): M padded to whole tiles.
+struct QuantizedRowsK {
+  int64_t M = 0;
+  std::vector<int8_t> q;       // (M, K)
+  std::vector<float> d;        // (M, K / 256)
+  std::vector<int32_t> bsums;  // (M, K / 16)
+};
+
 inline void quantize_x_k(const float* x, int64_t K, QuantizedXK& out) {
   out.q.resize(K), out.d.resize(K / 256), out.bsums.resize(K / 16);
   for (int64_t b = 0; b < K / 256; ++b) {
@@ -96,6 +105,13 @@ inline __m256i codes32(const uint8_t* qs, const uint8_t* qh) {
   return _mm256_or_si256(nib, _mm256_maskz_set1_epi8(bits, 0x10));
 }
 
+// A Q4_1 / Q5_0 / Q5_1 block's 32 codes (where each format keeps its nibbles and fifth bits).
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+inline __m256i ggml32_codes(WeightKind k, const uint8_t* blk) {
+  return k == WeightKind::Q4_1 ? codes32(blk + 4, nullptr) : k == WeightKind::Q5_0 ? codes32(blk + 6, blk + 2)
+                                                                                     : codes32(blk + 8, blk + 4);
+}
+
 // Q4_1 / Q5_0 / Q5_1 row times x quantized to Q8_0 (quantize_x with bias 16 for Q5_0, so its
 // accumulators start at -16 sum(q); 0 for the others, whose minimum m adds m d_x sum(q)). Two
 // blocks a step: one VPDPBUSD over their 64 codes, lanes 0-7 the first block's, 8-15 the second's.
@@ -104,11 +120,7 @@ __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx512vnni")))
 float row_ggml32(const uint8_t* row, int64_t row_bytes, const QuantizedX& xq, int64_t K) {
   constexpr int64_t bytes = ggml_block_bytes(KIND);
   constexpr bool has_min = KIND != WeightKind::Q5_0;
-  auto codes = [](const uint8_t* blk) {
-    if constexpr (KIND == WeightKind::Q4_1) return codes32(blk + 4, nullptr);
-    else if constexpr (KIND == WeightKind::Q5_0) return codes32(blk + 6, blk + 2);
-    else return codes32(blk + 8, blk + 4);
-  };
+  auto codes = [](const uint8_t* blk) { return ggml32_codes(KIND, blk); };
   auto init = [&](int64_t b) {
     return KIND == WeightKind::Q5_0 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq.init.data() + 8 * b))
                                     : _mm256_setzero_si256();
@@ -151,6 +163,52 @@ inline void scale_min_k4(const uint8_t* q, uint8_t* sc, uint8_t* mn) {
   }
 }
 
+// Codes of a K-quant super-block's elements 64c..64c+63 in element order, unsigned: Q4_K's
+// 0..15, Q5_K's 0..31, Q6_K's 0..63 (its values + 32).
+template <WeightKind KIND>
+__attribute__((target("avx512f,avx512vl,avx512bw")))
+inline __m512i kquant_codes64(const uint8_t* blk, int c) {
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  if constexpr (KIND == WeightKind::Q6_K) {  // half h = c / 2; t = 2 (c % 2) and 2 (c % 2) + 1
+    const int h = c / 2, up = 4 * (c % 2);  // the high nibbles of ql for the half's second 64
+    const uint8_t* ql = blk + 64 * h;
+    const __m256i hb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 128 + 32 * h));
+    const __m256i three = _mm256_set1_epi8(3);
+    auto part = [&](const uint8_t* q, int shift) {  // 32 codes: a nibble of q, bits `shift` of qh
+      const __m256i l = _mm256_and_si256(_mm256_srli_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)), up), low4);
+      return _mm256_or_si256(l, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, shift), three), 4));
+    };
+    return join(part(ql, up), part(ql + 32, up + 2));
+  } else {  // 32 bytes: low nibbles elements 64c..64c+31, high nibbles the next 32
+    const uint8_t* qs = blk + (KIND == WeightKind::Q5_K ? 48 : 16);
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 32 * c));
+    __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+    if constexpr (KIND == WeightKind::Q5_K) {  // bit s of qh[j]: the fifth bit of element 32s + j
+      const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 16)), one = _mm256_set1_epi8(1);
+      lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * c), one), 4));
+      hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * c + 1), one), 4));
+    }
+    return join(lo, hi);
+  }
+}
+
+// A K-quant super-block's sub-block scales and minimums in fp32, as gguf/quants.py computes them
+// (d * sc, dmin * mn; Q6_K: d * sc over 16 sub-blocks of 16, no minimum). Returns the sub-blocks.
+template <WeightKind KIND>
+inline int kquant_scales(const uint8_t* blk, float* dsc, float* dmn) {
+  if constexpr (KIND == WeightKind::Q6_K) {
+    const float d = f16_to_f32(blk + 208);
+    for (int u = 0; u < 16; ++u) dsc[u] = d * static_cast<float>(static_cast<int8_t>(blk[192 + u])), dmn[u] = 0;
+    return 16;
+  } else {
+    uint8_t sc[8], mn[8];
+    scale_min_k4(blk + 4, sc, mn);
+    const float d = f16_to_f32(blk), dmin = f16_to_f32(blk + 2);
+    for (int u = 0; u < 8; ++u) dsc[u] = d * static_cast<float>(sc[u]), dmn[u] = dmin * static_cast<float>(mn[u]);
+    return 8;
+  }
+}
+
 // Q4_K / Q5_K / Q6_K row times x quantized to Q8_K, 64 elements a step: VPMADDUBSW multiplies
 // their codes (<= 63) by q and adds neighbours (|sum| <= 2 * 63 * 128, no saturation), VPMADDWD
 // multiplies each pair by its sub-block's integer scale and adds pairs: 16 int32 lanes, lane L
@@ -161,7 +219,6 @@ template <WeightKind KIND>
 __attribute__((target("avx512f,avx512vl,avx512bw")))
 float row_kquant(const uint8_t* row, int64_t row_bytes, const QuantizedXK& xq, int64_t K) {
   constexpr int64_t bytes = ggml_block_bytes(KIND);
-  const __m256i low4 = _mm256_set1_epi8(0x0F), one = _mm256_set1_epi8(1), three = _mm256_set1_epi8(3);
   __m512 acc = _mm512_setzero_ps();
   float mins = 0;
   for (int64_t s = 0; s < K / 256; ++s) {
@@ -171,10 +228,6 @@ float row_kquant(const uint8_t* row, int64_t row_bytes, const QuantizedXK& xq, i
     }
     const int8_t* q8 = xq.q.data() + 256 * s;
     const int32_t* bsums = xq.bsums.data() + 16 * s;
-    auto step = [&](__m256i first, __m256i second, int c, __m512i scale) {  // elements 64c..64c+63
-      const __m512i pairs = _mm512_maddubs_epi16(join(first, second), _mm512_loadu_si512(q8 + 64 * c));
-      return _mm512_madd_epi16(pairs, scale);
-    };
     __m512i isum = _mm512_setzero_si512();
     float d;
     if constexpr (KIND == WeightKind::Q6_K) {
@@ -184,21 +237,10 @@ float row_kquant(const uint8_t* row, int64_t row_bytes, const QuantizedXK& xq, i
                                            1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
       int32_t offset = 0;  // the codes are q + 32: take 32 sc sum(q) back per sub-block of 16
       for (int j = 0; j < 16; ++j) offset += static_cast<int8_t>(blk[192 + j]) * bsums[j];
-      for (int h = 0; h < 2; ++h) {
-        const uint8_t* ql = blk + 64 * h;
-        const __m256i l0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql));
-        const __m256i l1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql + 32));
-        const __m256i hb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 128 + 32 * h));
-        auto high = [&](int shift) { return _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, shift), three), 4); };
-        const __m256i e0 = _mm256_or_si256(_mm256_and_si256(l0, low4), high(0));
-        const __m256i e1 = _mm256_or_si256(_mm256_and_si256(l1, low4), high(2));
-        const __m256i e2 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), low4), high(4));
-        const __m256i e3 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), low4), high(6));
-        for (int t = 0; t < 2; ++t) {
-          const int c = 2 * h + t;
-          const __m512i scale = _mm512_permutexvar_epi16(_mm512_add_epi16(sub, _mm512_set1_epi16(4 * c)), scales);
-          isum = _mm512_add_epi32(isum, t == 0 ? step(e0, e1, c, scale) : step(e2, e3, c, scale));
-        }
+      for (int c = 0; c < 4; ++c) {
+        const __m512i scale = _mm512_permutexvar_epi16(_mm512_add_epi16(sub, _mm512_set1_epi16(4 * c)), scales);
+        const __m512i pairs = _mm512_maddubs_epi16(kquant_codes64<KIND>(blk, c), _mm512_loadu_si512(q8 + 64 * c));
+        isum = _mm512_add_epi32(isum, _mm512_madd_epi16(pairs, scale));
       }
       isum = _mm512_mask_sub_epi32(isum, 1, isum, _mm512_set1_epi32(32 * offset));  // lane 0
       d = f16_to_f32(blk + 208);
@@ -207,18 +249,10 @@ float row_kquant(const uint8_t* row, int64_t row_bytes, const QuantizedXK& xq, i
       scale_min_k4(blk + 4, sc, mn);
       int32_t summ = 0;
       for (int j = 0; j < 8; ++j) summ += mn[j] * (bsums[2 * j] + bsums[2 * j + 1]);
-      const uint8_t* qs = blk + (KIND == WeightKind::Q5_K ? 48 : 16);
-      const __m256i qh = KIND == WeightKind::Q5_K ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 16))
-                                                  : _mm256_setzero_si256();
-      for (int c = 0; c < 4; ++c) {  // sub-blocks 2c (low nibbles) and 2c + 1 (high)
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 32 * c));
-        __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
-        if constexpr (KIND == WeightKind::Q5_K) {
-          lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * c), one), 4));
-          hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * c + 1), one), 4));
-        }
+      for (int c = 0; c < 4; ++c) {  // sub-blocks 2c and 2c + 1
         const __m512i scale = join(_mm256_set1_epi16(sc[2 * c]), _mm256_set1_epi16(sc[2 * c + 1]));
-        isum = _mm512_add_epi32(isum, step(lo, hi, c, scale));
+        const __m512i pairs = _mm512_maddubs_epi16(kquant_codes64<KIND>(blk, c), _mm512_loadu_si512(q8 + 64 * c));
+        isum = _mm512_add_epi32(isum, _mm512_madd_epi16(pairs, scale));
       }
       d = f16_to_f32(blk);
       mins += xq.d[s] * (f16_to_f32(blk + 2) * static_cast<float>(summ));
@@ -246,20 +280,41 @@ inline void ggml_gemv_rows(const QuantMatrix& m, const QuantizedX& xq, const Qua
   }
 }
 
+// A K-quant row of K values as fp32 (gguf/quants.py's values: the sub-block's d * sc times the
+// code, minus its dmin * mn; Q6_K's code minus 32).
+template <WeightKind KIND>
+__attribute__((target("avx512f,avx512vl,avx512bw")))
+inline void kquant_dequantize_row(const uint8_t* row, int64_t K, float* w) {
+  constexpr int64_t bytes = ggml_block_bytes(KIND);
+  constexpr int size = KIND == WeightKind::Q6_K ? 16 : 32;  // elements a sub-block
+  constexpr int bias = KIND == WeightKind::Q6_K ? 32 : 0;
+  alignas(64) uint8_t q[256];
+  float dsc[16], dmn[16];
+  for (int64_t s = 0; s < K / 256; ++s) {
+    const uint8_t* blk = row + s * bytes;
+    for (int c = 0; c < 4; ++c) _mm512_store_si512(q + 64 * c, kquant_codes64<KIND>(blk, c));
+    const int subs = kquant_scales<KIND>(blk, dsc, dmn);
+    float* out = w + 256 * s;
+    for (int u = 0; u < subs; ++u) {
+      for (int j = 0; j < size; ++j) {
+        const float v = dsc[u] * static_cast<float>(q[size * u + j] - bias);
+        out[size * u + j] = KIND == WeightKind::Q6_K ? v : v - dmn[u];
+      }
+    }
+  }
+}
+
 // Row r as fp32, the values of gguf/quants.py's dequantize (the same fp32 operations: the scale
 // products first, then a multiply and an add or subtract).
 __attribute__((target("avx512f,avx512bw,avx512vl")))
 inline void ggml_dequantize_row(const QuantMatrix& m, int64_t r, float* w) {
   const uint8_t* row = m.data + r * m.row_bytes;
   const int64_t bytes = ggml_block_bytes(m.kind);
-  alignas(64) uint8_t q[256];
+  alignas(32) uint8_t q[32];
   if (is_ggml32(m.kind)) {
     for (int64_t b = 0; b < m.K / 32; ++b) {
       const uint8_t* blk = row + b * bytes;
-      const __m256i codes = m.kind == WeightKind::Q4_1   ? codes32(blk + 4, nullptr)
-                            : m.kind == WeightKind::Q5_0 ? codes32(blk + 6, blk + 2)
-                                                         : codes32(blk + 8, blk + 4);
-      _mm256_store_si256(reinterpret_cast<__m256i*>(q), codes);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(q), ggml32_codes(m.kind, blk));
       const float d = f16_to_f32(blk);
       float* out = w + 32 * b;
       if (m.kind == WeightKind::Q5_0) {
@@ -271,42 +326,10 @@ inline void ggml_dequantize_row(const QuantMatrix& m, int64_t r, float* w) {
     }
     return;
   }
-  for (int64_t s = 0; s < m.K / 256; ++s) {
-    const uint8_t* blk = row + s * bytes;
-    float* out = w + 256 * s;
-    if (m.kind == WeightKind::Q6_K) {
-      const float d = f16_to_f32(blk + 208);
-      for (int h = 0; h < 2; ++h) {
-        for (int t = 0; t < 4; ++t) {
-          for (int j = 0; j < 32; ++j) {
-            const uint8_t low = blk[64 * h + 32 * (t % 2) + j] >> (t < 2 ? 0 : 4) & 0x0F;
-            q[128 * h + 32 * t + j] = low | (((blk[128 + 32 * h + j] >> (2 * t)) & 3) << 4);
-          }
-        }
-      }
-      for (int g = 0; g < 16; ++g) {
-        const float dsc = d * static_cast<float>(static_cast<int8_t>(blk[192 + g]));
-        for (int j = 0; j < 16; ++j) out[16 * g + j] = dsc * static_cast<float>(q[16 * g + j] - 32);
-      }
-      continue;
-    }
-    uint8_t sc[8], mn[8];
-    scale_min_k4(blk + 4, sc, mn);
-    const uint8_t* qs = blk + (m.kind == WeightKind::Q5_K ? 48 : 16);
-    for (int c = 0; c < 4; ++c) {
-      for (int j = 0; j < 32; ++j) {
-        q[64 * c + j] = qs[32 * c + j] & 0x0F, q[64 * c + 32 + j] = qs[32 * c + j] >> 4;
-        if (m.kind == WeightKind::Q5_K) {
-          q[64 * c + j] |= ((blk[16 + j] >> (2 * c)) & 1) << 4;
-          q[64 * c + 32 + j] |= ((blk[16 + j] >> (2 * c + 1)) & 1) << 4;
-        }
-      }
-    }
-    const float d = f16_to_f32(blk), dmin = f16_to_f32(blk + 2);
-    for (int g = 0; g < 8; ++g) {
-      const float dsc = d * static_cast<float>(sc[g]), dm = dmin * static_cast<float>(mn[g]);
-      for (int j = 0; j < 32; ++j) out[32 * g + j] = dsc * static_cast<float>(q[32 * g + j]) - dm;
-    }
+  switch (m.kind) {
+    case WeightKind::Q4_K: kquant_dequantize_row<WeightKind::Q4_K>(row, m.K, w); break;
+    case WeightKind::Q5_K: kquant_dequantize_row<WeightKind::Q5_K>(row, m.K, w); break;
+    default: kquant_dequantize_row<WeightKind::Q6_K>(row, m.K, w); break;
   }
 }
 

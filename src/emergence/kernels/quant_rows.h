@@ -214,7 +214,7 @@ void rows_ggml_vnni(const uint8_t* row, int64_t row_bytes, const QuantizedX& xq,
 #include "ggml_rows.h"  // Q4_1, Q5_0, Q5_1 and the K-quants, on QuantizedX / QuantizedXK
 namespace emergence {
 
-// ----------------------------- ggml Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1 times many rows (prefill)
+// ----------------------------------------------- ggml blocks times many rows (prefill)
 // Y (M, N) = X (M, K) W^T on the packed blocks, never dequantizing W: each row of X is quantized
 // as quantize_x does (llama.cpp's Q8_0 activations) and every block's dot product runs on
 // integers, scaled by the two blocks' scales into fp32 sums, as llama.cpp's CPU matrix products
@@ -239,6 +239,7 @@ struct QuantizedRows {
   std::vector<float> d;        // (M, blocks): the block scales
   std::vector<int32_t> init;   // (M, blocks): -bias * the block's sum of q
   std::vector<float> dsum;     // (M, blocks): d * the block's sum of q (the minimums' factor)
+  QuantizedRowsK k;            // the rows as Q8_K, for K-quant weights
 };
 
 // In a team (team.h) `out` must be shared by its threads.
@@ -259,6 +260,23 @@ inline void quantize_rows(const float* x, int64_t M, int64_t K, int bias, Quanti
         out.init[t * nb + b] = row.init[8 * b];
         out.dsum[t * nb + b] = row.d[b] * static_cast<float>(row.sum[b]);
       }
+    }
+  });
+}
+
+// The rows of x as Q8_K (quantize_x_k), for a K-quant W. In a team `out` must be shared.
+inline void quantize_rows_k(const float* x, int64_t M, int64_t K, QuantizedRowsK& out) {
+  serially([&] {
+    out.M = (M + kQgemmCols - 1) / kQgemmCols * kQgemmCols;
+    out.q.assign(out.M * K, 0), out.d.assign(out.M * (K / 256), 0.0f), out.bsums.assign(out.M * (K / 16), 0);
+  });
+  parallel_rows(0, M, 16, [&](int64_t t0, int64_t t1) {
+    QuantizedXK row;
+    for (int64_t t = t0; t < t1; ++t) {
+      quantize_x_k(x + t * K, K, row);
+      std::memcpy(out.q.data() + t * K, row.q.data(), K);
+      std::memcpy(out.d.data() + t * (K / 256), row.d.data(), (K / 256) * sizeof(float));
+      std::memcpy(out.bsums.data() + t * (K / 16), row.bsums.data(), (K / 16) * sizeof(int32_t));
     }
   });
 }
@@ -292,10 +310,7 @@ void qgemm_ggml_rows(const QuantMatrix& m, const QuantizedRows& X, float* y, int
           const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
           _mm256_store_si256(reinterpret_cast<__m256i*>(stage[i]), _mm256_xor_si256(v, flip));
         } else {
-          const __m256i v = KIND == WeightKind::Q4_1   ? codes32(blk + 4, nullptr)
-                            : KIND == WeightKind::Q5_0 ? codes32(blk + 6, blk + 2)
-                                                       : codes32(blk + 8, blk + 4);
-          _mm256_store_si256(reinterpret_cast<__m256i*>(stage[i]), v);
+          _mm256_store_si256(reinterpret_cast<__m256i*>(stage[i]), ggml32_codes(KIND, blk));
           if constexpr (has_min) wm[b * 16 + i] = f16_to_f32(blk + 2);
         }
         wd[b * 16 + i] = f16_to_f32(blk);
@@ -333,15 +348,94 @@ void qgemm_ggml_rows(const QuantMatrix& m, const QuantizedRows& X, float* y, int
   }
 }
 
-// Whether qgemm_ggml multiplies this kind on its blocks.
-constexpr bool ggml_block_gemm(WeightKind k) { return k == WeightKind::Q8_0 || k == WeightKind::Q4_0 || is_ggml32(k); }
+// A K-quant W the same way, a super-block at a time: the tile's 16 rows unpacked to their codes
+// (kquant_codes64) and interleaved 4 bytes at a time, each sub-block's integer dot products
+// (VPDPBUSD; Q6_K's start at -32 sum(q) per 16) scaled by the rows' fp32 d * sc and the
+// activation row's d, the minimums (d_min * mn times d sum(q) over the sub-block) taken off.
+template <WeightKind KIND>
+__attribute__((target("avx512f,avx512vl,avx512bw,avx512vnni")))
+void qgemm_kquant_rows(const QuantMatrix& m, const QuantizedRowsK& X, float* y, int64_t M, int64_t r0, int64_t r1) {
+  constexpr int R = kQgemmRows, T = kQgemmCols;
+  constexpr int size = KIND == WeightKind::Q6_K ? 16 : 32, subs = 256 / size;  // a sub-block's elements; per super-block
+  const int64_t K = m.K, ns = K / 256, N = m.N, bytes = ggml_block_bytes(KIND);
+  std::vector<uint8_t> wq(ns * 64 * 64);  // super-block s, column group g (4 columns): 16 rows x 4 bytes
+  std::vector<float> wd(ns * subs * 16), wm(ns * subs * 16);  // each sub-block's 16 rows' d * sc, dmin * mn
+  alignas(64) uint8_t stage[R][256] = {};  // one super-block of each row, unpacked
+  float dsc[16], dmn[16];
+  const __m512i rows_at = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                             _mm512_set1_epi32(64));  // row i's dword 0 in `stage`
+  for (int64_t r = r0; r < r1; r += R) {
+    const int rows = static_cast<int>(std::min<int64_t>(R, r1 - r));
+    std::memset(stage, 0, sizeof(stage)), std::fill(wd.begin(), wd.end(), 0.0f), std::fill(wm.begin(), wm.end(), 0.0f);
+    for (int64_t s = 0; s < ns; ++s) {
+      for (int i = 0; i < rows; ++i) {
+        const uint8_t* blk = m.data + (r + i) * m.row_bytes + s * bytes;
+        for (int c = 0; c < 4; ++c) _mm512_store_si512(stage[i] + 64 * c, kquant_codes64<KIND>(blk, c));
+        kquant_scales<KIND>(blk, dsc, dmn);
+        for (int u = 0; u < subs; ++u) wd[(s * subs + u) * 16 + i] = dsc[u], wm[(s * subs + u) * 16 + i] = dmn[u];
+      }
+      for (int g = 0; g < 64; ++g)  // columns 4g..4g+3 of the 16 rows
+        _mm512_storeu_si512(wq.data() + (s * 64 + g) * 64,
+                            _mm512_i32gather_epi32(_mm512_add_epi32(rows_at, _mm512_set1_epi32(g)), stage, 4));
+    }
+    const __mmask16 keep = static_cast<__mmask16>((1u << rows) - 1);
+    for (int64_t t = 0; t < X.M; t += T) {
+      __m512 acc[T];
+      for (int j = 0; j < T; ++j) acc[j] = _mm512_setzero_ps();
+      for (int64_t s = 0; s < ns; ++s) {
+        for (int u = 0; u < subs; ++u) {
+          __m512i sum[T];
+          for (int j = 0; j < T; ++j) {
+            const int32_t* bs = X.bsums.data() + (t + j) * (K / 16) + s * 16;
+            sum[j] = _mm512_set1_epi32(KIND == WeightKind::Q6_K ? -32 * bs[u] : 0);
+          }
+          for (int g = u * size / 4; g < (u + 1) * size / 4; ++g) {
+            const __m512i w = _mm512_loadu_si512(wq.data() + (s * 64 + g) * 64);
+            for (int j = 0; j < T; ++j) {
+              int32_t four;
+              std::memcpy(&four, X.q.data() + (t + j) * K + s * 256 + g * 4, 4);
+              sum[j] = _mm512_dpbusd_epi32(sum[j], w, _mm512_set1_epi32(four));
+            }
+          }
+          const __m512 dw = _mm512_loadu_ps(wd.data() + (s * subs + u) * 16);
+          const __m512 mw = _mm512_loadu_ps(wm.data() + (s * subs + u) * 16);
+          for (int j = 0; j < T; ++j) {
+            const float dx = X.d[(t + j) * ns + s];
+            acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[j]), _mm512_mul_ps(dw, _mm512_set1_ps(dx)), acc[j]);
+            if constexpr (KIND != WeightKind::Q6_K) {
+              const int32_t* bs = X.bsums.data() + (t + j) * (K / 16) + s * 16;
+              acc[j] = _mm512_fnmadd_ps(mw, _mm512_set1_ps(dx * static_cast<float>(bs[2 * u] + bs[2 * u + 1])), acc[j]);
+            }
+          }
+        }
+      }
+      for (int j = 0; j < T && t + j < M; ++j) _mm512_mask_storeu_ps(y + (t + j) * N + r, keep, acc[j]);
+    }
+  }
+}
 
-// Y (M, N) fp32 = X (M, K) W^T for a Q8_0, Q4_0, Q4_1, Q5_0 or Q5_1 W (the caller checks:
-// kHasAvx512Vnni); tiles of 16 rows of W split across threads. X: scratch for x quantized,
-// shared in a team.
+// Whether qgemm_ggml multiplies this kind on its blocks: every ggml kind.
+constexpr bool ggml_block_gemm(WeightKind k) {
+  return k == WeightKind::Q8_0 || k == WeightKind::Q4_0 || is_ggml32(k) || is_kquant(k);
+}
+
+// Y (M, N) fp32 = X (M, K) W^T for a ggml W (the caller checks: kHasAvx512Vnni); tiles of 16
+// rows of W split across threads. X: scratch for x quantized, shared in a team.
 inline void qgemm_ggml(const QuantMatrix& m, const float* x, int64_t M, float* y, QuantizedRows& X) {
-  quantize_rows(x, M, m.K, ggml_bias(m.kind), X);
   const int64_t tiles = (m.N + kQgemmRows - 1) / kQgemmRows;
+  if (is_kquant(m.kind)) {
+    quantize_rows_k(x, M, m.K, X.k);
+    parallel_rows(0, tiles, 1, [&](int64_t a, int64_t b) {
+      const int64_t r0 = a * kQgemmRows, r1 = std::min(m.N, b * kQgemmRows);
+      switch (m.kind) {
+        case WeightKind::Q4_K: qgemm_kquant_rows<WeightKind::Q4_K>(m, X.k, y, M, r0, r1); break;
+        case WeightKind::Q5_K: qgemm_kquant_rows<WeightKind::Q5_K>(m, X.k, y, M, r0, r1); break;
+        default: qgemm_kquant_rows<WeightKind::Q6_K>(m, X.k, y, M, r0, r1); break;
+      }
+    });
+    return;
+  }
+  quantize_rows(x, M, m.K, ggml_bias(m.kind), X);
   parallel_rows(0, tiles, 1, [&](int64_t a, int64_t b) {
     const int64_t r0 = a * kQgemmRows, r1 = std::min(m.N, b * kQgemmRows);
     switch (m.kind) {
@@ -472,7 +566,7 @@ inline float row_ternary(const uint8_t* row, const float* x, int64_t K) {
 inline void quant_gemv(const QuantMatrix& m, const float* x, float* y, int64_t grain) {
   const int64_t K = m.K;
   const bool four_bit = m.kind == WeightKind::INT4 || m.kind == WeightKind::NF4;
-  // int4, NF4: x re-ordered for rows_4bit; int4: sum of x per group; Q8_0/Q4_0: x quantized.
+  // int4, NF4: x re-ordered for rows_4bit; int4: sum of x per group; ggml: x quantized.
   // Each thread's own (a team's threads each prepare them), kept between calls: no allocation
   // per product on the decode path. Named through references: the row lambdas below may run on
   // other threads, where the thread_local names would be those threads' own buffers.

@@ -339,13 +339,11 @@ GGML_FORMATS: dict[str, ggml.GGMLType] = {
 }
 
 
-# The ggml formats the native kernels read (decode.cpp's GEMVs and row lookups; all but q8_0 and
-# q4_0 only where the CPU has AVX512-VNNI, GGML_VNNI_ONLY) and those whose prompts they multiply
-# on the packed blocks (qgemm_ggml; a prompt's rows of the others go through the GEMV one by one
-# in the native step, the dequantized weight in the eager forward).
+# The ggml formats the native kernels read: decode.cpp's GEMVs and row lookups, and qgemm_ggml's
+# prompts on the packed blocks (all but q8_0 and q4_0 only where the CPU has AVX512-VNNI,
+# GGML_VNNI_ONLY; q8_0 and q4_0 decode without it, their prompts need it too).
 GGML_KERNEL_FORMATS = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k")
 GGML_VNNI_ONLY = ("q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k")
-GGML_BLOCK_GEMM_FORMATS = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
 
 
 def has_ggml_kernel(fmt: str) -> bool:
@@ -400,9 +398,9 @@ class GGMLLinear(QuantizedLinear):
     def forward(self, x):
         """llama.cpp's numerics: the activations are quantized to 8 bits first, as its CPU dot
         products do: per block of 32 for the 32-block formats (as the native decode kernels do
-        too), per block of 256 (Q8_K) for the K-quants. The 32-block formats multiply on the
-        packed blocks natively (integer dot products per block: kernels.native_qgemm; q4_1 /
-        q5_0 / q5_1 with AVX512-VNNI), the K-quants the dequantized weight."""
+        too), per block of 256 (Q8_K) for the K-quants. Every format multiplies on the packed
+        blocks natively (integer dot products per block or sub-block: kernels.native_qgemm,
+        with AVX512-VNNI); without the kernels, the quantized x times the dequantized weight."""
         from ..kernels import native_qgemm
 
         y = native_qgemm(self, x, self.bias)
