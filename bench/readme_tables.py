@@ -258,6 +258,7 @@ TABLES: list[tuple[str, tuple[str, ...], Callable]] = [
     ("Speed: against llama.cpp on an AMD EPYC", ("quant_amd.json",), _imported("bench_quant", "render_table")),
     ("Speed: oneDNN's products on the EPYC", ("onednn.json",), _imported("bench_onednn", "render_table")),
     ("Speed: quantized GGUF files", ("gguf_load.json",), _imported("bench_gguf_load", "render_table")),
+    ("Speed: quantized GGUF files on an AMD EPYC", ("gguf_load_amd.json",), _imported("bench_gguf_load", "render_table")),
     ("Speed: where the 4-bit time goes", ("qgemv.json",), _imported("bench_qgemv", "render_table")),
     ("The paged KV cache costs nothing", ("paged.json",), render_paged),
     ("Serving throughput", ("serve_emergence-6m.json", "serve.json"), lambda *rs: render_serve(list(rs))),
