@@ -762,6 +762,22 @@ class DecodePlan {
   // of 16 weight rows first); int4 and NF4 a prompt's rows from kWidenedRows on, widened a tile
   // at a time, when prompt_products_ says so; the other packed formats run their GEMV row by row.
   void linear(const Linear& L, const float* x, int64_t B, float* y) {
+    if (!L.parts.empty() && B >= 3 && emergence::kHasAvx512Vnni &&
+        std::all_of(L.parts.begin(), L.parts.end(), [](const Linear& p) { return emergence::ggml_block_gemm(p.q.kind); })) {
+      // a stack of ggml parts: each part's product on its blocks, its columns copied into y's rows
+      for (const Linear& part : L.parts) {
+        serially([&] { part_y_.resize(B * part.N); });
+        emergence::qgemm_ggml(part.q, x, B, part_y_.data(), qrows_);
+        parallel_rows(0, B, 1, [&](int64_t b0, int64_t b1) {
+          for (int64_t b = b0; b < b1; ++b) {
+            std::copy_n(part_y_.data() + b * part.N, part.N, y + b * L.N + part.row0);
+            finish(part, y + b * L.N + part.row0, 1, 0, part.N);  // (rounded as the part's own output)
+          }
+        });
+      }
+      if (present(L.bias)) parallel_rows(0, L.N, gemv_grain(L.N), [&](int64_t r0, int64_t r1) { finish(L, y, B, r0, r1); });
+      return;
+    }
     const bool ggml = L.parts.empty() && emergence::ggml_block_gemm(L.q.kind);
     const bool four_bit = L.q.kind == emergence::WeightKind::INT4 || L.q.kind == emergence::WeightKind::NF4;
     const bool on_blocks = ggml && B >= 3 && L.act_bits == 0 && emergence::kHasAvx512Vnni;
@@ -1035,6 +1051,7 @@ class DecodePlan {
   // activated vectors, logits, each row's RoPE cos and sin (global, then local).
   Buffer<float> x_, xn_, tmp_, par_, qkv_, attn_, hidden_, act_, logits_, cos_, sin_, cq_;  // cq_: cross queries
   Buffer<float> moe_logits_, moe_x_, moe_h_, moe_a_, moe_out_, moe_gate_;  // the rows through the experts
+  Buffer<float> part_y_;  // a stacked part's product over a prompt's rows (linear)
   emergence::QuantizedRows qrows_;  // the rows quantized for a product on ggml blocks (qgemm_ggml)
   // A prompt's products for int4 and NF4 weights (forward's prompt_products): 0 their GEMV row
   // by row (a decoding step: a row's result never depends on its batch), 1 the weight widened a

@@ -37,6 +37,8 @@ constexpr bool is_kquant(WeightKind k) { return k == WeightKind::Q4_K || k == We
 // Bytes of one block (32 elements) or super-block (256).
 constexpr int64_t ggml_block_bytes(WeightKind k) {
   switch (k) {
+    case WeightKind::Q8_0: return 34;
+    case WeightKind::Q4_0: return 18;
     case WeightKind::Q4_1: return 20;
     case WeightKind::Q5_0: return 22;
     case WeightKind::Q5_1: return 24;

@@ -20,7 +20,8 @@
 //            scale per tensor;                                       w = scale * (c - 1)
 //   NF4      two 4-bit codes per byte, column 2j high, 2j + 1 low (bitsandbytes' order); an
 //            fp32 absmax per 64 columns and a 16-value table;       w = table[code] * absmax
-//   Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K: ggml's blocks, in ggml_rows.h (GEMV and row lookups)
+//   Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K: ggml's blocks, in ggml_rows.h (codes, GEMV, rows;
+//            prompts in qgemm_ggml below)
 #pragma once
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -287,7 +288,7 @@ void qgemm_ggml_rows(const QuantMatrix& m, const QuantizedRows& X, float* y, int
   constexpr int R = kQgemmRows, T = kQgemmCols;
   constexpr bool has_min = KIND == WeightKind::Q4_1 || KIND == WeightKind::Q5_1;
   const int64_t K = m.K, nb = K / 32, N = m.N;
-  const int64_t block_bytes = KIND == WeightKind::Q4_0 ? 18 : KIND == WeightKind::Q8_0 ? 34 : ggml_block_bytes(KIND);
+  const int64_t block_bytes = ggml_block_bytes(KIND);
   std::vector<uint8_t> wq(nb * 8 * 64);  // block b, column group g (4 columns): 16 rows x 4 bytes
   std::vector<float> wd(nb * 16);        // block b: the 16 rows' scales
   std::vector<float> wm(has_min ? nb * 16 : 0);  // and their minimums
