@@ -282,6 +282,17 @@ inline void quantize_rows_k(const float* x, int64_t M, int64_t K, QuantizedRowsK
   });
 }
 
+// A tile's 16 unpacked rows of W bytes (`stage`) as W / 4 column groups of 64 bytes: group g
+// holds columns 4g..4g+3 of every row, row i's four in lane i (a transpose of 4-byte groups).
+template <int W>
+__attribute__((target("avx512f")))
+inline void interleave_tile(const uint8_t (&stage)[kQgemmRows][W], uint8_t* out) {
+  const __m512i rows_at = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                             _mm512_set1_epi32(W / 4));  // row i's dword 0 in `stage`
+  for (int g = 0; g < W / 4; ++g)
+    _mm512_storeu_si512(out + g * 64, _mm512_i32gather_epi32(_mm512_add_epi32(rows_at, _mm512_set1_epi32(g)), stage, 4));
+}
+
 template <WeightKind KIND>
 __attribute__((target("avx512f,avx512vl,avx512bw,avx512vnni")))
 void qgemm_ggml_rows(const QuantMatrix& m, const QuantizedRows& X, float* y, int64_t M, int64_t r0, int64_t r1) {
@@ -295,8 +306,6 @@ void qgemm_ggml_rows(const QuantMatrix& m, const QuantizedRows& X, float* y, int
   alignas(64) uint8_t stage[R][32] = {};  // one block of each row, unpacked
   const __m128i low4 = _mm_set1_epi8(0x0F);
   const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
-  const __m512i rows_at = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                             _mm512_set1_epi32(8));  // row i's dword 0 in `stage`
   for (int64_t r = r0; r < r1; r += R) {
     const int rows = static_cast<int>(std::min<int64_t>(R, r1 - r));
     std::memset(stage, 0, sizeof(stage)), std::fill(wd.begin(), wd.end(), 0.0f), std::fill(wm.begin(), wm.end(), 0.0f);
@@ -316,9 +325,7 @@ void qgemm_ggml_rows(const QuantMatrix& m, const QuantizedRows& X, float* y, int
         }
         wd[b * 16 + i] = f16_to_f32(blk);
       }
-      for (int g = 0; g < 8; ++g)  // columns 4g..4g+3 of the 16 rows, a transpose of 4-byte groups
-        _mm512_storeu_si512(wq.data() + (b * 8 + g) * 64,
-                            _mm512_i32gather_epi32(_mm512_add_epi32(rows_at, _mm512_set1_epi32(g)), stage, 4));
+      interleave_tile(stage, wq.data() + b * 8 * 64);
     }
     const __mmask16 keep = static_cast<__mmask16>((1u << rows) - 1);
     for (int64_t t = 0; t < X.M; t += T) {
@@ -363,8 +370,6 @@ void qgemm_kquant_rows(const QuantMatrix& m, const QuantizedRowsK& X, float* y, 
   std::vector<float> wd(ns * subs * 16), wm(ns * subs * 16);  // each sub-block's 16 rows' d * sc, dmin * mn
   alignas(64) uint8_t stage[R][256] = {};  // one super-block of each row, unpacked
   float dsc[16], dmn[16];
-  const __m512i rows_at = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                             _mm512_set1_epi32(64));  // row i's dword 0 in `stage`
   for (int64_t r = r0; r < r1; r += R) {
     const int rows = static_cast<int>(std::min<int64_t>(R, r1 - r));
     std::memset(stage, 0, sizeof(stage)), std::fill(wd.begin(), wd.end(), 0.0f), std::fill(wm.begin(), wm.end(), 0.0f);
@@ -375,9 +380,7 @@ void qgemm_kquant_rows(const QuantMatrix& m, const QuantizedRowsK& X, float* y, 
         kquant_scales<KIND>(blk, dsc, dmn);
         for (int u = 0; u < subs; ++u) wd[(s * subs + u) * 16 + i] = dsc[u], wm[(s * subs + u) * 16 + i] = dmn[u];
       }
-      for (int g = 0; g < 64; ++g)  // columns 4g..4g+3 of the 16 rows
-        _mm512_storeu_si512(wq.data() + (s * 64 + g) * 64,
-                            _mm512_i32gather_epi32(_mm512_add_epi32(rows_at, _mm512_set1_epi32(g)), stage, 4));
+      interleave_tile(stage, wq.data() + s * 64 * 64);
     }
     const __mmask16 keep = static_cast<__mmask16>((1u << rows) - 1);
     for (int64_t t = 0; t < X.M; t += T) {
