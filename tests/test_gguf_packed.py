@@ -113,23 +113,26 @@ def test_a_quantized_gguf_is_the_model_emergence_quantizes(family, fmt, tmp_path
                 assert torch.equal(layer.kernel_operands().data, ref.get_submodule(name).kernel_operands().data)
 
 
-def test_quantized_experts_load_one_layer_each_as_quantize_model_makes_them(tmp_path):
-    """A Mixtral-style Q8_0 file: each expert's gate/up and down blocks as GGMLLinear layers equal
-    to quantize_model's, read by the native step (which decodes as the eager forward does)."""
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_k"])
+def test_quantized_experts_load_one_layer_each_as_quantize_model_makes_them(fmt, tmp_path):
+    """A Mixtral-style Q8_0 or Q4_K file: each expert's gate/up and down blocks as GGMLLinear
+    layers equal to quantize_model's, read by the native step (which decodes as the eager
+    forward does). Q4_K needs rows of 256."""
     from emergence import Config
     from test_gguf_families import random_model as random_family_model
 
-    config = Config(family="mixtral", vocab_size=512, block_size=128, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
-                    intermediate_size=96, n_experts=4, experts_per_token=2)
+    width = dict(n_embd=256, intermediate_size=256) if fmt == "q4_k" else dict(n_embd=64, intermediate_size=96)
+    config = Config(family="mixtral", vocab_size=512, block_size=128, n_layer=2, n_head=4, n_kv_head=2,
+                    n_experts=4, experts_per_token=2, **width)
     model = random_family_model(config)
-    save_gguf(model, tokenizer_for("llama"), tmp_path / "moe.gguf", "q8_0")
+    save_gguf(model, tokenizer_for("llama"), tmp_path / "moe.gguf", fmt)
     back, _, tok = load_gguf(tmp_path / "moe.gguf")
-    ref = quantize_model(copy.deepcopy(model), "q8_0")
+    ref = quantize_model(copy.deepcopy(model), fmt)
     for i in range(config.n_layer):
         for stack in ("gate_up_proj", "down_proj"):
             for e in range(config.n_experts):
                 ours, theirs = (getattr(m.layers[i].mlp, stack)[e] for m in (back, ref))
-                assert ours.format == "q8_0" and torch.equal(ours.blocks, theirs.blocks), (i, stack, e)
+                assert ours.format == fmt and torch.equal(ours.blocks, theirs.blocks), (i, stack, e)
     assert unsupported(back) is None
     native, eager = (LanguageModel(back, tok, back.config, backend).complete(
         PROMPT, max_new_tokens=24, temperature=0, ignore_eos=True).token_ids for backend in ("native", "eager"))
