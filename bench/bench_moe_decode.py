@@ -1,11 +1,12 @@
 """Mixture-of-experts decoding on the CPU against llama.cpp, same weights, same run.
 
-    .venv/bin/python bench/bench_moe_decode.py        # writes bench/results/moe_decode.json
+    .venv/bin/python bench/bench_moe_decode.py        # writes bench/results/moe_decode.json (_amd on an AMD CPU)
 
 A Mixtral-shaped model with random weights sized for this machine (SHAPES: 8 experts, top-2,
 about 1 GB at fp32), exported with emergence's GGUF writer (what `emergence convert` runs) and
 decoded greedily, batch 1, by emergence (the native step, which reads only the chosen experts)
-and by llama.cpp (llama-cpp-python, 2 threads), alternating rounds, medians. The roofline is
+and by llama.cpp: its own llama-bench (tg) and llama-cpp-python's loop, 2 threads, alternating
+rounds, medians; the ratio is against llama-bench where it was run. The roofline is
 computed on the bytes a token actually reads: the attention and the 2 chosen experts of every
 layer, the router, the norms and the output head (the embedding row is negligible), at the read
 bandwidth measured in the same run.
@@ -33,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_quant import llama_cpp_engine, measure_bandwidth, synthetic_tokenizer  # noqa: E402
+from bench_quant import llama_bench_engine, llama_cpp_engine, measure_bandwidth, synthetic_tokenizer  # noqa: E402
 from emergence.allocator import huge_page_weights  # noqa: E402
 from emergence.config import Config  # noqa: E402
 from emergence.generate import stream  # noqa: E402
@@ -42,9 +43,9 @@ from emergence.model import Transformer  # noqa: E402
 from emergence.quant.linear import quantize_model  # noqa: E402
 from emergence.sampling import SamplingParams  # noqa: E402
 from emergence.weights.gguf_model import save_gguf  # noqa: E402
-from provenance import commit, machine  # noqa: E402
+from provenance import commit, machine, result_path  # noqa: E402
 
-RESULTS = ROOT / "bench" / "results" / "moe_decode.json"
+RESULTS = ROOT / result_path("moe_decode")
 SHAPES = dict(family="mixtral", vocab_size=32000, block_size=512, n_layer=6, n_head=12, n_kv_head=4, n_embd=768,
               intermediate_size=2048, n_experts=8, experts_per_token=2, tie_embeddings=False)
 PROMPT = [1, 415, 2936, 9060, 285, 1142, 461, 10575]
@@ -93,16 +94,20 @@ def main() -> None:
             path = Path(tmp) / f"moe-{theirs}.gguf"
             save_gguf(base if ours.startswith("q") else model, tokenizer, path, theirs.lower())
             llama_decode, _ = llama_cpp_engine(path, PROMPT)
-            ours_tps, theirs_tps = [], []
-            our_decode(model, tokenizer), llama_decode(4)  # warm-up
+            bench_decode, _ = llama_bench_engine(path, PROMPT)
+            ours_tps, theirs_tps, bench_tps = [], [], []
+            our_decode(model, tokenizer), llama_decode(4), bench_decode(4)  # warm-up
             for _ in range(ROUNDS):
                 ours_tps.append(our_decode(model, tokenizer))
                 theirs_tps.append((NEW - 1) / llama_decode(NEW))
+                bench_tps.append((NEW - 1) / bench_decode(NEW))
             read = bytes_per_token(config, ours)
-            o, t = statistics.median(ours_tps), statistics.median(theirs_tps)
-            rows.append(dict(emergence=ours, llama_cpp=theirs, emergence_tok_s=o, llama_cpp_tok_s=t, ratio=o / t,
-                             bytes_per_token=read, roofline_tok_s=bandwidth * 1e9 / read,
-                             emergence_share_of_roofline=o * read / (bandwidth * 1e9)))
+            o, t, b = statistics.median(ours_tps), statistics.median(theirs_tps), statistics.median(bench_tps)
+            rows.append(dict(emergence=ours, llama_cpp=theirs, emergence_tok_s=o, llama_bench_tok_s=b,
+                             llama_cpp_tok_s=t, ratio=o / b, ratio_llama_cpp_python=o / t, bytes_per_token=read,
+                             roofline_tok_s=bandwidth * 1e9 / read,
+                             emergence_share_of_roofline=o * read / (bandwidth * 1e9),
+                             llama_bench_share_of_roofline=b * read / (bandwidth * 1e9)))
             print(json.dumps(rows[-1]), flush=True)
     result = dict(date=datetime.date.today().isoformat(), commit=commit(), machine=machine(),
                   command="python bench/bench_moe_decode.py", shapes=SHAPES, total_parameters=config.num_parameters(),

@@ -200,9 +200,11 @@ def render_moe(dispatch: dict, decode: dict | None = None) -> str:
         what = (f"decoding, batch 1, {d['n_experts']} experts top-{d['experts_per_token']}, "
                 f"{decode['total_parameters'] / 1e6:.0f}M parameters ({decode['active_parameters'] / 1e6:.0f}M active), "
                 f"{r['emergence']} vs {r['llama_cpp']}") if i == 0 else f"same, {r['emergence']} vs {r['llama_cpp']}"
+        peer = (f"llama-bench: {r['llama_bench_tok_s']:.1f} tok/s ({r['llama_bench_share_of_roofline']:.0%}; "
+                f"llama-cpp-python's loop {r['llama_cpp_tok_s']:.1f})" if "llama_bench_tok_s" in r
+                else f"llama.cpp: {r['llama_cpp_tok_s']:.1f} tok/s")
         rows.append(f"| {what} | {r['emergence_tok_s']:.1f} tok/s ({r['emergence_share_of_roofline']:.0%} of the "
-                    f"roofline) | llama.cpp: {r['llama_cpp_tok_s']:.1f} tok/s | {r['ratio']:.2f}x | "
-                    f"{_missed(r['ratio'], decode['target_ratio'])} |")
+                    f"roofline) | {peer} | {r['ratio']:.2f}x | {_missed(r['ratio'], decode['target_ratio'])} |")
     return "\n".join(rows)
 
 
