@@ -9,7 +9,8 @@ and by llama.cpp: its own llama-bench (tg) and llama-cpp-python's loop, 2 thread
 rounds, medians; the ratio is against llama-bench where it was run. The roofline is
 computed on the bytes a token actually reads: the attention and the 2 chosen experts of every
 layer, the router, the norms and the output head (the embedding row is negligible), at the read
-bandwidth measured in the same run.
+bandwidth measured just before each round (this machine's drifts from run to run: a share is
+each round's, then the median).
 
 emergence runs fp32, bf16, q8_0 and q4_0 here; llama.cpp F32, F16, Q8_0 and Q4_0. The quantized
 rows quantize every matrix (quantize_model(skip=()): experts one by one, attention, the output
@@ -49,7 +50,7 @@ RESULTS = ROOT / result_path("moe_decode")
 SHAPES = dict(family="mixtral", vocab_size=32000, block_size=512, n_layer=6, n_head=12, n_kv_head=4, n_embd=768,
               intermediate_size=2048, n_experts=8, experts_per_token=2, tie_embeddings=False)
 PROMPT = [1, 415, 2936, 9060, 285, 1142, 461, 10575]
-NEW, ROUNDS = 64, 3
+NEW, ROUNDS = 64, 5
 
 
 # Bytes per weight of each format (ggml's blocks of 32: a 2-byte scale and 32 codes).
@@ -81,7 +82,7 @@ def main() -> None:
         for p in base.parameters():
             p.normal_(0, 0.02)
     tokenizer = synthetic_tokenizer(config.vocab_size)
-    bandwidth = measure_bandwidth()
+    bandwidth = measure_bandwidth()  # at the start (each round probes again)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for ours, theirs in (("q8_0", "Q8_0"), ("q4_0", "Q4_0"), ("fp32", "F32"), ("bf16", "F16")):
@@ -95,19 +96,23 @@ def main() -> None:
             save_gguf(base if ours.startswith("q") else model, tokenizer, path, theirs.lower())
             llama_decode, _ = llama_cpp_engine(path, PROMPT)
             bench_decode, _ = llama_bench_engine(path, PROMPT)
-            ours_tps, theirs_tps, bench_tps = [], [], []
+            ours_tps, theirs_tps, bench_tps, probes = [], [], [], []
             our_decode(model, tokenizer), llama_decode(4), bench_decode(4)  # warm-up
             for _ in range(ROUNDS):
+                probes.append(measure_bandwidth())
                 ours_tps.append(our_decode(model, tokenizer))
                 theirs_tps.append((NEW - 1) / llama_decode(NEW))
                 bench_tps.append((NEW - 1) / bench_decode(NEW))
             read = bytes_per_token(config, ours)
             o, t, b = statistics.median(ours_tps), statistics.median(theirs_tps), statistics.median(bench_tps)
+
+            def share(rates: list[float]) -> float:  # each round's against its own probe, the median
+                return statistics.median(r * read / (gb_s * 1e9) for r, gb_s in zip(rates, probes))
+
             rows.append(dict(emergence=ours, llama_cpp=theirs, emergence_tok_s=o, llama_bench_tok_s=b,
                              llama_cpp_tok_s=t, ratio=o / b, ratio_llama_cpp_python=o / t, bytes_per_token=read,
-                             roofline_tok_s=bandwidth * 1e9 / read,
-                             emergence_share_of_roofline=o * read / (bandwidth * 1e9),
-                             llama_bench_share_of_roofline=b * read / (bandwidth * 1e9)))
+                             read_bandwidth_gb_s=probes, roofline_tok_s=statistics.median(probes) * 1e9 / read,
+                             emergence_share_of_roofline=share(ours_tps), llama_bench_share_of_roofline=share(bench_tps)))
             print(json.dumps(rows[-1]), flush=True)
     result = dict(date=datetime.date.today().isoformat(), commit=commit(), machine=machine(),
                   command="python bench/bench_moe_decode.py", shapes=SHAPES, total_parameters=config.num_parameters(),
