@@ -8,8 +8,9 @@ extension's `set_one_row_streams` switches it between calls. This script times t
 backend's bare decoding step (bench_quant's `step`: the forward alone, one token) of the
 smollm2-135m architecture (random weights, every linear layer in the format) both ways,
 alternating within each round, with the memory read bandwidth probed around every round.
-The switch covers bf16, int8, Q8_0, int4 and NF4; Q4_0 walks 2 rows side by side either way, so
-its column is a control: its ratio is the run's noise.
+The switch covers bf16, int8, int4 and NF4; Q4_0 walks 2 rows side by side either way and Q8_0
+one row at a time (ggml_rows.h's two blocks per instruction, since the run committed in
+row_walk.json), so their columns are controls: their ratios are the run's noise.
 
     python bench/bench_row_walk.py [--rounds 7] [--formats bf16,int8,q8_0,int4-g32,nf4,q4_0]
 

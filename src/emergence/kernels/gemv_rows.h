@@ -84,8 +84,10 @@ inline void gemv_rows(const T* w, const float* x, float* y, int64_t row0, int64_
 // How a GEMV walks its rows where memory is the limit: one row after another (one stream, the
 // rows a fixed distance ahead prefetched) or a few rows side by side (their streams interleaved,
 // each load of x shared). On the AMD EPYC (Zen 5) of bench/results/row_walk.json one row at a
-// time decodes bf16, int8, Q8_0, int4 and NF4 weights faster (Q4_0 keeps 2 rows); on the Intel
-// Xeon of the earlier runs the interleaved rows measured faster, so other CPUs keep them. Set once at load;
+// time decodes bf16, int8, Q8_0, int4 and NF4 weights faster (Q4_0 keeps 2 rows; Q8_0 and the
+// other ggml formats now walk one row at a time everywhere, ggml_rows.h's two blocks per
+// instruction); on the Intel Xeon of the earlier runs the interleaved rows measured faster, so
+// other CPUs keep them. Set once at load;
 // `set_one_row_streams` changes it between calls (bench/bench_row_walk.py, and the tests, which
 // check both walks on every CPU).
 inline std::atomic<bool> g_one_row_streams{__builtin_cpu_is("amd")};

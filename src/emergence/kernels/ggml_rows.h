@@ -107,25 +107,33 @@ inline __m256i codes32(const uint8_t* qs, const uint8_t* qh) {
   return _mm256_or_si256(nib, _mm256_maskz_set1_epi8(bits, 0x10));
 }
 
-// A Q4_1 / Q5_0 / Q5_1 block's 32 codes (where each format keeps its nibbles and fifth bits).
+// A 32-block's 32 codes, unsigned (where each format keeps its nibbles and fifth bits; Q8_0's
+// int8 values + 128, Q4_0's nibbles are its values + 8).
 __attribute__((target("avx512f,avx512bw,avx512vl")))
 inline __m256i ggml32_codes(WeightKind k, const uint8_t* blk) {
-  return k == WeightKind::Q4_1 ? codes32(blk + 4, nullptr) : k == WeightKind::Q5_0 ? codes32(blk + 6, blk + 2)
-                                                                                     : codes32(blk + 8, blk + 4);
+  switch (k) {
+    case WeightKind::Q8_0:
+      return _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2)),
+                              _mm256_set1_epi8(static_cast<char>(0x80)));
+    case WeightKind::Q4_0: return codes32(blk + 2, nullptr);
+    case WeightKind::Q4_1: return codes32(blk + 4, nullptr);
+    case WeightKind::Q5_0: return codes32(blk + 6, blk + 2);
+    default: return codes32(blk + 8, blk + 4);
+  }
 }
 
-// Q4_1 / Q5_0 / Q5_1 row times x quantized to Q8_0 (quantize_x with bias 16 for Q5_0, so its
-// accumulators start at -16 sum(q); 0 for the others, whose minimum m adds m d_x sum(q)). Two
-// blocks a step: one VPDPBUSD over their 64 codes, lanes 0-7 the first block's, 8-15 the second's.
+// A 32-block row times x quantized to Q8_0 (quantize_x with the format's bias: 128 for Q8_0, 8
+// for Q4_0, 16 for Q5_0, so their accumulators start at -bias sum(q); 0 for Q4_1 / Q5_1, whose
+// minimum m adds m d_x sum(q)). Two blocks a step: one VPDPBUSD over their 64 codes, lanes 0-7
+// the first block's, 8-15 the second's.
 template <WeightKind KIND>
 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx512vnni")))
 float row_ggml32(const uint8_t* row, int64_t row_bytes, const QuantizedX& xq, int64_t K) {
   constexpr int64_t bytes = ggml_block_bytes(KIND);
-  constexpr bool has_min = KIND != WeightKind::Q5_0;
+  constexpr bool has_min = KIND == WeightKind::Q4_1 || KIND == WeightKind::Q5_1;
   auto codes = [](const uint8_t* blk) { return ggml32_codes(KIND, blk); };
   auto init = [&](int64_t b) {
-    return KIND == WeightKind::Q5_0 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq.init.data() + 8 * b))
-                                    : _mm256_setzero_si256();
+    return has_min ? _mm256_setzero_si256() : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq.init.data() + 8 * b));
   };
   __m512 acc = _mm512_setzero_ps();
   float mins = 0;
@@ -272,6 +280,8 @@ inline void ggml_gemv_rows(const QuantMatrix& m, const QuantizedX& xq, const Qua
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* row = m.data + r * rb;
     switch (m.kind) {
+      case WeightKind::Q8_0: y[r] = row_ggml32<WeightKind::Q8_0>(row, rb, xq, K); break;
+      case WeightKind::Q4_0: y[r] = row_ggml32<WeightKind::Q4_0>(row, rb, xq, K); break;
       case WeightKind::Q4_1: y[r] = row_ggml32<WeightKind::Q4_1>(row, rb, xq, K); break;
       case WeightKind::Q5_0: y[r] = row_ggml32<WeightKind::Q5_0>(row, rb, xq, K); break;
       case WeightKind::Q5_1: y[r] = row_ggml32<WeightKind::Q5_1>(row, rb, xq, K); break;

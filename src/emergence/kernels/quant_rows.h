@@ -181,12 +181,13 @@ inline float hsum256(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
 }
 
-// R rows at once; block b of row i starts at row + i * row_bytes + b * (Q4 ? 18 : 34).
-template <int R, bool Q4>
+// Q4_0: R rows at once, sharing the loads of x; block b of row i starts at row + i * row_bytes +
+// 18 b. (Q8_0 and the other 32-blocks take ggml_rows.h's row_ggml32, two blocks a VPDPBUSD,
+// which measured as fast for Q4_0 and 1.5x this for Q8_0 with the matrix in L2.)
+template <int R>
 __attribute__((target("avx512f,avx512vl,avx512bw,avx512vnni")))
-void rows_ggml_vnni(const uint8_t* row, int64_t row_bytes, const QuantizedX& xq, int64_t K, float* y) {
-  const int64_t block_bytes = Q4 ? 18 : 34;
-  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
+void rows_q4_0_vnni(const uint8_t* row, int64_t row_bytes, const QuantizedX& xq, int64_t K, float* y) {
+  const int64_t block_bytes = 18;
   const __m128i low4 = _mm_set1_epi8(0x0F);
   __m256 acc[R];
   for (int i = 0; i < R; ++i) acc[i] = _mm256_setzero_ps();
@@ -197,13 +198,9 @@ void rows_ggml_vnni(const uint8_t* row, int64_t row_bytes, const QuantizedX& xq,
     for (int i = 0; i < R; ++i) {
       const uint8_t* blk = row + i * row_bytes + b * block_bytes;
       _mm_prefetch(reinterpret_cast<const char*>(blk + PREFETCH_ROWS * row_bytes), _MM_HINT_T0);
-      __m256i wu;
-      if constexpr (Q4) {  // byte j: element j in the low nibble, element j + 16 in the high one
-        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2));
-        wu = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), low4), _mm_and_si128(v, low4));
-      } else {
-        wu = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2)), flip);
-      }
+      // byte j: element j in the low nibble, element j + 16 in the high one
+      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2));
+      const __m256i wu = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), low4), _mm_and_si128(v, low4));
       const __m256i dot = _mm256_dpbusd_epi32(init, wu, xv);
       acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(f16_to_f32(blk) * dx), acc[i]);
     }
@@ -581,9 +578,21 @@ inline void quant_gemv(const QuantMatrix& m, const float* x, float* y, int64_t g
   std::vector<float>& sums = sums_buffer;
   QuantizedX& xq = quantized_buffer;
   QuantizedXK& xk = quantized_k_buffer;
-  if (is_ggml32(m.kind) || is_kquant(m.kind)) {  // (quant_matrix checked VNNI)
+  if (m.kind == WeightKind::Q4_0 && kHasAvx512Vnni) {
+    quantize_x(x, K, 8, xq);
+    parallel_rows(0, m.N, grain, [&](int64_t r0, int64_t r1) {
+      int64_t r = r0;
+      // 2 rows at a time (measured faster than 1 or 4 on the Xeon, and on the EPYC than one row at a
+      // time); each row's sum is the one a row alone gets.
+      for (; r + 2 <= r1; r += 2) rows_q4_0_vnni<2>(m.data + r * m.row_bytes, m.row_bytes, xq, K, y + r);
+      for (; r < r1; ++r) rows_q4_0_vnni<1>(m.data + r * m.row_bytes, m.row_bytes, xq, K, y + r);
+    });
+    return;
+  }
+  if (is_ggml32(m.kind) || is_kquant(m.kind) || (m.kind == WeightKind::Q8_0 && kHasAvx512Vnni)) {
+    // the other ggml formats (quant_matrix checked VNNI for all but Q8_0), one row at a time
     if (is_kquant(m.kind)) quantize_x_k(x, K, xk);
-    else quantize_x(x, K, m.kind == WeightKind::Q5_0 ? 16 : 0, xq);
+    else quantize_x(x, K, ggml_bias(m.kind), xq);
     parallel_rows(0, m.N, grain, [&](int64_t r0, int64_t r1) { ggml_gemv_rows(m, xq, xk, y, r0, r1); });
     return;
   }
@@ -601,26 +610,8 @@ inline void quant_gemv(const QuantMatrix& m, const float* x, float* y, int64_t g
       sums[g] = s;
     }
   }
-  const bool ggml = m.kind == WeightKind::Q8_0 || m.kind == WeightKind::Q4_0;
+  const bool ggml = m.kind == WeightKind::Q8_0 || m.kind == WeightKind::Q4_0;  // (here: no VNNI)
   const bool one_row = g_one_row_streams.load(std::memory_order_relaxed);
-  if (ggml && kHasAvx512Vnni) {
-    const bool q4 = m.kind == WeightKind::Q4_0;
-    quantize_x(x, K, q4 ? 8 : 128, xq);
-    parallel_rows(0, m.N, grain, [&](int64_t r0, int64_t r1) {
-      int64_t r = r0;
-      // 2 rows at a time: measured faster than 1 or 4 on the Xeon; Q8_0 streams faster one row at a
-      // time on the EPYC (g_one_row_streams). Each row's sum is the same either way.
-      for (; r + 2 <= r1 && !(one_row && !q4); r += 2) {
-        const uint8_t* row = m.data + r * m.row_bytes;
-        q4 ? rows_ggml_vnni<2, true>(row, m.row_bytes, xq, K, y + r) : rows_ggml_vnni<2, false>(row, m.row_bytes, xq, K, y + r);
-      }
-      for (; r < r1; ++r) {
-        const uint8_t* row = m.data + r * m.row_bytes;
-        q4 ? rows_ggml_vnni<1, true>(row, m.row_bytes, xq, K, y + r) : rows_ggml_vnni<1, false>(row, m.row_bytes, xq, K, y + r);
-      }
-    });
-    return;
-  }
   parallel_rows(0, m.N, grain, [&](int64_t r0, int64_t r1) {
     int64_t r = r0;
     if (four_bit) {  // 2 rows at a time share the x loads (or 1: g_one_row_streams)
