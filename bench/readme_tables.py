@@ -252,7 +252,7 @@ TABLES: list[tuple[str, tuple[str, ...], Callable]] = [
     ("Fine-tuning: memory", ("finetune.json",), render_finetune_memory),
     ("T5 and beam search", ("beam.json",), render_beam),
     ("Mixture of experts", ("moe_dispatch.json", "moe_decode.json"), render_moe),
-    ("Mixture of experts: training on an AMD EPYC", ("moe_dispatch_amd.json",), render_moe),
+    ("Mixture of experts: on an AMD EPYC", ("moe_dispatch_amd.json", "moe_decode_amd.json"), render_moe),
     ("Alignment: rollouts", ("rollout_emergence-6m.json",), render_rollout),
     ("Structured output", ("structured.json",), render_structured),
     ("Speed: against transformers", ("decode.json",), _imported("bench_decode", "render_table")),
