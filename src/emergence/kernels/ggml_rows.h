@@ -1,12 +1,12 @@
-// ggml's other block formats: Q4_1, Q5_0, Q5_1 (blocks of 32) and the K-quants Q4_K, Q5_K, Q6_K
-// (super-blocks of 256), the types of llama.cpp's common GGUF files (Q4_K_M mixes Q4_K and Q6_K;
-// rows that do not fill 256-blocks fall back to Q5_0 / Q5_1 / Q8_0). Here: their codes, the
-// decoding GEMV, the rows dequantized; quant_rows.h's qgemm_ggml multiplies a prompt's rows on
-// the same codes. Included by quant_rows.h, after its Q8_0 / Q4_0 kernels, whose activation
-// quantization (QuantizedX) the 32-blocks share.
+// ggml's block formats with AVX512-VNNI: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 (blocks of 32) and the
+// K-quants Q4_K, Q5_K, Q6_K (super-blocks of 256), the types of llama.cpp's common GGUF files
+// (Q4_K_M mixes Q4_K and Q6_K; rows that do not fill 256-blocks fall back to Q5_0 / Q5_1 /
+// Q8_0). Here: their codes, the decoding GEMV, the rows dequantized (Q8_0 / Q4_0's in
+// quant_rows.h); quant_rows.h's qgemm_ggml multiplies a prompt's rows on the same codes.
+// Included by quant_rows.h, after its activation quantization for the 32-blocks (QuantizedX).
 //
-// llama.cpp's numerics, as for Q8_0 / Q4_0: the activation vector is quantized first, to Q8_0
-// blocks of 32 for Q4_1 / Q5_x (their Q8_1 holds the same values) and to Q8_K blocks of 256 for
+// llama.cpp's numerics: the activation vector is quantized first, to Q8_0 blocks of 32 for the
+// 32-blocks (Q4_1 / Q5_1's Q8_1 holds the same values) and to Q8_K blocks of 256 for
 // the K-quants (d = 1 / s, s = -127 / m, m the block's value of largest magnitude with its sign,
 // q = min(127, round-to-even(x * s)), and the sums of q per 16). Each weight's code goes to the
 // unsigned side of VPDPBUSD as is (0..15, 0..31 or 0..63, in element order), so every
@@ -122,46 +122,52 @@ inline __m256i ggml32_codes(WeightKind k, const uint8_t* blk) {
   }
 }
 
-// A 32-block row times x quantized to Q8_0 (quantize_x with the format's bias: 128 for Q8_0, 8
-// for Q4_0, 16 for Q5_0, so their accumulators start at -bias sum(q); 0 for Q4_1 / Q5_1, whose
-// minimum m adds m d_x sum(q)). Two blocks a step: one VPDPBUSD over their 64 codes, lanes 0-7
-// the first block's, 8-15 the second's.
-template <WeightKind KIND>
+// R rows of a 32-block format times x quantized to Q8_0 (quantize_x with the format's bias: 128
+// for Q8_0, 8 for Q4_0, 16 for Q5_0, so their accumulators start at -bias sum(q); 0 for Q4_1 /
+// Q5_1, whose minimum m adds m d_x sum(q)); the rows share the loads of x. Two blocks a step:
+// one VPDPBUSD over their 64 codes, lanes 0-7 the first block's, 8-15 the second's. Each row's
+// sum is the same whatever R.
+template <WeightKind KIND, int R>
 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx512vnni")))
-float row_ggml32(const uint8_t* row, int64_t row_bytes, const QuantizedX& xq, int64_t K) {
+void rows_ggml32(const uint8_t* row, int64_t row_bytes, const QuantizedX& xq, int64_t K, float* y) {
   constexpr int64_t bytes = ggml_block_bytes(KIND);
   constexpr bool has_min = KIND == WeightKind::Q4_1 || KIND == WeightKind::Q5_1;
   auto codes = [](const uint8_t* blk) { return ggml32_codes(KIND, blk); };
   auto init = [&](int64_t b) {
     return has_min ? _mm256_setzero_si256() : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq.init.data() + 8 * b));
   };
-  __m512 acc = _mm512_setzero_ps();
-  float mins = 0;
+  __m512 acc[R];
+  float mins[R], tail[R];
+  for (int i = 0; i < R; ++i) acc[i] = _mm512_setzero_ps(), mins[i] = 0, tail[i] = 0;
   const int64_t blocks = K / 32;
   int64_t b = 0;
   for (; b + 2 <= blocks; b += 2) {
-    const uint8_t* blk = row + b * bytes;
-    _mm_prefetch(reinterpret_cast<const char*>(blk + PREFETCH_ROWS * row_bytes), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(blk + PREFETCH_ROWS * row_bytes + bytes), _MM_HINT_T0);
-    const __m512i dot = _mm512_dpbusd_epi32(join(init(b), init(b + 1)), join(codes(blk), codes(blk + bytes)),
-                                            _mm512_loadu_si512(xq.q.data() + 32 * b));
-    const __m512 scale = _mm512_insertf32x8(_mm512_set1_ps(f16_to_f32(blk) * xq.d[b]),
-                                            _mm256_set1_ps(f16_to_f32(blk + bytes) * xq.d[b + 1]), 1);
-    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc);
-    if constexpr (has_min) {
-      mins += f16_to_f32(blk + 2) * (xq.d[b] * static_cast<float>(xq.sum[b])) +
-              f16_to_f32(blk + bytes + 2) * (xq.d[b + 1] * static_cast<float>(xq.sum[b + 1]));
+    const __m512i xv = _mm512_loadu_si512(xq.q.data() + 32 * b), start = join(init(b), init(b + 1));
+    const float dx0 = xq.d[b], dx1 = xq.d[b + 1];
+    for (int i = 0; i < R; ++i) {
+      const uint8_t* blk = row + i * row_bytes + b * bytes;
+      _mm_prefetch(reinterpret_cast<const char*>(blk + PREFETCH_ROWS * row_bytes), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(blk + PREFETCH_ROWS * row_bytes + bytes), _MM_HINT_T0);
+      const __m512i dot = _mm512_dpbusd_epi32(start, join(codes(blk), codes(blk + bytes)), xv);
+      const __m512 scale = _mm512_insertf32x8(_mm512_set1_ps(f16_to_f32(blk) * dx0),
+                                              _mm256_set1_ps(f16_to_f32(blk + bytes) * dx1), 1);
+      acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[i]);
+      if constexpr (has_min) {
+        mins[i] += f16_to_f32(blk + 2) * (dx0 * static_cast<float>(xq.sum[b])) +
+                   f16_to_f32(blk + bytes + 2) * (dx1 * static_cast<float>(xq.sum[b + 1]));
+      }
     }
   }
-  float tail = 0;
   if (b < blocks) {  // an odd last block
-    const uint8_t* blk = row + b * bytes;
     const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq.q.data() + 32 * b));
-    const __m256i dot = _mm256_dpbusd_epi32(init(b), codes(blk), xv);
-    tail = hsum256(_mm256_mul_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(f16_to_f32(blk) * xq.d[b])));
-    if constexpr (has_min) mins += f16_to_f32(blk + 2) * (xq.d[b] * static_cast<float>(xq.sum[b]));
+    for (int i = 0; i < R; ++i) {
+      const uint8_t* blk = row + i * row_bytes + b * bytes;
+      const __m256i dot = _mm256_dpbusd_epi32(init(b), codes(blk), xv);
+      tail[i] = hsum256(_mm256_mul_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(f16_to_f32(blk) * xq.d[b])));
+      if constexpr (has_min) mins[i] += f16_to_f32(blk + 2) * (xq.d[b] * static_cast<float>(xq.sum[b]));
+    }
   }
-  return _mm512_reduce_add_ps(acc) + tail + mins;
+  for (int i = 0; i < R; ++i) y[i] = _mm512_reduce_add_ps(acc[i]) + tail[i] + mins[i];
 }
 
 // Q4_K / Q5_K: sub-block j's 6-bit scale and minimum from the 12 packed bytes (get_scale_min_k4).
@@ -280,11 +286,11 @@ inline void ggml_gemv_rows(const QuantMatrix& m, const QuantizedX& xq, const Qua
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* row = m.data + r * rb;
     switch (m.kind) {
-      case WeightKind::Q8_0: y[r] = row_ggml32<WeightKind::Q8_0>(row, rb, xq, K); break;
-      case WeightKind::Q4_0: y[r] = row_ggml32<WeightKind::Q4_0>(row, rb, xq, K); break;
-      case WeightKind::Q4_1: y[r] = row_ggml32<WeightKind::Q4_1>(row, rb, xq, K); break;
-      case WeightKind::Q5_0: y[r] = row_ggml32<WeightKind::Q5_0>(row, rb, xq, K); break;
-      case WeightKind::Q5_1: y[r] = row_ggml32<WeightKind::Q5_1>(row, rb, xq, K); break;
+      case WeightKind::Q8_0: rows_ggml32<WeightKind::Q8_0, 1>(row, rb, xq, K, y + r); break;
+      case WeightKind::Q4_0: rows_ggml32<WeightKind::Q4_0, 1>(row, rb, xq, K, y + r); break;
+      case WeightKind::Q4_1: rows_ggml32<WeightKind::Q4_1, 1>(row, rb, xq, K, y + r); break;
+      case WeightKind::Q5_0: rows_ggml32<WeightKind::Q5_0, 1>(row, rb, xq, K, y + r); break;
+      case WeightKind::Q5_1: rows_ggml32<WeightKind::Q5_1, 1>(row, rb, xq, K, y + r); break;
       case WeightKind::Q4_K: y[r] = row_kquant<WeightKind::Q4_K>(row, rb, xk, K); break;
       case WeightKind::Q5_K: y[r] = row_kquant<WeightKind::Q5_K>(row, rb, xk, K); break;
       default: y[r] = row_kquant<WeightKind::Q6_K>(row, rb, xk, K); break;

@@ -1,12 +1,13 @@
 // Matrix-vector products with quantized weights, for batch-1 decoding: the weights stream
 // from memory in their packed form, so each token reads 1-8.5 bits per weight instead of 16
-// or 32 (and, for Q8_0 and Q4_0, the matrix product of a prompt's rows on the packed blocks:
+// or 32 (and, for ggml's formats, the matrix product of a prompt's rows on the packed blocks:
 // qgemm_ggml). For our own formats (int8, int4, NF4, ternary) the codes become fp32 values in
 // registers (int8 and ternary widened and converted, int4 and NF4 by a table lookup) and the
-// result equals x times the dequantized weight (up to fp32 summation order). For ggml's Q8_0
-// and Q4_0 the activation vector is quantized the way llama.cpp does it (blocks of 32, int8
-// with scale max|x| / 127) and the dot products run on integers with AVX512-VNNI: the
-// numerics of llama.cpp's own CPU kernels, at a fraction of the instructions.
+// result equals x times the dequantized weight (up to fp32 summation order). For ggml's formats
+// the activation vector is quantized the way llama.cpp does it (blocks of 32, int8 with scale
+// max|x| / 127; Q8_K's 256 for the K-quants) and the dot products run on integers with
+// AVX512-VNNI (ggml_rows.h): the numerics of llama.cpp's own CPU kernels, at a fraction of the
+// instructions.
 //
 // Weight layouts (one row of K inputs per output; rows contiguous, `row_bytes` apart):
 //   Q8_0     ggml blocks of 32: fp16 scale d, 32 int8 q;            w = d * q
@@ -181,35 +182,8 @@ inline float hsum256(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
 }
 
-// Q4_0: R rows at once, sharing the loads of x; block b of row i starts at row + i * row_bytes +
-// 18 b. (Q8_0 and the other 32-blocks take ggml_rows.h's row_ggml32, two blocks a VPDPBUSD,
-// which measured as fast for Q4_0 and 1.5x this for Q8_0 with the matrix in L2.)
-template <int R>
-__attribute__((target("avx512f,avx512vl,avx512bw,avx512vnni")))
-void rows_q4_0_vnni(const uint8_t* row, int64_t row_bytes, const QuantizedX& xq, int64_t K, float* y) {
-  const int64_t block_bytes = 18;
-  const __m128i low4 = _mm_set1_epi8(0x0F);
-  __m256 acc[R];
-  for (int i = 0; i < R; ++i) acc[i] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < K / 32; ++b) {
-    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq.q.data() + 32 * b));
-    const __m256i init = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq.init.data() + 8 * b));
-    const float dx = xq.d[b];
-    for (int i = 0; i < R; ++i) {
-      const uint8_t* blk = row + i * row_bytes + b * block_bytes;
-      _mm_prefetch(reinterpret_cast<const char*>(blk + PREFETCH_ROWS * row_bytes), _MM_HINT_T0);
-      // byte j: element j in the low nibble, element j + 16 in the high one
-      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2));
-      const __m256i wu = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), low4), _mm_and_si128(v, low4));
-      const __m256i dot = _mm256_dpbusd_epi32(init, wu, xv);
-      acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(f16_to_f32(blk) * dx), acc[i]);
-    }
-  }
-  for (int i = 0; i < R; ++i) y[i] = hsum256(acc[i]);
-}
-
 }  // namespace emergence
-#include "ggml_rows.h"  // Q4_1, Q5_0, Q5_1 and the K-quants, on QuantizedX / QuantizedXK
+#include "ggml_rows.h"  // every ggml format's codes and GEMV rows, on QuantizedX / QuantizedXK
 namespace emergence {
 
 // ----------------------------------------------- ggml blocks times many rows (prefill)
@@ -582,10 +556,10 @@ inline void quant_gemv(const QuantMatrix& m, const float* x, float* y, int64_t g
     quantize_x(x, K, 8, xq);
     parallel_rows(0, m.N, grain, [&](int64_t r0, int64_t r1) {
       int64_t r = r0;
-      // 2 rows at a time (measured faster than 1 or 4 on the Xeon, and on the EPYC than one row at a
-      // time); each row's sum is the one a row alone gets.
-      for (; r + 2 <= r1; r += 2) rows_q4_0_vnni<2>(m.data + r * m.row_bytes, m.row_bytes, xq, K, y + r);
-      for (; r < r1; ++r) rows_q4_0_vnni<1>(m.data + r * m.row_bytes, m.row_bytes, xq, K, y + r);
+      // 2 rows at a time, sharing the loads of x (measured faster than 1 or 4 on the Xeon, and on
+      // the EPYC than one row at a time); each row's sum is the one a row alone gets.
+      for (; r + 2 <= r1; r += 2) rows_ggml32<WeightKind::Q4_0, 2>(m.data + r * m.row_bytes, m.row_bytes, xq, K, y + r);
+      for (; r < r1; ++r) rows_ggml32<WeightKind::Q4_0, 1>(m.data + r * m.row_bytes, m.row_bytes, xq, K, y + r);
     });
     return;
   }
