@@ -757,10 +757,11 @@ class DecodePlan {
   // y (B, N) = x (B, K) W^T (+ b); x holds values already representable in the model's dtype.
   // One row: a GEMV (the weights stream once, split across the team by output rows). Several
   // rows: gemm_rows reads each weight row once for all of them, and from g_blas_rows fp32 rows on
-  // torch's BLAS does (blas.h); Q8_0 and Q4_0 blocks multiply them on the packed blocks
-  // (qgemm_ggml) from 3 rows on (below, the GEMV row by row is as fast: qgemm unpacks each tile
-  // of 16 weight rows first); int4 and NF4 a prompt's rows from kWidenedRows on, widened a tile
-  // at a time, when prompt_products_ says so; the other packed formats run their GEMV row by row.
+  // torch's BLAS does (blas.h); ggml blocks multiply them on the packed blocks (qgemm_ggml) from
+  // 3 rows on (below, the GEMV row by row is as fast: qgemm unpacks each tile of 16 weight rows
+  // first), a stack of ggml parts part by part; int4 and NF4 a prompt's rows from kWidenedRows on,
+  // widened a tile at a time, when prompt_products_ says so; the other packed formats run their
+  // GEMV row by row.
   void linear(const Linear& L, const float* x, int64_t B, float* y) {
     if (!L.parts.empty() && B >= 3 && emergence::kHasAvx512Vnni &&
         std::all_of(L.parts.begin(), L.parts.end(), [](const Linear& p) { return emergence::ggml_block_gemm(p.q.kind); })) {

@@ -25,8 +25,9 @@ batch shape. N = out_features, K = in_features. Storage, exactly:
              byte for byte (`emergence.gguf.quants`); K % 32 == 0 (256 for the K-quants
              q4_k, q5_k, q6_k). The forward pass quantizes the activations as llama.cpp's
              CPU dot products do (Q8_0 blocks of 32, Q8_K blocks of 256 for the K-quants);
-             every format has a native GEMV for decoding (kernels/ggml_rows.h beside q8_0 and
-             q4_0's; all but q8_0 and q4_0 need AVX512-VNNI).
+             every format has native kernels: a GEMV for decoding (kernels/ggml_rows.h) and
+             a product on the blocks for prompts (quant_rows.h's qgemm_ggml); all but q8_0 and
+             q4_0 need AVX512-VNNI (q8_0 and q4_0's prompts too).
 
 `kernel_operands()` gives what the native kernels read of a layer (kernels/quant_rows.h has
 the layouts), or None where no kernel handles its format or shape; the kernels never read
