@@ -170,13 +170,18 @@ void rows_ggml32(const uint8_t* row, int64_t row_bytes, const QuantizedX& xq, in
   for (int i = 0; i < R; ++i) y[i] = _mm512_reduce_add_ps(acc[i]) + tail[i] + mins[i];
 }
 
-// Q4_K / Q5_K: sub-block j's 6-bit scale and minimum from the 12 packed bytes (get_scale_min_k4).
+// Q4_K / Q5_K: the 8 sub-blocks' 6-bit scales and minimums from the 12 packed bytes
+// (get_scale_min_k4: scales 0-3 and minimums 0-3 in the low 6 bits of bytes 0-3 and 4-7, scales
+// and minimums 4-7 in the nibbles of bytes 8-11 with their top 2 bits in the top bits of bytes
+// 0-3 and 4-7), on four 32-bit words as llama.cpp's kernels unpack them: sc[0..7] the 8 scales,
+// mn[0..7] the 8 minimums.
 inline void scale_min_k4(const uint8_t* q, uint8_t* sc, uint8_t* mn) {
-  for (int j = 0; j < 4; ++j) sc[j] = q[j] & 63, mn[j] = q[j + 4] & 63;
-  for (int j = 4; j < 8; ++j) {
-    sc[j] = (q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4);
-    mn[j] = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
-  }
+  constexpr uint32_t low6 = 0x3f3f3f3f, low4 = 0x0f0f0f0f, low2 = 0x03030303;
+  uint32_t w[3];
+  std::memcpy(w, q, 12);
+  const uint32_t scales[2] = {w[0] & low6, (w[2] & low4) | (((w[0] >> 6) & low2) << 4)};
+  const uint32_t mins[2] = {w[1] & low6, ((w[2] >> 4) & low4) | (((w[1] >> 6) & low2) << 4)};
+  std::memcpy(sc, scales, 8), std::memcpy(mn, mins, 8);
 }
 
 // Codes of a K-quant super-block's elements 64c..64c+63 in element order, unsigned: Q4_K's
@@ -265,8 +270,12 @@ float row_kquant(const uint8_t* row, int64_t row_bytes, const QuantizedXK& xq, i
       scale_min_k4(blk + 4, sc, mn);
       int32_t summ = 0;
       for (int j = 0; j < 8; ++j) summ += mn[j] * (bsums[2 * j] + bsums[2 * j + 1]);
+      // int16 scales of the 8 sub-blocks; pair p of step c is in sub-block 2c + p / 16
+      const __m512i scales = _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sc))));
+      const __m512i sub = _mm512_set_epi16(1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
+                                           0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
       for (int c = 0; c < 4; ++c) {  // sub-blocks 2c and 2c + 1
-        const __m512i scale = join(_mm256_set1_epi16(sc[2 * c]), _mm256_set1_epi16(sc[2 * c + 1]));
+        const __m512i scale = _mm512_permutexvar_epi16(_mm512_add_epi16(sub, _mm512_set1_epi16(2 * c)), scales);
         const __m512i pairs = _mm512_maddubs_epi16(kquant_codes64<KIND>(blk, c), _mm512_loadu_si512(q8 + 64 * c));
         isum = _mm512_add_epi32(isum, _mm512_madd_epi16(pairs, scale));
       }
