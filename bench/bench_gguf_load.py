@@ -4,7 +4,11 @@ The smollm2-135m architecture with random weights (as bench_quant.py), exported 
 to GGUF Q8_0 and Q4_0 (every matrix in the type, the tied token table included), and the
 same weights' F32 export quantized by llama.cpp's own quantizer into its Q4_K_M, Q5_K_M and
 Q6_K files (its mixes: Q4_K / Q5_K / Q6_K where rows fill 256-blocks, Q5_0 / Q5_1 / Q8_0 for the
-576-wide rows, Q6_K for some attn_v and ffn_down, as a SmolLM2 download is made). For each file:
+576-wide rows, Q6_K for some attn_v and ffn_down, as a SmolLM2 download is made); and, for the
+K-quant kernels alone, llama.cpp's "pure" Q4_K and Q6_K files (every matrix in the type) of a
+LLaMA-shaped model whose rows fill 256-blocks (WIDE: 12 layers of 768, 110M parameters), beside
+the same weights quantized by emergence to q4_k / q6_k (byte for byte llama.cpp's quantizer's,
+tests/test_gguf_model.py). For each file:
 
 - its size, and the peak resident memory while loading it in a fresh process (growth over the
   process before, its modules imported), kept quantized (`emergence.load`: the file's blocks in
@@ -46,6 +50,10 @@ ROOT = Path(__file__).resolve().parents[1]
 TYPES = ("q8_0", "q4_0")
 # llama.cpp's quantizer's file types (llama_ftype) made from the F32 export
 LLAMA_CPP_MIXES = {"Q4_K_M": 15, "Q5_K_M": 17, "Q6_K": 18}
+# its pure files of WIDE: file -> (our format, llama_ftype; Q4_K_S made pure is all Q4_K)
+PURE_K = {"Q4_K pure": ("q4_k", 14), "Q6_K pure": ("q6_k", 18)}
+WIDE = dict(name="llama-768", family="llama", vocab_size=32000, block_size=512, n_layer=12, n_head=12, n_kv_head=4,
+            n_embd=768, intermediate_size=2048, tie_embeddings=False)
 # A fresh process: load a small file first (modules imported, allocator warm), reset the peak,
 # load the file; prints the peak's growth in bytes and the seconds.
 PROBE = """
@@ -90,7 +98,8 @@ def render_table(result: dict) -> str:
     for kind, r in result["files"].items():
         size = r["file_bytes"]
         ratio = r["gguf_decode_tok_s"] / r["llama_bench_decode_tok_s"]
-        row = (f"| {kind.upper()} | {size / 1e6:.0f} MB | {r['packed_rss_bytes'] / 1e6:.0f} MB "
+        name = kind.upper() if kind in TYPES else kind + (", 768 wide" if kind in PURE_K else "")
+        row = (f"| {name} | {size / 1e6:.0f} MB | {r['packed_rss_bytes'] / 1e6:.0f} MB "
                f"({r['packed_rss_bytes'] / size:.2f}x), {r['packed_load_s']:.2f} s | "
                f"{r['float_rss_bytes'] / 1e6:.0f} MB ({r['float_rss_bytes'] / size:.1f}x), "
                f"{r['float_load_s']:.2f} s | {rate(r, 'gguf_decode')}, {ratio:.2f}x llama-bench | "
@@ -102,12 +111,12 @@ def render_table(result: dict) -> str:
     return "\n".join(rows)
 
 
-def llama_cpp_quantize(src: Path, dst: Path, ftype: int) -> None:
+def llama_cpp_quantize(src: Path, dst: Path, ftype: int, pure: bool = False) -> None:
     """llama.cpp's quantizer (llama-cpp-python's binding to the same source as llama-bench; no
-    importance matrix), in a subprocess: it prints a line per tensor."""
+    importance matrix; `pure`: every matrix in the type), in a subprocess: it prints a line per tensor."""
     code = ("import sys, llama_cpp\n"
             "p = llama_cpp.llama_model_quantize_default_params()\n"
-            f"p.ftype, p.nthread = {ftype}, 2\n"
+            f"p.ftype, p.nthread, p.pure = {ftype}, 2, {pure}\n"
             f"sys.exit(llama_cpp.llama_model_quantize({str(src).encode()!r}, {str(dst).encode()!r}, p))")
     subprocess.run([sys.executable, "-c", code], capture_output=True, check=True)
 
@@ -125,19 +134,31 @@ def main() -> int:
     tokenizer = synthetic_tokenizer(config.vocab_size)
     prompt = torch.randint(3, config.vocab_size, (16,)).tolist()
     long_prompt = torch.randint(3, config.vocab_size, (128,)).tolist()
-    print(f"smollm2-135m architecture, random weights; {torch.get_num_threads()} threads", flush=True)
+    wide = Transformer(Config(**WIDE)).eval()
+    with torch.no_grad():
+        for p in wide.parameters():
+            p.normal_(0, 0.02)
+    wide_tokenizer = synthetic_tokenizer(WIDE["vocab_size"])
+    print(f"smollm2-135m architecture and {WIDE['name']}, random weights; {torch.get_num_threads()} threads", flush=True)
     result = {"rounds": args.rounds, "new_tokens": args.new_tokens, "files": {}}
     with tempfile.TemporaryDirectory() as tmp:
         small_config = Config(**{**config.to_dict(), "n_layer": 1, "n_embd": 64, "n_head": 2, "n_kv_head": 1,
                                  "intermediate_size": 64, "vocab_size": 512})
+        small_wide = Config(**{**WIDE, "n_layer": 1, "n_embd": 256, "n_head": 4, "n_kv_head": 2,
+                               "intermediate_size": 256, "vocab_size": 512})
         engines, prefills, samples = {}, {}, {}
         save_gguf(base, tokenizer, Path(tmp) / "f32.gguf", "f32")
         save_gguf(Transformer(small_config), synthetic_tokenizer(512), Path(tmp) / "small-f32.gguf", "f32")
-        for kind in (*TYPES, *LLAMA_CPP_MIXES):
+        save_gguf(wide, wide_tokenizer, Path(tmp) / "wide-f32.gguf", "f32")
+        save_gguf(Transformer(small_wide), synthetic_tokenizer(512), Path(tmp) / "small-wide-f32.gguf", "f32")
+        for kind in (*TYPES, *LLAMA_CPP_MIXES, *PURE_K):
             path, small = Path(tmp) / f"{kind}.gguf", Path(tmp) / f"small-{kind}.gguf"
             if kind in LLAMA_CPP_MIXES:
                 llama_cpp_quantize(Path(tmp) / "f32.gguf", path, LLAMA_CPP_MIXES[kind])
                 llama_cpp_quantize(Path(tmp) / "small-f32.gguf", small, LLAMA_CPP_MIXES[kind])
+            elif kind in PURE_K:
+                llama_cpp_quantize(Path(tmp) / "wide-f32.gguf", path, PURE_K[kind][1], pure=True)
+                llama_cpp_quantize(Path(tmp) / "small-wide-f32.gguf", small, PURE_K[kind][1], pure=True)
             else:
                 save_gguf(base, tokenizer, path, kind)
                 save_gguf(Transformer(small_config), synthetic_tokenizer(512), small, kind)
@@ -149,13 +170,18 @@ def main() -> int:
                   f"quantized ({packed[1]:.2f} s), {float_[0] / 1e6:.0f} MB dequantized ({float_[1]:.2f} s)",
                   flush=True)
             model, _, gguf_tokenizer = load_gguf(path)
-            engines[f"gguf-{kind}"] = model_engine(model, gguf_tokenizer, prompt, args.new_tokens)[0]
-            prefills[f"gguf-{kind}"] = model_engine(model, gguf_tokenizer, long_prompt, 1)[1]
+            ids, long_ids = (prompt, long_prompt) if kind not in PURE_K else (
+                [t % WIDE["vocab_size"] for t in prompt], [t % WIDE["vocab_size"] for t in long_prompt])
+            engines[f"gguf-{kind}"] = model_engine(model, gguf_tokenizer, ids, args.new_tokens)[0]
+            prefills[f"gguf-{kind}"] = model_engine(model, gguf_tokenizer, long_ids, 1)[1]
             if kind in TYPES:
-                engines[f"quantized-{kind}"] = our_engine(base, tokenizer, torch.float32, kind, {}, prompt,
+                engines[f"quantized-{kind}"] = our_engine(base, tokenizer, torch.float32, kind, {}, ids,
                                                           args.new_tokens)[0]
-            engines[f"llama-bench-{kind}"] = llama_bench_engine(path, prompt)[0]
-            prefills[f"llama-bench-{kind}"] = llama_bench_engine(path, long_prompt)[1]
+            elif kind in PURE_K:
+                engines[f"quantized-{kind}"] = our_engine(wide, wide_tokenizer, torch.float32, PURE_K[kind][0], {},
+                                                          ids, args.new_tokens)[0]
+            engines[f"llama-bench-{kind}"] = llama_bench_engine(path, ids)[0]
+            prefills[f"llama-bench-{kind}"] = llama_bench_engine(path, long_ids)[1]
         samples = {name: [] for name in [*engines, *(f"{n}-prefill" for n in prefills)]}
         for decode in engines.values():  # warm-up
             decode(2)
