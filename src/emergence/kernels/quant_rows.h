@@ -199,12 +199,6 @@ namespace emergence {
 // Q4_1 / Q5_1 add each block's minimum times d_x sum(q) of the activation row.
 constexpr int kQgemmRows = 16, kQgemmCols = 8;
 
-// The bias a ggml block format's unsigned codes carry (codes - bias = the signed values the
-// block's scale multiplies; 0 where the format has a minimum instead).
-constexpr int ggml_bias(WeightKind k) {
-  return k == WeightKind::Q8_0 ? 128 : k == WeightKind::Q4_0 ? 8 : k == WeightKind::Q5_0 ? 16 : 0;
-}
-
 struct QuantizedRows {
   int64_t M = 0, blocks = 0;   // rows (padded to a multiple of kQgemmCols), blocks per row
   std::vector<int8_t> q;       // (M, K)
@@ -391,7 +385,7 @@ void qgemm_kquant_rows(const QuantMatrix& m, const QuantizedRowsK& X, float* y, 
 
 // Whether qgemm_ggml multiplies this kind on its blocks: every ggml kind.
 constexpr bool ggml_block_gemm(WeightKind k) {
-  return k == WeightKind::Q8_0 || k == WeightKind::Q4_0 || is_ggml32(k) || is_kquant(k);
+  return k == WeightKind::Q8_0 || k == WeightKind::Q4_0 || is_vnni_only32(k) || is_kquant(k);
 }
 
 // Y (M, N) fp32 = X (M, K) W^T for a ggml W (the caller checks: kHasAvx512Vnni); tiles of 16
@@ -552,19 +546,9 @@ inline void quant_gemv(const QuantMatrix& m, const float* x, float* y, int64_t g
   std::vector<float>& sums = sums_buffer;
   QuantizedX& xq = quantized_buffer;
   QuantizedXK& xk = quantized_k_buffer;
-  if (m.kind == WeightKind::Q4_0 && kHasAvx512Vnni) {
-    quantize_x(x, K, 8, xq);
-    parallel_rows(0, m.N, grain, [&](int64_t r0, int64_t r1) {
-      int64_t r = r0;
-      // 2 rows at a time, sharing the loads of x (measured faster than 1 or 4 on the Xeon, and on
-      // the EPYC than one row at a time); each row's sum is the one a row alone gets.
-      for (; r + 2 <= r1; r += 2) rows_ggml32<WeightKind::Q4_0, 2>(m.data + r * m.row_bytes, m.row_bytes, xq, K, y + r);
-      for (; r < r1; ++r) rows_ggml32<WeightKind::Q4_0, 1>(m.data + r * m.row_bytes, m.row_bytes, xq, K, y + r);
-    });
-    return;
-  }
-  if (is_ggml32(m.kind) || is_kquant(m.kind) || (m.kind == WeightKind::Q8_0 && kHasAvx512Vnni)) {
-    // the other ggml formats (quant_matrix checked VNNI for all but Q8_0), one row at a time
+  const bool ggml = m.kind == WeightKind::Q8_0 || m.kind == WeightKind::Q4_0;
+  if (is_vnni_only32(m.kind) || is_kquant(m.kind) || (ggml && kHasAvx512Vnni)) {
+    // ggml's formats on integers (quant_matrix checked VNNI for all but Q8_0 / Q4_0)
     if (is_kquant(m.kind)) quantize_x_k(x, K, xk);
     else quantize_x(x, K, ggml_bias(m.kind), xq);
     parallel_rows(0, m.N, grain, [&](int64_t r0, int64_t r1) { ggml_gemv_rows(m, xq, xk, y, r0, r1); });
@@ -584,7 +568,6 @@ inline void quant_gemv(const QuantMatrix& m, const float* x, float* y, int64_t g
       sums[g] = s;
     }
   }
-  const bool ggml = m.kind == WeightKind::Q8_0 || m.kind == WeightKind::Q4_0;  // (here: no VNNI)
   const bool one_row = g_one_row_streams.load(std::memory_order_relaxed);
   parallel_rows(0, m.N, grain, [&](int64_t r0, int64_t r1) {
     int64_t r = r0;
@@ -661,26 +644,6 @@ inline void dequantize_row(const QuantMatrix& m, int64_t r, float* w) {
   const uint8_t* row = m.data + r * m.row_bytes;
   const __m128i low4 = _mm_set1_epi8(0x0F);
   switch (m.kind) {
-    case WeightKind::Q8_0:
-      for (int64_t b = 0; b < K / 32; ++b) {
-        const uint8_t* blk = row + 34 * b;
-        const __m512 d = _mm512_set1_ps(f16_to_f32(blk));
-        _mm512_storeu_ps(w + 32 * b, _mm512_mul_ps(d, widen_i8(blk + 2)));
-        _mm512_storeu_ps(w + 32 * b + 16, _mm512_mul_ps(d, widen_i8(blk + 18)));
-      }
-      break;
-    case WeightKind::Q4_0:
-      for (int64_t b = 0; b < K / 32; ++b) {
-        const uint8_t* blk = row + 18 * b;
-        const __m512 d = _mm512_set1_ps(f16_to_f32(blk));
-        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2));
-        const __m128i eight = _mm_set1_epi8(8);
-        const __m128i lo = _mm_sub_epi8(_mm_and_si128(v, low4), eight);
-        const __m128i hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(v, 4), low4), eight);
-        _mm512_storeu_ps(w + 32 * b, _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(lo))));
-        _mm512_storeu_ps(w + 32 * b + 16, _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(hi))));
-      }
-      break;
     case WeightKind::INT8: {
       const __m512 scale = _mm512_set1_ps(m.scales[r]);
       int64_t k = 0;
