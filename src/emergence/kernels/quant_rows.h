@@ -269,25 +269,14 @@ void qgemm_ggml_rows(const QuantMatrix& m, const QuantizedRows& X, float* y, int
   std::vector<float> wd(nb * 16);        // block b: the 16 rows' scales
   std::vector<float> wm(has_min ? nb * 16 : 0);  // and their minimums
   alignas(64) uint8_t stage[R][32] = {};  // one block of each row, unpacked
-  const __m128i low4 = _mm_set1_epi8(0x0F);
-  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
   for (int64_t r = r0; r < r1; r += R) {
     const int rows = static_cast<int>(std::min<int64_t>(R, r1 - r));
     std::memset(stage, 0, sizeof(stage)), std::fill(wd.begin(), wd.end(), 0.0f), std::fill(wm.begin(), wm.end(), 0.0f);
     for (int64_t b = 0; b < nb; ++b) {
       for (int i = 0; i < rows; ++i) {
         const uint8_t* blk = m.data + (r + i) * m.row_bytes + b * block_bytes;
-        if constexpr (KIND == WeightKind::Q4_0) {  // byte j: element j in the low nibble, element j + 16 in the high one
-          const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2));
-          _mm_store_si128(reinterpret_cast<__m128i*>(stage[i]), _mm_and_si128(v, low4));
-          _mm_store_si128(reinterpret_cast<__m128i*>(stage[i] + 16), _mm_and_si128(_mm_srli_epi16(v, 4), low4));
-        } else if constexpr (KIND == WeightKind::Q8_0) {
-          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
-          _mm256_store_si256(reinterpret_cast<__m256i*>(stage[i]), _mm256_xor_si256(v, flip));
-        } else {
-          _mm256_store_si256(reinterpret_cast<__m256i*>(stage[i]), ggml32_codes(KIND, blk));
-          if constexpr (has_min) wm[b * 16 + i] = f16_to_f32(blk + 2);
-        }
+        _mm256_store_si256(reinterpret_cast<__m256i*>(stage[i]), ggml32_codes(KIND, blk));  // w + bias, unsigned
+        if constexpr (has_min) wm[b * 16 + i] = f16_to_f32(blk + 2);
         wd[b * 16 + i] = f16_to_f32(blk);
       }
       interleave_tile(stage, wq.data() + b * 8 * 64);
