@@ -16,7 +16,9 @@ On the smollm2-135m shapes (random weights, 2 threads), same run, rounds alterna
   and NF4 in MKL's bf16 product, in fp32 on oneDNN (kernels.fp32_products) or in bf16 on
   oneDNN (the output head kept fp32);
 - int4 and NF4 prompts of 64-1024 tokens through the native prefill and the eager forward, the
-  products oneDNN's in both (what sets MAX_NATIVE_PREFILL_4BIT_ONEDNN).
+  products oneDNN's in both (what sets MAX_NATIVE_PREFILL_4BIT_ONEDNN);
+- a bf16 model's prompts of 64-1024 tokens through the native prefill and the eager forward,
+  the products oneDNN's bf16 product in both (what sets MAX_NATIVE_PREFILL_BF16_ONEDNN).
 
     python bench/bench_onednn.py [--rounds 5]
 
@@ -41,7 +43,7 @@ from provenance import write_result  # noqa: E402
 
 from emergence.config import Config  # noqa: E402
 from emergence.decode import make_backend  # noqa: E402
-from emergence.kernels import BF16_FORMATS, fp32_products, gemv_extension  # noqa: E402
+from emergence.kernels import BF16_FORMATS, _cpu_flags, fp32_products, gemv_extension  # noqa: E402
 from emergence.kernels.fused_decode import NativeBackend  # noqa: E402
 from emergence.products import onednn_product  # noqa: E402
 from emergence.kv_cache import PagedKVCache  # noqa: E402
@@ -83,8 +85,8 @@ def gemm_cases() -> list[tuple[str, int, callable, callable, torch.Tensor]]:
 
 
 def prompt(model: Transformer, n: int) -> tuple[list[int], PagedKVCache, list[int]]:
-    """An n-token prompt, a cache with room for it and its block table."""
-    cache = PagedKVCache(model.config, n // 16 + 2, block_size=16)
+    """An n-token prompt, a cache (in the model's dtype) with room for it and its block table."""
+    cache = PagedKVCache(model.config, n // 16 + 2, block_size=16, dtype=model.dtype)
     table: list[int] = []
     cache.grow(table, 0, n + 1)
     return torch.randint(3, 1000, (n,)).tolist(), cache, table
@@ -136,6 +138,27 @@ def packed_prefill_runners(base: Transformer, ext) -> dict:
     return runners
 
 
+def bf16_prefill_runners(base: Transformer, ext) -> dict:
+    """tokens -> {side: callable}: a bf16 model's prompt through the native prefill and the
+    eager forward, oneDNN's bf16 product in both."""
+    model = copy.deepcopy(base).to(torch.bfloat16)
+    runners = {}
+    for n in PREFILL_TOKENS:
+        ids, cache, table = prompt(model, n)
+        ext.set_onednn_products(True)
+        native, eager = NativeBackend(model, cache), make_backend(model, cache, "eager")
+
+        def on(run):
+            def call():
+                ext.set_onednn_products(True)
+                return run()
+            return call
+
+        runners[n] = {"native": on(lambda native=native, ids=ids, table=table: native._native([ids], [0], [table])),
+                      "eager": on(lambda eager=eager, ids=ids, table=table: eager.forward([ids], [0], [table]))}
+    return runners
+
+
 def packed_runners(base: Transformer, ext) -> dict:
     from emergence.quant.linear import quantize_model
 
@@ -181,6 +204,7 @@ def main() -> int:
         with torch.inference_mode():
             prefill, packed = prefill_runners(base, ext), packed_runners(base, ext)
             packed_prefill = packed_prefill_runners(base, ext)
+            bf16_prefill = bf16_prefill_runners(base, ext) if "avx512_bf16" in _cpu_flags() else {}
             for r in range(args.rounds):
                 for name, flops, mm, dnn, _ in cases:
                     sides = [("torch.mm", mm), ("oneDNN", dnn)]
@@ -195,6 +219,9 @@ def main() -> int:
                 for (name, n), sides in packed_prefill.items():
                     for side, fn in sides.items():
                         samples.setdefault(("packed_prefill", f"{name} {n}", side), []).append(n / best_s(fn))
+                for n, sides in bf16_prefill.items():
+                    for side, fn in sides.items():
+                        samples.setdefault(("bf16_prefill", n, side), []).append(n / best_s(fn))
                 print(f"  round {r + 1}/{args.rounds}: fp32 prefill of 128 tokens " + ", ".join(
                     f"{side} {samples[('prefill', 128, side)][-1]:.0f}" for side in prefill[128]) + " tok/s",
                     flush=True)
@@ -202,7 +229,7 @@ def main() -> int:
         ext.set_onednn_products(chosen)
 
     result = {"rounds": args.rounds, "onednn_by_default": chosen, "gemm": {}, "prefill": {}, "packed": {},
-              "packed_prefill": {}}
+              "packed_prefill": {}, "bf16_prefill": {}}
     for name, entry in gemm.items():
         result["gemm"][name] = {"torch.mm_gflop_s": statistics.median(entry["torch.mm"]),
                                 "oneDNN_gflop_s": statistics.median(entry["oneDNN"]),
@@ -245,6 +272,12 @@ def render_table(result: dict) -> str:
                 lines.append(f"| {n} | " + " | ".join(f"{pp[f'{name} {n}'][side]['tok_s']:.0f}"
                                                        for name in ("int4-g32", "nf4") for side in ("native", "eager"))
                              + " |")
+        if result.get("bf16_prefill"):
+            lines += ["", "| bf16 prompt tokens, oneDNN's bf16 products | native tok/s | eager tok/s | ratio |",
+                      "|---|---|---|---|"]
+            for n, sides in result["bf16_prefill"].items():
+                lines.append(f"| {n} | {sides['native']['tok_s']:.0f} | {sides['eager']['tok_s']:.0f} | "
+                             f"{sides['native']['tok_s'] / sides['eager']['tok_s']:.2f}x |")
     else:  # (a result from before the bf16 side)
         lines += ["", "| 128-token prompt | before tok/s | oneDNN fp32 tok/s | ratio |", "|---|---|---|---|"]
         for name, sides in packed.items():

@@ -108,6 +108,15 @@ inline __m512 exp16(__m512 x) {
   return _mm512_scalef_ps(y, n);
 }
 
+// Each lane rounded to the nearest bf16 value, ties to even (as c10::BFloat16 rounds; the
+// values here are finite).
+inline __m512 round_bf16(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i up = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd));
+  return _mm512_castsi512_ps(_mm512_and_si512(up, _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u))));
+}
+
 // p[0:S] = softmax numerators exp(p - max p), in place; returns their sum.
 inline float exp_minus_max(float* p, int64_t S) {
   const int64_t S16 = S & ~int64_t(15);
@@ -652,13 +661,13 @@ class DecodePlan {
     switch (mlp_) {
       case SWIGLU: {
         int64_t i = i0;
-        if (!bf16_) {  // 16 at a time: silu(g) = g / (1 + e^-g), times up
-          for (; i + 16 <= i1; i += 16) {
-            const __m512 g = _mm512_loadu_ps(h + i);
-            const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
-            const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
-            _mm512_storeu_ps(a + i, _mm512_mul_ps(silu, _mm512_loadu_ps(h + n + i)));
-          }
+        // 16 at a time: silu(g) = g / (1 + e^-g), times up (bf16: each rounded, as the eager ops)
+        for (; i + 16 <= i1; i += 16) {
+          const __m512 g = _mm512_loadu_ps(h + i);
+          const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
+          const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+          const __m512 up = _mm512_loadu_ps(h + n + i);
+          _mm512_storeu_ps(a + i, bf16_ ? round_bf16(_mm512_mul_ps(round_bf16(silu), up)) : _mm512_mul_ps(silu, up));
         }
         for (; i < i1; ++i) a[i] = r(r(h[i] / (1.0f + std::exp(-h[i]))) * h[n + i]);
         break;
@@ -805,6 +814,22 @@ class DecodePlan {
       return;
     }
     const int64_t N = L.N, K = L.K;
+    if (bf16_ && prompt_products_ != 0 && B >= kWidenedRows && emergence::onednn_products() &&
+        emergence::kHasAvx512Bf16 && emergence::kGemmBf16 != nullptr) {
+      // A bf16 model's prompt where the products run on oneDNN (AMD CPUs with AVX512-BF16):
+      // oneDNN's bf16 product, the one its eager forward's F.linear calls (fp32 sums of the
+      // exact products, the result rounded to bf16), on each thread's rows (MKL's where oneDNN
+      // fails). x is bf16-valued, so rounding it is exact. A decoding step keeps gemm_rows: its
+      // rows' results never depend on the batch.
+      serially([&] { xb_.resize(B * K); });
+      parallel_rows(0, B, 16, [&](int64_t b0, int64_t b1) { emergence::to_bf16(x + b0 * K, (b1 - b0) * K, xb_.data() + b0 * K); });
+      const uint16_t* w = reinterpret_cast<const uint16_t*>(L.weight.data_ptr<at::BFloat16>());
+      parallel_rows(0, N, gemv_grain(N), [&](int64_t r0, int64_t r1) {
+        emergence::bf16gemm_block(w + r0 * K, r1 - r0, xb_.data(), B, y + r0, N, K);
+        finish(L, y, B, r0, r1);
+      });
+      return;
+    }
     // (bf16 weights are widened to fp32 in registers: gemm_rows_dpbf16's VDPBF16PS measured
     // 0.8-0.9x as fast on the Xeon of bench/results/batched.json, one port against FMA's two)
     parallel_rows(0, N, gemv_grain(N), [&](int64_t r0, int64_t r1) {
@@ -945,12 +970,28 @@ class DecodePlan {
     const int64_t window = layers_[l].window;
     const int64_t B = static_cast<int64_t>(rows_.size());
     const int64_t group = H_ / KV_, qkv_rows = (H_ + 2 * KV_) * hd_;
-    parallel_rows(0, B * H_, 1, [&](int64_t i0, int64_t i1) {
+    auto first_slot = [&](const Row& row) { return window > 0 ? std::max<int64_t>(0, row.pos - window + 1) : 0; };
+    // The (row, head) pairs i = b * H + h in one run per thread of about equal work: a query's
+    // work grows with the keys it attends over, so in a prompt equal counts of pairs would leave
+    // the thread of the early rows waiting for the thread of the late ones. Run t ends where the
+    // pairs' cumulative cost (keys + 16 each) reaches t + 1 parts of the total.
+    const int64_t parts = emergence::team_threads();
+    std::vector<int64_t> cut(parts + 1, B * H_);
+    {
+      int64_t total = 0, done = 0, t = 0;
+      for (const Row& row : rows_) total += (row.pos + 1 - first_slot(row) + 16) * H_;
+      cut[0] = 0;
+      for (int64_t i = 0; i < B * H_ && t + 1 < parts; ++i) {
+        done += rows_[i / H_].pos + 1 - first_slot(rows_[i / H_]) + 16;
+        while (t + 1 < parts && done * parts >= total * (t + 1)) cut[++t] = i + 1;
+      }
+    }
+    parallel_rows(0, parts, 1, [&](int64_t t0, int64_t t1) {
       Buffer<float> p, acc(hd_);
-      for (int64_t i = i0; i < i1; ++i) {
+      for (int64_t i = cut[t0]; i < cut[t1]; ++i) {
         const int64_t b = i / H_, h = i % H_, g = h / group;
         const Row& row = rows_[b];
-        const int64_t first = window > 0 ? std::max<int64_t>(0, row.pos - window + 1) : 0;
+        const int64_t first = first_slot(row);
         const int64_t S = row.pos + 1 - first;
         p.resize(S);
         const float* q = qkv_.data() + b * qkv_rows + h * hd_;

@@ -38,9 +38,11 @@ from ..kv_cache import PagedKVCache
 # rows on those of the eager forward (decode.cpp's prompt_products: the weight widened a tile of
 # rows at a time, in bf16 where kernels.native_qgemm takes bf16), without the eager forward's
 # own norms, rotations and attention around them; at 512 tokens the two are within 2% of each
-# other, at 1,024 the eager forward is ahead (the same benchmark).
+# other, at 1,024 the eager forward is ahead (the same benchmark). A bf16 model's prompt there
+# (with AVX512-BF16) multiplies on oneDNN's bf16 product, the eager forward's own, and is
+# prefilled natively up to 256 tokens (bench/bench_onednn.py's bf16 prefill sweep).
 MAX_NATIVE_PREFILL, MAX_NATIVE_PREFILL_BF16, MAX_NATIVE_PREFILL_GGML, MAX_NATIVE_PREFILL_PACKED = 64, 16, 128, 4
-MAX_NATIVE_PREFILL_ONEDNN, MAX_NATIVE_PREFILL_4BIT_ONEDNN = 1024, 256
+MAX_NATIVE_PREFILL_ONEDNN, MAX_NATIVE_PREFILL_4BIT_ONEDNN, MAX_NATIVE_PREFILL_BF16_ONEDNN = 1024, 256, 256
 # The linear layers of a block, by decode.cpp's slot number ("mlp.up": SwiGLU's fused gate_up
 # or the GELU MLP's up projection).
 LINEAR_SLOTS = ("attn.qkv_proj", "attn.o_proj", "mlp.up", "mlp.down_proj")
@@ -185,7 +187,7 @@ def max_native_prefill(dtype: torch.dtype, packed: set[str]) -> int:
             return MAX_NATIVE_PREFILL_GGML
         return MAX_NATIVE_PREFILL_4BIT_ONEDNN if onednn and packed <= set(BF16_FORMATS) else MAX_NATIVE_PREFILL_PACKED
     if dtype == torch.bfloat16:
-        return MAX_NATIVE_PREFILL_BF16
+        return MAX_NATIVE_PREFILL_BF16_ONEDNN if onednn and "avx512_bf16" in _cpu_flags() else MAX_NATIVE_PREFILL_BF16
     return MAX_NATIVE_PREFILL_ONEDNN if onednn else MAX_NATIVE_PREFILL
 
 

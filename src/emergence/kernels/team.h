@@ -46,6 +46,9 @@ inline void parallel_rows(int64_t begin, int64_t end, int64_t grain, const F& f)
 #pragma omp barrier
 }
 
+// The threads a parallel_rows call here splits its rows among: the team's, or at::parallel_for's.
+inline int64_t team_threads() { return t_in_team ? omp_get_num_threads() : at::get_num_threads(); }
+
 // f() once: on the team's first thread, the others waiting at the barrier after it.
 template <typename F>
 inline void serially(const F& f) {
