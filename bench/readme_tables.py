@@ -192,6 +192,17 @@ def render_moe(dispatch: dict, decode: dict | None = None) -> str:
             f"| same, against a dense model of the same active size | {t['emergence MoE']:,.0f} tok/s | emergence dense: "
             f"{t['emergence dense']:,.0f} tok/s | {dispatch['moe_vs_dense_same_active']:.2f}x | "
             f"{_missed(dispatch['moe_vs_dense_same_active'], 0.6)} |"]
+    if "block_tokens_per_s" in dispatch:  # the feed-forward block alone (layer 0's), forward + backward
+        b = dispatch["block_tokens_per_s"]
+        rows += [f"| layer 0's feed-forward block alone, forward + backward on the same hidden states | "
+                 f"{b['emergence MoE']:,.0f} tok/s | MixtralSparseMoeBlock: {b['transformers Mixtral']:,.0f} tok/s | "
+                 f"{dispatch['block_moe_vs_transformers']:.2f}x | {_missed(dispatch['block_moe_vs_transformers'], 3)} |",
+                 f"| same, against its eager experts | {b['emergence MoE']:,.0f} tok/s | "
+                 f"{b['transformers Mixtral, eager experts']:,.0f} tok/s | "
+                 f"{dispatch['block_moe_vs_transformers_eager_experts']:.2f}x | |",
+                 f"| same, against the dense model's MLP | {b['emergence MoE']:,.0f} tok/s | {b['emergence dense']:,.0f} "
+                 f"tok/s | {dispatch['block_moe_vs_dense_same_active']:.2f}x | "
+                 f"{_missed(dispatch['block_moe_vs_dense_same_active'], 0.6)} |"]
     if decode is None:
         return "\n".join(rows)
     d = decode["shapes"]
