@@ -1,25 +1,31 @@
 """Ternary (BitNet b1.58) decoding on the CPU against llama.cpp's TQ2_0 and TQ1_0, same weights, same run.
 
-    .venv/bin/python bench/bench_ternary_decode.py            # smollm2-135m shapes -> bench/results/ternary_decode.json
+    .venv/bin/python bench/bench_ternary_decode.py            # -> bench/results/ternary_decode.json
     .venv/bin/python bench/bench_ternary_decode.py --tiny     # a smoke run (tiny shapes, a few tokens; no file written)
 
-A model of the smollm2-135m shapes with random weights, made ternary as a ternary-trained model
-is saved (quantize_model(model, "ternary", act_bits=8): every block matrix {-1, 0, 1} x its absmean,
-8-bit per-token activations, the tied embedding/head in full precision), is decoded greedily,
-batch 1, by emergence (the native step: the 2-bit packed ternary kernel) in fp32 and in bf16
-(the head's precision is the model's dtype), and by llama.cpp (llama-cpp-python) from
-emergence's TQ2_0 and TQ1_0 exports of the same weights (what `emergence convert --type tq2_0`
-writes), alternating rounds, medians, the same thread count on both sides.
+Two models with random weights, made ternary as a ternary-trained model is saved
+(quantize_model(model, "ternary", act_bits=8): every block matrix {-1, 0, 1} x its absmean,
+8-bit per-token activations, the token embedding and head in full precision), each decoded
+greedily, batch 1, by emergence (the native step: the 2-bit packed ternary kernel) in fp32 and
+in bf16 (the head's precision is the model's dtype), and by llama.cpp from emergence's TQ2_0 and
+TQ1_0 exports of the same weights (what `emergence convert --type tq2_0` writes): its own
+llama-bench (tg; the ratio's peer) and llama-cpp-python's loop beside it, alternating rounds,
+medians, the same thread count on both sides:
 
-llama.cpp's TQ blocks are 256 wide: on these shapes only ffn_down (1536 columns) has rows that
-fill them; the matrices of 576 columns (attn_q/k/v/output, ffn_gate/up) are written F16, as
-llama.cpp's converter falls back (`tensor_types` in the result counts the weights per type).
-The head is the tied token embedding, F16 in a TQ file as the converter writes it.
+- the smollm2-135m shapes. llama.cpp's TQ blocks are 256 wide, and there only ffn_down (1,536
+  columns) has rows that fill them; the matrices of 576 columns (attn_q/k/v/output,
+  ffn_gate/up) are written F16, as llama.cpp's converter falls back (`tensor_types` in the
+  result counts the weights per type), so the two sides read different formats;
+- a LLaMA-shaped model whose rows fill 256-blocks (bench_gguf_load's WIDE: 12 layers of 768,
+  FFN 2,048, untied head): every block matrix is TQ2_0 / TQ1_0 in llama.cpp's file, ternary
+  kernel against ternary kernel. The token embedding and head are F16 in a TQ file, as the
+  converter writes them.
 
 Bytes per token are those of the matrices one token reads on each side (every block matrix and
 the output head; the embedding row is negligible), from the packed buffers (ours) and the GGUF
-tensor sizes (theirs); bytes per weight divides them by the weights read. The roofline is that
-many bytes at the read bandwidth measured in the same run.
+tensor sizes (theirs); bytes per weight divides them by the weights read. Each round probes the
+read bandwidth first, and each decode's share of the roofline is against its round's probe
+(the median over the rounds is reported).
 """
 
 from __future__ import annotations
@@ -41,7 +47,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_quant import measure_bandwidth, synthetic_tokenizer  # noqa: E402
+from bench_gguf_load import WIDE  # noqa: E402
+from bench_quant import llama_bench_engine, measure_bandwidth, synthetic_tokenizer  # noqa: E402
 from emergence.config import Config  # noqa: E402
 from emergence.generate import stream  # noqa: E402
 from emergence.gguf import read_gguf  # noqa: E402
@@ -119,68 +126,96 @@ def llama_cpp_decoder(path: Path, threads: int, prompt: list[int]):
     return decode
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tiny", action="store_true", help="tiny shapes, few tokens, one round; writes no file")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="threads on both sides")
-    parser.add_argument("--new", type=int, default=64, help="tokens decoded per round")
-    parser.add_argument("--rounds", type=int, default=3)
-    args = parser.parse_args()
-    new, rounds = (8, 1) if args.tiny else (args.new, args.rounds)
-    torch.set_num_threads(args.threads)
+def shapes_configs(tiny: bool) -> dict[str, Config]:
+    """The models measured, by name."""
+    if tiny:
+        return {"tiny": Config(**TINY)}
+    return {"smollm2-135m": Config.from_name("smollm2-135m", block_size=512), WIDE["name"]: Config(**WIDE)}
+
+
+def measure(name: str, config: Config, args, new: int, rounds: int, tmp: Path) -> list[dict]:
+    """Rows for one model: each of our dtypes against each TQ file."""
     torch.manual_seed(0)
-    config = Config(**TINY) if args.tiny else Config.from_name("smollm2-135m", block_size=512)
     model = Transformer(config).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02)
     quantize_model(model, "ternary", act_bits=8)  # what a ternary-trained model saves as
     tokenizer = synthetic_tokenizer(config.vocab_size)
-    prompt = TINY_PROMPT if args.tiny else PROMPT
-    bandwidth = measure_bandwidth(1 << 26 if args.tiny else 1 << 30)
+    prompt = [t % config.vocab_size for t in (TINY_PROMPT if args.tiny else PROMPT)]
     ours: dict[str, dict] = {}
     for dtype in ("fp32", "bf16"):
         m = model if dtype == "fp32" else copy.deepcopy(model).to(torch.bfloat16)
         assert unsupported(m) is None, unsupported(m)  # the native step decodes it
         ours[dtype] = dict(model=m, bytes_per_token=our_bytes_per_token(m), tok_s=[])
     theirs: dict[str, dict] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for kind in ("tq2_0", "tq1_0"):
-            path = Path(tmp) / f"ternary-{kind}.gguf"
-            save_gguf(model, tokenizer, path, kind)
-            read, types = gguf_bytes_per_token(path)
-            theirs[kind] = dict(decode=llama_cpp_decoder(path, args.threads, prompt), bytes_per_token=read,
-                                tensor_types=types, tok_s=[])
-        for side in (*ours.values(), *theirs.values()):  # warm-up
-            our_decode(side["model"], tokenizer, prompt, 4) if "model" in side else side["decode"](4)
-        for _ in range(rounds):
-            for side in ours.values():
-                side["tok_s"].append(our_decode(side["model"], tokenizer, prompt, new))
-            for side in theirs.values():
-                side["tok_s"].append(side["decode"](new))
+    for kind in ("tq2_0", "tq1_0"):
+        path = tmp / f"{name}-{kind}.gguf"
+        save_gguf(model, tokenizer, path, kind)
+        read, types = gguf_bytes_per_token(path)
+        bench_decode, _ = llama_bench_engine(path, prompt)
+        theirs[kind] = dict(loop=llama_cpp_decoder(path, args.threads, prompt),
+                            bench=lambda n, d=bench_decode: (n - 1) / d(n), bytes_per_token=read,
+                            tensor_types=types, loop_tok_s=[], bench_tok_s=[])
+    for side in ours.values():  # warm-up
+        our_decode(side["model"], tokenizer, prompt, 4)
+    for side in theirs.values():
+        side["loop"](4), side["bench"](4)
+    probes = []
+    for r in range(rounds):
+        probes.append(measure_bandwidth(1 << 26 if args.tiny else 1 << 30, repeats=3))
+        for side in ours.values():
+            side["tok_s"].append(our_decode(side["model"], tokenizer, prompt, new))
+        for side in theirs.values():
+            side["bench_tok_s"].append(side["bench"](new))
+            side["loop_tok_s"].append(side["loop"](new))
+        print(f"{name} round {r + 1}/{rounds} ({probes[-1]:.0f} GB/s): " + ", ".join(
+            [f"{d} {o['tok_s'][-1]:.1f}" for d, o in ours.items()]
+            + [f"llama-bench {k.upper()} {t['bench_tok_s'][-1]:.1f}" for k, t in theirs.items()]) + " tok/s", flush=True)
+
+    def share(rates: list[float], nbytes: int) -> float:  # each round's against its own probe, the median
+        return statistics.median(r * nbytes / (gb_s * 1e9) for r, gb_s in zip(rates, probes))
+
     weights = weights_read(model)
     rows = []
     for dtype, o in ours.items():
         for kind, t in theirs.items():
-            a, b = statistics.median(o["tok_s"]), statistics.median(t["tok_s"])
-            rows.append(dict(emergence=f"ternary native, {dtype} head", llama_cpp=kind.upper(), emergence_tok_s=a,
-                             llama_cpp_tok_s=b, ratio=a / b, emergence_bytes_per_token=o["bytes_per_token"],
+            a, b, c = (statistics.median(x) for x in (o["tok_s"], t["bench_tok_s"], t["loop_tok_s"]))
+            rows.append(dict(shapes=name, emergence=f"ternary native, {dtype} head", llama_cpp=kind.upper(),
+                             emergence_tok_s=a, llama_bench_tok_s=b, llama_cpp_tok_s=c, ratio=a / b,
+                             ratio_llama_cpp_python=a / c, weights_read_per_token=weights,
+                             emergence_bytes_per_token=o["bytes_per_token"],
                              llama_cpp_bytes_per_token=t["bytes_per_token"],
                              emergence_bytes_per_weight=o["bytes_per_token"] / weights,
                              llama_cpp_bytes_per_weight=t["bytes_per_token"] / weights,
-                             emergence_roofline_tok_s=bandwidth * 1e9 / o["bytes_per_token"],
-                             llama_cpp_roofline_tok_s=bandwidth * 1e9 / t["bytes_per_token"],
-                             emergence_share_of_roofline=a * o["bytes_per_token"] / (bandwidth * 1e9),
-                             llama_cpp_share_of_roofline=b * t["bytes_per_token"] / (bandwidth * 1e9),
+                             read_bandwidth_gb_s=probes,
+                             emergence_roofline_tok_s=statistics.median(probes) * 1e9 / o["bytes_per_token"],
+                             llama_cpp_roofline_tok_s=statistics.median(probes) * 1e9 / t["bytes_per_token"],
+                             emergence_share_of_roofline=share(o["tok_s"], o["bytes_per_token"]),
+                             llama_bench_share_of_roofline=share(t["bench_tok_s"], t["bytes_per_token"]),
                              llama_cpp_tensor_types=t["tensor_types"]))
             print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes, few tokens, one round; writes no file")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="threads on both sides")
+    parser.add_argument("--new", type=int, default=64, help="tokens decoded per round")
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    new, rounds = (8, 1) if args.tiny else (args.new, args.rounds)
+    torch.set_num_threads(args.threads)
+    configs = shapes_configs(args.tiny)
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = [row for name, config in configs.items() for row in measure(name, config, args, new, rounds, Path(tmp))]
     result = dict(date=datetime.date.today().isoformat(), commit=commit(), machine=machine(),
                   command=" ".join(["python", "bench/bench_ternary_decode.py", *sys.argv[1:]]),
-                  shapes="tiny" if args.tiny else "smollm2-135m", config=config.to_dict(), threads=args.threads,
-                  weights_read_per_token=weights, new_tokens=new, rounds=rounds, read_bandwidth_gb_s=bandwidth,
-                  rows=rows, target_ratio=1.0)
+                  configs={name: c.to_dict() for name, c in configs.items()}, threads=args.threads,
+                  new_tokens=new, rounds=rounds, rows=rows, target_ratio=1.0)
     if args.tiny:
-        print(json.dumps({k: v for k, v in result.items() if k not in ("rows", "config")}))
+        print(json.dumps({k: v for k, v in result.items() if k not in ("rows", "configs")}))
         return
     RESULTS.write_text(json.dumps(result, indent=1) + "\n")
 
