@@ -111,6 +111,23 @@ def prefill_runners(model: Transformer, ext) -> dict:
     return runners
 
 
+def onednn_prefill_sides(model: Transformer, ext, n: int) -> dict:
+    """{side: callable}: an n-token prompt of `model` through the native prefill and through the
+    eager forward, the products oneDNN's in both."""
+    ids, cache, table = prompt(model, n)
+    ext.set_onednn_products(True)  # (the plan reads it when built)
+    native, eager = NativeBackend(model, cache), make_backend(model, cache, "eager")
+
+    def on(run):
+        def call():
+            ext.set_onednn_products(True)
+            return run()
+        return call
+
+    return {"native": on(lambda: native._native([ids], [0], [table])),
+            "eager": on(lambda: eager.forward([ids], [0], [table]))}
+
+
 def packed_prefill_runners(base: Transformer, ext) -> dict:
     """(format, tokens) -> {side: callable}: int4-g32 and NF4 prompts through the native prefill
     and the eager forward, the products oneDNN's (bf16 where the CPU has AVX512-BF16)."""
@@ -122,19 +139,7 @@ def packed_prefill_runners(base: Transformer, ext) -> dict:
         model = copy.deepcopy(base)
         quantize_model(model, fmt, **options)
         for n in PREFILL_TOKENS:
-            ids, cache, table = prompt(model, n)
-            ext.set_onednn_products(True)  # (the plan reads it when built)
-            native, eager = NativeBackend(model, cache), make_backend(model, cache, "eager")
-
-            def on(run):
-                def call():
-                    ext.set_onednn_products(True)
-                    return run()
-                return call
-
-            runners[(name, n)] = {
-                "native": on(lambda native=native, ids=ids, table=table: native._native([ids], [0], [table])),
-                "eager": on(lambda eager=eager, ids=ids, table=table: eager.forward([ids], [0], [table]))}
+            runners[(name, n)] = onednn_prefill_sides(model, ext, n)
     return runners
 
 
@@ -142,21 +147,7 @@ def bf16_prefill_runners(base: Transformer, ext) -> dict:
     """tokens -> {side: callable}: a bf16 model's prompt through the native prefill and the
     eager forward, oneDNN's bf16 product in both."""
     model = copy.deepcopy(base).to(torch.bfloat16)
-    runners = {}
-    for n in PREFILL_TOKENS:
-        ids, cache, table = prompt(model, n)
-        ext.set_onednn_products(True)
-        native, eager = NativeBackend(model, cache), make_backend(model, cache, "eager")
-
-        def on(run):
-            def call():
-                ext.set_onednn_products(True)
-                return run()
-            return call
-
-        runners[n] = {"native": on(lambda native=native, ids=ids, table=table: native._native([ids], [0], [table])),
-                      "eager": on(lambda eager=eager, ids=ids, table=table: eager.forward([ids], [0], [table]))}
-    return runners
+    return {n: onednn_prefill_sides(model, ext, n) for n in PREFILL_TOKENS}
 
 
 def packed_runners(base: Transformer, ext) -> dict:
