@@ -195,9 +195,10 @@ def llama_cpp_engine(path: Path, prompt: list[int]):
     return decode, prefill
 
 
-def llama_bench_engine(path: Path, prompt: list[int]):
-    """llama.cpp's own llama-bench on the file: decode(n) is its tg(n - 1), prefill() its pp over the
-    prompt's length, each one repetition, as it times them (its process start and loading excluded)."""
+def llama_bench_engine(path: Path, prompt: list[int], threads: int = 2):
+    """llama.cpp's own llama-bench on the file, on `threads` threads: decode(n) is its tg(n - 1),
+    prefill() its pp over the prompt's length, each one repetition, as it times them (its process
+    start and loading excluded)."""
     import subprocess
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -207,7 +208,7 @@ def llama_bench_engine(path: Path, prompt: list[int]):
 
     def run(n_prompt: int, n_gen: int) -> float:
         out = subprocess.run([str(binary), "-m", str(path), "-p", str(n_prompt), "-n", str(n_gen), "-r", "1",
-                              "-t", "2", "-o", "json"], capture_output=True, text=True, check=True).stdout
+                              "-t", str(threads), "-o", "json"], capture_output=True, text=True, check=True).stdout
         (test,) = json.loads(out)
         return (n_prompt + n_gen) / test["avg_ts"]  # seconds for the test
 

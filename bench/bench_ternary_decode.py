@@ -153,7 +153,7 @@ def measure(name: str, config: Config, args, new: int, rounds: int, tmp: Path) -
         path = tmp / f"{name}-{kind}.gguf"
         save_gguf(model, tokenizer, path, kind)
         read, types = gguf_bytes_per_token(path)
-        bench_decode, _ = llama_bench_engine(path, prompt)
+        bench_decode, _ = llama_bench_engine(path, prompt, args.threads)
         theirs[kind] = dict(loop=llama_cpp_decoder(path, args.threads, prompt),
                             bench=lambda n, d=bench_decode: (n - 1) / d(n), bytes_per_token=read,
                             tensor_types=types, loop_tok_s=[], bench_tok_s=[])
