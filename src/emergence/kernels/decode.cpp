@@ -108,15 +108,6 @@ inline __m512 exp16(__m512 x) {
   return _mm512_scalef_ps(y, n);
 }
 
-// Each lane rounded to the nearest bf16 value, ties to even (as c10::BFloat16 rounds; the
-// values here are finite).
-inline __m512 round_bf16(__m512 v) {
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  const __m512i up = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd));
-  return _mm512_castsi512_ps(_mm512_and_si512(up, _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u))));
-}
-
 // p[0:S] = softmax numerators exp(p - max p), in place; returns their sum.
 inline float exp_minus_max(float* p, int64_t S) {
   const int64_t S16 = S & ~int64_t(15);
@@ -667,7 +658,8 @@ class DecodePlan {
           const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
           const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
           const __m512 up = _mm512_loadu_ps(h + n + i);
-          _mm512_storeu_ps(a + i, bf16_ ? round_bf16(_mm512_mul_ps(round_bf16(silu), up)) : _mm512_mul_ps(silu, up));
+          _mm512_storeu_ps(a + i, bf16_ ? emergence::round_bf16(_mm512_mul_ps(emergence::round_bf16(silu), up))
+                                        : _mm512_mul_ps(silu, up));
         }
         for (; i < i1; ++i) a[i] = r(r(h[i] / (1.0f + std::exp(-h[i]))) * h[n + i]);
         break;
@@ -796,11 +788,7 @@ class DecodePlan {
       if (on_blocks) {
         emergence::qgemm_ggml(L.q, x, B, y, qrows_);
       } else if (prompt_products_ == 2) {  // x rounded to bf16 (exact for a bf16 model's values)
-        serially([&] { xb_.resize(B * L.K); });
-        parallel_rows(0, B, 16, [&](int64_t b0, int64_t b1) {
-          emergence::to_bf16(x + b0 * L.K, (b1 - b0) * L.K, xb_.data() + b0 * L.K);
-        });
-        emergence::qgemm_widened(L.q, x, B, y, xb_.data());
+        emergence::qgemm_widened(L.q, x, B, y, rows_bf16(x, B, L.K));
       } else {
         emergence::qgemm_widened(L.q, x, B, y);
       }
@@ -821,11 +809,10 @@ class DecodePlan {
       // exact products, the result rounded to bf16), on each thread's rows (MKL's where oneDNN
       // fails). x is bf16-valued, so rounding it is exact. A decoding step keeps gemm_rows: its
       // rows' results never depend on the batch.
-      serially([&] { xb_.resize(B * K); });
-      parallel_rows(0, B, 16, [&](int64_t b0, int64_t b1) { emergence::to_bf16(x + b0 * K, (b1 - b0) * K, xb_.data() + b0 * K); });
+      const uint16_t* xb = rows_bf16(x, B, K);
       const uint16_t* w = reinterpret_cast<const uint16_t*>(L.weight.data_ptr<at::BFloat16>());
       parallel_rows(0, N, gemv_grain(N), [&](int64_t r0, int64_t r1) {
-        emergence::bf16gemm_block(w + r0 * K, r1 - r0, xb_.data(), B, y + r0, N, K);
+        emergence::bf16gemm_block(w + r0 * K, r1 - r0, xb, B, y + r0, N, K);
         finish(L, y, B, r0, r1);
       });
       return;
@@ -839,6 +826,13 @@ class DecodePlan {
       else emergence::gemm_rows(L.weight.data_ptr<float>(), x, B, y, N, r0, r1, K);
       finish(L, y, B, r0, r1);
     });
+  }
+
+  // x (B, K) rounded to bf16 into xb_ (shared by the team), for a bf16 product; returns it.
+  const uint16_t* rows_bf16(const float* x, int64_t B, int64_t K) {
+    serially([&] { xb_.resize(B * K); });
+    parallel_rows(0, B, 16, [&](int64_t b0, int64_t b1) { emergence::to_bf16(x + b0 * K, (b1 - b0) * K, xb_.data() + b0 * K); });
+    return xb_.data();
   }
 
   // y (B, N)[:, r0:r1] += bias, rounded to the model's dtype: nothing to do for fp32 without a
@@ -976,7 +970,9 @@ class DecodePlan {
     // the thread of the early rows waiting for the thread of the late ones. Run t ends where the
     // pairs' cumulative cost (keys + 16 each) reaches t + 1 parts of the total.
     const int64_t parts = emergence::team_threads();
-    std::vector<int64_t> cut(parts + 1, B * H_);
+    thread_local std::vector<int64_t> cut_buffer;  // each thread's own copy (no allocation per call)
+    std::vector<int64_t>& cut = cut_buffer;
+    cut.assign(parts + 1, B * H_);
     {
       int64_t total = 0, done = 0, t = 0;
       for (const Row& row : rows_) total += (row.pos + 1 - first_slot(row) + 16) * H_;
@@ -1101,7 +1097,7 @@ class DecodePlan {
   // forward's products: kernels.native_qgemm), from kWidenedRows rows on.
   int prompt_products_ = 0;
   static constexpr int64_t kWidenedRows = 16;
-  std::vector<uint16_t> xb_;  // x rounded to bf16 for prompt_products_ 2
+  std::vector<uint16_t> xb_;  // x rounded to bf16 (rows_bf16): prompt_products_ 2, a bf16 model's prompt
   std::vector<Row> rows_;  // the rows of the call being run
   const std::vector<std::vector<int64_t>>* tables_ = nullptr;  // their sequences' block tables
   int64_t num_blocks_ = 0, block_size_ = 1;  // the KV pools' shape

@@ -689,18 +689,25 @@ inline void dequantize_rows(const QuantMatrix& m, float* out, int64_t grain) {
   });
 }
 
-// fp32 -> bf16, rounded to nearest with ties to even (torch's .to(torch.bfloat16)); a NaN stays
-// a (quiet) NaN. 16 values a step: add 0x7FFF plus the bit that becomes the last kept one, keep
-// the high 16 bits.
+// 16 fp32 bit patterns rounded to the nearest bf16 value, ties to even (torch's
+// .to(torch.bfloat16)): add 0x7FFF plus the bit that becomes the last kept one, clear the low
+// 16 bits. For finite values (to_bf16 keeps NaNs apart).
+inline __m512i round_bf16_bits(__m512i u) {
+  const __m512i carry = _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)));
+  return _mm512_and_si512(_mm512_add_epi32(u, carry), _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u)));
+}
+
+// 16 finite fp32 values rounded to bf16, kept as fp32 (a bf16 model's intermediate results).
+inline __m512 round_bf16(__m512 v) { return _mm512_castsi512_ps(round_bf16_bits(_mm512_castps_si512(v))); }
+
+// fp32 -> bf16, rounded to nearest with ties to even (round_bf16_bits); a NaN stays a (quiet) NaN.
 inline void to_bf16(const float* in, int64_t n, uint16_t* out) {
-  const __m512i one = _mm512_set1_epi32(1), half = _mm512_set1_epi32(0x7FFF);
   const __m512i abs_mask = _mm512_set1_epi32(0x7FFFFFFF), inf = _mm512_set1_epi32(0x7F800000);
   const __m512i quiet_nan = _mm512_set1_epi32(0x7FC0);
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
     const __m512i u = _mm512_castps_si512(_mm512_loadu_ps(in + i));
-    const __m512i rounded =
-        _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(half, _mm512_and_si512(_mm512_srli_epi32(u, 16), one))), 16);
+    const __m512i rounded = _mm512_srli_epi32(round_bf16_bits(u), 16);
     const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, abs_mask), inf);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i),
                         _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(rounded, nan, quiet_nan)));
