@@ -174,10 +174,12 @@ def model_engine(model: Transformer, tokenizer: Tokenizer, prompt: list[int], ne
     return decode, prefill, step
 
 
-def llama_cpp_engine(path: Path, prompt: list[int]):
+def llama_cpp_engine(path: Path, prompt: list[int], threads: int = 2):
+    """llama-cpp-python's loop on the file, on `threads` threads: decode(n) the seconds of tokens
+    2..n, one eval a token; prefill() the prompt in one eval."""
     import llama_cpp
 
-    llm = llama_cpp.Llama(str(path), n_ctx=512, n_threads=2, n_batch=512, verbose=False)
+    llm = llama_cpp.Llama(str(path), n_ctx=512, n_threads=threads, n_batch=512, verbose=False)
 
     def decode(n: int) -> float:
         """Seconds for tokens 2..n."""

@@ -48,7 +48,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_gguf_load import WIDE  # noqa: E402
-from bench_quant import llama_bench_engine, measure_bandwidth, synthetic_tokenizer  # noqa: E402
+from bench_quant import llama_bench_engine, llama_cpp_engine, measure_bandwidth, synthetic_tokenizer  # noqa: E402
 from emergence.config import Config  # noqa: E402
 from emergence.generate import stream  # noqa: E402
 from emergence.gguf import read_gguf  # noqa: E402
@@ -109,23 +109,6 @@ def our_decode(model: Transformer, tokenizer, prompt: list[int], new: int) -> fl
     return (new - 1) / (time.perf_counter() - start)
 
 
-def llama_cpp_decoder(path: Path, threads: int, prompt: list[int]):
-    import llama_cpp
-    import numpy as np
-
-    llm = llama_cpp.Llama(str(path), n_ctx=512, n_threads=threads, n_batch=512, verbose=False)
-
-    def decode(new: int) -> float:
-        llm.reset()
-        llm.eval(prompt)
-        start = time.perf_counter()
-        for _ in range(new - 1):
-            llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
-        return (new - 1) / (time.perf_counter() - start)
-
-    return decode
-
-
 def shapes_configs(tiny: bool) -> dict[str, Config]:
     """The models measured, by name."""
     if tiny:
@@ -154,7 +137,8 @@ def measure(name: str, config: Config, args, new: int, rounds: int, tmp: Path) -
         save_gguf(model, tokenizer, path, kind)
         read, types = gguf_bytes_per_token(path)
         bench_decode, _ = llama_bench_engine(path, prompt, args.threads)
-        theirs[kind] = dict(loop=llama_cpp_decoder(path, args.threads, prompt),
+        loop_decode, _ = llama_cpp_engine(path, prompt, args.threads)
+        theirs[kind] = dict(loop=lambda n, d=loop_decode: (n - 1) / d(n),
                             bench=lambda n, d=bench_decode: (n - 1) / d(n), bytes_per_token=read,
                             tensor_types=types, loop_tok_s=[], bench_tok_s=[])
     for side in ours.values():  # warm-up
