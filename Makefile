@@ -61,8 +61,10 @@ bench: $(VENV)/.test-deps
 	$(BIN)/python bench/bench_beam.py
 	$(BIN)/python bench/bench_moe.py
 	$(BIN)/python bench/bench_moe_decode.py
+	$(BIN)/python bench/bench_ternary_decode.py
 	$(BIN)/python bench/bench_rollout.py
 	$(BIN)/python bench/bench_structured.py
+	$(BIN)/python bench/bench_search_batching.py
 	$(BIN)/python bench/bench_speculative.py --make-draft build/drafts --size 1m  # resumes, skips what is done
 	$(BIN)/python bench/bench_speculative.py --make-draft build/drafts --size 0.4m
 	$(BIN)/python bench/bench_speculative.py --draft build/drafts

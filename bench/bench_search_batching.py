@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import statistics
 import sys
 import time
@@ -28,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from provenance import ROOT, commit, machine  # noqa: E402
+from provenance import ROOT, write_result  # noqa: E402
 
 import emergence  # noqa: E402
 from emergence.problems import generate_problems  # noqa: E402
@@ -77,8 +76,7 @@ def main() -> int:
     backend = stats[(1, args.n)]["backend"]
     ratio = min(shared) / min(one)
     result = {
-        "date": datetime.date.today().isoformat(), "commit": commit(), "machine": machine(),
-        "threads": torch.get_num_threads(), "model": args.model, "backend": backend, "n": args.n,
+        "date": datetime.date.today().isoformat(), "model": args.model, "backend": backend, "n": args.n,
         "new_tokens": args.new_tokens, "prompt_tokens": prompt_tokens, "reps": args.reps,
         "one_sample_s": {"best": min(one), "median": statistics.median(one)},
         "n_samples_shared_s": {"best": min(shared), "median": statistics.median(shared)},
@@ -87,7 +85,7 @@ def main() -> int:
         "target_ratio": TARGET, "target_met": ratio <= TARGET,
         "shared_stats": {k: v for k, v in stats[(1, args.n)].items() if k != "prompt_block_refs"},
     }
-    print(f"{args.model} ({backend} step, {result['threads']} threads), prompt {prompt_tokens} tokens, "
+    print(f"{args.model} ({backend} step, {torch.get_num_threads()} threads), prompt {prompt_tokens} tokens, "
           f"{args.new_tokens} new tokens per sample:")
     print(f"  1 sample            {min(one) * 1e3:8.1f} ms (median {statistics.median(one) * 1e3:.1f})")
     print(f"  {args.n} samples, shared {min(shared) * 1e3:8.1f} ms (median {statistics.median(shared) * 1e3:.1f})"
@@ -95,8 +93,7 @@ def main() -> int:
     print(f"  {args.n} prompts, unshared {min(unshared) * 1e3:6.1f} ms (median "
           f"{statistics.median(unshared) * 1e3:.1f})")
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    write_result(out, result, "bench/bench_search_batching.py", sys.argv[1:], torch.get_num_threads())
     print(f"results written to {out}")
     return 0
 
