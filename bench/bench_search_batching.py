@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from provenance import ROOT, write_result  # noqa: E402
+from provenance import ROOT, result_path, write_result  # noqa: E402
 
 import emergence  # noqa: E402
 from emergence.problems import generate_problems  # noqa: E402
@@ -53,7 +53,7 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--model", default="emergence-6m")
-    parser.add_argument("--out", default=str(ROOT / "bench/results/search_batching.json"))
+    parser.add_argument("--out", default=str(ROOT / result_path("search_batching")))
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
