@@ -166,9 +166,10 @@ def bench_blas(model, reps: int) -> list[dict]:
 
 
 def main() -> int:
+    from provenance import result_path  # bench/ is on the path: STEM.json, STEM_amd.json on an AMD CPU
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=11)
-    parser.add_argument("--out", default="bench/results/batched.json")
+    parser.add_argument("--out", default=result_path("batched"))
     args = parser.parse_args()
     if gemv_extension() is None:
         raise SystemExit("the native kernels are not available here")

@@ -120,12 +120,13 @@ def workload(name, hf, lm, weight_bytes, source, new, beams, rounds) -> dict:
 
 
 def main() -> int:
+    from provenance import result_path  # bench/ is on the path: STEM.json, STEM_amd.json on an AMD CPU
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--source", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "beam.json")
+    ap.add_argument("--out", type=Path, default=ROOT / result_path("beam"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     results = []

@@ -40,7 +40,7 @@ from emergence.tokenizer import Tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_quant import measure_bandwidth  # noqa: E402
-from provenance import write_result  # noqa: E402
+from provenance import result_path, write_result  # noqa: E402
 
 
 def _timed(fn) -> float:
@@ -116,7 +116,7 @@ def main() -> int:
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--dtypes", default="fp32,bf16")
-    parser.add_argument("--out", default="bench/results/decode.json")
+    parser.add_argument("--out", default=result_path("decode"))
     args = parser.parse_args()
 
     import transformers

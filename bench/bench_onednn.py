@@ -22,8 +22,8 @@ On the smollm2-135m shapes (random weights, 2 threads), same run, rounds alterna
 
     python bench/bench_onednn.py [--rounds 5]
 
-Rates are medians over rounds of the best of 3 repetitions. Writes bench/results/onednn.json;
-the README's table is `render_table` of it.
+Rates are medians over rounds of the best of 3 repetitions. Writes bench/results/onednn.json
+(onednn_amd.json on an AMD CPU); the README's table is `render_table` of it.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from provenance import write_result  # noqa: E402
+from provenance import result_path, write_result  # noqa: E402
 
 from emergence.config import Config  # noqa: E402
 from emergence.decode import make_backend  # noqa: E402
@@ -178,7 +178,7 @@ def packed_runners(base: Transformer, ext) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--out", default="bench/results/onednn.json")
+    parser.add_argument("--out", default=result_path("onednn"))
     args = parser.parse_args()
     ext = gemv_extension()
     if ext is None or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):

@@ -89,11 +89,12 @@ def smollm2_folder(folder: Path) -> Path:
 
 
 def main() -> int:
+    from provenance import result_path  # bench/ is on the path: STEM.json, STEM_amd.json on an AMD CPU
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--base", default=BASE, help="the commit with the contiguous cache (default %(default)s)")
-    parser.add_argument("--out", default="bench/results/paged.json")
+    parser.add_argument("--out", default=result_path("paged"))
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # JSON {model name: folder}
     args = parser.parse_args()
     if args.worker is not None:

@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 from bench_serve import start_server  # noqa: E402
 from bench_serve_peers import smollm2_folder  # noqa: E402
-from provenance import write_result  # noqa: E402
+from provenance import result_path, write_result  # noqa: E402
 
 STORIES = ROOT.parent / "shared" / "data" / "tinystories" / "valid"
 QUESTIONS = ["What happened next?", "Who was the hero?", "Tell me more.", "Why was she sad?", "How did it end?",
@@ -91,7 +91,7 @@ def main() -> int:
     parser.add_argument("--history", type=int, default=1000, help="tokens of shared history (default %(default)s)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--smoke", action="store_true", help="2 rounds of a 200-token history; nothing written")
-    parser.add_argument("--out", default=None, help="JSON results (default bench/results/prefix_cache.json)")
+    parser.add_argument("--out", default=None, help="JSON results (default bench/results/prefix_cache[_amd].json)")
     args = parser.parse_args()
     if args.smoke:
         args.rounds, args.history = 2, 200
@@ -135,7 +135,7 @@ def main() -> int:
           f"{result['warm_ttft_ms']:.0f} ms: {result['speedup_median']:.1f}x lower (range "
           f"{min(ratios):.1f}-{max(ratios):.1f}x over {len(rows)} rounds)")
     if not args.smoke or args.out:
-        write_result(Path(args.out or ROOT / "bench" / "results" / "prefix_cache.json"), result,
+        write_result(Path(args.out or ROOT / result_path("prefix_cache")), result,
                      "bench/bench_prefix.py", sys.argv[1:], args.threads)
     return 0
 

@@ -108,13 +108,14 @@ def render_table(result: dict) -> str:
 
 
 def main() -> None:
+    from provenance import result_path  # bench/ is on the path: STEM.json, STEM_amd.json on an AMD CPU
     import argparse
     import sys
     from pathlib import Path
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=3, help="whole runs, one after the other (their ranges)")
-    parser.add_argument("--out", default="bench/results/qgemv.json")
+    parser.add_argument("--out", default=result_path("qgemv"))
     args = parser.parse_args()
     ext = gemv_extension()
     if ext is None:

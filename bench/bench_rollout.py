@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from emergence.align.rl import sample_groups  # noqa: E402
 from emergence.sampling import SamplingParams  # noqa: E402
-from provenance import commit, machine  # noqa: E402
+from provenance import commit, machine, result_path  # noqa: E402
 
 PROMPTS = ["Once upon a time, there was a little girl named", "Tom and his dog went to the park. They",
            "One day, a big bird flew over the", "The sun was hot and the children wanted to",
@@ -138,7 +138,7 @@ def main() -> int:
     for row in rows:
         print(f"| {row['group']} | {row['emergence_tok_s']:.0f} | {row['transformers_tok_s']:.0f} | "
               f"{row['speedup']:.2f}x |")
-    out = args.out or (None if args.tiny else str(ROOT / "bench" / "results" / f"rollout_{name}.json"))
+    out = args.out or (None if args.tiny else str(ROOT / result_path(f"rollout_{name}")))
     if out is not None:
         result = dict(date=datetime.date.today().isoformat(), commit=commit(), machine=machine(),
                       command="python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),

@@ -14,8 +14,9 @@ row_walk.json), so their columns are controls: their ratios are the run's noise.
 
     python bench/bench_row_walk.py [--rounds 7] [--formats bf16,int8,q8_0,int4-g32,nf4,q4_0]
 
-Writes bench/results/row_walk.json: per format, each walk's step tok/s and share of the
-round's bandwidth (medians and ranges), and the median of the rounds' ratios.
+Writes bench/results/row_walk.json (row_walk_amd.json on an AMD CPU): per format, each walk's
+step tok/s and share of the round's bandwidth (medians and ranges), and the median of the rounds'
+ratios.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_quant  # noqa: E402  (the model, the formats, the bandwidth probe, the step timer)
-from provenance import write_result  # noqa: E402
+from provenance import result_path, write_result  # noqa: E402
 
 from emergence.config import Config  # noqa: E402
 from emergence.kernels import gemv_extension  # noqa: E402
@@ -44,7 +45,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--formats", default="bf16,int8,q8_0,int4-g32,nf4,q4_0")
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--out", default="bench/results/row_walk.json")
+    parser.add_argument("--out", default=result_path("row_walk"))
     args = parser.parse_args()
     formats = args.formats.split(",")
     unknown = [f for f in formats if f not in bench_quant.OURS]

@@ -150,6 +150,7 @@ def make_jobs(clients: int, requests: int, tokens: int) -> list[list[tuple[str, 
 
 
 def main() -> int:
+    from provenance import result_path  # bench/ is on the path: STEM.json, STEM_amd.json on an AMD CPU
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=None, help="model name or path (default: the shipped stories260K)")
     parser.add_argument("--clients", type=int, default=16)
@@ -165,8 +166,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.smoke:
         args.clients, args.requests, args.tokens, args.rounds = 4, 1, 8, 1
-    default_out = "bench/results/serve.json" if args.model is None else \
-        f"bench/results/serve_{Path(args.model).name}.json"
+    default_out = result_path("serve" if args.model is None else f"serve_{Path(args.model).name}")
     out = args.out or (None if args.smoke else default_out)
 
     import torch

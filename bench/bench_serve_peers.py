@@ -335,6 +335,7 @@ def models(names: list[str], folder: Path) -> dict[str, Path]:
 
 
 def main() -> int:
+    from provenance import result_path  # bench/ is on the path: STEM.json, STEM_amd.json on an AMD CPU
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--models", default="emergence-6m,smollm2-135m")
@@ -342,7 +343,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=2, help="completions per client, one after the other")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--bursts", type=int, default=10, help="bursts per engine and round")
-    parser.add_argument("--out", default="bench/results/serve_peers.json")
+    parser.add_argument("--out", default=result_path("serve_peers"))
     args = parser.parse_args()
     engines = ["emergence", "llama-server"]
     try:

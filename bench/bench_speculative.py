@@ -44,7 +44,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from provenance import write_result  # noqa: E402
+from provenance import result_path, write_result  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 CORPUS = ["tinystories/train", "tinystories/valid", "tinyshakespeare", "text"]
@@ -242,7 +242,7 @@ def main() -> int:
               "best_at_temperature_0": best}
     print(f"best at temperature 0: draft {best['draft']} k={best['k']}: {best['speedup']:.2f}x")
     print(render_table(result))
-    write_result(Path(args.out or ROOT / "bench" / "results" / "speculative.json"), result,
+    write_result(Path(args.out or ROOT / result_path("speculative")), result,
                  "bench/bench_speculative.py", sys.argv[1:], args.threads)
     return 0
 

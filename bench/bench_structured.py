@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from provenance import ROOT, commit, machine  # noqa: E402
+from provenance import ROOT, commit, machine, result_path  # noqa: E402
 
 from emergence.config import Config  # noqa: E402
 from emergence.decode import DecodeBatch, end_ids, new_row  # noqa: E402
@@ -119,7 +119,7 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=None, help="fewer layers than smollm2-135m's 30 (a quick check)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--backend", default="auto")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "structured.json")
+    ap.add_argument("--out", type=Path, default=ROOT / result_path("structured"))
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,6 +1,6 @@
 """Ternary (BitNet b1.58) decoding on the CPU against llama.cpp's TQ2_0 and TQ1_0, same weights, same run.
 
-    .venv/bin/python bench/bench_ternary_decode.py            # -> bench/results/ternary_decode.json
+    .venv/bin/python bench/bench_ternary_decode.py            # -> bench/results/ternary_decode[_amd].json
     .venv/bin/python bench/bench_ternary_decode.py --tiny     # a smoke run (tiny shapes, a few tokens; no file written)
 
 Two models with random weights, made ternary as a ternary-trained model is saved
@@ -57,9 +57,9 @@ from emergence.model import Transformer  # noqa: E402
 from emergence.quant.linear import QuantizedLinear, quantize_model  # noqa: E402
 from emergence.sampling import SamplingParams  # noqa: E402
 from emergence.weights.gguf_model import save_gguf  # noqa: E402
-from provenance import commit, machine  # noqa: E402
+from provenance import commit, machine, result_path  # noqa: E402
 
-RESULTS = ROOT / "bench" / "results" / "ternary_decode.json"
+RESULTS = ROOT / result_path("ternary_decode")
 TINY = dict(vocab_size=512, block_size=256, n_layer=2, n_head=4, n_kv_head=2, n_embd=256, intermediate_size=512,
             tie_embeddings=True, bos_token_id=1, eos_token_id=2)
 PROMPT = [1, 415, 2936, 9060, 285, 1142, 461, 10575]

@@ -86,7 +86,7 @@ from emergence.tokenizer import Tokenizer
 from emergence.train.trainer import TrainConfig, model_flops_per_token, train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from provenance import matmul_peak, write_result  # noqa: E402
+from provenance import matmul_peak, result_path, write_result  # noqa: E402
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare/input.txt"
 LR, BETAS, WEIGHT_DECAY, GRAD_CLIP, SEED = 6e-4, (0.9, 0.95), 0.1, 1.0, 1337
@@ -373,7 +373,7 @@ def main() -> int:
     args.warmup = args.warmup if args.warmup is not None else (10 if gpu else 2)
     if min(args.batch, args.steps, args.rounds, args.warmup) < 1:
         parser.error("--batch, --steps, --rounds and --warmup must be at least 1")
-    out = Path(args.out or f"bench/results/train_{device.type}{'_smoke' if args.smoke else ''}.json")
+    out = Path(args.out or (f"bench/results/train_{device.type}_smoke.json" if args.smoke else result_path(f"train_{device.type}")))
     names = [n.strip() for n in args.engines.split(",") if n.strip()]
     known = ("emergence", "emergence+compile", "nanogpt", "nanogpt+compile")
     if unknown := [n for n in names if n not in known]:

@@ -180,6 +180,7 @@ def commit() -> str:
 
 
 def main() -> int:
+    from provenance import result_path  # bench/ is on the path: STEM.json, STEM_amd.json on an AMD CPU
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=300)
@@ -187,7 +188,7 @@ def main() -> int:
     parser.add_argument("--model", default="emergence-6m")
     parser.add_argument("--slots", type=int, default=16)
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--out", default="bench/results/soak.json", help="'' writes nothing")
+    parser.add_argument("--out", default=result_path("soak"), help="'' writes nothing")
     args = parser.parse_args()
 
     print(f"computing the {len(PROMPTS) * len(LENGTHS) * 2} single-user outputs ...", flush=True)

@@ -1,7 +1,7 @@
 """fp32 matrix products of the eager model (prompts, training) on oneDNN where MKL is slow.
 
 torch multiplies fp32 matrices on the CPU with MKL; on the AMD EPYC of
-bench/results/onednn.json its sgemm runs at about half the rate of oneDNN, which torch also
+bench/results/onednn_amd.json its sgemm runs at about half the rate of oneDNN, which torch also
 contains (torch.ops.mkldnn._linear_pointwise, the operator its own CPU compiler emits for linear
 layers). `linear` is
 F.linear, through oneDNN where the native kernels' choice says so (kernels/blas.h's

@@ -33,7 +33,7 @@ from ..kv_cache import PagedKVCache
 # multiplies all the tokens at once, the weight widened a tile of rows at a time).
 # Where the fp32 products run on oneDNN (AMD CPUs, blas.h), the native prefill stays ahead of
 # the eager forward (whose torch.mm is MKL's, about half oneDNN's rate there) at every
-# length measured, up to 1,024 tokens (bench/bench_onednn.py, bench/results/onednn.json); there
+# length measured, up to 1,024 tokens (bench/bench_onednn.py, bench/results/onednn_amd.json); there
 # int4 and NF4 prompts too are prefilled natively, up to 256 tokens, their products from 16
 # rows on those of the eager forward (decode.cpp's prompt_products: the weight widened a tile of
 # rows at a time, in bf16 where kernels.native_qgemm takes bf16), without the eager forward's
