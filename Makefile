@@ -49,7 +49,7 @@ bench: $(VENV)/.test-deps
 	$(BIN)/python bench/bench_row_walk.py
 	$(BIN)/python bench/bench_onednn.py
 	$(BIN)/python bench/bench_batched.py
-	$(BIN)/python bench/bench_train.py
+	$(BIN)/python bench/bench_train.py --device cpu --vocab 65  # the README's CPU settings; on a GPU: --device cuda
 	$(BIN)/python bench/bench_finetune.py
 	$(BIN)/python bench/bench_serve.py
 	$(BIN)/python bench/bench_serve.py --model emergence-6m
@@ -68,6 +68,7 @@ bench: $(VENV)/.test-deps
 	$(BIN)/python bench/bench_speculative.py --make-draft build/drafts --size 1m  # resumes, skips what is done
 	$(BIN)/python bench/bench_speculative.py --make-draft build/drafts --size 0.4m
 	$(BIN)/python bench/bench_speculative.py --draft build/drafts
+	$(BIN)/python bench/readme_tables.py --machine this --write  # each table once, this machine's: docs/bench_amd.md
 	$(BIN)/python bench/readme_tables.py --check  # every speed table of the README, from bench/results
 
 clean:

@@ -6,13 +6,13 @@ for both libraries, so prefill and set-up cancel out; prefill tokens/s is one fo
 a PROMPT-token prompt, both libraries computing the last position's logits only
 (transformers' `logits_to_keep=1`). The hardware limit: each decoded token reads every weight
 once, so tokens/s x weight bytes is compared with the machine's memory read bandwidth (the best
-of several read kernels: bench_quant.measure_bandwidth).
+of several read kernels: bench_quant.measure_bandwidth), probed before and after every round.
 
     python bench/bench_decode.py [--new-tokens 64] [--prompt 128] [--rounds 7]
 
 Rates are medians over rounds; the machine's bandwidth drifts, so rounds interleave the
-engines and the table gives each engine's range. Writes bench/results/decode.json; the
-README's table is `render_table` of it.
+engines and the table gives each engine's range. Writes bench/results/decode.json
+(decode_amd.json on an AMD CPU); the README's table is `render_table` of it.
 """
 
 from __future__ import annotations
@@ -51,7 +51,8 @@ def _timed(fn) -> float:
 
 def bench_dtype(folder: Path, dtype: torch.dtype, prompt: list[int], new_tokens: int, rounds: int) -> dict:
     """Median rates over `rounds`; each round measures every engine once, back to back, so a
-    shared machine's drifting memory bandwidth affects all engines alike."""
+    shared machine's drifting memory bandwidth affects all engines alike, and probes the bandwidth
+    around itself: each engine's share of the read bandwidth is of its own round's."""
     import transformers
 
     engines = {"transformers": transformers_engine(
@@ -61,23 +62,35 @@ def bench_dtype(folder: Path, dtype: torch.dtype, prompt: list[int], new_tokens:
         if backend == "auto" and unsupported(lm.model) is not None:
             print(f"  (no native decode step: {unsupported(lm.model)}; emergence uses torch ops only)")
         engines[name] = emergence_engine(lm, prompt)
-    samples: dict[str, dict[str, list[float]]] = {n: {"decode_tok_s": [], "prefill_tok_s": []} for n in engines}
+    model = lm.model
+    weight_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+    samples: dict[str, dict[str, list[float]]] = {
+        n: {"decode_tok_s": [], "prefill_tok_s": [], "bandwidth_share": []} for n in engines}
     for name, (generate_n, prefill) in engines.items():  # warm-up
         generate_n(2), prefill()
+    bandwidths = []
     for _ in range(rounds):
+        before = measure_bandwidth()
         for name, (generate_n, prefill) in engines.items():
             t1 = _timed(lambda: generate_n(1))
             tn = _timed(lambda: generate_n(new_tokens))
             samples[name]["decode_tok_s"].append((new_tokens - 1) / (tn - t1))
             samples[name]["prefill_tok_s"].append(len(prompt) / _timed(prefill))
+        # The round's bandwidth: the higher of the probes just before and just after it (the
+        # machine's bandwidth drifts by 2x within minutes here; one probe at the start over-states shares).
+        bandwidths.append(max(before, measure_bandwidth()))
+        for s in samples.values():
+            s["bandwidth_share"].append(s["decode_tok_s"][-1] * weight_bytes / 1e9 / bandwidths[-1])
     result = {}
     for name, s in samples.items():
         result[name] = {k: statistics.median(v) for k, v in s.items()}
         result[name]["decode_range"] = [min(s["decode_tok_s"]), max(s["decode_tok_s"])]
+        result[name]["bandwidth_share_range"] = [min(s["bandwidth_share"]), max(s["bandwidth_share"])]
         print(f"  {name:20} decode {result[name]['decode_tok_s']:7.1f} tok/s (range {min(s['decode_tok_s']):.1f}-"
-              f"{max(s['decode_tok_s']):.1f})   prefill {result[name]['prefill_tok_s']:8.1f} tok/s", flush=True)
-    model = lm.model
-    result["weight_bytes"] = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+              f"{max(s['decode_tok_s']):.1f}, {100 * result[name]['bandwidth_share']:.0f}% of the read bandwidth)"
+              f"   prefill {result[name]['prefill_tok_s']:8.1f} tok/s", flush=True)
+    result["weight_bytes"] = weight_bytes
+    result["bandwidth_rounds_gb_s"] = bandwidths
     return result
 
 
@@ -156,12 +169,15 @@ def render_table(results: dict, dtypes: list[str] = ("fp32", "bf16")) -> str:
         theirs = r["transformers"]
         for engine in ("transformers", "emergence-torch-ops", "emergence"):
             e = r[engine]
-            gbs = e["decode_tok_s"] * r["weight_bytes"] / 1e9
             lo, hi = e["decode_range"]
+            if "bandwidth_share" in e:  # the median of the rounds' shares, each of its round's bandwidth
+                share = (f"{100 * e['bandwidth_share']:.0f}% ({100 * e['bandwidth_share_range'][0]:.0f}-"
+                         f"{100 * e['bandwidth_share_range'][1]:.0f})")
+            else:  # a result from before the probe ran around every round: one probe at the start
+                share = f"{100 * e['decode_tok_s'] * r['weight_bytes'] / 1e9 / results['bandwidth_gb_s']:.0f}%"
             lines.append(f"| {name} | {engine} | {e['decode_tok_s']:.1f} ({lo:.1f}-{hi:.1f}) | "
                          f"{e['decode_tok_s'] / theirs['decode_tok_s']:.2f}x | {e['prefill_tok_s']:.0f} | "
-                         f"{e['prefill_tok_s'] / theirs['prefill_tok_s']:.2f}x | "
-                         f"{100 * gbs / results['bandwidth_gb_s']:.0f}% |")
+                         f"{e['prefill_tok_s'] / theirs['prefill_tok_s']:.2f}x | {share} |")
     return "\n".join(lines) + "\n"
 
 

@@ -634,7 +634,7 @@ def main() -> int:
         args.layers, args.vocab, args.batch, args.context, args.rounds, args.steps, args.warmup = 2, 8192, 2, 64, 1, 1, 1
     sys.path.insert(0, str(ROOT / "bench"))
     from provenance import result_path
-    from soak_serve import commit
+    from provenance import commit  # the library's (src/) state: a run's own result files don't dirty it
 
     out = ROOT / (args.out or ("bench/results/finetune_quick.json" if args.quick else result_path("finetune")))
 

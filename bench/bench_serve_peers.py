@@ -46,7 +46,6 @@ import argparse
 import http.client
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -353,10 +352,10 @@ def main() -> int:
         print("(llama_cpp.server's extra packages are not installed: its column is left out)")
     llama_server()
     sys.path.insert(0, str(ROOT / "bench"))
-    from soak_serve import commit
+    from provenance import commit, machine  # src/'s state: a run's own result files leave it clean
 
     result = {"command": " ".join(sys.argv), "commit": commit(), "date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(),
-              "machine": platform.machine(), "clients": args.clients, "requests": args.requests,
+              "machine": machine(), "clients": args.clients, "requests": args.requests,
               "tokens": args.tokens, "bursts": args.bursts, "models": {}}
     import multiprocessing
 

@@ -7,6 +7,12 @@ naming any table the README does not hold as rendered (tests/test_readme_tables.
 a figure in those tables can only come from a committed result.
 
     python bench/readme_tables.py [--check]
+    python bench/readme_tables.py --machine {amd,xeon,this} [--write]   # one machine's tables
+
+The README's tables quote two machines (an Intel Xeon's results are STEM.json, an AMD EPYC's
+STEM_amd.json: provenance.result_path). `--machine` renders every table once from one machine's
+results, with the further results MORE names, and `--write` keeps it as docs/bench_amd.md or
+docs/bench_xeon.md (the test checks the committed page is as rendered).
 """
 
 from __future__ import annotations
@@ -282,15 +288,164 @@ TABLES: list[tuple[str, tuple[str, ...], Callable]] = [
 ]
 
 
+def render_batched(result: dict) -> str:
+    """bench_batched.py: the batched step against one row, and native prefill against the eager forward."""
+    s, g = result["step"], result["gemm"]
+    rows = [f"16-row GEMM over {g['matrices']} matrices: native {g['native_ms']:.2f} ms "
+            f"({g['native_gflop_s']:.0f} GFLOP/s), torch.mm {g['torch_mm_ms']:.2f} ms.", "",
+            "| step | 1 row (ms) | 16 rows (ms) | 16 rows / 1 row |", "|---|---|---|---|"]
+    for name, key in (("fp32", ""), ("q8_0", "q8_0_"), ("q4_0", "q4_0_")):
+        one, many = s[f"{key}native_1_row_ms"], s[f"{key}native_ms"]
+        rows.append(f"| {name} | {one:.2f} | {many:.2f} | {many / one:.2f}x |")
+    rows += ["", "| prefill | tokens | native tok/s | eager tok/s | native / eager |", "|---|---|---|---|---|"]
+    for r in result["prefill"]:
+        rows.append(f"| {r['dtype']} | {r['tokens']} | {_rate(r['native_tok_s'])} | {_rate(r['eager_tok_s'])} | "
+                    f"{r['native_tok_s'] / r['eager_tok_s']:.2f}x |")
+    return "\n".join(rows)
+
+
+def render_row_walk(result: dict) -> str:
+    """bench_row_walk.py: one row at a time against two side by side, per format."""
+    rows = [f"Chosen at load: {result['chosen_at_load']}; read bandwidth over the rounds "
+            f"{min(result['bandwidth_rounds_gb_s']):.0f}-{max(result['bandwidth_rounds_gb_s']):.0f} GB/s.", "",
+            "| format | one row tok/s (share of bandwidth) | side by side tok/s (share) | one row / side by side |",
+            "|---|---|---|---|"]
+    for name, f in result["formats"].items():
+        one, two = f["one row"], f["side by side"]
+        lo, hi = f["one_row_vs_side_by_side_range"]
+        rows.append(f"| {name} | {one['step_tok_s']:.1f} ({100 * one['bandwidth_share']:.0f}%) | "
+                    f"{two['step_tok_s']:.1f} ({100 * two['bandwidth_share']:.0f}%) | "
+                    f"{f['one_row_vs_side_by_side']:.2f}x ({lo:.2f}-{hi:.2f}) |")
+    return "\n".join(rows)
+
+
+def render_train(result: dict) -> str:
+    """bench_train.py: pretraining throughput against nanoGPT, same settings."""
+    rows = [f"{result['parameters'] / 1e6:.1f}M parameters, batch {result['batch']} x {result['context']}, "
+            f"{result['dtype']}, {result['threads']} threads; peak {result['peak_note']}.", "",
+            "| engine | tok/s (range) | vs nanoGPT | MFU |", "|---|---|---|---|"]
+    for name, e in result["engines"].items():
+        lo, hi = e["range"]
+        rows.append(f"| {name} | {e['tokens_per_s']:,.0f} ({lo:,.0f}-{hi:,.0f}) | {e['vs_nanogpt']:.2f}x | "
+                    f"{100 * e['mfu']:.0f}% |")
+    return "\n".join(rows)
+
+
+def render_search_batching(result: dict) -> str:
+    """bench_search_batching.py: N samples of one prompt in one batch, against one sample."""
+    lo, hi = result["ratio_range"]
+    return (f"{result['model']}, {result['n']} samples of a {result['prompt_tokens']}-token prompt, "
+            f"{result['new_tokens']} tokens each: {result['n']} shared samples take "
+            f"{result['ratio_n_over_one']:.2f}x one sample ({lo:.2f}-{hi:.2f}x over {result['reps']} rounds; "
+            f"{_missed(result['ratio_n_over_one'], result['target_ratio'], below=True)}), "
+            f"{result['n']} unshared prompts {result['ratio_unshared']:.2f}x.")
+
+
+def render_ternary_decode(result: dict) -> str:
+    """bench_ternary_decode.py: ternary decode against llama-bench's TQ1_0 and TQ2_0."""
+    rows = ["| shapes | emergence | tok/s | llama-bench | tok/s | ratio | bytes read per weight (emergence / llama.cpp) |",
+            "|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        rows.append(f"| {r['shapes']} | {r['emergence']} | {r['emergence_tok_s']:.1f} | {r['llama_cpp']} | "
+                    f"{r['llama_bench_tok_s']:.1f} | {r['ratio']:.2f}x | {r['emergence_bytes_per_weight']:.2f} / "
+                    f"{r['llama_cpp_bytes_per_weight']:.2f} |")
+    return "\n".join(rows)
+
+
+# Results `make bench` writes whose figures the README gives in prose: machine_page's further tables.
+MORE: list[tuple[str, tuple[str, ...], Callable]] = [
+    ("Batched steps and native prefill", ("batched.json",), render_batched),
+    ("Speed: one row at a time or two side by side", ("row_walk.json",), render_row_walk),
+    ("Pretraining on the CPU", ("train_cpu.json",), render_train),
+    ("Search: samples in one batch", ("search_batching.json",), render_search_batching),
+    ("Ternary decode against llama.cpp", ("ternary_decode.json",), render_ternary_decode),
+]
+
+
 def rendered() -> list[tuple[str, tuple[str, ...], str]]:
     """(section, result files, rendered text) of every table."""
     return [(section, files, render(*(_load(f) for f in files))) for section, files, render in TABLES]
 
 
+def _measured_on(name: str, amd: bool) -> bool:
+    """Whether result NAME records that machine's CPU (a demonstration's result has one name on both)."""
+    if not (RESULTS / name).is_file():
+        return False
+    r = _load(name)
+    cpu = str((r[0] if isinstance(r, list) and r else r).get("machine", ""))
+    return ("AMD" in cpu) == amd and ("AMD" in cpu or "Intel" in cpu)
+
+
+def machine_tables(amd: bool) -> list[tuple[str, tuple[str, ...], str | None]]:
+    """Every table of TABLES and MORE once, from one machine's results: STEM_amd.json for an AMD
+    CPU, STEM.json otherwise (provenance.result_path, what each benchmark writes), or a result of
+    one name that records that machine's CPU; the README's tables mix the two machines.
+    (section, files, text), text None where this machine has no such result, or one without
+    that table's part."""
+    out, seen = [], set()
+    for section, files, render in TABLES + MORE:
+        base = section.replace(": on an AMD EPYC", "").replace(" on an AMD EPYC", "").replace(" on the EPYC", "")
+        mine = tuple(f if _measured_on(f, amd) else f"{f.removesuffix('.json').removesuffix('_amd')}"
+                     f"{'_amd' if amd else ''}.json" for f in files)
+        if base in seen:
+            continue
+        seen.add(base)
+        text = None
+        if all((RESULTS / f).is_file() for f in mine):
+            try:
+                text = render(*(_load(f) for f in mine))
+            except KeyError:  # a result measured without this table's part (bench_finetune --skip-memory)
+                pass
+        out.append((base, mine, text))
+    return out
+
+
+def page_path(amd: bool) -> str:
+    return f"docs/bench_{'amd' if amd else 'xeon'}.md"
+
+
+def machine_page(amd: bool) -> str:
+    """The Markdown page of machine_tables: where and when each table was measured."""
+    lines = [f"# Every speed table, from the results of {'the AMD EPYC' if amd else 'the Intel Xeon'}",
+             "", "Generated by `python bench/readme_tables.py --machine "
+             f"{'amd' if amd else 'xeon'} --write` from `bench/results/` (`make bench` writes them; "
+             "`tests/test_readme_tables.py` checks that this page is as rendered). The README's tables "
+             "quote both machines; here each table is this one machine's.", ""]
+    for section, files, text in machine_tables(amd):
+        lines.append(f"## {section}\n")
+        if text is None:
+            lines.append(f"No result on this machine with this table: "
+                         f"{', '.join('`bench/results/' + f + '`' for f in files)}.\n")
+            continue
+        sources = []
+        for f in files:
+            r = _load(f)
+            r = r[0] if isinstance(r, list) else r
+            cpu = r.get("machine", {}).get("cpu", "?") if isinstance(r.get("machine"), dict) else r.get("machine")
+            sources.append(f"`bench/results/{f}` (commit {str(r.get('commit', '?'))[:7]}, {cpu}, "
+                           f"`{r.get('command', '?')}`)")
+        lines.append("From " + "; ".join(sources) + ":\n")
+        lines.append(text + "\n")
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--check", action="store_true", help="fail if the README lacks a table as rendered")
+    parser.add_argument("--machine", choices=("amd", "xeon", "this"),
+                        help="print every table once from one machine's results instead (machine_tables)")
+    parser.add_argument("--write", action="store_true",
+                        help="with --machine: write those tables to docs/bench_amd.md or docs/bench_xeon.md")
     args = parser.parse_args()
+    if args.machine:
+        from provenance import amd_cpu
+
+        amd = args.machine == "amd" or (args.machine == "this" and amd_cpu())
+        page = machine_page(amd)
+        print(page)
+        if args.write:
+            (ROOT / page_path(amd)).write_text(page)
+        return 0
     readme = (ROOT / "README.md").read_text()
     missing = []
     for section, files, text in rendered():

@@ -26,8 +26,6 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import os
-import platform
 import random
 import subprocess
 import sys
@@ -171,16 +169,8 @@ class Soak:
         self.count("disconnected")
 
 
-def commit() -> str:
-    """The checkout's commit, marked '+dirty' when files differ from it."""
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                           text=True, cwd=ROOT)
-    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if head.returncode == 0 else "unknown"
-
-
 def main() -> int:
-    from provenance import result_path  # bench/ is on the path: STEM.json, STEM_amd.json on an AMD CPU
+    from provenance import commit, machine, result_path  # bench/ is on the path; STEM_amd.json on an AMD CPU
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=300)
@@ -240,7 +230,7 @@ def main() -> int:
               "failures": soak.failures, "rss_mib_first_last_max": [judged[0][1] / 1024, judged[-1][1] / 1024,
                                                                      max(s for _, s in judged) / 1024],
               "rss_growth_second_half": growth, "checks": checks, "command": " ".join(sys.argv),
-              "commit": commit(), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+              "commit": commit(), "machine": machine(),
               "date": time.strftime("%Y-%m-%d")}
     for name, ok in checks.items():
         print(f"{'ok  ' if ok else 'FAIL'} {name}")

@@ -56,3 +56,21 @@ def test_make_bench_runs_every_benchmark_whose_result_the_readme_quotes():
     assert len(benchmarks) >= 20
     missing = sorted(b for b in benchmarks if f"bench/{b}" not in recipe)
     assert not missing, f"make bench does not run {missing}"
+
+
+def test_each_machine_page_is_rendered_from_that_machines_results():
+    """docs/bench_amd.md (and docs/bench_xeon.md, where kept) is `readme_tables.py --machine M --write`
+    of the committed results: every table once, each from that machine's run of `make bench`."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import readme_tables
+
+    pages = {amd: ROOT / readme_tables.page_path(amd) for amd in (True, False)}
+    assert pages[True].is_file()
+    for amd, page in pages.items():
+        if page.is_file():
+            assert page.read_text() == readme_tables.machine_page(amd), f"{page.name}: rerun --machine --write"
+    text = pages[True].read_text()
+    assert "No result on this machine" not in text
+    sections = [s for s, _, _ in readme_tables.machine_tables(True)]
+    assert len(sections) == len(set(sections)) >= 20 and all(f"## {s}\n" in text for s in sections)
+    assert "Intel" not in text  # each table from the EPYC's own results
