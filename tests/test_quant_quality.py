@@ -338,18 +338,27 @@ def test_the_committed_llama_cpp_comparison_and_the_readmes_table_agree(name):
     assert render_table(result) in (root / "README.md").read_text()
 
 
-def test_the_committed_transformers_comparison_and_the_readmes_table_agree():
+@pytest.mark.parametrize("name", ["decode.json", "decode_amd.json"])
+def test_the_committed_transformers_comparison_and_the_readmes_table_agree(name):
+    # The Xeon's run (one bandwidth probe, the README's table) and the EPYC's (a probe around
+    # every round, each engine's share of its own round's bandwidth; docs/bench_amd.md).
     import json
 
     root = Path(__file__).resolve().parents[1]
     sys.path.insert(0, str(root / "bench"))
     from bench_decode import render_table
 
-    result = json.loads((root / "bench" / "results" / "decode.json").read_text())
+    result = json.loads((root / "bench" / "results" / name).read_text())
     for dtype in ("fp32", "bf16"):
         r = result[dtype]
         for engine in ("transformers", "emergence-torch-ops", "emergence"):
             lo, hi = r[engine]["decode_range"]
             assert lo <= r[engine]["decode_tok_s"] <= hi
-            assert r[engine]["decode_tok_s"] * r["weight_bytes"] / 1e9 < result["bandwidth_gb_s"]
-    assert render_table(result) in (root / "README.md").read_text()
+            if "bandwidth_share" in r[engine]:
+                low, high = r[engine]["bandwidth_share_range"]
+                assert len(r["bandwidth_rounds_gb_s"]) == result["rounds"]
+                assert low <= r[engine]["bandwidth_share"] <= high < 1  # no round read faster than its probe
+            else:
+                assert r[engine]["decode_tok_s"] * r["weight_bytes"] / 1e9 < result["bandwidth_gb_s"]
+    text = (root / ("README.md" if name == "decode.json" else "docs/bench_amd.md")).read_text()
+    assert render_table(result) in text
