@@ -334,7 +334,7 @@ def models(names: list[str], folder: Path) -> dict[str, Path]:
 
 
 def main() -> int:
-    from provenance import result_path  # bench/ is on the path: STEM.json, STEM_amd.json on an AMD CPU
+    from provenance import commit, machine, result_path  # bench/ is on the path; STEM_amd.json on an AMD CPU
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--models", default="emergence-6m,smollm2-135m")
@@ -352,7 +352,6 @@ def main() -> int:
         print("(llama_cpp.server's extra packages are not installed: its column is left out)")
     llama_server()
     sys.path.insert(0, str(ROOT / "bench"))
-    from provenance import commit, machine  # src/'s state: a run's own result files leave it clean
 
     result = {"command": " ".join(sys.argv), "commit": commit(), "date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(),
               "machine": machine(), "clients": args.clients, "requests": args.requests,

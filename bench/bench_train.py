@@ -373,7 +373,8 @@ def main() -> int:
     args.warmup = args.warmup if args.warmup is not None else (10 if gpu else 2)
     if min(args.batch, args.steps, args.rounds, args.warmup) < 1:
         parser.error("--batch, --steps, --rounds and --warmup must be at least 1")
-    out = Path(args.out or (f"bench/results/train_{device.type}_smoke.json" if args.smoke else result_path(f"train_{device.type}")))
+    default = f"bench/results/train_{device.type}_smoke.json" if args.smoke else result_path(f"train_{device.type}")
+    out = Path(args.out or default)
     names = [n.strip() for n in args.engines.split(",") if n.strip()]
     known = ("emergence", "emergence+compile", "nanogpt", "nanogpt+compile")
     if unknown := [n for n in names if n not in known]:
